@@ -1,0 +1,1 @@
+//! Checkpoints: the named chain of dirty bitmaps of a volume (libvirt semantics).

@@ -1,0 +1,1 @@
+//! NBD exports of a live volume (read-write) and of a snapshot (read-only).

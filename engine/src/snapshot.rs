@@ -1,0 +1,1 @@
+//! Copy-on-write snapshots of a live volume and their COW store.

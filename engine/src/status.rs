@@ -1,0 +1,1 @@
+//! Status of volumes as JSON, like /proc/elastio-info.

@@ -1,0 +1,1 @@
+//! Dirty tracking: memory-mapped bitmap files and the durable group commit.

@@ -1,0 +1,1 @@
+//! Volumes under management: manifest, lock, the write path.

@@ -1,0 +1,6 @@
+//! tidemark's on-disk formats as pure code: bytes in, validated types out, and back.
+//!
+//! No threads, no sockets, no `unsafe`. Every parser is total: any input, however
+//! truncated or hostile, yields a value or an error naming the file and byte offset.
+//! docs/FORMATS.md is the byte-level specification of every file defined here.
+#![forbid(unsafe_code)]

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Install the Debian packages the test suite drives (the real NBD peers, fio, ...),
+# only those missing, so a second run costs nothing.
+set -euo pipefail
+packages=(qemu-utils libnbd-bin nbdkit python3-libnbd fio nbd-server e2fsprogs util-linux)
+missing=()
+for p in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+    echo "installing: ${missing[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+# nbd-server's package starts a system daemon we do not use; tests start their own.
+systemctl disable --now nbd-server >/dev/null 2>&1 || true
