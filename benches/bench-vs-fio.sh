@@ -9,12 +9,13 @@
 # tidemark/fio; a workload passes when that median ratio is within 10% of 1.
 #
 # Usage: benches/bench-vs-fio.sh [--runs N] [--time SECONDS] [--size SIZE] [--dir DIR]
-#   env TIDEMARK_BIN: the binary to measure (default: target/release/tidemark, built).
+#   env TIDEMARK_BIN: the binary to measure (default: target/release/tidemark, built);
+#   env BENCH_RUNS: default for --runs.
 # Exit status: 0 when every workload agrees within 10%, 1 when one does not, 2 on errors.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-runs=5
+runs=${BENCH_RUNS:-5}
 seconds=4
 size=2G
 dir=/var/tmp
