@@ -15,8 +15,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-runs=${BENCH_RUNS:-5}
-seconds=4
+runs=${BENCH_RUNS:-7}
+seconds=3
 size=2G
 dir=/var/tmp
 while (($#)); do
