@@ -64,6 +64,9 @@ impl DirectionStats {
             return None;
         }
         let seconds = elapsed.as_secs_f64();
+        // A percentile is the top of its histogram bucket; never report it above the
+        // exact maximum.
+        let percentile = |quantile| self.histogram.value_at_quantile(quantile).min(self.max_ns);
         Some(DirectionSummary {
             ops: self.ops,
             bytes: self.bytes,
@@ -76,9 +79,9 @@ impl DirectionStats {
             latency_ns: LatencySummary {
                 min: self.min_ns,
                 mean: (self.sum_ns / u128::from(self.ops)) as u64,
-                p50: self.histogram.value_at_quantile(0.50),
-                p99: self.histogram.value_at_quantile(0.99),
-                p99_9: self.histogram.value_at_quantile(0.999),
+                p50: percentile(0.50),
+                p99: percentile(0.99),
+                p99_9: percentile(0.999),
                 max: self.max_ns,
             },
         })
