@@ -67,19 +67,38 @@ pub enum BitmapError {
 
 impl DirtyBitmap {
     /// A bitmap over an export of `export_size` bytes.
-    pub fn new(name: &str, granularity: u64, words: Vec<u64>, export_size: u64) -> Result<DirtyBitmap, BitmapError> {
+    pub fn new(
+        name: &str,
+        granularity: u64,
+        words: Vec<u64>,
+        export_size: u64,
+    ) -> Result<DirtyBitmap, BitmapError> {
         if name.is_empty() || name.len() > 4000 || name.contains('\0') {
             return Err(BitmapError::Name(name.to_string()));
         }
         if granularity == 0 || !granularity.is_power_of_two() {
-            return Err(BitmapError::Granularity { name: name.to_string(), granularity });
+            return Err(BitmapError::Granularity {
+                name: name.to_string(),
+                granularity,
+            });
         }
         let blocks = export_size.div_ceil(granularity);
         let needed = blocks.div_ceil(64);
         if (words.len() as u64) < needed {
-            return Err(BitmapError::TooShort { name: name.to_string(), words: words.len(), needed, size: export_size, granularity });
+            return Err(BitmapError::TooShort {
+                name: name.to_string(),
+                words: words.len(),
+                needed,
+                size: export_size,
+                granularity,
+            });
         }
-        Ok(DirtyBitmap { name: name.to_string(), granularity, words, blocks })
+        Ok(DirtyBitmap {
+            name: name.to_string(),
+            granularity,
+            words,
+            blocks,
+        })
     }
 
     /// The bitmap's name (the context is `qemu:dirty-bitmap:NAME`).
@@ -97,7 +116,10 @@ impl DirtyBitmap {
         let uniform = if value { u64::MAX } else { 0 };
         let mut block = start;
         while block < limit {
-            if block % 64 == 0 && limit - block >= 64 && self.words[(block / 64) as usize] == uniform {
+            if block % 64 == 0
+                && limit - block >= 64
+                && self.words[(block / 64) as usize] == uniform
+            {
                 block += 64;
             } else if self.bit(block) == value {
                 block += 1;
@@ -122,7 +144,10 @@ impl DirtyBitmap {
             let run = self.run(block, limit);
             let run_end = ((block + run) * self.granularity).min(end);
             let flags = if self.bit(block) { STATE_DIRTY } else { 0 };
-            out.push(Extent { length: run_end - cursor, flags });
+            out.push(Extent {
+                length: run_end - cursor,
+                flags,
+            });
             cursor = run_end;
         }
         out
@@ -151,7 +176,13 @@ impl FileExport {
         } else if kind.is_file() {
             meta.len()
         } else {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("{} is neither a regular file nor a block device", path.display())));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "{} is neither a regular file nor a block device",
+                    path.display()
+                ),
+            ));
         };
         Ok(FileExport {
             file,
@@ -177,7 +208,10 @@ impl FileExport {
     fn allocation(&self, offset: u64, len: u64) -> ExportResult<Vec<Extent>> {
         let end = offset.saturating_add(len).min(self.size);
         if !self.regular {
-            return Ok(vec![Extent { length: end - offset, flags: 0 }]);
+            return Ok(vec![Extent {
+                length: end - offset,
+                flags: 0,
+            }]);
         }
         let mut out = Vec::new();
         let mut cursor = offset;
@@ -188,13 +222,19 @@ impl FileExport {
                 Err(rustix::io::Errno::NXIO) => end,
                 Err(rustix::io::Errno::INVAL | rustix::io::Errno::OPNOTSUPP) => {
                     // No SEEK_DATA on this filesystem: all data.
-                    out.push(Extent { length: end - cursor, flags: 0 });
+                    out.push(Extent {
+                        length: end - cursor,
+                        flags: 0,
+                    });
                     break;
                 }
                 Err(e) => return Err(io::Error::from(e).into()),
             };
             if data > cursor {
-                out.push(Extent { length: data - cursor, flags: STATE_HOLE | STATE_ZERO });
+                out.push(Extent {
+                    length: data - cursor,
+                    flags: STATE_HOLE | STATE_ZERO,
+                });
                 cursor = data;
                 continue;
             }
@@ -205,7 +245,10 @@ impl FileExport {
             };
             // A hole at the cursor while SEEK_DATA said data: the file changed; report data.
             let stop = if hole > cursor { hole } else { end };
-            out.push(Extent { length: stop - cursor, flags: 0 });
+            out.push(Extent {
+                length: stop - cursor,
+                flags: 0,
+            });
             cursor = stop;
         }
         Ok(out)
@@ -224,7 +267,13 @@ impl FileExport {
 }
 
 fn unsupported(e: rustix::io::Errno) -> bool {
-    matches!(e, rustix::io::Errno::OPNOTSUPP | rustix::io::Errno::INVAL | rustix::io::Errno::NOSYS | rustix::io::Errno::NODEV)
+    matches!(
+        e,
+        rustix::io::Errno::OPNOTSUPP
+            | rustix::io::Errno::INVAL
+            | rustix::io::Errno::NOSYS
+            | rustix::io::Errno::NODEV
+    )
 }
 
 impl Export for FileExport {
@@ -252,7 +301,13 @@ impl Export for FileExport {
     fn read(&self, offset: u64, buf: &mut [u8]) -> ExportResult<()> {
         self.file.read_exact_at(buf, offset).map_err(|e| {
             if e.kind() == io::ErrorKind::UnexpectedEof {
-                ExportError::new(Errno::Io, format!("the file ended before offset {} (was it truncated?)", offset + buf.len() as u64))
+                ExportError::new(
+                    Errno::Io,
+                    format!(
+                        "the file ended before offset {} (was it truncated?)",
+                        offset + buf.len() as u64
+                    ),
+                )
             } else {
                 e.into()
             }
@@ -281,7 +336,12 @@ impl Export for FileExport {
         if self.read_only {
             return Err(ExportError::new(Errno::Perm, "the export is read-only"));
         }
-        match rustix::fs::fallocate(&self.file, FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE, offset, len) {
+        match rustix::fs::fallocate(
+            &self.file,
+            FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
+            offset,
+            len,
+        ) {
             Ok(()) => {}
             // TRIM is advisory: not discarding is a valid implementation.
             Err(e) if unsupported(e) => return Ok(()),
@@ -305,14 +365,24 @@ impl Export for FileExport {
         let mut result = rustix::fs::fallocate(&self.file, mode, offset, len);
         if flags.no_hole && result.is_err_and(unsupported) {
             // Some filesystems lack ZERO_RANGE: punch, then allocate the range again.
-            result = rustix::fs::fallocate(&self.file, FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE, offset, len)
-                .and_then(|()| rustix::fs::fallocate(&self.file, FallocateFlags::KEEP_SIZE, offset, len));
+            result = rustix::fs::fallocate(
+                &self.file,
+                FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
+                offset,
+                len,
+            )
+            .and_then(|()| {
+                rustix::fs::fallocate(&self.file, FallocateFlags::KEEP_SIZE, offset, len)
+            });
         }
         match result {
             Ok(()) => {}
             Err(e) if unsupported(e) => {
                 if flags.fast {
-                    return Err(ExportError::new(Errno::NotSup, "zeroing this range would need slow writes"));
+                    return Err(ExportError::new(
+                        Errno::NotSup,
+                        "zeroing this range would need slow writes",
+                    ));
                 }
                 self.write_zero_bytes(offset, len)?;
             }
@@ -335,12 +405,20 @@ impl Export for FileExport {
         self.bitmaps.iter().map(|b| b.name.clone()).collect()
     }
 
-    fn block_status(&self, context: &MetaContext, offset: u64, len: u64) -> ExportResult<Vec<Extent>> {
+    fn block_status(
+        &self,
+        context: &MetaContext,
+        offset: u64,
+        len: u64,
+    ) -> ExportResult<Vec<Extent>> {
         match context {
             MetaContext::BaseAllocation => self.allocation(offset, len),
             MetaContext::DirtyBitmap(name) => match self.bitmaps.iter().find(|b| &b.name == name) {
                 Some(bitmap) => Ok(bitmap.extents(offset, len, self.size)),
-                None => Err(ExportError::new(Errno::Inval, format!("no dirty bitmap named {name:?}"))),
+                None => Err(ExportError::new(
+                    Errno::Inval,
+                    format!("no dirty bitmap named {name:?}"),
+                )),
             },
         }
     }
@@ -380,8 +458,28 @@ mod tests {
     fn write_zeroes_and_trim_read_back_as_zeroes() {
         let (_tmp, export) = sparse_file(1 << 20);
         export.write(0, &vec![9u8; 1 << 20], false).unwrap();
-        export.write_zeroes(4096, 8192, ZeroFlags { fua: true, no_hole: false, fast: false }).unwrap();
-        export.write_zeroes(65536, 4096, ZeroFlags { fua: false, no_hole: true, fast: false }).unwrap();
+        export
+            .write_zeroes(
+                4096,
+                8192,
+                ZeroFlags {
+                    fua: true,
+                    no_hole: false,
+                    fast: false,
+                },
+            )
+            .unwrap();
+        export
+            .write_zeroes(
+                65536,
+                4096,
+                ZeroFlags {
+                    fua: false,
+                    no_hole: true,
+                    fast: false,
+                },
+            )
+            .unwrap();
         let mut buf = vec![1u8; 1 << 20];
         export.read(0, &mut buf).unwrap();
         assert!(buf[4096..12288].iter().all(|&b| b == 0));

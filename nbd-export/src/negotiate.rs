@@ -122,7 +122,12 @@ pub fn transmission_flags(export: &dyn Export, mode: HeaderMode) -> u16 {
 /// The contexts an export offers.
 pub fn offered_contexts(export: &dyn Export) -> Vec<MetaContext> {
     let mut all = vec![MetaContext::BaseAllocation];
-    all.extend(export.dirty_bitmaps().into_iter().map(MetaContext::DirtyBitmap));
+    all.extend(
+        export
+            .dirty_bitmaps()
+            .into_iter()
+            .map(MetaContext::DirtyBitmap),
+    );
     all
 }
 
@@ -216,13 +221,23 @@ impl Negotiation {
             }
             ClientOption::List => {
                 for (name, description) in directory.list() {
-                    encode_option_reply(out, option, rep::SERVER, &proto::encode_rep_server(&name, &description));
+                    encode_option_reply(
+                        out,
+                        option,
+                        rep::SERVER,
+                        &proto::encode_rep_server(&name, &description),
+                    );
                 }
                 encode_option_reply(out, option, rep::ACK, &[]);
                 Step::Options(self)
             }
             ClientOption::StartTls => {
-                encode_option_reply(out, option, rep::ERR_UNSUP, b"TLS is not supported by this server");
+                encode_option_reply(
+                    out,
+                    option,
+                    rep::ERR_UNSUP,
+                    b"TLS is not supported by this server",
+                );
                 Step::Options(self)
             }
             ClientOption::Info(request) => {
@@ -235,8 +250,18 @@ impl Negotiation {
             },
             ClientOption::StructuredReply => {
                 match self.mode {
-                    HeaderMode::Extended => encode_option_reply(out, option, rep::ERR_EXT_HEADER_REQD, b"extended headers already negotiated"),
-                    HeaderMode::Structured => encode_option_reply(out, option, rep::ERR_INVALID, b"structured replies already negotiated"),
+                    HeaderMode::Extended => encode_option_reply(
+                        out,
+                        option,
+                        rep::ERR_EXT_HEADER_REQD,
+                        b"extended headers already negotiated",
+                    ),
+                    HeaderMode::Structured => encode_option_reply(
+                        out,
+                        option,
+                        rep::ERR_INVALID,
+                        b"structured replies already negotiated",
+                    ),
                     HeaderMode::Simple => {
                         self.mode = HeaderMode::Structured;
                         encode_option_reply(out, option, rep::ACK, &[]);
@@ -246,7 +271,12 @@ impl Negotiation {
             }
             ClientOption::ExtendedHeaders => {
                 if self.mode == HeaderMode::Extended {
-                    encode_option_reply(out, option, rep::ERR_INVALID, b"extended headers already negotiated");
+                    encode_option_reply(
+                        out,
+                        option,
+                        rep::ERR_INVALID,
+                        b"extended headers already negotiated",
+                    );
                 } else {
                     self.mode = HeaderMode::Extended;
                     encode_option_reply(out, option, rep::ACK, &[]);
@@ -262,7 +292,12 @@ impl Negotiation {
                 Step::Options(self)
             }
             ClientOption::Unknown(code) => {
-                encode_option_reply(out, option, rep::ERR_UNSUP, format!("option {code} is not supported").as_bytes());
+                encode_option_reply(
+                    out,
+                    option,
+                    rep::ERR_UNSUP,
+                    format!("option {code} is not supported").as_bytes(),
+                );
                 Step::Options(self)
             }
         }
@@ -270,9 +305,11 @@ impl Negotiation {
 
     fn session(&self, name: String, export: Arc<dyn Export>) -> Session {
         let contexts = match &self.selected {
-            Some((selected_for, contexts)) if *selected_for == name => {
-                contexts.iter().enumerate().map(|(i, c)| (i as u32, c.clone())).collect()
-            }
+            Some((selected_for, contexts)) if *selected_for == name => contexts
+                .iter()
+                .enumerate()
+                .map(|(i, c)| (i as u32, c.clone()))
+                .collect(),
             _ => Vec::new(),
         };
         Session {
@@ -299,14 +336,29 @@ impl Negotiation {
             return None;
         };
         let flags = transmission_flags(export.as_ref(), self.mode);
-        encode_option_reply(out, option, rep::INFO, &proto::encode_info_export(export.size(), flags));
+        encode_option_reply(
+            out,
+            option,
+            rep::INFO,
+            &proto::encode_info_export(export.size(), flags),
+        );
         if request.items.contains(&info::NAME) {
-            encode_option_reply(out, option, rep::INFO, &proto::encode_info_text(info::NAME, &name));
+            encode_option_reply(
+                out,
+                option,
+                rep::INFO,
+                &proto::encode_info_text(info::NAME, &name),
+            );
         }
         let description = export.description();
         if request.items.contains(&info::DESCRIPTION) && !description.is_empty() {
             let text = truncate(&description, proto::MAX_STRING);
-            encode_option_reply(out, option, rep::INFO, &proto::encode_info_text(info::DESCRIPTION, text));
+            encode_option_reply(
+                out,
+                option,
+                rep::INFO,
+                &proto::encode_info_text(info::DESCRIPTION, text),
+            );
         }
         // Always sent: clients that did not ask may still use it, and it tells them the
         // 32 MiB payload limit.
@@ -329,7 +381,12 @@ impl Negotiation {
         out: &mut Vec<u8>,
     ) {
         if self.mode == HeaderMode::Simple {
-            encode_option_reply(out, option, rep::ERR_INVALID, b"negotiate structured replies before metadata contexts");
+            encode_option_reply(
+                out,
+                option,
+                rep::ERR_INVALID,
+                b"negotiate structured replies before metadata contexts",
+            );
             return;
         }
         let Some((name, export)) = directory.lookup(&request.name) else {
@@ -354,7 +411,12 @@ impl Negotiation {
         }
         for (id, ctx) in chosen.iter().enumerate() {
             let id = if list { 0 } else { id as u32 };
-            encode_option_reply(out, option, rep::META_CONTEXT, &proto::encode_rep_meta_context(id, &ctx.wire_name()));
+            encode_option_reply(
+                out,
+                option,
+                rep::META_CONTEXT,
+                &proto::encode_rep_meta_context(id, &ctx.wire_name()),
+            );
         }
         encode_option_reply(out, option, rep::ACK, &[]);
         if !list {
@@ -377,8 +439,8 @@ fn truncate(text: &str, max: usize) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::export::{Capabilities, ExportResult, Extent, ZeroFlags};
     use crate::proto::opt;
-    use crate::export::{Capabilities, Extent, ExportResult, ZeroFlags};
     use crate::proto::{parse_option_reply_header, OPTION_REPLY_HEADER_LEN};
 
     struct Disk {
@@ -420,7 +482,10 @@ mod tests {
             vec!["ckpt1".into(), "ckpt2".into()]
         }
         fn block_status(&self, _: &MetaContext, _: u64, len: u64) -> ExportResult<Vec<Extent>> {
-            Ok(vec![Extent { length: len, flags: 0 }])
+            Ok(vec![Extent {
+                length: len,
+                flags: 0,
+            }])
         }
     }
 
@@ -434,7 +499,10 @@ mod tests {
             }
         }
         fn list(&self) -> Vec<(String, String)> {
-            vec![("disk".into(), String::new()), ("snap".into(), "a snapshot".into())]
+            vec![
+                ("disk".into(), String::new()),
+                ("snap".into(), "a snapshot".into()),
+            ]
         }
     }
 
@@ -469,8 +537,14 @@ mod tests {
 
     #[test]
     fn unknown_client_flags_and_plain_newstyle_are_refused() {
-        assert_eq!(Negotiation::start(1 << 5).unwrap_err(), NegotiationError::UnknownClientFlags(1 << 5));
-        assert_eq!(Negotiation::start(0).unwrap_err(), NegotiationError::NotFixedNewstyle);
+        assert_eq!(
+            Negotiation::start(1 << 5).unwrap_err(),
+            NegotiationError::UnknownClientFlags(1 << 5)
+        );
+        assert_eq!(
+            Negotiation::start(0).unwrap_err(),
+            NegotiationError::NotFixedNewstyle
+        );
     }
 
     #[test]
@@ -486,17 +560,33 @@ mod tests {
         let (_, r) = run(start(), opt::LIST, b"");
         let kinds: Vec<u32> = r.iter().map(|(k, _)| *k).collect();
         assert_eq!(kinds, vec![rep::SERVER, rep::SERVER, rep::ACK]);
-        assert_eq!(proto::parse_rep_server(&r[1].1).unwrap(), ("snap".into(), "a snapshot".into()));
+        assert_eq!(
+            proto::parse_rep_server(&r[1].1).unwrap(),
+            ("snap".into(), "a snapshot".into())
+        );
     }
 
     #[test]
     fn go_sends_export_info_and_block_size_then_enters_transmission() {
-        let req = InfoRequest { name: "snap".into(), items: vec![info::NAME] };
+        let req = InfoRequest {
+            name: "snap".into(),
+            items: vec![info::NAME],
+        };
         let (step, r) = run(start(), opt::GO, &proto::encode_info_request(&req));
-        let infos: Vec<_> = r.iter().filter(|(k, _)| *k == rep::INFO).map(|(_, d)| proto::parse_info_reply(d).unwrap()).collect();
+        let infos: Vec<_> = r
+            .iter()
+            .filter(|(k, _)| *k == rep::INFO)
+            .map(|(_, d)| proto::parse_info_reply(d).unwrap())
+            .collect();
         assert!(infos.contains(&proto::InfoReply::Name("snap".into())));
-        assert!(infos.contains(&proto::InfoReply::BlockSize { minimum: 1, preferred: 4096, maximum: proto::MAX_PAYLOAD }));
-        let Step::Transmit(session) = step else { panic!("GO must enter transmission") };
+        assert!(infos.contains(&proto::InfoReply::BlockSize {
+            minimum: 1,
+            preferred: 4096,
+            maximum: proto::MAX_PAYLOAD
+        }));
+        let Step::Transmit(session) = step else {
+            panic!("GO must enter transmission")
+        };
         assert_ne!(session.flags & tflags::READ_ONLY, 0);
         assert_ne!(session.flags & tflags::CAN_MULTI_CONN, 0);
         assert_eq!(r.last().unwrap().0, rep::ACK);
@@ -504,7 +594,10 @@ mod tests {
 
     #[test]
     fn go_on_an_unknown_export_is_a_soft_error() {
-        let req = InfoRequest { name: "nope".into(), items: vec![] };
+        let req = InfoRequest {
+            name: "nope".into(),
+            items: vec![],
+        };
         let (step, r) = run(start(), opt::GO, &proto::encode_info_request(&req));
         assert_eq!(r[0].0, rep::ERR_UNKNOWN);
         options(step);
@@ -518,8 +611,15 @@ mod tests {
 
     #[test]
     fn meta_contexts_need_structured_replies() {
-        let req = MetaRequest { name: "disk".into(), queries: vec!["base:allocation".into()] };
-        let (_, r) = run(start(), opt::SET_META_CONTEXT, &proto::encode_meta_request(&req));
+        let req = MetaRequest {
+            name: "disk".into(),
+            queries: vec!["base:allocation".into()],
+        };
+        let (_, r) = run(
+            start(),
+            opt::SET_META_CONTEXT,
+            &proto::encode_meta_request(&req),
+        );
         assert_eq!(r[0].0, rep::ERR_INVALID);
     }
 
@@ -527,22 +627,64 @@ mod tests {
     fn list_wildcards_expand_but_set_matches_exactly() {
         let (step, _) = run(start(), opt::STRUCTURED_REPLY, b"");
         let n = options(step);
-        let list = MetaRequest { name: "disk".into(), queries: vec!["qemu:dirty-bitmap:".into(), "base:".into()] };
-        let (step, r) = run(n, opt::LIST_META_CONTEXT, &proto::encode_meta_request(&list));
-        let names: Vec<String> = r.iter().filter(|(k, _)| *k == rep::META_CONTEXT).map(|(_, d)| proto::parse_rep_meta_context(d).unwrap().1).collect();
-        assert_eq!(names, vec!["qemu:dirty-bitmap:ckpt1", "qemu:dirty-bitmap:ckpt2", "base:allocation"]);
+        let list = MetaRequest {
+            name: "disk".into(),
+            queries: vec!["qemu:dirty-bitmap:".into(), "base:".into()],
+        };
+        let (step, r) = run(
+            n,
+            opt::LIST_META_CONTEXT,
+            &proto::encode_meta_request(&list),
+        );
+        let names: Vec<String> = r
+            .iter()
+            .filter(|(k, _)| *k == rep::META_CONTEXT)
+            .map(|(_, d)| proto::parse_rep_meta_context(d).unwrap().1)
+            .collect();
+        assert_eq!(
+            names,
+            vec![
+                "qemu:dirty-bitmap:ckpt1",
+                "qemu:dirty-bitmap:ckpt2",
+                "base:allocation"
+            ]
+        );
 
         let set = MetaRequest {
             name: "disk".into(),
-            queries: vec!["qemu:".into(), "qemu:dirty-bitmap:ckpt2".into(), "base:allocation".into(), "other:x".into()],
+            queries: vec![
+                "qemu:".into(),
+                "qemu:dirty-bitmap:ckpt2".into(),
+                "base:allocation".into(),
+                "other:x".into(),
+            ],
         };
-        let (step, r) = run(options(step), opt::SET_META_CONTEXT, &proto::encode_meta_request(&set));
-        let chosen: Vec<(u32, String)> = r.iter().filter(|(k, _)| *k == rep::META_CONTEXT).map(|(_, d)| proto::parse_rep_meta_context(d).unwrap()).collect();
-        assert_eq!(chosen, vec![(0, "qemu:dirty-bitmap:ckpt2".into()), (1, "base:allocation".into())]);
+        let (step, r) = run(
+            options(step),
+            opt::SET_META_CONTEXT,
+            &proto::encode_meta_request(&set),
+        );
+        let chosen: Vec<(u32, String)> = r
+            .iter()
+            .filter(|(k, _)| *k == rep::META_CONTEXT)
+            .map(|(_, d)| proto::parse_rep_meta_context(d).unwrap())
+            .collect();
+        assert_eq!(
+            chosen,
+            vec![
+                (0, "qemu:dirty-bitmap:ckpt2".into()),
+                (1, "base:allocation".into())
+            ]
+        );
 
-        let go = InfoRequest { name: "disk".into(), items: vec![] };
+        let go = InfoRequest {
+            name: "disk".into(),
+            items: vec![],
+        };
         let (step, _) = run(options(step), opt::GO, &proto::encode_info_request(&go));
-        let Step::Transmit(session) = step else { panic!() };
+        let Step::Transmit(session) = step else {
+            panic!()
+        };
         assert_eq!(session.contexts.len(), 2);
         assert_eq!(session.mode, HeaderMode::Structured);
     }
@@ -550,10 +692,18 @@ mod tests {
     #[test]
     fn contexts_chosen_for_another_export_are_dropped_at_go() {
         let n = options(run(start(), opt::STRUCTURED_REPLY, b"").0);
-        let set = MetaRequest { name: "snap".into(), queries: vec!["base:allocation".into()] };
+        let set = MetaRequest {
+            name: "snap".into(),
+            queries: vec!["base:allocation".into()],
+        };
         let n = options(run(n, opt::SET_META_CONTEXT, &proto::encode_meta_request(&set)).0);
-        let go = InfoRequest { name: "disk".into(), items: vec![] };
-        let Step::Transmit(session) = run(n, opt::GO, &proto::encode_info_request(&go)).0 else { panic!() };
+        let go = InfoRequest {
+            name: "disk".into(),
+            items: vec![],
+        };
+        let Step::Transmit(session) = run(n, opt::GO, &proto::encode_info_request(&go)).0 else {
+            panic!()
+        };
         assert!(session.contexts.is_empty());
     }
 
@@ -577,7 +727,9 @@ mod tests {
     #[test]
     fn export_name_sends_size_flags_and_no_zeroes_when_agreed() {
         let mut out = Vec::new();
-        let step = Negotiation::start(proto::FLAG_C_FIXED_NEWSTYLE).unwrap().handle(opt::EXPORT_NAME, b"disk", &Dir, &mut out);
+        let step = Negotiation::start(proto::FLAG_C_FIXED_NEWSTYLE)
+            .unwrap()
+            .handle(opt::EXPORT_NAME, b"disk", &Dir, &mut out);
         assert!(matches!(step, Step::Transmit(_)));
         assert_eq!(out.len(), 8 + 2 + 124);
         let mut out = Vec::new();

@@ -251,7 +251,10 @@ pub enum ProtoError {
 }
 
 fn invalid(what: &'static str, reason: impl Into<String>) -> ProtoError {
-    ProtoError::Invalid { what, reason: reason.into() }
+    ProtoError::Invalid {
+        what,
+        reason: reason.into(),
+    }
 }
 
 /// A bounds-checked big-endian reader over a byte slice.
@@ -275,7 +278,11 @@ impl<'a> Reader<'a> {
     /// The next `n` bytes.
     pub fn take(&mut self, n: usize) -> Result<&'a [u8], ProtoError> {
         if self.bytes.len() < n {
-            return Err(ProtoError::Truncated { what: self.what, needed: n, found: self.bytes.len() });
+            return Err(ProtoError::Truncated {
+                what: self.what,
+                needed: n,
+                found: self.bytes.len(),
+            });
         }
         let (head, tail) = self.bytes.split_at(n);
         self.bytes = tail;
@@ -306,7 +313,10 @@ impl<'a> Reader<'a> {
     /// A string of `len` bytes: UTF-8, no NUL, at most [`MAX_STRING`].
     pub fn string(&mut self, len: usize) -> Result<String, ProtoError> {
         if len > MAX_STRING {
-            return Err(invalid(self.what, format!("string of {len} bytes exceeds {MAX_STRING}")));
+            return Err(invalid(
+                self.what,
+                format!("string of {len} bytes exceeds {MAX_STRING}"),
+            ));
         }
         let bytes = self.take(len)?;
         if bytes.contains(&0) {
@@ -326,7 +336,10 @@ impl<'a> Reader<'a> {
         if self.bytes.is_empty() {
             Ok(())
         } else {
-            Err(invalid(self.what, format!("{} unexpected trailing bytes", self.bytes.len())))
+            Err(invalid(
+                self.what,
+                format!("{} unexpected trailing bytes", self.bytes.len()),
+            ))
         }
     }
 }
@@ -362,12 +375,20 @@ pub fn parse_greeting(bytes: &[u8]) -> Result<u16, ProtoError> {
     let mut r = Reader::new(bytes, "server greeting");
     let magic = r.u64()?;
     if magic != NBD_MAGIC {
-        return Err(ProtoError::BadMagic { what: "server greeting", found: magic, expected: NBD_MAGIC });
+        return Err(ProtoError::BadMagic {
+            what: "server greeting",
+            found: magic,
+            expected: NBD_MAGIC,
+        });
     }
     let magic = r.u64()?;
     if magic != IHAVEOPT {
         // 0x00420281861253 is oldstyle, which we do not speak.
-        return Err(ProtoError::BadMagic { what: "server greeting (oldstyle servers are not supported)", found: magic, expected: IHAVEOPT });
+        return Err(ProtoError::BadMagic {
+            what: "server greeting (oldstyle servers are not supported)",
+            found: magic,
+            expected: IHAVEOPT,
+        });
     }
     r.u16()
 }
@@ -389,9 +410,16 @@ pub fn parse_option_header(bytes: &[u8]) -> Result<OptionHeader, ProtoError> {
     let mut r = Reader::new(bytes, "option header");
     let magic = r.u64()?;
     if magic != IHAVEOPT {
-        return Err(ProtoError::BadMagic { what: "option header", found: magic, expected: IHAVEOPT });
+        return Err(ProtoError::BadMagic {
+            what: "option header",
+            found: magic,
+            expected: IHAVEOPT,
+        });
     }
-    Ok(OptionHeader { option: r.u32()?, length: r.u32()? })
+    Ok(OptionHeader {
+        option: r.u32()?,
+        length: r.u32()?,
+    })
 }
 
 /// An export name and the information items a client asks for (INFO and GO).
@@ -443,7 +471,10 @@ fn expect_empty(data: &[u8], what: &'static str) -> Result<(), ProtoError> {
     if data.is_empty() {
         Ok(())
     } else {
-        Err(invalid(what, format!("takes no payload but {} bytes were sent", data.len())))
+        Err(invalid(
+            what,
+            format!("takes no payload but {} bytes were sent", data.len()),
+        ))
     }
 }
 
@@ -458,16 +489,31 @@ pub fn parse_option(option: u32, data: &[u8]) -> Result<ClientOption, ProtoError
         opt::LIST => expect_empty(data, "NBD_OPT_LIST").map(|()| ClientOption::List),
         opt::STARTTLS => Ok(ClientOption::StartTls),
         opt::INFO | opt::GO => {
-            let what = if option == opt::INFO { "NBD_OPT_INFO" } else { "NBD_OPT_GO" };
+            let what = if option == opt::INFO {
+                "NBD_OPT_INFO"
+            } else {
+                "NBD_OPT_GO"
+            };
             let mut r = Reader::new(data, what);
             let name = r.string32()?;
             let count = r.u16()? as usize;
             if r.remaining() != count * 2 {
-                return Err(invalid(what, format!("{count} information requests need {} bytes, {} sent", count * 2, r.remaining())));
+                return Err(invalid(
+                    what,
+                    format!(
+                        "{count} information requests need {} bytes, {} sent",
+                        count * 2,
+                        r.remaining()
+                    ),
+                ));
             }
             let items = (0..count).map(|_| r.u16()).collect::<Result<Vec<_>, _>>()?;
             let request = InfoRequest { name, items };
-            Ok(if option == opt::INFO { ClientOption::Info(request) } else { ClientOption::Go(request) })
+            Ok(if option == opt::INFO {
+                ClientOption::Info(request)
+            } else {
+                ClientOption::Go(request)
+            })
         }
         opt::STRUCTURED_REPLY => {
             expect_empty(data, "NBD_OPT_STRUCTURED_REPLY").map(|()| ClientOption::StructuredReply)
@@ -483,7 +529,10 @@ pub fn parse_option(option: u32, data: &[u8]) -> Result<ClientOption, ProtoError
             let count = r.u32()? as usize;
             // Each query takes at least its 4-byte length: bound the count before allocating.
             if count > r.remaining() / 4 {
-                return Err(invalid(what, format!("{count} queries do not fit in {} bytes", r.remaining())));
+                return Err(invalid(
+                    what,
+                    format!("{count} queries do not fit in {} bytes", r.remaining()),
+                ));
             }
             let mut queries = Vec::with_capacity(count);
             for _ in 0..count {
@@ -564,9 +613,17 @@ pub fn parse_option_reply_header(bytes: &[u8]) -> Result<OptionReplyHeader, Prot
     let mut r = Reader::new(bytes, "option reply header");
     let magic = r.u64()?;
     if magic != OPTION_REPLY_MAGIC {
-        return Err(ProtoError::BadMagic { what: "option reply header", found: magic, expected: OPTION_REPLY_MAGIC });
+        return Err(ProtoError::BadMagic {
+            what: "option reply header",
+            found: magic,
+            expected: OPTION_REPLY_MAGIC,
+        });
     }
-    Ok(OptionReplyHeader { option: r.u32()?, reply: r.u32()?, length: r.u32()? })
+    Ok(OptionReplyHeader {
+        option: r.u32()?,
+        reply: r.u32()?,
+        length: r.u32()?,
+    })
 }
 
 /// The payload of NBD_REP_SERVER.
@@ -661,7 +718,10 @@ pub fn parse_info_reply(data: &[u8]) -> Result<InfoReply, ProtoError> {
     let mut r = Reader::new(data, "NBD_REP_INFO");
     let kind = r.u16()?;
     let reply = match kind {
-        info::EXPORT => InfoReply::Export { size: r.u64()?, flags: r.u16()? },
+        info::EXPORT => InfoReply::Export {
+            size: r.u64()?,
+            flags: r.u16()?,
+        },
         info::NAME | info::DESCRIPTION => {
             let rest = r.remaining();
             let text = r.string(rest)?;
@@ -671,9 +731,11 @@ pub fn parse_info_reply(data: &[u8]) -> Result<InfoReply, ProtoError> {
                 InfoReply::Description(text)
             }
         }
-        info::BLOCK_SIZE => {
-            InfoReply::BlockSize { minimum: r.u32()?, preferred: r.u32()?, maximum: r.u32()? }
-        }
+        info::BLOCK_SIZE => InfoReply::BlockSize {
+            minimum: r.u32()?,
+            preferred: r.u32()?,
+            maximum: r.u32()?,
+        },
         other => return Ok(InfoReply::Unknown(other)),
     };
     r.finish()?;
@@ -774,21 +836,42 @@ pub struct Request {
 pub fn parse_request(bytes: &[u8], extended: bool) -> Result<Request, ProtoError> {
     let mut r = Reader::new(bytes, "request header");
     let magic = r.u32()?;
-    let expected = if extended { EXTENDED_REQUEST_MAGIC } else { REQUEST_MAGIC };
+    let expected = if extended {
+        EXTENDED_REQUEST_MAGIC
+    } else {
+        REQUEST_MAGIC
+    };
     if magic != expected {
-        return Err(ProtoError::BadMagic { what: "request header", found: magic.into(), expected: expected.into() });
+        return Err(ProtoError::BadMagic {
+            what: "request header",
+            found: magic.into(),
+            expected: expected.into(),
+        });
     }
     let flags = r.u16()?;
     let command = Command::from_wire(r.u16()?);
     let cookie = r.u64()?;
     let offset = r.u64()?;
     let length = if extended { r.u64()? } else { r.u32()?.into() };
-    Ok(Request { flags, command, cookie, offset, length })
+    Ok(Request {
+        flags,
+        command,
+        cookie,
+        offset,
+        length,
+    })
 }
 
 /// Append a request header (client side); the length must fit 32 bits unless `extended`.
 pub fn encode_request(out: &mut Vec<u8>, request: &Request, extended: bool) {
-    put_u32(out, if extended { EXTENDED_REQUEST_MAGIC } else { REQUEST_MAGIC });
+    put_u32(
+        out,
+        if extended {
+            EXTENDED_REQUEST_MAGIC
+        } else {
+            REQUEST_MAGIC
+        },
+    );
     put_u16(out, request.flags);
     put_u16(out, request.command.to_wire());
     put_u64(out, request.cookie);
@@ -900,7 +983,15 @@ pub fn encode_error_chunk(
     while std::str::from_utf8(text).is_err() {
         text = &text[..text.len() - 1];
     }
-    encode_chunk_header(out, mode, chunk::FLAG_DONE, chunk::ERROR, cookie, offset, 6 + text.len() as u64);
+    encode_chunk_header(
+        out,
+        mode,
+        chunk::FLAG_DONE,
+        chunk::ERROR,
+        cookie,
+        offset,
+        6 + text.len() as u64,
+    );
     put_u32(out, error);
     put_u16(out, text.len() as u16);
     out.extend_from_slice(text);
@@ -921,7 +1012,15 @@ pub fn encode_hole_chunk(
     offset: u64,
     length: u32,
 ) {
-    encode_chunk_header(out, mode, flags, chunk::OFFSET_HOLE, cookie, request_offset, 12);
+    encode_chunk_header(
+        out,
+        mode,
+        flags,
+        chunk::OFFSET_HOLE,
+        cookie,
+        request_offset,
+        12,
+    );
     put_u64(out, offset);
     put_u32(out, length);
 }
@@ -939,7 +1038,15 @@ pub fn encode_block_status_chunk(
 ) {
     if mode == HeaderMode::Extended {
         let length = 8 + 16 * extents.len() as u64;
-        encode_chunk_header(out, mode, flags, chunk::BLOCK_STATUS_EXT, cookie, offset, length);
+        encode_chunk_header(
+            out,
+            mode,
+            flags,
+            chunk::BLOCK_STATUS_EXT,
+            cookie,
+            offset,
+            length,
+        );
         put_u32(out, context_id);
         put_u32(out, extents.len() as u32);
         for &(len, state) in extents {
@@ -948,7 +1055,15 @@ pub fn encode_block_status_chunk(
         }
     } else {
         let length = 4 + 8 * extents.len() as u64;
-        encode_chunk_header(out, mode, flags, chunk::BLOCK_STATUS, cookie, offset, length);
+        encode_chunk_header(
+            out,
+            mode,
+            flags,
+            chunk::BLOCK_STATUS,
+            cookie,
+            offset,
+            length,
+        );
         put_u32(out, context_id);
         for &(len, state) in extents {
             put_u32(out, len as u32);
@@ -986,7 +1101,11 @@ pub fn reply_header_rest(magic: u32) -> Result<usize, ProtoError> {
         SIMPLE_REPLY_MAGIC => Ok(SIMPLE_REPLY_LEN - 4),
         STRUCTURED_REPLY_MAGIC => Ok(STRUCTURED_REPLY_LEN - 4),
         EXTENDED_REPLY_MAGIC => Ok(EXTENDED_REPLY_LEN - 4),
-        other => Err(ProtoError::BadMagic { what: "reply header", found: other.into(), expected: SIMPLE_REPLY_MAGIC.into() }),
+        other => Err(ProtoError::BadMagic {
+            what: "reply header",
+            found: other.into(),
+            expected: SIMPLE_REPLY_MAGIC.into(),
+        }),
     }
 }
 
@@ -997,7 +1116,10 @@ pub fn parse_reply_header(bytes: &[u8]) -> Result<ReplyHeader, ProtoError> {
     let rest = reply_header_rest(magic)?;
     let mut r = Reader::new(r.take(rest)?, "reply header");
     let header = match magic {
-        SIMPLE_REPLY_MAGIC => ReplyHeader::Simple { error: r.u32()?, cookie: r.u64()? },
+        SIMPLE_REPLY_MAGIC => ReplyHeader::Simple {
+            error: r.u32()?,
+            cookie: r.u64()?,
+        },
         STRUCTURED_REPLY_MAGIC => ReplyHeader::Chunk {
             flags: r.u16()?,
             kind: r.u16()?,
@@ -1009,7 +1131,12 @@ pub fn parse_reply_header(bytes: &[u8]) -> Result<ReplyHeader, ProtoError> {
             let kind = r.u16()?;
             let cookie = r.u64()?;
             let _offset = r.u64()?;
-            ReplyHeader::Chunk { flags, kind, cookie, length: r.u64()? }
+            ReplyHeader::Chunk {
+                flags,
+                kind,
+                cookie,
+                length: r.u64()?,
+            }
         }
     };
     r.finish()?;
@@ -1062,35 +1189,63 @@ pub fn parse_chunk_payload(kind: u16, data: &[u8]) -> Result<ChunkPayload, Proto
         chunk::BLOCK_STATUS => {
             let context_id = r.u32()?;
             if r.remaining() == 0 || r.remaining() % 8 != 0 {
-                return Err(invalid("BLOCK_STATUS chunk", format!("{} descriptor bytes is not a positive multiple of 8", r.remaining())));
+                return Err(invalid(
+                    "BLOCK_STATUS chunk",
+                    format!(
+                        "{} descriptor bytes is not a positive multiple of 8",
+                        r.remaining()
+                    ),
+                ));
             }
             let mut extents = Vec::with_capacity(r.remaining() / 8);
             while r.remaining() > 0 {
                 extents.push((r.u32()?.into(), r.u32()?.into()));
             }
-            ChunkPayload::BlockStatus { context_id, extents }
+            ChunkPayload::BlockStatus {
+                context_id,
+                extents,
+            }
         }
         chunk::BLOCK_STATUS_EXT => {
             let context_id = r.u32()?;
             let count = r.u32()? as usize;
             if count == 0 || r.remaining() != count.saturating_mul(16) {
-                return Err(invalid("BLOCK_STATUS_EXT chunk", format!("{count} descriptors do not match {} bytes", r.remaining())));
+                return Err(invalid(
+                    "BLOCK_STATUS_EXT chunk",
+                    format!("{count} descriptors do not match {} bytes", r.remaining()),
+                ));
             }
             let mut extents = Vec::with_capacity(count);
             for _ in 0..count {
                 extents.push((r.u64()?, r.u64()?));
             }
-            ChunkPayload::BlockStatus { context_id, extents }
+            ChunkPayload::BlockStatus {
+                context_id,
+                extents,
+            }
         }
         k if chunk::is_error(k) => {
             let error = r.u32()?;
             let len = r.u16()? as usize;
             let message = String::from_utf8_lossy(r.take(len)?).into_owned();
-            let offset = if k == chunk::ERROR_OFFSET { Some(r.u64()?) } else { None };
+            let offset = if k == chunk::ERROR_OFFSET {
+                Some(r.u64()?)
+            } else {
+                None
+            };
             // Unknown error chunk types may carry more fields: ignore them.
-            return Ok(ChunkPayload::Error { error: if error == 0 { 5 } else { error }, message, offset });
+            return Ok(ChunkPayload::Error {
+                error: if error == 0 { 5 } else { error },
+                message,
+                offset,
+            });
         }
-        other => return Err(invalid("reply chunk", format!("unexpected chunk type {other}"))),
+        other => {
+            return Err(invalid(
+                "reply chunk",
+                format!("unexpected chunk type {other}"),
+            ))
+        }
     };
     r.finish()?;
     Ok(payload)
@@ -1102,15 +1257,33 @@ mod tests {
 
     #[test]
     fn option_round_trips_through_the_codec() {
-        let go = InfoRequest { name: "disk".into(), items: vec![info::BLOCK_SIZE, info::NAME] };
+        let go = InfoRequest {
+            name: "disk".into(),
+            items: vec![info::BLOCK_SIZE, info::NAME],
+        };
         let bytes = encode_option(opt::GO, &encode_info_request(&go));
         let header = parse_option_header(&bytes[..16]).unwrap();
-        assert_eq!(header, OptionHeader { option: opt::GO, length: bytes.len() as u32 - 16 });
-        assert_eq!(parse_option(header.option, &bytes[16..]).unwrap(), ClientOption::Go(go));
+        assert_eq!(
+            header,
+            OptionHeader {
+                option: opt::GO,
+                length: bytes.len() as u32 - 16
+            }
+        );
+        assert_eq!(
+            parse_option(header.option, &bytes[16..]).unwrap(),
+            ClientOption::Go(go)
+        );
 
-        let meta = MetaRequest { name: "".into(), queries: vec!["base:allocation".into(), "qemu:".into()] };
+        let meta = MetaRequest {
+            name: "".into(),
+            queries: vec!["base:allocation".into(), "qemu:".into()],
+        };
         let payload = encode_meta_request(&meta);
-        assert_eq!(parse_option(opt::SET_META_CONTEXT, &payload).unwrap(), ClientOption::SetMetaContext(meta));
+        assert_eq!(
+            parse_option(opt::SET_META_CONTEXT, &payload).unwrap(),
+            ClientOption::SetMetaContext(meta)
+        );
     }
 
     #[test]
@@ -1140,19 +1313,31 @@ mod tests {
 
     #[test]
     fn unknown_options_parse_as_unknown() {
-        assert_eq!(parse_option(4242, b"whatever").unwrap(), ClientOption::Unknown(4242));
+        assert_eq!(
+            parse_option(4242, b"whatever").unwrap(),
+            ClientOption::Unknown(4242)
+        );
     }
 
     #[test]
     fn requests_round_trip_in_both_header_modes() {
-        let req = Request { flags: cflags::FUA, command: Command::Write, cookie: 7, offset: 4096, length: 512 };
+        let req = Request {
+            flags: cflags::FUA,
+            command: Command::Write,
+            cookie: 7,
+            offset: 4096,
+            length: 512,
+        };
         for extended in [false, true] {
             let mut out = Vec::new();
             encode_request(&mut out, &req, extended);
             assert_eq!(out.len(), if extended { 32 } else { 28 });
             assert_eq!(parse_request(&out, extended).unwrap(), req);
             // The other mode's magic is refused.
-            assert!(matches!(parse_request(&out, !extended), Err(ProtoError::BadMagic { .. }) | Err(ProtoError::Truncated { .. })));
+            assert!(matches!(
+                parse_request(&out, !extended),
+                Err(ProtoError::BadMagic { .. }) | Err(ProtoError::Truncated { .. })
+            ));
         }
     }
 
@@ -1160,22 +1345,50 @@ mod tests {
     fn chunks_round_trip_through_the_client_parser() {
         for mode in [HeaderMode::Structured, HeaderMode::Extended] {
             let mut out = Vec::new();
-            encode_block_status_chunk(&mut out, mode, chunk::FLAG_DONE, 9, 0, 3, &[(4096, 3), (8192, 0)]);
+            encode_block_status_chunk(
+                &mut out,
+                mode,
+                chunk::FLAG_DONE,
+                9,
+                0,
+                3,
+                &[(4096, 3), (8192, 0)],
+            );
             let hlen = mode.chunk_header_len();
             let header = parse_reply_header(&out[..hlen]).unwrap();
-            let ReplyHeader::Chunk { flags, kind, cookie, length } = header else { panic!("not a chunk") };
-            assert_eq!((flags, cookie, length as usize), (chunk::FLAG_DONE, 9, out.len() - hlen));
+            let ReplyHeader::Chunk {
+                flags,
+                kind,
+                cookie,
+                length,
+            } = header
+            else {
+                panic!("not a chunk")
+            };
+            assert_eq!(
+                (flags, cookie, length as usize),
+                (chunk::FLAG_DONE, 9, out.len() - hlen)
+            );
             assert_eq!(
                 parse_chunk_payload(kind, &out[hlen..]).unwrap(),
-                ChunkPayload::BlockStatus { context_id: 3, extents: vec![(4096, 3), (8192, 0)] }
+                ChunkPayload::BlockStatus {
+                    context_id: 3,
+                    extents: vec![(4096, 3), (8192, 0)]
+                }
             );
 
             let mut out = Vec::new();
             encode_error_chunk(&mut out, mode, 1, 0, 22, "bad");
-            let ReplyHeader::Chunk { kind, .. } = parse_reply_header(&out[..hlen]).unwrap() else { panic!() };
+            let ReplyHeader::Chunk { kind, .. } = parse_reply_header(&out[..hlen]).unwrap() else {
+                panic!()
+            };
             assert_eq!(
                 parse_chunk_payload(kind, &out[hlen..]).unwrap(),
-                ChunkPayload::Error { error: 22, message: "bad".into(), offset: None }
+                ChunkPayload::Error {
+                    error: 22,
+                    message: "bad".into(),
+                    offset: None
+                }
             );
         }
     }
@@ -1185,26 +1398,54 @@ mod tests {
         let long = "é".repeat(3000);
         let mut out = Vec::new();
         encode_error_chunk(&mut out, HeaderMode::Structured, 1, 0, 5, &long);
-        let ReplyHeader::Chunk { kind, length, .. } = parse_reply_header(&out[..20]).unwrap() else { panic!() };
+        let ReplyHeader::Chunk { kind, length, .. } = parse_reply_header(&out[..20]).unwrap()
+        else {
+            panic!()
+        };
         assert_eq!(length as usize, out.len() - 20);
-        let ChunkPayload::Error { message, .. } = parse_chunk_payload(kind, &out[20..]).unwrap() else { panic!() };
+        let ChunkPayload::Error { message, .. } = parse_chunk_payload(kind, &out[20..]).unwrap()
+        else {
+            panic!()
+        };
         assert!(message.len() <= MAX_STRING && !message.contains('\u{fffd}'));
     }
 
     #[test]
     fn bad_magic_is_reported() {
-        assert!(matches!(parse_option_header(&[0u8; 16]), Err(ProtoError::BadMagic { .. })));
-        assert!(matches!(parse_reply_header(&[0u8; 16]), Err(ProtoError::BadMagic { .. })));
-        assert!(matches!(parse_greeting(&[0u8; 18]), Err(ProtoError::BadMagic { .. })));
+        assert!(matches!(
+            parse_option_header(&[0u8; 16]),
+            Err(ProtoError::BadMagic { .. })
+        ));
+        assert!(matches!(
+            parse_reply_header(&[0u8; 16]),
+            Err(ProtoError::BadMagic { .. })
+        ));
+        assert!(matches!(
+            parse_greeting(&[0u8; 18]),
+            Err(ProtoError::BadMagic { .. })
+        ));
     }
 
     #[test]
     fn info_replies_round_trip() {
-        assert_eq!(parse_info_reply(&encode_info_export(1 << 30, 3)).unwrap(), InfoReply::Export { size: 1 << 30, flags: 3 });
+        assert_eq!(
+            parse_info_reply(&encode_info_export(1 << 30, 3)).unwrap(),
+            InfoReply::Export {
+                size: 1 << 30,
+                flags: 3
+            }
+        );
         assert_eq!(
             parse_info_reply(&encode_info_block_size(1, 4096, MAX_PAYLOAD)).unwrap(),
-            InfoReply::BlockSize { minimum: 1, preferred: 4096, maximum: MAX_PAYLOAD }
+            InfoReply::BlockSize {
+                minimum: 1,
+                preferred: 4096,
+                maximum: MAX_PAYLOAD
+            }
         );
-        assert_eq!(parse_info_reply(&encode_info_text(info::NAME, "n")).unwrap(), InfoReply::Name("n".into()));
+        assert_eq!(
+            parse_info_reply(&encode_info_text(info::NAME, "n")).unwrap(),
+            InfoReply::Name("n".into())
+        );
     }
 }

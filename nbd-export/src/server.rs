@@ -53,7 +53,10 @@ pub struct ServerConfig {
 
 impl Default for ServerConfig {
     fn default() -> Self {
-        ServerConfig { handshake_timeout: Duration::from_secs(10), max_in_flight_bytes: 64 << 20 }
+        ServerConfig {
+            handshake_timeout: Duration::from_secs(10),
+            max_in_flight_bytes: 64 << 20,
+        }
     }
 }
 
@@ -163,7 +166,11 @@ impl Server {
         if name.len() > proto::MAX_STRING || name.contains('\0') {
             return Err(ServerError::InvalidName(name.to_string()));
         }
-        let mut exports = self.inner.exports.write().unwrap_or_else(|e| e.into_inner());
+        let mut exports = self
+            .inner
+            .exports
+            .write()
+            .unwrap_or_else(|e| e.into_inner());
         if exports.contains_key(name) {
             return Err(ServerError::DuplicateExport(name.to_string()));
         }
@@ -175,14 +182,25 @@ impl Server {
     /// Stop serving `name`: new connections cannot select it and connections that use it
     /// close once their in-flight requests complete. Returns the export, if it existed.
     pub fn remove_export(&self, name: &str) -> Option<Arc<dyn Export>> {
-        let entry = self.inner.exports.write().unwrap_or_else(|e| e.into_inner()).remove(name)?;
+        let entry = self
+            .inner
+            .exports
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(name)?;
         entry.removed.send_replace(true);
         Some(entry.export)
     }
 
     /// Names of the exports served, sorted.
     pub fn export_names(&self) -> Vec<String> {
-        self.inner.exports.read().unwrap_or_else(|e| e.into_inner()).keys().cloned().collect()
+        self.inner
+            .exports
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .cloned()
+            .collect()
     }
 
     /// Connections currently open (negotiating or transmitting).
@@ -212,7 +230,10 @@ impl Server {
     /// Bind a Unix socket at `path` with mode 0600, replacing a stale socket file.
     /// Must be called inside a tokio runtime.
     pub fn bind_unix(&self, path: &Path) -> Result<NbdListener, ServerError> {
-        let listen_err = |source| ServerError::Listen { what: path.display().to_string(), source };
+        let listen_err = |source| ServerError::Listen {
+            what: path.display().to_string(),
+            source,
+        };
         if let Ok(meta) = std::fs::symlink_metadata(path) {
             if !meta.file_type().is_socket() {
                 return Err(ServerError::NotASocket(path.to_path_buf()));
@@ -223,7 +244,8 @@ impl Server {
             std::fs::remove_file(path).map_err(listen_err)?;
         }
         let listener = UnixListener::bind(path).map_err(listen_err)?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(listen_err)?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+            .map_err(listen_err)?;
         Ok(NbdListener::Unix(listener, path.to_path_buf()))
     }
 
@@ -231,7 +253,10 @@ impl Server {
     pub async fn bind_tcp(&self, addr: &str) -> Result<NbdListener, ServerError> {
         let listener = TcpListener::bind(addr)
             .await
-            .map_err(|source| ServerError::Listen { what: addr.to_string(), source })?;
+            .map_err(|source| ServerError::Listen {
+                what: addr.to_string(),
+                source,
+            })?;
         Ok(NbdListener::Tcp(listener))
     }
 
@@ -311,16 +336,36 @@ impl Server {
         let limit = self.inner.config.handshake_timeout;
         let session = match tokio::time::timeout(limit, self.negotiate(&mut rd, &mut wr)).await {
             Ok(result) => result?,
-            Err(_) => return Err(ConnError::Protocol(format!("handshake not finished within {limit:?}"))),
+            Err(_) => {
+                return Err(ConnError::Protocol(format!(
+                    "handshake not finished within {limit:?}"
+                )))
+            }
         };
-        let Some(session) = session else { return Ok(()) };
-        let removed = match self.inner.exports.read().unwrap_or_else(|e| e.into_inner()).get(&session.name) {
+        let Some(session) = session else {
+            return Ok(());
+        };
+        let removed = match self
+            .inner
+            .exports
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&session.name)
+        {
             Some(entry) => entry.removed.subscribe(),
             // Removed during the handshake.
             None => return Ok(()),
         };
         tracing::debug!("NBD transmission: {session:?}");
-        transmission(session, rd, wr, self.inner.config.max_in_flight_bytes, self.inner.shutdown.subscribe(), removed).await
+        transmission(
+            session,
+            rd,
+            wr,
+            self.inner.config.max_in_flight_bytes,
+            self.inner.shutdown.subscribe(),
+            removed,
+        )
+        .await
     }
 
     async fn negotiate<R, W>(&self, rd: &mut R, wr: &mut W) -> Result<Option<Session>, ConnError>
@@ -331,19 +376,28 @@ impl Server {
         wr.write_all(&Negotiation::greeting()).await?;
         wr.flush().await?;
         let client_flags = rd.read_u32().await?;
-        let mut negotiation = Negotiation::start(client_flags).map_err(|e| ConnError::Protocol(e.to_string()))?;
+        let mut negotiation =
+            Negotiation::start(client_flags).map_err(|e| ConnError::Protocol(e.to_string()))?;
         let mut out = Vec::new();
         let mut header = [0u8; proto::OPTION_HEADER_LEN];
         loop {
             rd.read_exact(&mut header).await?;
-            let h = proto::parse_option_header(&header).map_err(|e| ConnError::Protocol(e.to_string()))?;
+            let h = proto::parse_option_header(&header)
+                .map_err(|e| ConnError::Protocol(e.to_string()))?;
             out.clear();
             let step = if h.length > proto::MAX_OPTION_LENGTH {
                 // Resynchronise by discarding the payload, within reason.
                 if h.length > 16 << 20 {
-                    return Err(ConnError::Protocol(format!("option {} announces a {}-byte payload", h.option, h.length)));
+                    return Err(ConnError::Protocol(format!(
+                        "option {} announces a {}-byte payload",
+                        h.option, h.length
+                    )));
                 }
-                tokio::io::copy(&mut (&mut *rd).take(h.length.into()), &mut tokio::io::sink()).await?;
+                tokio::io::copy(
+                    &mut (&mut *rd).take(h.length.into()),
+                    &mut tokio::io::sink(),
+                )
+                .await?;
                 negotiation.refuse_too_big(h.option, &mut out)
             } else {
                 let mut data = vec![0u8; h.length as usize];
@@ -379,14 +433,20 @@ impl ExportDirectory for Server {
             return Some((name.to_string(), entry.export.clone()));
         }
         if name.is_empty() && exports.len() == 1 {
-            return exports.iter().next().map(|(n, e)| (n.clone(), e.export.clone()));
+            return exports
+                .iter()
+                .next()
+                .map(|(n, e)| (n.clone(), e.export.clone()));
         }
         None
     }
 
     fn list(&self) -> Vec<(String, String)> {
         let exports = self.inner.exports.read().unwrap_or_else(|e| e.into_inner());
-        exports.iter().map(|(n, e)| (n.clone(), e.export.description())).collect()
+        exports
+            .iter()
+            .map(|(n, e)| (n.clone(), e.export.description()))
+            .collect()
     }
 }
 
@@ -481,7 +541,10 @@ where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
-    let conn = Arc::new(Conn { session, pool: BufferPool::default() });
+    let conn = Arc::new(Conn {
+        session,
+        pool: BufferPool::default(),
+    });
     let budget = Arc::new(Semaphore::new(budget_bytes as usize));
     let (tx, rx) = mpsc::unbounded_channel::<Outgoing>();
     let writer = tokio::spawn(writer(wr, rx, conn.clone()));
@@ -509,20 +572,54 @@ where
             }
             if req.flags & cflags::PAYLOAD_LEN != 0 && req.command != Command::Write {
                 // We never advertise payloads on other commands: we cannot resync.
-                send_now(&tx, error_reply(mode, &req, Errno::Inval, "payload on a command that takes none"));
-                return Err(ConnError::Protocol(format!("{} with a payload", req.command)));
+                send_now(
+                    &tx,
+                    error_reply(
+                        mode,
+                        &req,
+                        Errno::Inval,
+                        "payload on a command that takes none",
+                    ),
+                );
+                return Err(ConnError::Protocol(format!(
+                    "{} with a payload",
+                    req.command
+                )));
             }
-            let payload = if req.command == Command::Write { req.length } else { 0 };
+            let payload = if req.command == Command::Write {
+                req.length
+            } else {
+                0
+            };
             if payload > u64::from(proto::MAX_PAYLOAD) {
-                send_now(&tx, error_reply(mode, &req, Errno::Inval, format!("write of {payload} bytes exceeds the {} byte maximum", proto::MAX_PAYLOAD)));
-                return Err(ConnError::Protocol(format!("write payload of {payload} bytes exceeds the maximum; closing")));
+                send_now(
+                    &tx,
+                    error_reply(
+                        mode,
+                        &req,
+                        Errno::Inval,
+                        format!(
+                            "write of {payload} bytes exceeds the {} byte maximum",
+                            proto::MAX_PAYLOAD
+                        ),
+                    ),
+                );
+                return Err(ConnError::Protocol(format!(
+                    "write payload of {payload} bytes exceeds the maximum; closing"
+                )));
             }
             let data_len = match req.command {
-                Command::Read | Command::Write if req.length <= u64::from(proto::MAX_PAYLOAD) => req.length as usize,
+                Command::Read | Command::Write if req.length <= u64::from(proto::MAX_PAYLOAD) => {
+                    req.length as usize
+                }
                 _ => 0,
             };
             let cost = (data_len + 4096).min(budget_bytes as usize) as u32;
-            let permit = budget.clone().acquire_many_owned(cost).await.map_err(|_| ConnError::Protocol("budget closed".into()))?;
+            let permit = budget
+                .clone()
+                .acquire_many_owned(cost)
+                .await
+                .map_err(|_| ConnError::Protocol("budget closed".into()))?;
             let mut payload_buf = None;
             if payload > 0 {
                 let mut buf = conn.pool.get(payload as usize);
@@ -530,28 +627,51 @@ where
                 payload_buf = Some(buf);
             }
             if let Err((errno, message)) = validate(&conn.session, &req) {
-                tracing::debug!("rejecting {} at {} len {}: {message}", req.command, req.offset, req.length);
+                tracing::debug!(
+                    "rejecting {} at {} len {}: {message}",
+                    req.command,
+                    req.offset,
+                    req.length
+                );
                 if let Some(buf) = payload_buf {
                     conn.pool.put(buf);
                 }
                 let reply = error_reply(mode, &req, errno, &message);
                 let len = reply.len();
-                let _ = tx.send(Outgoing { buf: reply, len, _permit: Some(permit) });
+                let _ = tx.send(Outgoing {
+                    buf: reply,
+                    len,
+                    _permit: Some(permit),
+                });
                 continue;
             }
             let conn = conn.clone();
             let tx = tx.clone();
             tokio::task::spawn_blocking(move || {
-                let (buf, len) = match catch_unwind(AssertUnwindSafe(|| execute(&conn, &req, payload_buf))) {
-                    Ok(reply) => reply,
-                    Err(_) => {
-                        tracing::error!("the export panicked serving {} at {}", req.command, req.offset);
-                        let reply = error_reply(conn.session.mode, &req, Errno::Io, "internal error in the export");
-                        let len = reply.len();
-                        (reply, len)
-                    }
-                };
-                let _ = tx.send(Outgoing { buf, len, _permit: Some(permit) });
+                let (buf, len) =
+                    match catch_unwind(AssertUnwindSafe(|| execute(&conn, &req, payload_buf))) {
+                        Ok(reply) => reply,
+                        Err(_) => {
+                            tracing::error!(
+                                "the export panicked serving {} at {}",
+                                req.command,
+                                req.offset
+                            );
+                            let reply = error_reply(
+                                conn.session.mode,
+                                &req,
+                                Errno::Io,
+                                "internal error in the export",
+                            );
+                            let len = reply.len();
+                            (reply, len)
+                        }
+                    };
+                let _ = tx.send(Outgoing {
+                    buf,
+                    len,
+                    _permit: Some(permit),
+                });
             });
         }
     }
@@ -561,13 +681,19 @@ where
     match writer.await {
         Ok(Ok(())) => result,
         Ok(Err(err)) => result.and(Err(err.into())),
-        Err(join) => result.and(Err(ConnError::Protocol(format!("writer task failed: {join}")))),
+        Err(join) => result.and(Err(ConnError::Protocol(format!(
+            "writer task failed: {join}"
+        )))),
     }
 }
 
 fn send_now(tx: &mpsc::UnboundedSender<Outgoing>, reply: Vec<u8>) {
     let len = reply.len();
-    let _ = tx.send(Outgoing { buf: reply, len, _permit: None });
+    let _ = tx.send(Outgoing {
+        buf: reply,
+        len,
+        _permit: None,
+    });
 }
 
 async fn writer<W: AsyncWrite + Unpin>(
@@ -606,39 +732,89 @@ fn validate(session: &Session, req: &Request) -> Result<(), CmdError> {
         _ => {}
     }
     if req.flags & !allowed != 0 {
-        return Err(cmd_err(Errno::Inval, format!("flags {:#x} are not valid on {}", req.flags & !allowed, req.command)));
+        return Err(cmd_err(
+            Errno::Inval,
+            format!(
+                "flags {:#x} are not valid on {}",
+                req.flags & !allowed,
+                req.command
+            ),
+        ));
     }
-    let writes = matches!(req.command, Command::Write | Command::Trim | Command::WriteZeroes);
+    let writes = matches!(
+        req.command,
+        Command::Write | Command::Trim | Command::WriteZeroes
+    );
     match req.command {
-        Command::Unknown(code) => return Err(cmd_err(Errno::Inval, format!("unknown command {code}"))),
-        Command::Flush if !caps.flush => return Err(cmd_err(Errno::Inval, "FLUSH was not advertised")),
+        Command::Unknown(code) => {
+            return Err(cmd_err(Errno::Inval, format!("unknown command {code}")))
+        }
+        Command::Flush if !caps.flush => {
+            return Err(cmd_err(Errno::Inval, "FLUSH was not advertised"))
+        }
         Command::Flush => return Ok(()),
         Command::Trim if session.flags & tflags::SEND_TRIM == 0 && !caps.read_only => {
             return Err(cmd_err(Errno::Inval, "TRIM was not advertised"))
         }
-        Command::WriteZeroes if session.flags & tflags::SEND_WRITE_ZEROES == 0 && !caps.read_only => {
+        Command::WriteZeroes
+            if session.flags & tflags::SEND_WRITE_ZEROES == 0 && !caps.read_only =>
+        {
             return Err(cmd_err(Errno::Inval, "WRITE_ZEROES was not advertised"))
         }
-        Command::Cache if !caps.cache => return Err(cmd_err(Errno::Inval, "CACHE was not advertised")),
+        Command::Cache if !caps.cache => {
+            return Err(cmd_err(Errno::Inval, "CACHE was not advertised"))
+        }
         Command::BlockStatus if session.contexts.is_empty() => {
-            return Err(cmd_err(Errno::Inval, "BLOCK_STATUS needs metadata contexts chosen with NBD_OPT_SET_META_CONTEXT"))
+            return Err(cmd_err(
+                Errno::Inval,
+                "BLOCK_STATUS needs metadata contexts chosen with NBD_OPT_SET_META_CONTEXT",
+            ))
         }
         _ => {}
     }
     if writes && caps.read_only {
-        return Err(cmd_err(Errno::Perm, format!("{} on the read-only export {:?}", req.command, session.name)));
+        return Err(cmd_err(
+            Errno::Perm,
+            format!("{} on the read-only export {:?}", req.command, session.name),
+        ));
     }
     if req.length == 0 {
-        return Err(cmd_err(Errno::Inval, format!("{} of zero length", req.command)));
+        return Err(cmd_err(
+            Errno::Inval,
+            format!("{} of zero length", req.command),
+        ));
     }
-    if matches!(req.command, Command::Read | Command::Write) && req.length > u64::from(proto::MAX_PAYLOAD) {
-        return Err(cmd_err(Errno::Inval, format!("{} of {} bytes exceeds the {} byte maximum block size", req.command, req.length, proto::MAX_PAYLOAD)));
+    if matches!(req.command, Command::Read | Command::Write)
+        && req.length > u64::from(proto::MAX_PAYLOAD)
+    {
+        return Err(cmd_err(
+            Errno::Inval,
+            format!(
+                "{} of {} bytes exceeds the {} byte maximum block size",
+                req.command,
+                req.length,
+                proto::MAX_PAYLOAD
+            ),
+        ));
     }
     let size = session.export.size();
-    let past_end = req.offset.checked_add(req.length).is_none_or(|end| end > size);
+    let past_end = req
+        .offset
+        .checked_add(req.length)
+        .is_none_or(|end| end > size);
     if past_end {
-        let errno = if matches!(req.command, Command::Write | Command::WriteZeroes) { Errno::NoSpc } else { Errno::Inval };
-        return Err(cmd_err(errno, format!("{} of {} bytes at {} runs past the end of the {size}-byte export", req.command, req.length, req.offset)));
+        let errno = if matches!(req.command, Command::Write | Command::WriteZeroes) {
+            Errno::NoSpc
+        } else {
+            Errno::Inval
+        };
+        return Err(cmd_err(
+            errno,
+            format!(
+                "{} of {} bytes at {} runs past the end of the {size}-byte export",
+                req.command, req.length, req.offset
+            ),
+        ));
     }
     Ok(())
 }
@@ -660,7 +836,14 @@ fn error_reply(mode: HeaderMode, req: &Request, errno: Errno, message: impl AsRe
     if mode == HeaderMode::Simple {
         proto::encode_simple_reply(&mut out, req.cookie, errno.code());
     } else {
-        proto::encode_error_chunk(&mut out, mode, req.cookie, req.offset, errno.code(), message.as_ref());
+        proto::encode_error_chunk(
+            &mut out,
+            mode,
+            req.cookie,
+            req.offset,
+            errno.code(),
+            message.as_ref(),
+        );
     }
     out
 }
@@ -713,7 +896,9 @@ fn execute(conn: &Conn, req: &Request, payload: Option<Vec<u8>>) -> (Vec<u8>, us
                 (reply, len)
             }
         },
-        Command::Disc | Command::Unknown(_) => done(Err(ExportError::new(Errno::Inval, "not a command"))),
+        Command::Disc | Command::Unknown(_) => {
+            done(Err(ExportError::new(Errno::Inval, "not a command")))
+        }
     }
 }
 
@@ -731,7 +916,10 @@ fn read_reply(conn: &Conn, req: &Request) -> (Vec<u8>, usize) {
     };
     if mode == HeaderMode::Simple {
         let mut buf = conn.pool.get(proto::SIMPLE_REPLY_LEN + len);
-        if let Err(e) = session.export.read(req.offset, &mut buf[proto::SIMPLE_REPLY_LEN..proto::SIMPLE_REPLY_LEN + len]) {
+        if let Err(e) = session.export.read(
+            req.offset,
+            &mut buf[proto::SIMPLE_REPLY_LEN..proto::SIMPLE_REPLY_LEN + len],
+        ) {
             conn.pool.put(buf);
             return fail(e);
         }
@@ -763,14 +951,33 @@ fn read_reply(conn: &Conn, req: &Request) -> (Vec<u8>, usize) {
         conn.pool.put(buf);
         return fail(e);
     }
-    proto::write_chunk_header(&mut buf, mode, chunk::FLAG_DONE, chunk::OFFSET_DATA, req.cookie, req.offset, 8 + len as u64);
+    proto::write_chunk_header(
+        &mut buf,
+        mode,
+        chunk::FLAG_DONE,
+        chunk::OFFSET_DATA,
+        req.cookie,
+        req.offset,
+        8 + len as u64,
+    );
     buf[hlen - 8..hlen].copy_from_slice(&req.offset.to_be_bytes());
     (buf, hlen + len)
 }
 
 /// The range as (length, reads-as-zero) runs, merged, covering it exactly.
-fn allocation_map(export: &dyn Export, offset: u64, length: u64) -> Result<Vec<(u64, bool)>, ExportError> {
-    let extents = collect_extents(export, &MetaContext::BaseAllocation, offset, length, false, u64::MAX)?;
+fn allocation_map(
+    export: &dyn Export,
+    offset: u64,
+    length: u64,
+) -> Result<Vec<(u64, bool)>, ExportError> {
+    let extents = collect_extents(
+        export,
+        &MetaContext::BaseAllocation,
+        offset,
+        length,
+        false,
+        u64::MAX,
+    )?;
     let mut map: Vec<(u64, bool)> = Vec::new();
     let mut covered = 0;
     for (len, flags) in extents {
@@ -791,17 +998,35 @@ fn allocation_map(export: &dyn Export, offset: u64, length: u64) -> Result<Vec<(
     Ok(map)
 }
 
-fn sparse_read_reply(conn: &Conn, req: &Request, map: &[(u64, bool)]) -> Result<Vec<u8>, ExportError> {
+fn sparse_read_reply(
+    conn: &Conn,
+    req: &Request,
+    map: &[(u64, bool)],
+) -> Result<Vec<u8>, ExportError> {
     let mode = conn.session.mode;
     let hlen = mode.chunk_header_len();
-    let data_bytes: u64 = map.iter().filter(|(_, zero)| !zero).map(|(len, _)| len).sum();
+    let data_bytes: u64 = map
+        .iter()
+        .filter(|(_, zero)| !zero)
+        .map(|(len, _)| len)
+        .sum();
     let mut out = Vec::with_capacity(data_bytes as usize + map.len() * (hlen + 12) + hlen);
     let mut offset = req.offset;
     for &(len, zero) in map {
         if zero {
-            proto::encode_hole_chunk(&mut out, mode, 0, req.cookie, req.offset, offset, len as u32);
+            proto::encode_hole_chunk(
+                &mut out, mode, 0, req.cookie, req.offset, offset, len as u32,
+            );
         } else {
-            proto::encode_chunk_header(&mut out, mode, 0, chunk::OFFSET_DATA, req.cookie, req.offset, 8 + len);
+            proto::encode_chunk_header(
+                &mut out,
+                mode,
+                0,
+                chunk::OFFSET_DATA,
+                req.cookie,
+                req.offset,
+                8 + len,
+            );
             out.extend_from_slice(&offset.to_be_bytes());
             let start = out.len();
             out.resize(start + len as usize, 0);
@@ -836,7 +1061,10 @@ fn collect_extents(
         }
         for extent in extents {
             if extent.length == 0 {
-                return Err(ExportError::new(Errno::Io, format!("the export reported a zero-length extent at {cursor}")));
+                return Err(ExportError::new(
+                    Errno::Io,
+                    format!("the export reported a zero-length extent at {cursor}"),
+                ));
             }
             let mut len = extent.length.min(end - cursor);
             while len > 0 {
@@ -864,7 +1092,13 @@ fn collect_extents(
         }
     }
     if out.is_empty() {
-        return Err(ExportError::new(Errno::Io, format!("the export reported no extents at {offset} for {}", context.wire_name())));
+        return Err(ExportError::new(
+            Errno::Io,
+            format!(
+                "the export reported no extents at {offset} for {}",
+                context.wire_name()
+            ),
+        ));
     }
     Ok(out)
 }
@@ -873,13 +1107,26 @@ fn block_status_reply(session: &Session, req: &Request) -> Result<Vec<u8>, Expor
     let mode = session.mode;
     let req_one = req.flags & cflags::REQ_ONE != 0;
     // 32-bit descriptors: keep each under 4 GiB and 4 KiB aligned.
-    let max_extent = if mode == HeaderMode::Extended { u64::MAX } else { u64::from(u32::MAX) & !4095 };
+    let max_extent = if mode == HeaderMode::Extended {
+        u64::MAX
+    } else {
+        u64::from(u32::MAX) & !4095
+    };
     let mut out = Vec::new();
     let count = session.contexts.len();
     for (i, (id, context)) in session.contexts.iter().enumerate() {
-        let extents = collect_extents(session.export.as_ref(), context, req.offset, req.length, req_one, max_extent)?;
+        let extents = collect_extents(
+            session.export.as_ref(),
+            context,
+            req.offset,
+            req.length,
+            req_one,
+            max_extent,
+        )?;
         let flags = if i + 1 == count { chunk::FLAG_DONE } else { 0 };
-        proto::encode_block_status_chunk(&mut out, mode, flags, req.cookie, req.offset, *id, &extents);
+        proto::encode_block_status_chunk(
+            &mut out, mode, flags, req.cookie, req.offset, *id, &extents,
+        );
     }
     Ok(out)
 }
@@ -887,7 +1134,7 @@ fn block_status_reply(session: &Session, req: &Request) -> Result<Vec<u8>, Expor
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::export::{Capabilities, Extent, ExportResult};
+    use crate::export::{Capabilities, ExportResult, Extent};
 
     struct Striped;
     impl Export for Striped {
@@ -895,7 +1142,16 @@ mod tests {
             1 << 20
         }
         fn capabilities(&self) -> Capabilities {
-            Capabilities { read_only: true, flush: false, trim: false, write_zeroes: false, fast_zero: false, cache: false, multi_conn: true, knows_holes: true }
+            Capabilities {
+                read_only: true,
+                flush: false,
+                trim: false,
+                write_zeroes: false,
+                fast_zero: false,
+                cache: false,
+                multi_conn: true,
+                knows_holes: true,
+            }
         }
         fn read(&self, _: u64, buf: &mut [u8]) -> ExportResult<()> {
             buf.fill(1);
@@ -917,28 +1173,63 @@ mod tests {
         fn block_status(&self, _: &MetaContext, offset: u64, _: u64) -> ExportResult<Vec<Extent>> {
             let stripe = offset / 4096;
             let flags = if stripe % 2 == 0 { 0 } else { 3 };
-            Ok(vec![Extent { length: 4096 - offset % 4096, flags }])
+            Ok(vec![Extent {
+                length: 4096 - offset % 4096,
+                flags,
+            }])
         }
     }
 
     #[test]
     fn short_answers_are_requeried_and_trimmed_to_the_range() {
-        let e = collect_extents(&Striped, &MetaContext::BaseAllocation, 1024, 10_000, false, u64::MAX).unwrap();
+        let e = collect_extents(
+            &Striped,
+            &MetaContext::BaseAllocation,
+            1024,
+            10_000,
+            false,
+            u64::MAX,
+        )
+        .unwrap();
         assert_eq!(e, vec![(3072, 0), (4096, 3), (2832, 0)]);
         assert_eq!(e.iter().map(|x| x.0).sum::<u64>(), 10_000);
     }
 
     #[test]
     fn req_one_returns_a_single_extent() {
-        let e = collect_extents(&Striped, &MetaContext::BaseAllocation, 0, 1 << 20, true, u64::MAX).unwrap();
+        let e = collect_extents(
+            &Striped,
+            &MetaContext::BaseAllocation,
+            0,
+            1 << 20,
+            true,
+            u64::MAX,
+        )
+        .unwrap();
         assert_eq!(e, vec![(4096, 0)]);
     }
 
     #[test]
     fn extents_are_capped_per_chunk() {
-        let e = collect_extents(&Striped, &MetaContext::BaseAllocation, 0, 1 << 20, false, u64::MAX).unwrap();
+        let e = collect_extents(
+            &Striped,
+            &MetaContext::BaseAllocation,
+            0,
+            1 << 20,
+            false,
+            u64::MAX,
+        )
+        .unwrap();
         assert_eq!(e.len(), 256);
-        let capped = collect_extents(&Striped, &MetaContext::BaseAllocation, 0, 1 << 20, false, 1000).unwrap();
+        let capped = collect_extents(
+            &Striped,
+            &MetaContext::BaseAllocation,
+            0,
+            1 << 20,
+            false,
+            1000,
+        )
+        .unwrap();
         assert!(capped.iter().all(|&(len, _)| len <= 1000));
         assert_eq!(capped.iter().map(|x| x.0).sum::<u64>(), 1 << 20);
     }
@@ -946,6 +1237,9 @@ mod tests {
     #[test]
     fn allocation_map_merges_into_runs() {
         let map = allocation_map(&Striped, 0, 16384).unwrap();
-        assert_eq!(map, vec![(4096, false), (4096, true), (4096, false), (4096, true)]);
+        assert_eq!(
+            map,
+            vec![(4096, false), (4096, true), (4096, false), (4096, true)]
+        );
     }
 }
