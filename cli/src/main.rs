@@ -8,6 +8,8 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod cmd;
+mod control;
+mod daemon;
 mod ui;
 
 /// Block-level incremental backups of Linux volumes and VM disks.
