@@ -10,6 +10,7 @@
 
 pub mod driver;
 pub mod file;
+pub mod nbd;
 pub mod pattern;
 pub mod report;
 pub mod stats;
@@ -64,6 +65,8 @@ struct Opened {
     size: u64,
     engine: String,
     direct: bool,
+    /// Connections really open (NBD; 1 otherwise).
+    conns: usize,
 }
 
 /// Run the benchmark `settings` describe and report what it measured.
@@ -74,7 +77,7 @@ pub fn run(settings: &Settings) -> anyhow::Result<Report> {
     let mut opened = match &settings.target {
         Target::File(path) => open_regular_file(path, settings)?,
         Target::Device(path) => open_device(path, settings)?,
-        Target::Nbd(uri) => bail!("NBD targets are not supported yet ({uri})"),
+        Target::Nbd(uri) => open_nbd(uri, settings)?,
     };
     let region = settings.size.unwrap_or(opened.size);
     if region > opened.size {
@@ -200,7 +203,7 @@ fn build_report(
         rw: settings.pattern,
         bs: settings.bs,
         qd: settings.qd,
-        conns: settings.conns,
+        conns: opened.conns,
         direct: opened.direct,
         region_bytes: region,
         time_limit_secs: settings.time.map(|time| time.as_secs_f64()),
@@ -315,6 +318,50 @@ fn open_backend(
         backend: Box::new(backend),
         size,
         direct,
+        conns: 1,
+    })
+}
+
+/// Connect to an NBD export; a write workload needs an export that is writable and, unless
+/// `--force`, reports (base:allocation) nothing but holes where it will write.
+fn open_nbd(uri: &str, settings: &Settings) -> anyhow::Result<Opened> {
+    let backend = nbd::NbdBackend::connect(uri, settings.bs, settings.qd, settings.conns)?;
+    let size = backend.size();
+    if settings.conns > backend.connections() {
+        eprintln!(
+            "tidemark: note: {uri} does not advertise multi-conn; measuring over {} connection(s)",
+            backend.connections()
+        );
+    }
+    if settings.pattern.writes() {
+        if backend.is_read_only() {
+            bail!(
+                "{uri} is a read-only export; a write benchmark cannot run on it (use --rw read \
+                 or randread)"
+            );
+        }
+        if !settings.force {
+            let region = settings.size.unwrap_or(size).min(size);
+            match backend.first_data(region) {
+                Ok(None) => {}
+                Ok(Some(offset)) => bail!(
+                    "refusing to write to {uri}: the export holds data (the server reports data \
+                     at offset {offset}) and a write benchmark overwrites it; pass --force to \
+                     overwrite it"
+                ),
+                Err(err) => bail!(
+                    "refusing to write to {uri}: {err:#}, so it may hold data that a write \
+                     benchmark would overwrite; pass --force to overwrite it"
+                ),
+            }
+        }
+    }
+    Ok(Opened {
+        engine: "nbd".to_string(),
+        conns: backend.connections(),
+        backend: Box::new(backend),
+        size,
+        direct: false,
     })
 }
 
