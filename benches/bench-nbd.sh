@@ -61,10 +61,13 @@ port = $((20000 + RANDOM % 20000))
 [bench]
 exportname = $file
 EOF
-nbd-server -C "$work/nbd-server.conf" -d 2>/dev/null &
-pids+=($!)
+# nbd-server's foreground mode (-d) serves one connection and exits; let it daemonize and
+# find it by its pid file.
+nbd-server -C "$work/nbd-server.conf" -p "$work/nbd-server.pid" 2>/dev/null
 servers=(tidemark qemu-nbd nbdkit nbd-server)
 for server in "${servers[@]}"; do wait_for_socket "$work/$server.sock"; done
+for _ in $(seq 100); do [[ -s "$work/nbd-server.pid" ]] && break; sleep 0.05; done
+pids+=("$(cat "$work/nbd-server.pid")")
 
 workloads=("read 256K 16" "write 256K 16" "randread 4K 32" "randwrite 4K 32")
 results=$work/results.tsv
