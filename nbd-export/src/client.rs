@@ -159,7 +159,10 @@ pub struct ExportInfo {
     pub contexts: Vec<(u32, String)>,
 }
 
-type Stream = (Box<dyn AsyncRead + Unpin + Send>, Box<dyn AsyncWrite + Unpin + Send>);
+type Stream = (
+    Box<dyn AsyncRead + Unpin + Send>,
+    Box<dyn AsyncWrite + Unpin + Send>,
+);
 
 async fn open_stream(uri: &NbdUri) -> io::Result<Stream> {
     Ok(match &uri.transport {
@@ -220,7 +223,10 @@ pub struct Client {
 
 impl std::fmt::Debug for Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Client").field("info", &self.inner.info).field("connections", &self.inner.conns.len()).finish()
+        f.debug_struct("Client")
+            .field("info", &self.inner.info)
+            .field("connections", &self.inner.conns.len())
+            .finish()
     }
 }
 
@@ -242,7 +248,13 @@ impl Client {
                 conns.push(conn);
             }
         }
-        Ok(Client { inner: Arc::new(Inner { info, conns, next: AtomicUsize::new(0) }) })
+        Ok(Client {
+            inner: Arc::new(Inner {
+                info,
+                conns,
+                next: AtomicUsize::new(0),
+            }),
+        })
     }
 
     /// What negotiation established.
@@ -282,7 +294,10 @@ impl Client {
 
     fn check_range(&self, offset: u64, len: u64) -> Result<(), ClientError> {
         if offset.checked_add(len).is_none_or(|end| end > self.size()) {
-            return Err(ClientError::Invalid(format!("{len} bytes at {offset} run past the end of the {}-byte export", self.size())));
+            return Err(ClientError::Invalid(format!(
+                "{len} bytes at {offset} run past the end of the {}-byte export",
+                self.size()
+            )));
         }
         Ok(())
     }
@@ -313,9 +328,18 @@ impl Client {
             return Ok(buf);
         }
         if len > self.max_request() {
-            return Err(ClientError::Invalid(format!("a {len}-byte read exceeds the server's {}-byte maximum", self.max_request())));
+            return Err(ClientError::Invalid(format!(
+                "a {len}-byte read exceeds the server's {}-byte maximum",
+                self.max_request()
+            )));
         }
-        let req = Request { flags: 0, command: Command::Read, cookie: 0, offset, length: len };
+        let req = Request {
+            flags: 0,
+            command: Command::Read,
+            cookie: 0,
+            offset,
+            length: len,
+        };
         let done = self.conn().call(req, None, buf).await?;
         Ok(done.buf)
     }
@@ -329,23 +353,48 @@ impl Client {
         let flags = if fua { cflags::FUA } else { 0 };
         let max = self.max_request() as usize;
         for (i, part) in data.chunks(max).enumerate() {
-            let req = Request { flags, command: Command::Write, cookie: 0, offset: offset + (i * max) as u64, length: part.len() as u64 };
+            let req = Request {
+                flags,
+                command: Command::Write,
+                cookie: 0,
+                offset: offset + (i * max) as u64,
+                length: part.len() as u64,
+            };
             self.conn().call(req, Some(part), Vec::new()).await?;
         }
         Ok(())
     }
 
-    async fn simple_command(&self, command: Command, flags: u16, offset: u64, length: u64, needs: u16) -> Result<(), ClientError> {
+    async fn simple_command(
+        &self,
+        command: Command,
+        flags: u16,
+        offset: u64,
+        length: u64,
+        needs: u16,
+    ) -> Result<(), ClientError> {
         if self.inner.info.flags & needs != needs {
-            return Err(ClientError::Invalid(format!("the server does not support {command}")));
+            return Err(ClientError::Invalid(format!(
+                "the server does not support {command}"
+            )));
         }
         self.check_range(offset, length)?;
         // 32-bit requests: split long ranges.
-        let max = if self.inner.info.mode == HeaderMode::Extended { u64::MAX } else { u64::from(u32::MAX) & !4095 };
+        let max = if self.inner.info.mode == HeaderMode::Extended {
+            u64::MAX
+        } else {
+            u64::from(u32::MAX) & !4095
+        };
         let mut done = 0;
         while done < length {
             let n = (length - done).min(max);
-            let req = Request { flags, command, cookie: 0, offset: offset + done, length: n };
+            let req = Request {
+                flags,
+                command,
+                cookie: 0,
+                offset: offset + done,
+                length: n,
+            };
             self.conn().call(req, None, Vec::new()).await?;
             done += n;
         }
@@ -358,7 +407,13 @@ impl Client {
             return Ok(());
         }
         for conn in &self.inner.conns {
-            let req = Request { flags: 0, command: Command::Flush, cookie: 0, offset: 0, length: 0 };
+            let req = Request {
+                flags: 0,
+                command: Command::Flush,
+                cookie: 0,
+                offset: 0,
+                length: 0,
+            };
             conn.call(req, None, Vec::new()).await?;
         }
         Ok(())
@@ -366,12 +421,19 @@ impl Client {
 
     /// Discard a range.
     pub async fn trim(&self, offset: u64, length: u64) -> Result<(), ClientError> {
-        self.simple_command(Command::Trim, 0, offset, length, tflags::SEND_TRIM).await
+        self.simple_command(Command::Trim, 0, offset, length, tflags::SEND_TRIM)
+            .await
     }
 
     /// Make a range read as zeroes; `no_hole` keeps it allocated, `fast` fails with
     /// ENOTSUP rather than writing zeroes slowly.
-    pub async fn write_zeroes(&self, offset: u64, length: u64, no_hole: bool, fast: bool) -> Result<(), ClientError> {
+    pub async fn write_zeroes(
+        &self,
+        offset: u64,
+        length: u64,
+        no_hole: bool,
+        fast: bool,
+    ) -> Result<(), ClientError> {
         let mut flags = 0;
         let mut needs = tflags::SEND_WRITE_ZEROES;
         if no_hole {
@@ -381,17 +443,24 @@ impl Client {
             flags |= cflags::FAST_ZERO;
             needs |= tflags::SEND_FAST_ZERO;
         }
-        self.simple_command(Command::WriteZeroes, flags, offset, length, needs).await
+        self.simple_command(Command::WriteZeroes, flags, offset, length, needs)
+            .await
     }
 
     /// Ask the server to prefetch a range.
     pub async fn cache(&self, offset: u64, length: u64) -> Result<(), ClientError> {
-        self.simple_command(Command::Cache, 0, offset, length, tflags::SEND_CACHE).await
+        self.simple_command(Command::Cache, 0, offset, length, tflags::SEND_CACHE)
+            .await
     }
 
     /// Extents of `context` over `[offset, offset + length)`, covering the whole range:
     /// short replies are re-queried from where they stopped; neighbours are merged.
-    pub async fn block_status(&self, context: &str, offset: u64, length: u64) -> Result<Vec<Extent>, ClientError> {
+    pub async fn block_status(
+        &self,
+        context: &str,
+        offset: u64,
+        length: u64,
+    ) -> Result<Vec<Extent>, ClientError> {
         self.check_range(offset, length)?;
         let id = self
             .inner
@@ -400,21 +469,39 @@ impl Client {
             .iter()
             .find(|(_, name)| name == context)
             .map(|(id, _)| *id)
-            .ok_or_else(|| ClientError::Invalid(format!("context {context:?} was not negotiated (the server offers: {:?})", self.inner.info.contexts)))?;
-        let max = if self.inner.info.mode == HeaderMode::Extended { 1u64 << 62 } else { u64::from(u32::MAX) & !4095 };
+            .ok_or_else(|| {
+                ClientError::Invalid(format!(
+                    "context {context:?} was not negotiated (the server offers: {:?})",
+                    self.inner.info.contexts
+                ))
+            })?;
+        let max = if self.inner.info.mode == HeaderMode::Extended {
+            1u64 << 62
+        } else {
+            u64::from(u32::MAX) & !4095
+        };
         let end = offset + length;
         let mut out: Vec<Extent> = Vec::new();
         let mut cursor = offset;
         while cursor < end {
             let n = (end - cursor).min(max);
-            let req = Request { flags: 0, command: Command::BlockStatus, cookie: 0, offset: cursor, length: n };
+            let req = Request {
+                flags: 0,
+                command: Command::BlockStatus,
+                cookie: 0,
+                offset: cursor,
+                length: n,
+            };
             let done = self.conn().call(req, None, Vec::new()).await?;
             let extents = done
                 .extents
                 .into_iter()
                 .find(|(cid, _)| *cid == id)
                 .map(|(_, e)| e)
-                .ok_or_else(|| ClientError::Protocol { uri: self.inner.conns[0].uri.clone(), reason: format!("no block status for context id {id}") })?;
+                .ok_or_else(|| ClientError::Protocol {
+                    uri: self.inner.conns[0].uri.clone(),
+                    reason: format!("no block status for context id {id}"),
+                })?;
             let before = cursor;
             for (len, flags) in extents {
                 let len = len.min(end - cursor);
@@ -429,7 +516,10 @@ impl Client {
                 cursor += len;
             }
             if cursor == before {
-                return Err(ClientError::Protocol { uri: self.inner.conns[0].uri.clone(), reason: "block status made no progress".into() });
+                return Err(ClientError::Protocol {
+                    uri: self.inner.conns[0].uri.clone(),
+                    reason: "block status made no progress".into(),
+                });
             }
         }
         Ok(out)
@@ -439,7 +529,13 @@ impl Client {
     pub async fn disconnect(&self) {
         for conn in &self.inner.conns {
             let mut header = Vec::new();
-            let req = Request { flags: 0, command: Command::Disc, cookie: 0, offset: 0, length: 0 };
+            let req = Request {
+                flags: 0,
+                command: Command::Disc,
+                cookie: 0,
+                offset: 0,
+                length: 0,
+            };
             proto::encode_request(&mut header, &req, conn.mode == HeaderMode::Extended);
             let mut w = conn.writer.lock().await;
             let _ = w.write_all(&header).await;
@@ -455,17 +551,37 @@ impl Connection {
         ClientError::Closed(why.unwrap_or_else(|| "the server closed the connection".into()))
     }
 
-    async fn call(&self, mut req: Request, payload: Option<&[u8]>, buf: Vec<u8>) -> Result<Outcome, ClientError> {
+    async fn call(
+        &self,
+        mut req: Request,
+        payload: Option<&[u8]>,
+        buf: Vec<u8>,
+    ) -> Result<Outcome, ClientError> {
         let _permit = self.depth.acquire().await.map_err(|_| self.closed())?;
         req.cookie = self.cookie.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         {
-            if self.dead.lock().unwrap_or_else(|e| e.into_inner()).is_some() {
+            if self
+                .dead
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_some()
+            {
                 return Err(self.closed());
             }
-            let out = Outcome { command: req.command, offset: req.offset, length: req.length, buf, extents: Vec::new(), error: None };
+            let out = Outcome {
+                command: req.command,
+                offset: req.offset,
+                length: req.length,
+                buf,
+                extents: Vec::new(),
+                error: None,
+            };
             let pending = Pending { out, done: tx };
-            self.pending.lock().unwrap_or_else(|e| e.into_inner()).insert(req.cookie, pending);
+            self.pending
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(req.cookie, pending);
         }
         let mut header = Vec::with_capacity(proto::EXTENDED_REQUEST_LEN);
         proto::encode_request(&mut header, &req, self.mode == HeaderMode::Extended);
@@ -480,13 +596,24 @@ impl Connection {
             }
             .await;
             if let Err(e) = written {
-                self.pending.lock().unwrap_or_else(|e| e.into_inner()).remove(&req.cookie);
-                return Err(ClientError::Io { uri: self.uri.clone(), source: e });
+                self.pending
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&req.cookie);
+                return Err(ClientError::Io {
+                    uri: self.uri.clone(),
+                    source: e,
+                });
             }
         }
         let done = rx.await.map_err(|_| self.closed())??;
         if let Some((errno, message)) = &done.error {
-            return Err(ClientError::Command { command: req.command.to_string(), offset: req.offset, errno: *errno, message: message.clone() });
+            return Err(ClientError::Command {
+                command: req.command.to_string(),
+                offset: req.offset,
+                errno: *errno,
+                message: message.clone(),
+            });
         }
         Ok(done)
     }
@@ -494,7 +621,13 @@ impl Connection {
     /// Fail every waiting request and refuse new ones.
     fn die(&self, why: String) {
         *self.dead.lock().unwrap_or_else(|e| e.into_inner()) = Some(why.clone());
-        let drained: Vec<Pending> = self.pending.lock().unwrap_or_else(|e| e.into_inner()).drain().map(|(_, p)| p).collect();
+        let drained: Vec<Pending> = self
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain()
+            .map(|(_, p)| p)
+            .collect();
         for p in drained {
             let _ = p.done.send(Err(ClientError::Closed(why.clone())));
         }
@@ -510,9 +643,18 @@ async fn reader(conn: Arc<Connection>, mut rd: BufReader<Box<dyn AsyncRead + Unp
     conn.die(why);
 }
 
-async fn read_replies(conn: &Connection, rd: &mut BufReader<Box<dyn AsyncRead + Unpin + Send>>) -> Result<(), ClientError> {
-    let io = |source| ClientError::Io { uri: conn.uri.clone(), source };
-    let protocol = |reason: String| ClientError::Protocol { uri: conn.uri.clone(), reason };
+async fn read_replies(
+    conn: &Connection,
+    rd: &mut BufReader<Box<dyn AsyncRead + Unpin + Send>>,
+) -> Result<(), ClientError> {
+    let io = |source| ClientError::Io {
+        uri: conn.uri.clone(),
+        source,
+    };
+    let protocol = |reason: String| ClientError::Protocol {
+        uri: conn.uri.clone(),
+        reason,
+    };
     let mut header = [0u8; proto::EXTENDED_REPLY_LEN];
     loop {
         match rd.read_exact(&mut header[..4]).await {
@@ -523,7 +665,8 @@ async fn read_replies(conn: &Connection, rd: &mut BufReader<Box<dyn AsyncRead + 
         let magic = u32::from_be_bytes([header[0], header[1], header[2], header[3]]);
         let rest = proto::reply_header_rest(magic).map_err(|e| protocol(e.to_string()))?;
         rd.read_exact(&mut header[4..4 + rest]).await.map_err(io)?;
-        let parsed = proto::parse_reply_header(&header[..4 + rest]).map_err(|e| protocol(e.to_string()))?;
+        let parsed =
+            proto::parse_reply_header(&header[..4 + rest]).map_err(|e| protocol(e.to_string()))?;
         let cookie = match parsed {
             ReplyHeader::Simple { cookie, .. } | ReplyHeader::Chunk { cookie, .. } => cookie,
         };
@@ -542,7 +685,12 @@ async fn read_replies(conn: &Connection, rd: &mut BufReader<Box<dyn AsyncRead + 
                 }
                 true
             }
-            ReplyHeader::Chunk { flags, kind, length, .. } => {
+            ReplyHeader::Chunk {
+                flags,
+                kind,
+                length,
+                ..
+            } => {
                 read_chunk(conn, rd, &mut pending.out, kind, length).await?;
                 flags & chunk::FLAG_DONE != 0
             }
@@ -550,7 +698,10 @@ async fn read_replies(conn: &Connection, rd: &mut BufReader<Box<dyn AsyncRead + 
         if finished {
             let _ = pending.done.send(Ok(pending.out));
         } else {
-            conn.pending.lock().unwrap_or_else(|e| e.into_inner()).insert(cookie, pending);
+            conn.pending
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(cookie, pending);
         }
     }
 }
@@ -562,41 +713,71 @@ async fn read_chunk(
     kind: u16,
     length: u64,
 ) -> Result<(), ClientError> {
-    let io = |source| ClientError::Io { uri: conn.uri.clone(), source };
-    let protocol = |reason: String| ClientError::Protocol { uri: conn.uri.clone(), reason };
+    let io = |source| ClientError::Io {
+        uri: conn.uri.clone(),
+        source,
+    };
+    let protocol = |reason: String| ClientError::Protocol {
+        uri: conn.uri.clone(),
+        reason,
+    };
     if kind == chunk::OFFSET_DATA {
         if pending.command != Command::Read || length < 9 {
-            return Err(protocol(format!("OFFSET_DATA of {length} bytes for {}", pending.command)));
+            return Err(protocol(format!(
+                "OFFSET_DATA of {length} bytes for {}",
+                pending.command
+            )));
         }
         let offset = rd.read_u64().await.map_err(io)?;
         let len = length - 8;
-        let start = offset.checked_sub(pending.offset).filter(|s| s.checked_add(len).is_some_and(|e| e <= pending.length));
+        let start = offset
+            .checked_sub(pending.offset)
+            .filter(|s| s.checked_add(len).is_some_and(|e| e <= pending.length));
         let Some(start) = start else {
-            return Err(protocol(format!("OFFSET_DATA at {offset}+{len} outside the request {}+{}", pending.offset, pending.length)));
+            return Err(protocol(format!(
+                "OFFSET_DATA at {offset}+{len} outside the request {}+{}",
+                pending.offset, pending.length
+            )));
         };
         let start = start as usize;
-        rd.read_exact(&mut pending.buf[start..start + len as usize]).await.map_err(io)?;
+        rd.read_exact(&mut pending.buf[start..start + len as usize])
+            .await
+            .map_err(io)?;
         return Ok(());
     }
     // Everything else is small: bound it before allocating.
     let limit = 16 + 16 * proto::MAX_EXTENTS as u64 + proto::MAX_STRING as u64;
     if length > limit {
-        return Err(protocol(format!("a {length}-byte reply chunk of type {kind}")));
+        return Err(protocol(format!(
+            "a {length}-byte reply chunk of type {kind}"
+        )));
     }
     let mut data = vec![0u8; length as usize];
     rd.read_exact(&mut data).await.map_err(io)?;
     match proto::parse_chunk_payload(kind, &data) {
         Ok(ChunkPayload::None) => {}
-        Ok(ChunkPayload::Hole { offset, length: len }) => {
-            let start = offset.checked_sub(pending.offset).filter(|s| s + u64::from(len) <= pending.length);
+        Ok(ChunkPayload::Hole {
+            offset,
+            length: len,
+        }) => {
+            let start = offset
+                .checked_sub(pending.offset)
+                .filter(|s| s + u64::from(len) <= pending.length);
             match start {
                 Some(start) if pending.command == Command::Read => {
                     pending.buf[start as usize..start as usize + len as usize].fill(0);
                 }
-                _ => return Err(protocol(format!("OFFSET_HOLE at {offset}+{len} outside the request"))),
+                _ => {
+                    return Err(protocol(format!(
+                        "OFFSET_HOLE at {offset}+{len} outside the request"
+                    )))
+                }
             }
         }
-        Ok(ChunkPayload::BlockStatus { context_id, extents }) => {
+        Ok(ChunkPayload::BlockStatus {
+            context_id,
+            extents,
+        }) => {
             if pending.command != Command::BlockStatus {
                 return Err(protocol("block status chunk for another command".into()));
             }
@@ -624,11 +805,17 @@ type OptReply = (u32, Vec<u8>);
 
 impl Handshake<'_> {
     fn io(&self, source: io::Error) -> ClientError {
-        ClientError::Io { uri: self.uri.to_string(), source }
+        ClientError::Io {
+            uri: self.uri.to_string(),
+            source,
+        }
     }
 
     fn protocol(&self, reason: impl Into<String>) -> ClientError {
-        ClientError::Protocol { uri: self.uri.to_string(), reason: reason.into() }
+        ClientError::Protocol {
+            uri: self.uri.to_string(),
+            reason: reason.into(),
+        }
     }
 
     async fn send(&mut self, option: u32, data: &[u8]) -> Result<(), ClientError> {
@@ -642,9 +829,13 @@ impl Handshake<'_> {
         if let Err(e) = self.rd.read_exact(&mut header).await {
             return Err(self.io(e));
         }
-        let h = proto::parse_option_reply_header(&header).map_err(|e| self.protocol(e.to_string()))?;
+        let h =
+            proto::parse_option_reply_header(&header).map_err(|e| self.protocol(e.to_string()))?;
         if h.option != option {
-            return Err(self.protocol(format!("reply to option {} while waiting for {option}", h.option)));
+            return Err(self.protocol(format!(
+                "reply to option {} while waiting for {option}",
+                h.option
+            )));
         }
         if h.length > 1 << 20 {
             return Err(self.protocol(format!("a {}-byte option reply", h.length)));
@@ -657,7 +848,12 @@ impl Handshake<'_> {
     }
 
     fn refused(&self, what: &str, code: u32, data: &[u8]) -> ClientError {
-        ClientError::Refused { uri: self.uri.to_string(), what: what.to_string(), code, message: String::from_utf8_lossy(data).into_owned() }
+        ClientError::Refused {
+            uri: self.uri.to_string(),
+            what: what.to_string(),
+            code,
+            message: String::from_utf8_lossy(data).into_owned(),
+        }
     }
 
     /// Send an option that answers with a single ACK; Ok(false) on an error reply.
@@ -668,10 +864,20 @@ impl Handshake<'_> {
     }
 }
 
-async fn connect_one(uri: &NbdUri, options: &ClientOptions) -> Result<(ExportInfo, Arc<Connection>), ClientError> {
+async fn connect_one(
+    uri: &NbdUri,
+    options: &ClientOptions,
+) -> Result<(ExportInfo, Arc<Connection>), ClientError> {
     let shown = uri.to_string();
-    let (rd, wr) = open_stream(uri).await.map_err(|source| ClientError::Io { uri: shown.clone(), source })?;
-    let mut hs = Handshake { uri: &shown, rd: BufReader::with_capacity(256 * 1024, rd), wr };
+    let (rd, wr) = open_stream(uri).await.map_err(|source| ClientError::Io {
+        uri: shown.clone(),
+        source,
+    })?;
+    let mut hs = Handshake {
+        uri: &shown,
+        rd: BufReader::with_capacity(256 * 1024, rd),
+        wr,
+    };
     let mut greeting = [0u8; proto::GREETING_LEN];
     if let Err(e) = hs.rd.read_exact(&mut greeting).await {
         return Err(hs.io(e));
@@ -681,31 +887,51 @@ async fn connect_one(uri: &NbdUri, options: &ClientOptions) -> Result<(ExportInf
         return Err(hs.protocol("the server does not offer fixed newstyle negotiation"));
     }
     let no_zeroes = server_flags & proto::FLAG_NO_ZEROES != 0;
-    let client_flags = proto::FLAG_C_FIXED_NEWSTYLE | if no_zeroes { proto::FLAG_C_NO_ZEROES } else { 0 };
-    hs.wr.write_all(&client_flags.to_be_bytes()).await.map_err(|e| hs.io(e))?;
+    let client_flags = proto::FLAG_C_FIXED_NEWSTYLE
+        | if no_zeroes {
+            proto::FLAG_C_NO_ZEROES
+        } else {
+            0
+        };
+    hs.wr
+        .write_all(&client_flags.to_be_bytes())
+        .await
+        .map_err(|e| hs.io(e))?;
 
     let mut mode = HeaderMode::Simple;
     if options.extended_headers && hs.simple_option(opt::EXTENDED_HEADERS).await? {
         mode = HeaderMode::Extended;
     }
-    if mode == HeaderMode::Simple && options.structured_replies && hs.simple_option(opt::STRUCTURED_REPLY).await? {
+    if mode == HeaderMode::Simple
+        && options.structured_replies
+        && hs.simple_option(opt::STRUCTURED_REPLY).await?
+    {
         mode = HeaderMode::Structured;
     }
 
     let mut contexts = Vec::new();
     if mode >= HeaderMode::Structured && !options.meta_contexts.is_empty() {
-        let request = MetaRequest { name: uri.export.clone(), queries: options.meta_contexts.clone() };
-        hs.send(opt::SET_META_CONTEXT, &proto::encode_meta_request(&request)).await?;
+        let request = MetaRequest {
+            name: uri.export.clone(),
+            queries: options.meta_contexts.clone(),
+        };
+        hs.send(opt::SET_META_CONTEXT, &proto::encode_meta_request(&request))
+            .await?;
         loop {
             let (reply, data) = hs.reply(opt::SET_META_CONTEXT).await?;
             match reply {
                 rep::META_CONTEXT => {
-                    contexts.push(proto::parse_rep_meta_context(&data).map_err(|e| hs.protocol(e.to_string()))?);
+                    contexts.push(
+                        proto::parse_rep_meta_context(&data)
+                            .map_err(|e| hs.protocol(e.to_string()))?,
+                    );
                 }
                 rep::ACK => break,
                 // Unsupported or refused: carry on without contexts, as libnbd does.
                 r if rep::is_error(r) => break,
-                r => return Err(hs.protocol(format!("unexpected reply {r:#x} to SET_META_CONTEXT"))),
+                r => {
+                    return Err(hs.protocol(format!("unexpected reply {r:#x} to SET_META_CONTEXT")))
+                }
             }
         }
     }
@@ -719,22 +945,31 @@ async fn connect_one(uri: &NbdUri, options: &ClientOptions) -> Result<(ExportInf
         description: String::new(),
         contexts,
     };
-    let go = InfoRequest { name: uri.export.clone(), items: vec![info::BLOCK_SIZE, info::DESCRIPTION] };
+    let go = InfoRequest {
+        name: uri.export.clone(),
+        items: vec![info::BLOCK_SIZE, info::DESCRIPTION],
+    };
     hs.send(opt::GO, &proto::encode_info_request(&go)).await?;
     let mut got_export = false;
     loop {
         let (reply, data) = hs.reply(opt::GO).await?;
         match reply {
-            rep::INFO => match proto::parse_info_reply(&data).map_err(|e| hs.protocol(e.to_string()))? {
-                InfoReply::Export { size, flags } => {
-                    info.size = size;
-                    info.flags = flags;
-                    got_export = true;
+            rep::INFO => {
+                match proto::parse_info_reply(&data).map_err(|e| hs.protocol(e.to_string()))? {
+                    InfoReply::Export { size, flags } => {
+                        info.size = size;
+                        info.flags = flags;
+                        got_export = true;
+                    }
+                    InfoReply::BlockSize {
+                        minimum,
+                        preferred,
+                        maximum,
+                    } => info.block_size = (minimum, preferred, maximum),
+                    InfoReply::Description(text) => info.description = text,
+                    InfoReply::Name(_) | InfoReply::Unknown(_) => {}
                 }
-                InfoReply::BlockSize { minimum, preferred, maximum } => info.block_size = (minimum, preferred, maximum),
-                InfoReply::Description(text) => info.description = text,
-                InfoReply::Name(_) | InfoReply::Unknown(_) => {}
-            },
+            }
             rep::ACK => {
                 if !got_export {
                     return Err(hs.protocol("GO succeeded without NBD_INFO_EXPORT"));
@@ -746,9 +981,16 @@ async fn connect_one(uri: &NbdUri, options: &ClientOptions) -> Result<(ExportInf
                 hs.send(opt::EXPORT_NAME, uri.export.as_bytes()).await?;
                 let mut buf = [0u8; 10];
                 if let Err(e) = hs.rd.read_exact(&mut buf).await {
-                    return Err(ClientError::Refused { uri: shown.clone(), what: format!("export {:?}", uri.export), code: 0, message: format!("the server closed the connection ({e})") });
+                    return Err(ClientError::Refused {
+                        uri: shown.clone(),
+                        what: format!("export {:?}", uri.export),
+                        code: 0,
+                        message: format!("the server closed the connection ({e})"),
+                    });
                 }
-                info.size = u64::from_be_bytes([buf[0], buf[1], buf[2], buf[3], buf[4], buf[5], buf[6], buf[7]]);
+                info.size = u64::from_be_bytes([
+                    buf[0], buf[1], buf[2], buf[3], buf[4], buf[5], buf[6], buf[7],
+                ]);
                 info.flags = u16::from_be_bytes([buf[8], buf[9]]);
                 if !no_zeroes {
                     let mut zeroes = [0u8; 124];
@@ -758,7 +1000,9 @@ async fn connect_one(uri: &NbdUri, options: &ClientOptions) -> Result<(ExportInf
                 }
                 break;
             }
-            r if rep::is_error(r) => return Err(hs.refused(&format!("export {:?}", uri.export), r, &data)),
+            r if rep::is_error(r) => {
+                return Err(hs.refused(&format!("export {:?}", uri.export), r, &data))
+            }
             r => return Err(hs.protocol(format!("unexpected reply {r:#x} to GO"))),
         }
     }
@@ -785,10 +1029,17 @@ mod tests {
     async fn serve(read_only: bool, bitmap: bool) -> (tempfile::TempDir, Server, NbdUri) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("disk.img");
-        std::fs::File::create(&path).unwrap().set_len(8 << 20).unwrap();
+        std::fs::File::create(&path)
+            .unwrap()
+            .set_len(8 << 20)
+            .unwrap();
         let export = FileExport::open(&path, false).unwrap();
         export.write(1 << 20, &vec![0x5a; 1 << 20], false).unwrap();
-        let mut export = if read_only { FileExport::open(&path, true).unwrap() } else { export };
+        let mut export = if read_only {
+            FileExport::open(&path, true).unwrap()
+        } else {
+            export
+        };
         if bitmap {
             // 64 KiB granularity, 128 blocks: blocks 3..5 dirty.
             let words = vec![0b11000u64, 0];
@@ -802,7 +1053,10 @@ mod tests {
             let server = server.clone();
             async move { server.serve(listener).await }
         });
-        let uri = NbdUri { transport: Transport::Unix(sock), export: "disk".into() };
+        let uri = NbdUri {
+            transport: Transport::Unix(sock),
+            export: "disk".into(),
+        };
         (dir, server, uri)
     }
 
@@ -810,9 +1064,19 @@ mod tests {
     async fn every_header_mode_reads_writes_and_flushes() {
         let (_dir, server, uri) = serve(false, false).await;
         for (ext, st) in [(true, true), (false, true), (false, false)] {
-            let options = ClientOptions { extended_headers: ext, structured_replies: st, ..ClientOptions::default() };
+            let options = ClientOptions {
+                extended_headers: ext,
+                structured_replies: st,
+                ..ClientOptions::default()
+            };
             let client = Client::connect(&uri, options).await.unwrap();
-            let expected = if ext { HeaderMode::Extended } else if st { HeaderMode::Structured } else { HeaderMode::Simple };
+            let expected = if ext {
+                HeaderMode::Extended
+            } else if st {
+                HeaderMode::Structured
+            } else {
+                HeaderMode::Simple
+            };
             assert_eq!(client.info().mode, expected);
             assert_eq!(client.size(), 8 << 20);
             // Data, a hole, and a read spanning both.
@@ -843,16 +1107,31 @@ mod tests {
         let client = Client::connect(&uri, options).await.unwrap();
         assert!(client.is_read_only() && client.can_multi_conn());
         assert_eq!(client.connections(), 3);
-        let dirty = client.block_status("qemu:dirty-bitmap:ck", 0, 8 << 20).await.unwrap();
+        let dirty = client
+            .block_status("qemu:dirty-bitmap:ck", 0, 8 << 20)
+            .await
+            .unwrap();
         assert_eq!(
             dirty,
             vec![
-                Extent { length: 3 << 16, flags: 0 },
-                Extent { length: 2 << 16, flags: STATE_DIRTY },
-                Extent { length: (8 << 20) - (5 << 16), flags: 0 }
+                Extent {
+                    length: 3 << 16,
+                    flags: 0
+                },
+                Extent {
+                    length: 2 << 16,
+                    flags: STATE_DIRTY
+                },
+                Extent {
+                    length: (8 << 20) - (5 << 16),
+                    flags: 0
+                }
             ]
         );
-        let alloc = client.block_status("base:allocation", 0, 8 << 20).await.unwrap();
+        let alloc = client
+            .block_status("base:allocation", 0, 8 << 20)
+            .await
+            .unwrap();
         assert_eq!(alloc.iter().map(|e| e.length).sum::<u64>(), 8 << 20);
         assert!(alloc.iter().any(|e| e.flags == 0));
         let err = client.write(0, b"x", false).await.unwrap_err();
@@ -862,7 +1141,15 @@ mod tests {
     #[tokio::test]
     async fn many_concurrent_reads_complete_out_of_order() {
         let (_dir, _server, uri) = serve(true, false).await;
-        let client = Client::connect(&uri, ClientOptions { depth: 8, ..ClientOptions::default() }).await.unwrap();
+        let client = Client::connect(
+            &uri,
+            ClientOptions {
+                depth: 8,
+                ..ClientOptions::default()
+            },
+        )
+        .await
+        .unwrap();
         let mut tasks = tokio::task::JoinSet::new();
         for i in 0..128u64 {
             let c = client.clone();
@@ -879,14 +1166,38 @@ mod tests {
     #[tokio::test]
     async fn server_errors_come_back_as_command_errors() {
         let (_dir, _server, uri) = serve(true, false).await;
-        let client = Client::connect(&uri, ClientOptions::default()).await.unwrap();
+        let client = Client::connect(&uri, ClientOptions::default())
+            .await
+            .unwrap();
         // Bypass the client's own checks to see the server's answer.
-        let req = Request { flags: 0, command: Command::Write, cookie: 0, offset: 0, length: 1 };
-        let err = client.conn().call(req, Some(b"x"), Vec::new()).await.unwrap_err();
-        assert!(matches!(err, ClientError::Command { errno: 1, .. }), "{err}");
-        let req = Request { flags: 0, command: Command::Read, cookie: 0, offset: 8 << 20, length: 1 };
+        let req = Request {
+            flags: 0,
+            command: Command::Write,
+            cookie: 0,
+            offset: 0,
+            length: 1,
+        };
+        let err = client
+            .conn()
+            .call(req, Some(b"x"), Vec::new())
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, ClientError::Command { errno: 1, .. }),
+            "{err}"
+        );
+        let req = Request {
+            flags: 0,
+            command: Command::Read,
+            cookie: 0,
+            offset: 8 << 20,
+            length: 1,
+        };
         let err = client.conn().call(req, None, vec![0]).await.unwrap_err();
-        assert!(matches!(err, ClientError::Command { errno: 22, .. }), "{err}");
+        assert!(
+            matches!(err, ClientError::Command { errno: 22, .. }),
+            "{err}"
+        );
         // The connection still works.
         assert_eq!(client.read_vec(1 << 20, 1).await.unwrap(), vec![0x5a]);
     }
@@ -895,7 +1206,18 @@ mod tests {
     async fn unknown_export_is_refused() {
         let (_dir, _server, mut uri) = serve(true, false).await;
         uri.export = "nope".into();
-        let err = Client::connect(&uri, ClientOptions::default()).await.unwrap_err();
-        assert!(matches!(err, ClientError::Refused { code: rep::ERR_UNKNOWN, .. }), "{err}");
+        let err = Client::connect(&uri, ClientOptions::default())
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ClientError::Refused {
+                    code: rep::ERR_UNKNOWN,
+                    ..
+                }
+            ),
+            "{err}"
+        );
     }
 }

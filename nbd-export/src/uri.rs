@@ -73,7 +73,10 @@ impl FromStr for NbdUri {
     type Err = UriError;
 
     fn from_str(uri: &str) -> Result<Self, Self::Err> {
-        let err = |reason: &str| UriError { uri: uri.to_string(), reason: reason.to_string() };
+        let err = |reason: &str| UriError {
+            uri: uri.to_string(),
+            reason: reason.to_string(),
+        };
         let (scheme, rest) = uri.split_once("://").ok_or_else(|| err("no scheme"))?;
         let (rest, query) = match rest.split_once('?') {
             Some((r, q)) => (r, Some(q)),
@@ -83,11 +86,13 @@ impl FromStr for NbdUri {
             Some(i) => (&rest[..i], &rest[i + 1..]),
             None => (rest, ""),
         };
-        let export = percent_decode(path).ok_or_else(|| err("bad percent-encoding in the export name"))?;
+        let export =
+            percent_decode(path).ok_or_else(|| err("bad percent-encoding in the export name"))?;
         let mut socket = None;
         for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
             let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-            let value = percent_decode(value).ok_or_else(|| err("bad percent-encoding in the query"))?;
+            let value =
+                percent_decode(value).ok_or_else(|| err("bad percent-encoding in the query"))?;
             match key {
                 "socket" => socket = Some(value),
                 // tls-certificates and friends: TLS is not supported yet.
@@ -101,7 +106,9 @@ impl FromStr for NbdUri {
                     return Err(err("no host"));
                 }
                 let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
-                    let (host, after) = v6.split_once(']').ok_or_else(|| err("unclosed [ in host"))?;
+                    let (host, after) = v6
+                        .split_once(']')
+                        .ok_or_else(|| err("unclosed [ in host"))?;
                     (host, after.strip_prefix(':'))
                 } else {
                     match authority.rsplit_once(':') {
@@ -113,7 +120,10 @@ impl FromStr for NbdUri {
                     Some(p) => p.parse().map_err(|_| err("bad port"))?,
                     None => DEFAULT_PORT,
                 };
-                Transport::Tcp { host: host.to_string(), port }
+                Transport::Tcp {
+                    host: host.to_string(),
+                    port,
+                }
             }
             "nbd+unix" => {
                 if !authority.is_empty() {
@@ -134,7 +144,9 @@ impl fmt::Display for NbdUri {
             Transport::Tcp { host, port } if host.contains(':') => {
                 write!(f, "nbd://[{host}]:{port}/{}", percent_encode(&self.export))
             }
-            Transport::Tcp { host, port } => write!(f, "nbd://{host}:{port}/{}", percent_encode(&self.export)),
+            Transport::Tcp { host, port } => {
+                write!(f, "nbd://{host}:{port}/{}", percent_encode(&self.export))
+            }
             Transport::Unix(path) => write!(
                 f,
                 "nbd+unix:///{}?socket={}",
@@ -152,14 +164,34 @@ mod tests {
     #[test]
     fn parses_tcp_and_unix_uris() {
         let u: NbdUri = "nbd://example.com:1234/disk%20a".parse().unwrap();
-        assert_eq!(u.transport, Transport::Tcp { host: "example.com".into(), port: 1234 });
+        assert_eq!(
+            u.transport,
+            Transport::Tcp {
+                host: "example.com".into(),
+                port: 1234
+            }
+        );
         assert_eq!(u.export, "disk a");
         let u: NbdUri = "nbd://10.0.0.1".parse().unwrap();
-        assert_eq!(u.transport, Transport::Tcp { host: "10.0.0.1".into(), port: DEFAULT_PORT });
+        assert_eq!(
+            u.transport,
+            Transport::Tcp {
+                host: "10.0.0.1".into(),
+                port: DEFAULT_PORT
+            }
+        );
         assert_eq!(u.export, "");
         let u: NbdUri = "nbd://[::1]:99/x".parse().unwrap();
-        assert_eq!(u.transport, Transport::Tcp { host: "::1".into(), port: 99 });
-        let u: NbdUri = "nbd+unix:///vm1@backup?socket=/run/t/nbd.sock".parse().unwrap();
+        assert_eq!(
+            u.transport,
+            Transport::Tcp {
+                host: "::1".into(),
+                port: 99
+            }
+        );
+        let u: NbdUri = "nbd+unix:///vm1@backup?socket=/run/t/nbd.sock"
+            .parse()
+            .unwrap();
         assert_eq!(u.transport, Transport::Unix("/run/t/nbd.sock".into()));
         assert_eq!(u.export, "vm1@backup");
         let u: NbdUri = "nbd+unix://?socket=/s".parse().unwrap();
@@ -168,7 +200,11 @@ mod tests {
 
     #[test]
     fn display_round_trips() {
-        for text in ["nbd://h:1/a%20b", "nbd+unix:///e?socket=/tmp/a%20b.sock", "nbd://[::1]:5/"] {
+        for text in [
+            "nbd://h:1/a%20b",
+            "nbd+unix:///e?socket=/tmp/a%20b.sock",
+            "nbd://[::1]:5/",
+        ] {
             let u: NbdUri = text.parse().unwrap();
             assert_eq!(u.to_string().parse::<NbdUri>().unwrap(), u);
         }
@@ -176,7 +212,15 @@ mod tests {
 
     #[test]
     fn rejects_what_it_cannot_serve() {
-        for bad in ["http://x/", "nbd+unix:///e", "nbds://h/e", "nbd:///e", "nbd://h:port/", "nbd://h/%zz", "nbd+unix://host/e?socket=/s"] {
+        for bad in [
+            "http://x/",
+            "nbd+unix:///e",
+            "nbds://h/e",
+            "nbd:///e",
+            "nbd://h:port/",
+            "nbd://h/%zz",
+            "nbd+unix://host/e?socket=/s",
+        ] {
             assert!(bad.parse::<NbdUri>().is_err(), "{bad} should be refused");
         }
     }
