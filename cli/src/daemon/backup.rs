@@ -312,8 +312,14 @@ pub fn begin(
     // Quiesce, snapshot, thaw. The quiesce guard thaws on every path out of this block.
     let started = Timestamp::now();
     let started_at = Instant::now();
+    let id = {
+        let mut registry = daemon.registry();
+        registry.next_backup += 1;
+        format!("backup-{}", registry.next_backup)
+    };
     let frozen = engine::quiesce(&quiesce)?;
     let group = engine::group_snapshot(
+        &id,
         &volumes,
         checkpoint.as_deref(),
         incremental.as_deref(),
@@ -323,11 +329,6 @@ pub fn begin(
     let group = group?;
     let quiesce_report = quiesce_report?;
 
-    let id = {
-        let mut registry = daemon.registry();
-        registry.next_backup += 1;
-        format!("backup-{}", registry.next_backup)
-    };
     let members: Vec<Member> = names
         .iter()
         .zip(group.snapshots)
