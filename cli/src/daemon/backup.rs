@@ -358,7 +358,7 @@ pub fn begin(
         if let Some(export) = &member.export {
             daemon
                 .nbd
-                .add_export(export, member.snapshot.export(incremental.as_deref()));
+                .add_export(export, member.snapshot.export());
         }
     }
     let report = backup.report(daemon, "running", None);

@@ -491,11 +491,7 @@ async fn run_async(config: Config) -> anyhow::Result<()> {
     });
 
     let (stop_tx, stop_rx) = watch::channel(false);
-    let nbd_task = daemon
-        .nbd
-        .serve(&config.nbd_socket, config.listen, stop_rx.clone())
-        .await?;
-    restrict_socket(&config.nbd_socket)?;
+    let nbd_task = daemon.nbd.serve(&config.nbd_socket, config.listen).await?;
 
     let control = tokio::net::UnixListener::bind(&config.control_socket)
         .with_context(|| format!("listening on {}", config.control_socket.display()))?;
@@ -548,11 +544,17 @@ async fn run_async(config: Config) -> anyhow::Result<()> {
     let _ = monitor.await;
     {
         let daemon = Arc::clone(&daemon);
-        tokio::task::spawn_blocking(move || daemon.shut_down())
+        tokio::task::spawn_blocking(move || daemon.fail_all_backups())
             .await
             .context("shutting down")?;
     }
     nbd_task.stop().await;
+    {
+        let daemon = Arc::clone(&daemon);
+        tokio::task::spawn_blocking(move || daemon.close_volumes())
+            .await
+            .context("shutting down")?;
+    }
     for path in [&config.control_socket, &config.nbd_socket] {
         let _ = std::fs::remove_file(path);
     }
