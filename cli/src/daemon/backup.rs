@@ -354,11 +354,16 @@ pub fn begin(
         lease: lease.then_some(conn),
         progress: Arc::new(Progress::default()),
     };
-    for member in &backup.members {
+    for (at, member) in backup.members.iter().enumerate() {
         if let Some(export) = &member.export {
-            daemon
-                .nbd
-                .add_export(export, member.snapshot.export());
+            if let Err(err) = daemon.nbd.add_export(export, member.snapshot.export()) {
+                for earlier in backup.members[..at].iter().filter_map(|m| m.export.as_ref()) {
+                    daemon.nbd.remove_export(earlier);
+                }
+                // Dropping `backup` drops its snapshots. The checkpoint it created stays:
+                // it is a valid point in time and the next backup may start from it.
+                return Err(err);
+            }
         }
     }
     let report = backup.report(daemon, "running", None);
