@@ -260,3 +260,136 @@ impl Control {
         bail!("no {name} event within {timeout:?}")
     }
 }
+
+/// The libnbd helper script (see its docstring), written next to the daemon's state.
+pub const NBD_TOOL: &str = include_str!("nbd_tool.py");
+
+impl Daemon {
+    /// Path of the libnbd helper script, written on first use.
+    pub fn nbd_tool_path(&self) -> PathBuf {
+        let path = self.dir.path().join("nbd_tool.py");
+        if !path.exists() {
+            std::fs::write(&path, NBD_TOOL).expect("writing nbd_tool.py");
+        }
+        path
+    }
+
+    /// Run the libnbd helper; its stdout. Panics with its stderr on failure.
+    pub fn nbd_tool(&self, args: &[&str]) -> String {
+        let out = Command::new("/usr/bin/python3")
+            .arg(self.nbd_tool_path())
+            .args(args)
+            .output()
+            .expect("running /usr/bin/python3");
+        assert!(
+            out.status.success(),
+            "nbd_tool {args:?}: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.log()
+        );
+        String::from_utf8(out.stdout).expect("utf-8")
+    }
+
+    /// Start the libnbd helper in the background (a writer).
+    pub fn nbd_tool_spawn(&self, args: &[&str]) -> KillOnDrop {
+        let child = Command::new("/usr/bin/python3")
+            .arg(self.nbd_tool_path())
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("running /usr/bin/python3");
+        KillOnDrop(child)
+    }
+}
+
+/// A child process killed when dropped.
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Run qemu-io with `commands` (each a `-c` argument) against `uri`; must succeed.
+pub fn qemu_io(uri: &str, commands: &[String]) {
+    let mut cmd = Command::new("qemu-io");
+    cmd.args(["-f", "raw"]);
+    for c in commands {
+        cmd.args(["-c", c]);
+    }
+    let out = cmd.arg(uri).output().expect("running qemu-io");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && !stdout.contains("failed"),
+        "qemu-io {commands:?}: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `qemu-img convert` an export into a new raw image.
+pub fn qemu_img_convert(uri: &str, dest: &Path) {
+    let out = Command::new("qemu-img")
+        .args(["convert", "-f", "raw", "-O", "raw", uri])
+        .arg(dest)
+        .output()
+        .expect("running qemu-img");
+    assert!(
+        out.status.success(),
+        "qemu-img convert: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A plain in-memory disk: what the volume must hold.
+#[derive(Clone)]
+pub struct Model(pub Vec<u8>);
+
+impl Model {
+    pub fn new(size: usize) -> Model {
+        Model(vec![0; size])
+    }
+
+    /// Apply `write -P byte offset len` and return the qemu-io command for it.
+    pub fn write(&mut self, offset: usize, len: usize, byte: u8) -> String {
+        self.0[offset..offset + len].fill(byte);
+        format!("write -P {byte} {offset} {len}")
+    }
+
+    /// Assert that `path` holds exactly this disk; name the first differing offset.
+    pub fn assert_equals_file(&self, path: &Path, what: &str) {
+        let data = std::fs::read(path).expect("reading the image");
+        assert_eq!(data.len(), self.0.len(), "{what}: size");
+        if let Some(at) = data.iter().zip(&self.0).position(|(a, b)| a != b) {
+            panic!(
+                "{what}: first difference at offset {at}: image has {} where {} was expected",
+                data[at], self.0[at]
+            );
+        }
+    }
+}
+
+/// `ranges` rounded out to `granularity` and merged, as `[offset, length]` pairs.
+pub fn granular(ranges: &[(u64, u64)], granularity: u64, size: u64) -> Vec<[u64; 2]> {
+    let mut blocks: Vec<(u64, u64)> = ranges
+        .iter()
+        .map(|&(o, l)| {
+            (
+                o / granularity * granularity,
+                ((o + l).div_ceil(granularity) * granularity).min(size),
+            )
+        })
+        .collect();
+    blocks.sort();
+    let mut merged: Vec<(u64, u64)> = Vec::new();
+    for (start, end) in blocks {
+        match merged.last_mut() {
+            Some(last) if start <= last.1 => last.1 = last.1.max(end),
+            _ => merged.push((start, end)),
+        }
+    }
+    merged.into_iter().map(|(s, e)| [s, e - s]).collect()
+}
