@@ -357,7 +357,10 @@ pub fn begin(
     for (at, member) in backup.members.iter().enumerate() {
         if let Some(export) = &member.export {
             if let Err(err) = daemon.nbd.add_export(export, member.snapshot.export()) {
-                for earlier in backup.members[..at].iter().filter_map(|m| m.export.as_ref()) {
+                for earlier in backup.members[..at]
+                    .iter()
+                    .filter_map(|m| m.export.as_ref())
+                {
                     daemon.nbd.remove_export(earlier);
                 }
                 // Dropping `backup` drops its snapshots. The checkpoint it created stays:

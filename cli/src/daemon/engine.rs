@@ -51,7 +51,10 @@ impl VolumeHandle {
         size: Option<u64>,
         granularity: Option<u64>,
     ) -> Result<VolumeHandle, CommandError> {
-        let mut options = VolumeOptions { size, ..VolumeOptions::default() };
+        let mut options = VolumeOptions {
+            size,
+            ..VolumeOptions::default()
+        };
         if let Some(granularity) = granularity {
             options.granularity = u32::try_from(granularity).map_err(|_| {
                 CommandError::new(
@@ -62,17 +65,22 @@ impl VolumeHandle {
         }
         if size.is_some() && !backing.exists() {
             // A new image file: create it empty; the engine extends it to `size`.
-            std::fs::OpenOptions::new().write(true).create_new(true).open(backing).map_err(
-                |err| {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(backing)
+                .map_err(|err| {
                     CommandError::new(
                         ErrorClass::GenericError,
                         format!("creating the backing file {}: {err}", backing.display()),
                     )
-                },
-            )?;
+                })?;
         }
         let volume = Volume::create(state_dir, name, backing, options).map_err(volume_error)?;
-        Ok(VolumeHandle { state_dir: state_dir.to_path_buf(), volume: Arc::new(volume) })
+        Ok(VolumeHandle {
+            state_dir: state_dir.to_path_buf(),
+            volume: Arc::new(volume),
+        })
     }
 
     /// Open every volume of the state dir (a daemon start).
@@ -105,7 +113,8 @@ impl VolumeHandle {
 
     /// The engine's status of the volume, as JSON.
     pub fn status(&self) -> Value {
-        serde_json::to_value(self.volume.status()).unwrap_or_else(|err| json!({"error": err.to_string()}))
+        serde_json::to_value(self.volume.status())
+            .unwrap_or_else(|err| json!({"error": err.to_string()}))
     }
 
     /// The live export (read-write) of this volume.
@@ -135,7 +144,10 @@ impl VolumeHandle {
             match Arc::try_unwrap(handle.volume) {
                 Ok(volume) => return Ok((handle.state_dir, volume)),
                 Err(volume) => {
-                    handle = VolumeHandle { state_dir: handle.state_dir, volume };
+                    handle = VolumeHandle {
+                        state_dir: handle.state_dir,
+                        volume,
+                    };
                     if Instant::now() > deadline {
                         return Err(handle);
                     }
@@ -151,7 +163,10 @@ impl VolumeHandle {
         match self.into_sole() {
             Ok((_, volume)) => volume.close().map_err(volume_error),
             Err(handle) => {
-                tracing::warn!(volume = handle.name(), "still in use; it closes when released");
+                tracing::warn!(
+                    volume = handle.name(),
+                    "still in use; it closes when released"
+                );
                 Ok(())
             }
         }
@@ -214,9 +229,11 @@ impl SnapshotHandle {
         let status = self.snapshot.status();
         match status.state {
             SnapshotState::Active => None,
-            SnapshotState::Failed | SnapshotState::Dropped => {
-                Some(status.error.unwrap_or_else(|| format!("snapshot {:?}", status.state)))
-            }
+            SnapshotState::Failed | SnapshotState::Dropped => Some(
+                status
+                    .error
+                    .unwrap_or_else(|| format!("snapshot {:?}", status.state)),
+            ),
         }
     }
 
@@ -257,7 +274,10 @@ pub fn group_snapshot(
         name: name.to_string(),
         checkpoint: checkpoint.map(str::to_string),
         since: since.map(str::to_string),
-        cow: CowOptions { limit: cow_limit, ..CowOptions::default() },
+        cow: CowOptions {
+            limit: cow_limit,
+            ..CowOptions::default()
+        },
     };
     let requests: Vec<(&Volume, SnapshotSpec)> =
         volumes.iter().map(|v| (&*v.volume, spec.clone())).collect();
@@ -265,9 +285,15 @@ pub fn group_snapshot(
     let snapshots = volumes
         .iter()
         .zip(group.snapshots)
-        .map(|(v, snapshot)| SnapshotHandle { volume: Arc::clone(&v.volume), snapshot })
+        .map(|(v, snapshot)| SnapshotHandle {
+            volume: Arc::clone(&v.volume),
+            snapshot,
+        })
         .collect();
-    Ok(GroupSnapshot { snapshots, pause: group.pause })
+    Ok(GroupSnapshot {
+        snapshots,
+        pause: group.pause,
+    })
 }
 
 /// The daemon's NBD server.
@@ -296,7 +322,9 @@ impl NbdTask {
 
 impl NbdServer {
     pub fn new() -> NbdServer {
-        NbdServer { server: Server::new() }
+        NbdServer {
+            server: Server::new(),
+        }
     }
 
     pub fn add_export(&self, name: &str, export: Arc<dyn Export>) -> Result<(), CommandError> {
@@ -320,7 +348,11 @@ impl NbdServer {
     }
 
     /// Bind the Unix socket (mode 0600) and, when asked, TCP; serve until stopped.
-    pub async fn serve(&self, socket: &Path, listen: Option<SocketAddr>) -> anyhow::Result<NbdTask> {
+    pub async fn serve(
+        &self,
+        socket: &Path,
+        listen: Option<SocketAddr>,
+    ) -> anyhow::Result<NbdTask> {
         let mut listeners = vec![self.server.bind_unix(socket)?];
         if let Some(addr) = listen {
             listeners.push(self.server.bind_tcp(&addr.to_string()).await?);
@@ -336,7 +368,10 @@ impl NbdServer {
                 })
             })
             .collect();
-        Ok(NbdTask { server: self.server.clone(), tasks })
+        Ok(NbdTask {
+            server: self.server.clone(),
+            tasks,
+        })
     }
 }
 
@@ -364,7 +399,10 @@ pub fn push(
     _incremental: bool,
     _progress: &super::backup::Progress,
 ) -> Result<(), CommandError> {
-    Err(CommandError::new(ErrorClass::GenericError, "push: the copy engine is not integrated yet"))
+    Err(CommandError::new(
+        ErrorClass::GenericError,
+        "push: the copy engine is not integrated yet",
+    ))
 }
 
 /// What to quiesce around a snapshot.
@@ -393,6 +431,9 @@ pub fn quiesce(request: &QuiesceRequest) -> Result<Frozen, CommandError> {
     {
         Ok(Frozen)
     } else {
-        Err(CommandError::new(ErrorClass::GenericError, "quiesce: not integrated yet"))
+        Err(CommandError::new(
+            ErrorClass::GenericError,
+            "quiesce: not integrated yet",
+        ))
     }
 }

@@ -282,7 +282,9 @@ impl Daemon {
             if registry.volumes.contains_key(&name) {
                 // The engine's per-volume directory makes a second create of one name
                 // fail, so this cannot happen; stay safe anyway.
-                return Err(conflict(format!("a volume named {name:?} was just created")));
+                return Err(conflict(format!(
+                    "a volume named {name:?} was just created"
+                )));
             }
             registry.volumes.insert(name.clone(), Arc::clone(&volume));
         }
@@ -476,7 +478,8 @@ async fn run_async(config: Config) -> anyhow::Result<()> {
     let nbd = NbdServer::new();
     let mut registry = Registry::default();
     for volume in volumes {
-        nbd.add_export(volume.name(), volume.live_export()).map_err(|err| anyhow::anyhow!(err.desc))?;
+        nbd.add_export(volume.name(), volume.live_export())
+            .map_err(|err| anyhow::anyhow!(err.desc))?;
         tracing::info!(volume = volume.name(), "volume opened");
         registry
             .volumes
