@@ -542,15 +542,18 @@ async fn run_async(config: Config) -> anyhow::Result<()> {
     };
     tracing::info!("{signal_name}: shutting down");
     daemon.emit("SHUTDOWN", json!({"signal": signal_name}));
-    let _ = stop_tx.send(true);
-    let _ = control_task.await;
-    let _ = monitor.await;
+    // Fail running backups while the control connections are still open, so their
+    // clients hear BACKUP_FAILED; then give the event forwarders a moment to pass it on.
     {
         let daemon = Arc::clone(&daemon);
         tokio::task::spawn_blocking(move || daemon.fail_all_backups())
             .await
             .context("shutting down")?;
     }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let _ = stop_tx.send(true);
+    let _ = control_task.await;
+    let _ = monitor.await;
     nbd_task.stop().await;
     {
         let daemon = Arc::clone(&daemon);
