@@ -18,7 +18,12 @@ mod ui;
 ///
 /// Start with `tidemark demo`, which runs the whole job in a temporary directory.
 #[derive(Debug, Parser)]
-#[command(name = "tidemark", version, propagate_version = true, max_term_width = 100)]
+#[command(
+    name = "tidemark",
+    version,
+    propagate_version = true,
+    max_term_width = 100
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -44,6 +49,8 @@ enum Command {
     Verify(cmd::verify::Args),
     Info(cmd::info::Args),
     Bench(cmd::bench::Args),
+    #[command(name = "__quiesce-watchdog", hide = true)]
+    QuiesceWatchdog(cmd::watchdog::Args),
 }
 
 fn main() -> ExitCode {
@@ -64,6 +71,7 @@ fn main() -> ExitCode {
         Command::Verify(args) => cmd::verify::run(args),
         Command::Info(args) => cmd::info::run(args),
         Command::Bench(args) => cmd::bench::run(args),
+        Command::QuiesceWatchdog(args) => cmd::watchdog::run(args),
     };
     match result {
         Ok(code) => code,
