@@ -471,6 +471,7 @@ pub fn quiesce(spec: &QuiesceSpec) -> Result<Quiesced, QuiesceError> {
     };
     let arm = ToWatchdog::Arm {
         deadline_ns: (started_mono + spec.window_limit).as_nanos() as u64,
+        window_limit_ms: spec.window_limit.as_millis() as u64,
         hook_timeout_ms: spec.hook_timeout.as_millis() as u64,
         agent_timeout_ms: spec.agent_timeout.as_millis() as u64,
         dirs: mountpoints.clone(),

@@ -56,6 +56,7 @@ const REPLY_LIMIT: Duration = Duration::from_secs(2);
 pub(crate) enum ToWatchdog {
     Arm {
         deadline_ns: u64,
+        window_limit_ms: u64,
         hook_timeout_ms: u64,
         agent_timeout_ms: u64,
         dirs: Vec<PathBuf>,
@@ -176,7 +177,7 @@ fn reply(output: &mut impl Write, message: &FromWatchdog) -> std::io::Result<()>
 #[derive(Debug, Default)]
 struct Watchdog {
     deadline_ns: Option<u64>,
-    armed_at_ns: u64,
+    window_limit: Duration,
     hook_timeout: Duration,
     agent_timeout: Duration,
     dirs: Vec<PathBuf>,
@@ -192,12 +193,13 @@ impl Watchdog {
         match message {
             ToWatchdog::Arm {
                 deadline_ns,
+                window_limit_ms,
                 hook_timeout_ms,
                 agent_timeout_ms,
                 dirs,
             } => {
                 self.deadline_ns = Some(deadline_ns);
-                self.armed_at_ns = sys::monotonic_now().as_nanos() as u64;
+                self.window_limit = Duration::from_millis(window_limit_ms);
                 self.hook_timeout = Duration::from_millis(hook_timeout_ms);
                 self.agent_timeout = Duration::from_millis(agent_timeout_ms);
                 self.dirs = dirs;
@@ -211,10 +213,7 @@ impl Watchdog {
 
     fn limit_text(&self) -> String {
         match self.deadline_ns {
-            Some(deadline) => format!(
-                " of {:?}",
-                Duration::from_nanos(deadline.saturating_sub(self.armed_at_ns))
-            ),
+            Some(_) => format!(" of {:?}", self.window_limit),
             None => String::new(),
         }
     }
@@ -401,5 +400,142 @@ impl Drop for WatchdogHandle {
                 let _ = child.wait();
             });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{pipe, PipeReader, PipeWriter};
+    use std::os::unix::fs::PermissionsExt;
+
+    struct Harness {
+        to: Option<PipeWriter>,
+        from: BufReader<PipeReader>,
+        served: Option<thread::JoinHandle<i32>>,
+        _dir: tempfile::TempDir,
+        hook: PathBuf,
+        log: PathBuf,
+    }
+
+    /// A watchdog served in-process over pipes, with one hook step announced that records
+    /// each run in a log.
+    fn harness(deadline_in: Duration) -> Harness {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("hook.log");
+        let hook = dir.path().join("10-app");
+        std::fs::write(
+            &hook,
+            format!("#!/bin/sh\necho \"$1\" >> '{}'\n", log.display()),
+        )
+        .unwrap();
+        std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let (in_r, in_w) = pipe().unwrap();
+        let (out_r, out_w) = pipe().unwrap();
+        let served = thread::spawn(move || serve(in_r, out_w));
+        let mut h = Harness {
+            to: Some(in_w),
+            from: BufReader::new(out_r),
+            served: Some(served),
+            _dir: dir,
+            hook,
+            log,
+        };
+        assert!(matches!(h.read(), FromWatchdog::Ready { .. }));
+        let deadline = sys::monotonic_now() + deadline_in;
+        h.send(&ToWatchdog::Arm {
+            deadline_ns: deadline.as_nanos() as u64,
+            window_limit_ms: deadline_in.as_millis() as u64,
+            hook_timeout_ms: 5000,
+            agent_timeout_ms: 1000,
+            dirs: vec![],
+        });
+        let hook = h.hook.clone();
+        h.send(&ToWatchdog::Hook { path: hook });
+        h
+    }
+
+    impl Harness {
+        fn send(&mut self, message: &ToWatchdog) {
+            let mut line = serde_json::to_vec(message).unwrap();
+            line.push(b'\n');
+            self.to.as_mut().unwrap().write_all(&line).unwrap();
+        }
+
+        fn read(&mut self) -> FromWatchdog {
+            let mut line = String::new();
+            self.from.read_line(&mut line).unwrap();
+            serde_json::from_str(&line).unwrap()
+        }
+
+        fn join(&mut self) -> i32 {
+            self.served.take().unwrap().join().unwrap()
+        }
+
+        fn hook_log(&self) -> String {
+            std::fs::read_to_string(&self.log).unwrap_or_default()
+        }
+    }
+
+    #[test]
+    fn at_the_deadline_it_thaws_and_tells_the_parent_when_it_comes_to_thaw() {
+        let start = Instant::now();
+        let mut h = harness(Duration::from_millis(300));
+        while h.hook_log().is_empty() {
+            assert!(
+                start.elapsed() < Duration::from_secs(5),
+                "the watchdog never fired"
+            );
+            thread::sleep(Duration::from_millis(5));
+        }
+        assert!(
+            start.elapsed() >= Duration::from_millis(290),
+            "fired early: {:?}",
+            start.elapsed()
+        );
+        assert_eq!(h.hook_log(), "thaw\n");
+        h.send(&ToWatchdog::Thawing);
+        let FromWatchdog::Fired(report) = h.read() else {
+            panic!("expected a fired report")
+        };
+        assert!(
+            report.reason.contains("window limit of 300ms"),
+            "{}",
+            report.reason
+        );
+        assert_eq!(report.hooks_thawed, vec![h.hook.clone()]);
+        h.send(&ToWatchdog::Done);
+        assert_eq!(h.join(), 0);
+    }
+
+    #[test]
+    fn when_the_parent_goes_away_it_thaws_at_once() {
+        let mut h = harness(Duration::from_secs(60));
+        let start = Instant::now();
+        h.to = None;
+        assert_eq!(h.join(), 0);
+        assert!(start.elapsed() < Duration::from_secs(5));
+        assert_eq!(h.hook_log(), "thaw\n");
+    }
+
+    #[test]
+    fn a_parent_that_thaws_in_time_gets_go_and_nothing_is_undone() {
+        let mut h = harness(Duration::from_secs(60));
+        h.send(&ToWatchdog::Thawing);
+        assert!(matches!(h.read(), FromWatchdog::Go));
+        h.send(&ToWatchdog::Done);
+        assert_eq!(h.join(), 0);
+        assert_eq!(h.hook_log(), "");
+    }
+
+    #[test]
+    fn an_unreadable_message_makes_it_thaw_rather_than_guess() {
+        let mut h = harness(Duration::from_secs(60));
+        h.to.as_mut()
+            .unwrap()
+            .write_all(b"{\"msg\": \"bogus\"}\n")
+            .unwrap();
+        assert_eq!(h.join(), 0);
+        assert_eq!(h.hook_log(), "thaw\n");
     }
 }
