@@ -214,7 +214,7 @@ impl Drop for Writer {
 /// The gaps between consecutive write completions, longest first, with when they began.
 pub fn gaps(stamps: &[Instant]) -> Vec<(Duration, Instant)> {
     let mut gaps: Vec<_> = stamps.windows(2).map(|w| (w[1] - w[0], w[0])).collect();
-    gaps.sort_by(|a, b| b.0.cmp(&a.0));
+    gaps.sort_by_key(|g| std::cmp::Reverse(g.0));
     gaps
 }
 
