@@ -7,6 +7,7 @@
 
 mod atomic;
 pub mod bitmap;
+pub mod delta;
 pub mod error;
 
 pub use atomic::atomic_replace;
