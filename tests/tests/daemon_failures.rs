@@ -12,7 +12,10 @@ use daemon_support::{qemu_img_convert, qemu_io, tidemark_bin, Daemon, KillOnDrop
 use serde_json::{json, Value};
 
 fn export_uri(backup: &Value) -> String {
-    backup["volumes"][0]["uri"]["unix"].as_str().expect("backup export uri").to_string()
+    backup["volumes"][0]["uri"]["unix"]
+        .as_str()
+        .expect("backup export uri")
+        .to_string()
 }
 
 fn files_equal(a: &std::path::Path, b: &std::path::Path, what: &str) {
@@ -34,13 +37,22 @@ fn wait_finished(daemon: &Daemon, state: &str) -> Value {
                 return last.clone();
             }
         }
-        assert!(Instant::now() < deadline, "the backup did not end: {status}");
+        assert!(
+            Instant::now() < deadline,
+            "the backup did not end: {status}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
 
 fn export_exists(uri: &str) -> bool {
-    Command::new("nbdinfo").arg("--size").arg(uri).output().unwrap().status.success()
+    Command::new("nbdinfo")
+        .arg("--size")
+        .arg(uri)
+        .output()
+        .unwrap()
+        .status
+        .success()
 }
 
 #[test]
@@ -69,7 +81,15 @@ fn kill_9_mid_write_then_restart_and_the_next_incremental_restores_the_truth() {
     daemon.restart();
     // What the volume holds now is the truth: every acknowledged write, and maybe the one
     // that was in flight. The incremental since c1 must carry all of it.
-    let backup = daemon.cli_json(&["backup", "begin", "v", "--incremental", "c1", "--checkpoint", "c2"]);
+    let backup = daemon.cli_json(&[
+        "backup",
+        "begin",
+        "v",
+        "--incremental",
+        "c1",
+        "--checkpoint",
+        "c2",
+    ]);
     daemon.nbd_tool(&["apply", &export_uri(&backup), "c1", full.to_str().unwrap()]);
     daemon.cli_json(&["backup", "end", "v"]);
     files_equal(&full, &backing, "full + incremental after kill -9");
@@ -85,8 +105,16 @@ fn sigterm_during_a_backup_fails_it_and_tracking_survives_the_restart() {
     qemu_io(&daemon.uri("v"), &["write -P 5 1M 1M".to_string()]);
     let mut watcher = daemon.control();
     assert!(daemon.stop().success(), "{}", daemon.log());
-    let failed = watcher.wait_event("BACKUP_FAILED", Duration::from_secs(5)).unwrap();
-    assert!(failed["data"]["error"].as_str().unwrap().contains("shutting down"), "{failed}");
+    let failed = watcher
+        .wait_event("BACKUP_FAILED", Duration::from_secs(5))
+        .unwrap();
+    assert!(
+        failed["data"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("shutting down"),
+        "{failed}"
+    );
     assert!(daemon.log().contains("closed cleanly"), "{}", daemon.log());
 
     daemon.restart();
@@ -110,8 +138,13 @@ fn a_lease_ends_the_backup_when_its_control_connection_closes() {
         assert!(export_exists(&uri));
         uri
     };
-    let failed = watcher.wait_event("BACKUP_FAILED", Duration::from_secs(10)).unwrap();
-    assert!(failed["data"]["error"].as_str().unwrap().contains("lease"), "{failed}");
+    let failed = watcher
+        .wait_event("BACKUP_FAILED", Duration::from_secs(10))
+        .unwrap();
+    assert!(
+        failed["data"]["error"].as_str().unwrap().contains("lease"),
+        "{failed}"
+    );
     assert!(!export_exists(&uri), "the export must be gone");
     qemu_io(&daemon.uri("v"), &["write -P 3 0 64k".to_string()]);
 }
@@ -129,7 +162,13 @@ fn spawn_hold(daemon: &Daemon, volume: &str) -> (KillOnDrop, String) {
     );
     // Reading to EOF returns only because --hold closes its stdout once ready.
     let mut out = String::new();
-    child.0.stdout.take().unwrap().read_to_string(&mut out).unwrap();
+    child
+        .0
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
     (child, out)
 }
 
@@ -141,14 +180,20 @@ fn hold_prints_the_uri_closes_stdout_and_ends_the_backup_when_stdin_closes() {
     let uri = out.trim();
     assert_eq!(uri, daemon.uri("v@backup"));
     assert!(export_exists(uri));
-    assert!(hold.0.try_wait().unwrap().is_none(), "--hold keeps running while stdin is open");
+    assert!(
+        hold.0.try_wait().unwrap().is_none(),
+        "--hold keeps running while stdin is open"
+    );
     drop(hold.0.stdin.take());
     let deadline = Instant::now() + Duration::from_secs(10);
     let status = loop {
         if let Some(status) = hold.0.try_wait().unwrap() {
             break status;
         }
-        assert!(Instant::now() < deadline, "--hold did not exit after stdin closed");
+        assert!(
+            Instant::now() < deadline,
+            "--hold did not exit after stdin closed"
+        );
         std::thread::sleep(Duration::from_millis(20));
     };
     assert!(status.success());
@@ -183,18 +228,27 @@ fn a_full_cow_store_fails_the_backup_and_the_live_volume_never_notices() {
     let backup = daemon.cli_json(&["backup", "begin", "v", "--cow-limit", "1M"]);
     let uri = export_uri(&backup);
     // 6 MiB of overwrites need 6 MiB of COW space: the snapshot fails, the writes do not.
-    let writes: Vec<String> = (0..6).map(|i| model.write(i << 20, 1 << 20, 2 + i as u8)).collect();
+    let writes: Vec<String> = (0..6)
+        .map(|i| model.write(i << 20, 1 << 20, 2 + i as u8))
+        .collect();
     qemu_io(&live, &writes);
-    let snapshot_failed = watcher.wait_event("SNAPSHOT_FAILED", Duration::from_secs(10)).unwrap();
+    let snapshot_failed = watcher
+        .wait_event("SNAPSHOT_FAILED", Duration::from_secs(10))
+        .unwrap();
     assert_eq!(snapshot_failed["data"]["volume"], json!("v"));
-    let failed = watcher.wait_event("BACKUP_FAILED", Duration::from_secs(10)).unwrap();
+    let failed = watcher
+        .wait_event("BACKUP_FAILED", Duration::from_secs(10))
+        .unwrap();
     assert_eq!(failed["data"]["id"], backup["id"]);
     assert!(!export_exists(&uri));
     let copy = daemon.dir.path().join("live.raw");
     qemu_img_convert(&live, &copy);
     model.assert_equals_file(&copy, "live volume after the COW store filled");
     let last = wait_finished(&daemon, "failed");
-    assert!(last["error"].as_str().unwrap().contains("snapshot"), "{last}");
+    assert!(
+        last["error"].as_str().unwrap().contains("snapshot"),
+        "{last}"
+    );
 }
 
 #[test]
@@ -221,5 +275,8 @@ fn a_pull_client_that_vanishes_mid_read_does_not_end_the_backup() {
     let image = daemon.dir.path().join("full.raw");
     qemu_img_convert(&uri, &image);
     model.assert_equals_file(&image, "a second pull after the first client vanished");
-    assert_eq!(daemon.cli_json(&["backup", "end", "v"])["state"], json!("completed"));
+    assert_eq!(
+        daemon.cli_json(&["backup", "end", "v"])["state"],
+        json!("completed")
+    );
 }

@@ -267,17 +267,27 @@ pub fn begin(
             "backup-begin: a lease holds a pull backup; a push backup ends by itself".to_string(),
         ));
     }
+    let hooks = match args.opt_value("hooks") {
+        None => None,
+        Some(_) => Some(
+            args.strings("hooks")?
+                .into_iter()
+                .map(PathBuf::from)
+                .collect(),
+        ),
+    };
     let quiesce = QuiesceRequest {
         mountpoints: args
             .strings("freeze")?
             .into_iter()
             .map(PathBuf::from)
             .collect(),
-        hooks: args.opt_string("hooks")?.map(PathBuf::from),
+        hooks,
         guest_agent: args.opt_string("guest_agent")?.map(PathBuf::from),
         timeout: args
             .opt_u64("quiesce_timeout_ms")?
             .map(Duration::from_millis),
+        protected: vec![daemon.config.state_dir.clone()],
     };
     let cow_limit = args.opt_u64("cow_limit")?;
 
@@ -325,10 +335,12 @@ pub fn begin(
         incremental.as_deref(),
         cow_limit,
     );
-    let quiesce_report = frozen.thaw();
+    let (quiesce_report, quiesce_problem) = frozen.thaw();
     let group = group?;
-    let quiesce_report = quiesce_report?;
-
+    if let Some(problem) = quiesce_problem {
+        // Dropping `group` drops the snapshots.
+        return Err(failed(problem));
+    }
     let members: Vec<Member> = names
         .iter()
         .zip(group.snapshots)

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use tidemark_engine::checkpoint::CheckpointError;
 use tidemark_engine::export::{SnapshotExport, VolumeExport};
+use tidemark_engine::quiesce::{self, QuiesceError, QuiesceSpec};
 use tidemark_engine::snapshot::{CowOptions, Snapshot};
 use tidemark_engine::status::SnapshotState;
 use tidemark_engine::volume::{SnapshotSpec, Volume, VolumeError, VolumeOptions};
@@ -408,32 +409,85 @@ pub fn push(
 /// What to quiesce around a snapshot.
 #[derive(Debug, Default)]
 pub struct QuiesceRequest {
+    /// Host filesystems to FIFREEZE.
     pub mountpoints: Vec<PathBuf>,
-    pub hooks: Option<PathBuf>,
+    /// Hook directories; `None` means the default ones that exist
+    /// (/usr/lib/tidemark/writers.d, /etc/qemu/fsfreeze-hooks.d).
+    pub hooks: Option<Vec<PathBuf>>,
+    /// A VM's qemu-guest-agent socket.
     pub guest_agent: Option<PathBuf>,
+    /// Hard limit of the freeze-to-thaw window (default 10 s).
     pub timeout: Option<Duration>,
+    /// Where tidemark itself writes during a backup (never frozen).
+    pub protected: Vec<PathBuf>,
 }
 
-/// Quiesced state; thaw it exactly once.
-pub struct Frozen;
+/// Quiesced state, or nothing to quiesce; thaw it exactly once (dropping thaws too).
+pub struct Frozen(Option<quiesce::Quiesced>);
 
 impl Frozen {
-    pub fn thaw(self) -> Result<Value, CommandError> {
-        Ok(Value::Null)
+    /// Thaw; the report for the backup's status, and an error when the window limit
+    /// passed before the thaw (the snapshot may then not be consistent).
+    pub fn thaw(self) -> (Value, Option<String>) {
+        let Some(quiesced) = self.0 else {
+            return (Value::Null, None);
+        };
+        let summary = quiesced.summary();
+        let report = quiesced.thaw();
+        let mut value = json!({
+            "summary": summary,
+            "thaw": &report,
+            "freeze_to_thaw_ms": report.freeze_to_thaw.as_secs_f64() * 1e3,
+        });
+        if !report.errors.is_empty() {
+            value["errors"] = json!(report.errors);
+        }
+        let problem = report.thawed_by_watchdog.as_ref().map(|why| {
+            format!(
+                "the quiesce window limit passed before the snapshot was taken and the watchdog \
+                 thawed ({why}); the snapshot may not be application-consistent, so it was \
+                 dropped; raise --quiesce-timeout or fix the slow hook"
+            )
+        });
+        (value, problem)
     }
 }
 
+/// Freeze what `request` names (hooks, guest agent, filesystems) under a hard time limit.
 pub fn quiesce(request: &QuiesceRequest) -> Result<Frozen, CommandError> {
-    if request.mountpoints.is_empty()
-        && request.hooks.is_none()
-        && request.guest_agent.is_none()
-        && request.timeout.is_none()
-    {
-        Ok(Frozen)
-    } else {
-        Err(CommandError::new(
-            ErrorClass::GenericError,
-            "quiesce: not integrated yet",
-        ))
+    let hooks_dirs = match &request.hooks {
+        Some(dirs) => dirs.clone(),
+        None => quiesce::default_hooks_dirs(),
+    };
+    if hooks_dirs.is_empty() && request.mountpoints.is_empty() && request.guest_agent.is_none() {
+        return Ok(Frozen(None));
+    }
+    let mut spec = QuiesceSpec {
+        hooks_dirs,
+        mountpoints: request.mountpoints.clone(),
+        guest_agent: request.guest_agent.clone(),
+        protected_paths: request.protected.clone(),
+        ..QuiesceSpec::default()
+    };
+    if let Some(limit) = request.timeout {
+        spec.window_limit = limit;
+    }
+    match quiesce::quiesce(&spec) {
+        Ok(quiesced) => Ok(Frozen(Some(quiesced))),
+        Err(err) => {
+            let class = match err {
+                QuiesceError::RefuseRoot { .. }
+                | QuiesceError::RefuseOwnState { .. }
+                | QuiesceError::NotAMountpoint { .. } => ErrorClass::InvalidParameter,
+                _ => ErrorClass::GenericError,
+            };
+            let mut desc = format!("backup not started: {err}");
+            if let QuiesceError::Aborted { report, .. } = &err {
+                if !report.log.is_empty() {
+                    desc.push_str(&format!("; quiesce log: {}", report.log.join(" | ")));
+                }
+            }
+            Err(CommandError::new(class, desc))
+        }
     }
 }
