@@ -406,15 +406,16 @@ pub fn begin(
     );
     if let Some((format, jobs, progress)) = push {
         let worker_daemon = Arc::clone(daemon);
-        let incremental = incremental.is_some();
+        let new_checkpoint = checkpoint.clone();
         let worker_id = id.clone();
         let spawned = std::thread::Builder::new()
             .name(format!("tidemark-{id}"))
             .spawn(move || {
-                let result = engine::push(&jobs, format, incremental, &progress);
+                let result = engine::push(&jobs, format, new_checkpoint.as_deref(), &progress);
+                drop(jobs);
                 match result {
-                    Ok(()) => {
-                        complete(&worker_daemon, &worker_id);
+                    Ok(copied) => {
+                        complete_with(&worker_daemon, &worker_id, Some(copied));
                     }
                     Err(err) => fail(&worker_daemon, &worker_id, &err.desc),
                 }
@@ -497,14 +498,23 @@ pub fn status(daemon: &Daemon) -> Value {
 
 /// Take backup `id` out of the registry, drop its exports and snapshots, and remember its
 /// final report. `None` when it had ended already.
-fn finish(daemon: &Daemon, id: &str, state: &str, error: Option<&str>) -> Option<Value> {
+fn finish(
+    daemon: &Daemon,
+    id: &str,
+    state: &str,
+    error: Option<&str>,
+    push_result: Option<Value>,
+) -> Option<Value> {
     let backup = daemon.registry().backups.remove(id)?;
     for member in &backup.members {
         if let Some(export) = &member.export {
             daemon.nbd.remove_export(export);
         }
     }
-    let report = backup.report(daemon, state, error);
+    let mut report = backup.report(daemon, state, error);
+    if let Some(result) = push_result {
+        report["push_result"] = result;
+    }
     drop(backup);
     let mut registry = daemon.registry();
     registry.finished.push_back(report.clone());
@@ -516,7 +526,12 @@ fn finish(daemon: &Daemon, id: &str, state: &str, error: Option<&str>) -> Option
 
 /// End backup `id` successfully.
 fn complete(daemon: &Daemon, id: &str) -> Value {
-    match finish(daemon, id, "completed", None) {
+    complete_with(daemon, id, None)
+}
+
+/// End backup `id` successfully, with what its push did.
+fn complete_with(daemon: &Daemon, id: &str, push_result: Option<Value>) -> Value {
+    match finish(daemon, id, "completed", None, push_result) {
         Some(report) => {
             daemon.emit("BACKUP_COMPLETED", report.clone());
             report
@@ -527,7 +542,7 @@ fn complete(daemon: &Daemon, id: &str) -> Value {
 
 /// Fail backup `id` (if it is still running) with `reason`.
 pub fn fail(daemon: &Daemon, id: &str, reason: &str) {
-    if let Some(report) = finish(daemon, id, "failed", Some(reason)) {
+    if let Some(report) = finish(daemon, id, "failed", Some(reason), None) {
         tracing::warn!(backup = id, "backup failed: {reason}");
         daemon.emit("BACKUP_FAILED", report);
     }

@@ -14,7 +14,10 @@ use tidemark_engine::quiesce::{self, QuiesceError, QuiesceSpec};
 use tidemark_engine::snapshot::{CowOptions, Snapshot};
 use tidemark_engine::status::SnapshotState;
 use tidemark_engine::volume::{SnapshotSpec, Volume, VolumeError, VolumeOptions};
+use tidemark_formats::delta::CheckpointRef;
 use tidemark_nbd::export::Export;
+
+use super::push;
 use tidemark_nbd::server::{Server, ServerError};
 
 use crate::control::{CommandError, ErrorClass};
@@ -394,16 +397,53 @@ impl PushFormat {
     }
 }
 
+/// Copy every job's snapshot to its target; the first failure stops the push.
 pub fn push(
-    _jobs: &[(Arc<SnapshotHandle>, PathBuf)],
-    _format: PushFormat,
-    _incremental: bool,
-    _progress: &super::backup::Progress,
-) -> Result<(), CommandError> {
-    Err(CommandError::new(
-        ErrorClass::GenericError,
-        "push: the copy engine is not integrated yet",
-    ))
+    jobs: &[(Arc<SnapshotHandle>, PathBuf)],
+    format: PushFormat,
+    checkpoint: Option<&str>,
+    progress: &Arc<super::backup::Progress>,
+) -> Result<Value, CommandError> {
+    let failed = |desc: String| CommandError::new(ErrorClass::GenericError, desc);
+    let mut reports = Vec::new();
+    for (handle, target) in jobs {
+        let snapshot = &handle.snapshot;
+        let report = match format {
+            PushFormat::Image => {
+                let report = push::push_image(snapshot, target, progress).map_err(failed)?;
+                json!({"volume": snapshot.volume(), "target": target, "copy": report})
+            }
+            PushFormat::Delta => {
+                let volume = &handle.volume;
+                let checkpoints = volume.checkpoints();
+                let generation = |name: &str| {
+                    checkpoints.iter().find(|c| c.name == name).map(|c| c.generation).unwrap_or(0)
+                };
+                let from = snapshot.dirty_bitmap().map(|b| CheckpointRef {
+                    name: b.name().to_string(),
+                    generation: generation(b.name()),
+                });
+                let to = match checkpoint {
+                    Some(name) => CheckpointRef { name: name.to_string(), generation: generation(name) },
+                    None => CheckpointRef {
+                        name: snapshot.name().to_string(),
+                        generation: volume.generation(),
+                    },
+                };
+                let origin = push::DeltaOrigin {
+                    volume_uuid: volume.uuid(),
+                    granularity: volume.granularity(),
+                    from,
+                    to,
+                };
+                let bytes =
+                    push::push_delta(snapshot, &origin, target, progress).map_err(failed)?;
+                json!({"volume": snapshot.volume(), "target": target, "delta_bytes": bytes})
+            }
+        };
+        reports.push(report);
+    }
+    Ok(Value::Array(reports))
 }
 
 /// What to quiesce around a snapshot.

@@ -19,6 +19,7 @@ mod backup;
 pub mod control_server;
 mod engine;
 mod lock;
+mod push;
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::SocketAddr;
