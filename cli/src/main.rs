@@ -18,7 +18,12 @@ mod ui;
 ///
 /// Start with `tidemark demo`, which runs the whole job in a temporary directory.
 #[derive(Debug, Parser)]
-#[command(name = "tidemark", version, propagate_version = true, max_term_width = 100)]
+#[command(
+    name = "tidemark",
+    version,
+    propagate_version = true,
+    max_term_width = 100
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
