@@ -7,6 +7,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod cmd;
+mod control;
+mod daemon;
 mod ui;
 
 /// Block-level incremental backups of Linux volumes and VM disks.

@@ -124,6 +124,18 @@ pub enum FormatErrorKind {
         /// The checksum of the bytes actually present.
         computed: u32,
     },
+    /// The file does not end with the trailer its format requires.
+    #[error(
+        "no {what} trailer at the end of the file (found {}): the file was cut short while \
+         being written or copied, or its end is damaged; write or copy it again",
+        Hex(found)
+    )]
+    MissingTrailer {
+        /// The file type.
+        what: &'static str,
+        /// The bytes found where the trailer magic should be.
+        found: Vec<u8>,
+    },
     /// A field holds a value that is out of range or contradicts another field.
     #[error("{0}")]
     Invalid(#[source] InvalidField),
