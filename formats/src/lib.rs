@@ -4,3 +4,11 @@
 //! truncated or hostile, yields a value or an error naming the file and byte offset.
 //! docs/FORMATS.md is the byte-level specification of every file defined here.
 #![forbid(unsafe_code)]
+
+mod atomic;
+pub mod bitmap;
+pub mod delta;
+pub mod error;
+
+pub use atomic::atomic_replace;
+pub use error::{FormatError, FormatErrorKind, InvalidField};
