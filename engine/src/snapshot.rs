@@ -105,6 +105,8 @@ pub struct CowOptions {
 enum Chunk {
     Copying,
     Preserved(u64),
+    /// The chunk was a hole in the volume: nothing to copy, it reads as zeroes.
+    Zero,
     Released,
 }
 
@@ -297,9 +299,15 @@ impl SnapshotInner {
             let result = self.copy_chunks(&claimed);
             let mut idx = lock(&self.index);
             match result {
-                Ok(()) => {
+                Ok(holes) => {
                     for &(c, slot) in &claimed {
-                        idx.chunks.insert(c, Chunk::Preserved(slot));
+                        if holes.contains(&c) {
+                            idx.chunks.insert(c, Chunk::Zero);
+                            idx.free_slots.push(slot);
+                            idx.used_slots -= 1;
+                        } else {
+                            idx.chunks.insert(c, Chunk::Preserved(slot));
+                        }
                     }
                     self.copies
                         .fetch_add(claimed.len() as u64, Ordering::Relaxed);
@@ -331,8 +339,10 @@ impl SnapshotInner {
     }
 
     /// Copy claimed chunks; runs adjacent in both the volume and the store move in one
-    /// read and one write.
-    fn copy_chunks(&self, claimed: &[(u64, u64)]) -> io::Result<()> {
+    /// read and one write. Runs that are holes in the volume are not copied: their chunks
+    /// are returned, to be recorded as zero.
+    fn copy_chunks(&self, claimed: &[(u64, u64)]) -> io::Result<Vec<u64>> {
+        let mut holes = Vec::new();
         let mut i = 0;
         while i < claimed.len() {
             let mut j = i + 1;
@@ -346,13 +356,20 @@ impl SnapshotInner {
             let start = first_chunk * self.chunk;
             let end = ((claimed[j - 1].0 + 1) * self.chunk).min(self.size);
             let len = (end - start) as usize;
+            if let Some(runs) = self.origin.allocation(start, end - start) {
+                if runs.iter().all(|&(_, _, data)| !data) {
+                    holes.extend(claimed[i..j].iter().map(|&(c, _)| c));
+                    i = j;
+                    continue;
+                }
+            }
             with_bounce(len, |buf| {
                 self.origin.read_at(start, buf)?;
                 self.store.write_at(first_slot * self.chunk, buf)
             })?;
             i = j;
         }
-        Ok(())
+        Ok(holes)
     }
 
     fn check_readable(&self, idx: &Index) -> Result<(), SnapshotError> {
@@ -400,6 +417,12 @@ impl SnapshotInner {
                 idx.chunks.get(&c).copied()
             };
             let at = (pos - offset) as usize;
+            if let Some(Chunk::Zero) = state {
+                let chunk_end = ((c + 1) * self.chunk).min(end);
+                buf[at..at + (chunk_end - pos) as usize].fill(0);
+                pos = chunk_end;
+                continue;
+            }
             if let Some(Chunk::Preserved(slot)) = state {
                 let chunk_end = ((c + 1) * self.chunk).min(end);
                 let part = &mut buf[at..at + (chunk_end - pos) as usize];
@@ -415,7 +438,7 @@ impl SnapshotInner {
                 let next_preserved = idx
                     .chunks
                     .range(c + 1..)
-                    .find(|(_, s)| matches!(s, Chunk::Preserved(_)))
+                    .find(|(_, s)| matches!(s, Chunk::Preserved(_) | Chunk::Zero))
                     .map_or(u64::MAX, |(k, _)| *k);
                 (next_preserved.saturating_mul(self.chunk)).min(end)
             };
@@ -424,24 +447,26 @@ impl SnapshotInner {
                 .read_at(pos, part)
                 .map_err(|e| io_err("read volume", self.origin.path(), e))?;
             // Validate: chunks preserved meanwhile may have been overwritten under us.
-            let changed: Vec<(u64, u64)> = {
+            let changed: Vec<(u64, Chunk)> = {
                 let idx = lock(&self.index);
                 self.check_readable(&idx)?;
                 idx.chunks
                     .range(c..run_end.div_ceil(self.chunk))
-                    .filter_map(|(&k, s)| match s {
-                        Chunk::Preserved(slot) => Some((k, *slot)),
-                        _ => None,
-                    })
+                    .filter(|(_, s)| matches!(s, Chunk::Preserved(_) | Chunk::Zero))
+                    .map(|(&k, &s)| (k, s))
                     .collect()
             };
-            for (k, slot) in changed {
+            for (k, state) in changed {
                 let from = (k * self.chunk).max(pos);
                 let to = ((k + 1) * self.chunk).min(run_end);
                 let sub = &mut buf[(from - offset) as usize..(to - offset) as usize];
-                self.store
-                    .read_at(slot * self.chunk + (from - k * self.chunk), sub)
-                    .map_err(|e| io_err("read COW store", &self.store_path, e))?;
+                match state {
+                    Chunk::Preserved(slot) => self
+                        .store
+                        .read_at(slot * self.chunk + (from - k * self.chunk), sub)
+                        .map_err(|e| io_err("read COW store", &self.store_path, e))?,
+                    _ => sub.fill(0),
+                }
             }
             pos = run_end;
         }
@@ -473,6 +498,9 @@ impl SnapshotInner {
                 None => {
                     idx.chunks.insert(c, Chunk::Released);
                 }
+                Some(Chunk::Zero) => {
+                    idx.chunks.insert(c, Chunk::Released);
+                }
                 Some(Chunk::Copying) | Some(Chunk::Released) => {}
             }
         }
@@ -501,27 +529,27 @@ impl SnapshotInner {
             _ if len > 0 => out.push((len, hole)),
             _ => {}
         };
+        // The volume's allocation now, overlaid with what the snapshot knows better:
+        // chunks copied before being overwritten are data, chunks that were holes when
+        // first written are holes.
         for (start, stop, data) in runs {
-            if data {
-                push(stop - start, false);
-                continue;
-            }
-            // A hole in the volume now; chunks preserved before being filled are data.
             let mut pos = start;
             for (&k, s) in idx
                 .chunks
                 .range(start / self.chunk..stop.div_ceil(self.chunk))
             {
-                if !matches!(s, Chunk::Preserved(_) | Chunk::Copying) {
-                    continue;
-                }
+                let hole = match s {
+                    Chunk::Preserved(_) | Chunk::Copying => false,
+                    Chunk::Zero => true,
+                    Chunk::Released => continue,
+                };
                 let from = (k * self.chunk).max(pos);
                 let to = ((k + 1) * self.chunk).min(stop);
-                push(from - pos, true);
-                push(to - from, false);
+                push(from - pos, !data);
+                push(to - from, hole);
                 pos = to;
             }
-            push(stop - pos, true);
+            push(stop - pos, !data);
         }
         Ok(out)
     }

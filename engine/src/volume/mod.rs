@@ -51,6 +51,8 @@
 
 pub(crate) mod backing;
 mod sys;
+#[cfg(test)]
+mod tests;
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, Write};
