@@ -474,6 +474,7 @@ impl Volume {
             manifest,
         };
         volume.reap_lost_snapshots();
+        remove_temp_files(&volume.dir);
         Ok(volume)
     }
 
@@ -985,7 +986,12 @@ impl Volume {
         };
         for entry in entries.flatten() {
             let path = entry.path();
-            if path.extension().is_none_or(|e| e != "json") {
+            if path.extension().is_none_or(|e| e != "json")
+                || entry.file_name().to_string_lossy().starts_with('.')
+            {
+                // No snapshot is alive at open: COW stores and half-written markers
+                // left in the default place are garbage.
+                let _ = fs::remove_file(&path);
                 continue;
             }
             if let Ok(bytes) = fs::read(&path) {
@@ -1075,6 +1081,20 @@ impl Drop for Volume {
     fn drop(&mut self) {
         if let Err(err) = self.shutdown() {
             tracing::error!("volume {}: clean stop failed: {err}", self.manifest.name);
+        }
+    }
+}
+
+/// Delete `.NAME.tmp-*` files an interrupted atomic replace left in `dir`.
+fn remove_temp_files(dir: &Path) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with('.') && name.contains(".tmp-") {
+            let _ = fs::remove_file(entry.path());
         }
     }
 }
