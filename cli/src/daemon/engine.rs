@@ -240,11 +240,6 @@ impl SnapshotHandle {
             ),
         }
     }
-
-    /// The engine's snapshot, for the copy engine.
-    pub fn snapshot(&self) -> &Snapshot {
-        &self.snapshot
-    }
 }
 
 impl Drop for SnapshotHandle {
@@ -417,14 +412,21 @@ pub fn push(
                 let volume = &handle.volume;
                 let checkpoints = volume.checkpoints();
                 let generation = |name: &str| {
-                    checkpoints.iter().find(|c| c.name == name).map(|c| c.generation).unwrap_or(0)
+                    checkpoints
+                        .iter()
+                        .find(|c| c.name == name)
+                        .map(|c| c.generation)
+                        .unwrap_or(0)
                 };
                 let from = snapshot.dirty_bitmap().map(|b| CheckpointRef {
                     name: b.name().to_string(),
                     generation: generation(b.name()),
                 });
                 let to = match checkpoint {
-                    Some(name) => CheckpointRef { name: name.to_string(), generation: generation(name) },
+                    Some(name) => CheckpointRef {
+                        name: name.to_string(),
+                        generation: generation(name),
+                    },
                     None => CheckpointRef {
                         name: snapshot.name().to_string(),
                         generation: volume.generation(),

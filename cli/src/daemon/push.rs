@@ -38,7 +38,11 @@ impl SnapshotSource {
 
 impl Source for SnapshotSource {
     fn describe(&self) -> String {
-        format!("snapshot {} of volume {}", self.snapshot.name(), self.snapshot.volume())
+        format!(
+            "snapshot {} of volume {}",
+            self.snapshot.name(),
+            self.snapshot.volume()
+        )
     }
 
     fn size(&self) -> u64 {
@@ -75,7 +79,10 @@ impl Source for SnapshotSource {
 
     fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         if self.progress.cancel.load(Ordering::Relaxed) {
-            return Err(io::Error::new(io::ErrorKind::Interrupted, "the backup was cancelled"));
+            return Err(io::Error::new(
+                io::ErrorKind::Interrupted,
+                "the backup was cancelled",
+            ));
         }
         self.snapshot.read(offset, buf).map_err(io::Error::other)
     }
@@ -187,8 +194,8 @@ pub fn push_delta(
     let total: u64 = extents.iter().map(|r| r.end - r.start).sum();
     progress.total.fetch_add(total, Ordering::Relaxed);
     let partial = target.with_extension("partial");
-    let file = File::create(&partial)
-        .map_err(|err| format!("creating {}: {err}", partial.display()))?;
+    let file =
+        File::create(&partial).map_err(|err| format!("creating {}: {err}", partial.display()))?;
     let header = DeltaHeader {
         volume_uuid: origin.volume_uuid,
         volume_size: size,
@@ -220,11 +227,21 @@ pub fn push_delta(
             at += len as u64;
         }
     }
-    let out = writer.finish().map_err(|err| format!("finishing {}: {err}", partial.display()))?;
-    let file = out.into_inner().map_err(|err| format!("flushing {}: {err}", partial.display()))?;
-    file.sync_all().map_err(|err| format!("syncing {}: {err}", partial.display()))?;
-    std::fs::rename(&partial, target)
-        .map_err(|err| format!("renaming {} to {}: {err}", partial.display(), target.display()))?;
+    let out = writer
+        .finish()
+        .map_err(|err| format!("finishing {}: {err}", partial.display()))?;
+    let file = out
+        .into_inner()
+        .map_err(|err| format!("flushing {}: {err}", partial.display()))?;
+    file.sync_all()
+        .map_err(|err| format!("syncing {}: {err}", partial.display()))?;
+    std::fs::rename(&partial, target).map_err(|err| {
+        format!(
+            "renaming {} to {}: {err}",
+            partial.display(),
+            target.display()
+        )
+    })?;
     if let Some(dir) = target.parent() {
         if let Ok(dir) = File::open(dir) {
             let _ = dir.sync_all();
