@@ -7,8 +7,12 @@
 
 mod atomic;
 pub mod bitmap;
+pub mod cow;
 pub mod delta;
 pub mod error;
+pub mod manifest;
 
 pub use atomic::atomic_replace;
 pub use error::{FormatError, FormatErrorKind, InvalidField};
+/// The uuid type every header here uses, re-exported so users need no uuid dependency.
+pub use uuid::Uuid;
