@@ -18,6 +18,7 @@
 //! Every job is idempotent: rerunning an interrupted copy, update-img or restore with the
 //! same inputs writes the same bytes again and ends with the same image.
 
+pub mod delta;
 pub mod extents;
 mod jobs;
 mod source;
