@@ -4,7 +4,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use tidemark_engine::copy::delta::{restore_chain, ChainBase};
+use tidemark_engine::copy::delta::{open_delta, restore_chain, ChainBase};
+use tidemark_engine::copy::{FileSource, Source};
 
 use super::copy::{finish_report, IoArgs};
 
@@ -37,7 +38,23 @@ pub struct Args {
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let base = ChainBase::detect(&args.base);
-    let (options, bar) = args.io.job_options(0, "restore");
+    // Progress counts the base (its size) and every extent of every delta.
+    let mut total = match &base {
+        ChainBase::Image(path) => Source::size(&FileSource::open(path, false)?),
+        ChainBase::Delta(_) => 0,
+    };
+    let chain = matches!(base, ChainBase::Delta(_))
+        .then_some(&args.base)
+        .into_iter()
+        .chain(&args.deltas);
+    for path in chain {
+        total += open_delta(path)?
+            .extents()
+            .iter()
+            .map(|e| e.length)
+            .sum::<u64>();
+    }
+    let (options, bar) = args.io.job_options(total, "restore");
     let report = restore_chain(&base, &args.deltas, &args.into, &options)
         .with_context(|| format!("restoring {}", args.into.display()))?;
     bar.finish_and_clear();
