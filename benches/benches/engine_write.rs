@@ -120,8 +120,10 @@ impl Target for Volume {
     }
 }
 
-/// MB/s of one run of `p` against `target`.
+/// MB/s of one run of `p` against `target`, after letting earlier runs' writeback settle.
 fn run(target: &dyn Target, p: Pattern, per_thread: &[Vec<u64>]) -> f64 {
+    let _ = std::process::Command::new("sync").status();
+    std::thread::sleep(std::time::Duration::from_millis(200));
     let done = AtomicU64::new(0);
     let started = Instant::now();
     std::thread::scope(|s| {
