@@ -1,6 +1,8 @@
 //! `tidemark update-img` end to end: from a bitmap, a text list on stdin or a delta, the
 //! image ends byte-identical to the snapshot (cmp); kill -9 and a rerun end correct.
 
+#![allow(clippy::single_range_in_vec_init)] // extents really are lists of ranges
+
 mod copy_common;
 
 use std::ops::Range;
@@ -31,7 +33,7 @@ fn day_pair(dir: &tempfile::TempDir, seed: u64) -> (String, String, Vec<Range<u6
     .unwrap();
     changed.push(zeroed);
     let filled = 50 * MIB..50 * MIB + GRANULARITY;
-    scribble(&snap, &[filled.clone()], seed + 3);
+    scribble(&snap, std::slice::from_ref(&filled), seed + 3);
     changed.push(filled);
     assert!(!same(&snap, &image, None));
     (snap, image, changed)
