@@ -57,10 +57,10 @@ time_it() {
     rm -f "$DST"
     if [ "$MODE" = cold ]; then drop_caches; else warm_source; fi
     local start end
-    start=$(date +%s.%N)
+    start=$(date +%s%N)
     "$@" >/dev/null 2>"$DIR/stderr" || { echo "$name failed:" >&2; cat "$DIR/stderr" >&2; exit 1; }
-    end=$(date +%s.%N)
-    echo "$MODE $name $(echo "$end - $start" | bc -l)" >>"$RESULTS"
+    end=$(date +%s%N)
+    echo "$MODE $name $(awk "BEGIN { print ($end - $start) / 1e9 }")" >>"$RESULTS"
 }
 
 fio_copy() {
@@ -115,10 +115,10 @@ time_upd() {
     local name=$1; shift
     drop_caches
     local start end
-    start=$(date +%s.%N)
+    start=$(date +%s%N)
     "$@" >/dev/null 2>"$DIR/stderr" || { echo "$name failed:" >&2; cat "$DIR/stderr" >&2; exit 1; }
-    end=$(date +%s.%N)
-    echo "cold $name $(echo "$end - $start" | bc -l)" >>"$RESULTS"
+    end=$(date +%s%N)
+    echo "cold $name $(awk "BEGIN { print ($end - $start) / 1e9 }")" >>"$RESULTS"
 }
 for run in $(seq 1 "$RUNS"); do
     echo "== update-img run $run/$RUNS"
