@@ -312,6 +312,9 @@ pub fn begin(
             Mode::Pull => None,
         })
         .collect();
+    for target in targets.iter().flatten() {
+        check_push_target(daemon, target)?;
+    }
     let _reservation = reserve(daemon, &names)?;
     if let Some(taken) = exports.iter().flatten().find(|e| daemon.nbd.has_export(e)) {
         return Err(conflict(format!(
@@ -430,6 +433,54 @@ pub fn begin(
         }
     }
     Ok(report)
+}
+
+/// Refuse a push target that would overwrite a managed volume's data or the daemon's state.
+fn check_push_target(daemon: &Daemon, target: &std::path::Path) -> Result<(), CommandError> {
+    let invalid = |desc: String| CommandError::new(ErrorClass::InvalidParameter, desc);
+    // Compare canonical paths: the target may not exist yet, but its directory must.
+    let canonical = match target.canonicalize() {
+        Ok(path) => path,
+        Err(_) => {
+            let dir = target.parent().unwrap_or(std::path::Path::new("/"));
+            let dir = dir.canonicalize().map_err(|err| {
+                invalid(format!(
+                    "push target {}: its directory {} is unusable: {err}",
+                    target.display(),
+                    dir.display()
+                ))
+            })?;
+            dir.join(target.file_name().unwrap_or_default())
+        }
+    };
+    let state_dir = daemon
+        .config
+        .state_dir
+        .canonicalize()
+        .unwrap_or(daemon.config.state_dir.clone());
+    if canonical.starts_with(&state_dir) {
+        return Err(invalid(format!(
+            "push target {} is inside the daemon's state dir {}; choose a path outside it",
+            target.display(),
+            state_dir.display()
+        )));
+    }
+    let volumes: Vec<Arc<VolumeHandle>> = daemon.registry().volumes.values().cloned().collect();
+    for volume in volumes {
+        let backing = volume
+            .backing()
+            .canonicalize()
+            .unwrap_or(volume.backing().to_path_buf());
+        if backing == canonical {
+            return Err(invalid(format!(
+                "push target {} is the backing of volume {:?}: pushing there would overwrite \
+                 the volume; choose another path",
+                target.display(),
+                volume.name()
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// `backup-end`: end a pull backup (or cancel a running push).

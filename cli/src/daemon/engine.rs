@@ -67,7 +67,8 @@ impl VolumeHandle {
                 )
             })?;
         }
-        if size.is_some() && !backing.exists() {
+        let created = size.is_some() && !backing.exists();
+        if created {
             // A new image file: create it empty; the engine extends it to `size`.
             std::fs::OpenOptions::new()
                 .write(true)
@@ -80,7 +81,13 @@ impl VolumeHandle {
                     )
                 })?;
         }
-        let volume = Volume::create(state_dir, name, backing, options).map_err(volume_error)?;
+        let volume = Volume::create(state_dir, name, backing, options).map_err(|err| {
+            if created {
+                // Leave nothing behind for a volume that was refused.
+                let _ = std::fs::remove_file(backing);
+            }
+            volume_error(err)
+        })?;
         Ok(VolumeHandle {
             state_dir: state_dir.to_path_buf(),
             volume: Arc::new(volume),

@@ -271,6 +271,18 @@ impl Daemon {
                  remove {name}` first"
             )));
         }
+        if let Ok(canonical) = backing.canonicalize() {
+            let volumes: Vec<Arc<VolumeHandle>> =
+                self.registry().volumes.values().cloned().collect();
+            if let Some(other) = volumes.iter().find(|v| v.backing() == canonical) {
+                return Err(conflict(format!(
+                    "{} is already the backing of volume {:?}; two volumes on one disk would \
+                     corrupt each other",
+                    backing.display(),
+                    other.name()
+                )));
+            }
+        }
         let volume = Arc::new(VolumeHandle::create(
             &self.config.state_dir,
             &name,

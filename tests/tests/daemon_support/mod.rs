@@ -25,17 +25,26 @@ pub struct Daemon {
     pub dir: tempfile::TempDir,
     pub state_dir: PathBuf,
     pub child: Option<Child>,
+    /// Extra arguments of `tidemark serve`.
+    pub serve_args: Vec<String>,
 }
 
 impl Daemon {
     /// Start a daemon on a fresh state dir and wait until its control socket answers.
     pub fn start() -> Daemon {
+        Daemon::start_with(&[])
+    }
+
+    /// Start a daemon with extra `tidemark serve` arguments.
+    pub fn start_with(serve_args: &[&str]) -> Daemon {
         let dir = tempfile::tempdir().expect("tempdir");
         let state_dir = dir.path().join("state");
+        let serve_args = serve_args.iter().map(|a| a.to_string()).collect();
         let mut daemon = Daemon {
             dir,
             state_dir,
             child: None,
+            serve_args,
         };
         daemon.restart();
         daemon
@@ -48,6 +57,7 @@ impl Daemon {
         let child = Command::new(tidemark_bin())
             .args(["serve", "--state-dir"])
             .arg(&self.state_dir)
+            .args(&self.serve_args)
             .env("TIDEMARK_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
