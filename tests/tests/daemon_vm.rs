@@ -82,7 +82,9 @@ impl Drop for Vm {
         if matches!(self.0.try_wait(), Ok(Some(_))) {
             return;
         }
-        let _ = Command::new("kill").args(["-TERM", &self.0.id().to_string()]).status();
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status();
         for _ in 0..200 {
             if matches!(self.0.try_wait(), Ok(Some(_))) {
                 return;
@@ -96,12 +98,23 @@ impl Drop for Vm {
 
 type Console = Arc<Mutex<Vec<(Instant, String)>>>;
 
-fn wait_for(console: &Console, limit: Duration, what: &str, done: impl Fn(&[(Instant, String)]) -> bool) {
+fn wait_for(
+    console: &Console,
+    limit: Duration,
+    what: &str,
+    done: impl Fn(&[(Instant, String)]) -> bool,
+) {
     let deadline = Instant::now() + limit;
     while !done(&console.lock().unwrap()) {
         if Instant::now() > deadline {
-            let tail: Vec<String> =
-                console.lock().unwrap().iter().rev().take(20).map(|l| l.1.clone()).collect();
+            let tail: Vec<String> = console
+                .lock()
+                .unwrap()
+                .iter()
+                .rev()
+                .take(20)
+                .map(|l| l.1.clone())
+                .collect();
             panic!("timed out waiting for {what}; console tail (newest first): {tail:?}");
         }
         std::thread::sleep(Duration::from_millis(20));
@@ -131,10 +144,18 @@ fn synced_before(console: &Console, instant: Instant) -> BTreeMap<String, String
 }
 
 /// `fsck.ext4 -fn` the image, then check that every file in `synced` is in it, intact.
-fn check_image(image: &Path, synced: &BTreeMap<String, String>, scratch: &Path) {
-    let fsck = Command::new("fsck.ext4").arg("-fn").arg(image).output().unwrap();
-    assert!(fsck.status.success(), "fsck.ext4 -fn: {}", String::from_utf8_lossy(&fsck.stdout));
-    let dumped = scratch.join(format!("dump-{}", image.file_name().unwrap().to_string_lossy()));
+fn check_image(image: &Path, synced: &BTreeMap<String, String>, scratch: &Path, label: &str) {
+    let fsck = Command::new("fsck.ext4")
+        .arg("-fn")
+        .arg(image)
+        .output()
+        .unwrap();
+    assert!(
+        fsck.status.success(),
+        "fsck.ext4 -fn: {}",
+        String::from_utf8_lossy(&fsck.stdout)
+    );
+    let dumped = scratch.join(format!("dump-{label}"));
     std::fs::create_dir(&dumped).unwrap();
     let out = Command::new("debugfs")
         .arg("-R")
@@ -142,10 +163,17 @@ fn check_image(image: &Path, synced: &BTreeMap<String, String>, scratch: &Path) 
         .arg(image)
         .output()
         .unwrap();
-    assert!(out.status.success(), "debugfs: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "debugfs: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     for (name, sha) in synced {
         let path = dumped.join("synced").join(name);
-        assert!(path.exists(), "{name} (synced before the freeze) is missing");
+        assert!(
+            path.exists(),
+            "{name} (synced before the freeze) is missing"
+        );
         let sum = Command::new("sha256sum").arg(&path).output().unwrap();
         let sum = String::from_utf8_lossy(&sum.stdout);
         assert_eq!(sum.split(' ').next(), Some(sha.as_str()), "{name} differs");
@@ -154,12 +182,22 @@ fn check_image(image: &Path, synced: &BTreeMap<String, String>, scratch: &Path) 
 
 /// A guest-agent-frozen backup; returns the report and when the freeze was asked for.
 fn frozen_backup(daemon: &Daemon, qga: &Path, extra: &[&str]) -> (Value, Instant) {
-    let mut args = vec!["backup", "begin", "vm", "--no-hooks", "--guest-agent", qga.to_str().unwrap()];
+    let mut args = vec![
+        "backup",
+        "begin",
+        "vm",
+        "--no-hooks",
+        "--guest-agent",
+        qga.to_str().unwrap(),
+    ];
     args.extend_from_slice(extra);
     let asked = Instant::now();
     let backup = daemon.cli_json(&args);
     let agent = &backup["quiesce"]["summary"]["agent"];
-    assert!(agent["frozen"].as_u64() >= Some(1), "the agent froze nothing: {backup}");
+    assert!(
+        agent["frozen"].as_u64() >= Some(1),
+        "the agent froze nothing: {backup}"
+    );
     assert_eq!(backup["quiesce"]["thaw"]["errors"], json!([]), "{backup}");
     (backup, asked)
 }
@@ -170,10 +208,23 @@ fn a_guest_agent_frozen_backup_of_a_live_vm_disk_restores_to_a_clean_filesystem(
     let build = vm_build(&harness);
     let daemon = Daemon::start();
     let disk = daemon.dir.path().join("vm.raw");
-    std::fs::File::create(&disk).unwrap().set_len(128 << 20).unwrap();
-    let mkfs = Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&disk).status().unwrap();
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(128 << 20)
+        .unwrap();
+    let mkfs = Command::new("mkfs.ext4")
+        .args(["-q", "-F"])
+        .arg(&disk)
+        .status()
+        .unwrap();
     assert!(mkfs.success());
-    daemon.cli_json(&["volume", "create", "vm", "--backing", disk.to_str().unwrap()]);
+    daemon.cli_json(&[
+        "volume",
+        "create",
+        "vm",
+        "--backing",
+        disk.to_str().unwrap(),
+    ]);
 
     let qga = daemon.dir.path().join("qga.sock");
     let mut vm = Command::new(harness.join("run-vm.sh"))
@@ -199,8 +250,15 @@ fn a_guest_agent_frozen_backup_of_a_live_vm_disk_restores_to_a_clean_filesystem(
             sink.lock().unwrap().push((Instant::now(), line));
         }
     });
-    wait_for(&console, Duration::from_secs(300), "qemu-ga in the guest", |l| l.iter().any(|l| l.1 == "READY"));
-    wait_for(&console, Duration::from_secs(300), "5 synced files", |l| synced_in(l) >= 5);
+    wait_for(
+        &console,
+        Duration::from_secs(300),
+        "qemu-ga in the guest",
+        |l| l.iter().any(|l| l.1 == "READY"),
+    );
+    wait_for(&console, Duration::from_secs(300), "5 synced files", |l| {
+        synced_in(l) >= 5
+    });
 
     // Full backup: frozen by the agent, pulled while the guest keeps writing.
     let (full, asked) = frozen_backup(&daemon, &qga, &["--checkpoint", "c1"]);
@@ -208,28 +266,58 @@ fn a_guest_agent_frozen_backup_of_a_live_vm_disk_restores_to_a_clean_filesystem(
     let synced_full = synced_before(&console, asked);
     let at_thaw = synced_count(&console);
     let image = daemon.dir.path().join("restored.raw");
-    let uri = full["volumes"][0]["uri"]["unix"].as_str().unwrap().to_string();
+    let uri = full["volumes"][0]["uri"]["unix"]
+        .as_str()
+        .unwrap()
+        .to_string();
     qemu_img_convert(&uri, &image);
-    wait_for(&console, Duration::from_secs(120), "guest writes during the pull", |l| {
-        synced_in(l) >= at_thaw + 3
-    });
+    wait_for(
+        &console,
+        Duration::from_secs(120),
+        "guest writes during the pull",
+        |l| synced_in(l) >= at_thaw + 3,
+    );
     daemon.cli_json(&["backup", "end", "vm"]);
-    check_image(&image, &synced_full, daemon.dir.path());
+    check_image(&image, &synced_full, daemon.dir.path(), "full");
 
     // Incremental: the changes since c1, applied onto the full image.
-    wait_for(&console, Duration::from_secs(120), "more synced files", |l| synced_in(l) >= at_thaw + 6);
-    let (incremental, asked) = frozen_backup(&daemon, &qga, &["--incremental", "c1", "--checkpoint", "c2"]);
+    wait_for(
+        &console,
+        Duration::from_secs(120),
+        "more synced files",
+        |l| synced_in(l) >= at_thaw + 6,
+    );
+    let (incremental, asked) = frozen_backup(
+        &daemon,
+        &qga,
+        &["--incremental", "c1", "--checkpoint", "c2"],
+    );
     let synced_incremental = synced_before(&console, asked);
     assert!(synced_incremental.len() > synced_full.len());
-    let uri = incremental["volumes"][0]["uri"]["unix"].as_str().unwrap().to_string();
+    let uri = incremental["volumes"][0]["uri"]["unix"]
+        .as_str()
+        .unwrap()
+        .to_string();
     daemon.nbd_tool(&["apply", &uri, "c1", image.to_str().unwrap()]);
     daemon.cli_json(&["backup", "end", "vm"]);
-    check_image(&image, &synced_incremental, daemon.dir.path());
+    check_image(
+        &image,
+        &synced_incremental,
+        daemon.dir.path(),
+        "incremental",
+    );
 
     let mut agent = AgentClient::connect(&qga, Duration::from_secs(30)).unwrap();
-    assert_eq!(agent.fsfreeze_status(Duration::from_secs(30)).unwrap(), "thawed");
+    assert_eq!(
+        agent.fsfreeze_status(Duration::from_secs(30)).unwrap(),
+        "thawed"
+    );
     agent
-        .execute("guest-exec", Some(json!({"path": "/bin/touch", "arg": ["/run/host-done"]})), Duration::from_secs(30))
+        .execute(
+            "guest-exec",
+            Some(json!({"path": "/bin/touch", "arg": ["/run/host-done"]})),
+            Duration::from_secs(30),
+        )
         .unwrap();
     drop(agent);
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -240,7 +328,16 @@ fn a_guest_agent_frozen_backup_of_a_live_vm_disk_restores_to_a_clean_filesystem(
         assert!(Instant::now() < deadline, "the guest did not finish");
         std::thread::sleep(Duration::from_millis(50));
     };
-    assert!(status.success(), "the guest failed: {:?}", console.lock().unwrap().iter().map(|l| &l.1).collect::<Vec<_>>());
+    assert!(
+        status.success(),
+        "the guest failed: {:?}",
+        console
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|l| &l.1)
+            .collect::<Vec<_>>()
+    );
     eprintln!(
         "guest-agent backup of a live VM: freeze-to-thaw {window:.1} ms, write pause {} us; \
          {} + {} synced files verified in the full and incremental restores",
