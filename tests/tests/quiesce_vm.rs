@@ -268,10 +268,12 @@ fn a_guest_agent_freeze_gives_a_consistent_copy_of_a_live_guest_disk() -> Result
     )?;
     drop(client);
 
-    // kill -9 of the quiescing process while the guest is frozen: the watchdog (the
-    // tidemark binary) connects to the agent itself and thaws the guest.
+    // kill -9 of the quiescing process while the guest is frozen (this time with
+    // guest-fsfreeze-freeze-list): the watchdog (the tidemark binary) connects to the
+    // agent itself and thaws the guest.
     let (mut holder, first) = quiesce_common::Probe::start(json!({
         "guest_agent": qga_sock,
+        "guest_mountpoints": ["/mnt"],
         "agent_timeout_ms": 30_000,
         "window_limit_ms": 60_000,
     }))?;
