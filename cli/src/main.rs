@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod cmd;
+mod pull;
 mod ui;
 
 /// Block-level incremental backups of Linux volumes and VM disks.
@@ -18,7 +19,12 @@ mod ui;
 ///
 /// Start with `tidemark demo`, which runs the whole job in a temporary directory.
 #[derive(Debug, Parser)]
-#[command(name = "tidemark", version, propagate_version = true, max_term_width = 100)]
+#[command(
+    name = "tidemark",
+    version,
+    propagate_version = true,
+    max_term_width = 100
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -1,0 +1,403 @@
+//! Where pulled bytes go: an image (through the copy engine) and/or a delta file.
+//!
+//! The transfer calls a sink from one thread, in ascending offset order, with ranges that
+//! never overlap. [`Sink::finish`] makes everything durable; a sink dropped without it may
+//! have written any prefix.
+
+use std::fs::{File, OpenOptions};
+use std::io::BufWriter;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+
+use tidemark_formats::delta::{DeltaHeader, DeltaWriter};
+
+use super::{Mode, Targets};
+
+/// zstd level of delta records: level 1 keeps up with the network on two cores.
+const DELTA_ZSTD_LEVEL: i32 = 1;
+
+/// A target of a pull.
+pub trait Sink {
+    /// Store `data` at `offset`.
+    fn write(&mut self, offset: u64, data: &[u8]) -> anyhow::Result<()>;
+
+    /// Make `length` bytes at `offset` read as zero (a hole where the target can hold one).
+    fn zero(&mut self, offset: u64, length: u64) -> anyhow::Result<()>;
+
+    /// Flush and sync everything written.
+    fn finish(&mut self) -> anyhow::Result<()>;
+}
+
+/// Several sinks fed the same ranges (`--into IMAGE --delta FILE`).
+pub struct Tee(pub Vec<Box<dyn Sink + Send>>);
+
+impl std::fmt::Debug for Tee {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Tee({} sinks)", self.0.len())
+    }
+}
+
+impl Sink for Tee {
+    fn write(&mut self, offset: u64, data: &[u8]) -> anyhow::Result<()> {
+        self.0
+            .iter_mut()
+            .try_for_each(|sink| sink.write(offset, data))
+    }
+
+    fn zero(&mut self, offset: u64, length: u64) -> anyhow::Result<()> {
+        self.0
+            .iter_mut()
+            .try_for_each(|sink| sink.zero(offset, length))
+    }
+
+    fn finish(&mut self) -> anyhow::Result<()> {
+        self.0.iter_mut().try_for_each(|sink| sink.finish())
+    }
+}
+
+/// The sinks `targets` ask for, ready for an export of `size` bytes.
+pub fn open(targets: &Targets, mode: &Mode, size: u64) -> anyhow::Result<Box<dyn Sink + Send>> {
+    let mut sinks: Vec<Box<dyn Sink + Send>> = Vec::new();
+    if let Some(image) = &targets.image {
+        sinks.push(Box::new(ImageSink::open(image, mode, size)?));
+    }
+    if let Some(delta) = &targets.delta {
+        sinks.push(Box::new(DeltaSink::create(
+            delta,
+            &targets.delta_header(mode, size),
+        )?));
+    }
+    Ok(match sinks.len() {
+        1 => sinks.remove(0),
+        _ => Box::new(Tee(sinks)),
+    })
+}
+
+/// An image file: created sparse for a full pull, updated in place for an incremental one.
+#[derive(Debug)]
+pub struct ImageSink {
+    path: PathBuf,
+    file: File,
+    /// A freshly truncated image already reads zero everywhere.
+    fresh: bool,
+}
+
+impl ImageSink {
+    /// Open `path` for a pull of `mode` from an export of `size` bytes.
+    pub fn open(path: &Path, mode: &Mode, size: u64) -> anyhow::Result<ImageSink> {
+        let fresh = *mode == Mode::Full;
+        let file = if fresh {
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(path)
+                .with_context(|| format!("creating the image {}", path.display()))?;
+            file.set_len(size)
+                .with_context(|| format!("sizing the image {} to {size} bytes", path.display()))?;
+            file
+        } else {
+            let file = OpenOptions::new().read(true).write(true).open(path).with_context(|| {
+                format!(
+                    "opening the image {} to update it; an incremental pull writes into the                      previous backup's image, so pull it with --full first",
+                    path.display()
+                )
+            })?;
+            let len = file
+                .metadata()
+                .with_context(|| format!("{}", path.display()))?
+                .len();
+            if len != size {
+                bail!(
+                    "the image {} is {len} bytes but the export is {size} bytes: it is not a                      backup of this export",
+                    path.display()
+                );
+            }
+            file
+        };
+        Ok(ImageSink {
+            path: path.to_path_buf(),
+            file,
+            fresh,
+        })
+    }
+}
+
+impl Sink for ImageSink {
+    fn write(&mut self, offset: u64, data: &[u8]) -> anyhow::Result<()> {
+        self.file.write_all_at(data, offset).with_context(|| {
+            format!(
+                "writing {} bytes at offset {offset} of {}",
+                data.len(),
+                self.path.display()
+            )
+        })
+    }
+
+    fn zero(&mut self, offset: u64, length: u64) -> anyhow::Result<()> {
+        if self.fresh {
+            return Ok(());
+        }
+        let zeroes = vec![0u8; length.min(1 << 20) as usize];
+        let mut done = 0;
+        while done < length {
+            let piece = (length - done).min(zeroes.len() as u64) as usize;
+            self.write(offset + done, &zeroes[..piece])?;
+            done += piece as u64;
+        }
+        Ok(())
+    }
+
+    fn finish(&mut self) -> anyhow::Result<()> {
+        self.file
+            .sync_all()
+            .with_context(|| format!("syncing {}", self.path.display()))
+    }
+}
+
+/// A delta file written through `tidemark_formats::delta::DeltaWriter`, under a temporary
+/// name renamed into place once complete and synced, so the name only ever shows a whole
+/// delta. Neighbouring zero ranges are merged into one record.
+pub struct DeltaSink {
+    path: PathBuf,
+    partial: PathBuf,
+    writer: Option<DeltaWriter<BufWriter<File>>>,
+    pending_zero: Option<(u64, u64)>,
+}
+
+impl DeltaSink {
+    pub fn create(path: &Path, header: &DeltaHeader) -> anyhow::Result<DeltaSink> {
+        let mut name = path
+            .file_name()
+            .with_context(|| format!("{} is not a file name", path.display()))?
+            .to_os_string();
+        name.push(".partial");
+        let partial = path.with_file_name(name);
+        let file = File::create(&partial)
+            .with_context(|| format!("creating the delta file {}", partial.display()))?;
+        let writer = DeltaWriter::new(
+            BufWriter::with_capacity(1 << 20, file),
+            header,
+            DELTA_ZSTD_LEVEL,
+        )
+        .with_context(|| format!("starting the delta file {}", path.display()))?;
+        Ok(DeltaSink {
+            path: path.to_path_buf(),
+            partial,
+            writer: Some(writer),
+            pending_zero: None,
+        })
+    }
+
+    fn writer(&mut self) -> anyhow::Result<&mut DeltaWriter<BufWriter<File>>> {
+        self.writer
+            .as_mut()
+            .with_context(|| format!("the delta {} is already finished", self.path.display()))
+    }
+
+    fn flush_zero(&mut self) -> anyhow::Result<()> {
+        if let Some((offset, length)) = self.pending_zero.take() {
+            let path = self.path.clone();
+            self.writer()?
+                .write_zero(offset, length)
+                .with_context(|| format!("writing the delta {}", path.display()))?;
+        }
+        Ok(())
+    }
+}
+
+impl Sink for DeltaSink {
+    fn write(&mut self, offset: u64, data: &[u8]) -> anyhow::Result<()> {
+        self.flush_zero()?;
+        let path = self.path.clone();
+        self.writer()?
+            .write_data(offset, data)
+            .with_context(|| format!("writing the delta {}", path.display()))
+    }
+
+    fn zero(&mut self, offset: u64, length: u64) -> anyhow::Result<()> {
+        match &mut self.pending_zero {
+            Some((start, len)) if *start + *len == offset => *len += length,
+            _ => {
+                self.flush_zero()?;
+                self.pending_zero = Some((offset, length));
+            }
+        }
+        Ok(())
+    }
+
+    fn finish(&mut self) -> anyhow::Result<()> {
+        self.flush_zero()?;
+        let writer = self
+            .writer
+            .take()
+            .with_context(|| format!("the delta {} is already finished", self.path.display()))?;
+        let out = writer
+            .finish()
+            .with_context(|| format!("finishing the delta {}", self.path.display()))?;
+        let file = out
+            .into_inner()
+            .map_err(|e| e.into_error())
+            .with_context(|| format!("flushing {}", self.partial.display()))?;
+        file.sync_all()
+            .with_context(|| format!("syncing {}", self.partial.display()))?;
+        std::fs::rename(&self.partial, &self.path).with_context(|| {
+            format!(
+                "renaming {} to {}",
+                self.partial.display(),
+                self.path.display()
+            )
+        })?;
+        if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            File::open(dir)
+                .and_then(|d| d.sync_all())
+                .with_context(|| format!("syncing the directory {}", dir.display()))?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for DeltaSink {
+    fn drop(&mut self) {
+        // An unfinished delta is useless: leave no partial file behind.
+        if self.writer.is_some() {
+            let _ = std::fs::remove_file(&self.partial);
+        }
+    }
+}
+
+/// A sink over a plain `Vec<u8>`, the model the transfer is tested against.
+#[cfg(test)]
+#[derive(Debug)]
+pub struct MemorySink {
+    pub data: Vec<u8>,
+    /// Written ranges, in order.
+    pub writes: Vec<(u64, u64)>,
+    /// Zeroed ranges, in order.
+    pub zeroed: Vec<(u64, u64)>,
+    /// Whether every call started at or after the end of the previous one.
+    pub in_order: bool,
+    end: u64,
+}
+
+#[cfg(test)]
+impl MemorySink {
+    pub fn new(data: Vec<u8>) -> Self {
+        MemorySink {
+            data,
+            writes: Vec::new(),
+            zeroed: Vec::new(),
+            in_order: true,
+            end: 0,
+        }
+    }
+
+    fn track(&mut self, offset: u64, length: u64) {
+        self.in_order &= offset >= self.end;
+        self.end = offset + length;
+    }
+}
+
+#[cfg(test)]
+impl Sink for MemorySink {
+    fn write(&mut self, offset: u64, data: &[u8]) -> anyhow::Result<()> {
+        self.track(offset, data.len() as u64);
+        self.writes.push((offset, data.len() as u64));
+        self.data[offset as usize..offset as usize + data.len()].copy_from_slice(data);
+        Ok(())
+    }
+
+    fn zero(&mut self, offset: u64, length: u64) -> anyhow::Result<()> {
+        self.track(offset, length);
+        self.zeroed.push((offset, length));
+        self.data[offset as usize..(offset + length) as usize].fill(0);
+        Ok(())
+    }
+
+    fn finish(&mut self) -> anyhow::Result<()> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tidemark_formats::delta::{DeltaReader, ExtentKind};
+
+    fn header(size: u64) -> DeltaHeader {
+        let targets = Targets {
+            checkpoint: Some("tue".into()),
+            ..Targets::default()
+        };
+        targets.delta_header(
+            &Mode::Incremental {
+                bitmap: "mon".into(),
+            },
+            size,
+        )
+    }
+
+    #[test]
+    fn delta_sink_writes_a_readable_delta_and_merges_neighbouring_zeroes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.delta");
+        let mut sink = DeltaSink::create(&path, &header(1 << 20)).unwrap();
+        sink.write(0, &[7; 4096]).unwrap();
+        sink.zero(4096, 4096).unwrap();
+        sink.zero(8192, 4096).unwrap();
+        sink.write(65536, &[9; 100]).unwrap();
+        sink.finish().unwrap();
+        assert!(!dir.path().join("d.delta.partial").exists());
+
+        let mut reader = DeltaReader::open(File::open(&path).unwrap(), &path).unwrap();
+        let kinds: Vec<(u64, u64, ExtentKind)> = reader
+            .extents()
+            .iter()
+            .map(|e| (e.offset, e.length, e.kind))
+            .collect();
+        assert_eq!(
+            kinds,
+            vec![
+                (0, 4096, ExtentKind::Data),
+                (4096, 8192, ExtentKind::Zero),
+                (65536, 100, ExtentKind::Data)
+            ]
+        );
+        assert_eq!(
+            reader.header().from.as_ref().map(|f| f.name.as_str()),
+            Some("mon")
+        );
+        assert_eq!(reader.header().to.name, "tue");
+        let mut buf = vec![0u8; 100];
+        reader.read_at(65536, &mut buf).unwrap();
+        assert_eq!(buf, vec![9; 100]);
+    }
+
+    #[test]
+    fn an_unfinished_delta_leaves_no_file_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.delta");
+        let mut sink = DeltaSink::create(&path, &header(1 << 20)).unwrap();
+        sink.write(0, &[1; 512]).unwrap();
+        drop(sink);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn incremental_image_must_exist_with_the_export_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("img");
+        let mode = Mode::Incremental { bitmap: "b".into() };
+        let err = ImageSink::open(&path, &mode, 4096).unwrap_err();
+        assert!(format!("{err:#}").contains("--full first"), "{err:#}");
+        std::fs::write(&path, [0u8; 100]).unwrap();
+        let err = ImageSink::open(&path, &mode, 4096).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("is 100 bytes but the export is 4096"),
+            "{err:#}"
+        );
+    }
+}
