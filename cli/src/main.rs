@@ -7,6 +7,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod cmd;
+mod control;
+mod daemon;
 mod pull;
 mod ui;
 

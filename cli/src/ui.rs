@@ -31,12 +31,16 @@ pub fn init_logging() {
 /// `k`/`K`/`KiB`/`KB` all mean 1024).
 pub fn parse_size(text: &str) -> anyhow::Result<u64> {
     let trimmed = text.trim();
-    let split = trimmed.find(|c: char| !c.is_ascii_digit()).unwrap_or(trimmed.len());
+    let split = trimmed
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(trimmed.len());
     let (digits, suffix) = trimmed.split_at(split);
     if digits.is_empty() {
         bail!("invalid size {text:?}: expected a number with an optional K, M, G or T suffix");
     }
-    let number: u64 = digits.parse().with_context(|| format!("invalid size {text:?}"))?;
+    let number: u64 = digits
+        .parse()
+        .with_context(|| format!("invalid size {text:?}"))?;
     let shift = match suffix.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 0,
         "k" | "kb" | "kib" => 10,
@@ -71,7 +75,10 @@ pub fn byte_progress(total: u64, what: &str) -> ProgressBar {
 
 /// Print `report` as one line of JSON on stdout.
 pub fn print_json<T: Serialize>(report: &T) -> anyhow::Result<()> {
-    println!("{}", serde_json::to_string(report).context("encoding the JSON report")?);
+    println!(
+        "{}",
+        serde_json::to_string(report).context("encoding the JSON report")?
+    );
     Ok(())
 }
 

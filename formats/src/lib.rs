@@ -7,8 +7,10 @@
 
 mod atomic;
 pub mod bitmap;
+pub mod cow;
 pub mod delta;
 pub mod error;
+pub mod manifest;
 
 pub use atomic::atomic_replace;
 pub use error::{FormatError, FormatErrorKind, InvalidField};

@@ -57,7 +57,10 @@ pub struct ExportError {
 impl ExportError {
     /// An error with the given errno and message.
     pub fn new(errno: Errno, message: impl Into<String>) -> Self {
-        ExportError { errno, message: message.into() }
+        ExportError {
+            errno,
+            message: message.into(),
+        }
     }
 }
 
@@ -78,7 +81,10 @@ impl From<io::Error> for ExportError {
             Some(libc::EOPNOTSUPP) => Errno::NotSup,
             _ => Errno::Io,
         };
-        ExportError { errno, message: err.to_string() }
+        ExportError {
+            errno,
+            message: err.to_string(),
+        }
     }
 }
 
@@ -195,6 +201,10 @@ pub trait Export: Send + Sync + 'static {
     /// Extents describing `[offset, offset + len)` in `context`, in order, starting at
     /// `offset`. They may cover less than `len` (never zero bytes) or run past it; the
     /// server trims, merges neighbours and re-queries as the protocol requires.
-    fn block_status(&self, context: &MetaContext, offset: u64, len: u64)
-        -> ExportResult<Vec<Extent>>;
+    fn block_status(
+        &self,
+        context: &MetaContext,
+        offset: u64,
+        len: u64,
+    ) -> ExportResult<Vec<Extent>>;
 }

@@ -1,14 +1,129 @@
-//! `tidemark checkpoint`.
+//! `tidemark checkpoint`: a client of the daemon's control socket.
 
 use std::process::ExitCode;
 
-/// Create, list and delete checkpoints of a volume.
+use serde_json::{json, Value};
+
+use crate::control::{self, ClientArgs};
+use crate::ui;
+
+/// Create, list and delete checkpoints of a volume (the daemon must run: `tidemark serve`).
+///
+/// A checkpoint is a named point in time from which a volume's changes are tracked.
+/// Checkpoints form a chain: deleting one merges its changes into its predecessor, so
+/// an incremental backup from any remaining checkpoint still sees every change.
 #[derive(Debug, clap::Subcommand)]
 pub enum Command {
-    /// Not built yet.
-    List,
+    /// Start tracking changes from now under NAME.
+    ///
+    /// Usually `tidemark backup begin VOLUME --checkpoint NAME` is what you want: it
+    /// creates the checkpoint atomically with the backup's snapshot.
+    ///
+    /// Example: tidemark checkpoint create vm1 before-upgrade
+    Create {
+        /// The volume.
+        volume: String,
+        /// The new checkpoint's name.
+        name: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// List a volume's checkpoints, oldest first.
+    List {
+        /// The volume.
+        volume: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Delete a checkpoint (its changes merge into the one before it).
+    Delete {
+        /// The volume.
+        volume: String,
+        /// The checkpoint to delete.
+        name: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
 }
 
-pub fn run(_command: Command) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("`tidemark checkpoint` is not built yet")
+pub fn run(command: Command) -> anyhow::Result<ExitCode> {
+    let json_output = match &command {
+        Command::Create { client, .. }
+        | Command::List { client, .. }
+        | Command::Delete { client, .. } => client.json,
+    };
+    control::finish(json_output, run_inner(command))
+}
+
+fn run_inner(command: Command) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Create {
+            volume,
+            name,
+            client,
+        } => {
+            let created = client
+                .connect()?
+                .execute("checkpoint-create", json!({"volume": volume, "name": name}))?;
+            if client.json {
+                ui::print_json(&created)?;
+            } else {
+                println!("created checkpoint {name} of volume {volume}");
+            }
+        }
+        Command::List { volume, client } => {
+            let list = client
+                .connect()?
+                .execute("checkpoint-list", json!({"volume": volume}))?;
+            if client.json {
+                ui::print_json(&list)?;
+            } else {
+                print_checkpoints(&volume, &list);
+            }
+        }
+        Command::Delete {
+            volume,
+            name,
+            client,
+        } => {
+            let deleted = client
+                .connect()?
+                .execute("checkpoint-delete", json!({"volume": volume, "name": name}))?;
+            if client.json {
+                ui::print_json(&deleted)?;
+            } else {
+                println!("deleted checkpoint {name} of volume {volume}");
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_checkpoints(volume: &str, list: &Value) {
+    let Some(list) = list.as_array() else { return };
+    if list.is_empty() {
+        println!(
+            "volume {volume} has no checkpoints; `tidemark backup begin {volume} --checkpoint \
+             NAME` makes a full backup and starts one"
+        );
+        return;
+    }
+    println!("{:<24} {:<26} {:>12}", "NAME", "CREATED", "DIRTY");
+    for checkpoint in list {
+        let text = |v: &Value| match v {
+            Value::String(s) => s.clone(),
+            Value::Null => "-".into(),
+            other => other.to_string(),
+        };
+        let dirty = checkpoint["dirty_bytes"]
+            .as_u64()
+            .map(super::volume::human_size)
+            .unwrap_or_else(|| text(&checkpoint["dirty_bytes"]));
+        println!(
+            "{:<24} {:<26} {:>12}",
+            text(&checkpoint["name"]),
+            text(&checkpoint["created"]),
+            dirty
+        );
+    }
 }

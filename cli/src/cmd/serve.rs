@@ -1,11 +1,66 @@
 //! `tidemark serve`.
 
+use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::ExitCode;
 
-/// Run the daemon: own the volumes of a state dir, serve their live disks over NBD.
-#[derive(Debug, clap::Args)]
-pub struct Args {}
+use crate::control;
+use crate::daemon;
 
-pub fn run(_args: Args) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("`tidemark serve` is not built yet")
+/// Run the daemon: own the volumes of a state dir, serve their live disks over NBD.
+///
+/// One daemon per state dir. Every volume is exported read-write under its name on the
+/// NBD socket (nbd+unix:///NAME?socket=<state-dir>/nbd.sock), and backups export their
+/// snapshots read-only (default name NAME@backup). The control socket speaks QMP-style
+/// JSON lines (docs/CONTROL.md); the other commands (volume, checkpoint, backup, info)
+/// are its clients. Both sockets are mode 0600; TCP is used only with --listen.
+///
+/// SIGTERM or SIGINT stops it cleanly: running backups fail and drop their snapshots,
+/// volumes close with their bitmaps marked clean. Logs go to stderr; TIDEMARK_LOG=info
+/// (or debug) shows more.
+///
+/// Examples:
+///   tidemark serve
+///   tidemark serve --state-dir /srv/tidemark --listen 127.0.0.1:10809
+///   socat - UNIX-CONNECT:/var/lib/tidemark/control.sock
+#[derive(Debug, clap::Args)]
+#[command(verbatim_doc_comment)]
+pub struct Args {
+    /// The state directory (volumes, checkpoints, COW stores, sockets); created mode 0700.
+    ///
+    /// Default: $TIDEMARK_STATE_DIR, else /var/lib/tidemark as root, else
+    /// $XDG_STATE_HOME/tidemark.
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+
+    /// The NBD Unix socket. Default: <state-dir>/nbd.sock.
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+
+    /// Also serve NBD over TCP on this address, e.g. 127.0.0.1:10809 (no TLS: bind to a
+    /// trusted network only).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub listen: Option<SocketAddr>,
+
+    /// The control socket. Default: <state-dir>/control.sock.
+    #[arg(long, value_name = "PATH")]
+    pub control: Option<PathBuf>,
+}
+
+pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let state_dir = match args.state_dir {
+        Some(dir) => dir,
+        None => control::default_state_dir()?,
+    };
+    let state_dir = std::path::absolute(&state_dir).unwrap_or(state_dir);
+    let config = daemon::Config {
+        nbd_socket: args.socket.unwrap_or_else(|| state_dir.join("nbd.sock")),
+        control_socket: args
+            .control
+            .unwrap_or_else(|| state_dir.join("control.sock")),
+        listen: args.listen,
+        state_dir,
+    };
+    daemon::run(config)?;
+    Ok(ExitCode::SUCCESS)
 }

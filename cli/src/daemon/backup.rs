@@ -1,0 +1,559 @@
+//! Backup jobs: `backup-begin`, `backup-end`, `backup-status`, and what ends a backup by
+//! itself (a push that finished, a snapshot that failed, a lease holder that went away).
+//!
+//! A backup covers one or more volumes. `backup-begin` quiesces (hooks, FIFREEZE, guest
+//! agent, each optional), takes one group snapshot of all its volumes (one write pause),
+//! optionally starts a new checkpoint and freezes the dirty bitmap since `incremental`,
+//! thaws, and then either exports each snapshot read-only over NBD (pull) or hands them
+//! to a worker thread that copies them to the targets (push).
+//!
+//! State lives in the daemon's registry: a running backup is in `backups` and its volumes
+//! are busy; when it ends (for whatever reason) its exports are removed, its snapshots
+//! dropped (their COW stores with them), its final status moves to `finished`, and one
+//! event says how it ended: `BACKUP_COMPLETED` or `BACKUP_FAILED`.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use super::args::{check_name, Arguments};
+use super::control_server::ConnectionId;
+use super::engine::{self, PushFormat, QuiesceRequest, SnapshotHandle, VolumeHandle};
+use super::{conflict, failed, not_found, Daemon, FINISHED_KEPT};
+use crate::control::{CommandError, ErrorClass, Timestamp};
+
+/// The arguments `backup-begin` takes (docs/CONTROL.md).
+pub const BEGIN_ARGUMENTS: &[&str] = &[
+    "volumes",
+    "checkpoint",
+    "incremental",
+    "export_name",
+    "push",
+    "push_format",
+    "cow_limit",
+    "lease",
+    "freeze",
+    "hooks",
+    "guest_agent",
+    "quiesce_timeout_ms",
+];
+
+/// The default export name of a backup's snapshot; `{volume}` is the volume's name.
+pub const DEFAULT_EXPORT_NAME: &str = "{volume}@backup";
+
+/// Where a backup's data goes.
+#[derive(Debug, Clone)]
+enum Mode {
+    /// Exported over NBD until `backup-end`.
+    Pull,
+    /// Copied by a worker to `target` (with `{volume}` replaced) in `format`.
+    Push { target: String, format: PushFormat },
+}
+
+/// One volume of a backup.
+struct Member {
+    volume: String,
+    snapshot: Arc<SnapshotHandle>,
+    /// The export name (pull mode).
+    export: Option<String>,
+    /// Where a push writes this volume.
+    target: Option<PathBuf>,
+}
+
+/// A running backup.
+pub struct Backup {
+    id: String,
+    members: Vec<Member>,
+    mode: Mode,
+    checkpoint: Option<String>,
+    incremental: Option<String>,
+    started: Timestamp,
+    started_at: Instant,
+    pause: Duration,
+    quiesce: Value,
+    lease: Option<ConnectionId>,
+    progress: Arc<Progress>,
+}
+
+/// Bytes a push has copied, out of how many.
+#[derive(Debug, Default)]
+pub struct Progress {
+    pub done: AtomicU64,
+    pub total: AtomicU64,
+    pub cancel: AtomicBool,
+}
+
+impl Backup {
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    pub fn volume_names(&self) -> impl Iterator<Item = &str> {
+        self.members.iter().map(|m| m.volume.as_str())
+    }
+
+    fn report(&self, daemon: &Daemon, state: &str, error: Option<&str>) -> Value {
+        let volumes: Vec<Value> = self
+            .members
+            .iter()
+            .map(|m| {
+                let mut v = json!({
+                    "volume": m.volume,
+                    "size": m.snapshot.size(),
+                    "snapshot": m.snapshot.status(),
+                });
+                if let Some(export) = &m.export {
+                    v["export"] = json!(export);
+                    v["uri"] = daemon.uris(export);
+                    v["bitmap"] = json!(self.incremental);
+                }
+                if let Some(target) = &m.target {
+                    v["target"] = json!(target);
+                }
+                v
+            })
+            .collect();
+        let (mode, push_format) = match &self.mode {
+            Mode::Pull => ("pull", Value::Null),
+            Mode::Push { format, .. } => ("push", json!(format.as_str())),
+        };
+        json!({
+            "id": self.id,
+            "state": state,
+            "error": error,
+            "mode": mode,
+            "push_format": push_format,
+            "volumes": volumes,
+            "checkpoint": self.checkpoint,
+            "incremental": self.incremental,
+            "started": self.started,
+            "elapsed_ms": self.started_at.elapsed().as_millis() as u64,
+            "write_pause_us": self.pause.as_micros() as u64,
+            "quiesce": self.quiesce,
+            "lease": self.lease.is_some(),
+            "progress": {
+                "done": self.progress.done.load(Ordering::Relaxed),
+                "total": self.progress.total.load(Ordering::Relaxed),
+            },
+        })
+    }
+}
+
+/// Volumes reserved by a `backup-begin` still in progress, so two begins cannot race.
+fn reserve<'a>(daemon: &'a Daemon, names: &[String]) -> Result<Reservation<'a>, CommandError> {
+    let mut registry = daemon.registry();
+    for name in names {
+        if let Some(backup) = registry
+            .backups
+            .values()
+            .find(|b| b.volume_names().any(|v| v == name))
+        {
+            return Err(conflict(format!(
+                "volume {name:?} is already in backup {}; `tidemark backup end {name}` first",
+                backup.id()
+            )));
+        }
+        if registry.reserved.contains(name) {
+            return Err(conflict(format!(
+                "a backup of volume {name:?} is being started by another client; wait for it"
+            )));
+        }
+    }
+    registry.reserved.extend(names.iter().cloned());
+    Ok(Reservation {
+        daemon,
+        names: names.to_vec(),
+    })
+}
+
+struct Reservation<'a> {
+    daemon: &'a Daemon,
+    names: Vec<String>,
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        let mut registry = self.daemon.registry();
+        for name in &self.names {
+            registry.reserved.remove(name);
+        }
+    }
+}
+
+/// `backup-begin`.
+pub fn begin(
+    daemon: &Arc<Daemon>,
+    conn: ConnectionId,
+    args: &Arguments<'_>,
+) -> Result<Value, CommandError> {
+    let names = args.strings("volumes")?;
+    if names.is_empty() {
+        return Err(CommandError::new(
+            ErrorClass::InvalidParameter,
+            "backup-begin: \"volumes\" must name at least one volume".to_string(),
+        ));
+    }
+    let unique: BTreeSet<&String> = names.iter().collect();
+    if unique.len() != names.len() {
+        return Err(CommandError::new(
+            ErrorClass::InvalidParameter,
+            "backup-begin: a volume is named twice in \"volumes\"".to_string(),
+        ));
+    }
+    let checkpoint = args.opt_string("checkpoint")?;
+    if let Some(name) = &checkpoint {
+        check_name("checkpoint", name)?;
+    }
+    let incremental = args.opt_string("incremental")?;
+    let template = args
+        .opt_string("export_name")?
+        .unwrap_or_else(|| DEFAULT_EXPORT_NAME.into());
+    if names.len() > 1 && !template.contains("{volume}") {
+        return Err(CommandError::new(
+            ErrorClass::InvalidParameter,
+            format!(
+                "backup-begin: export_name {template:?} must contain {{volume}} when several \
+                 volumes are backed up together"
+            ),
+        ));
+    }
+    let mode = match args.opt_string("push")? {
+        None => {
+            if args.opt_string("push_format")?.is_some() {
+                return Err(CommandError::new(
+                    ErrorClass::InvalidParameter,
+                    "backup-begin: push_format needs push".to_string(),
+                ));
+            }
+            Mode::Pull
+        }
+        Some(target) => {
+            let format = match args.opt_string("push_format")?.as_deref() {
+                None | Some("image") => PushFormat::Image,
+                Some("delta") => PushFormat::Delta,
+                Some(other) => {
+                    return Err(CommandError::new(
+                        ErrorClass::InvalidParameter,
+                        format!("backup-begin: push_format {other:?} is not image or delta"),
+                    ))
+                }
+            };
+            if !PathBuf::from(&target).is_absolute() {
+                return Err(CommandError::new(
+                    ErrorClass::InvalidParameter,
+                    format!("backup-begin: push target {target:?} must be an absolute path"),
+                ));
+            }
+            if names.len() > 1 && !target.contains("{volume}") {
+                return Err(CommandError::new(
+                    ErrorClass::InvalidParameter,
+                    format!(
+                        "backup-begin: push target {target:?} must contain {{volume}} when \
+                         several volumes are backed up together"
+                    ),
+                ));
+            }
+            Mode::Push { target, format }
+        }
+    };
+    let lease = args.flag("lease")?;
+    if lease && !matches!(mode, Mode::Pull) {
+        return Err(CommandError::new(
+            ErrorClass::InvalidParameter,
+            "backup-begin: a lease holds a pull backup; a push backup ends by itself".to_string(),
+        ));
+    }
+    let quiesce = QuiesceRequest {
+        mountpoints: args
+            .strings("freeze")?
+            .into_iter()
+            .map(PathBuf::from)
+            .collect(),
+        hooks: args.opt_string("hooks")?.map(PathBuf::from),
+        guest_agent: args.opt_string("guest_agent")?.map(PathBuf::from),
+        timeout: args
+            .opt_u64("quiesce_timeout_ms")?
+            .map(Duration::from_millis),
+    };
+    let cow_limit = args.opt_u64("cow_limit")?;
+
+    let volumes: Vec<Arc<VolumeHandle>> = names
+        .iter()
+        .map(|n| daemon.volume(n))
+        .collect::<Result<_, _>>()?;
+    let exports: Vec<Option<String>> = names
+        .iter()
+        .map(|n| match mode {
+            Mode::Pull => {
+                let export = template.replace("{volume}", n);
+                check_name("export", &export.replace('@', "_")).map(|()| Some(export))
+            }
+            Mode::Push { .. } => Ok(None),
+        })
+        .collect::<Result<_, _>>()?;
+    let targets: Vec<Option<PathBuf>> = names
+        .iter()
+        .map(|n| match &mode {
+            Mode::Push { target, .. } => Some(PathBuf::from(target.replace("{volume}", n))),
+            Mode::Pull => None,
+        })
+        .collect();
+    let _reservation = reserve(daemon, &names)?;
+    if let Some(taken) = exports.iter().flatten().find(|e| daemon.nbd.has_export(e)) {
+        return Err(conflict(format!(
+            "an export named {taken:?} exists already; choose another export_name"
+        )));
+    }
+
+    // Quiesce, snapshot, thaw. The quiesce guard thaws on every path out of this block.
+    let started = Timestamp::now();
+    let started_at = Instant::now();
+    let frozen = engine::quiesce(&quiesce)?;
+    let group = engine::group_snapshot(
+        &volumes,
+        checkpoint.as_deref(),
+        incremental.as_deref(),
+        cow_limit,
+    );
+    let quiesce_report = frozen.thaw();
+    let group = group?;
+    let quiesce_report = quiesce_report?;
+
+    let id = {
+        let mut registry = daemon.registry();
+        registry.next_backup += 1;
+        format!("backup-{}", registry.next_backup)
+    };
+    let members: Vec<Member> = names
+        .iter()
+        .zip(group.snapshots)
+        .zip(exports)
+        .zip(targets)
+        .map(|(((volume, snapshot), export), target)| Member {
+            volume: volume.clone(),
+            snapshot: Arc::new(snapshot),
+            export,
+            target,
+        })
+        .collect();
+    let backup = Backup {
+        id: id.clone(),
+        members,
+        mode: mode.clone(),
+        checkpoint: checkpoint.clone(),
+        incremental: incremental.clone(),
+        started,
+        started_at,
+        pause: group.pause,
+        quiesce: quiesce_report,
+        lease: lease.then_some(conn),
+        progress: Arc::new(Progress::default()),
+    };
+    for member in &backup.members {
+        if let Some(export) = &member.export {
+            daemon
+                .nbd
+                .add_export(export, member.snapshot.export(incremental.as_deref()));
+        }
+    }
+    let report = backup.report(daemon, "running", None);
+    let push = match &mode {
+        Mode::Push { format, .. } => Some((
+            *format,
+            backup
+                .members
+                .iter()
+                .map(|m| {
+                    (
+                        Arc::clone(&m.snapshot),
+                        m.target.clone().unwrap_or_default(),
+                    )
+                })
+                .collect::<Vec<_>>(),
+            Arc::clone(&backup.progress),
+        )),
+        Mode::Pull => None,
+    };
+    daemon.registry().backups.insert(id.clone(), backup);
+    daemon.emit(
+        "BACKUP_STARTED",
+        json!({"id": id, "volumes": names, "mode": report["mode"]}),
+    );
+    if let Some((format, jobs, progress)) = push {
+        let worker_daemon = Arc::clone(daemon);
+        let incremental = incremental.is_some();
+        let worker_id = id.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("tidemark-{id}"))
+            .spawn(move || {
+                let result = engine::push(&jobs, format, incremental, &progress);
+                match result {
+                    Ok(()) => {
+                        complete(&worker_daemon, &worker_id);
+                    }
+                    Err(err) => fail(&worker_daemon, &worker_id, &err.desc),
+                }
+            });
+        if let Err(err) = spawned {
+            fail(
+                daemon,
+                &id,
+                &format!("starting the push worker failed: {err}"),
+            );
+            return Err(failed(format!("starting the push worker failed: {err}")));
+        }
+    }
+    Ok(report)
+}
+
+/// `backup-end`: end a pull backup (or cancel a running push).
+pub fn end(daemon: &Daemon, args: &Arguments<'_>) -> Result<Value, CommandError> {
+    let volume = args.opt_string("volume")?;
+    let id = args.opt_string("id")?;
+    let found = {
+        let registry = daemon.registry();
+        registry
+            .backups
+            .values()
+            .find(|b| match (&id, &volume) {
+                (Some(id), _) => b.id == *id,
+                (None, Some(volume)) => b.volume_names().any(|v| v == volume),
+                (None, None) => false,
+            })
+            .map(|b| {
+                (
+                    b.id.clone(),
+                    matches!(b.mode, Mode::Push { .. }),
+                    Arc::clone(&b.progress),
+                )
+            })
+    };
+    let Some((id, push, progress)) = found else {
+        if id.is_none() && volume.is_none() {
+            return Err(CommandError::new(
+                ErrorClass::InvalidParameter,
+                "backup-end: name the backup by \"volume\" or \"id\"".to_string(),
+            ));
+        }
+        let what = id
+            .map(|i| format!("backup {i:?}"))
+            .unwrap_or_else(|| format!("backup of volume {:?}", volume.unwrap_or_default()));
+        let recent = daemon.registry().finished.back().cloned();
+        let hint = match recent {
+            Some(last) if last["state"] == json!("failed") => format!(
+                "; the last backup ({}) failed: {}",
+                last["id"].as_str().unwrap_or("?"),
+                last["error"].as_str().unwrap_or("?")
+            ),
+            _ => String::new(),
+        };
+        return Err(not_found(format!(
+            "no running {what}; `tidemark backup status` lists them{hint}"
+        )));
+    };
+    if push {
+        progress.cancel.store(true, Ordering::Relaxed);
+        fail(daemon, &id, "cancelled by backup-end");
+        return Ok(json!({"id": id, "state": "cancelled"}));
+    }
+    Ok(complete(daemon, &id))
+}
+
+/// `backup-status`: running backups, then recently ended ones.
+pub fn status(daemon: &Daemon) -> Value {
+    let registry = daemon.registry();
+    let running: Vec<Value> = registry
+        .backups
+        .values()
+        .map(|b| b.report(daemon, "running", None))
+        .collect();
+    json!({"running": running, "finished": registry.finished.iter().collect::<Vec<_>>()})
+}
+
+/// Take backup `id` out of the registry, drop its exports and snapshots, and remember its
+/// final report. `None` when it had ended already.
+fn finish(daemon: &Daemon, id: &str, state: &str, error: Option<&str>) -> Option<Value> {
+    let backup = daemon.registry().backups.remove(id)?;
+    for member in &backup.members {
+        if let Some(export) = &member.export {
+            daemon.nbd.remove_export(export);
+        }
+    }
+    let report = backup.report(daemon, state, error);
+    drop(backup);
+    let mut registry = daemon.registry();
+    registry.finished.push_back(report.clone());
+    while registry.finished.len() > FINISHED_KEPT {
+        registry.finished.pop_front();
+    }
+    Some(report)
+}
+
+/// End backup `id` successfully.
+fn complete(daemon: &Daemon, id: &str) -> Value {
+    match finish(daemon, id, "completed", None) {
+        Some(report) => {
+            daemon.emit("BACKUP_COMPLETED", report.clone());
+            report
+        }
+        None => json!({"id": id, "state": "ended"}),
+    }
+}
+
+/// Fail backup `id` (if it is still running) with `reason`.
+pub fn fail(daemon: &Daemon, id: &str, reason: &str) {
+    if let Some(report) = finish(daemon, id, "failed", Some(reason)) {
+        tracing::warn!(backup = id, "backup failed: {reason}");
+        daemon.emit("BACKUP_FAILED", report);
+    }
+}
+
+/// A control connection closed: fail the backups it held a lease on.
+pub fn connection_closed(daemon: &Daemon, conn: ConnectionId) {
+    let held: Vec<String> = daemon
+        .registry()
+        .backups
+        .values()
+        .filter(|b| b.lease == Some(conn))
+        .map(|b| b.id.clone())
+        .collect();
+    for id in held {
+        fail(
+            daemon,
+            &id,
+            "the lease holder disconnected (its process ended)",
+        );
+    }
+}
+
+/// Check running backups for snapshots that failed (a full COW store, an I/O error) and
+/// fail those backups; the live volumes are unaffected.
+pub fn monitor(daemon: &Daemon) {
+    let broken: Vec<(String, String, String)> = daemon
+        .registry()
+        .backups
+        .values()
+        .flat_map(|b| {
+            b.members.iter().filter_map(|m| {
+                m.snapshot
+                    .failure()
+                    .map(|why| (b.id.clone(), m.volume.clone(), why))
+            })
+        })
+        .collect();
+    for (id, volume, why) in broken {
+        daemon.emit(
+            "SNAPSHOT_FAILED",
+            json!({"id": id, "volume": volume, "error": why}),
+        );
+        fail(
+            daemon,
+            &id,
+            &format!("the snapshot of volume {volume:?} failed: {why}"),
+        );
+    }
+}

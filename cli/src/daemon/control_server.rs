@@ -1,0 +1,340 @@
+//! The control socket's server side: accept connections, read one request per line,
+//! run it, write its reply, and forward events to every connection meanwhile.
+//!
+//! Each connection is handled in order (a reply is sent before the next request is read,
+//! as QMP does), commands run on blocking threads because they touch disks, and nothing
+//! a client sends can take the daemon down: a malformed line gets a `ProtocolError`
+//! reply, an over-long line is discarded up to its newline and answered the same way.
+
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use serde_json::Value;
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{broadcast, mpsc, watch};
+
+use crate::control::{self, CommandError, ErrorClass, Event, Request, MAX_LINE};
+
+/// Identifies one control connection (leases are tied to it).
+pub type ConnectionId = u64;
+
+/// What the server needs from the daemon: run a command, and learn that a connection
+/// went away.
+pub trait Handler: Send + Sync + 'static {
+    /// Run one request from connection `conn`. Called on a blocking thread.
+    fn execute(&self, conn: ConnectionId, request: Request) -> Result<Value, CommandError>;
+    /// Connection `conn` closed (its client exited or crashed).
+    fn disconnected(&self, conn: ConnectionId);
+}
+
+/// Accept connections on `listener` until `shutdown` turns true.
+pub async fn serve(
+    listener: UnixListener,
+    handler: Arc<dyn Handler>,
+    events: broadcast::Sender<Event>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    static NEXT_CONNECTION: AtomicU64 = AtomicU64::new(1);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    let conn = NEXT_CONNECTION.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(conn, "control connection opened");
+                    let handler = Arc::clone(&handler);
+                    let events = events.subscribe();
+                    let shutdown = shutdown.clone();
+                    tokio::spawn(async move {
+                        if let Err(err) =
+                            connection(stream, conn, Arc::clone(&handler), events, shutdown).await
+                        {
+                            tracing::debug!(conn, "control connection ended: {err}");
+                        }
+                        handler.disconnected(conn);
+                    });
+                }
+                Err(err) => {
+                    // EMFILE and friends: keep serving the connections we have.
+                    tracing::warn!("accepting a control connection failed: {err}");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+            },
+            _ = shutdown.changed() => break,
+        }
+    }
+}
+
+/// One line read from a client.
+#[derive(Debug, PartialEq, Eq)]
+enum Line {
+    /// A complete line (without its newline).
+    Complete(Vec<u8>),
+    /// A line longer than the limit; its bytes were discarded up to the newline.
+    TooLong,
+    /// The client closed the connection.
+    Eof,
+}
+
+/// Read one line of at most `limit` bytes, discarding (not buffering) longer ones.
+async fn read_line<R: AsyncBufRead + Unpin>(reader: &mut R, limit: usize) -> io::Result<Line> {
+    let mut line = Vec::new();
+    let mut too_long = false;
+    loop {
+        let available = reader.fill_buf().await?;
+        if available.is_empty() {
+            // A last line without a newline still counts; an empty tail is the end.
+            return Ok(if too_long {
+                Line::TooLong
+            } else if line.is_empty() {
+                Line::Eof
+            } else {
+                Line::Complete(line)
+            });
+        }
+        let (chunk, found) = match available.iter().position(|&b| b == b'\n') {
+            Some(at) => (&available[..at], Some(at + 1)),
+            None => (available, None),
+        };
+        if !too_long {
+            if line.len() + chunk.len() > limit {
+                too_long = true;
+                line = Vec::new();
+            } else {
+                line.extend_from_slice(chunk);
+            }
+        }
+        let used = found.unwrap_or(available.len());
+        reader.consume(used);
+        if found.is_some() {
+            return Ok(if too_long {
+                Line::TooLong
+            } else {
+                Line::Complete(line)
+            });
+        }
+    }
+}
+
+async fn connection(
+    stream: UnixStream,
+    conn: ConnectionId,
+    handler: Arc<dyn Handler>,
+    mut events: broadcast::Receiver<Event>,
+    mut shutdown: watch::Receiver<bool>,
+) -> io::Result<()> {
+    let (read_half, mut write_half) = stream.into_split();
+    let (out_tx, mut out_rx) = mpsc::unbounded_channel::<Value>();
+
+    // The writer: replies and events in the order they were produced.
+    let writer = tokio::spawn(async move {
+        while let Some(message) = out_rx.recv().await {
+            let mut line = message.to_string();
+            line.push('\n');
+            if write_half.write_all(line.as_bytes()).await.is_err() {
+                break;
+            }
+        }
+    });
+
+    let _ = out_tx.send(control::greeting());
+    let events_tx = out_tx.clone();
+    let forwarder = tokio::spawn(async move {
+        loop {
+            match events.recv().await {
+                Ok(event) => {
+                    let Ok(value) = serde_json::to_value(&event) else {
+                        continue;
+                    };
+                    if events_tx.send(value).is_err() {
+                        break;
+                    }
+                }
+                // A client too slow to read its events loses the oldest ones; say so.
+                Err(broadcast::error::RecvError::Lagged(missed)) => {
+                    let warning = Event::new("EVENTS_LOST", serde_json::json!({"count": missed}));
+                    if let Ok(value) = serde_json::to_value(&warning) {
+                        let _ = events_tx.send(value);
+                    }
+                }
+                Err(broadcast::error::RecvError::Closed) => break,
+            }
+        }
+    });
+
+    let mut reader = BufReader::new(read_half);
+    let result = loop {
+        let line = tokio::select! {
+            line = read_line(&mut reader, MAX_LINE) => line,
+            _ = shutdown.changed() => break Ok(()),
+        };
+        let reply = match line {
+            Err(err) => break Err(err),
+            Ok(Line::Eof) => break Ok(()),
+            Ok(Line::TooLong) => control::reply_error(
+                &CommandError::new(
+                    ErrorClass::ProtocolError,
+                    format!("the request line is longer than {MAX_LINE} bytes; it was ignored"),
+                ),
+                None,
+            ),
+            Ok(Line::Complete(bytes)) if bytes.iter().all(u8::is_ascii_whitespace) => continue,
+            Ok(Line::Complete(bytes)) => match Request::parse(&bytes) {
+                Err((err, id)) => control::reply_error(&err, id),
+                Ok(request) => {
+                    let id = request.id.clone();
+                    let name = request.execute.clone();
+                    let handler = Arc::clone(&handler);
+                    let result =
+                        tokio::task::spawn_blocking(move || handler.execute(conn, request)).await;
+                    match result {
+                        Ok(Ok(value)) => control::reply_return(value, id),
+                        Ok(Err(err)) => {
+                            tracing::info!(conn, command = %name, "command failed: {}", err.desc);
+                            control::reply_error(&err, id)
+                        }
+                        Err(join) => {
+                            tracing::error!(conn, command = %name, "command panicked: {join}");
+                            control::reply_error(
+                                &CommandError::new(
+                                    ErrorClass::GenericError,
+                                    format!(
+                                        "internal error running {name}; the daemon logged it, \
+                                         please report it"
+                                    ),
+                                ),
+                                id,
+                            )
+                        }
+                    }
+                }
+            },
+        };
+        if out_tx.send(reply).is_err() {
+            break Ok(());
+        }
+    };
+    forwarder.abort();
+    drop(out_tx);
+    let _ = writer.await;
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+    use std::sync::Mutex;
+    use tokio::io::AsyncReadExt;
+
+    #[tokio::test]
+    async fn read_line_splits_discards_and_ends() {
+        let input: &[u8] = b"abc\n0123456789\nxy\nlast";
+        let mut reader = BufReader::with_capacity(4, input);
+        assert_eq!(
+            read_line(&mut reader, 5).await.unwrap(),
+            Line::Complete(b"abc".to_vec())
+        );
+        assert_eq!(read_line(&mut reader, 5).await.unwrap(), Line::TooLong);
+        assert_eq!(
+            read_line(&mut reader, 5).await.unwrap(),
+            Line::Complete(b"xy".to_vec())
+        );
+        assert_eq!(
+            read_line(&mut reader, 5).await.unwrap(),
+            Line::Complete(b"last".to_vec())
+        );
+        assert_eq!(read_line(&mut reader, 5).await.unwrap(), Line::Eof);
+    }
+
+    /// Echoes its arguments for `echo`, fails `fail`, panics on `boom`.
+    #[derive(Default)]
+    struct Echo {
+        gone: Mutex<Vec<ConnectionId>>,
+    }
+
+    impl Handler for Echo {
+        fn execute(&self, _conn: ConnectionId, request: Request) -> Result<Value, CommandError> {
+            match request.execute.as_str() {
+                "echo" => Ok(Value::Object(request.arguments)),
+                "boom" => panic!("a handler bug"),
+                _ => Err(CommandError::new(
+                    ErrorClass::CommandNotFound,
+                    "no such command",
+                )),
+            }
+        }
+        fn disconnected(&self, conn: ConnectionId) {
+            self.gone.lock().unwrap().push(conn);
+        }
+    }
+
+    async fn start() -> (
+        tempfile::TempDir,
+        std::path::PathBuf,
+        Arc<Echo>,
+        watch::Sender<bool>,
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("control.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let echo = Arc::new(Echo::default());
+        let (events, _) = broadcast::channel(16);
+        let (stop, stopped) = watch::channel(false);
+        let handler: Arc<dyn Handler> = echo.clone();
+        tokio::spawn(serve(listener, handler, events, stopped));
+        (dir, path, echo, stop)
+    }
+
+    async fn exchange(path: &std::path::Path, input: &[u8]) -> Vec<Value> {
+        let mut stream = UnixStream::connect(path).await.unwrap();
+        stream.write_all(input).await.unwrap();
+        stream.shutdown().await.unwrap();
+        let mut out = String::new();
+        stream.read_to_string(&mut out).await.unwrap();
+        out.lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn malformed_lines_get_protocol_errors_and_the_connection_survives() {
+        let (_dir, path, echo, _stop) = start().await;
+        let mut input = Vec::new();
+        input.extend_from_slice(b"not json\n");
+        input.extend_from_slice(b"\xff\xff\xff\n");
+        input.extend_from_slice(b"[]\n\n   \n");
+        input.extend_from_slice(&vec![b'x'; MAX_LINE + 10]);
+        input.extend_from_slice(b"\n{\"execute\": \"boom\", \"id\": 1}\n");
+        input.extend_from_slice(b"{\"execute\": \"echo\", \"arguments\": {\"a\": 1}, \"id\": 2}\n");
+        let replies = exchange(&path, &input).await;
+        assert_eq!(
+            replies[0]["tidemark"]["protocol"],
+            json!(control::PROTOCOL_VERSION)
+        );
+        for reply in &replies[1..5] {
+            assert_eq!(reply["error"]["class"], json!("ProtocolError"), "{reply}");
+        }
+        assert_eq!(replies[5]["error"]["class"], json!("GenericError"));
+        assert_eq!(replies[5]["id"], json!(1));
+        assert_eq!(replies[6], json!({"return": {"a": 1}, "id": 2}));
+        assert_eq!(replies.len(), 7);
+        // The server noticed the close (after its task finished).
+        for _ in 0..100 {
+            if !echo.gone.lock().unwrap().is_empty() {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        panic!("the handler never heard that the connection closed");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn unknown_commands_are_errors_with_the_request_id() {
+        let (_dir, path, _echo, _stop) = start().await;
+        let replies = exchange(&path, b"{\"execute\": \"nope\", \"id\": \"x\"}\n").await;
+        assert_eq!(replies[1]["error"]["class"], json!("CommandNotFound"));
+        assert_eq!(replies[1]["id"], json!("x"));
+    }
+}

@@ -1,0 +1,1245 @@
+//! The NBD server: a registry of named exports served over Unix sockets or TCP.
+//!
+//! ```no_run
+//! # async fn example(export: std::sync::Arc<dyn tidemark_nbd::export::Export>) -> Result<(), tidemark_nbd::server::ServerError> {
+//! use tidemark_nbd::server::Server;
+//! let server = Server::new();
+//! server.add_export("vm1", export)?;
+//! let listener = server.bind_unix(std::path::Path::new("/run/tidemark/nbd.sock"))?;
+//! let serving = tokio::spawn({ let server = server.clone(); async move { server.serve(listener).await } });
+//! // ... later: stop accepting, let in-flight requests finish, close every connection.
+//! server.shutdown();
+//! server.wait_idle(std::time::Duration::from_secs(5)).await;
+//! # drop(serving); Ok(()) }
+//! ```
+//!
+//! Each connection runs the [`negotiate`](crate::negotiate) state machine under a time
+//! limit, then the transmission loop: one reader task parses request headers and bounds
+//! every length before reading a payload; each request runs on a blocking thread (export
+//! methods block) and sends its finished reply to one writer task, so replies go out in
+//! completion order (out of order, as the protocol allows) and many requests are in
+//! flight at once. A per-connection budget of in-flight bytes bounds memory: the reader
+//! waits for budget before it allocates or reads a payload. Buffers are recycled through a
+//! per-connection pool so steady-state reads and writes allocate nothing.
+//!
+//! Removing an export closes the connections that serve it (after their in-flight requests
+//! complete); [`Server::shutdown`] does the same for every connection.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::{mpsc, watch, Notify, OwnedSemaphorePermit, Semaphore};
+
+use crate::export::{Errno, Export, ExportError, MetaContext, ZeroFlags, STATE_ZERO};
+use crate::negotiate::{ExportDirectory, Negotiation, Session, Step};
+use crate::proto::{self, cflags, chunk, tflags, Command, HeaderMode, Request};
+
+/// Server tuning.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// A client must finish option haggling within this time.
+    pub handshake_timeout: Duration,
+    /// Bytes of request and reply payload one connection may have in flight.
+    pub max_in_flight_bytes: u32,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            handshake_timeout: Duration::from_secs(10),
+            max_in_flight_bytes: 64 << 20,
+        }
+    }
+}
+
+/// A server-level failure (binding, registry); protocol problems are per connection and
+/// only logged.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// An export with this name is already served.
+    #[error("an export named {0:?} is already served; remove it first or pick another name")]
+    DuplicateExport(String),
+    /// An export name that the protocol cannot carry.
+    #[error("export name {0:?} is invalid: names are at most 4096 bytes of UTF-8 without NUL")]
+    InvalidName(String),
+    /// The socket path is in use by a live server.
+    #[error("{0} is in use by another running server; stop it or choose another --socket")]
+    SocketInUse(PathBuf),
+    /// The socket path exists and is not a socket.
+    #[error("{0} exists and is not a socket; refusing to replace it")]
+    NotASocket(PathBuf),
+    /// Binding or configuring a listener failed.
+    #[error("cannot listen on {what}: {source}")]
+    Listen {
+        /// The address or path.
+        what: String,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+}
+
+struct Entry {
+    export: Arc<dyn Export>,
+    /// Flipped to true when the export is removed: its connections close.
+    removed: watch::Sender<bool>,
+}
+
+struct Inner {
+    config: ServerConfig,
+    exports: RwLock<BTreeMap<String, Entry>>,
+    shutdown: watch::Sender<bool>,
+    active: AtomicUsize,
+    idle: Notify,
+}
+
+/// An NBD server; cheap to clone (all clones share the registry and shutdown state).
+#[derive(Clone)]
+pub struct Server {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("exports", &self.export_names())
+            .field("connections", &self.connections())
+            .finish()
+    }
+}
+
+impl Default for Server {
+    fn default() -> Self {
+        Server::new()
+    }
+}
+
+/// A bound listener, ready for [`Server::serve`].
+#[derive(Debug)]
+pub enum NbdListener {
+    /// A Unix socket; the socket file is removed when serving ends.
+    Unix(UnixListener, PathBuf),
+    /// A TCP socket.
+    Tcp(TcpListener),
+}
+
+impl NbdListener {
+    /// The local TCP address, if this is a TCP listener (useful after binding port 0).
+    pub fn tcp_addr(&self) -> Option<std::net::SocketAddr> {
+        match self {
+            NbdListener::Tcp(l) => l.local_addr().ok(),
+            NbdListener::Unix(..) => None,
+        }
+    }
+}
+
+impl Server {
+    /// A server with no exports and the default configuration.
+    pub fn new() -> Server {
+        Server::with_config(ServerConfig::default())
+    }
+
+    /// A server with no exports.
+    pub fn with_config(config: ServerConfig) -> Server {
+        let (shutdown, _) = watch::channel(false);
+        Server {
+            inner: Arc::new(Inner {
+                config,
+                exports: RwLock::new(BTreeMap::new()),
+                shutdown,
+                active: AtomicUsize::new(0),
+                idle: Notify::new(),
+            }),
+        }
+    }
+
+    /// Serve `export` under `name` to new connections from now on.
+    pub fn add_export(&self, name: &str, export: Arc<dyn Export>) -> Result<(), ServerError> {
+        if name.len() > proto::MAX_STRING || name.contains('\0') {
+            return Err(ServerError::InvalidName(name.to_string()));
+        }
+        let mut exports = self
+            .inner
+            .exports
+            .write()
+            .unwrap_or_else(|e| e.into_inner());
+        if exports.contains_key(name) {
+            return Err(ServerError::DuplicateExport(name.to_string()));
+        }
+        let (removed, _) = watch::channel(false);
+        exports.insert(name.to_string(), Entry { export, removed });
+        Ok(())
+    }
+
+    /// Stop serving `name`: new connections cannot select it and connections that use it
+    /// close once their in-flight requests complete. Returns the export, if it existed.
+    pub fn remove_export(&self, name: &str) -> Option<Arc<dyn Export>> {
+        let entry = self
+            .inner
+            .exports
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(name)?;
+        entry.removed.send_replace(true);
+        Some(entry.export)
+    }
+
+    /// Names of the exports served, sorted.
+    pub fn export_names(&self) -> Vec<String> {
+        self.inner
+            .exports
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .cloned()
+            .collect()
+    }
+
+    /// Connections currently open (negotiating or transmitting).
+    pub fn connections(&self) -> usize {
+        self.inner.active.load(Ordering::SeqCst)
+    }
+
+    /// Stop accepting and close every connection after its in-flight requests complete.
+    pub fn shutdown(&self) {
+        self.inner.shutdown.send_replace(true);
+    }
+
+    /// Wait until no connection is open, at most `limit`; true when idle.
+    pub async fn wait_idle(&self, limit: Duration) -> bool {
+        let wait = async {
+            loop {
+                let notified = self.inner.idle.notified();
+                if self.connections() == 0 {
+                    return;
+                }
+                notified.await;
+            }
+        };
+        tokio::time::timeout(limit, wait).await.is_ok()
+    }
+
+    /// Bind a Unix socket at `path` with mode 0600, replacing a stale socket file.
+    /// Must be called inside a tokio runtime.
+    pub fn bind_unix(&self, path: &Path) -> Result<NbdListener, ServerError> {
+        let listen_err = |source| ServerError::Listen {
+            what: path.display().to_string(),
+            source,
+        };
+        if let Ok(meta) = std::fs::symlink_metadata(path) {
+            if !meta.file_type().is_socket() {
+                return Err(ServerError::NotASocket(path.to_path_buf()));
+            }
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(ServerError::SocketInUse(path.to_path_buf()));
+            }
+            std::fs::remove_file(path).map_err(listen_err)?;
+        }
+        let listener = UnixListener::bind(path).map_err(listen_err)?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+            .map_err(listen_err)?;
+        Ok(NbdListener::Unix(listener, path.to_path_buf()))
+    }
+
+    /// Bind a TCP socket. Must be called inside a tokio runtime.
+    pub async fn bind_tcp(&self, addr: &str) -> Result<NbdListener, ServerError> {
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| ServerError::Listen {
+                what: addr.to_string(),
+                source,
+            })?;
+        Ok(NbdListener::Tcp(listener))
+    }
+
+    /// Bind `path` and serve until [`Server::shutdown`].
+    pub async fn serve_unix(&self, path: &Path) -> Result<(), ServerError> {
+        let listener = self.bind_unix(path)?;
+        self.serve(listener).await
+    }
+
+    /// Bind `addr` and serve until [`Server::shutdown`].
+    pub async fn serve_tcp(&self, addr: &str) -> Result<(), ServerError> {
+        let listener = self.bind_tcp(addr).await?;
+        self.serve(listener).await
+    }
+
+    /// Accept connections until [`Server::shutdown`]; each runs in its own task.
+    pub async fn serve(&self, listener: NbdListener) -> Result<(), ServerError> {
+        let mut shutdown = self.inner.shutdown.subscribe();
+        loop {
+            if *shutdown.borrow_and_update() {
+                break;
+            }
+            let accepted = match &listener {
+                NbdListener::Unix(l, _) => tokio::select! {
+                    _ = shutdown.changed() => continue,
+                    r = l.accept() => r.map(|(s, _)| {
+                        let (rd, wr) = s.into_split();
+                        self.spawn_connection(rd, wr, "unix".to_string());
+                    }),
+                },
+                NbdListener::Tcp(l) => tokio::select! {
+                    _ = shutdown.changed() => continue,
+                    r = l.accept() => r.map(|(s, peer)| {
+                        if let Err(err) = s.set_nodelay(true) {
+                            tracing::warn!("TCP_NODELAY on {peer}: {err}");
+                        }
+                        let (rd, wr) = s.into_split();
+                        self.spawn_connection(rd, wr, peer.to_string());
+                    }),
+                },
+            };
+            if let Err(err) = accepted {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!("accepting an NBD connection failed: {err}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        if let NbdListener::Unix(_, path) = &listener {
+            let _ = std::fs::remove_file(path);
+        }
+        Ok(())
+    }
+
+    /// Serve one already-connected stream (a socketpair, a test harness).
+    pub fn spawn_connection<R, W>(&self, rd: R, wr: W, peer: String)
+    where
+        R: AsyncRead + Unpin + Send + 'static,
+        W: AsyncWrite + Unpin + Send + 'static,
+    {
+        let guard = ConnectionGuard::new(self.inner.clone());
+        let server = self.clone();
+        tokio::spawn(async move {
+            let _guard = guard;
+            match server.connection(rd, wr).await {
+                Ok(()) => tracing::debug!("NBD client {peer} disconnected"),
+                Err(err) => tracing::info!("NBD client {peer}: {err}"),
+            }
+        });
+    }
+
+    async fn connection<R, W>(&self, rd: R, mut wr: W) -> Result<(), ConnError>
+    where
+        R: AsyncRead + Unpin + Send + 'static,
+        W: AsyncWrite + Unpin + Send + 'static,
+    {
+        let mut rd = BufReader::with_capacity(64 * 1024, rd);
+        let limit = self.inner.config.handshake_timeout;
+        let session = match tokio::time::timeout(limit, self.negotiate(&mut rd, &mut wr)).await {
+            Ok(result) => result?,
+            Err(_) => {
+                return Err(ConnError::Protocol(format!(
+                    "handshake not finished within {limit:?}"
+                )))
+            }
+        };
+        let Some(session) = session else {
+            return Ok(());
+        };
+        let removed = match self
+            .inner
+            .exports
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&session.name)
+        {
+            Some(entry) => entry.removed.subscribe(),
+            // Removed during the handshake.
+            None => return Ok(()),
+        };
+        tracing::debug!("NBD transmission: {session:?}");
+        transmission(
+            session,
+            rd,
+            wr,
+            self.inner.config.max_in_flight_bytes,
+            self.inner.shutdown.subscribe(),
+            removed,
+        )
+        .await
+    }
+
+    async fn negotiate<R, W>(&self, rd: &mut R, wr: &mut W) -> Result<Option<Session>, ConnError>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        wr.write_all(&Negotiation::greeting()).await?;
+        wr.flush().await?;
+        let client_flags = rd.read_u32().await?;
+        let mut negotiation =
+            Negotiation::start(client_flags).map_err(|e| ConnError::Protocol(e.to_string()))?;
+        let mut out = Vec::new();
+        let mut header = [0u8; proto::OPTION_HEADER_LEN];
+        loop {
+            rd.read_exact(&mut header).await?;
+            let h = proto::parse_option_header(&header)
+                .map_err(|e| ConnError::Protocol(e.to_string()))?;
+            out.clear();
+            let step = if h.length > proto::MAX_OPTION_LENGTH {
+                // Resynchronise by discarding the payload, within reason.
+                if h.length > 16 << 20 {
+                    return Err(ConnError::Protocol(format!(
+                        "option {} announces a {}-byte payload",
+                        h.option, h.length
+                    )));
+                }
+                tokio::io::copy(
+                    &mut (&mut *rd).take(h.length.into()),
+                    &mut tokio::io::sink(),
+                )
+                .await?;
+                negotiation.refuse_too_big(h.option, &mut out)
+            } else {
+                let mut data = vec![0u8; h.length as usize];
+                rd.read_exact(&mut data).await?;
+                negotiation.handle(h.option, &data, self, &mut out)
+            };
+            if !out.is_empty() {
+                // After ABORT the client may already be gone: its ACK is best effort.
+                let written = async {
+                    wr.write_all(&out).await?;
+                    wr.flush().await
+                }
+                .await;
+                if let Err(err) = written {
+                    if !matches!(step, Step::Close) {
+                        return Err(err.into());
+                    }
+                }
+            }
+            match step {
+                Step::Options(next) => negotiation = next,
+                Step::Transmit(session) => return Ok(Some(session)),
+                Step::Close => return Ok(None),
+            }
+        }
+    }
+}
+
+impl ExportDirectory for Server {
+    fn lookup(&self, name: &str) -> Option<(String, Arc<dyn Export>)> {
+        let exports = self.inner.exports.read().unwrap_or_else(|e| e.into_inner());
+        if let Some(entry) = exports.get(name) {
+            return Some((name.to_string(), entry.export.clone()));
+        }
+        if name.is_empty() && exports.len() == 1 {
+            return exports
+                .iter()
+                .next()
+                .map(|(n, e)| (n.clone(), e.export.clone()));
+        }
+        None
+    }
+
+    fn list(&self) -> Vec<(String, String)> {
+        let exports = self.inner.exports.read().unwrap_or_else(|e| e.into_inner());
+        exports
+            .iter()
+            .map(|(n, e)| (n.clone(), e.export.description()))
+            .collect()
+    }
+}
+
+struct ConnectionGuard(Arc<Inner>);
+
+impl ConnectionGuard {
+    fn new(inner: Arc<Inner>) -> Self {
+        inner.active.fetch_add(1, Ordering::SeqCst);
+        ConnectionGuard(inner)
+    }
+}
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        if self.0.active.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum ConnError {
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    #[error("protocol error: {0}")]
+    Protocol(String),
+}
+
+// ---------------------------------------------------------------------------------------
+// Transmission
+
+/// A finished reply on its way to the writer; the permit returns its bytes to the budget
+/// once written.
+struct Outgoing {
+    buf: Vec<u8>,
+    len: usize,
+    _permit: Option<OwnedSemaphorePermit>,
+}
+
+/// Recycled payload buffers: every pooled buffer is fully initialised (len == capacity),
+/// so handing one out costs neither an allocation nor a memset.
+#[derive(Default)]
+struct BufferPool {
+    free: Mutex<Vec<Vec<u8>>>,
+}
+
+const POOL_BUFFERS: usize = 64;
+const MIN_BUFFER: usize = 256 * 1024;
+
+impl BufferPool {
+    fn get(&self, len: usize) -> Vec<u8> {
+        let pooled = self.free.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        match pooled {
+            Some(buf) if buf.len() >= len => buf,
+            _ => vec![0u8; len.max(MIN_BUFFER)],
+        }
+    }
+
+    fn put(&self, buf: Vec<u8>) {
+        if buf.len() < MIN_BUFFER {
+            return;
+        }
+        let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
+        if free.len() < POOL_BUFFERS {
+            free.push(buf);
+        }
+    }
+}
+
+/// Per-connection state shared with the blocking workers.
+struct Conn {
+    session: Session,
+    pool: BufferPool,
+}
+
+/// A command error: errno and a message for the client and the log.
+type CmdError = (Errno, String);
+
+fn cmd_err(errno: Errno, message: impl Into<String>) -> CmdError {
+    (errno, message.into())
+}
+
+async fn transmission<R, W>(
+    session: Session,
+    mut rd: BufReader<R>,
+    wr: W,
+    budget_bytes: u32,
+    mut shutdown: watch::Receiver<bool>,
+    mut removed: watch::Receiver<bool>,
+) -> Result<(), ConnError>
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let conn = Arc::new(Conn {
+        session,
+        pool: BufferPool::default(),
+    });
+    let budget = Arc::new(Semaphore::new(budget_bytes as usize));
+    let (tx, rx) = mpsc::unbounded_channel::<Outgoing>();
+    let writer = tokio::spawn(writer(wr, rx, conn.clone()));
+    let mode = conn.session.mode;
+    let header_len = mode.request_len();
+    let mut header = [0u8; proto::EXTENDED_REQUEST_LEN];
+    let result: Result<(), ConnError> = async {
+        loop {
+            if *shutdown.borrow_and_update() || *removed.borrow_and_update() {
+                return Ok(());
+            }
+            tokio::select! {
+                _ = shutdown.changed() => continue,
+                _ = removed.changed() => continue,
+                r = rd.read_exact(&mut header[..header_len]) => match r {
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
+                    Err(e) => return Err(e.into()),
+                },
+            }
+            let req = proto::parse_request(&header[..header_len], mode == HeaderMode::Extended)
+                .map_err(|e| ConnError::Protocol(e.to_string()))?;
+            if req.command == Command::Disc {
+                return Ok(());
+            }
+            if req.flags & cflags::PAYLOAD_LEN != 0 && req.command != Command::Write {
+                // We never advertise payloads on other commands: we cannot resync.
+                send_now(
+                    &tx,
+                    error_reply(
+                        mode,
+                        &req,
+                        Errno::Inval,
+                        "payload on a command that takes none",
+                    ),
+                );
+                return Err(ConnError::Protocol(format!(
+                    "{} with a payload",
+                    req.command
+                )));
+            }
+            let payload = if req.command == Command::Write {
+                req.length
+            } else {
+                0
+            };
+            if payload > u64::from(proto::MAX_PAYLOAD) {
+                send_now(
+                    &tx,
+                    error_reply(
+                        mode,
+                        &req,
+                        Errno::Inval,
+                        format!(
+                            "write of {payload} bytes exceeds the {} byte maximum",
+                            proto::MAX_PAYLOAD
+                        ),
+                    ),
+                );
+                return Err(ConnError::Protocol(format!(
+                    "write payload of {payload} bytes exceeds the maximum; closing"
+                )));
+            }
+            let data_len = match req.command {
+                Command::Read | Command::Write if req.length <= u64::from(proto::MAX_PAYLOAD) => {
+                    req.length as usize
+                }
+                _ => 0,
+            };
+            let cost = (data_len + 4096).min(budget_bytes as usize) as u32;
+            let permit = budget
+                .clone()
+                .acquire_many_owned(cost)
+                .await
+                .map_err(|_| ConnError::Protocol("budget closed".into()))?;
+            let mut payload_buf = None;
+            if payload > 0 {
+                let mut buf = conn.pool.get(payload as usize);
+                rd.read_exact(&mut buf[..payload as usize]).await?;
+                payload_buf = Some(buf);
+            }
+            if let Err((errno, message)) = validate(&conn.session, &req) {
+                tracing::debug!(
+                    "rejecting {} at {} len {}: {message}",
+                    req.command,
+                    req.offset,
+                    req.length
+                );
+                if let Some(buf) = payload_buf {
+                    conn.pool.put(buf);
+                }
+                let reply = error_reply(mode, &req, errno, &message);
+                let len = reply.len();
+                let _ = tx.send(Outgoing {
+                    buf: reply,
+                    len,
+                    _permit: Some(permit),
+                });
+                continue;
+            }
+            let conn = conn.clone();
+            let tx = tx.clone();
+            tokio::task::spawn_blocking(move || {
+                let (buf, len) =
+                    match catch_unwind(AssertUnwindSafe(|| execute(&conn, &req, payload_buf))) {
+                        Ok(reply) => reply,
+                        Err(_) => {
+                            tracing::error!(
+                                "the export panicked serving {} at {}",
+                                req.command,
+                                req.offset
+                            );
+                            let reply = error_reply(
+                                conn.session.mode,
+                                &req,
+                                Errno::Io,
+                                "internal error in the export",
+                            );
+                            let len = reply.len();
+                            (reply, len)
+                        }
+                    };
+                let _ = tx.send(Outgoing {
+                    buf,
+                    len,
+                    _permit: Some(permit),
+                });
+            });
+        }
+    }
+    .await;
+    // Every in-flight request holds a sender: the writer ends once they all replied.
+    drop(tx);
+    match writer.await {
+        Ok(Ok(())) => result,
+        Ok(Err(err)) => result.and(Err(err.into())),
+        Err(join) => result.and(Err(ConnError::Protocol(format!(
+            "writer task failed: {join}"
+        )))),
+    }
+}
+
+fn send_now(tx: &mpsc::UnboundedSender<Outgoing>, reply: Vec<u8>) {
+    let len = reply.len();
+    let _ = tx.send(Outgoing {
+        buf: reply,
+        len,
+        _permit: None,
+    });
+}
+
+async fn writer<W: AsyncWrite + Unpin>(
+    wr: W,
+    mut rx: mpsc::UnboundedReceiver<Outgoing>,
+    conn: Arc<Conn>,
+) -> io::Result<()> {
+    let mut wr = BufWriter::with_capacity(64 * 1024, wr);
+    while let Some(first) = rx.recv().await {
+        let mut next = Some(first);
+        while let Some(out) = next {
+            wr.write_all(&out.buf[..out.len]).await?;
+            conn.pool.put(out.buf);
+            next = rx.try_recv().ok();
+        }
+        wr.flush().await?;
+    }
+    wr.shutdown().await
+}
+
+/// Check a request against the negotiated session, as doc/proto.md lists the errors.
+fn validate(session: &Session, req: &Request) -> Result<(), CmdError> {
+    let caps = session.export.capabilities();
+    let structured = session.mode >= HeaderMode::Structured;
+    let mut allowed = cflags::FUA;
+    match req.command {
+        Command::Read if structured => allowed |= cflags::DF,
+        Command::WriteZeroes => {
+            allowed |= cflags::NO_HOLE;
+            if session.flags & tflags::SEND_FAST_ZERO != 0 {
+                allowed |= cflags::FAST_ZERO;
+            }
+        }
+        Command::BlockStatus => allowed |= cflags::REQ_ONE,
+        Command::Write if session.mode == HeaderMode::Extended => allowed |= cflags::PAYLOAD_LEN,
+        _ => {}
+    }
+    if req.flags & !allowed != 0 {
+        return Err(cmd_err(
+            Errno::Inval,
+            format!(
+                "flags {:#x} are not valid on {}",
+                req.flags & !allowed,
+                req.command
+            ),
+        ));
+    }
+    let writes = matches!(
+        req.command,
+        Command::Write | Command::Trim | Command::WriteZeroes
+    );
+    match req.command {
+        Command::Unknown(code) => {
+            return Err(cmd_err(Errno::Inval, format!("unknown command {code}")))
+        }
+        Command::Flush if !caps.flush => {
+            return Err(cmd_err(Errno::Inval, "FLUSH was not advertised"))
+        }
+        Command::Flush => return Ok(()),
+        Command::Trim if session.flags & tflags::SEND_TRIM == 0 && !caps.read_only => {
+            return Err(cmd_err(Errno::Inval, "TRIM was not advertised"))
+        }
+        Command::WriteZeroes
+            if session.flags & tflags::SEND_WRITE_ZEROES == 0 && !caps.read_only =>
+        {
+            return Err(cmd_err(Errno::Inval, "WRITE_ZEROES was not advertised"))
+        }
+        Command::Cache if !caps.cache => {
+            return Err(cmd_err(Errno::Inval, "CACHE was not advertised"))
+        }
+        Command::BlockStatus if session.contexts.is_empty() => {
+            return Err(cmd_err(
+                Errno::Inval,
+                "BLOCK_STATUS needs metadata contexts chosen with NBD_OPT_SET_META_CONTEXT",
+            ))
+        }
+        _ => {}
+    }
+    if writes && caps.read_only {
+        return Err(cmd_err(
+            Errno::Perm,
+            format!("{} on the read-only export {:?}", req.command, session.name),
+        ));
+    }
+    if req.length == 0 {
+        return Err(cmd_err(
+            Errno::Inval,
+            format!("{} of zero length", req.command),
+        ));
+    }
+    if matches!(req.command, Command::Read | Command::Write)
+        && req.length > u64::from(proto::MAX_PAYLOAD)
+    {
+        return Err(cmd_err(
+            Errno::Inval,
+            format!(
+                "{} of {} bytes exceeds the {} byte maximum block size",
+                req.command,
+                req.length,
+                proto::MAX_PAYLOAD
+            ),
+        ));
+    }
+    let size = session.export.size();
+    let past_end = req
+        .offset
+        .checked_add(req.length)
+        .is_none_or(|end| end > size);
+    if past_end {
+        let errno = if matches!(req.command, Command::Write | Command::WriteZeroes) {
+            Errno::NoSpc
+        } else {
+            Errno::Inval
+        };
+        return Err(cmd_err(
+            errno,
+            format!(
+                "{} of {} bytes at {} runs past the end of the {size}-byte export",
+                req.command, req.length, req.offset
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The success reply of a command without data.
+fn ok_reply(mode: HeaderMode, req: &Request) -> Vec<u8> {
+    let mut out = Vec::with_capacity(proto::EXTENDED_REPLY_LEN);
+    if mode == HeaderMode::Extended {
+        proto::encode_none_chunk(&mut out, mode, req.cookie, req.offset);
+    } else {
+        proto::encode_simple_reply(&mut out, req.cookie, 0);
+    }
+    out
+}
+
+/// The error reply: an error chunk with the message when structured replies are on.
+fn error_reply(mode: HeaderMode, req: &Request, errno: Errno, message: impl AsRef<str>) -> Vec<u8> {
+    let mut out = Vec::new();
+    if mode == HeaderMode::Simple {
+        proto::encode_simple_reply(&mut out, req.cookie, errno.code());
+    } else {
+        proto::encode_error_chunk(
+            &mut out,
+            mode,
+            req.cookie,
+            req.offset,
+            errno.code(),
+            message.as_ref(),
+        );
+    }
+    out
+}
+
+/// Run a validated request on a blocking thread; returns the reply buffer and its length.
+fn execute(conn: &Conn, req: &Request, payload: Option<Vec<u8>>) -> (Vec<u8>, usize) {
+    let session = &conn.session;
+    let export = session.export.as_ref();
+    let mode = session.mode;
+    let fua = req.flags & cflags::FUA != 0;
+    let done = |r: Result<(), ExportError>| -> (Vec<u8>, usize) {
+        let reply = match r {
+            Ok(()) => ok_reply(mode, req),
+            Err(e) => {
+                tracing::debug!("{} at {} failed: {e}", req.command, req.offset);
+                error_reply(mode, req, e.errno, &e.message)
+            }
+        };
+        let len = reply.len();
+        (reply, len)
+    };
+    match req.command {
+        Command::Read => read_reply(conn, req),
+        Command::Write => {
+            let data = payload.unwrap_or_default();
+            let result = export.write(req.offset, &data[..req.length as usize], fua);
+            conn.pool.put(data);
+            done(result)
+        }
+        Command::Flush => done(export.flush()),
+        Command::Trim => done(export.trim(req.offset, req.length, fua)),
+        Command::WriteZeroes => done(export.write_zeroes(
+            req.offset,
+            req.length,
+            ZeroFlags {
+                fua,
+                no_hole: req.flags & cflags::NO_HOLE != 0,
+                fast: req.flags & cflags::FAST_ZERO != 0,
+            },
+        )),
+        Command::Cache => done(export.cache(req.offset, req.length)),
+        Command::BlockStatus => match block_status_reply(session, req) {
+            Ok(reply) => {
+                let len = reply.len();
+                (reply, len)
+            }
+            Err(e) => {
+                let reply = error_reply(mode, req, e.errno, &e.message);
+                let len = reply.len();
+                (reply, len)
+            }
+        },
+        Command::Disc | Command::Unknown(_) => {
+            done(Err(ExportError::new(Errno::Inval, "not a command")))
+        }
+    }
+}
+
+/// READ: a simple reply, one OFFSET_DATA chunk, or data and hole chunks where the export
+/// knows its holes (never with DF).
+fn read_reply(conn: &Conn, req: &Request) -> (Vec<u8>, usize) {
+    let session = &conn.session;
+    let mode = session.mode;
+    let len = req.length as usize;
+    let fail = |e: ExportError| {
+        tracing::debug!("READ at {} failed: {e}", req.offset);
+        let reply = error_reply(mode, req, e.errno, &e.message);
+        let n = reply.len();
+        (reply, n)
+    };
+    if mode == HeaderMode::Simple {
+        let mut buf = conn.pool.get(proto::SIMPLE_REPLY_LEN + len);
+        if let Err(e) = session.export.read(
+            req.offset,
+            &mut buf[proto::SIMPLE_REPLY_LEN..proto::SIMPLE_REPLY_LEN + len],
+        ) {
+            conn.pool.put(buf);
+            return fail(e);
+        }
+        let mut header = Vec::with_capacity(proto::SIMPLE_REPLY_LEN);
+        proto::encode_simple_reply(&mut header, req.cookie, 0);
+        buf[..proto::SIMPLE_REPLY_LEN].copy_from_slice(&header);
+        return (buf, proto::SIMPLE_REPLY_LEN + len);
+    }
+    let caps = session.export.capabilities();
+    if caps.knows_holes && req.flags & cflags::DF == 0 {
+        match allocation_map(session.export.as_ref(), req.offset, req.length) {
+            Ok(map) if map.len() > 1 || map.first().is_some_and(|&(_, zero)| zero) => {
+                return match sparse_read_reply(conn, req, &map) {
+                    Ok(reply) => {
+                        let n = reply.len();
+                        (reply, n)
+                    }
+                    Err(e) => fail(e),
+                };
+            }
+            Ok(_) => {}
+            // Not knowing is no reason to fail a read.
+            Err(e) => tracing::debug!("allocation lookup for READ at {} failed: {e}", req.offset),
+        }
+    }
+    let hlen = mode.chunk_header_len() + 8;
+    let mut buf = conn.pool.get(hlen + len);
+    if let Err(e) = session.export.read(req.offset, &mut buf[hlen..hlen + len]) {
+        conn.pool.put(buf);
+        return fail(e);
+    }
+    proto::write_chunk_header(
+        &mut buf,
+        mode,
+        chunk::FLAG_DONE,
+        chunk::OFFSET_DATA,
+        req.cookie,
+        req.offset,
+        8 + len as u64,
+    );
+    buf[hlen - 8..hlen].copy_from_slice(&req.offset.to_be_bytes());
+    (buf, hlen + len)
+}
+
+/// The range as (length, reads-as-zero) runs, merged, covering it exactly.
+fn allocation_map(
+    export: &dyn Export,
+    offset: u64,
+    length: u64,
+) -> Result<Vec<(u64, bool)>, ExportError> {
+    let extents = collect_extents(
+        export,
+        &MetaContext::BaseAllocation,
+        offset,
+        length,
+        false,
+        u64::MAX,
+    )?;
+    let mut map: Vec<(u64, bool)> = Vec::new();
+    let mut covered = 0;
+    for (len, flags) in extents {
+        let zero = flags & STATE_ZERO != 0;
+        covered += len;
+        match map.last_mut() {
+            Some(last) if last.1 == zero => last.0 += len,
+            _ => map.push((len, zero)),
+        }
+    }
+    if covered < length {
+        // The export described less than asked: read the rest as data.
+        match map.last_mut() {
+            Some(last) if !last.1 => last.0 += length - covered,
+            _ => map.push((length - covered, false)),
+        }
+    }
+    Ok(map)
+}
+
+fn sparse_read_reply(
+    conn: &Conn,
+    req: &Request,
+    map: &[(u64, bool)],
+) -> Result<Vec<u8>, ExportError> {
+    let mode = conn.session.mode;
+    let hlen = mode.chunk_header_len();
+    let data_bytes: u64 = map
+        .iter()
+        .filter(|(_, zero)| !zero)
+        .map(|(len, _)| len)
+        .sum();
+    let mut out = Vec::with_capacity(data_bytes as usize + map.len() * (hlen + 12) + hlen);
+    let mut offset = req.offset;
+    for &(len, zero) in map {
+        if zero {
+            proto::encode_hole_chunk(
+                &mut out, mode, 0, req.cookie, req.offset, offset, len as u32,
+            );
+        } else {
+            proto::encode_chunk_header(
+                &mut out,
+                mode,
+                0,
+                chunk::OFFSET_DATA,
+                req.cookie,
+                req.offset,
+                8 + len,
+            );
+            out.extend_from_slice(&offset.to_be_bytes());
+            let start = out.len();
+            out.resize(start + len as usize, 0);
+            conn.session.export.read(offset, &mut out[start..])?;
+        }
+        offset += len;
+    }
+    proto::encode_none_chunk(&mut out, mode, req.cookie, req.offset);
+    Ok(out)
+}
+
+/// Up to [`proto::MAX_EXTENTS`] extents of `context` over `[offset, offset + length)`:
+/// re-queried while the export answers short, neighbours with equal flags merged, the
+/// last one trimmed to the range, each at most `max_extent` long.
+fn collect_extents(
+    export: &dyn Export,
+    context: &MetaContext,
+    offset: u64,
+    length: u64,
+    req_one: bool,
+    max_extent: u64,
+) -> Result<Vec<(u64, u32)>, ExportError> {
+    let end = offset + length;
+    let mut out: Vec<(u64, u32)> = Vec::new();
+    let mut cursor = offset;
+    let mut calls = 0;
+    'query: while cursor < end && calls < 65_536 {
+        calls += 1;
+        let extents = export.block_status(context, cursor, end - cursor)?;
+        if extents.is_empty() {
+            break;
+        }
+        for extent in extents {
+            if extent.length == 0 {
+                return Err(ExportError::new(
+                    Errno::Io,
+                    format!("the export reported a zero-length extent at {cursor}"),
+                ));
+            }
+            let mut len = extent.length.min(end - cursor);
+            while len > 0 {
+                let count = out.len();
+                match out.last_mut() {
+                    Some(last) if last.1 == extent.flags && last.0 < max_extent => {
+                        let add = len.min(max_extent - last.0);
+                        last.0 += add;
+                        len -= add;
+                        cursor += add;
+                    }
+                    Some(_) if req_one => break 'query,
+                    _ if count >= proto::MAX_EXTENTS => break 'query,
+                    _ => {
+                        let add = len.min(max_extent);
+                        out.push((add, extent.flags));
+                        len -= add;
+                        cursor += add;
+                    }
+                }
+            }
+            if cursor >= end {
+                break 'query;
+            }
+        }
+    }
+    if out.is_empty() {
+        return Err(ExportError::new(
+            Errno::Io,
+            format!(
+                "the export reported no extents at {offset} for {}",
+                context.wire_name()
+            ),
+        ));
+    }
+    Ok(out)
+}
+
+fn block_status_reply(session: &Session, req: &Request) -> Result<Vec<u8>, ExportError> {
+    let mode = session.mode;
+    let req_one = req.flags & cflags::REQ_ONE != 0;
+    // 32-bit descriptors: keep each under 4 GiB and 4 KiB aligned.
+    let max_extent = if mode == HeaderMode::Extended {
+        u64::MAX
+    } else {
+        u64::from(u32::MAX) & !4095
+    };
+    let mut out = Vec::new();
+    let count = session.contexts.len();
+    for (i, (id, context)) in session.contexts.iter().enumerate() {
+        let extents = collect_extents(
+            session.export.as_ref(),
+            context,
+            req.offset,
+            req.length,
+            req_one,
+            max_extent,
+        )?;
+        let flags = if i + 1 == count { chunk::FLAG_DONE } else { 0 };
+        proto::encode_block_status_chunk(
+            &mut out, mode, flags, req.cookie, req.offset, *id, &extents,
+        );
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::export::{Capabilities, ExportResult, Extent};
+
+    struct Striped;
+    impl Export for Striped {
+        fn size(&self) -> u64 {
+            1 << 20
+        }
+        fn capabilities(&self) -> Capabilities {
+            Capabilities {
+                read_only: true,
+                flush: false,
+                trim: false,
+                write_zeroes: false,
+                fast_zero: false,
+                cache: false,
+                multi_conn: true,
+                knows_holes: true,
+            }
+        }
+        fn read(&self, _: u64, buf: &mut [u8]) -> ExportResult<()> {
+            buf.fill(1);
+            Ok(())
+        }
+        fn write(&self, _: u64, _: &[u8], _: bool) -> ExportResult<()> {
+            Ok(())
+        }
+        fn flush(&self) -> ExportResult<()> {
+            Ok(())
+        }
+        fn trim(&self, _: u64, _: u64, _: bool) -> ExportResult<()> {
+            Ok(())
+        }
+        fn write_zeroes(&self, _: u64, _: u64, _: ZeroFlags) -> ExportResult<()> {
+            Ok(())
+        }
+        /// 4 KiB stripes, alternating data and hole, answered one stripe per call.
+        fn block_status(&self, _: &MetaContext, offset: u64, _: u64) -> ExportResult<Vec<Extent>> {
+            let stripe = offset / 4096;
+            let flags = if stripe % 2 == 0 { 0 } else { 3 };
+            Ok(vec![Extent {
+                length: 4096 - offset % 4096,
+                flags,
+            }])
+        }
+    }
+
+    #[test]
+    fn short_answers_are_requeried_and_trimmed_to_the_range() {
+        let e = collect_extents(
+            &Striped,
+            &MetaContext::BaseAllocation,
+            1024,
+            10_000,
+            false,
+            u64::MAX,
+        )
+        .unwrap();
+        assert_eq!(e, vec![(3072, 0), (4096, 3), (2832, 0)]);
+        assert_eq!(e.iter().map(|x| x.0).sum::<u64>(), 10_000);
+    }
+
+    #[test]
+    fn req_one_returns_a_single_extent() {
+        let e = collect_extents(
+            &Striped,
+            &MetaContext::BaseAllocation,
+            0,
+            1 << 20,
+            true,
+            u64::MAX,
+        )
+        .unwrap();
+        assert_eq!(e, vec![(4096, 0)]);
+    }
+
+    #[test]
+    fn extents_are_capped_per_chunk() {
+        let e = collect_extents(
+            &Striped,
+            &MetaContext::BaseAllocation,
+            0,
+            1 << 20,
+            false,
+            u64::MAX,
+        )
+        .unwrap();
+        assert_eq!(e.len(), 256);
+        let capped = collect_extents(
+            &Striped,
+            &MetaContext::BaseAllocation,
+            0,
+            1 << 20,
+            false,
+            1000,
+        )
+        .unwrap();
+        assert!(capped.iter().all(|&(len, _)| len <= 1000));
+        assert_eq!(capped.iter().map(|x| x.0).sum::<u64>(), 1 << 20);
+    }
+
+    #[test]
+    fn allocation_map_merges_into_runs() {
+        let map = allocation_map(&Striped, 0, 16384).unwrap();
+        assert_eq!(
+            map,
+            vec![(4096, false), (4096, true), (4096, false), (4096, true)]
+        );
+    }
+}
