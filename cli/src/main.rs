@@ -52,6 +52,8 @@ enum Command {
     Verify(cmd::verify::Args),
     Info(cmd::info::Args),
     Bench(cmd::bench::Args),
+    #[command(name = "__quiesce-watchdog", hide = true)]
+    QuiesceWatchdog(cmd::watchdog::Args),
 }
 
 fn main() -> ExitCode {
@@ -72,6 +74,7 @@ fn main() -> ExitCode {
         Command::Verify(args) => cmd::verify::run(args),
         Command::Info(args) => cmd::info::run(args),
         Command::Bench(args) => cmd::bench::run(args),
+        Command::QuiesceWatchdog(args) => cmd::watchdog::run(args),
     };
     match result {
         Ok(code) => code,

@@ -1,1 +1,731 @@
 //! Checkpoints: the named chain of dirty bitmaps of a volume (libvirt semantics).
+//!
+//! Checkpoint `i`'s bitmap records the blocks written between checkpoint `i` and
+//! checkpoint `i + 1`; the latest checkpoint's bitmap is the active one
+//! ([`crate::tracking`]). The changes since checkpoint `i` are therefore the OR of the
+//! bitmaps `i..=latest`. Deleting a checkpoint merges its bits into its predecessor, so no
+//! change is ever lost (deleting the oldest simply forgets changes before it).
+//!
+//! On disk, in the volume's directory: `checkpoints.json` (the chain, replaced atomically)
+//! and `bitmaps/<chain uuid>-<generation>.bitmap`.
+//!
+//! # Write order (writes to the volume are paused by the caller throughout)
+//!
+//! - create: freeze the active bitmap (payload, fdatasync, Clean header, fdatasync);
+//!   write the new, empty bitmap file (InUse); replace the chain. A crash before the chain
+//!   is replaced leaves the old chain whose latest bitmap is Clean and complete (writes
+//!   were paused), and a stray new file that the next open deletes.
+//! - delete: write the merged predecessor (atomic replace, Clean); replace the chain;
+//!   activate the predecessor if it became the latest; remove the deleted file. A crash in
+//!   between leaves extra bits in the predecessor: more reported changes, never fewer.
+
+use std::collections::HashSet;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use tidemark_formats::bitmap::{self, BitmapHeader, BitmapState};
+use tidemark_formats::FormatError;
+use uuid::Uuid;
+
+use crate::status::{unix_now, CheckpointStatus, EventLevel, EventLog};
+use crate::tracking::{ActiveBitmap, DirtyBitmap, TrackingError};
+
+/// Longest checkpoint name (it travels in NBD context names and bitmap headers).
+pub const MAX_NAME_LEN: usize = 255;
+
+/// Errors of checkpoint operations.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    /// No checkpoint has this name.
+    #[error("volume {volume}: no checkpoint named {name:?} (list them with `tidemark checkpoint list {volume}`)")]
+    NotFound {
+        /// The volume.
+        volume: String,
+        /// The name asked for.
+        name: String,
+    },
+    /// The name is taken.
+    #[error(
+        "volume {volume}: checkpoint {name:?} already exists; pick another name or delete it first"
+    )]
+    Exists {
+        /// The volume.
+        volume: String,
+        /// The name asked for.
+        name: String,
+    },
+    /// The name is not acceptable.
+    #[error(
+        "invalid checkpoint name {name:?}: use 1 to 255 of the characters A-Z a-z 0-9 . _ - + @ :"
+    )]
+    InvalidName {
+        /// The name given.
+        name: String,
+    },
+    /// The bitmaps since this checkpoint missed changes.
+    #[error("volume {volume}: changes since checkpoint {name:?} are unknown ({reason}); take a full backup with a new checkpoint")]
+    Inconsistent {
+        /// The volume.
+        volume: String,
+        /// The checkpoint asked for.
+        name: String,
+        /// Why.
+        reason: String,
+    },
+    /// Reading or writing a bitmap failed.
+    #[error(transparent)]
+    Tracking(#[from] TrackingError),
+    /// Reading or writing the chain file failed.
+    #[error("checkpoint chain {}: {source}", path.display())]
+    Io {
+        /// The chain file.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The chain file is damaged.
+    #[error("checkpoint chain {}: {reason}; move it away to start a new chain (the next backup is then full)", path.display())]
+    BadChain {
+        /// The chain file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// A checkpoint as the API reports it.
+pub type CheckpointInfo = CheckpointStatus;
+
+/// `checkpoints.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct ChainFile {
+    chain_uuid: Uuid,
+    #[serde(default)]
+    next_generation: u64,
+    checkpoints: Vec<EntryFile>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct EntryFile {
+    name: String,
+    generation: u64,
+    created_unix: u64,
+    bitmap_file: String,
+}
+
+#[derive(Debug)]
+struct Entry {
+    file: EntryFile,
+    /// The bits of a frozen bitmap; `None` for the latest (read from the active bitmap).
+    frozen: Option<Vec<u64>>,
+    problem: Option<String>,
+}
+
+/// What a chain needs to know about its volume.
+#[derive(Debug, Clone)]
+pub(crate) struct ChainParams {
+    pub(crate) volume: String,
+    pub(crate) volume_uuid: Uuid,
+    pub(crate) granularity: u32,
+    pub(crate) size: u64,
+    pub(crate) durable: bool,
+}
+
+/// The checkpoint chain of one volume. The active bitmap itself is held by the volume
+/// (writers reach it without this lock); operations that change it receive it.
+#[derive(Debug)]
+pub(crate) struct Chain {
+    params: ChainParams,
+    path: PathBuf,
+    bitmap_dir: PathBuf,
+    chain_uuid: Uuid,
+    next_generation: u64,
+    entries: Vec<Entry>,
+}
+
+/// Whether `name` is acceptable as a checkpoint (or snapshot) name.
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_NAME_LEN
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-+@:".contains(&b))
+}
+
+impl Chain {
+    /// Load the chain from `dir` (a new, empty one when none exists) and activate the
+    /// latest bitmap, judging each bitmap as the module docs of `tracking` describe.
+    pub(crate) fn load(
+        dir: &Path,
+        params: ChainParams,
+        events: &EventLog,
+    ) -> Result<(Chain, Option<Arc<ActiveBitmap>>), CheckpointError> {
+        let path = dir.join("checkpoints.json");
+        let bitmap_dir = dir.join("bitmaps");
+        fs::create_dir_all(&bitmap_dir).map_err(|source| CheckpointError::Io {
+            path: bitmap_dir.clone(),
+            source,
+        })?;
+        let file: ChainFile = match fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| CheckpointError::BadChain {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => ChainFile {
+                chain_uuid: Uuid::new_v4(),
+                next_generation: 1,
+                checkpoints: Vec::new(),
+            },
+            Err(source) => return Err(CheckpointError::Io { path, source }),
+        };
+        let mut seen = HashSet::new();
+        for e in &file.checkpoints {
+            if !valid_name(&e.name)
+                || !seen.insert(e.name.clone())
+                || !valid_file_name(&e.bitmap_file)
+            {
+                return Err(CheckpointError::BadChain {
+                    path,
+                    reason: format!("bad or duplicate checkpoint entry {:?}", e.name),
+                });
+            }
+        }
+        let next_generation = file
+            .checkpoints
+            .iter()
+            .map(|e| e.generation + 1)
+            .max()
+            .unwrap_or(1)
+            .max(file.next_generation);
+        let mut chain = Chain {
+            params,
+            path,
+            bitmap_dir,
+            chain_uuid: file.chain_uuid,
+            next_generation,
+            entries: Vec::new(),
+        };
+        let count = file.checkpoints.len();
+        let mut active = None;
+        for (i, entry) in file.checkpoints.into_iter().enumerate() {
+            let latest = i + 1 == count;
+            let (header, words, problem) = chain.judge(&entry, latest, events);
+            if latest {
+                let bitmap_path = chain.bitmap_dir.join(&entry.bitmap_file);
+                let bitmap = match header {
+                    Some(header) => {
+                        ActiveBitmap::activate(&bitmap_path, header, words, chain.params.durable)?
+                    }
+                    None => {
+                        // Unreadable: start a fresh file so tracking goes on, but keep it
+                        // Inconsistent on disk so nothing ever trusts it.
+                        let header = chain.header(&entry.name, entry.generation)?;
+                        let active =
+                            ActiveBitmap::create(&bitmap_path, header, chain.params.durable)?;
+                        active.mark_inconsistent()?;
+                        active
+                    }
+                };
+                active = Some(Arc::new(bitmap));
+                chain.entries.push(Entry {
+                    file: entry,
+                    frozen: None,
+                    problem,
+                });
+            } else {
+                chain.entries.push(Entry {
+                    file: entry,
+                    frozen: Some(words),
+                    problem,
+                });
+            }
+        }
+        chain.remove_strays();
+        Ok((chain, active))
+    }
+
+    /// Read one bitmap file and decide whether it can be trusted.
+    fn judge(
+        &self,
+        entry: &EntryFile,
+        latest: bool,
+        events: &EventLog,
+    ) -> (Option<BitmapHeader>, Vec<u64>, Option<String>) {
+        let path = self.bitmap_dir.join(&entry.bitmap_file);
+        let blank = vec![
+            0u64;
+            self.params
+                .size
+                .div_ceil(u64::from(self.params.granularity))
+                .div_ceil(64) as usize
+        ];
+        let volume = &self.params.volume;
+        let (header, words) = match bitmap::read_bitmap_file(&path) {
+            Ok(read) => read,
+            Err(err) => {
+                let problem = format!("bitmap file unreadable: {err}");
+                events.push(
+                    EventLevel::Error,
+                    format!(
+                        "volume {volume}: checkpoint {:?}: {problem}; the next backup must be full",
+                        entry.name
+                    ),
+                );
+                return (None, blank, Some(problem));
+            }
+        };
+        if header.volume_uuid != self.params.volume_uuid
+            || header.granularity != self.params.granularity
+            || header.volume_size != self.params.size
+        {
+            let problem = format!(
+                "bitmap file {} belongs to another volume or geometry",
+                path.display()
+            );
+            events.push(
+                EventLevel::Error,
+                format!("volume {volume}: {problem}; the next backup must be full"),
+            );
+            return (None, blank, Some(problem));
+        }
+        let problem = match header.state {
+            BitmapState::Clean => None,
+            BitmapState::Inconsistent => Some("marked inconsistent".to_string()),
+            BitmapState::InUse if self.params.durable => {
+                if latest {
+                    events.push(
+                        EventLevel::Warning,
+                        format!("volume {volume}: unclean stop detected; durable dirty bitmaps are intact"),
+                    );
+                }
+                None
+            }
+            BitmapState::InUse => {
+                events.push(
+                    EventLevel::Warning,
+                    format!(
+                        "volume {volume}: unclean stop in fast tracking mode: changes since checkpoint {:?} are unknown; the next backup must be full",
+                        entry.name
+                    ),
+                );
+                Some("unclean stop in fast tracking mode".to_string())
+            }
+        };
+        let mut header = header;
+        if problem.is_some() && header.state != BitmapState::Inconsistent {
+            header.state = BitmapState::Inconsistent;
+            // Record the verdict on disk so a later clean stop cannot launder it.
+            if let Err(err) = bitmap::write_bitmap_file(&path, &header, &words) {
+                events.push(
+                    EventLevel::Error,
+                    format!(
+                        "volume {volume}: cannot mark {} inconsistent: {err}",
+                        path.display()
+                    ),
+                );
+            }
+        } else if header.state == BitmapState::InUse && !latest {
+            // Durable and trusted: a crash during a checkpoint operation. Make it Clean.
+            if let Err(err) = bitmap::write_bitmap_file(
+                &path,
+                &{
+                    let mut h = header.clone();
+                    h.state = BitmapState::Clean;
+                    h
+                },
+                &words,
+            ) {
+                events.push(
+                    EventLevel::Error,
+                    format!("volume {volume}: cannot repair {}: {err}", path.display()),
+                );
+            }
+        }
+        (Some(header), words, problem)
+    }
+
+    fn header(&self, name: &str, generation: u64) -> Result<BitmapHeader, CheckpointError> {
+        BitmapHeader::new(
+            self.params.volume_uuid,
+            name,
+            self.params.granularity,
+            self.params.size,
+            generation,
+        )
+        .map_err(|e| {
+            CheckpointError::Tracking(TrackingError::Format(FormatError::invalid(
+                &self.bitmap_dir,
+                0,
+                e,
+            )))
+        })
+    }
+
+    /// Delete bitmap files no chain entry names (left by an interrupted operation).
+    fn remove_strays(&self) {
+        let keep: HashSet<&str> = self
+            .entries
+            .iter()
+            .map(|e| e.file.bitmap_file.as_str())
+            .collect();
+        let Ok(dir) = fs::read_dir(&self.bitmap_dir) else {
+            return;
+        };
+        for item in dir.flatten() {
+            let name = item.file_name();
+            let Some(name) = name.to_str() else { continue };
+            if !keep.contains(name) {
+                let _ = fs::remove_file(item.path());
+            }
+        }
+    }
+
+    fn persist(&self) -> Result<(), CheckpointError> {
+        let file = ChainFile {
+            chain_uuid: self.chain_uuid,
+            next_generation: self.next_generation,
+            checkpoints: self.entries.iter().map(|e| e.file.clone()).collect(),
+        };
+        let bytes = serde_json::to_vec_pretty(&file).map_err(|e| CheckpointError::BadChain {
+            path: self.path.clone(),
+            reason: e.to_string(),
+        })?;
+        tidemark_formats::atomic_replace(&self.path, &bytes).map_err(|source| CheckpointError::Io {
+            path: self.path.clone(),
+            source,
+        })
+    }
+
+    pub(crate) fn chain_uuid(&self) -> Uuid {
+        self.chain_uuid
+    }
+
+    /// Generation of the latest checkpoint, 0 when there is none.
+    pub(crate) fn generation(&self) -> u64 {
+        self.entries.last().map_or(0, |e| e.file.generation)
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    fn find(&self, name: &str) -> Result<usize, CheckpointError> {
+        self.entries
+            .iter()
+            .position(|e| e.file.name == name)
+            .ok_or_else(|| CheckpointError::NotFound {
+                volume: self.params.volume.clone(),
+                name: name.to_string(),
+            })
+    }
+
+    /// Create checkpoint `name`. Writes must be paused; `active` is replaced by the new
+    /// checkpoint's bitmap.
+    pub(crate) fn create(
+        &mut self,
+        name: &str,
+        active: &mut Option<Arc<ActiveBitmap>>,
+    ) -> Result<CheckpointInfo, CheckpointError> {
+        if !valid_name(name) {
+            return Err(CheckpointError::InvalidName {
+                name: name.to_string(),
+            });
+        }
+        if self.entries.iter().any(|e| e.file.name == name) {
+            return Err(CheckpointError::Exists {
+                volume: self.params.volume.clone(),
+                name: name.to_string(),
+            });
+        }
+        let generation = self.next_generation;
+        let header = self.header(name, generation)?;
+        let frozen_words = match active.as_deref() {
+            Some(old) => {
+                old.freeze()?;
+                Some(old.words())
+            }
+            None => None,
+        };
+        let file_name = format!("{}-{generation}.bitmap", self.chain_uuid);
+        let path = self.bitmap_dir.join(&file_name);
+        let new_active = ActiveBitmap::create(&path, header, self.params.durable)?;
+        let entry = EntryFile {
+            name: name.to_string(),
+            generation,
+            created_unix: unix_now(),
+            bitmap_file: file_name,
+        };
+        self.entries.push(Entry {
+            file: entry,
+            frozen: None,
+            problem: None,
+        });
+        self.next_generation += 1;
+        if let Err(err) = self.persist() {
+            self.entries.pop();
+            self.next_generation -= 1;
+            let _ = fs::remove_file(&path);
+            if let Some(old) = active.as_deref() {
+                // Reopen the previous bitmap for writing; it stays the latest.
+                let reactivated = ActiveBitmap::activate(
+                    old.path(),
+                    old.header(),
+                    old.words(),
+                    self.params.durable,
+                )?;
+                *active = Some(Arc::new(reactivated));
+            }
+            return Err(err);
+        }
+        let n = self.entries.len();
+        if let (Some(words), Some(prev)) = (frozen_words, self.entries.get_mut(n.wrapping_sub(2))) {
+            prev.frozen = Some(words);
+        }
+        *active = Some(Arc::new(new_active));
+        Ok(self.info(n - 1, active.as_deref()))
+    }
+
+    /// Delete checkpoint `name`, merging its bits into its predecessor. Writes must be
+    /// paused; `active` changes when the latest checkpoint is deleted.
+    pub(crate) fn delete(
+        &mut self,
+        name: &str,
+        active: &mut Option<Arc<ActiveBitmap>>,
+    ) -> Result<(), CheckpointError> {
+        let idx = self.find(name)?;
+        let latest = idx + 1 == self.entries.len();
+        let words = match (&self.entries[idx].frozen, active.as_deref()) {
+            (Some(words), _) => words.clone(),
+            (None, Some(a)) => a.words(),
+            (None, None) => Vec::new(),
+        };
+        let mut merged_pred = None;
+        if idx > 0 {
+            let pred = &self.entries[idx - 1];
+            let mut merged = pred.frozen.clone().unwrap_or_default();
+            for (m, w) in merged.iter_mut().zip(&words) {
+                *m |= w;
+            }
+            let problem = pred
+                .problem
+                .clone()
+                .or_else(|| self.entries[idx].problem.clone());
+            let mut header = self.header(&pred.file.name, pred.file.generation)?;
+            if problem.is_some() {
+                header.state = BitmapState::Inconsistent;
+            }
+            let pred_path = self.bitmap_dir.join(&pred.file.bitmap_file);
+            bitmap::write_bitmap_file(&pred_path, &header, &merged).map_err(TrackingError::from)?;
+            merged_pred = Some((header, merged, problem, pred_path));
+        }
+        let removed = self.entries.remove(idx);
+        if let Err(err) = self.persist() {
+            self.entries.insert(idx, removed);
+            return Err(err);
+        }
+        if let Some((header, merged, problem, pred_path)) = merged_pred {
+            let pred = &mut self.entries[idx - 1];
+            pred.problem = problem;
+            if latest {
+                pred.frozen = None;
+                *active = Some(Arc::new(ActiveBitmap::activate(
+                    &pred_path,
+                    header,
+                    merged,
+                    self.params.durable,
+                )?));
+            } else {
+                pred.frozen = Some(merged);
+            }
+        } else if latest {
+            *active = None;
+        }
+        let _ = fs::remove_file(self.bitmap_dir.join(&removed.file.bitmap_file));
+        Ok(())
+    }
+
+    /// The changes since checkpoint `name` (OR of its bitmap and every later one),
+    /// frozen now, named `name`.
+    pub(crate) fn bitmap_since(
+        &self,
+        name: &str,
+        active: Option<&ActiveBitmap>,
+    ) -> Result<DirtyBitmap, CheckpointError> {
+        let idx = self.find(name)?;
+        if let Some(reason) = self.problem_since(idx, active) {
+            return Err(CheckpointError::Inconsistent {
+                volume: self.params.volume.clone(),
+                name: name.to_string(),
+                reason,
+            });
+        }
+        Ok(self.merged_since(idx, name, active))
+    }
+
+    fn merged_since(&self, idx: usize, name: &str, active: Option<&ActiveBitmap>) -> DirtyBitmap {
+        let mut out = DirtyBitmap::new(name, self.params.granularity, self.params.size);
+        for entry in &self.entries[idx..] {
+            match (&entry.frozen, active) {
+                (Some(words), _) => out.merge_words(words),
+                (None, Some(a)) => out.merge_words(&a.words()),
+                (None, None) => {}
+            }
+        }
+        out
+    }
+
+    fn problem_since(&self, idx: usize, active: Option<&ActiveBitmap>) -> Option<String> {
+        if let Some(p) = self.entries[idx..].iter().find_map(|e| e.problem.clone()) {
+            return Some(p);
+        }
+        match active {
+            Some(a) if a.state() == BitmapState::Inconsistent => {
+                Some("the active bitmap is inconsistent".into())
+            }
+            _ => None,
+        }
+    }
+
+    fn info(&self, idx: usize, active: Option<&ActiveBitmap>) -> CheckpointInfo {
+        let e = &self.entries[idx];
+        let problem = self.problem_since(idx, active);
+        CheckpointInfo {
+            name: e.file.name.clone(),
+            generation: e.file.generation,
+            created_unix: e.file.created_unix,
+            changed_blocks: self.merged_since(idx, &e.file.name, active).dirty_blocks(),
+            consistent: problem.is_none(),
+            problem,
+        }
+    }
+
+    /// Every checkpoint, oldest first.
+    pub(crate) fn list(&self, active: Option<&ActiveBitmap>) -> Vec<CheckpointInfo> {
+        (0..self.entries.len())
+            .map(|i| self.info(i, active))
+            .collect()
+    }
+
+    /// Whether the latest bitmap can be trusted.
+    pub(crate) fn consistent(&self, active: Option<&ActiveBitmap>) -> bool {
+        self.entries.is_empty() || self.problem_since(self.entries.len() - 1, active).is_none()
+    }
+}
+
+/// Bitmap file names are generated by us; refuse anything that could leave the directory.
+fn valid_file_name(name: &str) -> bool {
+    !name.is_empty() && !name.starts_with('.') && !name.contains('/') && name.len() < 200
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(durable: bool) -> ChainParams {
+        ChainParams {
+            volume: "v".into(),
+            volume_uuid: Uuid::new_v4(),
+            granularity: 4096,
+            size: 1 << 20,
+            durable,
+        }
+    }
+
+    #[test]
+    fn names_are_checked() {
+        assert!(valid_name("daily-2024.01.01"));
+        assert!(valid_name("a:b@c+d_e"));
+        assert!(!valid_name(""));
+        assert!(!valid_name("a/b"));
+        assert!(!valid_name("a b"));
+        assert!(!valid_name(&"x".repeat(256)));
+    }
+
+    #[test]
+    fn changes_are_the_or_along_the_chain_and_survive_deletes() {
+        let dir = tempfile::tempdir().unwrap();
+        let events = EventLog::default();
+        let (mut chain, mut active) = Chain::load(dir.path(), params(true), &events).unwrap();
+        chain.create("a", &mut active).unwrap();
+        active.as_ref().unwrap().mark(0, 4096).unwrap();
+        chain.create("b", &mut active).unwrap();
+        active.as_ref().unwrap().mark(8192, 4096).unwrap();
+        chain.create("c", &mut active).unwrap();
+        active.as_ref().unwrap().mark(16384, 4096).unwrap();
+        let since = |chain: &Chain, active: &Option<Arc<ActiveBitmap>>, n| {
+            chain
+                .bitmap_since(n, active.as_deref())
+                .unwrap()
+                .changed_extents()
+        };
+        assert_eq!(
+            since(&chain, &active, "a"),
+            vec![0..4096, 8192..12288, 16384..20480]
+        );
+        assert_eq!(since(&chain, &active, "b"), vec![8192..12288, 16384..20480]);
+        chain.delete("b", &mut active).unwrap();
+        assert_eq!(
+            since(&chain, &active, "a"),
+            vec![0..4096, 8192..12288, 16384..20480]
+        );
+        chain.delete("c", &mut active).unwrap();
+        assert_eq!(
+            since(&chain, &active, "a"),
+            vec![0..4096, 8192..12288, 16384..20480]
+        );
+        // "a" is the active bitmap again: new writes land in it.
+        active.as_ref().unwrap().mark(40960, 1).unwrap();
+        assert_eq!(chain.list(active.as_deref())[0].changed_blocks, 4);
+        assert!(matches!(
+            chain.bitmap_since("b", active.as_deref()),
+            Err(CheckpointError::NotFound { .. })
+        ));
+    }
+
+    #[test]
+    fn chain_reloads_with_the_same_bits_and_generations() {
+        let dir = tempfile::tempdir().unwrap();
+        let events = EventLog::default();
+        let p = params(true);
+        let (mut chain, mut active) = Chain::load(dir.path(), p.clone(), &events).unwrap();
+        chain.create("a", &mut active).unwrap();
+        active.as_ref().unwrap().mark(4096, 4096).unwrap();
+        chain.create("b", &mut active).unwrap();
+        active.as_ref().unwrap().mark(0, 1).unwrap();
+        let uuid = chain.chain_uuid();
+        drop((chain, active));
+        let (chain, active) = Chain::load(dir.path(), p, &events).unwrap();
+        assert_eq!(chain.chain_uuid(), uuid);
+        assert_eq!(chain.generation(), 2);
+        let list = chain.list(active.as_deref());
+        assert_eq!(
+            list.iter().map(|c| c.changed_blocks).collect::<Vec<_>>(),
+            vec![2, 1]
+        );
+        assert!(list.iter().all(|c| c.consistent));
+    }
+
+    #[test]
+    fn fast_mode_unclean_stop_makes_the_chain_inconsistent() {
+        let dir = tempfile::tempdir().unwrap();
+        let events = EventLog::default();
+        let p = params(false);
+        let (mut chain, mut active) = Chain::load(dir.path(), p.clone(), &events).unwrap();
+        chain.create("a", &mut active).unwrap();
+        active.as_ref().unwrap().mark(4096, 4096).unwrap();
+        // No freeze: an unclean stop.
+        drop((chain, active));
+        let (chain, active) = Chain::load(dir.path(), p.clone(), &events).unwrap();
+        assert!(matches!(
+            chain.bitmap_since("a", active.as_deref()),
+            Err(CheckpointError::Inconsistent { .. })
+        ));
+        // And it stays so after a clean stop.
+        active.as_ref().unwrap().freeze().unwrap();
+        let (chain, active) = Chain::load(dir.path(), p, &events).unwrap();
+        assert!(!chain.consistent(active.as_deref()));
+    }
+}

@@ -1,1 +1,616 @@
-//! Dirty tracking: memory-mapped bitmap files and the durable group commit.
+//! Dirty tracking: the active bitmap of a volume (the latest checkpoint's), its durable
+//! group commit, and frozen bitmaps handed to backups.
+//!
+//! # The active bitmap
+//!
+//! Only the latest checkpoint's bitmap records writes; older ones are frozen (Clean on
+//! disk, crc-checked). The active bitmap lives in memory as `AtomicU64` words, one bit per
+//! tracking block (bit `i % 64` of word `i / 64`, the file's own layout), and in its file
+//! (`tidemark_formats::bitmap`): a 4 KiB header, then the payload. While open, the header
+//! says `InUse` (or stays `Inconsistent` if it already was).
+//!
+//! # Durable mode: write order, and why it is safe
+//!
+//! For every data write, before the data write is issued:
+//!
+//! 1. For each touched block, if its bit is already in the *synced* shadow (a second set of
+//!    words holding only bits known to be on stable storage), nothing is needed: rewrites of
+//!    dirty blocks cost no sync and no wait.
+//! 2. Otherwise the bit is set with an atomic OR and its 4 KiB payload page is queued.
+//!    This also happens when another writer set the bit but its sync has not completed:
+//!    a bit we merely *see* is not yet a bit on disk.
+//! 3. The writer then waits for a sync that *starts* after step 2 (group commit): one
+//!    leader at a time writes every queued page (`pwrite` at `HEADER_LEN + page * 4096`)
+//!    and then `fdatasync`s the bitmap file; every writer that queued before the leader
+//!    started rides on that one sync; those that queued later elect the next leader.
+//! 4. After the sync, the writer adds its bits to the synced shadow and lets the data
+//!    write go.
+//!
+//! So a bit is on stable storage before the data it covers is even issued, and a crash
+//! (kill -9 or power loss) at any moment leaves every acknowledged write's blocks dirty on
+//! disk. Bits only ever go from 0 to 1 in an active bitmap, so a torn page write can only
+//! lose bits whose data write was never issued. The header's payload crc is stale while
+//! InUse; an InUse bitmap found at open is therefore trusted in durable mode (it is a
+//! superset of the changes) and refused in fast mode.
+//!
+//! # Fast mode
+//!
+//! Bits are set in memory only. The payload reaches the file when the bitmap is frozen
+//! (checkpoint created, volume closed cleanly): payload, `fdatasync`, then a Clean header
+//! with the payload crc, `fdatasync`. A bitmap found InUse at open in fast mode therefore
+//! missed changes: it is marked Inconsistent on disk and every backup that needs it is
+//! refused until a full backup starts a new checkpoint.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::ops::Range;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
+
+use tidemark_formats::bitmap::{self, BitmapHeader, BitmapState, HEADER_LEN};
+use tidemark_formats::FormatError;
+
+/// Bytes per payload page: the unit written by the group commit.
+const PAGE: usize = 4096;
+/// Words per payload page.
+const WORDS_PER_PAGE: usize = PAGE / 8;
+
+/// Errors of the tracking layer.
+#[derive(Debug, thiserror::Error)]
+pub enum TrackingError {
+    /// Reading, writing or syncing a bitmap file failed.
+    #[error("dirty bitmap {}: {action}: {source}", path.display())]
+    Io {
+        /// The bitmap file.
+        path: PathBuf,
+        /// What was being done.
+        action: &'static str,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// A bitmap file is damaged or of an unknown version.
+    #[error(transparent)]
+    Format(#[from] FormatError),
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding one of these locks leaves plain data behind (counters,
+    // page lists); continuing with it is safe.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Blocks `[first, end)` touched by the byte range `[offset, offset + len)`.
+pub(crate) fn blocks_of(offset: u64, len: u64, granularity: u32) -> Range<u64> {
+    let g = u64::from(granularity);
+    if len == 0 {
+        return offset / g..offset / g;
+    }
+    offset / g..(offset + len).div_ceil(g)
+}
+
+/// `(word index, mask)` pairs covering blocks `range`.
+fn word_masks(range: Range<u64>) -> impl Iterator<Item = (usize, u64)> {
+    let mut b = range.start;
+    std::iter::from_fn(move || {
+        if b >= range.end {
+            return None;
+        }
+        let bit = b % 64;
+        let n = (64 - bit).min(range.end - b);
+        let mask = if n == 64 {
+            u64::MAX
+        } else {
+            ((1u64 << n) - 1) << bit
+        };
+        let word = (b / 64) as usize;
+        b += n;
+        Some((word, mask))
+    })
+}
+
+/// A frozen dirty bitmap: the blocks of a volume changed since a checkpoint, as of one
+/// moment (a snapshot). What a backup reports as `qemu:dirty-bitmap:<name>`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirtyBitmap {
+    name: String,
+    granularity: u32,
+    volume_size: u64,
+    words: Vec<u64>,
+}
+
+impl DirtyBitmap {
+    /// An empty bitmap (nothing changed) for a volume of `volume_size` bytes.
+    pub fn new(name: &str, granularity: u32, volume_size: u64) -> DirtyBitmap {
+        let blocks = volume_size.div_ceil(u64::from(granularity));
+        DirtyBitmap {
+            name: name.to_string(),
+            granularity,
+            volume_size,
+            words: vec![0; blocks.div_ceil(64) as usize],
+        }
+    }
+
+    /// The name it is exported under (normally the checkpoint it counts from).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Bytes per tracking block.
+    pub fn granularity(&self) -> u32 {
+        self.granularity
+    }
+
+    /// Size of the volume in bytes.
+    pub fn volume_size(&self) -> u64 {
+        self.volume_size
+    }
+
+    /// Number of tracking blocks.
+    pub fn block_count(&self) -> u64 {
+        self.volume_size.div_ceil(u64::from(self.granularity))
+    }
+
+    /// The raw words (bit `i % 64` of word `i / 64` is block `i`).
+    pub fn words(&self) -> &[u64] {
+        &self.words
+    }
+
+    /// Whether tracking block `block` changed.
+    pub fn is_dirty(&self, block: u64) -> bool {
+        bitmap::is_dirty(&self.words, block)
+    }
+
+    /// Number of changed tracking blocks.
+    pub fn dirty_blocks(&self) -> u64 {
+        self.words.iter().map(|w| u64::from(w.count_ones())).sum()
+    }
+
+    /// Changed byte ranges, in order, merged, clipped to the volume size.
+    pub fn changed_extents(&self) -> Vec<Range<u64>> {
+        let g = u64::from(self.granularity);
+        bitmap::dirty_runs(&self.words, self.block_count())
+            .map(|r| r.start * g..(r.end * g).min(self.volume_size))
+            .collect()
+    }
+
+    /// Runs `(length, dirty)` describing `[offset, offset + len)`, clipped to the volume.
+    pub fn runs(&self, offset: u64, len: u64) -> Vec<(u64, bool)> {
+        let end = offset.saturating_add(len).min(self.volume_size);
+        let g = u64::from(self.granularity);
+        let mut out: Vec<(u64, bool)> = Vec::new();
+        let mut pos = offset;
+        while pos < end {
+            let block = pos / g;
+            let dirty = self.is_dirty(block);
+            let run_end = ((block + 1) * g).min(end);
+            match out.last_mut() {
+                Some((l, d)) if *d == dirty => *l += run_end - pos,
+                _ => out.push((run_end - pos, dirty)),
+            }
+            pos = run_end;
+            // Skip whole clean words quickly: long clean stretches are the common case.
+            if !dirty && pos % (g * 64) == 0 {
+                while pos < end && self.words.get((pos / g / 64) as usize) == Some(&0) {
+                    let next = ((pos / g / 64 + 1) * 64 * g).min(end);
+                    if let Some((l, false)) = out.last_mut() {
+                        *l += next - pos;
+                    }
+                    pos = next;
+                }
+            }
+        }
+        out
+    }
+
+    /// OR `words` into this bitmap (a merge along the checkpoint chain).
+    pub(crate) fn merge_words(&mut self, words: &[u64]) {
+        for (w, o) in self.words.iter_mut().zip(words) {
+            *w |= o;
+        }
+        self.clear_tail();
+    }
+
+    /// Mark the bytes `[offset, offset + len)` changed.
+    pub fn mark(&mut self, offset: u64, len: u64) {
+        bitmap::set_dirty_range(&mut self.words, blocks_of(offset, len, self.granularity));
+        self.clear_tail();
+    }
+
+    fn clear_tail(&mut self) {
+        let tail = self.block_count() % 64;
+        if tail != 0 {
+            if let Some(last) = self.words.last_mut() {
+                *last &= (1u64 << tail) - 1;
+            }
+        }
+    }
+}
+
+/// Group-commit bookkeeping: how many syncs started and completed.
+#[derive(Debug, Default)]
+struct Commit {
+    started: u64,
+    completed: u64,
+    syncing: bool,
+}
+
+/// The bitmap of the latest checkpoint: set by every write, persisted per the module doc.
+#[derive(Debug)]
+pub(crate) struct ActiveBitmap {
+    path: PathBuf,
+    file: File,
+    header: Mutex<BitmapHeader>,
+    durable: bool,
+    granularity: u32,
+    words: Box<[AtomicU64]>,
+    /// Durable mode: bits known to be on stable storage.
+    synced: Box<[AtomicU64]>,
+    page_queued: Box<[AtomicBool]>,
+    queue: Mutex<Vec<usize>>,
+    commit: Mutex<Commit>,
+    commit_done: Condvar,
+    syncs: AtomicU64,
+}
+
+impl ActiveBitmap {
+    /// Create a new, all-clean bitmap file for `header`'s checkpoint and activate it.
+    pub(crate) fn create(
+        path: &Path,
+        mut header: BitmapHeader,
+        durable: bool,
+    ) -> Result<ActiveBitmap, TrackingError> {
+        header.state = BitmapState::InUse;
+        let words = vec![0u64; header.word_count()];
+        bitmap::write_bitmap_file(path, &header, &words)?;
+        Self::from_parts(path, header, words, durable)
+    }
+
+    /// Activate an existing bitmap file whose contents were already read and judged.
+    /// Its header goes to InUse on disk (Inconsistent stays Inconsistent) before any
+    /// write can set a bit.
+    pub(crate) fn activate(
+        path: &Path,
+        mut header: BitmapHeader,
+        words: Vec<u64>,
+        durable: bool,
+    ) -> Result<ActiveBitmap, TrackingError> {
+        if header.state != BitmapState::Inconsistent {
+            header.state = BitmapState::InUse;
+        }
+        let active = Self::from_parts(path, header, words, durable)?;
+        active.write_header()?;
+        Ok(active)
+    }
+
+    fn from_parts(
+        path: &Path,
+        header: BitmapHeader,
+        words: Vec<u64>,
+        durable: bool,
+    ) -> Result<ActiveBitmap, TrackingError> {
+        let io_err = |action, source| TrackingError::Io {
+            path: path.to_path_buf(),
+            action,
+            source,
+        };
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(|e| io_err("open", e))?;
+        let pages = words.len().div_ceil(WORDS_PER_PAGE).max(1);
+        let synced: Vec<AtomicU64> = words.iter().map(|&w| AtomicU64::new(w)).collect();
+        Ok(ActiveBitmap {
+            path: path.to_path_buf(),
+            file,
+            granularity: header.granularity,
+            header: Mutex::new(header),
+            durable,
+            words: words.into_iter().map(AtomicU64::new).collect(),
+            synced: synced.into_boxed_slice(),
+            page_queued: (0..pages).map(|_| AtomicBool::new(false)).collect(),
+            queue: Mutex::new(Vec::new()),
+            commit: Mutex::new(Commit::default()),
+            commit_done: Condvar::new(),
+            syncs: AtomicU64::new(0),
+        })
+    }
+
+    fn io_err(&self, action: &'static str, source: io::Error) -> TrackingError {
+        TrackingError::Io {
+            path: self.path.clone(),
+            action,
+            source,
+        }
+    }
+
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub(crate) fn state(&self) -> BitmapState {
+        lock(&self.header).state
+    }
+
+    /// How many group-commit syncs ran (one per batch of newly dirtied blocks).
+    pub(crate) fn sync_count(&self) -> u64 {
+        self.syncs.load(Ordering::Relaxed)
+    }
+
+    /// Record a write of `[offset, offset + len)`. In durable mode, returns only once
+    /// every touched block's bit is on stable storage.
+    pub(crate) fn mark(&self, offset: u64, len: u64) -> Result<(), TrackingError> {
+        let blocks = blocks_of(offset, len, self.granularity);
+        let mut need_sync = false;
+        for (word, mask) in word_masks(blocks.clone()) {
+            let Some(slot) = self.words.get(word) else {
+                continue;
+            };
+            if self.durable {
+                if self.synced[word].load(Ordering::Acquire) & mask == mask {
+                    continue;
+                }
+                slot.fetch_or(mask, Ordering::SeqCst);
+                self.queue_page(word / WORDS_PER_PAGE);
+                need_sync = true;
+            } else {
+                slot.fetch_or(mask, Ordering::Relaxed);
+            }
+        }
+        if need_sync {
+            self.group_commit()?;
+            for (word, mask) in word_masks(blocks) {
+                if let Some(s) = self.synced.get(word) {
+                    s.fetch_or(mask, Ordering::Release);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn queue_page(&self, page: usize) {
+        if !self.page_queued[page].swap(true, Ordering::SeqCst) {
+            lock(&self.queue).push(page);
+        }
+    }
+
+    /// Wait for a sync that starts after the caller's bits were set; lead it if no sync
+    /// is running.
+    fn group_commit(&self) -> Result<(), TrackingError> {
+        let mut st = lock(&self.commit);
+        let target = st.started + 1;
+        loop {
+            if st.completed >= target {
+                return Ok(());
+            }
+            if st.syncing {
+                st = self
+                    .commit_done
+                    .wait(st)
+                    .unwrap_or_else(PoisonError::into_inner);
+                continue;
+            }
+            st.syncing = true;
+            st.started += 1;
+            let mine = st.started;
+            drop(st);
+            let result = self.write_queued_pages();
+            st = lock(&self.commit);
+            st.syncing = false;
+            if result.is_ok() {
+                st.completed = mine;
+            }
+            self.commit_done.notify_all();
+            result?;
+        }
+    }
+
+    /// The leader's work: write every queued page, then one fdatasync.
+    fn write_queued_pages(&self) -> Result<(), TrackingError> {
+        let mut pages = {
+            let mut queue = lock(&self.queue);
+            for &p in queue.iter() {
+                self.page_queued[p].store(false, Ordering::SeqCst);
+            }
+            std::mem::take(&mut *queue)
+        };
+        pages.sort_unstable();
+        let result = self.write_pages(&pages).and_then(|()| {
+            self.file
+                .sync_data()
+                .map_err(|e| self.io_err("fdatasync", e))
+        });
+        if result.is_err() {
+            // Put the pages back so the next leader retries them.
+            for p in pages {
+                self.queue_page(p);
+            }
+        }
+        self.syncs.fetch_add(1, Ordering::Relaxed);
+        result
+    }
+
+    /// Write payload pages (runs of consecutive pages go out in one pwrite).
+    fn write_pages(&self, pages: &[usize]) -> Result<(), TrackingError> {
+        let payload_words = self.words.len();
+        let mut buf = Vec::new();
+        let mut i = 0;
+        while i < pages.len() {
+            let mut j = i + 1;
+            while j < pages.len() && pages[j] == pages[j - 1] + 1 {
+                j += 1;
+            }
+            let first_word = pages[i] * WORDS_PER_PAGE;
+            let end_word = ((pages[j - 1] + 1) * WORDS_PER_PAGE).min(payload_words);
+            buf.clear();
+            for w in &self.words[first_word..end_word] {
+                buf.extend_from_slice(&w.load(Ordering::SeqCst).to_le_bytes());
+            }
+            let offset = HEADER_LEN as u64 + first_word as u64 * 8;
+            self.file
+                .write_all_at(&buf, offset)
+                .map_err(|e| self.io_err("write payload", e))?;
+            i = j;
+        }
+        Ok(())
+    }
+
+    fn write_header(&self) -> Result<(), TrackingError> {
+        let bytes = lock(&self.header).encode();
+        self.file
+            .write_all_at(&bytes, 0)
+            .map_err(|e| self.io_err("write header", e))?;
+        self.file
+            .sync_data()
+            .map_err(|e| self.io_err("fdatasync", e))
+    }
+
+    /// A copy of the current bits.
+    pub(crate) fn words(&self) -> Vec<u64> {
+        self.words
+            .iter()
+            .map(|w| w.load(Ordering::SeqCst))
+            .collect()
+    }
+
+    /// The header as it is on disk.
+    pub(crate) fn header(&self) -> BitmapHeader {
+        lock(&self.header).clone()
+    }
+
+    /// Persist the whole payload and mark the file Clean (crc valid): the bitmap stops
+    /// being active. Writes must be paused. An Inconsistent bitmap stays Inconsistent.
+    pub(crate) fn freeze(&self) -> Result<(), TrackingError> {
+        let words = self.words();
+        let pages: Vec<usize> = (0..self.page_queued.len()).collect();
+        self.write_pages(&pages)?;
+        self.file
+            .sync_data()
+            .map_err(|e| self.io_err("fdatasync", e))?;
+        {
+            let mut header = lock(&self.header);
+            if header.state != BitmapState::Inconsistent {
+                header.state = BitmapState::Clean;
+            }
+            header.payload_crc = bitmap::words_crc(&words);
+        }
+        self.write_header()
+    }
+
+    /// Mark the file Inconsistent on disk (the next backup from it must be full).
+    pub(crate) fn mark_inconsistent(&self) -> Result<(), TrackingError> {
+        lock(&self.header).state = BitmapState::Inconsistent;
+        self.write_header()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use uuid::Uuid;
+
+    fn header(size: u64, granularity: u32) -> BitmapHeader {
+        BitmapHeader::new(Uuid::new_v4(), "c1", granularity, size, 1).unwrap()
+    }
+
+    #[test]
+    fn word_masks_cover_exactly_the_range() {
+        let masks: Vec<_> = word_masks(3..130).collect();
+        assert_eq!(masks, vec![(0, !0b111), (1, u64::MAX), (2, 0b11)]);
+        assert_eq!(word_masks(5..5).count(), 0);
+    }
+
+    #[test]
+    fn blocks_of_rounds_outward() {
+        assert_eq!(blocks_of(0, 1, 4096), 0..1);
+        assert_eq!(blocks_of(4095, 2, 4096), 0..2);
+        assert_eq!(blocks_of(8192, 8192, 4096), 2..4);
+    }
+
+    #[test]
+    fn durable_mark_is_on_disk_before_returning_and_rewrites_cost_no_sync() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("b");
+        let active = ActiveBitmap::create(&path, header(1 << 30, 65536), true).unwrap();
+        active.mark(65536 * 100, 4096).unwrap();
+        assert_eq!(active.sync_count(), 1);
+        let (h, words) = bitmap::read_bitmap_file(&path).unwrap();
+        assert_eq!(h.state, BitmapState::InUse);
+        assert!(bitmap::is_dirty(&words, 100));
+        active.mark(65536 * 100 + 8192, 4096).unwrap();
+        assert_eq!(
+            active.sync_count(),
+            1,
+            "a rewrite of a dirty block must not sync"
+        );
+    }
+
+    #[test]
+    fn fast_mode_persists_only_on_freeze() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("b");
+        let active = ActiveBitmap::create(&path, header(1 << 20, 4096), false).unwrap();
+        active.mark(0, 3 * 4096).unwrap();
+        assert_eq!(active.sync_count(), 0);
+        let (_, words) = bitmap::read_bitmap_file(&path).unwrap();
+        assert_eq!(words[0], 0);
+        active.freeze().unwrap();
+        let (h, words) = bitmap::read_bitmap_file(&path).unwrap();
+        assert_eq!(h.state, BitmapState::Clean);
+        assert_eq!(words[0], 0b111);
+    }
+
+    #[test]
+    fn concurrent_writers_share_syncs_and_every_bit_lands() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("b");
+        let active = Arc::new(ActiveBitmap::create(&path, header(1 << 30, 4096), true).unwrap());
+        let threads: Vec<_> = (0..8u64)
+            .map(|t| {
+                let active = active.clone();
+                std::thread::spawn(move || {
+                    for i in 0..200u64 {
+                        active.mark((i * 8 + t) * 4096 * 3, 4096).unwrap();
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert!(active.sync_count() <= 1600);
+        let (_, words) = bitmap::read_bitmap_file(&path).unwrap();
+        for t in 0..8u64 {
+            for i in 0..200u64 {
+                assert!(bitmap::is_dirty(&words, (i * 8 + t) * 3));
+            }
+        }
+        assert_eq!(words.iter().map(|w| w.count_ones()).sum::<u32>(), 1600);
+    }
+
+    #[test]
+    fn dirty_bitmap_runs_and_extents_agree() {
+        let mut b = DirtyBitmap::new("x", 4096, 4096 * 200 + 100);
+        b.mark(4096 * 3, 4096 * 2);
+        b.mark(4096 * 200, 50);
+        assert_eq!(
+            b.changed_extents(),
+            vec![4096 * 3..4096 * 5, 4096 * 200..4096 * 200 + 100]
+        );
+        assert_eq!(
+            b.runs(0, u64::MAX),
+            vec![
+                (4096 * 3, false),
+                (8192, true),
+                (4096 * 195, false),
+                (100, true)
+            ]
+        );
+        assert_eq!(b.runs(4096 * 4, 10), vec![(10, true)]);
+        assert_eq!(b.dirty_blocks(), 3);
+    }
+}

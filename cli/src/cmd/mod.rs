@@ -14,3 +14,4 @@ pub mod serve;
 pub mod update_img;
 pub mod verify;
 pub mod volume;
+pub mod watchdog;

@@ -1,0 +1,149 @@
+//! Where a copy job reads from. A file or block device is read through the I/O engine
+//! directly (many requests in flight, O_DIRECT when allowed); any other source (an NBD
+//! export, a test double) implements [`Source::read_at`] and is read synchronously.
+
+use std::fs::File;
+use std::io;
+use std::ops::Range;
+use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use super::CopyError;
+use crate::io::{open_file, sys, OpenOptions};
+
+/// Something a copy job can read a volume image from.
+pub trait Source: Send {
+    /// A name for messages ("disk.img", "nbd://host/export").
+    fn describe(&self) -> String;
+    /// Size of the image in bytes.
+    fn size(&self) -> u64;
+    /// The parts of `range` that may hold data, sorted and disjoint; everything else
+    /// reads as zeros. A source that cannot tell returns the whole range.
+    fn data_extents(&mut self, range: Range<u64>) -> Result<Vec<Range<u64>>, CopyError>;
+    /// The open file behind this source, for the engine's fast path, and whether it is
+    /// open with O_DIRECT. `None` makes jobs call [`Source::read_at`].
+    fn engine_file(&self) -> Option<(Arc<File>, bool)>;
+    /// Fill `buf` from `offset` (used when `engine_file` is `None`). Reading past the end
+    /// of the image is an error.
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
+}
+
+/// A regular file or a block device.
+#[derive(Debug)]
+pub struct FileSource {
+    path: PathBuf,
+    file: Arc<File>,
+    direct: bool,
+    size: u64,
+    seekable_holes: bool,
+}
+
+impl FileSource {
+    /// Open `path` read-only, with O_DIRECT when `direct` and the file system allow it.
+    pub fn open(path: &Path, direct: bool) -> Result<FileSource, CopyError> {
+        let (file, direct) = open_file(path, &OpenOptions::read_only().direct(direct))?;
+        let meta = file
+            .metadata()
+            .map_err(|err| CopyError::file(path, "reading metadata of", err))?;
+        let kind = meta.file_type();
+        let size = if kind.is_block_device() {
+            use std::io::Seek;
+            (&file)
+                .seek(io::SeekFrom::End(0))
+                .map_err(|err| CopyError::file(path, "sizing", err))?
+        } else if kind.is_file() {
+            meta.len()
+        } else {
+            return Err(CopyError::Input(format!(
+                "{} is neither a regular file nor a block device",
+                path.display()
+            )));
+        };
+        Ok(FileSource {
+            path: path.to_path_buf(),
+            file: Arc::new(file),
+            direct,
+            size,
+            seekable_holes: kind.is_file(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn file(&self) -> &Arc<File> {
+        &self.file
+    }
+}
+
+impl Source for FileSource {
+    fn describe(&self) -> String {
+        self.path.display().to_string()
+    }
+
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn data_extents(&mut self, range: Range<u64>) -> Result<Vec<Range<u64>>, CopyError> {
+        let range = range.start.min(self.size)..range.end.min(self.size);
+        if !self.seekable_holes || range.is_empty() {
+            return Ok(vec![range].into_iter().filter(|r| !r.is_empty()).collect());
+        }
+        let mut extents = Vec::new();
+        let mut at = range.start;
+        while at < range.end {
+            let data = match sys::seek_data(&self.file, at) {
+                Ok(Some(data)) => data,
+                Ok(None) => break,
+                // A file system without SEEK_DATA: everything is data.
+                Err(err) if err.raw_os_error() == Some(libc::EINVAL) => {
+                    extents.push(at..range.end);
+                    break;
+                }
+                Err(err) => return Err(CopyError::file(&self.path, "finding data in", err)),
+            };
+            if data >= range.end {
+                break;
+            }
+            let hole = sys::seek_hole(&self.file, data)
+                .map_err(|err| CopyError::file(&self.path, "finding holes in", err))?;
+            extents.push(data..hole.min(range.end));
+            at = hole;
+        }
+        Ok(extents)
+    }
+
+    fn engine_file(&self) -> Option<(Arc<File>, bool)> {
+        Some((Arc::clone(&self.file), self.direct))
+    }
+
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.file.read_exact_at(buf, offset)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn data_extents_follow_the_allocation() {
+        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+        let path = dir.path().join("thin");
+        let file = File::create(&path).unwrap();
+        file.set_len(16 << 20).unwrap();
+        file.write_all_at(&[1u8; 65536], 4 << 20).unwrap();
+        file.write_all_at(&[2u8; 4096], 10 << 20).unwrap();
+        drop(file);
+        let mut source = FileSource::open(&path, true).unwrap();
+        let extents = source.data_extents(0..16 << 20).unwrap();
+        let total: u64 = extents.iter().map(|r| r.end - r.start).sum();
+        assert!(total < 1 << 20, "{extents:?}");
+        assert!(extents.iter().any(|r| r.contains(&(4 << 20))));
+        assert!(extents.iter().any(|r| r.contains(&(10 << 20))));
+        assert_eq!(source.data_extents(11 << 20..16 << 20).unwrap(), vec![]);
+    }
+}

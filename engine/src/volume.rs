@@ -1,1 +1,0 @@
-//! Volumes under management: manifest, lock, the write path.

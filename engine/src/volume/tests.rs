@@ -1,0 +1,672 @@
+//! Volume behaviour: lifecycle, write path, checkpoints, snapshots, COW failure, and a
+//! model-based property test against a plain in-memory disk.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use proptest::prelude::*;
+use tidemark_nbd::export::{Errno, Export, MetaContext, STATE_DIRTY};
+
+use super::*;
+use crate::export::{SnapshotExport, VolumeExport};
+use crate::status::SnapshotState;
+
+struct Fixture {
+    dir: tempfile::TempDir,
+}
+
+impl Fixture {
+    fn new() -> Fixture {
+        Fixture {
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    fn state(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    fn image(&self, name: &str, size: u64) -> PathBuf {
+        let path = self.dir.path().join(name);
+        let f = File::create(&path).unwrap();
+        f.set_len(size).unwrap();
+        path
+    }
+
+    fn volume(&self, name: &str, size: u64, options: VolumeOptions) -> Volume {
+        let image = self.image(&format!("{name}.img"), size);
+        Volume::create(&self.state(), name, &image, options).unwrap()
+    }
+}
+
+fn small(granularity: u32) -> VolumeOptions {
+    VolumeOptions {
+        granularity,
+        ..VolumeOptions::default()
+    }
+}
+
+fn pattern(seed: u8, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| seed.wrapping_mul(31).wrapping_add(i as u8))
+        .collect()
+}
+
+#[test]
+fn create_open_lock_and_reopen() {
+    let fx = Fixture::new();
+    let vol = fx.volume("v", 1 << 20, VolumeOptions::default());
+    assert_eq!(vol.size(), 1 << 20);
+    assert_eq!(vol.granularity(), DEFAULT_GRANULARITY);
+    match Volume::open(&fx.state(), "v") {
+        Err(VolumeError::Locked { holder, .. }) => {
+            assert!(holder.contains(&std::process::id().to_string()))
+        }
+        other => panic!("second open must fail with Locked, got {other:?}"),
+    }
+    let uuid = vol.uuid();
+    vol.close().unwrap();
+    let vol = Volume::open(&fx.state(), "v").unwrap();
+    assert_eq!(vol.uuid(), uuid);
+    assert_eq!(Volume::list(&fx.state()).unwrap(), vec!["v".to_string()]);
+    assert!(matches!(
+        Volume::open(&fx.state(), "nope"),
+        Err(VolumeError::NotFound { .. })
+    ));
+    let image = fx.image("w.img", 4096);
+    assert!(matches!(
+        Volume::create(&fx.state(), "v", &image, VolumeOptions::default()),
+        Err(VolumeError::Exists { .. })
+    ));
+    assert!(matches!(
+        Volume::create(&fx.state(), "w", &image, small(3000)),
+        Err(VolumeError::Invalid(_))
+    ));
+    drop(vol);
+    Volume::remove(&fx.state(), "v").unwrap();
+    assert!(Volume::list(&fx.state()).unwrap().is_empty());
+}
+
+#[test]
+fn create_extends_a_short_file_and_refuses_a_long_one() {
+    let fx = Fixture::new();
+    let image = fx.image("a.img", 4096);
+    let options = VolumeOptions {
+        size: Some(1 << 20),
+        ..VolumeOptions::default()
+    };
+    let vol = Volume::create(&fx.state(), "a", &image, options).unwrap();
+    assert_eq!(vol.size(), 1 << 20);
+    assert_eq!(fs::metadata(&image).unwrap().len(), 1 << 20);
+    let options = VolumeOptions {
+        size: Some(4096),
+        ..VolumeOptions::default()
+    };
+    assert!(matches!(
+        Volume::create(&fx.state(), "b", &image, options),
+        Err(VolumeError::Invalid(_))
+    ));
+}
+
+#[test]
+fn io_round_trips_and_is_bounds_checked() {
+    let fx = Fixture::new();
+    let vol = fx.volume("v", 1 << 20, small(4096));
+    let data = pattern(1, 10000);
+    vol.write(777, &data, true).unwrap();
+    let mut back = vec![0u8; 10000];
+    vol.read(777, &mut back).unwrap();
+    assert_eq!(back, data);
+    vol.write_zeroes(1000, 100, false, false).unwrap();
+    vol.trim(8192, 4096, false).unwrap();
+    vol.read(777, &mut back).unwrap();
+    assert!(back[223..323].iter().all(|&b| b == 0));
+    assert!(back[8192 - 777..].iter().all(|&b| b == 0));
+    assert!(matches!(
+        vol.write((1 << 20) - 1, &[0, 0], false),
+        Err(VolumeError::OutOfRange { .. })
+    ));
+    assert!(matches!(
+        vol.read(u64::MAX, &mut [0]),
+        Err(VolumeError::OutOfRange { .. })
+    ));
+    vol.flush().unwrap();
+}
+
+#[test]
+fn checkpoints_track_changes_and_reload_after_a_clean_stop() {
+    let fx = Fixture::new();
+    let vol = fx.volume("v", 1 << 20, small(65536));
+    vol.write(0, &[1; 4096], false).unwrap();
+    assert_eq!(vol.status().tracking, TrackingStatus::Off);
+    vol.checkpoint_create("a").unwrap();
+    vol.write(65536 * 3 + 5, &[2; 10], false).unwrap();
+    vol.checkpoint_create("b").unwrap();
+    vol.write_zeroes(65536 * 8, 65536 * 2, true, false).unwrap();
+    assert_eq!(
+        vol.changed_extents("a").unwrap(),
+        vec![65536 * 3..65536 * 4, 65536 * 8..65536 * 10]
+    );
+    assert_eq!(
+        vol.changed_extents("b").unwrap(),
+        vec![65536 * 8..65536 * 10]
+    );
+    let chain = vol.chain_uuid();
+    assert_eq!(vol.generation(), 2);
+    vol.close().unwrap();
+    let vol = Volume::open(&fx.state(), "v").unwrap();
+    assert_eq!(vol.chain_uuid(), chain);
+    assert_eq!(
+        vol.changed_extents("a").unwrap(),
+        vec![65536 * 3..65536 * 4, 65536 * 8..65536 * 10]
+    );
+    let status = vol.status();
+    assert_eq!(status.tracking, TrackingStatus::Durable);
+    assert_eq!(
+        status
+            .checkpoints
+            .iter()
+            .map(|c| c.changed_blocks)
+            .collect::<Vec<_>>(),
+        vec![3, 2]
+    );
+    assert!(status.events.is_empty(), "{:?}", status.events);
+    vol.checkpoint_delete("a").unwrap();
+    assert!(vol.changed_extents("a").is_err());
+    assert!(matches!(
+        vol.checkpoint_create("b"),
+        Err(VolumeError::Checkpoint(CheckpointError::Exists { .. }))
+    ));
+    assert!(matches!(
+        vol.checkpoint_create("bad name"),
+        Err(VolumeError::Checkpoint(CheckpointError::InvalidName { .. }))
+    ));
+}
+
+#[test]
+fn durable_rewrites_of_dirty_blocks_cost_no_sync() {
+    let fx = Fixture::new();
+    let vol = fx.volume("v", 1 << 20, small(65536));
+    vol.checkpoint_create("a").unwrap();
+    vol.write(0, &[1; 4096], false).unwrap();
+    let syncs = vol.tracking_syncs();
+    assert_eq!(syncs, 1);
+    for i in 0..10 {
+        vol.write(i * 4096, &[2; 4096], false).unwrap();
+    }
+    assert_eq!(vol.tracking_syncs(), syncs);
+}
+
+#[test]
+fn snapshot_keeps_its_content_and_freezes_the_bitmap() {
+    let fx = Fixture::new();
+    let vol = fx.volume("v", 1 << 20, small(4096));
+    vol.write(0, &pattern(1, 1 << 20), false).unwrap();
+    vol.checkpoint_create("c1").unwrap();
+    vol.write(4096 * 10, &[9; 4096], false).unwrap();
+    let spec = SnapshotSpec {
+        name: "s".into(),
+        checkpoint: Some("c2".into()),
+        since: Some("c1".into()),
+        cow: CowOptions::default(),
+    };
+    let (snap, pause) = vol.snapshot(spec).unwrap();
+    assert!(pause < Duration::from_secs(5));
+    let before = {
+        let mut b = vec![0u8; 1 << 20];
+        vol.read(0, &mut b).unwrap();
+        b
+    };
+    // Overwrite, partially and wholly, zero and trim after the snapshot.
+    vol.write(100, &[7; 5000], false).unwrap();
+    vol.write(65536, &[8; 65536], false).unwrap();
+    vol.write_zeroes(200_000, 100_000, true, false).unwrap();
+    vol.trim(400_000, 200_000, false).unwrap();
+    let mut back = vec![0u8; 1 << 20];
+    snap.read(0, &mut back).unwrap();
+    assert!(back == before, "snapshot content changed");
+    let bitmap = snap.dirty_bitmap().unwrap();
+    assert_eq!(bitmap.name(), "c1");
+    assert_eq!(bitmap.changed_extents(), vec![4096 * 10..4096 * 11]);
+    // The new checkpoint starts at the snapshot instant.
+    assert!(vol
+        .changed_extents("c2")
+        .unwrap()
+        .contains(&(65536..131072)));
+    assert_eq!(vol.status().snapshots[0].state, SnapshotState::Active);
+    assert!(vol.status().snapshots[0].cow_bytes_used > 0);
+    vol.drop_snapshot("s").unwrap();
+    assert!(matches!(
+        snap.read(0, &mut back[..10]),
+        Err(SnapshotError::Dropped { .. })
+    ));
+    assert!(vol.status().snapshots.is_empty());
+    assert!(matches!(
+        vol.drop_snapshot("s"),
+        Err(VolumeError::SnapshotNotFound { .. })
+    ));
+}
+
+#[test]
+fn a_group_snapshot_is_one_instant_for_all_volumes_and_all_or_nothing() {
+    let fx = Fixture::new();
+    let a = fx.volume("a", 1 << 20, small(65536));
+    let b = fx.volume("b", 1 << 20, small(65536));
+    a.checkpoint_create("base").unwrap();
+    let spec = |name: &str, since: Option<&str>| SnapshotSpec {
+        name: name.into(),
+        checkpoint: Some("next".into()),
+        since: since.map(str::to_string),
+        cow: CowOptions::default(),
+    };
+    // b has no checkpoint "base": the whole group fails and nothing changes on a.
+    let err =
+        Volume::snapshot_group(&[(&a, spec("s", Some("base"))), (&b, spec("s", Some("base")))]);
+    assert!(err.is_err());
+    assert_eq!(a.checkpoints().len(), 1);
+    assert!(a.snapshots().is_empty() && b.snapshots().is_empty());
+    let group =
+        Volume::snapshot_group(&[(&a, spec("s", Some("base"))), (&b, spec("s", None))]).unwrap();
+    assert_eq!(group.snapshots.len(), 2);
+    assert_eq!(group.snapshots[0].volume(), "a");
+    assert_eq!(a.checkpoints().len(), 2);
+    assert_eq!(b.checkpoints().len(), 1);
+    assert!(Volume::snapshot_group(&[(&a, spec("t", None)), (&a, spec("u", None))]).is_err());
+}
+
+#[test]
+fn cow_limit_fails_the_snapshot_not_the_volume() {
+    let fx = Fixture::new();
+    let vol = fx.volume("v", 4 << 20, small(65536));
+    vol.write(0, &pattern(3, 4 << 20), false).unwrap();
+    let spec = SnapshotSpec {
+        name: "s".into(),
+        cow: CowOptions {
+            limit: Some(256 << 10),
+            ..CowOptions::default()
+        },
+        ..SnapshotSpec::default()
+    };
+    let (snap, _) = vol.snapshot(spec).unwrap();
+    let new = pattern(4, 4 << 20);
+    vol.write(0, &new, false).unwrap();
+    let mut back = vec![0u8; 4 << 20];
+    vol.read(0, &mut back).unwrap();
+    assert!(back == new, "the volume must hold exactly the new data");
+    let err = snap.read(0, &mut back[..4096]).unwrap_err();
+    assert!(err.to_string().contains("limit"), "{err}");
+    let status = vol.status();
+    assert_eq!(status.snapshots[0].state, SnapshotState::Failed);
+    assert!(status
+        .events
+        .iter()
+        .any(|e| e.message.contains("snapshot s failed")));
+    vol.drop_snapshot("s").unwrap();
+}
+
+#[test]
+fn trimming_the_snapshot_releases_cow_space_and_later_copies() {
+    let fx = Fixture::new();
+    let vol = fx.volume("v", 1 << 20, small(65536));
+    vol.write(0, &pattern(5, 1 << 20), false).unwrap();
+    let (snap, _) = vol
+        .snapshot(SnapshotSpec {
+            name: "s".into(),
+            ..SnapshotSpec::default()
+        })
+        .unwrap();
+    vol.write(0, &[1; 131072], false).unwrap();
+    assert_eq!(snap.status().cow_bytes_used, 131072);
+    let export = SnapshotExport::new(snap.clone());
+    export.trim(0, 1 << 20, false).unwrap();
+    assert_eq!(snap.status().cow_bytes_used, 0);
+    let copies = snap.copies();
+    vol.write(65536 * 5, &[1; 4096], false).unwrap();
+    assert_eq!(snap.copies(), copies, "released chunks need no copy");
+}
+
+#[test]
+fn exports_serve_data_bitmaps_and_refuse_writes_to_snapshots() {
+    let fx = Fixture::new();
+    let vol = Arc::new(fx.volume("v", 1 << 20, small(65536)));
+    let live = VolumeExport::new(vol.clone());
+    assert!(!live.capabilities().read_only && live.capabilities().multi_conn);
+    live.write(0, &[1; 512], false).unwrap();
+    vol.checkpoint_create("c").unwrap();
+    live.write(65536 * 2, &[1; 512], true).unwrap();
+    assert_eq!(live.dirty_bitmaps(), vec!["c".to_string()]);
+    let ext = live
+        .block_status(&MetaContext::DirtyBitmap("c".into()), 0, 1 << 20)
+        .unwrap();
+    assert_eq!(ext[0].length, 65536 * 2);
+    assert_eq!(ext[1].flags, STATE_DIRTY);
+    let (snap, _) = vol
+        .snapshot(SnapshotSpec {
+            name: "s".into(),
+            since: Some("c".into()),
+            ..SnapshotSpec::default()
+        })
+        .unwrap();
+    let export = SnapshotExport::new(snap);
+    assert!(export.capabilities().read_only);
+    assert_eq!(export.write(0, &[0], false).unwrap_err().errno, Errno::Perm);
+    assert_eq!(export.dirty_bitmaps(), vec!["c".to_string()]);
+    let ext = export
+        .block_status(&MetaContext::DirtyBitmap("c".into()), 0, 1 << 20)
+        .unwrap();
+    assert_eq!(ext.iter().map(|e| e.length).sum::<u64>(), 1 << 20);
+    assert_eq!(
+        export
+            .block_status(&MetaContext::DirtyBitmap("x".into()), 0, 10)
+            .unwrap_err()
+            .errno,
+        Errno::Inval
+    );
+    // The image is sparse: the snapshot reports holes where nothing was ever written,
+    // also after the live volume fills them.
+    live.write(65536 * 8, &[5; 65536], false).unwrap();
+    let alloc = export
+        .block_status(&MetaContext::BaseAllocation, 65536 * 4, 65536 * 8)
+        .unwrap();
+    assert!(alloc.iter().all(|e| e.flags != 0), "{alloc:?}");
+    let mut buf = vec![1u8; 65536];
+    export.read(65536 * 8, &mut buf).unwrap();
+    assert!(buf.iter().all(|&b| b == 0));
+    assert_eq!(
+        live.read(u64::MAX - 1, &mut [0; 4]).unwrap_err().errno,
+        Errno::Inval
+    );
+}
+
+#[test]
+fn many_writers_and_snapshot_readers_on_the_same_chunks() {
+    let fx = Fixture::new();
+    const SIZE: u64 = 1 << 20;
+    let vol = Arc::new(fx.volume("v", SIZE, small(65536)));
+    let original = pattern(7, SIZE as usize);
+    vol.write(0, &original, false).unwrap();
+    vol.checkpoint_create("c").unwrap();
+    let (snap, _) = vol
+        .snapshot(SnapshotSpec {
+            name: "s".into(),
+            ..SnapshotSpec::default()
+        })
+        .unwrap();
+    let writers: Vec<_> = (0..6u64)
+        .map(|t| {
+            let vol = vol.clone();
+            std::thread::spawn(move || {
+                for i in 0..150u64 {
+                    // Offsets collide across threads on purpose; sizes straddle chunks.
+                    let offset = ((i * 7919 + t * 104_729) % (SIZE / 512 - 300)) * 512;
+                    let len = [512usize, 4096, 70_000, 131_072][(i % 4) as usize];
+                    vol.write(offset, &vec![t as u8 + 1; len], false).unwrap();
+                }
+            })
+        })
+        .collect();
+    let readers: Vec<_> = (0..3u64)
+        .map(|t| {
+            let snap = snap.clone();
+            let original = original.clone();
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 200_000];
+                for i in 0..100u64 {
+                    let offset = ((i * 31 + t * 977) * 4096) % (SIZE - buf.len() as u64);
+                    snap.read(offset, &mut buf).unwrap();
+                    assert!(buf[..] == original[offset as usize..offset as usize + buf.len()]);
+                }
+            })
+        })
+        .collect();
+    for h in writers.into_iter().chain(readers) {
+        h.join().unwrap();
+    }
+    let mut back = vec![0u8; SIZE as usize];
+    snap.read(0, &mut back).unwrap();
+    assert!(back == original);
+}
+
+// ---- the model-based property test ----
+
+const MODEL_SIZE: u64 = 256 << 10;
+const MODEL_GRAN: u32 = 4096;
+
+#[derive(Debug, Clone)]
+enum Op {
+    Write {
+        offset: u64,
+        len: u64,
+        seed: u8,
+    },
+    Zero {
+        offset: u64,
+        len: u64,
+    },
+    Trim {
+        offset: u64,
+        len: u64,
+    },
+    CheckpointCreate,
+    CheckpointDelete(usize),
+    SnapshotCreate {
+        since: Option<usize>,
+        checkpoint: bool,
+    },
+    SnapshotRead {
+        which: usize,
+        offset: u64,
+        len: u64,
+    },
+    SnapshotRelease(usize),
+    SnapshotDrop(usize),
+    Reopen,
+}
+
+fn range() -> impl Strategy<Value = (u64, u64)> {
+    (0..MODEL_SIZE, 1..40_000u64).prop_map(|(o, l)| (o, l.min(MODEL_SIZE - o).max(1)))
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        6 => (range(), any::<u8>()).prop_map(|((offset, len), seed)| Op::Write { offset, len, seed }),
+        1 => range().prop_map(|(offset, len)| Op::Zero { offset, len }),
+        1 => range().prop_map(|(offset, len)| Op::Trim { offset, len }),
+        2 => Just(Op::CheckpointCreate),
+        1 => (0..4usize).prop_map(Op::CheckpointDelete),
+        2 => (prop::option::of(0..4usize), any::<bool>())
+            .prop_map(|(since, checkpoint)| Op::SnapshotCreate { since, checkpoint }),
+        3 => (0..3usize, range()).prop_map(|(which, (offset, len))| Op::SnapshotRead { which, offset, len }),
+        1 => (0..3usize).prop_map(Op::SnapshotRelease),
+        1 => (0..3usize).prop_map(Op::SnapshotDrop),
+        1 => Just(Op::Reopen),
+    ]
+}
+
+/// A checkpoint in the model: the blocks touched since it was created.
+struct ModelCheckpoint {
+    name: String,
+    touched: Vec<bool>,
+}
+
+struct ModelSnapshot {
+    name: String,
+    content: Vec<u8>,
+    bitmap: Option<(String, Vec<bool>)>,
+    released: Vec<bool>,
+}
+
+fn touch(checkpoints: &mut [ModelCheckpoint], offset: u64, len: u64) {
+    let blocks = crate::tracking::blocks_of(offset, len, MODEL_GRAN);
+    for c in checkpoints {
+        for b in blocks.clone() {
+            c.touched[b as usize] = true;
+        }
+    }
+}
+
+fn expected_extents(touched: &[bool]) -> Vec<Range<u64>> {
+    let mut out: Vec<Range<u64>> = Vec::new();
+    let g = u64::from(MODEL_GRAN);
+    for (b, _) in touched.iter().enumerate().filter(|(_, t)| **t) {
+        let r = b as u64 * g..((b as u64 + 1) * g).min(MODEL_SIZE);
+        match out.last_mut() {
+            Some(last) if last.end == r.start => last.end = r.end,
+            _ => out.push(r),
+        }
+    }
+    out
+}
+
+fn run_model(ops: Vec<Op>) {
+    let fx = Fixture::new();
+    let mut vol = Some(fx.volume("m", MODEL_SIZE, small(MODEL_GRAN)));
+    let mut disk = vec![0u8; MODEL_SIZE as usize];
+    let mut checkpoints: Vec<ModelCheckpoint> = Vec::new();
+    let mut snapshots: Vec<ModelSnapshot> = Vec::new();
+    let mut snapshot_handles: BTreeMap<String, Snapshot> = BTreeMap::new();
+    let mut counter = 0;
+    let blocks = MODEL_SIZE.div_ceil(u64::from(MODEL_GRAN)) as usize;
+    for op in ops {
+        let v = vol.as_ref().unwrap();
+        counter += 1;
+        match op {
+            Op::Write { offset, len, seed } => {
+                let data = pattern(seed, len as usize);
+                v.write(offset, &data, false).unwrap();
+                disk[offset as usize..(offset + len) as usize].copy_from_slice(&data);
+                touch(&mut checkpoints, offset, len);
+            }
+            Op::Zero { offset, len } => {
+                v.write_zeroes(offset, len, counter % 2 == 0, false)
+                    .unwrap();
+                disk[offset as usize..(offset + len) as usize].fill(0);
+                touch(&mut checkpoints, offset, len);
+            }
+            Op::Trim { offset, len } => {
+                // A file backing punches a hole: trimmed bytes read as zeroes.
+                v.trim(offset, len, false).unwrap();
+                disk[offset as usize..(offset + len) as usize].fill(0);
+                touch(&mut checkpoints, offset, len);
+            }
+            Op::CheckpointCreate => {
+                let name = format!("c{counter}");
+                v.checkpoint_create(&name).unwrap();
+                checkpoints.push(ModelCheckpoint {
+                    name,
+                    touched: vec![false; blocks],
+                });
+            }
+            Op::CheckpointDelete(i) => {
+                if i < checkpoints.len() {
+                    let c = checkpoints.remove(i);
+                    v.checkpoint_delete(&c.name).unwrap();
+                }
+            }
+            Op::SnapshotCreate { since, checkpoint } => {
+                let name = format!("s{counter}");
+                let since = since.filter(|&i| i < checkpoints.len());
+                let spec = SnapshotSpec {
+                    name: name.clone(),
+                    checkpoint: checkpoint.then(|| format!("k{counter}")),
+                    since: since.map(|i| checkpoints[i].name.clone()),
+                    cow: CowOptions {
+                        chunk_size: Some(8192),
+                        ..CowOptions::default()
+                    },
+                };
+                let (snap, _) = v.snapshot(spec).unwrap();
+                let bitmap =
+                    since.map(|i| (checkpoints[i].name.clone(), checkpoints[i].touched.clone()));
+                if checkpoint {
+                    checkpoints.push(ModelCheckpoint {
+                        name: format!("k{counter}"),
+                        touched: vec![false; blocks],
+                    });
+                }
+                snapshots.push(ModelSnapshot {
+                    name: name.clone(),
+                    content: disk.clone(),
+                    bitmap,
+                    released: vec![false; blocks],
+                });
+                snapshot_handles.insert(name, snap);
+            }
+            Op::SnapshotRead { which, offset, len } => {
+                if let Some(s) = snapshots.get(which) {
+                    let mut buf = vec![0u8; len as usize];
+                    snapshot_handles[&s.name].read(offset, &mut buf).unwrap();
+                    let g = 8192;
+                    for (i, (got, want)) in
+                        buf.iter().zip(&s.content[offset as usize..]).enumerate()
+                    {
+                        let pos = offset as usize + i;
+                        if !s.released[pos / g] {
+                            assert_eq!(got, want, "snapshot {} byte {pos}", s.name);
+                        }
+                    }
+                    if let Some((name, touched)) = &s.bitmap {
+                        let snap = &snapshot_handles[&s.name];
+                        let bitmap = snap.dirty_bitmap().unwrap();
+                        assert_eq!(bitmap.name(), name);
+                        assert_eq!(bitmap.changed_extents(), expected_extents(touched));
+                    }
+                }
+            }
+            Op::SnapshotRelease(which) => {
+                if let Some(s) = snapshots.get_mut(which) {
+                    // Release the first half; chunks wholly inside it are unspecified now.
+                    let end = MODEL_SIZE / 2;
+                    snapshot_handles[&s.name].release(0, end).unwrap();
+                    for c in 0..(end / 8192) as usize {
+                        s.released[c] = true;
+                    }
+                }
+            }
+            Op::SnapshotDrop(which) => {
+                if which < snapshots.len() {
+                    let s = snapshots.remove(which);
+                    v.drop_snapshot(&s.name).unwrap();
+                    snapshot_handles.remove(&s.name);
+                }
+            }
+            Op::Reopen => {
+                vol.take().unwrap().close().unwrap();
+                // Snapshots do not survive a stop.
+                snapshots.clear();
+                snapshot_handles.clear();
+                vol = Some(Volume::open(&fx.state(), "m").unwrap());
+            }
+        }
+        let v = vol.as_ref().unwrap();
+        for c in &checkpoints {
+            assert_eq!(
+                v.changed_extents(&c.name).unwrap(),
+                expected_extents(&c.touched),
+                "since {}",
+                c.name
+            );
+        }
+    }
+    let v = vol.as_ref().unwrap();
+    let mut back = vec![0u8; MODEL_SIZE as usize];
+    v.read(0, &mut back).unwrap();
+    assert!(back == disk, "volume content differs from the model");
+    let names: Vec<String> = v.checkpoints().into_iter().map(|c| c.name).collect();
+    assert_eq!(
+        names,
+        checkpoints
+            .iter()
+            .map(|c| c.name.clone())
+            .collect::<Vec<_>>()
+    );
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    #[test]
+    fn volume_matches_the_model(ops in prop::collection::vec(op(), 1..40)) {
+        run_model(ops);
+    }
+}
