@@ -288,7 +288,7 @@ async fn pull_async(
     };
     let map_seconds = started.elapsed().as_secs_f64();
 
-    let mut sink = sink::open(targets, &request.mode, size)
+    let mut sink = sink::open(targets, &request.mode, size, request.request_size)
         .with_context(|| format!("preparing the pull target for {}", request.uri))?;
 
     let primary = Arc::new(primary);

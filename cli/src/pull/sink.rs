@@ -4,13 +4,13 @@
 //! never overlap. [`Sink::finish`] makes everything durable; a sink dropped without it may
 //! have written any prefix.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::BufWriter;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 
+use tidemark_engine::copy::{ImageWriter, WriterOptions};
 use tidemark_formats::delta::{DeltaHeader, DeltaWriter};
 
 use super::{Mode, Targets};
@@ -58,10 +58,15 @@ impl Sink for Tee {
 }
 
 /// The sinks `targets` ask for, ready for an export of `size` bytes.
-pub fn open(targets: &Targets, mode: &Mode, size: u64) -> anyhow::Result<Box<dyn Sink + Send>> {
+pub fn open(
+    targets: &Targets,
+    mode: &Mode,
+    size: u64,
+    request_size: u64,
+) -> anyhow::Result<Box<dyn Sink + Send>> {
     let mut sinks: Vec<Box<dyn Sink + Send>> = Vec::new();
     if let Some(image) = &targets.image {
-        sinks.push(Box::new(ImageSink::open(image, mode, size)?));
+        sinks.push(Box::new(ImageSink::open(image, mode, size, request_size)?));
     }
     if let Some(delta) = &targets.delta {
         sinks.push(Box::new(DeltaSink::create(
@@ -75,86 +80,102 @@ pub fn open(targets: &Targets, mode: &Mode, size: u64) -> anyhow::Result<Box<dyn
     })
 }
 
-/// An image file: created sparse for a full pull, updated in place for an incremental one.
-#[derive(Debug)]
+/// An image written through the copy engine's [`ImageWriter`]: created sparse for a full
+/// pull, updated in place for an incremental one (zero ranges punched).
 pub struct ImageSink {
     path: PathBuf,
-    file: File,
-    /// A freshly truncated image already reads zero everywhere.
-    fresh: bool,
+    writer: Option<ImageWriter>,
+}
+
+impl std::fmt::Debug for ImageSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ImageSink({})", self.path.display())
+    }
 }
 
 impl ImageSink {
-    /// Open `path` for a pull of `mode` from an export of `size` bytes.
-    pub fn open(path: &Path, mode: &Mode, size: u64) -> anyhow::Result<ImageSink> {
-        let fresh = *mode == Mode::Full;
-        let file = if fresh {
-            let file = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(path)
-                .with_context(|| format!("creating the image {}", path.display()))?;
-            file.set_len(size)
-                .with_context(|| format!("sizing the image {} to {size} bytes", path.display()))?;
-            file
-        } else {
-            let file = OpenOptions::new().read(true).write(true).open(path).with_context(|| {
-                format!(
-                    "opening the image {} to update it; an incremental pull writes into the                      previous backup's image, so pull it with --full first",
-                    path.display()
-                )
-            })?;
-            let len = file
-                .metadata()
-                .with_context(|| format!("{}", path.display()))?
-                .len();
-            if len != size {
-                bail!(
-                    "the image {} is {len} bytes but the export is {size} bytes: it is not a                      backup of this export",
-                    path.display()
-                );
+    /// Open `path` for a pull of `mode` from an export of `size` bytes; `request_size` is
+    /// the largest write the sink will be given.
+    pub fn open(
+        path: &Path,
+        mode: &Mode,
+        size: u64,
+        request_size: u64,
+    ) -> anyhow::Result<ImageSink> {
+        let mut options = WriterOptions::default();
+        options.engine.buf_size = request_size.max(options.engine.buf_size as u64) as usize;
+        options.engine.queue_depth = 16;
+        let writer = match mode {
+            Mode::Full => ImageWriter::create(path, size, &options)
+                .with_context(|| format!("creating the image {}", path.display()))?,
+            Mode::Incremental { .. } => {
+                let len = std::fs::metadata(path)
+                    .with_context(|| {
+                        format!(
+                            "opening the image {} to update it: an incremental pull writes into \
+                             the previous backup's image; pull it with --full first",
+                            path.display()
+                        )
+                    })?
+                    .len();
+                if len != size {
+                    bail!(
+                        "the image {} is {len} bytes but the export is {size} bytes: it is not \
+                         a backup of this export",
+                        path.display()
+                    );
+                }
+                ImageWriter::open(path, size, &options)
+                    .with_context(|| format!("opening the image {}", path.display()))?
             }
-            file
         };
         Ok(ImageSink {
             path: path.to_path_buf(),
-            file,
-            fresh,
+            writer: Some(writer),
         })
+    }
+
+    fn writer(&mut self) -> anyhow::Result<&mut ImageWriter> {
+        self.writer
+            .as_mut()
+            .with_context(|| format!("the image {} is already finished", self.path.display()))
     }
 }
 
 impl Sink for ImageSink {
     fn write(&mut self, offset: u64, data: &[u8]) -> anyhow::Result<()> {
-        self.file.write_all_at(data, offset).with_context(|| {
-            format!(
-                "writing {} bytes at offset {offset} of {}",
-                data.len(),
-                self.path.display()
-            )
-        })
-    }
-
-    fn zero(&mut self, offset: u64, length: u64) -> anyhow::Result<()> {
-        if self.fresh {
-            return Ok(());
-        }
-        let zeroes = vec![0u8; length.min(1 << 20) as usize];
+        let writer = self.writer()?;
         let mut done = 0;
-        while done < length {
-            let piece = (length - done).min(zeroes.len() as u64) as usize;
-            self.write(offset + done, &zeroes[..piece])?;
-            done += piece as u64;
+        while done < data.len() {
+            let mut buf = writer.buffer()?;
+            let piece = (data.len() - done).min(buf.capacity());
+            buf.set_len(piece);
+            buf.as_mut_slice()
+                .copy_from_slice(&data[done..done + piece]);
+            writer.write(offset + done as u64, buf)?;
+            done += piece;
         }
         Ok(())
     }
 
+    fn zero(&mut self, offset: u64, length: u64) -> anyhow::Result<()> {
+        Ok(self.writer()?.zero(offset, length)?)
+    }
+
     fn finish(&mut self) -> anyhow::Result<()> {
-        self.file
-            .sync_all()
-            .with_context(|| format!("syncing {}", self.path.display()))
+        let writer = self
+            .writer
+            .take()
+            .with_context(|| format!("the image {} is already finished", self.path.display()))?;
+        let (_, failed) = writer.finish()?;
+        if let Some(first) = failed.first() {
+            bail!(
+                "{} ranges of the image {} could not be written, the first: {first}",
+                failed.len(),
+                self.path.display()
+            );
+        }
+        Ok(())
     }
 }
 
@@ -387,14 +408,50 @@ mod tests {
     }
 
     #[test]
+    fn image_sink_fills_a_fresh_image_sparsely() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("img");
+        let mut sink = ImageSink::open(&path, &Mode::Full, 8 << 20, 1 << 20).unwrap();
+        sink.zero(0, 4 << 20).unwrap();
+        sink.write(4 << 20, &[5; 8192]).unwrap();
+        sink.zero((4 << 20) + 8192, (4 << 20) - 8192).unwrap();
+        sink.finish().unwrap();
+        let data = std::fs::read(&path).unwrap();
+        assert_eq!(data.len(), 8 << 20);
+        assert!(data[..4 << 20].iter().all(|&b| b == 0));
+        assert!(data[4 << 20..(4 << 20) + 8192].iter().all(|&b| b == 5));
+        assert!(data[(4 << 20) + 8192..].iter().all(|&b| b == 0));
+        let allocated = std::fs::metadata(&path).unwrap().blocks() * 512;
+        assert!(allocated <= 64 << 10, "{allocated} bytes allocated");
+    }
+
+    #[test]
+    fn image_sink_updates_in_place_and_punches_zeroes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("img");
+        std::fs::write(&path, vec![0xffu8; 1 << 20]).unwrap();
+        let mode = Mode::Incremental { bitmap: "b".into() };
+        let mut sink = ImageSink::open(&path, &mode, 1 << 20, 1 << 20).unwrap();
+        sink.zero(0, 65536).unwrap();
+        sink.write(131072, &[3; 4096]).unwrap();
+        sink.finish().unwrap();
+        let data = std::fs::read(&path).unwrap();
+        assert!(data[..65536].iter().all(|&b| b == 0));
+        assert!(data[65536..131072].iter().all(|&b| b == 0xff));
+        assert!(data[131072..135168].iter().all(|&b| b == 3));
+        assert!(data[135168..].iter().all(|&b| b == 0xff));
+    }
+
+    #[test]
     fn incremental_image_must_exist_with_the_export_size() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("img");
         let mode = Mode::Incremental { bitmap: "b".into() };
-        let err = ImageSink::open(&path, &mode, 4096).unwrap_err();
+        let err = ImageSink::open(&path, &mode, 4096, 1 << 20).unwrap_err();
         assert!(format!("{err:#}").contains("--full first"), "{err:#}");
         std::fs::write(&path, [0u8; 100]).unwrap();
-        let err = ImageSink::open(&path, &mode, 4096).unwrap_err();
+        let err = ImageSink::open(&path, &mode, 4096, 1 << 20).unwrap_err();
         assert!(
             format!("{err:#}").contains("is 100 bytes but the export is 4096"),
             "{err:#}"
