@@ -39,6 +39,9 @@ pub const BASE_ALLOCATION: &str = "base:allocation";
 /// The granularity a delta records when the caller does not know the bitmap's.
 pub const DEFAULT_GRANULARITY: u32 = 64 << 10;
 
+/// How long connecting and negotiating may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// How long an extra connection may take to open before the pull goes on without it
 /// (a server that allows one client at a time never answers the second).
 const EXTRA_CONNECTION_TIMEOUT: Duration = Duration::from_secs(3);
@@ -131,26 +134,18 @@ impl Targets {
 pub struct MissingBitmap {
     pub uri: String,
     pub bitmap: String,
-    /// The dirty bitmaps the export does offer, when the server lists them.
-    pub offered: Vec<String>,
 }
 
 impl fmt::Display for MissingBitmap {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "the export {} has no dirty bitmap {:?}",
-            self.uri, self.bitmap
-        )?;
-        if self.offered.is_empty() {
-            write!(f, " (it offers none)")?;
-        } else {
-            write!(f, " (it offers: {})", self.offered.join(", "))?;
-        }
-        write!(
-            f,
-            "; check the bitmap name (for qemu-nbd: -B NAME; for tidemark: the checkpoint \
-             given to `backup begin --incremental`), or pull everything with --full"
+            "the export {uri} has no dirty bitmap {bitmap:?} (the server did not select the \
+             context qemu:dirty-bitmap:{bitmap}; `nbdinfo '{uri}'` lists the contexts it \
+             offers). Check the bitmap name (qemu-nbd: -B NAME; tidemark: the checkpoint given \
+             to `backup begin --incremental`), or copy everything with --full",
+            uri = self.uri,
+            bitmap = self.bitmap,
         )
     }
 }
@@ -248,18 +243,20 @@ async fn pull_async(
     let dirty_context = request.mode.dirty_context();
     let mut contexts = vec![BASE_ALLOCATION.to_string()];
     contexts.extend(dirty_context.clone());
-    let primary = Connection::open(&request.uri, &contexts).await?;
+    let primary = Connection::open(
+        &request.uri,
+        &contexts,
+        1,
+        request.queue_depth,
+        CONNECT_TIMEOUT,
+    )
+    .await?;
     let size = primary.size();
 
     if let (Some(context), Mode::Incremental { bitmap }) = (&dirty_context, &request.mode) {
         if !primary.has_context(context) {
-            let offered = primary.offered_bitmaps(&request.uri).await;
-            return Err(MissingBitmap {
-                uri: request.uri.clone(),
-                bitmap: bitmap.clone(),
-                offered,
-            }
-            .into());
+            primary.close().await;
+            return Err(MissingBitmap { uri: request.uri.clone(), bitmap: bitmap.clone() }.into());
         }
     }
 
@@ -268,11 +265,7 @@ async fn pull_async(
     let allocation = if primary.has_context(BASE_ALLOCATION) {
         source::gather(&primary, BASE_ALLOCATION, size, |_| {}).await?
     } else {
-        vec![Run {
-            offset: 0,
-            length: size,
-            flags: 0,
-        }]
+        vec![Run { offset: 0, length: size, flags: 0 }]
     };
     let (plan, bytes_dirty) = match &dirty_context {
         None => (Plan::full(&allocation), None),
@@ -287,33 +280,32 @@ async fn pull_async(
         }
     };
     let map_seconds = started.elapsed().as_secs_f64();
+    let request_size = request.request_size.min(primary.max_request()).max(1);
 
-    let mut sink = sink::open(targets, &request.mode, size, request.request_size)
+    let mut sink = sink::open(targets, &request.mode, size, request_size)
         .with_context(|| format!("preparing the pull target for {}", request.uri))?;
 
-    let primary = Arc::new(primary);
-    let mut readers = vec![Arc::clone(&primary)];
-    if primary.can_multi_conn() && plan.copy_bytes() > request.request_size {
-        for _ in 1..request.connections {
-            let extra = tokio::time::timeout(
-                EXTRA_CONNECTION_TIMEOUT,
-                Connection::open(&request.uri, &[]),
-            )
-            .await;
-            match extra {
-                Ok(Ok(connection)) => readers.push(Arc::new(connection)),
-                Ok(Err(err)) => {
-                    tracing::warn!("going on with {} connection(s): {err:#}", readers.len());
-                    break;
-                }
-                Err(_) => {
-                    tracing::warn!(
-                        "going on with {} connection(s): the server did not accept another \
-                         within {EXTRA_CONNECTION_TIMEOUT:?}",
-                        readers.len()
-                    );
-                    break;
-                }
+    // Every connection appears once in `readers`; the transfer runs `queue_depth` tasks
+    // per entry, and the client spreads each one's requests over its connections.
+    let mut readers = vec![Arc::new(primary.clone())];
+    let mut extra = None;
+    if request.connections > 1 && primary.can_multi_conn() && plan.copy_bytes() > request_size {
+        match Connection::open(
+            &request.uri,
+            &[],
+            request.connections - 1,
+            request.queue_depth,
+            EXTRA_CONNECTION_TIMEOUT,
+        )
+        .await
+        {
+            Ok(more) => {
+                let more = Arc::new(more);
+                readers.extend((0..more.connections()).map(|_| Arc::clone(&more)));
+                extra = Some(more);
+            }
+            Err(err) => {
+                tracing::warn!("going on with one connection: {err:#}");
             }
         }
     }
@@ -323,18 +315,17 @@ async fn pull_async(
     } else {
         indicatif::ProgressBar::hidden()
     };
-    let shape = Shape {
-        queue_depth: request.queue_depth,
-        request_size: request.request_size,
-    };
-    let moved = transfer::run(&readers, &plan, &mut *sink, shape, &bar).await?;
-    tokio::task::block_in_place(|| sink.finish()).context("finishing the pull target")?;
-    bar.finish_and_clear();
+    let shape = Shape { queue_depth: request.queue_depth, request_size };
+    let moved = transfer::run(&readers, &plan, &mut *sink, shape, &bar).await;
     let connections = readers.len();
     drop(readers);
-    if let Ok(primary) = Arc::try_unwrap(primary) {
-        primary.close().await;
+    if let Some(extra) = extra {
+        extra.close().await;
     }
+    primary.close().await;
+    let moved = moved?;
+    tokio::task::block_in_place(|| sink.finish()).context("finishing the pull target")?;
+    bar.finish_and_clear();
 
     let seconds = started.elapsed().as_secs_f64();
     Ok(Report {
@@ -371,11 +362,10 @@ mod tests {
         let err = MissingBitmap {
             uri: "nbd+unix:///vm?socket=/s".into(),
             bitmap: "mon".into(),
-            offered: vec!["sun".into()],
         };
         let text = err.to_string();
         assert!(text.contains("no dirty bitmap \"mon\""), "{text}");
-        assert!(text.contains("offers: sun"), "{text}");
+        assert!(text.contains("nbdinfo 'nbd+unix:///vm?socket=/s'"), "{text}");
         assert!(text.contains("--full"), "{text}");
     }
 

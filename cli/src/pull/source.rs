@@ -5,8 +5,11 @@
 //! in-memory models, and [`Connection`] implements them over the `tidemark_nbd` client.
 
 use std::future::Future;
+use std::time::Duration;
 
 use anyhow::Context;
+use tidemark_nbd::client::{Client, ClientOptions};
+use tidemark_nbd::uri::NbdUri;
 
 use super::plan::{ExtentMap, Run};
 
@@ -17,12 +20,13 @@ pub const MAX_STATUS_REQUEST: u64 = 1 << 30;
 
 /// One connection to the export, able to carry several reads at once.
 pub trait Reader: Send + Sync + 'static {
-    /// Fill `buf` with the export's bytes at `offset`.
-    fn read<'a>(
-        &'a self,
+    /// Fill `buf` (all of it) with the export's bytes at `offset` and hand it back, so
+    /// buffers are recycled rather than allocated per request.
+    fn read_into(
+        &self,
         offset: u64,
-        buf: &'a mut [u8],
-    ) -> impl Future<Output = anyhow::Result<()>> + Send + 'a;
+        buf: Vec<u8>,
+    ) -> impl Future<Output = anyhow::Result<Vec<u8>>> + Send + '_;
 }
 
 /// One connection that answers BLOCK_STATUS for the contexts negotiated on it.
@@ -134,34 +138,88 @@ mod tests {
     }
 }
 
-// TEMP-SHIM: replaced by the tidemark_nbd client adapter when it lands.
-#[derive(Debug)]
-pub struct Connection;
+/// A connected NBD client: one or several connections to one export, with the metadata
+/// contexts negotiated on the first.
+#[derive(Debug, Clone)]
+pub struct Connection {
+    client: Client,
+    uri: String,
+}
+
 impl Connection {
-    pub async fn open(_uri: &str, _contexts: &[String]) -> anyhow::Result<Connection> {
-        anyhow::bail!("shim")
+    /// Connect to `uri` selecting `contexts`, with up to `connections` connections (more
+    /// than one only when the server advertises CAN_MULTI_CONN) of `depth` requests in
+    /// flight each, giving up after `timeout`.
+    pub async fn open(
+        uri: &str,
+        contexts: &[String],
+        connections: usize,
+        depth: usize,
+        timeout: Duration,
+    ) -> anyhow::Result<Connection> {
+        let parsed: NbdUri = uri.parse()?;
+        let options = ClientOptions {
+            meta_contexts: contexts.to_vec(),
+            connections: connections.max(1),
+            depth: depth.max(1),
+            connect_timeout: timeout,
+            ..ClientOptions::default()
+        };
+        let client = Client::connect(&parsed, options)
+            .await
+            .with_context(|| format!("connecting to the NBD export {uri}"))?;
+        Ok(Connection { client, uri: uri.to_string() })
     }
+
+    /// The export's size in bytes.
     pub fn size(&self) -> u64 {
-        0
+        self.client.size()
     }
+
+    /// Whether the server allows several connections to the export.
     pub fn can_multi_conn(&self) -> bool {
-        false
+        self.client.can_multi_conn()
     }
-    pub fn has_context(&self, _c: &str) -> bool {
-        false
+
+    /// Connections this client holds.
+    pub fn connections(&self) -> usize {
+        self.client.connections()
     }
-    pub async fn offered_bitmaps(&self, _uri: &str) -> Vec<String> {
-        Vec::new()
+
+    /// The largest read the server accepts.
+    pub fn max_request(&self) -> u64 {
+        self.client.max_request()
     }
-    pub async fn close(self) {}
+
+    /// Whether the server selected `context` during negotiation.
+    pub fn has_context(&self, context: &str) -> bool {
+        self.client.info().contexts.iter().any(|(_, name)| name == context)
+    }
+
+    /// Say goodbye on every connection (NBD_CMD_DISC).
+    pub async fn close(&self) {
+        self.client.disconnect().await;
+    }
 }
+
 impl Reader for Connection {
-    async fn read(&self, _offset: u64, _buf: &mut [u8]) -> anyhow::Result<()> {
-        anyhow::bail!("shim")
+    async fn read_into(&self, offset: u64, buf: Vec<u8>) -> anyhow::Result<Vec<u8>> {
+        Ok(self.client.read_into(offset, buf).await?)
     }
 }
+
 impl Mapper for Connection {
-    async fn block_status(&self, _c: &str, _o: u64, _l: u64) -> anyhow::Result<Vec<(u64, u32)>> {
-        anyhow::bail!("shim")
+    async fn block_status(
+        &self,
+        context: &str,
+        offset: u64,
+        length: u64,
+    ) -> anyhow::Result<Vec<(u64, u32)>> {
+        let extents = self
+            .client
+            .block_status(context, offset, length)
+            .await
+            .with_context(|| format!("BLOCK_STATUS on {}", self.uri))?;
+        Ok(extents.into_iter().map(|e| (e.length, e.flags)).collect())
     }
 }

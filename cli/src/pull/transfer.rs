@@ -171,15 +171,26 @@ async fn read_loop<R: Reader>(
         let buffer = match span.action {
             Action::Zero => None,
             Action::Copy => {
-                let mut buf = shared.take_buffer(span.length as usize);
-                if let Err(err) = reader.read(span.offset, &mut buf).await {
-                    shared.failed.store(true, Ordering::Relaxed);
-                    return Err(err.context(format!(
-                        "reading {} bytes at offset {} from the export",
-                        span.length, span.offset
-                    )));
+                let buf = shared.take_buffer(span.length as usize);
+                match reader.read_into(span.offset, buf).await {
+                    Ok(buf) if buf.len() as u64 == span.length => Some(buf),
+                    Ok(buf) => {
+                        shared.failed.store(true, Ordering::Relaxed);
+                        anyhow::bail!(
+                            "reading {} bytes at offset {} from the export returned {} bytes",
+                            span.length,
+                            span.offset,
+                            buf.len()
+                        );
+                    }
+                    Err(err) => {
+                        shared.failed.store(true, Ordering::Relaxed);
+                        return Err(err.context(format!(
+                            "reading {} bytes at offset {} from the export",
+                            span.length, span.offset
+                        )));
+                    }
                 }
-                Some(buf)
             }
         };
         if tx
@@ -257,7 +268,7 @@ mod tests {
     }
 
     impl Reader for SlowDisk {
-        async fn read(&self, offset: u64, buf: &mut [u8]) -> anyhow::Result<()> {
+        async fn read_into(&self, offset: u64, mut buf: Vec<u8>) -> anyhow::Result<Vec<u8>> {
             let jitter = (offset.wrapping_mul(2654435761) >> 7) % 3;
             tokio::time::sleep(Duration::from_micros(jitter * 200)).await;
             if self.fail_at == Some(offset) {
@@ -265,7 +276,7 @@ mod tests {
             }
             let start = offset as usize;
             buf.copy_from_slice(&self.data[start..start + buf.len()]);
-            Ok(())
+            Ok(buf)
         }
     }
 
