@@ -3,6 +3,9 @@
 # only those missing, so a second run costs nothing.
 set -euo pipefail
 packages=(qemu-utils libnbd-bin nbdkit python3-libnbd fio nbd-server e2fsprogs util-linux)
+# The quiesce VM test (tests/tests/quiesce_vm.rs): the guest harness's host side, and
+# python3 for the test's writer. qemu-system-x86 may bring Debian's qemu-utils 7.2 along.
+packages+=(qemu-system-x86 cpio kmod python3)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")

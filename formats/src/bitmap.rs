@@ -524,6 +524,28 @@ pub fn read_bitmap_file(path: &Path) -> Result<(BitmapHeader, Vec<u64>), FormatE
     Ok((header, words))
 }
 
+/// Parses a whole bitmap file held in memory, with the checks of [`read_bitmap_file`].
+pub fn parse_bitmap_file(
+    bytes: &[u8],
+    file: &Path,
+) -> Result<(BitmapHeader, Vec<u64>), FormatError> {
+    let header = BitmapHeader::parse(bytes, file)?;
+    let expected = HEADER_LEN as u64 + header.payload_len();
+    let len = bytes.len() as u64;
+    if len > expected {
+        return Err(FormatError::new(
+            file,
+            expected,
+            FormatErrorKind::TrailingBytes {
+                what: "bitmap payload",
+                extra: len - expected,
+            },
+        ));
+    }
+    let words = parse_payload(&header, &bytes[HEADER_LEN..], file)?;
+    Ok((header, words))
+}
+
 /// Validates a payload against its header and returns its words.
 ///
 /// `payload` must be exactly `header.payload_len()` bytes; the crc is checked when the
@@ -860,6 +882,13 @@ mod tests {
         set_dirty_range(&mut words, 150..199);
         write_bitmap_file(&good, &h, &words).unwrap();
         let bytes = std::fs::read(&good).unwrap();
+        let (parsed, parsed_words) = parse_bitmap_file(&bytes, Path::new("ok")).unwrap();
+        assert_eq!(parsed_words, words);
+        let expected = BitmapHeader {
+            payload_crc: words_crc(&words),
+            ..h.clone()
+        };
+        assert_eq!(parsed, expected);
         let bad = dir.path().join("bad.bitmap");
         for len in 0..bytes.len() {
             std::fs::write(&bad, &bytes[..len]).unwrap();
@@ -870,9 +899,10 @@ mod tests {
         for bit in 0..bytes.len() * 8 {
             let mut b = bytes.clone();
             b[bit / 8] ^= 1 << (bit % 8);
-            let parsed = BitmapHeader::parse(&b, Path::new("flip"))
-                .and_then(|h| parse_payload(&h, &b[HEADER_LEN..], Path::new("flip")));
-            assert!(parsed.is_err(), "bit flip {bit} accepted");
+            assert!(
+                parse_bitmap_file(&b, Path::new("flip")).is_err(),
+                "bit flip {bit} accepted"
+            );
         }
     }
 

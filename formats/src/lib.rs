@@ -14,3 +14,5 @@ pub mod manifest;
 
 pub use atomic::atomic_replace;
 pub use error::{FormatError, FormatErrorKind, InvalidField};
+/// The uuid type every header here uses, re-exported so users need no uuid dependency.
+pub use uuid::Uuid;

@@ -100,9 +100,16 @@ pub struct BeginArgs {
     #[arg(long, value_name = "MOUNTPOINT")]
     freeze: Vec<PathBuf>,
 
-    /// Run the freeze/thaw hooks in this directory (e.g. /usr/lib/tidemark/writers.d).
+    /// Run the freeze/thaw hooks of this directory instead of the default ones
+    /// (/usr/lib/tidemark/writers.d and /etc/qemu/fsfreeze-hooks.d, when they exist);
+    /// repeatable. Hooks run in name order with `freeze MOUNTPOINT...` before the
+    /// snapshot and in reverse with `thaw` after it.
     #[arg(long, value_name = "DIR")]
-    hooks: Option<PathBuf>,
+    hooks: Vec<PathBuf>,
+
+    /// Run no freeze/thaw hooks, not even the default ones.
+    #[arg(long, conflicts_with = "hooks")]
+    no_hooks: bool,
 
     /// Freeze a VM's filesystems through its qemu-guest-agent socket.
     #[arg(long, value_name = "SOCKET")]
@@ -219,8 +226,22 @@ pub fn print_backup(backup: &Value) {
         println!("  new checkpoint  {checkpoint}");
     }
     println!("  write pause     {} us", text(&backup["write_pause_us"]));
-    if let Some(window) = backup["quiesce"]["freeze_to_thaw_us"].as_u64() {
-        println!("  freeze-to-thaw  {} ms", window as f64 / 1000.0);
+    if let Some(window) = backup["quiesce"]["freeze_to_thaw_ms"].as_f64() {
+        let summary = &backup["quiesce"]["summary"];
+        let mut frozen: Vec<String> = Vec::new();
+        for fs in summary["filesystems"].as_array().into_iter().flatten() {
+            frozen.push(text(fs));
+        }
+        for hook in summary["hooks"].as_array().into_iter().flatten() {
+            frozen.push(format!("hook {}", text(hook)));
+        }
+        if let Some(agent) = summary["agent"].as_object() {
+            frozen.push(format!(
+                "guest agent ({} filesystems)",
+                agent.get("frozen").map(text).unwrap_or_default()
+            ));
+        }
+        println!("  freeze-to-thaw  {window:.1} ms ({})", frozen.join(", "));
     }
     for volume in backup["volumes"].as_array().into_iter().flatten() {
         match volume["uri"]["unix"].as_str() {
@@ -277,8 +298,13 @@ fn begin(args: BeginArgs) -> anyhow::Result<ExitCode> {
             .collect();
         arguments["freeze"] = json!(mountpoints);
     }
-    if let Some(hooks) = &args.hooks {
-        arguments["hooks"] = json!(std::path::absolute(hooks).unwrap_or_else(|_| hooks.clone()));
+    if args.no_hooks || !args.hooks.is_empty() {
+        let dirs: Vec<PathBuf> = args
+            .hooks
+            .iter()
+            .map(|d| std::path::absolute(d).unwrap_or_else(|_| d.clone()))
+            .collect();
+        arguments["hooks"] = json!(dirs);
     }
     if let Some(agent) = &args.guest_agent {
         arguments["guest_agent"] =

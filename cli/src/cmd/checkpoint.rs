@@ -108,22 +108,45 @@ fn print_checkpoints(volume: &str, list: &Value) {
         );
         return;
     }
-    println!("{:<24} {:<26} {:>12}", "NAME", "CREATED", "DIRTY");
+    println!(
+        "{:<24} {:>4} {:>12} {:>16}  CONSISTENT",
+        "NAME", "GEN", "AGE", "CHANGED BLOCKS"
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
     for checkpoint in list {
         let text = |v: &Value| match v {
             Value::String(s) => s.clone(),
             Value::Null => "-".into(),
             other => other.to_string(),
         };
-        let dirty = checkpoint["dirty_bytes"]
+        let age = checkpoint["created_unix"]
             .as_u64()
-            .map(super::volume::human_size)
-            .unwrap_or_else(|| text(&checkpoint["dirty_bytes"]));
+            .map(|t| human_age(now.saturating_sub(t)))
+            .unwrap_or_else(|| "-".into());
+        let consistent = match checkpoint["consistent"].as_bool() {
+            Some(true) => "yes".to_string(),
+            Some(false) => format!("NO: {}", text(&checkpoint["problem"])),
+            None => "-".to_string(),
+        };
         println!(
-            "{:<24} {:<26} {:>12}",
+            "{:<24} {:>4} {:>12} {:>16}  {consistent}",
             text(&checkpoint["name"]),
-            text(&checkpoint["created"]),
-            dirty
+            text(&checkpoint["generation"]),
+            age,
+            text(&checkpoint["changed_blocks"]),
         );
+    }
+}
+
+/// `3d 4h`-style ages for people.
+fn human_age(seconds: u64) -> String {
+    match seconds {
+        s if s < 60 => format!("{s}s ago"),
+        s if s < 3600 => format!("{}m ago", s / 60),
+        s if s < 86400 => format!("{}h {}m ago", s / 3600, s % 3600 / 60),
+        s => format!("{}d {}h ago", s / 86400, s % 86400 / 3600),
     }
 }

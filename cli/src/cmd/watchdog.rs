@@ -10,6 +10,6 @@ use std::process::ExitCode;
 pub struct Args {}
 
 pub fn run(_args: Args) -> anyhow::Result<ExitCode> {
-    let status = tidemark_engine::quiesce::watchdog::serve(std::io::stdin(), std::io::stdout());
+    let status = tidemark_engine::quiesce::watchdog::main();
     Ok(ExitCode::from(u8::try_from(status).unwrap_or(1)))
 }

@@ -36,6 +36,11 @@ impl<'a> Arguments<'a> {
         Ok(Arguments { command, map })
     }
 
+    /// The raw value of `key`, if present and not null.
+    pub fn opt_value(&self, key: &str) -> Option<&Value> {
+        self.map.get(key).filter(|v| !v.is_null())
+    }
+
     /// A required string.
     pub fn string(&self, key: &str) -> Result<String, CommandError> {
         self.opt_string(key)?

@@ -267,17 +267,27 @@ pub fn begin(
             "backup-begin: a lease holds a pull backup; a push backup ends by itself".to_string(),
         ));
     }
+    let hooks = match args.opt_value("hooks") {
+        None => None,
+        Some(_) => Some(
+            args.strings("hooks")?
+                .into_iter()
+                .map(PathBuf::from)
+                .collect(),
+        ),
+    };
     let quiesce = QuiesceRequest {
         mountpoints: args
             .strings("freeze")?
             .into_iter()
             .map(PathBuf::from)
             .collect(),
-        hooks: args.opt_string("hooks")?.map(PathBuf::from),
+        hooks,
         guest_agent: args.opt_string("guest_agent")?.map(PathBuf::from),
         timeout: args
             .opt_u64("quiesce_timeout_ms")?
             .map(Duration::from_millis),
+        protected: vec![daemon.config.state_dir.clone()],
     };
     let cow_limit = args.opt_u64("cow_limit")?;
 
@@ -302,6 +312,9 @@ pub fn begin(
             Mode::Pull => None,
         })
         .collect();
+    for target in targets.iter().flatten() {
+        check_push_target(daemon, target)?;
+    }
     let _reservation = reserve(daemon, &names)?;
     if let Some(taken) = exports.iter().flatten().find(|e| daemon.nbd.has_export(e)) {
         return Err(conflict(format!(
@@ -312,22 +325,25 @@ pub fn begin(
     // Quiesce, snapshot, thaw. The quiesce guard thaws on every path out of this block.
     let started = Timestamp::now();
     let started_at = Instant::now();
-    let frozen = engine::quiesce(&quiesce)?;
-    let group = engine::group_snapshot(
-        &volumes,
-        checkpoint.as_deref(),
-        incremental.as_deref(),
-        cow_limit,
-    );
-    let quiesce_report = frozen.thaw();
-    let group = group?;
-    let quiesce_report = quiesce_report?;
-
     let id = {
         let mut registry = daemon.registry();
         registry.next_backup += 1;
         format!("backup-{}", registry.next_backup)
     };
+    let frozen = engine::quiesce(&quiesce)?;
+    let group = engine::group_snapshot(
+        &id,
+        &volumes,
+        checkpoint.as_deref(),
+        incremental.as_deref(),
+        cow_limit,
+    );
+    let (quiesce_report, quiesce_problem) = frozen.thaw();
+    let group = group?;
+    if let Some(problem) = quiesce_problem {
+        // Dropping `group` drops the snapshots.
+        return Err(failed(problem));
+    }
     let members: Vec<Member> = names
         .iter()
         .zip(group.snapshots)
@@ -353,11 +369,19 @@ pub fn begin(
         lease: lease.then_some(conn),
         progress: Arc::new(Progress::default()),
     };
-    for member in &backup.members {
+    for (at, member) in backup.members.iter().enumerate() {
         if let Some(export) = &member.export {
-            daemon
-                .nbd
-                .add_export(export, member.snapshot.export(incremental.as_deref()));
+            if let Err(err) = daemon.nbd.add_export(export, member.snapshot.export()) {
+                for earlier in backup.members[..at]
+                    .iter()
+                    .filter_map(|m| m.export.as_ref())
+                {
+                    daemon.nbd.remove_export(earlier);
+                }
+                // Dropping `backup` drops its snapshots. The checkpoint it created stays:
+                // it is a valid point in time and the next backup may start from it.
+                return Err(err);
+            }
         }
     }
     let report = backup.report(daemon, "running", None);
@@ -385,15 +409,16 @@ pub fn begin(
     );
     if let Some((format, jobs, progress)) = push {
         let worker_daemon = Arc::clone(daemon);
-        let incremental = incremental.is_some();
+        let new_checkpoint = checkpoint.clone();
         let worker_id = id.clone();
         let spawned = std::thread::Builder::new()
             .name(format!("tidemark-{id}"))
             .spawn(move || {
-                let result = engine::push(&jobs, format, incremental, &progress);
+                let result = engine::push(&jobs, format, new_checkpoint.as_deref(), &progress);
+                drop(jobs);
                 match result {
-                    Ok(()) => {
-                        complete(&worker_daemon, &worker_id);
+                    Ok(copied) => {
+                        complete_with(&worker_daemon, &worker_id, Some(copied));
                     }
                     Err(err) => fail(&worker_daemon, &worker_id, &err.desc),
                 }
@@ -408,6 +433,54 @@ pub fn begin(
         }
     }
     Ok(report)
+}
+
+/// Refuse a push target that would overwrite a managed volume's data or the daemon's state.
+fn check_push_target(daemon: &Daemon, target: &std::path::Path) -> Result<(), CommandError> {
+    let invalid = |desc: String| CommandError::new(ErrorClass::InvalidParameter, desc);
+    // Compare canonical paths: the target may not exist yet, but its directory must.
+    let canonical = match target.canonicalize() {
+        Ok(path) => path,
+        Err(_) => {
+            let dir = target.parent().unwrap_or(std::path::Path::new("/"));
+            let dir = dir.canonicalize().map_err(|err| {
+                invalid(format!(
+                    "push target {}: its directory {} is unusable: {err}",
+                    target.display(),
+                    dir.display()
+                ))
+            })?;
+            dir.join(target.file_name().unwrap_or_default())
+        }
+    };
+    let state_dir = daemon
+        .config
+        .state_dir
+        .canonicalize()
+        .unwrap_or(daemon.config.state_dir.clone());
+    if canonical.starts_with(&state_dir) {
+        return Err(invalid(format!(
+            "push target {} is inside the daemon's state dir {}; choose a path outside it",
+            target.display(),
+            state_dir.display()
+        )));
+    }
+    let volumes: Vec<Arc<VolumeHandle>> = daemon.registry().volumes.values().cloned().collect();
+    for volume in volumes {
+        let backing = volume
+            .backing()
+            .canonicalize()
+            .unwrap_or(volume.backing().to_path_buf());
+        if backing == canonical {
+            return Err(invalid(format!(
+                "push target {} is the backing of volume {:?}: pushing there would overwrite \
+                 the volume; choose another path",
+                target.display(),
+                volume.name()
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// `backup-end`: end a pull backup (or cancel a running push).
@@ -476,14 +549,23 @@ pub fn status(daemon: &Daemon) -> Value {
 
 /// Take backup `id` out of the registry, drop its exports and snapshots, and remember its
 /// final report. `None` when it had ended already.
-fn finish(daemon: &Daemon, id: &str, state: &str, error: Option<&str>) -> Option<Value> {
+fn finish(
+    daemon: &Daemon,
+    id: &str,
+    state: &str,
+    error: Option<&str>,
+    push_result: Option<Value>,
+) -> Option<Value> {
     let backup = daemon.registry().backups.remove(id)?;
     for member in &backup.members {
         if let Some(export) = &member.export {
             daemon.nbd.remove_export(export);
         }
     }
-    let report = backup.report(daemon, state, error);
+    let mut report = backup.report(daemon, state, error);
+    if let Some(result) = push_result {
+        report["push_result"] = result;
+    }
     drop(backup);
     let mut registry = daemon.registry();
     registry.finished.push_back(report.clone());
@@ -495,7 +577,12 @@ fn finish(daemon: &Daemon, id: &str, state: &str, error: Option<&str>) -> Option
 
 /// End backup `id` successfully.
 fn complete(daemon: &Daemon, id: &str) -> Value {
-    match finish(daemon, id, "completed", None) {
+    complete_with(daemon, id, None)
+}
+
+/// End backup `id` successfully, with what its push did.
+fn complete_with(daemon: &Daemon, id: &str, push_result: Option<Value>) -> Value {
+    match finish(daemon, id, "completed", None, push_result) {
         Some(report) => {
             daemon.emit("BACKUP_COMPLETED", report.clone());
             report
@@ -506,7 +593,7 @@ fn complete(daemon: &Daemon, id: &str) -> Value {
 
 /// Fail backup `id` (if it is still running) with `reason`.
 pub fn fail(daemon: &Daemon, id: &str, reason: &str) {
-    if let Some(report) = finish(daemon, id, "failed", Some(reason)) {
+    if let Some(report) = finish(daemon, id, "failed", Some(reason), None) {
         tracing::warn!(backup = id, "backup failed: {reason}");
         daemon.emit("BACKUP_FAILED", report);
     }

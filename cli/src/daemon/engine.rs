@@ -1,102 +1,263 @@
 //! The daemon's view of the engine, the NBD server and quiescing: the one place that
 //! calls into `tidemark_engine` and `tidemark_nbd`, so the daemon's logic reads in its
-//! own words and engine errors become control-protocol errors.
+//! own words and engine errors become control-protocol errors with the right class.
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
+use tidemark_engine::checkpoint::CheckpointError;
+use tidemark_engine::export::{SnapshotExport, VolumeExport};
+use tidemark_engine::quiesce::{self, QuiesceError, QuiesceSpec};
+use tidemark_engine::snapshot::{CowOptions, Snapshot};
+use tidemark_engine::status::SnapshotState;
+use tidemark_engine::volume::{SnapshotSpec, Volume, VolumeError, VolumeOptions};
+use tidemark_formats::delta::CheckpointRef;
 use tidemark_nbd::export::Export;
-use tokio::sync::watch;
 
-use super::backup::Progress;
+use super::push;
+use tidemark_nbd::server::{Server, ServerError};
+
 use crate::control::{CommandError, ErrorClass};
 
-fn unavailable(what: &str) -> CommandError {
-    CommandError::new(
-        ErrorClass::GenericError,
-        format!("{what}: the engine is not integrated yet"),
-    )
+/// The control-protocol class of an engine error.
+fn volume_error(err: VolumeError) -> CommandError {
+    let class = match &err {
+        VolumeError::NotFound { .. }
+        | VolumeError::SnapshotNotFound { .. }
+        | VolumeError::Checkpoint(CheckpointError::NotFound { .. }) => ErrorClass::NotFound,
+        VolumeError::Exists { .. }
+        | VolumeError::Locked { .. }
+        | VolumeError::SnapshotExists { .. }
+        | VolumeError::Checkpoint(CheckpointError::Exists { .. }) => ErrorClass::Conflict,
+        VolumeError::Invalid(_) | VolumeError::Checkpoint(CheckpointError::InvalidName { .. }) => {
+            ErrorClass::InvalidParameter
+        }
+        _ => ErrorClass::GenericError,
+    };
+    CommandError::new(class, err.to_string())
 }
 
 /// A volume the daemon owns.
 pub struct VolumeHandle {
-    name: String,
-    backing: PathBuf,
+    state_dir: PathBuf,
+    volume: Arc<Volume>,
 }
 
 impl VolumeHandle {
+    /// Register `backing` as a new volume and open it.
     pub fn create(
-        _state_dir: &Path,
-        _name: &str,
-        _backing: &Path,
-        _size: Option<u64>,
-        _granularity: Option<u64>,
+        state_dir: &Path,
+        name: &str,
+        backing: &Path,
+        size: Option<u64>,
+        granularity: Option<u64>,
     ) -> Result<VolumeHandle, CommandError> {
-        Err(unavailable("volume-create"))
+        let mut options = VolumeOptions {
+            size,
+            ..VolumeOptions::default()
+        };
+        if let Some(granularity) = granularity {
+            options.granularity = u32::try_from(granularity).map_err(|_| {
+                CommandError::new(
+                    ErrorClass::InvalidParameter,
+                    format!("granularity {granularity} is too large: at most 1 MiB"),
+                )
+            })?;
+        }
+        let created = size.is_some() && !backing.exists();
+        if created {
+            // A new image file: create it empty; the engine extends it to `size`.
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(backing)
+                .map_err(|err| {
+                    CommandError::new(
+                        ErrorClass::GenericError,
+                        format!("creating the backing file {}: {err}", backing.display()),
+                    )
+                })?;
+        }
+        let volume = Volume::create(state_dir, name, backing, options).map_err(|err| {
+            if created {
+                // Leave nothing behind for a volume that was refused.
+                let _ = std::fs::remove_file(backing);
+            }
+            volume_error(err)
+        })?;
+        Ok(VolumeHandle {
+            state_dir: state_dir.to_path_buf(),
+            volume: Arc::new(volume),
+        })
     }
 
-    pub fn open_all(_state_dir: &Path) -> anyhow::Result<Vec<VolumeHandle>> {
-        Ok(Vec::new())
+    /// Open every volume of the state dir (a daemon start).
+    pub fn open_all(state_dir: &Path) -> anyhow::Result<Vec<VolumeHandle>> {
+        let names = match Volume::list(state_dir) {
+            Ok(names) => names,
+            Err(err) => anyhow::bail!("listing the volumes of {}: {err}", state_dir.display()),
+        };
+        let mut volumes = Vec::new();
+        for name in names {
+            match Volume::open(state_dir, &name) {
+                Ok(volume) => volumes.push(VolumeHandle {
+                    state_dir: state_dir.to_path_buf(),
+                    volume: Arc::new(volume),
+                }),
+                // One broken volume must not keep the others offline.
+                Err(err) => tracing::error!(volume = %name, "cannot open: {err}"),
+            }
+        }
+        Ok(volumes)
     }
 
     pub fn name(&self) -> &str {
-        &self.name
+        self.volume.name()
     }
 
     pub fn backing(&self) -> &Path {
-        &self.backing
+        self.volume.backing()
     }
 
+    /// The engine's status of the volume, as JSON.
     pub fn status(&self) -> Value {
-        json!({"name": self.name})
+        serde_json::to_value(self.volume.status())
+            .unwrap_or_else(|err| json!({"error": err.to_string()}))
     }
 
+    /// The live export (read-write) of this volume.
     pub fn live_export(&self) -> Arc<dyn Export> {
-        unreachable!("no volume exists before the engine is integrated")
+        Arc::new(VolumeExport::new(Arc::clone(&self.volume)))
     }
 
-    pub fn checkpoint_create(&self, _name: &str) -> Result<Value, CommandError> {
-        Err(unavailable("checkpoint-create"))
+    pub fn checkpoint_create(&self, name: &str) -> Result<Value, CommandError> {
+        let info = self.volume.checkpoint_create(name).map_err(volume_error)?;
+        Ok(serde_json::to_value(info).unwrap_or(Value::Null))
     }
 
     pub fn checkpoint_list(&self) -> Result<Value, CommandError> {
-        Err(unavailable("checkpoint-list"))
+        Ok(serde_json::to_value(self.volume.checkpoints()).unwrap_or(Value::Null))
     }
 
-    pub fn checkpoint_delete(&self, _name: &str) -> Result<(), CommandError> {
-        Err(unavailable("checkpoint-delete"))
+    pub fn checkpoint_delete(&self, name: &str) -> Result<(), CommandError> {
+        self.volume.checkpoint_delete(name).map_err(volume_error)
     }
 
+    /// Wait (bounded) until nobody else holds the volume, e.g. NBD connections that are
+    /// closing after their export was removed.
+    fn into_sole(self) -> Result<(PathBuf, Volume), VolumeHandle> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut handle = self;
+        loop {
+            match Arc::try_unwrap(handle.volume) {
+                Ok(volume) => return Ok((handle.state_dir, volume)),
+                Err(volume) => {
+                    handle = VolumeHandle {
+                        state_dir: handle.state_dir,
+                        volume,
+                    };
+                    if Instant::now() > deadline {
+                        return Err(handle);
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+        }
+    }
+
+    /// Stop cleanly (bitmaps persisted clean). When something still holds the volume,
+    /// it closes when the last holder lets go (dropping a volume closes it cleanly).
     pub fn close(self) -> Result<(), CommandError> {
-        Ok(())
+        match self.into_sole() {
+            Ok((_, volume)) => volume.close().map_err(volume_error),
+            Err(handle) => {
+                tracing::warn!(
+                    volume = handle.name(),
+                    "still in use; it closes when released"
+                );
+                Ok(())
+            }
+        }
     }
 
-    pub fn remove(self) -> Result<(), CommandError> {
-        Err(unavailable("volume-remove"))
+    /// Close and forget the volume (manifest, checkpoints, bitmaps); the backing stays.
+    /// On failure the volume comes back (still open, or reopened) when it can.
+    pub fn remove(self) -> Result<(), (Option<VolumeHandle>, CommandError)> {
+        let (state_dir, volume) = self.into_sole().map_err(|handle| {
+            let desc = format!(
+                "volume {:?} is still in use (NBD connections are closing); retry",
+                handle.name()
+            );
+            (Some(handle), CommandError::new(ErrorClass::Conflict, desc))
+        })?;
+        let name = volume.name().to_string();
+        if let Err(err) = volume.close() {
+            tracing::warn!(volume = %name, "closing before removal: {err}");
+        }
+        Volume::remove(&state_dir, &name).map_err(|err| {
+            let failure = CommandError::new(ErrorClass::GenericError, err.to_string());
+            match Volume::open(&state_dir, &name) {
+                Ok(volume) => (
+                    Some(VolumeHandle { state_dir: state_dir.clone(), volume: Arc::new(volume) }),
+                    failure,
+                ),
+                Err(reopen) => {
+                    tracing::error!(volume = %name, "removal failed and reopening failed: {reopen}");
+                    (None, failure)
+                }
+            }
+        })
     }
 }
 
-/// A snapshot taken for a backup.
+/// A snapshot taken for a backup; dropping the handle drops the snapshot and its COW
+/// store (exports still holding it then read as "dropped").
 pub struct SnapshotHandle {
-    size: u64,
+    volume: Arc<Volume>,
+    snapshot: Snapshot,
 }
 
 impl SnapshotHandle {
     pub fn size(&self) -> u64 {
-        self.size
+        self.snapshot.size()
     }
+
     pub fn status(&self) -> Value {
-        json!({})
+        serde_json::to_value(self.snapshot.status())
+            .unwrap_or_else(|err| json!({"error": err.to_string()}))
     }
-    pub fn export(&self, _bitmap: Option<&str>) -> Arc<dyn Export> {
-        unreachable!("no snapshot exists before the engine is integrated")
+
+    /// A read-only export of the snapshot, offering its frozen dirty bitmap (if any).
+    pub fn export(&self) -> Arc<dyn Export> {
+        Arc::new(SnapshotExport::new(self.snapshot.clone()))
     }
+
+    /// Why the snapshot failed, if it did (COW store full, I/O error).
     pub fn failure(&self) -> Option<String> {
-        None
+        let status = self.snapshot.status();
+        match status.state {
+            SnapshotState::Active => None,
+            SnapshotState::Failed | SnapshotState::Dropped => Some(
+                status
+                    .error
+                    .unwrap_or_else(|| format!("snapshot {:?}", status.state)),
+            ),
+        }
+    }
+}
+
+impl Drop for SnapshotHandle {
+    fn drop(&mut self) {
+        if let Err(err) = self.volume.drop_snapshot(self.snapshot.name()) {
+            tracing::warn!(
+                volume = self.volume.name(),
+                snapshot = self.snapshot.name(),
+                "dropping the snapshot: {err}"
+            );
+        }
     }
 }
 
@@ -106,13 +267,118 @@ pub struct GroupSnapshot {
     pub pause: Duration,
 }
 
+/// Snapshot `volumes` at one instant (one write pause for all), creating `checkpoint` on
+/// each and freezing each one's changes since `since`; all or nothing.
 pub fn group_snapshot(
-    _volumes: &[Arc<VolumeHandle>],
-    _checkpoint: Option<&str>,
-    _since: Option<&str>,
-    _cow_limit: Option<u64>,
+    name: &str,
+    volumes: &[Arc<VolumeHandle>],
+    checkpoint: Option<&str>,
+    since: Option<&str>,
+    cow_limit: Option<u64>,
 ) -> Result<GroupSnapshot, CommandError> {
-    Err(unavailable("backup-begin"))
+    let spec = SnapshotSpec {
+        name: name.to_string(),
+        checkpoint: checkpoint.map(str::to_string),
+        since: since.map(str::to_string),
+        cow: CowOptions {
+            limit: cow_limit,
+            ..CowOptions::default()
+        },
+    };
+    let requests: Vec<(&Volume, SnapshotSpec)> =
+        volumes.iter().map(|v| (&*v.volume, spec.clone())).collect();
+    let group = Volume::snapshot_group(&requests).map_err(volume_error)?;
+    let snapshots = volumes
+        .iter()
+        .zip(group.snapshots)
+        .map(|(v, snapshot)| SnapshotHandle {
+            volume: Arc::clone(&v.volume),
+            snapshot,
+        })
+        .collect();
+    Ok(GroupSnapshot {
+        snapshots,
+        pause: group.pause,
+    })
+}
+
+/// The daemon's NBD server.
+pub struct NbdServer {
+    server: Server,
+}
+
+/// The NBD server's accept loops.
+pub struct NbdTask {
+    server: Server,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl NbdTask {
+    /// Stop accepting, let in-flight requests finish (bounded), close every connection.
+    pub async fn stop(self) {
+        self.server.shutdown();
+        if !self.server.wait_idle(Duration::from_secs(5)).await {
+            tracing::warn!("NBD connections still open after 5 s; closing anyway");
+        }
+        for task in self.tasks {
+            let _ = task.await;
+        }
+    }
+}
+
+impl NbdServer {
+    pub fn new() -> NbdServer {
+        NbdServer {
+            server: Server::new(),
+        }
+    }
+
+    pub fn add_export(&self, name: &str, export: Arc<dyn Export>) -> Result<(), CommandError> {
+        self.server.add_export(name, export).map_err(|err| {
+            let class = match err {
+                ServerError::DuplicateExport(_) => ErrorClass::Conflict,
+                ServerError::InvalidName(_) => ErrorClass::InvalidParameter,
+                _ => ErrorClass::GenericError,
+            };
+            CommandError::new(class, err.to_string())
+        })
+    }
+
+    /// Stop serving `name`; its connections close after their in-flight requests.
+    pub fn remove_export(&self, name: &str) {
+        drop(self.server.remove_export(name));
+    }
+
+    pub fn has_export(&self, name: &str) -> bool {
+        self.server.export_names().iter().any(|n| n == name)
+    }
+
+    /// Bind the Unix socket (mode 0600) and, when asked, TCP; serve until stopped.
+    pub async fn serve(
+        &self,
+        socket: &Path,
+        listen: Option<SocketAddr>,
+    ) -> anyhow::Result<NbdTask> {
+        let mut listeners = vec![self.server.bind_unix(socket)?];
+        if let Some(addr) = listen {
+            listeners.push(self.server.bind_tcp(&addr.to_string()).await?);
+        }
+        let tasks = listeners
+            .into_iter()
+            .map(|listener| {
+                let server = self.server.clone();
+                tokio::spawn(async move {
+                    if let Err(err) = server.serve(listener).await {
+                        tracing::error!("NBD server stopped: {err}");
+                    }
+                })
+            })
+            .collect();
+        Ok(NbdTask {
+            server: self.server.clone(),
+            tasks,
+        })
+    }
 }
 
 /// What a push writes.
@@ -133,87 +399,144 @@ impl PushFormat {
     }
 }
 
+/// Copy every job's snapshot to its target; the first failure stops the push.
 pub fn push(
-    _jobs: &[(Arc<SnapshotHandle>, PathBuf)],
-    _format: PushFormat,
-    _incremental: bool,
-    _progress: &Progress,
-) -> Result<(), CommandError> {
-    Err(unavailable("push"))
+    jobs: &[(Arc<SnapshotHandle>, PathBuf)],
+    format: PushFormat,
+    checkpoint: Option<&str>,
+    progress: &Arc<super::backup::Progress>,
+) -> Result<Value, CommandError> {
+    let failed = |desc: String| CommandError::new(ErrorClass::GenericError, desc);
+    let mut reports = Vec::new();
+    for (handle, target) in jobs {
+        let snapshot = &handle.snapshot;
+        let report = match format {
+            PushFormat::Image => {
+                let report = push::push_image(snapshot, target, progress).map_err(failed)?;
+                json!({"volume": snapshot.volume(), "target": target, "copy": report})
+            }
+            PushFormat::Delta => {
+                let volume = &handle.volume;
+                let checkpoints = volume.checkpoints();
+                let generation = |name: &str| {
+                    checkpoints
+                        .iter()
+                        .find(|c| c.name == name)
+                        .map(|c| c.generation)
+                        .unwrap_or(0)
+                };
+                let from = snapshot.dirty_bitmap().map(|b| CheckpointRef {
+                    name: b.name().to_string(),
+                    generation: generation(b.name()),
+                });
+                let to = match checkpoint {
+                    Some(name) => CheckpointRef {
+                        name: name.to_string(),
+                        generation: generation(name),
+                    },
+                    None => CheckpointRef {
+                        name: snapshot.name().to_string(),
+                        generation: volume.generation(),
+                    },
+                };
+                let origin = push::DeltaOrigin {
+                    volume_uuid: volume.uuid(),
+                    granularity: volume.granularity(),
+                    from,
+                    to,
+                };
+                let bytes =
+                    push::push_delta(snapshot, &origin, target, progress).map_err(failed)?;
+                json!({"volume": snapshot.volume(), "target": target, "delta_bytes": bytes})
+            }
+        };
+        reports.push(report);
+    }
+    Ok(Value::Array(reports))
 }
 
 /// What to quiesce around a snapshot.
 #[derive(Debug, Default)]
 pub struct QuiesceRequest {
+    /// Host filesystems to FIFREEZE.
     pub mountpoints: Vec<PathBuf>,
-    pub hooks: Option<PathBuf>,
+    /// Hook directories; `None` means the default ones that exist
+    /// (/usr/lib/tidemark/writers.d, /etc/qemu/fsfreeze-hooks.d).
+    pub hooks: Option<Vec<PathBuf>>,
+    /// A VM's qemu-guest-agent socket.
     pub guest_agent: Option<PathBuf>,
+    /// Hard limit of the freeze-to-thaw window (default 10 s).
     pub timeout: Option<Duration>,
+    /// Where tidemark itself writes during a backup (never frozen).
+    pub protected: Vec<PathBuf>,
 }
 
-/// Quiesced state; thaw it exactly once.
-pub struct Frozen;
+/// Quiesced state, or nothing to quiesce; thaw it exactly once (dropping thaws too).
+pub struct Frozen(Option<quiesce::Quiesced>);
 
 impl Frozen {
-    pub fn thaw(self) -> Result<Value, CommandError> {
-        Ok(Value::Null)
-    }
-}
-
-pub fn quiesce(request: &QuiesceRequest) -> Result<Frozen, CommandError> {
-    if request.mountpoints.is_empty()
-        && request.hooks.is_none()
-        && request.guest_agent.is_none()
-        && request.timeout.is_none()
-    {
-        Ok(Frozen)
-    } else {
-        Err(unavailable("quiesce"))
-    }
-}
-
-/// The NBD server and its exports.
-pub struct NbdServer {
-    exports: Mutex<BTreeMap<String, Arc<dyn Export>>>,
-}
-
-/// The running NBD server.
-pub struct NbdTask;
-
-impl NbdTask {
-    pub async fn stop(self) {}
-}
-
-impl NbdServer {
-    pub fn new() -> NbdServer {
-        NbdServer {
-            exports: Mutex::new(BTreeMap::new()),
+    /// Thaw; the report for the backup's status, and an error when the window limit
+    /// passed before the thaw (the snapshot may then not be consistent).
+    pub fn thaw(self) -> (Value, Option<String>) {
+        let Some(quiesced) = self.0 else {
+            return (Value::Null, None);
+        };
+        let summary = quiesced.summary();
+        let report = quiesced.thaw();
+        let mut value = json!({
+            "summary": summary,
+            "thaw": &report,
+            "freeze_to_thaw_ms": report.freeze_to_thaw.as_secs_f64() * 1e3,
+        });
+        if !report.errors.is_empty() {
+            value["errors"] = json!(report.errors);
         }
+        let problem = report.thawed_by_watchdog.as_ref().map(|why| {
+            format!(
+                "the quiesce window limit passed before the snapshot was taken and the watchdog \
+                 thawed ({why}); the snapshot may not be application-consistent, so it was \
+                 dropped; raise --quiesce-timeout or fix the slow hook"
+            )
+        });
+        (value, problem)
     }
+}
 
-    fn exports(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Arc<dyn Export>>> {
-        self.exports.lock().unwrap_or_else(|p| p.into_inner())
+/// Freeze what `request` names (hooks, guest agent, filesystems) under a hard time limit.
+pub fn quiesce(request: &QuiesceRequest) -> Result<Frozen, CommandError> {
+    let hooks_dirs = match &request.hooks {
+        Some(dirs) => dirs.clone(),
+        None => quiesce::default_hooks_dirs(),
+    };
+    if hooks_dirs.is_empty() && request.mountpoints.is_empty() && request.guest_agent.is_none() {
+        return Ok(Frozen(None));
     }
-
-    pub fn add_export(&self, name: &str, export: Arc<dyn Export>) {
-        self.exports().insert(name.to_string(), export);
+    let mut spec = QuiesceSpec {
+        hooks_dirs,
+        mountpoints: request.mountpoints.clone(),
+        guest_agent: request.guest_agent.clone(),
+        protected_paths: request.protected.clone(),
+        ..QuiesceSpec::default()
+    };
+    if let Some(limit) = request.timeout {
+        spec.window_limit = limit;
     }
-
-    pub fn remove_export(&self, name: &str) {
-        self.exports().remove(name);
-    }
-
-    pub fn has_export(&self, name: &str) -> bool {
-        self.exports().contains_key(name)
-    }
-
-    pub async fn serve(
-        &self,
-        socket: &Path,
-        _listen: Option<SocketAddr>,
-        _stop: watch::Receiver<bool>,
-    ) -> anyhow::Result<NbdTask> {
-        let _listener = tokio::net::UnixListener::bind(socket)?;
-        Ok(NbdTask)
+    match quiesce::quiesce(&spec) {
+        Ok(quiesced) => Ok(Frozen(Some(quiesced))),
+        Err(err) => {
+            let class = match err {
+                QuiesceError::RefuseRoot { .. }
+                | QuiesceError::RefuseOwnState { .. }
+                | QuiesceError::NotAMountpoint { .. } => ErrorClass::InvalidParameter,
+                _ => ErrorClass::GenericError,
+            };
+            let mut desc = format!("backup not started: {err}");
+            if let QuiesceError::Aborted { report, .. } = &err {
+                if !report.log.is_empty() {
+                    desc.push_str(&format!("; quiesce log: {}", report.log.join(" | ")));
+                }
+            }
+            Err(CommandError::new(class, desc))
+        }
     }
 }

@@ -19,6 +19,7 @@ mod backup;
 pub mod control_server;
 mod engine;
 mod lock;
+mod push;
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::SocketAddr;
@@ -270,6 +271,18 @@ impl Daemon {
                  remove {name}` first"
             )));
         }
+        if let Ok(canonical) = backing.canonicalize() {
+            let volumes: Vec<Arc<VolumeHandle>> =
+                self.registry().volumes.values().cloned().collect();
+            if let Some(other) = volumes.iter().find(|v| v.backing() == canonical) {
+                return Err(conflict(format!(
+                    "{} is already the backing of volume {:?}; two volumes on one disk would \
+                     corrupt each other",
+                    backing.display(),
+                    other.name()
+                )));
+            }
+        }
         let volume = Arc::new(VolumeHandle::create(
             &self.config.state_dir,
             &name,
@@ -280,15 +293,17 @@ impl Daemon {
         {
             let mut registry = self.registry();
             if registry.volumes.contains_key(&name) {
-                // Another connection created it meanwhile; the engine's own lock refused
-                // a second manifest, so this cannot happen, but stay safe.
+                // The engine's per-volume directory makes a second create of one name
+                // fail, so this cannot happen; stay safe anyway.
                 return Err(conflict(format!(
                     "a volume named {name:?} was just created"
                 )));
             }
             registry.volumes.insert(name.clone(), Arc::clone(&volume));
         }
-        self.nbd.add_export(&name, volume.live_export());
+        if let Err(err) = self.nbd.add_export(&name, volume.live_export()) {
+            tracing::error!(volume = %name, "exporting the new volume failed: {}", err.desc);
+        }
         tracing::info!(volume = %name, backing = %backing.display(), "volume created");
         Ok(self.volume_report(&volume))
     }
@@ -316,14 +331,18 @@ impl Daemon {
         self.nbd.remove_export(&name);
         let backing = volume.backing().to_path_buf();
         match Arc::try_unwrap(volume) {
-            Ok(volume) => volume.remove()?,
+            Ok(volume) => {
+                if let Err((back, err)) = volume.remove() {
+                    if let Some(back) = back {
+                        self.put_back(back);
+                    }
+                    return Err(err);
+                }
+            }
             Err(volume) => {
-                // Someone (a status query) still holds it for a moment; put it back so the
-                // registry and the disk never disagree.
-                self.registry()
-                    .volumes
-                    .insert(name.clone(), Arc::clone(&volume));
-                self.nbd.add_export(&name, volume.live_export());
+                // A status query holds it for a moment; put it back so the registry and
+                // the disk never disagree.
+                self.put_back_shared(volume);
                 return Err(conflict(format!("volume {name:?} is busy; retry")));
             }
         }
@@ -331,8 +350,20 @@ impl Daemon {
         Ok(json!({"name": name, "backing": backing, "backing_kept": true}))
     }
 
-    /// Stop: fail running backups, close every volume cleanly.
-    fn shut_down(&self) {
+    fn put_back(&self, volume: VolumeHandle) {
+        self.put_back_shared(Arc::new(volume));
+    }
+
+    fn put_back_shared(&self, volume: Arc<VolumeHandle>) {
+        let name = volume.name().to_string();
+        if let Err(err) = self.nbd.add_export(&name, volume.live_export()) {
+            tracing::error!(volume = %name, "re-exporting failed: {}", err.desc);
+        }
+        self.registry().volumes.insert(name, volume);
+    }
+
+    /// Fail running backups (dropping their snapshots and exports).
+    fn fail_all_backups(&self) {
         let ids: Vec<String> = {
             let mut registry = self.registry();
             registry.stopping = true;
@@ -341,22 +372,26 @@ impl Daemon {
         for id in ids {
             backup::fail(self, &id, "the daemon is shutting down");
         }
+    }
+
+    /// Close every volume cleanly (after the NBD server stopped).
+    fn close_volumes(&self) {
         let volumes: Vec<(String, Arc<VolumeHandle>)> =
             std::mem::take(&mut self.registry().volumes)
                 .into_iter()
                 .collect();
         for (name, volume) in volumes {
             self.nbd.remove_export(&name);
-            match Arc::try_unwrap(volume) {
-                Ok(volume) => {
-                    if let Err(err) = volume.close() {
-                        tracing::error!(volume = %name, "closing failed: {}", err.desc);
-                    }
+            let volume = match Arc::try_unwrap(volume) {
+                Ok(volume) => volume,
+                Err(_) => {
+                    tracing::warn!(volume = %name, "still in use; it closes when released");
+                    continue;
                 }
-                Err(_) => tracing::warn!(
-                    volume = %name,
-                    "still in use at shutdown; it closes when the last user lets go"
-                ),
+            };
+            match volume.close() {
+                Ok(()) => tracing::info!(volume = %name, "closed cleanly"),
+                Err(err) => tracing::error!(volume = %name, "closing failed: {}", err.desc),
             }
         }
     }
@@ -432,7 +467,6 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     prepare_state_dir(&config.state_dir)?;
     let _lock = lock::DaemonLock::acquire(&config.state_dir)?;
     clear_stale_socket(&config.control_socket)?;
-    clear_stale_socket(&config.nbd_socket)?;
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(4)
@@ -457,7 +491,8 @@ async fn run_async(config: Config) -> anyhow::Result<()> {
     let nbd = NbdServer::new();
     let mut registry = Registry::default();
     for volume in volumes {
-        nbd.add_export(volume.name(), volume.live_export());
+        nbd.add_export(volume.name(), volume.live_export())
+            .map_err(|err| anyhow::anyhow!(err.desc))?;
         tracing::info!(volume = volume.name(), "volume opened");
         registry
             .volumes
@@ -472,11 +507,7 @@ async fn run_async(config: Config) -> anyhow::Result<()> {
     });
 
     let (stop_tx, stop_rx) = watch::channel(false);
-    let nbd_task = daemon
-        .nbd
-        .serve(&config.nbd_socket, config.listen, stop_rx.clone())
-        .await?;
-    restrict_socket(&config.nbd_socket)?;
+    let nbd_task = daemon.nbd.serve(&config.nbd_socket, config.listen).await?;
 
     let control = tokio::net::UnixListener::bind(&config.control_socket)
         .with_context(|| format!("listening on {}", config.control_socket.display()))?;
@@ -524,16 +555,25 @@ async fn run_async(config: Config) -> anyhow::Result<()> {
     };
     tracing::info!("{signal_name}: shutting down");
     daemon.emit("SHUTDOWN", json!({"signal": signal_name}));
-    let _ = stop_tx.send(true);
-    let _ = control_task.await;
-    let _ = monitor.await;
+    // Fail running backups while the control connections are still open, so their
+    // clients hear BACKUP_FAILED; then give the event forwarders a moment to pass it on.
     {
         let daemon = Arc::clone(&daemon);
-        tokio::task::spawn_blocking(move || daemon.shut_down())
+        tokio::task::spawn_blocking(move || daemon.fail_all_backups())
             .await
             .context("shutting down")?;
     }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let _ = stop_tx.send(true);
+    let _ = control_task.await;
+    let _ = monitor.await;
     nbd_task.stop().await;
+    {
+        let daemon = Arc::clone(&daemon);
+        tokio::task::spawn_blocking(move || daemon.close_volumes())
+            .await
+            .context("shutting down")?;
+    }
     for path in [&config.control_socket, &config.nbd_socket] {
         let _ = std::fs::remove_file(path);
     }

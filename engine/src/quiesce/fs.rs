@@ -241,4 +241,84 @@ mod tests {
         .unwrap_err();
         assert!(matches!(err, QuiesceError::RefuseOwnState { .. }), "{err}");
     }
+
+    /// An ext4 image on a loop device, mounted (needs root), undone on drop.
+    struct LoopMount {
+        dir: tempfile::TempDir,
+        device: String,
+        mounts: Vec<PathBuf>,
+    }
+
+    impl LoopMount {
+        fn new() -> LoopMount {
+            let run = |cmd: &mut std::process::Command| {
+                let out = cmd.output().unwrap();
+                assert!(
+                    out.status.success(),
+                    "{cmd:?}: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                String::from_utf8_lossy(&out.stdout).trim().to_string()
+            };
+            let dir = tempfile::tempdir().unwrap();
+            let image = dir.path().join("fs.img");
+            File::create(&image).unwrap().set_len(32 << 20).unwrap();
+            run(std::process::Command::new("mkfs.ext4")
+                .args(["-q", "-F"])
+                .arg(&image));
+            let device = run(std::process::Command::new("losetup")
+                .args(["--find", "--show"])
+                .arg(&image));
+            let mut fs = LoopMount {
+                mounts: Vec::new(),
+                device,
+                dir,
+            };
+            let mnt = fs.dir.path().join("mnt");
+            let bind = fs.dir.path().join("bind");
+            std::fs::create_dir(&mnt).unwrap();
+            std::fs::create_dir(&bind).unwrap();
+            run(std::process::Command::new("mount")
+                .arg(&fs.device)
+                .arg(&mnt));
+            fs.mounts.push(mnt.clone());
+            run(std::process::Command::new("mount")
+                .arg("--bind")
+                .arg(&mnt)
+                .arg(&bind));
+            fs.mounts.push(bind);
+            fs
+        }
+    }
+
+    impl Drop for LoopMount {
+        fn drop(&mut self) {
+            if let Some(mnt) = self.mounts.first() {
+                let _ = thaw_path(mnt);
+            }
+            for mnt in self.mounts.iter().rev() {
+                let _ = std::process::Command::new("umount").arg(mnt).status();
+            }
+            let _ = std::process::Command::new("losetup")
+                .arg("-d")
+                .arg(&self.device)
+                .status();
+        }
+    }
+
+    #[test]
+    fn a_loop_mounted_ext4_freezes_once_and_thaws_once() {
+        let fs = LoopMount::new();
+        // The mount and its bind mount are one filesystem: planned once.
+        let planned = plan(&fs.mounts, &[]).unwrap();
+        assert_eq!(planned, vec![fs.mounts[0].canonicalize().unwrap()]);
+        presync(&planned).unwrap();
+        let frozen = freeze(&planned[0]).unwrap();
+        let again = freeze(&fs.mounts[0]).unwrap_err();
+        assert!(again.contains("already frozen"), "{again}");
+        assert!(frozen.thaw().unwrap(), "the first thaw thaws");
+        assert!(!frozen.thaw().unwrap(), "the second finds it thawed");
+        assert!(!thaw_path(&fs.mounts[0]).unwrap());
+        std::fs::write(fs.mounts[0].join("after"), b"writable").unwrap();
+    }
 }

@@ -77,3 +77,18 @@ pub(crate) fn kill_process_group(pgid: u32) -> io::Result<()> {
         Err(io::Error::last_os_error())
     }
 }
+
+/// Ignores SIGTERM, SIGINT and SIGHUP for the rest of this process's life (the watchdog:
+/// a service manager stopping the daemon's whole cgroup must not kill the watchdog before
+/// the daemon's death lets it thaw; it always ends by itself).
+pub(crate) fn ignore_stop_signals() -> io::Result<()> {
+    for signal in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+        // SAFETY: SIG_IGN installs no handler code, so no async-signal-safety question
+        // arises; `signal` is a valid signal number and no other thread of the watchdog
+        // has started yet to race on the disposition.
+        if unsafe { libc::signal(signal, libc::SIG_IGN) } == libc::SIG_ERR {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}

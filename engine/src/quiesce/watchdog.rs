@@ -100,6 +100,15 @@ enum Input {
     Eof,
 }
 
+/// The watchdog process's entry point (`tidemark __quiesce-watchdog`): ignores the stop
+/// signals (see `sys::ignore_stop_signals`) and serves on stdin/stdout.
+pub fn main() -> i32 {
+    if let Err(e) = sys::ignore_stop_signals() {
+        log_line(&format!("watchdog: cannot ignore stop signals: {e}"));
+    }
+    serve(std::io::stdin(), std::io::stdout())
+}
+
 /// Runs the watchdog on `input`/`output` (the process's stdin and stdout) until the parent
 /// says `done` or, having fired, until the parent is gone. Returns the exit status: 0 when
 /// nothing had to be thawed by the watchdog or its thaw went cleanly.
@@ -127,8 +136,11 @@ pub fn serve(input: impl Read + Send + 'static, mut output: impl Write) -> i32 {
             pid: std::process::id(),
         },
     );
+    // Inputs read ahead while taking in announced steps at the deadline.
+    let mut backlog = std::collections::VecDeque::new();
     loop {
         let next = match watchdog.deadline_ns {
+            _ if !backlog.is_empty() => backlog.pop_front().ok_or(RecvTimeoutError::Disconnected),
             Some(deadline) if !watchdog.thawing && watchdog.fired.is_none() => {
                 let now = sys::monotonic_now().as_nanos() as u64;
                 rx.recv_timeout(Duration::from_nanos(deadline.saturating_sub(now)))
@@ -147,15 +159,24 @@ pub fn serve(input: impl Read + Send + 'static, mut output: impl Write) -> i32 {
             Ok(Input::Message(ToWatchdog::Done)) => return 0,
             Ok(Input::Message(message)) => watchdog.record(message),
             Ok(Input::Garbage(what)) => {
-                eprintln!(
-                    "tidemark watchdog: unreadable message from the parent ({what}); thawing"
-                );
+                log_line(&format!(
+                    "watchdog: unreadable message from the parent ({what}); thawing"
+                ));
                 return watchdog.fire("the watchdog got an unreadable message");
             }
             Err(RecvTimeoutError::Timeout) => {
-                // Take in every step already announced before acting on the deadline.
-                while let Ok(Input::Message(message)) = rx.try_recv() {
-                    watchdog.record(message);
+                // Take in every step already announced before acting on the deadline; keep
+                // anything else for the loop.
+                while let Ok(input) = rx.try_recv() {
+                    match input {
+                        Input::Message(
+                            step @ (ToWatchdog::Arm { .. }
+                            | ToWatchdog::Hook { .. }
+                            | ToWatchdog::Agent { .. }
+                            | ToWatchdog::Filesystem { .. }),
+                        ) => watchdog.record(step),
+                        other => backlog.push_back(other),
+                    }
                 }
                 let limit = watchdog.limit_text();
                 watchdog.fire(&format!("the quiesce window limit{limit} passed"));
@@ -165,6 +186,12 @@ pub fn serve(input: impl Read + Send + 'static, mut output: impl Write) -> i32 {
             }
         }
     }
+}
+
+/// To stderr (the daemon's log), ignoring errors: that stream may be gone with the parent,
+/// and nothing may stop the watchdog from thawing.
+fn log_line(line: &str) {
+    let _ = writeln!(std::io::stderr(), "tidemark {line}");
 }
 
 fn reply(output: &mut impl Write, message: &FromWatchdog) -> std::io::Result<()> {
@@ -264,7 +291,7 @@ impl Watchdog {
         }
         report.thawed_at_ns = sys::monotonic_now().as_nanos() as u64;
         for line in report.log.iter().chain(&report.errors) {
-            eprintln!("tidemark {line}");
+            log_line(line);
         }
         let status = i32::from(!report.errors.is_empty());
         self.fired = Some(report);

@@ -1,0 +1,251 @@
+//! Push mode: the daemon copies a backup's snapshots to their targets with the copy
+//! engine, then the backup ends by itself.
+//!
+//! - image, full backup: [`copy::copy_image`] writes the whole snapshot (holes stay holes)
+//!   into a new or truncated raw image;
+//! - image, incremental: [`copy::update_image`] writes only the extents of the frozen dirty
+//!   bitmap into the existing image (dattobd's update-img);
+//! - delta: a delta file of the changed extents (all allocated extents for a full backup).
+//!
+//! The snapshot is read through [`SnapshotSource`], a copy-engine [`Source`]. The copy
+//! engine collects failed extents instead of stopping; any failed extent (the snapshot
+//! failed, the backup was cancelled, the target broke) fails the push.
+
+use std::fs::File;
+use std::io::{self, BufWriter};
+use std::ops::Range;
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use tidemark_engine::copy::{self, CopyError, JobOptions, JobReport, Source};
+use tidemark_engine::snapshot::Snapshot;
+use tidemark_formats::delta::{CheckpointRef, DeltaHeader, DeltaWriter};
+
+use super::backup::Progress;
+
+/// A snapshot as a copy-engine source.
+pub struct SnapshotSource {
+    snapshot: Snapshot,
+    progress: Arc<Progress>,
+}
+
+impl SnapshotSource {
+    pub fn new(snapshot: Snapshot, progress: Arc<Progress>) -> SnapshotSource {
+        SnapshotSource { snapshot, progress }
+    }
+}
+
+impl Source for SnapshotSource {
+    fn describe(&self) -> String {
+        format!(
+            "snapshot {} of volume {}",
+            self.snapshot.name(),
+            self.snapshot.volume()
+        )
+    }
+
+    fn size(&self) -> u64 {
+        self.snapshot.size()
+    }
+
+    fn data_extents(&mut self, range: Range<u64>) -> Result<Vec<Range<u64>>, CopyError> {
+        let runs = self
+            .snapshot
+            .allocation(range.start, range.end - range.start)
+            .map_err(|err| CopyError::Input(err.to_string()))?;
+        let mut extents = Vec::new();
+        let mut at = range.start;
+        for (length, hole) in runs {
+            let end = (at + length).min(range.end);
+            if !hole && end > at {
+                extents.push(at..end);
+            }
+            at = end;
+            if at >= range.end {
+                break;
+            }
+        }
+        if at < range.end {
+            // The snapshot did not describe the tail: treat it as data.
+            extents.push(at..range.end);
+        }
+        Ok(extents)
+    }
+
+    fn engine_file(&self) -> Option<(Arc<File>, bool)> {
+        None
+    }
+
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        if self.progress.cancel.load(Ordering::Relaxed) {
+            return Err(io::Error::new(
+                io::ErrorKind::Interrupted,
+                "the backup was cancelled",
+            ));
+        }
+        self.snapshot.read(offset, buf).map_err(io::Error::other)
+    }
+}
+
+/// The extents of the snapshot's frozen dirty bitmap, or `None` for a full backup.
+pub fn changed_extents(snapshot: &Snapshot) -> Option<Vec<Range<u64>>> {
+    let bitmap = snapshot.dirty_bitmap()?;
+    let size = snapshot.size();
+    let mut extents: Vec<Range<u64>> = Vec::new();
+    let mut at = 0;
+    while at < size {
+        let runs = bitmap.runs(at, size - at);
+        if runs.is_empty() {
+            break;
+        }
+        for (length, dirty) in runs {
+            let end = (at + length).min(size);
+            if dirty {
+                match extents.last_mut() {
+                    Some(last) if last.end == at => last.end = end,
+                    _ => extents.push(at..end),
+                }
+            }
+            at = end;
+        }
+    }
+    Some(extents)
+}
+
+fn job_options(progress: &Arc<Progress>) -> JobOptions {
+    let counter = Arc::clone(progress);
+    JobOptions {
+        direct: true,
+        progress: Some(Arc::new(move |bytes| {
+            counter.done.fetch_add(bytes, Ordering::Relaxed);
+        })),
+        ..JobOptions::default()
+    }
+}
+
+fn check_report(report: &JobReport) -> Result<(), String> {
+    match report.failed_extents.first() {
+        None => Ok(()),
+        Some(first) => Err(format!(
+            "{} extent(s) could not be copied, the first at offset {} ({} bytes) while {}: {}",
+            report.failed_extents.len(),
+            first.offset,
+            first.length,
+            first.during,
+            first.error
+        )),
+    }
+}
+
+/// Write `snapshot` into the raw image `target`: a full copy, or the changed extents into
+/// the existing image for an incremental backup.
+pub fn push_image(
+    snapshot: &Snapshot,
+    target: &Path,
+    progress: &Arc<Progress>,
+) -> Result<JobReport, String> {
+    let mut source = SnapshotSource::new(snapshot.clone(), Arc::clone(progress));
+    let report = match changed_extents(snapshot) {
+        None => {
+            progress.total.fetch_add(snapshot.size(), Ordering::Relaxed);
+            copy::copy_image(&mut source, target, &job_options(progress))
+        }
+        Some(changed) => {
+            if !target.exists() {
+                return Err(format!(
+                    "{} does not exist: an incremental push updates the image of a previous \
+                     full push; push a full backup there first",
+                    target.display()
+                ));
+            }
+            let bytes: u64 = changed.iter().map(|r| r.end - r.start).sum();
+            progress.total.fetch_add(bytes, Ordering::Relaxed);
+            copy::update_image(&mut source, changed, target, &job_options(progress))
+        }
+    }
+    .map_err(|err| format!("copying to {}: {err}", target.display()))?;
+    check_report(&report)?;
+    Ok(report)
+}
+
+/// What a delta file says about where it comes from.
+pub struct DeltaOrigin {
+    pub volume_uuid: uuid::Uuid,
+    pub granularity: u32,
+    pub from: Option<CheckpointRef>,
+    pub to: CheckpointRef,
+}
+
+/// Write the changed extents of `snapshot` (all allocated extents for a full backup) as a
+/// delta file at `target` (written under a temporary name, fsynced, then renamed).
+pub fn push_delta(
+    snapshot: &Snapshot,
+    origin: &DeltaOrigin,
+    target: &Path,
+    progress: &Arc<Progress>,
+) -> Result<u64, String> {
+    let mut source = SnapshotSource::new(snapshot.clone(), Arc::clone(progress));
+    let size = snapshot.size();
+    let extents = match changed_extents(snapshot) {
+        Some(changed) => changed,
+        None => source.data_extents(0..size).map_err(|e| e.to_string())?,
+    };
+    let total: u64 = extents.iter().map(|r| r.end - r.start).sum();
+    progress.total.fetch_add(total, Ordering::Relaxed);
+    let partial = target.with_extension("partial");
+    let file =
+        File::create(&partial).map_err(|err| format!("creating {}: {err}", partial.display()))?;
+    let header = DeltaHeader {
+        volume_uuid: origin.volume_uuid,
+        volume_size: size,
+        granularity: origin.granularity,
+        from: origin.from.clone(),
+        to: origin.to.clone(),
+        created_unix: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+    };
+    let mut writer = DeltaWriter::new(BufWriter::new(file), &header, 3)
+        .map_err(|err| format!("writing {}: {err}", partial.display()))?;
+    let mut buf = vec![0u8; 4 << 20];
+    for extent in &extents {
+        let mut at = extent.start;
+        while at < extent.end {
+            let len = ((extent.end - at) as usize).min(buf.len());
+            source
+                .read_at(at, &mut buf[..len])
+                .map_err(|err| format!("reading the snapshot at {at}: {err}"))?;
+            if buf[..len].iter().all(|&b| b == 0) {
+                writer.write_zero(at, len as u64)
+            } else {
+                writer.write_data(at, &buf[..len])
+            }
+            .map_err(|err| format!("writing {}: {err}", partial.display()))?;
+            progress.done.fetch_add(len as u64, Ordering::Relaxed);
+            at += len as u64;
+        }
+    }
+    let out = writer
+        .finish()
+        .map_err(|err| format!("finishing {}: {err}", partial.display()))?;
+    let file = out
+        .into_inner()
+        .map_err(|err| format!("flushing {}: {err}", partial.display()))?;
+    file.sync_all()
+        .map_err(|err| format!("syncing {}: {err}", partial.display()))?;
+    std::fs::rename(&partial, target).map_err(|err| {
+        format!(
+            "renaming {} to {}: {err}",
+            partial.display(),
+            target.display()
+        )
+    })?;
+    if let Some(dir) = target.parent() {
+        if let Ok(dir) = File::open(dir) {
+            let _ = dir.sync_all();
+        }
+    }
+    Ok(total)
+}

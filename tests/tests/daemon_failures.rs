@@ -1,0 +1,282 @@
+//! What goes wrong around a backup, end to end: the daemon killed mid-write, stopped
+//! mid-backup, a lease holder that dies, a client that vanishes, a COW store that fills.
+//! In every case the backup fails cleanly and the live volume never notices.
+
+mod daemon_support;
+
+use std::io::{BufRead, BufReader, Read};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use daemon_support::{qemu_img_convert, qemu_io, tidemark_bin, Daemon, KillOnDrop, Model};
+use serde_json::{json, Value};
+
+fn export_uri(backup: &Value) -> String {
+    backup["volumes"][0]["uri"]["unix"]
+        .as_str()
+        .expect("backup export uri")
+        .to_string()
+}
+
+fn files_equal(a: &std::path::Path, b: &std::path::Path, what: &str) {
+    let (a, b) = (std::fs::read(a).unwrap(), std::fs::read(b).unwrap());
+    assert_eq!(a.len(), b.len(), "{what}: sizes");
+    if let Some(at) = a.iter().zip(&b).position(|(x, y)| x != y) {
+        panic!("{what}: first difference at offset {at}");
+    }
+}
+
+/// Poll `backup-status` until the last finished backup is `state`; return it.
+fn wait_finished(daemon: &Daemon, state: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let status = daemon.cli_json(&["backup", "status"]);
+        if status["running"] == json!([]) {
+            if let Some(last) = status["finished"].as_array().and_then(|f| f.last()) {
+                assert_eq!(last["state"], json!(state), "{last}");
+                return last.clone();
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the backup did not end: {status}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn export_exists(uri: &str) -> bool {
+    Command::new("nbdinfo")
+        .arg("--size")
+        .arg(uri)
+        .output()
+        .unwrap()
+        .status
+        .success()
+}
+
+#[test]
+fn kill_9_mid_write_then_restart_and_the_next_incremental_restores_the_truth() {
+    let mut daemon = Daemon::start();
+    let backing = daemon.create_volume("v", 16 << 20);
+    qemu_io(&daemon.uri("v"), &["write -P 1 0 8M".to_string()]);
+    let full = daemon.dir.path().join("full.raw");
+    let backup = daemon.cli_json(&["backup", "begin", "v", "--checkpoint", "c1"]);
+    qemu_img_convert(&export_uri(&backup), &full);
+    daemon.cli_json(&["backup", "end", "v"]);
+
+    let mut writer = daemon.nbd_tool_spawn(&["pattern", &daemon.uri("v"), "9"]);
+    let mut acked = BufReader::new(writer.0.stdout.take().unwrap());
+    let mut line = String::new();
+    for _ in 0..20 {
+        line.clear();
+        acked.read_line(&mut line).unwrap();
+        assert!(!line.is_empty(), "the writer stopped early");
+    }
+    daemon.kill();
+    let _ = writer.0.wait();
+    let mut rest = String::new();
+    let _ = acked.read_to_string(&mut rest);
+
+    daemon.restart();
+    // What the volume holds now is the truth: every acknowledged write, and maybe the one
+    // that was in flight. The incremental since c1 must carry all of it.
+    let backup = daemon.cli_json(&[
+        "backup",
+        "begin",
+        "v",
+        "--incremental",
+        "c1",
+        "--checkpoint",
+        "c2",
+    ]);
+    daemon.nbd_tool(&["apply", &export_uri(&backup), "c1", full.to_str().unwrap()]);
+    daemon.cli_json(&["backup", "end", "v"]);
+    files_equal(&full, &backing, "full + incremental after kill -9");
+}
+
+#[test]
+fn sigterm_during_a_backup_fails_it_and_tracking_survives_the_restart() {
+    let mut daemon = Daemon::start();
+    let backing = daemon.create_volume("v", 8 << 20);
+    let full = daemon.dir.path().join("full.raw");
+    let backup = daemon.cli_json(&["backup", "begin", "v", "--checkpoint", "c1"]);
+    qemu_img_convert(&export_uri(&backup), &full);
+    qemu_io(&daemon.uri("v"), &["write -P 5 1M 1M".to_string()]);
+    let mut watcher = daemon.control();
+    assert!(daemon.stop().success(), "{}", daemon.log());
+    let failed = watcher
+        .wait_event("BACKUP_FAILED", Duration::from_secs(5))
+        .unwrap();
+    assert!(
+        failed["data"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("shutting down"),
+        "{failed}"
+    );
+    assert!(daemon.log().contains("closed cleanly"), "{}", daemon.log());
+
+    daemon.restart();
+    let info = daemon.cli_json(&["volume", "info", "v"]);
+    assert_eq!(info["tracking"], json!("durable"), "{info}");
+    let backup = daemon.cli_json(&["backup", "begin", "v", "--incremental", "c1"]);
+    let extents = daemon.nbd_tool(&["apply", &export_uri(&backup), "c1", full.to_str().unwrap()]);
+    assert_eq!(extents.trim(), "[[1048576, 1048576]]");
+    files_equal(&full, &backing, "full + incremental after SIGTERM");
+}
+
+#[test]
+fn a_lease_ends_the_backup_when_its_control_connection_closes() {
+    let daemon = Daemon::start();
+    daemon.create_volume("v", 4 << 20);
+    let mut watcher = daemon.control();
+    let uri = {
+        let mut holder = daemon.control();
+        let backup = holder.ok("backup-begin", json!({"volumes": ["v"], "lease": true}));
+        let uri = export_uri(&backup);
+        assert!(export_exists(&uri));
+        uri
+    };
+    let failed = watcher
+        .wait_event("BACKUP_FAILED", Duration::from_secs(10))
+        .unwrap();
+    assert!(
+        failed["data"]["error"].as_str().unwrap().contains("lease"),
+        "{failed}"
+    );
+    assert!(!export_exists(&uri), "the export must be gone");
+    qemu_io(&daemon.uri("v"), &["write -P 3 0 64k".to_string()]);
+}
+
+fn spawn_hold(daemon: &Daemon, volume: &str) -> (KillOnDrop, String) {
+    let mut child = KillOnDrop(
+        Command::new(tidemark_bin())
+            .args(["backup", "begin", volume, "--hold", "--state-dir"])
+            .arg(&daemon.state_dir)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    // Reading to EOF returns only because --hold closes its stdout once ready.
+    let mut out = String::new();
+    child
+        .0
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    (child, out)
+}
+
+#[test]
+fn hold_prints_the_uri_closes_stdout_and_ends_the_backup_when_stdin_closes() {
+    let daemon = Daemon::start();
+    daemon.create_volume("v", 4 << 20);
+    let (mut hold, out) = spawn_hold(&daemon, "v");
+    let uri = out.trim();
+    assert_eq!(uri, daemon.uri("v@backup"));
+    assert!(export_exists(uri));
+    assert!(
+        hold.0.try_wait().unwrap().is_none(),
+        "--hold keeps running while stdin is open"
+    );
+    drop(hold.0.stdin.take());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = hold.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "--hold did not exit after stdin closed"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success());
+    wait_finished(&daemon, "completed");
+    assert!(!export_exists(uri));
+}
+
+#[test]
+fn a_hold_whose_holder_is_killed_leaves_nothing_behind() {
+    let daemon = Daemon::start();
+    daemon.create_volume("v", 4 << 20);
+    let (mut hold, out) = spawn_hold(&daemon, "v");
+    assert!(export_exists(out.trim()));
+    hold.0.kill().unwrap();
+    let _ = hold.0.wait();
+    let last = wait_finished(&daemon, "failed");
+    assert!(last["error"].as_str().unwrap().contains("lease"), "{last}");
+    assert!(!export_exists(out.trim()));
+    // The volume can be backed up again at once.
+    daemon.cli_json(&["backup", "begin", "v"]);
+}
+
+#[test]
+fn a_full_cow_store_fails_the_backup_and_the_live_volume_never_notices() {
+    let daemon = Daemon::start();
+    let size = 16usize << 20;
+    daemon.create_volume("v", size as u64);
+    let live = daemon.uri("v");
+    let mut model = Model::new(size);
+    qemu_io(&live, &[model.write(0, 8 << 20, 1)]);
+    let mut watcher = daemon.control();
+    let backup = daemon.cli_json(&["backup", "begin", "v", "--cow-limit", "1M"]);
+    let uri = export_uri(&backup);
+    // 6 MiB of overwrites need 6 MiB of COW space: the snapshot fails, the writes do not.
+    let writes: Vec<String> = (0..6)
+        .map(|i| model.write(i << 20, 1 << 20, 2 + i as u8))
+        .collect();
+    qemu_io(&live, &writes);
+    let snapshot_failed = watcher
+        .wait_event("SNAPSHOT_FAILED", Duration::from_secs(10))
+        .unwrap();
+    assert_eq!(snapshot_failed["data"]["volume"], json!("v"));
+    let failed = watcher
+        .wait_event("BACKUP_FAILED", Duration::from_secs(10))
+        .unwrap();
+    assert_eq!(failed["data"]["id"], backup["id"]);
+    assert!(!export_exists(&uri));
+    let copy = daemon.dir.path().join("live.raw");
+    qemu_img_convert(&live, &copy);
+    model.assert_equals_file(&copy, "live volume after the COW store filled");
+    let last = wait_finished(&daemon, "failed");
+    assert!(
+        last["error"].as_str().unwrap().contains("snapshot"),
+        "{last}"
+    );
+}
+
+#[test]
+fn a_pull_client_that_vanishes_mid_read_does_not_end_the_backup() {
+    let daemon = Daemon::start();
+    let size = 64usize << 20;
+    daemon.create_volume("v", size as u64);
+    let live = daemon.uri("v");
+    let mut model = Model::new(size);
+    qemu_io(&live, &[model.write(0, size, 0x5a)]);
+    let backup = daemon.cli_json(&["backup", "begin", "v"]);
+    let uri = export_uri(&backup);
+    let mut reader = KillOnDrop(
+        Command::new("qemu-img")
+            .args(["convert", "-f", "raw", "-O", "raw", &uri])
+            .arg(daemon.dir.path().join("partial.raw"))
+            .spawn()
+            .unwrap(),
+    );
+    std::thread::sleep(Duration::from_millis(100));
+    reader.0.kill().unwrap();
+    let _ = reader.0.wait();
+    qemu_io(&live, &["write -P 1 0 1M".to_string()]);
+    let image = daemon.dir.path().join("full.raw");
+    qemu_img_convert(&uri, &image);
+    model.assert_equals_file(&image, "a second pull after the first client vanished");
+    assert_eq!(
+        daemon.cli_json(&["backup", "end", "v"])["state"],
+        json!("completed")
+    );
+}
