@@ -256,7 +256,11 @@ async fn pull_async(
     if let (Some(context), Mode::Incremental { bitmap }) = (&dirty_context, &request.mode) {
         if !primary.has_context(context) {
             primary.close().await;
-            return Err(MissingBitmap { uri: request.uri.clone(), bitmap: bitmap.clone() }.into());
+            return Err(MissingBitmap {
+                uri: request.uri.clone(),
+                bitmap: bitmap.clone(),
+            }
+            .into());
         }
     }
 
@@ -265,7 +269,11 @@ async fn pull_async(
     let allocation = if primary.has_context(BASE_ALLOCATION) {
         source::gather(&primary, BASE_ALLOCATION, size, |_| {}).await?
     } else {
-        vec![Run { offset: 0, length: size, flags: 0 }]
+        vec![Run {
+            offset: 0,
+            length: size,
+            flags: 0,
+        }]
     };
     let (plan, bytes_dirty) = match &dirty_context {
         None => (Plan::full(&allocation), None),
@@ -315,7 +323,10 @@ async fn pull_async(
     } else {
         indicatif::ProgressBar::hidden()
     };
-    let shape = Shape { queue_depth: request.queue_depth, request_size };
+    let shape = Shape {
+        queue_depth: request.queue_depth,
+        request_size,
+    };
     let moved = transfer::run(&readers, &plan, &mut *sink, shape, &bar).await;
     let connections = readers.len();
     drop(readers);
@@ -365,7 +376,10 @@ mod tests {
         };
         let text = err.to_string();
         assert!(text.contains("no dirty bitmap \"mon\""), "{text}");
-        assert!(text.contains("nbdinfo 'nbd+unix:///vm?socket=/s'"), "{text}");
+        assert!(
+            text.contains("nbdinfo 'nbd+unix:///vm?socket=/s'"),
+            "{text}"
+        );
         assert!(text.contains("--full"), "{text}");
     }
 

@@ -14,7 +14,13 @@ fn demo_runs_and_verifies_every_point() -> anyhow::Result<()> {
         Command::new(tidemark_bin()).args(["demo", "--size", "64M", "--json"]),
         Duration::from_secs(180),
     )?;
-    assert_eq!(out.code(), 0, "the demo failed:\nstdout: {}\nstderr: {}", out.stdout, out.stderr);
+    assert_eq!(
+        out.code(),
+        0,
+        "the demo failed:\nstdout: {}\nstderr: {}",
+        out.stdout,
+        out.stderr
+    );
     let report = out.json()?;
     assert_eq!(report["verified"], true, "{report}");
     assert_eq!(report["live_volume_verified"], true, "{report}");
@@ -26,16 +32,25 @@ fn demo_runs_and_verifies_every_point() -> anyhow::Result<()> {
     for backup in backups {
         assert_eq!(backup["verified"], true, "{backup}");
         assert!(backup["bytes_pulled"].as_u64().unwrap_or(0) > 0, "{backup}");
-        assert!(backup["pull_seconds"].as_f64().unwrap_or(0.0) > 0.0, "{backup}");
+        assert!(
+            backup["pull_seconds"].as_f64().unwrap_or(0.0) > 0.0,
+            "{backup}"
+        );
     }
     // The full backup holds the half of the volume that was filled; an incremental pulls
     // only what changed since, far less.
     let full = backups[0]["bytes_pulled"].as_u64().unwrap_or(0);
     assert!(full >= 32 << 20, "{report}");
     for incremental in &backups[1..] {
-        assert!(incremental["bytes_pulled"].as_u64().unwrap_or(u64::MAX) < full / 2, "{report}");
+        assert!(
+            incremental["bytes_pulled"].as_u64().unwrap_or(u64::MAX) < full / 2,
+            "{report}"
+        );
     }
-    assert!(report["bytes_written"].as_u64().unwrap_or(0) > full, "{report}");
+    assert!(
+        report["bytes_written"].as_u64().unwrap_or(0) > full,
+        "{report}"
+    );
     Ok(())
 }
 
@@ -47,7 +62,11 @@ fn demo_human_report_names_each_backup() -> anyhow::Result<()> {
     )?
     .ok()?;
     assert!(out.stdout.contains("backup 1 (full)"), "{}", out.stdout);
-    assert!(out.stdout.contains("backup 3 (incremental since c2)"), "{}", out.stdout);
+    assert!(
+        out.stdout.contains("backup 3 (incremental since c2)"),
+        "{}",
+        out.stdout
+    );
     assert!(out.stdout.contains("demo passed"), "{}", out.stdout);
     Ok(())
 }

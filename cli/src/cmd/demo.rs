@@ -34,6 +34,13 @@ use crate::control;
 use crate::pull::{self, human_bytes, Mode, PullRequest, Targets};
 use crate::ui;
 
+use tidemark_engine::copy::{
+    copy_image, FileSource, ImageWriter, JobOptions, Source, WriterOptions,
+};
+use tidemark_formats::delta::{DeltaReader, ExtentKind};
+use tidemark_nbd::client::{Client, ClientOptions};
+use tidemark_nbd::uri::NbdUri;
+
 use self::truth::Truth;
 
 /// Run the whole job in a temporary directory: a volume, live writes, a full and two
@@ -191,7 +198,7 @@ fn demo(args: &Args) -> anyhow::Result<Report> {
     let daemon = DaemonProcess::start(&root)?;
     let mut control = daemon.connect()?;
     let volume = "demo";
-    control
+    let created = control
         .execute(
             "volume-create",
             json!({"name": volume, "backing": backing, "size": args.size, "granularity": args.granularity}),
@@ -273,6 +280,8 @@ fn demo(args: &Args) -> anyhow::Result<Report> {
                 let targets = Targets {
                     delta: Some(delta.clone()),
                     checkpoint: Some(checkpoint.clone()),
+                    volume_uuid: created["uuid"].as_str().and_then(|u| u.parse().ok()),
+                    granularity: Some(args.granularity as u32),
                     ..Targets::default()
                 };
                 (
@@ -822,19 +831,125 @@ mod truth {
     }
 }
 
-// TEMP-SHIM
-struct LiveDisk;
+/// The writer's connection to the live export, with a runtime of its own so the writer
+/// thread can use the async client synchronously.
+struct LiveDisk {
+    runtime: tokio::runtime::Runtime,
+    client: Client,
+}
+
 impl LiveDisk {
-    fn connect(_u: &str) -> anyhow::Result<LiveDisk> {
-        bail!("shim")
+    fn connect(uri: &str) -> anyhow::Result<LiveDisk> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("starting the writer's async runtime")?;
+        let parsed: NbdUri = uri.parse()?;
+        let options = ClientOptions {
+            meta_contexts: Vec::new(),
+            ..ClientOptions::default()
+        };
+        let client = runtime
+            .block_on(Client::connect(&parsed, options))
+            .with_context(|| format!("connecting to the live export {uri}"))?;
+        Ok(LiveDisk { runtime, client })
     }
-    fn write(&mut self, _o: u64, _d: &[u8]) -> anyhow::Result<()> {
-        bail!("shim")
+
+    fn write(&mut self, offset: u64, data: &[u8]) -> anyhow::Result<()> {
+        self.runtime
+            .block_on(self.client.write(offset, data, false))
+            .with_context(|| {
+                format!(
+                    "writing {} bytes at {offset} through the live export",
+                    data.len()
+                )
+            })
     }
-    fn read_all(&mut self, _s: u64) -> anyhow::Result<Vec<u8>> {
-        bail!("shim")
+
+    /// The whole volume as the live export serves it now.
+    fn read_all(&mut self, size: u64) -> anyhow::Result<Vec<u8>> {
+        let mut data = vec![0u8; size as usize];
+        let step = self.client.max_request().min(4 << 20) as usize;
+        for (i, chunk) in data.chunks_mut(step).enumerate() {
+            let offset = (i * step) as u64;
+            self.runtime
+                .block_on(self.client.read(offset, chunk))
+                .with_context(|| format!("reading the live export at {offset}"))?;
+        }
+        Ok(data)
     }
 }
-fn restore(_c: &[PathBuf], _d: &Path) -> anyhow::Result<()> {
-    bail!("shim")
+
+impl Drop for LiveDisk {
+    fn drop(&mut self) {
+        self.runtime.block_on(self.client.disconnect());
+    }
+}
+
+/// Restore a point: the full image copied to `dest` by the copy engine, then each delta's
+/// extents written over it in order through its `ImageWriter` (zero extents punched).
+fn restore(chain: &[PathBuf], dest: &Path) -> anyhow::Result<()> {
+    let (base, deltas) = chain
+        .split_first()
+        .context("a restore needs a full image")?;
+    let mut source = FileSource::open(base, true)?;
+    let size = source.size();
+    let report = copy_image(
+        &mut source,
+        dest,
+        &JobOptions {
+            direct: true,
+            ..JobOptions::default()
+        },
+    )
+    .with_context(|| format!("copying {} to {}", base.display(), dest.display()))?;
+    if let Some(failed) = report.failed_extents.first() {
+        bail!(
+            "restoring {} into {}: {failed}",
+            base.display(),
+            dest.display()
+        );
+    }
+    for delta in deltas {
+        let file = File::open(delta).with_context(|| format!("opening {}", delta.display()))?;
+        let mut reader = DeltaReader::open(file, delta)?;
+        if reader.header().volume_size != size {
+            bail!(
+                "{} is a delta of a {}-byte volume, not of {}",
+                delta.display(),
+                reader.header().volume_size,
+                base.display()
+            );
+        }
+        let mut writer = ImageWriter::open(dest, size, &WriterOptions::default())?;
+        let mut data = Vec::new();
+        for index in 0..reader.extents().len() {
+            let extent = reader.extents()[index];
+            match extent.kind {
+                ExtentKind::Zero => writer.zero(extent.offset, extent.length)?,
+                ExtentKind::Data => {
+                    reader.read_extent_at(index, &mut data)?;
+                    let mut done = 0;
+                    while done < data.len() {
+                        let mut buf = writer.buffer()?;
+                        let piece = (data.len() - done).min(buf.capacity());
+                        buf.set_len(piece);
+                        buf.as_mut_slice()
+                            .copy_from_slice(&data[done..done + piece]);
+                        writer.write(extent.offset + done as u64, buf)?;
+                        done += piece;
+                    }
+                }
+            }
+        }
+        let (_, failed) = writer.finish()?;
+        if let Some(failed) = failed.first() {
+            bail!(
+                "applying {} to {}: {failed}",
+                delta.display(),
+                dest.display()
+            );
+        }
+    }
+    Ok(())
 }

@@ -168,7 +168,10 @@ impl Connection {
         let client = Client::connect(&parsed, options)
             .await
             .with_context(|| format!("connecting to the NBD export {uri}"))?;
-        Ok(Connection { client, uri: uri.to_string() })
+        Ok(Connection {
+            client,
+            uri: uri.to_string(),
+        })
     }
 
     /// The export's size in bytes.
@@ -193,7 +196,11 @@ impl Connection {
 
     /// Whether the server selected `context` during negotiation.
     pub fn has_context(&self, context: &str) -> bool {
-        self.client.info().contexts.iter().any(|(_, name)| name == context)
+        self.client
+            .info()
+            .contexts
+            .iter()
+            .any(|(_, name)| name == context)
     }
 
     /// Say goodbye on every connection (NBD_CMD_DISC).

@@ -274,8 +274,8 @@ mod tests {
             if self.fail_at == Some(offset) {
                 anyhow::bail!("injected read error");
             }
-            let start = offset as usize;
-            buf.copy_from_slice(&self.data[start..start + buf.len()]);
+            let range = offset as usize..offset as usize + buf.len();
+            buf.copy_from_slice(&self.data[range]);
             Ok(buf)
         }
     }
