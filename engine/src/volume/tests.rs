@@ -319,9 +319,11 @@ fn trimming_the_snapshot_releases_cow_space_and_later_copies() {
     assert_eq!(snap.status().cow_bytes_used, 131072);
     let export = SnapshotExport::new(snap.clone());
     export.trim(0, 1 << 20, false).unwrap();
+    snap.wait_idle();
     assert_eq!(snap.status().cow_bytes_used, 0);
     let copies = snap.copies();
     vol.write(65536 * 5, &[1; 4096], false).unwrap();
+    snap.wait_idle();
     assert_eq!(snap.copies(), copies, "released chunks need no copy");
 }
 
