@@ -10,6 +10,7 @@ mod bench;
 mod cmd;
 mod control;
 mod daemon;
+mod pull;
 mod ui;
 
 /// Block-level incremental backups of Linux volumes and VM disks.
