@@ -9,7 +9,8 @@
 #   benches/bench-vs-fio.sh   accuracy: tidemark bench vs fio, same workloads, within 10%
 #
 # Every peer comparison reports medians of paired runs (the two tools alternate inside a
-# pair, so drift on this noisy machine hits both); BENCH_RUNS sets the number of pairs.
+# pair, so drift on this noisy machine hits both); BENCH_RUNS sets the number of pairs
+# (the fio accuracy check uses at least 5 ABBA samples).
 # The combined output goes to stdout and to benches/results/latest.md; with
 # --update-readme it also replaces the block between the run-all markers in README.md.
 #
@@ -94,11 +95,11 @@ criterion_summary() {
     echo '```'
 }
 
-section nbd "NBD read/write: tidemark export vs nbdkit, qemu-nbd, nbd-server" 1800 benches/nbd-peers.sh
+section nbd "NBD read/write: tidemark export vs nbdkit, qemu-nbd, nbd-server" 1800 benches/nbd-peers.sh 2048 "$BENCH_RUNS"
 section bench-nbd "tidemark bench measuring NBD servers (tidemark export, qemu-nbd, nbdkit, nbd-server)" 900 benches/bench-nbd.sh
-section copy "copy vs nbdcopy, dd, qemu-img, cp, fio; update-img vs the 4 KiB loop" 1800 benches/copy-peers.sh
+section copy "copy vs nbdcopy, dd, qemu-img, cp, fio; update-img vs the 4 KiB loop" 1800 benches/copy-peers.sh 4 "$BENCH_RUNS"
 section criterion "Criterion: engine write path and formats hot paths (quick runs)" 1800 criterion_summary
-section fio "Accuracy: tidemark bench vs fio (io_uring), same file, same workloads" 1200 benches/bench-vs-fio.sh
+section fio "Accuracy: tidemark bench vs fio (io_uring), same file, same workloads" 1200 benches/bench-vs-fio.sh --runs "$((BENCH_RUNS < 5 ? 5 : BENCH_RUNS))"
 
 cp "$tmp" "$out"
 echo
