@@ -15,6 +15,7 @@
 # --update-readme it also replaces the block between the run-all markers in README.md.
 #
 # Usage: benches/run-all.sh [--runs N] [--only SECTION]... [--update-readme]
+#   env NBD_PEERS_MIB (2048) and COPY_PEERS_GIB (4): data sizes of those two sections.
 #   SECTION: nbd, bench-nbd, copy, criterion, fio
 # Exit status: 0 when every section ran and passed, 1 otherwise.
 set -uo pipefail
@@ -28,7 +29,7 @@ while (($#)); do
         --runs) BENCH_RUNS=$2; shift 2 ;;
         --only) only+=("$2"); shift 2 ;;
         --update-readme) update_readme=1; shift ;;
-        -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
         *) echo "run-all: unknown argument $1" >&2; exit 2 ;;
     esac
 done
@@ -69,6 +70,8 @@ section() {
     local started=$SECONDS status=0 command=("$@")
     if declare -F "$1" >/dev/null; then
         command=(bash -c "$(declare -f "$1"); $*")
+    elif [[ "$1" == *.sh ]]; then
+        command=(bash "$@")
     fi
     timeout --kill-after=30 "$limit" "${command[@]}" 2> >(sed 's/^/    /' >&2) | tee -a "$tmp"
     status=${PIPESTATUS[0]}
@@ -95,9 +98,9 @@ criterion_summary() {
     echo '```'
 }
 
-section nbd "NBD read/write: tidemark export vs nbdkit, qemu-nbd, nbd-server" 1800 benches/nbd-peers.sh 2048 "$BENCH_RUNS"
+section nbd "NBD read/write: tidemark export vs nbdkit, qemu-nbd, nbd-server" 1800 benches/nbd-peers.sh "${NBD_PEERS_MIB:-2048}" "$BENCH_RUNS"
 section bench-nbd "tidemark bench measuring NBD servers (tidemark export, qemu-nbd, nbdkit, nbd-server)" 900 benches/bench-nbd.sh
-section copy "copy vs nbdcopy, dd, qemu-img, cp, fio; update-img vs the 4 KiB loop" 1800 benches/copy-peers.sh 4 "$BENCH_RUNS"
+section copy "copy vs nbdcopy, dd, qemu-img, cp, fio; update-img vs the 4 KiB loop" 1800 benches/copy-peers.sh "${COPY_PEERS_GIB:-4}" "$BENCH_RUNS"
 section criterion "Criterion: engine write path and formats hot paths (quick runs)" 1800 criterion_summary
 section fio "Accuracy: tidemark bench vs fio (io_uring), same file, same workloads" 1200 benches/bench-vs-fio.sh --runs "$((BENCH_RUNS < 5 ? 5 : BENCH_RUNS))"
 
