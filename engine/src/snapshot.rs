@@ -2,20 +2,26 @@
 //!
 //! A snapshot divides the volume into chunks (the volume's granularity, capped at
 //! 64 KiB by default). Before a write, trim or write-zeroes touches a chunk that is not
-//! yet preserved, the writer copies the chunk's current contents into the snapshot's COW
+//! yet preserved, the writer copies the chunk's current contents for the snapshot's COW
 //! store (copy-before-write) and records `chunk -> slot` in the in-memory index; then the
 //! write goes to the volume. So the snapshot reads a preserved chunk from its slot and any
-//! other chunk from the volume itself.
+//! other chunk from the volume itself. Only the copy's *read* precedes the volume write;
+//! a write covering whole chunks needs no merge, and chunks that are holes in the volume
+//! are recorded as zero without reading or copying anything.
 //!
 //! # Concurrency
 //!
-//! A chunk's state only moves forward: absent -> copying -> preserved (or released by a
-//! TRIM on the snapshot export). A writer that finds a chunk `copying` waits for it; the
-//! volume write for a chunk is issued only after the chunk is preserved. A snapshot reader
-//! therefore reads absent chunks from the volume *optimistically* and re-checks the index
-//! afterwards: a chunk still absent or copying was not written during the read (its origin
-//! write would have needed it preserved first); a chunk that became preserved is read again
-//! from its slot, which holds the data as of the snapshot.
+//! A chunk's state only moves forward: absent -> reading -> in memory -> preserved (or
+//! zero when it was a hole in the volume; or released by a TRIM on the snapshot export).
+//! The writer that claims an absent chunk reads its old contents into memory; from then
+//! on the old contents are safe and the volume may be overwritten, while a background
+//! writer moves them to the chunk's slot in the COW store (so the store write is off the
+//! volume write's critical path; at most 64 MiB wait in memory). Writers that find a
+//! chunk `reading` wait for it. Readers take in-memory and preserved chunks from memory or
+//! the store, and read every other chunk from the volume *optimistically*, checking the
+//! index afterwards: a chunk still absent or reading was not overwritten during the read
+//! (the volume write for a chunk waits until its old contents are in memory); a chunk
+//! whose old contents moved out meanwhile is taken again from memory or the store.
 //!
 //! # COW store
 //!
@@ -31,13 +37,13 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard, PoisonError, Weak};
 
 use crate::status::{unix_now, EventLevel, EventLog, SnapshotState, SnapshotStatus};
 use crate::tracking::DirtyBitmap;
-use crate::volume::backing::{with_bounce, BackingFile};
+use crate::volume::backing::{AlignedBuf, BackingFile};
 
 /// How much COW store space is reserved at a time.
 pub const PREALLOC_STEP: u64 = 64 << 20;
@@ -101,9 +107,30 @@ pub struct CowOptions {
     pub chunk_size: Option<u32>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Old contents of a run of chunks, read from the volume, on their way to the store.
+#[derive(Debug)]
+struct CopyBuf {
+    buf: AlignedBuf,
+    len: usize,
+}
+
+impl CopyBuf {
+    fn bytes(&self) -> &[u8] {
+        self.buf.view(self.len)
+    }
+}
+
+#[derive(Debug, Clone)]
 enum Chunk {
-    Copying,
+    /// Claimed by a writer that is reading its old contents; other writers wait.
+    Reading,
+    /// Old contents are in memory at `data[at..]`, being written to `slot`; the volume
+    /// may already be overwritten, so readers take the data from memory.
+    InMemory {
+        data: Arc<CopyBuf>,
+        at: usize,
+        slot: u64,
+    },
     Preserved(u64),
     /// The chunk was a hole in the volume: nothing to copy, it reads as zeroes.
     Zero,
@@ -119,7 +146,20 @@ struct Index {
     used_slots: u64,
     failed: Option<String>,
     dropped: bool,
+    /// Bytes of old contents held in memory, waiting for the store.
+    in_flight: u64,
 }
+
+/// One background store write: a run of chunks read together.
+#[derive(Debug)]
+struct StoreJob {
+    data: Arc<CopyBuf>,
+    first_slot: u64,
+    chunks: Vec<u64>,
+}
+
+/// Old contents held in memory at most (writers wait above this).
+const MAX_IN_FLIGHT: u64 = 64 << 20;
 
 /// What [`SnapshotInner::create`] needs.
 #[derive(Debug)]
@@ -152,6 +192,8 @@ pub(crate) struct SnapshotInner {
     copied: Condvar,
     events: Arc<EventLog>,
     copies: AtomicU64,
+    jobs: Mutex<Option<mpsc::Sender<StoreJob>>>,
+    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 /// A read-only point-in-time view of a volume. Cheap to clone; reading stays valid until
@@ -161,7 +203,7 @@ pub struct Snapshot {
     inner: Arc<SnapshotInner>,
 }
 
-fn lock(m: &Mutex<Index>) -> MutexGuard<'_, Index> {
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
@@ -197,6 +239,8 @@ impl SnapshotInner {
             copied: Condvar::new(),
             events: p.events,
             copies: AtomicU64::new(0),
+            jobs: Mutex::new(None),
+            writer: Mutex::new(None),
         })
     }
 
@@ -262,9 +306,69 @@ impl SnapshotInner {
         Ok(slot)
     }
 
+    /// Start the background writer that moves old contents from memory to the store.
+    pub(crate) fn start(self: &Arc<Self>) -> Result<(), SnapshotError> {
+        let (tx, rx) = mpsc::channel::<StoreJob>();
+        let weak: Weak<SnapshotInner> = Arc::downgrade(self);
+        let handle = std::thread::Builder::new()
+            .name(format!("cow-{}", self.name))
+            .spawn(move || {
+                for job in rx {
+                    let Some(inner) = weak.upgrade() else { return };
+                    inner.finish_job(job);
+                }
+            })
+            .map_err(|source| SnapshotError::Io {
+                name: self.name.clone(),
+                action: "start the COW writer for",
+                path: self.store_path.clone(),
+                source,
+            })?;
+        *lock(&self.jobs) = Some(tx);
+        *lock(&self.writer) = Some(handle);
+        Ok(())
+    }
+
+    /// The background writer's work: store one run, then mark its chunks preserved.
+    fn finish_job(&self, job: StoreJob) {
+        let result = self
+            .store
+            .write_at(job.first_slot * self.chunk, job.data.bytes());
+        let mut idx = lock(&self.index);
+        idx.in_flight -= job.data.len as u64;
+        match result {
+            Ok(()) => {
+                for (i, &c) in job.chunks.iter().enumerate() {
+                    let slot = job.first_slot + i as u64;
+                    match idx.chunks.get(&c) {
+                        Some(Chunk::InMemory { slot: s, .. }) if *s == slot => {
+                            idx.chunks.insert(c, Chunk::Preserved(slot));
+                        }
+                        // Released by a TRIM meanwhile: its slot is free again.
+                        _ => {
+                            idx.free_slots.push(slot);
+                            idx.used_slots -= 1;
+                        }
+                    }
+                }
+                self.copies
+                    .fetch_add(job.chunks.len() as u64, Ordering::Relaxed);
+            }
+            Err(err) => {
+                let reason = format!(
+                    "write to COW store {} failed: {err}",
+                    self.store_path.display()
+                );
+                self.fail(&mut idx, reason);
+            }
+        }
+        self.copied.notify_all();
+    }
+
     /// Copy-before-write: preserve every chunk touched by `[offset, offset + len)`.
-    /// Returns once all of them are preserved (or the snapshot failed). Never fails the
-    /// caller: a COW store problem fails the snapshot, not the volume write.
+    /// Returns once the old contents of all of them are safe (in memory on their way to
+    /// the store, or in the store), or the snapshot failed. Never fails the caller: a COW
+    /// store problem fails the snapshot, not the volume write.
     pub(crate) fn preserve(&self, offset: u64, len: u64) {
         if len == 0 || offset >= self.size {
             return;
@@ -275,6 +379,13 @@ impl SnapshotInner {
         let mut waiting: Vec<u64> = Vec::new();
         {
             let mut idx = lock(&self.index);
+            // Bound the memory held by old contents in flight.
+            while idx.in_flight > MAX_IN_FLIGHT && idx.failed.is_none() && !idx.dropped {
+                idx = self
+                    .copied
+                    .wait(idx)
+                    .unwrap_or_else(PoisonError::into_inner);
+            }
             if idx.failed.is_some() || idx.dropped {
                 return;
             }
@@ -282,45 +393,25 @@ impl SnapshotInner {
                 match idx.chunks.get(&c) {
                     None => match self.alloc_slot(&mut idx) {
                         Ok(slot) => {
-                            idx.chunks.insert(c, Chunk::Copying);
+                            idx.chunks.insert(c, Chunk::Reading);
                             claimed.push((c, slot));
                         }
                         Err(reason) => {
+                            // Undo this call's claims so nobody waits for them.
+                            for (c, _) in claimed {
+                                idx.chunks.remove(&c);
+                            }
                             self.fail(&mut idx, reason);
                             return;
                         }
                     },
-                    Some(Chunk::Copying) => waiting.push(c),
+                    Some(Chunk::Reading) => waiting.push(c),
                     Some(_) => {}
                 }
             }
         }
         if !claimed.is_empty() {
-            let result = self.copy_chunks(&claimed);
-            let mut idx = lock(&self.index);
-            match result {
-                Ok(holes) => {
-                    for &(c, slot) in &claimed {
-                        if holes.contains(&c) {
-                            idx.chunks.insert(c, Chunk::Zero);
-                            idx.free_slots.push(slot);
-                            idx.used_slots -= 1;
-                        } else {
-                            idx.chunks.insert(c, Chunk::Preserved(slot));
-                        }
-                    }
-                    self.copies
-                        .fetch_add(claimed.len() as u64, Ordering::Relaxed);
-                    self.copied.notify_all();
-                }
-                Err(err) => self.fail(
-                    &mut idx,
-                    format!(
-                        "copy to COW store {} failed: {err}",
-                        self.store_path.display()
-                    ),
-                ),
-            }
+            self.copy_chunks(&claimed);
         }
         if !waiting.is_empty() {
             let mut idx = lock(&self.index);
@@ -328,7 +419,7 @@ impl SnapshotInner {
                 && !idx.dropped
                 && waiting
                     .iter()
-                    .any(|c| idx.chunks.get(c) == Some(&Chunk::Copying))
+                    .any(|c| matches!(idx.chunks.get(c), Some(Chunk::Reading)))
             {
                 idx = self
                     .copied
@@ -338,11 +429,10 @@ impl SnapshotInner {
         }
     }
 
-    /// Copy claimed chunks; runs adjacent in both the volume and the store move in one
-    /// read and one write. Runs that are holes in the volume are not copied: their chunks
-    /// are returned, to be recorded as zero.
-    fn copy_chunks(&self, claimed: &[(u64, u64)]) -> io::Result<Vec<u64>> {
-        let mut holes = Vec::new();
+    /// Read the old contents of claimed chunks and hand them to the background writer;
+    /// runs adjacent in both the volume and the store move in one read and one write.
+    /// Runs that are holes in the volume are recorded as zero, not copied.
+    fn copy_chunks(&self, claimed: &[(u64, u64)]) {
         let mut i = 0;
         while i < claimed.len() {
             let mut j = i + 1;
@@ -352,24 +442,64 @@ impl SnapshotInner {
             {
                 j += 1;
             }
-            let (first_chunk, first_slot) = claimed[i];
-            let start = first_chunk * self.chunk;
-            let end = ((claimed[j - 1].0 + 1) * self.chunk).min(self.size);
-            let len = (end - start) as usize;
-            if let Some(runs) = self.origin.allocation(start, end - start) {
-                if runs.iter().all(|&(_, _, data)| !data) {
-                    holes.extend(claimed[i..j].iter().map(|&(c, _)| c));
-                    i = j;
-                    continue;
-                }
-            }
-            with_bounce(len, |buf| {
-                self.origin.read_at(start, buf)?;
-                self.store.write_at(first_slot * self.chunk, buf)
-            })?;
+            let run = &claimed[i..j];
             i = j;
+            let (first_chunk, first_slot) = run[0];
+            let start = first_chunk * self.chunk;
+            let end = ((run[run.len() - 1].0 + 1) * self.chunk).min(self.size);
+            let len = (end - start) as usize;
+            let hole = self
+                .origin
+                .allocation(start, end - start)
+                .is_some_and(|runs| runs.iter().all(|&(_, _, data)| !data));
+            if hole {
+                let mut idx = lock(&self.index);
+                for &(c, slot) in run {
+                    idx.chunks.insert(c, Chunk::Zero);
+                    idx.free_slots.push(slot);
+                    idx.used_slots -= 1;
+                }
+                self.copied.notify_all();
+                continue;
+            }
+            let mut buf = AlignedBuf::with_len(len);
+            let read = self.origin.read_at(start, buf.get(len));
+            let mut idx = lock(&self.index);
+            if let Err(err) = read {
+                for &(c, _) in run {
+                    idx.chunks.remove(&c);
+                }
+                let reason = format!("reading the volume for copy-before-write failed: {err}");
+                self.fail(&mut idx, reason);
+                return;
+            }
+            let data = Arc::new(CopyBuf { buf, len });
+            for (k, &(c, slot)) in run.iter().enumerate() {
+                let at = k * self.chunk as usize;
+                idx.chunks.insert(
+                    c,
+                    Chunk::InMemory {
+                        data: data.clone(),
+                        at,
+                        slot,
+                    },
+                );
+            }
+            idx.in_flight += len as u64;
+            self.copied.notify_all();
+            let job = StoreJob {
+                data,
+                first_slot,
+                chunks: run.iter().map(|&(c, _)| c).collect(),
+            };
+            let sent = lock(&self.jobs)
+                .as_ref()
+                .is_some_and(|tx| tx.send(job).is_ok());
+            if !sent {
+                self.fail(&mut idx, "the COW writer stopped".to_string());
+                return;
+            }
         }
-        Ok(holes)
     }
 
     fn check_readable(&self, idx: &Index) -> Result<(), SnapshotError> {
@@ -399,74 +529,102 @@ impl SnapshotInner {
         Ok(())
     }
 
+    /// Fill `out`, the bytes at `pos` inside chunk `c`, from a state that holds the
+    /// chunk's old contents; `false` when the state says "read the volume".
+    fn fill_from(
+        &self,
+        c: u64,
+        pos: u64,
+        state: &Chunk,
+        out: &mut [u8],
+    ) -> Result<bool, SnapshotError> {
+        let within = (pos - c * self.chunk) as usize;
+        match state {
+            Chunk::Zero => out.fill(0),
+            Chunk::Preserved(slot) => self
+                .store
+                .read_at(slot * self.chunk + within as u64, out)
+                .map_err(|source| SnapshotError::Io {
+                    name: self.name.clone(),
+                    action: "read COW store",
+                    path: self.store_path.clone(),
+                    source,
+                })?,
+            Chunk::InMemory { data, at, .. } => {
+                out.copy_from_slice(&data.bytes()[at + within..at + within + out.len()])
+            }
+            Chunk::Reading | Chunk::Released => return Ok(false),
+        }
+        Ok(true)
+    }
+
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), SnapshotError> {
         self.check_range(offset, buf.len() as u64)?;
-        let io_err = |action, path: &Path, source| SnapshotError::Io {
-            name: self.name.clone(),
-            action,
-            path: path.to_path_buf(),
-            source,
+        let holds_old = |s: &Chunk| {
+            matches!(
+                s,
+                Chunk::Preserved(_) | Chunk::Zero | Chunk::InMemory { .. }
+            )
         };
         let end = offset + buf.len() as u64;
         let mut pos = offset;
         while pos < end {
             let c = pos / self.chunk;
-            let state = {
+            let chunk_end = ((c + 1) * self.chunk).min(end);
+            let (state, run_end) = {
                 let idx = lock(&self.index);
                 self.check_readable(&idx)?;
-                idx.chunks.get(&c).copied()
-            };
-            let at = (pos - offset) as usize;
-            if let Some(Chunk::Zero) = state {
-                let chunk_end = ((c + 1) * self.chunk).min(end);
-                buf[at..at + (chunk_end - pos) as usize].fill(0);
-                pos = chunk_end;
-                continue;
-            }
-            if let Some(Chunk::Preserved(slot)) = state {
-                let chunk_end = ((c + 1) * self.chunk).min(end);
-                let part = &mut buf[at..at + (chunk_end - pos) as usize];
-                self.store
-                    .read_at(slot * self.chunk + (pos - c * self.chunk), part)
-                    .map_err(|e| io_err("read COW store", &self.store_path, e))?;
-                pos = chunk_end;
-                continue;
-            }
-            // A run of chunks not preserved: read them from the volume in one go.
-            let run_end = {
-                let idx = lock(&self.index);
-                let next_preserved = idx
+                let next_old = idx
                     .chunks
                     .range(c + 1..)
-                    .find(|(_, s)| matches!(s, Chunk::Preserved(_) | Chunk::Zero))
+                    .find(|(_, s)| holds_old(s))
                     .map_or(u64::MAX, |(k, _)| *k);
-                (next_preserved.saturating_mul(self.chunk)).min(end)
+                (
+                    idx.chunks.get(&c).cloned(),
+                    next_old.saturating_mul(self.chunk).min(end),
+                )
             };
-            let part = &mut buf[at..at + (run_end - pos) as usize];
+            let at = (pos - offset) as usize;
+            if let Some(state) = state {
+                if self.fill_from(
+                    c,
+                    pos,
+                    &state,
+                    &mut buf[at..at + (chunk_end - pos) as usize],
+                )? {
+                    pos = chunk_end;
+                    continue;
+                }
+            }
+            // A run of chunks whose old contents are still in the volume: read them in one
+            // go, then take again from the index any chunk whose old contents moved out
+            // meanwhile (the volume may have been overwritten under our read).
             self.origin
-                .read_at(pos, part)
-                .map_err(|e| io_err("read volume", self.origin.path(), e))?;
-            // Validate: chunks preserved meanwhile may have been overwritten under us.
-            let changed: Vec<(u64, Chunk)> = {
+                .read_at(pos, &mut buf[at..at + (run_end - pos) as usize])
+                .map_err(|source| SnapshotError::Io {
+                    name: self.name.clone(),
+                    action: "read volume",
+                    path: self.origin.path().to_path_buf(),
+                    source,
+                })?;
+            let moved: Vec<(u64, Chunk)> = {
                 let idx = lock(&self.index);
                 self.check_readable(&idx)?;
                 idx.chunks
                     .range(c..run_end.div_ceil(self.chunk))
-                    .filter(|(_, s)| matches!(s, Chunk::Preserved(_) | Chunk::Zero))
-                    .map(|(&k, &s)| (k, s))
+                    .filter(|(_, s)| holds_old(s))
+                    .map(|(&k, s)| (k, s.clone()))
                     .collect()
             };
-            for (k, state) in changed {
+            for (k, state) in moved {
                 let from = (k * self.chunk).max(pos);
                 let to = ((k + 1) * self.chunk).min(run_end);
-                let sub = &mut buf[(from - offset) as usize..(to - offset) as usize];
-                match state {
-                    Chunk::Preserved(slot) => self
-                        .store
-                        .read_at(slot * self.chunk + (from - k * self.chunk), sub)
-                        .map_err(|e| io_err("read COW store", &self.store_path, e))?,
-                    _ => sub.fill(0),
-                }
+                self.fill_from(
+                    k,
+                    from,
+                    &state,
+                    &mut buf[(from - offset) as usize..(to - offset) as usize],
+                )?;
             }
             pos = run_end;
         }
@@ -488,7 +646,7 @@ impl SnapshotInner {
         self.check_readable(&idx)?;
         let mut punch = Vec::new();
         for c in first..last {
-            match idx.chunks.get(&c).copied() {
+            match idx.chunks.get(&c).cloned() {
                 Some(Chunk::Preserved(slot)) => {
                     idx.chunks.insert(c, Chunk::Released);
                     idx.free_slots.push(slot);
@@ -498,10 +656,11 @@ impl SnapshotInner {
                 None => {
                     idx.chunks.insert(c, Chunk::Released);
                 }
-                Some(Chunk::Zero) => {
+                // Its slot is freed when the background write completes.
+                Some(Chunk::Zero) | Some(Chunk::InMemory { .. }) => {
                     idx.chunks.insert(c, Chunk::Released);
                 }
-                Some(Chunk::Copying) | Some(Chunk::Released) => {}
+                Some(Chunk::Reading) | Some(Chunk::Released) => {}
             }
         }
         // Punching under the lock keeps a freed slot from being reused before it is
@@ -539,7 +698,7 @@ impl SnapshotInner {
                 .range(start / self.chunk..stop.div_ceil(self.chunk))
             {
                 let hole = match s {
-                    Chunk::Preserved(_) | Chunk::Copying => false,
+                    Chunk::Preserved(_) | Chunk::Reading | Chunk::InMemory { .. } => false,
                     Chunk::Zero => true,
                     Chunk::Released => continue,
                 };
@@ -554,10 +713,28 @@ impl SnapshotInner {
         Ok(out)
     }
 
-    /// Mark dropped and delete the COW store. Called with the volume's writes paused.
+    /// Wait until every old content in memory has reached the store.
+    pub(crate) fn wait_idle(&self) {
+        let mut idx = lock(&self.index);
+        while idx.in_flight > 0 && idx.failed.is_none() && !idx.dropped {
+            idx = self
+                .copied
+                .wait(idx)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+
+    /// Mark dropped, stop the background writer and delete the COW store. Called with
+    /// the volume's writes paused.
     pub(crate) fn drop_store(&self) {
         lock(&self.index).dropped = true;
         self.copied.notify_all();
+        drop(lock(&self.jobs).take());
+        if let Some(writer) = lock(&self.writer).take() {
+            if writer.thread().id() != std::thread::current().id() {
+                let _ = writer.join();
+            }
+        }
         if let Err(err) = fs::remove_file(&self.store_path) {
             if err.kind() != io::ErrorKind::NotFound {
                 self.events.push(
@@ -639,6 +816,12 @@ impl Snapshot {
     /// `(length, is_hole)` runs describing `[offset, offset + len)`.
     pub fn allocation(&self, offset: u64, len: u64) -> Result<Vec<(u64, bool)>, SnapshotError> {
         self.inner.allocation(offset, len)
+    }
+
+    /// Wait until the old contents copied so far are all in the COW store (they are
+    /// readable before that, from memory).
+    pub fn wait_idle(&self) {
+        self.inner.wait_idle()
     }
 
     /// Chunks copied into the COW store so far.

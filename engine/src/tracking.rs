@@ -26,6 +26,13 @@
 //! 4. After the sync, the writer adds its bits to the synced shadow and lets the data
 //!    write go.
 //!
+//! 5. Sequential streams: a write whose preceding block was already written also marks
+//!    (in the same sync) blocks ahead of itself, up to 64 MiB, so the stream's next
+//!    writes find their bits durable and cost no sync. These marks go to the file only:
+//!    every report uses the blocks actually written, and a clean stop writes exactly
+//!    those back. After a crash the file may therefore report a few blocks ahead of a
+//!    stream as changed: a larger incremental, never a missed change.
+//!
 //! So a bit is on stable storage before the data it covers is even issued, and a crash
 //! (kill -9 or power loss) at any moment leaves every acknowledged write's blocks dirty on
 //! disk. Bits only ever go from 0 to 1 in an active bitmap, so a torn page write can only
@@ -56,6 +63,12 @@ use tidemark_formats::FormatError;
 const PAGE: usize = 4096;
 /// Words per payload page.
 const WORDS_PER_PAGE: usize = PAGE / 8;
+/// A sequential write marks this many times its own blocks ahead of itself...
+const SEQUENTIAL_AHEAD_FACTOR: u64 = 32;
+/// ...at least this many blocks...
+const SEQUENTIAL_AHEAD_MIN: u64 = 16;
+/// ...and at most this many bytes.
+const SEQUENTIAL_AHEAD_BYTES: u64 = 64 << 20;
 
 /// Errors of the tracking layer.
 #[derive(Debug, thiserror::Error)]
@@ -245,8 +258,13 @@ pub(crate) struct ActiveBitmap {
     header: Mutex<BitmapHeader>,
     durable: bool,
     granularity: u32,
-    words: Box<[AtomicU64]>,
-    /// Durable mode: bits known to be on stable storage.
+    block_count: u64,
+    /// Blocks actually written: what every report and every frozen bitmap shows.
+    written: Box<[AtomicU64]>,
+    /// Durable mode: the bits the file holds (or is about to): `written` plus blocks
+    /// marked ahead of a sequential stream.
+    on_disk: Box<[AtomicU64]>,
+    /// Durable mode: bits of `on_disk` known to be on stable storage.
     synced: Box<[AtomicU64]>,
     page_queued: Box<[AtomicBool]>,
     queue: Mutex<Vec<usize>>,
@@ -307,9 +325,11 @@ impl ActiveBitmap {
             path: path.to_path_buf(),
             file,
             granularity: header.granularity,
+            block_count: header.block_count(),
             header: Mutex::new(header),
             durable,
-            words: words.into_iter().map(AtomicU64::new).collect(),
+            written: words.iter().map(|&w| AtomicU64::new(w)).collect(),
+            on_disk: words.into_iter().map(AtomicU64::new).collect(),
             synced: synced.into_boxed_slice(),
             page_queued: (0..pages).map(|_| AtomicBool::new(false)).collect(),
             queue: Mutex::new(Vec::new()),
@@ -344,31 +364,52 @@ impl ActiveBitmap {
     /// every touched block's bit is on stable storage.
     pub(crate) fn mark(&self, offset: u64, len: u64) -> Result<(), TrackingError> {
         let blocks = blocks_of(offset, len, self.granularity);
-        let mut need_sync = false;
+        if blocks.is_empty() || blocks.end > self.block_count {
+            return Ok(());
+        }
         for (word, mask) in word_masks(blocks.clone()) {
-            let Some(slot) = self.words.get(word) else {
-                continue;
-            };
-            if self.durable {
-                if self.synced[word].load(Ordering::Acquire) & mask == mask {
-                    continue;
-                }
-                slot.fetch_or(mask, Ordering::SeqCst);
-                self.queue_page(word / WORDS_PER_PAGE);
-                need_sync = true;
-            } else {
-                slot.fetch_or(mask, Ordering::Relaxed);
+            if self.written[word].load(Ordering::Relaxed) & mask != mask {
+                self.written[word].fetch_or(mask, Ordering::Relaxed);
             }
         }
-        if need_sync {
-            self.group_commit()?;
-            for (word, mask) in word_masks(blocks) {
-                if let Some(s) = self.synced.get(word) {
-                    s.fetch_or(mask, Ordering::Release);
-                }
+        if !self.durable
+            || word_masks(blocks.clone())
+                .all(|(word, mask)| self.synced[word].load(Ordering::Acquire) & mask == mask)
+        {
+            return Ok(());
+        }
+        // A write that continues the previous block starts (or continues) a sequential
+        // stream: mark ahead of it in the same sync, so the stream's next writes find
+        // their bits already durable. The extra bits reach the file only; reports use
+        // `written`, and a clean stop writes `written` back, so they can only show up
+        // (as extra changed blocks) after a crash.
+        let mut durable = blocks.clone();
+        if blocks.start > 0 && self.is_written(blocks.start - 1) {
+            let ahead = ((blocks.end - blocks.start) * SEQUENTIAL_AHEAD_FACTOR).clamp(
+                SEQUENTIAL_AHEAD_MIN,
+                SEQUENTIAL_AHEAD_BYTES / u64::from(self.granularity),
+            );
+            durable.end = (blocks.end + ahead).min(self.block_count);
+        }
+        for (word, mask) in word_masks(durable.clone()) {
+            if self.synced[word].load(Ordering::Acquire) & mask != mask {
+                // Queued even when already set: a bit we merely see set (by a writer
+                // whose sync is still running) is not yet a bit on disk.
+                self.on_disk[word].fetch_or(mask, Ordering::SeqCst);
+                self.queue_page(word / WORDS_PER_PAGE);
             }
+        }
+        self.group_commit()?;
+        for (word, mask) in word_masks(durable) {
+            self.synced[word].fetch_or(mask, Ordering::Release);
         }
         Ok(())
+    }
+
+    fn is_written(&self, block: u64) -> bool {
+        self.written
+            .get((block / 64) as usize)
+            .is_some_and(|w| w.load(Ordering::Relaxed) >> (block % 64) & 1 == 1)
     }
 
     fn queue_page(&self, page: usize) {
@@ -435,7 +476,7 @@ impl ActiveBitmap {
 
     /// Write payload pages (runs of consecutive pages go out in one pwrite).
     fn write_pages(&self, pages: &[usize]) -> Result<(), TrackingError> {
-        let payload_words = self.words.len();
+        let payload_words = self.on_disk.len();
         let mut buf = Vec::new();
         let mut i = 0;
         while i < pages.len() {
@@ -446,7 +487,7 @@ impl ActiveBitmap {
             let first_word = pages[i] * WORDS_PER_PAGE;
             let end_word = ((pages[j - 1] + 1) * WORDS_PER_PAGE).min(payload_words);
             buf.clear();
-            for w in &self.words[first_word..end_word] {
+            for w in &self.on_disk[first_word..end_word] {
                 buf.extend_from_slice(&w.load(Ordering::SeqCst).to_le_bytes());
             }
             let offset = HEADER_LEN as u64 + first_word as u64 * 8;
@@ -468,9 +509,9 @@ impl ActiveBitmap {
             .map_err(|e| self.io_err("fdatasync", e))
     }
 
-    /// A copy of the current bits.
+    /// A copy of the blocks written so far.
     pub(crate) fn words(&self) -> Vec<u64> {
-        self.words
+        self.written
             .iter()
             .map(|w| w.load(Ordering::SeqCst))
             .collect()
@@ -485,6 +526,10 @@ impl ActiveBitmap {
     /// being active. Writes must be paused. An Inconsistent bitmap stays Inconsistent.
     pub(crate) fn freeze(&self) -> Result<(), TrackingError> {
         let words = self.words();
+        // The file gets exactly the written blocks (marks ahead of streams are dropped).
+        for (disk, &w) in self.on_disk.iter().zip(&words) {
+            disk.store(w, Ordering::SeqCst);
+        }
         let pages: Vec<usize> = (0..self.page_queued.len()).collect();
         self.write_pages(&pages)?;
         self.file
@@ -547,6 +592,33 @@ mod tests {
             1,
             "a rewrite of a dirty block must not sync"
         );
+    }
+
+    #[test]
+    fn sequential_streams_mark_ahead_on_disk_but_report_exactly() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("b");
+        let active = ActiveBitmap::create(&path, header(1 << 30, 65536), true).unwrap();
+        for i in 0..64u64 {
+            active.mark(i << 20, 1 << 20).unwrap();
+        }
+        assert!(
+            active.sync_count() <= 4,
+            "{} syncs for one stream",
+            active.sync_count()
+        );
+        let written = active.words();
+        assert_eq!(written.iter().map(|w| w.count_ones()).sum::<u32>(), 64 * 16);
+        // A crash now: the file holds a superset of the written blocks.
+        let (_, on_disk) = bitmap::read_bitmap_file(&path).unwrap();
+        for b in 0..64 * 16 {
+            assert!(bitmap::is_dirty(&on_disk, b));
+        }
+        // A clean stop writes back exactly what was written.
+        active.freeze().unwrap();
+        let (h, on_disk) = bitmap::read_bitmap_file(&path).unwrap();
+        assert_eq!(h.state, BitmapState::Clean);
+        assert_eq!(on_disk, written);
     }
 
     #[test]

@@ -3,8 +3,9 @@
 //! moment, many times. After each kill the volume is reopened and:
 //!
 //! - durable mode: every block of every acknowledged write is dirty since the base
-//!   checkpoint, nothing outside the writes ever issued is, and a snapshot alive at the
-//!   kill is reported gone with its COW store deleted;
+//!   checkpoint; every other dirty block was written, or lies in the window that durable
+//!   tracking marks ahead of a sequential stream (crate::tracking, step 5); and a snapshot
+//!   alive at the kill is reported gone with its COW store deleted;
 //! - fast mode: the changes since the base checkpoint are refused as inconsistent (never
 //!   silently clean).
 //!
@@ -25,7 +26,7 @@ use rand::{Rng, SeedableRng};
 use tidemark_engine::status::TrackingStatus;
 use tidemark_engine::volume::{SnapshotSpec, TrackingMode, Volume, VolumeError, VolumeOptions};
 
-const SIZE: u64 = 64 << 20;
+const SIZE: u64 = 1 << 30;
 const GRANULARITY: u32 = 64 << 10;
 const WRITERS: usize = 4;
 const ROUNDS: usize = 30;
@@ -125,6 +126,21 @@ fn blocks(ranges: &[(u64, u64)]) -> BTreeSet<u64> {
         .collect()
 }
 
+/// Blocks durable tracking may mark ahead of the issued writes: up to 32 times a write's
+/// own blocks (at least 16, at most 64 MiB) after it.
+fn ahead_windows(ranges: &[(u64, u64)]) -> BTreeSet<u64> {
+    let g = u64::from(GRANULARITY);
+    let blocks = SIZE / g;
+    ranges
+        .iter()
+        .flat_map(|&(o, l)| {
+            let (first, end) = (o / g, (o + l).div_ceil(g));
+            let ahead = ((end - first) * 32).clamp(16, (64 << 20) / g);
+            end..(end + ahead).min(blocks)
+        })
+        .collect()
+}
+
 fn durable_tracking_survives_kill_9() {
     let (dir, state) = setup(TrackingMode::Durable);
     let started = Instant::now();
@@ -163,7 +179,11 @@ fn durable_tracking_survives_kill_9() {
             missing.is_empty(),
             "round {rounds}: acknowledged blocks not dirty: {missing:?}"
         );
-        let phantom: Vec<_> = reported.difference(&issued).collect();
+        let ahead = ahead_windows(&logged(dir.path(), "I"));
+        let phantom: Vec<_> = reported
+            .difference(&issued)
+            .filter(|b| !ahead.contains(b))
+            .collect();
         assert!(
             phantom.is_empty(),
             "round {rounds}: dirty blocks never written: {phantom:?}"

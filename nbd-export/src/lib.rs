@@ -10,8 +10,10 @@
 //! This crate knows nothing of the engine: it serves whatever implements the export trait.
 #![forbid(unsafe_code)]
 
+pub mod client;
 pub mod export;
 pub mod file;
 pub mod negotiate;
 pub mod proto;
 pub mod server;
+pub mod uri;

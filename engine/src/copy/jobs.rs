@@ -30,7 +30,7 @@ impl std::fmt::Debug for JobOptions {
 }
 
 impl JobOptions {
-    fn progress(&self, bytes: u64) {
+    pub(crate) fn progress(&self, bytes: u64) {
         if let Some(progress) = &self.progress {
             progress(bytes);
         }
@@ -38,7 +38,7 @@ impl JobOptions {
 
     /// The engine settings jobs use: twice as many buffers as queue slots, so reads can
     /// be refilled while writes drain.
-    fn writer_options(&self) -> WriterOptions {
+    pub(crate) fn writer_options(&self) -> WriterOptions {
         let mut engine = self.engine.clone();
         if engine.buf_count == 0 {
             engine.buf_count = engine.queue_depth.max(1) * 2;
@@ -86,13 +86,23 @@ impl JobReport {
         destination: &Path,
         writer: &ImageWriter,
     ) -> JobReport {
+        JobReport::new_for(job, source.describe(), destination, writer, source.size())
+    }
+
+    pub(crate) fn new_for(
+        job: &'static str,
+        source: String,
+        destination: &Path,
+        writer: &ImageWriter,
+        size: u64,
+    ) -> JobReport {
         JobReport {
             job,
-            source: source.describe(),
+            source,
             destination: destination.display().to_string(),
             engine: writer.engine_kind(),
             direct: writer.direct(),
-            size: source.size(),
+            size,
             bytes_read: 0,
             bytes_copied: 0,
             bytes_skipped_holes: 0,
@@ -202,11 +212,7 @@ fn pump(
                     report.bytes_read += len;
                     writer.write(piece.start, buf)?;
                 }
-                Err(err) => {
-                    report
-                        .failed_extents
-                        .push(FailedExtent::new(piece.start, len, "reading", &err))
-                }
+                Err(err) => salvage(source, writer, piece.start, buf, &err, report)?,
             }
             options.progress(len);
         }
@@ -258,13 +264,77 @@ fn pump(
                         .failed_extents
                         .push(FailedExtent::new(offset, len, "reading", &err));
                 }
-                Err(err) => report
-                    .failed_extents
-                    .push(FailedExtent::new(offset, len, "reading", &err)),
+                Err(err) => {
+                    buf.set_len(len as usize);
+                    salvage(source, writer, offset, buf, &err, report)?;
+                }
             }
             options.progress(len);
         }
     }
+}
+
+/// A chunk failed to read as a whole: read it again one [`ALIGN`] block at a time, write
+/// the blocks that read, and record the ones that do not (coalesced), so one bad sector
+/// costs 4 KiB of the copy rather than a whole chunk. Unreadable blocks are left as they
+/// are in the destination.
+fn salvage(
+    source: &mut dyn Source,
+    writer: &mut ImageWriter,
+    offset: u64,
+    mut buf: IoBuf,
+    first_error: &std::io::Error,
+    report: &mut JobReport,
+) -> Result<(), CopyError> {
+    tracing::warn!(
+        offset,
+        len = buf.len(),
+        "read failed ({first_error}); retrying block by block"
+    );
+    let len = buf.len();
+    let mut good: Vec<Range<usize>> = Vec::new();
+    let mut at = 0;
+    while at < len {
+        let end = (at + ALIGN).min(len);
+        match source.read_at(offset + at as u64, &mut buf.as_mut_slice()[at..end]) {
+            Ok(()) => match good.last_mut() {
+                Some(run) if run.end == at => run.end = end,
+                _ => good.push(at..end),
+            },
+            Err(err) => {
+                let block = offset + at as u64;
+                match report.failed_extents.last_mut() {
+                    Some(last)
+                        if last.offset + last.length == block && last.error == err.to_string() =>
+                    {
+                        last.length += (end - at) as u64;
+                    }
+                    _ => report.failed_extents.push(FailedExtent::new(
+                        block,
+                        (end - at) as u64,
+                        "reading",
+                        &err,
+                    )),
+                }
+            }
+        }
+        at = end;
+    }
+    report.bytes_read += good.iter().map(|r| r.len() as u64).sum::<u64>();
+    let Some((first, rest)) = good.split_first() else {
+        return Ok(());
+    };
+    for run in rest {
+        let mut extra = writer.buffer()?;
+        extra.set_len(run.len());
+        extra
+            .as_mut_slice()
+            .copy_from_slice(&buf.as_slice()[run.clone()]);
+        writer.write(offset + run.start as u64, extra)?;
+    }
+    let base = buf.range().start;
+    buf.set_range(base + first.start..base + first.end);
+    writer.write(offset + first.start as u64, buf)
 }
 
 /// The answer of `verify`.

@@ -18,6 +18,7 @@
 //! Every job is idempotent: rerunning an interrupted copy, update-img or restore with the
 //! same inputs writes the same bytes again and ends with the same image.
 
+pub mod delta;
 pub mod extents;
 mod jobs;
 mod source;
@@ -41,11 +42,11 @@ pub type Progress = Arc<dyn Fn(u64) + Send + Sync>;
 pub enum CopyError {
     #[error(transparent)]
     Io(#[from] IoError),
-    #[error("{what} {path}: {source}")]
+    #[error("{what} {path}: {error}")]
     File {
         what: &'static str,
         path: String,
-        source: io::Error,
+        error: io::Error,
     },
     #[error("{0}")]
     Input(String),
@@ -54,11 +55,11 @@ pub enum CopyError {
 }
 
 impl CopyError {
-    pub(crate) fn file(path: &Path, what: &'static str, source: io::Error) -> CopyError {
+    pub(crate) fn file(path: &Path, what: &'static str, error: io::Error) -> CopyError {
         CopyError::File {
             what,
             path: path.display().to_string(),
-            source,
+            error,
         }
     }
 }

@@ -41,7 +41,11 @@ pub struct FileSource {
 
 impl FileSource {
     /// Open `path` read-only, with O_DIRECT when `direct` and the file system allow it.
+    ///
+    /// A regular file whose data is already in the page cache is read through the cache
+    /// even when `direct` is asked for: copying from memory beats reading the disk again.
     pub fn open(path: &Path, direct: bool) -> Result<FileSource, CopyError> {
+        let direct = direct && !mostly_cached(path);
         let (file, direct) = open_file(path, &OpenOptions::read_only().direct(direct))?;
         let meta = file
             .metadata()
@@ -76,6 +80,48 @@ impl FileSource {
     pub fn file(&self) -> &Arc<File> {
         &self.file
     }
+}
+
+/// Whether 16 probes spread over the data of the regular file at `path` all find their
+/// block in the page cache.
+fn mostly_cached(path: &Path) -> bool {
+    const PROBES: u64 = 16;
+    let Ok(file) = File::open(path) else {
+        return false;
+    };
+    let Ok(meta) = file.metadata() else {
+        return false;
+    };
+    if !meta.file_type().is_file() || meta.len() == 0 {
+        return false;
+    }
+    let size = meta.len();
+    let stride = size.div_ceil(PROBES).max(4096);
+    let mut probed = 0;
+    let mut at = 0;
+    while at < size {
+        // Probe data, not holes: a hole is never "cached" and costs nothing to read.
+        let Ok(Some(data)) = sys::seek_data(&file, at) else {
+            break;
+        };
+        if data >= at + stride {
+            at = data / stride * stride;
+            continue;
+        }
+        if !sys::is_cached(&file, data / 4096 * 4096, 4096) {
+            return false;
+        }
+        probed += 1;
+        at += stride;
+    }
+    let cached = probed > 0;
+    if cached {
+        tracing::info!(
+            "{} is in the page cache; reading it through the cache",
+            path.display()
+        );
+    }
+    cached
 }
 
 impl Source for FileSource {

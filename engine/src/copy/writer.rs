@@ -437,6 +437,13 @@ impl ImageWriter {
         Ok(())
     }
 
+    /// From now on, treat the destination as holding data everywhere: zeros are punched,
+    /// not skipped. Call it (after [`ImageWriter::drain`]) before writing a range again,
+    /// as restore does before each delta after the first.
+    pub fn no_longer_fresh(&mut self) {
+        self.fresh = false;
+    }
+
     /// Wait until every write submitted so far has finished.
     pub fn drain(&mut self) -> Result<(), CopyError> {
         loop {

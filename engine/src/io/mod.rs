@@ -69,15 +69,15 @@ pub use uring::UringEngine;
 #[derive(Debug, thiserror::Error)]
 pub enum IoError {
     #[error("io_uring: {0}")]
-    Uring(#[source] io::Error),
+    Uring(io::Error),
     #[error("I/O engine configuration: {0}")]
     Config(String),
     #[error("the engine already has {0} requests in flight; reap before submitting more")]
     QueueFull(usize),
     #[error("file {0:?} was never added to this engine")]
     UnknownFile(FileId),
-    #[error("cannot open {path}: {source}")]
-    Open { path: String, source: io::Error },
+    #[error("cannot open {path}: {error}")]
+    Open { path: String, error: io::Error },
 }
 
 /// A file added to an engine with [`Engine::add_file`].
@@ -291,9 +291,9 @@ pub fn open_file(path: &Path, options: &OpenOptions) -> Result<(File, bool), IoE
         }
         std_options.open(path)
     };
-    let failed = |source| IoError::Open {
+    let failed = |error| IoError::Open {
         path: path.display().to_string(),
-        source,
+        error,
     };
     if options.direct {
         match open(true) {

@@ -1,7 +1,7 @@
 //! The few file syscalls std does not wrap: SEEK_DATA/SEEK_HOLE and fallocate(2) modes.
 //!
-//! Each call passes only integers and a borrowed, open file descriptor; none hands the
-//! kernel a pointer, so the `unsafe` is about the FFI call itself, not memory.
+//! Each call passes a borrowed, open file descriptor and integers; only `is_cached` hands
+//! the kernel a pointer, to a buffer it owns for the duration of the call.
 
 use std::fs::File;
 use std::io;
@@ -56,6 +56,24 @@ pub fn zero_range(file: &File, offset: u64, len: u64) -> io::Result<()> {
     )
 }
 
+/// Whether the `len` bytes at `offset` are in the page cache: a non-blocking read
+/// (`preadv2` with `RWF_NOWAIT`) succeeds only when no disk I/O is needed. Any error,
+/// including a kernel or file system without RWF_NOWAIT, counts as not cached.
+pub fn is_cached(file: &File, offset: u64, len: usize) -> bool {
+    let Ok(offset) = to_off(offset) else {
+        return false;
+    };
+    let mut buf = vec![0u8; len];
+    let iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: `iov` describes `buf`, which is alive and exclusively ours until the call
+    // returns; preadv2 writes at most iov_len bytes into it and keeps no reference.
+    let read = unsafe { libc::preadv2(file.as_raw_fd(), &iov, 1, offset, libc::RWF_NOWAIT) };
+    read > 0
+}
+
 fn fallocate(file: &File, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
     let (offset, len) = (to_off(offset)?, to_off(len)?);
     // SAFETY: fallocate takes a borrowed fd and integers; it touches no user memory.
@@ -86,6 +104,16 @@ mod tests {
         let hole = seek_hole(&file, 4 << 20).unwrap();
         assert!(hole >= (4 << 20) + 4096);
         assert_eq!(seek_data(&file, 6 << 20).unwrap(), None);
+    }
+
+    #[test]
+    fn page_cache_residency_is_seen() {
+        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, vec![7u8; 1 << 20]).unwrap();
+        let file = File::open(&path).unwrap();
+        // Just written through the page cache: resident.
+        assert!(is_cached(&file, 4096, 4096));
     }
 
     #[test]

@@ -23,6 +23,19 @@ pub(crate) struct AlignedBuf {
 }
 
 impl AlignedBuf {
+    /// A new buffer of `len` usable bytes.
+    pub(crate) fn with_len(len: usize) -> AlignedBuf {
+        let mut buf = AlignedBuf::default();
+        buf.get(len);
+        buf
+    }
+
+    /// The first `len` bytes of the aligned area (`len` no more than was allocated).
+    pub(crate) fn view(&self, len: usize) -> &[u8] {
+        let start = self.raw.as_ptr().align_offset(DIRECT_ALIGN);
+        &self.raw[start..start + len]
+    }
+
     /// The first `len` bytes of the aligned area, growing it when needed.
     pub(crate) fn get(&mut self, len: usize) -> &mut [u8] {
         let need = len + DIRECT_ALIGN;

@@ -943,6 +943,7 @@ impl Volume {
             bitmap,
             events: self.events.clone(),
         })?);
+        inner.start()?;
         if let Some(name) = &spec.checkpoint {
             if let Err(e) = chain.create(name, &mut st.active) {
                 inner.drop_store();

@@ -319,9 +319,11 @@ fn trimming_the_snapshot_releases_cow_space_and_later_copies() {
     assert_eq!(snap.status().cow_bytes_used, 131072);
     let export = SnapshotExport::new(snap.clone());
     export.trim(0, 1 << 20, false).unwrap();
+    snap.wait_idle();
     assert_eq!(snap.status().cow_bytes_used, 0);
     let copies = snap.copies();
     vol.write(65536 * 5, &[1; 4096], false).unwrap();
+    snap.wait_idle();
     assert_eq!(snap.copies(), copies, "released chunks need no copy");
 }
 
@@ -669,4 +671,86 @@ proptest! {
     fn volume_matches_the_model(ops in prop::collection::vec(op(), 1..40)) {
         run_model(ops);
     }
+}
+
+/// A tmpfs of a few hundred KiB, unmounted on drop.
+struct TinyFs {
+    dir: tempfile::TempDir,
+}
+
+impl TinyFs {
+    fn mount(size: &str) -> TinyFs {
+        let dir = tempfile::tempdir().unwrap();
+        let status = std::process::Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size}"),
+                "tidemark-test",
+            ])
+            .arg(dir.path())
+            .status()
+            .expect("run mount (the engine tests need root for a tiny tmpfs)");
+        assert!(
+            status.success(),
+            "mount a tmpfs (the engine tests need root): {status}"
+        );
+        TinyFs { dir }
+    }
+}
+
+impl Drop for TinyFs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+#[test]
+fn cow_store_on_a_full_filesystem_fails_the_snapshot_cleanly() {
+    let fx = Fixture::new();
+    let tiny = TinyFs::mount("512k");
+    let vol = fx.volume("v", 8 << 20, small(65536));
+    let old = pattern(11, 8 << 20);
+    vol.write(0, &old, false).unwrap();
+    vol.checkpoint_create("c").unwrap();
+    let spec = SnapshotSpec {
+        name: "s".into(),
+        cow: CowOptions {
+            path: Some(tiny.dir.path().join("s.cow")),
+            ..CowOptions::default()
+        },
+        ..SnapshotSpec::default()
+    };
+    let (snap, _) = vol.snapshot(spec).unwrap();
+    // The first chunks fit: the snapshot serves them.
+    vol.write(0, &[1; 65536], false).unwrap();
+    let mut buf = vec![0u8; 65536];
+    snap.read(0, &mut buf).unwrap();
+    assert!(buf[..] == old[..65536]);
+    // Then the store fills up: the snapshot fails, every write still lands.
+    let new = pattern(12, 8 << 20);
+    for (i, chunk) in new.chunks(1 << 20).enumerate() {
+        vol.write(i as u64 * (1 << 20), chunk, false).unwrap();
+    }
+    let mut back = vec![0u8; 8 << 20];
+    vol.read(0, &mut back).unwrap();
+    assert!(back == new, "the volume must hold exactly what was written");
+    let err = snap.read(0, &mut buf).unwrap_err();
+    assert!(matches!(err, SnapshotError::Failed { .. }), "{err}");
+    assert!(err.to_string().contains("full"), "{err}");
+    let status = vol.status();
+    assert_eq!(status.snapshots[0].state, SnapshotState::Failed);
+    assert!(status
+        .events
+        .iter()
+        .any(|e| e.level == crate::status::EventLevel::Error));
+    assert_eq!(vol.changed_extents("c").unwrap(), vec![0..8 << 20]);
+    vol.drop_snapshot("s").unwrap();
+    assert!(!tiny.dir.path().join("s.cow").exists());
+    // Writes after the drop need no COW store at all.
+    vol.write(0, &[2; 4096], true).unwrap();
 }

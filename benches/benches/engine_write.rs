@@ -1,0 +1,269 @@
+//! Write throughput through the engine's volume write path, by tracking mode, side by
+//! side in one run, as ratios against tracking off.
+//!
+//! Modes: `raw` (O_DIRECT pwrite on the image, no engine), `off` (a volume with no
+//! checkpoint), `durable` (one durable checkpoint, created fresh before each run so
+//! blocks turn dirty during the run), `fast` (one fast-mode checkpoint, fresh), `snap-first`
+//! (durable checkpoint plus a snapshot taken right before the run: every first write to a
+//! chunk copies it) and `snap-rewrite` (the same writes again under the same snapshot).
+//! Patterns: 4 KiB random writes from 8 threads, 1 MiB sequential writes from 4 threads.
+//!
+//! The image lives on the main disk (`TIDEMARK_BENCH_DIR`, default /var/tmp; never a
+//! tmpfs), is filled with data first, and is written with O_DIRECT (the engine uses it
+//! for aligned requests); every run ends with a flush (fdatasync) inside the timing.
+//! Each figure is the median of `TIDEMARK_BENCH_RUNS` runs (default 5).
+//!
+//! Run: `cargo bench -p tidemark-benches --bench engine_write`
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use rand::{Rng, SeedableRng};
+use tidemark_engine::volume::{SnapshotSpec, TrackingMode, Volume, VolumeOptions};
+
+const VOLUME_SIZE: u64 = 1 << 30;
+const GRANULARITY: u32 = 64 << 10;
+
+#[derive(Clone, Copy, Debug)]
+struct Pattern {
+    name: &'static str,
+    block: usize,
+    threads: usize,
+    total: u64,
+    random: bool,
+}
+
+const PATTERNS: [Pattern; 2] = [
+    Pattern {
+        name: "4k-random",
+        block: 4096,
+        threads: 8,
+        total: 64 << 20,
+        random: true,
+    },
+    Pattern {
+        name: "1m-seq",
+        block: 1 << 20,
+        threads: 4,
+        total: 512 << 20,
+        random: false,
+    },
+];
+
+const MODES: [&str; 6] = [
+    "raw",
+    "off",
+    "durable",
+    "fast",
+    "snap-first",
+    "snap-rewrite",
+];
+
+/// A page-aligned buffer for O_DIRECT, carved out of a plain Vec.
+fn aligned(len: usize, seed: u8) -> (Vec<u8>, usize) {
+    let mut raw = vec![seed; len + 4096];
+    let start = raw.as_ptr().align_offset(4096);
+    raw[start..start + len]
+        .iter_mut()
+        .enumerate()
+        .for_each(|(i, b)| *b = (i as u8) ^ seed);
+    (raw, start)
+}
+
+/// The offsets of one run: the same for every mode (seeded), split across threads.
+fn offsets(p: Pattern, run: usize) -> Vec<Vec<u64>> {
+    let count = p.total / p.block as u64;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(run as u64);
+    let all: Vec<u64> = (0..count)
+        .map(|i| {
+            if p.random {
+                rng.gen_range(0..VOLUME_SIZE / p.block as u64) * p.block as u64
+            } else {
+                // Each run writes a different stretch so "first writes" stay first.
+                (i * p.block as u64 + run as u64 * p.total) % VOLUME_SIZE
+            }
+        })
+        .collect();
+    let mut per: Vec<Vec<u64>> = vec![Vec::new(); p.threads];
+    for (i, o) in all.into_iter().enumerate() {
+        per[i % p.threads].push(o);
+    }
+    per
+}
+
+trait Target: Sync {
+    fn write(&self, offset: u64, data: &[u8]);
+    fn flush(&self);
+}
+
+struct Raw(File);
+
+impl Target for Raw {
+    fn write(&self, offset: u64, data: &[u8]) {
+        self.0.write_all_at(data, offset).expect("raw write");
+    }
+    fn flush(&self) {
+        self.0.sync_data().expect("raw fdatasync");
+    }
+}
+
+impl Target for Volume {
+    fn write(&self, offset: u64, data: &[u8]) {
+        Volume::write(self, offset, data, false).expect("volume write");
+    }
+    fn flush(&self) {
+        Volume::flush(self).expect("volume flush");
+    }
+}
+
+/// MB/s of one run of `p` against `target`, after letting earlier runs' writeback settle.
+fn run(target: &dyn Target, p: Pattern, per_thread: &[Vec<u64>]) -> f64 {
+    let _ = std::process::Command::new("sync").status();
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let done = AtomicU64::new(0);
+    let started = Instant::now();
+    std::thread::scope(|s| {
+        for (t, offsets) in per_thread.iter().enumerate() {
+            let done = &done;
+            s.spawn(move || {
+                let (buf, start) = aligned(p.block, t as u8);
+                let data = &buf[start..start + p.block];
+                for &o in offsets {
+                    target.write(o, data);
+                    done.fetch_add(p.block as u64, Ordering::Relaxed);
+                }
+            });
+        }
+    });
+    target.flush();
+    done.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64() / 1e6
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn fill(path: &Path) {
+    let file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+        .expect("create image");
+    let (buf, start) = aligned(8 << 20, 0x5a);
+    for i in 0..VOLUME_SIZE / (8 << 20) {
+        file.write_all_at(&buf[start..start + (8 << 20)], i * (8 << 20))
+            .expect("fill image");
+    }
+    file.sync_all().expect("sync image");
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    let runs: usize = std::env::var("TIDEMARK_BENCH_RUNS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(5);
+    let base =
+        PathBuf::from(std::env::var("TIDEMARK_BENCH_DIR").unwrap_or_else(|_| "/var/tmp".into()));
+    let dir = tempfile::Builder::new()
+        .prefix("tidemark-bench-")
+        .tempdir_in(&base)
+        .expect("bench dir");
+    let state = dir.path().join("state");
+    let image = dir.path().join("vol.img");
+    let fast_image = dir.path().join("fast.img");
+    eprintln!(
+        "filling two {} MiB images in {} ...",
+        VOLUME_SIZE >> 20,
+        dir.path().display()
+    );
+    fill(&image);
+    fill(&fast_image);
+    let options = |tracking| VolumeOptions {
+        granularity: GRANULARITY,
+        tracking,
+        ..VolumeOptions::default()
+    };
+    let vol = Arc::new(
+        Volume::create(&state, "bench", &image, options(TrackingMode::Durable)).expect("volume"),
+    );
+    let fast = Volume::create(&state, "fast", &fast_image, options(TrackingMode::Fast))
+        .expect("fast volume");
+    let raw = Raw(OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&image)
+        .expect("open image O_DIRECT"));
+
+    println!("engine write throughput: {} MiB volume, granularity {} KiB, median of {runs} runs, O_DIRECT, fdatasync at the end of each run", VOLUME_SIZE >> 20, GRANULARITY >> 10);
+    println!(
+        "{:<10} {:<13} {:>10} {:>10}",
+        "pattern", "mode", "MB/s", "vs off"
+    );
+    let mut checkpoint = 0;
+    for p in PATTERNS {
+        let mut results: Vec<(&str, Vec<f64>)> = MODES.iter().map(|m| (*m, Vec::new())).collect();
+        for r in 0..runs {
+            let offs = offsets(p, r);
+            // Interleave the modes within each round so drift on a noisy machine hits all alike.
+            for (mode, samples) in results.iter_mut() {
+                let mbps = match *mode {
+                    "raw" => run(&raw, p, &offs),
+                    "off" => {
+                        for c in vol.checkpoints() {
+                            vol.checkpoint_delete(&c.name).expect("delete checkpoint");
+                        }
+                        run(vol.as_ref(), p, &offs)
+                    }
+                    "durable" => {
+                        checkpoint += 1;
+                        vol.checkpoint_create(&format!("c{checkpoint}"))
+                            .expect("checkpoint");
+                        run(vol.as_ref(), p, &offs)
+                    }
+                    "fast" => {
+                        checkpoint += 1;
+                        fast.checkpoint_create(&format!("f{checkpoint}"))
+                            .expect("checkpoint");
+                        run(&fast, p, &offs)
+                    }
+                    "snap-first" => {
+                        checkpoint += 1;
+                        vol.checkpoint_create(&format!("c{checkpoint}"))
+                            .expect("checkpoint");
+                        let spec = SnapshotSpec {
+                            name: "bench".into(),
+                            ..SnapshotSpec::default()
+                        };
+                        vol.snapshot(spec).expect("snapshot");
+                        run(vol.as_ref(), p, &offs)
+                    }
+                    "snap-rewrite" => {
+                        let mbps = run(vol.as_ref(), p, &offs);
+                        vol.drop_snapshot("bench").expect("drop snapshot");
+                        mbps
+                    }
+                    _ => unreachable!("unknown mode"),
+                };
+                samples.push(mbps);
+            }
+            for c in fast.checkpoints() {
+                fast.checkpoint_delete(&c.name).expect("delete checkpoint");
+            }
+        }
+        let off = median(results[1].1.clone());
+        for (mode, samples) in results {
+            let m = median(samples);
+            println!("{:<10} {:<13} {:>10.1} {:>9.2}x", p.name, mode, m, m / off);
+        }
+    }
+}
