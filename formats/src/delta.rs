@@ -635,13 +635,13 @@ impl IndexEntry {
                     ));
                 }
                 let stored_ok = match encoding {
-                    Encoding::Raw => u64::from(stored_len) == length,
+                    Encoding::Raw => u64::from(stored_len) == length && data_crc == stored_crc,
                     Encoding::Zstd => stored_len > 0 && u64::from(stored_len) < length,
                 };
                 if !stored_ok {
                     return Err(InvalidField::new(
                         "stored_len",
-                        format!("{stored_len} is impossible for {length} bytes {encoding:?}"),
+                        format!("{stored_len} stored bytes (or their crc) impossible for {length} bytes {encoding:?}"),
                     ));
                 }
             }
@@ -805,7 +805,7 @@ impl<W: Write> DeltaWriter<W> {
             seq: Sequence::new(header.volume_size),
             entries: Vec::new(),
             compressor,
-            scratch: Vec::with_capacity(MAX_RECORD_DATA),
+            scratch: Vec::with_capacity(zstd::zstd_safe::compress_bound(MAX_RECORD_DATA)),
         })
     }
 
@@ -920,18 +920,19 @@ impl<W: Write> DeltaWriter<W> {
     fn write_data_record(&mut self, offset: u64, data: &[u8]) -> Result<(), DeltaWriteError> {
         let data_crc = crc32fast::hash(data);
         self.scratch.clear();
-        // Compressed output only counts if it is strictly smaller than the data; a
-        // too-small destination makes zstd give up, and the data is stored raw.
+        // The buffer holds zstd's worst case, so compression itself never fails for lack
+        // of room; the frame is kept only if strictly smaller than the data.
         let compressed = self
             .compressor
             .compress_to_buffer(data, &mut self.scratch)
             .is_ok_and(|n| n < data.len());
-        let (encoding, stored) = if compressed {
-            (Encoding::Zstd, std::mem::take(&mut self.scratch))
+        let scratch = std::mem::take(&mut self.scratch);
+        let (encoding, payload, stored_crc): (_, &[u8], _) = if compressed {
+            (Encoding::Zstd, &scratch, crc32fast::hash(&scratch))
         } else {
-            (Encoding::Raw, Vec::new())
+            // Raw: the stored bytes are the data, so both crcs are the same value.
+            (Encoding::Raw, data, data_crc)
         };
-        let payload: &[u8] = if compressed { &stored } else { data };
         let e = IndexEntry {
             offset,
             length: data.len() as u64,
@@ -940,12 +941,10 @@ impl<W: Write> DeltaWriter<W> {
             encoding,
             stored_len: payload.len() as u32,
             data_crc,
-            stored_crc: crc32fast::hash(payload),
+            stored_crc,
         };
         let result = self.push(e, payload);
-        if compressed {
-            self.scratch = stored;
-        }
+        self.scratch = scratch;
         result
     }
 
@@ -1060,21 +1059,13 @@ fn parse_record_header(
     .map_err(|e| FormatError::invalid(file, at + offset_of!(RawRecordHeader, kind) as u64, e))
 }
 
-/// Checks a payload's crcs and decodes it into `out` (left empty for zero extents).
-fn decode_payload(
-    dec: &mut zstd::bulk::Decompressor<'static>,
-    e: &IndexEntry,
-    stored: &[u8],
-    out: &mut Vec<u8>,
-    file: &Path,
-) -> Result<(), FormatError> {
-    let payload_at = e.record_offset + RECORD_HEADER_LEN as u64;
-    out.clear();
+/// Checks that `stored` (the payload of `e`) matches its stored crc.
+fn check_stored_crc(e: &IndexEntry, stored: &[u8], file: &Path) -> Result<(), FormatError> {
     let computed = crc32fast::hash(stored);
     if computed != e.stored_crc {
         return Err(FormatError::new(
             file,
-            payload_at,
+            e.record_offset + RECORD_HEADER_LEN as u64,
             FormatErrorKind::ChecksumMismatch {
                 what: "delta record payload",
                 stored: e.stored_crc,
@@ -1082,20 +1073,58 @@ fn decode_payload(
             },
         ));
     }
+    Ok(())
+}
+
+/// Reads the `e.stored_len` payload bytes that follow a record header into `buf`.
+fn read_payload(
+    r: &mut impl Read,
+    e: &IndexEntry,
+    buf: &mut Vec<u8>,
+    file: &Path,
+) -> Result<(), FormatError> {
+    let at = e.record_offset + RECORD_HEADER_LEN as u64;
+    buf.clear();
+    // stored_len was bounded by MAX_RECORD_DATA when the entry was parsed.
+    buf.resize(e.stored_len as usize, 0);
+    read_struct(r, buf, at, "delta record payload", file)
+}
+
+/// Reads a record's payload and leaves the extent's data in `out` (empty for a zero
+/// extent), checking the stored crc before decompressing and the data crc after. Raw
+/// payloads are read straight into `out`; their two crcs are equal, so one pass checks both.
+fn read_and_decode(
+    r: &mut impl Read,
+    dec: &mut zstd::bulk::Decompressor<'static>,
+    e: &IndexEntry,
+    stored: &mut Vec<u8>,
+    out: &mut Vec<u8>,
+    file: &Path,
+) -> Result<(), FormatError> {
+    out.clear();
     match (e.kind, e.encoding) {
-        (ExtentKind::Zero, _) => return Ok(()),
-        (ExtentKind::Data, Encoding::Raw) => out.extend_from_slice(stored),
+        (ExtentKind::Zero, _) => Ok(()),
+        (ExtentKind::Data, Encoding::Raw) => {
+            read_payload(r, e, out, file)?;
+            check_stored_crc(e, out, file).inspect_err(|_| out.clear())
+        }
         (ExtentKind::Data, Encoding::Zstd) => {
+            read_payload(r, e, stored, file)?;
+            check_stored_crc(e, stored, file)?;
+            let payload_at = e.record_offset + RECORD_HEADER_LEN as u64;
             // `length` was bounded by MAX_RECORD_DATA when the entry was parsed.
             out.reserve_exact(e.length as usize);
-            let n = dec.decompress_to_buffer(stored, out).map_err(|err| {
-                FormatError::new(
-                    file,
-                    payload_at,
-                    FormatErrorKind::Decompress(err.to_string()),
-                )
-            })?;
+            let n = dec
+                .decompress_to_buffer(stored.as_slice(), out)
+                .map_err(|err| {
+                    FormatError::new(
+                        file,
+                        payload_at,
+                        FormatErrorKind::Decompress(err.to_string()),
+                    )
+                })?;
             if n as u64 != e.length {
+                out.clear();
                 return Err(FormatError::new(
                     file,
                     payload_at,
@@ -1105,22 +1134,22 @@ fn decode_payload(
                     )),
                 ));
             }
+            let computed = crc32fast::hash(out);
+            if computed != e.data_crc {
+                out.clear();
+                return Err(FormatError::new(
+                    file,
+                    payload_at,
+                    FormatErrorKind::ChecksumMismatch {
+                        what: "delta extent data",
+                        stored: e.data_crc,
+                        computed,
+                    },
+                ));
+            }
+            Ok(())
         }
     }
-    let computed = crc32fast::hash(out);
-    if computed != e.data_crc {
-        out.clear();
-        return Err(FormatError::new(
-            file,
-            payload_at,
-            FormatErrorKind::ChecksumMismatch {
-                what: "delta extent data",
-                stored: e.data_crc,
-                computed,
-            },
-        ));
-    }
-    Ok(())
 }
 
 fn new_decompressor(file: &Path) -> Result<zstd::bulk::Decompressor<'static>, FormatError> {
@@ -1467,24 +1496,14 @@ impl<R: Read + Seek> DeltaReader<R> {
                 InvalidField::new("record", "the record header does not match its index entry"),
             ));
         }
-        self.stored.clear();
-        (&mut self.r)
-            .take(u64::from(e.stored_len))
-            .read_to_end(&mut self.stored)
-            .map_err(|err| FormatError::io(&self.file, at, err))?;
-        let payload_at = at + RECORD_HEADER_LEN as u64;
-        if self.stored.len() != e.stored_len as usize {
-            return Err(FormatError::new(
-                &self.file,
-                payload_at + self.stored.len() as u64,
-                FormatErrorKind::Truncated {
-                    what: "delta record payload",
-                    needed: u64::from(e.stored_len),
-                    available: self.stored.len() as u64,
-                },
-            ));
-        }
-        decode_payload(&mut self.dec, e, &self.stored, out, &self.file)
+        read_and_decode(
+            &mut self.r,
+            &mut self.dec,
+            e,
+            &mut self.stored,
+            out,
+            &self.file,
+        )
     }
 
     /// Reads the `i`th extent of [`DeltaReader::extents`] into `out`, as `read_extent`.
@@ -1630,17 +1649,14 @@ impl<R: Read> DeltaStreamReader<R> {
         self.seq
             .accept(&e)
             .map_err(|f| FormatError::invalid(&self.file, at, f))?;
-        self.stored.clear();
-        self.stored.resize(e.stored_len as usize, 0);
-        let payload_at = at + RECORD_HEADER_LEN as u64;
-        read_struct(
+        read_and_decode(
             &mut self.r,
+            &mut self.dec,
+            &e,
             &mut self.stored,
-            payload_at,
-            "delta record payload",
+            &mut self.data,
             &self.file,
         )?;
-        decode_payload(&mut self.dec, &e, &self.stored, &mut self.data, &self.file)?;
         self.pos = e.record_end();
         self.entries.push(e);
         Ok(Some((e, &self.data)))
