@@ -280,3 +280,45 @@ fn a_pull_client_that_vanishes_mid_read_does_not_end_the_backup() {
         json!("completed")
     );
 }
+
+#[test]
+fn fast_tracking_after_kill_9_refuses_an_incremental_instead_of_a_silent_full() {
+    let mut daemon = Daemon::start();
+    let backing = daemon.dir.path().join("fast.raw");
+    daemon.cli_json(&[
+        "volume",
+        "create",
+        "v",
+        "--backing",
+        backing.to_str().unwrap(),
+        "--size",
+        "4M",
+        "--tracking",
+        "fast",
+    ]);
+    daemon.cli_json(&["checkpoint", "create", "v", "c1"]);
+    qemu_io(&daemon.uri("v"), &["write -P 1 0 64k".to_string()]);
+    daemon.kill();
+    daemon.restart();
+    let info = daemon.cli_json(&["volume", "info", "v"]);
+    assert_eq!(info["tracking"], json!("inconsistent"), "{info}");
+    let out = daemon.cli(&["backup", "begin", "v", "--incremental", "c1", "--json"]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "an incremental from a stale bitmap must fail"
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        report["error"]["desc"].as_str().unwrap().contains("full"),
+        "{report}"
+    );
+    assert_eq!(daemon.cli_json(&["backup", "status"])["running"], json!([]));
+    // A full backup is allowed and starts a chain that can be trusted again.
+    daemon.cli_json(&["backup", "begin", "v", "--checkpoint", "c2"]);
+    daemon.cli_json(&["backup", "end", "v"]);
+    qemu_io(&daemon.uri("v"), &["write -P 2 1M 4k".to_string()]);
+    let backup = daemon.cli_json(&["backup", "begin", "v", "--incremental", "c2"]);
+    let dirty = daemon.nbd_tool(&["dirty", &export_uri(&backup), "c2"]);
+    assert_eq!(dirty.trim(), "[[1048576, 65536]]");
+}

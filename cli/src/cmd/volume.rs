@@ -33,6 +33,12 @@ pub enum Command {
         /// Tracking granularity: a power of two from 4K to 1M (default 64K).
         #[arg(long, value_name = "SIZE", value_parser = parse_size)]
         granularity: Option<u64>,
+        /// How changes are tracked: `durable` (default: a changed block is on disk in the
+        /// bitmap before its data write, so tracking survives kill -9 and power loss) or
+        /// `fast` (bitmaps saved at clean stops only; after a crash the next backup must
+        /// be full, and tidemark says so instead of trusting a stale bitmap).
+        #[arg(long, value_name = "MODE", value_parser = ["durable", "fast"])]
+        tracking: Option<String>,
         #[command(flatten)]
         client: ClientArgs,
     },
@@ -79,6 +85,7 @@ fn run_inner(command: Command) -> anyhow::Result<ExitCode> {
             backing,
             size,
             granularity,
+            tracking,
             client,
         } => {
             let backing = std::path::absolute(&backing).unwrap_or(backing);
@@ -88,6 +95,9 @@ fn run_inner(command: Command) -> anyhow::Result<ExitCode> {
             }
             if let Some(granularity) = granularity {
                 arguments["granularity"] = json!(granularity);
+            }
+            if let Some(tracking) = tracking {
+                arguments["tracking"] = json!(tracking);
             }
             let volume = client.connect()?.execute("volume-create", arguments)?;
             if client.json {

@@ -13,7 +13,7 @@ use tidemark_engine::export::{SnapshotExport, VolumeExport};
 use tidemark_engine::quiesce::{self, QuiesceError, QuiesceSpec};
 use tidemark_engine::snapshot::{CowOptions, Snapshot};
 use tidemark_engine::status::SnapshotState;
-use tidemark_engine::volume::{SnapshotSpec, Volume, VolumeError, VolumeOptions};
+use tidemark_engine::volume::{SnapshotSpec, TrackingMode, Volume, VolumeError, VolumeOptions};
 use tidemark_formats::delta::CheckpointRef;
 use tidemark_nbd::export::Export;
 
@@ -54,11 +54,15 @@ impl VolumeHandle {
         backing: &Path,
         size: Option<u64>,
         granularity: Option<u64>,
+        fast: bool,
     ) -> Result<VolumeHandle, CommandError> {
         let mut options = VolumeOptions {
             size,
             ..VolumeOptions::default()
         };
+        if fast {
+            options.tracking = TrackingMode::Fast;
+        }
         if let Some(granularity) = granularity {
             options.granularity = u32::try_from(granularity).map_err(|_| {
                 CommandError::new(

@@ -174,7 +174,7 @@ impl Daemon {
         let known: &[&str] = match name {
             "qmp_capabilities" | "query-version" | "query-commands" | "query-status"
             | "volume-list" | "backup-status" => &[],
-            "volume-create" => &["name", "backing", "size", "granularity"],
+            "volume-create" => &["name", "backing", "size", "granularity", "tracking"],
             "volume-info" => &["name"],
             "volume-remove" => &["name"],
             "checkpoint-create" | "checkpoint-delete" => &["volume", "name"],
@@ -265,6 +265,16 @@ impl Daemon {
         }
         let size = args.opt_u64("size")?;
         let granularity = args.opt_u64("granularity")?;
+        let fast = match args.opt_string("tracking")?.as_deref() {
+            None | Some("durable") => false,
+            Some("fast") => true,
+            Some(other) => {
+                return Err(CommandError::new(
+                    ErrorClass::InvalidParameter,
+                    format!("volume-create: tracking {other:?} is not durable or fast"),
+                ))
+            }
+        };
         if self.registry().volumes.contains_key(&name) {
             return Err(conflict(format!(
                 "a volume named {name:?} exists already; pick another name or `tidemark volume \
@@ -289,6 +299,7 @@ impl Daemon {
             &backing,
             size,
             granularity,
+            fast,
         )?);
         {
             let mut registry = self.registry();
