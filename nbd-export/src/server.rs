@@ -13,14 +13,17 @@
 //! # drop(serving); Ok(()) }
 //! ```
 //!
-//! Each connection runs the [`negotiate`](crate::negotiate) state machine under a time
-//! limit, then the transmission loop: one reader task parses request headers and bounds
-//! every length before reading a payload; each request runs on a blocking thread (export
-//! methods block) and sends its finished reply to one writer task, so replies go out in
-//! completion order (out of order, as the protocol allows) and many requests are in
-//! flight at once. A per-connection budget of in-flight bytes bounds memory: the reader
-//! waits for budget before it allocates or reads a payload. Buffers are recycled through a
-//! per-connection pool so steady-state reads and writes allocate nothing.
+//! Each connection runs the [`negotiate`](crate::negotiate) state machine on tokio under
+//! a time limit; the transmission phase then runs on a small pool of worker threads per
+//! connection with blocking socket I/O, the way nbdkit serves: a worker takes the request
+//! lock, reads one request header, bounds every length and reads the payload, releases
+//! the lock, runs the (blocking) export method, and writes its reply under the write
+//! lock. Replies go out in completion order (out of order, as the protocol allows) and up
+//! to eight requests run at once, with no thread hand-off on the hot path,
+//! which matters on small, busy machines. A per-connection budget of in-flight bytes
+//! bounds memory: the reader waits for budget before it allocates or reads a payload.
+//! Buffers are recycled through a per-connection pool so steady-state reads and writes
+//! allocate nothing.
 //!
 //! Removing an export closes the connections that serve it (after their in-flight requests
 //! complete); [`Server::shutdown`] does the same for every connection.
@@ -34,9 +37,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
-use tokio::net::{TcpListener, UnixListener};
-use tokio::sync::{mpsc, watch, Notify, OwnedSemaphorePermit, Semaphore};
+use std::io::{Read, Write};
+use std::sync::Condvar;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+use tokio::sync::{watch, Notify};
 
 use crate::export::{Errno, Export, ExportError, MetaContext, ZeroFlags, STATE_ZERO};
 use crate::negotiate::{ExportDirectory, Negotiation, Session, Step};
@@ -120,6 +126,15 @@ impl Default for Server {
     fn default() -> Self {
         Server::new()
     }
+}
+
+/// An accepted connection.
+#[derive(Debug)]
+pub enum NbdStream {
+    /// A Unix socket connection.
+    Unix(UnixStream),
+    /// A TCP connection (TCP_NODELAY set by the caller).
+    Tcp(TcpStream),
 }
 
 /// A bound listener, ready for [`Server::serve`].
@@ -283,8 +298,7 @@ impl Server {
                 NbdListener::Unix(l, _) => tokio::select! {
                     _ = shutdown.changed() => continue,
                     r = l.accept() => r.map(|(s, _)| {
-                        let (rd, wr) = s.into_split();
-                        self.spawn_connection(rd, wr, "unix".to_string());
+                        self.spawn_connection(NbdStream::Unix(s), "unix".to_string());
                     }),
                 },
                 NbdListener::Tcp(l) => tokio::select! {
@@ -293,8 +307,7 @@ impl Server {
                         if let Err(err) = s.set_nodelay(true) {
                             tracing::warn!("TCP_NODELAY on {peer}: {err}");
                         }
-                        let (rd, wr) = s.into_split();
-                        self.spawn_connection(rd, wr, peer.to_string());
+                        self.spawn_connection(NbdStream::Tcp(s), peer.to_string());
                     }),
                 },
             };
@@ -310,42 +323,54 @@ impl Server {
         Ok(())
     }
 
-    /// Serve one already-connected stream (a socketpair, a test harness).
-    pub fn spawn_connection<R, W>(&self, rd: R, wr: W, peer: String)
-    where
-        R: AsyncRead + Unpin + Send + 'static,
-        W: AsyncWrite + Unpin + Send + 'static,
-    {
+    /// Serve one accepted stream.
+    pub fn spawn_connection(&self, stream: NbdStream, peer: String) {
         let guard = ConnectionGuard::new(self.inner.clone());
         let server = self.clone();
         tokio::spawn(async move {
             let _guard = guard;
-            match server.connection(rd, wr).await {
+            match server.connection(stream).await {
                 Ok(()) => tracing::debug!("NBD client {peer} disconnected"),
                 Err(err) => tracing::info!("NBD client {peer}: {err}"),
             }
         });
     }
 
-    async fn connection<R, W>(&self, rd: R, mut wr: W) -> Result<(), ConnError>
+    /// Negotiate under the time limit; the session and any bytes read past it.
+    async fn handshake<R, W>(
+        &self,
+        rd: R,
+        mut wr: W,
+    ) -> Result<(Option<Session>, Vec<u8>), ConnError>
     where
-        R: AsyncRead + Unpin + Send + 'static,
-        W: AsyncWrite + Unpin + Send + 'static,
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
     {
         let mut rd = BufReader::with_capacity(64 * 1024, rd);
         let limit = self.inner.config.handshake_timeout;
-        let session = match tokio::time::timeout(limit, self.negotiate(&mut rd, &mut wr)).await {
-            Ok(result) => result?,
-            Err(_) => {
-                return Err(ConnError::Protocol(format!(
-                    "handshake not finished within {limit:?}"
-                )))
+        match tokio::time::timeout(limit, self.negotiate(&mut rd, &mut wr)).await {
+            Ok(result) => Ok((result?, rd.buffer().to_vec())),
+            Err(_) => Err(ConnError::Protocol(format!(
+                "handshake not finished within {limit:?}"
+            ))),
+        }
+    }
+
+    async fn connection(&self, mut stream: NbdStream) -> Result<(), ConnError> {
+        let (session, leftover) = match &mut stream {
+            NbdStream::Unix(s) => {
+                let (r, w) = s.split();
+                self.handshake(r, w).await?
+            }
+            NbdStream::Tcp(s) => {
+                let (r, w) = s.split();
+                self.handshake(r, w).await?
             }
         };
         let Some(session) = session else {
             return Ok(());
         };
-        let removed = match self
+        let mut removed = match self
             .inner
             .exports
             .read()
@@ -357,15 +382,33 @@ impl Server {
             None => return Ok(()),
         };
         tracing::debug!("NBD transmission: {session:?}");
-        transmission(
-            session,
-            rd,
-            wr,
-            self.inner.config.max_in_flight_bytes,
-            self.inner.shutdown.subscribe(),
-            removed,
-        )
-        .await
+        // Transmission runs on worker threads with blocking socket I/O, as each request
+        // does blocking export I/O anyway: a worker reads a request, runs it and writes
+        // the reply itself, with no hand-off between threads on the hot path.
+        let socket = SyncSocket::from_tokio(stream)?;
+        let control = socket.try_clone()?;
+        let budget = self.inner.config.max_in_flight_bytes;
+        let mut work =
+            tokio::task::spawn_blocking(move || transmission(session, socket, leftover, budget));
+        let mut shutdown = self.inner.shutdown.subscribe();
+        let mut stopping = false;
+        loop {
+            if !stopping && (*shutdown.borrow_and_update() || *removed.borrow_and_update()) {
+                // Workers see end-of-file, finish what is in flight and exit.
+                stopping = true;
+                let _ = control.shutdown(std::net::Shutdown::Read);
+            }
+            tokio::select! {
+                done = &mut work => {
+                    return match done {
+                        Ok(result) => result,
+                        Err(join) => Err(ConnError::Protocol(format!("transmission failed: {join}"))),
+                    };
+                }
+                _ = shutdown.changed(), if !stopping => {}
+                _ = removed.changed(), if !stopping => {}
+            }
+        }
     }
 
     async fn negotiate<R, W>(&self, rd: &mut R, wr: &mut W) -> Result<Option<Session>, ConnError>
@@ -478,14 +521,6 @@ enum ConnError {
 // ---------------------------------------------------------------------------------------
 // Transmission
 
-/// A finished reply on its way to the writer; the permit returns its bytes to the budget
-/// once written.
-struct Outgoing {
-    buf: Vec<u8>,
-    len: usize,
-    _permit: Option<OwnedSemaphorePermit>,
-}
-
 /// Recycled payload buffers: every pooled buffer is fully initialised (len == capacity),
 /// so handing one out costs neither an allocation nor a memset.
 #[derive(Default)]
@@ -529,189 +564,283 @@ fn cmd_err(errno: Errno, message: impl Into<String>) -> CmdError {
     (errno, message.into())
 }
 
-async fn transmission<R, W>(
+/// A connected socket in blocking mode, for the transmission workers.
+enum SyncSocket {
+    Unix(std::os::unix::net::UnixStream),
+    Tcp(std::net::TcpStream),
+}
+
+impl SyncSocket {
+    fn from_tokio(stream: NbdStream) -> io::Result<SyncSocket> {
+        let socket = match stream {
+            NbdStream::Unix(s) => SyncSocket::Unix(s.into_std()?),
+            NbdStream::Tcp(s) => SyncSocket::Tcp(s.into_std()?),
+        };
+        match &socket {
+            SyncSocket::Unix(s) => s.set_nonblocking(false)?,
+            SyncSocket::Tcp(s) => s.set_nonblocking(false)?,
+        }
+        Ok(socket)
+    }
+
+    fn try_clone(&self) -> io::Result<SyncSocket> {
+        Ok(match self {
+            SyncSocket::Unix(s) => SyncSocket::Unix(s.try_clone()?),
+            SyncSocket::Tcp(s) => SyncSocket::Tcp(s.try_clone()?),
+        })
+    }
+
+    fn shutdown(&self, how: std::net::Shutdown) -> io::Result<()> {
+        match self {
+            SyncSocket::Unix(s) => s.shutdown(how),
+            SyncSocket::Tcp(s) => s.shutdown(how),
+        }
+    }
+}
+
+impl io::Read for SyncSocket {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            SyncSocket::Unix(s) => s.read(buf),
+            SyncSocket::Tcp(s) => s.read(buf),
+        }
+    }
+}
+
+impl io::Write for SyncSocket {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            SyncSocket::Unix(s) => s.write(buf),
+            SyncSocket::Tcp(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Worker threads per connection (nbdkit uses 16; requests are short here).
+const WORKERS: usize = 8;
+
+/// Bytes of payload in flight on a connection, bounded.
+struct Budget {
+    used: Mutex<usize>,
+    freed: Condvar,
+    limit: usize,
+}
+
+impl Budget {
+    fn acquire(&self, cost: usize) -> usize {
+        let cost = cost.min(self.limit);
+        let mut used = self.used.lock().unwrap_or_else(|e| e.into_inner());
+        while *used + cost > self.limit {
+            used = self.freed.wait(used).unwrap_or_else(|e| e.into_inner());
+        }
+        *used += cost;
+        cost
+    }
+
+    fn release(&self, cost: usize) {
+        *self.used.lock().unwrap_or_else(|e| e.into_inner()) -= cost;
+        self.freed.notify_all();
+    }
+}
+
+/// The request side of a connection: one worker at a time reads a request and its payload.
+struct Requests {
+    reader: io::BufReader<io::Chain<io::Cursor<Vec<u8>>, SyncSocket>>,
+    /// Set when the stream ended, failed, or must not be read further.
+    closed: bool,
+}
+
+/// What a worker took off the wire.
+enum Next {
+    Run(Request, Option<Vec<u8>>, usize),
+    Reply(Vec<u8>, usize),
+    Stop,
+}
+
+fn transmission(
     session: Session,
-    mut rd: BufReader<R>,
-    wr: W,
+    socket: SyncSocket,
+    leftover: Vec<u8>,
     budget_bytes: u32,
-    mut shutdown: watch::Receiver<bool>,
-    mut removed: watch::Receiver<bool>,
-) -> Result<(), ConnError>
-where
-    R: AsyncRead + Unpin + Send + 'static,
-    W: AsyncWrite + Unpin + Send + 'static,
-{
-    let conn = Arc::new(Conn {
+) -> Result<(), ConnError> {
+    let writer = Mutex::new(socket.try_clone()?);
+    let control = socket.try_clone()?;
+    let conn = Conn {
         session,
         pool: BufferPool::default(),
+    };
+    let requests = Mutex::new(Requests {
+        reader: io::BufReader::with_capacity(
+            64 * 1024,
+            Read::chain(io::Cursor::new(leftover), socket),
+        ),
+        closed: false,
     });
-    let budget = Arc::new(Semaphore::new(budget_bytes as usize));
-    let (tx, rx) = mpsc::unbounded_channel::<Outgoing>();
-    let writer = tokio::spawn(writer(wr, rx, conn.clone()));
+    let budget = Budget {
+        used: Mutex::new(0),
+        freed: Condvar::new(),
+        limit: budget_bytes as usize,
+    };
+    let failure: Mutex<Option<ConnError>> = Mutex::new(None);
+    let fail = |err: ConnError| {
+        failure
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_or_insert(err);
+    };
+    std::thread::scope(|scope| {
+        for _ in 0..WORKERS {
+            scope.spawn(|| loop {
+                let next = {
+                    let mut requests = requests.lock().unwrap_or_else(|e| e.into_inner());
+                    if requests.closed {
+                        return;
+                    }
+                    match next_request(&conn, &mut requests, &budget) {
+                        Ok(next) => next,
+                        Err(err) => {
+                            requests.closed = true;
+                            fail(err);
+                            Next::Stop
+                        }
+                    }
+                };
+                let (reply, len, cost) = match next {
+                    Next::Stop => return,
+                    Next::Reply(reply, cost) => {
+                        let len = reply.len();
+                        (reply, len, cost)
+                    }
+                    Next::Run(req, payload, cost) => {
+                        let (reply, len) = match catch_unwind(AssertUnwindSafe(|| {
+                            execute(&conn, &req, payload)
+                        })) {
+                            Ok(reply) => reply,
+                            Err(_) => {
+                                tracing::error!(
+                                    "the export panicked serving {} at {}",
+                                    req.command,
+                                    req.offset
+                                );
+                                let reply = error_reply(
+                                    conn.session.mode,
+                                    &req,
+                                    Errno::Io,
+                                    "internal error in the export",
+                                );
+                                let len = reply.len();
+                                (reply, len)
+                            }
+                        };
+                        (reply, len, cost)
+                    }
+                };
+                let written = writer
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .write_all(&reply[..len]);
+                conn.pool.put(reply);
+                budget.release(cost);
+                if let Err(err) = written {
+                    // The client is gone: wake the reader and stop everyone.
+                    requests.lock().unwrap_or_else(|e| e.into_inner()).closed = true;
+                    let _ = control.shutdown(std::net::Shutdown::Both);
+                    fail(err.into());
+                    return;
+                }
+            });
+        }
+    });
+    let _ = control.shutdown(std::net::Shutdown::Both);
+    match failure.into_inner().unwrap_or_else(|e| e.into_inner()) {
+        Some(err) => Err(err),
+        None => Ok(()),
+    }
+}
+
+/// Read the next request (and its payload) with the request lock held.
+fn next_request(conn: &Conn, requests: &mut Requests, budget: &Budget) -> Result<Next, ConnError> {
     let mode = conn.session.mode;
     let header_len = mode.request_len();
     let mut header = [0u8; proto::EXTENDED_REQUEST_LEN];
-    let result: Result<(), ConnError> = async {
-        loop {
-            if *shutdown.borrow_and_update() || *removed.borrow_and_update() {
-                return Ok(());
-            }
-            tokio::select! {
-                _ = shutdown.changed() => continue,
-                _ = removed.changed() => continue,
-                r = rd.read_exact(&mut header[..header_len]) => match r {
-                    Ok(_) => {}
-                    Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
-                    Err(e) => return Err(e.into()),
-                },
-            }
-            let req = proto::parse_request(&header[..header_len], mode == HeaderMode::Extended)
-                .map_err(|e| ConnError::Protocol(e.to_string()))?;
-            if req.command == Command::Disc {
-                return Ok(());
-            }
-            if req.flags & cflags::PAYLOAD_LEN != 0 && req.command != Command::Write {
-                // We never advertise payloads on other commands: we cannot resync.
-                send_now(
-                    &tx,
-                    error_reply(
-                        mode,
-                        &req,
-                        Errno::Inval,
-                        "payload on a command that takes none",
-                    ),
-                );
-                return Err(ConnError::Protocol(format!(
-                    "{} with a payload",
-                    req.command
-                )));
-            }
-            let payload = if req.command == Command::Write {
-                req.length
-            } else {
-                0
-            };
-            if payload > u64::from(proto::MAX_PAYLOAD) {
-                send_now(
-                    &tx,
-                    error_reply(
-                        mode,
-                        &req,
-                        Errno::Inval,
-                        format!(
-                            "write of {payload} bytes exceeds the {} byte maximum",
-                            proto::MAX_PAYLOAD
-                        ),
-                    ),
-                );
-                return Err(ConnError::Protocol(format!(
-                    "write payload of {payload} bytes exceeds the maximum; closing"
-                )));
-            }
-            let data_len = match req.command {
-                Command::Read | Command::Write if req.length <= u64::from(proto::MAX_PAYLOAD) => {
-                    req.length as usize
-                }
-                _ => 0,
-            };
-            let cost = (data_len + 4096).min(budget_bytes as usize) as u32;
-            let permit = budget
-                .clone()
-                .acquire_many_owned(cost)
-                .await
-                .map_err(|_| ConnError::Protocol("budget closed".into()))?;
-            let mut payload_buf = None;
-            if payload > 0 {
-                let mut buf = conn.pool.get(payload as usize);
-                rd.read_exact(&mut buf[..payload as usize]).await?;
-                payload_buf = Some(buf);
-            }
-            if let Err((errno, message)) = validate(&conn.session, &req) {
-                tracing::debug!(
-                    "rejecting {} at {} len {}: {message}",
-                    req.command,
-                    req.offset,
-                    req.length
-                );
-                if let Some(buf) = payload_buf {
-                    conn.pool.put(buf);
-                }
-                let reply = error_reply(mode, &req, errno, &message);
-                let len = reply.len();
-                let _ = tx.send(Outgoing {
-                    buf: reply,
-                    len,
-                    _permit: Some(permit),
-                });
-                continue;
-            }
-            let conn = conn.clone();
-            let tx = tx.clone();
-            tokio::task::spawn_blocking(move || {
-                let (buf, len) =
-                    match catch_unwind(AssertUnwindSafe(|| execute(&conn, &req, payload_buf))) {
-                        Ok(reply) => reply,
-                        Err(_) => {
-                            tracing::error!(
-                                "the export panicked serving {} at {}",
-                                req.command,
-                                req.offset
-                            );
-                            let reply = error_reply(
-                                conn.session.mode,
-                                &req,
-                                Errno::Io,
-                                "internal error in the export",
-                            );
-                            let len = reply.len();
-                            (reply, len)
-                        }
-                    };
-                let _ = tx.send(Outgoing {
-                    buf,
-                    len,
-                    _permit: Some(permit),
-                });
-            });
+    match requests.reader.read_exact(&mut header[..header_len]) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+            requests.closed = true;
+            return Ok(Next::Stop);
         }
+        Err(e) => return Err(e.into()),
     }
-    .await;
-    // Every in-flight request holds a sender: the writer ends once they all replied.
-    drop(tx);
-    match writer.await {
-        Ok(Ok(())) => result,
-        Ok(Err(err)) => result.and(Err(err.into())),
-        Err(join) => result.and(Err(ConnError::Protocol(format!(
-            "writer task failed: {join}"
-        )))),
+    let req = proto::parse_request(&header[..header_len], mode == HeaderMode::Extended)
+        .map_err(|e| ConnError::Protocol(e.to_string()))?;
+    if req.command == Command::Disc {
+        // Requests already taken still complete and reply.
+        requests.closed = true;
+        return Ok(Next::Stop);
     }
-}
-
-fn send_now(tx: &mpsc::UnboundedSender<Outgoing>, reply: Vec<u8>) {
-    let len = reply.len();
-    let _ = tx.send(Outgoing {
-        buf: reply,
-        len,
-        _permit: None,
-    });
-}
-
-async fn writer<W: AsyncWrite + Unpin>(
-    wr: W,
-    mut rx: mpsc::UnboundedReceiver<Outgoing>,
-    conn: Arc<Conn>,
-) -> io::Result<()> {
-    let mut wr = BufWriter::with_capacity(64 * 1024, wr);
-    while let Some(first) = rx.recv().await {
-        let mut next = Some(first);
-        while let Some(out) = next {
-            wr.write_all(&out.buf[..out.len]).await?;
-            conn.pool.put(out.buf);
-            next = rx.try_recv().ok();
+    if req.flags & cflags::PAYLOAD_LEN != 0 && req.command != Command::Write {
+        // We never advertise payloads on other commands: the stream cannot be resynced.
+        requests.closed = true;
+        return Ok(Next::Reply(
+            error_reply(
+                mode,
+                &req,
+                Errno::Inval,
+                "payload on a command that takes none",
+            ),
+            0,
+        ));
+    }
+    let payload = if req.command == Command::Write {
+        req.length
+    } else {
+        0
+    };
+    if payload > u64::from(proto::MAX_PAYLOAD) {
+        requests.closed = true;
+        let message = format!(
+            "write of {payload} bytes exceeds the {} byte maximum; closing",
+            proto::MAX_PAYLOAD
+        );
+        tracing::info!("{message}");
+        return Ok(Next::Reply(
+            error_reply(mode, &req, Errno::Inval, message),
+            0,
+        ));
+    }
+    let data_len = match req.command {
+        Command::Read | Command::Write if req.length <= u64::from(proto::MAX_PAYLOAD) => {
+            req.length as usize
         }
-        wr.flush().await?;
+        _ => 0,
+    };
+    let cost = budget.acquire(data_len + 4096);
+    let mut payload_buf = None;
+    if payload > 0 {
+        let mut buf = conn.pool.get(payload as usize);
+        if let Err(e) = requests.reader.read_exact(&mut buf[..payload as usize]) {
+            budget.release(cost);
+            return Err(e.into());
+        }
+        payload_buf = Some(buf);
     }
-    wr.shutdown().await
+    if let Err((errno, message)) = validate(&conn.session, &req) {
+        tracing::debug!(
+            "rejecting {} at {} len {}: {message}",
+            req.command,
+            req.offset,
+            req.length
+        );
+        if let Some(buf) = payload_buf {
+            conn.pool.put(buf);
+        }
+        return Ok(Next::Reply(error_reply(mode, &req, errno, &message), cost));
+    }
+    Ok(Next::Run(req, payload_buf, cost))
 }
 
 /// Check a request against the negotiated session, as doc/proto.md lists the errors.
