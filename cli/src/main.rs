@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 mod cmd;
 mod control;
 mod daemon;
+mod pull;
 mod ui;
 
 /// Block-level incremental backups of Linux volumes and VM disks.

@@ -6,8 +6,9 @@
 //! bitmaps `i..=latest`. Deleting a checkpoint merges its bits into its predecessor, so no
 //! change is ever lost (deleting the oldest simply forgets changes before it).
 //!
-//! On disk, in the volume's directory: `checkpoints.json` (the chain, replaced atomically)
-//! and `bitmaps/<chain uuid>-<generation>.bitmap`.
+//! On disk, in the volume's directory: `checkpoints.json` (the chain,
+//! `tidemark_formats::manifest::CheckpointChain`, replaced atomically) and
+//! `<chain uuid>-<generation>.bitmap` (`tidemark_formats::bitmap`).
 //!
 //! # Write order (writes to the volume are paused by the caller throughout)
 //!
@@ -24,8 +25,8 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use serde::{Deserialize, Serialize};
 use tidemark_formats::bitmap::{self, BitmapHeader, BitmapState};
+use tidemark_formats::manifest::{CheckpointChain, CheckpointEntry};
 use tidemark_formats::FormatError;
 use uuid::Uuid;
 
@@ -99,26 +100,9 @@ pub enum CheckpointError {
 /// A checkpoint as the API reports it.
 pub type CheckpointInfo = CheckpointStatus;
 
-/// `checkpoints.json`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct ChainFile {
-    chain_uuid: Uuid,
-    #[serde(default)]
-    next_generation: u64,
-    checkpoints: Vec<EntryFile>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct EntryFile {
-    name: String,
-    generation: u64,
-    created_unix: u64,
-    bitmap_file: String,
-}
-
 #[derive(Debug)]
 struct Entry {
-    file: EntryFile,
+    file: CheckpointEntry,
     /// The bits of a frozen bitmap; `None` for the latest (read from the active bitmap).
     frozen: Option<Vec<u64>>,
     problem: Option<String>,
@@ -164,46 +148,32 @@ impl Chain {
         events: &EventLog,
     ) -> Result<(Chain, Option<Arc<ActiveBitmap>>), CheckpointError> {
         let path = dir.join("checkpoints.json");
-        let bitmap_dir = dir.join("bitmaps");
-        fs::create_dir_all(&bitmap_dir).map_err(|source| CheckpointError::Io {
-            path: bitmap_dir.clone(),
-            source,
-        })?;
-        let file: ChainFile = match fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| CheckpointError::BadChain {
-                path: path.clone(),
-                reason: e.to_string(),
-            })?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => ChainFile {
-                chain_uuid: Uuid::new_v4(),
-                next_generation: 1,
-                checkpoints: Vec::new(),
-            },
-            Err(source) => return Err(CheckpointError::Io { path, source }),
-        };
-        let mut seen = HashSet::new();
-        for e in &file.checkpoints {
-            if !valid_name(&e.name)
-                || !seen.insert(e.name.clone())
-                || !valid_file_name(&e.bitmap_file)
-            {
+        let file = match CheckpointChain::read(&path) {
+            Ok(chain) => chain,
+            Err(_) if !path.exists() => CheckpointChain::new(),
+            Err(e) => {
                 return Err(CheckpointError::BadChain {
                     path,
-                    reason: format!("bad or duplicate checkpoint entry {:?}", e.name),
-                });
+                    reason: e.to_string(),
+                })
             }
+        };
+        if let Some(e) = file.checkpoints.iter().find(|e| !valid_name(&e.name)) {
+            return Err(CheckpointError::BadChain {
+                path,
+                reason: format!("checkpoint name {:?} is not one tidemark creates", e.name),
+            });
         }
         let next_generation = file
             .checkpoints
             .iter()
             .map(|e| e.generation + 1)
             .max()
-            .unwrap_or(1)
-            .max(file.next_generation);
+            .unwrap_or(1);
         let mut chain = Chain {
             params,
             path,
-            bitmap_dir,
+            bitmap_dir: dir.to_path_buf(),
             chain_uuid: file.chain_uuid,
             next_generation,
             entries: Vec::new(),
@@ -250,7 +220,7 @@ impl Chain {
     /// Read one bitmap file and decide whether it can be trusted.
     fn judge(
         &self,
-        entry: &EntryFile,
+        entry: &CheckpointEntry,
         latest: bool,
         events: &EventLog,
     ) -> (Option<BitmapHeader>, Vec<u64>, Option<String>) {
@@ -377,26 +347,23 @@ impl Chain {
         for item in dir.flatten() {
             let name = item.file_name();
             let Some(name) = name.to_str() else { continue };
-            if !keep.contains(name) {
+            if name.ends_with(".bitmap") && !keep.contains(name) {
                 let _ = fs::remove_file(item.path());
             }
         }
     }
 
     fn persist(&self) -> Result<(), CheckpointError> {
-        let file = ChainFile {
+        let chain = CheckpointChain {
             chain_uuid: self.chain_uuid,
-            next_generation: self.next_generation,
             checkpoints: self.entries.iter().map(|e| e.file.clone()).collect(),
         };
-        let bytes = serde_json::to_vec_pretty(&file).map_err(|e| CheckpointError::BadChain {
-            path: self.path.clone(),
-            reason: e.to_string(),
-        })?;
-        tidemark_formats::atomic_replace(&self.path, &bytes).map_err(|source| CheckpointError::Io {
-            path: self.path.clone(),
-            source,
-        })
+        chain
+            .write(&self.path)
+            .map_err(|e| CheckpointError::BadChain {
+                path: self.path.clone(),
+                reason: e.to_string(),
+            })
     }
 
     pub(crate) fn chain_uuid(&self) -> Uuid {
@@ -452,7 +419,7 @@ impl Chain {
         let file_name = format!("{}-{generation}.bitmap", self.chain_uuid);
         let path = self.bitmap_dir.join(&file_name);
         let new_active = ActiveBitmap::create(&path, header, self.params.durable)?;
-        let entry = EntryFile {
+        let entry = CheckpointEntry {
             name: name.to_string(),
             generation,
             created_unix: unix_now(),
@@ -613,11 +580,6 @@ impl Chain {
     pub(crate) fn consistent(&self, active: Option<&ActiveBitmap>) -> bool {
         self.entries.is_empty() || self.problem_since(self.entries.len() - 1, active).is_none()
     }
-}
-
-/// Bitmap file names are generated by us; refuse anything that could leave the directory.
-fn valid_file_name(name: &str) -> bool {
-    !name.is_empty() && !name.starts_with('.') && !name.contains('/') && name.len() < 200
 }
 
 #[cfg(test)]

@@ -22,10 +22,11 @@
 //! # State directory
 //!
 //! ```text
-//! <state_dir>/volumes/<name>/volume.json        manifest (atomic replace)
+//! <state_dir>/volumes/<name>/volume.json        manifest (tidemark_formats::manifest)
+//!                           /cow.json           COW store defaults, when set
 //!                           /lock               flock: one process per volume
 //!                           /checkpoints.json   the chain (crate::checkpoint)
-//!                           /bitmaps/*.bitmap   dirty bitmaps (crate::tracking)
+//!                           /<chain>-<gen>.bitmap  dirty bitmaps (crate::tracking)
 //!                           /snapshots/<s>.json marker of a live snapshot
 //!                           /snapshots/<s>.cow  default COW store
 //! ```
@@ -62,6 +63,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, Rw
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
+use tidemark_formats::manifest::{validate_volume_name, VolumeManifest};
 use uuid::Uuid;
 
 use crate::checkpoint::{valid_name, Chain, ChainParams, CheckpointError, CheckpointInfo};
@@ -79,17 +81,10 @@ pub const MIN_GRANULARITY: u32 = 4 << 10;
 /// Largest tracking granularity.
 pub const MAX_GRANULARITY: u32 = 1 << 20;
 
-/// How a volume's dirty bitmaps are persisted.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum TrackingMode {
-    /// Every newly dirtied block is on stable storage before its data write (default).
-    #[default]
-    Durable,
-    /// Bitmaps are persisted at clean stops only; after an unclean stop they are
-    /// inconsistent and the next backup is full.
-    Fast,
-}
+/// How a volume's dirty bitmaps are persisted: `Durable` (default: every newly dirtied
+/// block is on stable storage before its data write) or `Fast` (persisted at clean stops
+/// only; after an unclean stop the bitmaps are inconsistent and the next backup is full).
+pub use tidemark_formats::manifest::TrackingMode;
 
 /// Options of [`Volume::create`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -118,16 +113,9 @@ impl Default for VolumeOptions {
     }
 }
 
-/// `volume.json`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-struct Manifest {
-    name: String,
-    uuid: Uuid,
-    backing: PathBuf,
-    size: u64,
-    granularity: u32,
-    tracking: TrackingMode,
-    created_unix: u64,
+/// `cow.json`: the volume's COW store defaults (only written when one is set).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+struct CowDefaults {
     #[serde(default)]
     cow_dir: Option<PathBuf>,
     #[serde(default)]
@@ -274,7 +262,8 @@ struct WriteState {
 #[derive(Debug)]
 pub struct Volume {
     dir: PathBuf,
-    manifest: Manifest,
+    manifest: VolumeManifest,
+    cow_defaults: CowDefaults,
     backing: Arc<BackingFile>,
     _lock: File,
     chain: Mutex<Chain>,
@@ -307,9 +296,10 @@ impl Volume {
         backing: &Path,
         options: VolumeOptions,
     ) -> Result<Volume, VolumeError> {
-        if !valid_name(name) {
+        if let Err(e) = validate_volume_name(name) {
             return Err(VolumeError::Invalid(format!(
-                "invalid volume name {name:?}: use 1 to 255 of the characters A-Z a-z 0-9 . _ - + @ :"
+                "invalid volume name: {}",
+                e.reason
             )));
         }
         let g = options.granularity;
@@ -372,7 +362,7 @@ impl Volume {
             }
             Err(e) => return Err(io_err("create", &dir, e)),
         }
-        let manifest = Manifest {
+        let manifest = VolumeManifest {
             name: name.to_string(),
             uuid: Uuid::new_v4(),
             backing,
@@ -380,17 +370,31 @@ impl Volume {
             granularity: g,
             tracking: options.tracking,
             created_unix: unix_now(),
+        };
+        let path = dir.join("volume.json");
+        let cow = CowDefaults {
             cow_dir: options.cow_dir,
             cow_limit: options.cow_limit,
         };
-        let path = dir.join("volume.json");
-        let bytes = serde_json::to_vec_pretty(&manifest).map_err(|e| VolumeError::BadManifest {
-            path: path.clone(),
-            reason: e.to_string(),
-        })?;
-        if let Err(e) = tidemark_formats::atomic_replace(&path, &bytes) {
+        let written = manifest
+            .write(&path)
+            .map_err(|e| VolumeError::BadManifest {
+                path: path.clone(),
+                reason: e.to_string(),
+            })
+            .and_then(|()| {
+                if cow == CowDefaults::default() {
+                    return Ok(());
+                }
+                let cow_path = dir.join("cow.json");
+                let bytes = serde_json::to_vec_pretty(&cow)
+                    .map_err(|e| VolumeError::Invalid(e.to_string()))?;
+                tidemark_formats::atomic_replace(&cow_path, &bytes)
+                    .map_err(|e| io_err("write", &cow_path, e))
+            });
+        if let Err(e) = written {
             let _ = fs::remove_dir_all(&dir);
-            return Err(io_err("write manifest", &path, e));
+            return Err(e);
         }
         Volume::open(state_dir, name)
     }
@@ -399,7 +403,7 @@ impl Volume {
     /// left it (see the module docs of `checkpoint` and `tracking`); snapshots alive at an
     /// unclean stop are reported lost in the events and their COW stores deleted.
     pub fn open(state_dir: &Path, name: &str) -> Result<Volume, VolumeError> {
-        if !valid_name(name) {
+        if validate_volume_name(name).is_err() {
             return Err(VolumeError::NotFound {
                 name: name.to_string(),
                 state_dir: state_dir.to_path_buf(),
@@ -413,32 +417,33 @@ impl Volume {
             path: path.to_path_buf(),
             source,
         };
-        let bytes = match fs::read(&manifest_path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                return Err(VolumeError::NotFound {
-                    name: name.to_string(),
-                    state_dir: state_dir.to_path_buf(),
-                });
-            }
-            Err(e) => return Err(io_err("read", &manifest_path, e)),
-        };
+        if !manifest_path.exists() {
+            return Err(VolumeError::NotFound {
+                name: name.to_string(),
+                state_dir: state_dir.to_path_buf(),
+            });
+        }
         let lock = take_lock(name, &dir.join("lock"))?;
-        let manifest: Manifest =
-            serde_json::from_slice(&bytes).map_err(|e| VolumeError::BadManifest {
+        let manifest =
+            VolumeManifest::read(&manifest_path).map_err(|e| VolumeError::BadManifest {
                 path: manifest_path.clone(),
                 reason: e.to_string(),
             })?;
-        if manifest.name != name
-            || !manifest.granularity.is_power_of_two()
-            || !(MIN_GRANULARITY..=MAX_GRANULARITY).contains(&manifest.granularity)
-            || manifest.size == 0
-        {
+        if manifest.name != name {
             return Err(VolumeError::BadManifest {
                 path: manifest_path,
-                reason: "name, granularity or size is invalid".into(),
+                reason: format!("it names volume {:?}, not {name:?}", manifest.name),
             });
         }
+        let cow_path = dir.join("cow.json");
+        let cow_defaults = match fs::read(&cow_path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| VolumeError::BadManifest {
+                path: cow_path.clone(),
+                reason: e.to_string(),
+            })?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => CowDefaults::default(),
+            Err(e) => return Err(io_err("read", &cow_path, e)),
+        };
         let backing = BackingFile::open(&manifest.backing)
             .map_err(|e| io_err("open backing", &manifest.backing, e))?;
         let current = backing
@@ -472,6 +477,7 @@ impl Volume {
             }),
             events,
             manifest,
+            cow_defaults,
         };
         volume.reap_lost_snapshots();
         remove_temp_files(&volume.dir);
@@ -888,7 +894,7 @@ impl Volume {
             }
         }
         let snap_dir = self.dir.join("snapshots");
-        let cow_path = match (&spec.cow.path, &self.manifest.cow_dir) {
+        let cow_path = match (&spec.cow.path, &self.cow_defaults.cow_dir) {
             (Some(p), _) => p.clone(),
             (None, Some(dir)) => dir.join(format!("{}-{}.cow", self.name(), spec.name)),
             (None, None) => snap_dir.join(format!("{}.cow", spec.name)),
@@ -939,7 +945,7 @@ impl Volume {
             chunk,
             origin: self.backing.clone(),
             store_path: cow_path.to_path_buf(),
-            limit: spec.cow.limit.or(self.manifest.cow_limit),
+            limit: spec.cow.limit.or(self.cow_defaults.cow_limit),
             bitmap,
             events: self.events.clone(),
         })?);
