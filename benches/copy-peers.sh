@@ -32,8 +32,19 @@ fi
 for tool in dd cp qemu-img nbdcopy fio python3; do
     command -v "$tool" >/dev/null || { echo "missing $tool (bash scripts/install-deps.sh)" >&2; exit 2; }
 done
-cleanup() { [ "${KEEP:-0}" = 1 ] || rm -rf "$DIR"; }
+cleanup() {
+    # On a failure, show what was measured before it.
+    [ -s "${RESULTS:-/nonexistent}" ] && [ "${DONE:-0}" = 0 ] && { echo "partial results:"; cat "$RESULTS"; }
+    [ "${KEEP:-0}" = 1 ] || rm -rf "$DIR"
+}
 trap cleanup EXIT
+# The source and one destination at a time (the update-img image replaces the copy).
+need=$((2 * SIZE + (256 << 20)))
+avail=$(($(df --output=avail -B1 "$DIR" | tail -1) + $( [ -f "$DIR/src.img" ] && stat -c %s "$DIR/src.img" || echo 0)))
+if [ "$avail" -lt "$need" ]; then
+    echo "$DIR has $((avail >> 20)) MiB free; the benchmark needs $((need >> 20)) MiB" >&2
+    exit 2
+fi
 
 SRC=$DIR/src.img
 DST=$DIR/dst.img
@@ -75,7 +86,6 @@ for run in $(seq 1 "$RUNS"); do
     for MODE in cold cached; do
         echo "== run $run/$RUNS, $MODE"
         time_it tidemark "$BIN" copy "$SRC" "$DST"
-        time_it tidemark-buffered "$BIN" copy --buffered "$SRC" "$DST"
         time_it dd-buffered dd if="$SRC" of="$DST" bs=1M conv=fsync status=none
         time_it dd-direct dd if="$SRC" of="$DST" bs=1M iflag=direct oflag=direct conv=fsync status=none
         time_it cp sh -c 'cp "$1" "$2" && sync "$2"' - "$SRC" "$DST"
@@ -87,6 +97,7 @@ done
 
 # update-img: IMAGE is an older copy of SRC; CHANGED lists scattered 64 KiB extents.
 IMAGE=$DIR/image.img
+rm -f "$DST"
 cp --reflink=auto "$SRC" "$IMAGE"
 cat >"$DIR/loop4k.py" <<'PY'
 # dattobd's update-img method: for each changed extent, 4 KiB at a time, one synchronous
@@ -128,6 +139,7 @@ for run in $(seq 1 "$RUNS"); do
     done
 done
 
+DONE=1
 echo
 python3 - "$RESULTS" "$SIZE" <<'PY'
 import statistics, sys

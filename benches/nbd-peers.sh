@@ -95,7 +95,7 @@ timed() {
     t0=$(date +%s.%N)
     nbdcopy "$@"
     t1=$(date +%s.%N)
-    echo "$t1 - $t0" | bc -l
+    awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.6f\n", b - a }'
 }
 
 servers=(tidemark nbdkit qemu-nbd nbd-server)
@@ -127,13 +127,13 @@ declare -A rate
 for s in "${servers[@]}"; do
     for op in read write; do
         m=$(echo "${results[$s.$op]}" | median)
-        rate[$s.$op]=$(echo "$mb / $m / 1000000" | bc -l)
+        rate[$s.$op]=$(awk -v b="$mb" -v t="$m" 'BEGIN { printf "%.3f", b / t / 1e6 }')
     done
     printf '%-11s %12.0f %12.0f\n' "$s" "${rate[$s.read]}" "${rate[$s.write]}"
 done
 echo
 for s in nbdkit qemu-nbd nbd-server; do
     printf 'tidemark / %-10s read %.2fx  write %.2fx\n' "$s" \
-        "$(echo "${rate[tidemark.read]} / ${rate[$s.read]}" | bc -l)" \
-        "$(echo "${rate[tidemark.write]} / ${rate[$s.write]}" | bc -l)"
+        "$(awk -v a="${rate[tidemark.read]}" -v b="${rate[$s.read]}" 'BEGIN { print a / b }')" \
+        "$(awk -v a="${rate[tidemark.write]}" -v b="${rate[$s.write]}" 'BEGIN { print a / b }')"
 done

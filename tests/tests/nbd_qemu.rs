@@ -178,3 +178,41 @@ fn sigterm_stops_cleanly_and_removes_the_socket() -> Result<()> {
     assert!(!socket.exists(), "socket file left behind");
     Ok(())
 }
+
+#[test]
+fn tcp_listen_serves_qemu_img_on_loopback() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let img = dir.path().join("tcp.img");
+    make_image(&img, 4 * MIB, &[(0, MIB)])?;
+    let mut child = Command::new(tidemark_bin())
+        .arg("export")
+        .arg(&img)
+        .args(["--read-only", "--listen", "127.0.0.1:0", "--json"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    let stdout = child.stdout.take().expect("piped stdout");
+    let guard = Guard(child);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line);
+        let _ = tx.send(line);
+    });
+    let line = rx.recv_timeout(std::time::Duration::from_secs(30))?;
+    let ready: serde_json::Value = serde_json::from_str(line.trim())?;
+    let uri = ready["uri"].as_str().expect("uri").to_string();
+    assert!(uri.starts_with("nbd://127.0.0.1:"), "{uri}");
+    let info: serde_json::Value = serde_json::from_str(&run_ok(Command::new("qemu-img").args([
+        "info",
+        "--output=json",
+        "-f",
+        "raw",
+        &uri,
+    ]))?)?;
+    assert_eq!(info["virtual-size"].as_u64(), Some(4 * MIB));
+    let out =
+        run_ok(Command::new("qemu-io").args(["-f", "raw", "-r", "-c", "read -P 0 1M 1M", &uri]))?;
+    assert!(out.contains("read 1048576/1048576"), "{out}");
+    drop(guard);
+    Ok(())
+}

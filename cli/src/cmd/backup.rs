@@ -12,6 +12,9 @@ use crate::control::{self, Client, ClientArgs, Event};
 use crate::ui;
 
 /// Begin, end and inspect backup jobs (the daemon must run: `tidemark serve`).
+///
+/// Exit status: 0 success; 2 the command failed (the reason on stderr, and with --json
+/// as {"error": {"class", "desc"}} on stdout); 3 the daemon cannot be reached.
 #[derive(Debug, clap::Subcommand)]
 pub enum Command {
     Begin(Box<BeginArgs>),

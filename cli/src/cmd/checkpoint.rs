@@ -12,6 +12,9 @@ use crate::ui;
 /// A checkpoint is a named point in time from which a volume's changes are tracked.
 /// Checkpoints form a chain: deleting one merges its changes into its predecessor, so
 /// an incremental backup from any remaining checkpoint still sees every change.
+///
+/// Exit status: 0 success; 2 the command failed (the reason on stderr, and with --json
+/// as {"error": {"class", "desc"}} on stdout); 3 the daemon cannot be reached.
 #[derive(Debug, clap::Subcommand)]
 pub enum Command {
     /// Start tracking changes from now under NAME.

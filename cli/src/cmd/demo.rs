@@ -34,10 +34,8 @@ use crate::control;
 use crate::pull::{self, human_bytes, Mode, PullRequest, Targets};
 use crate::ui;
 
-use tidemark_engine::copy::{
-    copy_image, FileSource, ImageWriter, JobOptions, Source, WriterOptions,
-};
-use tidemark_formats::delta::{DeltaReader, ExtentKind};
+use tidemark_engine::copy::delta::{restore_chain, ChainBase};
+use tidemark_engine::copy::JobOptions;
 use tidemark_nbd::client::{Client, ClientOptions};
 use tidemark_nbd::uri::NbdUri;
 
@@ -136,8 +134,9 @@ struct BackupReport {
     writer_pause_us: u64,
     /// Time of the whole `backup-begin` command.
     begin_ms: f64,
-    /// What the daemon reported of quiescing (none in the demo: no filesystem to freeze).
-    quiesce: Value,
+    /// From the first freeze step to the last thaw step: the demo quiesces with a freeze
+    /// hook (an application's flush-and-pause), no root needed.
+    freeze_to_thaw_ms: Option<f64>,
     bytes_pulled: u64,
     bytes_skipped: u64,
     bytes_zeroed: u64,
@@ -204,6 +203,7 @@ fn demo(args: &Args) -> anyhow::Result<Report> {
             json!({"name": volume, "backing": backing, "size": args.size, "granularity": args.granularity}),
         )
         .context("creating the demo volume")?;
+    let hooks = write_freeze_hook(&root)?;
     let live_uri = format!(
         "nbd+unix:///{volume}?socket={}",
         daemon.nbd_socket.display()
@@ -248,7 +248,8 @@ fn demo(args: &Args) -> anyhow::Result<Report> {
         }
         let checkpoint = format!("c{}", index + 1);
         let bitmap = (index > 0).then(|| format!("c{index}"));
-        let mut arguments = json!({"volumes": [volume], "checkpoint": checkpoint});
+        let mut arguments =
+            json!({"volumes": [volume], "checkpoint": checkpoint, "hooks": [hooks]});
         if let Some(bitmap) = &bitmap {
             arguments["incremental"] = json!(bitmap);
         }
@@ -330,7 +331,7 @@ fn demo(args: &Args) -> anyhow::Result<Report> {
             write_pause_us: begun["write_pause_us"].as_u64().unwrap_or(0),
             writer_pause_us: truth.window_pause().as_micros() as u64,
             begin_ms,
-            quiesce: begun["quiesce"].clone(),
+            freeze_to_thaw_ms: find_number(&begun["quiesce"], "freeze_to_thaw_ms"),
             bytes_pulled: pulled.bytes_pulled,
             bytes_skipped: pulled.bytes_skipped,
             bytes_zeroed: pulled.bytes_zeroed,
@@ -367,10 +368,37 @@ fn demo(args: &Args) -> anyhow::Result<Report> {
     })
 }
 
+/// A hook directory with one freeze hook, the kind an application ships to flush and pause
+/// around a snapshot; this one only logs each call to `hooks.log`.
+fn write_freeze_hook(root: &Path) -> anyhow::Result<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = root.join("hooks");
+    std::fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let hook = dir.join("10-demo-app");
+    let log = root.join("hooks.log");
+    let script = format!("#!/bin/sh\necho \"$1\" >> '{}'\n", log.display());
+    std::fs::write(&hook, script).with_context(|| format!("writing {}", hook.display()))?;
+    std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755))
+        .with_context(|| format!("making {} executable", hook.display()))?;
+    Ok(dir)
+}
+
+/// The first number stored under `key` anywhere in `value`.
+fn find_number(value: &Value, key: &str) -> Option<f64> {
+    match value {
+        Value::Object(map) => map
+            .get(key)
+            .and_then(Value::as_f64)
+            .or_else(|| map.values().find_map(|v| find_number(v, key))),
+        Value::Array(items) => items.iter().find_map(|v| find_number(v, key)),
+        _ => None,
+    }
+}
+
 fn backup_line(index: usize, b: &BackupReport) -> String {
     format!(
         "  backup {} ({}{}): pulled {} in {:.2} s ({:.0} MB/s), skipped {}; write pause {:.2} ms \
-         (the writer saw {:.2} ms); {} written meanwhile; restored and {}",
+         (the writer saw {:.2} ms){}; {} written meanwhile; restored and {}",
         index + 1,
         b.kind,
         b.bitmap
@@ -383,6 +411,9 @@ fn backup_line(index: usize, b: &BackupReport) -> String {
         human_bytes(b.bytes_skipped),
         b.write_pause_us as f64 / 1e3,
         b.writer_pause_us as f64 / 1e3,
+        b.freeze_to_thaw_ms
+            .map(|ms| format!(", freeze to thaw {ms:.1} ms"))
+            .unwrap_or_default(),
         human_bytes(b.written_during_pull),
         if b.verified {
             "verified byte for byte"
@@ -886,70 +917,20 @@ impl Drop for LiveDisk {
     }
 }
 
-/// Restore a point: the full image copied to `dest` by the copy engine, then each delta's
-/// extents written over it in order through its `ImageWriter` (zero extents punched).
+/// Restore a point with the copy engine's restore job: the full image, then each delta
+/// applied in order (the chain's from/to checkpoints checked first).
 fn restore(chain: &[PathBuf], dest: &Path) -> anyhow::Result<()> {
     let (base, deltas) = chain
         .split_first()
         .context("a restore needs a full image")?;
-    let mut source = FileSource::open(base, true)?;
-    let size = source.size();
-    let report = copy_image(
-        &mut source,
-        dest,
-        &JobOptions {
-            direct: true,
-            ..JobOptions::default()
-        },
-    )
-    .with_context(|| format!("copying {} to {}", base.display(), dest.display()))?;
+    let options = JobOptions {
+        direct: true,
+        ..JobOptions::default()
+    };
+    let report = restore_chain(&ChainBase::Image(base.clone()), deltas, dest, &options)
+        .with_context(|| format!("restoring {}", dest.display()))?;
     if let Some(failed) = report.failed_extents.first() {
-        bail!(
-            "restoring {} into {}: {failed}",
-            base.display(),
-            dest.display()
-        );
-    }
-    for delta in deltas {
-        let file = File::open(delta).with_context(|| format!("opening {}", delta.display()))?;
-        let mut reader = DeltaReader::open(file, delta)?;
-        if reader.header().volume_size != size {
-            bail!(
-                "{} is a delta of a {}-byte volume, not of {}",
-                delta.display(),
-                reader.header().volume_size,
-                base.display()
-            );
-        }
-        let mut writer = ImageWriter::open(dest, size, &WriterOptions::default())?;
-        let mut data = Vec::new();
-        for index in 0..reader.extents().len() {
-            let extent = reader.extents()[index];
-            match extent.kind {
-                ExtentKind::Zero => writer.zero(extent.offset, extent.length)?,
-                ExtentKind::Data => {
-                    reader.read_extent_at(index, &mut data)?;
-                    let mut done = 0;
-                    while done < data.len() {
-                        let mut buf = writer.buffer()?;
-                        let piece = (data.len() - done).min(buf.capacity());
-                        buf.set_len(piece);
-                        buf.as_mut_slice()
-                            .copy_from_slice(&data[done..done + piece]);
-                        writer.write(extent.offset + done as u64, buf)?;
-                        done += piece;
-                    }
-                }
-            }
-        }
-        let (_, failed) = writer.finish()?;
-        if let Some(failed) = failed.first() {
-            bail!(
-                "applying {} to {}: {failed}",
-                delta.display(),
-                dest.display()
-            );
-        }
+        bail!("restoring {}: {failed}", dest.display());
     }
     Ok(())
 }

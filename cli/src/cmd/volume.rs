@@ -9,6 +9,9 @@ use crate::control::{self, ClientArgs};
 use crate::ui;
 
 /// Create, list, inspect and remove volumes (the daemon must run: `tidemark serve`).
+///
+/// Exit status: 0 success; 2 the command failed (the reason on stderr, and with --json
+/// as {"error": {"class", "desc"}} on stdout); 3 the daemon cannot be reached.
 #[derive(Debug, clap::Subcommand)]
 pub enum Command {
     /// Put a block device or raw image under management and export it live over NBD.

@@ -333,6 +333,11 @@ impl Daemon {
                     backup.id()
                 )));
             }
+            if registry.reserved.contains(&name) {
+                return Err(conflict(format!(
+                    "a backup of volume {name:?} is starting; end it before removing the volume"
+                )));
+            }
             registry.volumes.remove(&name).ok_or_else(|| {
                 not_found(format!(
                     "no volume named {name:?}; `tidemark volume list` shows them"

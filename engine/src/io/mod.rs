@@ -35,7 +35,7 @@
 //! - `fsync` is not an engine operation: call `File::sync_all` on the file once the
 //!   writes are reaped.
 //!
-//! [`open_engine`] picks io_uring and falls back to the thread pool (with one log line)
+//! [`open_engine`] picks io_uring and falls back to the thread pool (with one warning)
 //! when the kernel refuses io_uring; `TIDEMARK_IO_ENGINE=threads|uring` forces a choice.
 //!
 //! # Where the unsafe is
@@ -211,7 +211,7 @@ pub trait Engine: Send + fmt::Debug {
 static FALLBACK_SAID: AtomicBool = AtomicBool::new(false);
 
 /// Build the engine `config` asks for. With [`EngineChoice::Auto`], io_uring is tried
-/// first and the thread pool is used (said once, at info level) when it is unavailable.
+/// first and the thread pool is used (said once, as a warning) when it is unavailable.
 pub fn open_engine(config: &EngineConfig) -> Result<Box<dyn Engine>, IoError> {
     let depth = config.queue_depth.clamp(1, 4096);
     let count = if config.buf_count == 0 {
@@ -236,7 +236,7 @@ pub fn open_engine(config: &EngineConfig) -> Result<Box<dyn Engine>, IoError> {
             Ok(engine) => Ok(Box::new(engine)),
             Err(err) => {
                 if !FALLBACK_SAID.swap(true, Ordering::Relaxed) {
-                    tracing::info!(
+                    tracing::warn!(
                         "io_uring is unavailable ({err}); using the pread/pwrite thread pool"
                     );
                 }
@@ -300,7 +300,7 @@ pub fn open_file(path: &Path, options: &OpenOptions) -> Result<(File, bool), IoE
             Ok(file) => return Ok((file, true)),
             Err(err) if err.raw_os_error() == Some(libc::EINVAL) => {
                 if !BUFFERED_SAID.swap(true, Ordering::Relaxed) {
-                    tracing::info!(
+                    tracing::warn!(
                         "{} does not allow O_DIRECT; using buffered I/O for it",
                         path.display()
                     );
