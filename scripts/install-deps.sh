@@ -4,16 +4,21 @@
 set -euo pipefail
 packages=(qemu-utils libnbd-bin nbdkit python3-libnbd fio nbd-server e2fsprogs util-linux)
 # The quiesce VM test (tests/tests/quiesce_vm.rs): the guest harness's host side, and
-# python3 for the test's writer. qemu-system-x86 may bring Debian's qemu-utils 7.2 along.
+# python3 for the test's writer.
 packages+=(qemu-system-x86 cpio kmod python3)
-missing=()
-for p in "${packages[@]}"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
-done
-if ((${#missing[@]})); then
+install_missing() {
+    local missing=() p
+    for p in "${packages[@]}"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
+    done
+    ((${#missing[@]})) || return 0
     echo "installing: ${missing[*]}"
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
-fi
+}
+install_missing
+# A fresh machine's qemu-utils 10.x is not in its apt sources; Debian's qemu-system-x86
+# removes it without bringing its own, so a second pass installs Debian's 7.2 in its place.
+install_missing
 # nbd-server's package starts a system daemon we do not use; tests start their own.
 systemctl disable --now nbd-server >/dev/null 2>&1 || true

@@ -23,7 +23,7 @@ cargo fmt --all --check
 stage "tests"
 # The end-to-end tests run the release binary: its I/O paths are what users run.
 cargo build --release --locked -p tidemark
-TIDEMARK_BIN="$PWD/target/release/tidemark" cargo test --workspace --locked -- --test-threads=2
+TIDEMARK_BIN="$PWD/target/release/tidemark" cargo test --workspace --locked --no-fail-fast -- --test-threads=2
 
 stage "fuzz smoke"
 bash scripts/fuzz-smoke.sh
