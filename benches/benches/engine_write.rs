@@ -6,7 +6,9 @@
 //! blocks turn dirty during the run), `fast` (one fast-mode checkpoint, fresh), `snap-first`
 //! (durable checkpoint plus a snapshot taken right before the run: every first write to a
 //! chunk copies it) and `snap-rewrite` (the same writes again under the same snapshot).
-//! Patterns: 4 KiB random writes from 8 threads, 1 MiB sequential writes from 4 threads.
+//! Patterns: 4 KiB random writes from 8 threads, 1 MiB sequential writes from 4 threads,
+//! and 4 KiB random writes from 32 threads (raw, off and durable only: how the durable
+//! group commit scales with more writers sharing each sync).
 //!
 //! The image lives on the main disk (`TIDEMARK_BENCH_DIR`, default /var/tmp; never a
 //! tmpfs), is filled with data first, and is written with O_DIRECT (the engine uses it
@@ -35,24 +37,9 @@ struct Pattern {
     threads: usize,
     total: u64,
     random: bool,
+    /// The modes run for this pattern.
+    modes: &'static [&'static str],
 }
-
-const PATTERNS: [Pattern; 2] = [
-    Pattern {
-        name: "4k-random",
-        block: 4096,
-        threads: 8,
-        total: 64 << 20,
-        random: true,
-    },
-    Pattern {
-        name: "1m-seq",
-        block: 1 << 20,
-        threads: 4,
-        total: 512 << 20,
-        random: false,
-    },
-];
 
 const MODES: [&str; 6] = [
     "raw",
@@ -61,6 +48,34 @@ const MODES: [&str; 6] = [
     "fast",
     "snap-first",
     "snap-rewrite",
+];
+
+const PATTERNS: [Pattern; 3] = [
+    Pattern {
+        name: "4k-random",
+        block: 4096,
+        threads: 8,
+        total: 64 << 20,
+        random: true,
+        modes: &MODES,
+    },
+    Pattern {
+        name: "1m-seq",
+        block: 1 << 20,
+        threads: 4,
+        total: 512 << 20,
+        random: false,
+        modes: &MODES,
+    },
+    // More writers share each durable sync: how the group commit scales.
+    Pattern {
+        name: "4k-rand-32t",
+        block: 4096,
+        threads: 32,
+        total: 64 << 20,
+        random: true,
+        modes: &["raw", "off", "durable"],
+    },
 ];
 
 /// A page-aligned buffer for O_DIRECT, carved out of a plain Vec.
@@ -211,7 +226,8 @@ fn main() {
     );
     let mut checkpoint = 0;
     for p in PATTERNS {
-        let mut results: Vec<(&str, Vec<f64>)> = MODES.iter().map(|m| (*m, Vec::new())).collect();
+        let mut results: Vec<(&str, Vec<f64>)> =
+            p.modes.iter().map(|m| (*m, Vec::new())).collect();
         for r in 0..runs {
             let offs = offsets(p, r);
             // Interleave the modes within each round so drift on a noisy machine hits all alike.
@@ -228,7 +244,14 @@ fn main() {
                         checkpoint += 1;
                         vol.checkpoint_create(&format!("c{checkpoint}"))
                             .expect("checkpoint");
-                        run(vol.as_ref(), p, &offs)
+                        let mbps = run(vol.as_ref(), p, &offs);
+                        eprintln!(
+                            "  {} durable run {r}: {} bitmap syncs for {} writes",
+                            p.name,
+                            vol.tracking_syncs(),
+                            p.total / p.block as u64
+                        );
+                        mbps
                     }
                     "fast" => {
                         checkpoint += 1;

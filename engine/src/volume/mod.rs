@@ -40,7 +40,9 @@
 //!    was not yet durably dirty is on stable storage before step 3 is issued (group
 //!    commit, see [`crate::tracking`]);
 //! 2. for every active snapshot, preserve the touched chunks (copy-before-write; see
-//!    [`crate::snapshot`]); a COW failure fails that snapshot, never this write;
+//!    [`crate::snapshot`]); a COW failure fails that snapshot, never this write. Step 2
+//!    only reads the volume, so it runs while step 1's sync is in flight (the bits are
+//!    set and queued first, then the copy, then the wait for the sync);
 //! 3. write to the backing store (O_DIRECT when aligned); with FUA, fdatasync.
 //!
 //! Why this is safe: a crash after 1 leaves a dirty bit for data that may not have been
@@ -603,12 +605,18 @@ impl Volume {
     }
 
     /// Steps 1 and 2 of the write order (module docs).
+    /// The snapshot copies only read the volume, so they run while the bitmap sync is in
+    /// flight; the data write still waits for both.
     fn before_change(&self, st: &WriteState, offset: u64, len: u64) -> Result<(), VolumeError> {
-        if let Some(active) = &st.active {
-            active.mark(offset, len)?;
-        }
+        let pending = match &st.active {
+            Some(active) => active.begin_mark(offset, len)?,
+            None => None,
+        };
         for snapshot in &st.snapshots {
             snapshot.preserve(offset, len);
+        }
+        if let Some(pending) = pending {
+            pending.finish()?;
         }
         Ok(())
     }
