@@ -5,7 +5,9 @@
 //! checkpoint), `durable` (one durable checkpoint, created fresh before each run so
 //! blocks turn dirty during the run), `fast` (one fast-mode checkpoint, fresh), `snap-first`
 //! (durable checkpoint plus a snapshot taken right before the run: every first write to a
-//! chunk copies it) and `snap-rewrite` (the same writes again under the same snapshot).
+//! chunk copies it) and `snap-rewrite` (the same writes again under the same snapshot);
+//! for 4 KiB random writes also `snap-first-4k` (first writes under a snapshot taken with
+//! 4 KiB COW chunks instead of the default 64 KiB: each first write copies 4 KiB).
 //! Patterns: 4 KiB random writes from 8 threads, 1 MiB sequential writes from 4 threads,
 //! and 4 KiB random writes from 32 threads (raw, off and durable only: how the durable
 //! group commit scales with more writers sharing each sync).
@@ -25,6 +27,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use rand::{Rng, SeedableRng};
+use tidemark_engine::snapshot::CowOptions;
 use tidemark_engine::volume::{SnapshotSpec, TrackingMode, Volume, VolumeOptions};
 
 const VOLUME_SIZE: u64 = 1 << 30;
@@ -57,7 +60,15 @@ const PATTERNS: [Pattern; 3] = [
         threads: 8,
         total: 64 << 20,
         random: true,
-        modes: &MODES,
+        modes: &[
+            "raw",
+            "off",
+            "durable",
+            "fast",
+            "snap-first",
+            "snap-rewrite",
+            "snap-first-4k",
+        ],
     },
     Pattern {
         name: "1m-seq",
@@ -226,8 +237,7 @@ fn main() {
     );
     let mut checkpoint = 0;
     for p in PATTERNS {
-        let mut results: Vec<(&str, Vec<f64>)> =
-            p.modes.iter().map(|m| (*m, Vec::new())).collect();
+        let mut results: Vec<(&str, Vec<f64>)> = p.modes.iter().map(|m| (*m, Vec::new())).collect();
         for r in 0..runs {
             let offs = offsets(p, r);
             // Interleave the modes within each round so drift on a noisy machine hits all alike.
@@ -273,6 +283,23 @@ fn main() {
                     "snap-rewrite" => {
                         let mbps = run(vol.as_ref(), p, &offs);
                         vol.drop_snapshot("bench").expect("drop snapshot");
+                        mbps
+                    }
+                    "snap-first-4k" => {
+                        checkpoint += 1;
+                        vol.checkpoint_create(&format!("c{checkpoint}"))
+                            .expect("checkpoint");
+                        let spec = SnapshotSpec {
+                            name: "bench4k".into(),
+                            cow: CowOptions {
+                                chunk_size: Some(4096),
+                                ..CowOptions::default()
+                            },
+                            ..SnapshotSpec::default()
+                        };
+                        vol.snapshot(spec).expect("snapshot");
+                        let mbps = run(vol.as_ref(), p, &offs);
+                        vol.drop_snapshot("bench4k").expect("drop snapshot");
                         mbps
                     }
                     _ => unreachable!("unknown mode"),

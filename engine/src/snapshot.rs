@@ -399,8 +399,7 @@ impl SnapshotInner {
             let mut j = i + 1;
             let mut bytes = jobs[i].data.len as u64;
             while j < jobs.len()
-                && jobs[j].first_slot
-                    == jobs[j - 1].first_slot + jobs[j - 1].chunks.len() as u64
+                && jobs[j].first_slot == jobs[j - 1].first_slot + jobs[j - 1].chunks.len() as u64
                 && bytes + jobs[j].data.len as u64 <= MAX_STORE_WRITE
             {
                 bytes += jobs[j].data.len as u64;

@@ -20,9 +20,14 @@
 //!    This also happens when another writer set the bit but its sync has not completed:
 //!    a bit we merely *see* is not yet a bit on disk.
 //! 3. The writer then waits for a sync that *starts* after step 2 (group commit): one
-//!    leader at a time writes every queued page (`pwrite` at `HEADER_LEN + page * 4096`)
-//!    and then `fdatasync`s the bitmap file; every writer that queued before the leader
-//!    started rides on that one sync; those that queued later elect the next leader.
+//!    leader at a time writes every queued page (`pwrite` at `HEADER_LEN + page * 4096`,
+//!    through O_DIRECT for whole sectors so the sync waits for no page-cache writeback;
+//!    a payload tail shorter than a sector goes through the page cache) and then
+//!    `fdatasync`s the bitmap file, which covers both; every writer that queued before
+//!    the leader started rides on that one sync; those that queued later elect the next
+//!    leader. Steps 1-2 ([`ActiveBitmap::begin_mark`]) and 3-4 ([`PendingMark::finish`])
+//!    are separate calls so that work which does not touch the volume (a snapshot's read
+//!    of old contents) overlaps the sync; the data write is issued only after step 4.
 //! 4. After the sync, the writer adds its bits to the synced shadow and lets the data
 //!    write go.
 //!

@@ -186,7 +186,8 @@ impl BackingFile {
         };
         let mut offset = offset;
         for group in bufs.chunks(sys::IOV_MAX) {
-            let mut slices: Vec<io::IoSlice<'_>> = group.iter().map(|b| io::IoSlice::new(b)).collect();
+            let mut slices: Vec<io::IoSlice<'_>> =
+                group.iter().map(|b| io::IoSlice::new(b)).collect();
             let mut rest = &mut slices[..];
             while !rest.is_empty() {
                 match sys::pwritev(file, rest, offset) {
