@@ -465,6 +465,24 @@ fn check_push_target(daemon: &Daemon, target: &std::path::Path) -> Result<(), Co
             state_dir.display()
         )));
     }
+    if canonical.is_dir() {
+        return Err(invalid(format!(
+            "push target {} is a directory; name the image or delta file to write",
+            target.display()
+        )));
+    }
+    let partial = super::push::partial_path(target);
+    if partial.exists() {
+        return Err(CommandError::new(
+            ErrorClass::Conflict,
+            format!(
+                "{} exists: an earlier push to {} did not finish (the daemon stopped), or \
+                 the file is not tidemark's; remove it or choose another target",
+                partial.display(),
+                target.display()
+            ),
+        ));
+    }
     let volumes: Vec<Arc<VolumeHandle>> = daemon.registry().volumes.values().cloned().collect();
     for volume in volumes {
         let backing = volume

@@ -404,19 +404,65 @@ impl PushFormat {
 }
 
 /// Copy every job's snapshot to its target; the first failure stops the push.
+///
+/// A new full image and a delta are written as `TARGET.partial` (created here, never a
+/// file that existed) and renamed into place only when every volume of the backup was
+/// written; a failed or cancelled push removes its partial files, so it leaves no target
+/// behind and leaves a target that existed before untouched. In place, without staging:
+/// a block device, and the update-img of an incremental image push.
 pub fn push(
     jobs: &[(Arc<SnapshotHandle>, PathBuf)],
     format: PushFormat,
     checkpoint: Option<&str>,
     progress: &Arc<super::backup::Progress>,
 ) -> Result<Value, CommandError> {
+    let mut staged: Vec<(PathBuf, PathBuf)> = Vec::new();
+    let result = push_staged(jobs, format, checkpoint, progress, &mut staged).and_then(|reports| {
+        for (at, (partial, target)) in staged.iter().enumerate() {
+            if let Err(desc) = push::commit_partial(partial, target) {
+                // The ones before are in place (complete images); drop the rest.
+                staged.drain(..at);
+                return Err(CommandError::new(ErrorClass::GenericError, desc));
+            }
+        }
+        staged.clear();
+        Ok(reports)
+    });
+    for (partial, _) in &staged {
+        if let Err(err) = std::fs::remove_file(partial) {
+            tracing::warn!("removing {} after the failed push: {err}", partial.display());
+        }
+    }
+    result
+}
+
+fn push_staged(
+    jobs: &[(Arc<SnapshotHandle>, PathBuf)],
+    format: PushFormat,
+    checkpoint: Option<&str>,
+    progress: &Arc<super::backup::Progress>,
+    staged: &mut Vec<(PathBuf, PathBuf)>,
+) -> Result<Value, CommandError> {
     let failed = |desc: String| CommandError::new(ErrorClass::GenericError, desc);
     let mut reports = Vec::new();
     for (handle, target) in jobs {
         let snapshot = &handle.snapshot;
+        let full = snapshot.dirty_bitmap().is_none();
+        let stage = match format {
+            PushFormat::Image => full && !push::is_block_device(target),
+            PushFormat::Delta => true,
+        };
+        let write_to = if stage {
+            let partial = push::partial_path(target);
+            push::create_partial(&partial, target).map_err(failed)?;
+            staged.push((partial.clone(), target.clone()));
+            partial
+        } else {
+            target.clone()
+        };
         let report = match format {
             PushFormat::Image => {
-                let report = push::push_image(snapshot, target, progress).map_err(failed)?;
+                let report = push::push_image(snapshot, &write_to, progress).map_err(failed)?;
                 json!({"volume": snapshot.volume(), "target": target, "copy": report})
             }
             PushFormat::Delta => {
@@ -450,7 +496,7 @@ pub fn push(
                     to,
                 };
                 let bytes =
-                    push::push_delta(snapshot, &origin, target, progress).map_err(failed)?;
+                    push::push_delta(snapshot, &origin, &write_to, progress).map_err(failed)?;
                 json!({"volume": snapshot.volume(), "target": target, "delta_bytes": bytes})
             }
         };
