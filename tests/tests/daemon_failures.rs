@@ -386,3 +386,31 @@ fn a_cow_store_that_fills_just_before_backup_end_fails_the_backup() {
         model.assert_equals_file(&copy, "live volume after the COW store filled");
     }
 }
+
+/// A backup id names one backup only, across clean restarts and kill -9: the events and
+/// logs of a backup before a restart can never be taken for one after it.
+#[test]
+fn backup_ids_stay_unique_across_restarts_and_kill_9() {
+    let mut daemon = Daemon::start();
+    daemon.create_volume("v", 4 << 20);
+    let mut seen: Vec<String> = Vec::new();
+    let begin_end = |daemon: &Daemon, seen: &mut Vec<String>| {
+        let backup = daemon.cli_json(&["backup", "begin", "v"]);
+        let id = backup["id"].as_str().unwrap().to_string();
+        assert!(!seen.contains(&id), "id {id} handed out twice: {seen:?}");
+        seen.push(id);
+        daemon.cli_json(&["backup", "end", "v"]);
+    };
+    begin_end(&daemon, &mut seen);
+    begin_end(&daemon, &mut seen);
+    assert!(daemon.stop().success(), "{}", daemon.log());
+    daemon.restart();
+    begin_end(&daemon, &mut seen);
+    // A running backup when the daemon dies: its id is not reused either.
+    let running = daemon.cli_json(&["backup", "begin", "v"]);
+    seen.push(running["id"].as_str().unwrap().to_string());
+    daemon.kill();
+    daemon.restart();
+    begin_end(&daemon, &mut seen);
+    assert_eq!(seen.len(), 5);
+}

@@ -325,11 +325,7 @@ pub fn begin(
     // Quiesce, snapshot, thaw. The quiesce guard thaws on every path out of this block.
     let started = Timestamp::now();
     let started_at = Instant::now();
-    let id = {
-        let mut registry = daemon.registry();
-        registry.next_backup += 1;
-        format!("backup-{}", registry.next_backup)
-    };
+    let id = daemon.next_backup_id()?;
     let frozen = engine::quiesce(&quiesce)?;
     let group = engine::group_snapshot(
         &id,
