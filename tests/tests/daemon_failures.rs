@@ -352,7 +352,11 @@ fn a_cow_store_that_fills_just_before_backup_end_fails_the_backup() {
         );
         let ended = control.execute("backup-end", json!({"volume": "v"}));
         let error = &ended["error"];
-        assert_eq!(error["class"], json!("GenericError"), "round {round}: {ended}");
+        assert_eq!(
+            error["class"],
+            json!("GenericError"),
+            "round {round}: {ended}"
+        );
         assert!(
             error["desc"].as_str().unwrap().contains("snapshot"),
             "round {round}: {ended}"

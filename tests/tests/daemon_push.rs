@@ -279,7 +279,11 @@ fn a_failed_full_push_removes_what_it_created_and_keeps_what_existed() {
         std::fs::read(&target_a).unwrap() == old,
         "the failed push changed a's old image"
     );
-    assert!(!target_b.exists(), "the failed push left {}", target_b.display());
+    assert!(
+        !target_b.exists(),
+        "the failed push left {}",
+        target_b.display()
+    );
     let left: Vec<_> = std::fs::read_dir(&dir)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())

@@ -430,7 +430,10 @@ pub fn push(
     });
     for (partial, _) in &staged {
         if let Err(err) = std::fs::remove_file(partial) {
-            tracing::warn!("removing {} after the failed push: {err}", partial.display());
+            tracing::warn!(
+                "removing {} after the failed push: {err}",
+                partial.display()
+            );
         }
     }
     result

@@ -157,15 +157,13 @@ impl Daemon {
             .unwrap_or_else(|poison| poison.into_inner());
         let next = *counter + 1;
         let path = self.config.state_dir.join(BACKUP_COUNTER);
-        tidemark_formats::atomic_replace(&path, format!("{next}\n").as_bytes()).map_err(
-            |err| {
-                failed(format!(
-                    "backup not started: recording its id in {} failed: {err}; check that the \
+        tidemark_formats::atomic_replace(&path, format!("{next}\n").as_bytes()).map_err(|err| {
+            failed(format!(
+                "backup not started: recording its id in {} failed: {err}; check that the \
                      state dir is writable and not full",
-                    path.display()
-                ))
-            },
-        )?;
+                path.display()
+            ))
+        })?;
         *counter = next;
         Ok(format!("backup-{next}"))
     }
