@@ -15,7 +15,7 @@ use tidemark_engine::snapshot::{CowOptions, Snapshot};
 use tidemark_engine::status::SnapshotState;
 use tidemark_engine::volume::{SnapshotSpec, TrackingMode, Volume, VolumeError, VolumeOptions};
 use tidemark_formats::delta::CheckpointRef;
-use tidemark_nbd::export::Export;
+use tidemark_nbd::export::{Capabilities, Export, ExportResult, Extent, MetaContext, ZeroFlags};
 
 use super::push;
 use tidemark_nbd::server::{Server, ServerError};
@@ -234,9 +234,23 @@ impl SnapshotHandle {
             .unwrap_or_else(|err| json!({"error": err.to_string()}))
     }
 
-    /// A read-only export of the snapshot, offering its frozen dirty bitmap (if any).
+    /// A read-only export of the snapshot, offering its frozen dirty bitmap (if any). Its
+    /// NBD description names the volume's uuid and granularity, which `tidemark pull
+    /// --delta` records in the delta's header (see [`crate::pull::describe_origin`]).
     pub fn export(&self) -> Arc<dyn Export> {
-        Arc::new(SnapshotExport::new(self.snapshot.clone()))
+        let description = crate::pull::describe_origin(
+            &format!(
+                "tidemark snapshot {} of volume {}",
+                self.snapshot.name(),
+                self.snapshot.volume()
+            ),
+            self.volume.uuid(),
+            self.volume.granularity(),
+        );
+        Arc::new(Described {
+            inner: SnapshotExport::new(self.snapshot.clone()),
+            description,
+        })
     }
 
     /// Why the snapshot failed, if it did (COW store full, I/O error).
@@ -250,6 +264,63 @@ impl SnapshotHandle {
                     .unwrap_or_else(|| format!("snapshot {:?}", status.state)),
             ),
         }
+    }
+}
+
+/// An export with another NBD description; everything else is `inner`'s.
+struct Described<E> {
+    inner: E,
+    description: String,
+}
+
+impl<E: Export> Export for Described<E> {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        self.inner.capabilities()
+    }
+
+    fn description(&self) -> String {
+        self.description.clone()
+    }
+
+    fn read(&self, offset: u64, buf: &mut [u8]) -> ExportResult<()> {
+        self.inner.read(offset, buf)
+    }
+
+    fn write(&self, offset: u64, data: &[u8], fua: bool) -> ExportResult<()> {
+        self.inner.write(offset, data, fua)
+    }
+
+    fn flush(&self) -> ExportResult<()> {
+        self.inner.flush()
+    }
+
+    fn trim(&self, offset: u64, len: u64, fua: bool) -> ExportResult<()> {
+        self.inner.trim(offset, len, fua)
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> ExportResult<()> {
+        self.inner.write_zeroes(offset, len, flags)
+    }
+
+    fn cache(&self, offset: u64, len: u64) -> ExportResult<()> {
+        self.inner.cache(offset, len)
+    }
+
+    fn dirty_bitmaps(&self) -> Vec<String> {
+        self.inner.dirty_bitmaps()
+    }
+
+    fn block_status(
+        &self,
+        context: &MetaContext,
+        offset: u64,
+        len: u64,
+    ) -> ExportResult<Vec<Extent>> {
+        self.inner.block_status(context, offset, len)
     }
 }
 
