@@ -5,8 +5,12 @@
 //! checkpoint), `durable` (one durable checkpoint, created fresh before each run so
 //! blocks turn dirty during the run), `fast` (one fast-mode checkpoint, fresh), `snap-first`
 //! (durable checkpoint plus a snapshot taken right before the run: every first write to a
-//! chunk copies it) and `snap-rewrite` (the same writes again under the same snapshot).
-//! Patterns: 4 KiB random writes from 8 threads, 1 MiB sequential writes from 4 threads.
+//! chunk copies it) and `snap-rewrite` (the same writes again under the same snapshot);
+//! for 4 KiB random writes also `snap-first-4k` (first writes under a snapshot taken with
+//! 4 KiB COW chunks instead of the default 64 KiB: each first write copies 4 KiB).
+//! Patterns: 4 KiB random writes from 8 threads, 1 MiB sequential writes from 4 threads,
+//! and 4 KiB random writes from 32 threads (raw, off and durable only: how the durable
+//! group commit scales with more writers sharing each sync).
 //!
 //! The image lives on the main disk (`TIDEMARK_BENCH_DIR`, default /var/tmp; never a
 //! tmpfs), is filled with data first, and is written with O_DIRECT (the engine uses it
@@ -23,6 +27,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use rand::{Rng, SeedableRng};
+use tidemark_engine::snapshot::CowOptions;
 use tidemark_engine::volume::{SnapshotSpec, TrackingMode, Volume, VolumeOptions};
 
 const VOLUME_SIZE: u64 = 1 << 30;
@@ -35,24 +40,9 @@ struct Pattern {
     threads: usize,
     total: u64,
     random: bool,
+    /// The modes run for this pattern.
+    modes: &'static [&'static str],
 }
-
-const PATTERNS: [Pattern; 2] = [
-    Pattern {
-        name: "4k-random",
-        block: 4096,
-        threads: 8,
-        total: 64 << 20,
-        random: true,
-    },
-    Pattern {
-        name: "1m-seq",
-        block: 1 << 20,
-        threads: 4,
-        total: 512 << 20,
-        random: false,
-    },
-];
 
 const MODES: [&str; 6] = [
     "raw",
@@ -61,6 +51,42 @@ const MODES: [&str; 6] = [
     "fast",
     "snap-first",
     "snap-rewrite",
+];
+
+const PATTERNS: [Pattern; 3] = [
+    Pattern {
+        name: "4k-random",
+        block: 4096,
+        threads: 8,
+        total: 64 << 20,
+        random: true,
+        modes: &[
+            "raw",
+            "off",
+            "durable",
+            "fast",
+            "snap-first",
+            "snap-rewrite",
+            "snap-first-4k",
+        ],
+    },
+    Pattern {
+        name: "1m-seq",
+        block: 1 << 20,
+        threads: 4,
+        total: 512 << 20,
+        random: false,
+        modes: &MODES,
+    },
+    // More writers share each durable sync: how the group commit scales.
+    Pattern {
+        name: "4k-rand-32t",
+        block: 4096,
+        threads: 32,
+        total: 64 << 20,
+        random: true,
+        modes: &["raw", "off", "durable"],
+    },
 ];
 
 /// A page-aligned buffer for O_DIRECT, carved out of a plain Vec.
@@ -211,7 +237,7 @@ fn main() {
     );
     let mut checkpoint = 0;
     for p in PATTERNS {
-        let mut results: Vec<(&str, Vec<f64>)> = MODES.iter().map(|m| (*m, Vec::new())).collect();
+        let mut results: Vec<(&str, Vec<f64>)> = p.modes.iter().map(|m| (*m, Vec::new())).collect();
         for r in 0..runs {
             let offs = offsets(p, r);
             // Interleave the modes within each round so drift on a noisy machine hits all alike.
@@ -228,7 +254,14 @@ fn main() {
                         checkpoint += 1;
                         vol.checkpoint_create(&format!("c{checkpoint}"))
                             .expect("checkpoint");
-                        run(vol.as_ref(), p, &offs)
+                        let mbps = run(vol.as_ref(), p, &offs);
+                        eprintln!(
+                            "  {} durable run {r}: {} bitmap syncs for {} writes",
+                            p.name,
+                            vol.tracking_syncs(),
+                            p.total / p.block as u64
+                        );
+                        mbps
                     }
                     "fast" => {
                         checkpoint += 1;
@@ -250,6 +283,23 @@ fn main() {
                     "snap-rewrite" => {
                         let mbps = run(vol.as_ref(), p, &offs);
                         vol.drop_snapshot("bench").expect("drop snapshot");
+                        mbps
+                    }
+                    "snap-first-4k" => {
+                        checkpoint += 1;
+                        vol.checkpoint_create(&format!("c{checkpoint}"))
+                            .expect("checkpoint");
+                        let spec = SnapshotSpec {
+                            name: "bench4k".into(),
+                            cow: CowOptions {
+                                chunk_size: Some(4096),
+                                ..CowOptions::default()
+                            },
+                            ..SnapshotSpec::default()
+                        };
+                        vol.snapshot(spec).expect("snapshot");
+                        let mbps = run(vol.as_ref(), p, &offs);
+                        vol.drop_snapshot("bench4k").expect("drop snapshot");
                         mbps
                     }
                     _ => unreachable!("unknown mode"),

@@ -12,6 +12,11 @@
 //! An incremental pull whose bitmap the export does not offer fails with
 //! [`MissingBitmap`]: copying everything instead would silently turn a small backup into a
 //! full one (and hide a broken checkpoint chain), so that takes an explicit `--full`.
+//!
+//! A delta file records its volume's uuid, so it is never applied to another volume: a
+//! tidemark backup export names the uuid (and granularity) in its NBD description
+//! ([`describe_origin`]); from any other export a delta needs `--volume-uuid`, and a pull
+//! without one is refused before anything is written, never recorded as the nil uuid.
 
 pub mod plan;
 pub mod sink;
@@ -88,9 +93,11 @@ pub struct Targets {
     pub delta: Option<PathBuf>,
     /// The point the delta brings a volume to (default `pull-<unix time>`).
     pub checkpoint: Option<String>,
-    /// The volume's uuid, when known (a tidemark volume's; nil otherwise).
+    /// The volume's uuid (a pull with a delta finds it in a tidemark export's description,
+    /// or refuses without it).
     pub volume_uuid: Option<Uuid>,
-    /// The tracking granularity recorded in the delta (default 64 KiB).
+    /// The tracking granularity recorded in the delta (default: the tidemark export's, else
+    /// 64 KiB).
     pub granularity: Option<u32>,
     /// Generations of the checkpoints the delta goes from and to (0 when unknown).
     pub from_generation: u64,
@@ -127,6 +134,58 @@ impl Targets {
             created_unix,
         }
     }
+}
+
+/// An NBD description that also says which volume a tidemark export is of:
+/// `PREFIX (volume uuid UUID, granularity BYTES)`. [`parse_origin`] reads it back.
+pub fn describe_origin(prefix: &str, uuid: Uuid, granularity: u32) -> String {
+    format!("{prefix} (volume uuid {uuid}, granularity {granularity})")
+}
+
+/// The volume uuid and granularity a tidemark export's description names, if it does.
+/// Anything else (another server's description, a malformed one) is `None`.
+pub fn parse_origin(description: &str) -> Option<(Uuid, u32)> {
+    if !description.starts_with("tidemark ") {
+        return None;
+    }
+    let at = description.rfind("(volume uuid ")?;
+    let inner = description[at..]
+        .strip_prefix("(volume uuid ")?
+        .strip_suffix(')')?;
+    let (uuid, granularity) = inner.split_once(", granularity ")?;
+    let uuid = Uuid::parse_str(uuid).ok().filter(|u| !u.is_nil())?;
+    let granularity = granularity
+        .parse::<u32>()
+        .ok()
+        .filter(|g| g.is_power_of_two() && (4096..=1 << 20).contains(g))?;
+    Some((uuid, granularity))
+}
+
+/// The targets with the volume uuid and granularity a delta header needs: given, or read
+/// from a tidemark export's description. A delta of an unknown volume is refused rather
+/// than written with a nil uuid.
+fn resolve_origin(targets: &Targets, uri: &str, description: &str) -> anyhow::Result<Targets> {
+    let mut resolved = targets.clone();
+    if targets.delta.is_none() {
+        return Ok(resolved);
+    }
+    let origin = parse_origin(description);
+    if resolved.volume_uuid.is_none() {
+        match origin {
+            Some((uuid, _)) => resolved.volume_uuid = Some(uuid),
+            None => anyhow::bail!(
+                "--volume-uuid is needed: {uri} does not say which volume it is (it is not a \
+                 tidemark backup export; its description is {description:?}), and a delta \
+                 file records its volume's uuid so it is never applied to another volume; \
+                 pass the uuid of the disk this export serves, e.g. --volume-uuid $(uuidgen) \
+                 once and the same uuid for every later delta of it"
+            ),
+        }
+    }
+    if resolved.granularity.is_none() {
+        resolved.granularity = origin.map(|(_, granularity)| granularity);
+    }
+    Ok(resolved)
 }
 
 /// The export offers no dirty bitmap of the requested name.
@@ -252,6 +311,14 @@ async fn pull_async(
     )
     .await?;
     let size = primary.size();
+    let targets = match resolve_origin(targets, &request.uri, primary.description()) {
+        Ok(resolved) => resolved,
+        Err(err) => {
+            primary.close().await;
+            return Err(err);
+        }
+    };
+    let targets = &targets;
 
     if let (Some(context), Mode::Incremental { bitmap }) = (&dirty_context, &request.mode) {
         if !primary.has_context(context) {
@@ -381,6 +448,53 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("--full"), "{text}");
+    }
+
+    #[test]
+    fn origin_descriptions_round_trip_and_others_are_refused() {
+        let uuid = Uuid::new_v4();
+        let text = describe_origin("tidemark snapshot backup-7 of volume vm (1)", uuid, 4096);
+        assert_eq!(parse_origin(&text), Some((uuid, 4096)));
+        for other in [
+            "",
+            "/srv/disk.qcow2",
+            &text.replace("tidemark ", "qemu "),
+            &text.replace("4096", "4095"),
+            &text.replace("4096", "99999999999"),
+            &text.replace(&uuid.to_string(), "not-a-uuid"),
+            &text.replace(&uuid.to_string(), &Uuid::nil().to_string()),
+            &text[..text.len() - 1],
+        ] {
+            assert_eq!(parse_origin(other), None, "{other:?}");
+        }
+    }
+
+    #[test]
+    fn a_delta_of_an_unknown_volume_needs_a_uuid() {
+        let targets = Targets {
+            delta: Some(PathBuf::from("/x.delta")),
+            ..Targets::default()
+        };
+        let err = resolve_origin(&targets, "nbd://h/e", "some disk").unwrap_err();
+        assert!(err.to_string().contains("--volume-uuid"), "{err}");
+        let uuid = Uuid::new_v4();
+        let given = Targets {
+            volume_uuid: Some(uuid),
+            ..targets.clone()
+        };
+        let resolved = resolve_origin(&given, "nbd://h/e", "some disk").unwrap();
+        assert_eq!(resolved.volume_uuid, Some(uuid));
+        assert_eq!(resolved.granularity, None);
+        let described = describe_origin("tidemark snapshot b of volume v", uuid, 1 << 20);
+        let resolved = resolve_origin(&targets, "nbd://h/e", &described).unwrap();
+        assert_eq!(resolved.volume_uuid, Some(uuid));
+        assert_eq!(resolved.granularity, Some(1 << 20));
+        // An image-only pull needs neither.
+        let image = Targets {
+            image: Some(PathBuf::from("/x.img")),
+            ..Targets::default()
+        };
+        assert!(resolve_origin(&image, "nbd://h/e", "").is_ok());
     }
 
     #[test]

@@ -1,8 +1,5 @@
 //! What every command shares: logging, exit codes, sizes, progress bars, JSON reports.
 
-// Some helpers serve commands still being built; this goes when they all land.
-#![allow(dead_code)]
-
 use std::io::IsTerminal;
 use std::time::Duration;
 

@@ -10,12 +10,14 @@
 //! `tidemark_formats::manifest::CheckpointChain`, replaced atomically) and
 //! `<chain uuid>-<generation>.bitmap` (`tidemark_formats::bitmap`).
 //!
-//! # Write order (writes to the volume are paused by the caller throughout)
+//! # Write order (writes to the volume are paused by the caller, except where noted)
 //!
-//! - create: freeze the active bitmap (payload, fdatasync, Clean header, fdatasync);
-//!   write the new, empty bitmap file (InUse); replace the chain. A crash before the chain
-//!   is replaced leaves the old chain whose latest bitmap is Clean and complete (writes
-//!   were paused), and a stray new file that the next open deletes.
+//! - create: write the new, empty bitmap file (InUse) *before* the pause (only the chain
+//!   lock is held: the file is a stray nothing names yet); then, paused, freeze the active
+//!   bitmap (payload, fdatasync, Clean header, fdatasync) and replace the chain. A crash
+//!   before the chain is replaced leaves the old chain, whose latest bitmap is either
+//!   still InUse (judged as after any crash) or Clean and complete (writes were paused),
+//!   and a stray new file that the next open deletes.
 //! - delete: write the merged predecessor (atomic replace, Clean); replace the chain;
 //!   activate the predecessor if it became the latest; remove the deleted file. A crash in
 //!   between leaves extra bits in the predecessor: more reported changes, never fewer.
@@ -32,6 +34,16 @@ use uuid::Uuid;
 
 use crate::status::{unix_now, CheckpointStatus, EventLevel, EventLog};
 use crate::tracking::{ActiveBitmap, DirtyBitmap, TrackingError};
+
+/// A checkpoint prepared by [`Chain::prepare`]: its empty bitmap file is written, the
+/// chain does not name it yet.
+#[derive(Debug)]
+pub(crate) struct NewCheckpoint {
+    name: String,
+    generation: u64,
+    file_name: String,
+    bitmap: ActiveBitmap,
+}
 
 /// Longest checkpoint name (it travels in NBD context names and bitmap headers).
 pub const MAX_NAME_LEN: usize = 255;
@@ -391,11 +403,21 @@ impl Chain {
 
     /// Create checkpoint `name`. Writes must be paused; `active` is replaced by the new
     /// checkpoint's bitmap.
+    #[cfg(test)]
     pub(crate) fn create(
         &mut self,
         name: &str,
         active: &mut Option<Arc<ActiveBitmap>>,
     ) -> Result<CheckpointInfo, CheckpointError> {
+        let new = self.prepare(name)?;
+        self.install(new, active)
+    }
+
+    /// First half of a create, done before writes are paused: check the name and write
+    /// the new checkpoint's empty bitmap file (InUse). The file is a stray until
+    /// [`Chain::install`] names it in the chain (the next open deletes strays). The chain
+    /// must stay locked until `install` or [`Chain::discard`].
+    pub(crate) fn prepare(&self, name: &str) -> Result<NewCheckpoint, CheckpointError> {
         if !valid_name(name) {
             return Err(CheckpointError::InvalidName {
                 name: name.to_string(),
@@ -409,21 +431,57 @@ impl Chain {
         }
         let generation = self.next_generation;
         let header = self.header(name, generation)?;
+        let file_name = format!("{}-{generation}.bitmap", self.chain_uuid);
+        let path = self.bitmap_dir.join(&file_name);
+        let bitmap = ActiveBitmap::create(&path, header, self.params.durable)?;
+        Ok(NewCheckpoint {
+            name: name.to_string(),
+            generation,
+            file_name,
+            bitmap,
+        })
+    }
+
+    /// Give up a prepared checkpoint: delete its file.
+    pub(crate) fn discard(&self, new: NewCheckpoint) {
+        let path = new.bitmap.path().to_path_buf();
+        drop(new);
+        let _ = fs::remove_file(path);
+    }
+
+    /// Second half of a create, with writes paused: freeze the active bitmap, replace the
+    /// chain, and make the prepared bitmap the active one.
+    pub(crate) fn install(
+        &mut self,
+        new: NewCheckpoint,
+        active: &mut Option<Arc<ActiveBitmap>>,
+    ) -> Result<CheckpointInfo, CheckpointError> {
+        if new.generation != self.next_generation
+            || self.entries.iter().any(|e| e.file.name == new.name)
+        {
+            // The chain changed since prepare (a caller bug): start over.
+            let name = new.name.clone();
+            self.discard(new);
+            return Err(CheckpointError::Exists {
+                volume: self.params.volume.clone(),
+                name,
+            });
+        }
         let frozen_words = match active.as_deref() {
             Some(old) => {
-                old.freeze()?;
+                if let Err(e) = old.freeze() {
+                    self.discard(new);
+                    return Err(e.into());
+                }
                 Some(old.words())
             }
             None => None,
         };
-        let file_name = format!("{}-{generation}.bitmap", self.chain_uuid);
-        let path = self.bitmap_dir.join(&file_name);
-        let new_active = ActiveBitmap::create(&path, header, self.params.durable)?;
         let entry = CheckpointEntry {
-            name: name.to_string(),
-            generation,
+            name: new.name.clone(),
+            generation: new.generation,
             created_unix: unix_now(),
-            bitmap_file: file_name,
+            bitmap_file: new.file_name.clone(),
         };
         self.entries.push(Entry {
             file: entry,
@@ -434,7 +492,7 @@ impl Chain {
         if let Err(err) = self.persist() {
             self.entries.pop();
             self.next_generation -= 1;
-            let _ = fs::remove_file(&path);
+            self.discard(new);
             if let Some(old) = active.as_deref() {
                 // Reopen the previous bitmap for writing; it stays the latest.
                 let reactivated = ActiveBitmap::activate(
@@ -451,7 +509,7 @@ impl Chain {
         if let (Some(words), Some(prev)) = (frozen_words, self.entries.get_mut(n.wrapping_sub(2))) {
             prev.frozen = Some(words);
         }
-        *active = Some(Arc::new(new_active));
+        *active = Some(Arc::new(new.bitmap));
         Ok(self.info(n - 1, active.as_deref()))
     }
 

@@ -16,7 +16,8 @@
 //! The writer that claims an absent chunk reads its old contents into memory; from then
 //! on the old contents are safe and the volume may be overwritten, while a background
 //! writer moves them to the chunk's slot in the COW store (so the store write is off the
-//! volume write's critical path; at most 64 MiB wait in memory). Writers that find a
+//! volume write's critical path; at most 64 MiB wait in memory; copies queued meanwhile
+//! whose slots follow each other go out in one vectored O_DIRECT write). Writers that find a
 //! chunk `reading` wait for it. Readers take in-memory and preserved chunks from memory or
 //! the store, and read every other chunk from the volume *optimistically*, checking the
 //! index afterwards: a chunk still absent or reading was not overwritten during the read
@@ -108,15 +109,58 @@ pub struct CowOptions {
 }
 
 /// Old contents of a run of chunks, read from the volume, on their way to the store.
+/// Its buffer goes back to the snapshot's pool when the last reference is dropped.
 #[derive(Debug)]
 struct CopyBuf {
     buf: AlignedBuf,
     len: usize,
+    pool: Arc<BufPool>,
 }
 
 impl CopyBuf {
     fn bytes(&self) -> &[u8] {
         self.buf.view(self.len)
+    }
+}
+
+impl Drop for CopyBuf {
+    fn drop(&mut self) {
+        self.pool.put(std::mem::take(&mut self.buf));
+    }
+}
+
+/// Copy buffers kept for reuse: fresh memory costs a page fault per page, which a
+/// stream of 64 KiB copies pays over and over.
+#[derive(Debug, Default)]
+struct BufPool {
+    free: Mutex<Vec<AlignedBuf>>,
+}
+
+impl BufPool {
+    /// A buffer of at least `len` aligned bytes (the smallest fitting one kept).
+    fn take(&self, len: usize) -> AlignedBuf {
+        let mut free = lock(&self.free);
+        let best = free
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| b.capacity() >= len)
+            .min_by_key(|(_, b)| b.capacity())
+            .map(|(i, _)| i);
+        match best {
+            Some(i) => free.swap_remove(i),
+            None => {
+                drop(free);
+                AlignedBuf::with_len(len)
+            }
+        }
+    }
+
+    fn put(&self, buf: AlignedBuf) {
+        let mut free = lock(&self.free);
+        let kept: usize = free.iter().map(AlignedBuf::capacity).sum();
+        if kept + buf.capacity() <= MAX_POOLED {
+            free.push(buf);
+        }
     }
 }
 
@@ -160,6 +204,12 @@ struct StoreJob {
 
 /// Old contents held in memory at most (writers wait above this).
 const MAX_IN_FLIGHT: u64 = 64 << 20;
+/// Bytes of copy buffers kept for reuse per snapshot.
+const MAX_POOLED: usize = 16 << 20;
+/// Jobs the background writer takes at once...
+const MAX_BATCH_JOBS: usize = 1024;
+/// ...and the most bytes it writes in one call.
+const MAX_STORE_WRITE: u64 = 8 << 20;
 
 /// What [`SnapshotInner::create`] needs.
 #[derive(Debug)]
@@ -193,6 +243,7 @@ pub(crate) struct SnapshotInner {
     events: Arc<EventLog>,
     copies: AtomicU64,
     jobs: Mutex<Option<mpsc::Sender<StoreJob>>>,
+    pool: Arc<BufPool>,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
@@ -240,6 +291,7 @@ impl SnapshotInner {
             events: p.events,
             copies: AtomicU64::new(0),
             jobs: Mutex::new(None),
+            pool: Arc::default(),
             writer: Mutex::new(None),
         })
     }
@@ -313,9 +365,18 @@ impl SnapshotInner {
         let handle = std::thread::Builder::new()
             .name(format!("cow-{}", self.name))
             .spawn(move || {
-                for job in rx {
+                while let Ok(first) = rx.recv() {
+                    // Everything queued meanwhile goes out together: slots are handed out
+                    // in order, so concurrent copies usually land back to back.
+                    let mut jobs = vec![first];
+                    while jobs.len() < MAX_BATCH_JOBS {
+                        match rx.try_recv() {
+                            Ok(job) => jobs.push(job),
+                            Err(_) => break,
+                        }
+                    }
                     let Some(inner) = weak.upgrade() else { return };
-                    inner.finish_job(job);
+                    inner.finish_jobs(jobs);
                 }
             })
             .map_err(|source| SnapshotError::Io {
@@ -329,30 +390,56 @@ impl SnapshotInner {
         Ok(())
     }
 
-    /// The background writer's work: store one run, then mark its chunks preserved.
-    fn finish_job(&self, job: StoreJob) {
-        let result = self
-            .store
-            .write_at(job.first_slot * self.chunk, job.data.bytes());
+    /// The background writer's work: store the runs of a batch (jobs whose slots follow
+    /// each other go out in one vectored write), then mark their chunks preserved.
+    fn finish_jobs(&self, mut jobs: Vec<StoreJob>) {
+        jobs.sort_by_key(|j| j.first_slot);
+        let mut i = 0;
+        while i < jobs.len() {
+            let mut j = i + 1;
+            let mut bytes = jobs[i].data.len as u64;
+            while j < jobs.len()
+                && jobs[j].first_slot == jobs[j - 1].first_slot + jobs[j - 1].chunks.len() as u64
+                && bytes + jobs[j].data.len as u64 <= MAX_STORE_WRITE
+            {
+                bytes += jobs[j].data.len as u64;
+                j += 1;
+            }
+            let group = &jobs[i..j];
+            let bufs: Vec<&[u8]> = group.iter().map(|job| job.data.bytes()).collect();
+            let result = self
+                .store
+                .write_vectored_at(group[0].first_slot * self.chunk, &bufs);
+            self.finish_group(group, result);
+            i = j;
+        }
+    }
+
+    /// Record the outcome of one store write covering `group`.
+    fn finish_group(&self, group: &[StoreJob], result: io::Result<()>) {
         let mut idx = lock(&self.index);
-        idx.in_flight -= job.data.len as u64;
+        for job in group {
+            idx.in_flight -= job.data.len as u64;
+        }
         match result {
             Ok(()) => {
-                for (i, &c) in job.chunks.iter().enumerate() {
-                    let slot = job.first_slot + i as u64;
-                    match idx.chunks.get(&c) {
-                        Some(Chunk::InMemory { slot: s, .. }) if *s == slot => {
-                            idx.chunks.insert(c, Chunk::Preserved(slot));
-                        }
-                        // Released by a TRIM meanwhile: its slot is free again.
-                        _ => {
-                            idx.free_slots.push(slot);
-                            idx.used_slots -= 1;
+                for job in group {
+                    for (i, &c) in job.chunks.iter().enumerate() {
+                        let slot = job.first_slot + i as u64;
+                        match idx.chunks.get(&c) {
+                            Some(Chunk::InMemory { slot: s, .. }) if *s == slot => {
+                                idx.chunks.insert(c, Chunk::Preserved(slot));
+                            }
+                            // Released by a TRIM meanwhile: its slot is free again.
+                            _ => {
+                                idx.free_slots.push(slot);
+                                idx.used_slots -= 1;
+                            }
                         }
                     }
+                    self.copies
+                        .fetch_add(job.chunks.len() as u64, Ordering::Relaxed);
                 }
-                self.copies
-                    .fetch_add(job.chunks.len() as u64, Ordering::Relaxed);
             }
             Err(err) => {
                 let reason = format!(
@@ -462,7 +549,7 @@ impl SnapshotInner {
                 self.copied.notify_all();
                 continue;
             }
-            let mut buf = AlignedBuf::with_len(len);
+            let mut buf = self.pool.take(len);
             let read = self.origin.read_at(start, buf.get(len));
             let mut idx = lock(&self.index);
             if let Err(err) = read {
@@ -473,7 +560,11 @@ impl SnapshotInner {
                 self.fail(&mut idx, reason);
                 return;
             }
-            let data = Arc::new(CopyBuf { buf, len });
+            let data = Arc::new(CopyBuf {
+                buf,
+                len,
+                pool: self.pool.clone(),
+            });
             for (k, &(c, slot)) in run.iter().enumerate() {
                 let at = k * self.chunk as usize;
                 idx.chunks.insert(

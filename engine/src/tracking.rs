@@ -20,9 +20,14 @@
 //!    This also happens when another writer set the bit but its sync has not completed:
 //!    a bit we merely *see* is not yet a bit on disk.
 //! 3. The writer then waits for a sync that *starts* after step 2 (group commit): one
-//!    leader at a time writes every queued page (`pwrite` at `HEADER_LEN + page * 4096`)
-//!    and then `fdatasync`s the bitmap file; every writer that queued before the leader
-//!    started rides on that one sync; those that queued later elect the next leader.
+//!    leader at a time writes every queued page (`pwrite` at `HEADER_LEN + page * 4096`,
+//!    through O_DIRECT for whole sectors so the sync waits for no page-cache writeback;
+//!    a payload tail shorter than a sector goes through the page cache) and then
+//!    `fdatasync`s the bitmap file, which covers both; every writer that queued before
+//!    the leader started rides on that one sync; those that queued later elect the next
+//!    leader. Steps 1-2 ([`ActiveBitmap::begin_mark`]) and 3-4 ([`PendingMark::finish`])
+//!    are separate calls so that work which does not touch the volume (a snapshot's read
+//!    of old contents) overlaps the sync; the data write is issued only after step 4.
 //! 4. After the sync, the writer adds its bits to the synced shadow and lets the data
 //!    write go.
 //!
@@ -51,7 +56,7 @@
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::ops::Range;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
@@ -59,10 +64,14 @@ use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 use tidemark_formats::bitmap::{self, BitmapHeader, BitmapState, HEADER_LEN};
 use tidemark_formats::FormatError;
 
+use crate::volume::backing::AlignedBuf;
+
 /// Bytes per payload page: the unit written by the group commit.
 const PAGE: usize = 4096;
 /// Words per payload page.
 const WORDS_PER_PAGE: usize = PAGE / 8;
+/// O_DIRECT payload writes are whole multiples of this (the usual logical sector size).
+const DIRECT_SECTOR: usize = 512;
 /// A sequential write marks this many times its own blocks ahead of itself...
 const SEQUENTIAL_AHEAD_FACTOR: u64 = 32;
 /// ...at least this many blocks...
@@ -250,11 +259,37 @@ struct Commit {
     syncing: bool,
 }
 
+/// Bits set and queued by [`ActiveBitmap::begin_mark`], not yet known to be durable.
+#[derive(Debug)]
+#[must_use = "the data write may only be issued after finish() returned Ok"]
+pub(crate) struct PendingMark<'a> {
+    active: &'a ActiveBitmap,
+    /// The first sync that started after the pages were queued.
+    target: u64,
+    /// Blocks to add to the synced shadow once that sync completed.
+    blocks: Range<u64>,
+}
+
+impl PendingMark<'_> {
+    /// Steps 3 and 4 of the durable write order: wait for (or lead) a sync that started
+    /// after the bits were queued, then record them as durable.
+    pub(crate) fn finish(self) -> Result<(), TrackingError> {
+        self.active.group_commit(self.target)?;
+        for (word, mask) in word_masks(self.blocks) {
+            self.active.synced[word].fetch_or(mask, Ordering::Release);
+        }
+        Ok(())
+    }
+}
+
 /// The bitmap of the latest checkpoint: set by every write, persisted per the module doc.
 #[derive(Debug)]
 pub(crate) struct ActiveBitmap {
     path: PathBuf,
     file: File,
+    /// The same file opened with O_DIRECT (None where the filesystem refuses it): payload
+    /// pages go out through it, so a sync waits for no page-cache writeback.
+    direct: Option<File>,
     header: Mutex<BitmapHeader>,
     durable: bool,
     granularity: u32,
@@ -319,11 +354,17 @@ impl ActiveBitmap {
             .write(true)
             .open(path)
             .map_err(|e| io_err("open", e))?;
+        let direct = OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(path)
+            .ok();
         let pages = words.len().div_ceil(WORDS_PER_PAGE).max(1);
         let synced: Vec<AtomicU64> = words.iter().map(|&w| AtomicU64::new(w)).collect();
         Ok(ActiveBitmap {
             path: path.to_path_buf(),
             file,
+            direct,
             granularity: header.granularity,
             block_count: header.block_count(),
             header: Mutex::new(header),
@@ -362,10 +403,27 @@ impl ActiveBitmap {
 
     /// Record a write of `[offset, offset + len)`. In durable mode, returns only once
     /// every touched block's bit is on stable storage.
+    #[cfg(test)]
     pub(crate) fn mark(&self, offset: u64, len: u64) -> Result<(), TrackingError> {
+        match self.begin_mark(offset, len)? {
+            Some(pending) => pending.finish(),
+            None => Ok(()),
+        }
+    }
+
+    /// Steps 1 and 2 of the durable write order: set the bits of `[offset, offset + len)`
+    /// and queue their pages. `None` when nothing needs a sync (fast mode, or every bit
+    /// already durable); otherwise the caller must [`PendingMark::finish`] before issuing
+    /// the data write. Work that does not touch the volume (reading old contents for a
+    /// snapshot) may run in between, overlapping the sync.
+    pub(crate) fn begin_mark(
+        &self,
+        offset: u64,
+        len: u64,
+    ) -> Result<Option<PendingMark<'_>>, TrackingError> {
         let blocks = blocks_of(offset, len, self.granularity);
         if blocks.is_empty() || blocks.end > self.block_count {
-            return Ok(());
+            return Ok(None);
         }
         for (word, mask) in word_masks(blocks.clone()) {
             if self.written[word].load(Ordering::Relaxed) & mask != mask {
@@ -376,7 +434,7 @@ impl ActiveBitmap {
             || word_masks(blocks.clone())
                 .all(|(word, mask)| self.synced[word].load(Ordering::Acquire) & mask == mask)
         {
-            return Ok(());
+            return Ok(None);
         }
         // A write that continues the previous block starts (or continues) a sequential
         // stream: mark ahead of it in the same sync, so the stream's next writes find
@@ -399,11 +457,13 @@ impl ActiveBitmap {
                 self.queue_page(word / WORDS_PER_PAGE);
             }
         }
-        self.group_commit()?;
-        for (word, mask) in word_masks(durable) {
-            self.synced[word].fetch_or(mask, Ordering::Release);
-        }
-        Ok(())
+        // Any sync that starts from now on writes our pages (they are queued).
+        let target = lock(&self.commit).started + 1;
+        Ok(Some(PendingMark {
+            active: self,
+            target,
+            blocks: durable,
+        }))
     }
 
     fn is_written(&self, block: u64) -> bool {
@@ -418,11 +478,10 @@ impl ActiveBitmap {
         }
     }
 
-    /// Wait for a sync that starts after the caller's bits were set; lead it if no sync
-    /// is running.
-    fn group_commit(&self) -> Result<(), TrackingError> {
+    /// Wait until sync number `target` (one that started after the caller's pages were
+    /// queued) completed; lead it if no sync is running.
+    fn group_commit(&self, target: u64) -> Result<(), TrackingError> {
         let mut st = lock(&self.commit);
-        let target = st.started + 1;
         loop {
             if st.completed >= target {
                 return Ok(());
@@ -474,10 +533,13 @@ impl ActiveBitmap {
         result
     }
 
-    /// Write payload pages (runs of consecutive pages go out in one pwrite).
+    /// Write payload pages (runs of consecutive pages go out in one pwrite). The part of a
+    /// run made of whole sectors goes through O_DIRECT; the rest (the payload's last
+    /// bytes when its length is not a multiple of [`DIRECT_SECTOR`], or everything when
+    /// O_DIRECT is refused) through the page cache. The caller's fdatasync covers both.
     fn write_pages(&self, pages: &[usize]) -> Result<(), TrackingError> {
         let payload_words = self.on_disk.len();
-        let mut buf = Vec::new();
+        let mut buf = AlignedBuf::default();
         let mut i = 0;
         while i < pages.len() {
             let mut j = i + 1;
@@ -486,15 +548,36 @@ impl ActiveBitmap {
             }
             let first_word = pages[i] * WORDS_PER_PAGE;
             let end_word = ((pages[j - 1] + 1) * WORDS_PER_PAGE).min(payload_words);
-            buf.clear();
-            for w in &self.on_disk[first_word..end_word] {
-                buf.extend_from_slice(&w.load(Ordering::SeqCst).to_le_bytes());
+            let bytes = buf.get((end_word - first_word) * 8);
+            for (dst, w) in bytes
+                .chunks_exact_mut(8)
+                .zip(&self.on_disk[first_word..end_word])
+            {
+                dst.copy_from_slice(&w.load(Ordering::SeqCst).to_le_bytes());
             }
             let offset = HEADER_LEN as u64 + first_word as u64 * 8;
-            self.file
-                .write_all_at(&buf, offset)
-                .map_err(|e| self.io_err("write payload", e))?;
+            self.write_run(bytes, offset)?;
             i = j;
+        }
+        Ok(())
+    }
+
+    /// Write one run of payload bytes at `offset` (a page boundary of the file).
+    fn write_run(&self, bytes: &[u8], offset: u64) -> Result<(), TrackingError> {
+        let direct_len = bytes.len() / DIRECT_SECTOR * DIRECT_SECTOR;
+        let mut done = 0;
+        if let (Some(direct), true) = (&self.direct, direct_len > 0) {
+            match direct.write_all_at(&bytes[..direct_len], offset) {
+                Ok(()) => done = direct_len,
+                // A device with larger sectors: the page cache takes the whole run.
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
+                Err(e) => return Err(self.io_err("write payload", e)),
+            }
+        }
+        if done < bytes.len() {
+            self.file
+                .write_all_at(&bytes[done..], offset + done as u64)
+                .map_err(|e| self.io_err("write payload", e))?;
         }
         Ok(())
     }

@@ -229,3 +229,43 @@ fn an_unknown_incremental_checkpoint_is_an_error_not_a_full_backup() {
     assert_eq!(report["error"]["class"], json!("NotFound"), "{report}");
     assert_eq!(daemon.cli_json(&["backup", "status"])["running"], json!([]));
 }
+
+/// `tidemark pull --delta` from a daemon's backup export records the volume's uuid and
+/// granularity without being told (the export's description names them).
+#[test]
+fn a_pulled_delta_records_the_volume_uuid_and_granularity_of_the_export() {
+    let daemon = Daemon::start();
+    let backing = daemon.dir.path().join("g.raw");
+    let created = daemon.cli_json(&[
+        "volume",
+        "create",
+        "g",
+        "--backing",
+        backing.to_str().unwrap(),
+        "--size",
+        "4M",
+        "--granularity",
+        "4K",
+    ]);
+    let uuid = created["uuid"].as_str().unwrap().to_string();
+    qemu_io(&daemon.uri("g"), &["write -P 7 64k 8k".to_string()]);
+    let backup = daemon.cli_json(&["backup", "begin", "g", "--checkpoint", "c1"]);
+    let uri = backup["volumes"][0]["uri"]["unix"].as_str().unwrap();
+    let delta = daemon.dir.path().join("g-full.delta");
+    let out = std::process::Command::new(daemon_support::tidemark_bin())
+        .args(["pull", "--full", uri, "--delta"])
+        .arg(&delta)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let file = std::fs::File::open(&delta).unwrap();
+    let reader = tidemark_formats::delta::DeltaReader::open(file, &delta).unwrap();
+    let header = reader.header();
+    assert_eq!(header.volume_uuid.to_string(), uuid);
+    assert_eq!(header.granularity, 4096);
+    daemon.cli_json(&["backup", "end", "g"]);
+}

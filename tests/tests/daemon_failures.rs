@@ -322,3 +322,99 @@ fn fast_tracking_after_kill_9_refuses_an_incremental_instead_of_a_silent_full() 
     let dirty = daemon.nbd_tool(&["dirty", &export_uri(&backup), "c2"]);
     assert_eq!(dirty.trim(), "[[1048576, 65536]]");
 }
+
+/// The COW store fills with the very last write before `backup-end`, faster than the
+/// daemon's periodic check: the backup must still end as failed (never "completed"), with
+/// SNAPSHOT_FAILED then BACKUP_FAILED, and the live volume keeps every write.
+#[test]
+fn a_cow_store_that_fills_just_before_backup_end_fails_the_backup() {
+    let daemon = Daemon::start();
+    let size = 8usize << 20;
+    daemon.create_volume("v", size as u64);
+    let live = daemon.uri("v");
+    let mut model = Model::new(size);
+    qemu_io(&live, &[model.write(0, size, 1)]);
+    let mut control = daemon.control();
+    for round in 0..3u8 {
+        let backup = control.ok(
+            "backup-begin",
+            json!({"volumes": ["v"], "cow_limit": 1 << 20}),
+        );
+        let id = backup["id"].clone();
+        // 1 MiB of overwrites fill the store exactly; the last 4 KiB need one chunk more.
+        let base = (round as usize) * (2 << 20);
+        qemu_io(
+            &live,
+            &[
+                model.write(base, 1 << 20, 10 + round),
+                model.write(base + (1 << 20), 4096, 20 + round),
+            ],
+        );
+        let ended = control.execute("backup-end", json!({"volume": "v"}));
+        let error = &ended["error"];
+        assert_eq!(
+            error["class"],
+            json!("GenericError"),
+            "round {round}: {ended}"
+        );
+        assert!(
+            error["desc"].as_str().unwrap().contains("snapshot"),
+            "round {round}: {ended}"
+        );
+        let snapshot_failed = control
+            .wait_event("SNAPSHOT_FAILED", Duration::from_secs(10))
+            .unwrap();
+        assert_eq!(snapshot_failed["data"]["id"], id);
+        assert_eq!(snapshot_failed["data"]["volume"], json!("v"));
+        let backup_failed = control
+            .wait_event("BACKUP_FAILED", Duration::from_secs(10))
+            .unwrap();
+        assert_eq!(backup_failed["data"]["id"], id);
+        assert!(
+            !control
+                .events
+                .iter()
+                .any(|e| e["event"] == json!("BACKUP_COMPLETED")),
+            "round {round}: {:?}",
+            control.events
+        );
+        let last = wait_finished(&daemon, "failed");
+        assert_eq!(last["id"], id);
+        assert!(
+            last["error"].as_str().unwrap().contains("snapshot"),
+            "{last}"
+        );
+        assert!(!export_exists(&export_uri(&backup)));
+        let copy = daemon.dir.path().join(format!("live-{round}.raw"));
+        qemu_img_convert(&live, &copy);
+        model.assert_equals_file(&copy, "live volume after the COW store filled");
+    }
+}
+
+/// A backup id names one backup only, across clean restarts and kill -9: the events and
+/// logs of a backup before a restart can never be taken for one after it.
+#[test]
+fn backup_ids_stay_unique_across_restarts_and_kill_9() {
+    let mut daemon = Daemon::start();
+    daemon.create_volume("v", 4 << 20);
+    let mut seen: Vec<String> = Vec::new();
+    let begin_end = |daemon: &Daemon, seen: &mut Vec<String>| {
+        let backup = daemon.cli_json(&["backup", "begin", "v"]);
+        let id = backup["id"].as_str().unwrap().to_string();
+        assert!(!seen.contains(&id), "id {id} handed out twice: {seen:?}");
+        seen.push(id);
+        daemon.cli_json(&["backup", "end", "v"]);
+    };
+    begin_end(&daemon, &mut seen);
+    begin_end(&daemon, &mut seen);
+    assert!(daemon.stop().success(), "{}", daemon.log());
+    daemon.restart();
+    begin_end(&daemon, &mut seen);
+    // A running backup when the daemon dies: its id is not reused either.
+    let running = daemon.cli_json(&["backup", "begin", "v"]);
+    seen.push(running["id"].as_str().unwrap().to_string());
+    daemon.kill();
+    daemon.restart();
+    begin_end(&daemon, &mut seen);
+    assert_eq!(seen.len(), 5);
+}

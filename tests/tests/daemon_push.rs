@@ -229,3 +229,81 @@ fn a_push_onto_a_volume_backing_or_into_the_state_dir_is_refused() {
     }
     model.assert_equals_file(&backing, "the volume after refused pushes");
 }
+
+/// A full push that fails (here: the second volume's image cannot grow past the daemon's
+/// file size limit) leaves no target behind, leaves a target that existed untouched, and
+/// leaves no partial file in the way of the retry.
+#[test]
+fn a_failed_full_push_removes_what_it_created_and_keeps_what_existed() {
+    let limit = 4u64 << 20;
+    let mut daemon = Daemon::start_with_file_size_limit(limit);
+    let dir = daemon.dir.path().to_path_buf();
+    let sizes = [("a", 1usize << 20), ("b", 8usize << 20)];
+    let mut control = daemon.control();
+    let mut models = Vec::new();
+    for (at, (name, size)) in sizes.iter().enumerate() {
+        // Created here: the daemon could not make b's backing that large.
+        let backing = dir.join(format!("{name}.backing"));
+        std::fs::File::create(&backing)
+            .unwrap()
+            .set_len(*size as u64)
+            .unwrap();
+        control.ok(
+            "volume-create",
+            json!({"name": name, "backing": backing.to_str().unwrap()}),
+        );
+        let mut model = Model::new(*size);
+        // Data only below the limit, where the daemon may write b's backing.
+        qemu_io(&daemon.uri(name), &[model.write(0, 1 << 20, 1 + at as u8)]);
+        models.push(model);
+    }
+    // a's target is an older backup that must survive; b's target is new.
+    let old = vec![0x77u8; 1 << 20];
+    let target_a = dir.join("a.img");
+    let target_b = dir.join("b.img");
+    std::fs::write(&target_a, &old).unwrap();
+    let template = dir.join("{volume}.img");
+    let begun = control.ok(
+        "backup-begin",
+        json!({"volumes": ["a", "b"], "push": template.to_str().unwrap()}),
+    );
+    let failed = control
+        .wait_event("BACKUP_FAILED", Duration::from_secs(20))
+        .unwrap();
+    assert_eq!(failed["data"]["id"], begun["id"]);
+    assert!(
+        failed["data"]["error"].as_str().unwrap().contains("b.img"),
+        "{failed}"
+    );
+    assert!(
+        std::fs::read(&target_a).unwrap() == old,
+        "the failed push changed a's old image"
+    );
+    assert!(
+        !target_b.exists(),
+        "the failed push left {}",
+        target_b.display()
+    );
+    let left: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("partial"))
+        .collect();
+    assert!(left.is_empty(), "partial files left: {left:?}");
+
+    // Without the limit the same push succeeds and replaces a's old image.
+    drop(control);
+    daemon.stop();
+    daemon.file_size_limit = None;
+    daemon.restart();
+    let mut control = daemon.control();
+    control.ok(
+        "backup-begin",
+        json!({"volumes": ["a", "b"], "push": template.to_str().unwrap()}),
+    );
+    control
+        .wait_event("BACKUP_COMPLETED", Duration::from_secs(20))
+        .unwrap();
+    models[0].assert_equals_file(&target_a, "a after the retried push");
+    models[1].assert_equals_file(&target_b, "b after the retried push");
+}

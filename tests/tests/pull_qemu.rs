@@ -253,3 +253,32 @@ fn pull_uses_several_connections_when_the_server_allows_them() -> anyhow::Result
     assert!(cmp_equal(&image, &disk.truth("truth.raw")?)?);
     Ok(())
 }
+
+#[test]
+fn a_delta_from_a_foreign_export_needs_the_volume_uuid_and_never_records_nil() -> anyhow::Result<()>
+{
+    let disk = Disk::new()?;
+    disk.io(&["write -P 0x51 0 256k"])?;
+    let (_server, uri) = disk.serve("uuid", None)?;
+    let delta = disk.path("full.delta");
+    let out = pull(&["--full", &uri, "--delta", &arg(&delta)])?;
+    assert_eq!(out.code(), 2, "stderr: {}", out.stderr);
+    assert!(out.stderr.contains("--volume-uuid"), "{}", out.stderr);
+    assert!(!delta.exists(), "a refused pull wrote {}", delta.display());
+
+    let uuid = "6f1c2a3e-8d4b-4c5a-9e7f-0123456789ab";
+    pull(&[
+        "--full",
+        &uri,
+        "--delta",
+        &arg(&delta),
+        "--volume-uuid",
+        uuid,
+    ])?
+    .ok()?;
+    let file = std::fs::File::open(&delta)?;
+    let reader = tidemark_formats::delta::DeltaReader::open(file, &delta)?;
+    assert_eq!(reader.header().volume_uuid.to_string(), uuid);
+    assert_eq!(reader.header().granularity, 64 << 10);
+    Ok(())
+}

@@ -63,13 +63,16 @@ pub struct Args {
     #[arg(long, value_name = "NAME", requires = "delta")]
     checkpoint: Option<String>,
 
-    /// The volume's uuid, recorded in the delta file's header (default: the nil uuid).
+    /// The volume's uuid, recorded in the delta file's header. A tidemark backup export
+    /// names it (in its NBD description); for any other export (qemu-nbd, nbdkit) it is
+    /// required with --delta: use one uuid per disk, the same for all its deltas.
     #[arg(long, value_name = "UUID", requires = "delta")]
     volume_uuid: Option<uuid::Uuid>,
 
-    /// The bitmap's tracking granularity, recorded in the delta file's header.
-    #[arg(long, value_name = "SIZE", default_value = "64K", value_parser = parse_granularity)]
-    granularity: u32,
+    /// The bitmap's tracking granularity, recorded in the delta file's header (default:
+    /// the tidemark export's, else 64K).
+    #[arg(long, value_name = "SIZE", value_parser = parse_granularity)]
+    granularity: Option<u32>,
 
     /// Connections to open when the export allows several (NBD_FLAG_CAN_MULTI_CONN).
     #[arg(long, value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
@@ -123,7 +126,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         delta: args.delta,
         checkpoint: args.checkpoint,
         volume_uuid: args.volume_uuid,
-        granularity: Some(args.granularity),
+        granularity: args.granularity,
         ..Targets::default()
     };
     let report = pull::pull(&request, &targets, !args.json)?;

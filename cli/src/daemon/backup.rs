@@ -325,11 +325,7 @@ pub fn begin(
     // Quiesce, snapshot, thaw. The quiesce guard thaws on every path out of this block.
     let started = Timestamp::now();
     let started_at = Instant::now();
-    let id = {
-        let mut registry = daemon.registry();
-        registry.next_backup += 1;
-        format!("backup-{}", registry.next_backup)
-    };
+    let id = daemon.next_backup_id()?;
     let frozen = engine::quiesce(&quiesce)?;
     let group = engine::group_snapshot(
         &id,
@@ -420,7 +416,7 @@ pub fn begin(
                     Ok(copied) => {
                         complete_with(&worker_daemon, &worker_id, Some(copied));
                     }
-                    Err(err) => fail(&worker_daemon, &worker_id, &err.desc),
+                    Err(err) => push_failed(&worker_daemon, &worker_id, &err.desc),
                 }
             });
         if let Err(err) = spawned {
@@ -464,6 +460,24 @@ fn check_push_target(daemon: &Daemon, target: &std::path::Path) -> Result<(), Co
             target.display(),
             state_dir.display()
         )));
+    }
+    if canonical.is_dir() {
+        return Err(invalid(format!(
+            "push target {} is a directory; name the image or delta file to write",
+            target.display()
+        )));
+    }
+    let partial = super::push::partial_path(target);
+    if partial.exists() {
+        return Err(CommandError::new(
+            ErrorClass::Conflict,
+            format!(
+                "{} exists: an earlier push to {} did not finish (the daemon stopped), or \
+                 the file is not tidemark's; remove it or choose another target",
+                partial.display(),
+                target.display()
+            ),
+        ));
     }
     let volumes: Vec<Arc<VolumeHandle>> = daemon.registry().volumes.values().cloned().collect();
     for volume in volumes {
@@ -532,6 +546,14 @@ pub fn end(daemon: &Daemon, args: &Arguments<'_>) -> Result<Value, CommandError>
         progress.cancel.store(true, Ordering::Relaxed);
         fail(daemon, &id, "cancelled by backup-end");
         return Ok(json!({"id": id, "state": "cancelled"}));
+    }
+    // A snapshot that failed since the monitor last looked must not end as completed:
+    // what a client pulled after the failure was refused, so the backup is not whole.
+    if let Some(report) = fail_if_snapshot_failed(daemon, &id) {
+        return Err(failed(format!(
+            "backup {id} failed and has ended: {}; its exports and snapshots are gone,              start a new backup (with a larger --cow-limit if the COW store filled)",
+            report["error"].as_str().unwrap_or("a snapshot failed")
+        )));
     }
     Ok(complete(daemon, &id))
 }
@@ -617,30 +639,46 @@ pub fn connection_closed(daemon: &Daemon, conn: ConnectionId) {
     }
 }
 
+/// The first failed snapshot of running backup `id`: (volume, why).
+fn snapshot_failure(daemon: &Daemon, id: &str) -> Option<(String, String)> {
+    let registry = daemon.registry();
+    let backup = registry.backups.get(id)?;
+    backup
+        .members
+        .iter()
+        .find_map(|m| m.snapshot.failure().map(|why| (m.volume.clone(), why)))
+}
+
+/// If a snapshot of running backup `id` failed, fail the backup: `SNAPSHOT_FAILED`, then
+/// `BACKUP_FAILED` with the reason in its status. Returns the final status when this call
+/// ended the backup (so the events go out once even when several paths notice).
+fn fail_if_snapshot_failed(daemon: &Daemon, id: &str) -> Option<Value> {
+    let (volume, why) = snapshot_failure(daemon, id)?;
+    let reason = format!("the snapshot of volume {volume:?} failed: {why}");
+    let report = finish(daemon, id, "failed", Some(&reason), None)?;
+    tracing::warn!(backup = id, "backup failed: {reason}");
+    daemon.emit(
+        "SNAPSHOT_FAILED",
+        json!({"id": id, "volume": volume, "error": why}),
+    );
+    daemon.emit("BACKUP_FAILED", report.clone());
+    Some(report)
+}
+
+/// A push worker stopped with `desc`: when a snapshot failed underneath it, that is the
+/// reason (and `SNAPSHOT_FAILED` goes out); otherwise the copy error is.
+fn push_failed(daemon: &Daemon, id: &str, desc: &str) {
+    if fail_if_snapshot_failed(daemon, id).is_none() {
+        fail(daemon, id, desc);
+    }
+}
+
 /// Check running backups for snapshots that failed (a full COW store, an I/O error) and
-/// fail those backups; the live volumes are unaffected.
+/// fail those backups; the live volumes are unaffected. `backup-end` and a push worker
+/// check their own backup too, so a failure is never missed between two rounds.
 pub fn monitor(daemon: &Daemon) {
-    let broken: Vec<(String, String, String)> = daemon
-        .registry()
-        .backups
-        .values()
-        .flat_map(|b| {
-            b.members.iter().filter_map(|m| {
-                m.snapshot
-                    .failure()
-                    .map(|why| (b.id.clone(), m.volume.clone(), why))
-            })
-        })
-        .collect();
-    for (id, volume, why) in broken {
-        daemon.emit(
-            "SNAPSHOT_FAILED",
-            json!({"id": id, "volume": volume, "error": why}),
-        );
-        fail(
-            daemon,
-            &id,
-            &format!("the snapshot of volume {volume:?} failed: {why}"),
-        );
+    let ids: Vec<String> = daemon.registry().backups.keys().cloned().collect();
+    for id in ids {
+        fail_if_snapshot_failed(daemon, &id);
     }
 }

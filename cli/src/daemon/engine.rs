@@ -15,7 +15,7 @@ use tidemark_engine::snapshot::{CowOptions, Snapshot};
 use tidemark_engine::status::SnapshotState;
 use tidemark_engine::volume::{SnapshotSpec, TrackingMode, Volume, VolumeError, VolumeOptions};
 use tidemark_formats::delta::CheckpointRef;
-use tidemark_nbd::export::Export;
+use tidemark_nbd::export::{Capabilities, Export, ExportResult, Extent, MetaContext, ZeroFlags};
 
 use super::push;
 use tidemark_nbd::server::{Server, ServerError};
@@ -234,9 +234,23 @@ impl SnapshotHandle {
             .unwrap_or_else(|err| json!({"error": err.to_string()}))
     }
 
-    /// A read-only export of the snapshot, offering its frozen dirty bitmap (if any).
+    /// A read-only export of the snapshot, offering its frozen dirty bitmap (if any). Its
+    /// NBD description names the volume's uuid and granularity, which `tidemark pull
+    /// --delta` records in the delta's header (see [`crate::pull::describe_origin`]).
     pub fn export(&self) -> Arc<dyn Export> {
-        Arc::new(SnapshotExport::new(self.snapshot.clone()))
+        let description = crate::pull::describe_origin(
+            &format!(
+                "tidemark snapshot {} of volume {}",
+                self.snapshot.name(),
+                self.snapshot.volume()
+            ),
+            self.volume.uuid(),
+            self.volume.granularity(),
+        );
+        Arc::new(Described {
+            inner: SnapshotExport::new(self.snapshot.clone()),
+            description,
+        })
     }
 
     /// Why the snapshot failed, if it did (COW store full, I/O error).
@@ -250,6 +264,63 @@ impl SnapshotHandle {
                     .unwrap_or_else(|| format!("snapshot {:?}", status.state)),
             ),
         }
+    }
+}
+
+/// An export with another NBD description; everything else is `inner`'s.
+struct Described<E> {
+    inner: E,
+    description: String,
+}
+
+impl<E: Export> Export for Described<E> {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        self.inner.capabilities()
+    }
+
+    fn description(&self) -> String {
+        self.description.clone()
+    }
+
+    fn read(&self, offset: u64, buf: &mut [u8]) -> ExportResult<()> {
+        self.inner.read(offset, buf)
+    }
+
+    fn write(&self, offset: u64, data: &[u8], fua: bool) -> ExportResult<()> {
+        self.inner.write(offset, data, fua)
+    }
+
+    fn flush(&self) -> ExportResult<()> {
+        self.inner.flush()
+    }
+
+    fn trim(&self, offset: u64, len: u64, fua: bool) -> ExportResult<()> {
+        self.inner.trim(offset, len, fua)
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> ExportResult<()> {
+        self.inner.write_zeroes(offset, len, flags)
+    }
+
+    fn cache(&self, offset: u64, len: u64) -> ExportResult<()> {
+        self.inner.cache(offset, len)
+    }
+
+    fn dirty_bitmaps(&self) -> Vec<String> {
+        self.inner.dirty_bitmaps()
+    }
+
+    fn block_status(
+        &self,
+        context: &MetaContext,
+        offset: u64,
+        len: u64,
+    ) -> ExportResult<Vec<Extent>> {
+        self.inner.block_status(context, offset, len)
     }
 }
 
@@ -404,19 +475,68 @@ impl PushFormat {
 }
 
 /// Copy every job's snapshot to its target; the first failure stops the push.
+///
+/// A new full image and a delta are written as `TARGET.partial` (created here, never a
+/// file that existed) and renamed into place only when every volume of the backup was
+/// written; a failed or cancelled push removes its partial files, so it leaves no target
+/// behind and leaves a target that existed before untouched. In place, without staging:
+/// a block device, and the update-img of an incremental image push.
 pub fn push(
     jobs: &[(Arc<SnapshotHandle>, PathBuf)],
     format: PushFormat,
     checkpoint: Option<&str>,
     progress: &Arc<super::backup::Progress>,
 ) -> Result<Value, CommandError> {
+    let mut staged: Vec<(PathBuf, PathBuf)> = Vec::new();
+    let result = push_staged(jobs, format, checkpoint, progress, &mut staged).and_then(|reports| {
+        for (at, (partial, target)) in staged.iter().enumerate() {
+            if let Err(desc) = push::commit_partial(partial, target) {
+                // The ones before are in place (complete images); drop the rest.
+                staged.drain(..at);
+                return Err(CommandError::new(ErrorClass::GenericError, desc));
+            }
+        }
+        staged.clear();
+        Ok(reports)
+    });
+    for (partial, _) in &staged {
+        if let Err(err) = std::fs::remove_file(partial) {
+            tracing::warn!(
+                "removing {} after the failed push: {err}",
+                partial.display()
+            );
+        }
+    }
+    result
+}
+
+fn push_staged(
+    jobs: &[(Arc<SnapshotHandle>, PathBuf)],
+    format: PushFormat,
+    checkpoint: Option<&str>,
+    progress: &Arc<super::backup::Progress>,
+    staged: &mut Vec<(PathBuf, PathBuf)>,
+) -> Result<Value, CommandError> {
     let failed = |desc: String| CommandError::new(ErrorClass::GenericError, desc);
     let mut reports = Vec::new();
     for (handle, target) in jobs {
         let snapshot = &handle.snapshot;
+        let full = snapshot.dirty_bitmap().is_none();
+        let stage = match format {
+            PushFormat::Image => full && !push::is_block_device(target),
+            PushFormat::Delta => true,
+        };
+        let write_to = if stage {
+            let partial = push::partial_path(target);
+            push::create_partial(&partial, target).map_err(failed)?;
+            staged.push((partial.clone(), target.clone()));
+            partial
+        } else {
+            target.clone()
+        };
         let report = match format {
             PushFormat::Image => {
-                let report = push::push_image(snapshot, target, progress).map_err(failed)?;
+                let report = push::push_image(snapshot, &write_to, progress).map_err(failed)?;
                 json!({"volume": snapshot.volume(), "target": target, "copy": report})
             }
             PushFormat::Delta => {
@@ -450,7 +570,7 @@ pub fn push(
                     to,
                 };
                 let bytes =
-                    push::push_delta(snapshot, &origin, target, progress).map_err(failed)?;
+                    push::push_delta(snapshot, &origin, &write_to, progress).map_err(failed)?;
                 json!({"volume": snapshot.volume(), "target": target, "delta_bytes": bytes})
             }
         };

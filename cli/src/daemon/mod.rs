@@ -50,6 +50,28 @@ pub struct Config {
     pub listen: Option<SocketAddr>,
 }
 
+/// The file in the state dir that holds the number of the last backup id handed out
+/// (decimal), so ids stay unique across daemon restarts and crashes.
+const BACKUP_COUNTER: &str = "backup-counter";
+
+/// The last backup number a daemon of `state_dir` used (0 when none ever did).
+fn load_backup_counter(state_dir: &Path) -> anyhow::Result<u64> {
+    let path = state_dir.join(BACKUP_COUNTER);
+    match std::fs::read_to_string(&path) {
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(0),
+        Err(err) => Err(err).with_context(|| format!("reading {}", path.display())),
+        Ok(text) => text.trim().parse::<u64>().map_err(|err| {
+            anyhow::anyhow!(
+                "{} holds {:?}, not a backup number ({err}); it is written atomically, so \
+                 something else changed it: put back the highest backup-N number used so far \
+                 (see the daemon's log) so backup ids stay unique",
+                path.display(),
+                text.chars().take(40).collect::<String>()
+            )
+        }),
+    }
+}
+
 /// Backups that ended are remembered (for `backup-status`) up to this many.
 const FINISHED_KEPT: usize = 32;
 
@@ -62,6 +84,8 @@ pub struct Daemon {
     nbd: NbdServer,
     events: broadcast::Sender<Event>,
     registry: Mutex<Registry>,
+    /// The number of the last backup id handed out, as persisted in [`BACKUP_COUNTER`].
+    backup_counter: Mutex<u64>,
 }
 
 impl std::fmt::Debug for Daemon {
@@ -81,7 +105,6 @@ struct Registry {
     finished: VecDeque<Value>,
     /// Volumes a `backup-begin` in progress has claimed.
     reserved: BTreeSet<String>,
-    next_backup: u64,
     stopping: bool,
 }
 
@@ -122,6 +145,27 @@ impl Daemon {
         self.registry
             .lock()
             .unwrap_or_else(|poison| poison.into_inner())
+    }
+
+    /// A backup id never handed out before by a daemon of this state dir: the counter is
+    /// persisted (atomically, fsynced) before the id is used, so neither a restart nor a
+    /// crash can hand it out again.
+    fn next_backup_id(&self) -> Result<String, CommandError> {
+        let mut counter = self
+            .backup_counter
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
+        let next = *counter + 1;
+        let path = self.config.state_dir.join(BACKUP_COUNTER);
+        tidemark_formats::atomic_replace(&path, format!("{next}\n").as_bytes()).map_err(|err| {
+            failed(format!(
+                "backup not started: recording its id in {} failed: {err}; check that the \
+                     state dir is writable and not full",
+                path.display()
+            ))
+        })?;
+        *counter = next;
+        Ok(format!("backup-{next}"))
     }
 
     /// Emit an event to every control connection and to the log.
@@ -504,6 +548,7 @@ async fn run_async(config: Config) -> anyhow::Result<()> {
             .await
             .context("opening the volumes")??
     };
+    let backup_counter = load_backup_counter(&config.state_dir)?;
     let nbd = NbdServer::new();
     let mut registry = Registry::default();
     for volume in volumes {
@@ -520,6 +565,7 @@ async fn run_async(config: Config) -> anyhow::Result<()> {
         nbd,
         events,
         registry: Mutex::new(registry),
+        backup_counter: Mutex::new(backup_counter),
     });
 
     let (stop_tx, stop_rx) = watch::channel(false);

@@ -14,7 +14,7 @@
 use std::fs::File;
 use std::io::{self, BufWriter};
 use std::ops::Range;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -178,7 +178,8 @@ pub struct DeltaOrigin {
 }
 
 /// Write the changed extents of `snapshot` (all allocated extents for a full backup) as a
-/// delta file at `target` (written under a temporary name, fsynced, then renamed).
+/// delta file at `target`, fsynced (the caller writes it under its [`partial_path`] and
+/// renames it once the whole push succeeded).
 pub fn push_delta(
     snapshot: &Snapshot,
     origin: &DeltaOrigin,
@@ -193,9 +194,12 @@ pub fn push_delta(
     };
     let total: u64 = extents.iter().map(|r| r.end - r.start).sum();
     progress.total.fetch_add(total, Ordering::Relaxed);
-    let partial = target.with_extension("partial");
-    let file =
-        File::create(&partial).map_err(|err| format!("creating {}: {err}", partial.display()))?;
+    let partial = target;
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(partial)
+        .map_err(|err| format!("opening {}: {err}", partial.display()))?;
     let header = DeltaHeader {
         volume_uuid: origin.volume_uuid,
         volume_size: size,
@@ -235,7 +239,46 @@ pub fn push_delta(
         .map_err(|err| format!("flushing {}: {err}", partial.display()))?;
     file.sync_all()
         .map_err(|err| format!("syncing {}: {err}", partial.display()))?;
-    std::fs::rename(&partial, target).map_err(|err| {
+    Ok(total)
+}
+
+/// Where a push stages a new target until every volume of the backup is written:
+/// `TARGET.partial` next to it.
+pub fn partial_path(target: &Path) -> PathBuf {
+    let mut name = target.file_name().unwrap_or_default().to_os_string();
+    name.push(".partial");
+    target.with_file_name(name)
+}
+
+/// Whether `path` is a block device (written in place: it cannot be staged and renamed).
+pub fn is_block_device(path: &Path) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    std::fs::metadata(path)
+        .map(|m| m.file_type().is_block_device())
+        .unwrap_or(false)
+}
+
+/// Create the staging file `partial` for `target`; never reuse a file that exists.
+pub fn create_partial(partial: &Path, target: &Path) -> Result<(), String> {
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(partial)
+    {
+        Ok(_) => Ok(()),
+        Err(err) if err.kind() == io::ErrorKind::AlreadyExists => Err(format!(
+            "{} exists: an earlier push to {} did not finish, or the file is not tidemark's; \
+             remove it or choose another target",
+            partial.display(),
+            target.display()
+        )),
+        Err(err) => Err(format!("creating {}: {err}", partial.display())),
+    }
+}
+
+/// Move a staged file into place and make the rename durable.
+pub fn commit_partial(partial: &Path, target: &Path) -> Result<(), String> {
+    std::fs::rename(partial, target).map_err(|err| {
         format!(
             "renaming {} to {}: {err}",
             partial.display(),
@@ -243,9 +286,9 @@ pub fn push_delta(
         )
     })?;
     if let Some(dir) = target.parent() {
-        if let Ok(dir) = File::open(dir) {
-            let _ = dir.sync_all();
-        }
+        let dir = File::open(dir).map_err(|err| format!("opening {}: {err}", dir.display()))?;
+        dir.sync_all()
+            .map_err(|err| format!("syncing the directory of {}: {err}", target.display()))?;
     }
-    Ok(total)
+    Ok(())
 }

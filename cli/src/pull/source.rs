@@ -179,6 +179,11 @@ impl Connection {
         self.client.size()
     }
 
+    /// The export's NBD description (empty when the server sent none).
+    pub fn description(&self) -> &str {
+        &self.client.info().description
+    }
+
     /// Whether the server allows several connections to the export.
     pub fn can_multi_conn(&self) -> bool {
         self.client.can_multi_conn()

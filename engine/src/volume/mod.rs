@@ -40,7 +40,9 @@
 //!    was not yet durably dirty is on stable storage before step 3 is issued (group
 //!    commit, see [`crate::tracking`]);
 //! 2. for every active snapshot, preserve the touched chunks (copy-before-write; see
-//!    [`crate::snapshot`]); a COW failure fails that snapshot, never this write;
+//!    [`crate::snapshot`]); a COW failure fails that snapshot, never this write. Step 2
+//!    only reads the volume, so it runs while step 1's sync is in flight (the bits are
+//!    set and queued first, then the copy, then the wait for the sync);
 //! 3. write to the backing store (O_DIRECT when aligned); with FUA, fdatasync.
 //!
 //! Why this is safe: a crash after 1 leaves a dirty bit for data that may not have been
@@ -66,7 +68,9 @@ use serde::{Deserialize, Serialize};
 use tidemark_formats::manifest::{validate_volume_name, VolumeManifest};
 use uuid::Uuid;
 
-use crate::checkpoint::{valid_name, Chain, ChainParams, CheckpointError, CheckpointInfo};
+use crate::checkpoint::{
+    valid_name, Chain, ChainParams, CheckpointError, CheckpointInfo, NewCheckpoint,
+};
 use crate::snapshot::{
     CowOptions, Snapshot, SnapshotError, SnapshotInner, SnapshotParams, MAX_DEFAULT_CHUNK,
 };
@@ -603,12 +607,18 @@ impl Volume {
     }
 
     /// Steps 1 and 2 of the write order (module docs).
+    /// The snapshot copies only read the volume, so they run while the bitmap sync is in
+    /// flight; the data write still waits for both.
     fn before_change(&self, st: &WriteState, offset: u64, len: u64) -> Result<(), VolumeError> {
-        if let Some(active) = &st.active {
-            active.mark(offset, len)?;
-        }
+        let pending = match &st.active {
+            Some(active) => active.begin_mark(offset, len)?,
+            None => None,
+        };
         for snapshot in &st.snapshots {
             snapshot.preserve(offset, len);
+        }
+        if let Some(pending) = pending {
+            pending.finish()?;
         }
         Ok(())
     }
@@ -715,8 +725,16 @@ impl Volume {
     /// Create checkpoint `name`: changes are tracked from now on in its bitmap.
     pub fn checkpoint_create(&self, name: &str) -> Result<CheckpointInfo, VolumeError> {
         let mut chain = lock_mutex(&self.chain);
-        let mut st = self.gate_write()?;
-        Ok(chain.create(name, &mut st.active)?)
+        // The new bitmap file is written before the pause (see crate::checkpoint).
+        let new = chain.prepare(name)?;
+        let mut st = match self.gate_write() {
+            Ok(st) => st,
+            Err(e) => {
+                chain.discard(new);
+                return Err(e);
+            }
+        };
+        Ok(chain.install(new, &mut st.active)?)
     }
 
     /// Delete checkpoint `name`; its changes merge into its predecessor.
@@ -806,6 +824,29 @@ impl Volume {
         for &i in &order {
             chains[i] = Some(lock_mutex(&requests[i].0.chain));
         }
+        // New checkpoints' bitmap files are written before the pause.
+        let mut prepared: Vec<Option<NewCheckpoint>> = requests.iter().map(|_| None).collect();
+        let discard_prepared =
+            |chains: &[Option<MutexGuard<'_, Chain>>], prepared: &mut [Option<NewCheckpoint>]| {
+                for (chain, new) in chains.iter().zip(prepared.iter_mut()) {
+                    if let (Some(chain), Some(new)) = (chain, new.take()) {
+                        chain.discard(new);
+                    }
+                }
+            };
+        for (i, (_, spec)) in requests.iter().enumerate() {
+            let (Some(chain), Some(name)) = (chains[i].as_deref(), &spec.checkpoint) else {
+                continue;
+            };
+            match chain.prepare(name) {
+                Ok(new) => prepared[i] = Some(new),
+                Err(e) => {
+                    discard_prepared(&chains, &mut prepared);
+                    markers_done(requests.len());
+                    return Err(e.into());
+                }
+            }
+        }
         let started = Instant::now();
         let mut gates: Vec<Option<RwLockWriteGuard<'_, WriteState>>> =
             requests.iter().map(|_| None).collect();
@@ -814,6 +855,7 @@ impl Volume {
                 Ok(g) => gates[i] = Some(g),
                 Err(e) => {
                     drop(gates);
+                    discard_prepared(&chains, &mut prepared);
                     markers_done(requests.len());
                     return Err(e);
                 }
@@ -826,7 +868,7 @@ impl Volume {
             else {
                 continue;
             };
-            match volume.take_snapshot(chain, st, spec, &cow_paths[i]) {
+            match volume.take_snapshot(chain, st, spec, &cow_paths[i], prepared[i].take()) {
                 Ok(inner) => taken.push((inner, spec.checkpoint.is_some())),
                 Err(e) => {
                     failure = Some(e);
@@ -854,6 +896,7 @@ impl Volume {
                 }
             }
             drop(gates);
+            discard_prepared(&chains, &mut prepared);
             markers_done(requests.len());
             return Err(err);
         }
@@ -923,22 +966,35 @@ impl Volume {
         st: &mut WriteState,
         spec: &SnapshotSpec,
         cow_path: &Path,
+        new_checkpoint: Option<NewCheckpoint>,
     ) -> Result<Arc<SnapshotInner>, VolumeError> {
+        let give_up = |chain: &Chain, new: Option<NewCheckpoint>| {
+            if let Some(new) = new {
+                chain.discard(new);
+            }
+        };
         if st.snapshots.iter().any(|s| s.name() == spec.name) {
+            give_up(chain, new_checkpoint);
             return Err(VolumeError::SnapshotExists {
                 volume: self.name().to_string(),
                 name: spec.name.clone(),
             });
         }
         let bitmap = match &spec.since {
-            Some(since) => Some(chain.bitmap_since(since, st.active.as_deref())?),
+            Some(since) => match chain.bitmap_since(since, st.active.as_deref()) {
+                Ok(b) => Some(b),
+                Err(e) => {
+                    give_up(chain, new_checkpoint);
+                    return Err(e.into());
+                }
+            },
             None => None,
         };
         let chunk = spec
             .cow
             .chunk_size
             .unwrap_or(self.granularity().min(MAX_DEFAULT_CHUNK));
-        let inner = Arc::new(SnapshotInner::create(SnapshotParams {
+        let inner = match SnapshotInner::create(SnapshotParams {
             name: spec.name.clone(),
             volume: self.name().to_string(),
             size: self.size(),
@@ -948,13 +1004,32 @@ impl Volume {
             limit: spec.cow.limit.or(self.cow_defaults.cow_limit),
             bitmap,
             events: self.events.clone(),
-        })?);
-        inner.start()?;
+        }) {
+            Ok(inner) => Arc::new(inner),
+            Err(e) => {
+                give_up(chain, new_checkpoint);
+                return Err(e.into());
+            }
+        };
+        if let Err(e) = inner.start() {
+            inner.drop_store();
+            give_up(chain, new_checkpoint);
+            return Err(e.into());
+        }
         if let Some(name) = &spec.checkpoint {
-            if let Err(e) = chain.create(name, &mut st.active) {
+            let installed = match new_checkpoint {
+                Some(new) => chain.install(new, &mut st.active),
+                // Not prepared before the pause: prepare now.
+                None => chain
+                    .prepare(name)
+                    .and_then(|new| chain.install(new, &mut st.active)),
+            };
+            if let Err(e) = installed {
                 inner.drop_store();
                 return Err(e.into());
             }
+        } else {
+            give_up(chain, new_checkpoint);
         }
         st.snapshots.push(inner.clone());
         Ok(inner)

@@ -117,6 +117,33 @@ pub(crate) fn seek_hole(file: &File, offset: u64) -> io::Result<Option<u64>> {
     seek(file, offset, libc::SEEK_HOLE)
 }
 
+/// Largest number of buffers one `pwritev` takes (`IOV_MAX` on Linux).
+pub(crate) const IOV_MAX: usize = 1024;
+
+/// `pwritev`: write `bufs` in order, contiguously, at `offset`; returns the bytes written
+/// (possibly fewer than asked, like `pwrite`). At most [`IOV_MAX`] buffers are passed.
+pub(crate) fn pwritev(file: &File, bufs: &[io::IoSlice<'_>], offset: u64) -> io::Result<usize> {
+    let Ok(offset) = libc::off_t::try_from(offset) else {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    };
+    let count = bufs.len().min(IOV_MAX) as libc::c_int;
+    // SAFETY: `IoSlice` is guaranteed ABI-compatible with `struct iovec` on Unix, so the
+    // pointer is a valid array of `count` iovecs whose buffers are borrowed (readable)
+    // for the whole call; the kernel only reads them. `file` keeps the descriptor open.
+    let rc = unsafe {
+        libc::pwritev(
+            file.as_raw_fd(),
+            bufs.as_ptr().cast::<libc::iovec>(),
+            count,
+            offset,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(rc as usize)
+}
+
 /// Try to take an exclusive `flock` on `file` without blocking: `Ok(false)` when another
 /// open file description holds it. Released when the descriptor is closed.
 pub(crate) fn try_lock_exclusive(file: &File) -> io::Result<bool> {

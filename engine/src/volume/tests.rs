@@ -265,12 +265,27 @@ fn a_group_snapshot_is_one_instant_for_all_volumes_and_all_or_nothing() {
     assert!(err.is_err());
     assert_eq!(a.checkpoints().len(), 1);
     assert!(a.snapshots().is_empty() && b.snapshots().is_empty());
+    // The new checkpoints' files, written before the pause, were removed again.
+    let bitmap_files = |v: &Volume| {
+        std::fs::read_dir(v.state_path())
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".bitmap"))
+            .count()
+    };
+    assert_eq!(bitmap_files(&a), 1);
+    assert_eq!(bitmap_files(&b), 0);
     let group =
         Volume::snapshot_group(&[(&a, spec("s", Some("base"))), (&b, spec("s", None))]).unwrap();
     assert_eq!(group.snapshots.len(), 2);
     assert_eq!(group.snapshots[0].volume(), "a");
     assert_eq!(a.checkpoints().len(), 2);
     assert_eq!(b.checkpoints().len(), 1);
+    assert_eq!(bitmap_files(&a), 2);
+    assert_eq!(bitmap_files(&b), 1);
+    // A checkpoint name that is taken fails before the pause and leaves no file behind.
+    assert!(a.checkpoint_create("next").is_err());
+    assert_eq!(bitmap_files(&a), 2);
     assert!(Volume::snapshot_group(&[(&a, spec("t", None)), (&a, spec("u", None))]).is_err());
 }
 

@@ -27,6 +27,9 @@ pub struct Daemon {
     pub child: Option<Child>,
     /// Extra arguments of `tidemark serve`.
     pub serve_args: Vec<String>,
+    /// Run the daemon with this RLIMIT_FSIZE (bytes) and SIGXFSZ ignored, so its writes
+    /// past the limit fail with EFBIG: a target that breaks mid-push.
+    pub file_size_limit: Option<u64>,
 }
 
 impl Daemon {
@@ -35,26 +38,53 @@ impl Daemon {
         Daemon::start_with(&[])
     }
 
+    /// Start a daemon whose files cannot grow past `limit` bytes (see `file_size_limit`).
+    pub fn start_with_file_size_limit(limit: u64) -> Daemon {
+        let mut daemon = Daemon::stopped(&[]);
+        daemon.file_size_limit = Some(limit);
+        daemon.restart();
+        daemon
+    }
+
     /// Start a daemon with extra `tidemark serve` arguments.
     pub fn start_with(serve_args: &[&str]) -> Daemon {
+        let mut daemon = Daemon::stopped(serve_args);
+        daemon.restart();
+        daemon
+    }
+
+    fn stopped(serve_args: &[&str]) -> Daemon {
         let dir = tempfile::tempdir().expect("tempdir");
         let state_dir = dir.path().join("state");
         let serve_args = serve_args.iter().map(|a| a.to_string()).collect();
-        let mut daemon = Daemon {
+        Daemon {
             dir,
             state_dir,
             child: None,
             serve_args,
-        };
-        daemon.restart();
-        daemon
+            file_size_limit: None,
+        }
     }
 
     /// Start (again) on the same state dir.
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "the daemon runs already");
         let log = std::fs::File::create(self.dir.path().join("daemon.log")).expect("log file");
-        let child = Command::new(tidemark_bin())
+        let mut command = match self.file_size_limit {
+            None => Command::new(tidemark_bin()),
+            Some(limit) => {
+                // An ignored signal stays ignored across exec.
+                let mut command = Command::new("sh");
+                command
+                    .arg("-c")
+                    .arg(format!(
+                        "trap '' XFSZ; exec prlimit --fsize={limit}:{limit} \"$0\" \"$@\""
+                    ))
+                    .arg(tidemark_bin());
+                command
+            }
+        };
+        let child = command
             .args(["serve", "--state-dir"])
             .arg(&self.state_dir)
             .args(&self.serve_args)
