@@ -41,6 +41,8 @@ impl FileBackend {
             queue_depth: qd,
             buf_size: bs,
             buf_count: qd,
+            // The measuring loop submits and reaps on this thread only.
+            single_thread: true,
             ..EngineConfig::default()
         })
         .context("cannot start the I/O engine")?;

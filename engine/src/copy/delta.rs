@@ -123,6 +123,8 @@ impl OrderedReader {
     ) -> Result<OrderedReader, CopyError> {
         let mut config = options.engine.clone();
         config.buf_count = config.queue_depth.max(1) + 2;
+        // Created and used inside one delta job call, on one thread.
+        config.single_thread = true;
         let mut engine = open_engine(&config)?;
         let file = source
             .engine_file()

@@ -37,12 +37,14 @@ impl JobOptions {
     }
 
     /// The engine settings jobs use: twice as many buffers as queue slots, so reads can
-    /// be refilled while writes drain.
+    /// be refilled while writes drain; single-thread, as a job creates, uses and drops
+    /// its writer inside one call.
     pub(crate) fn writer_options(&self) -> WriterOptions {
         let mut engine = self.engine.clone();
         if engine.buf_count == 0 {
             engine.buf_count = engine.queue_depth.max(1) * 2;
         }
+        engine.single_thread = true;
         WriterOptions {
             direct: self.direct,
             engine,
@@ -168,7 +170,16 @@ pub fn update_image(
     let started = Instant::now();
     let size = source.size();
     let changed = normalize(changed, size);
-    let mut writer = ImageWriter::open(image, size, &options.writer_options())?;
+    let mut writer_options = options.writer_options();
+    // Small scattered extents need small buffers: a pool of 1 MiB buffers for 64 KiB
+    // extents would map, pin (register) and unmap 16 times the memory the job uses.
+    let largest = changed.iter().map(|r| r.end - r.start).max().unwrap_or(0);
+    let configured = writer_options.engine.buf_size;
+    writer_options.engine.buf_size = usize::try_from(largest)
+        .map_or(configured, |largest| largest.min(configured))
+        .next_multiple_of(ALIGN)
+        .max(ALIGN);
+    let mut writer = ImageWriter::open(image, size, &writer_options)?;
     let mut report = JobReport::new("update-img", source, image, &writer);
     let changed_bytes: u64 = changed.iter().map(|r| r.end - r.start).sum();
     report.bytes_unchanged = size - changed_bytes;
@@ -378,6 +389,7 @@ pub fn verify_images(
     };
     let mut config = options.engine.clone();
     config.buf_count = config.queue_depth.max(2) * 2;
+    config.single_thread = true;
     let mut engine = open_engine(&config)?;
     let chunk = engine.pool().buf_size() as u64;
     let overlaps = |data: &[Range<u64>], piece: &Range<u64>| {

@@ -37,6 +37,10 @@ pub struct FileSource {
     direct: bool,
     size: u64,
     seekable_holes: bool,
+    /// The last SEEK_DATA/SEEK_HOLE answer: from `.0` on, the first data is at `.1` and
+    /// the hole after it at `.2`. update-img asks about many small extents in order, and
+    /// most fall into a run already found, which then costs no system call.
+    last_seek: Option<(u64, u64, u64)>,
 }
 
 impl FileSource {
@@ -70,6 +74,7 @@ impl FileSource {
             direct,
             size,
             seekable_holes: kind.is_file(),
+            last_seek: None,
         })
     }
 
@@ -141,21 +146,30 @@ impl Source for FileSource {
         let mut extents = Vec::new();
         let mut at = range.start;
         while at < range.end {
-            let data = match sys::seek_data(&self.file, at) {
-                Ok(Some(data)) => data,
-                Ok(None) => break,
-                // A file system without SEEK_DATA: everything is data.
-                Err(err) if err.raw_os_error() == Some(libc::EINVAL) => {
-                    extents.push(at..range.end);
-                    break;
+            let (data, hole) = match self.last_seek {
+                Some((from, data, hole)) if from <= at && at < hole => (data.max(at), hole),
+                _ => {
+                    let data = match sys::seek_data(&self.file, at) {
+                        Ok(Some(data)) => data,
+                        Ok(None) => break,
+                        // A file system without SEEK_DATA: everything is data.
+                        Err(err) if err.raw_os_error() == Some(libc::EINVAL) => {
+                            extents.push(at..range.end);
+                            break;
+                        }
+                        Err(err) => {
+                            return Err(CopyError::file(&self.path, "finding data in", err))
+                        }
+                    };
+                    let hole = sys::seek_hole(&self.file, data)
+                        .map_err(|err| CopyError::file(&self.path, "finding holes in", err))?;
+                    self.last_seek = Some((at, data, hole));
+                    (data, hole)
                 }
-                Err(err) => return Err(CopyError::file(&self.path, "finding data in", err)),
             };
             if data >= range.end {
                 break;
             }
-            let hole = sys::seek_hole(&self.file, data)
-                .map_err(|err| CopyError::file(&self.path, "finding holes in", err))?;
             extents.push(data..hole.min(range.end));
             at = hole;
         }
@@ -191,5 +205,38 @@ mod tests {
         assert!(extents.iter().any(|r| r.contains(&(4 << 20))));
         assert!(extents.iter().any(|r| r.contains(&(10 << 20))));
         assert_eq!(source.data_extents(11 << 20..16 << 20).unwrap(), vec![]);
+    }
+
+    #[test]
+    fn remembered_seeks_answer_like_fresh_ones() {
+        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+        let path = dir.path().join("thin");
+        let file = File::create(&path).unwrap();
+        file.set_len(32 << 20).unwrap();
+        for at in [1u64 << 20, 3 << 20, (3 << 20) + 65536, 9 << 20, 30 << 20] {
+            file.write_all_at(&[3u8; 65536], at).unwrap();
+        }
+        drop(file);
+        let mut reused = FileSource::open(&path, false).unwrap();
+        let step = 192 << 10;
+        let ranges: Vec<Range<u64>> = (0..(32u64 << 20) / step)
+            .map(|i| i * step..i * step + 100_000)
+            .chain([
+                5 << 20..31 << 20,
+                0..1 << 20,
+                (1 << 20) + 4096..(3 << 20) + 8192,
+            ])
+            .collect();
+        for range in ranges {
+            let fresh = FileSource::open(&path, false)
+                .unwrap()
+                .data_extents(range.clone())
+                .unwrap();
+            assert_eq!(
+                reused.data_extents(range.clone()).unwrap(),
+                fresh,
+                "{range:?}"
+            );
+        }
     }
 }

@@ -76,6 +76,8 @@ pub struct ImageWriter {
     failed: Vec<FailedExtent>,
     reads_done: Vec<Completion>,
     reads_in_flight: usize,
+    /// Scratch list `reap` fills, kept so reaping does not allocate.
+    completions: Vec<Completion>,
 }
 
 impl ImageWriter {
@@ -166,6 +168,7 @@ impl ImageWriter {
             failed: Vec::new(),
             reads_done: Vec::new(),
             reads_in_flight: 0,
+            completions: Vec::new(),
         })
     }
 
@@ -386,16 +389,18 @@ impl ImageWriter {
     }
 
     fn reap(&mut self, min: usize) -> Result<(), CopyError> {
-        let mut done = Vec::new();
-        self.engine.reap(min, &mut done)?;
-        for completion in done {
+        let mut done = std::mem::take(&mut self.completions);
+        let reaped = self.engine.reap(min, &mut done);
+        let mut result = reaped.map(|_| ()).map_err(CopyError::from);
+        for completion in done.drain(..) {
             if completion.user_data & WRITE_TAG == 0 {
                 self.reads_done.push(completion);
-                continue;
+            } else if result.is_ok() {
+                result = self.finished_write(completion);
             }
-            self.finished_write(completion)?;
         }
-        Ok(())
+        self.completions = done;
+        result
     }
 
     fn finished_write(&mut self, completion: Completion) -> Result<(), CopyError> {

@@ -1,4 +1,4 @@
-//! Aligned I/O buffers: one allocation carved into equal buffers, handed out as owned
+//! Aligned I/O buffers: one anonymous mapping carved into equal buffers, handed out as owned
 //! [`IoBuf`] handles and returned to the pool when dropped.
 //!
 //! Every buffer starts on an [`ALIGN`]-byte boundary and its size is a multiple of
@@ -6,12 +6,12 @@
 //! 4 KiB logical sectors). The io_uring engine registers the whole pool once
 //! (`IORING_REGISTER_BUFFERS`), so a buffer's pool index is also its fixed-buffer index.
 //!
-//! `unsafe` here: allocating and freeing the region, and turning a buffer's part of it
+//! `unsafe` here: mapping and unmapping the region (mmap: page-aligned and zero-filled
+//! lazily by the kernel, so a large pool costs nothing until used), and turning a buffer's part of it
 //! into slices. The invariant that makes the slices sound is that an index is owned by at
 //! most one live `IoBuf` at a time (the free list hands each index out once and takes it
 //! back only in `IoBuf::drop`), so no two handles ever alias the same bytes.
 
-use std::alloc::{self, Layout};
 use std::fmt;
 use std::ops::Range;
 use std::ptr::NonNull;
@@ -37,7 +37,8 @@ pub struct BufPool {
 struct PoolInner {
     id: u64,
     base: NonNull<u8>,
-    layout: Layout,
+    /// Bytes mapped at `base`.
+    len: usize,
     buf_size: usize,
     count: usize,
     free: Mutex<Vec<u32>>,
@@ -54,9 +55,11 @@ unsafe impl Sync for PoolInner {}
 
 impl Drop for PoolInner {
     fn drop(&mut self) {
-        // SAFETY: `base` was returned by `alloc_zeroed(self.layout)` in `BufPool::new` and
-        // is freed only here, when the last handle (pool, IoBuf or registered ring) is gone.
-        unsafe { alloc::dealloc(self.base.as_ptr(), self.layout) };
+        // SAFETY: `base` and `len` describe the mapping made by `mmap` in `BufPool::new`; it
+        // is unmapped only here, when the last handle (pool, IoBuf or registered ring) is
+        // gone, so no slice into it and no kernel registration outlives it.
+        let rc = unsafe { libc::munmap(self.base.as_ptr().cast(), self.len) };
+        debug_assert_eq!(rc, 0, "munmap of a buffer pool failed");
     }
 }
 
@@ -82,19 +85,38 @@ impl BufPool {
                     MAX_POOL_BYTES >> 30
                 ))
             })?;
-        let layout = Layout::from_size_align(total, ALIGN)
-            .map_err(|err| IoError::Config(format!("buffer pool layout: {err}")))?;
-        // SAFETY: `layout` has a non-zero size (buf_size >= ALIGN and count >= 1).
-        let base = unsafe { alloc::alloc_zeroed(layout) };
-        let base = NonNull::new(base).ok_or_else(|| {
+        // Anonymous memory from mmap: page-aligned (ALIGN is one page) and zero-filled by
+        // the kernel on first touch. `alloc_zeroed` with a 4 KiB alignment would memset the
+        // whole pool in user space instead, touching every page up front (tens of
+        // milliseconds for a 64 MiB pool, paid by every short job).
+        // SAFETY: a fresh private anonymous mapping of `total` (> 0) bytes at an address the
+        // kernel chooses; it aliases no existing memory.
+        let mapped = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                total,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if mapped == libc::MAP_FAILED {
+            return Err(IoError::Config(format!(
+                "cannot allocate a {total}-byte buffer pool: {}",
+                std::io::Error::last_os_error()
+            )));
+        }
+        let base = NonNull::new(mapped.cast::<u8>()).ok_or_else(|| {
             IoError::Config(format!("cannot allocate a {total}-byte buffer pool"))
         })?;
+        debug_assert_eq!(base.as_ptr() as usize % ALIGN, 0);
         let free = (0..count as u32).rev().collect();
         Ok(BufPool {
             inner: Arc::new(PoolInner {
                 id: NEXT_POOL_ID.fetch_add(1, Ordering::Relaxed),
                 base,
-                layout,
+                len: total,
                 buf_size,
                 count,
                 free: Mutex::new(free),

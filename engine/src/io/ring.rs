@@ -7,6 +7,13 @@
 //! `io_uring_register` call (`IORING_REGISTER_RESTRICTIONS`) before the ring is enabled:
 //! even a bug here cannot turn this ring into anything but a reader and writer.
 //!
+//! A ring made for one thread (`single_thread`) is set up, where the kernel allows it
+//! (6.1+), with `IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN`: completions are
+//! posted only when that thread enters the kernel to wait for them, with no task-work
+//! wakeups in between (what fio does). The ring is then enabled lazily, by the first
+//! thread that submits, which becomes its only user; any other thread gets an error
+//! instead of the kernel's EEXIST.
+//!
 //! Ownership rule, the one invariant all `unsafe` below rests on: a buffer handed to the
 //! kernel in an SQE is moved into this ring's in-flight table (slot = SQE `user_data`)
 //! and is only given back when its CQE has been reaped. Until then nobody else can read,
@@ -15,10 +22,15 @@
 
 use std::io;
 use std::os::fd::RawFd;
+use std::thread::{self, ThreadId};
 
 use io_uring::{opcode, register::Restriction, squeue, types, IoUring};
 
 use super::buf::{BufPool, IoBuf};
+
+/// `io_uring_enter` flag: wait for (and, with deferred task running, post) completions.
+/// Part of the kernel ABI since 5.1; the io-uring crate does not export it.
+const IORING_ENTER_GETEVENTS: u32 = 1;
 
 /// The direction of a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,9 +53,18 @@ pub(crate) struct Ring<T> {
     /// alive while the kernel has it registered.
     registered: Option<BufPool>,
     restricted: bool,
+    /// Whether the ring was created disabled and has not been enabled yet.
+    disabled: bool,
+    /// Single-issuer rings (deferred task running): the thread that enabled the ring,
+    /// the only one the kernel lets submit and reap.
+    single_issuer: bool,
+    owner: Option<ThreadId>,
     slots: Vec<Option<(IoBuf, T)>>,
     free_slots: Vec<u32>,
     queued: usize,
+    /// Scratch space for `reap`: (slot, result) of the CQEs just consumed, kept between
+    /// calls so reaping never allocates.
+    completed: Vec<(u64, i32)>,
 }
 
 impl<T> std::fmt::Debug for Ring<T> {
@@ -59,25 +80,63 @@ impl<T> std::fmt::Debug for Ring<T> {
 
 impl<T> Ring<T> {
     /// A ring with room for `depth` requests in flight, with `pool` registered as fixed
-    /// buffers when the kernel allows it.
-    pub fn new(depth: usize, pool: &BufPool) -> io::Result<Ring<T>> {
+    /// buffers when the kernel allows it. `single_thread`: the ring will only ever be
+    /// used from one thread (see the module docs).
+    pub fn new(depth: usize, pool: &BufPool, single_thread: bool) -> io::Result<Ring<T>> {
         let entries = depth.clamp(1, 4096).next_power_of_two() as u32;
-        let (ring, disabled) = build(entries)?;
+        let built = build(entries, single_thread)?;
+        let ring = built.ring;
         let registered = register_pool(&ring, pool);
         let mut restricted = false;
-        if disabled {
+        if built.disabled {
             restricted = restrict(&ring).is_ok();
-            ring.submitter().register_enable_rings()?;
+            if !built.single_issuer {
+                ring.submitter().register_enable_rings()?;
+            }
         }
         let depth = entries as usize;
         Ok(Ring {
             ring,
             registered,
             restricted,
+            disabled: built.disabled && built.single_issuer,
+            single_issuer: built.single_issuer,
+            owner: None,
             slots: (0..depth).map(|_| None).collect(),
             free_slots: (0..depth as u32).rev().collect(),
             queued: 0,
+            completed: Vec::with_capacity(depth),
         })
+    }
+
+    /// Whether completions run only when the owning thread waits for them
+    /// (`IORING_SETUP_DEFER_TASKRUN`).
+    pub fn deferred_taskrun(&self) -> bool {
+        self.single_issuer
+    }
+
+    /// Enable a lazily enabled ring on this thread, and refuse a single-issuer ring's use
+    /// from any other thread.
+    fn claim(&mut self) -> io::Result<()> {
+        if !self.single_issuer {
+            return Ok(());
+        }
+        let me = thread::current().id();
+        match self.owner {
+            Some(owner) if owner == me => Ok(()),
+            Some(_) => Err(io::Error::other(
+                "this io_uring engine belongs to the thread that first used it \
+                 (single issuer); it cannot be used from another thread",
+            )),
+            None => {
+                if self.disabled {
+                    self.ring.submitter().register_enable_rings()?;
+                    self.disabled = false;
+                }
+                self.owner = Some(me);
+                Ok(())
+            }
+        }
     }
 
     /// Requests the ring can hold in flight.
@@ -135,10 +194,9 @@ impl<T> Ring<T> {
         // Park the buffer before the kernel can see the SQE.
         self.slots[slot as usize] = Some((buf, tag));
         if self.ring.submission().is_full() {
-            if let Err(err) = self.ring.submit() {
+            if let Err(err) = self.submit_and_wait(0) {
                 return Err(self.unpark(slot, err));
             }
-            self.queued = 0;
         }
         // SAFETY: the SQE points at `len` bytes of the buffer parked in `slots[slot]`; that
         // buffer stays there, untouched and alive, until the CQE with user_data == slot is
@@ -164,9 +222,27 @@ impl<T> Ring<T> {
     /// Send queued requests to the kernel and wait until at least `want` completions are
     /// ready (0: do not wait).
     pub fn submit_and_wait(&mut self, want: usize) -> io::Result<()> {
+        self.claim()?;
         let want = want.min(self.in_flight());
         loop {
-            match self.ring.submit_and_wait(want) {
+            let entered = if self.single_issuer {
+                // Deferred completions are posted only by an enter with GETEVENTS, so a
+                // ring of this kind always asks for events, even when not waiting.
+                let to_submit = self.ring.submission().len() as u32;
+                // SAFETY: every SQE in the queue points into a buffer parked in `slots`
+                // (see `push`); no argument pointer is passed.
+                unsafe {
+                    self.ring.submitter().enter::<libc::sigset_t>(
+                        to_submit,
+                        want as u32,
+                        IORING_ENTER_GETEVENTS,
+                        None,
+                    )
+                }
+            } else {
+                self.ring.submit_and_wait(want)
+            };
+            match entered {
                 Ok(_) => {
                     self.queued = 0;
                     return Ok(());
@@ -182,11 +258,13 @@ impl<T> Ring<T> {
 
     /// Hand every ready completion to `sink`, with its buffer.
     pub fn reap(&mut self, mut sink: impl FnMut(Reaped<T>)) {
-        let mut finished = Vec::new();
-        for cqe in self.ring.completion() {
-            finished.push((cqe.user_data(), cqe.result()));
-        }
-        for (slot, result) in finished {
+        let mut finished = std::mem::take(&mut self.completed);
+        finished.extend(
+            self.ring
+                .completion()
+                .map(|cqe| (cqe.user_data(), cqe.result())),
+        );
+        for &(slot, result) in &finished {
             let Some(parked) = self.slots.get_mut(slot as usize).and_then(Option::take) else {
                 // Every SQE we push carries a slot we parked; anything else is not ours.
                 tracing::error!(slot, "io_uring completion for an unknown request ignored");
@@ -196,6 +274,8 @@ impl<T> Ring<T> {
             let (buf, tag) = parked;
             sink(Reaped { tag, result, buf });
         }
+        finished.clear();
+        self.completed = finished;
     }
 }
 
@@ -217,12 +297,31 @@ impl<T> Drop for Ring<T> {
     }
 }
 
+/// A ring as [`build`] could set it up.
+struct Built {
+    ring: IoUring,
+    /// Created disabled (restrictions can be set before enabling it).
+    disabled: bool,
+    /// Created with `SINGLE_ISSUER | DEFER_TASKRUN`.
+    single_issuer: bool,
+}
+
 /// Build a ring, disabled (so restrictions can be set) and with cooperative task running
-/// where the kernel knows those flags; plain otherwise.
-fn build(entries: u32) -> io::Result<(IoUring, bool)> {
-    let attempts: [(bool, bool); 3] = [(true, true), (true, false), (false, false)];
+/// where the kernel knows those flags; for a `single_thread` ring also single-issuer with
+/// deferred task running where it knows those; plain otherwise.
+fn build(entries: u32, single_thread: bool) -> io::Result<Built> {
+    // (disabled, coop, single issuer + deferred task running)
+    let attempts: [(bool, bool, bool); 4] = [
+        (true, true, true),
+        (true, true, false),
+        (true, false, false),
+        (false, false, false),
+    ];
     let mut last = None;
-    for (disabled, coop) in attempts {
+    for (disabled, coop, single_issuer) in attempts {
+        if single_issuer && !single_thread {
+            continue;
+        }
         let mut builder = IoUring::builder();
         if disabled {
             builder.setup_r_disabled();
@@ -230,8 +329,18 @@ fn build(entries: u32) -> io::Result<(IoUring, bool)> {
         if coop {
             builder.setup_coop_taskrun();
         }
+        if single_issuer {
+            builder.setup_single_issuer();
+            builder.setup_defer_taskrun();
+        }
         match builder.build(entries) {
-            Ok(ring) => return Ok((ring, disabled)),
+            Ok(ring) => {
+                return Ok(Built {
+                    ring,
+                    disabled,
+                    single_issuer,
+                })
+            }
             Err(err) if err.raw_os_error() == Some(libc::EINVAL) => last = Some(err),
             Err(err) => return Err(err),
         }

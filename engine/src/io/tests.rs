@@ -146,6 +146,13 @@ fn engines() -> (Box<dyn Engine>, Box<dyn Engine>) {
     )
 }
 
+/// An io_uring engine promised to one thread (single issuer, deferred task running where
+/// the kernel has them).
+fn single_thread_uring() -> Box<dyn Engine> {
+    let pool = BufPool::new(8 * BLOCK, 16).unwrap();
+    Box::new(UringEngine::with_options(16, pool, true).unwrap())
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
 
@@ -172,9 +179,12 @@ proptest! {
         let (mut uring, mut oracle) = engines();
         let from_uring = run(uring.as_mut(), &initial, direct, &batches);
         let from_oracle = run(oracle.as_mut(), &initial, direct, &batches);
+        let mut deferred = single_thread_uring();
+        let from_deferred = run(deferred.as_mut(), &initial, direct, &batches);
         let expected = model(&initial, &batches);
         // Plain comparisons: a failure names the first differing read, not megabytes.
         prop_assert!(from_uring.1 == from_oracle.1, "final disks differ (io_uring vs threads)");
+        prop_assert!(from_deferred == from_uring, "the single-thread (deferred task running) ring differs");
         prop_assert!(from_uring.1 == expected.1, "final disk differs from the model");
         prop_assert_eq!(from_uring.0.len(), expected.0.len());
         for (i, ((a, b), c)) in from_uring.0.iter().zip(&from_oracle.0).zip(&expected.0).enumerate() {
@@ -280,4 +290,52 @@ fn buffers_from_another_pool_work_unregistered() {
     let mut back = [0u8; BLOCK];
     file.read_exact_at(&mut back, 8192).unwrap();
     assert!(back.iter().all(|&b| b == 0x5a));
+}
+
+#[test]
+fn a_single_thread_engine_belongs_to_its_first_user() {
+    if !uring_available() {
+        return;
+    }
+    let file = Arc::new(tempfile::tempfile().unwrap());
+    file.write_all_at(&[5u8; BLOCK], 0).unwrap();
+    let read = |engine: &mut dyn Engine, id| -> Result<Vec<u8>, IoError> {
+        let buf = engine.pool().take().unwrap();
+        engine.submit(Request {
+            op: super::Op::Read,
+            file: id,
+            offset: 0,
+            buf,
+            user_data: 1,
+        })?;
+        let mut done = Vec::new();
+        engine.reap(1, &mut done)?;
+        let completion = done.pop().unwrap();
+        assert_eq!(completion.result.unwrap(), BLOCK);
+        Ok(completion.buf.as_slice()[..BLOCK].to_vec())
+    };
+    // Made on this thread, first used on another: that thread becomes its user.
+    let mut engine = single_thread_uring();
+    let id = engine.add_file(Arc::clone(&file));
+    let mut engine = std::thread::spawn(move || {
+        assert_eq!(read(engine.as_mut(), id).unwrap(), vec![5u8; BLOCK]);
+        engine
+    })
+    .join()
+    .unwrap();
+    // Back here, a ring that defers its completions to that thread refuses to work
+    // (plainly, without hanging); one that could not defer works from anywhere.
+    let deferred = UringEngine::with_options(4, BufPool::new(BLOCK, 4).unwrap(), true)
+        .unwrap()
+        .deferred_taskrun();
+    match read(engine.as_mut(), id) {
+        Ok(bytes) => {
+            assert!(!deferred, "a deferred ring served another thread");
+            assert_eq!(bytes, vec![5u8; BLOCK]);
+        }
+        Err(err) => {
+            assert!(deferred, "{err}");
+            assert!(err.to_string().contains("another thread"), "{err}");
+        }
+    }
 }

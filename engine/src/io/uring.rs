@@ -36,7 +36,18 @@ impl UringEngine {
     /// An engine with `depth` requests in flight, drawing buffers from `pool` (registered
     /// as fixed buffers when the kernel allows it).
     pub fn new(depth: usize, pool: BufPool) -> Result<UringEngine, IoError> {
-        let ring = Ring::new(depth, &pool).map_err(IoError::Uring)?;
+        UringEngine::with_options(depth, pool, false)
+    }
+
+    /// Like [`UringEngine::new`]; `single_thread` promises that only one thread will use
+    /// the engine (the first to submit), which lets the kernel defer completion work
+    /// until that thread waits (see [`super::EngineConfig::single_thread`]).
+    pub fn with_options(
+        depth: usize,
+        pool: BufPool,
+        single_thread: bool,
+    ) -> Result<UringEngine, IoError> {
+        let ring = Ring::new(depth, &pool, single_thread).map_err(IoError::Uring)?;
         tracing::debug!(?ring, "io_uring engine ready");
         Ok(UringEngine {
             ring,
@@ -48,6 +59,12 @@ impl UringEngine {
     /// Whether the pool is registered with the kernel (fixed-buffer reads and writes).
     pub fn fixed_buffers(&self) -> bool {
         self.ring.fixed_buffers()
+    }
+
+    /// Whether completions are posted only when the owning thread waits
+    /// (`IORING_SETUP_DEFER_TASKRUN`, for single-thread engines).
+    pub fn deferred_taskrun(&self) -> bool {
+        self.ring.deferred_taskrun()
     }
 
     /// Whether the kernel refuses every opcode but the four this engine uses.
