@@ -5,8 +5,12 @@
 # Writes: nbdcopy copies that file into a fresh writable export of each server and flushes
 # (--flush: the servers fdatasync, so the figure includes getting the data to disk).
 # Servers, all over Unix sockets: `tidemark export`, nbdkit's file plugin, qemu-nbd,
-# nbd-server. Every round runs each server once, in a rotating order (paired runs); the
-# figure per server is the median over rounds; ratios are tidemark / peer (>1 = faster).
+# nbd-server. Every round runs each server once, in a rotating order that runs backwards
+# in odd rounds, so no server always follows the same neighbour (paired runs); after every
+# run the target file is removed and `sync` waits for the disk to settle (this mount's
+# online discard of the freed blocks, the last writeback), so no run pays for the one
+# before it. The figure per server is the median over rounds; ratios are tidemark / peer
+# (>1 = faster).
 #
 # Usage: bash benches/nbd-peers.sh [SIZE_MIB] [ROUNDS]      (defaults: 2048 5)
 # Env: TIDEMARK_BIN (default target/release/tidemark, built if missing), BENCH_DIR (tmp).
@@ -33,6 +37,7 @@ src=$work/source.img
 echo "preparing a ${size_mib} MiB source file in $work"
 head -c $((size_mib * 1024 * 1024)) /dev/urandom >"$src"
 cat "$src" >/dev/null # page-cache it
+sync                  # and let its writeback finish before the first run
 
 # start NAME MODE FILE: starts the server on $work/NAME.sock, sets $server_pid.
 start() {
@@ -103,11 +108,15 @@ declare -A results
 for ((round = 0; round < rounds; round++)); do
     n=${#servers[@]}
     for ((i = 0; i < n; i++)); do
-        s=${servers[$(((i + round) % n))]}
+        if ((round % 2)); then
+            s=${servers[$(((n - 1 - i + round) % n))]}
+        else
+            s=${servers[$(((i + round) % n))]}
+        fi
         start "$s" read "$src"
-        t=$(timed "$(uri "$s")" null:)
+        tr=$(timed "$(uri "$s")" null:)
         stop
-        results[$s.read]+="$t "
+        results[$s.read]+="$tr "
         dst=$work/target.img
         rm -f "$dst"
         truncate -s $((size_mib * 1024 * 1024)) "$dst"
@@ -116,7 +125,8 @@ for ((round = 0; round < rounds; round++)); do
         stop
         results[$s.write]+="$t "
         rm -f "$dst"
-        echo "round $((round + 1))/$rounds: $s done"
+        sync
+        echo "round $((round + 1))/$rounds: $s done (read ${tr}s, write ${t}s)"
     done
 done
 

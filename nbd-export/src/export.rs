@@ -176,6 +176,14 @@ pub trait Export: Send + Sync + 'static {
     /// Fill `buf` with the bytes at `offset`.
     fn read(&self, offset: u64, buf: &mut [u8]) -> ExportResult<()>;
 
+    /// A file (or block device) holding exactly the export's bytes at the same offsets,
+    /// if there is one: the server then sends READ data straight from it with
+    /// sendfile(2) (no copy through a buffer) instead of calling [`Export::read`].
+    /// Exports that translate offsets, decrypt or assemble data return `None`.
+    fn backing_file(&self) -> Option<&std::fs::File> {
+        None
+    }
+
     /// Write `data` at `offset`; with `fua` it is durable before this returns.
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> ExportResult<()>;
 

@@ -8,7 +8,14 @@
 //! - WRITE_ZEROES punches (or, with NO_HOLE, FALLOC_FL_ZERO_RANGE) and falls back to
 //!   writing zeroes, except with FAST_ZERO, which then fails with ENOTSUP;
 //! - FLUSH and FUA are fdatasync; one file descriptor serves every connection, so a flush
-//!   covers writes completed on all of them (CAN_MULTI_CONN is safe).
+//!   covers writes completed on all of them (CAN_MULTI_CONN is safe);
+//! - large writes (at least [`WRITE_BEHIND_MIN`]) start their own writeback at once
+//!   (`posix_fadvise(DONTNEED)` on the range: asynchronous writeback, then only clean pages
+//!   are dropped), so the disk works while the client is still sending and a later FLUSH
+//!   has little left to do; the kernel would otherwise hold gigabytes of dirty pages until
+//!   its background threshold. Small writes stay in the page cache, where rewrites are cheap;
+//! - [`Export::backing_file`] is the file itself, so the server sends READ data from the
+//!   page cache with sendfile(2) instead of copying it through a buffer.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
@@ -25,6 +32,9 @@ use crate::export::{
 
 /// Most extents one block-status call computes; the server re-queries for more.
 const EXTENTS_PER_CALL: usize = 1024;
+
+/// Writes of at least this many bytes start their writeback at once (see the module doc).
+pub const WRITE_BEHIND_MIN: usize = 128 * 1024;
 
 /// A dirty bitmap over an export: bit `i` (bit `i % 64` of word `i / 64`) covers bytes
 /// `[i * granularity, (i + 1) * granularity)`; a set bit means changed (STATE_DIRTY).
@@ -345,6 +355,11 @@ impl Export for FileExport {
         self.file.write_all_at(data, offset)?;
         if fua {
             self.file.sync_data()?;
+        } else if data.len() >= WRITE_BEHIND_MIN {
+            // A hint: the data is already written, so failing to start writeback early
+            // only leaves it for the next flush.
+            let len = std::num::NonZeroU64::new(data.len() as u64);
+            let _ = rustix::fs::fadvise(&self.file, offset, len, rustix::fs::Advice::DontNeed);
         }
         Ok(())
     }
@@ -425,6 +440,10 @@ impl Export for FileExport {
         // Advice is a hint; failure to prefetch is not an error for the client.
         let _ = rustix::fs::fadvise(&self.file, offset, len, rustix::fs::Advice::WillNeed);
         Ok(())
+    }
+
+    fn backing_file(&self) -> Option<&File> {
+        Some(&self.file)
     }
 
     fn dirty_bitmaps(&self) -> Vec<String> {

@@ -4,7 +4,7 @@
 //! - [`proto`]: every message as bytes <-> types, no I/O, total parsers (fuzzed);
 //! - [`negotiate`]: the server's option haggling as a state machine;
 //! - [`server`]: the tokio server with a registry of named exports;
-//! - [`file`]: a plain file or block device as an export (`tidemark export`);
+//! - [`file`](mod@file): a plain file or block device as an export (`tidemark export`);
 //! - [`client`]: an async client (`tidemark pull`, `tidemark bench`) and [`uri`] parsing.
 //!
 //! This crate knows nothing of the engine: it serves whatever implements the export trait.

@@ -186,6 +186,28 @@ impl Negotiation {
         Step::Options(self)
     }
 
+    /// Answer an option that arrives while the server shuts down: ABORT is acknowledged,
+    /// EXPORT_NAME (which cannot fail softly) ends the session, and everything else gets
+    /// NBD_REP_ERR_SHUTDOWN, after which the client must disconnect.
+    pub fn refuse_shutting_down(self, option: u32, out: &mut Vec<u8>) -> Step {
+        match option {
+            proto::opt::ABORT => {
+                encode_option_reply(out, option, rep::ACK, &[]);
+                Step::Close
+            }
+            proto::opt::EXPORT_NAME => Step::Close,
+            _ => {
+                encode_option_reply(
+                    out,
+                    option,
+                    rep::ERR_SHUTDOWN,
+                    b"the server is shutting down",
+                );
+                Step::Options(self)
+            }
+        }
+    }
+
     /// Handle one option; append the reply bytes to `out`.
     pub fn handle(
         mut self,

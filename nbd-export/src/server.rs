@@ -23,21 +23,32 @@
 //! which matters on small, busy machines. A per-connection budget of in-flight bytes
 //! bounds memory: the reader waits for budget before it allocates or reads a payload.
 //! Buffers are recycled through a per-connection pool so steady-state reads and writes
-//! allocate nothing.
+//! allocate nothing. Large READs of an export with a backing file (see
+//! [`Export::backing_file`]) are sent with sendfile(2) straight from the page cache, as an
+//! OFFSET_DATA chunk followed by a final NONE chunk (so an error found while sending can
+//! still be reported); a write payload is copied once, from the socket into its buffer.
 //!
-//! Removing an export closes the connections that serve it (after their in-flight requests
-//! complete); [`Server::shutdown`] does the same for every connection.
+//! Removing an export ends the connections that serve it, and [`Server::shutdown`] every
+//! connection, with the soft disconnect doc/proto.md asks for: requests already taken
+//! complete and reply normally, requests that arrive afterwards are answered with
+//! ESHUTDOWN (after which the client must send NBD_CMD_DISC), and the server closes a
+//! connection when its client disconnects, when it sits idle with nothing in flight and
+//! was never told ESHUTDOWN, or at the latest [`ServerConfig::shutdown_grace`] later.
+//! Options that arrive during a handshake get NBD_REP_ERR_SHUTDOWN; a handshake that sends
+//! nothing more is dropped after the grace period.
 
 use std::collections::BTreeMap;
 use std::io;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use std::io::{Read, Write};
+use std::fs::File;
+use std::io::{BufRead, Read, Write};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::Condvar;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
@@ -55,6 +66,9 @@ pub struct ServerConfig {
     pub handshake_timeout: Duration,
     /// Bytes of request and reply payload one connection may have in flight.
     pub max_in_flight_bytes: u32,
+    /// After a shutdown (or the removal of its export), the longest a connection stays
+    /// open waiting for its client to disconnect (see the module doc).
+    pub shutdown_grace: Duration,
 }
 
 impl Default for ServerConfig {
@@ -62,6 +76,7 @@ impl Default for ServerConfig {
         ServerConfig {
             handshake_timeout: Duration::from_secs(10),
             max_in_flight_bytes: 64 << 20,
+            shutdown_grace: Duration::from_secs(2),
         }
     }
 }
@@ -223,7 +238,8 @@ impl Server {
         self.inner.active.load(Ordering::SeqCst)
     }
 
-    /// Stop accepting and close every connection after its in-flight requests complete.
+    /// Stop accepting and end every connection with a soft disconnect: in-flight requests
+    /// complete, new ones get ESHUTDOWN (see the module doc).
     pub fn shutdown(&self) {
         self.inner.shutdown.send_replace(true);
     }
@@ -388,16 +404,35 @@ impl Server {
         let socket = SyncSocket::from_tokio(stream)?;
         let control = socket.try_clone()?;
         let budget = self.inner.config.max_in_flight_bytes;
-        let mut work =
-            tokio::task::spawn_blocking(move || transmission(session, socket, leftover, budget));
+        let stop = Arc::new(Stopping::default());
+        let mut work = tokio::task::spawn_blocking({
+            let stop = stop.clone();
+            move || transmission(session, socket, leftover, budget, &stop)
+        });
         let mut shutdown = self.inner.shutdown.subscribe();
-        let mut stopping = false;
+        let grace = self.inner.config.shutdown_grace;
+        // Set when the server stops serving this connection; cleared once it is closed.
+        let mut deadline: Option<tokio::time::Instant> = None;
+        let mut closed = false;
         loop {
-            if !stopping && (*shutdown.borrow_and_update() || *removed.borrow_and_update()) {
-                // Workers see end-of-file, finish what is in flight and exit.
-                stopping = true;
-                let _ = control.shutdown(std::net::Shutdown::Read);
+            if deadline.is_none() && (*shutdown.borrow_and_update() || *removed.borrow_and_update())
+            {
+                stop.requested.store(true, Ordering::SeqCst);
+                deadline = Some(tokio::time::Instant::now() + grace);
             }
+            if let (Some(at), false) = (deadline, closed) {
+                if tokio::time::Instant::now() >= at {
+                    // The client ignored ESHUTDOWN or requests hang: a hard disconnect.
+                    let _ = control.shutdown(std::net::Shutdown::Both);
+                    closed = true;
+                } else if stop.idle() {
+                    // Nothing in flight and nothing to tell: the reader sees end-of-file
+                    // (after any request already queued on the socket) and the workers exit.
+                    let _ = control.shutdown(std::net::Shutdown::Read);
+                    closed = true;
+                }
+            }
+            let polling = deadline.is_some() && !closed;
             tokio::select! {
                 done = &mut work => {
                     return match done {
@@ -405,8 +440,9 @@ impl Server {
                         Err(join) => Err(ConnError::Protocol(format!("transmission failed: {join}"))),
                     };
                 }
-                _ = shutdown.changed(), if !stopping => {}
-                _ = removed.changed(), if !stopping => {}
+                _ = shutdown.changed(), if deadline.is_none() => {}
+                _ = removed.changed(), if deadline.is_none() => {}
+                _ = tokio::time::sleep(STOP_POLL), if polling => {}
             }
         }
     }
@@ -423,8 +459,20 @@ impl Server {
             Negotiation::start(client_flags).map_err(|e| ConnError::Protocol(e.to_string()))?;
         let mut out = Vec::new();
         let mut header = [0u8; proto::OPTION_HEADER_LEN];
+        let mut shutdown = self.inner.shutdown.subscribe();
+        let grace = self.inner.config.shutdown_grace;
         loop {
-            rd.read_exact(&mut header).await?;
+            // Once the server shuts down, a client that sends no further option within
+            // the grace period is dropped (it has nothing in flight).
+            let gone = async {
+                let _ = shutdown.wait_for(|stopping| *stopping).await;
+                tokio::time::sleep(grace).await;
+            };
+            tokio::select! {
+                read = rd.read_exact(&mut header) => { read?; }
+                () = gone => return Ok(None),
+            }
+            let stopping = *self.inner.shutdown.borrow();
             let h = proto::parse_option_header(&header)
                 .map_err(|e| ConnError::Protocol(e.to_string()))?;
             out.clear();
@@ -441,11 +489,19 @@ impl Server {
                     &mut tokio::io::sink(),
                 )
                 .await?;
-                negotiation.refuse_too_big(h.option, &mut out)
+                if stopping {
+                    negotiation.refuse_shutting_down(h.option, &mut out)
+                } else {
+                    negotiation.refuse_too_big(h.option, &mut out)
+                }
             } else {
                 let mut data = vec![0u8; h.length as usize];
                 rd.read_exact(&mut data).await?;
-                negotiation.handle(h.option, &data, self, &mut out)
+                if stopping {
+                    negotiation.refuse_shutting_down(h.option, &mut out)
+                } else {
+                    negotiation.handle(h.option, &data, self, &mut out)
+                }
             };
             if !out.is_empty() {
                 // After ABORT the client may already be gone: its ACK is best effort.
@@ -598,6 +654,15 @@ impl SyncSocket {
     }
 }
 
+impl AsFd for SyncSocket {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        match self {
+            SyncSocket::Unix(s) => s.as_fd(),
+            SyncSocket::Tcp(s) => s.as_fd(),
+        }
+    }
+}
+
 impl io::Read for SyncSocket {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         match self {
@@ -617,6 +682,31 @@ impl io::Write for SyncSocket {
 
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
+    }
+}
+
+/// How often a stopping connection checks whether it can close.
+const STOP_POLL: Duration = Duration::from_millis(10);
+
+/// A connection's view of a shutdown, shared by the async monitor and the workers.
+#[derive(Default)]
+struct Stopping {
+    /// Set once when the server stops serving the connection: new requests get ESHUTDOWN.
+    requested: AtomicBool,
+    /// An ESHUTDOWN went out: the client must now send NBD_CMD_DISC; wait for it.
+    told: AtomicBool,
+    /// Workers between taking a request off the wire and finishing its reply.
+    busy: AtomicUsize,
+    /// The reader waits for a request header with nothing buffered.
+    reader_idle: AtomicBool,
+}
+
+impl Stopping {
+    /// Nothing in flight, nothing half-read, and no ESHUTDOWN awaiting the client's DISC.
+    fn idle(&self) -> bool {
+        self.busy.load(Ordering::SeqCst) == 0
+            && self.reader_idle.load(Ordering::SeqCst)
+            && !self.told.load(Ordering::SeqCst)
     }
 }
 
@@ -666,6 +756,7 @@ fn transmission(
     socket: SyncSocket,
     leftover: Vec<u8>,
     budget_bytes: u32,
+    stop: &Stopping,
 ) -> Result<(), ConnError> {
     let writer = Mutex::new(socket.try_clone()?);
     let control = socket.try_clone()?;
@@ -700,8 +791,12 @@ fn transmission(
                     if requests.closed {
                         return;
                     }
-                    match next_request(&conn, &mut requests, &budget) {
-                        Ok(next) => next,
+                    match next_request(&conn, &mut requests, &budget, stop) {
+                        Ok(Next::Stop) => Next::Stop,
+                        Ok(next) => {
+                            stop.busy.fetch_add(1, Ordering::SeqCst);
+                            next
+                        }
                         Err(err) => {
                             requests.closed = true;
                             fail(err);
@@ -709,14 +804,11 @@ fn transmission(
                         }
                     }
                 };
-                let (reply, len, cost) = match next {
+                let (reply, cost) = match next {
                     Next::Stop => return,
-                    Next::Reply(reply, cost) => {
-                        let len = reply.len();
-                        (reply, len, cost)
-                    }
+                    Next::Reply(reply, cost) => (Reply::bytes(reply), cost),
                     Next::Run(req, payload, cost) => {
-                        let (reply, len) = match catch_unwind(AssertUnwindSafe(|| {
+                        let reply = match catch_unwind(AssertUnwindSafe(|| {
                             execute(&conn, &req, payload)
                         })) {
                             Ok(reply) => reply,
@@ -726,25 +818,27 @@ fn transmission(
                                     req.command,
                                     req.offset
                                 );
-                                let reply = error_reply(
+                                Reply::bytes(error_reply(
                                     conn.session.mode,
                                     &req,
                                     Errno::Io,
                                     "internal error in the export",
-                                );
-                                let len = reply.len();
-                                (reply, len)
+                                ))
                             }
                         };
-                        (reply, len, cost)
+                        (reply, cost)
                     }
                 };
-                let written = writer
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .write_all(&reply[..len]);
-                conn.pool.put(reply);
+                let written = send_reply(
+                    &mut writer.lock().unwrap_or_else(|e| e.into_inner()),
+                    &reply,
+                    conn.session.export.backing_file(),
+                );
+                if let Reply::Bytes(buf, _) = reply {
+                    conn.pool.put(buf);
+                }
                 budget.release(cost);
+                stop.busy.fetch_sub(1, Ordering::SeqCst);
                 if let Err(err) = written {
                     // The client is gone: wake the reader and stop everyone.
                     requests.lock().unwrap_or_else(|e| e.into_inner()).closed = true;
@@ -763,11 +857,20 @@ fn transmission(
 }
 
 /// Read the next request (and its payload) with the request lock held.
-fn next_request(conn: &Conn, requests: &mut Requests, budget: &Budget) -> Result<Next, ConnError> {
+fn next_request(
+    conn: &Conn,
+    requests: &mut Requests,
+    budget: &Budget,
+    stop: &Stopping,
+) -> Result<Next, ConnError> {
     let mode = conn.session.mode;
     let header_len = mode.request_len();
     let mut header = [0u8; proto::EXTENDED_REQUEST_LEN];
-    match requests.reader.read_exact(&mut header[..header_len]) {
+    stop.reader_idle
+        .store(requests.reader.buffer().is_empty(), Ordering::SeqCst);
+    let read = requests.reader.read_exact(&mut header[..header_len]);
+    stop.reader_idle.store(false, Ordering::SeqCst);
+    match read {
         Ok(()) => {}
         Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
             requests.closed = true;
@@ -822,11 +925,21 @@ fn next_request(conn: &Conn, requests: &mut Requests, budget: &Budget) -> Result
     let mut payload_buf = None;
     if payload > 0 {
         let mut buf = conn.pool.get(payload as usize);
-        if let Err(e) = requests.reader.read_exact(&mut buf[..payload as usize]) {
+        if let Err(e) = read_payload(&mut requests.reader, &mut buf[..payload as usize]) {
             budget.release(cost);
             return Err(e.into());
         }
         payload_buf = Some(buf);
+    }
+    if stop.requested.load(Ordering::SeqCst) {
+        if let Some(buf) = payload_buf {
+            conn.pool.put(buf);
+        }
+        stop.told.store(true, Ordering::SeqCst);
+        return Ok(Next::Reply(
+            error_reply(mode, &req, Errno::Shutdown, "the server is shutting down"),
+            cost,
+        ));
     }
     if let Err((errno, message)) = validate(&conn.session, &req) {
         tracing::debug!(
@@ -841,6 +954,15 @@ fn next_request(conn: &Conn, requests: &mut Requests, budget: &Budget) -> Result
         return Ok(Next::Reply(error_reply(mode, &req, errno, &message), cost));
     }
     Ok(Next::Run(req, payload_buf, cost))
+}
+
+/// Fill `dst` with a write payload: what the request reader has buffered, then the rest
+/// straight from the socket (one copy, never through the read buffer).
+fn read_payload<R: Read>(reader: &mut io::BufReader<R>, dst: &mut [u8]) -> io::Result<()> {
+    let buffered = reader.buffer().len().min(dst.len());
+    dst[..buffered].copy_from_slice(&reader.buffer()[..buffered]);
+    reader.consume(buffered);
+    reader.get_mut().read_exact(&mut dst[buffered..])
 }
 
 /// Check a request against the negotiated session, as doc/proto.md lists the errors.
@@ -977,22 +1099,102 @@ fn error_reply(mode: HeaderMode, req: &Request, errno: Errno, message: impl AsRe
     out
 }
 
-/// Run a validated request on a blocking thread; returns the reply buffer and its length.
-fn execute(conn: &Conn, req: &Request, payload: Option<Vec<u8>>) -> (Vec<u8>, usize) {
+/// A reply ready to send.
+enum Reply {
+    /// The first `len` bytes of the buffer (which may be a pooled one, longer).
+    Bytes(Vec<u8>, usize),
+    /// `head`, then `len` bytes of the export's backing file at `offset` (sent with
+    /// sendfile(2)), then `tail`. If the file cannot supply them, the data is padded with
+    /// zeroes and `failed` is sent instead of `tail`; without `failed` (a simple reply,
+    /// whose header already promised the data) the connection is closed.
+    File {
+        head: Vec<u8>,
+        offset: u64,
+        len: usize,
+        tail: Vec<u8>,
+        failed: Option<Vec<u8>>,
+    },
+}
+
+impl Reply {
+    fn bytes(buf: Vec<u8>) -> Reply {
+        let len = buf.len();
+        Reply::Bytes(buf, len)
+    }
+}
+
+/// Reads of at least this many bytes go out with sendfile(2) when the export has a
+/// backing file; for smaller ones the copy is cheaper than the extra system calls.
+const SENDFILE_MIN: usize = 64 * 1024;
+
+/// Write `reply` to the client (the caller holds the write lock).
+fn send_reply(socket: &mut SyncSocket, reply: &Reply, file: Option<&File>) -> io::Result<()> {
+    let (head, mut offset, len, tail, failed) = match reply {
+        Reply::Bytes(buf, len) => return socket.write_all(&buf[..*len]),
+        Reply::File {
+            head,
+            offset,
+            len,
+            tail,
+            failed,
+        } => (head, *offset, *len, tail, failed),
+    };
+    let Some(file) = file else {
+        return Err(io::Error::other(
+            "a file reply for an export without a file",
+        ));
+    };
+    socket.write_all(head)?;
+    let mut left = len;
+    let mut error = None;
+    while left > 0 {
+        match rustix::fs::sendfile(&*socket, file, Some(&mut offset), left) {
+            Ok(0) => {
+                error = Some(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("the file ended before offset {}", offset + left as u64),
+                ));
+                break;
+            }
+            Ok(n) => left -= n,
+            Err(rustix::io::Errno::INTR) => {}
+            Err(e) => {
+                error = Some(io::Error::from(e));
+                break;
+            }
+        }
+    }
+    let Some(error) = error else {
+        return socket.write_all(tail);
+    };
+    tracing::debug!("sending READ data from the file failed: {error}");
+    // Keep the stream in step: the chunk header promised `len` bytes.
+    let zeroes = [0u8; 64 * 1024];
+    while left > 0 {
+        let n = left.min(zeroes.len());
+        socket.write_all(&zeroes[..n])?;
+        left -= n;
+    }
+    match failed {
+        Some(failed) => socket.write_all(failed),
+        None => Err(error),
+    }
+}
+
+/// Run a validated request on a blocking thread.
+fn execute(conn: &Conn, req: &Request, payload: Option<Vec<u8>>) -> Reply {
     let session = &conn.session;
     let export = session.export.as_ref();
     let mode = session.mode;
     let fua = req.flags & cflags::FUA != 0;
-    let done = |r: Result<(), ExportError>| -> (Vec<u8>, usize) {
-        let reply = match r {
+    let done = |r: Result<(), ExportError>| -> Reply {
+        Reply::bytes(match r {
             Ok(()) => ok_reply(mode, req),
             Err(e) => {
                 tracing::debug!("{} at {} failed: {e}", req.command, req.offset);
                 error_reply(mode, req, e.errno, &e.message)
             }
-        };
-        let len = reply.len();
-        (reply, len)
+        })
     };
     match req.command {
         Command::Read => read_reply(conn, req),
@@ -1015,15 +1217,8 @@ fn execute(conn: &Conn, req: &Request, payload: Option<Vec<u8>>) -> (Vec<u8>, us
         )),
         Command::Cache => done(export.cache(req.offset, req.length)),
         Command::BlockStatus => match block_status_reply(session, req) {
-            Ok(reply) => {
-                let len = reply.len();
-                (reply, len)
-            }
-            Err(e) => {
-                let reply = error_reply(mode, req, e.errno, &e.message);
-                let len = reply.len();
-                (reply, len)
-            }
+            Ok(reply) => Reply::bytes(reply),
+            Err(e) => Reply::bytes(error_reply(mode, req, e.errno, &e.message)),
         },
         Command::Disc | Command::Unknown(_) => {
             done(Err(ExportError::new(Errno::Inval, "not a command")))
@@ -1032,17 +1227,27 @@ fn execute(conn: &Conn, req: &Request, payload: Option<Vec<u8>>) -> (Vec<u8>, us
 }
 
 /// READ: a simple reply, one OFFSET_DATA chunk, or data and hole chunks where the export
-/// knows its holes (never with DF).
-fn read_reply(conn: &Conn, req: &Request) -> (Vec<u8>, usize) {
+/// knows its holes (never with DF); large data straight from the backing file if any.
+fn read_reply(conn: &Conn, req: &Request) -> Reply {
     let session = &conn.session;
     let mode = session.mode;
     let len = req.length as usize;
     let fail = |e: ExportError| {
         tracing::debug!("READ at {} failed: {e}", req.offset);
-        let reply = error_reply(mode, req, e.errno, &e.message);
-        let n = reply.len();
-        (reply, n)
+        Reply::bytes(error_reply(mode, req, e.errno, &e.message))
     };
+    let from_file = len >= SENDFILE_MIN && session.export.backing_file().is_some();
+    if mode == HeaderMode::Simple && from_file {
+        let mut head = Vec::with_capacity(proto::SIMPLE_REPLY_LEN);
+        proto::encode_simple_reply(&mut head, req.cookie, 0);
+        return Reply::File {
+            head,
+            offset: req.offset,
+            len,
+            tail: Vec::new(),
+            failed: None,
+        };
+    }
     if mode == HeaderMode::Simple {
         let mut buf = conn.pool.get(proto::SIMPLE_REPLY_LEN + len);
         if let Err(e) = session.export.read(
@@ -1055,17 +1260,14 @@ fn read_reply(conn: &Conn, req: &Request) -> (Vec<u8>, usize) {
         let mut header = Vec::with_capacity(proto::SIMPLE_REPLY_LEN);
         proto::encode_simple_reply(&mut header, req.cookie, 0);
         buf[..proto::SIMPLE_REPLY_LEN].copy_from_slice(&header);
-        return (buf, proto::SIMPLE_REPLY_LEN + len);
+        return Reply::Bytes(buf, proto::SIMPLE_REPLY_LEN + len);
     }
     let caps = session.export.capabilities();
     if caps.knows_holes && req.flags & cflags::DF == 0 {
         match allocation_map(session.export.as_ref(), req.offset, req.length) {
             Ok(map) if map.len() > 1 || map.first().is_some_and(|&(_, zero)| zero) => {
                 return match sparse_read_reply(conn, req, &map) {
-                    Ok(reply) => {
-                        let n = reply.len();
-                        (reply, n)
-                    }
+                    Ok(reply) => Reply::bytes(reply),
                     Err(e) => fail(e),
                 };
             }
@@ -1073,6 +1275,34 @@ fn read_reply(conn: &Conn, req: &Request) -> (Vec<u8>, usize) {
             // Not knowing is no reason to fail a read.
             Err(e) => tracing::debug!("allocation lookup for READ at {} failed: {e}", req.offset),
         }
+    }
+    if from_file {
+        // The data chunk is not the last: an error found while sending can still follow.
+        let mut head = Vec::with_capacity(mode.chunk_header_len() + 8);
+        proto::encode_chunk_header(
+            &mut head,
+            mode,
+            0,
+            chunk::OFFSET_DATA,
+            req.cookie,
+            req.offset,
+            8 + len as u64,
+        );
+        head.extend_from_slice(&req.offset.to_be_bytes());
+        let mut tail = Vec::with_capacity(mode.chunk_header_len());
+        proto::encode_none_chunk(&mut tail, mode, req.cookie, req.offset);
+        return Reply::File {
+            head,
+            offset: req.offset,
+            len,
+            tail,
+            failed: Some(error_reply(
+                mode,
+                req,
+                Errno::Io,
+                format!("reading {len} bytes at {} failed", req.offset),
+            )),
+        };
     }
     let hlen = mode.chunk_header_len() + 8;
     let mut buf = conn.pool.get(hlen + len);
@@ -1090,7 +1320,7 @@ fn read_reply(conn: &Conn, req: &Request) -> (Vec<u8>, usize) {
         8 + len as u64,
     );
     buf[hlen - 8..hlen].copy_from_slice(&req.offset.to_be_bytes());
-    (buf, hlen + len)
+    Reply::Bytes(buf, hlen + len)
 }
 
 /// The range as (length, reads-as-zero) runs, merged, covering it exactly.

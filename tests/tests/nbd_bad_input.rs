@@ -492,3 +492,46 @@ async fn removing_an_export_closes_its_connections_only() {
         .await;
     assert_eq!(again.reply().await.0, rep::ERR_UNKNOWN);
 }
+
+#[tokio::test]
+async fn shutdown_is_a_soft_disconnect() {
+    const ESHUTDOWN: u32 = 108;
+    let f = fixture().await;
+    // Idle in transmission: closed once the server shuts down.
+    let mut idle = Raw::go(&f.socket, "ro", HeaderMode::Structured, &[]).await;
+    // Mid-handshake: further options are refused with ERR_SHUTDOWN.
+    let mut haggling = Raw::greet(&f.socket).await;
+    // Ignores ESHUTDOWN: closed when the grace period ends.
+    let mut stubborn = Raw::go(&f.socket, "rw", HeaderMode::Simple, &[]).await;
+    stubborn
+        .request(0, Command::Write, 9, 8192, 4096, &[1; 100])
+        .await;
+    // Mid-request when the server stops: its write and later requests get ESHUTDOWN,
+    // and the connection stays open for the client's NBD_CMD_DISC.
+    let mut busy = Raw::go(&f.socket, "rw", HeaderMode::Structured, &[]).await;
+    busy.request(0, Command::Write, 1, 8192, 4096, &[7; 100])
+        .await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    f.server.shutdown();
+    idle.expect_closed().await;
+    busy.s.write_all(&[7; 4096 - 100]).await.unwrap();
+    busy.expect_error(1, ESHUTDOWN).await;
+    busy.request(0, Command::Read, 2, 0, 4096, &[]).await;
+    busy.expect_error(2, ESHUTDOWN).await;
+    busy.request(0, Command::Disc, 3, 0, 0, &[]).await;
+    busy.expect_closed().await;
+    haggling.option(opt::LIST, &[]).await;
+    assert_eq!(haggling.reply().await.0, rep::ERR_SHUTDOWN);
+    haggling.option(opt::ABORT, &[]).await;
+    assert_eq!(haggling.reply().await.0, rep::ACK);
+    haggling.expect_closed().await;
+    stubborn.s.write_all(&[1; 4096 - 100]).await.unwrap();
+    stubborn.expect_error(9, ESHUTDOWN).await;
+    stubborn.expect_closed().await;
+    f.assert_no_connections_left().await;
+    // Nothing was written after the shutdown.
+    let img = FileExport::open(&f._dir.path().join("disk.img"), true).unwrap();
+    let mut buf = [0u8; 4096];
+    img.read(8192, &mut buf).unwrap();
+    assert_eq!(buf, [0u8; 4096]);
+}

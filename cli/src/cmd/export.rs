@@ -155,6 +155,7 @@ fn uri_escape(text: &str) -> String {
 }
 
 async fn serve(args: Args, export: Arc<dyn Export>) -> anyhow::Result<()> {
+    let signals = StopSignals::install()?;
     let server = Server::new();
     let size = export.size();
     let bitmaps = export.dirty_bitmaps();
@@ -199,19 +200,38 @@ async fn serve(args: Args, export: Arc<dyn Export>) -> anyhow::Result<()> {
             if args.read_only { ", read-only" } else { "" }
         );
     }
-    wait_and_serve(server, listener).await
+    wait_and_serve(server, listener, signals).await
 }
 
-async fn wait_and_serve(server: Server, listener: NbdListener) -> anyhow::Result<()> {
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("installing the SIGTERM handler")?;
+/// SIGINT and SIGTERM, caught from before the socket exists: a signal sent as soon as a
+/// client sees the socket must stop the server cleanly, not kill it.
+struct StopSignals {
+    interrupt: tokio::signal::unix::Signal,
+    terminate: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    fn install() -> anyhow::Result<StopSignals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(StopSignals {
+            interrupt: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
+            terminate: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
+        })
+    }
+}
+
+async fn wait_and_serve(
+    server: Server,
+    listener: NbdListener,
+    mut signals: StopSignals,
+) -> anyhow::Result<()> {
     let serving = tokio::spawn({
         let server = server.clone();
         async move { server.serve(listener).await }
     });
     tokio::select! {
-        r = tokio::signal::ctrl_c() => r.context("waiting for SIGINT")?,
-        _ = terminate.recv() => {}
+        _ = signals.interrupt.recv() => {}
+        _ = signals.terminate.recv() => {}
     }
     tracing::info!("stopping: finishing in-flight requests");
     server.shutdown();

@@ -526,20 +526,16 @@ pub fn end(daemon: &Daemon, args: &Arguments<'_>) -> Result<Value, CommandError>
                 "backup-end: name the backup by \"volume\" or \"id\"".to_string(),
             ));
         }
+        // The monitor may have failed the backup a moment before this call: the client
+        // gets the same answer as when backup-end itself noticed the failure.
+        if let Some(report) = last_failed(daemon, id.as_deref(), volume.as_deref()) {
+            return Err(ended_failed(&report));
+        }
         let what = id
             .map(|i| format!("backup {i:?}"))
             .unwrap_or_else(|| format!("backup of volume {:?}", volume.unwrap_or_default()));
-        let recent = daemon.registry().finished.back().cloned();
-        let hint = match recent {
-            Some(last) if last["state"] == json!("failed") => format!(
-                "; the last backup ({}) failed: {}",
-                last["id"].as_str().unwrap_or("?"),
-                last["error"].as_str().unwrap_or("?")
-            ),
-            _ => String::new(),
-        };
         return Err(not_found(format!(
-            "no running {what}; `tidemark backup status` lists them{hint}"
+            "no running {what}; `tidemark backup status` lists them"
         )));
     };
     if push {
@@ -550,12 +546,37 @@ pub fn end(daemon: &Daemon, args: &Arguments<'_>) -> Result<Value, CommandError>
     // A snapshot that failed since the monitor last looked must not end as completed:
     // what a client pulled after the failure was refused, so the backup is not whole.
     if let Some(report) = fail_if_snapshot_failed(daemon, &id) {
-        return Err(failed(format!(
-            "backup {id} failed and has ended: {}; its exports and snapshots are gone,              start a new backup (with a larger --cow-limit if the COW store filled)",
-            report["error"].as_str().unwrap_or("a snapshot failed")
-        )));
+        return Err(ended_failed(&report));
     }
     Ok(complete(daemon, &id))
+}
+
+/// The error `backup-end` answers for a backup that failed and has ended.
+fn ended_failed(report: &Value) -> CommandError {
+    failed(format!(
+        "backup {} failed and has ended: {}; its exports and snapshots are gone, start a new \
+         backup (with a larger --cow-limit if the COW store filled)",
+        report["id"].as_str().unwrap_or("?"),
+        report["error"].as_str().unwrap_or("a snapshot failed")
+    ))
+}
+
+/// The most recent ended backup named by `id`, or else the most recent one of `volume`,
+/// when it failed (and no backup of that volume is running).
+fn last_failed(daemon: &Daemon, id: Option<&str>, volume: Option<&str>) -> Option<Value> {
+    let registry = daemon.registry();
+    let latest = registry
+        .finished
+        .iter()
+        .rev()
+        .find(|r| match (id, volume) {
+            (Some(id), _) => r["id"] == json!(id),
+            (None, Some(volume)) => r["volumes"]
+                .as_array()
+                .is_some_and(|vs| vs.iter().any(|v| v["volume"] == json!(volume))),
+            (None, None) => false,
+        })?;
+    (latest["state"] == json!("failed")).then(|| latest.clone())
 }
 
 /// `backup-status`: running backups, then recently ended ones.
