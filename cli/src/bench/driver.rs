@@ -1,6 +1,13 @@
 //! The measuring loop: keep `qd` requests in flight on a [`Backend`], time each one from
 //! submission to its reaped completion, and stop at the byte or time limit.
 //!
+//! Requests go to the target as soon as a slot frees (fio's default,
+//! `iodepth_batch_submit=1`), or `submit_batch` at a time. That matters more than it
+//! seems: on a virtio disk measured here, random 4 KiB reads at QD32 reached 54k IOPS
+//! when each refill of the queue went down in one batch and 63k (fio's figure) when each
+//! request went down alone, because a batch leaves the device's queue short for as long
+//! as it takes to gather.
+//!
 //! Every figure comes from completions the backend reaped: a request counts (bytes,
 //! IOPS, latency) only when the target answered it, and the clock stops after the last
 //! completion and, when anything was written, after the flush that makes it durable.
@@ -20,8 +27,12 @@ use crate::bench::workload::{Direction, Op};
 pub trait Backend {
     /// The buffer of an idle `slot`.
     fn buffer(&mut self, slot: usize) -> &mut [u8];
-    /// Start a request on `slot` at `offset`, reading into or writing from its buffer.
+    /// Queue a request on `slot` at `offset`, reading into or writing from its buffer.
+    /// It reaches the target at the latest with the next [`Backend::commit`] or
+    /// [`Backend::reap`].
     fn submit(&mut self, slot: usize, direction: Direction, offset: u64) -> anyhow::Result<()>;
+    /// Send every queued request to the target now, without waiting for any.
+    fn commit(&mut self) -> anyhow::Result<()>;
     /// Wait until at least one request has completed and append `(slot, result)` of every
     /// completed one to `done`. A request succeeds only if it transferred its whole buffer.
     fn reap(&mut self, done: &mut Vec<(usize, io::Result<()>)>) -> anyhow::Result<()>;
@@ -75,19 +86,38 @@ pub struct PhaseResult {
 /// Progress callback: bytes completed so far and time elapsed.
 pub type Progress<'a> = &'a mut dyn FnMut(u64, Duration);
 
+/// How one phase drives the backend.
+#[derive(Debug, Clone, Copy)]
+pub struct Phase {
+    /// Bytes per request.
+    pub bs: u64,
+    /// Requests in flight.
+    pub qd: usize,
+    /// Requests queued before they are sent to the target together (1: each at once).
+    pub submit_batch: usize,
+    pub limit: Limit,
+    pub verify: Verify,
+    /// Blocks of `bs` in the region (bounds the written-block set of `--verify`).
+    pub region_blocks: u64,
+}
+
 /// Run one phase: `qd` requests of `bs` bytes from `next_op` until `limit` (or until
 /// `next_op` has no more), timing each from submission to completion.
-#[allow(clippy::too_many_arguments)]
 pub fn run_phase(
     backend: &mut dyn Backend,
     next_op: &mut dyn FnMut() -> Option<Op>,
-    bs: u64,
-    qd: usize,
-    limit: Limit,
-    verify: Verify,
-    region_blocks: u64,
+    phase: &Phase,
     progress: Progress<'_>,
 ) -> anyhow::Result<PhaseResult> {
+    let Phase {
+        bs,
+        qd,
+        limit,
+        verify,
+        region_blocks,
+        ..
+    } = *phase;
+    let submit_batch = phase.submit_batch.max(1);
     let mut result = PhaseResult {
         read: DirectionStats::new(),
         write: DirectionStats::new(),
@@ -103,6 +133,7 @@ pub fn run_phase(
     let mut idle: Vec<usize> = (0..qd).rev().collect();
     let mut done = Vec::with_capacity(qd);
     let mut submitted: u64 = 0;
+    let mut queued = 0;
     let mut exhausted = false;
     let mut bytes_done: u64 = 0;
     let mut last_progress = Duration::ZERO;
@@ -142,8 +173,15 @@ pub fn run_phase(
                 in_flight[slot] = Some((op, Instant::now()));
                 backend.submit(slot, op.direction, op.offset)?;
                 submitted += 1;
+                queued += 1;
+                if queued >= submit_batch {
+                    backend.commit()?;
+                    queued = 0;
+                }
             }
         }
+        // Whatever is still queued goes down with the reap below.
+        queued = 0;
         if idle.len() == qd {
             break;
         }
@@ -264,6 +302,10 @@ mod tests {
         served: Duration,
         flushes: usize,
         fail_at: Option<u64>,
+        /// Requests in the queue already sent to the "device", and how many each
+        /// commit sent.
+        committed: usize,
+        commits: Vec<usize>,
     }
 
     impl SlowDisk {
@@ -277,6 +319,8 @@ mod tests {
                 served: Duration::ZERO,
                 flushes: 0,
                 fail_at: None,
+                committed: 0,
+                commits: Vec::new(),
             }
         }
     }
@@ -293,6 +337,7 @@ mod tests {
 
         fn reap(&mut self, done: &mut Vec<(usize, io::Result<()>)>) -> anyhow::Result<()> {
             let (slot, direction, offset) = self.queue.pop_front().expect("a request in flight");
+            self.committed = self.committed.saturating_sub(1);
             let started = std::time::Instant::now();
             std::thread::sleep(self.service);
             self.served += started.elapsed();
@@ -310,29 +355,35 @@ mod tests {
             Ok(())
         }
 
+        fn commit(&mut self) -> anyhow::Result<()> {
+            self.commits.push(self.queue.len() - self.committed);
+            self.committed = self.queue.len();
+            Ok(())
+        }
+
         fn flush(&mut self) -> anyhow::Result<()> {
             self.flushes += 1;
             Ok(())
         }
     }
 
-    fn run(disk: &mut SlowDisk, pattern: Pattern, limit: Limit, verify: Verify) -> PhaseResult {
+    fn phase(disk: &SlowDisk, limit: Limit, verify: Verify) -> Phase {
         let bs = disk.bs as u64;
-        let blocks = disk.data.len() as u64 / bs;
-        let qd = disk.buffers.len();
-        let mut workload = Workload::new(pattern, bs, blocks, 50, 1);
-        let mut next = || Some(workload.next_op());
-        run_phase(
-            disk,
-            &mut next,
+        Phase {
             bs,
-            qd,
+            qd: disk.buffers.len(),
+            submit_batch: 1,
             limit,
             verify,
-            blocks,
-            &mut |_, _| {},
-        )
-        .unwrap()
+            region_blocks: disk.data.len() as u64 / bs,
+        }
+    }
+
+    fn run(disk: &mut SlowDisk, pattern: Pattern, limit: Limit, verify: Verify) -> PhaseResult {
+        let phase = phase(disk, limit, verify);
+        let mut workload = Workload::new(pattern, phase.bs, phase.region_blocks, 50, 1);
+        let mut next = || Some(workload.next_op());
+        run_phase(disk, &mut next, &phase, &mut |_, _| {}).unwrap()
     }
 
     #[test]
@@ -430,18 +481,38 @@ mod tests {
         disk.fail_at = Some(3 * 4096);
         let mut workload = Workload::new(Pattern::Read, 4096, 16, 50, 1);
         let mut next = || Some(workload.next_op());
-        let err = run_phase(
-            &mut disk,
-            &mut next,
-            4096,
-            2,
-            Limit::Ops(16),
-            Verify::Off,
-            16,
-            &mut |_, _| {},
-        )
-        .unwrap_err();
+        let phase = phase(&disk, Limit::Ops(16), Verify::Off);
+        let err = run_phase(&mut disk, &mut next, &phase, &mut |_, _| {}).unwrap_err();
         assert!(format!("{err:#}").contains("at offset 12288"), "{err:#}");
+    }
+
+    #[test]
+    fn requests_are_sent_one_by_one_or_in_batches() {
+        // One by one (fio's default): every commit sends exactly one request.
+        let mut disk = SlowDisk::new(64 << 10, 4096, 8, Duration::ZERO);
+        let phase = phase(&disk, Limit::Ops(40), Verify::Off);
+        let mut workload = Workload::new(Pattern::Randread, 4096, 16, 50, 1);
+        let mut next = || Some(workload.next_op());
+        run_phase(&mut disk, &mut next, &phase, &mut |_, _| {}).unwrap();
+        assert_eq!(disk.commits.len(), 40);
+        assert!(
+            disk.commits.iter().all(|&sent| sent == 1),
+            "{:?}",
+            disk.commits
+        );
+
+        // In batches of 4: the first fill of 8 goes down as two commits of 4; refills
+        // (one slot frees per reap here) wait in the queue for the reap that follows.
+        let mut disk = SlowDisk::new(64 << 10, 4096, 8, Duration::ZERO);
+        let phase = Phase {
+            submit_batch: 4,
+            ..phase
+        };
+        let mut workload = Workload::new(Pattern::Randread, 4096, 16, 50, 1);
+        let mut next = || Some(workload.next_op());
+        let result = run_phase(&mut disk, &mut next, &phase, &mut |_, _| {}).unwrap();
+        assert_eq!(result.read.ops(), 40);
+        assert_eq!(disk.commits, [4, 4]);
     }
 
     #[test]

@@ -113,9 +113,19 @@ impl Backend for FileBackend {
             .context("the I/O engine refused a request")
     }
 
-    fn reap(&mut self, done: &mut Vec<(usize, io::Result<()>)>) -> anyhow::Result<()> {
+    fn commit(&mut self) -> anyhow::Result<()> {
+        // Submit without waiting; completions that are already there are kept for `reap`.
         self.engine
-            .reap(1, &mut self.completions)
+            .reap(0, &mut self.completions)
+            .context("submitting I/O requests failed")?;
+        Ok(())
+    }
+
+    fn reap(&mut self, done: &mut Vec<(usize, io::Result<()>)>) -> anyhow::Result<()> {
+        // Wait only when `commit` did not already pick up completions.
+        let wait = usize::from(self.completions.is_empty());
+        self.engine
+            .reap(wait, &mut self.completions)
             .context("waiting for I/O completions failed")?;
         for completion in self.completions.drain(..) {
             let slot = completion.user_data as usize;

@@ -28,7 +28,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use tidemark_engine::io::{open_file, EngineChoice, OpenOptions};
 
 use crate::ui;
-use driver::{Backend, Limit, PhaseResult, Verify};
+use driver::{Backend, Limit, Phase, PhaseResult, Verify};
 use report::{CpuReport, Report, VerifyReport};
 use stats::CpuTime;
 use target::FileContents;
@@ -48,6 +48,8 @@ pub struct Settings {
     pub pattern: Pattern,
     pub bs: u64,
     pub qd: usize,
+    /// Requests sent to the target together (1: each as soon as its slot frees).
+    pub submit_batch: usize,
     pub conns: usize,
     pub size: Option<u64>,
     pub time: Option<Duration>,
@@ -118,14 +120,18 @@ pub fn run(settings: &Settings) -> anyhow::Result<Report> {
     );
     let mut next_op = || Some(workload.next_op());
     let cpu_before = CpuTime::now()?;
+    let phase = Phase {
+        bs: settings.bs,
+        qd: settings.qd,
+        submit_batch: settings.submit_batch,
+        limit,
+        verify,
+        region_blocks: blocks,
+    };
     let main = driver::run_phase(
         opened.backend.as_mut(),
         &mut next_op,
-        settings.bs,
-        settings.qd,
-        limit,
-        verify,
-        blocks,
+        &phase,
         &mut |bytes, elapsed| progress.update(bytes, elapsed),
     )?;
     let cpu = CpuTime::now()?.since(cpu_before);
@@ -140,14 +146,15 @@ pub fn run(settings: &Settings) -> anyhow::Result<Report> {
                     offset: block * settings.bs,
                 })
             };
+            let readback = Phase {
+                limit: Limit::Ops(u64::MAX),
+                verify: Verify::CheckAll { seed: *seed },
+                ..phase
+            };
             let check = driver::run_phase(
                 opened.backend.as_mut(),
                 &mut next_op,
-                settings.bs,
-                settings.qd,
-                Limit::Ops(u64::MAX),
-                Verify::CheckAll { seed: *seed },
-                blocks,
+                &readback,
                 &mut |_, _| {},
             )
             .context("reading back the written pattern failed")?;
@@ -203,6 +210,7 @@ fn build_report(
         rw: settings.pattern,
         bs: settings.bs,
         qd: settings.qd,
+        submit_batch: settings.submit_batch,
         conns: opened.conns,
         direct: opened.direct,
         region_bytes: region,

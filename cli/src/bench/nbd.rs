@@ -2,7 +2,8 @@
 //! tidemark's NBD client (`tidemark_nbd::client`).
 //!
 //! The client is async; this backend runs it on a single-threaded tokio runtime that
-//! turns only while the driver waits in [`Backend::reap`]. `submit` spawns one task per
+//! turns only in [`Backend::commit`] and while the driver waits in [`Backend::reap`].
+//! `submit` spawns one task per
 //! request (the client pipelines them, up to the queue depth, round-robin over the
 //! connections); each task hands its slot's buffer back through a channel when the reply
 //! has arrived, so a completion is exactly a reply the server sent.
@@ -157,6 +158,13 @@ impl Backend for NbdBackend {
             done.push((slot, outcome.map_err(io::Error::other)));
             finished = self.done_rx.try_recv().ok();
         }
+        Ok(())
+    }
+
+    fn commit(&mut self) -> anyhow::Result<()> {
+        // Turn the runtime once so the tasks spawned since the last turn send their
+        // requests now instead of at the next reap.
+        self.runtime.block_on(tokio::task::yield_now());
         Ok(())
     }
 

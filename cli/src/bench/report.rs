@@ -2,7 +2,8 @@
 //!
 //! JSON schema (`"schema": "tidemark-bench/1"`; fields are only ever added):
 //! ```text
-//! { schema, target, target_kind ("file"|"device"|"nbd"), engine, rw, bs, qd, conns,
+//! { schema, target, target_kind ("file"|"device"|"nbd"), engine, rw, bs, qd, submit_batch,
+//!   conns,
 //!   direct, region_bytes, time_limit_secs|null, seed,
 //!   elapsed_secs, bytes, ops, mb_per_sec, iops,
 //!   read|null, write|null:  { ops, bytes, mb_per_sec, iops,
@@ -35,6 +36,8 @@ pub struct Report {
     pub rw: Pattern,
     pub bs: u64,
     pub qd: usize,
+    /// Requests sent to the target together (1: each as soon as its slot frees).
+    pub submit_batch: usize,
     pub conns: usize,
     pub direct: bool,
     pub region_bytes: u64,
@@ -90,11 +93,14 @@ impl Report {
     pub fn to_text(&self) -> String {
         let mut out = String::new();
         let direct = if self.direct { ", O_DIRECT" } else { "" };
-        let conns = if self.conns > 1 {
+        let mut conns = if self.conns > 1 {
             format!(", {} connections", self.conns)
         } else {
             String::new()
         };
+        if self.submit_batch > 1 {
+            let _ = write!(conns, ", submitted {} at a time", self.submit_batch);
+        }
         let _ = writeln!(
             out,
             "{} {} QD{} on {} {} ({}{direct}{conns}), {}",

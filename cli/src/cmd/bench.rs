@@ -57,6 +57,12 @@ pub struct Args {
     #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=4096))]
     pub qd: u32,
 
+    /// Requests sent to the target together, as fio's iodepth_batch_submit. The default,
+    /// 1, sends each request as soon as its slot frees, which keeps the device's queue
+    /// full; larger batches cost fewer system calls but let the queue run short.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub submit_batch: u32,
+
     /// NBD connections to spread the requests over (needs a server that advertises
     /// multi-conn for writes).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
@@ -140,6 +146,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         pattern: args.rw,
         bs: args.bs,
         qd: args.qd as usize,
+        submit_batch: args.submit_batch as usize,
         conns: args.conns as usize,
         size: args.size,
         time: args.time,
