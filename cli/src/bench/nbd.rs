@@ -2,8 +2,7 @@
 //! tidemark's NBD client (`tidemark_nbd::client`).
 //!
 //! The client is async; this backend runs it on a single-threaded tokio runtime that
-//! turns only in [`Backend::commit`] and while the driver waits in [`Backend::reap`].
-//! `submit` spawns one task per
+//! turns only while the driver waits in [`Backend::reap`]. `submit` spawns one task per
 //! request (the client pipelines them, up to the queue depth, round-robin over the
 //! connections); each task hands its slot's buffer back through a channel when the reply
 //! has arrived, so a completion is exactly a reply the server sent.
@@ -162,9 +161,10 @@ impl Backend for NbdBackend {
     }
 
     fn commit(&mut self) -> anyhow::Result<()> {
-        // Turn the runtime once so the tasks spawned since the last turn send their
-        // requests now instead of at the next reap.
-        self.runtime.block_on(tokio::task::yield_now());
+        // Requests queued by one refill go out together when the runtime next turns (in
+        // `reap`). Turning it for every request (one `block_on(yield_now())` each) cost a
+        // fifth of the IOPS against tidemark's own export: 4 KiB random reads at QD32
+        // measured 107k instead of 132k, writes 62k instead of 79k (medians of 5).
         Ok(())
     }
 

@@ -57,9 +57,10 @@ pub struct Args {
     #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=4096))]
     pub qd: u32,
 
-    /// Requests sent to the target together, as fio's iodepth_batch_submit. The default,
-    /// 1, sends each request as soon as its slot frees, which keeps the device's queue
-    /// full; larger batches cost fewer system calls but let the queue run short.
+    /// Requests sent to a file or device together, as fio's iodepth_batch_submit. The
+    /// default, 1, sends each request as soon as its slot frees, which keeps the device's
+    /// queue full; larger batches cost fewer system calls but let the queue run short.
+    /// (NBD requests queued together always go out together.)
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=4096))]
     pub submit_batch: u32,
 
