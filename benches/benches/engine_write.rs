@@ -17,7 +17,9 @@
 //! for aligned requests); every run ends with a flush (fdatasync) inside the timing.
 //! Each figure is the median of `TIDEMARK_BENCH_RUNS` runs (default 5).
 //!
-//! Run: `cargo bench -p tidemark-benches --bench engine_write`
+//! Run: `cargo bench -p tidemark-benches --bench engine_write`; to run fewer, set
+//! `TIDEMARK_BENCH_PATTERNS` and/or `TIDEMARK_BENCH_MODES` to comma-separated names
+//! (`off` always runs: it is the ratios' base; `snap-rewrite` runs with `snap-first`).
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
@@ -235,9 +237,27 @@ fn main() {
         "{:<10} {:<13} {:>10} {:>10}",
         "pattern", "mode", "MB/s", "vs off"
     );
+    let wanted = |var: &str, name: &str| {
+        std::env::var(var)
+            .map(|list| list.split(',').any(|w| w.trim() == name))
+            .unwrap_or(true)
+    };
     let mut checkpoint = 0;
     for p in PATTERNS {
-        let mut results: Vec<(&str, Vec<f64>)> = p.modes.iter().map(|m| (*m, Vec::new())).collect();
+        if !wanted("TIDEMARK_BENCH_PATTERNS", p.name) {
+            continue;
+        }
+        let mut results: Vec<(&str, Vec<f64>)> = p
+            .modes
+            .iter()
+            .filter(|m| match **m {
+                "off" => true,
+                // It drops the snapshot snap-first took.
+                "snap-rewrite" => wanted("TIDEMARK_BENCH_MODES", "snap-first"),
+                m => wanted("TIDEMARK_BENCH_MODES", m),
+            })
+            .map(|m| (*m, Vec::new()))
+            .collect();
         for r in 0..runs {
             let offs = offsets(p, r);
             // Interleave the modes within each round so drift on a noisy machine hits all alike.
@@ -310,7 +330,10 @@ fn main() {
                 fast.checkpoint_delete(&c.name).expect("delete checkpoint");
             }
         }
-        let off = median(results[1].1.clone());
+        let off = results
+            .iter()
+            .find(|(m, _)| *m == "off")
+            .map_or(f64::NAN, |(_, s)| median(s.clone()));
         for (mode, samples) in results {
             let m = median(samples);
             println!("{:<10} {:<13} {:>10.1} {:>9.2}x", p.name, mode, m, m / off);
