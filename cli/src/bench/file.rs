@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use tidemark_engine::io::{
-    open_engine, Completion, Engine, EngineChoice, EngineConfig, FileId, IoBuf, Op, Request,
+    open_engine, Completion, Engine, EngineChoice, EngineConfig, FileId, IoBuf, Op, Pages, Request,
 };
 
 use crate::bench::driver::Backend;
@@ -32,6 +32,7 @@ impl FileBackend {
     pub fn new(
         file: File,
         choice: EngineChoice,
+        pages: Pages,
         bs: u64,
         qd: usize,
     ) -> anyhow::Result<FileBackend> {
@@ -43,6 +44,7 @@ impl FileBackend {
             buf_count: qd,
             // The measuring loop submits and reaps on this thread only.
             single_thread: true,
+            pages,
             ..EngineConfig::default()
         })
         .context("cannot start the I/O engine")?;
@@ -81,6 +83,11 @@ impl FileBackend {
     /// "io_uring" or "threads".
     pub fn engine_name(&self) -> String {
         self.engine.kind().to_string()
+    }
+
+    /// Bytes of the (already filled) buffers that sit in huge pages.
+    pub fn huge_page_bytes(&self) -> Option<u64> {
+        self.engine.pool().huge_page_bytes()
     }
 }
 

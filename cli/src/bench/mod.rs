@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use indicatif::{ProgressBar, ProgressStyle};
-use tidemark_engine::io::{open_file, EngineChoice, OpenOptions};
+use tidemark_engine::io::{open_file, EngineChoice, OpenOptions, Pages};
 
 use crate::ui;
 use driver::{Backend, Limit, Phase, PhaseResult, Verify};
@@ -58,6 +58,8 @@ pub struct Settings {
     pub seed: u64,
     pub rwmixread: u8,
     pub engine: EngineChoice,
+    /// The pages behind the I/O buffers of files and devices.
+    pub pages: Pages,
     pub force: bool,
 }
 
@@ -66,6 +68,8 @@ struct Opened {
     backend: Box<dyn Backend>,
     size: u64,
     engine: String,
+    /// Bytes of the I/O buffers in huge pages (files and devices, where /proc says).
+    huge_page_bytes: Option<u64>,
     direct: bool,
     /// Connections really open (NBD; 1 otherwise).
     conns: usize,
@@ -207,6 +211,7 @@ fn build_report(
         target: settings.target_text.clone(),
         target_kind: settings.target.kind(),
         engine: opened.engine.clone(),
+        huge_page_bytes: opened.huge_page_bytes,
         rw: settings.pattern,
         bs: settings.bs,
         qd: settings.qd,
@@ -320,9 +325,16 @@ fn open_backend(
     direct: bool,
     settings: &Settings,
 ) -> anyhow::Result<Opened> {
-    let backend = file::FileBackend::new(file, settings.engine, settings.bs, settings.qd)?;
+    let backend = file::FileBackend::new(
+        file,
+        settings.engine,
+        settings.pages,
+        settings.bs,
+        settings.qd,
+    )?;
     Ok(Opened {
         engine: backend.engine_name(),
+        huge_page_bytes: backend.huge_page_bytes(),
         backend: Box::new(backend),
         size,
         direct,
@@ -366,6 +378,7 @@ fn open_nbd(uri: &str, settings: &Settings) -> anyhow::Result<Opened> {
     }
     Ok(Opened {
         engine: "nbd".to_string(),
+        huge_page_bytes: None,
         conns: backend.connections(),
         backend: Box::new(backend),
         size,

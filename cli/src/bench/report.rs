@@ -2,8 +2,8 @@
 //!
 //! JSON schema (`"schema": "tidemark-bench/1"`; fields are only ever added):
 //! ```text
-//! { schema, target, target_kind ("file"|"device"|"nbd"), engine, rw, bs, qd, submit_batch,
-//!   conns,
+//! { schema, target, target_kind ("file"|"device"|"nbd"), engine, huge_page_bytes|null,
+//!   rw, bs, qd, submit_batch, conns,
 //!   direct, region_bytes, time_limit_secs|null, seed,
 //!   elapsed_secs, bytes, ops, mb_per_sec, iops,
 //!   read|null, write|null:  { ops, bytes, mb_per_sec, iops,
@@ -33,6 +33,9 @@ pub struct Report {
     pub target_kind: &'static str,
     /// The I/O path: "io_uring", "threads" (pread/pwrite pool) or "nbd".
     pub engine: String,
+    /// Bytes of the I/O buffers in transparent huge pages (files and devices; null for
+    /// NBD and where /proc/self/smaps cannot be read).
+    pub huge_page_bytes: Option<u64>,
     pub rw: Pattern,
     pub bs: u64,
     pub qd: usize,
@@ -93,6 +96,11 @@ impl Report {
     pub fn to_text(&self) -> String {
         let mut out = String::new();
         let direct = if self.direct { ", O_DIRECT" } else { "" };
+        let pages = match self.huge_page_bytes {
+            Some(0) => ", buffers in 4 KiB pages",
+            Some(_) => ", buffers in huge pages",
+            None => "",
+        };
         let mut conns = if self.conns > 1 {
             format!(", {} connections", self.conns)
         } else {
@@ -103,7 +111,7 @@ impl Report {
         }
         let _ = writeln!(
             out,
-            "{} {} QD{} on {} {} ({}{direct}{conns}), {}",
+            "{} {} QD{} on {} {} ({}{direct}{pages}{conns}), {}",
             pattern_name(self.rw),
             human_bytes(self.bs),
             self.qd,

@@ -60,7 +60,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use buf::{BufPool, IoBuf, ALIGN, MAX_POOL_BYTES};
+pub use buf::{BufPool, IoBuf, Pages, ALIGN, MAX_POOL_BYTES};
 pub use threads::ThreadEngine;
 pub use uring::UringEngine;
 
@@ -179,6 +179,8 @@ pub struct EngineConfig {
     /// another thread is refused with an error. Leave it off for an engine that may move
     /// between threads (one held across `await`s).
     pub single_thread: bool,
+    /// The pages behind the buffer pool (huge where the kernel gives them, by default).
+    pub pages: Pages,
 }
 
 impl Default for EngineConfig {
@@ -190,6 +192,7 @@ impl Default for EngineConfig {
             buf_count: 0,
             threads: 0,
             single_thread: false,
+            pages: Pages::Huge,
         }
     }
 }
@@ -227,7 +230,7 @@ pub fn open_engine(config: &EngineConfig) -> Result<Box<dyn Engine>, IoError> {
     } else {
         config.buf_count
     };
-    let pool = BufPool::new(config.buf_size, count)?;
+    let pool = BufPool::with_pages(config.buf_size, count, config.pages)?;
     let threads = if config.threads == 0 {
         depth.min(16)
     } else {
