@@ -27,14 +27,15 @@ pub const ALIGN: usize = 4096;
 pub const MAX_POOL_BYTES: usize = 4 << 30;
 
 /// Size of a transparent huge page on x86-64 and most arm64 kernels; pools of at least
-/// this size are aligned to it so that the kernel can back them with huge pages.
+/// half this size are rounded up to it and aligned to it, so that the kernel can back them
+/// with huge pages (a 1 MiB buffer maps a whole huge page: memory for speed).
 const HUGE_PAGE: usize = 2 << 20;
 
 /// Which pages back a pool's memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Pages {
     /// Transparent huge pages where the kernel gives them (`MADV_HUGEPAGE` on a 2 MiB
-    /// aligned mapping; pools smaller than 2 MiB and kernels without THP get base pages).
+    /// aligned mapping; pools smaller than 1 MiB and kernels without THP get base pages).
     /// A buffer inside one huge page is physically contiguous, so a 1 MiB request reaches
     /// the device as one segment instead of 256: on a virtio disk without indirect
     /// descriptors (this project's CI machine), 256-segment requests fill the whole
@@ -204,7 +205,7 @@ impl BufPool {
 /// pool, paid by every short job). For huge pages the mapping is made one huge page larger,
 /// trimmed to a huge-page-aligned start, and marked `MADV_HUGEPAGE`.
 fn map_pool(total: usize, pages: Pages) -> Result<(NonNull<u8>, usize), IoError> {
-    let huge = pages == Pages::Huge && total >= HUGE_PAGE;
+    let huge = pages == Pages::Huge && total >= HUGE_PAGE / 2;
     let len = if huge {
         total.next_multiple_of(HUGE_PAGE)
     } else {
@@ -393,8 +394,13 @@ mod tests {
             }
             // Whether the kernel gave huge pages depends on its THP setting and free
             // memory; the figure is read from /proc and never exceeds the pool.
-            let huge = pool.huge_page_bytes().expect("/proc/self/smaps is readable");
-            assert!(huge <= 4 << 20, "{huge} bytes in huge pages in a 4 MiB mapping");
+            let huge = pool
+                .huge_page_bytes()
+                .expect("/proc/self/smaps is readable");
+            assert!(
+                huge <= 4 << 20,
+                "{huge} bytes in huge pages in a 4 MiB mapping"
+            );
         }
     }
 

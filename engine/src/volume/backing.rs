@@ -23,24 +23,6 @@ pub(crate) struct AlignedBuf {
 }
 
 impl AlignedBuf {
-    /// A new buffer of `len` usable bytes.
-    pub(crate) fn with_len(len: usize) -> AlignedBuf {
-        let mut buf = AlignedBuf::default();
-        buf.get(len);
-        buf
-    }
-
-    /// Aligned bytes available without growing.
-    pub(crate) fn capacity(&self) -> usize {
-        self.raw.len().saturating_sub(DIRECT_ALIGN)
-    }
-
-    /// The first `len` bytes of the aligned area (`len` no more than was allocated).
-    pub(crate) fn view(&self, len: usize) -> &[u8] {
-        let start = self.raw.as_ptr().align_offset(DIRECT_ALIGN);
-        &self.raw[start..start + len]
-    }
-
     /// The first `len` bytes of the aligned area, growing it when needed.
     pub(crate) fn get(&mut self, len: usize) -> &mut [u8] {
         let need = len + DIRECT_ALIGN;
@@ -370,12 +352,14 @@ mod tests {
         let path = dir.path().join("img");
         let file = BackingFile::create(&path).unwrap();
         file.set_len(1 << 20).unwrap();
-        let mut a = AlignedBuf::with_len(8192);
-        a.get(8192).fill(1);
-        let mut b = AlignedBuf::with_len(4096);
-        b.get(4096).fill(2);
+        let pool = crate::io::BufPool::new(8192, 2).unwrap();
+        let mut a = pool.take().unwrap();
+        a.as_mut_slice().fill(1);
+        let mut b = pool.take().unwrap();
+        b.set_len(4096);
+        b.as_mut_slice().fill(2);
         // Aligned: one O_DIRECT pwritev.
-        file.write_vectored_at(4096, &[a.view(8192), b.view(4096)])
+        file.write_vectored_at(4096, &[a.as_slice(), b.as_slice()])
             .unwrap();
         // Unaligned: the buffered fallback.
         file.write_vectored_at(3, &[&[3u8; 5][..], &[4u8; 2][..]])
