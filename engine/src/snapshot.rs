@@ -113,17 +113,18 @@ pub struct CowOptions {
 /// Its buffer goes back to the snapshot's pool when the last reference is dropped.
 #[derive(Debug)]
 struct CopyBuf {
-    /// Always `Some` until dropped (then back to the pool).
+    /// Always `Some` until dropped (then back to the pool); its range is the copied bytes.
     buf: Option<IoBuf>,
-    len: usize,
     pool: Arc<BufPool>,
 }
 
 impl CopyBuf {
     fn bytes(&self) -> &[u8] {
-        self.buf
-            .as_ref()
-            .map_or(&[], |buf| &buf.as_slice()[..self.len])
+        self.buf.as_ref().map_or(&[], IoBuf::as_slice)
+    }
+
+    fn len(&self) -> u64 {
+        self.bytes().len() as u64
     }
 }
 
@@ -143,7 +144,26 @@ impl Drop for CopyBuf {
 /// 1 MiB read in 4 KiB pages fills the whole queue; see `io::Pages`).
 #[derive(Debug, Default)]
 struct BufPool {
-    free: Mutex<Vec<IoBuf>>,
+    free: Mutex<FreeBufs>,
+}
+
+#[derive(Debug, Default)]
+struct FreeBufs {
+    bufs: Vec<IoBuf>,
+    /// Capacity of `bufs`, summed (kept here: `put` runs for every copy).
+    bytes: usize,
+}
+
+impl FreeBufs {
+    /// Keep `buf` unless that would hold more than [`MAX_POOLED`] bytes; say whether it did.
+    fn keep(&mut self, buf: IoBuf) -> bool {
+        if self.bytes + buf.capacity() > MAX_POOLED {
+            return false;
+        }
+        self.bytes += buf.capacity();
+        self.bufs.push(buf);
+        true
+    }
 }
 
 impl BufPool {
@@ -152,13 +172,18 @@ impl BufPool {
     fn take(&self, len: usize) -> io::Result<IoBuf> {
         let mut free = lock(&self.free);
         let best = free
+            .bufs
             .iter()
             .enumerate()
             .filter(|(_, b)| b.capacity() >= len)
             .min_by_key(|(_, b)| b.capacity())
             .map(|(i, _)| i);
         let mut buf = match best {
-            Some(i) => free.swap_remove(i),
+            Some(i) => {
+                let buf = free.bufs.swap_remove(i);
+                free.bytes -= buf.capacity();
+                buf
+            }
             None => {
                 let size = len.next_power_of_two();
                 let slab = PagePool::new(size, (SLAB / size).max(1))
@@ -168,11 +193,10 @@ impl BufPool {
                     .ok_or_else(|| io::Error::other("a new buffer slab had no buffer"))?;
                 // The rest of the slab waits in the free list (or, above MAX_POOLED, unused
                 // in the slab until its last buffer is dropped).
-                let mut kept: usize = free.iter().map(IoBuf::capacity).sum();
-                while kept + size <= MAX_POOLED {
-                    let Some(spare) = slab.take() else { break };
-                    free.push(spare);
-                    kept += size;
+                while let Some(spare) = slab.take() {
+                    if !free.keep(spare) {
+                        break;
+                    }
                 }
                 buf
             }
@@ -182,11 +206,7 @@ impl BufPool {
     }
 
     fn put(&self, buf: IoBuf) {
-        let mut free = lock(&self.free);
-        let kept: usize = free.iter().map(IoBuf::capacity).sum();
-        if kept + buf.capacity() <= MAX_POOLED {
-            free.push(buf);
-        }
+        lock(&self.free).keep(buf);
     }
 }
 
@@ -425,12 +445,12 @@ impl SnapshotInner {
         let mut i = 0;
         while i < jobs.len() {
             let mut j = i + 1;
-            let mut bytes = jobs[i].data.len as u64;
+            let mut bytes = jobs[i].data.len();
             while j < jobs.len()
                 && jobs[j].first_slot == jobs[j - 1].first_slot + jobs[j - 1].chunks.len() as u64
-                && bytes + jobs[j].data.len as u64 <= MAX_STORE_WRITE
+                && bytes + jobs[j].data.len() <= MAX_STORE_WRITE
             {
-                bytes += jobs[j].data.len as u64;
+                bytes += jobs[j].data.len();
                 j += 1;
             }
             let group = &jobs[i..j];
@@ -447,7 +467,7 @@ impl SnapshotInner {
     fn finish_group(&self, group: &[StoreJob], result: io::Result<()>) {
         let mut idx = lock(&self.index);
         for job in group {
-            idx.in_flight -= job.data.len as u64;
+            idx.in_flight -= job.data.len();
         }
         match result {
             Ok(()) => {
@@ -577,11 +597,10 @@ impl SnapshotInner {
                 self.copied.notify_all();
                 continue;
             }
-            let taken = self.pool.take(len);
-            let read = match taken {
-                Ok(mut buf) => self.origin.read_at(start, buf.as_mut_slice()).map(|()| buf),
-                Err(err) => Err(err),
-            };
+            let read = self
+                .pool
+                .take(len)
+                .and_then(|mut buf| self.origin.read_at(start, buf.as_mut_slice()).map(|()| buf));
             let mut idx = lock(&self.index);
             let buf = match read {
                 Ok(buf) => buf,
@@ -596,7 +615,6 @@ impl SnapshotInner {
             };
             let data = Arc::new(CopyBuf {
                 buf: Some(buf),
-                len,
                 pool: self.pool.clone(),
             });
             for (k, &(c, slot)) in run.iter().enumerate() {

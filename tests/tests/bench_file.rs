@@ -43,6 +43,8 @@ fn json_report_follows_the_documented_schema() {
     assert_eq!(report["bs"], 16384);
     assert_eq!(report["qd"], 8);
     assert_eq!(report["conns"], 1);
+    assert_eq!(report["submit_batch"], 1);
+    assert!(number(&report, "/huge_page_bytes") <= (128 << 10) as f64);
     assert_eq!(report["region_bytes"], 4 << 20);
     assert!(
         matches!(report["engine"].as_str(), Some("io_uring" | "threads")),
@@ -162,6 +164,50 @@ fn time_limit_bounds_the_run_and_direct_reads_work() {
     // A time-based run repeats passes: many more requests than the 8192 blocks.
     assert!(number(&report, "/read/ops") > 0.0);
     assert_eq!(report["direct"], true, "/var/tmp is a real file system");
+}
+
+#[test]
+fn buffers_are_huge_pages_by_default_and_small_pages_on_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = dir.path().join("disk.img");
+    let bench = |extra: &[&str]| {
+        let mut args = vec![
+            "bench", "--rw", "write", "--bs", "1M", "--qd", "4", "--size", "8M", "--force",
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        args.push(path_text(&target));
+        tidemark(&args, LIMIT).assert_success().json()
+    };
+    // 4 x 1 MiB buffers: whether the kernel backs them with huge pages depends on its
+    // THP setting, but the report never counts more than the pool.
+    let default = bench(&[]);
+    assert!(
+        number(&default, "/huge_page_bytes") <= (4 << 20) as f64,
+        "{default}"
+    );
+    // --small-pages asks the kernel for base pages only (MADV_NOHUGEPAGE).
+    let small = bench(&["--small-pages"]);
+    assert_eq!(small["huge_page_bytes"], 0, "{small}");
+    assert_eq!(small["bytes"], 8 << 20);
+    let text = tidemark(
+        &[
+            "bench",
+            "--rw",
+            "read",
+            "--bs",
+            "1M",
+            "--qd",
+            "4",
+            "--size",
+            "8M",
+            "--small-pages",
+            path_text(&target),
+        ],
+        LIMIT,
+    );
+    let out = &text.assert_success().stdout;
+    assert!(out.contains("buffers in 4 KiB pages"), "{out}");
 }
 
 #[test]

@@ -42,7 +42,8 @@ pub enum Pages {
     /// virtqueue one at a time and large-block throughput halves.
     #[default]
     Huge,
-    /// Base (4 KiB) pages, as fio's and most tools' malloc'd buffers are.
+    /// Base (4 KiB) pages, as fio's and most tools' malloc'd buffers are
+    /// (`MADV_NOHUGEPAGE`, so that holds where THP is "always" too).
     Small,
 }
 
@@ -164,27 +165,20 @@ impl BufPool {
     pub fn huge_page_bytes(&self) -> Option<u64> {
         let smaps = std::fs::read_to_string("/proc/self/smaps").ok()?;
         let base = self.inner.base.as_ptr() as usize;
-        let mut inside = false;
-        for line in smaps.lines() {
-            if let Some((range, _)) = line.split_once(' ') {
-                if let Some((start, end)) = range.split_once('-') {
-                    if let (Ok(start), Ok(end)) = (
-                        usize::from_str_radix(start, 16),
-                        usize::from_str_radix(end, 16),
-                    ) {
-                        inside = start <= base && base < end;
-                        continue;
-                    }
-                }
-            }
-            if inside {
-                if let Some(rest) = line.strip_prefix("AnonHugePages:") {
-                    let kib: u64 = rest.trim().trim_end_matches("kB").trim().parse().ok()?;
-                    return Some((kib * 1024).min(self.inner.len as u64));
-                }
-            }
-        }
-        None
+        // A mapping's header line ("start-end perms ...") is followed by its fields.
+        let lines = smaps
+            .lines()
+            .skip_while(|line| !smaps_range(line).is_some_and(|r| r.contains(&base)))
+            .skip(1);
+        let kib: u64 = lines
+            .take_while(|line| smaps_range(line).is_none())
+            .find_map(|line| line.strip_prefix("AnonHugePages:"))?
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()
+            .ok()?;
+        Some((kib * 1024).min(self.inner.len as u64))
     }
 
     /// Start address and length of buffer `index`, for registering the pool with a ring.
@@ -196,6 +190,12 @@ impl BufPool {
     }
 }
 
+/// The address range of an smaps header line ("7f00-7f80 rw-p ..."), `None` for a field.
+fn smaps_range(line: &str) -> Option<Range<usize>> {
+    let (start, end) = line.split_once(' ')?.0.split_once('-')?;
+    Some(usize::from_str_radix(start, 16).ok()?..usize::from_str_radix(end, 16).ok()?)
+}
+
 /// Map `total` bytes of zero-filled anonymous memory for a pool: the start address and the
 /// length mapped (what `munmap` takes back).
 ///
@@ -203,7 +203,8 @@ impl BufPool {
 /// kernel on first touch. `alloc_zeroed` with a 4 KiB alignment would memset the whole pool
 /// in user space instead, touching every page up front (tens of milliseconds for a 64 MiB
 /// pool, paid by every short job). For huge pages the mapping is made one huge page larger,
-/// trimmed to a huge-page-aligned start, and marked `MADV_HUGEPAGE`.
+/// trimmed to a huge-page-aligned start, and marked `MADV_HUGEPAGE`; small pages are
+/// marked `MADV_NOHUGEPAGE`.
 fn map_pool(total: usize, pages: Pages) -> Result<(NonNull<u8>, usize), IoError> {
     let huge = pages == Pages::Huge && total >= HUGE_PAGE / 2;
     let len = if huge {
@@ -232,6 +233,11 @@ fn map_pool(total: usize, pages: Pages) -> Result<(NonNull<u8>, usize), IoError>
     }
     let mapped = mapped.cast::<u8>();
     let mut start = mapped;
+    if pages == Pages::Small {
+        // SAFETY: advice on the whole mapping just made; it changes no memory contents.
+        // Refused only by kernels without THP, which have no huge pages to avoid.
+        unsafe { libc::madvise(mapped.cast(), len, libc::MADV_NOHUGEPAGE) };
+    }
     if huge {
         let head = (mapped as usize).next_multiple_of(HUGE_PAGE) - mapped as usize;
         let tail = reserve - head - len;
@@ -393,7 +399,8 @@ mod tests {
                 assert!(buf.as_slice().iter().all(|&byte| byte == i as u8 + 1));
             }
             // Whether the kernel gave huge pages depends on its THP setting and free
-            // memory; the figure is read from /proc and never exceeds the pool.
+            // memory; the figure is read from /proc and never exceeds the pool. Small
+            // pages are never huge.
             let huge = pool
                 .huge_page_bytes()
                 .expect("/proc/self/smaps is readable");
@@ -401,6 +408,9 @@ mod tests {
                 huge <= 4 << 20,
                 "{huge} bytes in huge pages in a 4 MiB mapping"
             );
+            if pages == Pages::Small {
+                assert_eq!(huge, 0);
+            }
         }
     }
 
