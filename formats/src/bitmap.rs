@@ -39,10 +39,11 @@ use std::ops::Range;
 use std::path::Path;
 
 use uuid::Uuid;
-use zerocopy::little_endian::{U16, U32, U64};
+use zerocopy::little_endian::{U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 use crate::error::{FormatError, FormatErrorKind, InvalidField};
+use crate::header::{self, HeaderFormat, RawHeaderPrefix};
 
 /// Length of the header; the payload starts here (page-aligned for mmap).
 pub const HEADER_LEN: usize = 4096;
@@ -63,36 +64,35 @@ pub const MAX_CHECKPOINT_NAME: usize = 255;
 /// Largest volume a bitmap may describe (64 PiB); bounds every size computed from a header.
 pub const MAX_VOLUME_SIZE: u64 = 1 << 56;
 
-const WHAT: &str = "bitmap file";
+/// The shared header prefix as this format fills it.
+const FORMAT: HeaderFormat = HeaderFormat {
+    what: "bitmap file",
+    header: "bitmap header",
+    magic: MAGIC,
+    major: MAJOR_VERSION,
+    minor: MINOR_VERSION,
+    known_incompat: KNOWN_INCOMPAT_FEATURES,
+};
 
 /// The header's on-disk layout; all integers little-endian.
 #[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
 #[repr(C)]
 struct RawBitmapHeader {
-    magic: [u8; 8],         // 0: b"TDMKBMAP"
-    major: U16,             // 8: major version, 1
-    minor: U16,             // 10: minor version, 0
-    header_len: U32,        // 12: 4096, where the payload starts
-    incompat_features: U64, // 16: unknown bits refuse to open
-    compat_features: U64,   // 24: unknown bits are ignored
-    header_crc: U32,        // 32: crc32 of bytes 0..4096 with this field zeroed
-    state: U32,             // 36: 0 clean, 1 in use, 2 inconsistent
-    volume_uuid: [u8; 16],  // 40: the volume's uuid (RFC 4122 byte order)
-    granularity: U32,       // 56: bytes per tracking block, power of two 4 KiB..=1 MiB
-    checkpoint_len: U32,    // 60: length of the checkpoint name, 1..=255
-    volume_size: U64,       // 64: volume size in bytes
-    generation: U64,        // 72: checkpoint generation
-    block_count: U64,       // 80: ceil(volume_size / granularity)
-    payload_len: U64,       // 88: ceil(block_count / 64) * 8
-    payload_crc: U32,       // 96: crc32 of the payload (meaningful when clean)
-    reserved: U32,          // 100: zero
-    checkpoint: [u8; 256],  // 104: checkpoint name, UTF-8, zero padded
+    prefix: RawHeaderPrefix, // 0: "TDMKBMAP" 1.0, header_len 4096 (where the payload starts), crc
+    state: U32,              // 36: 0 clean, 1 in use, 2 inconsistent
+    volume_uuid: [u8; 16],   // 40: the volume's uuid (RFC 4122 byte order)
+    granularity: U32,        // 56: bytes per tracking block, power of two 4 KiB..=1 MiB
+    checkpoint_len: U32,     // 60: length of the checkpoint name, 1..=255
+    volume_size: U64,        // 64: volume size in bytes
+    generation: U64,         // 72: checkpoint generation
+    block_count: U64,        // 80: ceil(volume_size / granularity)
+    payload_len: U64,        // 88: ceil(block_count / 64) * 8
+    payload_crc: U32,        // 96: crc32 of the payload (meaningful when clean)
+    reserved: U32,           // 100: zero
+    checkpoint: [u8; 256],   // 104: checkpoint name, UTF-8, zero padded
 }
 const _: () = assert!(size_of::<RawBitmapHeader>() == 360);
 const _: () = assert!(size_of::<RawBitmapHeader>() <= HEADER_LEN);
-
-const CRC_FIELD: Range<usize> =
-    offset_of!(RawBitmapHeader, header_crc)..offset_of!(RawBitmapHeader, header_crc) + 4;
 
 /// Whether the payload can be trusted; see the module docs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -197,13 +197,7 @@ impl BitmapHeader {
         let n = name.len().min(MAX_CHECKPOINT_NAME);
         checkpoint[..n].copy_from_slice(&name[..n]);
         let raw = RawBitmapHeader {
-            magic: MAGIC,
-            major: U16::new(MAJOR_VERSION),
-            minor: U16::new(MINOR_VERSION),
-            header_len: U32::new(HEADER_LEN as u32),
-            incompat_features: U64::new(self.incompat_features),
-            compat_features: U64::new(self.compat_features),
-            header_crc: U32::new(0),
+            prefix: FORMAT.prefix(HEADER_LEN, self.incompat_features, self.compat_features),
             state: U32::new(self.state.to_raw()),
             volume_uuid: *self.volume_uuid.as_bytes(),
             granularity: U32::new(self.granularity),
@@ -218,8 +212,7 @@ impl BitmapHeader {
         };
         let mut out = vec![0u8; HEADER_LEN];
         out[..size_of::<RawBitmapHeader>()].copy_from_slice(raw.as_bytes());
-        let crc = crc32_with_zeroed_field(&out, CRC_FIELD);
-        out[CRC_FIELD].copy_from_slice(&crc.to_le_bytes());
+        header::seal(&mut out);
         out
     }
 
@@ -228,18 +221,7 @@ impl BitmapHeader {
     /// Checks, in this order: length, magic, major version, header crc, incompatible
     /// features, then every field. `file` only names the file in errors.
     pub fn parse(bytes: &[u8], file: &Path) -> Result<Self, FormatError> {
-        let Some(header) = bytes.get(..HEADER_LEN) else {
-            return Err(FormatError::new(
-                file,
-                0,
-                FormatErrorKind::Truncated {
-                    what: "bitmap header",
-                    needed: HEADER_LEN as u64,
-                    available: bytes.len() as u64,
-                },
-            ));
-        };
-        let (raw, _) = RawBitmapHeader::read_from_prefix(header).map_err(|_| {
+        let truncated = || {
             FormatError::new(
                 file,
                 0,
@@ -249,60 +231,17 @@ impl BitmapHeader {
                     available: bytes.len() as u64,
                 },
             )
-        })?;
-        if raw.magic != MAGIC {
-            return Err(FormatError::new(
-                file,
-                0,
-                FormatErrorKind::BadMagic {
-                    what: WHAT,
-                    found: raw.magic.to_vec(),
-                    expected: MAGIC.to_vec(),
-                },
-            ));
-        }
-        if raw.major.get() != MAJOR_VERSION {
-            return Err(FormatError::new(
-                file,
-                offset_of!(RawBitmapHeader, major) as u64,
-                FormatErrorKind::UnsupportedVersion {
-                    what: WHAT,
-                    major: raw.major.get(),
-                    minor: raw.minor.get(),
-                    supported: MAJOR_VERSION,
-                },
-            ));
-        }
-        let computed = crc32_with_zeroed_field(header, CRC_FIELD);
-        if computed != raw.header_crc.get() {
-            return Err(FormatError::new(
-                file,
-                CRC_FIELD.start as u64,
-                FormatErrorKind::ChecksumMismatch {
-                    what: "bitmap header",
-                    stored: raw.header_crc.get(),
-                    computed,
-                },
-            ));
-        }
-        let unknown = raw.incompat_features.get() & !KNOWN_INCOMPAT_FEATURES;
-        if unknown != 0 {
-            return Err(FormatError::new(
-                file,
-                offset_of!(RawBitmapHeader, incompat_features) as u64,
-                FormatErrorKind::UnknownIncompatFeatures {
-                    what: WHAT,
-                    bits: unknown,
-                },
-            ));
-        }
+        };
+        let header = bytes.get(..HEADER_LEN).ok_or_else(truncated)?;
+        let (raw, _) = RawBitmapHeader::read_from_prefix(header).map_err(|_| truncated())?;
+        FORMAT.check(header, file)?;
         let field = |off: usize, e: InvalidField| FormatError::invalid(file, off as u64, e);
-        if raw.header_len.get() != HEADER_LEN as u32 {
+        if raw.prefix.header_len.get() != HEADER_LEN as u32 {
             return Err(field(
-                offset_of!(RawBitmapHeader, header_len),
+                header::HEADER_LEN_AT,
                 InvalidField::new(
                     "header_len",
-                    format!("{} (must be {HEADER_LEN})", raw.header_len.get()),
+                    format!("{} (must be {HEADER_LEN})", raw.prefix.header_len.get()),
                 ),
             ));
         }
@@ -366,8 +305,8 @@ impl BitmapHeader {
             generation: raw.generation.get(),
             state,
             payload_crc: raw.payload_crc.get(),
-            incompat_features: raw.incompat_features.get(),
-            compat_features: raw.compat_features.get(),
+            incompat_features: raw.prefix.incompat_features.get(),
+            compat_features: raw.prefix.compat_features.get(),
         };
         if raw.block_count.get() != h.block_count() {
             return Err(field(
@@ -433,17 +372,6 @@ fn validate_volume_size(size: u64) -> Result<(), InvalidField> {
         ));
     }
     Ok(())
-}
-
-/// crc32 of `bytes` as if the 4 bytes at `field` were zero.
-pub(crate) fn crc32_with_zeroed_field(bytes: &[u8], field: Range<usize>) -> u32 {
-    let mut h = crc32fast::Hasher::new();
-    let (before, rest) = bytes.split_at(field.start.min(bytes.len()));
-    let after = rest.get(field.len()..).unwrap_or(&[]);
-    h.update(before);
-    h.update(&[0u8; 4][..field.len().min(4)]);
-    h.update(after);
-    h.finalize()
 }
 
 /// crc32 of `len` zero bytes in O(log len), without allocating them.

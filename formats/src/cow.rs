@@ -25,11 +25,12 @@ use std::ops::Range;
 use std::path::Path;
 
 use uuid::Uuid;
-use zerocopy::little_endian::{U16, U32, U64};
+use zerocopy::little_endian::{U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
-use crate::bitmap::{crc32_with_zeroed_field, MAX_VOLUME_SIZE};
+use crate::bitmap::MAX_VOLUME_SIZE;
 use crate::error::{FormatError, FormatErrorKind, InvalidField};
+use crate::header::{self, crc32_with_zeroed_field, HeaderFormat, RawHeaderPrefix};
 
 /// Length of the store header.
 pub const HEADER_LEN: usize = 4096;
@@ -51,18 +52,20 @@ pub const MAX_CHUNK_SIZE: u32 = 4 << 20;
 pub const STORE_ALIGN: u64 = 4096;
 
 const RECORD_MAGIC: [u8; 4] = *b"TDCR";
-const WHAT: &str = "COW store";
+/// The shared header prefix as this format fills it.
+const FORMAT: HeaderFormat = HeaderFormat {
+    what: "COW store",
+    header: "COW store header",
+    magic: MAGIC,
+    major: MAJOR_VERSION,
+    minor: MINOR_VERSION,
+    known_incompat: KNOWN_INCOMPAT_FEATURES,
+};
 
 #[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
 #[repr(C)]
 struct RawCowHeader {
-    magic: [u8; 8],          // 0: b"TDMKCOWS"
-    major: U16,              // 8: major version, 1
-    minor: U16,              // 10: minor version, 0
-    header_len: U32,         // 12: 4096
-    incompat_features: U64,  // 16: unknown bits refuse to open
-    compat_features: U64,    // 24: unknown bits are ignored
-    header_crc: U32,         // 32: crc32 of bytes 0..4096 with this field zeroed
+    prefix: RawHeaderPrefix, // 0: "TDMKCOWS" 1.0, header_len 4096, features, header crc
     chunk_size: U32,         // 36: bytes per COW chunk, power of two 4 KiB..=4 MiB
     snapshot_uuid: [u8; 16], // 40: the snapshot this store belongs to
     volume_uuid: [u8; 16],   // 56: the volume it was taken of
@@ -83,8 +86,6 @@ struct RawCowRecord {
 }
 const _: () = assert!(size_of::<RawCowRecord>() == 32);
 
-const HEADER_CRC: Range<usize> =
-    offset_of!(RawCowHeader, header_crc)..offset_of!(RawCowHeader, header_crc) + 4;
 const RECORD_CRC: Range<usize> =
     offset_of!(RawCowRecord, record_crc)..offset_of!(RawCowRecord, record_crc) + 4;
 
@@ -161,13 +162,7 @@ impl CowStoreHeader {
     /// The header as exactly [`HEADER_LEN`] bytes, header crc included.
     pub fn encode(&self) -> Vec<u8> {
         let raw = RawCowHeader {
-            magic: MAGIC,
-            major: U16::new(MAJOR_VERSION),
-            minor: U16::new(MINOR_VERSION),
-            header_len: U32::new(HEADER_LEN as u32),
-            incompat_features: U64::new(self.incompat_features),
-            compat_features: U64::new(self.compat_features),
-            header_crc: U32::new(0),
+            prefix: FORMAT.prefix(HEADER_LEN, self.incompat_features, self.compat_features),
             chunk_size: U32::new(self.chunk_size),
             snapshot_uuid: *self.snapshot_uuid.as_bytes(),
             volume_uuid: *self.volume_uuid.as_bytes(),
@@ -176,8 +171,7 @@ impl CowStoreHeader {
         };
         let mut out = vec![0u8; HEADER_LEN];
         out[..size_of::<RawCowHeader>()].copy_from_slice(raw.as_bytes());
-        let crc = crc32_with_zeroed_field(&out, HEADER_CRC);
-        out[HEADER_CRC].copy_from_slice(&crc.to_le_bytes());
+        header::seal(&mut out);
         out
     }
 
@@ -196,56 +190,11 @@ impl CowStoreHeader {
         };
         let header = bytes.get(..HEADER_LEN).ok_or_else(truncated)?;
         let (raw, _) = RawCowHeader::read_from_prefix(header).map_err(|_| truncated())?;
-        if raw.magic != MAGIC {
-            return Err(FormatError::new(
-                file,
-                0,
-                FormatErrorKind::BadMagic {
-                    what: WHAT,
-                    found: raw.magic.to_vec(),
-                    expected: MAGIC.to_vec(),
-                },
-            ));
-        }
-        if raw.major.get() != MAJOR_VERSION {
-            return Err(FormatError::new(
-                file,
-                offset_of!(RawCowHeader, major) as u64,
-                FormatErrorKind::UnsupportedVersion {
-                    what: WHAT,
-                    major: raw.major.get(),
-                    minor: raw.minor.get(),
-                    supported: MAJOR_VERSION,
-                },
-            ));
-        }
-        let computed = crc32_with_zeroed_field(header, HEADER_CRC);
-        if computed != raw.header_crc.get() {
-            return Err(FormatError::new(
-                file,
-                HEADER_CRC.start as u64,
-                FormatErrorKind::ChecksumMismatch {
-                    what: "COW store header",
-                    stored: raw.header_crc.get(),
-                    computed,
-                },
-            ));
-        }
-        let unknown = raw.incompat_features.get() & !KNOWN_INCOMPAT_FEATURES;
-        if unknown != 0 {
-            return Err(FormatError::new(
-                file,
-                offset_of!(RawCowHeader, incompat_features) as u64,
-                FormatErrorKind::UnknownIncompatFeatures {
-                    what: WHAT,
-                    bits: unknown,
-                },
-            ));
-        }
-        if raw.header_len.get() != HEADER_LEN as u32 {
+        FORMAT.check(header, file)?;
+        if raw.prefix.header_len.get() != HEADER_LEN as u32 {
             return Err(FormatError::invalid(
                 file,
-                offset_of!(RawCowHeader, header_len) as u64,
+                header::HEADER_LEN_AT as u64,
                 InvalidField::new("header_len", "must be 4096"),
             ));
         }
@@ -265,8 +214,8 @@ impl CowStoreHeader {
             volume_size: raw.volume_size.get(),
             chunk_size: raw.chunk_size.get(),
             created_unix: raw.created_unix.get(),
-            incompat_features: raw.incompat_features.get(),
-            compat_features: raw.compat_features.get(),
+            incompat_features: raw.prefix.incompat_features.get(),
+            compat_features: raw.prefix.compat_features.get(),
         };
         h.validate().map_err(|e| {
             let off = if e.field == "chunk_size" {

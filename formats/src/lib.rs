@@ -10,6 +10,7 @@ pub mod bitmap;
 pub mod cow;
 pub mod delta;
 pub mod error;
+mod header;
 pub mod manifest;
 
 pub use atomic::atomic_replace;

@@ -1,7 +1,6 @@
 //! The delta file header: the shared prefix, then the volume and the from/to checkpoints.
 
 use std::mem::offset_of;
-use std::ops::Range;
 use std::path::Path;
 
 use uuid::Uuid;
@@ -12,40 +11,40 @@ use super::{
     HEADER_LEN, KNOWN_INCOMPAT_FEATURES, MAGIC, MAJOR_VERSION, MAX_CHECKPOINT_NAME,
     MAX_RECORD_DATA, MINOR_VERSION,
 };
-use crate::bitmap::{crc32_with_zeroed_field, MAX_GRANULARITY, MAX_VOLUME_SIZE, MIN_GRANULARITY};
+use crate::bitmap::{MAX_GRANULARITY, MAX_VOLUME_SIZE, MIN_GRANULARITY};
 use crate::error::{FormatError, FormatErrorKind, InvalidField};
+use crate::header::{self, HeaderFormat, RawHeaderPrefix};
 
 const FLAG_HAS_FROM: u32 = 1;
-const WHAT: &str = "delta file";
+/// The shared header prefix as this format fills it.
+const FORMAT: HeaderFormat = HeaderFormat {
+    what: "delta file",
+    header: "delta header",
+    magic: MAGIC,
+    major: MAJOR_VERSION,
+    minor: MINOR_VERSION,
+    known_incompat: KNOWN_INCOMPAT_FEATURES,
+};
 
 #[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
 #[repr(C)]
 pub(super) struct RawDeltaHeader {
-    magic: [u8; 8],         // 0: b"TDMKDLTA"
-    major: U16,             // 8: major version, 1
-    minor: U16,             // 10: minor version, 0
-    header_len: U32,        // 12: 616
-    incompat_features: U64, // 16: unknown bits refuse to open
-    compat_features: U64,   // 24: unknown bits are ignored
-    header_crc: U32,        // 32: crc32 of bytes 0..616 with this field zeroed
-    flags: U32,             // 36: bit 0 = incremental (a "from" checkpoint is present)
-    volume_uuid: [u8; 16],  // 40: the volume's uuid
-    volume_size: U64,       // 56: volume size in bytes
-    granularity: U32,       // 64: tracking block size, power of two 4 KiB..=1 MiB
-    max_record_data: U32,   // 68: 4 MiB, the writer's data record bound
-    created_unix: U64,      // 72: creation time, seconds since the Unix epoch
-    from_generation: U64,   // 80: generation of the "from" checkpoint (0 when full)
-    to_generation: U64,     // 88: generation of the "to" checkpoint
-    from_len: U16,          // 96: length of the "from" name (0 when full)
-    to_len: U16,            // 98: length of the "to" name, 1..=255
-    reserved: U32,          // 100: zero
-    from_name: [u8; 256],   // 104: "from" checkpoint name, UTF-8, zero padded
-    to_name: [u8; 256],     // 360: "to" checkpoint name, UTF-8, zero padded
+    prefix: RawHeaderPrefix, // 0: "TDMKDLTA" 1.0, header_len 616, features, header crc
+    flags: U32,              // 36: bit 0 = incremental (a "from" checkpoint is present)
+    volume_uuid: [u8; 16],   // 40: the volume's uuid
+    volume_size: U64,        // 56: volume size in bytes
+    granularity: U32,        // 64: tracking block size, power of two 4 KiB..=1 MiB
+    max_record_data: U32,    // 68: 4 MiB, the writer's data record bound
+    created_unix: U64,       // 72: creation time, seconds since the Unix epoch
+    from_generation: U64,    // 80: generation of the "from" checkpoint (0 when full)
+    to_generation: U64,      // 88: generation of the "to" checkpoint
+    from_len: U16,           // 96: length of the "from" name (0 when full)
+    to_len: U16,             // 98: length of the "to" name, 1..=255
+    reserved: U32,           // 100: zero
+    from_name: [u8; 256],    // 104: "from" checkpoint name, UTF-8, zero padded
+    to_name: [u8; 256],      // 360: "to" checkpoint name, UTF-8, zero padded
 }
 const _: () = assert!(size_of::<RawDeltaHeader>() == 616);
-
-pub(super) const HEADER_CRC: Range<usize> =
-    offset_of!(RawDeltaHeader, header_crc)..offset_of!(RawDeltaHeader, header_crc) + 4;
 
 /// A checkpoint a delta goes from or to.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -99,6 +98,11 @@ impl DeltaHeader {
     ///
     /// Call [`DeltaHeader::validate`] first; names longer than the limit are cut.
     pub fn encode(&self) -> Vec<u8> {
+        self.encode_with_crc().0
+    }
+
+    /// [`DeltaHeader::encode`], and the header crc the trailer repeats.
+    pub(super) fn encode_with_crc(&self) -> (Vec<u8>, u32) {
         let (from_len, from_name, from_generation) = match &self.from {
             Some(f) => {
                 let (len, name) = name_field(&f.name);
@@ -108,13 +112,7 @@ impl DeltaHeader {
         };
         let (to_len, to_name) = name_field(&self.to.name);
         let raw = RawDeltaHeader {
-            magic: MAGIC,
-            major: U16::new(MAJOR_VERSION),
-            minor: U16::new(MINOR_VERSION),
-            header_len: U32::new(HEADER_LEN as u32),
-            incompat_features: U64::new(0),
-            compat_features: U64::new(0),
-            header_crc: U32::new(0),
+            prefix: FORMAT.prefix(HEADER_LEN, 0, 0),
             flags: U32::new(if self.from.is_some() {
                 FLAG_HAS_FROM
             } else {
@@ -134,9 +132,8 @@ impl DeltaHeader {
             to_name,
         };
         let mut out = raw.as_bytes().to_vec();
-        let crc = crc32_with_zeroed_field(&out, HEADER_CRC);
-        out[HEADER_CRC].copy_from_slice(&crc.to_le_bytes());
-        out
+        let crc = header::seal(&mut out);
+        (out, crc)
     }
 
     /// Parses and validates a header from the first [`HEADER_LEN`] bytes of `bytes`.
@@ -158,52 +155,7 @@ impl DeltaHeader {
         };
         let header = bytes.get(..HEADER_LEN).ok_or_else(truncated)?;
         let (raw, _) = RawDeltaHeader::read_from_prefix(header).map_err(|_| truncated())?;
-        if raw.magic != MAGIC {
-            return Err(FormatError::new(
-                file,
-                0,
-                FormatErrorKind::BadMagic {
-                    what: WHAT,
-                    found: raw.magic.to_vec(),
-                    expected: MAGIC.to_vec(),
-                },
-            ));
-        }
-        if raw.major.get() != MAJOR_VERSION {
-            return Err(FormatError::new(
-                file,
-                offset_of!(RawDeltaHeader, major) as u64,
-                FormatErrorKind::UnsupportedVersion {
-                    what: WHAT,
-                    major: raw.major.get(),
-                    minor: raw.minor.get(),
-                    supported: MAJOR_VERSION,
-                },
-            ));
-        }
-        let computed = crc32_with_zeroed_field(header, HEADER_CRC);
-        if computed != raw.header_crc.get() {
-            return Err(FormatError::new(
-                file,
-                HEADER_CRC.start as u64,
-                FormatErrorKind::ChecksumMismatch {
-                    what: "delta header",
-                    stored: raw.header_crc.get(),
-                    computed,
-                },
-            ));
-        }
-        let unknown = raw.incompat_features.get() & !KNOWN_INCOMPAT_FEATURES;
-        if unknown != 0 {
-            return Err(FormatError::new(
-                file,
-                offset_of!(RawDeltaHeader, incompat_features) as u64,
-                FormatErrorKind::UnknownIncompatFeatures {
-                    what: WHAT,
-                    bits: unknown,
-                },
-            ));
-        }
+        let crc = FORMAT.check(header, file)?;
         let field = |off: usize, e: InvalidField| FormatError::invalid(file, off as u64, e);
         let must = |off: usize, ok: bool, name: &'static str, why: &str| {
             if ok {
@@ -213,8 +165,8 @@ impl DeltaHeader {
             }
         };
         must(
-            offset_of!(RawDeltaHeader, header_len),
-            raw.header_len.get() == HEADER_LEN as u32,
+            header::HEADER_LEN_AT,
+            raw.prefix.header_len.get() == HEADER_LEN as u32,
             "header_len",
             "must be 616",
         )?;
@@ -291,7 +243,7 @@ impl DeltaHeader {
             };
             field(off, e)
         })?;
-        Ok((h, computed))
+        Ok((h, crc))
     }
 }
 

@@ -13,8 +13,8 @@ use super::{
     HEADER_LEN, INDEX_ENTRY_LEN, INDEX_HEADER_LEN, MAX_EXTENTS, MAX_RECORD_DATA, RECORD_HEADER_LEN,
     TRAILER_LEN,
 };
-use crate::bitmap::crc32_with_zeroed_field;
 use crate::error::{FormatError, FormatErrorKind, InvalidField};
+use crate::header::crc32_with_zeroed_field;
 
 pub(super) const RECORD_MAGIC: [u8; 4] = *b"TDXR";
 pub(super) const INDEX_MAGIC: [u8; 4] = *b"TDXI";

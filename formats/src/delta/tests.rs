@@ -6,10 +6,9 @@ use std::path::Path;
 
 use proptest::prelude::*;
 
-use super::header::HEADER_CRC;
 use super::*;
-use crate::bitmap::crc32_with_zeroed_field;
 use crate::error::{FormatError, FormatErrorKind};
+use crate::header::{crc32_with_zeroed_field, HEADER_CRC};
 use crate::Uuid;
 
 fn header(volume_size: u64, incremental: bool) -> DeltaHeader {

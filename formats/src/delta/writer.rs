@@ -6,14 +6,13 @@ use std::io::{self, Write};
 use zerocopy::little_endian::{U32, U64};
 use zerocopy::IntoBytes;
 
-use super::header::HEADER_CRC;
 use super::record::{
     Encoding, ExtentKind, IndexEntry, RawIndexHeader, RawTrailer, Sequence, INDEX_MAGIC,
     TRAILER_CRC, TRAILER_MAGIC,
 };
 use super::{DeltaHeader, HEADER_LEN, INDEX_ENTRY_LEN, MAX_RECORD_DATA, TRAILER_LEN};
-use crate::bitmap::crc32_with_zeroed_field;
 use crate::error::InvalidField;
+use crate::header::crc32_with_zeroed_field;
 
 /// Misuse of a [`DeltaWriter`] or a failure of its output.
 #[derive(Debug, thiserror::Error)]
@@ -79,14 +78,8 @@ impl<W: Write> DeltaWriter<W> {
                 level: zstd_level,
                 source,
             })?;
-        let bytes = header.encode();
+        let (bytes, header_crc) = header.encode_with_crc();
         out.write_all(&bytes)?;
-        let header_crc = u32::from_le_bytes([
-            bytes[HEADER_CRC.start],
-            bytes[HEADER_CRC.start + 1],
-            bytes[HEADER_CRC.start + 2],
-            bytes[HEADER_CRC.start + 3],
-        ]);
         Ok(Self {
             out,
             pos: HEADER_LEN as u64,
