@@ -4,23 +4,41 @@
 //! so an operator can tell a truncated copy (offset near the end) from a flipped bit in a
 //! header (offset < 4096) without a hex dump.
 
+use std::error::Error;
 use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
 
 /// A file (or part of one) failed to parse or validate.
 ///
-/// Display: `"{file}: at byte {offset}: {kind}"`.
-#[derive(Debug, thiserror::Error)]
-#[error("{}: at byte {offset}: {kind}", file.display())]
+/// Display: `"{file}: at byte {offset}: {kind}"`. The kind is part of the message, so the
+/// error's source is the kind's own source (an I/O or JSON error), not the kind again.
+#[derive(Debug)]
 pub struct FormatError {
     /// The file being read (or the name the caller gave a stream).
     pub file: PathBuf,
     /// Byte offset in that file where the problem was found.
     pub offset: u64,
     /// What is wrong.
-    #[source]
     pub kind: FormatErrorKind,
+}
+
+impl fmt::Display for FormatError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}: at byte {}: {}",
+            self.file.display(),
+            self.offset,
+            self.kind
+        )
+    }
+}
+
+impl Error for FormatError {
+    fn source(&self) -> Option<&(dyn Error + 'static)> {
+        self.kind.source()
+    }
 }
 
 impl FormatError {
@@ -49,7 +67,7 @@ impl FormatError {
 #[non_exhaustive]
 pub enum FormatErrorKind {
     /// Reading or writing failed.
-    #[error("I/O error: {0}")]
+    #[error("I/O error")]
     Io(#[source] io::Error),
     /// The file ends before a structure it must contain.
     #[error(
@@ -137,13 +155,13 @@ pub enum FormatErrorKind {
         found: Vec<u8>,
     },
     /// A field holds a value that is out of range or contradicts another field.
-    #[error("{0}")]
-    Invalid(#[source] InvalidField),
+    #[error(transparent)]
+    Invalid(InvalidField),
     /// Compressed data failed to decompress to the length its record states.
     #[error("compressed payload is corrupt: {0}")]
     Decompress(String),
     /// A JSON file is not valid JSON or does not match its schema.
-    #[error("invalid JSON: {0}")]
+    #[error("invalid JSON")]
     Json(#[source] serde_json::Error),
 }
 
@@ -183,9 +201,57 @@ impl fmt::Display for Hex<'_> {
     }
 }
 
+/// An error and every source below it joined by ": ", as `main` prints it (anyhow's `{:#}`).
+#[cfg(test)]
+pub(crate) fn chain(err: &dyn Error) -> String {
+    let mut out = err.to_string();
+    let mut next = err.source();
+    while let Some(e) = next {
+        out.push_str(": ");
+        out.push_str(&e.to_string());
+        next = e.source();
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn io_cause_is_printed_once_and_kept_in_the_chain() {
+        let io = io::Error::new(io::ErrorKind::NotFound, "No such file or directory");
+        let e = FormatError::io(Path::new("a.delta"), 0, io);
+        assert_eq!(
+            chain(&e),
+            "a.delta: at byte 0: I/O error: No such file or directory"
+        );
+        assert!(e.source().is_some_and(|s| s.is::<io::Error>()));
+    }
+
+    #[test]
+    fn invalid_field_is_printed_once() {
+        let e = FormatError::invalid(
+            Path::new("a.bitmap"),
+            12,
+            InvalidField::new("header_len", "must be 4096"),
+        );
+        assert_eq!(
+            chain(&e),
+            "a.bitmap: at byte 12: invalid header_len: must be 4096"
+        );
+    }
+
+    #[test]
+    fn json_cause_is_printed_once() {
+        let json = serde_json::from_str::<u32>("x").unwrap_err();
+        let cause = json.to_string();
+        let e = FormatError::new(Path::new("m.json"), 0, FormatErrorKind::Json(json));
+        assert_eq!(
+            chain(&e),
+            format!("m.json: at byte 0: invalid JSON: {cause}")
+        );
+    }
 
     #[test]
     fn display_names_file_and_offset() {

@@ -7,7 +7,7 @@ use std::path::Path;
 use proptest::prelude::*;
 
 use super::*;
-use crate::error::{FormatError, FormatErrorKind};
+use crate::error::{chain, FormatError, FormatErrorKind};
 use crate::header::{crc32_with_zeroed_field, HEADER_CRC};
 use crate::Uuid;
 
@@ -178,6 +178,32 @@ fn writer_refuses_invalid_header_and_level() {
     let mut h = header(1 << 20, false);
     h.to.name = String::new();
     assert!(DeltaWriter::new(Vec::new(), &h, 1).is_err());
+}
+
+#[test]
+fn write_errors_print_their_cause_once() {
+    let mut h = header(1 << 20, false);
+    h.granularity = 1000;
+    let e = DeltaWriter::new(Vec::new(), &h, 1).unwrap_err();
+    assert_eq!(
+        chain(&e),
+        "invalid delta header: invalid granularity: 1000 (must be a power of two from 4096 to 1048576)"
+    );
+    let e = DeltaWriter::new(BrokenDisk, &header(1 << 20, false), 1).unwrap_err();
+    assert_eq!(chain(&e), "writing the delta failed: disk on fire");
+}
+
+/// An output that fails every write.
+struct BrokenDisk;
+
+impl std::io::Write for BrokenDisk {
+    fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+        Err(std::io::Error::other("disk on fire"))
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 #[test]

@@ -19,13 +19,13 @@ use crate::header::crc32_with_zeroed_field;
 #[non_exhaustive]
 pub enum DeltaWriteError {
     /// Writing to the output failed.
-    #[error("writing the delta failed: {0}")]
+    #[error("writing the delta failed")]
     Io(#[from] io::Error),
     /// The header given to [`DeltaWriter::new`] is invalid.
-    #[error("invalid delta header: {0}")]
+    #[error("invalid delta header")]
     Header(#[source] InvalidField),
     /// zstd refused the compression level.
-    #[error("zstd compression level {level} is not usable: {source}")]
+    #[error("zstd compression level {level} is not usable")]
     Level {
         /// The level asked for.
         level: i32,
