@@ -119,7 +119,7 @@ impl DirtyBitmap {
     }
 
     /// Extents over `[offset, offset + len)` of an export of `size` bytes: the dirty runs
-    /// of [`dirty_runs`] and the clean gaps between them, at most [`EXTENTS_PER_CALL`].
+    /// of [`dirty_runs`] and the clean gaps between them, at most `EXTENTS_PER_CALL`.
     pub fn extents(&self, offset: u64, len: u64, size: u64) -> Vec<Extent> {
         let gran = self.granularity;
         let end = offset.saturating_add(len).min(size);

@@ -4,7 +4,6 @@ use std::fmt;
 
 use super::*;
 
-
 /// Command codes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Command {
