@@ -106,7 +106,7 @@ pub enum ServerError {
     #[error("{0} exists and is not a socket; refusing to replace it")]
     NotASocket(PathBuf),
     /// Binding or configuring a listener failed.
-    #[error("cannot listen on {what}: {source}")]
+    #[error("cannot listen on {what}")]
     Listen {
         /// The address or path.
         what: String,
