@@ -89,7 +89,7 @@ pub enum ClientError {
     #[error(transparent)]
     Uri(#[from] UriError),
     /// Connecting or talking to the server failed.
-    #[error("NBD connection to {uri}: {source}")]
+    #[error("NBD connection to {uri} failed")]
     Io {
         /// The server.
         uri: String,
@@ -638,9 +638,22 @@ impl Connection {
 async fn reader(conn: Arc<Connection>, mut rd: BufReader<Box<dyn AsyncRead + Unpin + Send>>) {
     let why = match read_replies(&conn, &mut rd).await {
         Ok(()) => "the server closed the connection".to_string(),
-        Err(e) => e.to_string(),
+        Err(e) => with_causes(&e),
     };
     conn.die(why);
+}
+
+/// `error` and its causes, as anyhow's `{:#}` prints them: the reason a connection died
+/// reaches later requests as text, so its chain must be spelled out here.
+fn with_causes(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(next) = cause {
+        text.push_str(": ");
+        text.push_str(&next.to_string());
+        cause = next.source();
+    }
+    text
 }
 
 async fn read_replies(
@@ -1200,6 +1213,18 @@ mod tests {
         );
         // The connection still works.
         assert_eq!(client.read_vec(1 << 20, 1).await.unwrap(), vec![0x5a]);
+    }
+
+    #[test]
+    fn a_dead_connection_names_its_cause_once() {
+        let err = ClientError::Io {
+            uri: "nbd://host/disk".into(),
+            source: io::Error::new(io::ErrorKind::ConnectionReset, "reset by peer"),
+        };
+        assert_eq!(
+            with_causes(&err),
+            "NBD connection to nbd://host/disk failed: reset by peer"
+        );
     }
 
     #[tokio::test]

@@ -24,6 +24,7 @@ use std::path::Path;
 use std::sync::Mutex;
 
 use rustix::fs::{FallocateFlags, SeekFrom as DataSeek};
+use tidemark_formats::bitmap::dirty_runs;
 
 use crate::export::{
     Capabilities, Errno, Export, ExportError, ExportResult, Extent, MetaContext, ZeroFlags,
@@ -117,49 +118,51 @@ impl DirtyBitmap {
         &self.name
     }
 
-    fn bit(&self, block: u64) -> bool {
-        self.words[(block / 64) as usize] & (1u64 << (block % 64)) != 0
-    }
-
-    /// How many blocks from `start` (below `limit`) share `start`'s bit.
-    fn run(&self, start: u64, limit: u64) -> u64 {
-        let value = self.bit(start);
-        let uniform = if value { u64::MAX } else { 0 };
-        let mut block = start;
-        while block < limit {
-            if block % 64 == 0
-                && limit - block >= 64
-                && self.words[(block / 64) as usize] == uniform
-            {
-                block += 64;
-            } else if self.bit(block) == value {
-                block += 1;
-            } else {
-                break;
-            }
-        }
-        block - start
-    }
-
-    /// Extents over `[offset, offset + len)` of an export of `size` bytes.
+    /// Extents over `[offset, offset + len)` of an export of `size` bytes: the dirty runs
+    /// of [`dirty_runs`] and the clean gaps between them, at most `EXTENTS_PER_CALL`.
     pub fn extents(&self, offset: u64, len: u64, size: u64) -> Vec<Extent> {
+        let gran = self.granularity;
         let end = offset.saturating_add(len).min(size);
+        let first = offset / gran;
+        let last = end.div_ceil(gran).min(self.blocks);
+        let end = end.min(last * gran);
         let mut out = Vec::new();
+        if offset >= end {
+            return out;
+        }
+        // Scan from the word holding `first`; runs come back relative to its first block.
+        let base = first / 64 * 64;
+        let runs = dirty_runs(&self.words[(base / 64) as usize..], last - base);
         let mut cursor = offset;
-        while cursor < end && out.len() < EXTENTS_PER_CALL {
-            let block = cursor / self.granularity;
-            if block >= self.blocks {
-                break;
+        for run in runs {
+            let run_start = ((run.start + base) * gran).max(cursor);
+            let run_end = ((run.end + base) * gran).min(end);
+            if run_end <= cursor {
+                continue;
             }
-            let limit = end.div_ceil(self.granularity).min(self.blocks);
-            let run = self.run(block, limit);
-            let run_end = ((block + run) * self.granularity).min(end);
-            let flags = if self.bit(block) { STATE_DIRTY } else { 0 };
+            if run_start > cursor {
+                out.push(Extent {
+                    length: run_start - cursor,
+                    flags: 0,
+                });
+                if out.len() == EXTENTS_PER_CALL {
+                    return out;
+                }
+            }
             out.push(Extent {
-                length: run_end - cursor,
-                flags,
+                length: run_end - run_start,
+                flags: STATE_DIRTY,
             });
             cursor = run_end;
+            if out.len() == EXTENTS_PER_CALL {
+                return out;
+            }
+        }
+        if cursor < end {
+            out.push(Extent {
+                length: end - cursor,
+                flags: 0,
+            });
         }
         out
     }

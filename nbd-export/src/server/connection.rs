@@ -1,0 +1,228 @@
+//! One connection on tokio: the handshake under its time limit, then the monitor that
+//! starts the transmission thread and turns a shutdown or an export's removal into a soft
+//! disconnect (see the module doc of [`server`](super)).
+
+use std::io;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::sync::oneshot;
+
+use super::listener::NbdStream;
+use super::transmission::{transmission, Stopping, SyncSocket, STOP_POLL};
+use super::{Inner, Server};
+use crate::negotiate::{Negotiation, Session, Step};
+use crate::proto;
+
+impl Server {
+    /// Negotiate under the time limit; the session and any bytes read past it.
+    pub(super) async fn handshake<R, W>(
+        &self,
+        rd: R,
+        mut wr: W,
+    ) -> Result<(Option<Session>, Vec<u8>), ConnError>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        let mut rd = BufReader::with_capacity(64 * 1024, rd);
+        let limit = self.inner.config.handshake_timeout;
+        match tokio::time::timeout(limit, self.negotiate(&mut rd, &mut wr)).await {
+            Ok(result) => Ok((result?, rd.buffer().to_vec())),
+            Err(_) => Err(ConnError::Protocol(format!(
+                "handshake not finished within {limit:?}"
+            ))),
+        }
+    }
+
+    pub(super) async fn connection(&self, mut stream: NbdStream) -> Result<(), ConnError> {
+        let (session, leftover) = match &mut stream {
+            NbdStream::Unix(s) => {
+                let (r, w) = s.split();
+                self.handshake(r, w).await?
+            }
+            NbdStream::Tcp(s) => {
+                let (r, w) = s.split();
+                self.handshake(r, w).await?
+            }
+        };
+        let Some(session) = session else {
+            return Ok(());
+        };
+        let mut removed = match self
+            .inner
+            .exports
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&session.name)
+        {
+            Some(entry) => entry.removed.subscribe(),
+            // Removed during the handshake.
+            None => return Ok(()),
+        };
+        tracing::debug!("NBD transmission: {session:?}");
+        // Transmission runs on threads of its own with blocking socket I/O, as each request
+        // does blocking export I/O anyway: a worker reads a request, runs it and writes
+        // the reply itself, with no hand-off between threads on the hot path. Not on
+        // tokio's blocking pool: a connection holds its threads for its whole life.
+        let socket = SyncSocket::from_tokio(stream)?;
+        let control = socket.try_clone()?;
+        let budget = self.inner.config.max_in_flight_bytes;
+        let stop = Arc::new(Stopping::default());
+        let id = self.inner.next_connection.fetch_add(1, Ordering::Relaxed);
+        let (done, mut work) = oneshot::channel();
+        std::thread::Builder::new()
+            .name(format!("nbd-conn-{id}"))
+            .spawn({
+                let stop = stop.clone();
+                move || {
+                    // The monitor may be gone (runtime shutting down); nobody to tell.
+                    let _ = done.send(transmission(id, session, socket, leftover, budget, &stop));
+                }
+            })
+            .map_err(ConnError::Thread)?;
+        let mut shutdown = self.inner.shutdown.subscribe();
+        let grace = self.inner.config.shutdown_grace;
+        // Set when the server stops serving this connection; cleared once it is closed.
+        let mut deadline: Option<tokio::time::Instant> = None;
+        let mut closed = false;
+        loop {
+            if deadline.is_none() && (*shutdown.borrow_and_update() || *removed.borrow_and_update())
+            {
+                stop.requested.store(true, Ordering::SeqCst);
+                deadline = Some(tokio::time::Instant::now() + grace);
+            }
+            if let (Some(at), false) = (deadline, closed) {
+                if tokio::time::Instant::now() >= at {
+                    // The client ignored ESHUTDOWN or requests hang: a hard disconnect.
+                    let _ = control.shutdown(std::net::Shutdown::Both);
+                    closed = true;
+                } else if stop.idle() {
+                    // Nothing in flight and nothing to tell: the reader sees end-of-file
+                    // (after any request already queued on the socket) and the workers exit.
+                    let _ = control.shutdown(std::net::Shutdown::Read);
+                    closed = true;
+                }
+            }
+            let polling = deadline.is_some() && !closed;
+            tokio::select! {
+                done = &mut work => return done.unwrap_or(Err(ConnError::Panicked)),
+                _ = shutdown.changed(), if deadline.is_none() => {}
+                _ = removed.changed(), if deadline.is_none() => {}
+                _ = tokio::time::sleep(STOP_POLL), if polling => {}
+            }
+        }
+    }
+
+    pub(super) async fn negotiate<R, W>(
+        &self,
+        rd: &mut R,
+        wr: &mut W,
+    ) -> Result<Option<Session>, ConnError>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        wr.write_all(&Negotiation::greeting()).await?;
+        wr.flush().await?;
+        let client_flags = rd.read_u32().await?;
+        let mut negotiation =
+            Negotiation::start(client_flags).map_err(|e| ConnError::Protocol(e.to_string()))?;
+        let mut out = Vec::new();
+        let mut header = [0u8; proto::OPTION_HEADER_LEN];
+        let mut shutdown = self.inner.shutdown.subscribe();
+        let grace = self.inner.config.shutdown_grace;
+        loop {
+            // Once the server shuts down, a client that sends no further option within
+            // the grace period is dropped (it has nothing in flight).
+            let gone = async {
+                let _ = shutdown.wait_for(|stopping| *stopping).await;
+                tokio::time::sleep(grace).await;
+            };
+            tokio::select! {
+                read = rd.read_exact(&mut header) => { read?; }
+                () = gone => return Ok(None),
+            }
+            let stopping = *self.inner.shutdown.borrow();
+            let h = proto::parse_option_header(&header)
+                .map_err(|e| ConnError::Protocol(e.to_string()))?;
+            out.clear();
+            let step = if h.length > proto::MAX_OPTION_LENGTH {
+                // Resynchronise by discarding the payload, within reason.
+                if h.length > 16 << 20 {
+                    return Err(ConnError::Protocol(format!(
+                        "option {} announces a {}-byte payload",
+                        h.option, h.length
+                    )));
+                }
+                tokio::io::copy(
+                    &mut (&mut *rd).take(h.length.into()),
+                    &mut tokio::io::sink(),
+                )
+                .await?;
+                if stopping {
+                    negotiation.refuse_shutting_down(h.option, &mut out)
+                } else {
+                    negotiation.refuse_too_big(h.option, &mut out)
+                }
+            } else {
+                let mut data = vec![0u8; h.length as usize];
+                rd.read_exact(&mut data).await?;
+                if stopping {
+                    negotiation.refuse_shutting_down(h.option, &mut out)
+                } else {
+                    negotiation.handle(h.option, &data, self, &mut out)
+                }
+            };
+            if !out.is_empty() {
+                // After ABORT the client may already be gone: its ACK is best effort.
+                let written = async {
+                    wr.write_all(&out).await?;
+                    wr.flush().await
+                }
+                .await;
+                if let Err(err) = written {
+                    if !matches!(step, Step::Close) {
+                        return Err(err.into());
+                    }
+                }
+            }
+            match step {
+                Step::Options(next) => negotiation = next,
+                Step::Transmit(session) => return Ok(Some(session)),
+                Step::Close => return Ok(None),
+            }
+        }
+    }
+}
+
+pub(super) struct ConnectionGuard(Arc<Inner>);
+
+impl ConnectionGuard {
+    pub(super) fn new(inner: Arc<Inner>) -> Self {
+        inner.active.fetch_add(1, Ordering::SeqCst);
+        ConnectionGuard(inner)
+    }
+}
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        if self.0.active.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub(super) enum ConnError {
+    #[error(transparent)]
+    Io(#[from] io::Error),
+    /// The cause is in the message: the error is logged, not chained.
+    #[error("cannot start a transmission thread: {0}")]
+    Thread(io::Error),
+    #[error("the transmission thread panicked")]
+    Panicked,
+    #[error("protocol error: {0}")]
+    Protocol(String),
+}

@@ -1,0 +1,467 @@
+//! The transmission phase on blocking threads: workers take turns reading a request
+//! (bounding every length before the payload is read), run it, and write its reply.
+
+use std::fs::File;
+use std::io::{self, BufRead, Read, Write};
+use std::os::fd::{AsFd, BorrowedFd};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Condvar, Mutex};
+use std::time::Duration;
+
+use super::command::{error_reply, execute, validate, Reply};
+use super::connection::ConnError;
+use super::listener::NbdStream;
+use crate::export::Errno;
+use crate::negotiate::Session;
+use crate::proto::{self, cflags, Command, HeaderMode, Request};
+
+/// Recycled payload buffers: every pooled buffer is fully initialised (len == capacity),
+/// so handing one out costs neither an allocation nor a memset.
+#[derive(Default)]
+pub(super) struct BufferPool {
+    free: Mutex<Vec<Vec<u8>>>,
+}
+
+const POOL_BUFFERS: usize = 64;
+
+const MIN_BUFFER: usize = 256 * 1024;
+
+impl BufferPool {
+    pub(super) fn get(&self, len: usize) -> Vec<u8> {
+        let pooled = self.free.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        match pooled {
+            Some(buf) if buf.len() >= len => buf,
+            _ => vec![0u8; len.max(MIN_BUFFER)],
+        }
+    }
+
+    pub(super) fn put(&self, buf: Vec<u8>) {
+        if buf.len() < MIN_BUFFER {
+            return;
+        }
+        let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
+        if free.len() < POOL_BUFFERS {
+            free.push(buf);
+        }
+    }
+}
+
+/// Per-connection state shared with the blocking workers.
+pub(super) struct Conn {
+    pub(super) session: Session,
+    pub(super) pool: BufferPool,
+}
+
+/// A connected socket in blocking mode, for the transmission workers.
+pub(super) enum SyncSocket {
+    Unix(std::os::unix::net::UnixStream),
+    Tcp(std::net::TcpStream),
+}
+
+impl SyncSocket {
+    pub(super) fn from_tokio(stream: NbdStream) -> io::Result<SyncSocket> {
+        let socket = match stream {
+            NbdStream::Unix(s) => SyncSocket::Unix(s.into_std()?),
+            NbdStream::Tcp(s) => SyncSocket::Tcp(s.into_std()?),
+        };
+        match &socket {
+            SyncSocket::Unix(s) => s.set_nonblocking(false)?,
+            SyncSocket::Tcp(s) => s.set_nonblocking(false)?,
+        }
+        Ok(socket)
+    }
+
+    pub(super) fn try_clone(&self) -> io::Result<SyncSocket> {
+        Ok(match self {
+            SyncSocket::Unix(s) => SyncSocket::Unix(s.try_clone()?),
+            SyncSocket::Tcp(s) => SyncSocket::Tcp(s.try_clone()?),
+        })
+    }
+
+    pub(super) fn shutdown(&self, how: std::net::Shutdown) -> io::Result<()> {
+        match self {
+            SyncSocket::Unix(s) => s.shutdown(how),
+            SyncSocket::Tcp(s) => s.shutdown(how),
+        }
+    }
+}
+
+impl AsFd for SyncSocket {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        match self {
+            SyncSocket::Unix(s) => s.as_fd(),
+            SyncSocket::Tcp(s) => s.as_fd(),
+        }
+    }
+}
+
+impl io::Read for SyncSocket {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            SyncSocket::Unix(s) => s.read(buf),
+            SyncSocket::Tcp(s) => s.read(buf),
+        }
+    }
+}
+
+impl io::Write for SyncSocket {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            SyncSocket::Unix(s) => s.write(buf),
+            SyncSocket::Tcp(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// How often a stopping connection checks whether it can close.
+pub(super) const STOP_POLL: Duration = Duration::from_millis(10);
+
+/// A connection's view of a shutdown, shared by the async monitor and the workers.
+#[derive(Default)]
+pub(super) struct Stopping {
+    /// Set once when the server stops serving the connection: new requests get ESHUTDOWN.
+    pub(super) requested: AtomicBool,
+    /// An ESHUTDOWN went out: the client must now send NBD_CMD_DISC; wait for it.
+    told: AtomicBool,
+    /// Workers between taking a request off the wire and finishing its reply.
+    busy: AtomicUsize,
+    /// The reader waits for a request header with nothing buffered.
+    reader_idle: AtomicBool,
+}
+
+impl Stopping {
+    /// Nothing in flight, nothing half-read, and no ESHUTDOWN awaiting the client's DISC.
+    pub(super) fn idle(&self) -> bool {
+        self.busy.load(Ordering::SeqCst) == 0
+            && self.reader_idle.load(Ordering::SeqCst)
+            && !self.told.load(Ordering::SeqCst)
+    }
+}
+
+/// Threads per connection, the connection's own included (nbdkit uses 16; requests are
+/// short here).
+const WORKERS: usize = 8;
+
+/// Bytes of payload in flight on a connection, bounded.
+struct Budget {
+    used: Mutex<usize>,
+    freed: Condvar,
+    limit: usize,
+}
+
+impl Budget {
+    fn acquire(&self, cost: usize) -> usize {
+        let cost = cost.min(self.limit);
+        let mut used = self.used.lock().unwrap_or_else(|e| e.into_inner());
+        while *used + cost > self.limit {
+            used = self.freed.wait(used).unwrap_or_else(|e| e.into_inner());
+        }
+        *used += cost;
+        cost
+    }
+
+    fn release(&self, cost: usize) {
+        *self.used.lock().unwrap_or_else(|e| e.into_inner()) -= cost;
+        self.freed.notify_all();
+    }
+}
+
+/// The request side of a connection: one worker at a time reads a request and its payload.
+struct Requests {
+    reader: io::BufReader<io::Chain<io::Cursor<Vec<u8>>, SyncSocket>>,
+    /// Set when the stream ended, failed, or must not be read further.
+    closed: bool,
+}
+
+/// What a worker took off the wire.
+enum Next {
+    Run(Request, Option<Vec<u8>>, usize),
+    Reply(Vec<u8>, usize),
+    Stop,
+}
+
+/// Serve connection `id` until its client disconnects or the stream fails, on the
+/// calling thread and `WORKERS - 1` more of its own.
+pub(super) fn transmission(
+    id: u64,
+    session: Session,
+    socket: SyncSocket,
+    leftover: Vec<u8>,
+    budget_bytes: u32,
+    stop: &Stopping,
+) -> Result<(), ConnError> {
+    let writer = Mutex::new(socket.try_clone()?);
+    let control = socket.try_clone()?;
+    let conn = Conn {
+        session,
+        pool: BufferPool::default(),
+    };
+    let requests = Mutex::new(Requests {
+        reader: io::BufReader::with_capacity(
+            64 * 1024,
+            Read::chain(io::Cursor::new(leftover), socket),
+        ),
+        closed: false,
+    });
+    let budget = Budget {
+        used: Mutex::new(0),
+        freed: Condvar::new(),
+        limit: budget_bytes as usize,
+    };
+    let failure: Mutex<Option<ConnError>> = Mutex::new(None);
+    let fail = |err: ConnError| {
+        failure
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_or_insert(err);
+    };
+    // Every worker reads a request, runs it and writes its reply; this thread is one of them.
+    let worker = || loop {
+        let next = {
+            let mut requests = requests.lock().unwrap_or_else(|e| e.into_inner());
+            if requests.closed {
+                return;
+            }
+            match next_request(&conn, &mut requests, &budget, stop) {
+                Ok(Next::Stop) => Next::Stop,
+                Ok(next) => {
+                    stop.busy.fetch_add(1, Ordering::SeqCst);
+                    next
+                }
+                Err(err) => {
+                    requests.closed = true;
+                    fail(err);
+                    Next::Stop
+                }
+            }
+        };
+        let (reply, cost) = match next {
+            Next::Stop => return,
+            Next::Reply(reply, cost) => (Reply::bytes(reply), cost),
+            Next::Run(req, payload, cost) => {
+                let reply = match catch_unwind(AssertUnwindSafe(|| execute(&conn, &req, payload))) {
+                    Ok(reply) => reply,
+                    Err(_) => {
+                        tracing::error!(
+                            "the export panicked serving {} at {}",
+                            req.command,
+                            req.offset
+                        );
+                        Reply::bytes(error_reply(
+                            conn.session.mode,
+                            &req,
+                            Errno::Io,
+                            "internal error in the export",
+                        ))
+                    }
+                };
+                (reply, cost)
+            }
+        };
+        let written = send_reply(
+            &mut writer.lock().unwrap_or_else(|e| e.into_inner()),
+            &reply,
+            conn.session.export.backing_file(),
+        );
+        if let Reply::Bytes(buf, _) = reply {
+            conn.pool.put(buf);
+        }
+        budget.release(cost);
+        stop.busy.fetch_sub(1, Ordering::SeqCst);
+        if let Err(err) = written {
+            // The client is gone: wake the reader and stop everyone.
+            requests.lock().unwrap_or_else(|e| e.into_inner()).closed = true;
+            let _ = control.shutdown(std::net::Shutdown::Both);
+            fail(err.into());
+            return;
+        }
+    };
+    std::thread::scope(|scope| {
+        for k in 1..WORKERS {
+            let spawned = std::thread::Builder::new()
+                .name(format!("nbd-conn-{id}.{k}"))
+                .spawn_scoped(scope, worker);
+            if let Err(err) = spawned {
+                // Workers already started see the closed stream and exit.
+                requests.lock().unwrap_or_else(|e| e.into_inner()).closed = true;
+                let _ = control.shutdown(std::net::Shutdown::Both);
+                fail(ConnError::Thread(err));
+                break;
+            }
+        }
+        worker();
+    });
+    let _ = control.shutdown(std::net::Shutdown::Both);
+    match failure.into_inner().unwrap_or_else(|e| e.into_inner()) {
+        Some(err) => Err(err),
+        None => Ok(()),
+    }
+}
+
+/// Read the next request (and its payload) with the request lock held.
+fn next_request(
+    conn: &Conn,
+    requests: &mut Requests,
+    budget: &Budget,
+    stop: &Stopping,
+) -> Result<Next, ConnError> {
+    let mode = conn.session.mode;
+    let header_len = mode.request_len();
+    let mut header = [0u8; proto::EXTENDED_REQUEST_LEN];
+    stop.reader_idle
+        .store(requests.reader.buffer().is_empty(), Ordering::SeqCst);
+    let read = requests.reader.read_exact(&mut header[..header_len]);
+    stop.reader_idle.store(false, Ordering::SeqCst);
+    match read {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+            requests.closed = true;
+            return Ok(Next::Stop);
+        }
+        Err(e) => return Err(e.into()),
+    }
+    let req = proto::parse_request(&header[..header_len], mode == HeaderMode::Extended)
+        .map_err(|e| ConnError::Protocol(e.to_string()))?;
+    if req.command == Command::Disc {
+        // Requests already taken still complete and reply.
+        requests.closed = true;
+        return Ok(Next::Stop);
+    }
+    if req.flags & cflags::PAYLOAD_LEN != 0 && req.command != Command::Write {
+        // We never advertise payloads on other commands: the stream cannot be resynced.
+        requests.closed = true;
+        return Ok(Next::Reply(
+            error_reply(
+                mode,
+                &req,
+                Errno::Inval,
+                "payload on a command that takes none",
+            ),
+            0,
+        ));
+    }
+    let payload = if req.command == Command::Write {
+        req.length
+    } else {
+        0
+    };
+    if payload > u64::from(proto::MAX_PAYLOAD) {
+        requests.closed = true;
+        let message = format!(
+            "write of {payload} bytes exceeds the {} byte maximum; closing",
+            proto::MAX_PAYLOAD
+        );
+        tracing::info!("{message}");
+        return Ok(Next::Reply(
+            error_reply(mode, &req, Errno::Inval, message),
+            0,
+        ));
+    }
+    let data_len = match req.command {
+        Command::Read | Command::Write if req.length <= u64::from(proto::MAX_PAYLOAD) => {
+            req.length as usize
+        }
+        _ => 0,
+    };
+    let cost = budget.acquire(data_len + 4096);
+    let mut payload_buf = None;
+    if payload > 0 {
+        let mut buf = conn.pool.get(payload as usize);
+        if let Err(e) = read_payload(&mut requests.reader, &mut buf[..payload as usize]) {
+            budget.release(cost);
+            return Err(e.into());
+        }
+        payload_buf = Some(buf);
+    }
+    if stop.requested.load(Ordering::SeqCst) {
+        if let Some(buf) = payload_buf {
+            conn.pool.put(buf);
+        }
+        stop.told.store(true, Ordering::SeqCst);
+        return Ok(Next::Reply(
+            error_reply(mode, &req, Errno::Shutdown, "the server is shutting down"),
+            cost,
+        ));
+    }
+    if let Err((errno, message)) = validate(&conn.session, &req) {
+        tracing::debug!(
+            "rejecting {} at {} len {}: {message}",
+            req.command,
+            req.offset,
+            req.length
+        );
+        if let Some(buf) = payload_buf {
+            conn.pool.put(buf);
+        }
+        return Ok(Next::Reply(error_reply(mode, &req, errno, &message), cost));
+    }
+    Ok(Next::Run(req, payload_buf, cost))
+}
+
+/// Fill `dst` with a write payload: what the request reader has buffered, then the rest
+/// straight from the socket (one copy, never through the read buffer).
+fn read_payload<R: Read>(reader: &mut io::BufReader<R>, dst: &mut [u8]) -> io::Result<()> {
+    let buffered = reader.buffer().len().min(dst.len());
+    dst[..buffered].copy_from_slice(&reader.buffer()[..buffered]);
+    reader.consume(buffered);
+    reader.get_mut().read_exact(&mut dst[buffered..])
+}
+
+/// Write `reply` to the client (the caller holds the write lock).
+fn send_reply(socket: &mut SyncSocket, reply: &Reply, file: Option<&File>) -> io::Result<()> {
+    let (head, mut offset, len, tail, failed) = match reply {
+        Reply::Bytes(buf, len) => return socket.write_all(&buf[..*len]),
+        Reply::File {
+            head,
+            offset,
+            len,
+            tail,
+            failed,
+        } => (head, *offset, *len, tail, failed),
+    };
+    let Some(file) = file else {
+        return Err(io::Error::other(
+            "a file reply for an export without a file",
+        ));
+    };
+    socket.write_all(head)?;
+    let mut left = len;
+    let mut error = None;
+    while left > 0 {
+        match rustix::fs::sendfile(&*socket, file, Some(&mut offset), left) {
+            Ok(0) => {
+                error = Some(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("the file ended before offset {}", offset + left as u64),
+                ));
+                break;
+            }
+            Ok(n) => left -= n,
+            Err(rustix::io::Errno::INTR) => {}
+            Err(e) => {
+                error = Some(io::Error::from(e));
+                break;
+            }
+        }
+    }
+    let Some(error) = error else {
+        return socket.write_all(tail);
+    };
+    tracing::debug!("sending READ data from the file failed: {error}");
+    // Keep the stream in step: the chunk header promised `len` bytes.
+    let zeroes = [0u8; 64 * 1024];
+    while left > 0 {
+        let n = left.min(zeroes.len());
+        socket.write_all(&zeroes[..n])?;
+        left -= n;
+    }
+    match failed {
+        Some(failed) => socket.write_all(failed),
+        None => Err(error),
+    }
+}
