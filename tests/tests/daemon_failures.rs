@@ -2,14 +2,14 @@
 //! mid-backup, a lease holder that dies, a client that vanishes, a COW store that fills.
 //! In every case the backup fails cleanly and the live volume never notices.
 
-mod daemon_support;
-
 use std::io::{BufRead, BufReader, Read};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use daemon_support::{qemu_img_convert, qemu_io, tidemark_bin, Daemon, KillOnDrop, Model};
 use serde_json::{json, Value};
+use tidemark_tests::daemon::{Daemon, Model};
+use tidemark_tests::peers::{qemu_img_convert, qemu_io};
+use tidemark_tests::{tidemark_bin, ChildGuard};
 
 fn export_uri(backup: &Value) -> String {
     backup["volumes"][0]["uri"]["unix"]
@@ -149,8 +149,8 @@ fn a_lease_ends_the_backup_when_its_control_connection_closes() {
     qemu_io(&daemon.uri("v"), &["write -P 3 0 64k".to_string()]);
 }
 
-fn spawn_hold(daemon: &Daemon, volume: &str) -> (KillOnDrop, String) {
-    let mut child = KillOnDrop(
+fn spawn_hold(daemon: &Daemon, volume: &str) -> (ChildGuard, String) {
+    let mut child = ChildGuard(
         Command::new(tidemark_bin())
             .args(["backup", "begin", volume, "--hold", "--state-dir"])
             .arg(&daemon.state_dir)
@@ -261,7 +261,7 @@ fn a_pull_client_that_vanishes_mid_read_does_not_end_the_backup() {
     qemu_io(&live, &[model.write(0, size, 0x5a)]);
     let backup = daemon.cli_json(&["backup", "begin", "v"]);
     let uri = export_uri(&backup);
-    let mut reader = KillOnDrop(
+    let mut reader = ChildGuard(
         Command::new("qemu-img")
             .args(["convert", "-f", "raw", "-O", "raw", &uri])
             .arg(daemon.dir.path().join("partial.raw"))

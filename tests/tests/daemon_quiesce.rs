@@ -2,8 +2,6 @@
 //! a backup with a writer on it, freeze hooks that print, fail or hang, and the daemon
 //! killed with -9 inside the freeze window. Needs root (loop mounts), as the suite does.
 
-mod daemon_support;
-
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -12,8 +10,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use daemon_support::{tidemark_bin, Daemon, KillOnDrop};
 use serde_json::{json, Value};
+use tidemark_tests::daemon::Daemon;
+use tidemark_tests::{tidemark_bin, ChildGuard};
 
 /// An ext4 image loop-mounted on a private mountpoint; unmounted (thawed first) on drop.
 struct LoopFs {
@@ -317,7 +316,7 @@ fn kill_9_of_the_daemon_inside_the_freeze_window_still_thaws_within_the_limit() 
         ),
     ]);
     let limit = Duration::from_secs(8);
-    let mut begin = KillOnDrop(
+    let mut begin = ChildGuard(
         Command::new(tidemark_bin())
             .args(["backup", "begin", "v", "--quiesce-timeout", "8", "--hooks"])
             .arg(hooks.path())

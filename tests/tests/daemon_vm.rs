@@ -6,8 +6,6 @@
 //! guest had synced before the freeze; an incremental taken the same way and applied on top
 //! does too. qemu-ga runs only inside the guest, never on this machine.
 
-mod daemon_support;
-
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -15,9 +13,10 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use daemon_support::{qemu_img_convert, Daemon};
 use serde_json::{json, Value};
 use tidemark_engine::quiesce::agent::AgentClient;
+use tidemark_tests::daemon::Daemon;
+use tidemark_tests::peers::qemu_img_convert;
 
 /// The guest: mounts its disk, writes unsynced files, and fsyncs a 64 KiB file every 0.1 s,
 /// printing its sha256 once the fsync returned; starts qemu-ga; stops when the host

@@ -8,8 +8,6 @@
 //! /work/shared/vm), `TIDEMARK_VM_BUILD` (default /var/tmp/tidemark-vm-build; built with
 //! the harness's make-vm.sh when missing).
 
-mod quiesce_common;
-
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -19,9 +17,12 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
-use quiesce_common::{run, tidemark_bin};
 use serde_json::json;
 use tidemark_engine::quiesce::{self, agent::AgentClient, QuiesceSpec};
+use tidemark_tests::{run_ok, run_ok_within, tidemark_bin};
+
+/// The quiesce driver built from tests/src/bin/quiesce-probe.rs.
+const PROBE: &str = env!("CARGO_BIN_EXE_quiesce-probe");
 
 /// The guest: mounts the disk, writes files continuously (unsynced small files, a ticker
 /// whose longest pause shows the freeze, fsynced 64 KiB files reported on the console with
@@ -76,10 +77,14 @@ fn vm_build(harness: &Path) -> Result<PathBuf> {
         .unwrap_or_else(|| PathBuf::from("/var/tmp/tidemark-vm-build"));
     if !(build.join("vmlinuz").exists() && build.join("initramfs.cpio.gz").exists()) {
         std::fs::create_dir_all(&build)?;
-        run(Command::new("timeout")
-            .arg("900")
-            .arg(harness.join("make-vm.sh"))
-            .arg(&build))?;
+        run_ok_within(
+            Command::new("timeout")
+                .arg("900")
+                .arg(harness.join("make-vm.sh"))
+                .arg(&build),
+            // make-vm.sh has 900 s (its own `timeout`); this deadline only catches a hung `timeout`.
+            Duration::from_secs(960),
+        )?;
     }
     Ok(build)
 }
@@ -147,7 +152,7 @@ fn a_guest_agent_freeze_gives_a_consistent_copy_of_a_live_guest_disk() -> Result
         .tempdir()?;
     let disk = dir.path().join("disk.raw");
     std::fs::File::create(&disk)?.set_len(128 << 20)?;
-    run(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&disk))?;
+    run_ok(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&disk))?;
 
     // The guest's disk: tidemark's NBD export of the raw file.
     let nbd_sock = dir.path().join("nbd.sock");
@@ -271,12 +276,15 @@ fn a_guest_agent_freeze_gives_a_consistent_copy_of_a_live_guest_disk() -> Result
     // kill -9 of the quiescing process while the guest is frozen (this time with
     // guest-fsfreeze-freeze-list): the watchdog (the tidemark binary) connects to the
     // agent itself and thaws the guest.
-    let (mut holder, first) = quiesce_common::Probe::start(json!({
-        "guest_agent": qga_sock,
-        "guest_mountpoints": ["/mnt"],
-        "agent_timeout_ms": 30_000,
-        "window_limit_ms": 60_000,
-    }))?;
+    let (mut holder, first) = tidemark_tests::quiesce::Probe::start(
+        PROBE,
+        json!({
+            "guest_agent": qga_sock,
+            "guest_mountpoints": ["/mnt"],
+            "agent_timeout_ms": 30_000,
+            "window_limit_ms": 60_000,
+        }),
+    )?;
     ensure!(
         first["quiesced"]["agent"]["frozen"].as_u64() >= Some(1),
         "{first}"
@@ -325,7 +333,7 @@ fn a_guest_agent_freeze_gives_a_consistent_copy_of_a_live_guest_disk() -> Result
 
     // The copy is a clean ext4 holding every file whose fsync had returned (its console
     // line had reached us) before we asked the agent to freeze.
-    run(Command::new("fsck.ext4").arg("-fn").arg(&copy))?;
+    run_ok(Command::new("fsck.ext4").arg("-fn").arg(&copy))?;
     let synced_before: BTreeMap<String, String> = lines
         .iter()
         .filter(|(at, _)| *at < freeze_sent)
@@ -341,17 +349,19 @@ fn a_guest_agent_freeze_gives_a_consistent_copy_of_a_live_guest_disk() -> Result
     );
     let dumped = dir.path().join("dumped");
     std::fs::create_dir(&dumped)?;
-    run(Command::new("debugfs")
-        .arg("-R")
-        .arg(format!("rdump /synced {}", dumped.display()))
-        .arg(&copy))?;
+    run_ok(
+        Command::new("debugfs")
+            .arg("-R")
+            .arg(format!("rdump /synced {}", dumped.display()))
+            .arg(&copy),
+    )?;
     for (name, sha) in &synced_before {
         let path = dumped.join("synced").join(name);
         ensure!(
             path.exists(),
             "{name} (synced before the freeze) is missing from the copy"
         );
-        let sum = run(Command::new("sha256sum").arg(&path))?;
+        let sum = run_ok(Command::new("sha256sum").arg(&path))?;
         ensure!(
             sum.split(' ').next() == Some(sha.as_str()),
             "{name} differs in the copy"
