@@ -102,12 +102,20 @@ impl Drop for LoopFs {
             .arg(&self.mountpoint)
             .stderr(Stdio::null())
             .status();
+        // A filesystem just thawed (or a daemon just gone) can be busy for a moment:
+        // retry for 5 s before a lazy unmount.
         if self.mounted {
-            let ok = Command::new("umount")
-                .arg(&self.mountpoint)
-                .status()
-                .map(|s| s.success());
-            if ok.ok() != Some(true) {
+            let unmounted = (0..50).any(|attempt| {
+                if attempt > 0 {
+                    thread::sleep(Duration::from_millis(100));
+                }
+                Command::new("umount")
+                    .arg(&self.mountpoint)
+                    .stderr(Stdio::null())
+                    .status()
+                    .is_ok_and(|s| s.success())
+            });
+            if !unmounted {
                 let _ = Command::new("umount")
                     .arg("-l")
                     .arg(&self.mountpoint)
