@@ -89,7 +89,7 @@ impl Daemon {
             .stderr(log)
             .spawn()
             .expect("spawning tidemark serve");
-        self.child = Some(ChildGuard(child));
+        self.child = Some(ChildGuard::new(child));
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
             if UnixStream::connect(self.control_socket()).is_ok() {
@@ -321,7 +321,7 @@ impl Daemon {
             .stderr(Stdio::piped())
             .spawn()
             .expect("running /usr/bin/python3");
-        ChildGuard(child)
+        ChildGuard::new(child)
     }
 }
 

@@ -50,7 +50,7 @@ impl Exported {
 /// listens (its JSON ready line).
 pub fn export(dir: &Path, file: &Path, extra: &[&str]) -> Result<Exported> {
     let socket = dir.join(format!("nbd-{}.sock", rand::random::<u32>()));
-    let mut child = ChildGuard(
+    let mut child = ChildGuard::new(
         Command::new(tidemark_bin())
             .arg("export")
             .arg(file)

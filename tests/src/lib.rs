@@ -13,6 +13,7 @@ pub mod paths;
 pub mod peers;
 pub mod quiesce;
 pub mod run;
+pub mod vm;
 
 pub use binary::tidemark_bin;
 pub use child::ChildGuard;

@@ -166,7 +166,7 @@ impl Writer {
             }
         });
         let writer = Writer {
-            _child: ChildGuard(child),
+            _child: ChildGuard::new(child),
             stamps,
         };
         writer.wait_for_writes(10, Duration::from_secs(10))?;
@@ -226,7 +226,7 @@ impl Probe {
         let stdin = child.stdin.take();
         let stdout = BufReader::new(child.stdout.take().context("probe stdout")?);
         let mut probe = Probe {
-            child: ChildGuard(child),
+            child: ChildGuard::new(child),
             stdin,
             stdout,
         };

@@ -56,7 +56,7 @@ pub fn run_with_input(
     } else {
         Stdio::null()
     };
-    let mut child = ChildGuard(
+    let mut child = ChildGuard::new(
         command
             .stdin(stdin)
             .stdout(Stdio::piped())

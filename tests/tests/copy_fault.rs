@@ -79,7 +79,7 @@ fn an_unreadable_range_fails_the_copy_and_is_named_exactly() {
         .expect("nbdfuse starts");
     let mount = Mount {
         dir: mnt.clone(),
-        _server: ChildGuard(server),
+        _server: ChildGuard::new(server),
     };
     let disk = mnt.join("nbd");
     let deadline = Instant::now() + Duration::from_secs(20);

@@ -29,7 +29,7 @@ fn copy_from_qemu_nbd_is_exact_and_thin() {
         .stderr(Stdio::null())
         .spawn()
         .expect("qemu-nbd starts (scripts/install-deps.sh installs qemu-utils)");
-    let _server = ChildGuard(server);
+    let _server = ChildGuard::new(server);
     let deadline = Instant::now() + Duration::from_secs(20);
     while !socket.exists() {
         assert!(

@@ -175,9 +175,9 @@ fn an_update_img_killed_midway_can_be_run_again() {
         .stdout(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let mut guard = ChildGuard(child);
+    let mut guard = ChildGuard::new(child);
     std::thread::sleep(Duration::from_millis(300));
-    let child = &mut guard.0;
+    let child = &mut *guard;
     assert!(
         child.try_wait().unwrap().is_none(),
         "the slow run finished before it could be killed"

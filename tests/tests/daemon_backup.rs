@@ -165,7 +165,7 @@ fn two_volumes_backed_up_together_are_consistent_with_each_other() {
     // a == b + 1. Snapshots taken at different instants would soon break that.
     let mut writer = daemon.nbd_tool_spawn(&["counter", &daemon.uri("a"), &daemon.uri("b")]);
     let mut line = String::new();
-    BufReader::new(writer.0.stdout.take().unwrap())
+    BufReader::new(writer.stdout.take().unwrap())
         .read_line(&mut line)
         .unwrap();
     assert_eq!(line.trim(), "running");
@@ -189,7 +189,7 @@ fn two_volumes_backed_up_together_are_consistent_with_each_other() {
         std::thread::sleep(Duration::from_millis(50));
     }
     assert!(
-        writer.0.try_wait().unwrap().is_none(),
+        writer.try_wait().unwrap().is_none(),
         "the writer kept running throughout"
     );
 }

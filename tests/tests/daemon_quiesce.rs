@@ -241,7 +241,7 @@ fn kill_9_of_the_daemon_inside_the_freeze_window_still_thaws_within_the_limit() 
     ])
     .expect("a hooks dir");
     let limit = Duration::from_secs(8);
-    let mut begin = ChildGuard(
+    let mut begin = ChildGuard::new(
         Command::new(tidemark_bin())
             .args(["backup", "begin", "v", "--quiesce-timeout", "8", "--hooks"])
             .arg(hooks.path())
@@ -278,7 +278,7 @@ fn kill_9_of_the_daemon_inside_the_freeze_window_still_thaws_within_the_limit() 
         "kill -9 inside the window: thawed {:?} after the kill",
         killed.elapsed()
     );
-    let status = begin.0.wait().unwrap();
+    let status = begin.wait().unwrap();
     assert_eq!(
         status.code(),
         Some(2),

@@ -187,7 +187,7 @@ fn tcp_listen_serves_qemu_img_on_loopback() -> Result<()> {
         .stdout(std::process::Stdio::piped())
         .spawn()?;
     let stdout = child.stdout.take().expect("piped stdout");
-    let guard = ChildGuard(child);
+    let guard = ChildGuard::new(child);
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let mut line = String::new();
