@@ -1,6 +1,6 @@
 //! The support library of the end-to-end tests in `tests/tests/`: one binary locator
 //! ([`tidemark_bin`]), one child guard ([`ChildGuard`]), one timed runner ([`run`]), one
-//! image builder ([`Image`]), and the peers, daemons and filesystems the tests drive.
+//! image builder ([`Image`]), and the peers, daemons, filesystems and VMs the tests drive.
 //!
 //! Everything here is `pub`: each test binary uses the part it needs.
 
