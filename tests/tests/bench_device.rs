@@ -1,13 +1,11 @@
 //! `tidemark bench` on a block device (a loop device over a temp file): reads, the --force
 //! guard, and the refusal to write to a mounted device even with --force.
 
-mod bench_util;
-
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use bench_util::{number, tidemark};
+use tidemark_tests::run::{number, tidemark};
 
 const LIMIT: Duration = Duration::from_secs(120);
 
@@ -89,7 +87,7 @@ fn reads_a_device_and_writes_only_with_force() {
         ],
         LIMIT,
     )
-    .assert_success()
+    .ok()
     .json();
     assert_eq!(report["target_kind"], "device");
     assert_eq!(report["region_bytes"], 32 << 20, "the device size is found");
@@ -99,7 +97,7 @@ fn reads_a_device_and_writes_only_with_force() {
         &["bench", "--rw", "write", "--bs", "1M", device.path()],
         LIMIT,
     );
-    assert_eq!(refused.code, Some(2), "{refused:#?}");
+    assert_eq!(refused.code(), 2, "{refused:#?}");
     assert!(
         refused.stderr.contains("block device"),
         "{}",
@@ -122,7 +120,7 @@ fn reads_a_device_and_writes_only_with_force() {
         ],
         LIMIT,
     )
-    .assert_success()
+    .ok()
     .json();
     assert_eq!(report["write"]["ops"], 32);
     assert_eq!(report["verify"]["checked_blocks"], 32);
@@ -138,7 +136,7 @@ fn a_mounted_device_is_refused_even_with_force() {
         &["bench", "--rw", "randwrite", "--force", device.path()],
         LIMIT,
     );
-    assert_eq!(run.code, Some(2), "{run:#?}");
+    assert_eq!(run.code(), 2, "{run:#?}");
     assert!(run.stderr.contains("is mounted at"), "{}", run.stderr);
     assert!(
         run.stderr.contains(mount_point.path().to_str().unwrap()),
@@ -150,5 +148,5 @@ fn a_mounted_device_is_refused_even_with_force() {
         &["bench", "--rw", "read", "--bs", "1M", device.path()],
         LIMIT,
     )
-    .assert_success();
+    .ok();
 }

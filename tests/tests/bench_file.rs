@@ -1,14 +1,12 @@
 //! `tidemark bench` on files: figures, the JSON schema, --verify against an injected
 //! corruption, the --force guard, and clear errors for bad input.
 
-mod bench_util;
-
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::time::Duration;
 
-use bench_util::{number, tidemark};
 use serde_json::Value;
+use tidemark_tests::run::{number, tidemark};
 
 const LIMIT: Duration = Duration::from_secs(120);
 
@@ -36,7 +34,7 @@ fn json_report_follows_the_documented_schema() {
         ],
         LIMIT,
     );
-    let report = run.assert_success().json();
+    let report = run.ok().json();
     assert_eq!(report["schema"], "tidemark-bench/1");
     assert_eq!(report["target_kind"], "file");
     assert_eq!(report["rw"], "randrw");
@@ -105,7 +103,7 @@ fn text_report_shows_rates_percentiles_and_cpu_and_stays_quiet_when_piped() {
         ],
         LIMIT,
     );
-    run.assert_success();
+    let run = run.ok();
     for needle in [
         "MB/s", "IOPS", "p50", "p99", "p99.9", "max", "cpu", "user", "sys",
     ] {
@@ -139,7 +137,7 @@ fn time_limit_bounds_the_run_and_direct_reads_work() {
         ],
         LIMIT,
     )
-    .assert_success();
+    .ok();
     let run = tidemark(
         &[
             "bench",
@@ -157,7 +155,7 @@ fn time_limit_bounds_the_run_and_direct_reads_work() {
         ],
         LIMIT,
     );
-    let report = run.assert_success().json();
+    let report = run.ok().json();
     let elapsed = number(&report, "/elapsed_secs");
     assert!((1.0..3.0).contains(&elapsed), "elapsed {elapsed}");
     assert_eq!(number(&report, "/time_limit_secs"), 1.0);
@@ -177,7 +175,7 @@ fn buffers_are_huge_pages_by_default_and_small_pages_on_request() {
         ];
         args.extend_from_slice(extra);
         args.push(path_text(&target));
-        tidemark(&args, LIMIT).assert_success().json()
+        tidemark(&args, LIMIT).ok().json()
     };
     // 4 x 1 MiB buffers: whether the kernel backs them with huge pages depends on its
     // THP setting, but the report never counts more than the pool.
@@ -206,7 +204,7 @@ fn buffers_are_huge_pages_by_default_and_small_pages_on_request() {
         ],
         LIMIT,
     );
-    let out = &text.assert_success().stdout;
+    let out = &text.ok().stdout;
     assert!(out.contains("buffers in 4 KiB pages"), "{out}");
 }
 
@@ -228,7 +226,7 @@ fn threads_engine_measures_too() {
         ],
         LIMIT,
     );
-    let report = run.assert_success().json();
+    let report = run.ok().json();
     assert_eq!(report["engine"], "threads");
     assert_eq!(report["write"]["ops"], 256);
 }
@@ -252,7 +250,7 @@ fn verify_round_trip_checks_every_written_block() {
         ],
         LIMIT,
     );
-    let report = run.assert_success().json();
+    let report = run.ok().json();
     assert_eq!(report["verify"]["checked_blocks"], 256);
     assert_eq!(report["verify"]["mismatched_blocks"], 0);
     assert!(number(&report, "/verify/readback_secs") > 0.0);
@@ -270,7 +268,7 @@ fn verify_round_trip_checks_every_written_block() {
         ],
         LIMIT,
     );
-    let report = reread.assert_success().json();
+    let report = reread.ok().json();
     assert_eq!(report["verify"]["checked_blocks"], 32);
     assert_eq!(report["verify"]["mismatched_blocks"], 0);
 }
@@ -295,7 +293,7 @@ fn verify_finds_an_injected_corruption_and_names_its_offset() {
         ],
         LIMIT,
     )
-    .assert_success();
+    .ok();
     let corrupt_at: u64 = 300_001;
     let file = File::options()
         .read(true)
@@ -322,7 +320,7 @@ fn verify_finds_an_injected_corruption_and_names_its_offset() {
         ],
         LIMIT,
     );
-    assert_eq!(run.code, Some(1), "mismatches exit with 1:\n{run:#?}");
+    assert_eq!(run.code(), 1, "mismatches exit with 1:\n{run:#?}");
     assert!(
         run.stderr.contains("do not hold the pattern"),
         "{}",
@@ -350,7 +348,7 @@ fn verify_finds_an_injected_corruption_and_names_its_offset() {
         ],
         LIMIT,
     );
-    assert_eq!(text.code, Some(1));
+    assert_eq!(text.code(), 1);
     assert!(
         text.stdout.contains(&format!("byte {corrupt_at}")),
         "{}",
@@ -380,7 +378,7 @@ fn writes_to_a_file_with_data_are_refused_without_force() {
     std::fs::write(&target, &precious).unwrap();
     for rw in ["write", "randwrite", "rw", "randrw"] {
         let run = tidemark(&["bench", "--rw", rw, path_text(&target)], LIMIT);
-        assert_eq!(run.code, Some(2), "{rw}: {run:#?}");
+        assert_eq!(run.code(), 2, "{rw}: {run:#?}");
         assert!(run.stderr.contains("holds data"), "{rw}: {}", run.stderr);
         assert!(run.stderr.contains("--force"), "{rw}: {}", run.stderr);
         assert!(
@@ -389,12 +387,12 @@ fn writes_to_a_file_with_data_are_refused_without_force() {
         );
     }
     // Reads are always allowed, and --force allows the write.
-    tidemark(&["bench", "--rw", "read", path_text(&target)], LIMIT).assert_success();
+    tidemark(&["bench", "--rw", "read", path_text(&target)], LIMIT).ok();
     tidemark(
         &["bench", "--rw", "write", "--force", path_text(&target)],
         LIMIT,
     )
-    .assert_success();
+    .ok();
     assert!(std::fs::read(&target).unwrap() != precious);
 }
 
@@ -415,7 +413,7 @@ fn sparse_all_hole_and_empty_files_may_be_written() {
         ],
         LIMIT,
     )
-    .assert_success()
+    .ok()
     .json();
     assert_eq!(
         report["region_bytes"],
@@ -425,7 +423,7 @@ fn sparse_all_hole_and_empty_files_may_be_written() {
     let empty = dir.path().join("empty.img");
     File::create(&empty).unwrap();
     let run = tidemark(&["bench", "--rw", "write", path_text(&empty)], LIMIT);
-    assert_eq!(run.code, Some(2));
+    assert_eq!(run.code(), 2);
     assert!(
         run.stderr.contains("--size"),
         "an empty file needs --size: {}",
@@ -435,7 +433,7 @@ fn sparse_all_hole_and_empty_files_may_be_written() {
         &["bench", "--rw", "write", "--size", "1M", path_text(&empty)],
         LIMIT,
     )
-    .assert_success();
+    .ok();
 }
 
 #[test]
@@ -458,7 +456,7 @@ fn bad_arguments_get_clear_errors_not_panics() {
         args.extend_from_slice(extra);
         args.push(path_text(&existing));
         let run = tidemark(&args, LIMIT);
-        assert_eq!(run.code, Some(2), "{extra:?}: {run:#?}");
+        assert_eq!(run.code(), 2, "{extra:?}: {run:#?}");
         assert!(run.stderr.contains(needle), "{extra:?}: {}", run.stderr);
         assert!(
             !run.stderr.contains("panicked"),
@@ -467,9 +465,9 @@ fn bad_arguments_get_clear_errors_not_panics() {
         );
     }
     let run = tidemark(&["bench", "--rw", "read", path_text(&missing)], LIMIT);
-    assert_eq!(run.code, Some(2));
+    assert_eq!(run.code(), 2);
     assert!(run.stderr.contains("needs existing data"), "{}", run.stderr);
     let run = tidemark(&["bench", "http://example.invalid/disk"], LIMIT);
-    assert_eq!(run.code, Some(2));
+    assert_eq!(run.code(), 2);
     assert!(run.stderr.contains("NBD URI"), "{}", run.stderr);
 }

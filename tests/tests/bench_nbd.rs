@@ -3,17 +3,16 @@
 //! completions: a throttled server gives the rate it was throttled to, a delayed one the
 //! latency it was delayed by.
 
-mod bench_util;
-
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::time::Duration;
 
-use bench_util::{number, start_server, tidemark};
+use tidemark_tests::peers::start_server;
+use tidemark_tests::run::{number, tidemark};
 
 const LIMIT: Duration = Duration::from_secs(120);
 
-fn nbdkit(args: &[&str]) -> bench_util::Server {
+fn nbdkit(args: &[&str]) -> tidemark_tests::peers::Server {
     let mut all = vec!["-f", "-U", "{socket}", "-e", "bench"];
     all.extend_from_slice(args);
     start_server("nbdkit", &all, "bench")
@@ -39,7 +38,7 @@ fn nbdkit_memory_write_verify_and_read_back() {
         ],
         LIMIT,
     )
-    .assert_success()
+    .ok()
     .json();
     assert_eq!(report["target_kind"], "nbd");
     assert_eq!(report["engine"], "nbd");
@@ -69,7 +68,7 @@ fn nbdkit_memory_write_verify_and_read_back() {
         ],
         LIMIT,
     )
-    .assert_success()
+    .ok()
     .json();
     assert_eq!(report["verify"]["checked_blocks"], 16);
     assert_eq!(report["verify"]["mismatched_blocks"], 0);
@@ -86,7 +85,7 @@ fn nbdkit_memory_write_verify_and_read_back() {
         ],
         LIMIT,
     );
-    assert_eq!(whole.code, Some(1));
+    assert_eq!(whole.code(), 1);
     assert_eq!(whole.json()["verify"]["mismatched_blocks"], 48);
 }
 
@@ -112,7 +111,7 @@ fn multi_conn_spreads_requests_over_connections() {
         ],
         LIMIT,
     )
-    .assert_success()
+    .ok()
     .json();
     assert_eq!(report["conns"], 4);
     assert_eq!(report["ops"], 2048);
@@ -157,10 +156,10 @@ fn qemu_nbd_file_export_write_verify_and_injected_corruption() {
         ],
         LIMIT,
     )
-    .assert_success();
+    .ok();
     // Now it holds data: another write needs --force, and says why.
     let refused = tidemark(&["bench", "--rw", "randwrite", &server.uri], LIMIT);
-    assert_eq!(refused.code, Some(2), "{refused:#?}");
+    assert_eq!(refused.code(), 2, "{refused:#?}");
     assert!(refused.stderr.contains("holds data"), "{}", refused.stderr);
     assert!(refused.stderr.contains("--force"), "{}", refused.stderr);
 
@@ -187,7 +186,7 @@ fn qemu_nbd_file_export_write_verify_and_injected_corruption() {
         ],
         LIMIT,
     );
-    assert_eq!(run.code, Some(1), "{run:#?}");
+    assert_eq!(run.code(), 1, "{run:#?}");
     let report = run.json();
     assert_eq!(report["verify"]["mismatched_blocks"], 1);
     assert_eq!(report["verify"]["mismatches"][0]["offset"], corrupt_at);
@@ -211,7 +210,8 @@ fn several_connections_need_a_server_that_allows_multi_conn() {
             &["bench", "--rw", rw, "--conns", "2", "--json", &server.uri],
             LIMIT,
         );
-        let report = run.assert_success().json();
+        let run = run.ok();
+        let report = run.json();
         assert_eq!(report["conns"], 1, "{rw}");
         assert!(run.stderr.contains("multi-conn"), "{rw}: {}", run.stderr);
     }
@@ -248,7 +248,7 @@ fn a_throttled_server_gives_the_rate_it_was_throttled_to() {
                 ],
                 LIMIT,
             )
-            .assert_success()
+            .ok()
             .json()
         };
         bench("8M");
@@ -286,7 +286,7 @@ fn a_delayed_server_shows_its_delay_in_latency_and_queue_depth_in_iops() {
             ],
             LIMIT,
         )
-        .assert_success()
+        .ok()
         .json()
     };
     let one = run("1");
@@ -312,15 +312,15 @@ fn a_delayed_server_shows_its_delay_in_latency_and_queue_depth_in_iops() {
 fn read_only_exports_and_bad_uris_get_clear_errors() {
     let server = nbdkit(&["-r", "memory", "8M"]);
     let run = tidemark(&["bench", "--rw", "write", "--force", &server.uri], LIMIT);
-    assert_eq!(run.code, Some(2), "{run:#?}");
+    assert_eq!(run.code(), 2, "{run:#?}");
     assert!(run.stderr.contains("read-only"), "{}", run.stderr);
-    tidemark(&["bench", "--rw", "read", "--bs", "1M", &server.uri], LIMIT).assert_success();
+    tidemark(&["bench", "--rw", "read", "--bs", "1M", &server.uri], LIMIT).ok();
 
     let missing = tidemark(
         &["bench", "nbd+unix:///x?socket=/nonexistent/nbd.sock"],
         LIMIT,
     );
-    assert_eq!(missing.code, Some(2));
+    assert_eq!(missing.code(), 2);
     assert!(
         missing.stderr.contains("/nonexistent/nbd.sock"),
         "{}",

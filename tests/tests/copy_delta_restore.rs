@@ -4,13 +4,13 @@
 
 #![allow(clippy::single_range_in_vec_init)] // extents really are lists of ranges
 
-mod copy_common;
-
 use std::ops::Range;
 use std::time::Duration;
 
-use copy_common::*;
 use tidemark_formats::bitmap::{set_dirty_range, write_bitmap_file, BitmapHeader};
+use tidemark_tests::image::{cmp_equal, random_extents, random_image, scribble, MIB};
+use tidemark_tests::paths::{p, scratch};
+use tidemark_tests::{tidemark, tidemark_bin, tidemark_with_input, ChildGuard, COMMAND_LIMIT};
 
 const SIZE: u64 = 64 * MIB;
 const UUID: &str = "5a1e0000-0000-4000-8000-000000000001";
@@ -35,7 +35,7 @@ impl Week {
     fn new() -> Week {
         let dir = scratch();
         let vol = p(&dir, "vol");
-        make_image(&vol, SIZE, &[0..20 * MIB, 40 * MIB..48 * MIB], &[], 100);
+        random_image(&vol, SIZE, &[0..20 * MIB, 40 * MIB..48 * MIB], &[], 100);
         tidemark(
             &[
                 "delta",
@@ -51,10 +51,10 @@ impl Week {
                 "--out",
                 &p(&dir, "mon.delta"),
             ],
-            None,
+            COMMAND_LIMIT,
         )
         .ok();
-        tidemark(&["copy", &vol, &p(&dir, "mon.img")], None).ok();
+        tidemark(&["copy", &vol, &p(&dir, "mon.img")], COMMAND_LIMIT).ok();
         for (day, from, generation, seed) in [("tue", "mon", 1, 200), ("wed", "tue", 2, 300)] {
             let changed = random_extents(SIZE, 30, seed);
             scribble(&vol, &changed, seed + 1);
@@ -74,11 +74,15 @@ impl Week {
                     "--out",
                     &p(&dir, &format!("{day}.delta")),
                 ],
-                None,
+                COMMAND_LIMIT,
             )
             .ok();
             assert_eq!(out.json()["from"], from);
-            tidemark(&["copy", &vol, &p(&dir, &format!("{day}.img"))], None).ok();
+            tidemark(
+                &["copy", &vol, &p(&dir, &format!("{day}.img"))],
+                COMMAND_LIMIT,
+            )
+            .ok();
         }
         Week { dir }
     }
@@ -102,10 +106,10 @@ fn a_restored_week_is_identical_to_the_volume() {
             &week.p("tue.delta"),
             &week.p("wed.delta"),
         ],
-        None,
+        COMMAND_LIMIT,
     )
     .ok();
-    assert!(same(&out, &week.p("vol"), None));
+    assert!(cmp_equal(&out, week.p("vol"), None).expect("cmp runs"));
     // From Monday's image instead of Monday's delta.
     let out2 = week.p("restored2");
     tidemark(
@@ -116,13 +120,16 @@ fn a_restored_week_is_identical_to_the_volume() {
             &week.p("mon.img"),
             &week.p("tue.delta"),
         ],
-        None,
+        COMMAND_LIMIT,
     )
     .ok();
-    assert!(same(&out2, &week.p("tue.img"), None));
-    let info = tidemark(&["delta", "info", "--json", &week.p("wed.delta")], None)
-        .ok()
-        .json();
+    assert!(cmp_equal(&out2, week.p("tue.img"), None).expect("cmp runs"));
+    let info = tidemark(
+        &["delta", "info", "--json", &week.p("wed.delta")],
+        COMMAND_LIMIT,
+    )
+    .ok()
+    .json();
     assert_eq!(info["from"], "tue");
     assert_eq!(info["to"], "wed");
     assert_eq!(info["volume_uuid"], UUID);
@@ -132,13 +139,16 @@ fn a_restored_week_is_identical_to_the_volume() {
 fn verify_checks_a_chain_against_an_image() {
     let week = Week::new();
     let chain = [week.p("mon.delta"), week.p("tue.delta")];
-    let equal = tidemark(&["verify", &week.p("tue.img"), &chain[0], &chain[1]], None);
-    assert_eq!(equal.code, 0, "{equal:?}");
+    let equal = tidemark(
+        &["verify", &week.p("tue.img"), &chain[0], &chain[1]],
+        COMMAND_LIMIT,
+    );
+    assert_eq!(equal.code(), 0, "{equal:?}");
     let differ = tidemark(
         &["verify", "--json", &week.p("wed.img"), &chain[0], &chain[1]],
-        None,
+        COMMAND_LIMIT,
     );
-    assert_eq!(differ.code, 1, "{differ:?}");
+    assert_eq!(differ.code(), 1, "{differ:?}");
     let report = differ.json();
     assert_eq!(report["equal"], false);
     let at = report["first_difference"].as_u64().unwrap();
@@ -165,9 +175,9 @@ fn a_broken_chain_is_refused_naming_the_break() {
             &week.p("mon.delta"),
             &week.p("wed.delta"),
         ],
-        None,
+        COMMAND_LIMIT,
     );
-    assert_eq!(skipped.code, 2);
+    assert_eq!(skipped.code(), 2);
     assert!(
         skipped.stderr.contains("chain break")
             && skipped.stderr.contains("mon.delta")
@@ -180,7 +190,7 @@ fn a_broken_chain_is_refused_naming_the_break() {
     );
     // A delta of another volume.
     let other = week.p("other.delta");
-    tidemark(
+    tidemark_with_input(
         &[
             "delta",
             "create",
@@ -197,14 +207,15 @@ fn a_broken_chain_is_refused_naming_the_break() {
             "--out",
             &other,
         ],
-        Some(b"0 65536\n"),
+        b"0 65536\n",
+        COMMAND_LIMIT,
     )
     .ok();
     let foreign = tidemark(
         &["restore", "--into", &out, &week.p("mon.delta"), &other],
-        None,
+        COMMAND_LIMIT,
     );
-    assert_eq!(foreign.code, 2);
+    assert_eq!(foreign.code(), 2);
     assert!(foreign.stderr.contains("volume"), "{foreign:?}");
 }
 
@@ -226,14 +237,14 @@ fn a_restore_killed_midway_can_be_run_again() {
         &week.p("tue.delta"),
         &week.p("wed.delta"),
     ];
-    let child = std::process::Command::new(bin())
+    let child = std::process::Command::new(tidemark_bin())
         .args(args)
         .stdout(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let mut guard = Guard(Some(child));
+    let mut guard = ChildGuard::new(child);
     std::thread::sleep(Duration::from_millis(300));
-    let child = guard.0.as_mut().unwrap();
+    let child = &mut *guard;
     assert!(
         child.try_wait().unwrap().is_none(),
         "the slow restore finished before it could be killed"
@@ -241,7 +252,7 @@ fn a_restore_killed_midway_can_be_run_again() {
     child.kill().unwrap();
     child.wait().unwrap();
     drop(guard);
-    assert!(!same(&out, &week.p("vol"), None));
+    assert!(!cmp_equal(&out, week.p("vol"), None).expect("cmp runs"));
     tidemark(
         &[
             "restore",
@@ -251,8 +262,8 @@ fn a_restore_killed_midway_can_be_run_again() {
             &week.p("tue.delta"),
             &week.p("wed.delta"),
         ],
-        None,
+        COMMAND_LIMIT,
     )
     .ok();
-    assert!(same(&out, &week.p("vol"), None));
+    assert!(cmp_equal(&out, week.p("vol"), None).expect("cmp runs"));
 }

@@ -5,13 +5,13 @@
 
 #![allow(clippy::single_range_in_vec_init)] // extents really are lists of ranges
 
-mod copy_common;
-
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use copy_common::*;
+use tidemark_tests::image::MIB;
+use tidemark_tests::paths::{p, scratch};
+use tidemark_tests::{tidemark, ChildGuard, COMMAND_LIMIT};
 
 const BAD: u64 = 3 * MIB + 8192;
 
@@ -33,15 +33,12 @@ esac
 /// The FUSE mount; unmounted and its server stopped on drop.
 struct Mount {
     dir: std::path::PathBuf,
-    server: Guard,
+    _server: ChildGuard,
 }
 
 impl Drop for Mount {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
-        if let Some(child) = self.server.0.as_mut() {
-            let _ = child.kill();
-        }
     }
 }
 
@@ -82,7 +79,7 @@ fn an_unreadable_range_fails_the_copy_and_is_named_exactly() {
         .expect("nbdfuse starts");
     let mount = Mount {
         dir: mnt.clone(),
-        server: Guard(Some(server)),
+        _server: ChildGuard::new(server),
     };
     let disk = mnt.join("nbd");
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -91,8 +88,11 @@ fn an_unreadable_range_fails_the_copy_and_is_named_exactly() {
         std::thread::sleep(Duration::from_millis(50));
     }
     let dst = p(&dir, "dst");
-    let out = tidemark(&["copy", "--json", disk.to_str().unwrap(), &dst], None);
-    assert_eq!(out.code, 2, "a failed extent must fail the copy: {out:?}");
+    let out = tidemark(
+        &["copy", "--json", disk.to_str().unwrap(), &dst],
+        COMMAND_LIMIT,
+    );
+    assert_eq!(out.code(), 2, "a failed extent must fail the copy: {out:?}");
     let expected = format!(
         "bytes {}..{} (offset {}, length 4096): reading failed",
         BAD,

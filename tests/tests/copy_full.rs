@@ -2,30 +2,31 @@
 
 #![allow(clippy::single_range_in_vec_init)] // extents really are lists of ranges
 
-mod copy_common;
-
-use copy_common::*;
+use tidemark_tests::image::{allocated, cmp_equal, random_image, MIB};
+use tidemark_tests::paths::{p, scratch};
+use tidemark_tests::peers::LoopDevice;
+use tidemark_tests::{tidemark, COMMAND_LIMIT};
 
 #[test]
 fn copy_makes_an_identical_thin_image() {
     let dir = scratch();
     let (src, dst) = (p(&dir, "src"), p(&dir, "dst"));
     let size = 256 * MIB + 4096 + 100;
-    make_image(
+    random_image(
         &src,
         size,
         &[0..3 * MIB, 100 * MIB..101 * MIB, 256 * MIB..size],
         &[40 * MIB..60 * MIB],
         1,
     );
-    let out = tidemark(&["copy", "--json", &src, &dst], None).ok();
+    let out = tidemark(&["copy", "--json", &src, &dst], COMMAND_LIMIT).ok();
     assert!(
         out.stderr.is_empty(),
         "piped runs stay quiet: {:?}",
         out.stderr
     );
     let report = out.json();
-    assert!(same(&src, &dst, None));
+    assert!(cmp_equal(&src, &dst, None).expect("cmp runs"));
     assert_eq!(
         report["bytes_copied"],
         3 * MIB + MIB + 4096 + 100,
@@ -52,10 +53,13 @@ fn copy_makes_an_identical_thin_image() {
 fn the_thread_pool_engine_makes_the_same_image() {
     let dir = scratch();
     let (src, a, b) = (p(&dir, "src"), p(&dir, "a"), p(&dir, "b"));
-    make_image(&src, 48 * MIB, &[MIB..30 * MIB], &[], 2);
-    let uring = tidemark(&["copy", "--json", "--engine", "uring", &src, &a], None)
-        .ok()
-        .json();
+    random_image(&src, 48 * MIB, &[MIB..30 * MIB], &[], 2);
+    let uring = tidemark(
+        &["copy", "--json", "--engine", "uring", &src, &a],
+        COMMAND_LIMIT,
+    )
+    .ok()
+    .json();
     let threads = tidemark(
         &[
             "copy",
@@ -67,20 +71,23 @@ fn the_thread_pool_engine_makes_the_same_image() {
             &src,
             &b,
         ],
-        None,
+        COMMAND_LIMIT,
     )
     .ok()
     .json();
     assert_eq!(uring["engine"], "uring");
     assert_eq!(threads["engine"], "threads");
-    assert!(same(&src, &a, None) && same(&src, &b, None));
+    assert!(
+        cmp_equal(&src, &a, None).expect("cmp runs")
+            && cmp_equal(&src, &b, None).expect("cmp runs")
+    );
 }
 
 #[test]
 fn copy_onto_a_block_device_zeroes_what_the_source_does_not_hold() {
     let dir = scratch();
     let (src, backing) = (p(&dir, "src"), p(&dir, "backing"));
-    make_image(
+    random_image(
         &src,
         40 * MIB,
         &[0..8 * MIB, 20 * MIB..24 * MIB],
@@ -88,30 +95,33 @@ fn copy_onto_a_block_device_zeroes_what_the_source_does_not_hold() {
         3,
     );
     // The device starts full of old data, which holes and zeros must not let through.
-    make_image(&backing, 64 * MIB, &[0..64 * MIB], &[], 4);
+    random_image(&backing, 64 * MIB, &[0..64 * MIB], &[], 4);
     let device = LoopDevice::attach(&backing);
-    let report = tidemark(&["copy", "--json", &src, &device.device], None)
+    let report = tidemark(&["copy", "--json", &src, &device.device], COMMAND_LIMIT)
         .ok()
         .json();
     assert!(
         report["bytes_zeroed"].as_u64().unwrap() >= 26 * MIB,
         "{report}"
     );
-    assert!(same(&src, &device.device, Some(40 * MIB)));
+    assert!(cmp_equal(&src, &device.device, Some(40 * MIB)).expect("cmp runs"));
 }
 
 #[test]
 fn a_bad_source_or_option_is_a_clear_error() {
     let dir = scratch();
-    let out = tidemark(&["copy", "/nonexistent/disk.img", &p(&dir, "dst")], None);
-    assert_eq!(out.code, 2);
+    let out = tidemark(
+        &["copy", "/nonexistent/disk.img", &p(&dir, "dst")],
+        COMMAND_LIMIT,
+    );
+    assert_eq!(out.code(), 2);
     assert!(out.stderr.contains("/nonexistent/disk.img"), "{out:?}");
     let src = p(&dir, "src");
-    make_image(&src, MIB, &[0..MIB], &[], 5);
+    random_image(&src, MIB, &[0..MIB], &[], 5);
     let out = tidemark(
         &["copy", "--block-size", "3000", &src, &p(&dir, "dst")],
-        None,
+        COMMAND_LIMIT,
     );
-    assert_eq!(out.code, 2);
+    assert_eq!(out.code(), 2);
     assert!(out.stderr.contains("multiple of 4K"), "{out:?}");
 }

@@ -3,18 +3,18 @@
 
 #![allow(clippy::single_range_in_vec_init)] // extents really are lists of ranges
 
-mod copy_common;
-
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use copy_common::*;
+use tidemark_tests::image::{allocated, cmp_equal, random_image, MIB};
+use tidemark_tests::paths::{p, scratch};
+use tidemark_tests::{tidemark, ChildGuard, COMMAND_LIMIT};
 
 #[test]
 fn copy_from_qemu_nbd_is_exact_and_thin() {
     let dir = scratch();
     let src = p(&dir, "src");
-    make_image(
+    random_image(
         &src,
         64 * MIB,
         &[0..5 * MIB, 40 * MIB..43 * MIB + 12345],
@@ -29,7 +29,7 @@ fn copy_from_qemu_nbd_is_exact_and_thin() {
         .stderr(Stdio::null())
         .spawn()
         .expect("qemu-nbd starts (scripts/install-deps.sh installs qemu-utils)");
-    let _server = Guard(Some(server));
+    let _server = ChildGuard::new(server);
     let deadline = Instant::now() + Duration::from_secs(20);
     while !socket.exists() {
         assert!(
@@ -40,8 +40,10 @@ fn copy_from_qemu_nbd_is_exact_and_thin() {
     }
     let uri = format!("nbd+unix:///?socket={}", socket.display());
     let dst = p(&dir, "dst");
-    let report = tidemark(&["copy", "--json", &uri, &dst], None).ok().json();
-    assert!(same(&src, &dst, None));
+    let report = tidemark(&["copy", "--json", &uri, &dst], COMMAND_LIMIT)
+        .ok()
+        .json();
+    assert!(cmp_equal(&src, &dst, None).expect("cmp runs"));
     assert!(
         report["bytes_skipped_holes"].as_u64().unwrap() >= 50 * MIB,
         "{report}"
@@ -56,7 +58,7 @@ fn copy_from_qemu_nbd_is_exact_and_thin() {
         "nbd+unix:///?socket={}",
         dir.path().join("nope.sock").display()
     );
-    let out = tidemark(&["copy", &missing, &p(&dir, "dst2")], None);
-    assert_eq!(out.code, 2);
+    let out = tidemark(&["copy", &missing, &p(&dir, "dst2")], COMMAND_LIMIT);
+    assert_eq!(out.code(), 2);
     assert!(out.stderr.contains("nope.sock"), "{out:?}");
 }

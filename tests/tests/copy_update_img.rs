@@ -3,13 +3,13 @@
 
 #![allow(clippy::single_range_in_vec_init)] // extents really are lists of ranges
 
-mod copy_common;
-
 use std::ops::Range;
 use std::time::Duration;
 
-use copy_common::*;
 use tidemark_formats::bitmap::{set_dirty_range, write_bitmap_file, BitmapHeader, BitmapState};
+use tidemark_tests::image::{cmp_equal, random_extents, random_image, scribble, text_list, MIB};
+use tidemark_tests::paths::{p, scratch};
+use tidemark_tests::{tidemark, tidemark_bin, tidemark_with_input, ChildGuard, COMMAND_LIMIT};
 
 const SIZE: u64 = 96 * MIB;
 const GRANULARITY: u64 = 65536;
@@ -18,8 +18,8 @@ const GRANULARITY: u64 = 65536;
 /// it exactly in `changed` (some ranges rewritten with data, one zeroed).
 fn day_pair(dir: &tempfile::TempDir, seed: u64) -> (String, String, Vec<Range<u64>>) {
     let (snap, image) = (p(dir, "snap"), p(dir, "image"));
-    make_image(&snap, SIZE, &[0..40 * MIB, 60 * MIB..SIZE], &[], seed);
-    tidemark(&["copy", &snap, &image], None).ok();
+    random_image(&snap, SIZE, &[0..40 * MIB, 60 * MIB..SIZE], &[], seed);
+    tidemark(&["copy", &snap, &image], COMMAND_LIMIT).ok();
     let mut changed = random_extents(SIZE, 40, seed + 1);
     scribble(&snap, &changed, seed + 2);
     // A range that becomes zeros, and one in a hole that gains data.
@@ -35,7 +35,7 @@ fn day_pair(dir: &tempfile::TempDir, seed: u64) -> (String, String, Vec<Range<u6
     let filled = 50 * MIB..50 * MIB + GRANULARITY;
     scribble(&snap, std::slice::from_ref(&filled), seed + 3);
     changed.push(filled);
-    assert!(!same(&snap, &image, None));
+    assert!(!cmp_equal(&snap, &image, None).expect("cmp runs"));
     (snap, image, changed)
 }
 
@@ -65,10 +65,13 @@ fn update_img_from_a_bitmap_makes_the_image_equal_the_snapshot() {
     let (snap, image, changed) = day_pair(&dir, 10);
     let bitmap = p(&dir, "changed.bitmap");
     write_bitmap(&bitmap, &changed, BitmapState::Clean);
-    let report = tidemark(&["update-img", "--json", &snap, &bitmap, &image], None)
-        .ok()
-        .json();
-    assert!(same(&snap, &image, None));
+    let report = tidemark(
+        &["update-img", "--json", &snap, &bitmap, &image],
+        COMMAND_LIMIT,
+    )
+    .ok()
+    .json();
+    assert!(cmp_equal(&snap, &image, None).expect("cmp runs"));
     let unchanged = report["bytes_unchanged"].as_u64().unwrap();
     assert!(
         unchanged > SIZE / 2 && unchanged < SIZE,
@@ -84,12 +87,13 @@ fn update_img_from_a_bitmap_makes_the_image_equal_the_snapshot() {
 fn update_img_reads_a_text_list_from_stdin() {
     let dir = scratch();
     let (snap, image, changed) = day_pair(&dir, 20);
-    tidemark(
+    tidemark_with_input(
         &["update-img", &snap, "-", &image],
-        Some(text_list(&changed).as_bytes()),
+        text_list(&changed).as_bytes(),
+        COMMAND_LIMIT,
     )
     .ok();
-    assert!(same(&snap, &image, None));
+    assert!(cmp_equal(&snap, &image, None).expect("cmp runs"));
 }
 
 #[test]
@@ -117,11 +121,11 @@ fn update_img_takes_the_extents_of_a_delta_file() {
             "--out",
             &delta,
         ],
-        None,
+        COMMAND_LIMIT,
     )
     .ok();
-    tidemark(&["update-img", &snap, &delta, &image], None).ok();
-    assert!(same(&snap, &image, None));
+    tidemark(&["update-img", &snap, &delta, &image], COMMAND_LIMIT).ok();
+    assert!(cmp_equal(&snap, &image, None).expect("cmp runs"));
 }
 
 #[test]
@@ -130,14 +134,18 @@ fn an_inconsistent_bitmap_is_refused() {
     let (snap, image, changed) = day_pair(&dir, 40);
     let bitmap = p(&dir, "changed.bitmap");
     write_bitmap(&bitmap, &changed, BitmapState::Inconsistent);
-    let out = tidemark(&["update-img", &snap, &bitmap, &image], None);
-    assert_eq!(out.code, 2);
+    let out = tidemark(&["update-img", &snap, &bitmap, &image], COMMAND_LIMIT);
+    assert_eq!(out.code(), 2);
     assert!(
         out.stderr.contains("inconsistent") && out.stderr.contains("full copy"),
         "{out:?}"
     );
-    let out = tidemark(&["update-img", &snap, "-", &image], Some(b"12 x\n"));
-    assert_eq!(out.code, 2);
+    let out = tidemark_with_input(
+        &["update-img", &snap, "-", &image],
+        b"12 x\n",
+        COMMAND_LIMIT,
+    );
+    assert_eq!(out.code(), 2);
     assert!(out.stderr.contains("stdin: line 1"), "{out:?}");
 }
 
@@ -162,14 +170,14 @@ fn an_update_img_killed_midway_can_be_run_again() {
         &list_path,
         &image,
     ];
-    let child = std::process::Command::new(bin())
+    let child = std::process::Command::new(tidemark_bin())
         .args(slow)
         .stdout(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let mut guard = Guard(Some(child));
+    let mut guard = ChildGuard::new(child);
     std::thread::sleep(Duration::from_millis(300));
-    let child = guard.0.as_mut().unwrap();
+    let child = &mut *guard;
     assert!(
         child.try_wait().unwrap().is_none(),
         "the slow run finished before it could be killed"
@@ -178,9 +186,9 @@ fn an_update_img_killed_midway_can_be_run_again() {
     child.wait().unwrap();
     drop(guard);
     assert!(
-        !same(&snap, &image, None),
+        !cmp_equal(&snap, &image, None).expect("cmp runs"),
         "the killed run left the image half updated"
     );
-    tidemark(&["update-img", &snap, &list_path, &image], None).ok();
-    assert!(same(&snap, &image, None));
+    tidemark(&["update-img", &snap, &list_path, &image], COMMAND_LIMIT).ok();
+    assert!(cmp_equal(&snap, &image, None).expect("cmp runs"));
 }

@@ -2,14 +2,13 @@
 //! through the live export, qemu-img and a libnbd script pulling the backup exports,
 //! nbdinfo reading the dirty bitmap.
 
-mod daemon_support;
-
 use std::io::{BufRead, BufReader};
 use std::time::Duration;
 
-use daemon_support::{granular, qemu_img_convert, qemu_io, Daemon, Model};
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
+use tidemark_tests::daemon::{granular, Daemon, Model};
+use tidemark_tests::peers::{qemu_img_convert, qemu_io};
 
 const MIB: usize = 1 << 20;
 const GRANULARITY: u64 = 64 << 10;
@@ -166,7 +165,7 @@ fn two_volumes_backed_up_together_are_consistent_with_each_other() {
     // a == b + 1. Snapshots taken at different instants would soon break that.
     let mut writer = daemon.nbd_tool_spawn(&["counter", &daemon.uri("a"), &daemon.uri("b")]);
     let mut line = String::new();
-    BufReader::new(writer.0.stdout.take().unwrap())
+    BufReader::new(writer.stdout.take().unwrap())
         .read_line(&mut line)
         .unwrap();
     assert_eq!(line.trim(), "running");
@@ -190,7 +189,7 @@ fn two_volumes_backed_up_together_are_consistent_with_each_other() {
         std::thread::sleep(Duration::from_millis(50));
     }
     assert!(
-        writer.0.try_wait().unwrap().is_none(),
+        writer.try_wait().unwrap().is_none(),
         "the writer kept running throughout"
     );
 }
@@ -252,7 +251,7 @@ fn a_pulled_delta_records_the_volume_uuid_and_granularity_of_the_export() {
     let backup = daemon.cli_json(&["backup", "begin", "g", "--checkpoint", "c1"]);
     let uri = backup["volumes"][0]["uri"]["unix"].as_str().unwrap();
     let delta = daemon.dir.path().join("g-full.delta");
-    let out = std::process::Command::new(daemon_support::tidemark_bin())
+    let out = std::process::Command::new(tidemark_tests::tidemark_bin())
         .args(["pull", "--full", uri, "--delta"])
         .arg(&delta)
         .output()

@@ -2,14 +2,14 @@
 //! mid-backup, a lease holder that dies, a client that vanishes, a COW store that fills.
 //! In every case the backup fails cleanly and the live volume never notices.
 
-mod daemon_support;
-
 use std::io::{BufRead, BufReader, Read};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use daemon_support::{qemu_img_convert, qemu_io, tidemark_bin, Daemon, KillOnDrop, Model};
 use serde_json::{json, Value};
+use tidemark_tests::daemon::{Daemon, Model};
+use tidemark_tests::peers::{qemu_img_convert, qemu_io};
+use tidemark_tests::{tidemark_bin, ChildGuard};
 
 fn export_uri(backup: &Value) -> String {
     backup["volumes"][0]["uri"]["unix"]
@@ -66,7 +66,7 @@ fn kill_9_mid_write_then_restart_and_the_next_incremental_restores_the_truth() {
     daemon.cli_json(&["backup", "end", "v"]);
 
     let mut writer = daemon.nbd_tool_spawn(&["pattern", &daemon.uri("v"), "9"]);
-    let mut acked = BufReader::new(writer.0.stdout.take().unwrap());
+    let mut acked = BufReader::new(writer.stdout.take().unwrap());
     let mut line = String::new();
     for _ in 0..20 {
         line.clear();
@@ -74,7 +74,7 @@ fn kill_9_mid_write_then_restart_and_the_next_incremental_restores_the_truth() {
         assert!(!line.is_empty(), "the writer stopped early");
     }
     daemon.kill();
-    let _ = writer.0.wait();
+    let _ = writer.wait();
     let mut rest = String::new();
     let _ = acked.read_to_string(&mut rest);
 
@@ -149,8 +149,8 @@ fn a_lease_ends_the_backup_when_its_control_connection_closes() {
     qemu_io(&daemon.uri("v"), &["write -P 3 0 64k".to_string()]);
 }
 
-fn spawn_hold(daemon: &Daemon, volume: &str) -> (KillOnDrop, String) {
-    let mut child = KillOnDrop(
+fn spawn_hold(daemon: &Daemon, volume: &str) -> (ChildGuard, String) {
+    let mut child = ChildGuard::new(
         Command::new(tidemark_bin())
             .args(["backup", "begin", volume, "--hold", "--state-dir"])
             .arg(&daemon.state_dir)
@@ -163,7 +163,6 @@ fn spawn_hold(daemon: &Daemon, volume: &str) -> (KillOnDrop, String) {
     // Reading to EOF returns only because --hold closes its stdout once ready.
     let mut out = String::new();
     child
-        .0
         .stdout
         .take()
         .unwrap()
@@ -181,13 +180,13 @@ fn hold_prints_the_uri_closes_stdout_and_ends_the_backup_when_stdin_closes() {
     assert_eq!(uri, daemon.uri("v@backup"));
     assert!(export_exists(uri));
     assert!(
-        hold.0.try_wait().unwrap().is_none(),
+        hold.try_wait().unwrap().is_none(),
         "--hold keeps running while stdin is open"
     );
-    drop(hold.0.stdin.take());
+    drop(hold.stdin.take());
     let deadline = Instant::now() + Duration::from_secs(10);
     let status = loop {
-        if let Some(status) = hold.0.try_wait().unwrap() {
+        if let Some(status) = hold.try_wait().unwrap() {
             break status;
         }
         assert!(
@@ -207,8 +206,8 @@ fn a_hold_whose_holder_is_killed_leaves_nothing_behind() {
     daemon.create_volume("v", 4 << 20);
     let (mut hold, out) = spawn_hold(&daemon, "v");
     assert!(export_exists(out.trim()));
-    hold.0.kill().unwrap();
-    let _ = hold.0.wait();
+    hold.kill().unwrap();
+    let _ = hold.wait();
     let last = wait_finished(&daemon, "failed");
     assert!(last["error"].as_str().unwrap().contains("lease"), "{last}");
     assert!(!export_exists(out.trim()));
@@ -261,7 +260,7 @@ fn a_pull_client_that_vanishes_mid_read_does_not_end_the_backup() {
     qemu_io(&live, &[model.write(0, size, 0x5a)]);
     let backup = daemon.cli_json(&["backup", "begin", "v"]);
     let uri = export_uri(&backup);
-    let mut reader = KillOnDrop(
+    let mut reader = ChildGuard::new(
         Command::new("qemu-img")
             .args(["convert", "-f", "raw", "-O", "raw", &uri])
             .arg(daemon.dir.path().join("partial.raw"))
@@ -269,8 +268,8 @@ fn a_pull_client_that_vanishes_mid_read_does_not_end_the_backup() {
             .unwrap(),
     );
     std::thread::sleep(Duration::from_millis(100));
-    reader.0.kill().unwrap();
-    let _ = reader.0.wait();
+    reader.kill().unwrap();
+    let _ = reader.wait();
     qemu_io(&live, &["write -P 1 0 1M".to_string()]);
     let image = daemon.dir.path().join("full.raw");
     qemu_img_convert(&uri, &image);

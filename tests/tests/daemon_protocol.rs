@@ -2,14 +2,12 @@
 //! gets protocol errors (never a crash), one daemon per state dir, SIGTERM stops cleanly,
 //! exit codes scripts can rely on.
 
-mod daemon_support;
-
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 
-use daemon_support::{Control, Daemon};
 use serde_json::json;
+use tidemark_tests::daemon::{Control, Daemon};
 
 #[test]
 fn malformed_lines_get_protocol_errors_and_the_daemon_keeps_serving() {

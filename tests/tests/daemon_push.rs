@@ -1,14 +1,13 @@
 //! Push mode end to end: the daemon copies the snapshot itself (a full image, update-img
 //! of an existing image, a delta file) and the backup ends by itself with its event.
 
-mod daemon_support;
-
 use std::path::Path;
 use std::time::Duration;
 
-use daemon_support::{qemu_io, Daemon, Model};
 use serde_json::{json, Value};
 use tidemark_formats::delta::{DeltaReader, ExtentKind};
+use tidemark_tests::daemon::{Daemon, Model};
+use tidemark_tests::peers::qemu_io;
 
 const SIZE: usize = 8 << 20;
 

@@ -2,86 +2,17 @@
 //! a backup with a writer on it, freeze hooks that print, fail or hang, and the daemon
 //! killed with -9 inside the freeze window. Needs root (loop mounts), as the suite does.
 
-mod daemon_support;
-
 use std::io::Write;
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use daemon_support::{tidemark_bin, Daemon, KillOnDrop};
 use serde_json::{json, Value};
-
-/// An ext4 image loop-mounted on a private mountpoint; unmounted (thawed first) on drop.
-struct LoopFs {
-    _dir: tempfile::TempDir,
-    mountpoint: PathBuf,
-}
-
-impl LoopFs {
-    fn new() -> LoopFs {
-        let dir = tempfile::tempdir().unwrap();
-        let image = dir.path().join("fs.img");
-        std::fs::File::create(&image)
-            .unwrap()
-            .set_len(32 << 20)
-            .unwrap();
-        let out = Command::new("mkfs.ext4")
-            .args(["-q", "-F"])
-            .arg(&image)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "mkfs.ext4: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let mountpoint = dir.path().join("mnt");
-        std::fs::create_dir(&mountpoint).unwrap();
-        let out = Command::new("mount")
-            .args(["-o", "loop"])
-            .arg(&image)
-            .arg(&mountpoint)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "mount: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        LoopFs {
-            _dir: dir,
-            mountpoint,
-        }
-    }
-}
-
-impl Drop for LoopFs {
-    fn drop(&mut self) {
-        let _ = Command::new("fsfreeze")
-            .arg("-u")
-            .arg(&self.mountpoint)
-            .stderr(Stdio::null())
-            .status();
-        for _ in 0..50 {
-            let ok = Command::new("umount")
-                .arg(&self.mountpoint)
-                .stderr(Stdio::null())
-                .status();
-            if ok.map(|s| s.success()).unwrap_or(false) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let _ = Command::new("umount")
-            .arg("-l")
-            .arg(&self.mountpoint)
-            .status();
-    }
-}
+use tidemark_tests::daemon::Daemon;
+use tidemark_tests::quiesce::{hooks_dir, LoopFs};
+use tidemark_tests::{tidemark_bin, ChildGuard};
 
 /// Writes and fsyncs a small file on `dir` in a loop, recording when each write finished.
 struct FsWriter {
@@ -150,22 +81,11 @@ impl Drop for FsWriter {
     }
 }
 
-/// A hooks directory with `(name, shell body)` executables.
-fn hooks_dir(hooks: &[(&str, &str)]) -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    for (name, body) in hooks {
-        let path = dir.path().join(name);
-        std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
-    }
-    dir
-}
-
 #[test]
 fn freeze_blocks_a_writer_only_during_the_window_and_reports_it() {
     let daemon = Daemon::start();
     daemon.create_volume("v", 4 << 20);
-    let fs = LoopFs::new();
+    let fs = LoopFs::new(32).expect("a loop-mounted ext4");
     let writer = FsWriter::start(&fs.mountpoint);
     writer.wait_for(20, Duration::from_secs(10));
     let mountpoint = fs.mountpoint.to_str().unwrap();
@@ -221,7 +141,8 @@ fn a_mountpoint_holding_the_state_dir_or_root_is_refused() {
 fn hooks_that_print_have_their_output_in_the_backup_status() {
     let daemon = Daemon::start();
     daemon.create_volume("v", 1 << 20);
-    let hooks = hooks_dir(&[("10-print", "echo \"print $1\"; echo \"to stderr\" >&2")]);
+    let hooks = hooks_dir(&[("10-print", "echo \"print $1\"; echo \"to stderr\" >&2")])
+        .expect("a hooks dir");
     let backup = daemon.cli_json(&[
         "backup",
         "begin",
@@ -254,7 +175,8 @@ fn a_failing_hook_aborts_the_backup_and_thaws_what_was_frozen() {
             &format!("echo \"$1\" >> '{}'", record.display()),
         ),
         ("20-fail", "[ \"$1\" = freeze ] && exit 3; exit 0"),
-    ]);
+    ])
+    .expect("a hooks dir");
     let out = daemon.cli(&[
         "backup",
         "begin",
@@ -278,7 +200,8 @@ fn a_failing_hook_aborts_the_backup_and_thaws_what_was_frozen() {
 fn a_hanging_hook_is_cut_off_at_the_quiesce_limit() {
     let daemon = Daemon::start();
     daemon.create_volume("v", 1 << 20);
-    let hooks = hooks_dir(&[("10-hang", "[ \"$1\" = freeze ] && sleep 60; exit 0")]);
+    let hooks =
+        hooks_dir(&[("10-hang", "[ \"$1\" = freeze ] && sleep 60; exit 0")]).expect("a hooks dir");
     let started = Instant::now();
     let out = daemon.cli(&[
         "backup",
@@ -315,9 +238,10 @@ fn kill_9_of_the_daemon_inside_the_freeze_window_still_thaws_within_the_limit() 
                 inside.display()
             ),
         ),
-    ]);
+    ])
+    .expect("a hooks dir");
     let limit = Duration::from_secs(8);
-    let mut begin = KillOnDrop(
+    let mut begin = ChildGuard::new(
         Command::new(tidemark_bin())
             .args(["backup", "begin", "v", "--quiesce-timeout", "8", "--hooks"])
             .arg(hooks.path())
@@ -354,7 +278,7 @@ fn kill_9_of_the_daemon_inside_the_freeze_window_still_thaws_within_the_limit() 
         "kill -9 inside the window: thawed {:?} after the kill",
         killed.elapsed()
     );
-    let status = begin.0.wait().unwrap();
+    let status = begin.wait().unwrap();
     assert_eq!(
         status.code(),
         Some(2),

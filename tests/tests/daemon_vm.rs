@@ -6,18 +6,17 @@
 //! guest had synced before the freeze; an incremental taken the same way and applied on top
 //! does too. qemu-ga runs only inside the guest, never on this machine.
 
-mod daemon_support;
-
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use daemon_support::{qemu_img_convert, Daemon};
 use serde_json::{json, Value};
 use tidemark_engine::quiesce::agent::AgentClient;
+use tidemark_tests::daemon::Daemon;
+use tidemark_tests::peers::qemu_img_convert;
+use tidemark_tests::vm::{console, harness, vm_build, wait_for, Console};
+use tidemark_tests::ChildGuard;
 
 /// The guest: mounts its disk, writes unsynced files, and fsyncs a 64 KiB file every 0.1 s,
 /// printing its sha256 once the fsync returned; starts qemu-ga; stops when the host
@@ -43,83 +42,6 @@ wait $W1 $W2 || true
 umount /mnt
 echo GUEST-DONE
 "#;
-
-fn harness() -> PathBuf {
-    [
-        std::env::var_os("TIDEMARK_VM_HARNESS").map(PathBuf::from),
-        Some(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/vm")),
-        Some(PathBuf::from("/work/shared/vm")),
-    ]
-    .into_iter()
-    .flatten()
-    .find(|dir| dir.join("run-vm.sh").exists())
-    .expect("the VM harness (run-vm.sh) is not found: set TIDEMARK_VM_HARNESS")
-}
-
-/// The VM build, made once with make-vm.sh (shared with the quiesce tests).
-fn vm_build(harness: &Path) -> PathBuf {
-    let build = std::env::var_os("TIDEMARK_VM_BUILD")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/var/tmp/tidemark-vm-build"));
-    if !(build.join("vmlinuz").exists() && build.join("initramfs.cpio.gz").exists()) {
-        std::fs::create_dir_all(&build).unwrap();
-        let status = Command::new("timeout")
-            .arg("900")
-            .arg(harness.join("make-vm.sh"))
-            .arg(&build)
-            .status()
-            .unwrap();
-        assert!(status.success(), "make-vm.sh failed");
-    }
-    build
-}
-
-/// The VM, stopped with SIGTERM on drop (run-vm.sh then kills its QEMU).
-struct Vm(Child);
-
-impl Drop for Vm {
-    fn drop(&mut self) {
-        if matches!(self.0.try_wait(), Ok(Some(_))) {
-            return;
-        }
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.0.id().to_string()])
-            .status();
-        for _ in 0..200 {
-            if matches!(self.0.try_wait(), Ok(Some(_))) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(25));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-type Console = Arc<Mutex<Vec<(Instant, String)>>>;
-
-fn wait_for(
-    console: &Console,
-    limit: Duration,
-    what: &str,
-    done: impl Fn(&[(Instant, String)]) -> bool,
-) {
-    let deadline = Instant::now() + limit;
-    while !done(&console.lock().unwrap()) {
-        if Instant::now() > deadline {
-            let tail: Vec<String> = console
-                .lock()
-                .unwrap()
-                .iter()
-                .rev()
-                .take(20)
-                .map(|l| l.1.clone())
-                .collect();
-            panic!("timed out waiting for {what}; console tail (newest first): {tail:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
 
 fn synced_in(lines: &[(Instant, String)]) -> usize {
     lines.iter().filter(|l| l.1.starts_with("SYNCED ")).count()
@@ -204,8 +126,8 @@ fn frozen_backup(daemon: &Daemon, qga: &Path, extra: &[&str]) -> (Value, Instant
 
 #[test]
 fn a_guest_agent_frozen_backup_of_a_live_vm_disk_restores_to_a_clean_filesystem() {
-    let harness = harness();
-    let build = vm_build(&harness);
+    let harness = harness().expect("the VM harness");
+    let build = vm_build(&harness).expect("the VM build");
     let daemon = Daemon::start();
     let disk = daemon.dir.path().join("vm.raw");
     std::fs::File::create(&disk)
@@ -241,24 +163,19 @@ fn a_guest_agent_frozen_backup_of_a_live_vm_disk_restores_to_a_clean_filesystem(
         .spawn()
         .expect("run-vm.sh");
     let out = vm.stdout.take().unwrap();
-    let mut vm = Vm(vm);
-    let console: Console = Arc::default();
-    let sink = Arc::clone(&console);
-    std::thread::spawn(move || {
-        for line in BufReader::new(out).lines() {
-            let Ok(line) = line else { break };
-            sink.lock().unwrap().push((Instant::now(), line));
-        }
-    });
+    let mut vm = ChildGuard::terminating(vm);
+    let console = console(out);
     wait_for(
         &console,
         Duration::from_secs(300),
         "qemu-ga in the guest",
         |l| l.iter().any(|l| l.1 == "READY"),
-    );
+    )
+    .expect("the guest console");
     wait_for(&console, Duration::from_secs(300), "5 synced files", |l| {
         synced_in(l) >= 5
-    });
+    })
+    .expect("the guest console");
 
     // Full backup: frozen by the agent, pulled while the guest keeps writing.
     let (full, asked) = frozen_backup(&daemon, &qga, &["--checkpoint", "c1"]);
@@ -276,7 +193,8 @@ fn a_guest_agent_frozen_backup_of_a_live_vm_disk_restores_to_a_clean_filesystem(
         Duration::from_secs(120),
         "guest writes during the pull",
         |l| synced_in(l) >= at_thaw + 3,
-    );
+    )
+    .expect("the guest console");
     daemon.cli_json(&["backup", "end", "vm"]);
     check_image(&image, &synced_full, daemon.dir.path(), "full");
 
@@ -286,7 +204,8 @@ fn a_guest_agent_frozen_backup_of_a_live_vm_disk_restores_to_a_clean_filesystem(
         Duration::from_secs(120),
         "more synced files",
         |l| synced_in(l) >= at_thaw + 6,
-    );
+    )
+    .expect("the guest console");
     let (incremental, asked) = frozen_backup(
         &daemon,
         &qga,
@@ -322,7 +241,7 @@ fn a_guest_agent_frozen_backup_of_a_live_vm_disk_restores_to_a_clean_filesystem(
     drop(agent);
     let deadline = Instant::now() + Duration::from_secs(120);
     let status = loop {
-        if let Some(status) = vm.0.try_wait().unwrap() {
+        if let Some(status) = vm.try_wait().unwrap() {
             break status;
         }
         assert!(Instant::now() < deadline, "the guest did not finish");

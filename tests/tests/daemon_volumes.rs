@@ -1,10 +1,9 @@
 //! Volume and checkpoint management through the CLI, as a script or a person uses it:
 //! human output by default, `--json` on request, errors with classes and exit codes.
 
-mod daemon_support;
-
-use daemon_support::{qemu_img_convert, qemu_io, Daemon, Model};
 use serde_json::{json, Value};
+use tidemark_tests::daemon::{Daemon, Model};
+use tidemark_tests::peers::{qemu_img_convert, qemu_io};
 
 fn error_class(out: &std::process::Output) -> Value {
     let report: Value = serde_json::from_slice(&out.stdout).expect("a JSON error report");

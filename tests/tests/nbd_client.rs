@@ -2,16 +2,17 @@
 //! bitmap with `-B` (the libvirt pull-backup shape), nbdkit's file plugin (with and
 //! without structured replies), and `tidemark export` with several connections.
 
-mod nbd_common;
-
 use std::process::Command;
 
 use anyhow::Result;
-use nbd_common::*;
 use tidemark_nbd::client::{Client, ClientOptions};
 use tidemark_nbd::export::{Extent, STATE_DIRTY};
 use tidemark_nbd::proto::HeaderMode;
 use tidemark_nbd::uri::NbdUri;
+use tidemark_tests::export::export;
+use tidemark_tests::image::pattern_image;
+use tidemark_tests::peers::serve;
+use tidemark_tests::{pattern, run_ok};
 
 const MIB: u64 = 1 << 20;
 
@@ -55,12 +56,13 @@ async fn reads_a_qcow2_dirty_bitmap_from_qemu_nbd() -> Result<()> {
     )?;
 
     let socket = dir.path().join("qemu-nbd.sock");
-    let _server = start_peer(
+    let _server = serve(
         Command::new("qemu-nbd")
             .args(["-r", "-f", "qcow2", "-x", "vm", "-B", "ck", "-k"])
             .arg(&socket)
             .arg(&img),
         &socket,
+        std::time::Duration::from_secs(20),
     )?;
     let options = ClientOptions {
         meta_contexts: vec!["base:allocation".into(), "qemu:dirty-bitmap:ck".into()],
@@ -141,15 +143,16 @@ async fn exercise_writable(client: &Client) -> Result<()> {
 async fn talks_to_nbdkit_with_and_without_structured_replies() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let img = dir.path().join("disk.img");
-    make_image(&img, 8 * MIB, &[])?;
+    pattern_image(&img, 8 * MIB, &[])?;
     let socket = dir.path().join("nbdkit.sock");
-    let _server = start_peer(
+    let _server = serve(
         Command::new("nbdkit")
             .args(["-f", "-U"])
             .arg(&socket)
             .arg("file")
             .arg(format!("file={}", img.display())),
         &socket,
+        std::time::Duration::from_secs(20),
     )?;
     let client = Client::connect(&unix_uri(&socket, "")?, ClientOptions::default()).await?;
     assert!(client.info().mode >= HeaderMode::Structured);
@@ -179,7 +182,7 @@ async fn talks_to_nbdkit_with_and_without_structured_replies() -> Result<()> {
 async fn uses_several_connections_to_tidemark_export() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let img = dir.path().join("disk.img");
-    make_image(&img, 16 * MIB, &[(0, 4 * MIB)])?;
+    pattern_image(&img, 16 * MIB, &[(0, 4 * MIB)])?;
     let e = export(dir.path(), &img, &["--name", "d"])?;
     let options = ClientOptions {
         connections: 4,

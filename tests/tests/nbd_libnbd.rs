@@ -2,12 +2,12 @@
 //! contexts, --can), nbdcopy in both directions, and a python3-libnbd script with block
 //! status and many concurrent aio reads.
 
-mod nbd_common;
-
 use std::process::Command;
 
 use anyhow::{Context, Result};
-use nbd_common::*;
+use tidemark_tests::export::{export, Exported};
+use tidemark_tests::image::{make_bitmap, pattern_image};
+use tidemark_tests::{run, run_ok};
 
 const MIB: u64 = 1 << 20;
 const SIZE: u64 = 32 * MIB;
@@ -18,7 +18,7 @@ const DIRTY: &[u64] = &[3, 4, 5, 300];
 
 fn setup(dir: &std::path::Path, extra: &[&str]) -> Result<(std::path::PathBuf, Exported)> {
     let img = dir.join("disk.img");
-    make_image(&img, SIZE, DATA)?;
+    pattern_image(&img, SIZE, DATA)?;
     let bitmap = dir.join("ck.bitmap");
     make_bitmap(&bitmap, "ck", GRANULARITY, SIZE, DIRTY)?;
     let spec = format!("ck={}", bitmap.display());
@@ -111,17 +111,14 @@ fn nbdinfo_can_reports_capabilities() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let (_img, rw) = setup(dir.path(), &[])?;
     let can = |uri: &str, what: &str| -> Result<bool> {
-        let out = run_limited(
+        let out = run(
             Command::new("nbdinfo").args(["--can", what, uri]),
             std::time::Duration::from_secs(30),
         )?;
         match out.status.code() {
             Some(0) => Ok(true),
             Some(2) => Ok(false),
-            other => anyhow::bail!(
-                "nbdinfo --can {what} exited {other:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            ),
+            other => anyhow::bail!("nbdinfo --can {what} exited {other:?}: {}", out.stderr),
         }
     };
     for what in [
@@ -161,7 +158,7 @@ fn nbdcopy_reads_and_writes_the_export() -> Result<()> {
 
     // And back into a writable export: new content, several connections.
     let new = dir.path().join("new.img");
-    make_image(&new, SIZE, &[(0, 3 * MIB), (30 * MIB, MIB)])?;
+    pattern_image(&new, SIZE, &[(0, 3 * MIB), (30 * MIB, MIB)])?;
     run_ok(
         Command::new("nbdcopy")
             .args(["--flush", "-C", "4"])

@@ -1,12 +1,12 @@
 //! `tidemark export` against QEMU's NBD client: qemu-img (info, convert, compare, map) and
 //! qemu-io (patterned writes and reads, write -z, discard).
 
-mod nbd_common;
-
 use std::process::Command;
 
 use anyhow::Result;
-use nbd_common::*;
+use tidemark_tests::export::export;
+use tidemark_tests::image::pattern_image;
+use tidemark_tests::{pattern, run, run_ok, tidemark_bin, ChildGuard};
 
 const MIB: u64 = 1 << 20;
 const SIZE: u64 = 64 * MIB;
@@ -16,7 +16,7 @@ const DATA: &[(u64, u64)] = &[(MIB, MIB), (8 * MIB, 64 * 1024), (40 * MIB, 8 * M
 fn qemu_img_info_convert_compare_and_map() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let src = dir.path().join("src.img");
-    make_image(&src, SIZE, DATA)?;
+    pattern_image(&src, SIZE, DATA)?;
     let e = export(dir.path(), &src, &["--read-only", "--name", "disk"])?;
 
     let info: serde_json::Value = serde_json::from_str(&run_ok(Command::new("qemu-img").args([
@@ -85,7 +85,7 @@ fn qemu_img_info_convert_compare_and_map() -> Result<()> {
 fn qemu_io_patterned_writes_zeroes_and_discard() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let img = dir.path().join("rw.img");
-    make_image(&img, 16 * MIB, &[(4 * MIB, MIB)])?;
+    pattern_image(&img, 16 * MIB, &[(4 * MIB, MIB)])?;
     let e = export(dir.path(), &img, &[])?;
     let commands = [
         "write -P 0x5a 0 1M",
@@ -140,17 +140,13 @@ fn qemu_io_patterned_writes_zeroes_and_discard() -> Result<()> {
 fn read_only_export_refuses_qemu_io_writes() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let img = dir.path().join("ro.img");
-    make_image(&img, 4 * MIB, &[(0, MIB)])?;
+    pattern_image(&img, 4 * MIB, &[(0, MIB)])?;
     let e = export(dir.path(), &img, &["--read-only"])?;
-    let out = run_limited(
+    let out = run(
         Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 1 0 4k", &e.uri]),
         std::time::Duration::from_secs(60),
     )?;
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = format!("{}{}", out.stdout, out.stderr);
     assert!(
         !text.contains("wrote "),
         "a write succeeded on a read-only export: {text}"
@@ -167,7 +163,7 @@ fn read_only_export_refuses_qemu_io_writes() -> Result<()> {
 fn sigterm_stops_cleanly_and_removes_the_socket() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let img = dir.path().join("t.img");
-    make_image(&img, MIB, &[])?;
+    pattern_image(&img, MIB, &[])?;
     let e = export(dir.path(), &img, &[])?;
     let socket = e.socket.clone();
     assert!(socket.exists());
@@ -183,7 +179,7 @@ fn sigterm_stops_cleanly_and_removes_the_socket() -> Result<()> {
 fn tcp_listen_serves_qemu_img_on_loopback() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let img = dir.path().join("tcp.img");
-    make_image(&img, 4 * MIB, &[(0, MIB)])?;
+    pattern_image(&img, 4 * MIB, &[(0, MIB)])?;
     let mut child = Command::new(tidemark_bin())
         .arg("export")
         .arg(&img)
@@ -191,7 +187,7 @@ fn tcp_listen_serves_qemu_img_on_loopback() -> Result<()> {
         .stdout(std::process::Stdio::piped())
         .spawn()?;
     let stdout = child.stdout.take().expect("piped stdout");
-    let guard = Guard(child);
+    let guard = ChildGuard::new(child);
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let mut line = String::new();

@@ -3,15 +3,16 @@
 //! copy exactly the blocks the bitmap marks (a change outside them is not copied), and a
 //! full pull must equal the file (compared with `cmp`).
 
-mod pull_support;
-
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use pull_support::*;
 use rand::{Rng, RngCore, SeedableRng};
 use tidemark_formats::bitmap::{set_dirty_range, write_bitmap_file, BitmapHeader};
+use tidemark_tests::image::{allocated, cmp_equal};
+use tidemark_tests::paths::arg;
+use tidemark_tests::peers::{nbdinfo_map, serve, unix_uri};
+use tidemark_tests::{run, tidemark_bin, ChildGuard, Output};
 
 const SIZE: u64 = 32 << 20;
 const GRANULARITY: u64 = 64 << 10;
@@ -26,7 +27,7 @@ fn export(
     file: &Path,
     socket: &Path,
     bitmap: Option<(&str, &Path)>,
-) -> anyhow::Result<(Background, String)> {
+) -> anyhow::Result<(ChildGuard, String)> {
     let mut cmd = Command::new(tidemark_bin());
     cmd.arg("export")
         .arg(file)
@@ -38,8 +39,7 @@ fn export(
         cmd.arg("--bitmap")
             .arg(format!("{name}={}", path.display()));
     }
-    let mut server = Background::spawn(&mut cmd)?;
-    wait_for_path(socket, &mut server, Duration::from_secs(10))?;
+    let server = serve(&mut cmd, socket, Duration::from_secs(10))?;
     Ok((server, unix_uri("disk", socket)))
 }
 
@@ -104,15 +104,15 @@ fn incremental_pull_from_tidemark_export_copies_exactly_the_marked_blocks() -> a
     let dirty_map = nbdinfo_map(&uri, "qemu:dirty-bitmap:mon")?;
     let dirty_bytes: u64 = dirty_map.iter().filter(|r| r.2 & 1 != 0).map(|r| r.1).sum();
     let report = pull(&["--bitmap", "mon", &uri, "--into", &arg(&image), "--json"])?
-        .ok()?
-        .json()?;
+        .ok()
+        .json();
     assert_eq!(report["bytes_dirty"], dirty_bytes, "{report}");
     assert!(
         report["bytes_pulled"].as_u64().unwrap_or(u64::MAX) <= dirty_bytes,
         "{report}"
     );
     assert!(
-        cmp_equal(&image, &expected)?,
+        cmp_equal(&image, &expected, None)?,
         "the image is not the old image plus the marked blocks"
     );
     Ok(())
@@ -129,15 +129,15 @@ fn full_pull_from_tidemark_export_equals_the_file_and_stays_sparse() -> anyhow::
     let image = dir.path().join("backup.img");
     let (_server, uri) = export(&served, &dir.path().join("nbd.sock"), None)?;
     let report = pull(&["--full", &uri, "--into", &arg(&image), "--json"])?
-        .ok()?
-        .json()?;
+        .ok()
+        .json();
     assert_eq!(report["size"], SIZE);
     assert!(
-        cmp_equal(&image, &served)?,
+        cmp_equal(&image, &served, None)?,
         "the full pull differs from the exported file"
     );
-    use std::os::unix::fs::MetadataExt;
-    let allocated = std::fs::metadata(&image)?.blocks() * 512;
+
+    let allocated = allocated(&image);
     assert!(
         allocated <= 4 << 20,
         "the image is not sparse: {allocated} bytes allocated"

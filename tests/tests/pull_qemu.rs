@@ -3,14 +3,15 @@
 //! backup export looks. Truth comes from `qemu-img convert`, comparison from `cmp`, and the
 //! expected dirty ranges from `nbdinfo --map`.
 
-mod pull_support;
-
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
 use anyhow::Context;
-use pull_support::*;
+use tidemark_tests::image::{allocated, cmp_equal};
+use tidemark_tests::paths::arg;
+use tidemark_tests::peers::{nbdinfo_map, overlap_bytes, serve, unix_uri};
+use tidemark_tests::{run, tidemark_bin, ChildGuard, Output};
 
 const SIZE: u64 = 64 << 20;
 const LIMIT: Duration = Duration::from_secs(120);
@@ -32,7 +33,7 @@ impl Disk {
                 .arg(SIZE.to_string()),
             LIMIT,
         )?
-        .ok()?;
+        .ok();
         Ok(Disk { dir, qcow2 })
     }
 
@@ -47,7 +48,7 @@ impl Disk {
         for c in commands {
             cmd.arg("-c").arg(c);
         }
-        run(cmd.arg(&self.qcow2), LIMIT)?.ok()?;
+        run(cmd.arg(&self.qcow2), LIMIT)?.ok();
         Ok(())
     }
 
@@ -59,7 +60,7 @@ impl Disk {
                 .arg(name),
             LIMIT,
         )?
-        .ok()?;
+        .ok();
         Ok(())
     }
 
@@ -73,12 +74,12 @@ impl Disk {
                 .arg(&out),
             LIMIT,
         )?
-        .ok()?;
+        .ok();
         Ok(out)
     }
 
     /// `qemu-nbd -r` on a fresh socket, optionally exporting `bitmap`; killed on drop.
-    fn serve(&self, tag: &str, bitmap: Option<&str>) -> anyhow::Result<(Background, String)> {
+    fn serve(&self, tag: &str, bitmap: Option<&str>) -> anyhow::Result<(ChildGuard, String)> {
         let socket = self.path(&format!("{tag}.sock"));
         let mut cmd = Command::new("qemu-nbd");
         cmd.args(["-r", "-f", "qcow2", "-e", "8", "-t"])
@@ -86,19 +87,13 @@ impl Disk {
         if let Some(bitmap) = bitmap {
             cmd.args(["-B", bitmap]);
         }
-        let mut server = Background::spawn(cmd.arg(&self.qcow2))?;
-        wait_for_path(&socket, &mut server, Duration::from_secs(10))?;
+        let server = serve(cmd.arg(&self.qcow2), &socket, Duration::from_secs(10))?;
         Ok((server, unix_uri("", &socket)))
     }
 }
 
 fn pull(args: &[&str]) -> anyhow::Result<Output> {
     run(Command::new(tidemark_bin()).arg("pull").args(args), LIMIT)
-}
-
-fn allocated_bytes(path: &Path) -> anyhow::Result<u64> {
-    use std::os::unix::fs::MetadataExt;
-    Ok(std::fs::metadata(path)?.blocks() * 512)
 }
 
 #[test]
@@ -117,8 +112,8 @@ fn full_then_incremental_pull_from_qemu_nbd_equals_the_truth() -> anyhow::Result
     {
         let (_server, uri) = disk.serve("full", None)?;
         let report = pull(&["--full", &uri, "--into", &arg(&image), "--json"])?
-            .ok()?
-            .json()?;
+            .ok()
+            .json();
         assert_eq!(report["mode"], "full");
         assert_eq!(report["size"], SIZE);
         assert_eq!(
@@ -132,10 +127,10 @@ fn full_then_incremental_pull_from_qemu_nbd_equals_the_truth() -> anyhow::Result
         );
     }
     assert!(
-        cmp_equal(&image, &truth0)?,
+        cmp_equal(&image, &truth0, None)?,
         "the full pull differs from qemu-img convert"
     );
-    let allocated = allocated_bytes(&image)?;
+    let allocated = allocated(&image);
     assert!(
         allocated < 8 << 20,
         "the full pull is not sparse: {allocated} bytes allocated"
@@ -163,8 +158,8 @@ fn full_then_incremental_pull_from_qemu_nbd_equals_the_truth() -> anyhow::Result
     let dirty_data = overlap_bytes(&dirty, |f| f & 1 != 0, &alloc, |f| f & 2 == 0);
 
     let report = pull(&["--bitmap", "b0", &uri, "--into", &arg(&image), "--json"])?
-        .ok()?
-        .json()?;
+        .ok()
+        .json();
     assert_eq!(report["mode"], "incremental");
     assert_eq!(report["bitmap"], "b0");
     assert_eq!(report["bytes_dirty"], dirty_bytes, "{report}");
@@ -173,7 +168,7 @@ fn full_then_incremental_pull_from_qemu_nbd_equals_the_truth() -> anyhow::Result
         "pulled more or less than dirty data: {report}"
     );
     assert!(
-        cmp_equal(&image, &truth1)?,
+        cmp_equal(&image, &truth1, None)?,
         "the incremental pull differs from qemu-img convert"
     );
     Ok(())
@@ -230,8 +225,8 @@ fn pull_uses_several_connections_when_the_server_allows_them() -> anyhow::Result
     disk.io(&["write -P 0x41 0 16M"])?;
     let (_server, uri) = disk.serve("multi", None)?;
     let info = run(Command::new("nbdinfo").args(["--json", &uri]), LIMIT)?
-        .ok()?
-        .json()?;
+        .ok()
+        .json();
     let multi = info["exports"][0]["can_multi_conn"]
         .as_bool()
         .context("nbdinfo can_multi_conn")?;
@@ -247,10 +242,10 @@ fn pull_uses_several_connections_when_the_server_allows_them() -> anyhow::Result
         "256K",
         "--json",
     ])?
-    .ok()?
-    .json()?;
+    .ok()
+    .json();
     assert_eq!(report["connections"], if multi { 4 } else { 1 }, "{report}");
-    assert!(cmp_equal(&image, &disk.truth("truth.raw")?)?);
+    assert!(cmp_equal(&image, &disk.truth("truth.raw")?, None)?);
     Ok(())
 }
 
@@ -275,7 +270,7 @@ fn a_delta_from_a_foreign_export_needs_the_volume_uuid_and_never_records_nil() -
         "--volume-uuid",
         uuid,
     ])?
-    .ok()?;
+    .ok();
     let file = std::fs::File::open(&delta)?;
     let reader = tidemark_formats::delta::DeltaReader::open(file, &delta)?;
     assert_eq!(reader.header().volume_uuid.to_string(), uuid);

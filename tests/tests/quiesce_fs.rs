@@ -1,15 +1,17 @@
 //! Host filesystem freezing (FIFREEZE/FITHAW) on a loop-mounted ext4, driven through the
 //! quiesce library with the real tidemark binary as watchdog. Needs root (losetup, mount).
 
-mod quiesce_common;
-
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Result};
-use quiesce_common::{gaps, ms, run, LoopFs, Probe, Writer};
 use rand::RngCore;
 use serde_json::json;
+use tidemark_tests::quiesce::{gaps, ms, LoopFs, Probe, Writer};
+use tidemark_tests::run_ok;
+
+/// The quiesce driver built from tests/src/bin/quiesce-probe.rs.
+const PROBE: &str = env!("CARGO_BIN_EXE_quiesce-probe");
 
 #[test]
 fn freezing_blocks_writers_only_inside_the_window_and_a_copy_taken_then_is_consistent() -> Result<()>
@@ -22,7 +24,7 @@ fn freezing_blocks_writers_only_inside_the_window_and_a_copy_taken_then_is_consi
     std::thread::sleep(Duration::from_millis(200));
 
     let before = Instant::now();
-    let (probe, first) = Probe::start(json!({ "mountpoints": [fs.mountpoint] }))?;
+    let (probe, first) = Probe::start(PROBE, json!({ "mountpoints": [fs.mountpoint] }))?;
     let frozen_at = Instant::now();
     let canonical = fs.mountpoint.canonicalize()?;
     ensure!(
@@ -89,12 +91,14 @@ fn freezing_blocks_writers_only_inside_the_window_and_a_copy_taken_then_is_consi
     );
 
     // The copy is a clean filesystem holding the file synced before the freeze.
-    run(Command::new("fsck.ext4").arg("-fn").arg(&snapshot))?;
+    run_ok(Command::new("fsck.ext4").arg("-fn").arg(&snapshot))?;
     let dumped = fs.dir.path().join("dumped.bin");
-    run(Command::new("debugfs")
-        .arg("-R")
-        .arg(format!("dump /synced-before.bin {}", dumped.display()))
-        .arg(&snapshot))?;
+    run_ok(
+        Command::new("debugfs")
+            .arg("-R")
+            .arg(format!("dump /synced-before.bin {}", dumped.display()))
+            .arg(&snapshot),
+    )?;
     ensure!(
         std::fs::read(&dumped)? == payload,
         "the synced file differs in the copy"
@@ -104,14 +108,16 @@ fn freezing_blocks_writers_only_inside_the_window_and_a_copy_taken_then_is_consi
 
 #[test]
 fn the_root_filesystem_and_the_one_holding_our_state_are_refused() -> Result<()> {
-    let (_probe, reply) = Probe::start(json!({ "mountpoints": ["/"] }))?;
+    let (_probe, reply) = Probe::start(PROBE, json!({ "mountpoints": ["/"] }))?;
     let error = reply["error"].as_str().unwrap_or_default();
     ensure!(error.contains("root filesystem"), "unexpected: {reply}");
 
     let fs = LoopFs::new(32)?;
     let cow = fs.mountpoint.join("state/cow-store");
-    let (_probe, reply) =
-        Probe::start(json!({ "mountpoints": [fs.mountpoint], "protected_paths": [cow] }))?;
+    let (_probe, reply) = Probe::start(
+        PROBE,
+        json!({ "mountpoints": [fs.mountpoint], "protected_paths": [cow] }),
+    )?;
     let error = reply["error"].as_str().unwrap_or_default();
     ensure!(
         error.contains("deadlock") && error.contains("cow-store"),
@@ -124,7 +130,7 @@ fn the_root_filesystem_and_the_one_holding_our_state_are_refused() -> Result<()>
 
     let plain = fs.dir.path().join("not-a-mount");
     std::fs::create_dir(&plain)?;
-    let (_probe, reply) = Probe::start(json!({ "mountpoints": [plain] }))?;
+    let (_probe, reply) = Probe::start(PROBE, json!({ "mountpoints": [plain] }))?;
     ensure!(
         reply["error"]
             .as_str()
@@ -139,15 +145,15 @@ fn the_root_filesystem_and_the_one_holding_our_state_are_refused() -> Result<()>
 fn a_filesystem_already_frozen_by_fsfreeze_is_an_error_and_stays_frozen_for_its_owner() -> Result<()>
 {
     let fs = LoopFs::new(32)?;
-    run(Command::new("fsfreeze").arg("-f").arg(&fs.mountpoint))?;
-    let (_probe, reply) = Probe::start(json!({ "mountpoints": [fs.mountpoint] }))?;
+    run_ok(Command::new("fsfreeze").arg("-f").arg(&fs.mountpoint))?;
+    let (_probe, reply) = Probe::start(PROBE, json!({ "mountpoints": [fs.mountpoint] }))?;
     let error = reply["error"].as_str().unwrap_or_default();
     ensure!(
         error.contains("already frozen") && error.contains("fsfreeze -u"),
         "unexpected: {reply}"
     );
     // We did not thaw someone else's freeze: fsfreeze -u still has something to thaw.
-    run(Command::new("fsfreeze").arg("-u").arg(&fs.mountpoint))?;
+    run_ok(Command::new("fsfreeze").arg("-u").arg(&fs.mountpoint))?;
     ensure!(fs.writable_within(Duration::from_secs(5))?, "still frozen");
     Ok(())
 }

@@ -1,13 +1,14 @@
 //! Freeze hooks around a FIFREEZE: order, arguments, captured output, a failing hook, a
 //! hanging hook. Needs root (loop mount).
 
-mod quiesce_common;
-
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Result};
-use quiesce_common::{hooks_dir, LoopFs, Probe};
 use serde_json::{json, Value};
+use tidemark_tests::quiesce::{hooks_dir, LoopFs, Probe};
+
+/// The quiesce driver built from tests/src/bin/quiesce-probe.rs.
+const PROBE: &str = env!("CARGO_BIN_EXE_quiesce-probe");
 
 fn log_hook(log: &std::path::Path, tag: &str) -> String {
     format!("echo \"{tag} $*\" >> '{}'", log.display())
@@ -45,10 +46,13 @@ fn hooks_from_both_directories_run_in_name_order_and_their_output_is_captured() 
         &format!("{}\necho db warning >&2", log_hook(&log, "db")),
     )])?;
     let mp = fs.mountpoint.canonicalize()?;
-    let (probe, first) = Probe::start(json!({
-        "mountpoints": [fs.mountpoint],
-        "hooks_dirs": [writers.path(), qemu.path()],
-    }))?;
+    let (probe, first) = Probe::start(
+        PROBE,
+        json!({
+            "mountpoints": [fs.mountpoint],
+            "hooks_dirs": [writers.path(), qemu.path()],
+        }),
+    )?;
     ensure!(
         first["quiesced"]["hooks"].as_array().map(Vec::len) == Some(2),
         "{first}"
@@ -106,8 +110,10 @@ fn a_failing_freeze_hook_aborts_and_thaws_everything_already_frozen() -> Result<
         ),
         ("30-never", &log_hook(&log, "never")),
     ])?;
-    let (_probe, reply) =
-        Probe::start(json!({ "mountpoints": [fs.mountpoint], "hooks_dirs": [hooks.path()] }))?;
+    let (_probe, reply) = Probe::start(
+        PROBE,
+        json!({ "mountpoints": [fs.mountpoint], "hooks_dirs": [hooks.path()] }),
+    )?;
     let error = reply["error"].as_str().unwrap_or_default();
     ensure!(
         error.contains("20-fail") && error.contains("status 7"),
@@ -148,11 +154,14 @@ fn a_hanging_freeze_hook_is_killed_at_its_limit_and_everything_thaws() -> Result
         ),
     ])?;
     let start = Instant::now();
-    let (_probe, reply) = Probe::start(json!({
-        "mountpoints": [fs.mountpoint],
-        "hooks_dirs": [hooks.path()],
-        "hook_timeout_ms": 500,
-    }))?;
+    let (_probe, reply) = Probe::start(
+        PROBE,
+        json!({
+            "mountpoints": [fs.mountpoint],
+            "hooks_dirs": [hooks.path()],
+            "hook_timeout_ms": 500,
+        }),
+    )?;
     let took = start.elapsed();
     let error = reply["error"].as_str().unwrap_or_default();
     ensure!(

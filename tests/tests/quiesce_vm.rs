@@ -8,20 +8,20 @@
 //! /work/shared/vm), `TIDEMARK_VM_BUILD` (default /var/tmp/tidemark-vm-build; built with
 //! the harness's make-vm.sh when missing).
 
-mod quiesce_common;
-
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::{Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, ensure, Context, Result};
-use quiesce_common::{run, tidemark_bin};
+use anyhow::{ensure, Context, Result};
 use serde_json::json;
 use tidemark_engine::quiesce::{self, agent::AgentClient, QuiesceSpec};
+use tidemark_tests::vm::{console, harness, vm_build, wait_for};
+use tidemark_tests::{run_ok, tidemark_bin, ChildGuard};
+
+/// The quiesce driver built from tests/src/bin/quiesce-probe.rs.
+const PROBE: &str = env!("CARGO_BIN_EXE_quiesce-probe");
 
 /// The guest: mounts the disk, writes files continuously (unsynced small files, a ticker
 /// whose longest pause shows the freeze, fsynced 64 KiB files reported on the console with
@@ -52,92 +52,6 @@ umount /mnt
 echo GUEST-DONE
 "#;
 
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn harness() -> Result<PathBuf> {
-    let candidates = [
-        std::env::var_os("TIDEMARK_VM_HARNESS").map(PathBuf::from),
-        Some(workspace().join("../shared/vm")),
-        Some(PathBuf::from("/work/shared/vm")),
-    ];
-    candidates
-        .into_iter()
-        .flatten()
-        .find(|dir| dir.join("run-vm.sh").exists())
-        .context("the VM harness (run-vm.sh, make-vm.sh) is not found: set TIDEMARK_VM_HARNESS")
-}
-
-/// The VM build (kernel + initramfs with qemu-ga), made once with make-vm.sh.
-fn vm_build(harness: &Path) -> Result<PathBuf> {
-    let build = std::env::var_os("TIDEMARK_VM_BUILD")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/var/tmp/tidemark-vm-build"));
-    if !(build.join("vmlinuz").exists() && build.join("initramfs.cpio.gz").exists()) {
-        std::fs::create_dir_all(&build)?;
-        run(Command::new("timeout")
-            .arg("900")
-            .arg(harness.join("make-vm.sh"))
-            .arg(&build))?;
-    }
-    Ok(build)
-}
-
-/// A child stopped with SIGTERM on drop (run-vm.sh then kills its QEMU; `tidemark export`
-/// finishes in-flight requests), SIGKILL if it lingers.
-struct Guarded(Child);
-
-impl Drop for Guarded {
-    fn drop(&mut self) {
-        if matches!(self.0.try_wait(), Ok(Some(_))) {
-            return;
-        }
-        let _ = Command::new("kill")
-            .arg("-TERM")
-            .arg(self.0.id().to_string())
-            .stderr(Stdio::null())
-            .status();
-        for _ in 0..200 {
-            if matches!(self.0.try_wait(), Ok(Some(_))) {
-                return;
-            }
-            thread::sleep(Duration::from_millis(25));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// The guest console, line by line, each with when the host received it.
-type Console = Arc<Mutex<Vec<(Instant, String)>>>;
-
-fn wait_for(
-    console: &Console,
-    limit: Duration,
-    what: &str,
-    done: impl Fn(&[(Instant, String)]) -> bool,
-) -> Result<()> {
-    let deadline = Instant::now() + limit;
-    loop {
-        if done(&console.lock().unwrap()) {
-            return Ok(());
-        }
-        if Instant::now() >= deadline {
-            let tail: Vec<String> = console
-                .lock()
-                .unwrap()
-                .iter()
-                .rev()
-                .take(20)
-                .map(|l| l.1.clone())
-                .collect();
-            bail!("timed out waiting for {what}; console tail (newest first): {tail:?}");
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
-}
-
 #[test]
 fn a_guest_agent_freeze_gives_a_consistent_copy_of_a_live_guest_disk() -> Result<()> {
     let harness = harness()?;
@@ -147,7 +61,7 @@ fn a_guest_agent_freeze_gives_a_consistent_copy_of_a_live_guest_disk() -> Result
         .tempdir()?;
     let disk = dir.path().join("disk.raw");
     std::fs::File::create(&disk)?.set_len(128 << 20)?;
-    run(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&disk))?;
+    run_ok(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&disk))?;
 
     // The guest's disk: tidemark's NBD export of the raw file.
     let nbd_sock = dir.path().join("nbd.sock");
@@ -161,7 +75,7 @@ fn a_guest_agent_freeze_gives_a_consistent_copy_of_a_live_guest_disk() -> Result
         .spawn()
         .context("cannot start tidemark export")?;
     let export_out = export.stdout.take().context("export stdout")?;
-    let export = Guarded(export);
+    let export = ChildGuard::terminating(export);
     let mut ready = String::new();
     BufReader::new(export_out).read_line(&mut ready)?;
     let ready: serde_json::Value = serde_json::from_str(&ready)
@@ -186,15 +100,8 @@ fn a_guest_agent_freeze_gives_a_consistent_copy_of_a_live_guest_disk() -> Result
         .spawn()
         .context("cannot start run-vm.sh")?;
     let vm_out = vm.stdout.take().context("vm stdout")?;
-    let mut vm = Guarded(vm);
-    let console: Console = Arc::default();
-    let sink = Arc::clone(&console);
-    thread::spawn(move || {
-        for line in BufReader::new(vm_out).lines() {
-            let Ok(line) = line else { break };
-            sink.lock().unwrap().push((Instant::now(), line));
-        }
-    });
+    let mut vm = ChildGuard::terminating(vm);
+    let console = console(vm_out);
 
     // Wait for the agent, then for a few synced files.
     wait_for(
@@ -271,12 +178,15 @@ fn a_guest_agent_freeze_gives_a_consistent_copy_of_a_live_guest_disk() -> Result
     // kill -9 of the quiescing process while the guest is frozen (this time with
     // guest-fsfreeze-freeze-list): the watchdog (the tidemark binary) connects to the
     // agent itself and thaws the guest.
-    let (mut holder, first) = quiesce_common::Probe::start(json!({
-        "guest_agent": qga_sock,
-        "guest_mountpoints": ["/mnt"],
-        "agent_timeout_ms": 30_000,
-        "window_limit_ms": 60_000,
-    }))?;
+    let (mut holder, first) = tidemark_tests::quiesce::Probe::start(
+        PROBE,
+        json!({
+            "guest_agent": qga_sock,
+            "guest_mountpoints": ["/mnt"],
+            "agent_timeout_ms": 30_000,
+            "window_limit_ms": 60_000,
+        }),
+    )?;
     ensure!(
         first["quiesced"]["agent"]["frozen"].as_u64() >= Some(1),
         "{first}"
@@ -308,7 +218,7 @@ fn a_guest_agent_freeze_gives_a_consistent_copy_of_a_live_guest_disk() -> Result
     let status = {
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
-            if let Some(status) = vm.0.try_wait()? {
+            if let Some(status) = vm.try_wait()? {
                 break status;
             }
             ensure!(Instant::now() < deadline, "the guest did not finish");
@@ -325,7 +235,7 @@ fn a_guest_agent_freeze_gives_a_consistent_copy_of_a_live_guest_disk() -> Result
 
     // The copy is a clean ext4 holding every file whose fsync had returned (its console
     // line had reached us) before we asked the agent to freeze.
-    run(Command::new("fsck.ext4").arg("-fn").arg(&copy))?;
+    run_ok(Command::new("fsck.ext4").arg("-fn").arg(&copy))?;
     let synced_before: BTreeMap<String, String> = lines
         .iter()
         .filter(|(at, _)| *at < freeze_sent)
@@ -341,17 +251,19 @@ fn a_guest_agent_freeze_gives_a_consistent_copy_of_a_live_guest_disk() -> Result
     );
     let dumped = dir.path().join("dumped");
     std::fs::create_dir(&dumped)?;
-    run(Command::new("debugfs")
-        .arg("-R")
-        .arg(format!("rdump /synced {}", dumped.display()))
-        .arg(&copy))?;
+    run_ok(
+        Command::new("debugfs")
+            .arg("-R")
+            .arg(format!("rdump /synced {}", dumped.display()))
+            .arg(&copy),
+    )?;
     for (name, sha) in &synced_before {
         let path = dumped.join("synced").join(name);
         ensure!(
             path.exists(),
             "{name} (synced before the freeze) is missing from the copy"
         );
-        let sum = run(Command::new("sha256sum").arg(&path))?;
+        let sum = run_ok(Command::new("sha256sum").arg(&path))?;
         ensure!(
             sum.split(' ').next() == Some(sha.as_str()),
             "{name} differs in the copy"

@@ -2,13 +2,14 @@
 //! never thaws, both leave the filesystem thawed (and the hooks thawed) within the window
 //! limit. Needs root (loop mount).
 
-mod quiesce_common;
-
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Result};
-use quiesce_common::{hooks_dir, ms, LoopFs, Probe, Writer};
 use serde_json::{json, Value};
+use tidemark_tests::quiesce::{hooks_dir, ms, LoopFs, Probe, Writer};
+
+/// The quiesce driver built from tests/src/bin/quiesce-probe.rs.
+const PROBE: &str = env!("CARGO_BIN_EXE_quiesce-probe");
 
 fn wait_for_line(path: &std::path::Path, needle: &str, limit: Duration) -> bool {
     let deadline = Instant::now() + limit;
@@ -33,11 +34,14 @@ fn kill_9_inside_the_window_leaves_everything_thawed_within_the_limit() -> Resul
     let hooks = hooks_dir(&[("10-app", &format!("echo \"app $1\" >> '{}'", log.display()))])?;
     let writer = Writer::start(&fs.mountpoint)?;
     let limit = Duration::from_secs(10);
-    let (mut probe, first) = Probe::start(json!({
-        "mountpoints": [fs.mountpoint],
-        "hooks_dirs": [hooks.path()],
-        "window_limit_ms": limit.as_millis() as u64,
-    }))?;
+    let (mut probe, first) = Probe::start(
+        PROBE,
+        json!({
+            "mountpoints": [fs.mountpoint],
+            "hooks_dirs": [hooks.path()],
+            "window_limit_ms": limit.as_millis() as u64,
+        }),
+    )?;
     ensure!(first.get("quiesced").is_some(), "{first}");
     ensure!(
         !fs.writable_within(Duration::from_millis(200))?,
@@ -65,10 +69,13 @@ fn kill_9_inside_the_window_leaves_everything_thawed_within_the_limit() -> Resul
 fn a_caller_that_never_thaws_is_thawed_at_the_window_limit() -> Result<()> {
     let fs = LoopFs::new(32)?;
     let limit = Duration::from_millis(1500);
-    let (probe, first) = Probe::start(json!({
-        "mountpoints": [fs.mountpoint],
-        "window_limit_ms": limit.as_millis() as u64,
-    }))?;
+    let (probe, first) = Probe::start(
+        PROBE,
+        json!({
+            "mountpoints": [fs.mountpoint],
+            "window_limit_ms": limit.as_millis() as u64,
+        }),
+    )?;
     let frozen = Instant::now();
     ensure!(first.get("quiesced").is_some(), "{first}");
     ensure!(

@@ -1,30 +1,25 @@
 //! What the daemon's end-to-end tests share: a `tidemark serve` in a temporary state dir
-//! that is stopped (and cleaned up) when dropped, the CLI against it, and a raw
-//! control-socket client.
-#![allow(dead_code)]
+//! that is stopped (and cleaned up) when dropped, the CLI against it, a raw
+//! control-socket client, and the in-memory disk a volume must match.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use serde_json::{json, Value};
 
-/// The tidemark binary: `TIDEMARK_BIN`, else the workspace's debug build.
-pub fn tidemark_bin() -> PathBuf {
-    match std::env::var_os("TIDEMARK_BIN") {
-        Some(path) => PathBuf::from(path),
-        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/tidemark"),
-    }
-}
+use crate::peers::unix_uri;
+use crate::{tidemark_bin, ChildGuard};
 
 /// A running `tidemark serve`.
+#[derive(Debug)]
 pub struct Daemon {
     pub dir: tempfile::TempDir,
     pub state_dir: PathBuf,
-    pub child: Option<Child>,
+    pub child: Option<ChildGuard>,
     /// Extra arguments of `tidemark serve`.
     pub serve_args: Vec<String>,
     /// Run the daemon with this RLIMIT_FSIZE (bytes) and SIGXFSZ ignored, so its writes
@@ -94,7 +89,7 @@ impl Daemon {
             .stderr(log)
             .spawn()
             .expect("spawning tidemark serve");
-        self.child = Some(child);
+        self.child = Some(ChildGuard::new(child));
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
             if UnixStream::connect(self.control_socket()).is_ok() {
@@ -126,10 +121,7 @@ impl Daemon {
 
     /// `nbd+unix:///EXPORT?socket=...`
     pub fn uri(&self, export: &str) -> String {
-        format!(
-            "nbd+unix:///{export}?socket={}",
-            self.nbd_socket().display()
-        )
+        unix_uri(export, &self.nbd_socket())
     }
 
     pub fn pid(&self) -> u32 {
@@ -148,8 +140,7 @@ impl Daemon {
                 return status;
             }
             if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
+                drop(child);
                 panic!("tidemark serve ignored SIGTERM: {}", self.log());
             }
             std::thread::sleep(Duration::from_millis(20));
@@ -158,9 +149,7 @@ impl Daemon {
 
     /// kill -9.
     pub fn kill(&mut self) {
-        let mut child = self.child.take().expect("running");
-        let _ = child.kill();
-        let _ = child.wait();
+        drop(self.child.take().expect("running"));
     }
 
     /// Run `tidemark ARGS... --state-dir DIR` and return its output.
@@ -209,16 +198,8 @@ impl Daemon {
     }
 }
 
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
 /// A raw JSON-lines client of the control socket.
+#[derive(Debug)]
 pub struct Control {
     reader: BufReader<UnixStream>,
     writer: UnixStream,
@@ -331,7 +312,7 @@ impl Daemon {
     }
 
     /// Start the libnbd helper in the background (a writer).
-    pub fn nbd_tool_spawn(&self, args: &[&str]) -> KillOnDrop {
+    pub fn nbd_tool_spawn(&self, args: &[&str]) -> ChildGuard {
         let child = Command::new("/usr/bin/python3")
             .arg(self.nbd_tool_path())
             .args(args)
@@ -340,52 +321,12 @@ impl Daemon {
             .stderr(Stdio::piped())
             .spawn()
             .expect("running /usr/bin/python3");
-        KillOnDrop(child)
+        ChildGuard::new(child)
     }
-}
-
-/// A child process killed when dropped.
-pub struct KillOnDrop(pub Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Run qemu-io with `commands` (each a `-c` argument) against `uri`; must succeed.
-pub fn qemu_io(uri: &str, commands: &[String]) {
-    let mut cmd = Command::new("qemu-io");
-    cmd.args(["-f", "raw"]);
-    for c in commands {
-        cmd.args(["-c", c]);
-    }
-    let out = cmd.arg(uri).output().expect("running qemu-io");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success() && !stdout.contains("failed"),
-        "qemu-io {commands:?}: {stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// `qemu-img convert` an export into a new raw image.
-pub fn qemu_img_convert(uri: &str, dest: &Path) {
-    let out = Command::new("qemu-img")
-        .args(["convert", "-f", "raw", "-O", "raw", uri])
-        .arg(dest)
-        .output()
-        .expect("running qemu-img");
-    assert!(
-        out.status.success(),
-        "qemu-img convert: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 /// A plain in-memory disk: what the volume must hold.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct Model(pub Vec<u8>);
 
 impl Model {

@@ -1,11 +1,11 @@
-//! Shared by the quiesce_* end-to-end tests: a loop-mounted ext4 filesystem, a writer
-//! that timestamps its writes, and the quiesce-probe driver with the real tidemark binary
-//! as its watchdog. Everything is torn down on drop, also when a test fails half way.
-#![allow(dead_code)]
+//! What the quiesce_* end-to-end tests share: a loop-mounted ext4 filesystem, a writer
+//! that timestamps its writes, hook directories, and the quiesce-probe driver with the
+//! real tidemark binary as its watchdog. Everything is torn down on drop, also when a
+//! test fails half way.
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::process::{ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -13,34 +13,10 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::{json, Value};
 
-/// The tidemark binary: `TIDEMARK_BIN`, else the debug build of this workspace.
-pub fn tidemark_bin() -> PathBuf {
-    let path = std::env::var_os("TIDEMARK_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/tidemark"));
-    assert!(
-        path.exists(),
-        "{} is missing: run `cargo build -p tidemark` first",
-        path.display()
-    );
-    path
-}
-
-pub fn run(cmd: &mut Command) -> Result<String> {
-    let out = cmd
-        .output()
-        .with_context(|| format!("cannot run {cmd:?}"))?;
-    ensure!(
-        out.status.success(),
-        "{cmd:?} failed ({}): {}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
+use crate::{run_ok, tidemark_bin, ChildGuard};
 
 /// An ext4 image in a temp dir, attached to a loop device and mounted.
+#[derive(Debug)]
 pub struct LoopFs {
     pub dir: tempfile::TempDir,
     pub image: PathBuf,
@@ -58,7 +34,7 @@ impl LoopFs {
         let mountpoint = dir.path().join("mnt");
         std::fs::create_dir(&mountpoint)?;
         std::fs::File::create(&image)?.set_len(size_mib << 20)?;
-        run(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&image))?;
+        run_ok(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&image))?;
         let mut fs = LoopFs {
             dir,
             image,
@@ -66,14 +42,18 @@ impl LoopFs {
             device: None,
             mounted: false,
         };
-        let device = run(Command::new("losetup")
-            .args(["--find", "--show"])
-            .arg(&fs.image))?;
+        let device = run_ok(
+            Command::new("losetup")
+                .args(["--find", "--show"])
+                .arg(&fs.image),
+        )?;
         fs.device = Some(device.trim().to_string());
-        run(Command::new("mount")
-            .args(["-t", "ext4"])
-            .arg(device.trim())
-            .arg(&fs.mountpoint))?;
+        run_ok(
+            Command::new("mount")
+                .args(["-t", "ext4"])
+                .arg(device.trim())
+                .arg(&fs.mountpoint),
+        )?;
         fs.mounted = true;
         Ok(fs)
     }
@@ -122,12 +102,20 @@ impl Drop for LoopFs {
             .arg(&self.mountpoint)
             .stderr(Stdio::null())
             .status();
+        // A filesystem just thawed (or a daemon just gone) can be busy for a moment:
+        // retry for 5 s before a lazy unmount.
         if self.mounted {
-            let ok = Command::new("umount")
-                .arg(&self.mountpoint)
-                .status()
-                .map(|s| s.success());
-            if ok.ok() != Some(true) {
+            let unmounted = (0..50).any(|attempt| {
+                if attempt > 0 {
+                    thread::sleep(Duration::from_millis(100));
+                }
+                Command::new("umount")
+                    .arg(&self.mountpoint)
+                    .stderr(Stdio::null())
+                    .status()
+                    .is_ok_and(|s| s.success())
+            });
+            if !unmounted {
                 let _ = Command::new("umount")
                     .arg("-l")
                     .arg(&self.mountpoint)
@@ -142,8 +130,9 @@ impl Drop for LoopFs {
 
 /// A process appending to a file on the filesystem every ~2 ms, recording when each
 /// write returned, so the test can see exactly when writes were blocked.
+#[derive(Debug)]
 pub struct Writer {
-    child: Child,
+    _child: ChildGuard,
     stamps: Arc<Mutex<Vec<Instant>>>,
 }
 
@@ -176,7 +165,10 @@ impl Writer {
                 sink.lock().unwrap().push(Instant::now());
             }
         });
-        let writer = Writer { child, stamps };
+        let writer = Writer {
+            _child: ChildGuard::new(child),
+            stamps,
+        };
         writer.wait_for_writes(10, Duration::from_secs(10))?;
         Ok(writer)
     }
@@ -204,13 +196,6 @@ impl Writer {
     }
 }
 
-impl Drop for Writer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// The gaps between consecutive write completions, longest first, with when they began.
 pub fn gaps(stamps: &[Instant]) -> Vec<(Duration, Instant)> {
     let mut gaps: Vec<_> = stamps.windows(2).map(|w| (w[1] - w[0], w[0])).collect();
@@ -219,18 +204,20 @@ pub fn gaps(stamps: &[Instant]) -> Vec<(Duration, Instant)> {
 }
 
 /// The quiesce-probe driver (tests/src/bin/quiesce-probe.rs) in a child process.
+#[derive(Debug)]
 pub struct Probe {
-    child: Child,
+    child: ChildGuard,
     stdin: Option<ChildStdin>,
     stdout: BufReader<ChildStdout>,
 }
 
 impl Probe {
-    /// Starts it with `spec` (the watchdog is the tidemark binary) and returns it with its
-    /// first line: `{"quiesced": ..}` or `{"error": ..}`.
-    pub fn start(mut spec: Value) -> Result<(Self, Value)> {
+    /// Starts the driver at `exe` (a test's `env!("CARGO_BIN_EXE_quiesce-probe")`) with
+    /// `spec` (the watchdog is the tidemark binary) and returns it with its first line:
+    /// `{"quiesced": ..}` or `{"error": ..}`.
+    pub fn start(exe: &str, mut spec: Value) -> Result<(Self, Value)> {
         spec["watchdog_exe"] = json!(tidemark_bin());
-        let mut child = Command::new(env!("CARGO_BIN_EXE_quiesce-probe"))
+        let mut child = Command::new(exe)
             .arg(spec.to_string())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -239,7 +226,7 @@ impl Probe {
         let stdin = child.stdin.take();
         let stdout = BufReader::new(child.stdout.take().context("probe stdout")?);
         let mut probe = Probe {
-            child,
+            child: ChildGuard::new(child),
             stdin,
             stdout,
         };
@@ -270,13 +257,6 @@ impl Probe {
         self.child.kill()?;
         self.child.wait()?;
         Ok(())
-    }
-}
-
-impl Drop for Probe {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
