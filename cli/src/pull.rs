@@ -33,6 +33,8 @@ use serde::Serialize;
 use tidemark_formats::delta::{CheckpointRef, DeltaHeader};
 use uuid::Uuid;
 
+pub use tidemark_daemon::export::{describe_origin, parse_origin};
+
 use self::plan::{Plan, Run};
 use self::source::Connection;
 use self::transfer::Shape;
@@ -134,31 +136,6 @@ impl Targets {
             created_unix,
         }
     }
-}
-
-/// An NBD description that also says which volume a tidemark export is of:
-/// `PREFIX (volume uuid UUID, granularity BYTES)`. [`parse_origin`] reads it back.
-pub fn describe_origin(prefix: &str, uuid: Uuid, granularity: u32) -> String {
-    format!("{prefix} (volume uuid {uuid}, granularity {granularity})")
-}
-
-/// The volume uuid and granularity a tidemark export's description names, if it does.
-/// Anything else (another server's description, a malformed one) is `None`.
-pub fn parse_origin(description: &str) -> Option<(Uuid, u32)> {
-    if !description.starts_with("tidemark ") {
-        return None;
-    }
-    let at = description.rfind("(volume uuid ")?;
-    let inner = description[at..]
-        .strip_prefix("(volume uuid ")?
-        .strip_suffix(')')?;
-    let (uuid, granularity) = inner.split_once(", granularity ")?;
-    let uuid = Uuid::parse_str(uuid).ok().filter(|u| !u.is_nil())?;
-    let granularity = granularity
-        .parse::<u32>()
-        .ok()
-        .filter(|g| g.is_power_of_two() && (4096..=1 << 20).contains(g))?;
-    Some((uuid, granularity))
 }
 
 /// The targets with the volume uuid and granularity a delta header needs: given, or read
