@@ -15,7 +15,7 @@
 //!
 //! A delta file records its volume's uuid, so it is never applied to another volume: a
 //! tidemark backup export names the uuid (and granularity) in its NBD description
-//! ([`describe_origin`]); from any other export a delta needs `--volume-uuid`, and a pull
+//! ([`tidemark_daemon::export::describe_origin`]); from any other export a delta needs `--volume-uuid`, and a pull
 //! without one is refused before anything is written, never recorded as the nil uuid.
 
 pub mod plan;
@@ -33,7 +33,7 @@ use serde::Serialize;
 use tidemark_formats::delta::{CheckpointRef, DeltaHeader};
 use uuid::Uuid;
 
-pub use tidemark_daemon::export::{describe_origin, parse_origin};
+use tidemark_daemon::export::parse_origin;
 
 use self::plan::{Plan, Run};
 use self::source::Connection;
@@ -411,6 +411,7 @@ async fn pull_async(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tidemark_daemon::export::describe_origin;
 
     #[test]
     fn missing_bitmap_error_says_what_to_do() {
