@@ -382,7 +382,9 @@ pub(crate) fn begin(
                 &id,
                 &format!("starting the push worker failed: {err}"),
             );
-            return Err(CommandError::failed(format!("starting the push worker failed: {err}")));
+            return Err(CommandError::failed(format!(
+                "starting the push worker failed: {err}"
+            )));
         }
     }
     Ok(report)
@@ -427,10 +429,10 @@ fn check_push_target(daemon: &Daemon, target: &std::path::Path) -> Result<(), Co
     let partial = crate::push::partial_path(target);
     if partial.exists() {
         return Err(CommandError::conflict(format!(
-                "{} exists: an earlier push to {} did not finish (the daemon stopped), or \
+            "{} exists: an earlier push to {} did not finish (the daemon stopped), or \
                  the file is not tidemark's; remove it or choose another target",
-                partial.display(),
-                target.display()
+            partial.display(),
+            target.display()
         )));
     }
     let volumes: Vec<Arc<VolumeHandle>> = daemon.registry().volumes.values().cloned().collect();
@@ -658,3 +660,6 @@ pub(crate) fn monitor(daemon: &Daemon) {
         fail_if_snapshot_failed(daemon, &id);
     }
 }
+
+#[cfg(test)]
+mod tests;

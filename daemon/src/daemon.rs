@@ -458,7 +458,9 @@ impl Daemon {
                 // A status query holds it for a moment; put it back so the registry and
                 // the disk never disagree.
                 self.put_back_shared(volume);
-                return Err(CommandError::conflict(format!("volume {name:?} is busy; retry")));
+                return Err(CommandError::conflict(format!(
+                    "volume {name:?} is busy; retry"
+                )));
             }
         }
         tracing::info!(volume = %name, "volume removed");

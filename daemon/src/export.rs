@@ -51,7 +51,6 @@ fn snapshot_error(err: &SnapshotError) -> ExportError {
     ExportError::new(errno, crate::error_chain(err))
 }
 
-
 /// An NBD description that also says which volume a tidemark export is of:
 /// `PREFIX (volume uuid UUID, granularity BYTES)`. [`parse_origin`] reads it back.
 pub fn describe_origin(prefix: &str, uuid: Uuid, granularity: u32) -> String {
@@ -258,7 +257,9 @@ impl Export for SnapshotExport {
     }
 
     fn read(&self, offset: u64, buf: &mut [u8]) -> ExportResult<()> {
-        self.snapshot.read(offset, buf).map_err(|e| snapshot_error(&e))
+        self.snapshot
+            .read(offset, buf)
+            .map_err(|e| snapshot_error(&e))
     }
 
     fn write(&self, _offset: u64, _data: &[u8], _fua: bool) -> ExportResult<()> {
@@ -273,7 +274,9 @@ impl Export for SnapshotExport {
     }
 
     fn trim(&self, offset: u64, len: u64, _fua: bool) -> ExportResult<()> {
-        self.snapshot.release(offset, len).map_err(|e| snapshot_error(&e))
+        self.snapshot
+            .release(offset, len)
+            .map_err(|e| snapshot_error(&e))
     }
 
     fn write_zeroes(&self, _offset: u64, _len: u64, _flags: ZeroFlags) -> ExportResult<()> {

@@ -161,9 +161,7 @@ fn run_inner(command: Command) -> anyhow::Result<ExitCode> {
                 },
                 (None, None) => anyhow::bail!("name the backup's volume or pass --id"),
             };
-            let ended = client
-                .connect()?
-                .execute(&Request::BackupEnd(arguments))?;
+            let ended = client.connect()?.execute(&Request::BackupEnd(arguments))?;
             if client.json {
                 ui::print_json(&ended)?;
             } else {
@@ -288,9 +286,14 @@ pub fn print_backup(backup: &Value) {
 fn begin(args: BeginArgs) -> anyhow::Result<ExitCode> {
     let absolute = |path: &PathBuf| std::path::absolute(path).unwrap_or_else(|_| path.clone());
     let push = match &args.push {
-        Some(push) => Some(absolute(push).into_os_string().into_string().map_err(|path| {
-            anyhow::anyhow!("--push {}: the path is not UTF-8", path.to_string_lossy())
-        })?),
+        Some(push) => Some(
+            absolute(push)
+                .into_os_string()
+                .into_string()
+                .map_err(|path| {
+                    anyhow::anyhow!("--push {}: the path is not UTF-8", path.to_string_lossy())
+                })?,
+        ),
         None => None,
     };
     let quiesce_timeout_ms = match args.quiesce_timeout {

@@ -66,12 +66,13 @@ fn run_inner(command: Command) -> anyhow::Result<ExitCode> {
             name,
             client,
         } => {
-            let created = client
-                .connect()?
-                .execute(&Request::CheckpointCreate(CheckpointArgs {
-                    volume: volume.clone(),
-                    name: name.clone(),
-                }))?;
+            let created =
+                client
+                    .connect()?
+                    .execute(&Request::CheckpointCreate(CheckpointArgs {
+                        volume: volume.clone(),
+                        name: name.clone(),
+                    }))?;
             if client.json {
                 ui::print_json(&created)?;
             } else {
@@ -95,12 +96,13 @@ fn run_inner(command: Command) -> anyhow::Result<ExitCode> {
             name,
             client,
         } => {
-            let deleted = client
-                .connect()?
-                .execute(&Request::CheckpointDelete(CheckpointArgs {
-                    volume: volume.clone(),
-                    name: name.clone(),
-                }))?;
+            let deleted =
+                client
+                    .connect()?
+                    .execute(&Request::CheckpointDelete(CheckpointArgs {
+                        volume: volume.clone(),
+                        name: name.clone(),
+                    }))?;
             if client.json {
                 ui::print_json(&deleted)?;
             } else {

@@ -138,7 +138,9 @@ fn run_inner(command: Command) -> anyhow::Result<ExitCode> {
         Command::Remove { name, client } => {
             let removed = client
                 .connect()?
-                .execute(&Request::VolumeRemove(VolumeNameArgs { name: name.clone() }))?;
+                .execute(&Request::VolumeRemove(VolumeNameArgs {
+                    name: name.clone(),
+                }))?;
             if client.json {
                 ui::print_json(&removed)?;
             } else {

@@ -197,9 +197,15 @@ fn unknown_missing_and_ill_typed_arguments_are_refused_by_name() {
             json!({"execute": "backup-begin", "arguments": {"volumes": ["v"], "incrmental": "c"}}),
             "incrmental",
         ),
-        (json!({"execute": "volume-list", "arguments": {"all": true}}), "all"),
+        (
+            json!({"execute": "volume-list", "arguments": {"all": true}}),
+            "all",
+        ),
         (json!({"execute": "volume-info"}), "name"),
-        (json!({"execute": "volume-info", "arguments": {"name": 5}}), "name"),
+        (
+            json!({"execute": "volume-info", "arguments": {"name": 5}}),
+            "name",
+        ),
         (
             json!({"execute": "volume-create", "arguments": {"name": "v", "backing": "/b", "size": -1}}),
             "size",
@@ -221,8 +227,10 @@ fn unknown_missing_and_ill_typed_arguments_are_refused_by_name() {
 
 #[test]
 fn null_reads_as_an_absent_optional_argument() {
-    let begin = command(json!({"execute": "backup-begin", "arguments": {"volumes": ["v"],
-        "lease": null, "freeze": null, "hooks": null, "checkpoint": null}}))
+    let begin = command(
+        json!({"execute": "backup-begin", "arguments": {"volumes": ["v"],
+        "lease": null, "freeze": null, "hooks": null, "checkpoint": null}}),
+    )
     .unwrap();
     assert_eq!(
         begin,
