@@ -73,9 +73,9 @@ pub enum DaemonError {
     ListVolumes {
         /// The state dir.
         state_dir: PathBuf,
-        /// Why listing failed.
+        /// Why listing failed (boxed: the engine's error is large).
         #[source]
-        source: VolumeError,
+        source: Box<VolumeError>,
     },
     /// The backup counter file holds something else than a number.
     #[error(

@@ -105,7 +105,7 @@ impl VolumeHandle {
     pub fn open_all(state_dir: &Path) -> Result<Vec<VolumeHandle>, DaemonError> {
         let names = Volume::list(state_dir).map_err(|source| DaemonError::ListVolumes {
             state_dir: state_dir.to_path_buf(),
-            source,
+            source: Box::new(source),
         })?;
         let mut volumes = Vec::new();
         for name in names {
