@@ -9,7 +9,6 @@ use clap::{Parser, Subcommand};
 mod bench;
 mod cmd;
 mod control;
-mod daemon;
 mod pull;
 mod ui;
 

@@ -15,7 +15,7 @@
 //!
 //! A delta file records its volume's uuid, so it is never applied to another volume: a
 //! tidemark backup export names the uuid (and granularity) in its NBD description
-//! ([`describe_origin`]); from any other export a delta needs `--volume-uuid`, and a pull
+//! ([`tidemark_daemon::export::describe_origin`]); from any other export a delta needs `--volume-uuid`, and a pull
 //! without one is refused before anything is written, never recorded as the nil uuid.
 
 pub mod plan;
@@ -32,6 +32,8 @@ use anyhow::Context;
 use serde::Serialize;
 use tidemark_formats::delta::{CheckpointRef, DeltaHeader};
 use uuid::Uuid;
+
+use tidemark_daemon::export::parse_origin;
 
 use self::plan::{Plan, Run};
 use self::source::Connection;
@@ -134,31 +136,6 @@ impl Targets {
             created_unix,
         }
     }
-}
-
-/// An NBD description that also says which volume a tidemark export is of:
-/// `PREFIX (volume uuid UUID, granularity BYTES)`. [`parse_origin`] reads it back.
-pub fn describe_origin(prefix: &str, uuid: Uuid, granularity: u32) -> String {
-    format!("{prefix} (volume uuid {uuid}, granularity {granularity})")
-}
-
-/// The volume uuid and granularity a tidemark export's description names, if it does.
-/// Anything else (another server's description, a malformed one) is `None`.
-pub fn parse_origin(description: &str) -> Option<(Uuid, u32)> {
-    if !description.starts_with("tidemark ") {
-        return None;
-    }
-    let at = description.rfind("(volume uuid ")?;
-    let inner = description[at..]
-        .strip_prefix("(volume uuid ")?
-        .strip_suffix(')')?;
-    let (uuid, granularity) = inner.split_once(", granularity ")?;
-    let uuid = Uuid::parse_str(uuid).ok().filter(|u| !u.is_nil())?;
-    let granularity = granularity
-        .parse::<u32>()
-        .ok()
-        .filter(|g| g.is_power_of_two() && (4096..=1 << 20).contains(g))?;
-    Some((uuid, granularity))
 }
 
 /// The targets with the volume uuid and granularity a delta header needs: given, or read
@@ -434,6 +411,7 @@ async fn pull_async(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tidemark_daemon::export::describe_origin;
 
     #[test]
     fn missing_bitmap_error_says_what_to_do() {

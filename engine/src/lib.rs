@@ -6,7 +6,6 @@
 
 pub mod checkpoint;
 pub mod copy;
-pub mod export;
 pub mod io;
 pub mod quiesce;
 pub mod snapshot;

@@ -6,9 +6,13 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use anyhow::Context;
-use serde_json::{json, Value};
+use serde_json::Value;
+use tidemark_daemon::client::Client;
+use tidemark_daemon::protocol::{
+    BackupBeginArgs, BackupEndArgs, Command as Request, Event, NoArguments, PushFormat,
+};
 
-use crate::control::{self, Client, ClientArgs, Event};
+use crate::control::{self, ClientArgs};
 use crate::ui;
 
 /// Begin, end and inspect backup jobs (the daemon must run: `tidemark serve`).
@@ -147,11 +151,17 @@ fn run_inner(command: Command) -> anyhow::Result<ExitCode> {
         Command::Begin(args) => begin(*args),
         Command::End { volume, id, client } => {
             let arguments = match (volume, id) {
-                (_, Some(id)) => json!({"id": id}),
-                (Some(volume), None) => json!({"volume": volume}),
+                (_, Some(id)) => BackupEndArgs {
+                    id: Some(id),
+                    volume: None,
+                },
+                (Some(volume), None) => BackupEndArgs {
+                    volume: Some(volume),
+                    id: None,
+                },
                 (None, None) => anyhow::bail!("name the backup's volume or pass --id"),
             };
-            let ended = client.connect()?.execute("backup-end", arguments)?;
+            let ended = client.connect()?.execute(&Request::BackupEnd(arguments))?;
             if client.json {
                 ui::print_json(&ended)?;
             } else {
@@ -160,7 +170,9 @@ fn run_inner(command: Command) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Status { client } => {
-            let status = client.connect()?.execute("backup-status", Value::Null)?;
+            let status = client
+                .connect()?
+                .execute(&Request::BackupStatus(NoArguments {}))?;
             if client.json {
                 ui::print_json(&status)?;
                 return Ok(ExitCode::SUCCESS);
@@ -272,57 +284,49 @@ pub fn print_backup(backup: &Value) {
 }
 
 fn begin(args: BeginArgs) -> anyhow::Result<ExitCode> {
-    let mut arguments = json!({
-        "volumes": args.volumes,
-        "export_name": args.export_name,
-        "lease": args.hold,
-    });
-    if let Some(checkpoint) = &args.checkpoint {
-        arguments["checkpoint"] = json!(checkpoint);
-    }
-    if let Some(incremental) = &args.incremental {
-        arguments["incremental"] = json!(incremental);
-    }
-    if let Some(push) = &args.push {
-        let target = std::path::absolute(push).unwrap_or_else(|_| push.clone());
-        arguments["push"] = json!(target);
-    }
-    if let Some(format) = &args.push_format {
-        arguments["push_format"] = json!(format);
-    }
-    if let Some(limit) = args.cow_limit {
-        arguments["cow_limit"] = json!(limit);
-    }
-    if !args.freeze.is_empty() {
-        let mountpoints: Vec<PathBuf> = args
-            .freeze
-            .iter()
-            .map(|m| std::path::absolute(m).unwrap_or_else(|_| m.clone()))
-            .collect();
-        arguments["freeze"] = json!(mountpoints);
-    }
-    if args.no_hooks || !args.hooks.is_empty() {
-        let dirs: Vec<PathBuf> = args
-            .hooks
-            .iter()
-            .map(|d| std::path::absolute(d).unwrap_or_else(|_| d.clone()))
-            .collect();
-        arguments["hooks"] = json!(dirs);
-    }
-    if let Some(agent) = &args.guest_agent {
-        arguments["guest_agent"] =
-            json!(std::path::absolute(agent).unwrap_or_else(|_| agent.clone()));
-    }
-    if let Some(seconds) = args.quiesce_timeout {
-        anyhow::ensure!(
-            seconds.is_finite() && seconds > 0.0 && seconds <= 3600.0,
-            "--quiesce-timeout must be between 0 and 3600 seconds"
-        );
-        arguments["quiesce_timeout_ms"] = json!((seconds * 1000.0).ceil() as u64);
-    }
+    let absolute = |path: &PathBuf| std::path::absolute(path).unwrap_or_else(|_| path.clone());
+    let push = match &args.push {
+        Some(push) => Some(
+            absolute(push)
+                .into_os_string()
+                .into_string()
+                .map_err(|path| {
+                    anyhow::anyhow!("--push {}: the path is not UTF-8", path.to_string_lossy())
+                })?,
+        ),
+        None => None,
+    };
+    let quiesce_timeout_ms = match args.quiesce_timeout {
+        Some(seconds) => {
+            anyhow::ensure!(
+                seconds.is_finite() && seconds > 0.0 && seconds <= 3600.0,
+                "--quiesce-timeout must be between 0 and 3600 seconds"
+            );
+            Some((seconds * 1000.0).ceil() as u64)
+        }
+        None => None,
+    };
+    let arguments = BackupBeginArgs {
+        volumes: args.volumes.clone(),
+        checkpoint: args.checkpoint.clone(),
+        incremental: args.incremental.clone(),
+        export_name: Some(args.export_name.clone()),
+        push,
+        push_format: args.push_format.as_deref().map(|format| match format {
+            "delta" => PushFormat::Delta,
+            _ => PushFormat::Image,
+        }),
+        cow_limit: args.cow_limit,
+        lease: args.hold,
+        freeze: args.freeze.iter().map(absolute).collect(),
+        hooks: (args.no_hooks || !args.hooks.is_empty())
+            .then(|| args.hooks.iter().map(absolute).collect()),
+        guest_agent: args.guest_agent.as_ref().map(absolute),
+        quiesce_timeout_ms,
+    };
 
     let mut client = args.client.connect()?;
-    let backup = client.execute("backup-begin", arguments)?;
+    let backup = client.execute(&Request::BackupBegin(arguments))?;
     let id = text(&backup["id"]);
     if args.hold {
         return hold(client, &backup, args.client.json);
@@ -356,7 +360,7 @@ fn wait_for_push(client: &mut Client, id: &str, json_output: bool) -> anyhow::Re
             }
             continue;
         }
-        let status = client.execute("backup-status", Value::Null)?;
+        let status = client.execute(&Request::BackupStatus(NoArguments {}))?;
         let running = status["running"]
             .as_array()
             .and_then(|l| l.iter().find(|b| b["id"].as_str() == Some(id)).cloned());
@@ -432,7 +436,10 @@ fn hold(mut client: Client, backup: &Value, json_output: bool) -> anyhow::Result
             }
         }
     }
-    client.execute("backup-end", json!({"id": id}))?;
+    client.execute(&Request::BackupEnd(BackupEndArgs {
+        id: Some(id.to_string()),
+        volume: None,
+    }))?;
     eprintln!("tidemark: stdin closed; backup {id} ended");
     Ok(ExitCode::SUCCESS)
 }

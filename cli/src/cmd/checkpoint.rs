@@ -2,7 +2,8 @@
 
 use std::process::ExitCode;
 
-use serde_json::{json, Value};
+use serde_json::Value;
+use tidemark_daemon::protocol::{CheckpointArgs, CheckpointListArgs, Command as Request};
 
 use crate::control::{self, ClientArgs};
 use crate::ui;
@@ -65,9 +66,13 @@ fn run_inner(command: Command) -> anyhow::Result<ExitCode> {
             name,
             client,
         } => {
-            let created = client
-                .connect()?
-                .execute("checkpoint-create", json!({"volume": volume, "name": name}))?;
+            let created =
+                client
+                    .connect()?
+                    .execute(&Request::CheckpointCreate(CheckpointArgs {
+                        volume: volume.clone(),
+                        name: name.clone(),
+                    }))?;
             if client.json {
                 ui::print_json(&created)?;
             } else {
@@ -77,7 +82,9 @@ fn run_inner(command: Command) -> anyhow::Result<ExitCode> {
         Command::List { volume, client } => {
             let list = client
                 .connect()?
-                .execute("checkpoint-list", json!({"volume": volume}))?;
+                .execute(&Request::CheckpointList(CheckpointListArgs {
+                    volume: volume.clone(),
+                }))?;
             if client.json {
                 ui::print_json(&list)?;
             } else {
@@ -89,9 +96,13 @@ fn run_inner(command: Command) -> anyhow::Result<ExitCode> {
             name,
             client,
         } => {
-            let deleted = client
-                .connect()?
-                .execute("checkpoint-delete", json!({"volume": volume, "name": name}))?;
+            let deleted =
+                client
+                    .connect()?
+                    .execute(&Request::CheckpointDelete(CheckpointArgs {
+                        volume: volume.clone(),
+                        name: name.clone(),
+                    }))?;
             if client.json {
                 ui::print_json(&deleted)?;
             } else {

@@ -28,9 +28,12 @@ use anyhow::{bail, Context};
 use rand::rngs::SmallRng;
 use rand::{Rng, RngCore, SeedableRng};
 use serde::Serialize;
-use serde_json::{json, Value};
+use serde_json::Value;
+use tidemark_daemon::client::Client as ControlClient;
+use tidemark_daemon::protocol::{
+    BackupBeginArgs, BackupEndArgs, Command as Request, VolumeCreateArgs,
+};
 
-use crate::control;
 use crate::pull::{self, human_bytes, Mode, PullRequest, Targets};
 use crate::ui;
 
@@ -198,10 +201,13 @@ fn demo(args: &Args) -> anyhow::Result<Report> {
     let mut control = daemon.connect()?;
     let volume = "demo";
     let created = control
-        .execute(
-            "volume-create",
-            json!({"name": volume, "backing": backing, "size": args.size, "granularity": args.granularity}),
-        )
+        .execute(&Request::VolumeCreate(VolumeCreateArgs {
+            name: volume.into(),
+            backing: backing.clone(),
+            size: Some(args.size),
+            granularity: Some(args.granularity),
+            tracking: None,
+        }))
         .context("creating the demo volume")?;
     let hooks = write_freeze_hook(&root)?;
     let live_uri = format!(
@@ -248,14 +254,16 @@ fn demo(args: &Args) -> anyhow::Result<Report> {
         }
         let checkpoint = format!("c{}", index + 1);
         let bitmap = (index > 0).then(|| format!("c{index}"));
-        let mut arguments =
-            json!({"volumes": [volume], "checkpoint": checkpoint, "hooks": [hooks]});
-        if let Some(bitmap) = &bitmap {
-            arguments["incremental"] = json!(bitmap);
-        }
+        let arguments = BackupBeginArgs {
+            volumes: vec![volume.into()],
+            checkpoint: Some(checkpoint.clone()),
+            incremental: bitmap.clone(),
+            hooks: Some(vec![hooks.clone()]),
+            ..BackupBeginArgs::default()
+        };
         truth.open();
         let begin_started = Instant::now();
-        let begun = control.execute("backup-begin", arguments);
+        let begun = control.execute(&Request::BackupBegin(arguments));
         let begin_ms = begin_started.elapsed().as_secs_f64() * 1e3;
         let point = truth.close();
         let begun = begun.with_context(|| format!("beginning backup {}", index + 1))?;
@@ -305,7 +313,10 @@ fn demo(args: &Args) -> anyhow::Result<Report> {
         let pulled = pull::pull(&request, &targets, false)
             .with_context(|| format!("pulling backup {}", index + 1));
         let written_during_pull = truth.written().0 - written_before;
-        let ended = control.execute("backup-end", json!({"volume": volume}));
+        let ended = control.execute(&Request::BackupEnd(BackupEndArgs {
+            volume: Some(volume.into()),
+            id: None,
+        }));
         let pulled = pulled?;
         ended.with_context(|| format!("ending backup {}", index + 1))?;
         chain.push(target.clone());
@@ -497,8 +508,8 @@ impl DaemonProcess {
         Ok(daemon)
     }
 
-    fn connect(&self) -> anyhow::Result<control::Client> {
-        control::Client::connect(&self.control_socket)
+    fn connect(&self) -> anyhow::Result<ControlClient> {
+        ControlClient::connect(&self.control_socket)
             .with_context(|| format!("connecting to the daemon: {}", self.log_tail()))
     }
 

@@ -3,6 +3,7 @@
 use std::process::ExitCode;
 
 use serde_json::Value;
+use tidemark_daemon::protocol::{Command as Request, NoArguments};
 
 use crate::control::{self, ClientArgs};
 use crate::ui;
@@ -32,7 +33,7 @@ fn run_inner(args: Args) -> anyhow::Result<ExitCode> {
     let status = args
         .client
         .connect()?
-        .execute("query-status", Value::Null)?;
+        .execute(&Request::QueryStatus(NoArguments {}))?;
     if args.client.json {
         ui::print_json(&status)?;
         return Ok(ExitCode::SUCCESS);

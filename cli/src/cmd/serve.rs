@@ -4,8 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use crate::control;
-use crate::daemon;
+use tidemark_daemon::Config;
 
 /// Run the daemon: own the volumes of a state dir, serve their live disks over NBD.
 ///
@@ -50,10 +49,10 @@ pub struct Args {
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let state_dir = match args.state_dir {
         Some(dir) => dir,
-        None => control::default_state_dir()?,
+        None => tidemark_daemon::default_state_dir()?,
     };
     let state_dir = std::path::absolute(&state_dir).unwrap_or(state_dir);
-    let config = daemon::Config {
+    let config = Config {
         nbd_socket: args.socket.unwrap_or_else(|| state_dir.join("nbd.sock")),
         control_socket: args
             .control
@@ -61,6 +60,6 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         listen: args.listen,
         state_dir,
     };
-    daemon::run(config)?;
+    tidemark_daemon::run(config)?;
     Ok(ExitCode::SUCCESS)
 }

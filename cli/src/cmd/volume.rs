@@ -3,7 +3,10 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use serde_json::{json, Value};
+use serde_json::Value;
+use tidemark_daemon::protocol::{
+    Command as Request, NoArguments, Tracking, VolumeCreateArgs, VolumeNameArgs,
+};
 
 use crate::control::{self, ClientArgs};
 use crate::ui;
@@ -92,17 +95,19 @@ fn run_inner(command: Command) -> anyhow::Result<ExitCode> {
             client,
         } => {
             let backing = std::path::absolute(&backing).unwrap_or(backing);
-            let mut arguments = json!({"name": name, "backing": backing});
-            if let Some(size) = size {
-                arguments["size"] = json!(size);
-            }
-            if let Some(granularity) = granularity {
-                arguments["granularity"] = json!(granularity);
-            }
-            if let Some(tracking) = tracking {
-                arguments["tracking"] = json!(tracking);
-            }
-            let volume = client.connect()?.execute("volume-create", arguments)?;
+            let arguments = VolumeCreateArgs {
+                name: name.clone(),
+                backing,
+                size,
+                granularity,
+                tracking: tracking.as_deref().map(|tracking| match tracking {
+                    "fast" => Tracking::Fast,
+                    _ => Tracking::Durable,
+                }),
+            };
+            let volume = client
+                .connect()?
+                .execute(&Request::VolumeCreate(arguments))?;
             if client.json {
                 ui::print_json(&volume)?;
             } else {
@@ -111,7 +116,9 @@ fn run_inner(command: Command) -> anyhow::Result<ExitCode> {
             }
         }
         Command::List { client } => {
-            let volumes = client.connect()?.execute("volume-list", Value::Null)?;
+            let volumes = client
+                .connect()?
+                .execute(&Request::VolumeList(NoArguments {}))?;
             if client.json {
                 ui::print_json(&volumes)?;
             } else {
@@ -121,7 +128,7 @@ fn run_inner(command: Command) -> anyhow::Result<ExitCode> {
         Command::Info { name, client } => {
             let volume = client
                 .connect()?
-                .execute("volume-info", json!({"name": name}))?;
+                .execute(&Request::VolumeInfo(VolumeNameArgs { name }))?;
             if client.json {
                 ui::print_json(&volume)?;
             } else {
@@ -131,7 +138,9 @@ fn run_inner(command: Command) -> anyhow::Result<ExitCode> {
         Command::Remove { name, client } => {
             let removed = client
                 .connect()?
-                .execute("volume-remove", json!({"name": name}))?;
+                .execute(&Request::VolumeRemove(VolumeNameArgs {
+                    name: name.clone(),
+                }))?;
             if client.json {
                 ui::print_json(&removed)?;
             } else {

@@ -5,10 +5,8 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use proptest::prelude::*;
-use tidemark_nbd::export::{Errno, Export, MetaContext, STATE_DIRTY};
 
 use super::*;
-use crate::export::{SnapshotExport, VolumeExport};
 use crate::status::SnapshotState;
 
 struct Fixture {
@@ -332,67 +330,13 @@ fn trimming_the_snapshot_releases_cow_space_and_later_copies() {
         .unwrap();
     vol.write(0, &[1; 131072], false).unwrap();
     assert_eq!(snap.status().cow_bytes_used, 131072);
-    let export = SnapshotExport::new(snap.clone());
-    export.trim(0, 1 << 20, false).unwrap();
+    snap.release(0, 1 << 20).unwrap();
     snap.wait_idle();
     assert_eq!(snap.status().cow_bytes_used, 0);
     let copies = snap.copies();
     vol.write(65536 * 5, &[1; 4096], false).unwrap();
     snap.wait_idle();
     assert_eq!(snap.copies(), copies, "released chunks need no copy");
-}
-
-#[test]
-fn exports_serve_data_bitmaps_and_refuse_writes_to_snapshots() {
-    let fx = Fixture::new();
-    let vol = Arc::new(fx.volume("v", 1 << 20, small(65536)));
-    let live = VolumeExport::new(vol.clone());
-    assert!(!live.capabilities().read_only && live.capabilities().multi_conn);
-    live.write(0, &[1; 512], false).unwrap();
-    vol.checkpoint_create("c").unwrap();
-    live.write(65536 * 2, &[1; 512], true).unwrap();
-    assert_eq!(live.dirty_bitmaps(), vec!["c".to_string()]);
-    let ext = live
-        .block_status(&MetaContext::DirtyBitmap("c".into()), 0, 1 << 20)
-        .unwrap();
-    assert_eq!(ext[0].length, 65536 * 2);
-    assert_eq!(ext[1].flags, STATE_DIRTY);
-    let (snap, _) = vol
-        .snapshot(SnapshotSpec {
-            name: "s".into(),
-            since: Some("c".into()),
-            ..SnapshotSpec::default()
-        })
-        .unwrap();
-    let export = SnapshotExport::new(snap);
-    assert!(export.capabilities().read_only);
-    assert_eq!(export.write(0, &[0], false).unwrap_err().errno, Errno::Perm);
-    assert_eq!(export.dirty_bitmaps(), vec!["c".to_string()]);
-    let ext = export
-        .block_status(&MetaContext::DirtyBitmap("c".into()), 0, 1 << 20)
-        .unwrap();
-    assert_eq!(ext.iter().map(|e| e.length).sum::<u64>(), 1 << 20);
-    assert_eq!(
-        export
-            .block_status(&MetaContext::DirtyBitmap("x".into()), 0, 10)
-            .unwrap_err()
-            .errno,
-        Errno::Inval
-    );
-    // The image is sparse: the snapshot reports holes where nothing was ever written,
-    // also after the live volume fills them.
-    live.write(65536 * 8, &[5; 65536], false).unwrap();
-    let alloc = export
-        .block_status(&MetaContext::BaseAllocation, 65536 * 4, 65536 * 8)
-        .unwrap();
-    assert!(alloc.iter().all(|e| e.flags != 0), "{alloc:?}");
-    let mut buf = vec![1u8; 65536];
-    export.read(65536 * 8, &mut buf).unwrap();
-    assert!(buf.iter().all(|&b| b == 0));
-    assert_eq!(
-        live.read(u64::MAX - 1, &mut [0; 4]).unwrap_err().errno,
-        Errno::Inval
-    );
 }
 
 #[test]

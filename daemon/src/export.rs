@@ -9,6 +9,9 @@
 //!   client is done with; `base:allocation` reports holes of the volume that no write has
 //!   filled since the snapshot; the dirty bitmap frozen with the snapshot is offered as
 //!   `qemu:dirty-bitmap:<name>`.
+//!
+//! A backup's snapshot export says which volume it is of in its NBD description
+//! ([`describe_origin`]), which `tidemark pull --delta` reads back ([`parse_origin`]).
 
 use std::sync::Arc;
 
@@ -17,40 +20,60 @@ use tidemark_nbd::export::{
     STATE_DIRTY, STATE_HOLE, STATE_ZERO,
 };
 
-use crate::checkpoint::CheckpointError;
-use crate::snapshot::{Snapshot, SnapshotError};
-use crate::tracking::DirtyBitmap;
-use crate::volume::{Volume, VolumeError};
+use tidemark_engine::checkpoint::CheckpointError;
+use tidemark_engine::snapshot::{Snapshot, SnapshotError};
+use tidemark_engine::tracking::DirtyBitmap;
+use tidemark_engine::volume::{Volume, VolumeError};
+use uuid::Uuid;
 
-impl From<VolumeError> for ExportError {
-    fn from(err: VolumeError) -> Self {
-        let errno = match &err {
-            VolumeError::OutOfRange { .. } => Errno::Inval,
-            VolumeError::Closed(_) => Errno::Shutdown,
-            VolumeError::Checkpoint(CheckpointError::NotFound { .. }) => Errno::Inval,
-            VolumeError::Snapshot(e) => return snapshot_error(e),
-            e => match e.io_error().and_then(|io| io.raw_os_error()) {
-                Some(libc::ENOSPC) | Some(libc::EDQUOT) => Errno::NoSpc,
-                _ => Errno::Io,
-            },
-        };
-        ExportError::new(errno, err.to_string())
-    }
+/// The NBD error of a volume failure: its errno, and the message with its causes.
+fn volume_error(err: VolumeError) -> ExportError {
+    let errno = match &err {
+        VolumeError::OutOfRange { .. } => Errno::Inval,
+        VolumeError::Closed(_) => Errno::Shutdown,
+        VolumeError::Checkpoint(CheckpointError::NotFound { .. }) => Errno::Inval,
+        VolumeError::Snapshot(e) => return snapshot_error(e),
+        e => match e.io_error().and_then(|io| io.raw_os_error()) {
+            Some(libc::ENOSPC) | Some(libc::EDQUOT) => Errno::NoSpc,
+            _ => Errno::Io,
+        },
+    };
+    ExportError::new(errno, crate::error_chain(&err))
 }
 
+/// The NBD error of a snapshot failure.
 fn snapshot_error(err: &SnapshotError) -> ExportError {
     let errno = match err {
         SnapshotError::OutOfRange { .. } => Errno::Inval,
         SnapshotError::Dropped { .. } => Errno::Shutdown,
         _ => Errno::Io,
     };
-    ExportError::new(errno, err.to_string())
+    ExportError::new(errno, crate::error_chain(err))
 }
 
-impl From<SnapshotError> for ExportError {
-    fn from(err: SnapshotError) -> Self {
-        snapshot_error(&err)
+/// An NBD description that also says which volume a tidemark export is of:
+/// `PREFIX (volume uuid UUID, granularity BYTES)`. [`parse_origin`] reads it back.
+pub fn describe_origin(prefix: &str, uuid: Uuid, granularity: u32) -> String {
+    format!("{prefix} (volume uuid {uuid}, granularity {granularity})")
+}
+
+/// The volume uuid and granularity a tidemark export's description names, if it does.
+/// Anything else (another server's description, a malformed one) is `None`.
+pub fn parse_origin(description: &str) -> Option<(Uuid, u32)> {
+    if !description.starts_with("tidemark ") {
+        return None;
     }
+    let at = description.rfind("(volume uuid ")?;
+    let inner = description[at..]
+        .strip_prefix("(volume uuid ")?
+        .strip_suffix(')')?;
+    let (uuid, granularity) = inner.split_once(", granularity ")?;
+    let uuid = Uuid::parse_str(uuid).ok().filter(|u| !u.is_nil())?;
+    let granularity = granularity
+        .parse::<u32>()
+        .ok()
+        .filter(|g| g.is_power_of_two() && (4096..=1 << 20).contains(g))?;
+    Some((uuid, granularity))
 }
 
 /// Extents of a dirty bitmap for BLOCK_STATUS.
@@ -132,19 +155,19 @@ impl Export for VolumeExport {
     }
 
     fn read(&self, offset: u64, buf: &mut [u8]) -> ExportResult<()> {
-        Ok(self.volume.read(offset, buf)?)
+        self.volume.read(offset, buf).map_err(volume_error)
     }
 
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> ExportResult<()> {
-        Ok(self.volume.write(offset, data, fua)?)
+        self.volume.write(offset, data, fua).map_err(volume_error)
     }
 
     fn flush(&self) -> ExportResult<()> {
-        Ok(self.volume.flush()?)
+        self.volume.flush().map_err(volume_error)
     }
 
     fn trim(&self, offset: u64, len: u64, fua: bool) -> ExportResult<()> {
-        Ok(self.volume.trim(offset, len, fua)?)
+        self.volume.trim(offset, len, fua).map_err(volume_error)
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> ExportResult<()> {
@@ -154,9 +177,9 @@ impl Export for VolumeExport {
                 "fast zeroing is not offered",
             ));
         }
-        Ok(self
-            .volume
-            .write_zeroes(offset, len, !flags.no_hole, flags.fua)?)
+        self.volume
+            .write_zeroes(offset, len, !flags.no_hole, flags.fua)
+            .map_err(volume_error)
     }
 
     fn dirty_bitmaps(&self) -> Vec<String> {
@@ -182,7 +205,7 @@ impl Export for VolumeExport {
                 Ok(non_empty(allocation_extents(runs), len))
             }
             MetaContext::DirtyBitmap(name) => {
-                let bitmap = self.volume.dirty_bitmap(name)?;
+                let bitmap = self.volume.dirty_bitmap(name).map_err(volume_error)?;
                 Ok(non_empty(bitmap_extents(&bitmap, offset, len), len))
             }
         }
@@ -234,7 +257,9 @@ impl Export for SnapshotExport {
     }
 
     fn read(&self, offset: u64, buf: &mut [u8]) -> ExportResult<()> {
-        Ok(self.snapshot.read(offset, buf)?)
+        self.snapshot
+            .read(offset, buf)
+            .map_err(|e| snapshot_error(&e))
     }
 
     fn write(&self, _offset: u64, _data: &[u8], _fua: bool) -> ExportResult<()> {
@@ -249,7 +274,9 @@ impl Export for SnapshotExport {
     }
 
     fn trim(&self, offset: u64, len: u64, _fua: bool) -> ExportResult<()> {
-        Ok(self.snapshot.release(offset, len)?)
+        self.snapshot
+            .release(offset, len)
+            .map_err(|e| snapshot_error(&e))
     }
 
     fn write_zeroes(&self, _offset: u64, _len: u64, _flags: ZeroFlags) -> ExportResult<()> {
@@ -274,7 +301,11 @@ impl Export for SnapshotExport {
     ) -> ExportResult<Vec<Extent>> {
         match context {
             MetaContext::BaseAllocation => Ok(non_empty(
-                allocation_extents(self.snapshot.allocation(offset, len)?),
+                allocation_extents(
+                    self.snapshot
+                        .allocation(offset, len)
+                        .map_err(|e| snapshot_error(&e))?,
+                ),
                 len,
             )),
             MetaContext::DirtyBitmap(name) => match self.snapshot.dirty_bitmap() {
@@ -287,5 +318,87 @@ impl Export for SnapshotExport {
                 )),
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tidemark_engine::volume::{SnapshotSpec, VolumeOptions};
+    use tidemark_nbd::export::MetaContext;
+
+    /// A 1 MiB sparse volume tracked at 64 KiB.
+    fn volume(dir: &std::path::Path) -> Volume {
+        let image = dir.join("v.img");
+        std::fs::File::create(&image)
+            .unwrap()
+            .set_len(1 << 20)
+            .unwrap();
+        let options = VolumeOptions {
+            granularity: 65536,
+            ..VolumeOptions::default()
+        };
+        Volume::create(&dir.join("state"), "v", &image, options).unwrap()
+    }
+
+    #[test]
+    fn exports_serve_data_bitmaps_and_refuse_writes_to_snapshots() {
+        let dir = tempfile::tempdir().unwrap();
+        let vol = Arc::new(volume(dir.path()));
+        let live = VolumeExport::new(vol.clone());
+        assert!(!live.capabilities().read_only && live.capabilities().multi_conn);
+        live.write(0, &[1; 512], false).unwrap();
+        vol.checkpoint_create("c").unwrap();
+        live.write(65536 * 2, &[1; 512], true).unwrap();
+        assert_eq!(live.dirty_bitmaps(), vec!["c".to_string()]);
+        let ext = live
+            .block_status(&MetaContext::DirtyBitmap("c".into()), 0, 1 << 20)
+            .unwrap();
+        assert_eq!(ext[0].length, 65536 * 2);
+        assert_eq!(ext[1].flags, STATE_DIRTY);
+        let (snap, _) = vol
+            .snapshot(SnapshotSpec {
+                name: "s".into(),
+                since: Some("c".into()),
+                ..SnapshotSpec::default()
+            })
+            .unwrap();
+        let export = SnapshotExport::new(snap);
+        assert!(export.capabilities().read_only);
+        assert_eq!(export.write(0, &[0], false).unwrap_err().errno, Errno::Perm);
+        assert_eq!(export.dirty_bitmaps(), vec!["c".to_string()]);
+        let ext = export
+            .block_status(&MetaContext::DirtyBitmap("c".into()), 0, 1 << 20)
+            .unwrap();
+        assert_eq!(ext.iter().map(|e| e.length).sum::<u64>(), 1 << 20);
+        assert_eq!(
+            export
+                .block_status(&MetaContext::DirtyBitmap("x".into()), 0, 10)
+                .unwrap_err()
+                .errno,
+            Errno::Inval
+        );
+        // The image is sparse: the snapshot reports holes where nothing was ever written,
+        // also after the live volume fills them.
+        live.write(65536 * 8, &[5; 65536], false).unwrap();
+        let alloc = export
+            .block_status(&MetaContext::BaseAllocation, 65536 * 4, 65536 * 8)
+            .unwrap();
+        assert!(alloc.iter().all(|e| e.flags != 0), "{alloc:?}");
+        let mut buf = vec![1u8; 65536];
+        export.read(65536 * 8, &mut buf).unwrap();
+        assert!(buf.iter().all(|&b| b == 0));
+        assert_eq!(
+            live.read(u64::MAX - 1, &mut [0; 4]).unwrap_err().errno,
+            Errno::Inval
+        );
+    }
+
+    #[test]
+    fn origin_descriptions_round_trip() {
+        let uuid = Uuid::new_v4();
+        let text = describe_origin("tidemark snapshot b of volume v", uuid, 65536);
+        assert_eq!(parse_origin(&text), Some((uuid, 65536)));
+        assert_eq!(parse_origin("nbdkit file plugin"), None);
     }
 }

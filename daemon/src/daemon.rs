@@ -14,40 +14,112 @@
 //! (dropping their snapshots), stop the NBD server, close every volume cleanly (its
 //! bitmaps marked clean), remove the sockets.
 
-pub mod args;
-mod backup;
-pub mod control_server;
-mod engine;
-mod lock;
-mod push;
-
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::net::SocketAddr;
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use anyhow::Context;
 use serde_json::{json, Value};
+use tidemark_engine::volume::VolumeError;
+use tidemark_nbd::server::ServerError;
 use tokio::sync::{broadcast, watch};
 
-use crate::control::{CommandError, ErrorClass, Event, Request};
-use args::{check_name, Arguments};
-use backup::Backup;
-use control_server::{ConnectionId, Handler};
-use engine::{NbdServer, VolumeHandle};
+use crate::backup::{self, Backup};
+use crate::config::Config;
+use crate::lock::DaemonLock;
+use crate::protocol::{
+    BackupEndArgs, CheckpointArgs, Command, CommandError, Event, Tracking, VolumeCreateArgs,
+    PROTOCOL_VERSION,
+};
+use crate::server::{self, ConnectionId, Handler};
+use crate::volumes::{NbdServer, VolumeHandle};
 
-/// How the daemon was asked to run.
-#[derive(Debug, Clone)]
-pub struct Config {
-    /// The state dir: volumes, checkpoints, COW stores, sockets, the daemon lock.
-    pub state_dir: PathBuf,
-    /// The NBD Unix socket.
-    pub nbd_socket: PathBuf,
-    /// The control Unix socket.
-    pub control_socket: PathBuf,
-    /// Also serve NBD over TCP on this address.
-    pub listen: Option<SocketAddr>,
+/// Why the daemon could not start (or stop cleanly).
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// An I/O step of starting or stopping failed; `what` says which.
+    #[error("{what}")]
+    Io {
+        /// What was being done, with the path.
+        what: String,
+        /// Why it failed.
+        #[source]
+        source: io::Error,
+    },
+    /// The state dir exists and is not a directory.
+    #[error("the state dir {} is not a directory; choose another with --state-dir", .0.display())]
+    NotADirectory(PathBuf),
+    /// Another daemon owns the state dir.
+    #[error(
+        "another `tidemark serve` (pid {pid}) owns the state dir {}; stop it first or pass \
+         another --state-dir",
+        state_dir.display()
+    )]
+    Locked {
+        /// The pid the lock file records.
+        pid: String,
+        /// The state dir.
+        state_dir: PathBuf,
+    },
+    /// Something listens on a socket path already.
+    #[error("something already listens on {}; is another `tidemark serve` running?", .0.display())]
+    SocketInUse(PathBuf),
+    /// A socket path holds another kind of file.
+    #[error("{} exists and is not a socket; move it away or choose another path", .0.display())]
+    NotASocket(PathBuf),
+    /// The volumes of the state dir cannot be listed.
+    #[error("listing the volumes of {}", state_dir.display())]
+    ListVolumes {
+        /// The state dir.
+        state_dir: PathBuf,
+        /// Why listing failed (boxed: the engine's error is large).
+        #[source]
+        source: Box<VolumeError>,
+    },
+    /// The backup counter file holds something else than a number.
+    #[error(
+        "{} holds {text:?}, not a backup number; it is written atomically, so something else \
+         changed it: put back the highest backup-N number used so far (see the daemon's log) \
+         so backup ids stay unique",
+        path.display()
+    )]
+    BackupCounter {
+        /// The counter file.
+        path: PathBuf,
+        /// Its first characters.
+        text: String,
+        /// Why it is not a number.
+        #[source]
+        source: std::num::ParseIntError,
+    },
+    /// A volume could not be exported at start.
+    #[error("exporting volume {name:?}")]
+    Export {
+        /// The volume.
+        name: String,
+        /// Why the NBD server refused it.
+        #[source]
+        source: CommandError,
+    },
+    /// The NBD server could not listen.
+    #[error("starting the NBD server")]
+    Nbd(#[source] ServerError),
+    /// A blocking step of starting or stopping panicked.
+    #[error("{what}")]
+    Task {
+        /// What was being done.
+        what: &'static str,
+        /// The task's failure.
+        #[source]
+        source: tokio::task::JoinError,
+    },
+}
+
+/// `map_err` for an I/O step: `what` names it.
+fn io_step(what: impl Into<String>) -> impl FnOnce(io::Error) -> DaemonError {
+    let what = what.into();
+    move |source| DaemonError::Io { what, source }
 }
 
 /// The file in the state dir that holds the number of the last backup id handed out
@@ -55,37 +127,39 @@ pub struct Config {
 const BACKUP_COUNTER: &str = "backup-counter";
 
 /// The last backup number a daemon of `state_dir` used (0 when none ever did).
-fn load_backup_counter(state_dir: &Path) -> anyhow::Result<u64> {
+fn load_backup_counter(state_dir: &Path) -> Result<u64, DaemonError> {
     let path = state_dir.join(BACKUP_COUNTER);
     match std::fs::read_to_string(&path) {
-        Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(0),
-        Err(err) => Err(err).with_context(|| format!("reading {}", path.display())),
-        Ok(text) => text.trim().parse::<u64>().map_err(|err| {
-            anyhow::anyhow!(
-                "{} holds {:?}, not a backup number ({err}); it is written atomically, so \
-                 something else changed it: put back the highest backup-N number used so far \
-                 (see the daemon's log) so backup ids stay unique",
-                path.display(),
-                text.chars().take(40).collect::<String>()
-            )
-        }),
+        Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(0),
+        Err(err) => Err(io_step(format!("reading {}", path.display()))(err)),
+        Ok(text) => text
+            .trim()
+            .parse::<u64>()
+            .map_err(|source| DaemonError::BackupCounter {
+                text: text.chars().take(40).collect(),
+                path,
+                source,
+            }),
     }
 }
 
 /// Backups that ended are remembered (for `backup-status`) up to this many.
-const FINISHED_KEPT: usize = 32;
+pub(crate) const FINISHED_KEPT: usize = 32;
 
 /// How often running backups are checked for failed snapshots.
 const MONITOR_INTERVAL: Duration = Duration::from_millis(200);
 
-/// The daemon's shared state.
+/// The daemon's shared state: the volumes of one state dir, their exports, the backups.
+/// [`run`] serves it on sockets; tests drive it in process through [`Daemon::execute`].
 pub struct Daemon {
-    config: Config,
-    nbd: NbdServer,
+    pub(crate) config: Config,
+    pub(crate) nbd: NbdServer,
     events: broadcast::Sender<Event>,
     registry: Mutex<Registry>,
     /// The number of the last backup id handed out, as persisted in [`BACKUP_COUNTER`].
     backup_counter: Mutex<u64>,
+    /// Held for the daemon's life: one daemon per state dir.
+    _lock: DaemonLock,
 }
 
 impl std::fmt::Debug for Daemon {
@@ -97,49 +171,53 @@ impl std::fmt::Debug for Daemon {
 }
 
 #[derive(Default)]
-struct Registry {
-    volumes: BTreeMap<String, Arc<VolumeHandle>>,
+pub(crate) struct Registry {
+    pub(crate) volumes: BTreeMap<String, Arc<VolumeHandle>>,
     /// Running backups by id.
-    backups: BTreeMap<String, Backup>,
+    pub(crate) backups: BTreeMap<String, Backup>,
     /// Ended backups, newest last, as their final status.
-    finished: VecDeque<Value>,
+    pub(crate) finished: VecDeque<Value>,
     /// Volumes a `backup-begin` in progress has claimed.
-    reserved: BTreeSet<String>,
+    pub(crate) reserved: BTreeSet<String>,
     stopping: bool,
 }
 
-fn not_found(desc: String) -> CommandError {
-    CommandError::new(ErrorClass::NotFound, desc)
-}
-
-fn conflict(desc: String) -> CommandError {
-    CommandError::new(ErrorClass::Conflict, desc)
-}
-
-fn failed(desc: String) -> CommandError {
-    CommandError::new(ErrorClass::GenericError, desc)
-}
-
-/// Every command the daemon answers, for `query-commands`.
-const COMMANDS: &[&str] = &[
-    "qmp_capabilities",
-    "query-version",
-    "query-commands",
-    "query-status",
-    "volume-create",
-    "volume-list",
-    "volume-info",
-    "volume-remove",
-    "checkpoint-create",
-    "checkpoint-list",
-    "checkpoint-delete",
-    "backup-begin",
-    "backup-end",
-    "backup-status",
-];
-
 impl Daemon {
-    fn registry(&self) -> MutexGuard<'_, Registry> {
+    /// Take the state dir's lock, open its volumes and export each on a new NBD server
+    /// (which listens only once [`run`] serves it). The state dir must exist.
+    pub fn open(config: Config) -> Result<Arc<Daemon>, DaemonError> {
+        let lock = DaemonLock::acquire(&config.state_dir)?;
+        let volumes = VolumeHandle::open_all(&config.state_dir)?;
+        let backup_counter = load_backup_counter(&config.state_dir)?;
+        let nbd = NbdServer::new();
+        let mut registry = Registry::default();
+        for volume in volumes {
+            let name = volume.name().to_string();
+            nbd.add_export(&name, volume.live_export())
+                .map_err(|source| DaemonError::Export {
+                    name: name.clone(),
+                    source,
+                })?;
+            tracing::info!(volume = %name, "volume opened");
+            registry.volumes.insert(name, Arc::new(volume));
+        }
+        let (events, _) = broadcast::channel(1024);
+        Ok(Arc::new(Daemon {
+            config,
+            nbd,
+            events,
+            registry: Mutex::new(registry),
+            backup_counter: Mutex::new(backup_counter),
+            _lock: lock,
+        }))
+    }
+
+    /// Every event from now on (what control connections are sent).
+    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.events.subscribe()
+    }
+
+    pub(crate) fn registry(&self) -> MutexGuard<'_, Registry> {
         // A panic while holding the lock leaves bookkeeping that is still consistent
         // (every update is a single insert or remove), so keep serving.
         self.registry
@@ -150,7 +228,7 @@ impl Daemon {
     /// A backup id never handed out before by a daemon of this state dir: the counter is
     /// persisted (atomically, fsynced) before the id is used, so neither a restart nor a
     /// crash can hand it out again.
-    fn next_backup_id(&self) -> Result<String, CommandError> {
+    pub(crate) fn next_backup_id(&self) -> Result<String, CommandError> {
         let mut counter = self
             .backup_counter
             .lock()
@@ -158,9 +236,9 @@ impl Daemon {
         let next = *counter + 1;
         let path = self.config.state_dir.join(BACKUP_COUNTER);
         tidemark_formats::atomic_replace(&path, format!("{next}\n").as_bytes()).map_err(|err| {
-            failed(format!(
+            CommandError::failed(format!(
                 "backup not started: recording its id in {} failed: {err}; check that the \
-                     state dir is writable and not full",
+                 state dir is writable and not full",
                 path.display()
             ))
         })?;
@@ -175,7 +253,7 @@ impl Daemon {
     }
 
     /// The NBD URI of export `name` on the Unix socket (and TCP when listening).
-    fn uris(&self, name: &str) -> Value {
+    pub(crate) fn uris(&self, name: &str) -> Value {
         let mut uris = json!({
             "unix": format!("nbd+unix:///{name}?socket={}", self.config.nbd_socket.display())
         });
@@ -185,9 +263,9 @@ impl Daemon {
         uris
     }
 
-    fn volume(&self, name: &str) -> Result<Arc<VolumeHandle>, CommandError> {
+    pub(crate) fn volume(&self, name: &str) -> Result<Arc<VolumeHandle>, CommandError> {
         self.registry().volumes.get(name).cloned().ok_or_else(|| {
-            not_found(format!(
+            CommandError::not_found(format!(
                 "no volume named {name:?}; `tidemark volume list` shows the volumes, \
                  `tidemark volume create` adds one"
             ))
@@ -209,70 +287,57 @@ impl Daemon {
         report
     }
 
-    fn dispatch(
+    /// Run `command` for control connection `conn` (leases are tied to it). Blocking:
+    /// commands touch disks.
+    pub fn execute(
         self: &Arc<Self>,
         conn: ConnectionId,
-        request: &Request,
+        command: Command,
     ) -> Result<Value, CommandError> {
-        let name = request.execute.as_str();
-        let known: &[&str] = match name {
-            "qmp_capabilities" | "query-version" | "query-commands" | "query-status"
-            | "volume-list" | "backup-status" => &[],
-            "volume-create" => &["name", "backing", "size", "granularity", "tracking"],
-            "volume-info" => &["name"],
-            "volume-remove" => &["name"],
-            "checkpoint-create" | "checkpoint-delete" => &["volume", "name"],
-            "checkpoint-list" => &["volume"],
-            "backup-begin" => backup::BEGIN_ARGUMENTS,
-            "backup-end" => &["volume", "id"],
-            _ => {
-                return Err(CommandError::new(
-                    ErrorClass::CommandNotFound,
-                    format!(
-                        "unknown command {name:?}; `query-commands` lists them (docs/CONTROL.md)"
-                    ),
-                ))
-            }
-        };
-        let args = Arguments::new(name, &request.arguments, known)?;
-        if self.registry().stopping && name != "query-version" {
-            return Err(failed(
-                "the daemon is shutting down; retry once it runs again".into(),
+        if self.registry().stopping && !matches!(command, Command::QueryVersion(_)) {
+            return Err(CommandError::failed(
+                "the daemon is shutting down; retry once it runs again",
             ));
         }
-        match name {
-            "qmp_capabilities" => Ok(json!({})),
-            "query-version" => Ok(json!({
+        match command {
+            Command::QmpCapabilities(_) => Ok(json!({})),
+            Command::QueryVersion(_) => Ok(json!({
                 "version": env!("CARGO_PKG_VERSION"),
-                "protocol": crate::control::PROTOCOL_VERSION,
+                "protocol": PROTOCOL_VERSION,
             })),
-            "query-commands" => Ok(json!(COMMANDS)),
-            "query-status" => Ok(self.query_status()),
-            "volume-create" => self.volume_create(&args),
-            "volume-list" => Ok(self.volume_list()),
-            "volume-info" => {
-                let volume = self.volume(&args.string("name")?)?;
+            Command::QueryCommands(_) => Ok(json!(Command::NAMES)),
+            Command::QueryStatus(_) => Ok(self.query_status()),
+            Command::VolumeCreate(args) => self.volume_create(args),
+            Command::VolumeList(_) => Ok(self.volume_list()),
+            Command::VolumeInfo(args) => {
+                let volume = self.volume(&args.name)?;
                 Ok(self.volume_report(&volume))
             }
-            "volume-remove" => self.volume_remove(&args),
-            "checkpoint-create" => {
-                let volume = self.volume(&args.string("volume")?)?;
-                let checkpoint = args.string("name")?;
-                check_name("checkpoint", &checkpoint)?;
-                volume.checkpoint_create(&checkpoint)
+            Command::VolumeRemove(args) => self.volume_remove(args.name),
+            Command::CheckpointCreate(CheckpointArgs { volume, name }) => {
+                let volume = self.volume(&volume)?;
+                check_name("checkpoint", &name)?;
+                volume.checkpoint_create(&name)
             }
-            "checkpoint-list" => self.volume(&args.string("volume")?)?.checkpoint_list(),
-            "checkpoint-delete" => {
-                let volume = self.volume(&args.string("volume")?)?;
-                let checkpoint = args.string("name")?;
-                volume.checkpoint_delete(&checkpoint)?;
+            Command::CheckpointList(args) => self.volume(&args.volume)?.checkpoint_list(),
+            Command::CheckpointDelete(CheckpointArgs { volume, name }) => {
+                self.volume(&volume)?.checkpoint_delete(&name)?;
                 Ok(json!({}))
             }
-            "backup-begin" => backup::begin(self, conn, &args),
-            "backup-end" => backup::end(self, &args),
-            "backup-status" => Ok(backup::status(self)),
-            _ => unreachable!("every known command is dispatched"),
+            Command::BackupBegin(args) => backup::begin(self, conn, args),
+            Command::BackupEnd(BackupEndArgs { volume, id }) => backup::end(self, volume, id),
+            Command::BackupStatus(_) => Ok(backup::status(self)),
         }
+    }
+
+    /// Control connection `conn` closed: fail the backups it held a lease on.
+    pub fn connection_closed(&self, conn: ConnectionId) {
+        backup::connection_closed(self, conn);
+    }
+
+    /// Fail running backups whose snapshots failed (the daemon does this every 200 ms).
+    pub fn check_backups(&self) {
+        backup::monitor(self);
     }
 
     fn query_status(&self) -> Value {
@@ -293,34 +358,25 @@ impl Daemon {
         Value::Array(volumes.iter().map(|v| self.volume_report(v)).collect())
     }
 
-    fn volume_create(&self, args: &Arguments<'_>) -> Result<Value, CommandError> {
-        let name = args.string("name")?;
+    fn volume_create(&self, args: VolumeCreateArgs) -> Result<Value, CommandError> {
+        let VolumeCreateArgs {
+            name,
+            backing,
+            size,
+            granularity,
+            tracking,
+        } = args;
         check_name("volume", &name)?;
-        let backing = PathBuf::from(args.string("backing")?);
         if !backing.is_absolute() {
-            return Err(CommandError::new(
-                ErrorClass::InvalidParameter,
-                format!(
-                    "volume-create: backing {} must be an absolute path (the daemon's working \
-                     directory is not yours)",
-                    backing.display()
-                ),
-            ));
+            return Err(CommandError::invalid(format!(
+                "volume-create: backing {} must be an absolute path (the daemon's working \
+                 directory is not yours)",
+                backing.display()
+            )));
         }
-        let size = args.opt_u64("size")?;
-        let granularity = args.opt_u64("granularity")?;
-        let fast = match args.opt_string("tracking")?.as_deref() {
-            None | Some("durable") => false,
-            Some("fast") => true,
-            Some(other) => {
-                return Err(CommandError::new(
-                    ErrorClass::InvalidParameter,
-                    format!("volume-create: tracking {other:?} is not durable or fast"),
-                ))
-            }
-        };
+        let fast = tracking == Some(Tracking::Fast);
         if self.registry().volumes.contains_key(&name) {
-            return Err(conflict(format!(
+            return Err(CommandError::conflict(format!(
                 "a volume named {name:?} exists already; pick another name or `tidemark volume \
                  remove {name}` first"
             )));
@@ -329,7 +385,7 @@ impl Daemon {
             let volumes: Vec<Arc<VolumeHandle>> =
                 self.registry().volumes.values().cloned().collect();
             if let Some(other) = volumes.iter().find(|v| v.backing() == canonical) {
-                return Err(conflict(format!(
+                return Err(CommandError::conflict(format!(
                     "{} is already the backing of volume {:?}; two volumes on one disk would \
                      corrupt each other",
                     backing.display(),
@@ -350,7 +406,7 @@ impl Daemon {
             if registry.volumes.contains_key(&name) {
                 // The engine's per-volume directory makes a second create of one name
                 // fail, so this cannot happen; stay safe anyway.
-                return Err(conflict(format!(
+                return Err(CommandError::conflict(format!(
                     "a volume named {name:?} was just created"
                 )));
             }
@@ -363,8 +419,7 @@ impl Daemon {
         Ok(self.volume_report(&volume))
     }
 
-    fn volume_remove(&self, args: &Arguments<'_>) -> Result<Value, CommandError> {
-        let name = args.string("name")?;
+    fn volume_remove(&self, name: String) -> Result<Value, CommandError> {
         let volume = {
             let mut registry = self.registry();
             if let Some(backup) = registry
@@ -372,18 +427,18 @@ impl Daemon {
                 .values()
                 .find(|b| b.volume_names().any(|v| v == name))
             {
-                return Err(conflict(format!(
+                return Err(CommandError::conflict(format!(
                     "volume {name:?} is in backup {}; `tidemark backup end {name}` first",
                     backup.id()
                 )));
             }
             if registry.reserved.contains(&name) {
-                return Err(conflict(format!(
+                return Err(CommandError::conflict(format!(
                     "a backup of volume {name:?} is starting; end it before removing the volume"
                 )));
             }
             registry.volumes.remove(&name).ok_or_else(|| {
-                not_found(format!(
+                CommandError::not_found(format!(
                     "no volume named {name:?}; `tidemark volume list` shows them"
                 ))
             })?
@@ -403,7 +458,9 @@ impl Daemon {
                 // A status query holds it for a moment; put it back so the registry and
                 // the disk never disagree.
                 self.put_back_shared(volume);
-                return Err(conflict(format!("volume {name:?} is busy; retry")));
+                return Err(CommandError::conflict(format!(
+                    "volume {name:?} is busy; retry"
+                )));
             }
         }
         tracing::info!(volume = %name, "volume removed");
@@ -461,121 +518,115 @@ impl Daemon {
 struct DaemonHandler(Arc<Daemon>);
 
 impl Handler for DaemonHandler {
-    fn execute(&self, conn: ConnectionId, request: Request) -> Result<Value, CommandError> {
-        self.0.dispatch(conn, &request)
+    fn execute(&self, conn: ConnectionId, command: Command) -> Result<Value, CommandError> {
+        self.0.execute(conn, command)
     }
 
     fn disconnected(&self, conn: ConnectionId) {
-        backup::connection_closed(&self.0, conn);
+        self.0.connection_closed(conn);
+    }
+}
+
+/// Check a user-chosen name (volume, checkpoint, export): it ends up in file names, NBD
+/// export names and URIs, so it is kept to a portable alphabet.
+pub(crate) fn check_name(what: &str, name: &str) -> Result<(), CommandError> {
+    let ok = !name.is_empty()
+        && name.len() <= 128
+        && !name.starts_with(['.', '-'])
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(CommandError::invalid(format!(
+            "invalid {what} name {name:?}: use 1-128 characters from A-Z a-z 0-9 - _ . \
+             (not starting with . or -)"
+        )))
     }
 }
 
 /// Create `dir` (mode 0700) if missing.
-fn prepare_state_dir(dir: &Path) -> anyhow::Result<()> {
+fn prepare_state_dir(dir: &Path) -> Result<(), DaemonError> {
     use std::os::unix::fs::DirBuilderExt;
     if !dir.exists() {
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
             .create(dir)
-            .with_context(|| {
-                format!(
-                    "creating the state dir {} (choose another with --state-dir)",
-                    dir.display()
-                )
-            })?;
+            .map_err(io_step(format!(
+                "creating the state dir {} (choose another with --state-dir)",
+                dir.display()
+            )))?;
     }
-    anyhow::ensure!(
-        dir.is_dir(),
-        "the state dir {} is not a directory; choose another with --state-dir",
-        dir.display()
-    );
+    if !dir.is_dir() {
+        return Err(DaemonError::NotADirectory(dir.to_path_buf()));
+    }
     Ok(())
 }
 
 /// Remove a stale socket file left by a daemon that died; refuse if something listens.
-fn clear_stale_socket(path: &Path) -> anyhow::Result<()> {
+fn clear_stale_socket(path: &Path) -> Result<(), DaemonError> {
     use std::os::unix::fs::FileTypeExt;
     match std::fs::symlink_metadata(path) {
-        Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(err) => Err(err).with_context(|| format!("inspecting {}", path.display())),
+        Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(err) => Err(io_step(format!("inspecting {}", path.display()))(err)),
         Ok(meta) if meta.file_type().is_socket() => {
             if std::os::unix::net::UnixStream::connect(path).is_ok() {
-                anyhow::bail!(
-                    "something already listens on {}; is another `tidemark serve` running?",
-                    path.display()
-                );
+                return Err(DaemonError::SocketInUse(path.to_path_buf()));
             }
-            std::fs::remove_file(path)
-                .with_context(|| format!("removing the stale socket {}", path.display()))
+            std::fs::remove_file(path).map_err(io_step(format!(
+                "removing the stale socket {}",
+                path.display()
+            )))
         }
-        Ok(_) => anyhow::bail!(
-            "{} exists and is not a socket; move it away or choose another path",
-            path.display()
-        ),
+        Ok(_) => Err(DaemonError::NotASocket(path.to_path_buf())),
     }
 }
 
-fn restrict_socket(path: &Path) -> anyhow::Result<()> {
+fn restrict_socket(path: &Path) -> Result<(), DaemonError> {
     use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .with_context(|| format!("making {} private (mode 0600)", path.display()))
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io_step(
+        format!("making {} private (mode 0600)", path.display()),
+    ))
 }
 
 /// Run the daemon until SIGTERM or SIGINT.
-pub fn run(config: Config) -> anyhow::Result<()> {
+pub fn run(config: Config) -> Result<(), DaemonError> {
     prepare_state_dir(&config.state_dir)?;
-    let _lock = lock::DaemonLock::acquire(&config.state_dir)?;
-    clear_stale_socket(&config.control_socket)?;
+    let daemon = Daemon::open(config)?;
+    clear_stale_socket(&daemon.config.control_socket)?;
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(4)
         .thread_name("tidemark-serve")
         .enable_all()
         .build()
-        .context("starting the async runtime")?;
-    runtime.block_on(run_async(config))
+        .map_err(io_step("starting the async runtime"))?;
+    runtime.block_on(run_async(daemon))
 }
 
-async fn run_async(config: Config) -> anyhow::Result<()> {
+async fn run_async(daemon: Arc<Daemon>) -> Result<(), DaemonError> {
     use tokio::signal::unix::{signal, SignalKind};
-    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-
-    let volumes = {
-        let state_dir = config.state_dir.clone();
-        tokio::task::spawn_blocking(move || VolumeHandle::open_all(&state_dir))
-            .await
-            .context("opening the volumes")??
-    };
-    let backup_counter = load_backup_counter(&config.state_dir)?;
-    let nbd = NbdServer::new();
-    let mut registry = Registry::default();
-    for volume in volumes {
-        nbd.add_export(volume.name(), volume.live_export())
-            .map_err(|err| anyhow::anyhow!(err.desc))?;
-        tracing::info!(volume = volume.name(), "volume opened");
-        registry
-            .volumes
-            .insert(volume.name().to_string(), Arc::new(volume));
-    }
-    let (events, _) = broadcast::channel(1024);
-    let daemon = Arc::new(Daemon {
-        config: config.clone(),
-        nbd,
-        events,
-        registry: Mutex::new(registry),
-        backup_counter: Mutex::new(backup_counter),
-    });
+    let mut sigterm =
+        signal(SignalKind::terminate()).map_err(io_step("installing the SIGTERM handler"))?;
+    let mut sigint =
+        signal(SignalKind::interrupt()).map_err(io_step("installing the SIGINT handler"))?;
+    let config = daemon.config.clone();
 
     let (stop_tx, stop_rx) = watch::channel(false);
-    let nbd_task = daemon.nbd.serve(&config.nbd_socket, config.listen).await?;
+    let nbd_task = daemon
+        .nbd
+        .serve(&config.nbd_socket, config.listen)
+        .await
+        .map_err(DaemonError::Nbd)?;
 
-    let control = tokio::net::UnixListener::bind(&config.control_socket)
-        .with_context(|| format!("listening on {}", config.control_socket.display()))?;
+    let control = tokio::net::UnixListener::bind(&config.control_socket).map_err(io_step(
+        format!("listening on {}", config.control_socket.display()),
+    ))?;
     restrict_socket(&config.control_socket)?;
     let handler: Arc<dyn Handler> = Arc::new(DaemonHandler(Arc::clone(&daemon)));
-    let control_task = tokio::spawn(control_server::serve(
+    let control_task = tokio::spawn(server::serve(
         control,
         handler,
         daemon.events.clone(),
@@ -591,7 +642,7 @@ async fn run_async(config: Config) -> anyhow::Result<()> {
                 tokio::select! {
                     _ = tick.tick() => {
                         let daemon = Arc::clone(&daemon);
-                        let _ = tokio::task::spawn_blocking(move || backup::monitor(&daemon)).await;
+                        let _ = tokio::task::spawn_blocking(move || daemon.check_backups()).await;
                     }
                     _ = stop.changed() => break,
                 }
@@ -623,7 +674,10 @@ async fn run_async(config: Config) -> anyhow::Result<()> {
         let daemon = Arc::clone(&daemon);
         tokio::task::spawn_blocking(move || daemon.fail_all_backups())
             .await
-            .context("shutting down")?;
+            .map_err(|source| DaemonError::Task {
+                what: "shutting down",
+                source,
+            })?;
     }
     tokio::time::sleep(Duration::from_millis(100)).await;
     let _ = stop_tx.send(true);
@@ -634,11 +688,38 @@ async fn run_async(config: Config) -> anyhow::Result<()> {
         let daemon = Arc::clone(&daemon);
         tokio::task::spawn_blocking(move || daemon.close_volumes())
             .await
-            .context("shutting down")?;
+            .map_err(|source| DaemonError::Task {
+                what: "shutting down",
+                source,
+            })?;
     }
     for path in [&config.control_socket, &config.nbd_socket] {
         let _ = std::fs::remove_file(path);
     }
     eprintln!("tidemark serve: stopped cleanly");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_portable() {
+        for good in ["vm1", "db_data", "a.b-c", "X"] {
+            assert!(check_name("volume", good).is_ok(), "{good}");
+        }
+        for bad in [
+            "",
+            ".hidden",
+            "-x",
+            "a/b",
+            "a b",
+            "a@b",
+            "é",
+            &"x".repeat(129),
+        ] {
+            assert!(check_name("volume", bad).is_err(), "{bad}");
+        }
+    }
 }

@@ -1,6 +1,7 @@
-//! The daemon's view of the engine, the NBD server and quiescing: the one place that
-//! calls into `tidemark_engine` and `tidemark_nbd`, so the daemon's logic reads in its
-//! own words and engine errors become control-protocol errors with the right class.
+//! The facade over engine volumes and snapshots, quiescing and the NBD server: the one
+//! place the daemon's logic calls into `tidemark_engine` and `tidemark_nbd`, so it reads
+//! in its own words ([`VolumeHandle`], [`SnapshotHandle`], [`NbdServer`]) and engine
+//! errors become control-protocol errors with the right class.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -9,7 +10,6 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use tidemark_engine::checkpoint::CheckpointError;
-use tidemark_engine::export::{SnapshotExport, VolumeExport};
 use tidemark_engine::quiesce::{self, QuiesceError, QuiesceSpec};
 use tidemark_engine::snapshot::{CowOptions, Snapshot};
 use tidemark_engine::status::SnapshotState;
@@ -17,10 +17,13 @@ use tidemark_engine::volume::{SnapshotSpec, TrackingMode, Volume, VolumeError, V
 use tidemark_formats::delta::CheckpointRef;
 use tidemark_nbd::export::{Capabilities, Export, ExportResult, Extent, MetaContext, ZeroFlags};
 
-use super::push;
 use tidemark_nbd::server::{Server, ServerError};
 
-use crate::control::{CommandError, ErrorClass};
+use crate::backup::Progress;
+use crate::daemon::DaemonError;
+use crate::export::{describe_origin, SnapshotExport, VolumeExport};
+use crate::protocol::{CommandError, ErrorClass, PushFormat};
+use crate::push;
 
 /// The control-protocol class of an engine error.
 fn volume_error(err: VolumeError) -> CommandError {
@@ -37,7 +40,7 @@ fn volume_error(err: VolumeError) -> CommandError {
         }
         _ => ErrorClass::GenericError,
     };
-    CommandError::new(class, err.to_string())
+    CommandError::new(class, crate::error_chain(&err))
 }
 
 /// A volume the daemon owns.
@@ -99,11 +102,11 @@ impl VolumeHandle {
     }
 
     /// Open every volume of the state dir (a daemon start).
-    pub fn open_all(state_dir: &Path) -> anyhow::Result<Vec<VolumeHandle>> {
-        let names = match Volume::list(state_dir) {
-            Ok(names) => names,
-            Err(err) => anyhow::bail!("listing the volumes of {}: {err}", state_dir.display()),
-        };
+    pub fn open_all(state_dir: &Path) -> Result<Vec<VolumeHandle>, DaemonError> {
+        let names = Volume::list(state_dir).map_err(|source| DaemonError::ListVolumes {
+            state_dir: state_dir.to_path_buf(),
+            source: Box::new(source),
+        })?;
         let mut volumes = Vec::new();
         for name in names {
             match Volume::open(state_dir, &name) {
@@ -202,7 +205,7 @@ impl VolumeHandle {
             tracing::warn!(volume = %name, "closing before removal: {err}");
         }
         Volume::remove(&state_dir, &name).map_err(|err| {
-            let failure = CommandError::new(ErrorClass::GenericError, err.to_string());
+            let failure = CommandError::failed(crate::error_chain(&err));
             match Volume::open(&state_dir, &name) {
                 Ok(volume) => (
                     Some(VolumeHandle { state_dir: state_dir.clone(), volume: Arc::new(volume) }),
@@ -236,9 +239,9 @@ impl SnapshotHandle {
 
     /// A read-only export of the snapshot, offering its frozen dirty bitmap (if any). Its
     /// NBD description names the volume's uuid and granularity, which `tidemark pull
-    /// --delta` records in the delta's header (see [`crate::pull::describe_origin`]).
+    /// --delta` records in the delta's header (see [`describe_origin`]).
     pub fn export(&self) -> Arc<dyn Export> {
-        let description = crate::pull::describe_origin(
+        let description = describe_origin(
             &format!(
                 "tidemark snapshot {} of volume {}",
                 self.snapshot.name(),
@@ -415,7 +418,7 @@ impl NbdServer {
                 ServerError::InvalidName(_) => ErrorClass::InvalidParameter,
                 _ => ErrorClass::GenericError,
             };
-            CommandError::new(class, err.to_string())
+            CommandError::new(class, crate::error_chain(&err))
         })
     }
 
@@ -433,7 +436,7 @@ impl NbdServer {
         &self,
         socket: &Path,
         listen: Option<SocketAddr>,
-    ) -> anyhow::Result<NbdTask> {
+    ) -> Result<NbdTask, ServerError> {
         let mut listeners = vec![self.server.bind_unix(socket)?];
         if let Some(addr) = listen {
             listeners.push(self.server.bind_tcp(&addr.to_string()).await?);
@@ -456,24 +459,6 @@ impl NbdServer {
     }
 }
 
-/// What a push writes.
-#[derive(Debug, Clone, Copy)]
-pub enum PushFormat {
-    /// A raw image: a full copy, or update-img of an existing image for an incremental.
-    Image,
-    /// A delta file of the changed extents.
-    Delta,
-}
-
-impl PushFormat {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            PushFormat::Image => "image",
-            PushFormat::Delta => "delta",
-        }
-    }
-}
-
 /// Copy every job's snapshot to its target; the first failure stops the push.
 ///
 /// A new full image and a delta are written as `TARGET.partial` (created here, never a
@@ -485,7 +470,7 @@ pub fn push(
     jobs: &[(Arc<SnapshotHandle>, PathBuf)],
     format: PushFormat,
     checkpoint: Option<&str>,
-    progress: &Arc<super::backup::Progress>,
+    progress: &Arc<Progress>,
 ) -> Result<Value, CommandError> {
     let mut staged: Vec<(PathBuf, PathBuf)> = Vec::new();
     let result = push_staged(jobs, format, checkpoint, progress, &mut staged).and_then(|reports| {
@@ -493,7 +478,7 @@ pub fn push(
             if let Err(desc) = push::commit_partial(partial, target) {
                 // The ones before are in place (complete images); drop the rest.
                 staged.drain(..at);
-                return Err(CommandError::new(ErrorClass::GenericError, desc));
+                return Err(CommandError::failed(desc));
             }
         }
         staged.clear();
@@ -514,10 +499,10 @@ fn push_staged(
     jobs: &[(Arc<SnapshotHandle>, PathBuf)],
     format: PushFormat,
     checkpoint: Option<&str>,
-    progress: &Arc<super::backup::Progress>,
+    progress: &Arc<Progress>,
     staged: &mut Vec<(PathBuf, PathBuf)>,
 ) -> Result<Value, CommandError> {
-    let failed = |desc: String| CommandError::new(ErrorClass::GenericError, desc);
+    let failed = |desc: String| CommandError::failed(desc);
     let mut reports = Vec::new();
     for (handle, target) in jobs {
         let snapshot = &handle.snapshot;
@@ -654,7 +639,7 @@ pub fn quiesce(request: &QuiesceRequest) -> Result<Frozen, CommandError> {
                 | QuiesceError::NotAMountpoint { .. } => ErrorClass::InvalidParameter,
                 _ => ErrorClass::GenericError,
             };
-            let mut desc = format!("backup not started: {err}");
+            let mut desc = format!("backup not started: {}", crate::error_chain(&err));
             if let QuiesceError::Aborted { report, .. } = &err {
                 if !report.log.is_empty() {
                     desc.push_str(&format!("; quiesce log: {}", report.log.join(" | ")));

@@ -22,7 +22,7 @@ use tidemark_engine::copy::{self, CopyError, JobOptions, JobReport, Source};
 use tidemark_engine::snapshot::Snapshot;
 use tidemark_formats::delta::{CheckpointRef, DeltaHeader, DeltaWriter};
 
-use super::backup::Progress;
+use crate::backup::Progress;
 
 /// A snapshot as a copy-engine source.
 pub struct SnapshotSource {

@@ -15,7 +15,7 @@ use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{broadcast, mpsc, watch};
 
-use crate::control::{self, CommandError, ErrorClass, Event, Request, MAX_LINE};
+use crate::protocol::{self, Command, CommandError, ErrorClass, Event, Request, MAX_LINE};
 
 /// Identifies one control connection (leases are tied to it).
 pub type ConnectionId = u64;
@@ -23,8 +23,8 @@ pub type ConnectionId = u64;
 /// What the server needs from the daemon: run a command, and learn that a connection
 /// went away.
 pub trait Handler: Send + Sync + 'static {
-    /// Run one request from connection `conn`. Called on a blocking thread.
-    fn execute(&self, conn: ConnectionId, request: Request) -> Result<Value, CommandError>;
+    /// Run one command from connection `conn`. Called on a blocking thread.
+    fn execute(&self, conn: ConnectionId, command: Command) -> Result<Value, CommandError>;
     /// Connection `conn` closed (its client exited or crashed).
     fn disconnected(&self, conn: ConnectionId);
 }
@@ -138,7 +138,7 @@ async fn connection(
         }
     });
 
-    let _ = out_tx.send(control::greeting());
+    let _ = out_tx.send(protocol::greeting());
     let events_tx = out_tx.clone();
     let forwarder = tokio::spawn(async move {
         loop {
@@ -172,7 +172,7 @@ async fn connection(
         let reply = match line {
             Err(err) => break Err(err),
             Ok(Line::Eof) => break Ok(()),
-            Ok(Line::TooLong) => control::reply_error(
+            Ok(Line::TooLong) => protocol::reply_error(
                 &CommandError::new(
                     ErrorClass::ProtocolError,
                     format!("the request line is longer than {MAX_LINE} bytes; it was ignored"),
@@ -181,22 +181,24 @@ async fn connection(
             ),
             Ok(Line::Complete(bytes)) if bytes.iter().all(u8::is_ascii_whitespace) => continue,
             Ok(Line::Complete(bytes)) => match Request::parse(&bytes) {
-                Err((err, id)) => control::reply_error(&err, id),
+                Err((err, id)) => protocol::reply_error(&err, id),
                 Ok(request) => {
                     let id = request.id.clone();
                     let name = request.execute.clone();
                     let handler = Arc::clone(&handler);
-                    let result =
-                        tokio::task::spawn_blocking(move || handler.execute(conn, request)).await;
+                    let result = tokio::task::spawn_blocking(move || {
+                        handler.execute(conn, Command::from_request(&request)?)
+                    })
+                    .await;
                     match result {
-                        Ok(Ok(value)) => control::reply_return(value, id),
+                        Ok(Ok(value)) => protocol::reply_return(value, id),
                         Ok(Err(err)) => {
                             tracing::info!(conn, command = %name, "command failed: {}", err.desc);
-                            control::reply_error(&err, id)
+                            protocol::reply_error(&err, id)
                         }
                         Err(join) => {
                             tracing::error!(conn, command = %name, "command panicked: {join}");
-                            control::reply_error(
+                            protocol::reply_error(
                                 &CommandError::new(
                                     ErrorClass::GenericError,
                                     format!(
@@ -248,21 +250,18 @@ mod tests {
         assert_eq!(read_line(&mut reader, 5).await.unwrap(), Line::Eof);
     }
 
-    /// Echoes its arguments for `echo`, fails `fail`, panics on `boom`.
+    /// Echoes the volume of `volume-info`, panics on `query-status`, refuses the rest.
     #[derive(Default)]
     struct Echo {
         gone: Mutex<Vec<ConnectionId>>,
     }
 
     impl Handler for Echo {
-        fn execute(&self, _conn: ConnectionId, request: Request) -> Result<Value, CommandError> {
-            match request.execute.as_str() {
-                "echo" => Ok(Value::Object(request.arguments)),
-                "boom" => panic!("a handler bug"),
-                _ => Err(CommandError::new(
-                    ErrorClass::CommandNotFound,
-                    "no such command",
-                )),
+        fn execute(&self, _conn: ConnectionId, command: Command) -> Result<Value, CommandError> {
+            match command {
+                Command::VolumeInfo(args) => Ok(json!({"name": args.name})),
+                Command::QueryStatus(_) => panic!("a handler bug"),
+                _ => Err(CommandError::new(ErrorClass::GenericError, "not here")),
             }
         }
         fn disconnected(&self, conn: ConnectionId) {
@@ -306,19 +305,21 @@ mod tests {
         input.extend_from_slice(b"\xff\xff\xff\n");
         input.extend_from_slice(b"[]\n\n   \n");
         input.extend_from_slice(&vec![b'x'; MAX_LINE + 10]);
-        input.extend_from_slice(b"\n{\"execute\": \"boom\", \"id\": 1}\n");
-        input.extend_from_slice(b"{\"execute\": \"echo\", \"arguments\": {\"a\": 1}, \"id\": 2}\n");
+        input.extend_from_slice(b"\n{\"execute\": \"query-status\", \"id\": 1}\n");
+        input.extend_from_slice(
+            b"{\"execute\": \"volume-info\", \"arguments\": {\"name\": \"a\"}, \"id\": 2}\n",
+        );
         let replies = exchange(&path, &input).await;
         assert_eq!(
             replies[0]["tidemark"]["protocol"],
-            json!(control::PROTOCOL_VERSION)
+            json!(protocol::PROTOCOL_VERSION)
         );
         for reply in &replies[1..5] {
             assert_eq!(reply["error"]["class"], json!("ProtocolError"), "{reply}");
         }
         assert_eq!(replies[5]["error"]["class"], json!("GenericError"));
         assert_eq!(replies[5]["id"], json!(1));
-        assert_eq!(replies[6], json!({"return": {"a": 1}, "id": 2}));
+        assert_eq!(replies[6], json!({"return": {"name": "a"}, "id": 2}));
         assert_eq!(replies.len(), 7);
         // The server noticed the close (after its task finished).
         for _ in 0..100 {
@@ -331,10 +332,17 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn unknown_commands_are_errors_with_the_request_id() {
+    async fn unknown_commands_and_arguments_are_errors_with_the_request_id() {
         let (_dir, path, _echo, _stop) = start().await;
-        let replies = exchange(&path, b"{\"execute\": \"nope\", \"id\": \"x\"}\n").await;
+        let replies = exchange(
+            &path,
+            b"{\"execute\": \"nope\", \"id\": \"x\"}\n\
+              {\"execute\": \"volume-info\", \"arguments\": {\"nmae\": \"a\"}, \"id\": 3}\n",
+        )
+        .await;
         assert_eq!(replies[1]["error"]["class"], json!("CommandNotFound"));
         assert_eq!(replies[1]["id"], json!("x"));
+        assert_eq!(replies[2]["error"]["class"], json!("InvalidParameter"));
+        assert_eq!(replies[2]["id"], json!(3));
     }
 }

@@ -7,8 +7,9 @@ use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::Path;
 
-use anyhow::Context;
 use nix::fcntl::FlockArg;
+
+use crate::daemon::DaemonError;
 
 /// Held for the daemon's whole life.
 #[derive(Debug)]
@@ -18,7 +19,7 @@ pub struct DaemonLock {
 
 impl DaemonLock {
     /// Take the lock, or explain who holds it.
-    pub fn acquire(state_dir: &Path) -> anyhow::Result<DaemonLock> {
+    pub fn acquire(state_dir: &Path) -> Result<DaemonLock, DaemonError> {
         let path = state_dir.join("daemon.lock");
         let file = OpenOptions::new()
             .read(true)
@@ -26,25 +27,33 @@ impl DaemonLock {
             .create(true)
             .truncate(false)
             .open(&path)
-            .with_context(|| format!("opening the daemon lock {}", path.display()))?;
+            .map_err(|source| DaemonError::Io {
+                what: format!("opening the daemon lock {}", path.display()),
+                source,
+            })?;
         let mut file = match nix::fcntl::Flock::lock(file, FlockArg::LockExclusiveNonblock) {
             Ok(locked) => locked,
             Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
                 let holder = std::fs::read_to_string(&path).unwrap_or_default();
-                anyhow::bail!(
-                    "another `tidemark serve` (pid {}) owns the state dir {}; stop it first or \
-                     pass another --state-dir",
-                    holder.trim(),
-                    state_dir.display()
-                );
+                return Err(DaemonError::Locked {
+                    pid: holder.trim().to_string(),
+                    state_dir: state_dir.to_path_buf(),
+                });
             }
             Err((_, errno)) => {
-                return Err(std::io::Error::from(errno))
-                    .with_context(|| format!("locking {}", path.display()))
+                return Err(DaemonError::Io {
+                    what: format!("locking {}", path.display()),
+                    source: errno.into(),
+                })
             }
         };
-        file.set_len(0).context("recording the daemon's pid")?;
-        writeln!(file, "{}", std::process::id()).context("recording the daemon's pid")?;
+        let recorded = file
+            .set_len(0)
+            .and_then(|()| writeln!(file, "{}", std::process::id()));
+        recorded.map_err(|source| DaemonError::Io {
+            what: "recording the daemon's pid".into(),
+            source,
+        })?;
         Ok(DaemonLock { _file: file })
     }
 }
@@ -59,8 +68,8 @@ mod tests {
         let first = DaemonLock::acquire(dir.path()).unwrap();
         let err = DaemonLock::acquire(dir.path()).unwrap_err();
         assert!(
-            format!("{err:#}").contains(&std::process::id().to_string()),
-            "{err:#}"
+            err.to_string().contains(&std::process::id().to_string()),
+            "{err}"
         );
         drop(first);
         DaemonLock::acquire(dir.path()).unwrap();

@@ -20,30 +20,13 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use super::args::{check_name, Arguments};
-use super::control_server::ConnectionId;
-use super::engine::{self, PushFormat, QuiesceRequest, SnapshotHandle, VolumeHandle};
-use super::{conflict, failed, not_found, Daemon, FINISHED_KEPT};
-use crate::control::{CommandError, ErrorClass, Timestamp};
-
-/// The arguments `backup-begin` takes (docs/CONTROL.md).
-pub const BEGIN_ARGUMENTS: &[&str] = &[
-    "volumes",
-    "checkpoint",
-    "incremental",
-    "export_name",
-    "push",
-    "push_format",
-    "cow_limit",
-    "lease",
-    "freeze",
-    "hooks",
-    "guest_agent",
-    "quiesce_timeout_ms",
-];
+use crate::daemon::{check_name, Daemon, FINISHED_KEPT};
+use crate::protocol::{BackupBeginArgs, CommandError, PushFormat, Timestamp};
+use crate::server::ConnectionId;
+use crate::volumes::{self, QuiesceRequest, SnapshotHandle, VolumeHandle};
 
 /// The default export name of a backup's snapshot; `{volume}` is the volume's name.
-pub const DEFAULT_EXPORT_NAME: &str = "{volume}@backup";
+const DEFAULT_EXPORT_NAME: &str = "{volume}@backup";
 
 /// Where a backup's data goes.
 #[derive(Debug, Clone)]
@@ -65,7 +48,7 @@ struct Member {
 }
 
 /// A running backup.
-pub struct Backup {
+pub(crate) struct Backup {
     id: String,
     members: Vec<Member>,
     mode: Mode,
@@ -81,18 +64,18 @@ pub struct Backup {
 
 /// Bytes a push has copied, out of how many.
 #[derive(Debug, Default)]
-pub struct Progress {
-    pub done: AtomicU64,
-    pub total: AtomicU64,
-    pub cancel: AtomicBool,
+pub(crate) struct Progress {
+    pub(crate) done: AtomicU64,
+    pub(crate) total: AtomicU64,
+    pub(crate) cancel: AtomicBool,
 }
 
 impl Backup {
-    pub fn id(&self) -> &str {
+    pub(crate) fn id(&self) -> &str {
         &self.id
     }
 
-    pub fn volume_names(&self) -> impl Iterator<Item = &str> {
+    pub(crate) fn volume_names(&self) -> impl Iterator<Item = &str> {
         self.members.iter().map(|m| m.volume.as_str())
     }
 
@@ -152,13 +135,13 @@ fn reserve<'a>(daemon: &'a Daemon, names: &[String]) -> Result<Reservation<'a>, 
             .values()
             .find(|b| b.volume_names().any(|v| v == name))
         {
-            return Err(conflict(format!(
+            return Err(CommandError::conflict(format!(
                 "volume {name:?} is already in backup {}; `tidemark backup end {name}` first",
                 backup.id()
             )));
         }
         if registry.reserved.contains(name) {
-            return Err(conflict(format!(
+            return Err(CommandError::conflict(format!(
                 "a backup of volume {name:?} is being started by another client; wait for it"
             )));
         }
@@ -185,111 +168,85 @@ impl Drop for Reservation<'_> {
 }
 
 /// `backup-begin`.
-pub fn begin(
+pub(crate) fn begin(
     daemon: &Arc<Daemon>,
     conn: ConnectionId,
-    args: &Arguments<'_>,
+    args: BackupBeginArgs,
 ) -> Result<Value, CommandError> {
-    let names = args.strings("volumes")?;
+    let BackupBeginArgs {
+        volumes: names,
+        checkpoint,
+        incremental,
+        export_name,
+        push,
+        push_format,
+        cow_limit,
+        lease,
+        freeze,
+        hooks,
+        guest_agent,
+        quiesce_timeout_ms,
+    } = args;
     if names.is_empty() {
-        return Err(CommandError::new(
-            ErrorClass::InvalidParameter,
-            "backup-begin: \"volumes\" must name at least one volume".to_string(),
+        return Err(CommandError::invalid(
+            "backup-begin: \"volumes\" must name at least one volume",
         ));
     }
     let unique: BTreeSet<&String> = names.iter().collect();
     if unique.len() != names.len() {
-        return Err(CommandError::new(
-            ErrorClass::InvalidParameter,
-            "backup-begin: a volume is named twice in \"volumes\"".to_string(),
+        return Err(CommandError::invalid(
+            "backup-begin: a volume is named twice in \"volumes\"",
         ));
     }
-    let checkpoint = args.opt_string("checkpoint")?;
     if let Some(name) = &checkpoint {
         check_name("checkpoint", name)?;
     }
-    let incremental = args.opt_string("incremental")?;
-    let template = args
-        .opt_string("export_name")?
-        .unwrap_or_else(|| DEFAULT_EXPORT_NAME.into());
+    let template = export_name.unwrap_or_else(|| DEFAULT_EXPORT_NAME.into());
     if names.len() > 1 && !template.contains("{volume}") {
-        return Err(CommandError::new(
-            ErrorClass::InvalidParameter,
-            format!(
-                "backup-begin: export_name {template:?} must contain {{volume}} when several \
-                 volumes are backed up together"
-            ),
-        ));
+        return Err(CommandError::invalid(format!(
+            "backup-begin: export_name {template:?} must contain {{volume}} when several \
+             volumes are backed up together"
+        )));
     }
-    let mode = match args.opt_string("push")? {
+    let mode = match push {
         None => {
-            if args.opt_string("push_format")?.is_some() {
-                return Err(CommandError::new(
-                    ErrorClass::InvalidParameter,
-                    "backup-begin: push_format needs push".to_string(),
+            if push_format.is_some() {
+                return Err(CommandError::invalid(
+                    "backup-begin: push_format needs push",
                 ));
             }
             Mode::Pull
         }
         Some(target) => {
-            let format = match args.opt_string("push_format")?.as_deref() {
-                None | Some("image") => PushFormat::Image,
-                Some("delta") => PushFormat::Delta,
-                Some(other) => {
-                    return Err(CommandError::new(
-                        ErrorClass::InvalidParameter,
-                        format!("backup-begin: push_format {other:?} is not image or delta"),
-                    ))
-                }
-            };
             if !PathBuf::from(&target).is_absolute() {
-                return Err(CommandError::new(
-                    ErrorClass::InvalidParameter,
-                    format!("backup-begin: push target {target:?} must be an absolute path"),
-                ));
+                return Err(CommandError::invalid(format!(
+                    "backup-begin: push target {target:?} must be an absolute path"
+                )));
             }
             if names.len() > 1 && !target.contains("{volume}") {
-                return Err(CommandError::new(
-                    ErrorClass::InvalidParameter,
-                    format!(
-                        "backup-begin: push target {target:?} must contain {{volume}} when \
-                         several volumes are backed up together"
-                    ),
-                ));
+                return Err(CommandError::invalid(format!(
+                    "backup-begin: push target {target:?} must contain {{volume}} when \
+                     several volumes are backed up together"
+                )));
             }
-            Mode::Push { target, format }
+            Mode::Push {
+                target,
+                format: push_format.unwrap_or_default(),
+            }
         }
     };
-    let lease = args.flag("lease")?;
     if lease && !matches!(mode, Mode::Pull) {
-        return Err(CommandError::new(
-            ErrorClass::InvalidParameter,
+        return Err(CommandError::invalid(
             "backup-begin: a lease holds a pull backup; a push backup ends by itself".to_string(),
         ));
     }
-    let hooks = match args.opt_value("hooks") {
-        None => None,
-        Some(_) => Some(
-            args.strings("hooks")?
-                .into_iter()
-                .map(PathBuf::from)
-                .collect(),
-        ),
-    };
     let quiesce = QuiesceRequest {
-        mountpoints: args
-            .strings("freeze")?
-            .into_iter()
-            .map(PathBuf::from)
-            .collect(),
+        mountpoints: freeze,
         hooks,
-        guest_agent: args.opt_string("guest_agent")?.map(PathBuf::from),
-        timeout: args
-            .opt_u64("quiesce_timeout_ms")?
-            .map(Duration::from_millis),
+        guest_agent,
+        timeout: quiesce_timeout_ms.map(Duration::from_millis),
         protected: vec![daemon.config.state_dir.clone()],
     };
-    let cow_limit = args.opt_u64("cow_limit")?;
 
     let volumes: Vec<Arc<VolumeHandle>> = names
         .iter()
@@ -317,7 +274,7 @@ pub fn begin(
     }
     let _reservation = reserve(daemon, &names)?;
     if let Some(taken) = exports.iter().flatten().find(|e| daemon.nbd.has_export(e)) {
-        return Err(conflict(format!(
+        return Err(CommandError::conflict(format!(
             "an export named {taken:?} exists already; choose another export_name"
         )));
     }
@@ -326,8 +283,8 @@ pub fn begin(
     let started = Timestamp::now();
     let started_at = Instant::now();
     let id = daemon.next_backup_id()?;
-    let frozen = engine::quiesce(&quiesce)?;
-    let group = engine::group_snapshot(
+    let frozen = volumes::quiesce(&quiesce)?;
+    let group = volumes::group_snapshot(
         &id,
         &volumes,
         checkpoint.as_deref(),
@@ -338,7 +295,7 @@ pub fn begin(
     let group = group?;
     if let Some(problem) = quiesce_problem {
         // Dropping `group` drops the snapshots.
-        return Err(failed(problem));
+        return Err(CommandError::failed(problem));
     }
     let members: Vec<Member> = names
         .iter()
@@ -410,7 +367,7 @@ pub fn begin(
         let spawned = std::thread::Builder::new()
             .name(format!("tidemark-{id}"))
             .spawn(move || {
-                let result = engine::push(&jobs, format, new_checkpoint.as_deref(), &progress);
+                let result = volumes::push(&jobs, format, new_checkpoint.as_deref(), &progress);
                 drop(jobs);
                 match result {
                     Ok(copied) => {
@@ -425,7 +382,9 @@ pub fn begin(
                 &id,
                 &format!("starting the push worker failed: {err}"),
             );
-            return Err(failed(format!("starting the push worker failed: {err}")));
+            return Err(CommandError::failed(format!(
+                "starting the push worker failed: {err}"
+            )));
         }
     }
     Ok(report)
@@ -433,7 +392,7 @@ pub fn begin(
 
 /// Refuse a push target that would overwrite a managed volume's data or the daemon's state.
 fn check_push_target(daemon: &Daemon, target: &std::path::Path) -> Result<(), CommandError> {
-    let invalid = |desc: String| CommandError::new(ErrorClass::InvalidParameter, desc);
+    let invalid = CommandError::invalid;
     // Compare canonical paths: the target may not exist yet, but its directory must.
     let canonical = match target.canonicalize() {
         Ok(path) => path,
@@ -467,17 +426,14 @@ fn check_push_target(daemon: &Daemon, target: &std::path::Path) -> Result<(), Co
             target.display()
         )));
     }
-    let partial = super::push::partial_path(target);
+    let partial = crate::push::partial_path(target);
     if partial.exists() {
-        return Err(CommandError::new(
-            ErrorClass::Conflict,
-            format!(
-                "{} exists: an earlier push to {} did not finish (the daemon stopped), or \
+        return Err(CommandError::conflict(format!(
+            "{} exists: an earlier push to {} did not finish (the daemon stopped), or \
                  the file is not tidemark's; remove it or choose another target",
-                partial.display(),
-                target.display()
-            ),
-        ));
+            partial.display(),
+            target.display()
+        )));
     }
     let volumes: Vec<Arc<VolumeHandle>> = daemon.registry().volumes.values().cloned().collect();
     for volume in volumes {
@@ -498,9 +454,11 @@ fn check_push_target(daemon: &Daemon, target: &std::path::Path) -> Result<(), Co
 }
 
 /// `backup-end`: end a pull backup (or cancel a running push).
-pub fn end(daemon: &Daemon, args: &Arguments<'_>) -> Result<Value, CommandError> {
-    let volume = args.opt_string("volume")?;
-    let id = args.opt_string("id")?;
+pub(crate) fn end(
+    daemon: &Daemon,
+    volume: Option<String>,
+    id: Option<String>,
+) -> Result<Value, CommandError> {
     let found = {
         let registry = daemon.registry();
         registry
@@ -521,8 +479,7 @@ pub fn end(daemon: &Daemon, args: &Arguments<'_>) -> Result<Value, CommandError>
     };
     let Some((id, push, progress)) = found else {
         if id.is_none() && volume.is_none() {
-            return Err(CommandError::new(
-                ErrorClass::InvalidParameter,
+            return Err(CommandError::invalid(
                 "backup-end: name the backup by \"volume\" or \"id\"".to_string(),
             ));
         }
@@ -534,7 +491,7 @@ pub fn end(daemon: &Daemon, args: &Arguments<'_>) -> Result<Value, CommandError>
         let what = id
             .map(|i| format!("backup {i:?}"))
             .unwrap_or_else(|| format!("backup of volume {:?}", volume.unwrap_or_default()));
-        return Err(not_found(format!(
+        return Err(CommandError::not_found(format!(
             "no running {what}; `tidemark backup status` lists them"
         )));
     };
@@ -553,7 +510,7 @@ pub fn end(daemon: &Daemon, args: &Arguments<'_>) -> Result<Value, CommandError>
 
 /// The error `backup-end` answers for a backup that failed and has ended.
 fn ended_failed(report: &Value) -> CommandError {
-    failed(format!(
+    CommandError::failed(format!(
         "backup {} failed and has ended: {}; its exports and snapshots are gone, start a new \
          backup (with a larger --cow-limit if the COW store filled)",
         report["id"].as_str().unwrap_or("?"),
@@ -580,7 +537,7 @@ fn last_failed(daemon: &Daemon, id: Option<&str>, volume: Option<&str>) -> Optio
 }
 
 /// `backup-status`: running backups, then recently ended ones.
-pub fn status(daemon: &Daemon) -> Value {
+pub(crate) fn status(daemon: &Daemon) -> Value {
     let registry = daemon.registry();
     let running: Vec<Value> = registry
         .backups
@@ -635,7 +592,7 @@ fn complete_with(daemon: &Daemon, id: &str, push_result: Option<Value>) -> Value
 }
 
 /// Fail backup `id` (if it is still running) with `reason`.
-pub fn fail(daemon: &Daemon, id: &str, reason: &str) {
+pub(crate) fn fail(daemon: &Daemon, id: &str, reason: &str) {
     if let Some(report) = finish(daemon, id, "failed", Some(reason), None) {
         tracing::warn!(backup = id, "backup failed: {reason}");
         daemon.emit("BACKUP_FAILED", report);
@@ -643,7 +600,7 @@ pub fn fail(daemon: &Daemon, id: &str, reason: &str) {
 }
 
 /// A control connection closed: fail the backups it held a lease on.
-pub fn connection_closed(daemon: &Daemon, conn: ConnectionId) {
+pub(crate) fn connection_closed(daemon: &Daemon, conn: ConnectionId) {
     let held: Vec<String> = daemon
         .registry()
         .backups
@@ -697,9 +654,12 @@ fn push_failed(daemon: &Daemon, id: &str, desc: &str) {
 /// Check running backups for snapshots that failed (a full COW store, an I/O error) and
 /// fail those backups; the live volumes are unaffected. `backup-end` and a push worker
 /// check their own backup too, so a failure is never missed between two rounds.
-pub fn monitor(daemon: &Daemon) {
+pub(crate) fn monitor(daemon: &Daemon) {
     let ids: Vec<String> = daemon.registry().backups.keys().cloned().collect();
     for id in ids {
         fail_if_snapshot_failed(daemon, &id);
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,111 @@
+//! Where a daemon keeps its state and listens: the [`Config`] and the default state dir.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+/// How the daemon was asked to run.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The state dir: volumes, checkpoints, COW stores, sockets, the daemon lock.
+    pub state_dir: PathBuf,
+    /// The NBD Unix socket.
+    pub nbd_socket: PathBuf,
+    /// The control Unix socket.
+    pub control_socket: PathBuf,
+    /// Also serve NBD over TCP on this address.
+    pub listen: Option<SocketAddr>,
+}
+
+impl Config {
+    /// The defaults for `state_dir`: both sockets inside it, no TCP.
+    pub fn new(state_dir: PathBuf) -> Config {
+        Config {
+            nbd_socket: state_dir.join("nbd.sock"),
+            control_socket: state_dir.join(CONTROL_SOCKET),
+            listen: None,
+            state_dir,
+        }
+    }
+}
+
+/// The control socket's file name in the state dir.
+pub const CONTROL_SOCKET: &str = "control.sock";
+
+/// No default state dir can be chosen.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "cannot choose a state dir: neither TIDEMARK_STATE_DIR, XDG_STATE_HOME nor HOME is set; \
+     pass --state-dir DIR"
+)]
+pub struct NoStateDir;
+
+/// The default state dir (DESIGN.md): `$TIDEMARK_STATE_DIR`, else `/var/lib/tidemark` as
+/// root, else `$XDG_STATE_HOME/tidemark` (`~/.local/state/tidemark` when unset).
+pub fn default_state_dir() -> Result<PathBuf, NoStateDir> {
+    state_dir_from(
+        std::env::var_os("TIDEMARK_STATE_DIR"),
+        is_root(),
+        std::env::var_os("XDG_STATE_HOME"),
+        std::env::var_os("HOME"),
+    )
+}
+
+fn state_dir_from(
+    explicit: Option<std::ffi::OsString>,
+    root: bool,
+    xdg_state_home: Option<std::ffi::OsString>,
+    home: Option<std::ffi::OsString>,
+) -> Result<PathBuf, NoStateDir> {
+    if let Some(dir) = explicit.filter(|d| !d.is_empty()) {
+        return Ok(PathBuf::from(dir));
+    }
+    if root {
+        return Ok(PathBuf::from("/var/lib/tidemark"));
+    }
+    // The XDG spec says relative values are invalid and must be ignored.
+    if let Some(dir) = xdg_state_home
+        .map(PathBuf::from)
+        .filter(|d| d.is_absolute())
+    {
+        return Ok(dir.join("tidemark"));
+    }
+    match home.map(PathBuf::from).filter(|d| d.is_absolute()) {
+        Some(home) => Ok(home.join(".local/state/tidemark")),
+        None => Err(NoStateDir),
+    }
+}
+
+/// Whether this process runs as root (the effective uid owns `/proc/self`).
+fn is_root() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self")
+        .map(|m| m.uid() == 0)
+        .unwrap_or(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_dir_follows_design_precedence() {
+        let os = |s: &str| Some(std::ffi::OsString::from(s));
+        assert_eq!(
+            state_dir_from(os("/x"), true, os("/s"), os("/h")).unwrap(),
+            PathBuf::from("/x")
+        );
+        assert_eq!(
+            state_dir_from(None, true, os("/s"), os("/h")).unwrap(),
+            PathBuf::from("/var/lib/tidemark")
+        );
+        assert_eq!(
+            state_dir_from(None, false, os("/s"), os("/h")).unwrap(),
+            PathBuf::from("/s/tidemark")
+        );
+        assert_eq!(
+            state_dir_from(None, false, os("rel"), os("/h")).unwrap(),
+            PathBuf::from("/h/.local/state/tidemark")
+        );
+        assert!(state_dir_from(None, false, None, None).is_err());
+    }
+}
