@@ -13,7 +13,8 @@ use std::os::fd::AsFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use super::{sys, QuiesceError};
+use super::QuiesceError;
+use crate::sys;
 
 /// A filesystem this process froze, with the directory it was frozen through kept open
 /// (thawing through the same descriptor needs no path lookup on a frozen filesystem).

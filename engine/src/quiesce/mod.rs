@@ -50,7 +50,6 @@
 pub mod agent;
 mod fs;
 pub mod hooks;
-mod sys;
 pub mod watchdog;
 
 use std::path::{Path, PathBuf};
@@ -62,6 +61,8 @@ use agent::{AgentClient, AgentError};
 use fs::FrozenFs;
 use hooks::{HookAction, HookRun};
 use watchdog::{FiredReport, ToWatchdog, WatchdogHandle};
+
+use crate::sys;
 
 /// tidemark's own hook directory.
 pub const WRITERS_DIR: &str = "/usr/lib/tidemark/writers.d";

@@ -40,7 +40,8 @@ use serde::{Deserialize, Serialize};
 
 use super::agent::AgentClient;
 use super::hooks::{self, HookAction, HookRun};
-use super::{fs, sys, QuiesceError};
+use super::{fs, QuiesceError};
+use crate::sys;
 use std::os::unix::process::CommandExt;
 
 /// The hidden subcommand of the tidemark binary that runs [`serve`].

@@ -53,7 +53,6 @@
 //! persisted at clean stops only.
 
 pub(crate) mod backing;
-mod sys;
 #[cfg(test)]
 mod tests;
 
@@ -75,6 +74,7 @@ use crate::snapshot::{
     CowOptions, Snapshot, SnapshotError, SnapshotInner, SnapshotParams, MAX_DEFAULT_CHUNK,
 };
 use crate::status::{unix_now, EventLevel, EventLog, TrackingStatus, VolumeState, VolumeStatus};
+use crate::sys;
 use crate::tracking::{ActiveBitmap, DirtyBitmap, TrackingError};
 use backing::BackingFile;
 
