@@ -15,6 +15,7 @@
 
 pub mod checkpoint;
 pub mod copy;
+pub mod error;
 pub mod export;
 pub mod io;
 pub mod quiesce;

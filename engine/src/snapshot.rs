@@ -71,7 +71,7 @@ pub enum SnapshotError {
         name: String,
     },
     /// Creating or reading the COW store or the volume failed.
-    #[error("snapshot {name}: {action} {}: {source}", path.display())]
+    #[error("snapshot {name}: {action} {}", path.display())]
     Io {
         /// The snapshot.
         name: String,

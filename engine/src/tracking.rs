@@ -83,7 +83,7 @@ const SEQUENTIAL_AHEAD_BYTES: u64 = 64 << 20;
 #[derive(Debug, thiserror::Error)]
 pub enum TrackingError {
     /// Reading, writing or syncing a bitmap file failed.
-    #[error("dirty bitmap {}: {action}: {source}", path.display())]
+    #[error("dirty bitmap {}: {action}", path.display())]
     Io {
         /// The bitmap file.
         path: PathBuf,

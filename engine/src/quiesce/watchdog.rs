@@ -41,7 +41,7 @@ use serde::{Deserialize, Serialize};
 use super::agent::AgentClient;
 use super::hooks::{self, HookAction, HookRun};
 use super::{fs, QuiesceError};
-use crate::sys;
+use crate::{error, sys};
 use std::os::unix::process::CommandExt;
 
 /// The hidden subcommand of the tidemark binary that runs [`serve`].
@@ -272,7 +272,9 @@ impl Watchdog {
                     Ok(count) => report.log.push(format!(
                         "watchdog: guest agent thawed {count} filesystem(s)"
                     )),
-                    Err(e) => report.errors.push(format!("watchdog: {e}")),
+                    Err(e) => report
+                        .errors
+                        .push(format!("watchdog: {}", error::chain(&e))),
                 },
                 ToWatchdog::Hook { path } => {
                     let run = hooks::run(path, HookAction::Thaw, &self.dirs, self.hook_timeout);

@@ -74,8 +74,8 @@ use crate::snapshot::{
     CowOptions, Snapshot, SnapshotError, SnapshotInner, SnapshotParams, MAX_DEFAULT_CHUNK,
 };
 use crate::status::{unix_now, EventLevel, EventLog, TrackingStatus, VolumeState, VolumeStatus};
-use crate::sys;
 use crate::tracking::{ActiveBitmap, DirtyBitmap, TrackingError};
+use crate::{error, sys};
 use backing::BackingFile;
 
 /// Default tracking granularity.
@@ -157,7 +157,7 @@ pub enum VolumeError {
     #[error("{0}")]
     Invalid(String),
     /// A file operation failed.
-    #[error("volume {volume}: {action} {}: {source}", path.display())]
+    #[error("volume {volume}: {action} {}", path.display())]
     Io {
         /// The volume.
         volume: String,
@@ -889,7 +889,11 @@ impl Volume {
                         if let Err(e) = chain.delete(name, &mut st.active) {
                             volume.events.push(
                                 EventLevel::Error,
-                                format!("volume {}: undoing checkpoint {name}: {e}", volume.name()),
+                                format!(
+                                    "volume {}: undoing checkpoint {name}: {}",
+                                    volume.name(),
+                                    error::chain(&e)
+                                ),
                             );
                         }
                     }
@@ -1162,7 +1166,11 @@ impl Volume {
 impl Drop for Volume {
     fn drop(&mut self) {
         if let Err(err) = self.shutdown() {
-            tracing::error!("volume {}: clean stop failed: {err}", self.manifest.name);
+            tracing::error!(
+                "volume {}: clean stop failed: {}",
+                self.manifest.name,
+                error::chain(&err)
+            );
         }
     }
 }
