@@ -28,19 +28,4 @@ mod volumes;
 pub use config::{default_state_dir, Config, NoStateDir, CONTROL_SOCKET};
 pub use daemon::{run, Daemon, DaemonError};
 
-/// `err` and its causes as one line, each cause once: for a control reply's `desc` or an
-/// NBD error message, which carry text, not an error chain. A cause whose text the line
-/// holds already is not repeated.
-pub(crate) fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    text
-}
+pub(crate) use tidemark_engine::error::chain as error_chain;

@@ -7,14 +7,12 @@ use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::Path;
 
-use nix::fcntl::FlockArg;
-
 use crate::daemon::DaemonError;
 
 /// Held for the daemon's whole life.
 #[derive(Debug)]
 pub struct DaemonLock {
-    _file: nix::fcntl::Flock<File>,
+    _file: File,
 }
 
 impl DaemonLock {
@@ -31,22 +29,19 @@ impl DaemonLock {
                 what: format!("opening the daemon lock {}", path.display()),
                 source,
             })?;
-        let mut file = match nix::fcntl::Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-            Ok(locked) => locked,
-            Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
-                let holder = std::fs::read_to_string(&path).unwrap_or_default();
-                return Err(DaemonError::Locked {
-                    pid: holder.trim().to_string(),
-                    state_dir: state_dir.to_path_buf(),
-                });
-            }
-            Err((_, errno)) => {
-                return Err(DaemonError::Io {
-                    what: format!("locking {}", path.display()),
-                    source: errno.into(),
-                })
-            }
-        };
+        let locked =
+            tidemark_engine::sys::try_lock_exclusive(&file).map_err(|source| DaemonError::Io {
+                what: format!("locking {}", path.display()),
+                source,
+            })?;
+        if !locked {
+            let holder = std::fs::read_to_string(&path).unwrap_or_default();
+            return Err(DaemonError::Locked {
+                pid: holder.trim().to_string(),
+                state_dir: state_dir.to_path_buf(),
+            });
+        }
+        let mut file = file;
         let recorded = file
             .set_len(0)
             .and_then(|()| writeln!(file, "{}", std::process::id()));

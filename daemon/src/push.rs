@@ -53,7 +53,7 @@ impl Source for SnapshotSource {
         let runs = self
             .snapshot
             .allocation(range.start, range.end - range.start)
-            .map_err(|err| CopyError::Input(err.to_string()))?;
+            .map_err(|err| CopyError::Input(crate::error_chain(&err)))?;
         let mut extents = Vec::new();
         let mut at = range.start;
         for (length, hole) in runs {
@@ -190,7 +190,9 @@ pub fn push_delta(
     let size = snapshot.size();
     let extents = match changed_extents(snapshot) {
         Some(changed) => changed,
-        None => source.data_extents(0..size).map_err(|e| e.to_string())?,
+        None => source
+            .data_extents(0..size)
+            .map_err(|e| crate::error_chain(&e))?,
     };
     let total: u64 = extents.iter().map(|r| r.end - r.start).sum();
     progress.total.fetch_add(total, Ordering::Relaxed);

@@ -91,7 +91,7 @@ pub enum CheckpointError {
     #[error(transparent)]
     Tracking(#[from] TrackingError),
     /// Reading or writing the chain file failed.
-    #[error("checkpoint chain {}: {source}", path.display())]
+    #[error("checkpoint chain {}", path.display())]
     Io {
         /// The chain file.
         path: PathBuf,

@@ -83,7 +83,7 @@ const SEQUENTIAL_AHEAD_BYTES: u64 = 64 << 20;
 #[derive(Debug, thiserror::Error)]
 pub enum TrackingError {
     /// Reading, writing or syncing a bitmap file failed.
-    #[error("dirty bitmap {}: {action}: {source}", path.display())]
+    #[error("dirty bitmap {}: {action}", path.display())]
     Io {
         /// The bitmap file.
         path: PathBuf,
@@ -199,30 +199,35 @@ impl DirtyBitmap {
     }
 
     /// Runs `(length, dirty)` describing `[offset, offset + len)`, clipped to the volume.
+    ///
+    /// The dirty runs come from [`bitmap::dirty_runs`] over the words that cover the
+    /// range (starting at the word holding its first block); the clean runs are the gaps.
     pub fn runs(&self, offset: u64, len: u64) -> Vec<(u64, bool)> {
         let end = offset.saturating_add(len).min(self.volume_size);
+        if offset >= end {
+            return Vec::new();
+        }
         let g = u64::from(self.granularity);
-        let mut out: Vec<(u64, bool)> = Vec::new();
+        let first_word = offset / g / 64;
+        let base = first_word * 64;
+        let last_block = (end - 1) / g + 1;
+        let mut out = Vec::new();
         let mut pos = offset;
-        while pos < end {
-            let block = pos / g;
-            let dirty = self.is_dirty(block);
-            let run_end = ((block + 1) * g).min(end);
-            match out.last_mut() {
-                Some((l, d)) if *d == dirty => *l += run_end - pos,
-                _ => out.push((run_end - pos, dirty)),
+        for run in bitmap::dirty_runs(&self.words[first_word as usize..], last_block - base) {
+            // Runs of the first word that end before `offset` clip to nothing.
+            let start = ((base + run.start) * g).max(offset);
+            let stop = ((base + run.end) * g).min(end);
+            if start >= stop {
+                continue;
             }
-            pos = run_end;
-            // Skip whole clean words quickly: long clean stretches are the common case.
-            if !dirty && pos % (g * 64) == 0 {
-                while pos < end && self.words.get((pos / g / 64) as usize) == Some(&0) {
-                    let next = ((pos / g / 64 + 1) * 64 * g).min(end);
-                    if let Some((l, false)) = out.last_mut() {
-                        *l += next - pos;
-                    }
-                    pos = next;
-                }
+            if start > pos {
+                out.push((start - pos, false));
             }
+            out.push((stop - start, true));
+            pos = stop;
+        }
+        if pos < end {
+            out.push((end - pos, false));
         }
         out
     }
@@ -767,5 +772,45 @@ mod tests {
         );
         assert_eq!(b.runs(4096 * 4, 10), vec![(10, true)]);
         assert_eq!(b.dirty_blocks(), 3);
+    }
+
+    /// Runs of a byte range as a `Vec<bool>` of tracking blocks says them: one entry per
+    /// byte range of equal state, merged.
+    fn model_runs(dirty: &[bool], g: u64, size: u64, offset: u64, len: u64) -> Vec<(u64, bool)> {
+        let end = offset.saturating_add(len).min(size);
+        let mut out: Vec<(u64, bool)> = Vec::new();
+        for byte in offset..end {
+            let d = dirty[(byte / g) as usize];
+            match out.last_mut() {
+                Some((l, last)) if *last == d => *l += 1,
+                _ => out.push((1, d)),
+            }
+        }
+        out
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn runs_match_a_vec_of_bools(
+            blocks in 1u64..300,
+            tail in 0u64..16,
+            marks in proptest::collection::vec((0u64..300, 1u64..80), 0..12),
+            offset in 0u64..5000,
+            len in 0u64..5000,
+        ) {
+            let g = 16u64;
+            let size = (blocks - 1) * g + tail.max(1);
+            let mut b = DirtyBitmap::new("p", g as u32, size);
+            let mut model = vec![false; blocks as usize];
+            for (block, count) in marks {
+                let block = block % blocks;
+                let count = count.min(size - block * g);
+                b.mark(block * g, count);
+                for m in block..(block * g + count).div_ceil(g) {
+                    model[m as usize] = true;
+                }
+            }
+            proptest::prop_assert_eq!(b.runs(offset, len), model_runs(&model, g, size, offset, len));
+        }
     }
 }

@@ -25,7 +25,7 @@ use crate::io::{open_engine, Completion, Engine, FileId, IoBuf, Op, Request, ALI
 
 impl From<FormatError> for CopyError {
     fn from(err: FormatError) -> CopyError {
-        CopyError::Input(err.to_string())
+        CopyError::Input(crate::error::chain(&err))
     }
 }
 

@@ -42,10 +42,11 @@ pub type Progress = Arc<dyn Fn(u64) + Send + Sync>;
 pub enum CopyError {
     #[error(transparent)]
     Io(#[from] IoError),
-    #[error("{what} {path}: {error}")]
+    #[error("{what} {path}")]
     File {
         what: &'static str,
         path: String,
+        #[source]
         error: io::Error,
     },
     #[error("{0}")]

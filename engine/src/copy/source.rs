@@ -10,7 +10,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::CopyError;
-use crate::io::{open_file, sys, OpenOptions};
+use crate::io::{open_file, OpenOptions};
+use crate::sys;
 
 /// Something a copy job can read a volume image from.
 pub trait Source: Send {
@@ -161,8 +162,11 @@ impl Source for FileSource {
                             return Err(CopyError::file(&self.path, "finding data in", err))
                         }
                     };
+                    // No hole after data found a moment ago: a racing truncate; the
+                    // rest of the range reads as data (zeros past the new end).
                     let hole = sys::seek_hole(&self.file, data)
-                        .map_err(|err| CopyError::file(&self.path, "finding holes in", err))?;
+                        .map_err(|err| CopyError::file(&self.path, "finding holes in", err))?
+                        .unwrap_or(range.end);
                     self.last_seek = Some((at, data, hole));
                     (data, hole)
                 }

@@ -18,9 +18,10 @@ use std::sync::Arc;
 use super::extents::zero_runs;
 use super::{CopyError, FailedExtent};
 use crate::io::{
-    open_engine, open_file, sys, Completion, Engine, EngineConfig, EngineKind, FileId, IoBuf, Op,
+    open_engine, open_file, Completion, Engine, EngineConfig, EngineKind, FileId, IoBuf, Op,
     OpenOptions, Request, ALIGN,
 };
+use crate::sys;
 
 /// `user_data` bit that marks the writer's own requests; readers sharing the engine use
 /// values below it.

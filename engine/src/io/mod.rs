@@ -40,14 +40,16 @@
 //!
 //! # Where the unsafe is
 //!
-//! `buf` (the aligned allocation and its slices), `ring` (registering buffers and pushing
-//! SQEs that point into them) and `sys` (lseek/fallocate). The rule that makes them sound:
+//! `buf` (the aligned allocation and its slices) and `ring` (registering buffers and
+//! pushing SQEs that point into them); plain file syscalls live in [`crate::sys`]. The
+//! rule that makes them sound:
 //! a buffer in flight is owned by the ring's in-flight table, keyed by the SQE's
 //! `user_data`, until its completion is reaped.
 
+#[allow(unsafe_code)]
 mod buf;
+#[allow(unsafe_code)]
 mod ring;
-pub mod sys;
 mod threads;
 mod uring;
 
@@ -60,6 +62,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+/// The file syscalls the copy engine uses; kept here so `io::sys` paths stay valid.
+pub use crate::sys::file as sys;
 pub use buf::{BufPool, IoBuf, Pages, ALIGN, MAX_POOL_BYTES};
 pub use threads::ThreadEngine;
 pub use uring::UringEngine;

@@ -47,7 +47,14 @@ pub(crate) struct Reaped<T> {
     pub buf: IoBuf,
 }
 
+/// An io_uring ring with its registered buffers and the table of requests in flight.
+///
+/// Field order is drop order, and it matters: `ring` is declared first so it is closed
+/// (unregistering the fixed buffers) before `registered` releases the pool's memory and
+/// before `slots` gives back the buffers of requests still parked there. Reordering the
+/// fields would let the kernel hold registered memory that has been freed.
 pub(crate) struct Ring<T> {
+    // Must stay the first field: see the drop-order note above.
     ring: IoUring,
     /// The registered pool (its id selects fixed ops) and a handle that keeps its memory
     /// alive while the kernel has it registered.

@@ -30,7 +30,7 @@ const MAX_LINE: usize = 1 << 20;
 /// Errors talking to the guest agent.
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
-    #[error("guest agent socket {socket}: {source} (is the VM running with a guest-agent channel on this socket?)")]
+    #[error("guest agent socket {socket}: cannot connect (is the VM running with a guest-agent channel on this socket?)")]
     Connect { socket: PathBuf, source: io::Error },
     #[error("guest agent on {socket}: no answer to {command} within {limit:?} (is qemu-ga running in the guest?)")]
     Timeout {
@@ -51,7 +51,7 @@ pub enum AgentError {
         command: String,
         reply: String,
     },
-    #[error("guest agent on {socket}: {source}")]
+    #[error("guest agent on {socket}: talking to it failed")]
     Io { socket: PathBuf, source: io::Error },
 }
 

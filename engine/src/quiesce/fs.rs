@@ -13,7 +13,8 @@ use std::os::fd::AsFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use super::{sys, QuiesceError};
+use super::QuiesceError;
+use crate::{error, sys};
 
 /// A filesystem this process froze, with the directory it was frozen through kept open
 /// (thawing through the same descriptor needs no path lookup on a frozen filesystem).
@@ -104,7 +105,7 @@ pub(crate) fn presync(mountpoints: &[PathBuf]) -> Result<(), QuiesceError> {
 
 /// Freezes one filesystem.
 pub(crate) fn freeze(mountpoint: &Path) -> Result<FrozenFs, String> {
-    let dir = open_dir(mountpoint).map_err(|e| e.to_string())?;
+    let dir = open_dir(mountpoint).map_err(|e| error::chain(&e))?;
     match sys::fifreeze(dir.as_fd()) {
         Ok(()) => Ok(FrozenFs {
             mountpoint: mountpoint.to_path_buf(),

@@ -19,7 +19,8 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use super::{sys, QuiesceError};
+use super::QuiesceError;
+use crate::sys;
 
 /// How much of each output stream of one hook run is kept.
 pub const OUTPUT_CAP: usize = 64 * 1024;

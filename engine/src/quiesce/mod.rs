@@ -50,7 +50,6 @@
 pub mod agent;
 mod fs;
 pub mod hooks;
-mod sys;
 pub mod watchdog;
 
 use std::path::{Path, PathBuf};
@@ -62,6 +61,8 @@ use agent::{AgentClient, AgentError};
 use fs::FrozenFs;
 use hooks::{HookAction, HookRun};
 use watchdog::{FiredReport, ToWatchdog, WatchdogHandle};
+
+use crate::{error, sys};
 
 /// tidemark's own hook directory.
 pub const WRITERS_DIR: &str = "/usr/lib/tidemark/writers.d";
@@ -125,13 +126,13 @@ pub enum QuiesceError {
     RefuseOwnState { mountpoint: PathBuf, path: PathBuf },
     #[error("cannot freeze {path}: it is not a mount point (give the directory a filesystem is mounted on, as in /proc/mounts)")]
     NotAMountpoint { path: PathBuf },
-    #[error("cannot {what} {path}: {source}")]
+    #[error("cannot {what} {path}")]
     Io {
         what: String,
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("cannot read the hooks directory {dir}: {source}")]
+    #[error("cannot read the hooks directory {dir}")]
     HooksDir {
         dir: PathBuf,
         source: std::io::Error,
@@ -345,7 +346,10 @@ impl Quiesced {
                 .and_then(|mut client| client.fsfreeze_thaw(self.agent_timeout));
             match result {
                 Ok(count) => self.note(format!("guest agent thawed {count} filesystem(s)")),
-                Err(e) => errors.push(format!("{e}; the guest may still be frozen")),
+                Err(e) => errors.push(format!(
+                    "{}; the guest may still be frozen",
+                    error::chain(&e)
+                )),
             }
         }
         for hook in std::mem::take(&mut self.hooks).iter().rev() {
@@ -552,7 +556,7 @@ pub fn quiesce(spec: &QuiesceSpec) -> Result<Quiesced, QuiesceError> {
                     "the guest agent reports its filesystems {status:?} after freezing"
                 )))
             }
-            Err(e) => return Err(q.abort(e.to_string())),
+            Err(e) => return Err(q.abort(error::chain(&e))),
         }
     }
 

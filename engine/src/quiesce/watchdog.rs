@@ -40,7 +40,8 @@ use serde::{Deserialize, Serialize};
 
 use super::agent::AgentClient;
 use super::hooks::{self, HookAction, HookRun};
-use super::{fs, sys, QuiesceError};
+use super::{fs, QuiesceError};
+use crate::{error, sys};
 use std::os::unix::process::CommandExt;
 
 /// The hidden subcommand of the tidemark binary that runs [`serve`].
@@ -271,7 +272,9 @@ impl Watchdog {
                     Ok(count) => report.log.push(format!(
                         "watchdog: guest agent thawed {count} filesystem(s)"
                     )),
-                    Err(e) => report.errors.push(format!("watchdog: {e}")),
+                    Err(e) => report
+                        .errors
+                        .push(format!("watchdog: {}", error::chain(&e))),
                 },
                 ToWatchdog::Hook { path } => {
                     let run = hooks::run(path, HookAction::Thaw, &self.dirs, self.hook_timeout);

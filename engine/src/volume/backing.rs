@@ -9,7 +9,7 @@ use std::io;
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-use super::sys;
+use crate::sys;
 
 /// Alignment of O_DIRECT requests: offsets, lengths and buffer addresses. 4 KiB covers
 /// every logical block size in use (512-byte and 4K-native devices).

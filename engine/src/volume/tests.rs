@@ -2,6 +2,7 @@
 //! model-based property test against a plain in-memory disk.
 
 use std::collections::BTreeMap;
+use std::fs;
 use std::sync::Arc;
 
 use proptest::prelude::*;

@@ -1,0 +1,23 @@
+//! The engine's one system-call layer.
+//!
+//! - [`file`]: SEEK_DATA/SEEK_HOLE, fallocate modes, `pwritev`, page-cache probes,
+//!   `syncfs` and `flock`, all through rustix, so no `unsafe` is needed;
+//! - `ioctl`: the block-device and filesystem ioctls rustix does not wrap
+//!   (`BLKGETSIZE64`, `BLKDISCARD`, `BLKZEROOUT`, `FIFREEZE`, `FITHAW`), one of the
+//!   engine's `unsafe` modules;
+//! - `process`: the monotonic clock, killing a process group (rustix) and ignoring stop
+//!   signals (the one libc call left, `unsafe`).
+//!
+//! The io_uring ring and its aligned buffers keep their `unsafe` in [`crate::io`]'s `ring`
+//! and `buf` modules, which own the memory the kernel is handed.
+
+pub mod file;
+#[allow(unsafe_code)]
+pub(crate) mod ioctl;
+#[allow(unsafe_code)]
+pub(crate) mod process;
+
+pub use file::{is_cached, punch_hole, seek_data, seek_hole, try_lock_exclusive, zero_range};
+pub(crate) use file::{preallocate, pwritev, syncfs, IOV_MAX};
+pub(crate) use ioctl::{block_device_size, block_discard, block_zeroout, fifreeze, fithaw};
+pub(crate) use process::{ignore_stop_signals, kill_process_group, monotonic_now};

@@ -1,0 +1,346 @@
+//! Snapshots of a live volume: one or a group taken under one write pause, with the
+//! optional new checkpoint and frozen dirty bitmap per volume; their markers, and
+//! reporting the snapshots a crash lost.
+
+use std::fs::{self};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, MutexGuard, PoisonError, RwLockWriteGuard};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use super::{
+    lock_mutex, GroupSnapshot, SnapshotSpec, Volume, VolumeError, WriteState, MAX_GRANULARITY,
+    MIN_GRANULARITY,
+};
+use crate::checkpoint::{valid_name, Chain, NewCheckpoint};
+use crate::error;
+use crate::snapshot::{Snapshot, SnapshotInner, SnapshotParams, MAX_DEFAULT_CHUNK};
+use crate::status::{unix_now, EventLevel};
+
+impl Volume {
+    /// Take a snapshot of this volume alone (see [`Volume::snapshot_group`]).
+    pub fn snapshot(&self, spec: SnapshotSpec) -> Result<(Snapshot, Duration), VolumeError> {
+        let mut group = Volume::snapshot_group(&[(self, spec)])?;
+        let snapshot = group
+            .snapshots
+            .pop()
+            .ok_or_else(|| VolumeError::Invalid("no snapshot taken".into()))?;
+        Ok((snapshot, group.pause))
+    }
+
+    /// Snapshot several volumes at one instant: pause new writes on all of them, drain
+    /// in-flight ones, then per volume freeze the changes since `spec.since`, create the
+    /// snapshot and the checkpoint `spec.checkpoint`, and resume. All or nothing: on error
+    /// every volume is left as it was.
+    pub fn snapshot_group(
+        requests: &[(&Volume, SnapshotSpec)],
+    ) -> Result<GroupSnapshot, VolumeError> {
+        // Validate and prepare outside the pause.
+        let mut order: Vec<usize> = (0..requests.len()).collect();
+        order.sort_by_key(|&i| requests[i].0.uuid());
+        for w in order.windows(2) {
+            if requests[w[0]].0.uuid() == requests[w[1]].0.uuid() {
+                return Err(VolumeError::Invalid(format!(
+                    "volume {} appears twice in one snapshot group",
+                    requests[w[0]].0.name()
+                )));
+            }
+        }
+        let mut cow_paths = Vec::with_capacity(requests.len());
+        for (volume, spec) in requests {
+            cow_paths.push(volume.prepare_snapshot(spec)?);
+        }
+        let markers_done = |upto: usize| {
+            for (volume, spec) in &requests[..upto] {
+                volume.remove_marker(&spec.name);
+            }
+        };
+        // Lock order: every chain, then every gate, both by volume uuid.
+        let mut chains: Vec<Option<MutexGuard<'_, Chain>>> =
+            requests.iter().map(|_| None).collect();
+        for &i in &order {
+            chains[i] = Some(lock_mutex(&requests[i].0.chain));
+        }
+        // New checkpoints' bitmap files are written before the pause.
+        let mut prepared: Vec<Option<NewCheckpoint>> = requests.iter().map(|_| None).collect();
+        let discard_prepared =
+            |chains: &[Option<MutexGuard<'_, Chain>>], prepared: &mut [Option<NewCheckpoint>]| {
+                for (chain, new) in chains.iter().zip(prepared.iter_mut()) {
+                    if let (Some(chain), Some(new)) = (chain, new.take()) {
+                        chain.discard(new);
+                    }
+                }
+            };
+        for (i, (_, spec)) in requests.iter().enumerate() {
+            let (Some(chain), Some(name)) = (chains[i].as_deref(), &spec.checkpoint) else {
+                continue;
+            };
+            match chain.prepare(name) {
+                Ok(new) => prepared[i] = Some(new),
+                Err(e) => {
+                    discard_prepared(&chains, &mut prepared);
+                    markers_done(requests.len());
+                    return Err(e.into());
+                }
+            }
+        }
+        let started = Instant::now();
+        let mut gates: Vec<Option<RwLockWriteGuard<'_, WriteState>>> =
+            requests.iter().map(|_| None).collect();
+        for &i in &order {
+            match requests[i].0.gate_write() {
+                Ok(g) => gates[i] = Some(g),
+                Err(e) => {
+                    drop(gates);
+                    discard_prepared(&chains, &mut prepared);
+                    markers_done(requests.len());
+                    return Err(e);
+                }
+            }
+        }
+        let mut taken: Vec<(Arc<SnapshotInner>, bool)> = Vec::new();
+        let mut failure = None;
+        for (i, (volume, spec)) in requests.iter().enumerate() {
+            let (Some(chain), Some(st)) = (chains[i].as_deref_mut(), gates[i].as_deref_mut())
+            else {
+                continue;
+            };
+            match volume.take_snapshot(chain, st, spec, &cow_paths[i], prepared[i].take()) {
+                Ok(inner) => taken.push((inner, spec.checkpoint.is_some())),
+                Err(e) => {
+                    failure = Some(e);
+                    break;
+                }
+            }
+        }
+        if let Some(err) = failure {
+            // Undo in reverse: deleting the new checkpoint merges its (empty, since
+            // writes are paused) bitmap back, leaving the chain as it was.
+            for (i, (inner, made_checkpoint)) in taken.into_iter().enumerate().rev() {
+                let (volume, spec) = &requests[i];
+                if let (Some(chain), Some(st)) = (chains[i].as_deref_mut(), gates[i].as_deref_mut())
+                {
+                    st.snapshots.retain(|s| !Arc::ptr_eq(s, &inner));
+                    inner.drop_store();
+                    if let (true, Some(name)) = (made_checkpoint, &spec.checkpoint) {
+                        if let Err(e) = chain.delete(name, &mut st.active) {
+                            volume.events.push(
+                                EventLevel::Error,
+                                format!(
+                                    "volume {}: undoing checkpoint {name}: {}",
+                                    volume.name(),
+                                    error::chain(&e)
+                                ),
+                            );
+                        }
+                    }
+                }
+            }
+            drop(gates);
+            discard_prepared(&chains, &mut prepared);
+            markers_done(requests.len());
+            return Err(err);
+        }
+        drop(gates);
+        let pause = started.elapsed();
+        drop(chains);
+        Ok(GroupSnapshot {
+            snapshots: taken
+                .into_iter()
+                .map(|(inner, _)| Snapshot::new(inner))
+                .collect(),
+            pause,
+        })
+    }
+
+    /// Checks done before the pause; writes the snapshot's marker. Returns the COW path.
+    pub(super) fn prepare_snapshot(&self, spec: &SnapshotSpec) -> Result<PathBuf, VolumeError> {
+        if !valid_name(&spec.name) {
+            return Err(VolumeError::Invalid(format!(
+                "invalid snapshot name {:?}: use 1 to 255 of the characters A-Z a-z 0-9 . _ - + @ :",
+                spec.name
+            )));
+        }
+        if let Some(c) = spec.cow.chunk_size {
+            if !c.is_power_of_two() || !(MIN_GRANULARITY..=MAX_GRANULARITY).contains(&c) {
+                return Err(VolumeError::Invalid(format!(
+                    "COW chunk size {c} must be a power of two from 4 KiB to 1 MiB"
+                )));
+            }
+        }
+        {
+            let st = self.gate_read()?;
+            if st.snapshots.iter().any(|s| s.name() == spec.name) {
+                return Err(VolumeError::SnapshotExists {
+                    volume: self.name().to_string(),
+                    name: spec.name.clone(),
+                });
+            }
+        }
+        let snap_dir = self.dir.join("snapshots");
+        let cow_path = match (&spec.cow.path, &self.cow_defaults.cow_dir) {
+            (Some(p), _) => p.clone(),
+            (None, Some(dir)) => dir.join(format!("{}-{}.cow", self.name(), spec.name)),
+            (None, None) => snap_dir.join(format!("{}.cow", spec.name)),
+        };
+        fs::create_dir_all(&snap_dir).map_err(|e| self.io_err("create", &snap_dir, e))?;
+        let marker = SnapshotMarker {
+            name: spec.name.clone(),
+            cow_path: cow_path.clone(),
+            created_unix: unix_now(),
+        };
+        let path = snap_dir.join(format!("{}.json", spec.name));
+        let bytes = serde_json::to_vec(&marker).map_err(|e| VolumeError::Invalid(e.to_string()))?;
+        tidemark_formats::atomic_replace(&path, &bytes)
+            .map_err(|e| self.io_err("write", &path, e))?;
+        Ok(cow_path)
+    }
+
+    pub(super) fn remove_marker(&self, name: &str) {
+        let _ = fs::remove_file(self.dir.join("snapshots").join(format!("{name}.json")));
+    }
+
+    /// The paused part of a snapshot on one volume.
+    pub(super) fn take_snapshot(
+        &self,
+        chain: &mut Chain,
+        st: &mut WriteState,
+        spec: &SnapshotSpec,
+        cow_path: &Path,
+        new_checkpoint: Option<NewCheckpoint>,
+    ) -> Result<Arc<SnapshotInner>, VolumeError> {
+        let give_up = |chain: &Chain, new: Option<NewCheckpoint>| {
+            if let Some(new) = new {
+                chain.discard(new);
+            }
+        };
+        if st.snapshots.iter().any(|s| s.name() == spec.name) {
+            give_up(chain, new_checkpoint);
+            return Err(VolumeError::SnapshotExists {
+                volume: self.name().to_string(),
+                name: spec.name.clone(),
+            });
+        }
+        let bitmap = match &spec.since {
+            Some(since) => match chain.bitmap_since(since, st.active.as_deref()) {
+                Ok(b) => Some(b),
+                Err(e) => {
+                    give_up(chain, new_checkpoint);
+                    return Err(e.into());
+                }
+            },
+            None => None,
+        };
+        let chunk = spec
+            .cow
+            .chunk_size
+            .unwrap_or(self.granularity().min(MAX_DEFAULT_CHUNK));
+        let inner = match SnapshotInner::create(SnapshotParams {
+            name: spec.name.clone(),
+            volume: self.name().to_string(),
+            size: self.size(),
+            chunk,
+            origin: self.backing.clone(),
+            store_path: cow_path.to_path_buf(),
+            limit: spec.cow.limit.or(self.cow_defaults.cow_limit),
+            bitmap,
+            events: self.events.clone(),
+        }) {
+            Ok(inner) => Arc::new(inner),
+            Err(e) => {
+                give_up(chain, new_checkpoint);
+                return Err(e.into());
+            }
+        };
+        if let Err(e) = inner.start() {
+            inner.drop_store();
+            give_up(chain, new_checkpoint);
+            return Err(e.into());
+        }
+        if let Some(name) = &spec.checkpoint {
+            let installed = match new_checkpoint {
+                Some(new) => chain.install(new, &mut st.active),
+                // Not prepared before the pause: prepare now.
+                None => chain
+                    .prepare(name)
+                    .and_then(|new| chain.install(new, &mut st.active)),
+            };
+            if let Err(e) = installed {
+                inner.drop_store();
+                return Err(e.into());
+            }
+        } else {
+            give_up(chain, new_checkpoint);
+        }
+        st.snapshots.push(inner.clone());
+        Ok(inner)
+    }
+
+    /// The live snapshots of this volume.
+    pub fn snapshots(&self) -> Vec<Snapshot> {
+        let st = self.gate.read().unwrap_or_else(PoisonError::into_inner);
+        st.snapshots.iter().cloned().map(Snapshot::new).collect()
+    }
+
+    /// Drop snapshot `name`: writes stop preserving its chunks and its COW store is
+    /// deleted; handles still held read as "dropped".
+    pub fn drop_snapshot(&self, name: &str) -> Result<(), VolumeError> {
+        let inner = {
+            let mut st = self.gate_write()?;
+            let Some(pos) = st.snapshots.iter().position(|s| s.name() == name) else {
+                return Err(VolumeError::SnapshotNotFound {
+                    volume: self.name().to_string(),
+                    name: name.to_string(),
+                });
+            };
+            st.snapshots.remove(pos)
+        };
+        inner.drop_store();
+        self.remove_marker(name);
+        Ok(())
+    }
+
+    /// Snapshots whose markers survived a previous process: it stopped without dropping
+    /// them (a crash, or a clean stop while a backup was running). Report and clean up.
+    pub(super) fn reap_lost_snapshots(&self) {
+        let snap_dir = self.dir.join("snapshots");
+        let Ok(entries) = fs::read_dir(&snap_dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.extension().is_none_or(|e| e != "json")
+                || entry.file_name().to_string_lossy().starts_with('.')
+            {
+                // No snapshot is alive at open: COW stores and half-written markers
+                // left in the default place are garbage.
+                let _ = fs::remove_file(&path);
+                continue;
+            }
+            if let Ok(bytes) = fs::read(&path) {
+                if let Ok(marker) = serde_json::from_slice::<SnapshotMarker>(&bytes) {
+                    let _ = fs::remove_file(&marker.cow_path);
+                    self.events.push(
+                        EventLevel::Warning,
+                        format!(
+                            "volume {}: snapshot {} did not survive the previous stop and is gone; its backup must be run again",
+                            self.name(),
+                            marker.name
+                        ),
+                    );
+                }
+            }
+            let _ = fs::remove_file(&path);
+        }
+    }
+}
+
+/// Marker of a live snapshot (`snapshots/<name>.json`): present while it exists, so a
+/// crash is noticed and reported at the next open.
+#[derive(Debug, Serialize, Deserialize)]
+struct SnapshotMarker {
+    name: String,
+    cow_path: PathBuf,
+    created_unix: u64,
+}
