@@ -165,9 +165,8 @@ impl Connection {
             connect_timeout: timeout,
             ..ClientOptions::default()
         };
-        let client = Client::connect(&parsed, options)
-            .await
-            .with_context(|| format!("connecting to the NBD export {uri}"))?;
+        // The client's errors name the URI already.
+        let client = Client::connect(&parsed, options).await?;
         Ok(Connection {
             client,
             uri: uri.to_string(),
