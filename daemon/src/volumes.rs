@@ -17,7 +17,7 @@ use tidemark_engine::volume::{SnapshotSpec, TrackingMode, Volume, VolumeError, V
 use tidemark_formats::delta::CheckpointRef;
 use tidemark_nbd::export::{Capabilities, Export, ExportResult, Extent, MetaContext, ZeroFlags};
 
-use tidemark_nbd::server::{Server, ServerError};
+use tidemark_nbd::server::{Server, ServerConfig, ServerError};
 
 use crate::backup::Progress;
 use crate::daemon::DaemonError;
@@ -405,9 +405,9 @@ impl NbdTask {
 }
 
 impl NbdServer {
-    pub fn new() -> NbdServer {
+    pub fn new(config: ServerConfig) -> NbdServer {
         NbdServer {
-            server: Server::new(),
+            server: Server::with_config(config),
         }
     }
 
