@@ -209,7 +209,10 @@ async fn connection(
                 }
                 // A client too slow to read its events loses the oldest ones; say so.
                 Err(broadcast::error::RecvError::Lagged(missed)) => {
-                    tracing::warn!(conn, "a control client does not read: {missed} events dropped");
+                    tracing::warn!(
+                        conn,
+                        "a control client does not read: {missed} events dropped"
+                    );
                     let warning = Event::new("EVENTS_LOST", serde_json::json!({"count": missed}));
                     if let Ok(value) = serde_json::to_value(&warning) {
                         if events_tx.send(value).await.is_err() {

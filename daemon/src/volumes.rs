@@ -511,17 +511,21 @@ fn push_staged(
             PushFormat::Image => full && !push::is_block_device(target),
             PushFormat::Delta => true,
         };
-        let write_to = if stage {
+        // The file is opened once here and written through its handle: never reopened by
+        // a name someone could swap for a symlink meanwhile.
+        let (file, shown) = if stage {
             let partial = push::partial_path(target);
-            push::create_partial(&partial, target).map_err(failed)?;
+            let file = push::create_partial(&partial, target).map_err(failed)?;
             staged.push((partial.clone(), target.clone()));
-            partial
+            (file, partial)
         } else {
-            target.clone()
+            (push::open_target(target).map_err(failed)?, target.clone())
         };
+        let write_to = push::handle_path(&file);
         let report = match format {
             PushFormat::Image => {
-                let report = push::push_image(snapshot, &write_to, progress).map_err(failed)?;
+                let report =
+                    push::push_image(snapshot, &write_to, &shown, progress).map_err(failed)?;
                 json!({"volume": snapshot.volume(), "target": target, "copy": report})
             }
             PushFormat::Delta => {
@@ -555,7 +559,7 @@ fn push_staged(
                     to,
                 };
                 let bytes =
-                    push::push_delta(snapshot, &origin, &write_to, progress).map_err(failed)?;
+                    push::push_delta(snapshot, &origin, file, &shown, progress).map_err(failed)?;
                 json!({"volume": snapshot.volume(), "target": target, "delta_bytes": bytes})
             }
         };

@@ -226,7 +226,9 @@ impl ConnectionGuard {
         let max = inner.config.max_connections;
         inner
             .active
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| (n < max).then_some(n + 1))
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n < max).then_some(n + 1)
+            })
             .ok()?;
         Some(ConnectionGuard(inner))
     }

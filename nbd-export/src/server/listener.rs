@@ -262,7 +262,10 @@ pub fn bind_private(path: &Path) -> std::io::Result<std::os::unix::net::UnixList
     let staging = staging.ok_or_else(|| {
         std::io::Error::new(
             std::io::ErrorKind::AlreadyExists,
-            format!("cannot create a private directory next to {}", path.display()),
+            format!(
+                "cannot create a private directory next to {}",
+                path.display()
+            ),
         )
     })?;
     let bound = (|| {
