@@ -395,4 +395,68 @@ mod tests {
         assert_eq!(replies[2]["error"]["class"], json!("InvalidParameter"));
         assert_eq!(replies[2]["id"], json!(3));
     }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_client_that_never_reads_costs_bounded_memory_and_hears_events_lost() {
+        const EVENTS: usize = 20_000;
+        const PAYLOAD: usize = 8 << 10;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("control.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let handler: Arc<dyn Handler> = Arc::new(Echo::default());
+        // The daemon's ring size.
+        let (events, _) = broadcast::channel(1024);
+        let (_stop, stopped) = watch::channel(false);
+        tokio::spawn(serve(listener, handler, events.clone(), stopped));
+
+        let stream = UnixStream::connect(&path).await.unwrap();
+        let mut reader = BufReader::new(stream);
+        let mut greeting = String::new();
+        reader.read_line(&mut greeting).await.unwrap();
+        // Wait until the server subscribed this connection to the events.
+        while events.receiver_count() == 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        // 160 MiB of events while the client reads nothing; paced, so a forwarder that
+        // queues without bound keeps up and never lags.
+        let blob = "x".repeat(PAYLOAD);
+        for n in 0..EVENTS {
+            let _ = events.send(Event::new("E", json!({"n": n, "blob": blob})));
+            if n % 256 == 255 {
+                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+            }
+        }
+        let _ = events.send(Event::new("MARK", json!({})));
+        // Now it reads: the events it missed are counted, the rest arrive.
+        let (mut delivered, mut lost) = (0, 0);
+        loop {
+            let mut line = String::new();
+            let read = tokio::time::timeout(
+                std::time::Duration::from_secs(30),
+                reader.read_line(&mut line),
+            )
+            .await
+            .expect("the events arrive")
+            .unwrap();
+            assert!(read > 0, "the server closed the connection");
+            let event: Value = serde_json::from_str(&line).unwrap();
+            match event["event"].as_str().unwrap() {
+                "E" => delivered += 1,
+                "EVENTS_LOST" => lost += event["data"]["count"].as_u64().unwrap(),
+                "MARK" => break,
+                other => panic!("unexpected event {other}"),
+            }
+        }
+        assert!(
+            lost > 0,
+            "EVENTS_LOST never came though {EVENTS} events were queued"
+        );
+        assert_eq!(delivered + lost, EVENTS as u64);
+        // What was held for it (delivered) fits the ring, the queue and the socket's
+        // buffer: memory for a client that does not read is bounded, whatever it misses.
+        assert!(
+            delivered < 1024 + OUTGOING as u64 + 512,
+            "{delivered} delivered"
+        );
+    }
 }
