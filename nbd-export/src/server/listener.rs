@@ -147,7 +147,7 @@ impl Server {
     }
 
     /// Tell a client past [`ServerConfig::max_connections`](super::ServerConfig) that the
-    /// server is full: NBD_REP_ERR_POLICY on its first option, within a short time limit.
+    /// server is full: NBD_REP_ERR_POLICY on its options, within a short time limit.
     fn refuse(&self, stream: NbdStream, peer: String) {
         let max = self.inner.config.max_connections;
         let inner = self.inner.clone();
@@ -178,8 +178,13 @@ impl Server {
 /// How long a refused client has to send its first option.
 const REFUSAL_TIME: Duration = Duration::from_secs(2);
 
-/// The refusal: greeting, the client's flags, its first option answered with
-/// NBD_REP_ERR_POLICY and `message` (EXPORT_NAME and ABORT cannot carry it: closed).
+/// Options a refused client may send before it is closed.
+const REFUSED_OPTIONS: usize = 16;
+
+/// The refusal: the greeting, the client's flags, then every option answered with
+/// NBD_REP_ERR_POLICY and `message` until the client gives up (clients such as libnbd
+/// try other options after an error, and fail on the error to NBD_OPT_GO). EXPORT_NAME
+/// cannot carry an error and ABORT asks to leave: both are closed.
 async fn refuse_stream(mut stream: NbdStream, message: &str) -> std::io::Result<()> {
     match &mut stream {
         NbdStream::Unix(s) => refuse_io(s, message).await,
@@ -193,29 +198,32 @@ where
 {
     s.write_all(&Negotiation::greeting()).await?;
     let _client_flags = s.read_u32().await?;
-    let mut header = [0u8; proto::OPTION_HEADER_LEN];
-    s.read_exact(&mut header).await?;
-    let option = proto::parse_option_header(&header)
-        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))?;
-    if option.length > proto::MAX_OPTION_LENGTH
-        || matches!(option.option, proto::opt::EXPORT_NAME | proto::opt::ABORT)
-    {
-        return Ok(());
+    for _ in 0..REFUSED_OPTIONS {
+        let mut header = [0u8; proto::OPTION_HEADER_LEN];
+        s.read_exact(&mut header).await?;
+        let option = proto::parse_option_header(&header)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))?;
+        if option.length > proto::MAX_OPTION_LENGTH
+            || matches!(option.option, proto::opt::EXPORT_NAME | proto::opt::ABORT)
+        {
+            break;
+        }
+        tokio::io::copy(
+            &mut (&mut *s).take(option.length.into()),
+            &mut tokio::io::sink(),
+        )
+        .await?;
+        let mut out = Vec::new();
+        proto::encode_option_reply(
+            &mut out,
+            option.option,
+            proto::rep::ERR_POLICY,
+            message.as_bytes(),
+        );
+        s.write_all(&out).await?;
+        s.flush().await?;
     }
-    tokio::io::copy(
-        &mut (&mut *s).take(option.length.into()),
-        &mut tokio::io::sink(),
-    )
-    .await?;
-    let mut out = Vec::new();
-    proto::encode_option_reply(
-        &mut out,
-        option.option,
-        proto::rep::ERR_POLICY,
-        message.as_bytes(),
-    );
-    s.write_all(&out).await?;
-    s.flush().await
+    Ok(())
 }
 
 /// Keepalive on an accepted TCP socket, so a peer that vanished (host down, cable cut)

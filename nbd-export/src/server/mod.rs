@@ -35,9 +35,9 @@
 //!
 //! Resources are bounded against many or careless clients: at most
 //! [`ServerConfig::max_connections`] connections are served at once. A client past the
-//! cap gets the greeting and, on its first option, NBD_REP_ERR_POLICY with a message
-//! saying the server is full (an NBD_OPT_EXPORT_NAME or ABORT, which cannot carry an
-//! error, is simply closed); the refusal is logged and bounded in time, and no more
+//! cap gets the greeting and then NBD_REP_ERR_POLICY, with a message saying the server is
+//! full, to each option it sends (an NBD_OPT_EXPORT_NAME, which cannot carry an error, or
+//! an ABORT is simply closed); the refusal is logged and bounded in time, and no more
 //! refusals than that cap run at once (beyond them a client is closed at once). A
 //! transmitting connection with nothing in flight that sends no request for
 //! [`ServerConfig::idle_timeout`] is closed, and accepted TCP sockets use keepalive so a
@@ -94,7 +94,7 @@ pub struct ServerConfig {
     /// open waiting for its client to disconnect (see the module doc).
     pub shutdown_grace: Duration,
     /// Connections served at once (negotiating or transmitting); a client past it is
-    /// refused with NBD_REP_ERR_POLICY on its first option (see the module doc).
+    /// refused with NBD_REP_ERR_POLICY on its options (see the module doc).
     pub max_connections: usize,
     /// A transmitting connection with nothing in flight that sends no request for this
     /// long is closed.
