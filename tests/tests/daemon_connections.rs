@@ -118,6 +118,7 @@ fn a_thousand_clients_are_capped_refused_and_control_still_answers() {
     // With 64 clients held, the daemon's threads stay bounded (8 per connection) and a
     // backup begins at once.
     let count = threads(pid);
+    eprintln!("daemon threads with 64 connections held: {count}");
     assert!(count < 64 * 8 + 64, "{count} threads with 64 connections");
     let asked = Instant::now();
     let begun = daemon.cli(&["backup", "begin", "v", "--json"]);
