@@ -3,6 +3,8 @@
 # only those missing, so a second run costs nothing.
 set -euo pipefail
 packages=(qemu-utils libnbd-bin nbdkit python3-libnbd fio nbd-server e2fsprogs util-linux)
+# ss (tests/tests/daemon_connections.rs checks TCP keepalive).
+packages+=(iproute2)
 # The quiesce VM test (tests/tests/quiesce_vm.rs): the guest harness's host side, and
 # python3 for the test's writer.
 packages+=(qemu-system-x86 cpio kmod python3)

@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 /// How the daemon was asked to run.
 #[derive(Debug, Clone)]
@@ -14,6 +15,10 @@ pub struct Config {
     pub control_socket: PathBuf,
     /// Also serve NBD over TCP on this address.
     pub listen: Option<SocketAddr>,
+    /// NBD connections served at once (`--max-connections`); clients past it are refused.
+    pub max_connections: usize,
+    /// An NBD connection that sends no request for this long is closed (`--idle-timeout`).
+    pub idle_timeout: Duration,
 }
 
 impl Config {
@@ -23,6 +28,8 @@ impl Config {
             nbd_socket: state_dir.join("nbd.sock"),
             control_socket: state_dir.join(CONTROL_SOCKET),
             listen: None,
+            max_connections: tidemark_nbd::server::DEFAULT_MAX_CONNECTIONS,
+            idle_timeout: tidemark_nbd::server::DEFAULT_IDLE_TIMEOUT,
             state_dir,
         }
     }

@@ -68,6 +68,14 @@ pub enum DaemonError {
     /// A socket path holds another kind of file.
     #[error("{} exists and is not a socket; move it away or choose another path", .0.display())]
     NotASocket(PathBuf),
+    /// The state dir belongs to someone else or others may write to it.
+    #[error("refusing the state dir {}: {reason}", dir.display())]
+    UnsafeStateDir {
+        /// The state dir.
+        dir: PathBuf,
+        /// What is wrong and the command that fixes it.
+        reason: String,
+    },
     /// The volumes of the state dir cannot be listed.
     #[error("listing the volumes of {}", state_dir.display())]
     ListVolumes {
@@ -189,7 +197,11 @@ impl Daemon {
         let lock = DaemonLock::acquire(&config.state_dir)?;
         let volumes = VolumeHandle::open_all(&config.state_dir)?;
         let backup_counter = load_backup_counter(&config.state_dir)?;
-        let nbd = NbdServer::new();
+        let nbd = NbdServer::new(tidemark_nbd::server::ServerConfig {
+            max_connections: config.max_connections,
+            idle_timeout: config.idle_timeout,
+            ..Default::default()
+        });
         let mut registry = Registry::default();
         for volume in volumes {
             let name = volume.name().to_string();
@@ -562,6 +574,45 @@ fn prepare_state_dir(dir: &Path) -> Result<(), DaemonError> {
     if !dir.is_dir() {
         return Err(DaemonError::NotADirectory(dir.to_path_buf()));
     }
+    let meta = std::fs::metadata(dir).map_err(io_step(format!(
+        "inspecting the state dir {}",
+        dir.display()
+    )))?;
+    check_state_dir(dir, &meta, rustix::process::geteuid().as_raw())
+}
+
+/// The state dir holds volumes' tracking, COW stores and the sockets: it must belong to
+/// the daemon's user and be writable by nobody else (read access is only warned about).
+fn check_state_dir(dir: &Path, meta: &std::fs::Metadata, euid: u32) -> Result<(), DaemonError> {
+    use std::os::unix::fs::MetadataExt;
+    let unsafe_dir = |reason: String| DaemonError::UnsafeStateDir {
+        dir: dir.to_path_buf(),
+        reason,
+    };
+    if meta.uid() != euid {
+        return Err(unsafe_dir(format!(
+            "it is owned by uid {}, not by the daemon's user (uid {euid}): run `chown {euid} \
+             {}` or choose another --state-dir",
+            meta.uid(),
+            dir.display()
+        )));
+    }
+    let mode = meta.mode() & 0o777;
+    if mode & 0o022 != 0 {
+        return Err(unsafe_dir(format!(
+            "its mode {mode:04o} lets group or others write to it: run `chmod go-w {}` \
+             (or `chmod 700`)",
+            dir.display()
+        )));
+    }
+    if mode & 0o044 != 0 {
+        tracing::warn!(
+            "the state dir {} has mode {mode:04o}: group or others can read its volumes' \
+             tracking and COW stores; run `chmod 700 {}`",
+            dir.display(),
+            dir.display()
+        );
+    }
     Ok(())
 }
 
@@ -584,15 +635,11 @@ fn clear_stale_socket(path: &Path) -> Result<(), DaemonError> {
     }
 }
 
-fn restrict_socket(path: &Path) -> Result<(), DaemonError> {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io_step(
-        format!("making {} private (mode 0600)", path.display()),
-    ))
-}
-
 /// Run the daemon until SIGTERM or SIGINT.
 pub fn run(config: Config) -> Result<(), DaemonError> {
+    // Everything the daemon creates (state files, COW stores, pushed images and deltas,
+    // sockets) is for its user only, whatever umask it was started under.
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
     prepare_state_dir(&config.state_dir)?;
     let daemon = Daemon::open(config)?;
     clear_stale_socket(&daemon.config.control_socket)?;
@@ -621,10 +668,15 @@ async fn run_async(daemon: Arc<Daemon>) -> Result<(), DaemonError> {
         .await
         .map_err(DaemonError::Nbd)?;
 
-    let control = tokio::net::UnixListener::bind(&config.control_socket).map_err(io_step(
-        format!("listening on {}", config.control_socket.display()),
-    ))?;
-    restrict_socket(&config.control_socket)?;
+    let control = tidemark_nbd::server::bind_private(&config.control_socket)
+        .and_then(|listener| {
+            listener.set_nonblocking(true)?;
+            tokio::net::UnixListener::from_std(listener)
+        })
+        .map_err(io_step(format!(
+            "listening on {}",
+            config.control_socket.display()
+        )))?;
     let handler: Arc<dyn Handler> = Arc::new(DaemonHandler(Arc::clone(&daemon)));
     let control_task = tokio::spawn(server::serve(
         control,

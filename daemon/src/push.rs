@@ -140,9 +140,11 @@ fn check_report(report: &JobReport) -> Result<(), String> {
 
 /// Write `snapshot` into the raw image `target`: a full copy, or the changed extents into
 /// the existing image for an incremental backup.
+/// `target` is the path the engine opens (see [`handle_path`]); errors name `shown`.
 pub fn push_image(
     snapshot: &Snapshot,
     target: &Path,
+    shown: &Path,
     progress: &Arc<Progress>,
 ) -> Result<JobReport, String> {
     let mut source = SnapshotSource::new(snapshot.clone(), Arc::clone(progress));
@@ -156,7 +158,7 @@ pub fn push_image(
                 return Err(format!(
                     "{} does not exist: an incremental push updates the image of a previous \
                      full push; push a full backup there first",
-                    target.display()
+                    shown.display()
                 ));
             }
             let bytes: u64 = changed.iter().map(|r| r.end - r.start).sum();
@@ -164,7 +166,11 @@ pub fn push_image(
             copy::update_image(&mut source, changed, target, &job_options(progress))
         }
     }
-    .map_err(|err| format!("copying to {}: {err}", target.display()))?;
+    .map_err(|err| format!("copying to {}: {err}", shown.display()))?;
+    let report = JobReport {
+        destination: shown.display().to_string(),
+        ..report
+    };
     check_report(&report)?;
     Ok(report)
 }
@@ -183,6 +189,7 @@ pub struct DeltaOrigin {
 pub fn push_delta(
     snapshot: &Snapshot,
     origin: &DeltaOrigin,
+    file: File,
     target: &Path,
     progress: &Arc<Progress>,
 ) -> Result<u64, String> {
@@ -197,11 +204,6 @@ pub fn push_delta(
     let total: u64 = extents.iter().map(|r| r.end - r.start).sum();
     progress.total.fetch_add(total, Ordering::Relaxed);
     let partial = target;
-    let file = std::fs::OpenOptions::new()
-        .write(true)
-        .truncate(true)
-        .open(partial)
-        .map_err(|err| format!("opening {}: {err}", partial.display()))?;
     let header = DeltaHeader {
         volume_uuid: origin.volume_uuid,
         volume_size: size,
@@ -260,14 +262,20 @@ pub fn is_block_device(path: &Path) -> bool {
         .unwrap_or(false)
 }
 
-/// Create the staging file `partial` for `target`; never reuse a file that exists.
-pub fn create_partial(partial: &Path, target: &Path) -> Result<(), String> {
+/// Create the staging file `partial` for `target`; never reuse a file that exists and
+/// never follow a symlink (O_EXCL). Mode 0640 at most (the daemon's umask makes it 0600).
+/// The handle returned is the file the push writes: it is never reopened by name.
+pub fn create_partial(partial: &Path, target: &Path) -> Result<File, String> {
+    use std::os::unix::fs::OpenOptionsExt;
     match std::fs::OpenOptions::new()
+        .read(true)
         .write(true)
         .create_new(true)
+        .mode(0o640)
+        .custom_flags(libc::O_NOFOLLOW)
         .open(partial)
     {
-        Ok(_) => Ok(()),
+        Ok(file) => Ok(file),
         Err(err) if err.kind() == io::ErrorKind::AlreadyExists => Err(format!(
             "{} exists: an earlier push to {} did not finish, or the file is not tidemark's; \
              remove it or choose another target",
@@ -276,6 +284,59 @@ pub fn create_partial(partial: &Path, target: &Path) -> Result<(), String> {
         )),
         Err(err) => Err(format!("creating {}: {err}", partial.display())),
     }
+}
+
+/// Open a target written in place (a block device, or the image an incremental push
+/// updates) without following a symlink to a regular file: a planted link must not
+/// make the daemon write someone else's file. A symlink is followed only to a block
+/// device (`/dev/vg/lv`), checked on the opened handle.
+pub fn open_target(target: &Path) -> Result<File, String> {
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let open = |path: &Path| {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(path)
+    };
+    let file = match open(target) {
+        Err(err) if err.raw_os_error() == Some(libc::ELOOP) => {
+            let real = target
+                .canonicalize()
+                .map_err(|err| format!("resolving {}: {err}", target.display()))?;
+            let file = open(&real).map_err(|err| format!("opening {}: {err}", real.display()))?;
+            let is_device = file
+                .metadata()
+                .map(|m| m.file_type().is_block_device())
+                .unwrap_or(false);
+            if !is_device {
+                return Err(format!(
+                    "push target {} is a symlink to {}, which is not a block device; \
+                     name the image itself",
+                    target.display(),
+                    real.display()
+                ));
+            }
+            file
+        }
+        Err(err) if err.kind() == io::ErrorKind::NotFound => {
+            return Err(format!(
+                "{} does not exist: an incremental push updates the image of a previous \
+                 full push; push a full backup there first",
+                target.display()
+            ))
+        }
+        Err(err) => return Err(format!("opening {}: {err}", target.display())),
+        Ok(file) => file,
+    };
+    Ok(file)
+}
+
+/// A path that reopens exactly the file behind `file` (not whatever its name points to
+/// now), for the copy engine, which opens its destination by path.
+pub fn handle_path(file: &File) -> PathBuf {
+    use std::os::fd::AsRawFd;
+    PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()))
 }
 
 /// Move a staged file into place and make the rename durable.

@@ -2,9 +2,22 @@
 //! run it, write its reply, and forward events to every connection meanwhile.
 //!
 //! Each connection is handled in order (a reply is sent before the next request is read,
-//! as QMP does), commands run on blocking threads because they touch disks, and nothing
-//! a client sends can take the daemon down: a malformed line gets a `ProtocolError`
-//! reply, an over-long line is discarded up to its newline and answered the same way.
+//! as QMP does), and nothing a client sends can take the daemon down: a malformed line
+//! gets a `ProtocolError` reply, an over-long line is discarded up to its newline and
+//! answered the same way.
+//!
+//! Commands touch disks, so each runs on a thread of its own (`control-N`), never on
+//! tokio's blocking pool: however many NBD connections or other blocking work the daemon
+//! has, a control command starts at once. A thread that cannot be started fails the
+//! command with an error.
+//!
+//! What a client is sent is bounded: replies and events go through a queue of
+//! [`OUTGOING`] messages to the connection's writer. A client that does not read fills
+//! its socket and then that queue; from then on its events wait in the daemon's shared
+//! event ring (1024 events, the same memory for every client) and the oldest are dropped
+//! for that client. When it reads again it is sent one `EVENTS_LOST` event with the
+//! `count` it missed before the events that follow. Its own replies are never dropped:
+//! the next request is not read until the reply is queued.
 
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -27,6 +40,47 @@ pub trait Handler: Send + Sync + 'static {
     fn execute(&self, conn: ConnectionId, command: Command) -> Result<Value, CommandError>;
     /// Connection `conn` closed (its client exited or crashed).
     fn disconnected(&self, conn: ConnectionId);
+}
+
+/// Messages queued for one connection's writer (replies and events) before the
+/// producers wait (see the module doc).
+pub const OUTGOING: usize = 64;
+
+/// Run `execute` on a thread of its own (see the module doc).
+async fn run_command<F>(name: String, execute: F) -> Result<Value, CommandError>
+where
+    F: FnOnce() -> Result<Value, CommandError> + Send + 'static,
+{
+    static NEXT_COMMAND: AtomicU64 = AtomicU64::new(1);
+    let (done, result) = tokio::sync::oneshot::channel();
+    let spawned = std::thread::Builder::new()
+        .name(format!(
+            "control-{}",
+            NEXT_COMMAND.fetch_add(1, Ordering::Relaxed)
+        ))
+        .spawn(move || {
+            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(execute));
+            let _ = done.send(outcome);
+        });
+    if let Err(err) = spawned {
+        return Err(CommandError::new(
+            ErrorClass::GenericError,
+            format!(
+                "cannot start a thread to run {name}: {err}; the host is out of threads or \
+                 memory, retry when load is lower"
+            ),
+        ));
+    }
+    match result.await {
+        Ok(Ok(outcome)) => outcome,
+        _ => {
+            tracing::error!(command = %name, "command panicked");
+            Err(CommandError::new(
+                ErrorClass::GenericError,
+                format!("internal error running {name}; the daemon logged it, please report it"),
+            ))
+        }
+    }
 }
 
 /// Accept connections on `listener` until `shutdown` turns true.
@@ -125,7 +179,7 @@ async fn connection(
     mut shutdown: watch::Receiver<bool>,
 ) -> io::Result<()> {
     let (read_half, mut write_half) = stream.into_split();
-    let (out_tx, mut out_rx) = mpsc::unbounded_channel::<Value>();
+    let (out_tx, mut out_rx) = mpsc::channel::<Value>(OUTGOING);
 
     // The writer: replies and events in the order they were produced.
     let writer = tokio::spawn(async move {
@@ -138,7 +192,7 @@ async fn connection(
         }
     });
 
-    let _ = out_tx.send(protocol::greeting());
+    let _ = out_tx.send(protocol::greeting()).await;
     let events_tx = out_tx.clone();
     let forwarder = tokio::spawn(async move {
         loop {
@@ -147,15 +201,23 @@ async fn connection(
                     let Ok(value) = serde_json::to_value(&event) else {
                         continue;
                     };
-                    if events_tx.send(value).is_err() {
+                    // Waits while the client does not read: its events then pile up in
+                    // the shared ring, and it lags.
+                    if events_tx.send(value).await.is_err() {
                         break;
                     }
                 }
                 // A client too slow to read its events loses the oldest ones; say so.
                 Err(broadcast::error::RecvError::Lagged(missed)) => {
+                    tracing::warn!(
+                        conn,
+                        "a control client does not read: {missed} events dropped"
+                    );
                     let warning = Event::new("EVENTS_LOST", serde_json::json!({"count": missed}));
                     if let Ok(value) = serde_json::to_value(&warning) {
-                        let _ = events_tx.send(value);
+                        if events_tx.send(value).await.is_err() {
+                            break;
+                        }
                     }
                 }
                 Err(broadcast::error::RecvError::Closed) => break,
@@ -186,35 +248,23 @@ async fn connection(
                     let id = request.id.clone();
                     let name = request.execute.clone();
                     let handler = Arc::clone(&handler);
-                    let result = tokio::task::spawn_blocking(move || {
+                    let result = run_command(name.clone(), move || {
                         handler.execute(conn, Command::from_request(&request)?)
                     })
                     .await;
                     match result {
-                        Ok(Ok(value)) => protocol::reply_return(value, id),
-                        Ok(Err(err)) => {
+                        Ok(value) => protocol::reply_return(value, id),
+                        Err(err) => {
                             tracing::info!(conn, command = %name, "command failed: {}", err.desc);
                             protocol::reply_error(&err, id)
-                        }
-                        Err(join) => {
-                            tracing::error!(conn, command = %name, "command panicked: {join}");
-                            protocol::reply_error(
-                                &CommandError::new(
-                                    ErrorClass::GenericError,
-                                    format!(
-                                        "internal error running {name}; the daemon logged it, \
-                                         please report it"
-                                    ),
-                                ),
-                                id,
-                            )
                         }
                     }
                 }
             },
         };
-        if out_tx.send(reply).is_err() {
-            break Ok(());
+        tokio::select! {
+            sent = out_tx.send(reply) => if sent.is_err() { break Ok(()) },
+            _ = shutdown.changed() => break Ok(()),
         }
     };
     forwarder.abort();
@@ -344,5 +394,69 @@ mod tests {
         assert_eq!(replies[1]["id"], json!("x"));
         assert_eq!(replies[2]["error"]["class"], json!("InvalidParameter"));
         assert_eq!(replies[2]["id"], json!(3));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_client_that_never_reads_costs_bounded_memory_and_hears_events_lost() {
+        const EVENTS: usize = 20_000;
+        const PAYLOAD: usize = 8 << 10;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("control.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let handler: Arc<dyn Handler> = Arc::new(Echo::default());
+        // The daemon's ring size.
+        let (events, _) = broadcast::channel(1024);
+        let (_stop, stopped) = watch::channel(false);
+        tokio::spawn(serve(listener, handler, events.clone(), stopped));
+
+        let stream = UnixStream::connect(&path).await.unwrap();
+        let mut reader = BufReader::new(stream);
+        let mut greeting = String::new();
+        reader.read_line(&mut greeting).await.unwrap();
+        // Wait until the server subscribed this connection to the events.
+        while events.receiver_count() == 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        // 160 MiB of events while the client reads nothing; paced, so a forwarder that
+        // queues without bound keeps up and never lags.
+        let blob = "x".repeat(PAYLOAD);
+        for n in 0..EVENTS {
+            let _ = events.send(Event::new("E", json!({"n": n, "blob": blob})));
+            if n % 256 == 255 {
+                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+            }
+        }
+        let _ = events.send(Event::new("MARK", json!({})));
+        // Now it reads: the events it missed are counted, the rest arrive.
+        let (mut delivered, mut lost) = (0, 0);
+        loop {
+            let mut line = String::new();
+            let read = tokio::time::timeout(
+                std::time::Duration::from_secs(30),
+                reader.read_line(&mut line),
+            )
+            .await
+            .expect("the events arrive")
+            .unwrap();
+            assert!(read > 0, "the server closed the connection");
+            let event: Value = serde_json::from_str(&line).unwrap();
+            match event["event"].as_str().unwrap() {
+                "E" => delivered += 1,
+                "EVENTS_LOST" => lost += event["data"]["count"].as_u64().unwrap(),
+                "MARK" => break,
+                other => panic!("unexpected event {other}"),
+            }
+        }
+        assert!(
+            lost > 0,
+            "EVENTS_LOST never came though {EVENTS} events were queued"
+        );
+        assert_eq!(delivered + lost, EVENTS as u64);
+        // What was held for it (delivered) fits the ring, the queue and the socket's
+        // buffer: memory for a client that does not read is bounded, whatever it misses.
+        assert!(
+            delivered < 1024 + OUTGOING as u64 + 512,
+            "{delivered} delivered"
+        );
     }
 }

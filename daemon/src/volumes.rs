@@ -17,7 +17,7 @@ use tidemark_engine::volume::{SnapshotSpec, TrackingMode, Volume, VolumeError, V
 use tidemark_formats::delta::CheckpointRef;
 use tidemark_nbd::export::{Capabilities, Export, ExportResult, Extent, MetaContext, ZeroFlags};
 
-use tidemark_nbd::server::{Server, ServerError};
+use tidemark_nbd::server::{Server, ServerConfig, ServerError};
 
 use crate::backup::Progress;
 use crate::daemon::DaemonError;
@@ -405,9 +405,9 @@ impl NbdTask {
 }
 
 impl NbdServer {
-    pub fn new() -> NbdServer {
+    pub fn new(config: ServerConfig) -> NbdServer {
         NbdServer {
-            server: Server::new(),
+            server: Server::with_config(config),
         }
     }
 
@@ -511,17 +511,21 @@ fn push_staged(
             PushFormat::Image => full && !push::is_block_device(target),
             PushFormat::Delta => true,
         };
-        let write_to = if stage {
+        // The file is opened once here and written through its handle: never reopened by
+        // a name someone could swap for a symlink meanwhile.
+        let (file, shown) = if stage {
             let partial = push::partial_path(target);
-            push::create_partial(&partial, target).map_err(failed)?;
+            let file = push::create_partial(&partial, target).map_err(failed)?;
             staged.push((partial.clone(), target.clone()));
-            partial
+            (file, partial)
         } else {
-            target.clone()
+            (push::open_target(target).map_err(failed)?, target.clone())
         };
+        let write_to = push::handle_path(&file);
         let report = match format {
             PushFormat::Image => {
-                let report = push::push_image(snapshot, &write_to, progress).map_err(failed)?;
+                let report =
+                    push::push_image(snapshot, &write_to, &shown, progress).map_err(failed)?;
                 json!({"volume": snapshot.volume(), "target": target, "copy": report})
             }
             PushFormat::Delta => {
@@ -555,7 +559,7 @@ fn push_staged(
                     to,
                 };
                 let bytes =
-                    push::push_delta(snapshot, &origin, &write_to, progress).map_err(failed)?;
+                    push::push_delta(snapshot, &origin, file, &shown, progress).map_err(failed)?;
                 json!({"volume": snapshot.volume(), "target": target, "delta_bytes": bytes})
             }
         };

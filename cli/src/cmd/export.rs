@@ -11,7 +11,7 @@ use serde::Serialize;
 use tidemark_formats::bitmap::{read_bitmap_file, BitmapState};
 use tidemark_nbd::export::Export;
 use tidemark_nbd::file::{DirtyBitmap, FileExport};
-use tidemark_nbd::server::{NbdListener, Server};
+use tidemark_nbd::server::{NbdListener, Server, ServerConfig};
 
 /// Serve a plain file or block device over NBD, as qemu-nbd does.
 ///
@@ -57,6 +57,18 @@ pub struct Args {
     /// Example: --bitmap ckpt1=/var/lib/tidemark/vm1/ckpt1.bitmap
     #[arg(long, value_name = "NAME=BITMAPFILE")]
     pub bitmap: Vec<String>,
+
+    /// Connections served at once; a client past it is refused (NBD_REP_ERR_POLICY on its
+    /// first option) and the refusal is logged.
+    #[arg(long, value_name = "N", default_value_t = 64,
+          value_parser = clap::value_parser!(u32).range(1..=65536))]
+    pub max_connections: u32,
+
+    /// Close a connection that sends no request for this long (nothing in flight):
+    /// seconds, or with a unit: 90s, 15m, 1h.
+    #[arg(long, value_name = "DURATION", default_value = "15m",
+          value_parser = crate::cmd::serve::parse_duration)]
+    pub idle_timeout: Duration,
 
     /// Print the ready line as JSON: {"uri", "name", "size", "socket" or "address"}.
     #[arg(long)]
@@ -156,7 +168,11 @@ fn uri_escape(text: &str) -> String {
 
 async fn serve(args: Args, export: Arc<dyn Export>) -> anyhow::Result<()> {
     let signals = StopSignals::install()?;
-    let server = Server::new();
+    let server = Server::with_config(ServerConfig {
+        max_connections: args.max_connections as usize,
+        idle_timeout: args.idle_timeout,
+        ..ServerConfig::default()
+    });
     let size = export.size();
     let bitmaps = export.dirty_bitmaps();
     server.add_export(&args.name, export)?;

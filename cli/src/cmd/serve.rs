@@ -3,6 +3,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use tidemark_daemon::Config;
 
@@ -44,6 +45,38 @@ pub struct Args {
     /// The control socket. Default: <state-dir>/control.sock.
     #[arg(long, value_name = "PATH")]
     pub control: Option<PathBuf>,
+
+    /// NBD connections served at once; a client past it is refused (NBD_REP_ERR_POLICY on
+    /// its first option) and the refusal is logged.
+    #[arg(long, value_name = "N", default_value_t = 64,
+          value_parser = clap::value_parser!(u32).range(1..=65536))]
+    pub max_connections: u32,
+
+    /// Close an NBD connection that sends no request for this long (nothing in flight):
+    /// seconds, or with a unit: 90s, 15m, 1h.
+    #[arg(long, value_name = "DURATION", default_value = "15m", value_parser = parse_duration)]
+    pub idle_timeout: Duration,
+}
+
+/// `90`, `90s`, `15m`, `1h`: a whole number of seconds, minutes or hours, at least 1 s.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let (digits, unit) = match text.find(|c: char| !c.is_ascii_digit()) {
+        Some(at) => text.split_at(at),
+        None => (text, "s"),
+    };
+    let scale = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        _ => return Err(format!("unknown unit {unit:?}: use s, m or h (e.g. 15m)")),
+    };
+    let count: u64 = digits
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration: use e.g. 90s, 15m or 1h"))?;
+    match count.checked_mul(scale) {
+        Some(secs) if secs > 0 => Ok(Duration::from_secs(secs)),
+        _ => Err(format!("{text:?} is out of range: use 1s to a few days")),
+    }
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
@@ -58,8 +91,26 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             .control
             .unwrap_or_else(|| state_dir.join("control.sock")),
         listen: args.listen,
+        max_connections: args.max_connections as usize,
+        idle_timeout: args.idle_timeout,
         state_dir,
     };
     tidemark_daemon::run(config)?;
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_take_seconds_minutes_and_hours() {
+        assert_eq!(parse_duration("90"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("15m"), Ok(Duration::from_secs(900)));
+        assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
+        for bad in ["", "0", "m", "5d", "-1s", "99999999999999999999h"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
 }

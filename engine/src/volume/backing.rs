@@ -82,6 +82,7 @@ impl BackingFile {
             .read(true)
             .write(true)
             .create(create)
+            .mode(0o600)
             .open(path)?;
         let is_device = buffered.metadata()?.file_type().is_block_device();
         // tmpfs and some FUSE filesystems refuse O_DIRECT: buffered I/O still works there.

@@ -87,7 +87,26 @@ impl Server {
         // Set when the server stops serving this connection; cleared once it is closed.
         let mut deadline: Option<tokio::time::Instant> = None;
         let mut closed = false;
+        // The idle timeout: the request count and when it last moved (or work was seen).
+        let idle_timeout = self.inner.config.idle_timeout;
+        let idle_check = (idle_timeout / 4).clamp(STOP_POLL, std::time::Duration::from_secs(30));
+        let mut seen_requests = 0;
+        let mut active_at = tokio::time::Instant::now();
         loop {
+            if deadline.is_none() && !closed {
+                let requests = stop.requests.load(Ordering::Relaxed);
+                if requests != seen_requests || !stop.idle() {
+                    seen_requests = requests;
+                    active_at = tokio::time::Instant::now();
+                } else if active_at.elapsed() >= idle_timeout {
+                    tracing::info!(
+                        "NBD connection {id}: no request for {idle_timeout:?} \
+                         (--idle-timeout); closing it"
+                    );
+                    let _ = control.shutdown(std::net::Shutdown::Both);
+                    closed = true;
+                }
+            }
             if deadline.is_none() && (*shutdown.borrow_and_update() || *removed.borrow_and_update())
             {
                 stop.requested.store(true, Ordering::SeqCst);
@@ -111,6 +130,7 @@ impl Server {
                 _ = shutdown.changed(), if deadline.is_none() => {}
                 _ = removed.changed(), if deadline.is_none() => {}
                 _ = tokio::time::sleep(STOP_POLL), if polling => {}
+                _ = tokio::time::sleep(idle_check), if !polling && !closed => {}
             }
         }
     }
@@ -200,9 +220,17 @@ impl Server {
 pub(super) struct ConnectionGuard(Arc<Inner>);
 
 impl ConnectionGuard {
-    pub(super) fn new(inner: Arc<Inner>) -> Self {
-        inner.active.fetch_add(1, Ordering::SeqCst);
-        ConnectionGuard(inner)
+    /// Count a new connection, unless [`ServerConfig::max_connections`](super::ServerConfig)
+    /// are open already.
+    pub(super) fn try_new(inner: Arc<Inner>) -> Option<Self> {
+        let max = inner.config.max_connections;
+        inner
+            .active
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()?;
+        Some(ConnectionGuard(inner))
     }
 }
 

@@ -33,6 +33,16 @@
 //! NONE chunk (so an error found while sending can still be reported); a write payload is
 //! copied once, from the socket into its buffer.
 //!
+//! Resources are bounded against many or careless clients: at most
+//! [`ServerConfig::max_connections`] connections are served at once. A client past the
+//! cap gets the greeting and then NBD_REP_ERR_POLICY, with a message saying the server is
+//! full, to each option it sends (an NBD_OPT_EXPORT_NAME, which cannot carry an error, or
+//! an ABORT is simply closed); the refusal is logged and bounded in time, and no more
+//! refusals than that cap run at once (beyond them a client is closed at once). A
+//! transmitting connection with nothing in flight that sends no request for
+//! [`ServerConfig::idle_timeout`] is closed, and accepted TCP sockets use keepalive so a
+//! vanished peer is noticed.
+//!
 //! Removing an export ends the connections that serve it, and [`Server::shutdown`] every
 //! connection, with the soft disconnect doc/proto.md asks for: requests already taken
 //! complete and reply normally, requests that arrive afterwards are answered with
@@ -64,8 +74,14 @@ mod listener;
 mod registry;
 mod transmission;
 
-pub use listener::{NbdListener, NbdStream};
+pub use listener::{bind_private, NbdListener, NbdStream};
 use registry::Entry;
+
+/// The default of [`ServerConfig::max_connections`] (`--max-connections`).
+pub const DEFAULT_MAX_CONNECTIONS: usize = 64;
+
+/// The default of [`ServerConfig::idle_timeout`] (`--idle-timeout`): 15 minutes.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(15 * 60);
 
 /// Server tuning.
 #[derive(Debug, Clone)]
@@ -77,6 +93,12 @@ pub struct ServerConfig {
     /// After a shutdown (or the removal of its export), the longest a connection stays
     /// open waiting for its client to disconnect (see the module doc).
     pub shutdown_grace: Duration,
+    /// Connections served at once (negotiating or transmitting); a client past it is
+    /// refused with NBD_REP_ERR_POLICY on its options (see the module doc).
+    pub max_connections: usize,
+    /// A transmitting connection with nothing in flight that sends no request for this
+    /// long is closed.
+    pub idle_timeout: Duration,
 }
 
 impl Default for ServerConfig {
@@ -85,6 +107,8 @@ impl Default for ServerConfig {
             handshake_timeout: Duration::from_secs(10),
             max_in_flight_bytes: 64 << 20,
             shutdown_grace: Duration::from_secs(2),
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
         }
     }
 }
@@ -121,6 +145,8 @@ struct Inner {
     exports: RwLock<BTreeMap<String, Entry>>,
     shutdown: watch::Sender<bool>,
     active: AtomicUsize,
+    /// Clients past [`ServerConfig::max_connections`] being told so (bounded by it too).
+    refusing: AtomicUsize,
     idle: Notify,
     /// Numbers connections for their thread names.
     next_connection: AtomicU64,
@@ -162,6 +188,7 @@ impl Server {
                 exports: RwLock::new(BTreeMap::new()),
                 shutdown,
                 active: AtomicUsize::new(0),
+                refusing: AtomicUsize::new(0),
                 idle: Notify::new(),
                 next_connection: AtomicU64::new(0),
             }),

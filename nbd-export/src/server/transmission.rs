@@ -5,7 +5,7 @@ use std::fs::File;
 use std::io::{self, BufRead, Read, Write};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::time::Duration;
 
@@ -132,6 +132,8 @@ pub(super) struct Stopping {
     busy: AtomicUsize,
     /// The reader waits for a request header with nothing buffered.
     reader_idle: AtomicBool,
+    /// Requests taken off the wire so far (the monitor's idle timeout watches it).
+    pub(super) requests: AtomicU64,
 }
 
 impl Stopping {
@@ -231,6 +233,7 @@ pub(super) fn transmission(
                 Ok(Next::Stop) => Next::Stop,
                 Ok(next) => {
                     stop.busy.fetch_add(1, Ordering::SeqCst);
+                    stop.requests.fetch_add(1, Ordering::Relaxed);
                     next
                 }
                 Err(err) => {
