@@ -690,10 +690,12 @@ impl Chain {
                 source,
             })
             .and_then(|()| {
-                chain.write(&self.path).map_err(|e| CheckpointError::BadChain {
-                    path: self.path.clone(),
-                    reason: e.to_string(),
-                })
+                chain
+                    .write(&self.path)
+                    .map_err(|e| CheckpointError::BadChain {
+                        path: self.path.clone(),
+                        reason: e.to_string(),
+                    })
             })
             .and_then(|()| {
                 crate::failpoint::check("checkpoint.delete.persisted").map_err(|source| {
@@ -922,7 +924,11 @@ mod tests {
         assert_eq!(confirmed(&chain, &active), [true, false]);
         drop((chain, active));
         let (mut chain, active) = Chain::load(dir.path(), p.clone(), &events).unwrap();
-        assert_eq!(confirmed(&chain, &active), [true, false], "kill -9 keeps it");
+        assert_eq!(
+            confirmed(&chain, &active),
+            [true, false],
+            "kill -9 keeps it"
+        );
         chain.confirm("b").unwrap();
         drop((chain, active));
         let (chain, active) = Chain::load(dir.path(), p, &events).unwrap();

@@ -18,7 +18,9 @@ thread_local! {
 #[cfg(test)]
 pub(crate) fn check(name: &'static str) -> io::Result<()> {
     if ARMED.with(|armed| armed.borrow().contains(name)) {
-        return Err(io::Error::other(format!("injected failure at failpoint {name}")));
+        return Err(io::Error::other(format!(
+            "injected failure at failpoint {name}"
+        )));
     }
     Ok(())
 }

@@ -397,7 +397,13 @@ fn export_names_are_unique_across_volumes_and_backups() {
         refused.desc
     );
     assert!(daemon.volume("vm2").is_err(), "no volume vm2 was made");
-    assert_eq!(run(&daemon, Command::VolumeList(NoArguments {})).as_array().unwrap().len(), 2);
+    assert_eq!(
+        run(&daemon, Command::VolumeList(NoArguments {}))
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
 
     // A backup whose export name is a volume's is refused the same way.
     let refused = daemon
@@ -463,7 +469,11 @@ fn a_checkpoint_is_confirmed_only_when_its_backup_is_seen_through() {
             ..begin(&["v"])
         }),
     );
-    assert_eq!(confirmed(&daemon, "v"), [("c1".into(), false)], "while running");
+    assert_eq!(
+        confirmed(&daemon, "v"),
+        [("c1".into(), false)],
+        "while running"
+    );
     let ended = run(
         &daemon,
         Command::BackupEnd(BackupEndArgs {
