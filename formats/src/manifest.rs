@@ -423,8 +423,8 @@ mod tests {
         let json = br#"{"format_version": 1, "chain_uuid": "00000000-0000-0000-0000-000000000007",
             "checkpoints": [{"name": "mon", "generation": 1, "created_unix": 10,
             "bitmap_file": "mon.bitmap"}]}"#;
-        let chain = CheckpointChain::parse(json, Path::new("c.json")).unwrap();
-        assert!(chain.checkpoints[0].confirmed);
+        let old = CheckpointChain::parse(json, Path::new("c.json")).unwrap();
+        assert!(old.checkpoints[0].confirmed);
         let round = CheckpointChain::parse(&chain().to_json(), Path::new("c.json")).unwrap();
         assert_eq!(round, chain());
         assert!(!round.checkpoints[1].confirmed);
