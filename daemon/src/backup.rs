@@ -79,6 +79,11 @@ impl Backup {
         self.members.iter().map(|m| m.volume.as_str())
     }
 
+    /// The names its snapshots are exported under (pull mode).
+    pub(crate) fn export_names(&self) -> impl Iterator<Item = &str> {
+        self.members.iter().filter_map(|m| m.export.as_deref())
+    }
+
     fn report(&self, daemon: &Daemon, state: &str, error: Option<&str>) -> Value {
         let volumes: Vec<Value> = self
             .members
@@ -186,6 +191,7 @@ pub(crate) fn begin(
         hooks,
         guest_agent,
         quiesce_timeout_ms,
+        force,
     } = args;
     if names.is_empty() {
         return Err(CommandError::invalid(
@@ -252,6 +258,11 @@ pub(crate) fn begin(
         .iter()
         .map(|n| daemon.volume(n))
         .collect::<Result<_, _>>()?;
+    if let (Some(since), false) = (&incremental, force) {
+        for volume in &volumes {
+            volume.check_confirmed(since)?;
+        }
+    }
     let exports: Vec<Option<String>> = names
         .iter()
         .map(|n| match mode {
@@ -274,8 +285,14 @@ pub(crate) fn begin(
     }
     let _reservation = reserve(daemon, &names)?;
     if let Some(taken) = exports.iter().flatten().find(|e| daemon.nbd.has_export(e)) {
+        let owner = if daemon.registry().volumes.contains_key(taken) {
+            format!("the live export of volume {taken:?}")
+        } else {
+            "in use by another backup".to_string()
+        };
         return Err(CommandError::conflict(format!(
-            "an export named {taken:?} exists already; choose another export_name"
+            "the export name {taken:?} is {owner}; export names are unique across volumes \
+             and backups, choose another export_name"
         )));
     }
 
@@ -458,6 +475,7 @@ pub(crate) fn end(
     daemon: &Daemon,
     volume: Option<String>,
     id: Option<String>,
+    failed: bool,
 ) -> Result<Value, CommandError> {
     let found = {
         let registry = daemon.registry();
@@ -499,6 +517,14 @@ pub(crate) fn end(
         progress.cancel.store(true, Ordering::Relaxed);
         fail(daemon, &id, "cancelled by backup-end");
         return Ok(json!({"id": id, "state": "cancelled"}));
+    }
+    if failed {
+        fail(
+            daemon,
+            &id,
+            "the client reported that its pull failed (backup-end --failed)",
+        );
+        return Ok(json!({"id": id, "state": "failed"}));
     }
     // A snapshot that failed since the monitor last looked must not end as completed:
     // what a client pulled after the failure was refused, so the backup is not whole.
@@ -560,6 +586,23 @@ fn finish(
     for member in &backup.members {
         if let Some(export) = &member.export {
             daemon.nbd.remove_export(export);
+        }
+    }
+    if let (Some(checkpoint), "completed") = (&backup.checkpoint, state) {
+        // Seen through: the data at the new checkpoint is stored. A failed confirm leaves
+        // it unconfirmed, which only makes the next incremental from it ask for --force.
+        for member in &backup.members {
+            if let Err(err) = daemon
+                .volume(&member.volume)
+                .and_then(|v| v.checkpoint_confirm(checkpoint))
+            {
+                tracing::error!(
+                    backup = id,
+                    volume = %member.volume,
+                    "cannot confirm checkpoint {checkpoint:?}: {}",
+                    err.desc
+                );
+            }
         }
     }
     let mut report = backup.report(daemon, state, error);

@@ -337,7 +337,9 @@ impl Daemon {
                 Ok(json!({}))
             }
             Command::BackupBegin(args) => backup::begin(self, conn, args),
-            Command::BackupEnd(BackupEndArgs { volume, id }) => backup::end(self, volume, id),
+            Command::BackupEnd(BackupEndArgs { volume, id, failed }) => {
+                backup::end(self, volume, id, failed)
+            }
             Command::BackupStatus(_) => Ok(backup::status(self)),
         }
     }
@@ -393,6 +395,7 @@ impl Daemon {
                  remove {name}` first"
             )));
         }
+        self.check_export_name_free(&name)?;
         if let Ok(canonical) = backing.canonicalize() {
             let volumes: Vec<Arc<VolumeHandle>> =
                 self.registry().volumes.values().cloned().collect();
@@ -425,10 +428,49 @@ impl Daemon {
             registry.volumes.insert(name.clone(), Arc::clone(&volume));
         }
         if let Err(err) = self.nbd.add_export(&name, volume.live_export()) {
-            tracing::error!(volume = %name, "exporting the new volume failed: {}", err.desc);
+            // Taken meanwhile (a backup began with this export name): undo the create
+            // rather than leave a volume that another export answers for.
+            drop(volume);
+            let undo = self.registry().volumes.remove(&name);
+            if let Some(Ok(volume)) = undo.map(Arc::try_unwrap) {
+                if let Err((_, undo_err)) = volume.remove() {
+                    tracing::error!(volume = %name, "undoing the create failed: {}", undo_err.desc);
+                }
+            }
+            self.check_export_name_free(&name)?;
+            return Err(CommandError::conflict(format!(
+                "volume {name:?} cannot be exported: {}; it was not created",
+                err.desc
+            )));
         }
         tracing::info!(volume = %name, backing = %backing.display(), "volume created");
         Ok(self.volume_report(&volume))
+    }
+
+    /// Refuse `name` for a new volume when a backup exports a snapshot under it (export
+    /// names are unique across volumes and backups).
+    fn check_export_name_free(&self, name: &str) -> Result<(), CommandError> {
+        let registry = self.registry();
+        if let Some(backup) = registry
+            .backups
+            .values()
+            .find(|b| b.export_names().any(|e| e == name))
+        {
+            return Err(CommandError::conflict(format!(
+                "the name {name:?} is the export of backup {} (volume {}); export names are \
+                 unique across volumes and backups: pick another volume name or end that backup",
+                backup.id(),
+                backup.volume_names().collect::<Vec<_>>().join(", ")
+            )));
+        }
+        drop(registry);
+        if self.nbd.has_export(name) {
+            return Err(CommandError::conflict(format!(
+                "an export named {name:?} exists already; export names are unique across \
+                 volumes and backups: pick another volume name"
+            )));
+        }
+        Ok(())
     }
 
     fn volume_remove(&self, name: String) -> Result<Value, CommandError> {

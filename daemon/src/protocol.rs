@@ -396,6 +396,13 @@ pub struct BackupBeginArgs {
     /// Hard limit of the freeze-to-thaw window, in milliseconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quiesce_timeout_ms: Option<u64>,
+    /// Allow `incremental` from an unconfirmed checkpoint.
+    #[serde(
+        default,
+        deserialize_with = "null_as_default",
+        skip_serializing_if = "std::ops::Not::not"
+    )]
+    pub force: bool,
 }
 
 /// `backup-end`: the backup by `volume` or by `id`.
@@ -408,6 +415,13 @@ pub struct BackupEndArgs {
     /// The backup's id.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,
+    /// The client's pull failed: end the backup as failed, its checkpoint unconfirmed.
+    #[serde(
+        default,
+        deserialize_with = "null_as_default",
+        skip_serializing_if = "std::ops::Not::not"
+    )]
+    pub failed: bool,
 }
 
 /// `null` reads as absent, as for every optional argument.

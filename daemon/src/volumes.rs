@@ -153,6 +153,29 @@ impl VolumeHandle {
         self.volume.checkpoint_delete(name).map_err(volume_error)
     }
 
+    /// Record that the backup which created checkpoint `name` stored its data.
+    pub fn checkpoint_confirm(&self, name: &str) -> Result<(), CommandError> {
+        self.volume.checkpoint_confirm(name).map_err(volume_error)
+    }
+
+    /// Refuse an incremental backup from checkpoint `since` when the backup that created
+    /// it was never seen through (failed, ended `--failed`, or cut off by a daemon stop).
+    pub fn check_confirmed(&self, since: &str) -> Result<(), CommandError> {
+        match self.volume.checkpoints().iter().find(|c| c.name == since) {
+            Some(c) if !c.confirmed => Err(CommandError::conflict(format!(
+                "checkpoint {since:?} of volume {:?} is unconfirmed: the backup that created it \
+                 did not complete (it failed, was ended with --failed, or the daemon stopped), \
+                 so the data changed before {since:?} may be missing from your backups and an \
+                 incremental from it would skip it; take a full backup or an incremental from \
+                 an earlier confirmed checkpoint, or pass --force (protocol \"force\": true) \
+                 if you know the data at {since:?} was stored",
+                self.name()
+            ))),
+            // Unknown names get the engine's own error when the snapshot is taken.
+            _ => Ok(()),
+        }
+    }
+
     /// Wait (bounded) until nobody else holds the volume, e.g. NBD connections that are
     /// closing after their export was removed.
     fn into_sole(self) -> Result<(PathBuf, Volume), VolumeHandle> {
@@ -573,8 +596,8 @@ fn push_staged(
 pub struct QuiesceRequest {
     /// Host filesystems to FIFREEZE.
     pub mountpoints: Vec<PathBuf>,
-    /// Hook directories; `None` means the default ones that exist
-    /// (/usr/lib/tidemark/writers.d, /etc/qemu/fsfreeze-hooks.d).
+    /// Hook directories; `None` means the default one if it exists
+    /// (/usr/lib/tidemark/writers.d; the guest-side /etc/qemu/fsfreeze-hooks.d only when named).
     pub hooks: Option<Vec<PathBuf>>,
     /// A VM's qemu-guest-agent socket.
     pub guest_agent: Option<PathBuf>,

@@ -18,9 +18,15 @@
 //!   before the chain is replaced leaves the old chain, whose latest bitmap is either
 //!   still InUse (judged as after any crash) or Clean and complete (writes were paused),
 //!   and a stray new file that the next open deletes.
-//! - delete: write the merged predecessor (atomic replace, Clean); replace the chain;
-//!   activate the predecessor if it became the latest; remove the deleted file. A crash in
-//!   between leaves extra bits in the predecessor: more reported changes, never fewer.
+//! - delete: prepare, switch, commit. Prepare: write the merged predecessor (its bits OR
+//!   the deleted checkpoint's) to a new file, `<chain uuid>-<generation>.merged.bitmap` or
+//!   back to `<chain uuid>-<generation>.bitmap` (the name the chain does not use now);
+//!   if it becomes the latest, open it for writing and mark it InUse. Switch: replace the
+//!   chain, naming the new file and no longer the deleted checkpoint. Commit: in memory
+//!   only (nothing can fail), then remove the two files the chain no longer names. A crash
+//!   or an error before the switch leaves the old chain with every file it names untouched
+//!   (the new file is a stray the next open deletes); after it, the new chain with a
+//!   complete merged file. Failpoints (tests only, [`crate::failpoint`]) sit at each step.
 
 use std::collections::HashSet;
 use std::fs;
@@ -43,6 +49,27 @@ pub(crate) struct NewCheckpoint {
     generation: u64,
     file_name: String,
     bitmap: ActiveBitmap,
+    confirmed: bool,
+}
+
+impl NewCheckpoint {
+    /// The checkpoint is created unconfirmed: a backup takes it, and [`Chain::confirm`]
+    /// records that the data at it was stored.
+    pub(crate) fn unconfirmed(mut self) -> NewCheckpoint {
+        self.confirmed = false;
+        self
+    }
+}
+
+/// A predecessor's merged bitmap, written by [`Chain::prepare_merge`] to a file the chain
+/// does not name yet.
+#[derive(Debug)]
+struct MergedPredecessor {
+    file_name: String,
+    words: Vec<u64>,
+    problem: Option<String>,
+    /// The opened bitmap, when the predecessor becomes the latest checkpoint.
+    active: Option<ActiveBitmap>,
 }
 
 /// Longest checkpoint name (it travels in NBD context names and bitmap headers).
@@ -439,6 +466,7 @@ impl Chain {
             generation,
             file_name,
             bitmap,
+            confirmed: true,
         })
     }
 
@@ -482,6 +510,7 @@ impl Chain {
             generation: new.generation,
             created_unix: unix_now(),
             bitmap_file: new.file_name.clone(),
+            confirmed: new.confirmed,
         };
         self.entries.push(Entry {
             file: entry,
@@ -515,6 +544,11 @@ impl Chain {
 
     /// Delete checkpoint `name`, merging its bits into its predecessor. Writes must be
     /// paused; `active` changes when the latest checkpoint is deleted.
+    ///
+    /// Crash- and error-atomic (see the module doc): everything that can fail is prepared
+    /// in files the chain does not name yet, the chain replace is the one switch, and
+    /// nothing after it can fail. A failure before the switch leaves the chain, its files
+    /// and `active` as they were, so writes go on being tracked and a retry starts over.
     pub(crate) fn delete(
         &mut self,
         name: &str,
@@ -522,54 +556,176 @@ impl Chain {
     ) -> Result<(), CheckpointError> {
         let idx = self.find(name)?;
         let latest = idx + 1 == self.entries.len();
-        let words = match (&self.entries[idx].frozen, active.as_deref()) {
+        // Prepare: the merged predecessor goes to a new file; when it becomes the latest,
+        // it is opened for writing (header InUse) here, before the switch.
+        let merged = match idx {
+            0 => None,
+            _ => Some(self.prepare_merge(idx, latest, active.as_deref())?),
+        };
+        let mut next: Vec<CheckpointEntry> = self.entries.iter().map(|e| e.file.clone()).collect();
+        next.remove(idx);
+        if let Some(m) = &merged {
+            next[idx - 1].bitmap_file = m.file_name.clone();
+        }
+        // Switch.
+        if let Err(err) = self.replace_chain(next) {
+            if let Some(m) = merged {
+                let path = self.bitmap_dir.join(&m.file_name);
+                drop(m);
+                let _ = fs::remove_file(path);
+            }
+            return Err(err);
+        }
+        // Commit: memory only, nothing can fail from here on.
+        let removed = self.entries.remove(idx);
+        let mut old_files = vec![removed.file.bitmap_file];
+        match merged {
+            Some(m) => {
+                let pred = &mut self.entries[idx - 1];
+                old_files.push(std::mem::replace(&mut pred.file.bitmap_file, m.file_name));
+                pred.problem = m.problem;
+                match m.active {
+                    Some(bitmap) => {
+                        pred.frozen = None;
+                        *active = Some(Arc::new(bitmap));
+                    }
+                    None => pred.frozen = Some(m.words),
+                }
+            }
+            None if latest => *active = None,
+            None => {}
+        }
+        for file in old_files {
+            let _ = fs::remove_file(self.bitmap_dir.join(file));
+        }
+        Ok(())
+    }
+
+    /// The first half of deleting entry `idx` (> 0): write its predecessor's merged
+    /// bitmap to a file of its own (the chain names it only once the delete switches) and,
+    /// when the deleted entry is the latest, activate it.
+    fn prepare_merge(
+        &self,
+        idx: usize,
+        latest: bool,
+        active: Option<&ActiveBitmap>,
+    ) -> Result<MergedPredecessor, CheckpointError> {
+        let pred = &self.entries[idx - 1];
+        let mut words = pred.frozen.clone().unwrap_or_default();
+        let deleted = match (&self.entries[idx].frozen, active) {
             (Some(words), _) => words.clone(),
             (None, Some(a)) => a.words(),
             (None, None) => Vec::new(),
         };
-        let mut merged_pred = None;
-        if idx > 0 {
-            let pred = &self.entries[idx - 1];
-            let mut merged = pred.frozen.clone().unwrap_or_default();
-            for (m, w) in merged.iter_mut().zip(&words) {
-                *m |= w;
-            }
-            let problem = pred
-                .problem
-                .clone()
-                .or_else(|| self.entries[idx].problem.clone());
-            let mut header = self.header(&pred.file.name, pred.file.generation)?;
-            if problem.is_some() {
-                header.state = BitmapState::Inconsistent;
-            }
-            let pred_path = self.bitmap_dir.join(&pred.file.bitmap_file);
-            bitmap::write_bitmap_file(&pred_path, &header, &merged).map_err(TrackingError::from)?;
-            merged_pred = Some((header, merged, problem, pred_path));
+        for (m, w) in words.iter_mut().zip(&deleted) {
+            *m |= w;
         }
-        let removed = self.entries.remove(idx);
-        if let Err(err) = self.persist() {
-            self.entries.insert(idx, removed);
-            return Err(err);
+        let problem = pred
+            .problem
+            .clone()
+            .or_else(|| self.entries[idx].problem.clone());
+        let mut header = self.header(&pred.file.name, pred.file.generation)?;
+        if problem.is_some() {
+            header.state = BitmapState::Inconsistent;
         }
-        if let Some((header, merged, problem, pred_path)) = merged_pred {
-            let pred = &mut self.entries[idx - 1];
-            pred.problem = problem;
-            if latest {
-                pred.frozen = None;
-                *active = Some(Arc::new(ActiveBitmap::activate(
-                    &pred_path,
-                    header,
-                    merged,
-                    self.params.durable,
-                )?));
-            } else {
-                pred.frozen = Some(merged);
+        // Two names per checkpoint, used in turn: the new file never overwrites the one
+        // the chain names.
+        let base = format!("{}-{}.bitmap", self.chain_uuid, pred.file.generation);
+        let file_name = if pred.file.bitmap_file == base {
+            format!("{}-{}.merged.bitmap", self.chain_uuid, pred.file.generation)
+        } else {
+            base
+        };
+        let path = self.bitmap_dir.join(&file_name);
+        let fail = |step| {
+            crate::failpoint::check(step).map_err(|source| CheckpointError::Io {
+                path: path.clone(),
+                source,
+            })
+        };
+        let prepared = fail("checkpoint.delete.merge")
+            .and_then(|()| {
+                bitmap::write_bitmap_file(&path, &header, &words)
+                    .map_err(|e| TrackingError::from(e).into())
+            })
+            .and_then(|()| match latest {
+                true => fail("checkpoint.delete.activate").and_then(|()| {
+                    Ok(Some(ActiveBitmap::activate(
+                        &path,
+                        header,
+                        words.clone(),
+                        self.params.durable,
+                    )?))
+                }),
+                false => Ok(None),
+            });
+        let active = match prepared {
+            Ok(active) => active,
+            Err(err) => {
+                // Not named by the chain: a stray either way, removed now.
+                let _ = fs::remove_file(&path);
+                return Err(err);
             }
-        } else if latest {
-            *active = None;
+        };
+        Ok(MergedPredecessor {
+            file_name,
+            words,
+            problem,
+            active,
+        })
+    }
+
+    /// Replace the chain file with `entries`: the switch of a delete. When the replace
+    /// reports an error after its rename (the directory sync failed), the new chain is
+    /// what the next open reads, so it counts as done; a replace that never reached the
+    /// file is an error.
+    fn replace_chain(&self, entries: Vec<CheckpointEntry>) -> Result<(), CheckpointError> {
+        let chain = CheckpointChain {
+            chain_uuid: self.chain_uuid,
+            checkpoints: entries,
+        };
+        let written = crate::failpoint::check("checkpoint.delete.persist")
+            .map_err(|source| CheckpointError::Io {
+                path: self.path.clone(),
+                source,
+            })
+            .and_then(|()| {
+                chain
+                    .write(&self.path)
+                    .map_err(|e| CheckpointError::BadChain {
+                        path: self.path.clone(),
+                        reason: e.to_string(),
+                    })
+            })
+            .and_then(|()| {
+                crate::failpoint::check("checkpoint.delete.persisted").map_err(|source| {
+                    CheckpointError::Io {
+                        path: self.path.clone(),
+                        source,
+                    }
+                })
+            });
+        match written {
+            Err(_) if CheckpointChain::read(&self.path).is_ok_and(|on_disk| on_disk == chain) => {
+                Ok(())
+            }
+            other => other,
         }
-        let _ = fs::remove_file(self.bitmap_dir.join(&removed.file.bitmap_file));
-        Ok(())
+    }
+
+    /// Record that the data at checkpoint `name` was stored (its backup was seen
+    /// through): incremental backups from it are no longer refused.
+    pub(crate) fn confirm(&mut self, name: &str) -> Result<(), CheckpointError> {
+        let idx = self.find(name)?;
+        if self.entries[idx].file.confirmed {
+            return Ok(());
+        }
+        self.entries[idx].file.confirmed = true;
+        let persisted = self.persist();
+        if persisted.is_err() {
+            self.entries[idx].file.confirmed = false;
+        }
+        persisted
     }
 
     /// The changes since checkpoint `name` (OR of its bitmap and every later one),
@@ -624,6 +780,7 @@ impl Chain {
             changed_blocks: self.merged_since(idx, &e.file.name, active).dirty_blocks(),
             consistent: problem.is_none(),
             problem,
+            confirmed: e.file.confirmed,
         }
     }
 
@@ -747,5 +904,120 @@ mod tests {
         active.as_ref().unwrap().freeze().unwrap();
         let (chain, active) = Chain::load(dir.path(), p, &events).unwrap();
         assert!(!chain.consistent(active.as_deref()));
+    }
+    #[test]
+    fn unconfirmed_checkpoints_stay_so_across_a_reload_until_confirmed() {
+        let dir = tempfile::tempdir().unwrap();
+        let events = EventLog::default();
+        let p = params(true);
+        let (mut chain, mut active) = Chain::load(dir.path(), p.clone(), &events).unwrap();
+        chain.create("a", &mut active).unwrap();
+        let new = chain.prepare("b").unwrap().unconfirmed();
+        assert!(!chain.install(new, &mut active).unwrap().confirmed);
+        let confirmed = |chain: &Chain, active: &Option<Arc<ActiveBitmap>>| {
+            chain
+                .list(active.as_deref())
+                .iter()
+                .map(|c| c.confirmed)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(confirmed(&chain, &active), [true, false]);
+        drop((chain, active));
+        let (mut chain, active) = Chain::load(dir.path(), p.clone(), &events).unwrap();
+        assert_eq!(
+            confirmed(&chain, &active),
+            [true, false],
+            "kill -9 keeps it"
+        );
+        chain.confirm("b").unwrap();
+        drop((chain, active));
+        let (chain, active) = Chain::load(dir.path(), p, &events).unwrap();
+        assert_eq!(confirmed(&chain, &active), [true, true]);
+    }
+
+    /// Every step of a delete at which an injected failure can strike.
+    const DELETE_STEPS: &[&str] = &[
+        "checkpoint.delete.merge",
+        "checkpoint.delete.activate",
+        "checkpoint.delete.persist",
+        "checkpoint.delete.persisted",
+    ];
+
+    #[test]
+    fn a_delete_failing_at_any_step_loses_no_change_and_can_be_retried() {
+        let since = |chain: &Chain, active: &Option<Arc<ActiveBitmap>>| {
+            chain
+                .bitmap_since("a", active.as_deref())
+                .unwrap()
+                .changed_extents()
+        };
+        let expected = vec![0..4096, 8192..12288, 16384..20480, 32768..36864];
+        for durable in [true, false] {
+            for &step in DELETE_STEPS {
+                for victim in ["b", "c"] {
+                    let what = format!("durable={durable} step={step} victim={victim}");
+                    let dir = tempfile::tempdir().unwrap();
+                    let events = EventLog::default();
+                    let p = params(durable);
+                    let (mut chain, mut active) =
+                        Chain::load(dir.path(), p.clone(), &events).unwrap();
+                    chain.create("a", &mut active).unwrap();
+                    active.as_ref().unwrap().mark(0, 4096).unwrap();
+                    chain.create("b", &mut active).unwrap();
+                    active.as_ref().unwrap().mark(8192, 4096).unwrap();
+                    chain.create("c", &mut active).unwrap();
+                    active.as_ref().unwrap().mark(16384, 4096).unwrap();
+                    let result = {
+                        let _armed = crate::failpoint::arm(step);
+                        chain.delete(victim, &mut active)
+                    };
+                    // Writes go on after the failed (or finished) delete: they must land
+                    // in a bitmap the chain names.
+                    active.as_ref().unwrap().mark(32768, 4096).unwrap();
+                    assert_eq!(since(&chain, &active), expected, "{what}: in process");
+                    if durable {
+                        // kill -9: no freeze.
+                        drop((chain, active));
+                    } else {
+                        active.as_ref().unwrap().freeze().unwrap();
+                        drop((chain, active));
+                    }
+                    let (mut chain, mut active) =
+                        Chain::load(dir.path(), p.clone(), &events).unwrap();
+                    assert!(chain.consistent(active.as_deref()), "{what}: consistent");
+                    assert_eq!(since(&chain, &active), expected, "{what}: reopened");
+                    match result {
+                        Err(_) => chain.delete(victim, &mut active).unwrap(),
+                        Ok(()) => assert!(
+                            matches!(
+                                chain.delete(victim, &mut active),
+                                Err(CheckpointError::NotFound { .. })
+                            ),
+                            "{what}: deleted"
+                        ),
+                    }
+                    active.as_ref().unwrap().mark(40960, 4096).unwrap();
+                    let mut more = expected.clone();
+                    more.push(40960..45056);
+                    assert_eq!(since(&chain, &active), more, "{what}: after the retry");
+                    assert_eq!(chain.list(active.as_deref()).len(), 2, "{what}");
+                    active.as_ref().unwrap().freeze().unwrap();
+                    drop((chain, active));
+                    let (chain, active) = Chain::load(dir.path(), p, &events).unwrap();
+                    assert_eq!(since(&chain, &active), more, "{what}: reopened after retry");
+                    let bitmaps = fs::read_dir(dir.path())
+                        .unwrap()
+                        .filter(|e| {
+                            e.as_ref()
+                                .unwrap()
+                                .file_name()
+                                .to_string_lossy()
+                                .ends_with(".bitmap")
+                        })
+                        .count();
+                    assert_eq!(bitmaps, 2, "{what}: no stray bitmap file left");
+                }
+            }
+        }
     }
 }

@@ -16,6 +16,7 @@
 pub mod checkpoint;
 pub mod copy;
 pub mod error;
+mod failpoint;
 pub mod io;
 pub mod quiesce;
 pub mod snapshot;

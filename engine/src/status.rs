@@ -89,6 +89,16 @@ pub struct CheckpointStatus {
     /// Why not, when it cannot.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub problem: Option<String>,
+    /// Whether the data at this checkpoint is known to be stored: false while the backup
+    /// that created it has not been seen through (an incremental from it is then refused
+    /// unless forced).
+    #[serde(default = "confirmed_by_default")]
+    pub confirmed: bool,
+}
+
+/// Reports from before `confirmed` existed knew only confirmed checkpoints.
+fn confirmed_by_default() -> bool {
+    true
 }
 
 /// One snapshot.

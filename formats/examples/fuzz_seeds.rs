@@ -137,12 +137,14 @@ fn manifest_seeds(dir: &Path) -> Result<()> {
                 generation: 1,
                 created_unix: 10,
                 bitmap_file: "mon.bitmap".into(),
+                confirmed: true,
             },
             CheckpointEntry {
                 name: "tue".into(),
                 generation: 2,
                 created_unix: 20,
                 bitmap_file: "tue.bitmap".into(),
+                confirmed: false,
             },
         ],
     };

@@ -10,7 +10,8 @@
 //!   "size": 10737418240, "granularity": 65536, "tracking": "durable",
 //!   "created_unix": 1700000000 }
 //! { "format_version": 1, "chain_uuid": "…", "checkpoints": [
-//!   { "name": "mon", "generation": 1, "created_unix": 1700000000, "bitmap_file": "mon.bitmap" } ] }
+//!   { "name": "mon", "generation": 1, "created_unix": 1700000000, "bitmap_file": "mon.bitmap",
+//!     "confirmed": true } ] }
 //! ```
 
 use std::fs::File;
@@ -74,6 +75,15 @@ pub struct CheckpointEntry {
     pub created_unix: u64,
     /// The bitmap file's name, relative to the volume's directory (no `/`).
     pub bitmap_file: String,
+    /// Whether the data at this checkpoint is known to be stored: false while the backup
+    /// that created it has not been seen through (absent in older files: true).
+    #[serde(default = "confirmed_by_default")]
+    pub confirmed: bool,
+}
+
+/// Chains written before the `confirmed` field knew only confirmed checkpoints.
+fn confirmed_by_default() -> bool {
+    true
 }
 
 /// The checkpoints of a volume, oldest first.
@@ -395,15 +405,29 @@ mod tests {
                     generation: 1,
                     created_unix: 10,
                     bitmap_file: "mon.bitmap".into(),
+                    confirmed: true,
                 },
                 CheckpointEntry {
                     name: "tue".into(),
                     generation: 2,
                     created_unix: 20,
                     bitmap_file: "tue.bitmap".into(),
+                    confirmed: false,
                 },
             ],
         }
+    }
+
+    #[test]
+    fn a_chain_without_confirmed_fields_reads_as_confirmed() {
+        let json = br#"{"format_version": 1, "chain_uuid": "00000000-0000-0000-0000-000000000007",
+            "checkpoints": [{"name": "mon", "generation": 1, "created_unix": 10,
+            "bitmap_file": "mon.bitmap"}]}"#;
+        let old = CheckpointChain::parse(json, Path::new("c.json")).unwrap();
+        assert!(old.checkpoints[0].confirmed);
+        let round = CheckpointChain::parse(&chain().to_json(), Path::new("c.json")).unwrap();
+        assert_eq!(round, chain());
+        assert!(!round.checkpoints[1].confirmed);
     }
 
     #[test]

@@ -192,3 +192,69 @@ fn an_update_img_killed_midway_can_be_run_again() {
     tidemark(&["update-img", &snap, &list_path, &image], COMMAND_LIMIT).ok();
     assert!(cmp_equal(&snap, &image, None).expect("cmp runs"));
 }
+
+#[test]
+fn an_extent_past_the_end_of_the_snapshot_is_refused_and_nothing_is_written() {
+    let dir = scratch();
+    let (snap, image, changed) = day_pair(&dir, 60);
+    let before = std::fs::read(&image).unwrap();
+    // A real change first, then one that lies past the end of the 96 MiB snapshot: the
+    // wrong list (or the wrong snapshot). Clipping it would copy less than was asked.
+    let past = 100 * MIB..100 * MIB + GRANULARITY;
+    let mut list = changed.clone();
+    list.push(past.clone());
+    let out = tidemark_with_input(
+        &["update-img", &snap, "-", &image],
+        text_list(&list).as_bytes(),
+        COMMAND_LIMIT,
+    );
+    assert_ne!(out.code(), 0, "{out:?}");
+    for needed in [
+        past.start.to_string(),
+        GRANULARITY.to_string(),
+        SIZE.to_string(),
+    ] {
+        assert!(
+            out.stderr.contains(&needed),
+            "names the extent and the sizes ({needed}): {out:?}"
+        );
+    }
+    assert!(
+        std::fs::read(&image).unwrap() == before,
+        "update-img wrote nothing"
+    );
+
+    // An extent that starts inside and runs past the end is refused as well.
+    let straddling = format!("{} {}\n", SIZE - GRANULARITY, 2 * GRANULARITY);
+    let delta = p(&dir, "refused.delta");
+    let out = tidemark_with_input(
+        &[
+            "delta",
+            "create",
+            "--from",
+            &snap,
+            "--changed",
+            "-",
+            "--volume-uuid",
+            "00000000-0000-0000-0000-000000000007",
+            "--from-checkpoint",
+            "mon",
+            "--to-checkpoint",
+            "tue",
+            "--out",
+            &delta,
+        ],
+        straddling.as_bytes(),
+        COMMAND_LIMIT,
+    );
+    assert_ne!(out.code(), 0, "{out:?}");
+    assert!(
+        out.stderr.contains(&(SIZE - GRANULARITY).to_string())
+            && out.stderr.contains(&SIZE.to_string()),
+        "names the extent and the size: {out:?}"
+    );
+    assert!(
+        !std::path::Path::new(&delta).exists(),
+        "delta create wrote no file: {out:?}"
+    );
+}

@@ -55,15 +55,22 @@ fn export_exists(uri: &str) -> bool {
         .success()
 }
 
-#[test]
-fn kill_9_mid_write_then_restart_and_the_next_incremental_restores_the_truth() {
-    let mut daemon = Daemon::start();
+/// A daemon with volume `v` (16 MiB, 8 MiB written) and `full.raw`, the full backup of it
+/// that started checkpoint c1 and ended well.
+fn with_a_full_backup() -> (Daemon, std::path::PathBuf, std::path::PathBuf) {
+    let daemon = Daemon::start();
     let backing = daemon.create_volume("v", 16 << 20);
     qemu_io(&daemon.uri("v"), &["write -P 1 0 8M".to_string()]);
     let full = daemon.dir.path().join("full.raw");
     let backup = daemon.cli_json(&["backup", "begin", "v", "--checkpoint", "c1"]);
     qemu_img_convert(&export_uri(&backup), &full);
     daemon.cli_json(&["backup", "end", "v"]);
+    (daemon, backing, full)
+}
+
+#[test]
+fn kill_9_mid_write_then_restart_and_the_next_incremental_restores_the_truth() {
+    let (mut daemon, backing, full) = with_a_full_backup();
 
     let mut writer = daemon.nbd_tool_spawn(&["pattern", &daemon.uri("v"), "9"]);
     let mut acked = BufReader::new(writer.stdout.take().unwrap());
@@ -120,7 +127,10 @@ fn sigterm_during_a_backup_fails_it_and_tracking_survives_the_restart() {
     daemon.restart();
     let info = daemon.cli_json(&["volume", "info", "v"]);
     assert_eq!(info["tracking"], json!("durable"), "{info}");
-    let backup = daemon.cli_json(&["backup", "begin", "v", "--incremental", "c1"]);
+    // The stop failed the backup that made c1, so c1 is unconfirmed: this client knows it
+    // pulled the whole image before the stop, and says so with --force.
+    assert_eq!(info["checkpoints"][0]["confirmed"], json!(false), "{info}");
+    let backup = daemon.cli_json(&["backup", "begin", "v", "--incremental", "c1", "--force"]);
     let extents = daemon.nbd_tool(&["apply", &export_uri(&backup), "c1", full.to_str().unwrap()]);
     assert_eq!(extents.trim(), "[[1048576, 1048576]]");
     files_equal(&full, &backing, "full + incremental after SIGTERM");
@@ -422,4 +432,73 @@ fn backup_ids_stay_unique_across_restarts_and_kill_9() {
     daemon.restart();
     begin_end(&daemon, &mut seen);
     assert_eq!(seen.len(), 5);
+}
+
+#[test]
+fn kill_9_mid_backup_leaves_its_checkpoint_unconfirmed_and_an_incremental_from_it_needs_force() {
+    let (mut daemon, backing, full) = with_a_full_backup();
+    qemu_io(&daemon.uri("v"), &["write -P 2 1M 1M".to_string()]);
+    // The next backup starts c2, and the daemon dies before anyone read it.
+    let args: Vec<&str> = "backup begin v --incremental c1 --checkpoint c2"
+        .split(' ')
+        .collect();
+    daemon.cli_json(&args);
+    daemon.kill();
+    restart_after_kill(&mut daemon);
+
+    let list = daemon.cli_json(&["checkpoint", "list", "v"]);
+    let flags: Vec<(String, bool)> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["name"].as_str().unwrap().into(),
+                c["confirmed"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(flags, [("c1".into(), true), ("c2".into(), false)], "{list}");
+    let info = daemon.cli_json(&["info"]);
+    assert_eq!(
+        info["volumes"][0]["checkpoints"][1]["confirmed"],
+        json!(false),
+        "{info}"
+    );
+    let text =
+        String::from_utf8_lossy(&daemon.cli(&["checkpoint", "list", "v"]).stdout).into_owned();
+    assert!(text.contains("CONFIRMED") && text.contains("NO"), "{text}");
+
+    // "Always --incremental from the latest" would skip the interval c1..c2 that no
+    // backup stored: refused, saying so.
+    let refused = daemon.cli(&["backup", "begin", "v", "--incremental", "c2"]);
+    assert_eq!(refused.status.code(), Some(2), "{refused:?}");
+    let why = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        why.contains("unconfirmed") && why.contains("missing") && why.contains("--force"),
+        "{why}"
+    );
+    // From c1 (confirmed) the incremental carries everything since the stored full.
+    let args: Vec<&str> = "backup begin v --incremental c1 --checkpoint c3"
+        .split(' ')
+        .collect();
+    let backup = daemon.cli_json(&args);
+    daemon.nbd_tool(&["apply", &export_uri(&backup), "c1", full.to_str().unwrap()]);
+    // A client that knows its pull failed ends it so: c3 stays unconfirmed.
+    let ended = daemon.cli_json(&["backup", "end", "v", "--failed"]);
+    assert_eq!(ended["state"], json!("failed"), "{ended}");
+    let list = daemon.cli_json(&["checkpoint", "list", "v"]);
+    assert_eq!(list[2]["confirmed"], json!(false), "{list}");
+    files_equal(
+        &full,
+        &backing,
+        "full + incremental from the confirmed checkpoint",
+    );
+}
+
+/// Restart after a kill -9 (the volume's tracking must be intact: durable mode).
+fn restart_after_kill(daemon: &mut Daemon) {
+    daemon.restart();
+    let info = daemon.cli_json(&["volume", "info", "v"]);
+    assert_eq!(info["tracking"], json!("durable"), "{info}");
 }

@@ -164,6 +164,19 @@ fn hooks_that_print_have_their_output_in_the_backup_status() {
     daemon.cli_json(&["backup", "end", "v"]);
 }
 
+/// `backup begin v --checkpoint c1 --hooks DIR`.
+fn begin_with_hooks(daemon: &Daemon, hooks: &Path) -> std::process::Output {
+    daemon.cli(&[
+        "backup",
+        "begin",
+        "v",
+        "--checkpoint",
+        "c1",
+        "--hooks",
+        hooks.to_str().unwrap(),
+    ])
+}
+
 #[test]
 fn a_failing_hook_aborts_the_backup_and_thaws_what_was_frozen() {
     let daemon = Daemon::start();
@@ -177,15 +190,7 @@ fn a_failing_hook_aborts_the_backup_and_thaws_what_was_frozen() {
         ("20-fail", "[ \"$1\" = freeze ] && exit 3; exit 0"),
     ])
     .expect("a hooks dir");
-    let out = daemon.cli(&[
-        "backup",
-        "begin",
-        "v",
-        "--checkpoint",
-        "c1",
-        "--hooks",
-        hooks.path().to_str().unwrap(),
-    ]);
+    let out = begin_with_hooks(&daemon, hooks.path());
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("20-fail"), "{stderr}");
@@ -287,4 +292,30 @@ fn kill_9_of_the_daemon_inside_the_freeze_window_still_thaws_within_the_limit() 
     daemon.restart();
     assert_eq!(daemon.cli_json(&["backup", "status"])["running"], json!([]));
     daemon.cli_json(&["backup", "begin", "v", "--no-hooks"]);
+}
+
+#[test]
+fn a_hook_writable_by_others_is_refused_before_anything_runs() {
+    use std::os::unix::fs::PermissionsExt;
+    let daemon = Daemon::start();
+    daemon.create_volume("v", 1 << 20);
+    let record = daemon.dir.path().join("record");
+    let hooks = hooks_dir(&[(
+        "10-record",
+        &format!("echo \"$1\" >> '{}'", record.display()),
+    )])
+    .expect("a hooks dir");
+    let hook = hooks.path().join("10-record");
+    // Anyone could put their own commands in it, to be run as the daemon.
+    std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o757)).unwrap();
+    let out = begin_with_hooks(&daemon, hooks.path());
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(hook.to_str().unwrap()) && stderr.contains("0757"),
+        "names the hook and why: {stderr}"
+    );
+    assert!(!record.exists(), "the hook never ran");
+    let info = daemon.cli_json(&["volume", "info", "v"]);
+    assert_eq!(info["checkpoints"], json!([]), "no checkpoint was created");
 }

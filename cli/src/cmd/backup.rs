@@ -32,6 +32,10 @@ pub enum Command {
         /// The backup's id instead (as `backup begin` and `backup status` print it).
         #[arg(long, conflicts_with = "volume")]
         id: Option<String>,
+        /// The pull failed: end the backup as failed, leaving the checkpoint it created
+        /// unconfirmed (an incremental from it is then refused unless --force).
+        #[arg(long)]
+        failed: bool,
         #[command(flatten)]
         client: ClientArgs,
     },
@@ -79,6 +83,11 @@ pub struct BeginArgs {
     #[arg(long, value_name = "CKPT")]
     incremental: Option<String>,
 
+    /// Allow --incremental from an unconfirmed checkpoint (one whose backup failed or
+    /// never ended): only when you know the data at that checkpoint was stored.
+    #[arg(long, requires = "incremental")]
+    force: bool,
+
     /// Name of each snapshot's NBD export; {volume} is replaced by the volume's name.
     #[arg(long, value_name = "TEMPLATE", default_value = "{volume}@backup")]
     export_name: String,
@@ -107,10 +116,12 @@ pub struct BeginArgs {
     #[arg(long, value_name = "MOUNTPOINT")]
     freeze: Vec<PathBuf>,
 
-    /// Run the freeze/thaw hooks of this directory instead of the default ones
-    /// (/usr/lib/tidemark/writers.d and /etc/qemu/fsfreeze-hooks.d, when they exist);
-    /// repeatable. Hooks run in name order with `freeze MOUNTPOINT...` before the
-    /// snapshot and in reverse with `thaw` after it.
+    /// Run the freeze/thaw hooks of this directory instead of the default one
+    /// (/usr/lib/tidemark/writers.d, when it exists); repeatable. The guest-side
+    /// /etc/qemu/fsfreeze-hooks.d runs on the host only when named here. Hooks run in
+    /// name order with `freeze MOUNTPOINT...` before the snapshot and in reverse with
+    /// `thaw` after it. A directory or hook not owned by root (or the daemon's user), or
+    /// writable by group or others, is refused.
     #[arg(long, value_name = "DIR")]
     hooks: Vec<PathBuf>,
 
@@ -149,15 +160,22 @@ pub fn run(command: Command) -> anyhow::Result<ExitCode> {
 fn run_inner(command: Command) -> anyhow::Result<ExitCode> {
     match command {
         Command::Begin(args) => begin(*args),
-        Command::End { volume, id, client } => {
+        Command::End {
+            volume,
+            id,
+            failed,
+            client,
+        } => {
             let arguments = match (volume, id) {
                 (_, Some(id)) => BackupEndArgs {
                     id: Some(id),
                     volume: None,
+                    failed,
                 },
                 (Some(volume), None) => BackupEndArgs {
                     volume: Some(volume),
                     id: None,
+                    failed,
                 },
                 (None, None) => anyhow::bail!("name the backup's volume or pass --id"),
             };
@@ -323,6 +341,7 @@ fn begin(args: BeginArgs) -> anyhow::Result<ExitCode> {
             .then(|| args.hooks.iter().map(absolute).collect()),
         guest_agent: args.guest_agent.as_ref().map(absolute),
         quiesce_timeout_ms,
+        force: args.force,
     };
 
     let mut client = args.client.connect()?;
@@ -439,6 +458,7 @@ fn hold(mut client: Client, backup: &Value, json_output: bool) -> anyhow::Result
     client.execute(&Request::BackupEnd(BackupEndArgs {
         id: Some(id.to_string()),
         volume: None,
+        failed: false,
     }))?;
     eprintln!("tidemark: stdin closed; backup {id} ended");
     Ok(ExitCode::SUCCESS)

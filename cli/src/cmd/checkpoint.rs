@@ -123,8 +123,8 @@ fn print_checkpoints(volume: &str, list: &Value) {
         return;
     }
     println!(
-        "{:<24} {:>4} {:>12} {:>16}  CONSISTENT",
-        "NAME", "GEN", "AGE", "CHANGED BLOCKS"
+        "{:<24} {:>4} {:>12} {:>16} {:>9}  CONSISTENT",
+        "NAME", "GEN", "AGE", "CHANGED BLOCKS", "CONFIRMED"
     );
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -145,12 +145,19 @@ fn print_checkpoints(volume: &str, list: &Value) {
             Some(false) => format!("NO: {}", text(&checkpoint["problem"])),
             None => "-".to_string(),
         };
+        // An unconfirmed checkpoint's backup was never seen through (see CONTROL.md).
+        let confirmed = match checkpoint["confirmed"].as_bool() {
+            Some(true) => "yes",
+            Some(false) => "NO",
+            None => "-",
+        };
         println!(
-            "{:<24} {:>4} {:>12} {:>16}  {consistent}",
+            "{:<24} {:>4} {:>12} {:>16} {:>9}  {consistent}",
             text(&checkpoint["name"]),
             text(&checkpoint["generation"]),
             age,
             text(&checkpoint["changed_blocks"]),
+            confirmed,
         );
     }
 }

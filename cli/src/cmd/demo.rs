@@ -316,6 +316,7 @@ fn demo(args: &Args) -> anyhow::Result<Report> {
         let ended = control.execute(&Request::BackupEnd(BackupEndArgs {
             volume: Some(volume.into()),
             id: None,
+            failed: pulled.is_err(),
         }));
         let pulled = pulled?;
         ended.with_context(|| format!("ending backup {}", index + 1))?;
@@ -385,6 +386,9 @@ fn write_freeze_hook(root: &Path) -> anyhow::Result<PathBuf> {
     use std::os::unix::fs::PermissionsExt;
     let dir = root.join("hooks");
     std::fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    // Hook directories writable by group or others are refused, whatever the umask.
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))
+        .with_context(|| format!("setting the mode of {}", dir.display()))?;
     let hook = dir.join("10-demo-app");
     let log = root.join("hooks.log");
     let script = format!("#!/bin/sh\necho \"$1\" >> '{}'\n", log.display());

@@ -70,6 +70,7 @@ fn end_volume(volume: &str) -> Command {
     Command::BackupEnd(BackupEndArgs {
         volume: Some(volume.into()),
         id: None,
+        failed: false,
     })
 }
 
@@ -167,6 +168,7 @@ fn an_incremental_backup_offers_the_bitmap_since_its_checkpoint() {
         Command::BackupEnd(BackupEndArgs {
             id: report["id"].as_str().map(str::to_string),
             volume: None,
+            failed: false,
         }),
     );
     let unknown = daemon
@@ -362,4 +364,209 @@ fn a_second_daemon_on_the_same_state_dir_is_refused() {
     let _daemon = fx.open();
     let err = Daemon::open(Config::new(fx.path("state"))).unwrap_err();
     assert!(matches!(err, crate::DaemonError::Locked { .. }), "{err}");
+}
+
+#[test]
+fn export_names_are_unique_across_volumes_and_backups() {
+    let fx = Fixture::new();
+    let daemon = fx.daemon(&["v1", "v3"]);
+    // A backup of v1 exported under the name a later volume wants.
+    run(
+        &daemon,
+        Command::BackupBegin(BackupBeginArgs {
+            export_name: Some("vm2".into()),
+            ..begin(&["v1"])
+        }),
+    );
+    let refused = daemon
+        .execute(
+            1,
+            Command::VolumeCreate(VolumeCreateArgs {
+                name: "vm2".into(),
+                backing: fx.path("vm2.img"),
+                size: Some(SIZE),
+                granularity: Some(65536),
+                tracking: None,
+            }),
+        )
+        .unwrap_err();
+    assert_eq!(refused.class, ErrorClass::Conflict);
+    assert!(
+        refused.desc.contains("vm2") && refused.desc.contains("backup"),
+        "names the clash: {}",
+        refused.desc
+    );
+    assert!(daemon.volume("vm2").is_err(), "no volume vm2 was made");
+    assert_eq!(
+        run(&daemon, Command::VolumeList(NoArguments {}))
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+
+    // A backup whose export name is a volume's is refused the same way.
+    let refused = daemon
+        .execute(
+            1,
+            Command::BackupBegin(BackupBeginArgs {
+                export_name: Some("v1".into()),
+                ..begin(&["v3"])
+            }),
+        )
+        .unwrap_err();
+    assert_eq!(refused.class, ErrorClass::Conflict);
+    assert!(
+        refused.desc.contains("\"v1\"") && refused.desc.contains("volume"),
+        "names the clash: {}",
+        refused.desc
+    );
+
+    // Once the backup ends, the name is free for a volume.
+    run(&daemon, end_volume("v1"));
+    run(
+        &daemon,
+        Command::VolumeCreate(VolumeCreateArgs {
+            name: "vm2".into(),
+            backing: fx.path("vm2.img"),
+            size: Some(SIZE),
+            granularity: Some(65536),
+            tracking: None,
+        }),
+    );
+    assert!(daemon.nbd.has_export("vm2"));
+}
+
+/// The `confirmed` flag of each checkpoint of `volume`, by name.
+fn confirmed(daemon: &std::sync::Arc<Daemon>, volume: &str) -> Vec<(String, bool)> {
+    run(
+        daemon,
+        Command::CheckpointList(crate::protocol::CheckpointListArgs {
+            volume: volume.into(),
+        }),
+    )
+    .as_array()
+    .unwrap()
+    .iter()
+    .map(|c| {
+        (
+            c["name"].as_str().unwrap().to_string(),
+            c["confirmed"].as_bool().unwrap(),
+        )
+    })
+    .collect()
+}
+
+#[test]
+fn a_checkpoint_is_confirmed_only_when_its_backup_is_seen_through() {
+    let fx = Fixture::new();
+    let daemon = fx.daemon(&["v"]);
+    // A pull whose client knows it failed.
+    run(
+        &daemon,
+        Command::BackupBegin(BackupBeginArgs {
+            checkpoint: Some("c1".into()),
+            ..begin(&["v"])
+        }),
+    );
+    assert_eq!(
+        confirmed(&daemon, "v"),
+        [("c1".into(), false)],
+        "while running"
+    );
+    let ended = run(
+        &daemon,
+        Command::BackupEnd(BackupEndArgs {
+            volume: Some("v".into()),
+            id: None,
+            failed: true,
+        }),
+    );
+    assert_eq!(ended["state"], json!("failed"));
+    assert_eq!(status(&daemon)["finished"][0]["state"], json!("failed"));
+    assert_eq!(confirmed(&daemon, "v"), [("c1".into(), false)]);
+    let info = run(&daemon, Command::QueryStatus(NoArguments {}));
+    assert!(
+        info.to_string().contains("\"confirmed\":false"),
+        "info shows it: {info}"
+    );
+
+    // An incremental from it would skip data no backup stored: refused, saying why.
+    write(&daemon, "v", 0, 4096);
+    let refused = daemon
+        .execute(
+            1,
+            Command::BackupBegin(BackupBeginArgs {
+                incremental: Some("c1".into()),
+                checkpoint: Some("c2".into()),
+                ..begin(&["v"])
+            }),
+        )
+        .unwrap_err();
+    assert_eq!(refused.class, ErrorClass::Conflict);
+    assert!(
+        refused.desc.contains("unconfirmed")
+            && refused.desc.contains("missing")
+            && refused.desc.contains("--force"),
+        "{}",
+        refused.desc
+    );
+    assert_eq!(confirmed(&daemon, "v").len(), 1, "nothing was created");
+
+    // Forced, it runs; ended normally, the checkpoint it made is confirmed.
+    run(
+        &daemon,
+        Command::BackupBegin(BackupBeginArgs {
+            incremental: Some("c1".into()),
+            checkpoint: Some("c2".into()),
+            force: true,
+            ..begin(&["v"])
+        }),
+    );
+    run(&daemon, end_volume("v"));
+    assert_eq!(
+        confirmed(&daemon, "v"),
+        [("c1".into(), false), ("c2".into(), true)]
+    );
+
+    // A push the daemon completed confirms; a failed push does not.
+    let mut events = daemon.subscribe();
+    run(
+        &daemon,
+        Command::BackupBegin(BackupBeginArgs {
+            checkpoint: Some("c3".into()),
+            push: Some(fx.path("full.img").to_str().unwrap().into()),
+            ..begin(&["v"])
+        }),
+    );
+    events_until(&mut events, "BACKUP_COMPLETED");
+    run(
+        &daemon,
+        Command::BackupBegin(BackupBeginArgs {
+            incremental: Some("c3".into()),
+            checkpoint: Some("c4".into()),
+            push: Some(fx.path("missing.img").to_str().unwrap().into()),
+            push_format: Some(PushFormat::Image),
+            ..begin(&["v"])
+        }),
+    );
+    events_until(&mut events, "BACKUP_FAILED");
+    assert_eq!(
+        confirmed(&daemon, "v")[2..],
+        [("c3".into(), true), ("c4".into(), false)]
+    );
+
+    // The flag survives a restart of the daemon.
+    drop(events);
+    drop(daemon);
+    let daemon = fx.open();
+    assert_eq!(
+        confirmed(&daemon, "v"),
+        [
+            ("c1".into(), false),
+            ("c2".into(), true),
+            ("c3".into(), true),
+            ("c4".into(), false)
+        ]
+    );
 }

@@ -130,12 +130,13 @@ fn documented() -> Vec<(Command, Value)> {
                 hooks: Some(vec![]),
                 guest_agent: Some("/run/qga.sock".into()),
                 quiesce_timeout_ms: Some(5000),
+                force: true,
             }),
             json!({"execute": "backup-begin", "arguments": {"volumes": ["vm1", "vm2"],
                 "checkpoint": "c2", "incremental": "c1", "export_name": "{volume}@b",
                 "push": "/backup/{volume}.delta", "push_format": "delta",
                 "cow_limit": 1 << 20, "lease": true, "freeze": ["/srv"], "hooks": [],
-                "guest_agent": "/run/qga.sock", "quiesce_timeout_ms": 5000}}),
+                "guest_agent": "/run/qga.sock", "quiesce_timeout_ms": 5000, "force": true}}),
         ),
         (
             Command::BackupBegin(BackupBeginArgs {
@@ -148,8 +149,17 @@ fn documented() -> Vec<(Command, Value)> {
             Command::BackupEnd(BackupEndArgs {
                 volume: Some("vm1".into()),
                 id: None,
+                failed: false,
             }),
             json!({"execute": "backup-end", "arguments": {"volume": "vm1"}}),
+        ),
+        (
+            Command::BackupEnd(BackupEndArgs {
+                volume: Some("vm1".into()),
+                id: None,
+                failed: true,
+            }),
+            json!({"execute": "backup-end", "arguments": {"volume": "vm1", "failed": true}}),
         ),
         (
             Command::BackupStatus(NoArguments {}),

@@ -19,7 +19,7 @@ use std::time::Instant;
 use tidemark_formats::delta::{CheckpointRef, DeltaHeader, DeltaReader, DeltaWriter, ExtentKind};
 use tidemark_formats::FormatError;
 
-use super::extents::{chunks, gaps, normalize, zero_runs};
+use super::extents::{check_within, chunks, gaps, normalize, zero_runs};
 use super::{CopyError, FailedExtent, ImageWriter, JobOptions, JobReport, Source};
 use crate::io::{open_engine, Completion, Engine, FileId, IoBuf, Op, Request, ALIGN};
 
@@ -266,6 +266,9 @@ pub fn create_delta(
             header.volume_size,
             source.describe()
         )));
+    }
+    if let Some(changed) = &changed {
+        check_within(changed, size, &source.describe())?;
     }
     let extents = normalize(
         changed.unwrap_or_else(|| std::iter::once(0..size).collect()),

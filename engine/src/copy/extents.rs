@@ -58,6 +58,23 @@ fn parse_number(text: &str) -> Option<u64> {
     }
 }
 
+/// Refuse an extent list that does not fit a source of `size` bytes: an extent past its
+/// end means the wrong snapshot or the wrong list, and clipping it would silently copy
+/// less than asked. `source` names the snapshot in the error.
+pub fn check_within(extents: &[Range<u64>], size: u64, source: &str) -> Result<(), CopyError> {
+    match extents.iter().find(|extent| extent.end > size) {
+        Some(extent) => Err(CopyError::Input(format!(
+            "the changed extent at offset {} of {} bytes (ending at {}) lies past the end of \
+             {source}, which holds {size} bytes; is this the extent list of this snapshot? \
+             nothing was written",
+            extent.start,
+            extent.end - extent.start,
+            extent.end
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// Sort, widen to [`ALIGN`] boundaries, clamp to `size` and merge overlapping or touching
 /// extents. Widening only adds bytes that are copied from the same source, so it never
 /// changes the result of a copy; it keeps every request O_DIRECT-aligned.

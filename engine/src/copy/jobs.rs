@@ -5,7 +5,7 @@ use std::ops::Range;
 use std::path::Path;
 use std::time::Instant;
 
-use super::extents::{chunks, gaps, normalize};
+use super::extents::{check_within, chunks, gaps, normalize};
 use super::{CopyError, FailedExtent, ImageWriter, Progress, Source, WriterOptions};
 use crate::io::{open_engine, Completion, EngineConfig, EngineKind, IoBuf, Op, Request, ALIGN};
 
@@ -159,7 +159,8 @@ pub fn copy_image(
 }
 
 /// Copy only `changed` extents of `source` (a snapshot) into the existing `image`.
-/// Extents are widened to 4 KiB boundaries and clamped to the source size; the image is
+/// Extents are widened to 4 KiB boundaries; an extent past the end of the source is refused
+/// before anything is written (see [`check_within`]). The image is
 /// resized to the source size when it is a regular file.
 pub fn update_image(
     source: &mut dyn Source,
@@ -169,6 +170,7 @@ pub fn update_image(
 ) -> Result<JobReport, CopyError> {
     let started = Instant::now();
     let size = source.size();
+    check_within(&changed, size, &source.describe())?;
     let changed = normalize(changed, size);
     let mut writer_options = options.writer_options();
     // Small scattered extents need small buffers: a pool of 1 MiB buffers for 64 KiB

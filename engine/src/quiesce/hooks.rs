@@ -9,7 +9,7 @@
 
 use std::ffi::OsString;
 use std::io::Read;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -118,9 +118,19 @@ impl HookRun {
 /// The hooks of `dirs`, in the order they freeze: by file name, then by directory order.
 /// Hidden files, editor backups, package-manager leftovers and non-executables are left
 /// out, as qemu-ga's fsfreeze-hook does. A directory that does not exist is an error.
+///
+/// Hooks run with the daemon's privileges (root, on a host), so, as sudo and cron do,
+/// a hook directory or hook (the file a link points to) owned by anyone but root or the
+/// daemon's own user, or writable by its group or by others, is refused with an error
+/// that names it: whoever could change it could run anything as the daemon.
 pub fn discover(dirs: &[PathBuf]) -> Result<Vec<PathBuf>, QuiesceError> {
     let mut found: Vec<(OsString, usize, PathBuf)> = Vec::new();
     for (index, dir) in dirs.iter().enumerate() {
+        let meta = std::fs::metadata(dir).map_err(|source| QuiesceError::HooksDir {
+            dir: dir.clone(),
+            source,
+        })?;
+        check_trusted(dir, &meta, "hook directory")?;
         let entries = std::fs::read_dir(dir).map_err(|source| QuiesceError::HooksDir {
             dir: dir.clone(),
             source,
@@ -140,12 +150,46 @@ pub fn discover(dirs: &[PathBuf]) -> Result<Vec<PathBuf>, QuiesceError> {
                 continue;
             };
             if meta.is_file() && meta.permissions().mode() & 0o111 != 0 {
+                check_trusted(&path, &meta, "hook")?;
                 found.push((name, index, path));
             }
         }
     }
     found.sort();
     Ok(found.into_iter().map(|(_, _, path)| path).collect())
+}
+
+/// Refuse `path` unless root or the daemon's own user owns it and neither its group nor
+/// others may write it.
+fn check_trusted(
+    path: &Path,
+    meta: &std::fs::Metadata,
+    what: &'static str,
+) -> Result<(), QuiesceError> {
+    match untrusted_because(meta.uid(), meta.mode(), sys::process::effective_uid()) {
+        Some(reason) => Err(QuiesceError::UntrustedHook {
+            path: path.to_path_buf(),
+            what,
+            reason,
+        }),
+        None => Ok(()),
+    }
+}
+
+/// Why a file of this `owner` and `mode` may not be run by a daemon running as `me`.
+fn untrusted_because(owner: u32, mode: u32, me: u32) -> Option<String> {
+    if owner != 0 && owner != me {
+        Some(format!(
+            "it is owned by uid {owner}, not by root or by the daemon's uid {me}"
+        ))
+    } else if mode & 0o022 != 0 {
+        Some(format!(
+            "its mode {:04o} lets its group or others write it",
+            mode & 0o7777
+        ))
+    } else {
+        None
+    }
 }
 
 fn is_hook_name(name: &str) -> bool {
@@ -281,6 +325,55 @@ mod tests {
         fs::write(a.path().join("15-not-executable"), "#!/bin/sh\n").unwrap();
         let found = discover(&[a.path().into(), b.path().into()]).unwrap();
         assert_eq!(found, vec![b.path().join("10-a"), a.path().join("20-b")]);
+    }
+
+    #[test]
+    fn hooks_writable_by_group_or_others_are_refused_naming_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let h = hook(dir.path(), "10-db", "");
+        fs::set_permissions(&h, fs::Permissions::from_mode(0o775)).unwrap();
+        let err = discover(&[dir.path().into()]).unwrap_err().to_string();
+        assert!(
+            err.contains(&h.display().to_string()) && err.contains("0775"),
+            "{err}"
+        );
+        // A link is judged by the file it runs.
+        fs::set_permissions(&h, fs::Permissions::from_mode(0o757)).unwrap();
+        let links = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink(&h, links.path().join("20-link")).unwrap();
+        let err = discover(&[links.path().into()]).unwrap_err().to_string();
+        assert!(err.contains("20-link") && err.contains("0757"), "{err}");
+        fs::set_permissions(&h, fs::Permissions::from_mode(0o755)).unwrap();
+        assert_eq!(discover(&[dir.path().into()]).unwrap(), vec![h]);
+    }
+
+    #[test]
+    fn a_hook_directory_writable_by_others_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        hook(dir.path(), "10-db", "");
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o777)).unwrap();
+        let err = discover(&[dir.path().into()]).unwrap_err().to_string();
+        assert!(
+            err.contains("hook directory")
+                && err.contains(&dir.path().display().to_string())
+                && err.contains("0777"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn only_root_or_the_daemons_user_may_own_hooks() {
+        assert_eq!(untrusted_because(0, 0o100755, 1000), None);
+        assert_eq!(untrusted_because(1000, 0o100700, 1000), None);
+        let why = untrusted_because(1234, 0o100755, 1000).unwrap();
+        assert!(why.contains("uid 1234") && why.contains("1000"), "{why}");
+        assert!(untrusted_because(0, 0o100775, 0).is_some());
+        assert!(untrusted_because(0, 0o040757, 0).is_some());
+    }
+
+    #[test]
+    fn the_guest_side_qemu_hook_directory_is_not_a_default() {
+        assert!(!super::super::DEFAULT_HOOKS_DIRS.contains(&super::super::QEMU_HOOKS_DIR));
     }
 
     #[test]

@@ -66,13 +66,17 @@ use crate::{error, sys};
 
 /// tidemark's own hook directory.
 pub const WRITERS_DIR: &str = "/usr/lib/tidemark/writers.d";
-/// qemu-ga's hook directory, run too for compatibility.
+/// qemu-ga's hook directory. It belongs inside guests (qemu-guest-agent runs it there),
+/// so it is never run on the host by default; name it with `--hooks` to opt in.
 pub const QEMU_HOOKS_DIR: &str = "/etc/qemu/fsfreeze-hooks.d";
 
-/// The default hook directories ([`WRITERS_DIR`], [`QEMU_HOOKS_DIR`]) that exist here.
+/// The hook directories run when none is named: [`WRITERS_DIR`] only.
+pub const DEFAULT_HOOKS_DIRS: &[&str] = &[WRITERS_DIR];
+
+/// The [`DEFAULT_HOOKS_DIRS`] that exist here.
 pub fn default_hooks_dirs() -> Vec<PathBuf> {
-    [WRITERS_DIR, QEMU_HOOKS_DIR]
-        .into_iter()
+    DEFAULT_HOOKS_DIRS
+        .iter()
         .map(PathBuf::from)
         .filter(|dir| dir.is_dir())
         .collect()
@@ -131,6 +135,12 @@ pub enum QuiesceError {
         what: String,
         path: PathBuf,
         source: std::io::Error,
+    },
+    #[error("refusing the {what} {}: {reason}; hooks run with the daemon's privileges, so make it owned by root (or the daemon's user) and not writable by group or others (chown root; chmod go-w)", path.display())]
+    UntrustedHook {
+        path: PathBuf,
+        what: &'static str,
+        reason: String,
     },
     #[error("cannot read the hooks directory {dir}")]
     HooksDir {

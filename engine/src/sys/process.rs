@@ -1,6 +1,7 @@
 //! What quiescing needs of processes and clocks: the monotonic clock (shared with the
-//! watchdog process), killing a hook's process group, and ignoring stop signals. The
-//! first two go through rustix; the signal disposition is the one libc call left.
+//! watchdog process), the effective uid (who may own hooks), killing a hook's process
+//! group, and ignoring stop signals. The first three go through rustix; the signal
+//! disposition is the one libc call left.
 
 use std::io;
 use std::time::Duration;
@@ -14,6 +15,11 @@ use rustix::time::ClockId;
 pub(crate) fn monotonic_now() -> Duration {
     let ts = rustix::time::clock_gettime(ClockId::Monotonic);
     Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+/// This process's effective user id (the owner hooks may have besides root).
+pub(crate) fn effective_uid() -> u32 {
+    rustix::process::geteuid().as_raw()
 }
 
 /// Sends SIGKILL to every process of the process group `pgid`.

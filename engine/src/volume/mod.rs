@@ -242,6 +242,7 @@ pub struct SnapshotSpec {
     /// The snapshot's name (unique per volume).
     pub name: String,
     /// Create this checkpoint at the snapshot instant (the next incremental starts here).
+    /// It starts unconfirmed; [`Volume::checkpoint_confirm`] once its backup is stored.
     pub checkpoint: Option<String>,
     /// Freeze the changes since this checkpoint with the snapshot (what an incremental
     /// backup copies); exported as `qemu:dirty-bitmap:<since>`.
@@ -367,6 +368,13 @@ impl Volume {
         let mut chain = lock_mutex(&self.chain);
         let mut st = self.gate_write()?;
         Ok(chain.delete(name, &mut st.active)?)
+    }
+
+    /// Record that the data at checkpoint `name` was stored: a checkpoint created with a
+    /// snapshot starts unconfirmed (a backup made it), and incremental backups from it are
+    /// refused by the daemon until the backup is seen through.
+    pub fn checkpoint_confirm(&self, name: &str) -> Result<(), VolumeError> {
+        Ok(lock_mutex(&self.chain).confirm(name)?)
     }
 
     /// The checkpoint chain, oldest first.

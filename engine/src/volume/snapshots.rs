@@ -77,7 +77,7 @@ impl Volume {
                 continue;
             };
             match chain.prepare(name) {
-                Ok(new) => prepared[i] = Some(new),
+                Ok(new) => prepared[i] = Some(new.unconfirmed()),
                 Err(e) => {
                     discard_prepared(&chains, &mut prepared);
                     markers_done(requests.len());
