@@ -856,6 +856,44 @@ fn transmission(
     }
 }
 
+/// Serve the transmission phase of `export` on a Unix stream whose peer negotiated
+/// nothing: the kernel's nbd driver, handed the other end of a socketpair over netlink,
+/// sends simple-reply requests at once. The peer must have been told the flags
+/// [`transmission_flags`](crate::negotiate::transmission_flags) gives for
+/// [`HeaderMode::Simple`]. Blocks until the peer disconnects (NBD_CMD_DISC or end of
+/// stream); shutting the stream down from another handle ends it too.
+pub fn serve_transmission(
+    name: &str,
+    export: Arc<dyn Export>,
+    stream: std::os::unix::net::UnixStream,
+    config: &ServerConfig,
+) -> io::Result<()> {
+    stream.set_nonblocking(false)?;
+    let session = Session {
+        name: name.to_string(),
+        flags: crate::negotiate::transmission_flags(export.as_ref(), HeaderMode::Simple),
+        size: export.size(),
+        export,
+        mode: HeaderMode::Simple,
+        contexts: Vec::new(),
+    };
+    let stop = Stopping::default();
+    let socket = SyncSocket::Unix(stream);
+    match transmission(
+        session,
+        socket,
+        Vec::new(),
+        config.max_in_flight_bytes,
+        &stop,
+    ) {
+        Ok(()) => Ok(()),
+        Err(ConnError::Io(err)) => Err(err),
+        Err(ConnError::Protocol(message)) => {
+            Err(io::Error::new(io::ErrorKind::InvalidData, message))
+        }
+    }
+}
+
 /// Read the next request (and its payload) with the request lock held.
 fn next_request(
     conn: &Conn,
@@ -1537,6 +1575,53 @@ mod tests {
                 flags,
             }])
         }
+    }
+
+    fn simple_reply(stream: &mut std::os::unix::net::UnixStream) -> (u32, u64) {
+        let mut header = [0u8; proto::SIMPLE_REPLY_LEN];
+        stream.read_exact(&mut header).unwrap();
+        match proto::parse_reply_header(&header).unwrap() {
+            proto::ReplyHeader::Simple { error, cookie } => (error, cookie),
+            other => panic!("expected a simple reply, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn transmission_without_negotiation_serves_simple_replies_until_disc() {
+        let (mut client, server_end) = std::os::unix::net::UnixStream::pair().unwrap();
+        let serving = std::thread::spawn(move || {
+            serve_transmission(
+                "kernel",
+                Arc::new(Striped),
+                server_end,
+                &ServerConfig::default(),
+            )
+        });
+        let mut out = Vec::new();
+        let request = |command, cookie, length| Request {
+            flags: 0,
+            command,
+            cookie,
+            offset: 8192,
+            length,
+        };
+        proto::encode_request(&mut out, &request(Command::Read, 7, 4096), false);
+        client.write_all(&out).unwrap();
+        assert_eq!(simple_reply(&mut client), (0, 7));
+        let mut data = vec![0u8; 4096];
+        client.read_exact(&mut data).unwrap();
+        assert!(data.iter().all(|&b| b == 1));
+
+        out.clear();
+        proto::encode_request(&mut out, &request(Command::Write, 8, 512), false);
+        out.extend_from_slice(&[9u8; 512]);
+        client.write_all(&out).unwrap();
+        assert_eq!(simple_reply(&mut client), (Errno::Perm.code(), 8));
+
+        out.clear();
+        proto::encode_request(&mut out, &request(Command::Disc, 9, 0), false);
+        client.write_all(&out).unwrap();
+        serving.join().unwrap().unwrap();
     }
 
     #[test]
