@@ -14,6 +14,7 @@
 //! knows the other.
 #![forbid(unsafe_code)]
 
+pub mod attach;
 mod backup;
 pub mod client;
 mod config;
