@@ -15,6 +15,7 @@
 #![forbid(unsafe_code)]
 
 pub mod attach;
+mod attachments;
 mod backup;
 pub mod client;
 mod config;

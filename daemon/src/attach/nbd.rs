@@ -180,6 +180,14 @@ impl Queues {
     }
 }
 
+/// Whether the kernel has the nbd driver (its generic netlink family exists): the
+/// daemon's default front end is kernel NBD then, FUSE + loop otherwise.
+pub fn available() -> bool {
+    netlink_socket()
+        .and_then(|mut socket| nbd_family(&mut socket))
+        .is_ok()
+}
+
 /// The nbd family's id, or [`AttachError::NbdMissing`].
 fn nbd_family(socket: &mut GenlSocket) -> Result<u16, AttachError> {
     socket
