@@ -2,7 +2,7 @@
 # Install the Debian packages the test suite drives (the real NBD peers, fio, ...),
 # only those missing, so a second run costs nothing.
 set -euo pipefail
-packages=(qemu-utils libnbd-bin nbdkit python3-libnbd fio nbd-server e2fsprogs util-linux)
+packages=(qemu-utils libnbd-bin nbdkit python3-libnbd fio nbd-server e2fsprogs util-linux xfsprogs)
 # The quiesce VM test (tests/tests/quiesce_vm.rs): the guest harness's host side, and
 # python3 for the test's writer.
 packages+=(qemu-system-x86 cpio kmod python3)

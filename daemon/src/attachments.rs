@@ -65,7 +65,9 @@ impl Attachments {
 
     fn lock(&self) -> MutexGuard<'_, BTreeMap<String, Live>> {
         // Every update is one insert or remove: still consistent after a panic.
-        self.live.lock().unwrap_or_else(|poison| poison.into_inner())
+        self.live
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
     }
 
     fn record_path(&self, name: &str) -> PathBuf {
@@ -93,7 +95,9 @@ impl Attachments {
 
     /// The attachment of `name`, as reported.
     pub(crate) fn report(&self, name: &str) -> Option<Value> {
-        self.lock().get(name).map(|live| report(&live.attached.record()))
+        self.lock()
+            .get(name)
+            .map(|live| report(&live.attached.record()))
     }
 
     /// Every attachment, as reported.
@@ -226,9 +230,9 @@ impl Attachments {
         };
         let record = entry.attached.record();
         entry.attached.detach().map_err(|err| match err {
-            AttachError::Busy { .. } => CommandError::conflict(format!(
-                "cannot detach {name:?}: {err}"
-            )),
+            AttachError::Busy { .. } => {
+                CommandError::conflict(format!("cannot detach {name:?}: {err}"))
+            }
             other => CommandError::failed(format!("cannot detach {name:?}: {other}")),
         })?;
         live.remove(name);
@@ -387,7 +391,11 @@ fn resolve(
             return Ok((export, Some(backup.id().to_string()), true));
         }
     }
-    let exports: Vec<&str> = registry.backups.values().flat_map(|b| b.export_names()).collect();
+    let exports: Vec<&str> = registry
+        .backups
+        .values()
+        .flat_map(|b| b.export_names())
+        .collect();
     Err(CommandError::not_found(format!(
         "no volume or backup snapshot named {name:?}; `tidemark volume list` shows volumes{}",
         if exports.is_empty() {

@@ -4,11 +4,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use serde_json::Value;
-use tidemark_daemon::protocol::{
-    Command as Request, NoArguments, Tracking, VolumeAttachArgs, VolumeCreateArgs,
-    VolumeNameArgs,
-};
 use tidemark_daemon::attach::Via;
+use tidemark_daemon::protocol::{
+    Command as Request, NoArguments, Tracking, VolumeAttachArgs, VolumeCreateArgs, VolumeNameArgs,
+};
 
 use crate::control::{self, ClientArgs};
 use crate::ui;
@@ -232,7 +231,9 @@ fn run_inner(command: Command) -> anyhow::Result<ExitCode> {
         Command::Detach { name, client } => {
             let detached = client
                 .connect()?
-                .execute(&Request::VolumeDetach(VolumeNameArgs { name: name.clone() }))?;
+                .execute(&Request::VolumeDetach(VolumeNameArgs {
+                    name: name.clone(),
+                }))?;
             if client.json {
                 ui::print_json(&detached)?;
             } else {

@@ -283,7 +283,12 @@ mod bare_tests {
         fn write_zeroes(&self, _: u64, _: u64, _: ZeroFlags) -> ExportResult<()> {
             Ok(())
         }
-        fn block_status(&self, _: &MetaContext, offset: u64, len: u64) -> ExportResult<Vec<Extent>> {
+        fn block_status(
+            &self,
+            _: &MetaContext,
+            offset: u64,
+            len: u64,
+        ) -> ExportResult<Vec<Extent>> {
             Ok(vec![Extent {
                 length: len.min(self.size() - offset),
                 flags: 0,
@@ -304,7 +309,12 @@ mod bare_tests {
     fn transmission_without_negotiation_serves_simple_replies_until_disc() {
         let (mut client, server_end) = UnixStream::pair().unwrap();
         let serving = std::thread::spawn(move || {
-            serve_transmission("kernel", Arc::new(Ones), server_end, &ServerConfig::default())
+            serve_transmission(
+                "kernel",
+                Arc::new(Ones),
+                server_end,
+                &ServerConfig::default(),
+            )
         });
         let mut out = Vec::new();
         let request = |command, cookie, length| Request {
