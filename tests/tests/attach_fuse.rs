@@ -260,7 +260,10 @@ fn backup(
         None => pull.arg("--full"),
         Some(since) => pull.args(["--bitmap", since]),
     };
-    pull.arg(&uri).arg("--delta").arg(delta);
+    pull.args(["--checkpoint", checkpoint])
+        .arg(&uri)
+        .arg("--delta")
+        .arg(delta);
     let out = run(&mut pull, LIMIT).expect("pull");
     assert_eq!(out.code(), 0, "pull {uri}: {}", out.stderr);
     let ended = daemon.cli_json(&["backup", "end", name]);
