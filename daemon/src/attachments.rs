@@ -165,7 +165,11 @@ impl Attachments {
                 record.via()
             )));
         }
-        let (export, backup, read_only) = resolve(daemon, &name, read_only)?;
+        let Target {
+            export,
+            backup,
+            read_only,
+        } = resolve(daemon, &name, read_only)?;
         let via = via.unwrap_or_else(|| {
             if nbd::available() {
                 Via::Nbd
@@ -375,20 +379,32 @@ impl Attachments {
     }
 }
 
+/// What an attachment serves.
+struct Target {
+    export: Arc<dyn Export>,
+    /// The backup whose snapshot it is.
+    backup: Option<String>,
+    read_only: bool,
+}
+
 /// What `name` attaches: a volume's live export, or a running backup's snapshot export
 /// (always read-only), with the backup's id.
-fn resolve(
-    daemon: &Daemon,
-    name: &str,
-    read_only: bool,
-) -> Result<(Arc<dyn Export>, Option<String>, bool), CommandError> {
+fn resolve(daemon: &Daemon, name: &str, read_only: bool) -> Result<Target, CommandError> {
     if let Ok(volume) = daemon.volume(name) {
-        return Ok((volume.live_export(), None, read_only));
+        return Ok(Target {
+            export: volume.live_export(),
+            backup: None,
+            read_only,
+        });
     }
     let registry = daemon.registry();
     for backup in registry.backups.values() {
         if let Some(export) = backup.snapshot_export(name) {
-            return Ok((export, Some(backup.id().to_string()), true));
+            return Ok(Target {
+                export,
+                backup: Some(backup.id().to_string()),
+                read_only: true,
+            });
         }
     }
     let exports: Vec<&str> = registry

@@ -196,7 +196,7 @@ impl Writer {
                     let mut file =
                         std::fs::File::create(dir.join(format!("w{}", n % 200))).unwrap();
                     file.write_all(&block).unwrap();
-                    if n % 4 == 0 {
+                    if n.is_multiple_of(4) {
                         file.sync_all().unwrap();
                     }
                     n += 1;
