@@ -1,33 +1,34 @@
 //! FUSE + loop against the real kernel: a file-backed export attached as /dev/loopN, read
 //! and written with O_DIRECT, carrying ext4, trimmed, attached read-only, detached while
-//! busy, and cleaned up after the serving process is killed. Needs root and /dev/fuse
-//! (skipped otherwise); every external command runs under a time limit.
+//! busy. Needs root and /dev/fuse (they fail otherwise, saying so); every external command
+//! runs under a time limit. The cleanup after a killed server is tested end to end, with a
+//! real daemon killed by -9, in tests/tests/attach_fuse.rs.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 
 use tidemark_daemon::attach::fuse::{cleanup_stale, loop_backing_file, FuseLoop};
-use tidemark_daemon::attach::{AttachError, Attached, Attachment, FrontEnd, Resources, Via};
+use tidemark_daemon::attach::{AttachError, Attached, FrontEnd, Via};
 use tidemark_nbd::file::FileExport;
 
 const MIB: u64 = 1 << 20;
 
-fn usable() -> bool {
+/// These tests drive the real kernel: they need root, /dev/fuse and the loop driver.
+fn require_kernel() {
     let root = fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0);
     let fuse = OpenOptions::new()
         .read(true)
         .write(true)
         .open("/dev/fuse")
         .is_ok();
-    if !(root && fuse && Path::new("/dev/loop-control").exists()) {
-        eprintln!("skipped: needs root, /dev/fuse and /dev/loop-control");
-        return false;
-    }
-    true
+    assert!(
+        root && fuse && Path::new("/dev/loop-control").exists(),
+        "these tests need root, /dev/fuse (modprobe fuse) and /dev/loop-control (modprobe loop)"
+    );
 }
 
 /// Run a command with a time limit; its output, or a panic naming it.
@@ -136,9 +137,7 @@ fn allocated(path: &Path) -> u64 {
 
 #[test]
 fn direct_io_through_the_loop_device_reaches_the_backing_file() {
-    if !usable() {
-        return;
-    }
+    require_kernel();
     let setup = Setup::new(64 * MIB);
     let guard = setup.attach(false);
     let record = guard.attached.record();
@@ -184,9 +183,7 @@ fn direct_io_through_the_loop_device_reaches_the_backing_file() {
 
 #[test]
 fn ext4_lives_on_the_device_and_fstrim_punches_the_backing() {
-    if !usable() {
-        return;
-    }
+    require_kernel();
     let setup = Setup::new(256 * MIB);
     let mut guard = setup.attach(false);
     let device = guard.device();
@@ -241,9 +238,7 @@ fn ext4_lives_on_the_device_and_fstrim_punches_the_backing() {
 
 #[test]
 fn a_read_only_attachment_refuses_writes() {
-    if !usable() {
-        return;
-    }
+    require_kernel();
     let setup = Setup::new(16 * MIB);
     fs::write(&setup.backing, vec![5u8; 16 * MIB as usize]).unwrap();
     let guard = setup.attach(true);
@@ -275,82 +270,4 @@ fn a_read_only_attachment_refuses_writes() {
     let mut first = [0u8; 4096];
     backing.read_exact(&mut first).unwrap();
     assert!(first.iter().all(|&b| b == 5), "the backing is untouched");
-}
-
-/// Environment variable that turns [`crash_child`] into a real attach that never detaches.
-const CHILD_DIR: &str = "TIDEMARK_ATTACH_CRASH_DIR";
-
-/// Not a test on its own: the child process of the crash test. It attaches, prints the
-/// record as one JSON line and waits to be killed.
-#[test]
-#[ignore = "runs only as the child of the crash test"]
-fn crash_child() {
-    let Some(dir) = std::env::var_os(CHILD_DIR) else {
-        return;
-    };
-    let dir = PathBuf::from(dir);
-    let export = Arc::new(FileExport::open(&dir.join("backing.img"), false).unwrap());
-    let attached = FuseLoop::new(dir.join("attach"))
-        .attach("crashed", export, false)
-        .unwrap();
-    println!("{}", serde_json::to_string(&attached.record()).unwrap());
-    std::io::stdout().flush().unwrap();
-    std::thread::sleep(std::time::Duration::from_secs(600));
-}
-
-fn mounted(path: &Path) -> bool {
-    fs::read_to_string("/proc/self/mountinfo")
-        .unwrap()
-        .lines()
-        .any(|l| l.split(' ').nth(4) == Some(path.to_str().unwrap()))
-}
-
-#[test]
-fn cleanup_after_a_crash_leaves_no_loop_device_or_mount() {
-    if !usable() {
-        return;
-    }
-    let setup = Setup::new(16 * MIB);
-    let mut child = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "crash_child", "--ignored", "--nocapture"])
-        .env(CHILD_DIR, setup.dir.path())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut record = None;
-    for line in BufReader::new(child.stdout.take().unwrap()).lines() {
-        let line = line.unwrap();
-        if line.starts_with('{') {
-            record = Some(serde_json::from_str::<Attachment>(&line).unwrap());
-            break;
-        }
-    }
-    child.kill().unwrap();
-    child.wait().unwrap();
-    let record = record.expect("the child attached and printed its record");
-    let Resources::Fuse { mount } = &record.resources else {
-        panic!("a FUSE record: {record:?}");
-    };
-    assert!(mounted(mount), "the crash left the FUSE mount");
-    assert!(loop_backing_file(&record.device).is_some());
-
-    // The kernel answers I/O with an error now, never with data.
-    let mut storage = Vec::new();
-    let buf = aligned(&mut storage, 4096);
-    assert!(open_direct(&record.device, false)
-        .and_then(|f| f.read_exact_at(buf, 0))
-        .is_err());
-
-    cleanup_stale(&record).unwrap();
-    cleanup_stale(&record).unwrap();
-    assert!(!mounted(mount), "no FUSE mount is left");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    while loop_backing_file(&record.device).is_some() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the loop device is still bound"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    assert!(!mount.exists());
 }
