@@ -2,7 +2,7 @@
 # Install the Debian packages the test suite drives (the real NBD peers, fio, ...),
 # only those missing, so a second run costs nothing.
 set -euo pipefail
-packages=(qemu-utils libnbd-bin nbdkit python3-libnbd fio nbd-server e2fsprogs util-linux)
+packages=(qemu-utils libnbd-bin nbdkit python3-libnbd fio nbd-server e2fsprogs util-linux xfsprogs)
 # ss (tests/tests/daemon_connections.rs checks TCP keepalive).
 packages+=(iproute2)
 # The quiesce VM test (tests/tests/quiesce_vm.rs): the guest harness's host side, and

@@ -19,6 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
+use tidemark_nbd::export::Export;
 
 use crate::daemon::{check_name, Daemon, FINISHED_KEPT};
 use crate::protocol::{BackupBeginArgs, CommandError, PushFormat, Timestamp};
@@ -79,7 +80,15 @@ impl Backup {
         self.members.iter().map(|m| m.volume.as_str())
     }
 
-    /// The names its snapshots are exported under (pull mode).
+    /// The snapshot this pull backup exports as `export`, to attach it as a block device.
+    pub(crate) fn snapshot_export(&self, export: &str) -> Option<Arc<dyn Export>> {
+        self.members
+            .iter()
+            .find(|m| m.export.as_deref() == Some(export))
+            .map(|m| m.snapshot.export())
+    }
+
+    /// The names this pull backup exports its snapshots under.
     pub(crate) fn export_names(&self) -> impl Iterator<Item = &str> {
         self.members.iter().filter_map(|m| m.export.as_deref())
     }
@@ -513,6 +522,14 @@ pub(crate) fn end(
             "no running {what}; `tidemark backup status` lists them"
         )));
     };
+    if !push {
+        if let Some(attached) = daemon.attachments.snapshot_attached(&id) {
+            return Err(CommandError::conflict(format!(
+                "backup {id}'s snapshot {attached:?} is attached as a block device; unmount \
+                 what uses it and `tidemark volume detach {attached}` first, then end the backup"
+            )));
+        }
+    }
     if push {
         progress.cancel.store(true, Ordering::Relaxed);
         fail(daemon, &id, "cancelled by backup-end");

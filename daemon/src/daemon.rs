@@ -25,6 +25,7 @@ use tidemark_engine::volume::VolumeError;
 use tidemark_nbd::server::ServerError;
 use tokio::sync::{broadcast, watch};
 
+use crate::attachments::Attachments;
 use crate::backup::{self, Backup};
 use crate::config::Config;
 use crate::lock::DaemonLock;
@@ -166,6 +167,8 @@ pub struct Daemon {
     registry: Mutex<Registry>,
     /// The number of the last backup id handed out, as persisted in [`BACKUP_COUNTER`].
     backup_counter: Mutex<u64>,
+    /// Block devices of volumes and snapshots (`volume-attach`).
+    pub(crate) attachments: Attachments,
     /// Held for the daemon's life: one daemon per state dir.
     _lock: DaemonLock,
 }
@@ -214,14 +217,18 @@ impl Daemon {
             registry.volumes.insert(name, Arc::new(volume));
         }
         let (events, _) = broadcast::channel(1024);
-        Ok(Arc::new(Daemon {
+        let attachments = Attachments::new(&config.state_dir);
+        let daemon = Arc::new(Daemon {
             config,
             nbd,
             events,
             registry: Mutex::new(registry),
             backup_counter: Mutex::new(backup_counter),
+            attachments,
             _lock: lock,
-        }))
+        });
+        daemon.attachments.recover(&daemon);
+        Ok(daemon)
     }
 
     /// Every event from now on (what control connections are sent).
@@ -286,8 +293,8 @@ impl Daemon {
 
     fn volume_report(&self, volume: &VolumeHandle) -> Value {
         let name = volume.name();
-        let registry = self.registry();
-        let backup = registry
+        let backup = self
+            .registry()
             .backups
             .values()
             .find(|b| b.volume_names().any(|v| v == name))
@@ -296,6 +303,7 @@ impl Daemon {
         report["export"] = json!(name);
         report["uri"] = self.uris(name);
         report["backup"] = backup.unwrap_or(Value::Null);
+        report["attachment"] = self.attachments.report(name).unwrap_or(Value::Null);
         report
     }
 
@@ -341,6 +349,8 @@ impl Daemon {
                 backup::end(self, volume, id, failed)
             }
             Command::BackupStatus(_) => Ok(backup::status(self)),
+            Command::VolumeAttach(args) => self.attachments.attach(self, args),
+            Command::VolumeDetach(args) => self.attachments.detach(&args.name),
         }
     }
 
@@ -364,6 +374,7 @@ impl Daemon {
             "listen": self.config.listen.map(|a| a.to_string()),
             "volumes": self.volume_list(),
             "backups": backup::status(self),
+            "attachments": self.attachments.list(),
         })
     }
 
@@ -474,6 +485,11 @@ impl Daemon {
     }
 
     fn volume_remove(&self, name: String) -> Result<Value, CommandError> {
+        self.attachments
+            .unless_attached(&name, || self.volume_remove_unattached(name.clone()))
+    }
+
+    fn volume_remove_unattached(&self, name: String) -> Result<Value, CommandError> {
         let volume = {
             let mut registry = self.registry();
             if let Some(backup) = registry
@@ -762,6 +778,16 @@ async fn run_async(daemon: Arc<Daemon>) -> Result<(), DaemonError> {
     };
     tracing::info!("{signal_name}: shutting down");
     daemon.emit("SHUTDOWN", json!({"signal": signal_name}));
+    // Detach block devices first: a snapshot's goes before its backup fails.
+    {
+        let daemon = Arc::clone(&daemon);
+        tokio::task::spawn_blocking(move || daemon.attachments.shutdown())
+            .await
+            .map_err(|source| DaemonError::Task {
+                what: "detaching block devices",
+                source,
+            })?;
+    }
     // Fail running backups while the control connections are still open, so their
     // clients hear BACKUP_FAILED; then give the event forwarders a moment to pass it on.
     {

@@ -14,6 +14,8 @@
 //! knows the other.
 #![forbid(unsafe_code)]
 
+pub mod attach;
+mod attachments;
 mod backup;
 pub mod client;
 mod config;

@@ -207,6 +207,10 @@ pub enum Command {
     BackupEnd(BackupEndArgs),
     /// Running and recently ended backups.
     BackupStatus(NoArguments),
+    /// Give a volume (or a backup's snapshot) a block device on this host.
+    VolumeAttach(VolumeAttachArgs),
+    /// Remove the block device of an attachment.
+    VolumeDetach(VolumeNameArgs),
 }
 
 impl Command {
@@ -227,6 +231,8 @@ impl Command {
         "backup-begin",
         "backup-end",
         "backup-status",
+        "volume-attach",
+        "volume-detach",
     ];
 
     /// Read the command of a parsed request: `CommandNotFound` for an unknown name,
@@ -307,6 +313,28 @@ pub struct VolumeCreateArgs {
 pub struct VolumeNameArgs {
     /// The volume.
     pub name: String,
+}
+
+/// `volume-attach`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeAttachArgs {
+    /// The volume, or a running pull backup's snapshot export (e.g. `data@backup`).
+    pub name: String,
+    /// The front end: `nbd` or `fuse` (default: nbd when the kernel has the nbd driver,
+    /// else fuse).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub via: Option<crate::attach::Via>,
+    /// The device refuses writes (a snapshot is always read-only).
+    #[serde(
+        default,
+        deserialize_with = "null_as_default",
+        skip_serializing_if = "std::ops::Not::not"
+    )]
+    pub read_only: bool,
+    /// Kernel NBD connections (1-8; default the number of CPUs, at most 8).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queues: Option<u32>,
 }
 
 /// `checkpoint-create`, `checkpoint-delete`.

@@ -4,8 +4,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use serde_json::Value;
+use tidemark_daemon::attach::Via;
 use tidemark_daemon::protocol::{
-    Command as Request, NoArguments, Tracking, VolumeCreateArgs, VolumeNameArgs,
+    Command as Request, NoArguments, Tracking, VolumeAttachArgs, VolumeCreateArgs, VolumeNameArgs,
 };
 
 use crate::control::{self, ClientArgs};
@@ -68,6 +69,56 @@ pub enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Give a volume a block device on this host and print its path.
+    ///
+    /// Put a filesystem on the device and mount it as on any disk: every write is
+    /// tracked, and `tidemark backup begin NAME --freeze MOUNTPOINT` takes consistent
+    /// backups of it. A running pull backup's snapshot (NAME@backup) attaches the same
+    /// way, always read-only, to pick files from it.
+    ///
+    /// Front ends (--via):
+    ///   nbd   /dev/nbdN over the kernel's nbd driver (modprobe nbd). The production
+    ///         path: the daemon can restart (even after kill -9) under a mounted
+    ///         filesystem, which only pauses (up to 120 s) until the daemon is back.
+    ///   fuse  a loop device over a one-file FUSE filesystem, where nbd.ko is missing
+    ///         (needs /dev/fuse and the loop driver). A FUSE server cannot outlive its
+    ///         daemon: if the daemon dies the filesystem on it gets I/O errors (never
+    ///         wrong data) and the next daemon start removes the device.
+    /// The default is nbd when the kernel has the nbd driver, else fuse.
+    ///
+    /// The attachment is daemon state: `volume list/info` and `info --json` show it,
+    /// and it is kept in <state-dir>/attachments/. Detach it before removing the volume.
+    ///
+    /// Examples:
+    ///   tidemark volume attach data                 # prints e.g. /dev/nbd0
+    ///   mkfs.ext4 $(tidemark volume attach data --via fuse)
+    ///   tidemark volume attach data@backup          # a backup's snapshot, read-only
+    #[command(verbatim_doc_comment)]
+    Attach {
+        /// The volume, or a running pull backup's snapshot export (e.g. data@backup).
+        name: String,
+        /// The front end: nbd (kernel NBD) or fuse (FUSE + loop).
+        #[arg(long, value_name = "FRONTEND", value_parser = ["nbd", "fuse"])]
+        via: Option<String>,
+        /// Make the device refuse writes (EPERM).
+        #[arg(long)]
+        read_only: bool,
+        /// Kernel NBD connections, 1-8 (default: the number of CPUs, at most 8).
+        #[arg(long, value_name = "N")]
+        queues: Option<u32>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Remove an attachment's block device.
+    ///
+    /// Refused while the device is in use (a filesystem is mounted on it or a program
+    /// holds it open): unmount it first. The volume's data is untouched.
+    Detach {
+        /// The volume (or snapshot) whose device to remove.
+        name: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
 }
 
 fn parse_size(text: &str) -> Result<u64, String> {
@@ -79,7 +130,9 @@ pub fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Create { client, .. }
         | Command::List { client }
         | Command::Info { client, .. }
-        | Command::Remove { client, .. } => client.json,
+        | Command::Remove { client, .. }
+        | Command::Attach { client, .. }
+        | Command::Detach { client, .. } => client.json,
     };
     control::finish(json_output, run_inner(command))
 }
@@ -150,6 +203,43 @@ fn run_inner(command: Command) -> anyhow::Result<ExitCode> {
                 );
             }
         }
+        Command::Attach {
+            name,
+            via,
+            read_only,
+            queues,
+            client,
+        } => {
+            let arguments = VolumeAttachArgs {
+                name,
+                via: via.as_deref().map(|via| match via {
+                    "fuse" => Via::Fuse,
+                    _ => Via::Nbd,
+                }),
+                read_only,
+                queues,
+            };
+            let attached = client
+                .connect()?
+                .execute(&Request::VolumeAttach(arguments))?;
+            if client.json {
+                ui::print_json(&attached)?;
+            } else {
+                println!("{}", text(&attached["device"]));
+            }
+        }
+        Command::Detach { name, client } => {
+            let detached = client
+                .connect()?
+                .execute(&Request::VolumeDetach(VolumeNameArgs {
+                    name: name.clone(),
+                }))?;
+            if client.json {
+                ui::print_json(&detached)?;
+            } else {
+                println!("detached {name} ({})", text(&detached["device"]));
+            }
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -210,6 +300,31 @@ pub fn print_volume(volume: &Value) {
         println!("               {tcp}");
     }
     println!("  backup       {}", text(&volume["backup"]));
+    println!("  attached     {}", attachment_text(&volume["attachment"]));
+}
+
+/// `/dev/loop3 via fuse, read-write, since ..., 12 reads 3 writes` or `-`.
+fn attachment_text(attachment: &Value) -> String {
+    if attachment.is_null() {
+        return "-".to_string();
+    }
+    let io = &attachment["io"];
+    format!(
+        "{} via {}, {}, since {} (unix time), {} reads ({}), {} writes ({}), {} flushes",
+        text(&attachment["device"]),
+        text(&attachment["via"]),
+        if attachment["read_only"].as_bool() == Some(true) {
+            "read-only"
+        } else {
+            "read-write"
+        },
+        text(&attachment["since"]),
+        text(&io["reads"]),
+        size_text(&io["read_bytes"]),
+        text(&io["writes"]),
+        size_text(&io["write_bytes"]),
+        text(&io["flushes"]),
+    )
 }
 
 fn print_volume_table(volumes: &Value) {
@@ -238,6 +353,13 @@ fn print_volume_table(volumes: &Value) {
             last,
             text(&volume["backup"]),
             text(&volume["uri"]["unix"]),
+        );
+    }
+    for volume in list.iter().filter(|v| !v["attachment"].is_null()) {
+        println!(
+            "{} attached as {}",
+            text(&volume["name"]),
+            attachment_text(&volume["attachment"])
         );
     }
 }

@@ -165,7 +165,41 @@ fn documented() -> Vec<(Command, Value)> {
             Command::BackupStatus(NoArguments {}),
             json!({"execute": "backup-status"}),
         ),
+        (
+            Command::VolumeAttach(VolumeAttachArgs {
+                name: "data".into(),
+                via: Some(crate::attach::Via::Fuse),
+                read_only: true,
+                queues: Some(2),
+            }),
+            json!({"execute": "volume-attach", "arguments": {"name": "data", "via": "fuse",
+                "read_only": true, "queues": 2}}),
+        ),
+        (
+            Command::VolumeAttach(VolumeAttachArgs {
+                name: "data@backup".into(),
+                via: None,
+                read_only: false,
+                queues: None,
+            }),
+            json!({"execute": "volume-attach", "arguments": {"name": "data@backup"}}),
+        ),
+        (
+            Command::VolumeDetach(VolumeNameArgs {
+                name: "data".into(),
+            }),
+            json!({"execute": "volume-detach", "arguments": {"name": "data"}}),
+        ),
     ]
+}
+
+#[test]
+fn an_unknown_front_end_is_refused_naming_the_argument() {
+    let err = command(json!({"execute": "volume-attach",
+        "arguments": {"name": "data", "via": "ublk"}}))
+    .unwrap_err();
+    assert_eq!(err.class, ErrorClass::InvalidParameter);
+    assert!(err.desc.contains("\"via\""), "{}", err.desc);
 }
 
 #[test]

@@ -5,6 +5,8 @@
 //! - `ioctl`: the block-device and filesystem ioctls rustix does not wrap
 //!   (`BLKGETSIZE64`, `BLKDISCARD`, `BLKZEROOUT`, `FIFREEZE`, `FITHAW`), one of the
 //!   engine's `unsafe` modules;
+//! - [`loopdev`]: the loop-device ioctls (`LOOP_CTL_GET_FREE`, `LOOP_CONFIGURE`,
+//!   `LOOP_CLR_FD`) and exclusive opens the daemon's FUSE + loop front end uses, `unsafe`;
 //! - `process`: the monotonic clock, killing a process group (rustix) and ignoring stop
 //!   signals (the one libc call left, `unsafe`).
 //!
@@ -14,6 +16,8 @@
 pub mod file;
 #[allow(unsafe_code)]
 pub(crate) mod ioctl;
+#[allow(unsafe_code)]
+pub mod loopdev;
 #[allow(unsafe_code)]
 pub(crate) mod process;
 

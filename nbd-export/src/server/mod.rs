@@ -220,3 +220,153 @@ impl Server {
         tokio::time::timeout(limit, wait).await.is_ok()
     }
 }
+
+/// Connection ids of [`serve_transmission`] streams, counted apart from a [`Server`]'s.
+static NEXT_BARE_CONNECTION: AtomicU64 = AtomicU64::new(1 << 32);
+
+/// Serve the transmission phase of `export` on a Unix stream whose peer negotiated
+/// nothing: the kernel's nbd driver, handed the other end of a socketpair over netlink,
+/// sends simple-reply requests at once. The peer must have been told the flags
+/// [`transmission_flags`](crate::negotiate::transmission_flags) gives for
+/// [`HeaderMode::Simple`](crate::proto::HeaderMode::Simple). Blocks until the peer
+/// disconnects (NBD_CMD_DISC or end of stream); shutting the stream down from another
+/// handle ends it too. Requests run on the same worker threads a [`Server`] connection
+/// uses.
+pub fn serve_transmission(
+    name: &str,
+    export: Arc<dyn crate::export::Export>,
+    stream: std::os::unix::net::UnixStream,
+    config: &ServerConfig,
+) -> io::Result<()> {
+    use crate::proto::HeaderMode;
+    stream.set_nonblocking(false)?;
+    let session = crate::negotiate::Session {
+        name: name.to_string(),
+        flags: crate::negotiate::transmission_flags(export.as_ref(), HeaderMode::Simple),
+        size: export.size(),
+        export,
+        mode: HeaderMode::Simple,
+        contexts: Vec::new(),
+    };
+    let id = NEXT_BARE_CONNECTION.fetch_add(1, Ordering::Relaxed);
+    let stop = transmission::Stopping::default();
+    let socket = transmission::SyncSocket::Unix(stream);
+    match transmission::transmission(
+        id,
+        session,
+        socket,
+        Vec::new(),
+        config.max_in_flight_bytes,
+        &stop,
+    ) {
+        Ok(()) => Ok(()),
+        Err(connection::ConnError::Io(err)) => Err(err),
+        Err(other) => Err(io::Error::other(other.to_string())),
+    }
+}
+
+#[cfg(test)]
+mod bare_tests {
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+
+    use super::*;
+    use crate::export::{
+        Capabilities, Errno, Export, ExportResult, Extent, MetaContext, ZeroFlags,
+    };
+    use crate::proto::{self, Command, Request};
+
+    /// A read-only export of ones.
+    struct Ones;
+    impl Export for Ones {
+        fn size(&self) -> u64 {
+            1 << 20
+        }
+        fn capabilities(&self) -> Capabilities {
+            Capabilities {
+                read_only: true,
+                flush: false,
+                trim: false,
+                write_zeroes: false,
+                fast_zero: false,
+                cache: false,
+                multi_conn: true,
+                knows_holes: false,
+            }
+        }
+        fn read(&self, _: u64, buf: &mut [u8]) -> ExportResult<()> {
+            buf.fill(1);
+            Ok(())
+        }
+        fn write(&self, _: u64, _: &[u8], _: bool) -> ExportResult<()> {
+            Ok(())
+        }
+        fn flush(&self) -> ExportResult<()> {
+            Ok(())
+        }
+        fn trim(&self, _: u64, _: u64, _: bool) -> ExportResult<()> {
+            Ok(())
+        }
+        fn write_zeroes(&self, _: u64, _: u64, _: ZeroFlags) -> ExportResult<()> {
+            Ok(())
+        }
+        fn block_status(
+            &self,
+            _: &MetaContext,
+            offset: u64,
+            len: u64,
+        ) -> ExportResult<Vec<Extent>> {
+            Ok(vec![Extent {
+                length: len.min(self.size() - offset),
+                flags: 0,
+            }])
+        }
+    }
+
+    fn simple_reply(stream: &mut UnixStream) -> (u32, u64) {
+        let mut header = [0u8; proto::SIMPLE_REPLY_LEN];
+        stream.read_exact(&mut header).unwrap();
+        match proto::parse_reply_header(&header).unwrap() {
+            proto::ReplyHeader::Simple { error, cookie } => (error, cookie),
+            other => panic!("expected a simple reply, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn transmission_without_negotiation_serves_simple_replies_until_disc() {
+        let (mut client, server_end) = UnixStream::pair().unwrap();
+        let serving = std::thread::spawn(move || {
+            serve_transmission(
+                "kernel",
+                Arc::new(Ones),
+                server_end,
+                &ServerConfig::default(),
+            )
+        });
+        let mut out = Vec::new();
+        let request = |command, cookie, length| Request {
+            flags: 0,
+            command,
+            cookie,
+            offset: 8192,
+            length,
+        };
+        proto::encode_request(&mut out, &request(Command::Read, 7, 4096), false);
+        client.write_all(&out).unwrap();
+        assert_eq!(simple_reply(&mut client), (0, 7));
+        let mut data = vec![0u8; 4096];
+        client.read_exact(&mut data).unwrap();
+        assert!(data.iter().all(|&b| b == 1));
+
+        out.clear();
+        proto::encode_request(&mut out, &request(Command::Write, 8, 512), false);
+        out.extend_from_slice(&[9u8; 512]);
+        client.write_all(&out).unwrap();
+        assert_eq!(simple_reply(&mut client), (Errno::Perm.code(), 8));
+
+        out.clear();
+        proto::encode_request(&mut out, &request(Command::Disc, 9, 0), false);
+        client.write_all(&out).unwrap();
+        serving.join().unwrap().unwrap();
+    }
+}
