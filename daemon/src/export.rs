@@ -365,6 +365,14 @@ mod tests {
             .unwrap();
         let export = SnapshotExport::new(snap);
         assert!(export.capabilities().read_only);
+        // Read-only, yet TRIM is advertised: it releases COW space.
+        let flags = tidemark_nbd::negotiate::transmission_flags(
+            &export,
+            tidemark_nbd::proto::HeaderMode::Structured,
+        );
+        let tflags =
+            tidemark_nbd::proto::tflags::SEND_TRIM | tidemark_nbd::proto::tflags::READ_ONLY;
+        assert_eq!(flags & tflags, tflags);
         assert_eq!(export.write(0, &[0], false).unwrap_err().errno, Errno::Perm);
         assert_eq!(export.dirty_bitmaps(), vec!["c".to_string()]);
         let ext = export

@@ -207,6 +207,9 @@ struct Connection {
     dead: Mutex<Option<String>>,
     cookie: AtomicU64,
     depth: Semaphore,
+    /// Context ids negotiated by SET_META_CONTEXT: a block status chunk may name only
+    /// these, each once per request (which bounds the extents one reply can bring).
+    contexts: Vec<u32>,
 }
 
 struct Inner {
@@ -634,13 +637,105 @@ impl Connection {
     }
 }
 
+/// Fails the connection's waiting requests when the reader task ends in any way, also
+/// by a panic: a reader that vanished silently would leave every request hanging.
+struct DieOnDrop(Arc<Connection>);
+
+impl Drop for DieOnDrop {
+    fn drop(&mut self) {
+        let dead = self
+            .0
+            .dead
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some();
+        if !dead {
+            self.0
+                .die("the client's reply reader stopped unexpectedly".to_string());
+        }
+    }
+}
+
 /// The reply reader of one connection.
 async fn reader(conn: Arc<Connection>, mut rd: BufReader<Box<dyn AsyncRead + Unpin + Send>>) {
-    let why = match read_replies(&conn, &mut rd).await {
+    let guard = DieOnDrop(conn);
+    let why = match read_replies(&guard.0, &mut rd).await {
+        Ok(()) => "the server closed the connection".to_string(),
+        Err(e) => with_causes(&e),
+    };
+    guard.0.die(why);
+}
+
+/// Feed `replies`, as the bytes a server sent, to the reply reader of a connection in
+/// `mode` on which `requests` wait (their cookies are 1, 2, ... in order; `contexts` are
+/// the negotiated context ids), and give each request's outcome. For the fuzz target:
+/// whatever the bytes, the reader returns an error or EOF, never panics, and every request
+/// gets an answer.
+#[doc(hidden)]
+pub async fn replay_replies(
+    mode: HeaderMode,
+    contexts: &[u32],
+    requests: &[Request],
+    replies: Vec<u8>,
+) -> Vec<Result<(), ClientError>> {
+    let conn = Connection {
+        uri: "nbd+unix:///replay".into(),
+        mode,
+        writer: tokio::sync::Mutex::new(Box::new(tokio::io::sink())),
+        pending: Mutex::new(HashMap::new()),
+        dead: Mutex::new(None),
+        cookie: AtomicU64::new(1),
+        depth: Semaphore::new(1),
+        contexts: contexts.to_vec(),
+    };
+    let mut answers = Vec::new();
+    for (i, req) in requests.iter().enumerate() {
+        let (done, answer) = oneshot::channel();
+        let buf = if req.command == Command::Read {
+            vec![0u8; req.length as usize]
+        } else {
+            Vec::new()
+        };
+        let out = Outcome {
+            command: req.command,
+            offset: req.offset,
+            length: req.length,
+            buf,
+            extents: Vec::new(),
+            error: None,
+        };
+        conn.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(i as u64 + 1, Pending { out, done });
+        answers.push(answer);
+    }
+    let source: Box<dyn AsyncRead + Unpin + Send> = Box::new(io::Cursor::new(replies));
+    let why = match read_replies(&conn, &mut BufReader::new(source)).await {
         Ok(()) => "the server closed the connection".to_string(),
         Err(e) => with_causes(&e),
     };
     conn.die(why);
+    let mut outcomes = Vec::new();
+    for answer in answers {
+        outcomes.push(match answer.await {
+            Ok(Ok(Outcome {
+                error: Some((errno, message)),
+                command,
+                offset,
+                ..
+            })) => Err(ClientError::Command {
+                command: command.to_string(),
+                offset,
+                errno,
+                message,
+            }),
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(conn.closed()),
+        });
+    }
+    outcomes
 }
 
 /// `error` and its causes, as anyhow's `{:#}` prints them: the reason a connection died
@@ -773,16 +868,18 @@ async fn read_chunk(
             offset,
             length: len,
         }) => {
-            let start = offset
-                .checked_sub(pending.offset)
-                .filter(|s| s + u64::from(len) <= pending.length);
+            let start = offset.checked_sub(pending.offset).filter(|s| {
+                s.checked_add(u64::from(len))
+                    .is_some_and(|e| e <= pending.length)
+            });
             match start {
                 Some(start) if pending.command == Command::Read => {
                     pending.buf[start as usize..start as usize + len as usize].fill(0);
                 }
                 _ => {
                     return Err(protocol(format!(
-                        "OFFSET_HOLE at {offset}+{len} outside the request"
+                        "OFFSET_HOLE at {offset}+{len} outside the {} request {}+{}",
+                        pending.command, pending.offset, pending.length
                     )))
                 }
             }
@@ -793,6 +890,16 @@ async fn read_chunk(
         }) => {
             if pending.command != Command::BlockStatus {
                 return Err(protocol("block status chunk for another command".into()));
+            }
+            if !conn.contexts.contains(&context_id) {
+                return Err(protocol(format!(
+                    "block status for context id {context_id}, which was not negotiated"
+                )));
+            }
+            if pending.extents.iter().any(|(id, _)| *id == context_id) {
+                return Err(protocol(format!(
+                    "a second block status chunk for context id {context_id} in one reply"
+                )));
             }
             pending.extents.push((context_id, extents));
         }
@@ -1027,6 +1134,7 @@ async fn connect_one(
         dead: Mutex::new(None),
         cookie: AtomicU64::new(1),
         depth: Semaphore::new(options.depth.max(1)),
+        contexts: info.contexts.iter().map(|(id, _)| *id).collect(),
     });
     tokio::spawn(reader(conn.clone(), hs.rd));
     Ok((info, conn))
@@ -1224,6 +1332,219 @@ mod tests {
         assert_eq!(
             with_causes(&err),
             "NBD connection to nbd://host/disk failed: reset by peer"
+        );
+    }
+
+    /// A scripted server on a Unix socket: a correct handshake (structured replies, context
+    /// id 1 for the first meta context asked for, a 1 GiB read-only export), then for each
+    /// request the bytes `script` crafts (nothing: the request is left unanswered).
+    async fn scripted(
+        script: fn(&Request) -> Vec<u8>,
+    ) -> (tempfile::TempDir, NbdUri, tokio::task::JoinHandle<()>) {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("s.sock");
+        let listener = tokio::net::UnixListener::bind(&sock).unwrap();
+        let server = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            s.write_all(&proto::encode_greeting(
+                proto::FLAG_FIXED_NEWSTYLE | proto::FLAG_NO_ZEROES,
+            ))
+            .await
+            .unwrap();
+            s.read_u32().await.unwrap();
+            loop {
+                let mut header = [0u8; proto::OPTION_HEADER_LEN];
+                s.read_exact(&mut header).await.unwrap();
+                let header = proto::parse_option_header(&header).unwrap();
+                let mut data = vec![0u8; header.length as usize];
+                s.read_exact(&mut data).await.unwrap();
+                let mut out = Vec::new();
+                let option = header.option;
+                match option {
+                    opt::STRUCTURED_REPLY => {
+                        proto::encode_option_reply(&mut out, option, rep::ACK, &[])
+                    }
+                    opt::SET_META_CONTEXT => {
+                        let ctx = proto::encode_rep_meta_context(1, "base:allocation");
+                        proto::encode_option_reply(&mut out, option, rep::META_CONTEXT, &ctx);
+                        proto::encode_option_reply(&mut out, option, rep::ACK, &[]);
+                    }
+                    opt::GO => {
+                        let flags = tflags::HAS_FLAGS | tflags::READ_ONLY;
+                        let export = proto::encode_info_export(1 << 30, flags);
+                        proto::encode_option_reply(&mut out, option, rep::INFO, &export);
+                        proto::encode_option_reply(&mut out, option, rep::ACK, &[]);
+                    }
+                    _ => proto::encode_option_reply(&mut out, option, rep::ERR_UNSUP, &[]),
+                }
+                s.write_all(&out).await.unwrap();
+                if option == opt::GO {
+                    break;
+                }
+            }
+            let mut header = [0u8; proto::REQUEST_LEN];
+            while s.read_exact(&mut header).await.is_ok() {
+                let req = proto::parse_request(&header, false).unwrap();
+                if s.write_all(&script(&req)).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let uri = NbdUri {
+            transport: Transport::Unix(sock),
+            export: "disk".into(),
+        };
+        (dir, uri, server)
+    }
+
+    /// Run `f` with a time limit: a client that hangs fails the test instead of the suite.
+    async fn bounded<T>(f: impl std::future::Future<Output = T>) -> T {
+        tokio::time::timeout(Duration::from_secs(10), f)
+            .await
+            .expect("the client answered within 10 s")
+    }
+
+    #[tokio::test]
+    async fn a_hole_chunk_past_the_request_is_a_clean_error_not_a_hang() {
+        let (_dir, uri, _server) = scripted(|req| {
+            // Its offset plus length wraps around 2^64.
+            let mut out = Vec::new();
+            let (mode, done) = (HeaderMode::Structured, chunk::FLAG_DONE);
+            proto::encode_hole_chunk(
+                &mut out,
+                mode,
+                done,
+                req.cookie,
+                req.offset,
+                u64::MAX - 100,
+                4096,
+            );
+            out
+        })
+        .await;
+        let client = bounded(Client::connect(&uri, ClientOptions::default()))
+            .await
+            .unwrap();
+        let err = bounded(client.read_vec(0, 4096)).await.unwrap_err();
+        assert!(
+            matches!(&err, ClientError::Closed(why) if why.contains("broke the protocol: OFFSET_HOLE")),
+            "{err}"
+        );
+        // The connection is dead, and says why, to every later request.
+        let err = bounded(client.read_vec(0, 4096)).await.unwrap_err();
+        assert!(
+            matches!(&err, ClientError::Closed(why) if why.contains("OFFSET_HOLE")),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_second_block_status_chunk_for_one_context_is_refused() {
+        let (_dir, uri, _server) = scripted(|req| {
+            // The same context twice: a server could repeat it forever, growing the client.
+            let mut out = Vec::new();
+            let mode = HeaderMode::Structured;
+            let extents = [(4096, 0)];
+            let bs = proto::encode_block_status_chunk;
+            bs(&mut out, mode, 0, req.cookie, 0, 1, &extents);
+            bs(&mut out, mode, chunk::FLAG_DONE, req.cookie, 0, 1, &extents);
+            out
+        })
+        .await;
+        let client = bounded(Client::connect(&uri, ClientOptions::default()))
+            .await
+            .unwrap();
+        let err = bounded(client.block_status("base:allocation", 0, 4096))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, ClientError::Closed(why) if why.contains("a second block status chunk")),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_block_status_chunk_for_an_unnegotiated_context_is_refused() {
+        let (_dir, uri, _server) = scripted(|req| {
+            let mut out = Vec::new();
+            let extents = [(4096, 0)];
+            let (mode, done) = (HeaderMode::Structured, chunk::FLAG_DONE);
+            proto::encode_block_status_chunk(&mut out, mode, done, req.cookie, 0, 7, &extents);
+            out
+        })
+        .await;
+        let client = bounded(Client::connect(&uri, ClientOptions::default()))
+            .await
+            .unwrap();
+        let err = bounded(client.block_status("base:allocation", 0, 4096))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, ClientError::Closed(why) if why.contains("context id 7, which was not negotiated")),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_reader_task_that_panics_fails_every_waiting_request() {
+        let replies: Vec<u8> = Vec::new();
+        // A request waits on a connection whose reader then panics.
+        let conn = Arc::new(Connection {
+            uri: "nbd+unix:///panic".into(),
+            mode: HeaderMode::Structured,
+            writer: tokio::sync::Mutex::new(Box::new(tokio::io::sink())),
+            pending: Mutex::new(HashMap::new()),
+            dead: Mutex::new(None),
+            cookie: AtomicU64::new(1),
+            depth: Semaphore::new(1),
+            contexts: Vec::new(),
+        });
+        let (done, answer) = oneshot::channel();
+        let out = Outcome {
+            command: Command::Flush,
+            offset: 0,
+            length: 0,
+            buf: replies,
+            extents: Vec::new(),
+            error: None,
+        };
+        conn.pending
+            .lock()
+            .unwrap()
+            .insert(1, Pending { out, done });
+        let task = tokio::spawn({
+            let guard = DieOnDrop(conn.clone());
+            async move {
+                let _guard = guard;
+                panic!("a reader bug");
+            }
+        });
+        assert!(task.await.unwrap_err().is_panic());
+        let got = bounded(answer).await.unwrap();
+        assert!(matches!(got, Err(ClientError::Closed(_))), "{got:?}");
+        assert!(matches!(conn.closed(), ClientError::Closed(why) if why.contains("reader")));
+    }
+
+    #[tokio::test]
+    async fn replayed_garbage_answers_every_request() {
+        let read = |cookie, offset, length| Request {
+            flags: 0,
+            command: Command::Read,
+            cookie,
+            offset,
+            length,
+        };
+        let requests = [read(1, 0, 4096), read(2, 8192, 512)];
+        let mut replies = Vec::new();
+        proto::encode_simple_reply(&mut replies, 2, 0);
+        replies.extend_from_slice(&[7; 512]);
+        replies.extend_from_slice(b"garbage");
+        let outcomes = replay_replies(HeaderMode::Structured, &[1], &requests, replies).await;
+        assert!(outcomes[1].is_ok(), "{:?}", outcomes[1]);
+        assert!(
+            matches!(&outcomes[0], Err(ClientError::Closed(_))),
+            "{:?}",
+            outcomes[0]
         );
     }
 

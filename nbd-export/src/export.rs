@@ -99,7 +99,9 @@ pub struct Capabilities {
     pub read_only: bool,
     /// FLUSH and FUA are meaningful (advertise SEND_FLUSH and SEND_FUA).
     pub flush: bool,
-    /// TRIM is supported.
+    /// TRIM is supported. On a read-only export too it is then advertised and accepted:
+    /// there it may only release resources, never change what reads return until then
+    /// (a backup's snapshot frees the COW space of ranges its client is done with).
     pub trim: bool,
     /// WRITE_ZEROES is supported.
     pub write_zeroes: bool,

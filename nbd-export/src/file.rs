@@ -322,7 +322,8 @@ impl Export for FileExport {
         Capabilities {
             read_only: self.read_only,
             flush: true,
-            trim: true,
+            // A read-only file is never punched.
+            trim: !self.read_only,
             write_zeroes: true,
             fast_zero: true,
             cache: true,

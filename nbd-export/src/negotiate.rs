@@ -93,6 +93,11 @@ pub fn transmission_flags(export: &dyn Export, mode: HeaderMode) -> u16 {
     let mut flags = tflags::HAS_FLAGS;
     if caps.read_only {
         flags |= tflags::READ_ONLY | tflags::CAN_MULTI_CONN;
+        // A read-only export that accepts TRIM (a backup's snapshot releasing what its
+        // client is done with) says so; its data stay read-only.
+        if caps.trim {
+            flags |= tflags::SEND_TRIM;
+        }
     } else {
         if caps.trim {
             flags |= tflags::SEND_TRIM;

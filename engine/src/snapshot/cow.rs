@@ -7,8 +7,12 @@ use super::buffers::CopyBuf;
 use super::store::StoreJob;
 use super::{lock, Chunk, SnapshotInner};
 
-/// Old contents held in memory at most (writers wait above this).
+/// Old contents held in memory at most, read or being read (writers wait above this).
 const MAX_IN_FLIGHT: u64 = 64 << 20;
+/// A large write, TRIM or WRITE_ZEROES is preserved this many bytes at a time (at least
+/// one chunk), each piece under [`MAX_IN_FLIGHT`]: a 2 GiB discard never reads 2 GiB
+/// into one buffer.
+const MAX_PIECE: u64 = 1 << 20;
 
 impl SnapshotInner {
     /// Copy-before-write: preserve every chunk touched by `[offset, offset + len)`.
@@ -19,45 +23,20 @@ impl SnapshotInner {
         if len == 0 || offset >= self.size {
             return;
         }
-        let end = (offset + len).min(self.size);
-        let chunks = offset / self.chunk..end.div_ceil(self.chunk);
-        let mut claimed: Vec<(u64, u64)> = Vec::new();
+        let end = offset.saturating_add(len).min(self.size);
+        let last = end.div_ceil(self.chunk);
+        let per_piece = (MAX_PIECE / self.chunk).max(1);
         let mut waiting: Vec<u64> = Vec::new();
-        {
-            let mut idx = lock(&self.index);
-            // Bound the memory held by old contents in flight.
-            while idx.in_flight > MAX_IN_FLIGHT && idx.failed.is_none() && !idx.dropped {
-                idx = self
-                    .copied
-                    .wait(idx)
-                    .unwrap_or_else(PoisonError::into_inner);
-            }
-            if idx.failed.is_some() || idx.dropped {
+        let mut first = offset / self.chunk;
+        while first < last {
+            let piece = first..(first + per_piece).min(last);
+            first = piece.end;
+            let Some(claimed) = self.claim(piece, &mut waiting) else {
                 return;
+            };
+            if !claimed.is_empty() {
+                self.copy_chunks(&claimed);
             }
-            for c in chunks {
-                match idx.chunks.get(&c) {
-                    None => match self.alloc_slot(&mut idx) {
-                        Ok(slot) => {
-                            idx.chunks.insert(c, Chunk::Reading);
-                            claimed.push((c, slot));
-                        }
-                        Err(reason) => {
-                            // Undo this call's claims so nobody waits for them.
-                            for (c, _) in claimed {
-                                idx.chunks.remove(&c);
-                            }
-                            self.fail(&mut idx, reason);
-                            return;
-                        }
-                    },
-                    Some(Chunk::Reading) => waiting.push(c),
-                    Some(_) => {}
-                }
-            }
-        }
-        if !claimed.is_empty() {
-            self.copy_chunks(&claimed);
         }
         if !waiting.is_empty() {
             let mut idx = lock(&self.index);
@@ -75,10 +54,60 @@ impl SnapshotInner {
         }
     }
 
+    /// Claim the absent chunks of `chunks` (a piece of at most [`MAX_PIECE`] bytes) once the
+    /// memory budget has room for them, giving them with their new slots; chunks another
+    /// writer is reading go to `waiting`. `None`: the snapshot failed or was dropped.
+    fn claim(
+        &self,
+        chunks: std::ops::Range<u64>,
+        waiting: &mut Vec<u64>,
+    ) -> Option<Vec<(u64, u64)>> {
+        let bytes = (chunks.end - chunks.start) * self.chunk;
+        let mut idx = lock(&self.index);
+        // Bound the memory held by old contents: wait until this piece fits (a piece always
+        // goes when nothing else is in memory).
+        while idx.in_flight + idx.reading > 0
+            && idx.in_flight + idx.reading + bytes > MAX_IN_FLIGHT
+            && idx.failed.is_none()
+            && !idx.dropped
+        {
+            idx = self
+                .copied
+                .wait(idx)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+        if idx.failed.is_some() || idx.dropped {
+            return None;
+        }
+        let mut claimed: Vec<(u64, u64)> = Vec::new();
+        for c in chunks {
+            match idx.chunks.get(&c) {
+                None => match self.alloc_slot(&mut idx) {
+                    Ok(slot) => {
+                        idx.chunks.insert(c, Chunk::Reading);
+                        claimed.push((c, slot));
+                    }
+                    Err(reason) => {
+                        // Undo this piece's claims so nobody waits for them.
+                        for (c, _) in claimed {
+                            idx.chunks.remove(&c);
+                        }
+                        self.fail(&mut idx, reason);
+                        return None;
+                    }
+                },
+                Some(Chunk::Reading) => waiting.push(c),
+                Some(_) => {}
+            }
+        }
+        idx.reading += claimed.len() as u64 * self.chunk;
+        Some(claimed)
+    }
+
     /// Read the old contents of claimed chunks and hand them to the background writer;
     /// runs adjacent in both the volume and the store move in one read and one write.
     /// Runs that are holes in the volume are recorded as zero, not copied.
-    pub(super) fn copy_chunks(&self, claimed: &[(u64, u64)]) {
+    fn copy_chunks(&self, claimed: &[(u64, u64)]) {
         let mut i = 0;
         while i < claimed.len() {
             let mut j = i + 1;
@@ -100,6 +129,7 @@ impl SnapshotInner {
                 .is_some_and(|runs| runs.iter().all(|&(_, _, data)| !data));
             if hole {
                 let mut idx = lock(&self.index);
+                idx.reading -= run.len() as u64 * self.chunk;
                 for &(c, slot) in run {
                     idx.chunks.insert(c, Chunk::Zero);
                     idx.free_slots.push(slot);
@@ -113,6 +143,7 @@ impl SnapshotInner {
                 .take(len)
                 .and_then(|mut buf| self.origin.read_at(start, buf.as_mut_slice()).map(|()| buf));
             let mut idx = lock(&self.index);
+            idx.reading -= run.len() as u64 * self.chunk;
             let buf = match read {
                 Ok(buf) => buf,
                 Err(err) => {

@@ -16,7 +16,8 @@
 //! The writer that claims an absent chunk reads its old contents into memory; from then
 //! on the old contents are safe and the volume may be overwritten, while a background
 //! writer moves them to the chunk's slot in the COW store (so the store write is off the
-//! volume write's critical path; at most 64 MiB wait in memory; copies queued meanwhile
+//! volume write's critical path; at most 64 MiB wait in memory or are being read, a large
+//! write, TRIM or WRITE_ZEROES being preserved 1 MiB at a time; copies queued meanwhile
 //! whose slots follow each other go out in one vectored O_DIRECT write). Writers that find a
 //! chunk `reading` wait for it. Readers take in-memory and preserved chunks from memory or
 //! the store, and read every other chunk from the volume *optimistically*, checking the
@@ -150,6 +151,9 @@ struct Index {
     dropped: bool,
     /// Bytes of old contents held in memory, waiting for the store.
     in_flight: u64,
+    /// Bytes of chunks claimed by writers that are reading their old contents (they
+    /// join `in_flight` once read): with it, the memory budget counts reads under way.
+    reading: u64,
 }
 
 /// What [`SnapshotInner::create`] needs.

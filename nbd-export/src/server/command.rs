@@ -71,7 +71,8 @@ pub(super) fn validate(session: &Session, req: &Request) -> Result<(), CmdError>
         }
         _ => {}
     }
-    if writes && caps.read_only {
+    let releases = req.command == Command::Trim && caps.trim;
+    if writes && caps.read_only && !releases {
         return Err(cmd_err(
             Errno::Perm,
             format!("{} on the read-only export {:?}", req.command, session.name),
