@@ -14,6 +14,7 @@ use crate::proto::{
     self, encode_option_reply, info, rep, tflags, ClientOption, HeaderMode, InfoRequest,
     MetaRequest,
 };
+use crate::tls::Scope;
 
 /// Where the negotiation finds exports by name.
 pub trait ExportDirectory {
@@ -73,6 +74,20 @@ pub enum Step {
     Transmit(Session),
     /// Close the connection (after writing the appended bytes, if any).
     Close,
+    /// STARTTLS was acknowledged: run the TLS handshake, then continue with
+    /// [`Negotiation::tls_established`].
+    StartTls(Negotiation),
+}
+
+/// Where a connection stands with TLS.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum TlsState {
+    /// The server has no TLS: STARTTLS is unsupported.
+    Off,
+    /// FORCEDTLS: nothing but STARTTLS and ABORT before TLS is up.
+    Required,
+    /// TLS is up; the client may open exports within this scope.
+    Established(Scope),
 }
 
 /// The option-haggling state of one connection.
@@ -82,6 +97,7 @@ pub struct Negotiation {
     mode: HeaderMode,
     /// Contexts chosen by SET_META_CONTEXT and the export they were chosen for.
     selected: Option<(String, Vec<MetaContext>)>,
+    tls: TlsState,
 }
 
 /// The handshake flags this server offers.
@@ -172,7 +188,36 @@ impl Negotiation {
             no_zeroes: client_flags & proto::FLAG_C_NO_ZEROES != 0,
             mode: HeaderMode::Simple,
             selected: None,
+            tls: TlsState::Off,
         })
+    }
+
+    /// FORCEDTLS mode (the NBD spec's name): before STARTTLS every option but STARTTLS
+    /// and ABORT gets NBD_REP_ERR_TLS_REQD, and EXPORT_NAME closes the connection.
+    pub fn require_tls(mut self) -> Negotiation {
+        self.tls = TlsState::Required;
+        self
+    }
+
+    /// The TLS handshake after STARTTLS succeeded and the client may open the exports
+    /// in `scope`. Haggling starts afresh, as the protocol asks.
+    pub fn tls_established(mut self, scope: Scope) -> Negotiation {
+        self.mode = HeaderMode::Simple;
+        self.selected = None;
+        self.tls = TlsState::Established(scope);
+        self
+    }
+
+    fn allows(&self, export: &str) -> bool {
+        match &self.tls {
+            TlsState::Established(scope) => scope.allows(export),
+            TlsState::Off | TlsState::Required => true,
+        }
+    }
+
+    fn refuse_policy(option: u32, name: &str, out: &mut Vec<u8>) {
+        let message = format!("this client's identity may not open export {name:?}");
+        encode_option_reply(out, option, rep::ERR_POLICY, message.as_bytes());
     }
 
     /// The header mode negotiated so far.
@@ -216,6 +261,22 @@ impl Negotiation {
         directory: &dyn ExportDirectory,
         out: &mut Vec<u8>,
     ) -> Step {
+        if self.tls == TlsState::Required {
+            match option {
+                proto::opt::STARTTLS | proto::opt::ABORT => {}
+                // EXPORT_NAME cannot fail softly: the protocol says to close.
+                proto::opt::EXPORT_NAME => return Step::Close,
+                _ => {
+                    encode_option_reply(
+                        out,
+                        option,
+                        rep::ERR_TLS_REQD,
+                        b"this server requires TLS: send NBD_OPT_STARTTLS first",
+                    );
+                    return Step::Options(self);
+                }
+            }
+        }
         let parsed = match proto::parse_option(option, data) {
             Ok(parsed) => parsed,
             Err(err) => {
@@ -225,7 +286,7 @@ impl Negotiation {
         };
         match parsed {
             ClientOption::ExportName(name) => match directory.lookup(&name) {
-                Some((name, export)) => {
+                Some((name, export)) if self.allows(&name) => {
                     let session = self.session(name, export);
                     out.extend_from_slice(&session.size.to_be_bytes());
                     out.extend_from_slice(&session.flags.to_be_bytes());
@@ -235,7 +296,7 @@ impl Negotiation {
                     Step::Transmit(session)
                 }
                 // EXPORT_NAME cannot fail softly: the protocol says to close.
-                None => Step::Close,
+                _ => Step::Close,
             },
             ClientOption::Abort => {
                 encode_option_reply(out, option, rep::ACK, &[]);
@@ -243,6 +304,9 @@ impl Negotiation {
             }
             ClientOption::List => {
                 for (name, description) in directory.list() {
+                    if !self.allows(&name) {
+                        continue;
+                    }
                     encode_option_reply(
                         out,
                         option,
@@ -253,15 +317,25 @@ impl Negotiation {
                 encode_option_reply(out, option, rep::ACK, &[]);
                 Step::Options(self)
             }
-            ClientOption::StartTls => {
-                encode_option_reply(
-                    out,
-                    option,
-                    rep::ERR_UNSUP,
-                    b"TLS is not supported by this server",
-                );
-                Step::Options(self)
-            }
+            ClientOption::StartTls => match self.tls {
+                TlsState::Off => {
+                    encode_option_reply(
+                        out,
+                        option,
+                        rep::ERR_UNSUP,
+                        b"TLS is not configured on this server (see --tls-creds)",
+                    );
+                    Step::Options(self)
+                }
+                TlsState::Required => {
+                    encode_option_reply(out, option, rep::ACK, &[]);
+                    Step::StartTls(self)
+                }
+                TlsState::Established(_) => {
+                    encode_option_reply(out, option, rep::ERR_INVALID, b"TLS is already up");
+                    Step::Options(self)
+                }
+            },
             ClientOption::Info(request) => {
                 self.info(option, &request, directory, out);
                 Step::Options(self)
@@ -357,6 +431,10 @@ impl Negotiation {
             encode_option_reply(out, option, rep::ERR_UNKNOWN, message.as_bytes());
             return None;
         };
+        if !self.allows(&name) {
+            Self::refuse_policy(option, &name, out);
+            return None;
+        }
         let flags = transmission_flags(export.as_ref(), self.mode);
         encode_option_reply(
             out,
@@ -416,6 +494,10 @@ impl Negotiation {
             encode_option_reply(out, option, rep::ERR_UNKNOWN, message.as_bytes());
             return;
         };
+        if !self.allows(&name) {
+            Self::refuse_policy(option, &name, out);
+            return;
+        }
         let offered = offered_contexts(export.as_ref());
         let mut chosen: Vec<MetaContext> = Vec::new();
         if request.queries.is_empty() {

@@ -62,6 +62,7 @@ mod command;
 mod connection;
 mod listener;
 mod registry;
+mod starttls;
 mod transmission;
 
 pub use listener::{NbdListener, NbdStream};
@@ -124,6 +125,8 @@ struct Inner {
     idle: Notify,
     /// Numbers connections for their thread names.
     next_connection: AtomicU64,
+    /// With TLS every connection is in FORCEDTLS mode.
+    tls: RwLock<Option<crate::tls::TlsServer>>,
 }
 
 /// An NBD server; cheap to clone (all clones share the registry and shutdown state).
@@ -164,8 +167,23 @@ impl Server {
                 active: AtomicUsize::new(0),
                 idle: Notify::new(),
                 next_connection: AtomicU64::new(0),
+                tls: RwLock::new(None),
             }),
         }
+    }
+
+    /// Require TLS (FORCEDTLS) on every connection accepted from now on.
+    pub fn set_tls(&self, tls: crate::tls::TlsServer) {
+        *self.inner.tls.write().unwrap_or_else(|e| e.into_inner()) = Some(tls);
+    }
+
+    /// Whether connections must use TLS.
+    pub fn tls_required(&self) -> bool {
+        self.inner
+            .tls
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
     }
 
     /// Connections currently open (negotiating or transmitting).
