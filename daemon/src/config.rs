@@ -14,6 +14,56 @@ pub struct Config {
     pub control_socket: PathBuf,
     /// Also serve NBD over TCP on this address.
     pub listen: Option<SocketAddr>,
+    /// Require TLS on every NBD connection (TCP and Unix).
+    pub tls: Option<TlsConfig>,
+    /// Allow TCP without TLS (`--listen-insecure`).
+    pub listen_insecure: bool,
+}
+
+/// NBD over TLS: QEMU's x509 credential directory and the authorization list.
+#[derive(Debug, Clone)]
+pub struct TlsConfig {
+    /// ca-cert.pem, server-cert.pem, server-key.pem, optional ca-crl.pem.
+    pub creds: PathBuf,
+    /// Require a client certificate signed by the CA.
+    pub verify_peer: bool,
+    /// The authz-list-file JSON of client identities allowed in (see the README).
+    pub authz: Option<PathBuf>,
+}
+
+/// The NBD network settings are unsafe or unusable.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsConfigError {
+    /// TCP without TLS, not explicitly allowed.
+    #[error(
+        "refusing to serve NBD on {0} without TLS: anyone who reaches the port could read and          write every volume; pass --tls-creds DIR (QEMU's x509 layout), or --listen-insecure          on a trusted network"
+    )]
+    InsecureTcp(SocketAddr),
+    /// The credentials or the authz file cannot be used.
+    #[error(transparent)]
+    Tls(#[from] tidemark_nbd::tls::TlsError),
+}
+
+impl Config {
+    /// The NBD server's TLS settings, after refusing plain TCP unless it was asked for.
+    pub fn nbd_tls(&self) -> Result<Option<tidemark_nbd::tls::TlsServer>, TlsConfigError> {
+        let Some(tls) = &self.tls else {
+            return match self.listen {
+                Some(addr) if !self.listen_insecure => Err(TlsConfigError::InsecureTcp(addr)),
+                _ => Ok(None),
+            };
+        };
+        let authz = tls
+            .authz
+            .as_deref()
+            .map(tidemark_nbd::tls::Authz::load)
+            .transpose()?;
+        Ok(Some(tidemark_nbd::tls::TlsServer::from_dir(
+            &tls.creds,
+            tls.verify_peer,
+            authz,
+        )?))
+    }
 }
 
 impl Config {
@@ -23,6 +73,8 @@ impl Config {
             nbd_socket: state_dir.join("nbd.sock"),
             control_socket: state_dir.join(CONTROL_SOCKET),
             listen: None,
+            tls: None,
+            listen_insecure: false,
             state_dir,
         }
     }

@@ -422,6 +422,11 @@ impl NbdServer {
         })
     }
 
+    /// Require TLS on every NBD connection from now on.
+    pub fn set_tls(&self, tls: tidemark_nbd::tls::TlsServer) {
+        self.server.set_tls(tls);
+    }
+
     /// Stop serving `name`; its connections close after their in-flight requests.
     pub fn remove_export(&self, name: &str) {
         drop(self.server.remove_export(name));
