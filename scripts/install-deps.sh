@@ -6,6 +6,8 @@ packages=(qemu-utils libnbd-bin nbdkit python3-libnbd fio nbd-server e2fsprogs u
 # The quiesce VM test (tests/tests/quiesce_vm.rs): the guest harness's host side, and
 # python3 for the test's writer.
 packages+=(qemu-system-x86 cpio kmod python3)
+# python3-cryptography makes the NBD-over-TLS test certificates (tests/src/tls_certs.py).
+packages+=(python3-cryptography)
 install_missing() {
     local missing=() p
     for p in "${packages[@]}"; do

@@ -14,7 +14,7 @@ pub struct Config {
     pub control_socket: PathBuf,
     /// Also serve NBD over TCP on this address.
     pub listen: Option<SocketAddr>,
-    /// Require TLS on every NBD connection (TCP and Unix).
+    /// Require TLS on NBD connections over TCP (the Unix socket stays plain).
     pub tls: Option<TlsConfig>,
     /// Allow TCP without TLS (`--listen-insecure`).
     pub listen_insecure: bool,

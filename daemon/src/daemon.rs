@@ -670,7 +670,11 @@ async fn run_async(daemon: Arc<Daemon>) -> Result<(), DaemonError> {
         config.nbd_socket.display(),
         config
             .listen
-            .map(|a| format!(" and {a}"))
+            .map(|a| if config.tls.is_some() {
+                format!(" and {a} (TLS)")
+            } else {
+                format!(" and {a} (plain TCP without TLS: --listen-insecure)")
+            })
             .unwrap_or_default(),
         config.control_socket.display()
     );

@@ -173,7 +173,7 @@ async fn serve(args: Args, export: Arc<dyn Export>) -> anyhow::Result<()> {
     .nbd_tls()?;
     let scheme = if tls.is_some() { "nbds" } else { "nbd" };
     match tls {
-        Some(tls) => server.set_tls(tls),
+        Some(tls) => server.set_tls(tls, true),
         None if args.listen.is_some() => eprintln!(
             "tidemark export: warning: serving NBD over TCP without TLS (--listen-insecure)"
         ),

@@ -72,9 +72,10 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
 /// NBD over TLS, shared by `serve` and `export`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct TlsArgs {
-    /// Require TLS (NBD STARTTLS, X.509) on every NBD connection, with QEMU's credential
-    /// layout in DIR: ca-cert.pem, server-cert.pem, server-key.pem, optional ca-crl.pem.
-    /// Clients connect with nbds://HOST:PORT/EXPORT?tls-certificates=DIR.
+    /// Require TLS (NBD STARTTLS, X.509) on NBD over TCP (`export`: on its Unix socket
+    /// too; `serve` keeps its 0600 Unix socket plain), with QEMU's credential layout in
+    /// DIR: ca-cert.pem, server-cert.pem, server-key.pem, optional ca-crl.pem. Clients
+    /// connect with nbds://HOST:PORT/EXPORT?tls-certificates=DIR.
     #[arg(long, value_name = "DIR")]
     pub tls_creds: Option<PathBuf>,
 

@@ -36,12 +36,10 @@ impl Server {
         &self,
         stream: NbdStream,
     ) -> Result<Option<(Session, Vec<u8>, NbdStream)>, ConnError> {
-        let tls = self
-            .inner
-            .tls
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
+        let tls = match &*self.inner.tls.read().unwrap_or_else(|e| e.into_inner()) {
+            Some((tls, unix)) if *unix || matches!(stream, NbdStream::Tcp(_)) => Some(tls.clone()),
+            _ => None,
+        };
         let mut io = BufReader::with_capacity(64 * 1024, stream);
         io.write_all(&Negotiation::greeting()).await?;
         io.flush().await?;

@@ -125,8 +125,9 @@ struct Inner {
     idle: Notify,
     /// Numbers connections for their thread names.
     next_connection: AtomicU64,
-    /// With TLS every connection is in FORCEDTLS mode.
-    tls: RwLock<Option<crate::tls::TlsServer>>,
+    /// With TLS, connections are in FORCEDTLS mode: TCP ones, and Unix ones too when
+    /// the flag is set.
+    tls: RwLock<Option<(crate::tls::TlsServer, bool)>>,
 }
 
 /// An NBD server; cheap to clone (all clones share the registry and shutdown state).
@@ -172,9 +173,12 @@ impl Server {
         }
     }
 
-    /// Require TLS (FORCEDTLS) on every connection accepted from now on.
-    pub fn set_tls(&self, tls: crate::tls::TlsServer) {
-        *self.inner.tls.write().unwrap_or_else(|e| e.into_inner()) = Some(tls);
+    /// Require TLS (FORCEDTLS) on every TCP connection accepted from now on, and on
+    /// Unix socket connections too when `unix` is set (a Unix socket of mode 0600 is
+    /// private to its owner already, and local tools such as the kernel NBD client
+    /// speak no TLS).
+    pub fn set_tls(&self, tls: crate::tls::TlsServer, unix: bool) {
+        *self.inner.tls.write().unwrap_or_else(|e| e.into_inner()) = Some((tls, unix));
     }
 
     /// Whether connections must use TLS.
