@@ -660,6 +660,58 @@ mod tests {
     }
 
     #[test]
+    fn forcedtls_allows_only_starttls_and_abort_before_tls() {
+        let (step, r) = run(start().require_tls(), opt::LIST, b"");
+        assert_eq!(r[0].0, rep::ERR_TLS_REQD);
+        let req = proto::encode_info_request(&InfoRequest {
+            name: "disk".into(),
+            items: vec![],
+        });
+        let (step, r) = run(options(step), opt::GO, &req);
+        assert_eq!(r.len(), 1);
+        assert_eq!(r[0].0, rep::ERR_TLS_REQD);
+        let n = options(step);
+        let (closed, r) = run(n.clone(), opt::EXPORT_NAME, b"disk");
+        assert!(matches!(closed, Step::Close) && r.is_empty());
+        let (upgraded, r) = run(n, opt::STARTTLS, b"");
+        assert_eq!(r[0].0, rep::ACK);
+        let Step::StartTls(n) = upgraded else {
+            panic!("STARTTLS must upgrade")
+        };
+        let (step, r) = run(n.tls_established(Scope::All), opt::GO, &req);
+        assert_eq!(r.last().unwrap().0, rep::ACK);
+        assert!(matches!(step, Step::Transmit(_)));
+    }
+
+    #[test]
+    fn a_scoped_identity_sees_and_opens_only_its_exports() {
+        let scoped = || start().tls_established(Scope::Exports(vec!["sn*".into()]));
+        let (_, r) = run(scoped(), opt::LIST, b"");
+        let kinds: Vec<u32> = r.iter().map(|(k, _)| *k).collect();
+        assert_eq!(kinds, vec![rep::SERVER, rep::ACK]);
+        let go = |name: &str| {
+            proto::encode_info_request(&InfoRequest {
+                name: name.into(),
+                items: vec![],
+            })
+        };
+        let (step, r) = run(scoped(), opt::GO, &go("disk"));
+        assert_eq!(r[0].0, rep::ERR_POLICY);
+        let (step, r) = run(options(step), opt::GO, &go(""));
+        assert_eq!(r[0].0, rep::ERR_POLICY, "the default export is checked too");
+        let (_, r) = run(options(step), opt::STARTTLS, b"");
+        assert_eq!(r[0].0, rep::ERR_INVALID);
+        assert!(matches!(
+            run(scoped(), opt::EXPORT_NAME, b"disk").0,
+            Step::Close
+        ));
+        assert!(matches!(
+            run(scoped(), opt::GO, &go("snap")).0,
+            Step::Transmit(_)
+        ));
+    }
+
+    #[test]
     fn list_names_every_export_then_acks() {
         let (_, r) = run(start(), opt::LIST, b"");
         let kinds: Vec<u32> = r.iter().map(|(k, _)| *k).collect();
