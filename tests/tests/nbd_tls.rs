@@ -144,7 +144,7 @@ fn peers_read_and_write_over_tls_and_every_stranger_is_refused() {
     let source = dir.path().join("source.img");
     Image::create(&source, SIZE)
         .unwrap()
-        .random(&[(1 << 20)..(4 << 20)], 7)
+        .random(&[(1 << 20)..(3 << 20), (3 << 20)..(4 << 20)], 7)
         .unwrap();
     let (host, port) = addr.rsplit_once(':').unwrap();
     let object = format!(
@@ -306,7 +306,7 @@ fn a_scoped_identity_reads_only_backup_exports() {
     let disk = dir.path().join("disk.img");
     Image::create(&disk, SIZE)
         .unwrap()
-        .random(&[0..(1 << 20)], 3)
+        .random(&[0..4096, 8192..(1 << 20)], 3)
         .unwrap();
     let (_export, addr) = export_tls(&certs, &disk, "vm@backup");
     let out = nbdinfo_size(&nbds(&addr, "vm@backup", &certs, "scoped"));
@@ -322,7 +322,7 @@ fn tidemark_pulls_from_qemu_nbd_over_tls() {
     let disk = dir.path().join("disk.img");
     Image::create(&disk, SIZE)
         .unwrap()
-        .random(&[(2 << 20)..(5 << 20)], 11)
+        .random(&[(2 << 20)..(4 << 20), (4 << 20)..(5 << 20)], 11)
         .unwrap();
     let port = free_port();
     let object = format!(
