@@ -8,6 +8,8 @@ packages+=(iproute2)
 # The quiesce VM test (tests/tests/quiesce_vm.rs): the guest harness's host side, and
 # python3 for the test's writer.
 packages+=(qemu-system-x86 cpio kmod python3)
+# python3-cryptography makes the NBD-over-TLS test certificates (tests/src/tls_certs.py).
+packages+=(python3-cryptography)
 install_missing() {
     local missing=() p
     for p in "${packages[@]}"; do

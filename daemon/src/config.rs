@@ -19,6 +19,58 @@ pub struct Config {
     pub max_connections: usize,
     /// An NBD connection that sends no request for this long is closed (`--idle-timeout`).
     pub idle_timeout: Duration,
+    /// Require TLS on NBD connections over TCP (the Unix socket stays plain).
+    pub tls: Option<TlsConfig>,
+    /// Allow TCP without TLS (`--listen-insecure`).
+    pub listen_insecure: bool,
+}
+
+/// NBD over TLS: QEMU's x509 credential directory and the authorization list.
+#[derive(Debug, Clone)]
+pub struct TlsConfig {
+    /// ca-cert.pem, server-cert.pem, server-key.pem, optional ca-crl.pem.
+    pub creds: PathBuf,
+    /// Require a client certificate signed by the CA.
+    pub verify_peer: bool,
+    /// The authz-list-file JSON of client identities allowed in (see the README).
+    pub authz: Option<PathBuf>,
+}
+
+/// The NBD network settings are unsafe or unusable.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsConfigError {
+    /// TCP without TLS, not explicitly allowed.
+    #[error(
+        "refusing to serve NBD on {0} without TLS: anyone who reaches the port could read and \
+         write every volume; pass --tls-creds DIR (QEMU's x509 layout), or --listen-insecure \
+         on a trusted network"
+    )]
+    InsecureTcp(SocketAddr),
+    /// The credentials or the authz file cannot be used.
+    #[error(transparent)]
+    Tls(#[from] tidemark_nbd::tls::TlsError),
+}
+
+impl Config {
+    /// The NBD server's TLS settings, after refusing plain TCP unless it was asked for.
+    pub fn nbd_tls(&self) -> Result<Option<tidemark_nbd::tls::TlsServer>, TlsConfigError> {
+        let Some(tls) = &self.tls else {
+            return match self.listen {
+                Some(addr) if !self.listen_insecure => Err(TlsConfigError::InsecureTcp(addr)),
+                _ => Ok(None),
+            };
+        };
+        let authz = tls
+            .authz
+            .as_deref()
+            .map(tidemark_nbd::tls::Authz::load)
+            .transpose()?;
+        Ok(Some(tidemark_nbd::tls::TlsServer::from_dir(
+            &tls.creds,
+            tls.verify_peer,
+            authz,
+        )?))
+    }
 }
 
 impl Config {
@@ -30,6 +82,8 @@ impl Config {
             listen: None,
             max_connections: tidemark_nbd::server::DEFAULT_MAX_CONNECTIONS,
             idle_timeout: tidemark_nbd::server::DEFAULT_IDLE_TIMEOUT,
+            tls: None,
+            listen_insecure: false,
             state_dir,
         }
     }

@@ -114,6 +114,9 @@ pub enum DaemonError {
     /// The NBD server could not listen.
     #[error("starting the NBD server")]
     Nbd(#[source] ServerError),
+    /// NBD's TLS settings are missing or unusable.
+    #[error("setting up NBD over TLS")]
+    Tls(#[source] crate::config::TlsConfigError),
     /// A blocking step of starting or stopping panicked.
     #[error("{what}")]
     Task {
@@ -277,7 +280,12 @@ impl Daemon {
             "unix": format!("nbd+unix:///{name}?socket={}", self.config.nbd_socket.display())
         });
         if let Some(addr) = self.config.listen {
-            uris["tcp"] = json!(format!("nbd://{addr}/{name}"));
+            let scheme = if self.config.tls.is_some() {
+                "nbds"
+            } else {
+                "nbd"
+            };
+            uris["tcp"] = json!(format!("{scheme}://{addr}/{name}"));
         }
         uris
     }
@@ -372,6 +380,8 @@ impl Daemon {
             "nbd_socket": self.config.nbd_socket,
             "control_socket": self.config.control_socket,
             "listen": self.config.listen.map(|a| a.to_string()),
+            "tls": self.config.tls.is_some(),
+            "listen_insecure": self.config.listen.is_some() && self.config.tls.is_none(),
             "volumes": self.volume_list(),
             "backups": backup::status(self),
             "attachments": self.attachments.list(),
@@ -698,8 +708,12 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
     // Everything the daemon creates (state files, COW stores, pushed images and deltas,
     // sockets) is for its user only, whatever umask it was started under.
     rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
+    let tls = config.nbd_tls().map_err(DaemonError::Tls)?;
     prepare_state_dir(&config.state_dir)?;
     let daemon = Daemon::open(config)?;
+    if let Some(tls) = tls {
+        daemon.nbd.set_tls(tls);
+    }
     clear_stale_socket(&daemon.config.control_socket)?;
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -766,10 +780,20 @@ async fn run_async(daemon: Arc<Daemon>) -> Result<(), DaemonError> {
         config.nbd_socket.display(),
         config
             .listen
-            .map(|a| format!(" and {a}"))
+            .map(|a| if config.tls.is_some() {
+                format!(" and {a} (TLS)")
+            } else {
+                format!(" and {a} (plain TCP without TLS: --listen-insecure)")
+            })
             .unwrap_or_default(),
         config.control_socket.display()
     );
+    if config.listen.is_some() && config.tls.is_none() {
+        tracing::warn!(
+            "NBD over TCP without TLS (--listen-insecure): anyone who reaches the port can \
+             read and write every volume"
+        );
+    }
     tracing::info!("ready");
 
     let signal_name = tokio::select! {

@@ -27,7 +27,9 @@ mod push;
 pub mod server;
 mod volumes;
 
-pub use config::{default_state_dir, Config, NoStateDir, CONTROL_SOCKET};
+pub use config::{
+    default_state_dir, Config, NoStateDir, TlsConfig, TlsConfigError, CONTROL_SOCKET,
+};
 pub use daemon::{run, Daemon, DaemonError};
 
 pub(crate) use tidemark_engine::error::chain as error_chain;

@@ -445,6 +445,12 @@ impl NbdServer {
         })
     }
 
+    /// Require TLS on every NBD connection over TCP from now on (the Unix socket stays
+    /// plain: it is mode 0600, and local clients such as the kernel's speak no TLS).
+    pub fn set_tls(&self, tls: tidemark_nbd::tls::TlsServer) {
+        self.server.set_tls(tls, false);
+    }
+
     /// Stop serving `name`; its connections close after their in-flight requests.
     pub fn remove_export(&self, name: &str) {
         drop(self.server.remove_export(name));

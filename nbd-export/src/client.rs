@@ -138,6 +138,14 @@ pub enum ClientError {
     /// Connecting or negotiating took too long.
     #[error("NBD server {0} did not finish the handshake in time")]
     Timeout(String),
+    /// TLS could not be set up or the TLS handshake failed.
+    #[error("TLS with NBD server {uri} failed: {reason}")]
+    Tls {
+        /// The server.
+        uri: String,
+        /// What failed (bad credentials, an untrusted or expired certificate, a refusal).
+        reason: String,
+    },
 }
 
 /// What negotiation established about the export.
@@ -177,6 +185,108 @@ async fn open_stream(uri: &NbdUri) -> io::Result<Stream> {
             (Box::new(r), Box::new(w))
         }
     })
+}
+
+/// Connect, greet, send NBD_OPT_STARTTLS and run the TLS handshake; the encrypted
+/// halves and whether the server offered NO_ZEROES.
+async fn open_tls(
+    uri: &NbdUri,
+    params: &crate::tls::TlsParams,
+    shown: &str,
+) -> Result<(Stream, bool), ClientError> {
+    let tls_err = |reason: String| ClientError::Tls {
+        uri: shown.to_string(),
+        reason,
+    };
+    let io_err = |source| ClientError::Io {
+        uri: shown.to_string(),
+        source,
+    };
+    let default_host = match &uri.transport {
+        Transport::Tcp { host, .. } => host.as_str(),
+        Transport::Unix(_) => "localhost",
+    };
+    let (connector, name) =
+        crate::tls::client_connector(params, default_host).map_err(|e| tls_err(e.to_string()))?;
+    let handshake_err = |e: io::Error| {
+        tls_err(format!(
+            "TLS handshake: {e} (check the certificates and tls-hostname)"
+        ))
+    };
+    Ok(match &uri.transport {
+        Transport::Tcp { host, port } => {
+            let mut s = TcpStream::connect((host.as_str(), *port))
+                .await
+                .map_err(io_err)?;
+            s.set_nodelay(true).map_err(io_err)?;
+            let no_zeroes = starttls(&mut s, shown).await?;
+            let secured = connector.connect(name, s).await.map_err(handshake_err)?;
+            let (r, w) = tokio::io::split(secured);
+            ((Box::new(r), Box::new(w)), no_zeroes)
+        }
+        Transport::Unix(path) => {
+            let mut s = UnixStream::connect(path).await.map_err(io_err)?;
+            let no_zeroes = starttls(&mut s, shown).await?;
+            let secured = connector.connect(name, s).await.map_err(handshake_err)?;
+            let (r, w) = tokio::io::split(secured);
+            ((Box::new(r), Box::new(w)), no_zeroes)
+        }
+    })
+}
+
+/// The plain part of a TLS connection, unbuffered so no TLS byte is read early: the
+/// greeting, the client flags, STARTTLS and its ACK. Whether the server offered NO_ZEROES.
+async fn starttls<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    shown: &str,
+) -> Result<bool, ClientError> {
+    let io_err = |source| ClientError::Io {
+        uri: shown.to_string(),
+        source,
+    };
+    let protocol = |reason: String| ClientError::Protocol {
+        uri: shown.to_string(),
+        reason,
+    };
+    let mut greeting = [0u8; proto::GREETING_LEN];
+    s.read_exact(&mut greeting).await.map_err(io_err)?;
+    let server_flags = proto::parse_greeting(&greeting).map_err(|e| protocol(e.to_string()))?;
+    if server_flags & proto::FLAG_FIXED_NEWSTYLE == 0 {
+        return Err(protocol(
+            "the server does not offer fixed newstyle negotiation, so no TLS".into(),
+        ));
+    }
+    let no_zeroes = server_flags & proto::FLAG_NO_ZEROES != 0;
+    let client_flags = proto::FLAG_C_FIXED_NEWSTYLE
+        | if no_zeroes {
+            proto::FLAG_C_NO_ZEROES
+        } else {
+            0
+        };
+    let mut out = client_flags.to_be_bytes().to_vec();
+    out.extend_from_slice(&proto::encode_option(opt::STARTTLS, &[]));
+    s.write_all(&out).await.map_err(io_err)?;
+    s.flush().await.map_err(io_err)?;
+    let mut header = [0u8; proto::OPTION_REPLY_HEADER_LEN];
+    s.read_exact(&mut header).await.map_err(io_err)?;
+    let h = proto::parse_option_reply_header(&header).map_err(|e| protocol(e.to_string()))?;
+    if h.option != opt::STARTTLS || h.length > 64 * 1024 {
+        return Err(protocol(format!(
+            "unexpected reply to STARTTLS (option {}, {} bytes)",
+            h.option, h.length
+        )));
+    }
+    let mut data = vec![0u8; h.length as usize];
+    s.read_exact(&mut data).await.map_err(io_err)?;
+    if h.reply != rep::ACK {
+        return Err(ClientError::Refused {
+            uri: shown.to_string(),
+            what: "STARTTLS".into(),
+            code: h.reply,
+            message: String::from_utf8_lossy(&data).into_owned(),
+        });
+    }
+    Ok(no_zeroes)
 }
 
 /// What a request's reply carried.
@@ -984,20 +1094,8 @@ impl Handshake<'_> {
     }
 }
 
-async fn connect_one(
-    uri: &NbdUri,
-    options: &ClientOptions,
-) -> Result<(ExportInfo, Arc<Connection>), ClientError> {
-    let shown = uri.to_string();
-    let (rd, wr) = open_stream(uri).await.map_err(|source| ClientError::Io {
-        uri: shown.clone(),
-        source,
-    })?;
-    let mut hs = Handshake {
-        uri: &shown,
-        rd: BufReader::with_capacity(256 * 1024, rd),
-        wr,
-    };
+/// The plain greeting: the server's flags, then ours; whether NO_ZEROES was agreed.
+async fn greet(hs: &mut Handshake<'_>) -> Result<bool, ClientError> {
     let mut greeting = [0u8; proto::GREETING_LEN];
     if let Err(e) = hs.rd.read_exact(&mut greeting).await {
         return Err(hs.io(e));
@@ -1017,6 +1115,36 @@ async fn connect_one(
         .write_all(&client_flags.to_be_bytes())
         .await
         .map_err(|e| hs.io(e))?;
+    Ok(no_zeroes)
+}
+
+async fn connect_one(
+    uri: &NbdUri,
+    options: &ClientOptions,
+) -> Result<(ExportInfo, Arc<Connection>), ClientError> {
+    let shown = uri.to_string();
+    let ((rd, wr), greeted) = match &uri.tls {
+        Some(params) => {
+            let (stream, no_zeroes) = open_tls(uri, params, &shown).await?;
+            (stream, Some(no_zeroes))
+        }
+        None => {
+            let stream = open_stream(uri).await.map_err(|source| ClientError::Io {
+                uri: shown.clone(),
+                source,
+            })?;
+            (stream, None)
+        }
+    };
+    let mut hs = Handshake {
+        uri: &shown,
+        rd: BufReader::with_capacity(256 * 1024, rd),
+        wr,
+    };
+    let no_zeroes = match greeted {
+        Some(no_zeroes) => no_zeroes,
+        None => greet(&mut hs).await?,
+    };
 
     let mut mode = HeaderMode::Simple;
     if options.extended_headers && hs.simple_option(opt::EXTENDED_HEADERS).await? {
@@ -1177,6 +1305,7 @@ mod tests {
         let uri = NbdUri {
             transport: Transport::Unix(sock),
             export: "disk".into(),
+            tls: None,
         };
         (dir, server, uri)
     }
@@ -1393,6 +1522,7 @@ mod tests {
         let uri = NbdUri {
             transport: Transport::Unix(sock),
             export: "disk".into(),
+            tls: None,
         };
         (dir, uri, server)
     }

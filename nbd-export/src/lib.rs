@@ -16,4 +16,5 @@ pub mod file;
 pub mod negotiate;
 pub mod proto;
 pub mod server;
+pub mod tls;
 pub mod uri;

@@ -14,6 +14,7 @@ use crate::proto::{
     self, encode_option_reply, info, rep, tflags, ClientOption, HeaderMode, InfoRequest,
     MetaRequest,
 };
+use crate::tls::Scope;
 
 /// Where the negotiation finds exports by name.
 pub trait ExportDirectory {
@@ -73,6 +74,20 @@ pub enum Step {
     Transmit(Session),
     /// Close the connection (after writing the appended bytes, if any).
     Close,
+    /// STARTTLS was acknowledged: run the TLS handshake, then continue with
+    /// [`Negotiation::tls_established`].
+    StartTls(Negotiation),
+}
+
+/// Where a connection stands with TLS.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum TlsState {
+    /// The server has no TLS: STARTTLS is unsupported.
+    Off,
+    /// FORCEDTLS: nothing but STARTTLS and ABORT before TLS is up.
+    Required,
+    /// TLS is up; the client may open exports within this scope.
+    Established(Scope),
 }
 
 /// The option-haggling state of one connection.
@@ -82,6 +97,7 @@ pub struct Negotiation {
     mode: HeaderMode,
     /// Contexts chosen by SET_META_CONTEXT and the export they were chosen for.
     selected: Option<(String, Vec<MetaContext>)>,
+    tls: TlsState,
 }
 
 /// The handshake flags this server offers.
@@ -177,7 +193,36 @@ impl Negotiation {
             no_zeroes: client_flags & proto::FLAG_C_NO_ZEROES != 0,
             mode: HeaderMode::Simple,
             selected: None,
+            tls: TlsState::Off,
         })
+    }
+
+    /// FORCEDTLS mode (the NBD spec's name): before STARTTLS every option but STARTTLS
+    /// and ABORT gets NBD_REP_ERR_TLS_REQD, and EXPORT_NAME closes the connection.
+    pub fn require_tls(mut self) -> Negotiation {
+        self.tls = TlsState::Required;
+        self
+    }
+
+    /// The TLS handshake after STARTTLS succeeded and the client may open the exports
+    /// in `scope`. Haggling starts afresh, as the protocol asks.
+    pub fn tls_established(mut self, scope: Scope) -> Negotiation {
+        self.mode = HeaderMode::Simple;
+        self.selected = None;
+        self.tls = TlsState::Established(scope);
+        self
+    }
+
+    fn allows(&self, export: &str) -> bool {
+        match &self.tls {
+            TlsState::Established(scope) => scope.allows(export),
+            TlsState::Off | TlsState::Required => true,
+        }
+    }
+
+    fn refuse_policy(option: u32, name: &str, out: &mut Vec<u8>) {
+        let message = format!("this client's identity may not open export {name:?}");
+        encode_option_reply(out, option, rep::ERR_POLICY, message.as_bytes());
     }
 
     /// The header mode negotiated so far.
@@ -221,6 +266,22 @@ impl Negotiation {
         directory: &dyn ExportDirectory,
         out: &mut Vec<u8>,
     ) -> Step {
+        if self.tls == TlsState::Required {
+            match option {
+                proto::opt::STARTTLS | proto::opt::ABORT => {}
+                // EXPORT_NAME cannot fail softly: the protocol says to close.
+                proto::opt::EXPORT_NAME => return Step::Close,
+                _ => {
+                    encode_option_reply(
+                        out,
+                        option,
+                        rep::ERR_TLS_REQD,
+                        b"this server requires TLS: send NBD_OPT_STARTTLS first",
+                    );
+                    return Step::Options(self);
+                }
+            }
+        }
         let parsed = match proto::parse_option(option, data) {
             Ok(parsed) => parsed,
             Err(err) => {
@@ -230,7 +291,7 @@ impl Negotiation {
         };
         match parsed {
             ClientOption::ExportName(name) => match directory.lookup(&name) {
-                Some((name, export)) => {
+                Some((name, export)) if self.allows(&name) => {
                     let session = self.session(name, export);
                     out.extend_from_slice(&session.size.to_be_bytes());
                     out.extend_from_slice(&session.flags.to_be_bytes());
@@ -240,7 +301,7 @@ impl Negotiation {
                     Step::Transmit(session)
                 }
                 // EXPORT_NAME cannot fail softly: the protocol says to close.
-                None => Step::Close,
+                _ => Step::Close,
             },
             ClientOption::Abort => {
                 encode_option_reply(out, option, rep::ACK, &[]);
@@ -248,6 +309,9 @@ impl Negotiation {
             }
             ClientOption::List => {
                 for (name, description) in directory.list() {
+                    if !self.allows(&name) {
+                        continue;
+                    }
                     encode_option_reply(
                         out,
                         option,
@@ -258,15 +322,25 @@ impl Negotiation {
                 encode_option_reply(out, option, rep::ACK, &[]);
                 Step::Options(self)
             }
-            ClientOption::StartTls => {
-                encode_option_reply(
-                    out,
-                    option,
-                    rep::ERR_UNSUP,
-                    b"TLS is not supported by this server",
-                );
-                Step::Options(self)
-            }
+            ClientOption::StartTls => match self.tls {
+                TlsState::Off => {
+                    encode_option_reply(
+                        out,
+                        option,
+                        rep::ERR_UNSUP,
+                        b"TLS is not configured on this server (see --tls-creds)",
+                    );
+                    Step::Options(self)
+                }
+                TlsState::Required => {
+                    encode_option_reply(out, option, rep::ACK, &[]);
+                    Step::StartTls(self)
+                }
+                TlsState::Established(_) => {
+                    encode_option_reply(out, option, rep::ERR_INVALID, b"TLS is already up");
+                    Step::Options(self)
+                }
+            },
             ClientOption::Info(request) => {
                 self.info(option, &request, directory, out);
                 Step::Options(self)
@@ -362,6 +436,10 @@ impl Negotiation {
             encode_option_reply(out, option, rep::ERR_UNKNOWN, message.as_bytes());
             return None;
         };
+        if !self.allows(&name) {
+            Self::refuse_policy(option, &name, out);
+            return None;
+        }
         let flags = transmission_flags(export.as_ref(), self.mode);
         encode_option_reply(
             out,
@@ -421,6 +499,10 @@ impl Negotiation {
             encode_option_reply(out, option, rep::ERR_UNKNOWN, message.as_bytes());
             return;
         };
+        if !self.allows(&name) {
+            Self::refuse_policy(option, &name, out);
+            return;
+        }
         let offered = offered_contexts(export.as_ref());
         let mut chosen: Vec<MetaContext> = Vec::new();
         if request.queries.is_empty() {
@@ -580,6 +662,58 @@ mod tests {
         assert_eq!(r[0].0, rep::ERR_UNSUP);
         let (_, r) = run(options(step), opt::STARTTLS, b"");
         assert_eq!(r[0].0, rep::ERR_UNSUP);
+    }
+
+    #[test]
+    fn forcedtls_allows_only_starttls_and_abort_before_tls() {
+        let (step, r) = run(start().require_tls(), opt::LIST, b"");
+        assert_eq!(r[0].0, rep::ERR_TLS_REQD);
+        let req = proto::encode_info_request(&InfoRequest {
+            name: "disk".into(),
+            items: vec![],
+        });
+        let (step, r) = run(options(step), opt::GO, &req);
+        assert_eq!(r.len(), 1);
+        assert_eq!(r[0].0, rep::ERR_TLS_REQD);
+        let n = options(step);
+        let (closed, r) = run(n.clone(), opt::EXPORT_NAME, b"disk");
+        assert!(matches!(closed, Step::Close) && r.is_empty());
+        let (upgraded, r) = run(n, opt::STARTTLS, b"");
+        assert_eq!(r[0].0, rep::ACK);
+        let Step::StartTls(n) = upgraded else {
+            panic!("STARTTLS must upgrade")
+        };
+        let (step, r) = run(n.tls_established(Scope::All), opt::GO, &req);
+        assert_eq!(r.last().unwrap().0, rep::ACK);
+        assert!(matches!(step, Step::Transmit(_)));
+    }
+
+    #[test]
+    fn a_scoped_identity_sees_and_opens_only_its_exports() {
+        let scoped = || start().tls_established(Scope::Exports(vec!["sn*".into()]));
+        let (_, r) = run(scoped(), opt::LIST, b"");
+        let kinds: Vec<u32> = r.iter().map(|(k, _)| *k).collect();
+        assert_eq!(kinds, vec![rep::SERVER, rep::ACK]);
+        let go = |name: &str| {
+            proto::encode_info_request(&InfoRequest {
+                name: name.into(),
+                items: vec![],
+            })
+        };
+        let (step, r) = run(scoped(), opt::GO, &go("disk"));
+        assert_eq!(r[0].0, rep::ERR_POLICY);
+        let (step, r) = run(options(step), opt::GO, &go(""));
+        assert_eq!(r[0].0, rep::ERR_POLICY, "the default export is checked too");
+        let (_, r) = run(options(step), opt::STARTTLS, b"");
+        assert_eq!(r[0].0, rep::ERR_INVALID);
+        assert!(matches!(
+            run(scoped(), opt::EXPORT_NAME, b"disk").0,
+            Step::Close
+        ));
+        assert!(matches!(
+            run(scoped(), opt::GO, &go("snap")).0,
+            Step::Transmit(_)
+        ));
     }
 
     #[test]

@@ -1,9 +1,13 @@
 //! NBD URIs (the NBD URI standard, as qemu-img and libnbd write them):
-//! `nbd://HOST[:PORT]/[EXPORT]` and `nbd+unix:///[EXPORT]?socket=PATH`.
+//! `nbd://HOST[:PORT]/[EXPORT]` and `nbd+unix:///[EXPORT]?socket=PATH`, and their TLS
+//! forms `nbds://` and `nbds+unix://` with libnbd's query parameters
+//! (`tls-certificates=DIR`, `tls-verify-peer=false`, `tls-hostname=NAME`).
 
 use std::fmt;
 use std::path::PathBuf;
 use std::str::FromStr;
+
+use crate::tls::TlsParams;
 
 /// The default NBD TCP port.
 pub const DEFAULT_PORT: u16 = 10809;
@@ -29,6 +33,8 @@ pub struct NbdUri {
     pub transport: Transport,
     /// The export name (percent-decoded; empty for the default export).
     pub export: String,
+    /// TLS settings for `nbds` URIs.
+    pub tls: Option<TlsParams>,
 }
 
 /// A URI that is not an NBD URI we can use.
@@ -89,17 +95,47 @@ impl FromStr for NbdUri {
         let export =
             percent_decode(path).ok_or_else(|| err("bad percent-encoding in the export name"))?;
         let mut socket = None;
+        let mut tls = TlsParams {
+            verify_peer: true,
+            ..TlsParams::default()
+        };
         for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
             let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
             let value =
                 percent_decode(value).ok_or_else(|| err("bad percent-encoding in the query"))?;
             match key {
                 "socket" => socket = Some(value),
-                // tls-certificates and friends: TLS is not supported yet.
-                k if k.starts_with("tls") => return Err(err("TLS parameters are not supported")),
+                "tls-certificates" => tls.certificates = Some(PathBuf::from(value)),
+                "tls-hostname" => tls.hostname = Some(value),
+                "tls-verify-peer" => {
+                    tls.verify_peer = match value.as_str() {
+                        "true" | "1" | "yes" | "on" => true,
+                        "false" | "0" | "no" | "off" => false,
+                        _ => return Err(err("tls-verify-peer is true or false")),
+                    }
+                }
+                k if k.starts_with("tls") => {
+                    return Err(err(&format!(
+                        "TLS parameter {k} is not supported (PSK is not available)"
+                    )))
+                }
                 _ => {}
             }
         }
+        let (scheme, tls) = match scheme {
+            "nbds" => ("nbd", Some(tls)),
+            "nbds+unix" => ("nbd+unix", Some(tls)),
+            "nbd" | "nbd+unix"
+                if tls
+                    != TlsParams {
+                        verify_peer: true,
+                        ..TlsParams::default()
+                    } =>
+            {
+                return Err(err("TLS parameters need an nbds:// or nbds+unix:// URI"))
+            }
+            other => (other, None),
+        };
         let transport = match scheme {
             "nbd" => {
                 if authority.is_empty() {
@@ -131,29 +167,55 @@ impl FromStr for NbdUri {
                 }
                 Transport::Unix(PathBuf::from(socket.ok_or_else(|| err("no ?socket=PATH"))?))
             }
-            "nbds" | "nbds+unix" => return Err(err("TLS (nbds) is not supported yet")),
             _ => return Err(err("unknown scheme")),
         };
-        Ok(NbdUri { transport, export })
+        Ok(NbdUri {
+            transport,
+            export,
+            tls,
+        })
     }
 }
 
 impl fmt::Display for NbdUri {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = if self.tls.is_some() { "s" } else { "" };
+        let mut query = Vec::new();
         match &self.transport {
-            Transport::Tcp { host, port } if host.contains(':') => {
-                write!(f, "nbd://[{host}]:{port}/{}", percent_encode(&self.export))
-            }
-            Transport::Tcp { host, port } => {
-                write!(f, "nbd://{host}:{port}/{}", percent_encode(&self.export))
-            }
-            Transport::Unix(path) => write!(
+            Transport::Tcp { host, port } if host.contains(':') => write!(
                 f,
-                "nbd+unix:///{}?socket={}",
-                percent_encode(&self.export),
-                percent_encode(&path.display().to_string())
-            ),
+                "nbd{s}://[{host}]:{port}/{}",
+                percent_encode(&self.export)
+            )?,
+            Transport::Tcp { host, port } => {
+                write!(f, "nbd{s}://{host}:{port}/{}", percent_encode(&self.export))?
+            }
+            Transport::Unix(path) => {
+                write!(f, "nbd{s}+unix:///{}", percent_encode(&self.export))?;
+                query.push(format!(
+                    "socket={}",
+                    percent_encode(&path.display().to_string())
+                ));
+            }
         }
+        if let Some(tls) = &self.tls {
+            if let Some(dir) = &tls.certificates {
+                query.push(format!(
+                    "tls-certificates={}",
+                    percent_encode(&dir.display().to_string())
+                ));
+            }
+            if let Some(host) = &tls.hostname {
+                query.push(format!("tls-hostname={}", percent_encode(host)));
+            }
+            if !tls.verify_peer {
+                query.push("tls-verify-peer=false".into());
+            }
+        }
+        if !query.is_empty() {
+            write!(f, "?{}", query.join("&"))?;
+        }
+        Ok(())
     }
 }
 
@@ -199,11 +261,31 @@ mod tests {
     }
 
     #[test]
+    fn parses_libnbd_tls_parameters() {
+        let u: NbdUri = "nbds://127.0.0.1:10809/vm@backup?tls-certificates=/etc/pki/tidemark"
+            .parse()
+            .unwrap();
+        let tls = u.tls.unwrap();
+        assert_eq!(tls.certificates, Some(PathBuf::from("/etc/pki/tidemark")));
+        assert!(tls.verify_peer);
+        let u: NbdUri = "nbds+unix:///e?socket=/s&tls-verify-peer=false&tls-hostname=srv"
+            .parse()
+            .unwrap();
+        assert_eq!(u.transport, Transport::Unix("/s".into()));
+        let tls = u.tls.unwrap();
+        assert!(!tls.verify_peer);
+        assert_eq!(tls.hostname.as_deref(), Some("srv"));
+        assert!("nbd://h/e".parse::<NbdUri>().unwrap().tls.is_none());
+    }
+
+    #[test]
     fn display_round_trips() {
         for text in [
             "nbd://h:1/a%20b",
             "nbd+unix:///e?socket=/tmp/a%20b.sock",
             "nbd://[::1]:5/",
+            "nbds://h:1/e?tls-certificates=/etc/pki/a%20b&tls-hostname=h.example",
+            "nbds+unix:///e?socket=/s&tls-verify-peer=false",
         ] {
             let u: NbdUri = text.parse().unwrap();
             assert_eq!(u.to_string().parse::<NbdUri>().unwrap(), u);
@@ -215,7 +297,9 @@ mod tests {
         for bad in [
             "http://x/",
             "nbd+unix:///e",
-            "nbds://h/e",
+            "nbd://h/e?tls-certificates=/x",
+            "nbds://h/e?tls-verify-peer=maybe",
+            "nbds://h/e?tls-psk-file=/k",
             "nbd:///e",
             "nbd://h:port/",
             "nbd://h/%zz",

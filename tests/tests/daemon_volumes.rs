@@ -170,7 +170,7 @@ fn volumes_survive_a_restart_and_tcp_is_served_only_when_asked() {
         .unwrap()
         .port();
     let listen = format!("127.0.0.1:{port}");
-    let mut daemon = Daemon::start_with(&["--listen", &listen]);
+    let mut daemon = Daemon::start_with(&["--listen", &listen, "--listen-insecure"]);
     daemon.create_volume("v", 1 << 20);
     let mut model = Model::new(1 << 20);
     let tcp = format!("nbd://{listen}/v");

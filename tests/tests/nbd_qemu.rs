@@ -183,7 +183,13 @@ fn tcp_listen_serves_qemu_img_on_loopback() -> Result<()> {
     let mut child = Command::new(tidemark_bin())
         .arg("export")
         .arg(&img)
-        .args(["--read-only", "--listen", "127.0.0.1:0", "--json"])
+        .args([
+            "--read-only",
+            "--listen",
+            "127.0.0.1:0",
+            "--listen-insecure",
+            "--json",
+        ])
         .stdout(std::process::Stdio::piped())
         .spawn()?;
     let stdout = child.stdout.take().expect("piped stdout");

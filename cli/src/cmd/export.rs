@@ -43,9 +43,13 @@ pub struct Args {
     #[arg(long, value_name = "PATH", conflicts_with = "listen")]
     pub socket: Option<PathBuf>,
 
-    /// Listen on TCP instead, e.g. `127.0.0.1:10809` (port 0 picks a free port).
+    /// Listen on TCP instead, e.g. `127.0.0.1:10809` (port 0 picks a free port). Needs
+    /// --tls-creds, or --listen-insecure to serve in the clear.
     #[arg(long, value_name = "HOST:PORT")]
     pub listen: Option<String>,
+
+    #[command(flatten)]
+    pub tls: super::serve::TlsArgs,
 
     /// The export name clients ask for (`nbd+unix:///NAME?socket=...`). Clients that ask
     /// for the empty name get this export too.
@@ -173,6 +177,24 @@ async fn serve(args: Args, export: Arc<dyn Export>) -> anyhow::Result<()> {
         idle_timeout: args.idle_timeout,
         ..ServerConfig::default()
     });
+    let tls = tidemark_daemon::Config {
+        listen: match &args.listen {
+            Some(addr) => Some(tcp_addr(addr)?),
+            None => None,
+        },
+        tls: args.tls.config(),
+        listen_insecure: args.tls.listen_insecure,
+        ..tidemark_daemon::Config::new(PathBuf::new())
+    }
+    .nbd_tls()?;
+    let scheme = if tls.is_some() { "nbds" } else { "nbd" };
+    match tls {
+        Some(tls) => server.set_tls(tls, true),
+        None if args.listen.is_some() => eprintln!(
+            "tidemark export: warning: serving NBD over TCP without TLS (--listen-insecure)"
+        ),
+        None => {}
+    }
     let size = export.size();
     let bitmaps = export.dirty_bitmaps();
     server.add_export(&args.name, export)?;
@@ -182,7 +204,7 @@ async fn serve(args: Args, export: Arc<dyn Export>) -> anyhow::Result<()> {
             .tcp_addr()
             .map(|a| a.to_string())
             .unwrap_or_else(|| addr.clone());
-        let uri = format!("nbd://{local}/{}", uri_escape(&args.name));
+        let uri = format!("{scheme}://{local}/{}", uri_escape(&args.name));
         (listener, (uri, None, Some(local)))
     } else {
         let path = match &args.socket {
@@ -192,7 +214,7 @@ async fn serve(args: Args, export: Arc<dyn Export>) -> anyhow::Result<()> {
         let listener = server.bind_unix(&path)?;
         let shown = path.display().to_string();
         let uri = format!(
-            "nbd+unix:///{}?socket={}",
+            "{scheme}+unix:///{}?socket={}",
             uri_escape(&args.name),
             uri_escape(&shown)
         );
@@ -262,4 +284,13 @@ async fn wait_and_serve(
         Err(join) => bail!("the NBD server task failed: {join}"),
     }
     Ok(())
+}
+
+/// `--listen` as a socket address (the port may be 0), resolving a host name.
+fn tcp_addr(addr: &str) -> anyhow::Result<std::net::SocketAddr> {
+    use std::net::ToSocketAddrs;
+    addr.to_socket_addrs()
+        .with_context(|| format!("--listen {addr}: expected HOST:PORT, e.g. 127.0.0.1:10809"))?
+        .next()
+        .with_context(|| format!("--listen {addr}: the host name has no address"))
 }

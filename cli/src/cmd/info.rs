@@ -52,7 +52,12 @@ fn run_inner(args: Args) -> anyhow::Result<ExitCode> {
     println!("  nbd socket  {}", text(&status["nbd_socket"]));
     println!("  control     {}", text(&status["control_socket"]));
     if let Some(listen) = status["listen"].as_str() {
-        println!("  tcp         {listen}");
+        let warning = if status["listen_insecure"].as_bool() == Some(true) {
+            "  (INSECURE: no TLS, --listen-insecure)"
+        } else {
+            ""
+        };
+        println!("  tcp         {listen}{warning}");
     }
     let volumes = status["volumes"].as_array().cloned().unwrap_or_default();
     if volumes.is_empty() {

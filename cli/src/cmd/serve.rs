@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use tidemark_daemon::Config;
+use tidemark_daemon::{Config, TlsConfig};
 
 /// Run the daemon: own the volumes of a state dir, serve their live disks over NBD.
 ///
@@ -37,10 +37,13 @@ pub struct Args {
     #[arg(long, value_name = "PATH")]
     pub socket: Option<PathBuf>,
 
-    /// Also serve NBD over TCP on this address, e.g. 127.0.0.1:10809 (no TLS: bind to a
-    /// trusted network only).
+    /// Also serve NBD over TCP on this address, e.g. 127.0.0.1:10809. Needs --tls-creds,
+    /// or --listen-insecure to serve in the clear.
     #[arg(long, value_name = "HOST:PORT")]
     pub listen: Option<SocketAddr>,
+
+    #[command(flatten)]
+    pub tls: TlsArgs,
 
     /// The control socket. Default: <state-dir>/control.sock.
     #[arg(long, value_name = "PATH")]
@@ -93,10 +96,47 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         listen: args.listen,
         max_connections: args.max_connections as usize,
         idle_timeout: args.idle_timeout,
+        tls: args.tls.config(),
+        listen_insecure: args.tls.listen_insecure,
         state_dir,
     };
     tidemark_daemon::run(config)?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// NBD over TLS, shared by `serve` and `export`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct TlsArgs {
+    /// Require TLS (NBD STARTTLS, X.509) on NBD over TCP (`export`: on its Unix socket
+    /// too; `serve` keeps its 0600 Unix socket plain), with QEMU's credential layout in
+    /// DIR: ca-cert.pem, server-cert.pem, server-key.pem, optional ca-crl.pem. Clients
+    /// connect with nbds://HOST:PORT/EXPORT?tls-certificates=DIR.
+    #[arg(long, value_name = "DIR")]
+    pub tls_creds: Option<PathBuf>,
+
+    /// Require a client certificate signed by ca-cert.pem (default on; qemu's verify-peer).
+    #[arg(long, value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set, requires = "tls_creds")]
+    pub tls_verify_peer: bool,
+
+    /// Allow in only the client identities (certificate subject DNs) this JSON file lists,
+    /// in qemu's authz-list-file layout, each optionally scoped to export globs (README).
+    #[arg(long, value_name = "FILE", requires = "tls_creds")]
+    pub tls_authz: Option<PathBuf>,
+
+    /// Serve NBD over TCP without TLS (anyone who reaches the port can use every export).
+    #[arg(long, conflicts_with = "tls_creds")]
+    pub listen_insecure: bool,
+}
+
+impl TlsArgs {
+    /// The daemon's TLS settings.
+    pub fn config(&self) -> Option<TlsConfig> {
+        self.tls_creds.as_ref().map(|creds| TlsConfig {
+            creds: creds.clone(),
+            verify_peer: self.tls_verify_peer,
+            authz: self.tls_authz.clone(),
+        })
+    }
 }
 
 #[cfg(test)]

@@ -10,44 +10,72 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::sync::oneshot;
 
 use super::listener::NbdStream;
+use super::starttls;
 use super::transmission::{transmission, Stopping, SyncSocket, STOP_POLL};
 use super::{Inner, Server};
 use crate::negotiate::{Negotiation, Session, Step};
 use crate::proto;
 
 impl Server {
-    /// Negotiate under the time limit; the session and any bytes read past it.
-    pub(super) async fn handshake<R, W>(
+    /// Negotiate (with the TLS handshake, when required) under the time limit; the
+    /// session, any bytes read past it, and the stream to transmit on.
+    pub(super) async fn handshake(
         &self,
-        rd: R,
-        mut wr: W,
-    ) -> Result<(Option<Session>, Vec<u8>), ConnError>
-    where
-        R: AsyncRead + Unpin,
-        W: AsyncWrite + Unpin,
-    {
-        let mut rd = BufReader::with_capacity(64 * 1024, rd);
+        stream: NbdStream,
+    ) -> Result<Option<(Session, Vec<u8>, NbdStream)>, ConnError> {
         let limit = self.inner.config.handshake_timeout;
-        match tokio::time::timeout(limit, self.negotiate(&mut rd, &mut wr)).await {
-            Ok(result) => Ok((result?, rd.buffer().to_vec())),
+        match tokio::time::timeout(limit, self.greet_and_negotiate(stream)).await {
+            Ok(result) => result,
             Err(_) => Err(ConnError::Protocol(format!(
                 "handshake not finished within {limit:?}"
             ))),
         }
     }
 
-    pub(super) async fn connection(&self, mut stream: NbdStream) -> Result<(), ConnError> {
-        let (session, leftover) = match &mut stream {
-            NbdStream::Unix(s) => {
-                let (r, w) = s.split();
-                self.handshake(r, w).await?
-            }
-            NbdStream::Tcp(s) => {
-                let (r, w) = s.split();
-                self.handshake(r, w).await?
-            }
+    async fn greet_and_negotiate(
+        &self,
+        stream: NbdStream,
+    ) -> Result<Option<(Session, Vec<u8>, NbdStream)>, ConnError> {
+        let tls = match &*self.inner.tls.read().unwrap_or_else(|e| e.into_inner()) {
+            Some((tls, unix)) if *unix || matches!(stream, NbdStream::Tcp(_)) => Some(tls.clone()),
+            _ => None,
         };
-        let Some(session) = session else {
+        let mut io = BufReader::with_capacity(64 * 1024, stream);
+        io.write_all(&Negotiation::greeting()).await?;
+        io.flush().await?;
+        let client_flags = io.read_u32().await?;
+        let mut negotiation =
+            Negotiation::start(client_flags).map_err(|e| ConnError::Protocol(e.to_string()))?;
+        if tls.is_some() {
+            negotiation = negotiation.require_tls();
+        }
+        match self.negotiate(&mut io, negotiation).await? {
+            Step::Transmit(session) => Ok(Some((session, io.buffer().to_vec(), io.into_inner()))),
+            Step::StartTls(negotiation) => {
+                let Some(tls) = tls else {
+                    return Err(ConnError::Protocol("STARTTLS without TLS settings".into()));
+                };
+                let buffered = io.buffer().to_vec();
+                let (secured, scope) = starttls::accept(&tls, buffered, io.into_inner()).await?;
+                let mut io = BufReader::with_capacity(64 * 1024, secured);
+                match self
+                    .negotiate(&mut io, negotiation.tls_established(scope))
+                    .await?
+                {
+                    Step::Transmit(session) => {
+                        let leftover = io.buffer().to_vec();
+                        let stream = starttls::pump(io.into_inner())?;
+                        Ok(Some((session, leftover, stream)))
+                    }
+                    _ => Ok(None),
+                }
+            }
+            Step::Options(_) | Step::Close => Ok(None),
+        }
+    }
+
+    pub(super) async fn connection(&self, stream: NbdStream) -> Result<(), ConnError> {
+        let Some((session, leftover, stream)) = self.handshake(stream).await? else {
             return Ok(());
         };
         let mut removed = match self
@@ -135,20 +163,16 @@ impl Server {
         }
     }
 
-    pub(super) async fn negotiate<R, W>(
+    /// Haggle until transmission, a close, or STARTTLS (never [`Step::Options`]).
+    pub(super) async fn negotiate<S>(
         &self,
-        rd: &mut R,
-        wr: &mut W,
-    ) -> Result<Option<Session>, ConnError>
+        io: &mut S,
+        mut negotiation: Negotiation,
+    ) -> Result<Step, ConnError>
     where
-        R: AsyncRead + Unpin,
-        W: AsyncWrite + Unpin,
+        S: AsyncRead + AsyncWrite + Unpin,
     {
-        wr.write_all(&Negotiation::greeting()).await?;
-        wr.flush().await?;
-        let client_flags = rd.read_u32().await?;
-        let mut negotiation =
-            Negotiation::start(client_flags).map_err(|e| ConnError::Protocol(e.to_string()))?;
+        let (mut rd, mut wr) = tokio::io::split(io);
         let mut out = Vec::new();
         let mut header = [0u8; proto::OPTION_HEADER_LEN];
         let mut shutdown = self.inner.shutdown.subscribe();
@@ -162,7 +186,7 @@ impl Server {
             };
             tokio::select! {
                 read = rd.read_exact(&mut header) => { read?; }
-                () = gone => return Ok(None),
+                () = gone => return Ok(Step::Close),
             }
             let stopping = *self.inner.shutdown.borrow();
             let h = proto::parse_option_header(&header)
@@ -176,11 +200,8 @@ impl Server {
                         h.option, h.length
                     )));
                 }
-                tokio::io::copy(
-                    &mut (&mut *rd).take(h.length.into()),
-                    &mut tokio::io::sink(),
-                )
-                .await?;
+                tokio::io::copy(&mut (&mut rd).take(h.length.into()), &mut tokio::io::sink())
+                    .await?;
                 if stopping {
                     negotiation.refuse_shutting_down(h.option, &mut out)
                 } else {
@@ -210,8 +231,7 @@ impl Server {
             }
             match step {
                 Step::Options(next) => negotiation = next,
-                Step::Transmit(session) => return Ok(Some(session)),
-                Step::Close => return Ok(None),
+                done => return Ok(done),
             }
         }
     }

@@ -72,6 +72,7 @@ mod command;
 mod connection;
 mod listener;
 mod registry;
+mod starttls;
 mod transmission;
 
 pub use listener::{bind_private, NbdListener, NbdStream};
@@ -150,6 +151,9 @@ struct Inner {
     idle: Notify,
     /// Numbers connections for their thread names.
     next_connection: AtomicU64,
+    /// With TLS, connections are in FORCEDTLS mode: TCP ones, and Unix ones too when
+    /// the flag is set.
+    tls: RwLock<Option<(crate::tls::TlsServer, bool)>>,
 }
 
 /// An NBD server; cheap to clone (all clones share the registry and shutdown state).
@@ -191,8 +195,26 @@ impl Server {
                 refusing: AtomicUsize::new(0),
                 idle: Notify::new(),
                 next_connection: AtomicU64::new(0),
+                tls: RwLock::new(None),
             }),
         }
+    }
+
+    /// Require TLS (FORCEDTLS) on every TCP connection accepted from now on, and on
+    /// Unix socket connections too when `unix` is set (a Unix socket of mode 0600 is
+    /// private to its owner already, and local tools such as the kernel NBD client
+    /// speak no TLS).
+    pub fn set_tls(&self, tls: crate::tls::TlsServer, unix: bool) {
+        *self.inner.tls.write().unwrap_or_else(|e| e.into_inner()) = Some((tls, unix));
+    }
+
+    /// Whether connections must use TLS.
+    pub fn tls_required(&self) -> bool {
+        self.inner
+            .tls
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
     }
 
     /// Connections currently open (negotiating or transmitting).
