@@ -6,7 +6,7 @@
 //! gives a clear error and no point.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use rand::{Rng, SeedableRng};
@@ -14,7 +14,7 @@ use serde_json::Value;
 use tidemark_tests::daemon::{Daemon, Model};
 use tidemark_tests::export::export;
 use tidemark_tests::peers::qemu_io;
-use tidemark_tests::{run, tidemark_bin, ChildGuard};
+use tidemark_tests::{run, tidemark_bin, ChildGuard, Output};
 
 const MIB: usize = 1 << 20;
 const LIMIT: Duration = Duration::from_secs(180);
@@ -33,8 +33,7 @@ fn ok(args: &[&str], env: &[(&str, &str)]) -> Output {
     assert!(
         out.status.success(),
         "tidemark {args:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stderr),
-        String::from_utf8_lossy(&out.stdout)
+        out.stderr, out.stdout
     );
     out
 }
@@ -42,7 +41,7 @@ fn ok(args: &[&str], env: &[(&str, &str)]) -> Output {
 fn json(args: &[&str], env: &[(&str, &str)]) -> Value {
     let mut all = args.to_vec();
     all.push("--json");
-    serde_json::from_slice(&ok(&all, env).stdout).expect("JSON report")
+    serde_json::from_str(ok(&all, env).stdout.trim()).expect("JSON report")
 }
 
 /// SeaweedFS (`weed mini`) on 127.0.0.1 with bucket `bkt` and keys K/S.
@@ -115,7 +114,7 @@ impl Seaweed {
             assert!(
                 Instant::now() < deadline,
                 "SeaweedFS did not accept a repository within 60 s: {}",
-                String::from_utf8_lossy(&out.stderr)
+                out.stderr
             );
             std::thread::sleep(Duration::from_millis(500));
         }
@@ -204,13 +203,13 @@ fn six_points_restore_and_prune(url: &str, extra: &[&str], env: &[(&str, &str)])
         .map(|p| p["point"].as_str().unwrap_or(""))
         .collect();
     assert_eq!(points, ["vm1@c0", "vm1@c1", "vm1@c2", "vm1@c3", "vm1@c4", "vm1@c5"]);
-    let full_new = listed[0]["new_bytes"].as_u64().unwrap_or(0);
     for point in &listed.as_array().expect("list")[1..] {
-        // An incremental stores only what changed: far less than the full point.
-        let new = point["new_bytes"].as_u64().unwrap_or(u64::MAX);
-        assert!(new < full_new / 2, "{point}: {new} new bytes vs {full_new} for the full");
+        // Every incremental stored the chunks its writes changed, and only those: qemu-io's
+        // pattern writes compress to a few bytes per chunk.
+        let new = point["new_bytes"].as_u64().unwrap_or(0);
+        assert!(new > 0 && new < 64 << 10, "{point}: {new} new bytes");
+        assert_eq!(point["parent"].as_str().map(|p| p.len()), Some(2), "{point}");
     }
-
     let dir = tempfile::tempdir().expect("temp dir");
     let restore = |point: &str, snapshot: &Model| {
         let dest = dir.path().join(format!("{point}.img"));
@@ -313,12 +312,12 @@ fn a_corrupt_pack_byte_is_named_by_verify_and_refused_at_restore() {
     ok(&["repo", "verify", url], &[]);
     let out = tidemark(&["repo", "verify", url, "--read-data"], &[]);
     assert_eq!(out.status.code(), Some(2));
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = &out.stdout;
     assert!(text.contains(&format!("BROKEN data/{}/{name}", &name[..2])), "{text}");
 
     let out = tidemark(&["repo", "restore", url, "disk@a", "--into", dest.to_str().unwrap()], &[]);
     assert!(!out.status.success(), "restore of a corrupt point succeeded");
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = &out.stderr;
     assert!(err.contains(&name) && err.contains("corrupt"), "{err}");
     assert!(!dest.exists(), "a refused restore left {}", dest.display());
 }
@@ -361,7 +360,7 @@ fn kill_9_mid_backup_leaves_no_point_and_a_rerun_and_gc_work() {
 
     // The rerun breaks the dead owner's lock with a warning and stores the point.
     let out = ok(&pull, &[]);
-    assert!(String::from_utf8_lossy(&out.stderr).contains("stale lock"));
+    assert!(out.stderr.contains("stale lock"), "{}", out.stderr);
     let dest = dir.path().join("restored.img");
     ok(&["repo", "restore", url, "disk@a", "--into", dest.to_str().unwrap()], &[]);
     assert_eq!(std::fs::read(&dest).unwrap(), std::fs::read(&file).unwrap());
