@@ -179,7 +179,11 @@ fn repo_names(
     description: &str,
 ) -> anyhow::Result<repo::PointNames> {
     let origin = parse_origin(description);
-    let volume = match target.volume.clone().or_else(|| repo::described_volume(description)) {
+    let volume = match target
+        .volume
+        .clone()
+        .or_else(|| repo::described_volume(description))
+    {
         Some(volume) => volume,
         None => anyhow::bail!(
             "--volume is needed: {uri} does not name its volume (it is not a tidemark backup \
@@ -196,9 +200,10 @@ fn repo_names(
              point records its volume's uuid; pass the same uuid for every point of this disk"
         ),
     };
-    let checkpoint = targets.checkpoint.clone().unwrap_or_else(|| {
-        format!("pull-{}", tidemark_repo::now_unix())
-    });
+    let checkpoint = targets
+        .checkpoint
+        .clone()
+        .unwrap_or_else(|| format!("pull-{}", tidemark_repo::now_unix()));
     if !tidemark_repo::format::valid_name(&checkpoint) || checkpoint == "latest" {
         anyhow::bail!("--checkpoint {checkpoint:?}: a checkpoint name is 1-128 of A-Z a-z 0-9 . _ - + (not `latest`)");
     }
@@ -388,7 +393,8 @@ async fn pull_async(
     let map_seconds = started.elapsed().as_secs_f64();
     let request_size = request.request_size.min(primary.max_request()).max(1);
 
-    let mut sink: Box<dyn sink::Sink + Send> = if targets.image.is_some() || targets.delta.is_some() {
+    let mut sink: Box<dyn sink::Sink + Send> = if targets.image.is_some() || targets.delta.is_some()
+    {
         sink::open(targets, &request.mode, size, request_size)
             .with_context(|| format!("preparing the pull target for {}", request.uri))?
     } else {
@@ -396,7 +402,13 @@ async fn pull_async(
     };
     let mut repo_point = None;
     if let Some(target) = &targets.repo {
-        let names = repo_names(targets, target, &request.mode, &request.uri, primary.description());
+        let names = repo_names(
+            targets,
+            target,
+            &request.mode,
+            &request.uri,
+            primary.description(),
+        );
         let opened = match names {
             Ok(names) => {
                 repo_point = Some(format!("{}@{}", names.volume, names.checkpoint));

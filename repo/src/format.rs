@@ -253,7 +253,10 @@ impl PointIndex {
         let parent = names.pop().unwrap_or_default();
         let checkpoint = names.pop().unwrap_or_default();
         let volume = names.pop().unwrap_or_default();
-        if !valid_name(&volume) || !valid_name(&checkpoint) || !(parent.is_empty() || valid_name(&parent)) {
+        if !valid_name(&volume)
+            || !valid_name(&checkpoint)
+            || !(parent.is_empty() || valid_name(&parent))
+        {
             return Err(bad("a name in the point index is not a valid name"));
         }
         if !(MIN_CHUNK..=MAX_CHUNK).contains(&chunk_size) || !chunk_size.is_power_of_two() {

@@ -134,7 +134,9 @@ pub fn now_unix() -> u64 {
 impl Repository {
     /// Create a repository at `url` (a directory path or `s3://bucket/prefix`).
     pub async fn init(url: &str, options: &StoreOptions, chunk_size: u32) -> Result<Repository> {
-        if !chunk_size.is_power_of_two() || !(format::MIN_CHUNK..=format::MAX_CHUNK).contains(&chunk_size) {
+        if !chunk_size.is_power_of_two()
+            || !(format::MIN_CHUNK..=format::MAX_CHUNK).contains(&chunk_size)
+        {
             return Err(RepoError::Invalid(format!(
                 "chunk size {chunk_size} is not a power of two from 64K to 64M"
             )));
@@ -175,7 +177,10 @@ impl Repository {
     pub async fn open(url: &str, options: &StoreOptions) -> Result<Repository> {
         let store = store::open(url, options, false)?;
         let bytes = match store.get(&Path::from("config")).await {
-            Ok(got) => got.bytes().await.map_err(store_err(format!("reading {url}/config")))?,
+            Ok(got) => got
+                .bytes()
+                .await
+                .map_err(store_err(format!("reading {url}/config")))?,
             Err(object_store::Error::NotFound { .. }) => {
                 return Err(RepoError::Invalid(format!(
                     "{url} is not a tidemark repository (no config object); create one with \
@@ -246,7 +251,9 @@ impl Repository {
                 why: format!("{} bytes is too large for an index", got.meta.size),
             });
         }
-        got.bytes().await.map_err(store_err(format!("reading {path}")))
+        got.bytes()
+            .await
+            .map_err(store_err(format!("reading {path}")))
     }
 
     /// Write `bytes` at `path` unless something is there already.
@@ -290,7 +297,11 @@ impl Repository {
             }
         }
         points.sort_by(|a, b| {
-            (&a.volume, a.created_unix, &a.checkpoint).cmp(&(&b.volume, b.created_unix, &b.checkpoint))
+            (&a.volume, a.created_unix, &a.checkpoint).cmp(&(
+                &b.volume,
+                b.created_unix,
+                &b.checkpoint,
+            ))
         });
         Ok((points, broken))
     }
@@ -304,18 +315,28 @@ impl Repository {
                 .into_iter()
                 .filter(|p| p.volume == volume)
                 .max_by_key(|p| p.created_unix)
-                .ok_or_else(|| RepoError::Invalid(format!("{} has no point of volume {volume}", self.url)));
+                .ok_or_else(|| {
+                    RepoError::Invalid(format!("{} has no point of volume {volume}", self.url))
+                });
         }
         let path = point_path(&volume, &checkpoint);
         let bytes = match self.store.get(&path).await {
-            Ok(got) => got.bytes().await.map_err(store_err(format!("reading {path}")))?,
+            Ok(got) => got
+                .bytes()
+                .await
+                .map_err(store_err(format!("reading {path}")))?,
             Err(object_store::Error::NotFound { .. }) => {
                 return Err(RepoError::Invalid(format!(
                     "{} has no point {name} (`tidemark repo list {}` lists them)",
                     self.url, self.url
                 )))
             }
-            Err(source) => return Err(RepoError::Store { what: format!("reading {path}"), source }),
+            Err(source) => {
+                return Err(RepoError::Store {
+                    what: format!("reading {path}"),
+                    source,
+                })
+            }
         };
         PointIndex::decode(&bytes).map_err(|e| RepoError::Corrupt {
             object: path.to_string(),
@@ -326,7 +347,11 @@ impl Repository {
     /// Every pack index: chunk id -> location, plus the pack indexes that failed to parse.
     pub async fn chunk_map(
         &self,
-    ) -> Result<(HashMap<ChunkId, Location>, Vec<PackIndex>, Vec<(String, String)>)> {
+    ) -> Result<(
+        HashMap<ChunkId, Location>,
+        Vec<PackIndex>,
+        Vec<(String, String)>,
+    )> {
         let objects = self.list_objects("index").await?;
         let store = self.clone();
         let loaded: Vec<(Path, Result<Bytes>)> = futures::stream::iter(objects)
@@ -344,13 +369,19 @@ impl Repository {
         let mut indexes = Vec::new();
         let mut broken = Vec::new();
         for (path, got) in loaded {
-            let parsed = got.map_err(|e| e.to_string()).and_then(|bytes| {
-                PackIndex::decode(&bytes).map_err(|e| e.to_string())
-            });
+            let parsed = got
+                .map_err(|e| e.to_string())
+                .and_then(|bytes| PackIndex::decode(&bytes).map_err(|e| e.to_string()));
             match parsed {
                 Ok(index) if pack_index_path(&index.pack_id) == path => {
                     for entry in &index.entries {
-                        map.insert(entry.id, Location { pack: index.pack_id, entry: *entry });
+                        map.insert(
+                            entry.id,
+                            Location {
+                                pack: index.pack_id,
+                                entry: *entry,
+                            },
+                        );
                     }
                     indexes.push(index);
                 }
@@ -391,9 +422,17 @@ impl Repository {
 }
 
 /// Check a stored blob against its entry and inflate it.
-pub fn check_blob(blob: &[u8], id: &ChunkId, entry: &PackEntry) -> std::result::Result<Vec<u8>, String> {
+pub fn check_blob(
+    blob: &[u8],
+    id: &ChunkId,
+    entry: &PackEntry,
+) -> std::result::Result<Vec<u8>, String> {
     if blob.len() != entry.stored_len as usize {
-        return Err(format!("{} bytes where {} were expected", blob.len(), entry.stored_len));
+        return Err(format!(
+            "{} bytes where {} were expected",
+            blob.len(),
+            entry.stored_len
+        ));
     }
     if crc32fast::hash(blob) != entry.crc {
         return Err("CRC mismatch".into());
@@ -404,7 +443,11 @@ pub fn check_blob(blob: &[u8], id: &ChunkId, entry: &PackEntry) -> std::result::
     std::io::copy(&mut std::io::Read::take(&mut decoder, limit), &mut out)
         .map_err(|e| format!("zstd: {e}"))?;
     if out.len() != entry.raw_len as usize {
-        return Err(format!("inflates to {} bytes, not {}", out.len(), entry.raw_len));
+        return Err(format!(
+            "inflates to {} bytes, not {}",
+            out.len(),
+            entry.raw_len
+        ));
     }
     if sha256(&out) != id.0 {
         return Err("SHA-256 of the data does not match the chunk id".into());
@@ -476,9 +519,24 @@ mod tests {
         let points: Vec<_> = (0..10)
             .map(|i| p("vm", &format!("c{i}"), 1_700_000_000 + i * day / 2))
             .collect();
-        let kept = select_kept(&points, Keep { last: 2, ..Keep::default() });
-        assert_eq!(kept, HashSet::from(["vm@c9".to_string(), "vm@c8".to_string()]));
-        let kept = select_kept(&points, Keep { daily: 3, ..Keep::default() });
+        let kept = select_kept(
+            &points,
+            Keep {
+                last: 2,
+                ..Keep::default()
+            },
+        );
+        assert_eq!(
+            kept,
+            HashSet::from(["vm@c9".to_string(), "vm@c8".to_string()])
+        );
+        let kept = select_kept(
+            &points,
+            Keep {
+                daily: 3,
+                ..Keep::default()
+            },
+        );
         assert_eq!(kept.len(), 3);
         assert!(kept.contains("vm@c9"));
         let none = select_kept(&points, Keep::default());
@@ -487,7 +545,10 @@ mod tests {
 
     #[test]
     fn point_names_parse() {
-        assert_eq!(parse_point_name("vm1@c2").unwrap(), ("vm1".into(), "c2".into()));
+        assert_eq!(
+            parse_point_name("vm1@c2").unwrap(),
+            ("vm1".into(), "c2".into())
+        );
         for bad in ["vm1", "@c", "vm@", "a/b@c", "vm@c@d"] {
             assert!(parse_point_name(bad).is_err(), "{bad}");
         }
@@ -510,6 +571,8 @@ mod tests {
         bad[3] ^= 1;
         assert!(check_blob(&bad, &id, &entry).unwrap_err().contains("CRC"));
         let other = ChunkId([0; 32]);
-        assert!(check_blob(&blob, &other, &entry).unwrap_err().contains("SHA-256"));
+        assert!(check_blob(&blob, &other, &entry)
+            .unwrap_err()
+            .contains("SHA-256"));
     }
 }

@@ -33,7 +33,8 @@ impl LockInfo {
         if self.expires_unix < now_unix() {
             return Some("its lease ran out".into());
         }
-        if self.host == hostname() && !std::path::Path::new(&format!("/proc/{}", self.pid)).exists() {
+        if self.host == hostname() && !std::path::Path::new(&format!("/proc/{}", self.pid)).exists()
+        {
             return Some(format!("its process {} on this host is gone", self.pid));
         }
         None
@@ -78,21 +79,30 @@ impl RepoLock {
                 None => Some("it is unreadable".to_string()),
                 Some(held) => held.stale_reason(),
             };
-            match (reason, break_lock) {
-                (Some(reason), _) => {
-                    tracing::warn!("breaking the stale lock of {} ({reason}): {held:?}", repo.url());
-                    eprintln!("warning: breaking the stale lock of {} ({reason})", repo.url());
+            match (reason, break_lock, held.as_ref()) {
+                (Some(reason), _, _) => {
+                    tracing::warn!(
+                        "breaking the stale lock of {} ({reason}): {held:?}",
+                        repo.url()
+                    );
+                    eprintln!(
+                        "warning: breaking the stale lock of {} ({reason})",
+                        repo.url()
+                    );
                 }
-                (None, true) => {
-                    tracing::warn!("--break-lock: removing the lock of {}: {held:?}", repo.url());
+                (None, true, _) => {
+                    tracing::warn!(
+                        "--break-lock: removing the lock of {}: {held:?}",
+                        repo.url()
+                    );
                     eprintln!(
                         "warning: --break-lock: removing a live lock of {} held by {held:?}; if \
                          that operation is still running the repository may need `repo verify`",
                         repo.url()
                     );
                 }
-                (None, false) => {
-                    let held = held.unwrap_or_else(|| unreachable_lock());
+                (None, false, None) => {}
+                (None, false, Some(held)) => {
                     return Err(RepoError::Invalid(format!(
                         "{} is locked by {} (pid {} on {}, since unix time {}, lease until {}); \
                          wait for it, or if that process is gone rerun with --break-lock",
@@ -131,16 +141,6 @@ impl RepoLock {
                 source,
             }),
         }
-    }
-}
-
-fn unreachable_lock() -> LockInfo {
-    LockInfo {
-        host: "unknown".into(),
-        pid: 0,
-        operation: "unknown".into(),
-        created_unix: 0,
-        expires_unix: 0,
     }
 }
 

@@ -100,9 +100,25 @@ async fn check_pack(repo: &Repository, index: &PackIndex) -> (u64, Vec<Problem>)
     let bytes = match repo.store().get(&path).await {
         Ok(got) => match got.bytes().await {
             Ok(bytes) => bytes,
-            Err(e) => return (0, vec![Problem { object, problem: format!("unreadable: {e}") }]),
+            Err(e) => {
+                return (
+                    0,
+                    vec![Problem {
+                        object,
+                        problem: format!("unreadable: {e}"),
+                    }],
+                )
+            }
         },
-        Err(e) => return (0, vec![Problem { object, problem: format!("unreadable: {e}") }]),
+        Err(e) => {
+            return (
+                0,
+                vec![Problem {
+                    object,
+                    problem: format!("unreadable: {e}"),
+                }],
+            )
+        }
     };
     let mut problems = Vec::new();
     if crate::sha256(&bytes) != index.pack_id {
@@ -203,7 +219,12 @@ async fn gc_locked(repo: &Repository) -> Result<PruneReport> {
     if !broken.is_empty() || !broken_indexes.is_empty() {
         return Err(RepoError::Invalid(format!(
             "not collecting garbage: some indexes are unreadable ({}); run `tidemark repo verify`",
-            broken.iter().chain(&broken_indexes).map(|b| b.0.as_str()).collect::<Vec<_>>().join(", ")
+            broken
+                .iter()
+                .chain(&broken_indexes)
+                .map(|b| b.0.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
         )));
     }
     let live: HashSet<_> = points

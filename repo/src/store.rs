@@ -110,7 +110,10 @@ mod tests {
         let opts = StoreOptions {
             s3_endpoint: Some("http://192.168.1.1:9000".into()),
         };
-        assert!(open("s3://bucket", &opts, false).unwrap_err().to_string().contains("https"));
+        assert!(open("s3://bucket", &opts, false)
+            .unwrap_err()
+            .to_string()
+            .contains("https"));
         assert!(open("gs://x", &StoreOptions::default(), false).is_err());
     }
 }

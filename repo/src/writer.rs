@@ -131,13 +131,12 @@ impl PointWriter {
         if let Some(why) = self.failure() {
             return Err(RepoError::Invalid(why));
         }
-        let results = std::mem::take(
-            &mut *self
-                .shared
-                .results
-                .lock()
-                .map_err(|_| RepoError::Invalid("pack workers poisoned the result list".into()))?,
-        );
+        let results =
+            std::mem::take(
+                &mut *self.shared.results.lock().map_err(|_| {
+                    RepoError::Invalid("pack workers poisoned the result list".into())
+                })?,
+            );
         let mut chunks = Vec::with_capacity(results.len());
         for (i, chunk) in results.into_iter().enumerate() {
             chunks.push(chunk.ok_or_else(|| {
@@ -245,7 +244,8 @@ fn flush(shared: &Shared, pack: &mut Pack) -> Result<()> {
     let len = pack.bytes.len() as u64;
     let repo = &shared.repo;
     shared.handle.block_on(async {
-        repo.put_create(&pack_path(&pack_id), pack.bytes.into()).await?;
+        repo.put_create(&pack_path(&pack_id), pack.bytes.into())
+            .await?;
         repo.put_create(&pack_index_path(&pack_id), index.encode().into())
             .await
     })?;

@@ -33,7 +33,8 @@ fn ok(args: &[&str], env: &[(&str, &str)]) -> Output {
     assert!(
         out.status.success(),
         "tidemark {args:?} failed: {}{}",
-        out.stderr, out.stdout
+        out.stderr,
+        out.stdout
     );
     out
 }
@@ -107,7 +108,10 @@ impl Seaweed {
         let deadline = Instant::now() + Duration::from_secs(60);
         let probe = format!("s3://bkt/probe-{}", rand::random::<u32>());
         loop {
-            let out = tidemark(&["repo", "init", &probe, "--s3-endpoint", &self.endpoint], &S3_ENV);
+            let out = tidemark(
+                &["repo", "init", &probe, "--s3-endpoint", &self.endpoint],
+                &S3_ENV,
+            );
             if out.status.success() {
                 return;
             }
@@ -182,12 +186,21 @@ fn six_points_restore_and_prune(url: &str, extra: &[&str], env: &[(&str, &str)])
         }
         pull.extend(extra);
         let report = json(&pull, env);
-        assert_eq!(report["repo_point"], Value::from(format!("vm1@{checkpoint}")));
+        assert_eq!(
+            report["repo_point"],
+            Value::from(format!("vm1@{checkpoint}"))
+        );
         if round > 0 {
             let dirty = report["bytes_dirty"].as_u64().expect("bytes_dirty");
             let pulled = report["bytes_pulled"].as_u64().expect("bytes_pulled");
-            assert!(pulled <= dirty, "round {round}: pulled {pulled} > dirty {dirty}");
-            assert!(dirty < size as u64 / 2, "round {round}: {dirty} dirty bytes");
+            assert!(
+                pulled <= dirty,
+                "round {round}: pulled {pulled} > dirty {dirty}"
+            );
+            assert!(
+                dirty < size as u64 / 2,
+                "round {round}: {dirty} dirty bytes"
+            );
         }
         daemon.cli_json(&["backup", "end", "vm1"]);
         qemu_io(&live, &random_writes(&mut model, &mut rng, 20));
@@ -202,18 +215,32 @@ fn six_points_restore_and_prune(url: &str, extra: &[&str], env: &[(&str, &str)])
         .iter()
         .map(|p| p["point"].as_str().unwrap_or(""))
         .collect();
-    assert_eq!(points, ["vm1@c0", "vm1@c1", "vm1@c2", "vm1@c3", "vm1@c4", "vm1@c5"]);
+    assert_eq!(
+        points,
+        ["vm1@c0", "vm1@c1", "vm1@c2", "vm1@c3", "vm1@c4", "vm1@c5"]
+    );
     for point in &listed.as_array().expect("list")[1..] {
         // Every incremental stored the chunks its writes changed, and only those: qemu-io's
         // pattern writes compress to a few bytes per chunk.
         let new = point["new_bytes"].as_u64().unwrap_or(0);
         assert!(new > 0 && new < 64 << 10, "{point}: {new} new bytes");
-        assert_eq!(point["parent"].as_str().map(|p| p.len()), Some(2), "{point}");
+        assert_eq!(
+            point["parent"].as_str().map(|p| p.len()),
+            Some(2),
+            "{point}"
+        );
     }
     let dir = tempfile::tempdir().expect("temp dir");
     let restore = |point: &str, snapshot: &Model| {
         let dest = dir.path().join(format!("{point}.img"));
-        let mut args = vec!["repo", "restore", url, point, "--into", dest.to_str().unwrap()];
+        let mut args = vec![
+            "repo",
+            "restore",
+            url,
+            point,
+            "--into",
+            dest.to_str().unwrap(),
+        ];
         args.extend(extra);
         ok(&args, env);
         snapshot.assert_equals_file(&dest, &format!("restore of {point}"));
@@ -233,7 +260,11 @@ fn six_points_restore_and_prune(url: &str, extra: &[&str], env: &[(&str, &str)])
     let mut prune = vec!["repo", "prune", url, "--keep-last", "2"];
     prune.extend(extra);
     let pruned = json(&prune, env);
-    assert_eq!(pruned["removed_points"].as_array().map(Vec::len), Some(4), "{pruned}");
+    assert_eq!(
+        pruned["removed_points"].as_array().map(Vec::len),
+        Some(4),
+        "{pruned}"
+    );
     let listed = json(&list, env);
     let points: Vec<&str> = listed
         .as_array()
@@ -272,8 +303,16 @@ fn data_file(path: &Path, size: u64) {
 
 fn packs(repo: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
-    for sub in std::fs::read_dir(repo.join("data")).into_iter().flatten().flatten() {
-        for file in std::fs::read_dir(sub.path()).into_iter().flatten().flatten() {
+    for sub in std::fs::read_dir(repo.join("data"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        for file in std::fs::read_dir(sub.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
             out.push(file.path());
         }
     }
@@ -292,12 +331,31 @@ fn a_corrupt_pack_byte_is_named_by_verify_and_refused_at_restore() {
     let url = repo.to_str().unwrap();
     ok(&["repo", "init", url], &[]);
     let pull = [
-        "pull", "--full", &exported.uri, "--repo", url, "--volume", "disk", "--volume-uuid", UUID,
-        "--checkpoint", "a",
+        "pull",
+        "--full",
+        &exported.uri,
+        "--repo",
+        url,
+        "--volume",
+        "disk",
+        "--volume-uuid",
+        UUID,
+        "--checkpoint",
+        "a",
     ];
     ok(&pull, &[]);
     let dest = dir.path().join("restored.img");
-    ok(&["repo", "restore", url, "disk@a", "--into", dest.to_str().unwrap()], &[]);
+    ok(
+        &[
+            "repo",
+            "restore",
+            url,
+            "disk@a",
+            "--into",
+            dest.to_str().unwrap(),
+        ],
+        &[],
+    );
     assert_eq!(std::fs::read(&dest).unwrap(), std::fs::read(&file).unwrap());
     std::fs::remove_file(&dest).unwrap();
 
@@ -313,10 +371,26 @@ fn a_corrupt_pack_byte_is_named_by_verify_and_refused_at_restore() {
     let out = tidemark(&["repo", "verify", url, "--read-data"], &[]);
     assert_eq!(out.status.code(), Some(2));
     let text = &out.stdout;
-    assert!(text.contains(&format!("BROKEN data/{}/{name}", &name[..2])), "{text}");
+    assert!(
+        text.contains(&format!("BROKEN data/{}/{name}", &name[..2])),
+        "{text}"
+    );
 
-    let out = tidemark(&["repo", "restore", url, "disk@a", "--into", dest.to_str().unwrap()], &[]);
-    assert!(!out.status.success(), "restore of a corrupt point succeeded");
+    let out = tidemark(
+        &[
+            "repo",
+            "restore",
+            url,
+            "disk@a",
+            "--into",
+            dest.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(
+        !out.status.success(),
+        "restore of a corrupt point succeeded"
+    );
     let err = &out.stderr;
     assert!(err.contains(&name) && err.contains("corrupt"), "{err}");
     assert!(!dest.exists(), "a refused restore left {}", dest.display());
@@ -332,8 +406,17 @@ fn kill_9_mid_backup_leaves_no_point_and_a_rerun_and_gc_work() {
     let url = repo.to_str().unwrap();
     ok(&["repo", "init", url], &[]);
     let pull = [
-        "pull", "--full", &exported.uri, "--repo", url, "--volume", "disk", "--volume-uuid", UUID,
-        "--checkpoint", "a",
+        "pull",
+        "--full",
+        &exported.uri,
+        "--repo",
+        url,
+        "--volume",
+        "disk",
+        "--volume-uuid",
+        UUID,
+        "--checkpoint",
+        "a",
     ];
     let mut child = ChildGuard::spawn(
         Command::new(tidemark_bin())
@@ -346,12 +429,18 @@ fn kill_9_mid_backup_leaves_no_point_and_a_rerun_and_gc_work() {
     let deadline = Instant::now() + Duration::from_secs(60);
     while packs(&repo).is_empty() {
         assert!(Instant::now() < deadline, "no pack appeared within 60 s");
-        assert!(child.try_wait().unwrap().is_none(), "the pull ended before a pack was stored");
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the pull ended before a pack was stored"
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
     child.kill().expect("kill -9");
     let _ = child.wait();
-    assert!(repo.join("lock").exists(), "the killed backup held the lock");
+    assert!(
+        repo.join("lock").exists(),
+        "the killed backup held the lock"
+    );
 
     let listed = json(&["repo", "list", url], &[]);
     assert_eq!(listed, Value::Array(vec![]), "a killed backup left a point");
@@ -362,20 +451,49 @@ fn kill_9_mid_backup_leaves_no_point_and_a_rerun_and_gc_work() {
     let out = ok(&pull, &[]);
     assert!(out.stderr.contains("stale lock"), "{}", out.stderr);
     let dest = dir.path().join("restored.img");
-    ok(&["repo", "restore", url, "disk@a", "--into", dest.to_str().unwrap()], &[]);
+    ok(
+        &[
+            "repo",
+            "restore",
+            url,
+            "disk@a",
+            "--into",
+            dest.to_str().unwrap(),
+        ],
+        &[],
+    );
     assert_eq!(std::fs::read(&dest).unwrap(), std::fs::read(&file).unwrap());
     ok(&["repo", "gc", url], &[]);
     let report = json(&["repo", "verify", url, "--read-data"], &[]);
     assert_eq!(report["problems"], Value::Array(vec![]), "{report}");
     assert_eq!(report["points"], 1);
     std::fs::remove_file(&dest).unwrap();
-    ok(&["repo", "restore", url, "disk@latest", "--into", dest.to_str().unwrap()], &[]);
+    ok(
+        &[
+            "repo",
+            "restore",
+            url,
+            "disk@latest",
+            "--into",
+            dest.to_str().unwrap(),
+        ],
+        &[],
+    );
     assert_eq!(std::fs::read(&dest).unwrap(), std::fs::read(&file).unwrap());
 
     // A second point of the same data stores nothing new.
     let again = [
-        "pull", "--full", &exported.uri, "--repo", url, "--volume", "disk", "--volume-uuid", UUID,
-        "--checkpoint", "b",
+        "pull",
+        "--full",
+        &exported.uri,
+        "--repo",
+        url,
+        "--volume",
+        "disk",
+        "--volume-uuid",
+        UUID,
+        "--checkpoint",
+        "b",
     ];
     ok(&again, &[]);
     let listed = json(&["repo", "list", url], &[]);
@@ -396,8 +514,19 @@ fn an_s3_server_stopped_mid_upload_gives_a_clear_error_and_no_point() {
     let mut command = Command::new(tidemark_bin());
     command
         .args([
-            "pull", "--full", &exported.uri, "--repo", url, "--volume", "disk", "--volume-uuid",
-            UUID, "--checkpoint", "a", "--s3-endpoint", &endpoint,
+            "pull",
+            "--full",
+            &exported.uri,
+            "--repo",
+            url,
+            "--volume",
+            "disk",
+            "--volume-uuid",
+            UUID,
+            "--checkpoint",
+            "a",
+            "--s3-endpoint",
+            &endpoint,
         ])
         .envs(S3_ENV)
         .stdin(Stdio::null())
@@ -408,8 +537,14 @@ fn an_s3_server_stopped_mid_upload_gives_a_clear_error_and_no_point() {
     seaweed.stop();
     let started = Instant::now();
     let out = child.wait_with_output().expect("waiting for the pull");
-    assert!(started.elapsed() < Duration::from_secs(150), "the pull hung");
-    assert!(!out.status.success(), "the pull succeeded against a stopped server");
+    assert!(
+        started.elapsed() < Duration::from_secs(150),
+        "the pull hung"
+    );
+    assert!(
+        !out.status.success(),
+        "the pull succeeded against a stopped server"
+    );
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         err.contains("bkt") || err.contains("127.0.0.1") || err.contains("data/"),

@@ -109,7 +109,9 @@ enum RepoCommand {
 fn parse_chunk(text: &str) -> Result<u32, String> {
     let size = ui::parse_size(text).map_err(|e| e.to_string())?;
     if !size.is_power_of_two() || !(64 << 10..=64 << 20).contains(&size) {
-        return Err(format!("{text}: a chunk size is a power of two from 64K to 64M"));
+        return Err(format!(
+            "{text}: a chunk size is a power of two from 64K to 64M"
+        ));
     }
     Ok(size as u32)
 }
@@ -158,7 +160,10 @@ async fn run_async(command: RepoCommand, options: StoreOptions) -> anyhow::Resul
                 tracing::info!("chunk size {chunk_size}: smaller chunks mean more objects");
             }
             Repository::init(&url, &options, chunk_size).await?;
-            println!("created the repository {url} (chunk size {})", human_bytes(u64::from(chunk_size)));
+            println!(
+                "created the repository {url} (chunk size {})",
+                human_bytes(u64::from(chunk_size))
+            );
             Ok(ExitCode::SUCCESS)
         }
         RepoCommand::List { url, json } => {
@@ -185,7 +190,10 @@ async fn run_async(command: RepoCommand, options: StoreOptions) -> anyhow::Resul
             if json {
                 ui::print_json(&listed)?;
             } else {
-                println!("{:<40} {:>12} {:>12} {:>12}", "POINT", "TIME", "SIZE", "NEW DATA");
+                println!(
+                    "{:<40} {:>12} {:>12} {:>12}",
+                    "POINT", "TIME", "SIZE", "NEW DATA"
+                );
                 for p in &listed {
                     println!(
                         "{:<40} {:>12} {:>12} {:>12}",

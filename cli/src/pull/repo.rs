@@ -82,7 +82,11 @@ pub struct PointNames {
 
 impl RepoSink {
     /// Open the repository, take its lock, load its chunk index and (incremental) the base.
-    pub async fn open(target: &RepoTarget, names: &PointNames, size: u64) -> anyhow::Result<RepoSink> {
+    pub async fn open(
+        target: &RepoTarget,
+        names: &PointNames,
+        size: u64,
+    ) -> anyhow::Result<RepoSink> {
         let repo = Repository::open(&target.url, &target.store).await?;
         let chunk_size = repo.config().chunk_size;
         if chunk_size % names.granularity != 0 {
@@ -92,7 +96,12 @@ impl RepoSink {
                 names.granularity
             );
         }
-        let lock = RepoLock::acquire(&repo, &format!("backup of {}", names.volume), target.break_lock).await?;
+        let lock = RepoLock::acquire(
+            &repo,
+            &format!("backup of {}", names.volume),
+            target.break_lock,
+        )
+        .await?;
         let prepared = prepare(&repo, names, size).await;
         let (map, base) = match prepared {
             Ok(ready) => ready,
@@ -141,7 +150,9 @@ impl RepoSink {
     }
 
     fn writer(&self) -> anyhow::Result<&PointWriter> {
-        self.writer.as_ref().context("the repository point is already finished")
+        self.writer
+            .as_ref()
+            .context("the repository point is already finished")
     }
 
     /// Decide every chunk before `index` that was never touched.
@@ -163,7 +174,9 @@ impl RepoSink {
         };
         let covered: usize = pending.covered.iter().map(|(a, b)| b - a).sum();
         if covered < pending.buf.len() {
-            if let Some(ChunkRef::Data(id)) = self.base.as_ref().map(|b| b.chunks[pending.index as usize]) {
+            if let Some(ChunkRef::Data(id)) =
+                self.base.as_ref().map(|b| b.chunks[pending.index as usize])
+            {
                 let at = *self.map.get(&id).with_context(|| {
                     format!(
                         "the base point's chunk {} is in no pack index: run `tidemark repo \
@@ -174,9 +187,14 @@ impl RepoSink {
                 })?;
                 let repo = self.repo.clone();
                 let handle = self.handle.clone();
-                let old = tokio::task::block_in_place(|| handle.block_on(repo.read_chunk(&id, &at)))?;
+                let old =
+                    tokio::task::block_in_place(|| handle.block_on(repo.read_chunk(&id, &at)))?;
                 let mut at = 0;
-                for &(start, end) in pending.covered.iter().chain([&(pending.buf.len(), pending.buf.len())]) {
+                for &(start, end) in pending
+                    .covered
+                    .iter()
+                    .chain([&(pending.buf.len(), pending.buf.len())])
+                {
                     if at < start {
                         pending.buf[at..start].copy_from_slice(&old[at..start]);
                     }
@@ -249,7 +267,10 @@ async fn prepare(
                 )
             })?;
             if base.volume_uuid != *names.uuid.as_bytes() {
-                bail!("the point {name} is of another volume (uuid {})", Uuid::from_bytes(base.volume_uuid));
+                bail!(
+                    "the point {name} is of another volume (uuid {})",
+                    Uuid::from_bytes(base.volume_uuid)
+                );
             }
             if base.size != size {
                 bail!(
@@ -278,7 +299,10 @@ impl Sink for RepoSink {
     fn finish(&mut self) -> anyhow::Result<()> {
         self.emit()?;
         self.skip_to(self.count)?;
-        let writer = self.writer.take().context("the repository point is already finished")?;
+        let writer = self
+            .writer
+            .take()
+            .context("the repository point is already finished")?;
         let written = writer.finish().context("storing the point's chunks")?;
         let mut point = self.template.clone();
         point.chunks = written.chunks;
@@ -310,6 +334,9 @@ mod tests {
         );
         assert_eq!(described_volume(&text).as_deref(), Some("vm1"));
         assert_eq!(described_volume("qemu disk"), None);
-        assert_eq!(described_volume("tidemark snapshot of volume a/b (volume uuid x)"), None);
+        assert_eq!(
+            described_volume("tidemark snapshot of volume a/b (volume uuid x)"),
+            None
+        );
     }
 }
