@@ -45,12 +45,17 @@ fn json(args: &[&str], env: &[(&str, &str)]) -> Value {
     serde_json::from_str(ok(&all, env).stdout.trim()).expect("JSON report")
 }
 
+/// `weed mini` binds some fixed ports (e.g. 8181) besides the S3 one: one server at a time.
+static WEED: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// SeaweedFS (`weed mini`) on 127.0.0.1 with bucket `bkt` and keys K/S.
 struct Seaweed {
     child: Option<ChildGuard>,
     endpoint: String,
     port: u16,
     _dir: tempfile::TempDir,
+    /// Last: released after the server is stopped.
+    _one_at_a_time: std::sync::MutexGuard<'static, ()>,
 }
 
 const S3_ENV: [(&str, &str); 3] = [
@@ -71,6 +76,7 @@ impl Seaweed {
         let dir = tempfile::tempdir().expect("temp dir");
         let port = free_port();
         let mut seaweed = Seaweed {
+            _one_at_a_time: WEED.lock().unwrap_or_else(|e| e.into_inner()),
             child: None,
             endpoint: format!("http://127.0.0.1:{port}"),
             port,
