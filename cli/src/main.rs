@@ -44,6 +44,7 @@ enum Command {
     #[command(subcommand)]
     Backup(cmd::backup::Command),
     Pull(cmd::pull::Args),
+    Repo(cmd::repo::Args),
     Copy(cmd::copy::Args),
     UpdateImg(cmd::update_img::Args),
     #[command(subcommand)]
@@ -67,6 +68,7 @@ fn main() -> ExitCode {
         Command::Checkpoint(command) => cmd::checkpoint::run(command),
         Command::Backup(command) => cmd::backup::run(command),
         Command::Pull(args) => cmd::pull::run(args),
+        Command::Repo(args) => cmd::repo::run(args),
         Command::Copy(args) => cmd::copy::run(args),
         Command::UpdateImg(args) => cmd::update_img::run(args),
         Command::Delta(command) => cmd::delta::run(command),

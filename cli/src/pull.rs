@@ -19,6 +19,7 @@
 //! without one is refused before anything is written, never recorded as the nil uuid.
 
 pub mod plan;
+pub mod repo;
 pub mod sink;
 pub mod source;
 pub mod transfer;
@@ -104,6 +105,8 @@ pub struct Targets {
     /// Generations of the checkpoints the delta goes from and to (0 when unknown).
     pub from_generation: u64,
     pub to_generation: u64,
+    /// A repository to store the pull in as the point `VOLUME@CHECKPOINT`.
+    pub repo: Option<repo::RepoTarget>,
 }
 
 impl Targets {
@@ -165,6 +168,60 @@ fn resolve_origin(targets: &Targets, uri: &str, description: &str) -> anyhow::Re
     Ok(resolved)
 }
 
+/// The names of the point a `--repo` pull stores: the volume's name and uuid from a
+/// tidemark export's description (or `--volume`, `--volume-uuid`), the checkpoint from
+/// `--checkpoint` (default `pull-<unix time>`), the base from the bitmap.
+fn repo_names(
+    targets: &Targets,
+    target: &repo::RepoTarget,
+    mode: &Mode,
+    uri: &str,
+    description: &str,
+) -> anyhow::Result<repo::PointNames> {
+    let origin = parse_origin(description);
+    let volume = match target
+        .volume
+        .clone()
+        .or_else(|| repo::described_volume(description))
+    {
+        Some(volume) => volume,
+        None => anyhow::bail!(
+            "--volume is needed: {uri} does not name its volume (it is not a tidemark backup \
+             export; its description is {description:?}); a repository point is VOLUME@CHECKPOINT"
+        ),
+    };
+    if !tidemark_repo::format::valid_name(&volume) {
+        anyhow::bail!("--volume {volume:?}: a volume name is 1-128 of A-Z a-z 0-9 . _ - +");
+    }
+    let uuid = match targets.volume_uuid.or(origin.map(|(uuid, _)| uuid)) {
+        Some(uuid) => uuid,
+        None => anyhow::bail!(
+            "--volume-uuid is needed: {uri} is not a tidemark backup export, and a repository \
+             point records its volume's uuid; pass the same uuid for every point of this disk"
+        ),
+    };
+    let checkpoint = targets
+        .checkpoint
+        .clone()
+        .unwrap_or_else(|| format!("pull-{}", tidemark_repo::now_unix()));
+    if !tidemark_repo::format::valid_name(&checkpoint) || checkpoint == "latest" {
+        anyhow::bail!("--checkpoint {checkpoint:?}: a checkpoint name is 1-128 of A-Z a-z 0-9 . _ - + (not `latest`)");
+    }
+    Ok(repo::PointNames {
+        volume,
+        uuid,
+        checkpoint,
+        parent: match mode {
+            Mode::Full => None,
+            Mode::Incremental { bitmap } => Some(bitmap.clone()),
+        },
+        granularity: targets
+            .granularity
+            .or(origin.map(|(_, granularity)| granularity))
+            .unwrap_or(DEFAULT_GRANULARITY),
+    })
+}
+
 /// The export offers no dirty bitmap of the requested name.
 #[derive(Debug)]
 pub struct MissingBitmap {
@@ -197,6 +254,8 @@ pub struct Report {
     pub bitmap: Option<String>,
     pub image: Option<PathBuf>,
     pub delta: Option<PathBuf>,
+    /// The repository point stored (`--repo`), `VOLUME@CHECKPOINT`.
+    pub repo_point: Option<String>,
     /// Export size in bytes.
     pub size: u64,
     /// Bytes the dirty bitmap reported changed (incremental only).
@@ -259,8 +318,8 @@ pub fn human_bytes(bytes: u64) -> String {
 /// Run one pull to completion (a tokio runtime of its own; call from synchronous code).
 /// `progress` shows a bar on a terminal.
 pub fn pull(request: &PullRequest, targets: &Targets, progress: bool) -> anyhow::Result<Report> {
-    if targets.image.is_none() && targets.delta.is_none() {
-        anyhow::bail!("a pull needs a target: --into IMAGE and/or --delta FILE");
+    if targets.image.is_none() && targets.delta.is_none() && targets.repo.is_none() {
+        anyhow::bail!("a pull needs a target: --into IMAGE, --delta FILE and/or --repo URL");
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -334,8 +393,37 @@ async fn pull_async(
     let map_seconds = started.elapsed().as_secs_f64();
     let request_size = request.request_size.min(primary.max_request()).max(1);
 
-    let mut sink = sink::open(targets, &request.mode, size, request_size)
-        .with_context(|| format!("preparing the pull target for {}", request.uri))?;
+    let mut sink: Box<dyn sink::Sink + Send> = if targets.image.is_some() || targets.delta.is_some()
+    {
+        sink::open(targets, &request.mode, size, request_size)
+            .with_context(|| format!("preparing the pull target for {}", request.uri))?
+    } else {
+        Box::new(sink::Tee(Vec::new()))
+    };
+    let mut repo_point = None;
+    if let Some(target) = &targets.repo {
+        let names = repo_names(
+            targets,
+            target,
+            &request.mode,
+            &request.uri,
+            primary.description(),
+        );
+        let opened = match names {
+            Ok(names) => {
+                repo_point = Some(format!("{}@{}", names.volume, names.checkpoint));
+                repo::RepoSink::open(target, &names, size).await
+            }
+            Err(err) => Err(err),
+        };
+        match opened {
+            Ok(repo_sink) => sink = Box::new(sink::Tee(vec![sink, Box::new(repo_sink)])),
+            Err(err) => {
+                primary.close().await;
+                return Err(err.context(format!("opening the repository {}", target.url)));
+            }
+        }
+    }
 
     // Every connection appears once in `readers`; the transfer runs `queue_depth` tasks
     // per entry, and the client spreads each one's requests over its connections.
@@ -395,6 +483,7 @@ async fn pull_async(
         },
         image: targets.image.clone(),
         delta: targets.delta.clone(),
+        repo_point,
         size,
         bytes_dirty,
         bytes_pulled: moved.read,

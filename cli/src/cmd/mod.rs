@@ -9,6 +9,7 @@ pub mod demo;
 pub mod export;
 pub mod info;
 pub mod pull;
+pub mod repo;
 pub mod restore;
 pub mod serve;
 pub mod update_img;

@@ -32,7 +32,8 @@ use crate::ui;
 ///   tidemark pull --bitmap b0 'nbd+unix:///?socket=/tmp/vm.sock' --into disk.img --json
 #[derive(Debug, clap::Args)]
 #[command(group(ArgGroup::new("mode").required(true).args(["bitmap", "full"])))]
-#[command(group(ArgGroup::new("target").required(true).multiple(true).args(["into", "delta"])))]
+#[command(group(ArgGroup::new("target").required(true).multiple(true).args(["into", "delta", "repo"])))]
+#[command(group(ArgGroup::new("recorded").multiple(true).args(["delta", "repo"])))]
 pub struct Args {
     /// The export, as an NBD URI: `nbd://HOST[:PORT]/EXPORT` or
     /// `nbd+unix:///EXPORT?socket=PATH` (as qemu-img and libnbd write them).
@@ -60,14 +61,33 @@ pub struct Args {
 
     /// Name of the point this pull captures, recorded in the delta file's header
     /// (default: the current time, e.g. `pull-1732245600`).
-    #[arg(long, value_name = "NAME", requires = "delta")]
+    #[arg(long, value_name = "NAME", requires = "recorded")]
     checkpoint: Option<String>,
 
     /// The volume's uuid, recorded in the delta file's header. A tidemark backup export
     /// names it (in its NBD description); for any other export (qemu-nbd, nbdkit) it is
     /// required with --delta: use one uuid per disk, the same for all its deltas.
-    #[arg(long, value_name = "UUID", requires = "delta")]
+    #[arg(long, value_name = "UUID", requires = "recorded")]
     volume_uuid: Option<uuid::Uuid>,
+
+    /// Also (or instead) store the pull as the point VOLUME@CHECKPOINT in this repository
+    /// (a directory or s3://BUCKET/PREFIX, made by `tidemark repo init`). With --bitmap C
+    /// the point is incremental on the repository's point VOLUME@C: only dirty ranges are
+    /// read, every clean chunk is reused.
+    #[arg(long, value_name = "URL")]
+    repo: Option<String>,
+
+    /// The volume's name in the repository (default: the tidemark export's volume).
+    #[arg(long, value_name = "NAME", requires = "repo")]
+    volume: Option<String>,
+
+    /// The S3 endpoint of an s3:// repository (default: AWS_ENDPOINT_URL, else AWS).
+    #[arg(long, value_name = "URL", requires = "repo")]
+    s3_endpoint: Option<String>,
+
+    /// Break the repository's lock even if its owner may be alive (prints a warning).
+    #[arg(long, requires = "repo")]
+    break_lock: bool,
 
     /// The bitmap's tracking granularity, recorded in the delta file's header (default:
     /// the tidemark export's, else 64K).
@@ -127,6 +147,15 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         checkpoint: args.checkpoint,
         volume_uuid: args.volume_uuid,
         granularity: args.granularity,
+        repo: args.repo.map(|url| pull::repo::RepoTarget {
+            url,
+            store: tidemark_repo::StoreOptions {
+                s3_endpoint: args.s3_endpoint,
+            },
+            volume: args.volume,
+            break_lock: args.break_lock,
+            workers: 3,
+        }),
         ..Targets::default()
     };
     let report = pull::pull(&request, &targets, !args.json)?;

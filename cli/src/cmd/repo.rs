@@ -1,0 +1,386 @@
+//! `tidemark repo`: the backup repository on a directory or S3-compatible storage.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use futures::StreamExt;
+use serde::Serialize;
+use tidemark_repo::maint::{self, PruneReport};
+use tidemark_repo::{ChunkRef, Keep, Repository, StoreOptions, DEFAULT_CHUNK_SIZE};
+
+use crate::pull::sink::{ImageSink, Sink};
+use crate::pull::{human_bytes, Mode};
+use crate::ui;
+
+/// Keep points in a repository: deduplicated, compressed chunks in packs on a directory or
+/// on S3-compatible object storage (s3://BUCKET/PREFIX; endpoint, region and credentials
+/// from AWS_* variables and --s3-endpoint). Points are stored by `tidemark pull --repo URL`.
+/// Every subcommand takes the repository URL first, or from $TIDEMARK_REPO.
+///
+/// Examples:
+///
+///   tidemark repo init /srv/backups
+///
+///   tidemark pull --full 'nbd+unix:///vm1@backup?socket=/var/lib/tidemark/nbd.sock' \
+///       --repo /srv/backups --checkpoint c1
+///
+///   tidemark repo list /srv/backups
+///
+///   tidemark repo restore /srv/backups vm1@latest --into vm1.img
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    #[command(subcommand)]
+    command: RepoCommand,
+
+    /// The S3 endpoint of an s3:// repository, e.g. http://127.0.0.1:8333 (default:
+    /// AWS_ENDPOINT_URL, else AWS). Plain http only to loopback.
+    #[arg(long, global = true, value_name = "URL")]
+    s3_endpoint: Option<String>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum RepoCommand {
+    /// Create an empty repository.
+    Init {
+        #[arg(env = "TIDEMARK_REPO", value_name = "URL")]
+        url: String,
+        /// Chunk size, a power of two from 64K to 64M and a multiple of every volume's
+        /// tracking granularity.
+        #[arg(long, default_value = "4M", value_parser = parse_chunk)]
+        chunk_size: u32,
+    },
+    /// List the points, per volume: checkpoint, time, size, new data stored.
+    List {
+        #[arg(env = "TIDEMARK_REPO", value_name = "URL")]
+        url: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write a point into an image (holes stay holes): `repo restore [URL] VOLUME@CKPT --into DEST`.
+    Restore {
+        /// `[URL] POINT`: the repository (or $TIDEMARK_REPO) and VOLUME@CHECKPOINT or VOLUME@latest.
+        #[arg(num_args = 1..=2, required = true, value_name = "URL POINT")]
+        args: Vec<String>,
+        #[arg(long, value_name = "DEST")]
+        into: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check every index (and with --read-data every chunk); names each broken object.
+    Verify {
+        #[arg(env = "TIDEMARK_REPO", value_name = "URL")]
+        url: String,
+        #[arg(long)]
+        read_data: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Drop the points the policy does not keep, then delete the packs no point needs.
+    Prune {
+        #[arg(env = "TIDEMARK_REPO", value_name = "URL")]
+        url: String,
+        /// Keep the newest N points of each volume.
+        #[arg(long, value_name = "N", default_value_t = 0)]
+        keep_last: usize,
+        /// Keep the newest point of each of the last N days that have points.
+        #[arg(long, value_name = "N", default_value_t = 0)]
+        keep_daily: usize,
+        /// Keep the newest point of each of the last N weeks that have points.
+        #[arg(long, value_name = "N", default_value_t = 0)]
+        keep_weekly: usize,
+        /// Break the repository lock even if its owner may be alive (prints a warning).
+        #[arg(long)]
+        break_lock: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete packs no point references (left by an interrupted backup or a prune).
+    Gc {
+        #[arg(env = "TIDEMARK_REPO", value_name = "URL")]
+        url: String,
+        #[arg(long)]
+        break_lock: bool,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn parse_chunk(text: &str) -> Result<u32, String> {
+    let size = ui::parse_size(text).map_err(|e| e.to_string())?;
+    if !size.is_power_of_two() || !(64 << 10..=64 << 20).contains(&size) {
+        return Err(format!(
+            "{text}: a chunk size is a power of two from 64K to 64M"
+        ));
+    }
+    Ok(size as u32)
+}
+
+#[derive(Debug, Serialize)]
+struct ListedPoint {
+    point: String,
+    volume: String,
+    volume_uuid: String,
+    checkpoint: String,
+    parent: Option<String>,
+    created_unix: u64,
+    size: u64,
+    new_bytes: u64,
+    chunks: usize,
+    zero_chunks: usize,
+}
+
+#[derive(Debug, Serialize)]
+struct RestoreReport {
+    point: String,
+    into: PathBuf,
+    size: u64,
+    bytes_written: u64,
+    chunks_read: u64,
+    seconds: f64,
+    mb_per_sec: f64,
+}
+
+pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the repository's async runtime")?;
+    let options = StoreOptions {
+        s3_endpoint: args.s3_endpoint,
+    };
+    runtime.block_on(run_async(args.command, options))
+}
+
+async fn run_async(command: RepoCommand, options: StoreOptions) -> anyhow::Result<ExitCode> {
+    match command {
+        RepoCommand::Init { url, chunk_size } => {
+            if chunk_size < DEFAULT_CHUNK_SIZE {
+                tracing::info!("chunk size {chunk_size}: smaller chunks mean more objects");
+            }
+            Repository::init(&url, &options, chunk_size).await?;
+            println!(
+                "created the repository {url} (chunk size {})",
+                human_bytes(u64::from(chunk_size))
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        RepoCommand::List { url, json } => {
+            let repo = Repository::open(&url, &options).await?;
+            let (points, broken) = repo.points().await?;
+            for (object, why) in &broken {
+                eprintln!("warning: {object} is unreadable: {why}");
+            }
+            let listed: Vec<ListedPoint> = points
+                .iter()
+                .map(|p| ListedPoint {
+                    point: p.name(),
+                    volume: p.volume.clone(),
+                    volume_uuid: uuid::Uuid::from_bytes(p.volume_uuid).to_string(),
+                    checkpoint: p.checkpoint.clone(),
+                    parent: (!p.parent.is_empty()).then(|| p.parent.clone()),
+                    created_unix: p.created_unix,
+                    size: p.size,
+                    new_bytes: p.new_bytes,
+                    chunks: p.chunks.len(),
+                    zero_chunks: p.chunks.iter().filter(|c| **c == ChunkRef::Zero).count(),
+                })
+                .collect();
+            if json {
+                ui::print_json(&listed)?;
+            } else {
+                println!(
+                    "{:<40} {:>12} {:>12} {:>12}",
+                    "POINT", "TIME", "SIZE", "NEW DATA"
+                );
+                for p in &listed {
+                    println!(
+                        "{:<40} {:>12} {:>12} {:>12}",
+                        p.point,
+                        p.created_unix,
+                        human_bytes(p.size),
+                        human_bytes(p.new_bytes)
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        RepoCommand::Restore { args, into, json } => {
+            let (url, point) = match args.as_slice() {
+                [url, point] => (url.clone(), point.clone()),
+                [point] => (
+                    std::env::var("TIDEMARK_REPO").context(
+                        "no repository: give `repo restore URL POINT` or set $TIDEMARK_REPO",
+                    )?,
+                    point.clone(),
+                ),
+                _ => anyhow::bail!("repo restore takes [URL] POINT"),
+            };
+            let report = restore(&url, &options, &point, &into).await;
+            let report = match report {
+                Ok(report) => report,
+                Err(err) => {
+                    let _ = std::fs::remove_file(&into);
+                    return Err(err.context(format!(
+                        "restoring {point} from {url} failed; {} was removed",
+                        into.display()
+                    )));
+                }
+            };
+            if json {
+                ui::print_json(&report)?;
+            } else {
+                println!(
+                    "restored {} ({}) into {} in {:.2} s ({:.1} MB/s)",
+                    report.point,
+                    human_bytes(report.size),
+                    report.into.display(),
+                    report.seconds,
+                    report.mb_per_sec
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        RepoCommand::Verify {
+            url,
+            read_data,
+            json,
+        } => {
+            let repo = Repository::open(&url, &options).await?;
+            let report = maint::verify(&repo, read_data).await?;
+            if json {
+                ui::print_json(&report)?;
+            } else {
+                for problem in &report.problems {
+                    println!("BROKEN {}: {}", problem.object, problem.problem);
+                }
+                println!(
+                    "{} points, {} packs, {} chunks read: {}",
+                    report.points,
+                    report.packs,
+                    report.chunks_checked,
+                    if report.problems.is_empty() {
+                        "no problems".to_string()
+                    } else {
+                        format!("{} problems", report.problems.len())
+                    }
+                );
+            }
+            Ok(if report.problems.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(2)
+            })
+        }
+        RepoCommand::Prune {
+            url,
+            keep_last,
+            keep_daily,
+            keep_weekly,
+            break_lock,
+            json,
+        } => {
+            if keep_last + keep_daily + keep_weekly == 0 {
+                anyhow::bail!(
+                    "prune needs a policy: --keep-last N, --keep-daily N and/or --keep-weekly N \
+                     (it never deletes every point)"
+                );
+            }
+            let repo = Repository::open(&url, &options).await?;
+            let keep = Keep {
+                last: keep_last,
+                daily: keep_daily,
+                weekly: keep_weekly,
+            };
+            let report = maint::prune(&repo, keep, break_lock).await?;
+            print_prune(&report, json)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        RepoCommand::Gc {
+            url,
+            break_lock,
+            json,
+        } => {
+            let repo = Repository::open(&url, &options).await?;
+            let report = maint::gc(&repo, break_lock).await?;
+            print_prune(&report, json)?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn print_prune(report: &PruneReport, json: bool) -> anyhow::Result<()> {
+    if json {
+        ui::print_json(report)?;
+    } else {
+        for point in &report.removed_points {
+            println!("removed {point}");
+        }
+        println!(
+            "kept {} points; removed {} points and {} packs ({})",
+            report.kept.len(),
+            report.removed_points.len(),
+            report.removed_packs,
+            human_bytes(report.removed_bytes)
+        );
+    }
+    Ok(())
+}
+
+async fn restore(
+    url: &str,
+    options: &StoreOptions,
+    name: &str,
+    into: &std::path::Path,
+) -> anyhow::Result<RestoreReport> {
+    let started = std::time::Instant::now();
+    let repo = Repository::open(url, options).await?;
+    let point = repo.point(name).await?;
+    let (map, _, _) = repo.chunk_map().await?;
+    let chunk = u64::from(point.chunk_size);
+    let mut sink = ImageSink::open(into, &Mode::Full, point.size, chunk)?;
+    let wanted: Vec<(u64, tidemark_repo::ChunkId)> = point
+        .chunks
+        .iter()
+        .enumerate()
+        .filter_map(|(i, c)| match c {
+            ChunkRef::Data(id) => Some((i as u64, *id)),
+            ChunkRef::Zero => None,
+        })
+        .collect();
+    for (i, id) in &wanted {
+        if !map.contains_key(id) {
+            anyhow::bail!(
+                "chunk {i} of {name} ({}) is in no pack index: the repository is damaged; run \
+                 `tidemark repo verify {url}`",
+                id.hex()
+            );
+        }
+    }
+    let repo_ref = &repo;
+    let map_ref = &map;
+    let mut reads = futures::stream::iter(wanted.iter())
+        .map(|(i, id)| async move {
+            let data = repo_ref.read_chunk(id, &map_ref[id]).await?;
+            Ok::<_, tidemark_repo::RepoError>((*i, data))
+        })
+        .buffered(4);
+    let mut written = 0u64;
+    while let Some(read) = reads.next().await {
+        let (i, data) = read?;
+        tokio::task::block_in_place(|| sink.write(i * chunk, &data))?;
+        written += data.len() as u64;
+    }
+    tokio::task::block_in_place(|| sink.finish())?;
+    let seconds = started.elapsed().as_secs_f64();
+    Ok(RestoreReport {
+        point: point.name(),
+        into: into.to_path_buf(),
+        size: point.size,
+        bytes_written: written,
+        chunks_read: wanted.len() as u64,
+        seconds,
+        mb_per_sec: ui::mb_per_sec(written, seconds),
+    })
+}

@@ -1,0 +1,449 @@
+//! The repository's binary objects as pure codecs (bytes <-> types): pack indexes and point
+//! indexes. Every parser is total: a corrupt or truncated object is an error naming what is
+//! wrong, never a panic, and lengths are checked against the object's size before anything
+//! is allocated. The layouts are documented byte by byte in docs/FORMATS.md ("Repository").
+
+use std::fmt;
+
+/// Magic of a pack object (its first 8 bytes).
+pub const PACK_MAGIC: &[u8; 8] = b"TMPACK01";
+/// Magic of a pack index object.
+pub const PACK_INDEX_MAGIC: &[u8; 8] = b"TMPKIDX1";
+/// Magic of a point index object.
+pub const POINT_MAGIC: &[u8; 8] = b"TMPOINT1";
+
+/// Bytes of one pack index entry.
+pub const PACK_ENTRY_LEN: usize = 32 + 8 + 4 + 4 + 4;
+/// Longest volume or checkpoint name.
+pub const MAX_NAME: usize = 128;
+/// Largest chunk a repository may use (and so the largest blob a reader inflates).
+pub const MAX_CHUNK: u32 = 64 << 20;
+/// Smallest chunk.
+pub const MIN_CHUNK: u32 = 64 << 10;
+
+/// A chunk's id: the SHA-256 of its plaintext.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ChunkId(pub [u8; 32]);
+
+impl ChunkId {
+    pub fn hex(&self) -> String {
+        hex(&self.0)
+    }
+}
+
+impl fmt::Debug for ChunkId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ChunkId({})", self.hex())
+    }
+}
+
+/// Lower-case hex of `bytes`.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Parse 64 hex digits.
+pub fn parse_hex32(text: &str) -> Option<[u8; 32]> {
+    if text.len() != 64 || !text.is_ascii() {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(&text[2 * i..2 * i + 2], 16).ok()?;
+    }
+    Some(out)
+}
+
+/// Why an object could not be parsed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct FormatError(pub String);
+
+fn bad(what: impl Into<String>) -> FormatError {
+    FormatError(what.into())
+}
+
+/// Where one chunk lives inside a pack.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PackEntry {
+    pub id: ChunkId,
+    /// Byte offset of the compressed blob in the pack.
+    pub offset: u64,
+    /// Length of the compressed blob.
+    pub stored_len: u32,
+    /// Length of the plaintext.
+    pub raw_len: u32,
+    /// CRC-32 (IEEE) of the compressed blob.
+    pub crc: u32,
+}
+
+/// The index of one pack: which chunks it holds and where.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PackIndex {
+    /// SHA-256 of the whole pack object (its name).
+    pub pack_id: [u8; 32],
+    pub pack_len: u64,
+    pub entries: Vec<PackEntry>,
+}
+
+impl PackIndex {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(56 + self.entries.len() * PACK_ENTRY_LEN);
+        out.extend_from_slice(PACK_INDEX_MAGIC);
+        out.extend_from_slice(&self.pack_id);
+        out.extend_from_slice(&self.pack_len.to_le_bytes());
+        out.extend_from_slice(&(self.entries.len() as u32).to_le_bytes());
+        for e in &self.entries {
+            out.extend_from_slice(&e.id.0);
+            out.extend_from_slice(&e.offset.to_le_bytes());
+            out.extend_from_slice(&e.stored_len.to_le_bytes());
+            out.extend_from_slice(&e.raw_len.to_le_bytes());
+            out.extend_from_slice(&e.crc.to_le_bytes());
+        }
+        let crc = crc32fast::hash(&out);
+        out.extend_from_slice(&crc.to_le_bytes());
+        out
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<PackIndex, FormatError> {
+        let mut r = Reader::new(bytes);
+        check_crc(bytes)?;
+        if r.take(8)? != PACK_INDEX_MAGIC {
+            return Err(bad("not a pack index (bad magic)"));
+        }
+        let pack_id = r.array32()?;
+        let pack_len = r.u64()?;
+        let count = r.u32()? as usize;
+        if bytes.len() != 8 + 32 + 8 + 4 + count.saturating_mul(PACK_ENTRY_LEN) + 4 {
+            return Err(bad(format!(
+                "pack index says {count} entries but is {} bytes long",
+                bytes.len()
+            )));
+        }
+        let mut entries = Vec::with_capacity(count);
+        for i in 0..count {
+            let entry = PackEntry {
+                id: ChunkId(r.array32()?),
+                offset: r.u64()?,
+                stored_len: r.u32()?,
+                raw_len: r.u32()?,
+                crc: r.u32()?,
+            };
+            let end = entry.offset.checked_add(u64::from(entry.stored_len));
+            if entry.offset < PACK_MAGIC.len() as u64
+                || end.is_none_or(|end| end > pack_len)
+                || entry.raw_len > MAX_CHUNK
+                || entry.raw_len == 0
+            {
+                return Err(bad(format!("pack index entry {i} is out of bounds")));
+            }
+            entries.push(entry);
+        }
+        Ok(PackIndex {
+            pack_id,
+            pack_len,
+            entries,
+        })
+    }
+}
+
+/// One chunk of a point: all zero (not stored) or the id of its data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChunkRef {
+    Zero,
+    Data(ChunkId),
+}
+
+/// The index of one point: which chunks make up the volume at a checkpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PointIndex {
+    pub volume: String,
+    pub volume_uuid: [u8; 16],
+    pub checkpoint: String,
+    /// The checkpoint of the point this one was taken incrementally from ("" for a full one).
+    pub parent: String,
+    pub created_unix: u64,
+    pub size: u64,
+    pub chunk_size: u32,
+    pub granularity: u32,
+    /// Compressed bytes this point added to the repository (new chunks only).
+    pub new_bytes: u64,
+    pub chunks: Vec<ChunkRef>,
+}
+
+/// Number of chunks of a volume of `size` bytes.
+pub fn chunk_count(size: u64, chunk_size: u32) -> u64 {
+    size.div_ceil(u64::from(chunk_size.max(1)))
+}
+
+/// A volume or checkpoint name is 1..=128 of `A-Z a-z 0-9 . _ - +`, not starting with `.`.
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_NAME
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-+".contains(&b))
+}
+
+impl PointIndex {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(128 + self.chunks.len() * 33);
+        out.extend_from_slice(POINT_MAGIC);
+        out.extend_from_slice(&1u32.to_le_bytes());
+        out.extend_from_slice(&0u32.to_le_bytes());
+        out.extend_from_slice(&self.volume_uuid);
+        out.extend_from_slice(&self.created_unix.to_le_bytes());
+        out.extend_from_slice(&self.size.to_le_bytes());
+        out.extend_from_slice(&self.chunk_size.to_le_bytes());
+        out.extend_from_slice(&self.granularity.to_le_bytes());
+        out.extend_from_slice(&self.new_bytes.to_le_bytes());
+        for name in [&self.volume, &self.checkpoint, &self.parent] {
+            out.extend_from_slice(&(name.len() as u16).to_le_bytes());
+        }
+        out.extend_from_slice(&0u16.to_le_bytes());
+        for name in [&self.volume, &self.checkpoint, &self.parent] {
+            out.extend_from_slice(name.as_bytes());
+        }
+        out.extend_from_slice(&(self.chunks.len() as u64).to_le_bytes());
+        for chunk in &self.chunks {
+            match chunk {
+                ChunkRef::Zero => out.push(0),
+                ChunkRef::Data(id) => {
+                    out.push(1);
+                    out.extend_from_slice(&id.0);
+                }
+            }
+        }
+        let crc = crc32fast::hash(&out);
+        out.extend_from_slice(&crc.to_le_bytes());
+        out
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<PointIndex, FormatError> {
+        check_crc(bytes)?;
+        let body = &bytes[..bytes.len() - 4];
+        let mut r = Reader::new(body);
+        if r.take(8)? != POINT_MAGIC {
+            return Err(bad("not a point index (bad magic)"));
+        }
+        let version = r.u32()?;
+        if version != 1 {
+            return Err(bad(format!(
+                "point index version {version} is not supported (this tidemark reads 1)"
+            )));
+        }
+        let _flags = r.u32()?;
+        let mut volume_uuid = [0u8; 16];
+        volume_uuid.copy_from_slice(r.take(16)?);
+        let created_unix = r.u64()?;
+        let size = r.u64()?;
+        let chunk_size = r.u32()?;
+        let granularity = r.u32()?;
+        let new_bytes = r.u64()?;
+        let lens = [r.u16()?, r.u16()?, r.u16()?];
+        let _reserved = r.u16()?;
+        let mut names = Vec::with_capacity(3);
+        for len in lens {
+            let raw = r.take(usize::from(len))?;
+            let name = std::str::from_utf8(raw)
+                .map_err(|_| bad("a name in the point index is not UTF-8"))?;
+            names.push(name.to_string());
+        }
+        let parent = names.pop().unwrap_or_default();
+        let checkpoint = names.pop().unwrap_or_default();
+        let volume = names.pop().unwrap_or_default();
+        if !valid_name(&volume)
+            || !valid_name(&checkpoint)
+            || !(parent.is_empty() || valid_name(&parent))
+        {
+            return Err(bad("a name in the point index is not a valid name"));
+        }
+        if !(MIN_CHUNK..=MAX_CHUNK).contains(&chunk_size) || !chunk_size.is_power_of_two() {
+            return Err(bad(format!("chunk size {chunk_size} is out of range")));
+        }
+        let count = r.u64()?;
+        if count != chunk_count(size, chunk_size) {
+            return Err(bad(format!(
+                "{count} chunks do not cover a volume of {size} bytes in {chunk_size}-byte chunks"
+            )));
+        }
+        if count > r.remaining() as u64 {
+            return Err(bad("the chunk list is longer than the object"));
+        }
+        let mut chunks = Vec::with_capacity(count as usize);
+        for i in 0..count {
+            match r.u8()? {
+                0 => chunks.push(ChunkRef::Zero),
+                1 => chunks.push(ChunkRef::Data(ChunkId(r.array32()?))),
+                tag => return Err(bad(format!("chunk {i} has an unknown tag {tag}"))),
+            }
+        }
+        if r.remaining() != 0 {
+            return Err(bad("trailing bytes after the chunk list"));
+        }
+        Ok(PointIndex {
+            volume,
+            volume_uuid,
+            checkpoint,
+            parent,
+            created_unix,
+            size,
+            chunk_size,
+            granularity,
+            new_bytes,
+            chunks,
+        })
+    }
+
+    /// `VOLUME@CHECKPOINT`.
+    pub fn name(&self) -> String {
+        format!("{}@{}", self.volume, self.checkpoint)
+    }
+}
+
+fn check_crc(bytes: &[u8]) -> Result<(), FormatError> {
+    if bytes.len() < 12 {
+        return Err(bad(format!("object too short ({} bytes)", bytes.len())));
+    }
+    let (body, tail) = bytes.split_at(bytes.len() - 4);
+    let want = u32::from_le_bytes([tail[0], tail[1], tail[2], tail[3]]);
+    if crc32fast::hash(body) != want {
+        return Err(bad("checksum mismatch (the object is corrupt)"));
+    }
+    Ok(())
+}
+
+struct Reader<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn new(bytes: &'a [u8]) -> Self {
+        Reader { bytes, at: 0 }
+    }
+
+    fn remaining(&self) -> usize {
+        self.bytes.len() - self.at
+    }
+
+    fn take(&mut self, n: usize) -> Result<&'a [u8], FormatError> {
+        if n > self.remaining() {
+            return Err(bad("object truncated"));
+        }
+        let out = &self.bytes[self.at..self.at + n];
+        self.at += n;
+        Ok(out)
+    }
+
+    fn u8(&mut self) -> Result<u8, FormatError> {
+        Ok(self.take(1)?[0])
+    }
+
+    fn u16(&mut self) -> Result<u16, FormatError> {
+        let b = self.take(2)?;
+        Ok(u16::from_le_bytes([b[0], b[1]]))
+    }
+
+    fn u32(&mut self) -> Result<u32, FormatError> {
+        let b = self.take(4)?;
+        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    }
+
+    fn u64(&mut self) -> Result<u64, FormatError> {
+        let mut a = [0u8; 8];
+        a.copy_from_slice(self.take(8)?);
+        Ok(u64::from_le_bytes(a))
+    }
+
+    fn array32(&mut self) -> Result<[u8; 32], FormatError> {
+        let mut a = [0u8; 32];
+        a.copy_from_slice(self.take(32)?);
+        Ok(a)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn point() -> PointIndex {
+        PointIndex {
+            volume: "vm1".into(),
+            volume_uuid: [7; 16],
+            checkpoint: "c2".into(),
+            parent: "c1".into(),
+            created_unix: 1_700_000_000,
+            size: (4 << 20) * 2 + 5,
+            chunk_size: 4 << 20,
+            granularity: 65536,
+            new_bytes: 1234,
+            chunks: vec![
+                ChunkRef::Zero,
+                ChunkRef::Data(ChunkId([1; 32])),
+                ChunkRef::Data(ChunkId([2; 32])),
+            ],
+        }
+    }
+
+    #[test]
+    fn point_index_round_trips_and_every_corruption_is_an_error() {
+        let p = point();
+        let bytes = p.encode();
+        assert_eq!(PointIndex::decode(&bytes).unwrap(), p);
+        for len in 0..bytes.len() {
+            assert!(PointIndex::decode(&bytes[..len]).is_err(), "{len}");
+        }
+        for i in 0..bytes.len() {
+            let mut bad = bytes.clone();
+            bad[i] ^= 0x40;
+            assert!(PointIndex::decode(&bad).is_err(), "{i}");
+        }
+    }
+
+    #[test]
+    fn a_valid_crc_over_a_lying_count_is_refused_without_allocating() {
+        let mut p = point();
+        p.size = u64::MAX / 2;
+        let mut bytes = p.encode();
+        bytes.truncate(bytes.len() - 4);
+        let crc = crc32fast::hash(&bytes);
+        bytes.extend_from_slice(&crc.to_le_bytes());
+        let err = PointIndex::decode(&bytes).unwrap_err();
+        assert!(err.0.contains("do not cover"), "{err}");
+    }
+
+    #[test]
+    fn pack_index_round_trips_and_bounds_are_checked() {
+        let idx = PackIndex {
+            pack_id: [9; 32],
+            pack_len: 100,
+            entries: vec![PackEntry {
+                id: ChunkId([3; 32]),
+                offset: 8,
+                stored_len: 50,
+                raw_len: 4096,
+                crc: 77,
+            }],
+        };
+        let bytes = idx.encode();
+        assert_eq!(PackIndex::decode(&bytes).unwrap(), idx);
+        for len in 0..bytes.len() {
+            assert!(PackIndex::decode(&bytes[..len]).is_err(), "{len}");
+        }
+        let mut out_of_pack = idx.clone();
+        out_of_pack.entries[0].stored_len = 93;
+        assert!(PackIndex::decode(&out_of_pack.encode()).is_err());
+    }
+
+    #[test]
+    fn names_are_checked() {
+        assert!(valid_name("vm-1.disk_0+x"));
+        for bad in ["", ".x", "a/b", "a@b", "a b", &"x".repeat(129)] {
+            assert!(!valid_name(bad), "{bad}");
+        }
+        assert_eq!(parse_hex32(&ChunkId([0xab; 32]).hex()), Some([0xab; 32]));
+        assert_eq!(parse_hex32("zz"), None);
+    }
+}

@@ -1,0 +1,578 @@
+//! tidemark-repo: the backup repository on a directory or S3-compatible object storage.
+//!
+//! One code path for both through `object_store` (LocalFileSystem, AmazonS3). A point (one
+//! volume at one checkpoint) is a list of fixed-size chunks; each chunk is content-addressed
+//! by the SHA-256 of its plaintext, zstd-compressed with a CRC, and packed with others into
+//! pack objects of about [`PACK_TARGET`] bytes, each with its own index object. All-zero
+//! chunks are a marker in the point index, never stored. Every object is written once
+//! (create-only puts), and a point's index is written last, after all its packs and pack
+//! indexes: a point exists only when all its data does. Layout: docs/FORMATS.md.
+//!
+//! Objects:
+//! - `config`: JSON (format version, chunk size, repository id);
+//! - `data/XX/<pack id>`: packs, named by the SHA-256 of their bytes;
+//! - `index/<pack id>`: the pack's index ([`format::PackIndex`]);
+//! - `points/<volume>/<checkpoint>`: point indexes ([`format::PointIndex`]);
+//! - `lock`: the repository lock (JSON: owner, host, pid, lease).
+
+pub mod format;
+pub mod lock;
+pub mod maint;
+pub mod store;
+pub mod writer;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt};
+use object_store::path::Path;
+use object_store::{ObjectStore, PutMode, PutOptions, PutPayload};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+pub use format::{ChunkId, ChunkRef, FormatError, PackEntry, PackIndex, PointIndex};
+pub use store::StoreOptions;
+
+/// Default chunk size: 4 MiB (a multiple of every tracking granularity, 4 KiB..1 MiB).
+pub const DEFAULT_CHUNK_SIZE: u32 = 4 << 20;
+/// A pack is flushed once it holds this many compressed bytes.
+pub const PACK_TARGET: usize = 16 << 20;
+/// Largest object the reader loads whole (indexes, config).
+const MAX_INDEX_OBJECT: u64 = 256 << 20;
+/// Length of a pack's magic.
+pub const PACK_MAGIC_LEN: usize = 8;
+
+/// What went wrong, naming the object or the step.
+#[derive(Debug, thiserror::Error)]
+pub enum RepoError {
+    #[error("{what}: {source}")]
+    Store {
+        what: String,
+        #[source]
+        source: object_store::Error,
+    },
+    #[error("{object} is corrupt: {why}")]
+    Corrupt { object: String, why: String },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+pub type Result<T, E = RepoError> = std::result::Result<T, E>;
+
+fn store_err(what: impl Into<String>) -> impl FnOnce(object_store::Error) -> RepoError {
+    let what = what.into();
+    move |source| RepoError::Store { what, source }
+}
+
+/// The `config` object.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Config {
+    /// "tidemark-repo".
+    pub kind: String,
+    pub version: u32,
+    pub chunk_size: u32,
+    pub id: String,
+}
+
+/// An open repository.
+#[derive(Debug, Clone)]
+pub struct Repository {
+    store: Arc<dyn ObjectStore>,
+    url: String,
+    config: Config,
+}
+
+/// Where a chunk is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Location {
+    pub pack: [u8; 32],
+    pub entry: PackEntry,
+}
+
+pub fn pack_path(pack: &[u8; 32]) -> Path {
+    let hex = format::hex(pack);
+    Path::from(format!("data/{}/{}", &hex[..2], hex))
+}
+
+pub fn pack_index_path(pack: &[u8; 32]) -> Path {
+    Path::from(format!("index/{}", format::hex(pack)))
+}
+
+pub fn point_path(volume: &str, checkpoint: &str) -> Path {
+    Path::from(format!("points/{volume}/{checkpoint}"))
+}
+
+/// SHA-256 of `data`.
+pub fn sha256(data: &[u8]) -> [u8; 32] {
+    Sha256::digest(data).into()
+}
+
+/// Split `VOLUME@CHECKPOINT`.
+pub fn parse_point_name(text: &str) -> Result<(String, String)> {
+    let (volume, checkpoint) = text.split_once('@').ok_or_else(|| {
+        RepoError::Invalid(format!(
+            "{text:?} is not a point name: write VOLUME@CHECKPOINT or VOLUME@latest"
+        ))
+    })?;
+    if !format::valid_name(volume) || !format::valid_name(checkpoint) {
+        return Err(RepoError::Invalid(format!(
+            "{text:?} is not a point name: volume and checkpoint are 1-128 of A-Z a-z 0-9 . _ - +"
+        )));
+    }
+    Ok((volume.to_string(), checkpoint.to_string()))
+}
+
+/// Unix seconds now.
+pub fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl Repository {
+    /// Create a repository at `url` (a directory path or `s3://bucket/prefix`).
+    pub async fn init(url: &str, options: &StoreOptions, chunk_size: u32) -> Result<Repository> {
+        if !chunk_size.is_power_of_two()
+            || !(format::MIN_CHUNK..=format::MAX_CHUNK).contains(&chunk_size)
+        {
+            return Err(RepoError::Invalid(format!(
+                "chunk size {chunk_size} is not a power of two from 64K to 64M"
+            )));
+        }
+        let store = store::open(url, options, true)?;
+        let config = Config {
+            kind: "tidemark-repo".into(),
+            version: 1,
+            chunk_size,
+            id: uuid::Uuid::new_v4().to_string(),
+        };
+        let body = serde_json::to_vec_pretty(&config).unwrap_or_default();
+        match store
+            .put_opts(&Path::from("config"), body.into(), PutMode::Create.into())
+            .await
+        {
+            Ok(_) => {}
+            Err(object_store::Error::AlreadyExists { .. }) => {
+                return Err(RepoError::Invalid(format!(
+                    "{url} already holds a repository (its config object exists)"
+                )))
+            }
+            Err(source) => {
+                return Err(RepoError::Store {
+                    what: format!("writing the config of a new repository at {url}"),
+                    source,
+                })
+            }
+        }
+        Ok(Repository {
+            store,
+            url: url.to_string(),
+            config,
+        })
+    }
+
+    /// Open the repository at `url`.
+    pub async fn open(url: &str, options: &StoreOptions) -> Result<Repository> {
+        let store = store::open(url, options, false)?;
+        let bytes = match store.get(&Path::from("config")).await {
+            Ok(got) => got
+                .bytes()
+                .await
+                .map_err(store_err(format!("reading {url}/config")))?,
+            Err(object_store::Error::NotFound { .. }) => {
+                return Err(RepoError::Invalid(format!(
+                    "{url} is not a tidemark repository (no config object); create one with \
+                     `tidemark repo init {url}`"
+                )))
+            }
+            Err(source) => {
+                return Err(RepoError::Store {
+                    what: format!("opening the repository {url}"),
+                    source,
+                })
+            }
+        };
+        let config: Config = serde_json::from_slice(&bytes).map_err(|e| RepoError::Corrupt {
+            object: "config".into(),
+            why: e.to_string(),
+        })?;
+        if config.kind != "tidemark-repo"
+            || config.version != 1
+            || !config.chunk_size.is_power_of_two()
+            || !(format::MIN_CHUNK..=format::MAX_CHUNK).contains(&config.chunk_size)
+        {
+            return Err(RepoError::Corrupt {
+                object: "config".into(),
+                why: format!("unsupported kind/version/chunk size: {config:?}"),
+            });
+        }
+        Ok(Repository {
+            store,
+            url: url.to_string(),
+            config,
+        })
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub fn store(&self) -> &Arc<dyn ObjectStore> {
+        &self.store
+    }
+
+    /// Paths (with sizes) of every object under `prefix`.
+    pub async fn list_objects(&self, prefix: &str) -> Result<Vec<(Path, u64)>> {
+        let prefix = Path::from(prefix);
+        self.store
+            .list(Some(&prefix))
+            .map_ok(|meta| (meta.location, meta.size))
+            .try_collect()
+            .await
+            .map_err(store_err(format!("listing {}/{prefix}", self.url)))
+    }
+
+    /// Read a whole small object.
+    pub async fn get_small(&self, path: &Path) -> Result<Bytes> {
+        let got = self
+            .store
+            .get(path)
+            .await
+            .map_err(store_err(format!("reading {path}")))?;
+        if got.meta.size > MAX_INDEX_OBJECT {
+            return Err(RepoError::Corrupt {
+                object: path.to_string(),
+                why: format!("{} bytes is too large for an index", got.meta.size),
+            });
+        }
+        got.bytes()
+            .await
+            .map_err(store_err(format!("reading {path}")))
+    }
+
+    /// Write `bytes` at `path` unless something is there already.
+    pub async fn put_create(&self, path: &Path, bytes: Bytes) -> Result<bool> {
+        let options = PutOptions {
+            mode: PutMode::Create,
+            ..PutOptions::default()
+        };
+        match self
+            .store
+            .put_opts(path, PutPayload::from(bytes), options)
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
+            Err(source) => Err(RepoError::Store {
+                what: format!("writing {path} to {}", self.url),
+                source,
+            }),
+        }
+    }
+
+    /// Every point index (parsed), and the objects that failed to parse.
+    pub async fn points(&self) -> Result<(Vec<PointIndex>, Vec<(String, String)>)> {
+        let objects = self.list_objects("points").await?;
+        let mut points = Vec::new();
+        let mut broken = Vec::new();
+        for (path, _) in objects {
+            match self.get_small(&path).await {
+                Ok(bytes) => match PointIndex::decode(&bytes) {
+                    Ok(point) if point_path(&point.volume, &point.checkpoint) == path => {
+                        points.push(point)
+                    }
+                    Ok(point) => broken.push((
+                        path.to_string(),
+                        format!("names the point {} but is stored elsewhere", point.name()),
+                    )),
+                    Err(e) => broken.push((path.to_string(), e.to_string())),
+                },
+                Err(e) => broken.push((path.to_string(), e.to_string())),
+            }
+        }
+        points.sort_by(|a, b| {
+            (&a.volume, a.created_unix, &a.checkpoint).cmp(&(
+                &b.volume,
+                b.created_unix,
+                &b.checkpoint,
+            ))
+        });
+        Ok((points, broken))
+    }
+
+    /// The point `VOLUME@CHECKPOINT` (or `VOLUME@latest`: the newest of the volume).
+    pub async fn point(&self, name: &str) -> Result<PointIndex> {
+        let (volume, checkpoint) = parse_point_name(name)?;
+        if checkpoint == "latest" {
+            let (points, _) = self.points().await?;
+            return points
+                .into_iter()
+                .filter(|p| p.volume == volume)
+                .max_by_key(|p| p.created_unix)
+                .ok_or_else(|| {
+                    RepoError::Invalid(format!("{} has no point of volume {volume}", self.url))
+                });
+        }
+        let path = point_path(&volume, &checkpoint);
+        let bytes = match self.store.get(&path).await {
+            Ok(got) => got
+                .bytes()
+                .await
+                .map_err(store_err(format!("reading {path}")))?,
+            Err(object_store::Error::NotFound { .. }) => {
+                return Err(RepoError::Invalid(format!(
+                    "{} has no point {name} (`tidemark repo list {}` lists them)",
+                    self.url, self.url
+                )))
+            }
+            Err(source) => {
+                return Err(RepoError::Store {
+                    what: format!("reading {path}"),
+                    source,
+                })
+            }
+        };
+        PointIndex::decode(&bytes).map_err(|e| RepoError::Corrupt {
+            object: path.to_string(),
+            why: e.to_string(),
+        })
+    }
+
+    /// Every pack index: chunk id -> location, plus the pack indexes that failed to parse.
+    pub async fn chunk_map(
+        &self,
+    ) -> Result<(
+        HashMap<ChunkId, Location>,
+        Vec<PackIndex>,
+        Vec<(String, String)>,
+    )> {
+        let objects = self.list_objects("index").await?;
+        let store = self.clone();
+        let loaded: Vec<(Path, Result<Bytes>)> = futures::stream::iter(objects)
+            .map(|(path, _)| {
+                let store = store.clone();
+                async move {
+                    let got = store.get_small(&path).await;
+                    (path, got)
+                }
+            })
+            .buffer_unordered(16)
+            .collect()
+            .await;
+        let mut map = HashMap::new();
+        let mut indexes = Vec::new();
+        let mut broken = Vec::new();
+        for (path, got) in loaded {
+            let parsed = got
+                .map_err(|e| e.to_string())
+                .and_then(|bytes| PackIndex::decode(&bytes).map_err(|e| e.to_string()));
+            match parsed {
+                Ok(index) if pack_index_path(&index.pack_id) == path => {
+                    for entry in &index.entries {
+                        map.insert(
+                            entry.id,
+                            Location {
+                                pack: index.pack_id,
+                                entry: *entry,
+                            },
+                        );
+                    }
+                    indexes.push(index);
+                }
+                Ok(_) => broken.push((path.to_string(), "names another pack".to_string())),
+                Err(why) => broken.push((path.to_string(), why)),
+            }
+        }
+        Ok((map, indexes, broken))
+    }
+
+    /// Read, check and inflate one chunk.
+    pub async fn read_chunk(&self, id: &ChunkId, at: &Location) -> Result<Vec<u8>> {
+        let path = pack_path(&at.pack);
+        let start = at.entry.offset;
+        let blob = self
+            .store
+            .get_range(&path, start..start + u64::from(at.entry.stored_len))
+            .await
+            .map_err(store_err(format!("reading chunk {} from {path}", id.hex())))?;
+        check_blob(&blob, id, &at.entry).map_err(|why| RepoError::Corrupt {
+            object: path.to_string(),
+            why: format!("chunk {} at offset {start}: {why}", id.hex()),
+        })
+    }
+
+    /// Write a point index (create-only): the last step of a backup.
+    pub async fn put_point(&self, point: &PointIndex) -> Result<()> {
+        let path = point_path(&point.volume, &point.checkpoint);
+        if !self.put_create(&path, point.encode().into()).await? {
+            return Err(RepoError::Invalid(format!(
+                "{} already holds the point {}: points are written once; use a new checkpoint name",
+                self.url,
+                point.name()
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Check a stored blob against its entry and inflate it.
+pub fn check_blob(
+    blob: &[u8],
+    id: &ChunkId,
+    entry: &PackEntry,
+) -> std::result::Result<Vec<u8>, String> {
+    if blob.len() != entry.stored_len as usize {
+        return Err(format!(
+            "{} bytes where {} were expected",
+            blob.len(),
+            entry.stored_len
+        ));
+    }
+    if crc32fast::hash(blob) != entry.crc {
+        return Err("CRC mismatch".into());
+    }
+    let mut out = Vec::with_capacity(entry.raw_len as usize);
+    let mut decoder = zstd::stream::read::Decoder::new(blob).map_err(|e| e.to_string())?;
+    let limit = u64::from(entry.raw_len) + 1;
+    std::io::copy(&mut std::io::Read::take(&mut decoder, limit), &mut out)
+        .map_err(|e| format!("zstd: {e}"))?;
+    if out.len() != entry.raw_len as usize {
+        return Err(format!(
+            "inflates to {} bytes, not {}",
+            out.len(),
+            entry.raw_len
+        ));
+    }
+    if sha256(&out) != id.0 {
+        return Err("SHA-256 of the data does not match the chunk id".into());
+    }
+    Ok(out)
+}
+
+/// A retention policy: which points `prune` keeps.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Keep {
+    pub last: usize,
+    pub daily: usize,
+    pub weekly: usize,
+}
+
+/// The points of `points` (one volume's or many) that `keep` keeps: per volume, the newest
+/// `last`, the newest of each of the last `daily` days and of the last `weekly` weeks (UTC)
+/// that have points.
+pub fn select_kept(points: &[PointIndex], keep: Keep) -> HashSet<String> {
+    let mut by_volume: BTreeMap<&str, Vec<&PointIndex>> = BTreeMap::new();
+    for p in points {
+        by_volume.entry(&p.volume).or_default().push(p);
+    }
+    let mut kept = HashSet::new();
+    for (_, mut list) in by_volume {
+        list.sort_by(|a, b| (b.created_unix, &b.checkpoint).cmp(&(a.created_unix, &a.checkpoint)));
+        for p in list.iter().take(keep.last) {
+            kept.insert(p.name());
+        }
+        for (period, count) in [(86_400u64, keep.daily), (7 * 86_400, keep.weekly)] {
+            let mut seen = HashSet::new();
+            for p in &list {
+                if seen.len() >= count {
+                    break;
+                }
+                // Weeks start on Monday: 1970-01-01 was a Thursday.
+                let shift = if period == 86_400 { 0 } else { 3 * 86_400 };
+                if seen.insert((p.created_unix + shift) / period) {
+                    kept.insert(p.name());
+                }
+            }
+        }
+    }
+    kept
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(volume: &str, checkpoint: &str, t: u64) -> PointIndex {
+        PointIndex {
+            volume: volume.into(),
+            volume_uuid: [1; 16],
+            checkpoint: checkpoint.into(),
+            parent: String::new(),
+            created_unix: t,
+            size: 0,
+            chunk_size: DEFAULT_CHUNK_SIZE,
+            granularity: 65536,
+            new_bytes: 0,
+            chunks: vec![],
+        }
+    }
+
+    #[test]
+    fn keep_last_daily_weekly() {
+        let day = 86_400;
+        let points: Vec<_> = (0..10)
+            .map(|i| p("vm", &format!("c{i}"), 1_700_000_000 + i * day / 2))
+            .collect();
+        let kept = select_kept(
+            &points,
+            Keep {
+                last: 2,
+                ..Keep::default()
+            },
+        );
+        assert_eq!(
+            kept,
+            HashSet::from(["vm@c9".to_string(), "vm@c8".to_string()])
+        );
+        let kept = select_kept(
+            &points,
+            Keep {
+                daily: 3,
+                ..Keep::default()
+            },
+        );
+        assert_eq!(kept.len(), 3);
+        assert!(kept.contains("vm@c9"));
+        let none = select_kept(&points, Keep::default());
+        assert!(none.is_empty());
+    }
+
+    #[test]
+    fn point_names_parse() {
+        assert_eq!(
+            parse_point_name("vm1@c2").unwrap(),
+            ("vm1".into(), "c2".into())
+        );
+        for bad in ["vm1", "@c", "vm@", "a/b@c", "vm@c@d"] {
+            assert!(parse_point_name(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn blobs_are_checked() {
+        let data = vec![5u8; 100_000];
+        let id = ChunkId(sha256(&data));
+        let blob = zstd::bulk::compress(&data, 1).unwrap();
+        let entry = PackEntry {
+            id,
+            offset: 8,
+            stored_len: blob.len() as u32,
+            raw_len: data.len() as u32,
+            crc: crc32fast::hash(&blob),
+        };
+        assert_eq!(check_blob(&blob, &id, &entry).unwrap(), data);
+        let mut bad = blob.clone();
+        bad[3] ^= 1;
+        assert!(check_blob(&bad, &id, &entry).unwrap_err().contains("CRC"));
+        let other = ChunkId([0; 32]);
+        assert!(check_blob(&blob, &other, &entry)
+            .unwrap_err()
+            .contains("SHA-256"));
+    }
+}

