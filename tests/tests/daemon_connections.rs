@@ -182,6 +182,7 @@ fn export_refuses_past_max_connections_and_keeps_tcp_alive() {
             .args([
                 "--listen",
                 "127.0.0.1:0",
+                "--listen-insecure",
                 "--max-connections",
                 "2",
                 "--json",
