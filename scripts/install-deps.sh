@@ -10,6 +10,8 @@ packages+=(iproute2)
 packages+=(qemu-system-x86 cpio kmod python3)
 # python3-cryptography makes the NBD-over-TLS test certificates (tests/src/tls_certs.py).
 packages+=(python3-cryptography)
+# jq goes into the kernel NBD VM test's guest (tests/tests/attach_vm.rs) to read JSON reports.
+packages+=(jq)
 install_missing() {
     local missing=() p
     for p in "${packages[@]}"; do
