@@ -13,6 +13,8 @@ packages+=(python3-cryptography)
 # The repository tests and benches (tests/tests/repo_*.rs, benches/repo-peers.sh): restic and
 # borg as peers, pip for SeaweedFS (the S3 server the tests start on 127.0.0.1).
 packages+=(restic borgbackup python3-pip)
+# jq goes into the kernel NBD VM test's guest (tests/tests/attach_vm.rs) to read JSON reports.
+packages+=(jq)
 install_missing() {
     local missing=() p
     for p in "${packages[@]}"; do

@@ -32,9 +32,19 @@ pub fn harness() -> Result<PathBuf> {
 /// The VM build (kernel + initramfs with qemu-ga), made once with make-vm.sh and shared
 /// by every VM test: `TIDEMARK_VM_BUILD`, else /var/tmp/tidemark-vm-build.
 pub fn vm_build(harness: &Path) -> Result<PathBuf> {
-    let build = std::env::var_os("TIDEMARK_VM_BUILD")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/var/tmp/tidemark-vm-build"));
+    vm_build_with(harness, "", "", "")
+}
+
+/// A VM build with extra kernel `modules` and host `bins` in the guest (make-vm.sh's
+/// VM_EXTRA_MODULES and VM_EXTRA_BINS), kept beside the plain one with the `-{variant}`
+/// suffix ("" for the plain build).
+pub fn vm_build_with(harness: &Path, variant: &str, modules: &str, bins: &str) -> Result<PathBuf> {
+    let mut build = std::env::var_os("TIDEMARK_VM_BUILD")
+        .unwrap_or_else(|| "/var/tmp/tidemark-vm-build".into());
+    if !variant.is_empty() {
+        build.push(format!("-{variant}"));
+    }
+    let build = PathBuf::from(build);
     if !(build.join("vmlinuz").exists() && build.join("initramfs.cpio.gz").exists()) {
         std::fs::create_dir_all(&build)?;
         // make-vm.sh gets 900 s from its own `timeout`; this deadline only catches a
@@ -43,7 +53,9 @@ pub fn vm_build(harness: &Path) -> Result<PathBuf> {
             Command::new("timeout")
                 .arg("900")
                 .arg(harness.join("make-vm.sh"))
-                .arg(&build),
+                .arg(&build)
+                .env("VM_EXTRA_MODULES", modules)
+                .env("VM_EXTRA_BINS", bins),
             Duration::from_secs(960),
         )?;
     }

@@ -8,6 +8,10 @@
 //! export earns (the same the NBD server advertises) and a dead-connection timeout. When
 //! this process dies the kernel holds I/O for that timeout; a restarted daemon hands
 //! new sockets to the same device with NBD_CMD_RECONFIGURE ([`KernelNbd::reconnect`]).
+//! Requests sent after the death wait for the new sockets; one the kernel had already sent
+//! on a dead socket is resent once the block layer's request timeout (30 s) fires, so it
+//! completes that much later on the new ones (seen on Debian's 6.1 kernel:
+//! tests/tests/attach_vm.rs).
 
 use std::io;
 use std::os::fd::AsRawFd;
