@@ -185,11 +185,7 @@ impl Export for VolumeExport {
     }
 
     fn dirty_bitmaps(&self) -> Vec<String> {
-        self.volume
-            .checkpoints()
-            .into_iter()
-            .map(|c| c.name)
-            .collect()
+        self.volume.checkpoint_names()
     }
 
     fn block_status(

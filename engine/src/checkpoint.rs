@@ -815,6 +815,11 @@ impl Chain {
         }
     }
 
+    /// The checkpoints' names, oldest first (no bitmap is merged).
+    pub(crate) fn names(&self) -> Vec<String> {
+        self.entries.iter().map(|e| e.file.name.clone()).collect()
+    }
+
     /// Every checkpoint, oldest first.
     pub(crate) fn list(&self, active: Option<&ActiveBitmap>) -> Vec<CheckpointInfo> {
         (0..self.entries.len())

@@ -384,6 +384,12 @@ impl Volume {
         chain.list(st.active.as_deref())
     }
 
+    /// The checkpoints' names, oldest first: what [`Volume::checkpoints`] lists, without
+    /// merging any bitmap (cheap enough for every NBD negotiation).
+    pub fn checkpoint_names(&self) -> Vec<String> {
+        lock_mutex(&self.chain).names()
+    }
+
     /// The changes since checkpoint `since`, as of now (a live view: writes racing with
     /// this call may or may not be included; a snapshot freezes it exactly).
     pub fn dirty_bitmap(&self, since: &str) -> Result<DirtyBitmap, VolumeError> {
