@@ -22,7 +22,6 @@ use tidemark_nbd::export::{
 
 use tidemark_engine::checkpoint::CheckpointError;
 use tidemark_engine::snapshot::{Snapshot, SnapshotError};
-use tidemark_engine::tracking::DirtyBitmap;
 use tidemark_engine::volume::{Volume, VolumeError};
 use uuid::Uuid;
 
@@ -76,11 +75,14 @@ pub fn parse_origin(description: &str) -> Option<(Uuid, u32)> {
     Some((uuid, granularity))
 }
 
-/// Extents of a dirty bitmap for BLOCK_STATUS.
-fn bitmap_extents(bitmap: &DirtyBitmap, offset: u64, len: u64) -> Vec<Extent> {
-    bitmap
-        .runs(offset, len)
-        .into_iter()
+/// Extents computed per BLOCK_STATUS reply for a dirty bitmap (the server keeps at most
+/// this many; the client asks again from where the reply ends), like nbd-export's
+/// `FileExport`.
+pub const EXTENTS_PER_CALL: usize = 1024;
+
+/// Extents of dirty-bitmap runs for BLOCK_STATUS.
+fn bitmap_extents(runs: Vec<(u64, bool)>) -> Vec<Extent> {
+    runs.into_iter()
         .map(|(length, dirty)| Extent {
             length,
             flags: if dirty { STATE_DIRTY } else { 0 },
@@ -183,11 +185,7 @@ impl Export for VolumeExport {
     }
 
     fn dirty_bitmaps(&self) -> Vec<String> {
-        self.volume
-            .checkpoints()
-            .into_iter()
-            .map(|c| c.name)
-            .collect()
+        self.volume.checkpoint_names()
     }
 
     fn block_status(
@@ -205,8 +203,11 @@ impl Export for VolumeExport {
                 Ok(non_empty(allocation_extents(runs), len))
             }
             MetaContext::DirtyBitmap(name) => {
-                let bitmap = self.volume.dirty_bitmap(name).map_err(volume_error)?;
-                Ok(non_empty(bitmap_extents(&bitmap, offset, len), len))
+                let runs = self
+                    .volume
+                    .dirty_runs(name, offset, len, EXTENTS_PER_CALL)
+                    .map_err(volume_error)?;
+                Ok(non_empty(bitmap_extents(runs), len))
             }
         }
     }
@@ -310,7 +311,8 @@ impl Export for SnapshotExport {
             )),
             MetaContext::DirtyBitmap(name) => match self.snapshot.dirty_bitmap() {
                 Some(bitmap) if bitmap.name() == name => {
-                    Ok(non_empty(bitmap_extents(bitmap, offset, len), len))
+                    let runs = bitmap.runs_capped(offset, len, EXTENTS_PER_CALL);
+                    Ok(non_empty(bitmap_extents(runs), len))
                 }
                 _ => Err(ExportError::new(
                     Errno::Inval,
@@ -400,6 +402,78 @@ mod tests {
             live.read(u64::MAX - 1, &mut [0; 4]).unwrap_err().errno,
             Errno::Inval
         );
+    }
+
+    /// Every other 64 KiB tracking block of the first `blocks` written through `live`.
+    fn fragment(live: &VolumeExport, blocks: u64) {
+        for b in (0..blocks).step_by(2) {
+            live.write(b * 65536, &[7; 512], false).unwrap();
+        }
+    }
+
+    #[test]
+    fn huge_dirty_bitmap_ranges_cost_the_cap_not_the_range() {
+        const TIB: u64 = 1 << 40;
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("v.img");
+        std::fs::File::create(&image).unwrap().set_len(TIB).unwrap();
+        let options = VolumeOptions {
+            granularity: 65536,
+            tracking: tidemark_engine::volume::TrackingMode::Fast,
+            ..VolumeOptions::default()
+        };
+        let vol =
+            Arc::new(Volume::create(&dir.path().join("state"), "v", &image, options).unwrap());
+        vol.checkpoint_create("c0").unwrap();
+        let live = VolumeExport::new(vol.clone());
+        fragment(&live, 8);
+        vol.checkpoint_create("c").unwrap();
+        // 3 * EXTENTS_PER_CALL runs, the older ones in the frozen bitmap of c0.
+        fragment(&live, 3 * EXTENTS_PER_CALL as u64);
+        let context = MetaContext::DirtyBitmap("c0".into());
+        let ext = live.block_status(&context, 0, TIB).unwrap();
+        assert_eq!(ext.len(), EXTENTS_PER_CALL);
+        for (i, e) in ext.iter().enumerate() {
+            assert_eq!(e.length, 65536);
+            assert_eq!(e.flags, if i % 2 == 0 { STATE_DIRTY } else { 0 });
+        }
+        // Past the dirty region: one clean extent to the end of the volume.
+        let tail = 3 * EXTENTS_PER_CALL as u64 * 65536;
+        let ext = live.block_status(&context, tail, TIB).unwrap();
+        assert_eq!(ext.len(), 1);
+        assert_eq!((ext[0].length, ext[0].flags), (TIB - tail, 0));
+
+        // A capped call copies a few words; the whole OR'ed bitmap is 2 MiB.
+        let time = |f: &dyn Fn()| {
+            let start = std::time::Instant::now();
+            for _ in 0..20 {
+                f();
+            }
+            start.elapsed()
+        };
+        let capped = time(&|| {
+            live.block_status(&context, 0, TIB).unwrap();
+        });
+        let whole = time(&|| {
+            vol.dirty_bitmap("c0").unwrap();
+        });
+        assert!(
+            capped * 10 < whole,
+            "a capped BLOCK_STATUS took {capped:?}, the whole bitmap {whole:?}"
+        );
+
+        // The snapshot's frozen bitmap is capped too.
+        let (snap, _) = vol
+            .snapshot(SnapshotSpec {
+                name: "s".into(),
+                since: Some("c0".into()),
+                ..SnapshotSpec::default()
+            })
+            .unwrap();
+        let export = SnapshotExport::new(snap);
+        let ext = export.block_status(&context, 0, TIB).unwrap();
+        assert_eq!(ext.len(), EXTENTS_PER_CALL);
+        assert!(ext.iter().all(|e| e.length == 65536));
     }
 
     #[test]

@@ -746,6 +746,37 @@ impl Chain {
         Ok(self.merged_since(idx, name, active))
     }
 
+    /// OR into `out` the words `first..first + out.len()` of the changes since checkpoint
+    /// `name`: what [`Chain::bitmap_since`] gives, for a window of words only.
+    pub(crate) fn or_words_since(
+        &self,
+        name: &str,
+        active: Option<&ActiveBitmap>,
+        first: usize,
+        out: &mut [u64],
+    ) -> Result<(), CheckpointError> {
+        let idx = self.find(name)?;
+        if let Some(reason) = self.problem_since(idx, active) {
+            return Err(CheckpointError::Inconsistent {
+                volume: self.params.volume.clone(),
+                name: name.to_string(),
+                reason,
+            });
+        }
+        for entry in &self.entries[idx..] {
+            match (&entry.frozen, active) {
+                (Some(words), _) => {
+                    for (o, w) in out.iter_mut().zip(words.iter().skip(first)) {
+                        *o |= w;
+                    }
+                }
+                (None, Some(a)) => a.or_words_into(first, out),
+                (None, None) => {}
+            }
+        }
+        Ok(())
+    }
+
     fn merged_since(&self, idx: usize, name: &str, active: Option<&ActiveBitmap>) -> DirtyBitmap {
         let mut out = DirtyBitmap::new(name, self.params.granularity, self.params.size);
         for entry in &self.entries[idx..] {
@@ -782,6 +813,11 @@ impl Chain {
             problem,
             confirmed: e.file.confirmed,
         }
+    }
+
+    /// The checkpoints' names, oldest first (no bitmap is merged).
+    pub(crate) fn names(&self) -> Vec<String> {
+        self.entries.iter().map(|e| e.file.name.clone()).collect()
     }
 
     /// Every checkpoint, oldest first.

@@ -198,6 +198,19 @@ impl DirtyBitmap {
             .collect()
     }
 
+    /// At most `max_runs` runs `(length, dirty)` describing `[offset, offset + len)` from
+    /// its start, clipped to the volume: the work is proportional to the runs returned
+    /// plus the words scanned, never to the length of the range beyond the last run.
+    pub fn runs_capped(&self, offset: u64, len: u64, max_runs: usize) -> Vec<(u64, bool)> {
+        let mut runs = RunBuilder::new(self.granularity, self.volume_size, offset, len, max_runs);
+        let first = runs.first_word();
+        let last = runs.end_word().min(self.words.len());
+        if first < last {
+            runs.feed(first, &self.words[first..last]);
+        }
+        runs.finish()
+    }
+
     /// Runs `(length, dirty)` describing `[offset, offset + len)`, clipped to the volume.
     ///
     /// The dirty runs come from [`bitmap::dirty_runs`] over the words that cover the
@@ -253,6 +266,117 @@ impl DirtyBitmap {
                 *last &= (1u64 << tail) - 1;
             }
         }
+    }
+}
+
+/// Builds the runs `(length, dirty)` of a byte range from bitmap words fed in order, in
+/// pieces, stopping at a cap on the number of runs: a BLOCK_STATUS reply over a huge
+/// range costs what the reply holds, and the words can be copied a window at a time.
+#[derive(Debug)]
+pub struct RunBuilder {
+    granularity: u64,
+    /// Next byte not yet described.
+    pos: u64,
+    /// End of the range, clipped to the volume.
+    end: u64,
+    max_runs: usize,
+    out: Vec<(u64, bool)>,
+    full: bool,
+}
+
+impl RunBuilder {
+    /// Runs of `[offset, offset + len)` of a volume of `volume_size` bytes tracked at
+    /// `granularity`, at most `max_runs` (at least one).
+    pub fn new(
+        granularity: u32,
+        volume_size: u64,
+        offset: u64,
+        len: u64,
+        max_runs: usize,
+    ) -> RunBuilder {
+        let end = offset.saturating_add(len).min(volume_size);
+        RunBuilder {
+            granularity: u64::from(granularity),
+            pos: offset.min(end),
+            end,
+            max_runs: max_runs.max(1),
+            out: Vec::new(),
+            full: false,
+        }
+    }
+
+    /// Index of the word holding the next block to describe.
+    pub fn first_word(&self) -> usize {
+        (self.pos / self.granularity / 64) as usize
+    }
+
+    /// One past the index of the word holding the range's last block.
+    pub fn end_word(&self) -> usize {
+        if self.pos >= self.end {
+            return self.first_word();
+        }
+        ((self.end - 1) / self.granularity / 64 + 1) as usize
+    }
+
+    /// Whether no more words are needed: the range is described or the cap is reached.
+    pub fn done(&self) -> bool {
+        self.full || self.pos >= self.end
+    }
+
+    /// Add the run `[pos, stop)` of state `dirty`, merging with the previous run.
+    fn push(&mut self, stop: u64, dirty: bool) {
+        let stop = stop.min(self.end);
+        if self.full || stop <= self.pos {
+            return;
+        }
+        let len = stop - self.pos;
+        let count = self.out.len();
+        match self.out.last_mut() {
+            Some((l, d)) if *d == dirty => *l += len,
+            _ if count == self.max_runs => {
+                self.full = true;
+                return;
+            }
+            _ => self.out.push((len, dirty)),
+        }
+        self.pos = stop;
+    }
+
+    /// Feed words `first..first + words.len()`; `first` must be [`RunBuilder::first_word`].
+    pub fn feed(&mut self, first: usize, words: &[u64]) {
+        let g = self.granularity;
+        for (i, &w) in words.iter().enumerate() {
+            if self.done() {
+                return;
+            }
+            let base = (first + i) as u64 * 64;
+            if w == 0 || w == u64::MAX {
+                self.push((base + 64) * g, w != 0);
+                continue;
+            }
+            let mut bit = 0u64;
+            while bit < 64 && !self.done() {
+                let dirty = w >> bit & 1 == 1;
+                // Length of the run of equal bits starting at `bit`.
+                let rest = if dirty { !(w >> bit) } else { w >> bit };
+                let n = if rest == 0 {
+                    64 - bit
+                } else {
+                    u64::from(rest.trailing_zeros()).min(64 - bit)
+                };
+                self.push((base + bit + n) * g, dirty);
+                bit += n;
+            }
+        }
+    }
+
+    /// The runs; whatever of the range no word was fed for is clean.
+    pub fn finish(mut self) -> Vec<(u64, bool)> {
+        if !self.full && self.pos < self.end {
+            let end = self.end;
+            self.push(end, false);
+        }
+        self.out
     }
 }
 
@@ -597,6 +721,14 @@ impl ActiveBitmap {
             .map_err(|e| self.io_err("fdatasync", e))
     }
 
+    /// OR the blocks written so far of words `first..first + out.len()` into `out`
+    /// (words past the end count as clean).
+    pub(crate) fn or_words_into(&self, first: usize, out: &mut [u64]) {
+        for (o, w) in out.iter_mut().zip(self.written.iter().skip(first)) {
+            *o |= w.load(Ordering::SeqCst);
+        }
+    }
+
     /// A copy of the blocks written so far.
     pub(crate) fn words(&self) -> Vec<u64> {
         self.written
@@ -648,6 +780,46 @@ mod tests {
 
     fn header(size: u64, granularity: u32) -> BitmapHeader {
         BitmapHeader::new(Uuid::new_v4(), "c1", granularity, size, 1).unwrap()
+    }
+
+    #[test]
+    fn capped_runs_match_runs_and_stop_at_the_cap() {
+        // A pseudo-random bitmap over 1000 blocks of 4 KiB, the volume ending mid-block.
+        let size = 1000 * 4096 - 100;
+        let mut b = DirtyBitmap::new("c", 4096, size);
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        for block in 0..1000u64 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            if x % 3 == 0 || (400..520).contains(&block) {
+                b.mark(block * 4096, 1);
+            }
+        }
+        for (offset, len) in [
+            (0, u64::MAX),
+            (5000, 1 << 20),
+            (64 * 4096 - 1, 3),
+            (size - 10, 100),
+            (size, 5),
+        ] {
+            let all = b.runs(offset, len);
+            assert_eq!(
+                b.runs_capped(offset, len, usize::MAX),
+                all,
+                "{offset}+{len}"
+            );
+            // Fed in windows of 3 words, like a volume copying its words under a lock.
+            let mut r = RunBuilder::new(4096, size, offset, len, usize::MAX);
+            while !r.done() {
+                let first = r.first_word();
+                let end = r.end_word().min(first + 3);
+                r.feed(first, &b.words()[first..end]);
+            }
+            assert_eq!(r.finish(), all, "{offset}+{len} in windows");
+            let capped = b.runs_capped(offset, len, 7);
+            assert_eq!(capped[..], all[..all.len().min(7)], "{offset}+{len} capped");
+        }
     }
 
     #[test]

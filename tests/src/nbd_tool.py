@@ -8,11 +8,18 @@
   counter A_URI B_URI         forever: n += 1; write n at offset 0 of A, then of B
   pattern URI SEED            forever: write random blocks, one line "offset length byte"
                               per acknowledged write (flushed)
+  fragment URI BLOCK COUNT    write 512 bytes at the start of every other BLOCK-sized block
+                              of the first 2 * COUNT blocks (64 writes in flight)
+  latency URI SECONDS         for SECONDS: 4 KiB writes at random offsets of the upper half
+                              of the export, one at a time;
+                              print "running" after the first, then {"writes", "p99"} JSON
+                              (p99 latency in seconds)
 """
 import json
 import random
 import struct
 import sys
+import time
 
 import nbd
 
@@ -106,6 +113,34 @@ def main():
             byte = rng.randrange(1, 256)
             h.pwrite(bytes([byte]) * length, offset)
             print(offset, length, byte, flush=True)
+    elif mode == "fragment":
+        h = connect(sys.argv[2])
+        block, count = int(sys.argv[3]), int(sys.argv[4])
+        data = nbd.Buffer.from_bytearray(bytearray(b"\x07" * 512))
+        for i in range(count):
+            while h.aio_in_flight() >= 64:
+                h.poll(-1)
+            h.aio_pwrite(data, 2 * i * block)
+        while h.aio_in_flight() > 0:
+            h.poll(-1)
+        h.flush()
+    elif mode == "latency":
+        h = connect(sys.argv[2])
+        size = h.get_size()
+        rng = random.Random(1)
+        block = bytes([9]) * 4096
+        deadline = time.monotonic() + float(sys.argv[3])
+        latencies = []
+        while time.monotonic() < deadline:
+            offset = size // 2 + rng.randrange(0, size // 2 // 4096) * 4096
+            start = time.monotonic()
+            h.pwrite(block, offset)
+            latencies.append(time.monotonic() - start)
+            if len(latencies) == 1:
+                print("running", flush=True)
+        latencies.sort()
+        p99 = latencies[min(len(latencies) - 1, len(latencies) * 99 // 100)]
+        print(json.dumps({"writes": len(latencies), "p99": p99}), flush=True)
     else:
         sys.exit(f"unknown mode {mode}")
 
