@@ -11,6 +11,7 @@ use libfuzzer_sys::fuzz_target;
 use tidemark_nbd::export::{Capabilities, Export, ExportResult, Extent, MetaContext, ZeroFlags};
 use tidemark_nbd::negotiate::{ExportDirectory, Negotiation, Step};
 use tidemark_nbd::proto;
+use tidemark_nbd::tls::Scope;
 
 struct Disk;
 
@@ -101,6 +102,11 @@ fuzz_target!(|data: &[u8]| {
                 return;
             }
             Step::Close => return,
+            // As if the TLS handshake succeeded: the state machine goes on encrypted.
+            Step::StartTls(next) => {
+                check_replies(&out);
+                negotiation = next.tls_established(Scope::All);
+            }
         }
     }
 });
