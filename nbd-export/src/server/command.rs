@@ -491,11 +491,13 @@ fn block_status_reply(session: &Session, req: &Request) -> Result<Vec<u8>, Expor
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::export::{Capabilities, ExportResult, Extent};
 
-    struct Striped;
+    /// A read-only export of ones in 4 KiB stripes of data and hole (also the
+    /// transmission-only test's export).
+    pub(in crate::server) struct Striped;
     impl Export for Striped {
         fn size(&self) -> u64 {
             1 << 20

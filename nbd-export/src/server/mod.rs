@@ -293,57 +293,8 @@ mod bare_tests {
     use std::os::unix::net::UnixStream;
 
     use super::*;
-    use crate::export::{
-        Capabilities, Errno, Export, ExportResult, Extent, MetaContext, ZeroFlags,
-    };
+    use crate::export::Errno;
     use crate::proto::{self, Command, Request};
-
-    /// A read-only export of ones.
-    struct Ones;
-    impl Export for Ones {
-        fn size(&self) -> u64 {
-            1 << 20
-        }
-        fn capabilities(&self) -> Capabilities {
-            Capabilities {
-                read_only: true,
-                flush: false,
-                trim: false,
-                write_zeroes: false,
-                fast_zero: false,
-                cache: false,
-                multi_conn: true,
-                knows_holes: false,
-            }
-        }
-        fn read(&self, _: u64, buf: &mut [u8]) -> ExportResult<()> {
-            buf.fill(1);
-            Ok(())
-        }
-        fn write(&self, _: u64, _: &[u8], _: bool) -> ExportResult<()> {
-            Ok(())
-        }
-        fn flush(&self) -> ExportResult<()> {
-            Ok(())
-        }
-        fn trim(&self, _: u64, _: u64, _: bool) -> ExportResult<()> {
-            Ok(())
-        }
-        fn write_zeroes(&self, _: u64, _: u64, _: ZeroFlags) -> ExportResult<()> {
-            Ok(())
-        }
-        fn block_status(
-            &self,
-            _: &MetaContext,
-            offset: u64,
-            len: u64,
-        ) -> ExportResult<Vec<Extent>> {
-            Ok(vec![Extent {
-                length: len.min(self.size() - offset),
-                flags: 0,
-            }])
-        }
-    }
 
     fn simple_reply(stream: &mut UnixStream) -> (u32, u64) {
         let mut header = [0u8; proto::SIMPLE_REPLY_LEN];
@@ -360,7 +311,7 @@ mod bare_tests {
         let serving = std::thread::spawn(move || {
             serve_transmission(
                 "kernel",
-                Arc::new(Ones),
+                Arc::new(command::tests::Striped),
                 server_end,
                 &ServerConfig::default(),
             )
