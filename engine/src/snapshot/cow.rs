@@ -62,12 +62,19 @@ impl SnapshotInner {
         chunks: std::ops::Range<u64>,
         waiting: &mut Vec<u64>,
     ) -> Option<Vec<(u64, u64)>> {
-        let bytes = (chunks.end - chunks.start) * self.chunk;
         let mut idx = lock(&self.index);
-        // Bound the memory held by old contents: wait until this piece fits (a piece always
-        // goes when nothing else is in memory).
+        // Bound the memory held by old contents: wait until what this piece still has to
+        // read fits (a piece always goes when nothing else is in memory). A rewrite of
+        // chunks already preserved needs no room and never waits.
+        let needed = |idx: &super::Index| {
+            chunks
+                .clone()
+                .filter(|c| !idx.chunks.contains_key(c))
+                .count() as u64
+                * self.chunk
+        };
         while idx.in_flight + idx.reading > 0
-            && idx.in_flight + idx.reading + bytes > MAX_IN_FLIGHT
+            && idx.in_flight + idx.reading + needed(&idx) > MAX_IN_FLIGHT
             && idx.failed.is_none()
             && !idx.dropped
         {
