@@ -14,6 +14,7 @@
 //! - `index/<pack id>`: the pack's index ([`format::PackIndex`]);
 //! - `points/<volume>/<checkpoint>`: point indexes ([`format::PointIndex`]);
 //! - `lock`: the repository lock (JSON: owner, host, pid, lease).
+#![forbid(unsafe_code)]
 
 pub mod format;
 pub mod lock;
