@@ -66,7 +66,6 @@ mod snapshots;
 #[cfg(test)]
 mod tests;
 
-use std::fs::File;
 use std::io;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -276,7 +275,7 @@ pub struct Volume {
     manifest: VolumeManifest,
     cow_defaults: CowDefaults,
     backing: Arc<BackingFile>,
-    _lock: File,
+    _lock: lifecycle::VolumeLock,
     chain: Mutex<Chain>,
     gate: RwLock<WriteState>,
     events: Arc<EventLog>,
