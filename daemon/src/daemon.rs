@@ -53,13 +53,13 @@ pub enum DaemonError {
     NotADirectory(PathBuf),
     /// Another daemon owns the state dir.
     #[error(
-        "another `tidemark serve` (pid {pid}) owns the state dir {}; stop it first or pass \
+        "another `tidemark serve` ({holder}) owns the state dir {}; stop it first or pass \
          another --state-dir",
         state_dir.display()
     )]
     Locked {
-        /// The pid the lock file records.
-        pid: String,
+        /// "pid N" as the lock file records it.
+        holder: String,
         /// The state dir.
         state_dir: PathBuf,
     },

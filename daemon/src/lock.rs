@@ -3,53 +3,37 @@
 //! The kernel drops the lock when the process dies, kill -9 included, so a crashed daemon
 //! never blocks its successor, and two daemons can never own the same volumes.
 
-use std::fs::{File, OpenOptions};
-use std::io::Write;
 use std::path::Path;
+
+use tidemark_engine::lockfile::{LockError, LockFile};
 
 use crate::daemon::DaemonError;
 
 /// Held for the daemon's whole life.
 #[derive(Debug)]
 pub struct DaemonLock {
-    _file: File,
+    _file: LockFile,
 }
 
 impl DaemonLock {
     /// Take the lock, or explain who holds it.
     pub fn acquire(state_dir: &Path) -> Result<DaemonLock, DaemonError> {
         let path = state_dir.join("daemon.lock");
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .map_err(|source| DaemonError::Io {
-                what: format!("opening the daemon lock {}", path.display()),
-                source,
-            })?;
-        let locked =
-            tidemark_engine::sys::try_lock_exclusive(&file).map_err(|source| DaemonError::Io {
-                what: format!("locking {}", path.display()),
-                source,
-            })?;
-        if !locked {
-            let holder = std::fs::read_to_string(&path).unwrap_or_default();
-            return Err(DaemonError::Locked {
-                pid: holder.trim().to_string(),
+        match LockFile::acquire(&path) {
+            Ok(file) => Ok(DaemonLock { _file: file }),
+            Err(LockError::Held { holder }) => Err(DaemonError::Locked {
+                holder,
                 state_dir: state_dir.to_path_buf(),
-            });
+            }),
+            Err(LockError::Io {
+                action,
+                path,
+                source,
+            }) => Err(DaemonError::Io {
+                what: format!("{action} {}", path.display()),
+                source,
+            }),
         }
-        let mut file = file;
-        let recorded = file
-            .set_len(0)
-            .and_then(|()| writeln!(file, "{}", std::process::id()));
-        recorded.map_err(|source| DaemonError::Io {
-            what: "recording the daemon's pid".into(),
-            source,
-        })?;
-        Ok(DaemonLock { _file: file })
     }
 }
 

@@ -18,6 +18,7 @@ pub mod copy;
 pub mod error;
 mod failpoint;
 pub mod io;
+pub mod lockfile;
 pub mod quiesce;
 pub mod snapshot;
 pub mod status;

@@ -2,24 +2,22 @@
 //! (`open`, which reloads tracking and reports snapshots lost at the last stop), listing
 //! and removing volumes.
 
-use std::collections::BTreeSet;
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Seek, Write};
-use std::path::{Path, PathBuf};
+use std::fs;
+use std::io;
+use std::path::Path;
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant};
 
 use tidemark_formats::manifest::{validate_volume_name, VolumeManifest};
 use uuid::Uuid;
 
 use super::backing::BackingFile;
 use super::{
-    lock_mutex, volumes_dir, CowDefaults, TrackingMode, Volume, VolumeError, VolumeOptions,
-    WriteState, MAX_GRANULARITY, MIN_GRANULARITY,
+    volumes_dir, CowDefaults, TrackingMode, Volume, VolumeError, VolumeOptions, WriteState,
+    MAX_GRANULARITY, MIN_GRANULARITY,
 };
 use crate::checkpoint::{Chain, ChainParams};
+use crate::lockfile::{LockError, LockFile};
 use crate::status::{unix_now, EventLog};
-use crate::sys;
 
 impl Volume {
     /// Register `backing` (a raw image file or block device) as volume `name`.
@@ -270,78 +268,22 @@ pub(super) fn remove_temp_files(dir: &Path) {
     }
 }
 
-/// The lock files this process holds. A conflict on a lock file that names our own pid is
-/// then one of two things: a volume open here (a real conflict, reported at once), or a
-/// child that another thread has just forked (to run a hook, say): the child holds a copy
-/// of our old descriptor, and with it the flock, until its exec closes it. That second
-/// case passes by itself, so `take_lock` waits for it, briefly.
-static HELD_HERE: Mutex<BTreeSet<PathBuf>> = Mutex::new(BTreeSet::new());
-
-/// How long a conflict with a lock that names this process but is not held here may last
-/// before it is reported: far longer than any fork-to-exec window, even under load.
-const FORKED_COPY_WAIT: Duration = Duration::from_secs(5);
-
-/// A volume's lock file, held (flock) for as long as this value lives.
-#[derive(Debug)]
-pub(super) struct VolumeLock {
-    _file: File,
-    path: PathBuf,
-}
-
-impl Drop for VolumeLock {
-    fn drop(&mut self) {
-        // `file` closes after this, releasing the flock; a `take_lock` that meets the
-        // lock in between waits, as for a forked copy.
-        lock_mutex(&HELD_HERE).remove(&self.path);
-    }
-}
-
-/// Take the volume's lock file (flock, non-blocking) and record our pid in it.
-pub(super) fn take_lock(name: &str, path: &Path) -> Result<VolumeLock, VolumeError> {
-    let io_err = |action, source| VolumeError::Io {
-        volume: name.to_string(),
-        action,
-        path: path.to_path_buf(),
-        source,
-    };
-    let mut file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(path)
-        .map_err(|e| io_err("open lock", e))?;
-    let started = Instant::now();
-    loop {
-        if sys::try_lock_exclusive(&file).map_err(|e| io_err("lock", e))? {
-            break;
-        }
-        let mut holder = String::new();
-        file.rewind().map_err(|e| io_err("read lock", e))?;
-        let _ = file.read_to_string(&mut holder);
-        let holder = holder.trim();
-        let ours = holder == std::process::id().to_string();
-        let transient = ours && !lock_mutex(&HELD_HERE).contains(path);
-        if transient && started.elapsed() < FORKED_COPY_WAIT {
-            std::thread::sleep(Duration::from_millis(5));
-            continue;
-        }
-        let holder = if holder.is_empty() {
-            "unknown pid".to_string()
-        } else {
-            format!("pid {holder}")
-        };
-        return Err(VolumeError::Locked {
+/// Take the volume's lock file and record our pid in it.
+pub(super) fn take_lock(name: &str, path: &Path) -> Result<LockFile, VolumeError> {
+    LockFile::acquire(path).map_err(|err| match err {
+        LockError::Held { holder } => VolumeError::Locked {
             name: name.to_string(),
             holder,
-        });
-    }
-    file.set_len(0).map_err(|e| io_err("write lock", e))?;
-    file.rewind().map_err(|e| io_err("write lock", e))?;
-    write!(file, "{}", std::process::id()).map_err(|e| io_err("write lock", e))?;
-    lock_mutex(&HELD_HERE).insert(path.to_path_buf());
-    Ok(VolumeLock {
-        _file: file,
-        path: path.to_path_buf(),
+        },
+        LockError::Io {
+            action,
+            path,
+            source,
+        } => VolumeError::Io {
+            volume: name.to_string(),
+            action,
+            path,
+            source,
+        },
     })
 }

@@ -275,7 +275,7 @@ pub struct Volume {
     manifest: VolumeManifest,
     cow_defaults: CowDefaults,
     backing: Arc<BackingFile>,
-    _lock: lifecycle::VolumeLock,
+    _lock: crate::lockfile::LockFile,
     chain: Mutex<Chain>,
     gate: RwLock<WriteState>,
     events: Arc<EventLog>,

@@ -51,32 +51,6 @@ fn pattern(seed: u8, len: usize) -> Vec<u8> {
         .collect()
 }
 
-/// A child forked by another thread (to run a hook) holds a copy of the lock's descriptor
-/// until its exec: a reopen right after a close must wait for it, not fail as `Locked`.
-#[test]
-fn reopen_waits_for_a_forked_copy_of_the_lock() {
-    let fx = Fixture::new();
-    let vol = fx.volume("v", 1 << 20, VolumeOptions::default());
-    vol.close().unwrap();
-    // The forked copy: another open file description of the lock file holds the flock,
-    // and the file still names this process.
-    let lock_path = fx.state().join("volumes/v/lock");
-    let copy = File::open(&lock_path).unwrap();
-    assert!(crate::sys::try_lock_exclusive(&copy).unwrap());
-    let exec = std::thread::spawn(move || {
-        std::thread::sleep(std::time::Duration::from_millis(200));
-        drop(copy);
-    });
-    let vol = Volume::open(&fx.state(), "v").unwrap();
-    exec.join().unwrap();
-    // A volume open in this process is still refused.
-    assert!(matches!(
-        Volume::open(&fx.state(), "v"),
-        Err(VolumeError::Locked { .. })
-    ));
-    drop(vol);
-}
-
 #[test]
 fn create_open_lock_and_reopen() {
     let fx = Fixture::new();
