@@ -6,8 +6,10 @@
 use std::cell::RefCell;
 use std::fs::{File, OpenOptions};
 use std::io;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 use crate::sys;
 
@@ -56,13 +58,19 @@ fn ptr_aligned(buf: &[u8]) -> bool {
     buf.as_ptr().align_offset(DIRECT_ALIGN) == 0
 }
 
-/// A file or block device opened twice: once with O_DIRECT (when the filesystem allows
-/// it) and once buffered.
+/// A file or block device, opened with O_DIRECT when the filesystem allows it. Its
+/// buffered twin, for the odd unaligned request, is opened on first need: most volumes
+/// never see one, and a host with ten thousand volumes then holds one descriptor per
+/// volume, not two.
 #[derive(Debug)]
 pub(crate) struct BackingFile {
     path: PathBuf,
-    buffered: File,
-    direct: Option<File>,
+    /// O_DIRECT when `direct`, else buffered; every metadata call goes here.
+    file: File,
+    direct: bool,
+    /// A buffered descriptor of the same inode, when `direct` (reopened through
+    /// /proc/self/fd, so a rename or replacement of `path` cannot swap the file).
+    buffered: OnceLock<File>,
     is_device: bool,
 }
 
@@ -90,14 +98,35 @@ impl BackingFile {
             .read(true)
             .write(true)
             .custom_flags(libc::O_DIRECT)
-            .open(path)
+            .open(reopen_path(&buffered))
             .ok();
+        let (file, direct) = match direct {
+            Some(direct) => (direct, true),
+            None => (buffered, false),
+        };
         Ok(BackingFile {
             path: path.to_path_buf(),
-            buffered,
+            file,
             direct,
+            buffered: OnceLock::new(),
             is_device,
         })
+    }
+
+    /// The descriptor for `aligned` I/O: O_DIRECT if there is one, else buffered.
+    fn io_file(&self, aligned: bool) -> io::Result<&File> {
+        if aligned || !self.direct {
+            return Ok(&self.file);
+        }
+        if let Some(buffered) = self.buffered.get() {
+            return Ok(buffered);
+        }
+        let opened = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(reopen_path(&self.file))?;
+        // Two first unaligned requests may race here: one descriptor wins, the other closes.
+        Ok(self.buffered.get_or_init(|| opened))
     }
 
     pub(crate) fn path(&self) -> &Path {
@@ -111,49 +140,41 @@ impl BackingFile {
     /// Size in bytes: the file length, or BLKGETSIZE64 for a block device.
     pub(crate) fn len(&self) -> io::Result<u64> {
         if self.is_device {
-            sys::block_device_size(&self.buffered)
+            sys::block_device_size(&self.file)
         } else {
-            Ok(self.buffered.metadata()?.len())
+            Ok(self.file.metadata()?.len())
         }
     }
 
     pub(crate) fn set_len(&self, len: u64) -> io::Result<()> {
-        self.buffered.set_len(len)
+        self.file.set_len(len)
     }
 
     /// Fill `buf` from `offset`; reading past the end of a file yields zeroes.
     pub(crate) fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        match &self.direct {
-            Some(direct) if is_aligned(offset, buf.len()) => {
-                if ptr_aligned(buf) {
-                    read_full(direct, offset, buf)
-                } else {
-                    with_bounce(buf.len(), |bounce| {
-                        read_full(direct, offset, bounce)?;
-                        buf.copy_from_slice(bounce);
-                        Ok(())
-                    })
-                }
-            }
-            _ => read_full(&self.buffered, offset, buf),
+        let aligned = is_aligned(offset, buf.len());
+        let file = self.io_file(aligned)?;
+        if !self.direct || !aligned || ptr_aligned(buf) {
+            return read_full(file, offset, buf);
         }
+        with_bounce(buf.len(), |bounce| {
+            read_full(file, offset, bounce)?;
+            buf.copy_from_slice(bounce);
+            Ok(())
+        })
     }
 
     /// Write all of `data` at `offset`.
     pub(crate) fn write_at(&self, offset: u64, data: &[u8]) -> io::Result<()> {
-        match &self.direct {
-            Some(direct) if is_aligned(offset, data.len()) => {
-                if ptr_aligned(data) {
-                    direct.write_all_at(data, offset)
-                } else {
-                    with_bounce(data.len(), |bounce| {
-                        bounce.copy_from_slice(data);
-                        direct.write_all_at(bounce, offset)
-                    })
-                }
-            }
-            _ => self.buffered.write_all_at(data, offset),
+        let aligned = is_aligned(offset, data.len());
+        let file = self.io_file(aligned)?;
+        if !self.direct || !aligned || ptr_aligned(data) {
+            return file.write_all_at(data, offset);
         }
+        with_bounce(data.len(), |bounce| {
+            bounce.copy_from_slice(data);
+            file.write_all_at(bounce, offset)
+        })
     }
 
     /// Write `bufs` back to back starting at `offset`: one `pwritev` (through O_DIRECT
@@ -163,10 +184,7 @@ impl BackingFile {
             && bufs
                 .iter()
                 .all(|b| b.len() % DIRECT_ALIGN == 0 && ptr_aligned(b));
-        let file = match &self.direct {
-            Some(direct) if aligned => direct,
-            _ => &self.buffered,
-        };
+        let file = self.io_file(aligned)?;
         let mut offset = offset;
         for group in bufs.chunks(sys::IOV_MAX) {
             let mut slices: Vec<io::IoSlice<'_>> =
@@ -190,7 +208,7 @@ impl BackingFile {
     /// Make every completed write durable (both descriptors share one inode, so one
     /// fdatasync covers O_DIRECT and buffered writes alike).
     pub(crate) fn sync_data(&self) -> io::Result<()> {
-        self.buffered.sync_data()
+        self.file.sync_data()
     }
 
     /// Discard a range: punch a hole in a file, BLKDISCARD on a device.
@@ -199,9 +217,9 @@ impl BackingFile {
             return Ok(());
         }
         if self.is_device {
-            sys::block_discard(&self.buffered, offset, len)
+            sys::block_discard(&self.file, offset, len)
         } else {
-            sys::punch_hole(&self.buffered, offset, len)
+            sys::punch_hole(&self.file, offset, len)
         }
     }
 
@@ -212,11 +230,11 @@ impl BackingFile {
             return Ok(());
         }
         let fast = if self.is_device {
-            sys::block_zeroout(&self.buffered, offset, len)
+            sys::block_zeroout(&self.file, offset, len)
         } else if may_unmap {
-            sys::punch_hole(&self.buffered, offset, len)
+            sys::punch_hole(&self.file, offset, len)
         } else {
-            sys::zero_range(&self.buffered, offset, len)
+            sys::zero_range(&self.file, offset, len)
         };
         match fast {
             Ok(()) => Ok(()),
@@ -242,7 +260,7 @@ impl BackingFile {
 
     /// Reserve space for `[offset, offset + len)`, extending the file.
     pub(crate) fn preallocate(&self, offset: u64, len: u64) -> io::Result<()> {
-        match sys::preallocate(&self.buffered, offset, len) {
+        match sys::preallocate(&self.file, offset, len) {
             Err(err) if is_unsupported(&err) => {
                 let end = offset + len;
                 if self.len()? < end {
@@ -264,7 +282,7 @@ impl BackingFile {
         let mut runs = Vec::new();
         let mut pos = offset;
         while pos < end {
-            let data = match sys::seek_data(&self.buffered, pos) {
+            let data = match sys::seek_data(&self.file, pos) {
                 Ok(data) => data.unwrap_or(end).min(end),
                 Err(_) => return None,
             };
@@ -273,7 +291,7 @@ impl BackingFile {
                 pos = data;
                 continue;
             }
-            let hole = match sys::seek_hole(&self.buffered, pos) {
+            let hole = match sys::seek_hole(&self.file, pos) {
                 Ok(hole) => hole.unwrap_or(end).min(end),
                 Err(_) => return None,
             };
@@ -287,6 +305,11 @@ impl BackingFile {
         }
         Some(runs)
     }
+}
+
+/// A path that opens the inode `file` has open, whatever has become of its name since.
+fn reopen_path(file: &File) -> PathBuf {
+    PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()))
 }
 
 fn is_unsupported(err: &io::Error) -> bool {
@@ -345,6 +368,35 @@ mod tests {
         let mut small = [0u8; 12];
         file.read_at(99, &mut small).unwrap();
         assert_eq!(small, [0, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 0]);
+    }
+
+    /// Descriptors of this process open on `path`.
+    fn open_descriptors(path: &Path) -> usize {
+        std::fs::read_dir("/proc/self/fd")
+            .unwrap()
+            .flatten()
+            .filter(|fd| std::fs::read_link(fd.path()).is_ok_and(|target| target == path))
+            .count()
+    }
+
+    #[test]
+    fn one_descriptor_until_an_unaligned_request_needs_the_buffered_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("img");
+        let file = BackingFile::create(&path).unwrap();
+        file.set_len(1 << 20).unwrap();
+        file.write_at(0, &[1u8; 4096]).unwrap();
+        assert_eq!(open_descriptors(&path), 1);
+        // The buffered descriptor opens the same inode, even after the name moved away.
+        let moved = dir.path().join("moved");
+        std::fs::rename(&path, &moved).unwrap();
+        std::fs::write(&path, b"a stranger").unwrap();
+        file.write_at(1, &[2u8; 3]).unwrap();
+        let expected = if file.direct { 2 } else { 1 };
+        assert_eq!(open_descriptors(&moved), expected);
+        let mut back = [0u8; 5];
+        file.read_at(0, &mut back).unwrap();
+        assert_eq!(back, [1, 2, 2, 2, 1]);
     }
 
     #[test]
