@@ -2,18 +2,19 @@
 //! (`open`, which reloads tracking and reports snapshots lost at the last stop), listing
 //! and removing volumes.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::io;
-use std::path::Path;
-use std::sync::{Arc, Mutex, RwLock};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 
 use tidemark_formats::manifest::{validate_volume_name, VolumeManifest};
 use uuid::Uuid;
 
 use super::backing::BackingFile;
 use super::{
-    volumes_dir, CowDefaults, TrackingMode, Volume, VolumeError, VolumeOptions, WriteState,
-    MAX_GRANULARITY, MIN_GRANULARITY,
+    lock_mutex, volumes_dir, CowDefaults, TrackingMode, Volume, VolumeError, VolumeOptions,
+    WriteState, MAX_GRANULARITY, MIN_GRANULARITY,
 };
 use crate::checkpoint::{Chain, ChainParams};
 use crate::lockfile::{LockError, LockFile};
@@ -154,7 +155,7 @@ impl Volume {
                 state_dir: state_dir.to_path_buf(),
             });
         }
-        let lock = take_lock(name, &dir.join("lock"))?;
+        let lock = take_lock(name, state_dir, &dir)?;
         let manifest =
             VolumeManifest::read(&manifest_path).map_err(|e| VolumeError::BadManifest {
                 path: manifest_path.clone(),
@@ -268,22 +269,71 @@ pub(super) fn remove_temp_files(dir: &Path) {
     }
 }
 
-/// Take the volume's lock file and record our pid in it.
-pub(super) fn take_lock(name: &str, path: &Path) -> Result<LockFile, VolumeError> {
-    LockFile::acquire(path).map_err(|err| match err {
-        LockError::Held { holder } => VolumeError::Locked {
+/// The process-wide owner locks of the state dirs with a volume open here, by the
+/// state dir's volumes directory: every volume of a state dir shares one (one descriptor
+/// however many volumes are open; the last volume closed releases it).
+static OWNERS: Mutex<BTreeMap<PathBuf, Weak<LockFile>>> = Mutex::new(BTreeMap::new());
+
+/// The volume directories open in this process: a volume is open once at a time.
+static OPEN_HERE: Mutex<BTreeSet<PathBuf>> = Mutex::new(BTreeSet::new());
+
+/// A volume's claim: its state dir's owner lock (shared) and its place in [`OPEN_HERE`].
+#[derive(Debug)]
+pub(super) struct VolumeLock {
+    _owner: Arc<LockFile>,
+    dir: PathBuf,
+}
+
+impl Drop for VolumeLock {
+    fn drop(&mut self) {
+        lock_mutex(&OPEN_HERE).remove(&self.dir);
+    }
+}
+
+/// Claim volume `name` (directory `dir`) of `state_dir` for this process: take or share
+/// the state dir's owner lock (`volumes/.lock`, which records our pid), then make sure
+/// the volume is not open here already.
+pub(super) fn take_lock(
+    name: &str,
+    state_dir: &Path,
+    dir: &Path,
+) -> Result<VolumeLock, VolumeError> {
+    let volumes = volumes_dir(state_dir);
+    let volumes = fs::canonicalize(&volumes).unwrap_or(volumes);
+    let owner = {
+        let mut owners = lock_mutex(&OWNERS);
+        match owners.get(&volumes).and_then(Weak::upgrade) {
+            Some(owner) => owner,
+            None => {
+                let path = volumes.join(".lock");
+                let owner = Arc::new(LockFile::acquire(&path).map_err(|err| match err {
+                    LockError::Held { holder } => VolumeError::Locked {
+                        name: name.to_string(),
+                        holder,
+                    },
+                    LockError::Io {
+                        action,
+                        path,
+                        source,
+                    } => VolumeError::Io {
+                        volume: name.to_string(),
+                        action,
+                        path,
+                        source,
+                    },
+                })?);
+                owners.retain(|_, owner| owner.strong_count() > 0);
+                owners.insert(volumes, Arc::downgrade(&owner));
+                owner
+            }
+        }
+    };
+    let dir = fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
+    if !lock_mutex(&OPEN_HERE).insert(dir.clone()) {
+        return Err(VolumeError::Locked {
             name: name.to_string(),
-            holder,
-        },
-        LockError::Io {
-            action,
-            path,
-            source,
-        } => VolumeError::Io {
-            volume: name.to_string(),
-            action,
-            path,
-            source,
-        },
-    })
+            holder: format!("pid {}", std::process::id()),
+        });
+    }
+    Ok(VolumeLock { _owner: owner, dir })
 }

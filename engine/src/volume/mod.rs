@@ -22,9 +22,9 @@
 //! # State directory
 //!
 //! ```text
+//! <state_dir>/volumes/.lock                      flock: one process owns the volumes
 //! <state_dir>/volumes/<name>/volume.json        manifest (tidemark_formats::manifest)
 //!                           /cow.json           COW store defaults, when set
-//!                           /lock               flock: one process per volume
 //!                           /checkpoints.json   the chain (crate::checkpoint)
 //!                           /<chain>-<gen>.bitmap  dirty bitmaps (crate::tracking)
 //!                           /snapshots/<s>.json marker of a live snapshot
@@ -275,7 +275,7 @@ pub struct Volume {
     manifest: VolumeManifest,
     cow_defaults: CowDefaults,
     backing: Arc<BackingFile>,
-    _lock: crate::lockfile::LockFile,
+    _lock: lifecycle::VolumeLock,
     chain: Mutex<Chain>,
     gate: RwLock<WriteState>,
     events: Arc<EventLog>,

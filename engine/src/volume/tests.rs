@@ -51,6 +51,38 @@ fn pattern(seed: u8, len: usize) -> Vec<u8> {
         .collect()
 }
 
+/// Ten thousand volumes must not cost thirty thousand descriptors: the volumes of a state
+/// dir share one owner lock, and an idle volume holds one descriptor, its backing.
+#[test]
+fn volumes_of_a_state_dir_share_one_lock_and_hold_one_descriptor_each() {
+    let fx = Fixture::new();
+    let vols: Vec<Volume> = (0..3)
+        .map(|i| fx.volume(&format!("v{i}"), 1 << 20, VolumeOptions::default()))
+        .collect();
+    let lock = fs::canonicalize(fx.state().join("volumes/.lock")).unwrap();
+    let open_on = |wanted: &dyn Fn(&std::path::Path) -> bool| {
+        fs::read_dir("/proc/self/fd")
+            .unwrap()
+            .flatten()
+            .filter(|fd| fs::read_link(fd.path()).is_ok_and(|target| wanted(&target)))
+            .count()
+    };
+    assert_eq!(open_on(&|target| target == lock), 1);
+    let images = fs::canonicalize(fx.dir.path()).unwrap();
+    for vol in &vols {
+        vol.write(0, &[1u8; 4096], false).unwrap();
+    }
+    let backing = open_on(&|target| {
+        target.starts_with(&images) && target.extension().is_some_and(|e| e == "img")
+    });
+    assert_eq!(backing, 3, "one descriptor per idle volume");
+    drop(vols);
+    assert_eq!(open_on(&|target| target == lock), 0);
+    let again = Volume::open(&fx.state(), "v0").unwrap();
+    assert_eq!(open_on(&|target| target == lock), 1);
+    drop(again);
+}
+
 #[test]
 fn create_open_lock_and_reopen() {
     let fx = Fixture::new();
