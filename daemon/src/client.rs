@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use crate::protocol::{Command, CommandError, Event, MAX_LINE};
+use crate::protocol::{Command, CommandError, Event, MAX_REPLY_LINE};
 
 /// Why a control-socket call failed.
 #[derive(Debug, thiserror::Error)]
@@ -176,7 +176,7 @@ impl Client {
 
     fn read_line(&mut self) -> Result<Value, ClientError> {
         let mut line = Vec::new();
-        let read = io::Read::take(&mut self.reader, MAX_LINE as u64 + 1)
+        let read = io::Read::take(&mut self.reader, MAX_REPLY_LINE as u64 + 1)
             .read_until(b'\n', &mut line)
             .map_err(|err| match err.kind() {
                 io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => ClientError::Timeout,
@@ -188,12 +188,52 @@ impl Client {
                 "the daemon closed the control connection (did it stop? see its log)",
             )));
         }
-        if line.len() > MAX_LINE {
+        if line.len() > MAX_REPLY_LINE {
             return Err(ClientError::Protocol(format!(
-                "a line longer than {MAX_LINE} bytes"
+                "a line longer than {MAX_REPLY_LINE} bytes"
             )));
         }
         serde_json::from_slice(&line)
             .map_err(|err| ClientError::Protocol(format!("not JSON ({err})")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::BufRead;
+    use std::os::unix::net::UnixListener;
+
+    use super::*;
+    use crate::protocol::NoArguments;
+
+    /// A reply that grows with the number of volumes (here 3 MiB, what `info` says of
+    /// about 5,000 volumes) reaches the caller whole.
+    #[test]
+    fn a_reply_of_several_megabytes_is_read_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("control.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let names: Vec<String> = (0..100_000).map(|i| format!("volume-{i:024}")).collect();
+        let served = names.clone();
+        let server = std::thread::spawn(move || {
+            let (stream, _) = listener.accept().unwrap();
+            let mut writer = stream.try_clone().unwrap();
+            writer
+                .write_all(b"{\"tidemark\": {\"version\": \"test\", \"protocol\": 1}}\n")
+                .unwrap();
+            let mut request = String::new();
+            BufReader::new(stream).read_line(&mut request).unwrap();
+            let id = serde_json::from_str::<Value>(&request).unwrap()["id"].clone();
+            let mut reply = json!({"return": served, "id": id}).to_string();
+            assert!(reply.len() > 3 << 20);
+            reply.push('\n');
+            writer.write_all(reply.as_bytes()).unwrap();
+        });
+        let mut client = Client::connect(&path).unwrap();
+        let value = client
+            .execute(&Command::VolumeList(NoArguments {}))
+            .unwrap();
+        assert_eq!(value, json!(names));
+        server.join().unwrap();
     }
 }

@@ -708,6 +708,14 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
     // Everything the daemon creates (state files, COW stores, pushed images and deltas,
     // sockets) is for its user only, whatever umask it was started under.
     rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
+    // A descriptor per volume: thousands of volumes need more than the usual 1024.
+    match tidemark_engine::sys::raise_open_file_limit() {
+        Ok((before, after)) if after > before => {
+            tracing::info!(before, after, "raised the open-file limit")
+        }
+        Ok(_) => {}
+        Err(err) => tracing::warn!(%err, "could not raise the open-file limit"),
+    }
     let tls = config.nbd_tls().map_err(DaemonError::Tls)?;
     prepare_state_dir(&config.state_dir)?;
     let daemon = Daemon::open(config)?;

@@ -29,9 +29,15 @@ use serde_json::{json, Map, Value};
 /// commands, new optional arguments, new reply fields, new events) keep the number.
 pub const PROTOCOL_VERSION: u32 = 1;
 
-/// Longest line either side accepts, in bytes (a request is a few hundred bytes; this
-/// bounds what a misbehaving peer can make the other side buffer).
-pub const MAX_LINE: usize = 1 << 20;
+/// Longest request line the daemon accepts, in bytes (a request is a few hundred bytes;
+/// this bounds what a misbehaving local client can make the daemon buffer).
+pub const MAX_REQUEST_LINE: usize = 1 << 20;
+
+/// Longest reply or event line a client accepts, in bytes. Replies grow with the number of
+/// volumes (`info` and `volume-list` describe each, well under 1 KiB apiece), so this is a
+/// bound on the client's memory, not on the host's volume count: far above what 100,000
+/// volumes need.
+pub const MAX_REPLY_LINE: usize = 256 << 20;
 
 /// The error classes a reply may carry. Scripts may match on them; the description is
 /// for people.

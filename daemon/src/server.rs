@@ -28,7 +28,7 @@ use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{broadcast, mpsc, watch};
 
-use crate::protocol::{self, Command, CommandError, ErrorClass, Event, Request, MAX_LINE};
+use crate::protocol::{self, Command, CommandError, ErrorClass, Event, Request, MAX_REQUEST_LINE};
 
 /// Identifies one control connection (leases are tied to it).
 pub type ConnectionId = u64;
@@ -228,7 +228,7 @@ async fn connection(
     let mut reader = BufReader::new(read_half);
     let result = loop {
         let line = tokio::select! {
-            line = read_line(&mut reader, MAX_LINE) => line,
+            line = read_line(&mut reader, MAX_REQUEST_LINE) => line,
             _ = shutdown.changed() => break Ok(()),
         };
         let reply = match line {
@@ -237,7 +237,9 @@ async fn connection(
             Ok(Line::TooLong) => protocol::reply_error(
                 &CommandError::new(
                     ErrorClass::ProtocolError,
-                    format!("the request line is longer than {MAX_LINE} bytes; it was ignored"),
+                    format!(
+                        "the request line is longer than {MAX_REQUEST_LINE} bytes; it was ignored"
+                    ),
                 ),
                 None,
             ),
@@ -354,7 +356,7 @@ mod tests {
         input.extend_from_slice(b"not json\n");
         input.extend_from_slice(b"\xff\xff\xff\n");
         input.extend_from_slice(b"[]\n\n   \n");
-        input.extend_from_slice(&vec![b'x'; MAX_LINE + 10]);
+        input.extend_from_slice(&vec![b'x'; MAX_REQUEST_LINE + 10]);
         input.extend_from_slice(b"\n{\"execute\": \"query-status\", \"id\": 1}\n");
         input.extend_from_slice(
             b"{\"execute\": \"volume-info\", \"arguments\": {\"name\": \"a\"}, \"id\": 2}\n",

@@ -34,6 +34,28 @@ pub(crate) fn kill_process_group(pgid: u32) -> io::Result<()> {
     Ok(rustix::process::kill_process_group(pgid, Signal::KILL)?)
 }
 
+/// Raises this process's soft limit on open files to its hard limit, returning both
+/// values before and after. A daemon holds a descriptor per volume (its backing), and the
+/// soft limit (often 1024) is a historical default for `select`, which nothing here uses.
+pub fn raise_open_file_limit() -> io::Result<(u64, u64)> {
+    let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile);
+    let (Some(soft), hard) = (limit.current, limit.maximum) else {
+        return Ok((u64::MAX, u64::MAX));
+    };
+    let wanted = hard.unwrap_or(u64::MAX);
+    if soft >= wanted {
+        return Ok((soft, soft));
+    }
+    rustix::process::setrlimit(
+        rustix::process::Resource::Nofile,
+        rustix::process::Rlimit {
+            current: Some(wanted),
+            maximum: hard,
+        },
+    )?;
+    Ok((soft, wanted))
+}
+
 /// Ignores SIGTERM, SIGINT and SIGHUP for the rest of this process's life (the watchdog:
 /// a service manager stopping the daemon's whole cgroup must not kill the watchdog before
 /// the daemon's death lets it thaw; it always ends by itself).
