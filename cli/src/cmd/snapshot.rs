@@ -121,8 +121,7 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
-    let json_output = args.client.json;
-    control::finish(json_output, run_inner(args))
+    control::finish(args.client.json, run_inner(args))
 }
 
 fn run_inner(args: Args) -> anyhow::Result<ExitCode> {
@@ -141,16 +140,7 @@ fn run_inner(args: Args) -> anyhow::Result<ExitCode> {
         eprintln!("tidemark: warning: {problem}");
     }
     let hooks = hook_dirs(&args);
-    let quiesce_timeout_ms = match args.quiesce_timeout {
-        Some(seconds) => {
-            anyhow::ensure!(
-                seconds.is_finite() && seconds > 0.0 && seconds <= 3600.0,
-                "--quiesce-timeout must be between 0 and 3600 seconds"
-            );
-            Some((seconds * 1000.0).ceil() as u64)
-        }
-        None => None,
-    };
+    let quiesce_timeout_ms = super::backup::quiesce_timeout_ms(args.quiesce_timeout)?;
     let target = std::path::absolute(&args.target)
         .with_context(|| format!("resolving -t {}", args.target.display()))?;
 
@@ -1154,7 +1144,13 @@ garbage line
         fs::create_dir_all(&dir).unwrap();
         let attached = [volume("data", (7, 3))];
         let sub = [entry((7, 3), "/sub", &dir)];
-        let err = plan(&[dir.clone()], &sub, &attached, Path::new("/mnt/t")).unwrap_err();
+        let err = plan(
+            std::slice::from_ref(&dir),
+            &sub,
+            &attached,
+            Path::new("/mnt/t"),
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("bind mount"), "{err}");
 
         let target = Path::new("/mnt/t");
@@ -1162,11 +1158,11 @@ garbage line
             entry((7, 3), "/", &dir),
             entry((0, 9), "/", &under(target, &dir)),
         ];
-        let err = plan(&[dir.clone()], &busy, &attached, target).unwrap_err();
+        let err = plan(std::slice::from_ref(&dir), &busy, &attached, target).unwrap_err();
         assert!(err.to_string().contains("already a mount point"), "{err}");
 
         let inside = [entry((8, 1), "/", Path::new("/"))];
-        let err = plan(&[dir.clone()], &inside, &attached, &root).unwrap_err();
+        let err = plan(std::slice::from_ref(&dir), &inside, &attached, &root).unwrap_err();
         assert!(err.to_string().contains("inside the target"), "{err}");
     }
 
