@@ -638,6 +638,12 @@ fn two_idle_filesystems_are_ready_in_seconds_with_a_write_pause_of_milliseconds(
             serde_json::from_str(read_until_closed(&mut child, LIMIT).trim()).unwrap();
         ready.push(started.elapsed());
         pauses.push(report["write_pause_us"].as_u64().unwrap());
+        eprintln!(
+            "round: ready {:.0} ms, freeze-to-thaw {:.1} ms, steps {}",
+            report["ready_ms"].as_f64().unwrap(),
+            report["freeze_to_thaw_ms"].as_f64().unwrap(),
+            report["steps_ms"]
+        );
         drop(stdin);
         let (status, stderr) = wait_exit(&mut child, LIMIT);
         assert!(status.success(), "{stderr}");

@@ -188,6 +188,7 @@ fn run_inner(args: Args) -> anyhow::Result<ExitCode> {
         "write_pause_us": held.write_pause_us,
         "freeze_to_thaw_ms": held.freeze_to_thaw_ms,
         "ready_ms": ready_ms,
+        "steps_ms": held.steps_ms,
         "mounts": plan.views.iter().map(View::report).collect::<Vec<_>>(),
     });
     announce(&plan, &report, args.client.json)?;
@@ -529,6 +530,9 @@ struct Held {
     backup: Option<String>,
     write_pause_us: Option<u64>,
     freeze_to_thaw_ms: Option<f64>,
+    /// Milliseconds spent on each step: the daemon's freeze + snapshot + thaw, attaching
+    /// the snapshots, mounting the views.
+    steps_ms: BTreeMap<&'static str, f64>,
 }
 
 impl Lease {
@@ -582,6 +586,13 @@ impl Lease {
             backup: None,
             write_pause_us: None,
             freeze_to_thaw_ms: None,
+            steps_ms: BTreeMap::new(),
+        };
+        let mut step = Instant::now();
+        let mut lap = |held: &mut Held, name: &'static str| {
+            held.steps_ms
+                .insert(name, step.elapsed().as_secs_f64() * 1e3);
+            step = Instant::now();
         };
         let mut devices = BTreeMap::new();
         if !volumes.is_empty() {
@@ -604,6 +615,7 @@ impl Lease {
             held.backup = Some(id);
             held.write_pause_us = backup["write_pause_us"].as_u64();
             held.freeze_to_thaw_ms = backup["quiesce"]["freeze_to_thaw_ms"].as_f64();
+            lap(&mut held, "snapshot");
             for volume in &volumes {
                 let name = export_name.replace("{volume}", volume);
                 let via = plan
@@ -626,6 +638,9 @@ impl Lease {
                 })?;
                 devices.insert(volume.clone(), PathBuf::from(device));
             }
+        }
+        if !volumes.is_empty() {
+            lap(&mut held, "attach");
         }
         self.make_dir(target)?;
         for view in &mut plan.views {
@@ -657,6 +672,7 @@ impl Lease {
                 None => bind_read_only(&view.mountpoint, &view.path)?,
             }
         }
+        lap(&mut held, "mount");
         Ok(held)
     }
 
