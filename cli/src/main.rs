@@ -53,6 +53,7 @@ enum Command {
     Verify(cmd::verify::Args),
     Info(cmd::info::Args),
     Bench(cmd::bench::Args),
+    Snapshot(cmd::snapshot::Args),
     #[command(name = "__quiesce-watchdog", hide = true)]
     QuiesceWatchdog(cmd::watchdog::Args),
 }
@@ -76,6 +77,7 @@ fn main() -> ExitCode {
         Command::Verify(args) => cmd::verify::run(args),
         Command::Info(args) => cmd::info::run(args),
         Command::Bench(args) => cmd::bench::run(args),
+        Command::Snapshot(args) => cmd::snapshot::run(args),
         Command::QuiesceWatchdog(args) => cmd::watchdog::run(args),
     };
     match result {

@@ -314,16 +314,7 @@ fn begin(args: BeginArgs) -> anyhow::Result<ExitCode> {
         ),
         None => None,
     };
-    let quiesce_timeout_ms = match args.quiesce_timeout {
-        Some(seconds) => {
-            anyhow::ensure!(
-                seconds.is_finite() && seconds > 0.0 && seconds <= 3600.0,
-                "--quiesce-timeout must be between 0 and 3600 seconds"
-            );
-            Some((seconds * 1000.0).ceil() as u64)
-        }
-        None => None,
-    };
+    let quiesce_timeout_ms = quiesce_timeout_ms(args.quiesce_timeout)?;
     let arguments = BackupBeginArgs {
         volumes: args.volumes.clone(),
         checkpoint: args.checkpoint.clone(),
@@ -362,6 +353,20 @@ fn begin(args: BeginArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     wait_for_push(&mut client, &id, args.client.json)
+}
+
+/// `--quiesce-timeout SECONDS` in milliseconds, as `backup-begin` takes it.
+pub(crate) fn quiesce_timeout_ms(seconds: Option<f64>) -> anyhow::Result<Option<u64>> {
+    match seconds {
+        Some(seconds) => {
+            anyhow::ensure!(
+                seconds.is_finite() && seconds > 0.0 && seconds <= 3600.0,
+                "--quiesce-timeout must be between 0 and 3600 seconds"
+            );
+            Ok(Some((seconds * 1000.0).ceil() as u64))
+        }
+        None => Ok(None),
+    }
 }
 
 fn is_end_of(event: &Event, id: &str) -> bool {

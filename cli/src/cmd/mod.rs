@@ -12,6 +12,7 @@ pub mod pull;
 pub mod repo;
 pub mod restore;
 pub mod serve;
+pub mod snapshot;
 pub mod update_img;
 pub mod verify;
 pub mod volume;
