@@ -53,12 +53,9 @@ impl Server {
             negotiation = negotiation.require_tls();
         }
         match self.negotiate(&mut io, negotiation).await? {
-            Step::Transmit(session) => Ok(Some((
-                session,
-                io.buffer().to_vec(),
-                io.into_inner(),
-                None,
-            ))),
+            Step::Transmit(session) => {
+                Ok(Some((session, io.buffer().to_vec(), io.into_inner(), None)))
+            }
             Step::StartTls(negotiation) => {
                 let Some(tls) = tls else {
                     return Err(ConnError::Protocol("STARTTLS without TLS settings".into()));
