@@ -11,7 +11,7 @@ use tokio::sync::oneshot;
 
 use super::listener::NbdStream;
 use super::starttls;
-use super::transmission::{transmission, Stopping, SyncSocket, STOP_POLL};
+use super::transmission::{transmission, Stopping, SyncSocket, Wire, STOP_POLL};
 use super::{Inner, Server};
 use crate::negotiate::{Negotiation, Session, Step};
 use crate::proto;
@@ -113,7 +113,16 @@ impl Server {
                     let _counted = counters.transmitting();
                     // The monitor may be gone (runtime shutting down); nobody to tell.
                     let _ = done.send(transmission(
-                        id, session, socket, leftover, tls, counters, budget, &stop,
+                        id,
+                        session,
+                        Wire {
+                            socket,
+                            leftover,
+                            tls,
+                        },
+                        counters,
+                        budget,
+                        &stop,
                     ));
                 }
             })

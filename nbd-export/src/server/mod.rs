@@ -283,9 +283,11 @@ pub fn serve_transmission(
     match transmission::transmission(
         id,
         session,
-        socket,
-        Vec::new(),
-        None,
+        transmission::Wire {
+            socket,
+            leftover: Vec::new(),
+            tls: None,
+        },
         std::sync::Arc::default(),
         config.max_in_flight_bytes,
         &stop,

@@ -227,20 +227,30 @@ enum Next {
     Stop,
 }
 
+/// The stream a connection transmits on.
+pub(super) struct Wire {
+    pub(super) socket: SyncSocket,
+    /// Plaintext read past the negotiation.
+    pub(super) leftover: Vec<u8>,
+    /// After STARTTLS: the TLS session whose record layer the workers run on `socket`.
+    pub(super) tls: Option<Established>,
+}
+
 /// Serve connection `id` until its client disconnects or the stream fails, on the
-/// calling thread and `WORKERS - 1` more of its own. `leftover` is plaintext read past
-/// the negotiation; with `tls` the workers run the record layer of that TLS session on
-/// `socket` themselves.
+/// calling thread and `WORKERS - 1` more of its own.
 pub(super) fn transmission(
     id: u64,
     session: Session,
-    socket: SyncSocket,
-    leftover: Vec<u8>,
-    tls: Option<Established>,
+    wire: Wire,
     counters: Arc<ExportCounters>,
     budget_bytes: u32,
     stop: &Stopping,
 ) -> Result<(), ConnError> {
+    let Wire {
+        socket,
+        leftover,
+        tls,
+    } = wire;
     let control = socket.try_clone()?;
     let (source, sink) = match tls {
         None => (Source::Plain(socket.try_clone()?), Sink::Plain(socket)),
