@@ -83,10 +83,11 @@ uri, n = sys.argv[1], int(sys.argv[2])
 t0 = time.monotonic()
 for _ in range(n):
     h = nbd.NBD()
+    h.set_uri_allow_local_file(True)
     h.connect_uri(uri)
     assert h.get_size() > 0
     h.shutdown()
-    h.close()
+    del h
 print(f"{n / (time.monotonic() - t0):.1f}")
 EOF
 }
