@@ -16,28 +16,10 @@
 # Env: TIDEMARK_BIN (default target/release/tidemark, built if missing), BENCH_DIR (tmp).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. benches/nbdcopy-common.sh
 size_mib=${1:-2048}
 rounds=${2:-5}
-bin=${TIDEMARK_BIN:-$PWD/target/release/tidemark}
-if [ ! -x "$bin" ]; then cargo build --release -p tidemark; fi
-for tool in nbdcopy nbdkit qemu-nbd nbd-server; do
-    command -v "$tool" >/dev/null || { echo "missing $tool: run scripts/install-deps.sh" >&2; exit 1; }
-done
-
-work=$(mktemp -d "${BENCH_DIR:-/tmp}/nbd-peers.XXXXXX")
-pids=()
-cleanup() {
-    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$work"
-}
-trap cleanup EXIT
-
-src=$work/source.img
-echo "preparing a ${size_mib} MiB source file in $work"
-head -c $((size_mib * 1024 * 1024)) /dev/urandom >"$src"
-cat "$src" >/dev/null # page-cache it
-sync                  # and let its writeback finish before the first run
+setup nbd-peers nbdcopy nbdkit qemu-nbd nbd-server
 
 # start NAME MODE FILE: starts the server on $work/NAME.sock, sets $server_pid.
 start() {
@@ -84,60 +66,31 @@ EOF
     return 1
 }
 
-stop() {
-    kill "$server_pid" 2>/dev/null || true
-    wait "$server_pid" 2>/dev/null || true
-    while kill -0 "$server_pid" 2>/dev/null; do sleep 0.05; done
-}
-
 uri() {
     if [ "$1" = nbd-server ]; then echo "nbd+unix:///default?socket=$work/$1.sock"; else echo "nbd+unix:///?socket=$work/$1.sock"; fi
-}
-
-# seconds of one nbdcopy run
-timed() {
-    local t0 t1
-    t0=$(date +%s.%N)
-    nbdcopy "$@"
-    t1=$(date +%s.%N)
-    awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.6f\n", b - a }'
 }
 
 servers=(tidemark nbdkit qemu-nbd nbd-server)
 declare -A results
 for ((round = 0; round < rounds; round++)); do
-    n=${#servers[@]}
-    for ((i = 0; i < n; i++)); do
-        if ((round % 2)); then
-            s=${servers[$(((n - 1 - i + round) % n))]}
-        else
-            s=${servers[$(((i + round) % n))]}
-        fi
+    for s in $(round_order "$round" "${servers[@]}"); do
         start "$s" read "$src"
         tr=$(timed "$(uri "$s")" null:)
         stop
         results[$s.read]+="$tr "
-        dst=$work/target.img
-        rm -f "$dst"
-        truncate -s $((size_mib * 1024 * 1024)) "$dst"
-        start "$s" write "$dst"
-        t=$(timed --flush "$src" "$(uri "$s")")
-        stop
+        timed_write "$s"
+        t=$write_secs
         results[$s.write]+="$t "
-        rm -f "$dst"
-        sync
         echo "round $((round + 1))/$rounds: $s done (read ${tr}s, write ${t}s)"
     done
 done
 
-median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
 mb=$((size_mib * 1048576))
 printf '\n%-11s %12s %12s   (median of %d paired runs, %d MiB, MB/s = 10^6 B/s)\n' server "read MB/s" "write MB/s" "$rounds" "$size_mib"
 declare -A rate
 for s in "${servers[@]}"; do
     for op in read write; do
-        m=$(echo "${results[$s.$op]}" | median)
-        rate[$s.$op]=$(awk -v b="$mb" -v t="$m" 'BEGIN { printf "%.3f", b / t / 1e6 }')
+        rate[$s.$op]=$(rate_mbps "$mb" "${results[$s.$op]}")
     done
     printf '%-11s %12.0f %12.0f\n' "$s" "${rate[$s.read]}" "${rate[$s.write]}"
 done

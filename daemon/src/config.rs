@@ -23,6 +23,8 @@ pub struct Config {
     pub tls: Option<TlsConfig>,
     /// Allow TCP without TLS (`--listen-insecure`).
     pub listen_insecure: bool,
+    /// Serve Prometheus metrics over HTTP here (`--metrics`).
+    pub metrics: Option<crate::metrics::MetricsAddr>,
 }
 
 /// NBD over TLS: QEMU's x509 credential directory and the authorization list.
@@ -84,6 +86,7 @@ impl Config {
             idle_timeout: tidemark_nbd::server::DEFAULT_IDLE_TIMEOUT,
             tls: None,
             listen_insecure: false,
+            metrics: None,
             state_dir,
         }
     }

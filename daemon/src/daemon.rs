@@ -748,6 +748,15 @@ async fn run_async(daemon: Arc<Daemon>) -> Result<(), DaemonError> {
         .await
         .map_err(DaemonError::Nbd)?;
 
+    let metrics = match &config.metrics {
+        Some(addr) => Some(
+            crate::metrics::serve(Arc::clone(&daemon), addr, stop_rx.clone())
+                .await
+                .map_err(io_step(format!("serving metrics on {addr}")))?,
+        ),
+        None => None,
+    };
+
     let control = tidemark_nbd::server::bind_private(&config.control_socket)
         .and_then(|listener| {
             listener.set_nonblocking(true)?;
@@ -796,6 +805,9 @@ async fn run_async(daemon: Arc<Daemon>) -> Result<(), DaemonError> {
             .unwrap_or_default(),
         config.control_socket.display()
     );
+    if let Some(addr) = &config.metrics {
+        eprintln!("tidemark serve: metrics on {addr}");
+    }
     if config.listen.is_some() && config.tls.is_none() {
         tracing::warn!(
             "NBD over TCP without TLS (--listen-insecure): anyone who reaches the port can \
@@ -835,6 +847,9 @@ async fn run_async(daemon: Arc<Daemon>) -> Result<(), DaemonError> {
     let _ = stop_tx.send(true);
     let _ = control_task.await;
     let _ = monitor.await;
+    if let Some(metrics) = metrics {
+        metrics.stopped().await;
+    }
     nbd_task.stop().await;
     {
         let daemon = Arc::clone(&daemon);

@@ -8,7 +8,8 @@
 //!   jobs, `volumes` is the facade over engine volumes, snapshots, quiescing and the NBD
 //!   server;
 //! - [`export`]: the adapters that make engine volumes and snapshots NBD exports;
-//! - [`client`]: a blocking client of the control socket.
+//! - [`client`]: a blocking client of the control socket;
+//! - `metrics`: `serve --metrics`, the Prometheus endpoint.
 //!
 //! Dependencies point one way: this crate joins the engine and the NBD server, neither
 //! knows the other.
@@ -22,6 +23,7 @@ mod config;
 mod daemon;
 pub mod export;
 mod lock;
+mod metrics;
 pub mod protocol;
 mod push;
 pub mod server;
@@ -31,5 +33,6 @@ pub use config::{
     default_state_dir, Config, NoStateDir, TlsConfig, TlsConfigError, CONTROL_SOCKET,
 };
 pub use daemon::{run, Daemon, DaemonError};
+pub use metrics::MetricsAddr;
 
 pub(crate) use tidemark_engine::error::chain as error_chain;

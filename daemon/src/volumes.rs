@@ -456,6 +456,11 @@ impl NbdServer {
         drop(self.server.remove_export(name));
     }
 
+    /// Every export's NBD activity (metrics).
+    pub fn export_stats(&self) -> Vec<tidemark_nbd::server::ExportStats> {
+        self.server.export_stats()
+    }
+
     pub fn has_export(&self, name: &str) -> bool {
         self.server.export_names().iter().any(|n| n == name)
     }

@@ -59,6 +59,13 @@ pub struct Args {
     /// seconds, or with a unit: 90s, 15m, 1h.
     #[arg(long, value_name = "DURATION", default_value = "15m", value_parser = parse_duration)]
     pub idle_timeout: Duration,
+
+    /// Serve Prometheus metrics (OpenMetrics text over HTTP, at /metrics) on HOST:PORT,
+    /// e.g. 127.0.0.1:9470, or on a Unix socket PATH (mode 0600): per volume dirty
+    /// blocks, COW store use and last backup; NBD bytes and connections per export;
+    /// backup jobs by state.
+    #[arg(long, value_name = "HOST:PORT|PATH")]
+    pub metrics: Option<tidemark_daemon::MetricsAddr>,
 }
 
 /// `90`, `90s`, `15m`, `1h`: a whole number of seconds, minutes or hours, at least 1 s.
@@ -98,6 +105,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         idle_timeout: args.idle_timeout,
         tls: args.tls.config(),
         listen_insecure: args.tls.listen_insecure,
+        metrics: args.metrics,
         state_dir,
     };
     tidemark_daemon::run(config)?;

@@ -197,11 +197,23 @@ pub(super) fn execute(conn: &Conn, req: &Request, payload: Option<Vec<u8>>) -> R
         })
     };
     match req.command {
-        Command::Read => read_reply(conn, req),
+        Command::Read => match read_reply(conn, req) {
+            Ok(reply) => {
+                conn.counters.read(req.length);
+                reply
+            }
+            Err(e) => {
+                tracing::debug!("READ at {} failed: {e}", req.offset);
+                Reply::bytes(error_reply(mode, req, e.errno, &e.message))
+            }
+        },
         Command::Write => {
             let data = payload.unwrap_or_default();
             let result = export.write(req.offset, &data[..req.length as usize], fua);
             conn.pool.put(data);
+            if result.is_ok() {
+                conn.counters.written(req.length);
+            }
             done(result)
         }
         Command::Flush => done(export.flush()),
@@ -228,25 +240,21 @@ pub(super) fn execute(conn: &Conn, req: &Request, payload: Option<Vec<u8>>) -> R
 
 /// READ: a simple reply, one OFFSET_DATA chunk, or data and hole chunks where the export
 /// knows its holes (never with DF); large data straight from the backing file if any.
-fn read_reply(conn: &Conn, req: &Request) -> Reply {
+fn read_reply(conn: &Conn, req: &Request) -> Result<Reply, ExportError> {
     let session = &conn.session;
     let mode = session.mode;
     let len = req.length as usize;
-    let fail = |e: ExportError| {
-        tracing::debug!("READ at {} failed: {e}", req.offset);
-        Reply::bytes(error_reply(mode, req, e.errno, &e.message))
-    };
-    let from_file = len >= SENDFILE_MIN && session.export.backing_file().is_some();
+    let from_file = conn.sendfile && len >= SENDFILE_MIN && session.export.backing_file().is_some();
     if mode == HeaderMode::Simple && from_file {
         let mut head = Vec::with_capacity(proto::SIMPLE_REPLY_LEN);
         proto::encode_simple_reply(&mut head, req.cookie, 0);
-        return Reply::File {
+        return Ok(Reply::File {
             head,
             offset: req.offset,
             len,
             tail: Vec::new(),
             failed: None,
-        };
+        });
     }
     if mode == HeaderMode::Simple {
         let mut buf = conn.pool.get(proto::SIMPLE_REPLY_LEN + len);
@@ -255,21 +263,18 @@ fn read_reply(conn: &Conn, req: &Request) -> Reply {
             &mut buf[proto::SIMPLE_REPLY_LEN..proto::SIMPLE_REPLY_LEN + len],
         ) {
             conn.pool.put(buf);
-            return fail(e);
+            return Err(e);
         }
         let mut header = Vec::with_capacity(proto::SIMPLE_REPLY_LEN);
         proto::encode_simple_reply(&mut header, req.cookie, 0);
         buf[..proto::SIMPLE_REPLY_LEN].copy_from_slice(&header);
-        return Reply::Bytes(buf, proto::SIMPLE_REPLY_LEN + len);
+        return Ok(Reply::Bytes(buf, proto::SIMPLE_REPLY_LEN + len));
     }
     let caps = session.export.capabilities();
     if caps.knows_holes && req.flags & cflags::DF == 0 {
         match allocation_map(session.export.as_ref(), req.offset, req.length) {
             Ok(map) if map.len() > 1 || map.first().is_some_and(|&(_, zero)| zero) => {
-                return match sparse_read_reply(conn, req, &map) {
-                    Ok(reply) => Reply::bytes(reply),
-                    Err(e) => fail(e),
-                };
+                return sparse_read_reply(conn, req, &map).map(Reply::bytes);
             }
             Ok(_) => {}
             // Not knowing is no reason to fail a read.
@@ -291,7 +296,7 @@ fn read_reply(conn: &Conn, req: &Request) -> Reply {
         head.extend_from_slice(&req.offset.to_be_bytes());
         let mut tail = Vec::with_capacity(mode.chunk_header_len());
         proto::encode_none_chunk(&mut tail, mode, req.cookie, req.offset);
-        return Reply::File {
+        return Ok(Reply::File {
             head,
             offset: req.offset,
             len,
@@ -302,13 +307,13 @@ fn read_reply(conn: &Conn, req: &Request) -> Reply {
                 Errno::Io,
                 format!("reading {len} bytes at {} failed", req.offset),
             )),
-        };
+        });
     }
     let hlen = mode.chunk_header_len() + 8;
     let mut buf = conn.pool.get(hlen + len);
     if let Err(e) = session.export.read(req.offset, &mut buf[hlen..hlen + len]) {
         conn.pool.put(buf);
-        return fail(e);
+        return Err(e);
     }
     proto::write_chunk_header(
         &mut buf,
@@ -320,7 +325,7 @@ fn read_reply(conn: &Conn, req: &Request) -> Reply {
         8 + len as u64,
     );
     buf[hlen - 8..hlen].copy_from_slice(&req.offset.to_be_bytes());
-    Reply::Bytes(buf, hlen + len)
+    Ok(Reply::Bytes(buf, hlen + len))
 }
 
 /// The range as (length, reads-as-zero) runs, merged, covering it exactly.

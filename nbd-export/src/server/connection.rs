@@ -11,18 +11,21 @@ use tokio::sync::oneshot;
 
 use super::listener::NbdStream;
 use super::starttls;
-use super::transmission::{transmission, Stopping, SyncSocket, STOP_POLL};
+use super::transmission::{transmission, Stopping, SyncSocket, Wire, STOP_POLL};
 use super::{Inner, Server};
 use crate::negotiate::{Negotiation, Session, Step};
 use crate::proto;
 
+/// A negotiated connection: the session, any plaintext read past the negotiation, the
+/// stream to transmit on and, after STARTTLS, the TLS session that runs on it.
+pub(super) type Handshaken = (Session, Vec<u8>, NbdStream, Option<starttls::Established>);
+
 impl Server {
-    /// Negotiate (with the TLS handshake, when required) under the time limit; the
-    /// session, any bytes read past it, and the stream to transmit on.
+    /// Negotiate (with the TLS handshake, when required) under the time limit.
     pub(super) async fn handshake(
         &self,
         stream: NbdStream,
-    ) -> Result<Option<(Session, Vec<u8>, NbdStream)>, ConnError> {
+    ) -> Result<Option<Handshaken>, ConnError> {
         let limit = self.inner.config.handshake_timeout;
         match tokio::time::timeout(limit, self.greet_and_negotiate(stream)).await {
             Ok(result) => result,
@@ -35,7 +38,7 @@ impl Server {
     async fn greet_and_negotiate(
         &self,
         stream: NbdStream,
-    ) -> Result<Option<(Session, Vec<u8>, NbdStream)>, ConnError> {
+    ) -> Result<Option<Handshaken>, ConnError> {
         let tls = match &*self.inner.tls.read().unwrap_or_else(|e| e.into_inner()) {
             Some((tls, unix)) if *unix || matches!(stream, NbdStream::Tcp(_)) => Some(tls.clone()),
             _ => None,
@@ -50,7 +53,9 @@ impl Server {
             negotiation = negotiation.require_tls();
         }
         match self.negotiate(&mut io, negotiation).await? {
-            Step::Transmit(session) => Ok(Some((session, io.buffer().to_vec(), io.into_inner()))),
+            Step::Transmit(session) => {
+                Ok(Some((session, io.buffer().to_vec(), io.into_inner(), None)))
+            }
             Step::StartTls(negotiation) => {
                 let Some(tls) = tls else {
                     return Err(ConnError::Protocol("STARTTLS without TLS settings".into()));
@@ -64,8 +69,8 @@ impl Server {
                 {
                     Step::Transmit(session) => {
                         let leftover = io.buffer().to_vec();
-                        let stream = starttls::pump(io.into_inner())?;
-                        Ok(Some((session, leftover, stream)))
+                        let (stream, tls) = starttls::establish(io.into_inner());
+                        Ok(Some((session, leftover, stream, Some(tls))))
                     }
                     _ => Ok(None),
                 }
@@ -75,17 +80,17 @@ impl Server {
     }
 
     pub(super) async fn connection(&self, stream: NbdStream) -> Result<(), ConnError> {
-        let Some((session, leftover, stream)) = self.handshake(stream).await? else {
+        let Some((session, leftover, stream, tls)) = self.handshake(stream).await? else {
             return Ok(());
         };
-        let mut removed = match self
+        let (mut removed, counters) = match self
             .inner
             .exports
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .get(&session.name)
         {
-            Some(entry) => entry.removed.subscribe(),
+            Some(entry) => (entry.removed.subscribe(), entry.counters.clone()),
             // Removed during the handshake.
             None => return Ok(()),
         };
@@ -105,8 +110,20 @@ impl Server {
             .spawn({
                 let stop = stop.clone();
                 move || {
+                    let _counted = counters.transmitting();
                     // The monitor may be gone (runtime shutting down); nobody to tell.
-                    let _ = done.send(transmission(id, session, socket, leftover, budget, &stop));
+                    let _ = done.send(transmission(
+                        id,
+                        session,
+                        Wire {
+                            socket,
+                            leftover,
+                            tls,
+                        },
+                        counters,
+                        budget,
+                        &stop,
+                    ));
                 }
             })
             .map_err(ConnError::Thread)?;

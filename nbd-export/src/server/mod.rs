@@ -33,6 +33,12 @@
 //! NONE chunk (so an error found while sending can still be reported); a write payload is
 //! copied once, from the socket into its buffer.
 //!
+//! After STARTTLS the same threads run the TLS record layer themselves on the plain
+//! socket: the rustls session leaves tokio-rustls when negotiation ends and is shared
+//! under a lock held only to feed, decrypt, seal and take out records, never across a
+//! socket call (see `starttls`); READ data is sealed from the pooled buffer (no
+//! sendfile, which cannot encrypt) and sent under the reply lock.
+//!
 //! Resources are bounded against many or careless clients: at most
 //! [`ServerConfig::max_connections`] connections are served at once. A client past the
 //! cap gets the greeting and then NBD_REP_ERR_POLICY, with a message saying the server is
@@ -77,6 +83,7 @@ mod transmission;
 
 pub use listener::{bind_private, NbdListener, NbdStream};
 use registry::Entry;
+pub use registry::ExportStats;
 
 /// The default of [`ServerConfig::max_connections`] (`--max-connections`).
 pub const DEFAULT_MAX_CONNECTIONS: usize = 64;
@@ -276,8 +283,12 @@ pub fn serve_transmission(
     match transmission::transmission(
         id,
         session,
-        socket,
-        Vec::new(),
+        transmission::Wire {
+            socket,
+            leftover: Vec::new(),
+            tls: None,
+        },
+        std::sync::Arc::default(),
         config.max_in_flight_bytes,
         &stop,
     ) {

@@ -1,5 +1,6 @@
 //! The registry of named exports, and its view for negotiation.
 
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use tokio::sync::watch;
@@ -13,6 +14,55 @@ pub(super) struct Entry {
     pub(super) export: Arc<dyn Export>,
     /// Flipped to true when the export is removed: its connections close.
     pub(super) removed: watch::Sender<bool>,
+    pub(super) counters: Arc<ExportCounters>,
+}
+
+/// What an export has served, counted by its connections as they run.
+#[derive(Debug, Default)]
+pub(super) struct ExportCounters {
+    transmitting: AtomicUsize,
+    bytes_read: AtomicU64,
+    bytes_written: AtomicU64,
+}
+
+impl ExportCounters {
+    /// A READ of `len` bytes succeeded.
+    pub(super) fn read(&self, len: u64) {
+        self.bytes_read.fetch_add(len, Ordering::Relaxed);
+    }
+
+    /// A WRITE of `len` bytes succeeded.
+    pub(super) fn written(&self, len: u64) {
+        self.bytes_written.fetch_add(len, Ordering::Relaxed);
+    }
+
+    /// Count a connection in transmission until the guard drops.
+    pub(super) fn transmitting(self: &Arc<Self>) -> Transmitting {
+        self.transmitting.fetch_add(1, Ordering::Relaxed);
+        Transmitting(self.clone())
+    }
+}
+
+/// A connection counted in [`ExportStats::connections`] while it lives.
+pub(super) struct Transmitting(Arc<ExportCounters>);
+
+impl Drop for Transmitting {
+    fn drop(&mut self) {
+        self.0.transmitting.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// An export's activity since it was added, for metrics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExportStats {
+    /// The export's name.
+    pub name: String,
+    /// Connections in the transmission phase on it now.
+    pub connections: usize,
+    /// Bytes of successful READs.
+    pub bytes_read: u64,
+    /// Bytes of successful WRITEs.
+    pub bytes_written: u64,
 }
 
 impl Server {
@@ -30,7 +80,14 @@ impl Server {
             return Err(ServerError::DuplicateExport(name.to_string()));
         }
         let (removed, _) = watch::channel(false);
-        exports.insert(name.to_string(), Entry { export, removed });
+        exports.insert(
+            name.to_string(),
+            Entry {
+                export,
+                removed,
+                counters: Arc::default(),
+            },
+        );
         Ok(())
     }
 
@@ -55,6 +112,23 @@ impl Server {
             .unwrap_or_else(|e| e.into_inner())
             .keys()
             .cloned()
+            .collect()
+    }
+
+    /// Every export's activity, by name. The counts cover connections through this
+    /// server, not [`serve_transmission`](super::serve_transmission) streams.
+    pub fn export_stats(&self) -> Vec<ExportStats> {
+        self.inner
+            .exports
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(name, entry)| ExportStats {
+                name: name.clone(),
+                connections: entry.counters.transmitting.load(Ordering::Relaxed),
+                bytes_read: entry.counters.bytes_read.load(Ordering::Relaxed),
+                bytes_written: entry.counters.bytes_written.load(Ordering::Relaxed),
+            })
             .collect()
     }
 }

@@ -6,12 +6,14 @@ use std::io::{self, BufRead, Read, Write};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use super::command::{error_reply, execute, validate, Reply};
 use super::connection::ConnError;
 use super::listener::NbdStream;
+use super::registry::ExportCounters;
+use super::starttls::{Established, TlsReader, TlsWriter};
 use crate::export::Errno;
 use crate::negotiate::Session;
 use crate::proto::{self, cflags, Command, HeaderMode, Request};
@@ -51,6 +53,11 @@ impl BufferPool {
 pub(super) struct Conn {
     pub(super) session: Session,
     pub(super) pool: BufferPool,
+    /// Where successful READs and WRITEs are counted.
+    pub(super) counters: Arc<ExportCounters>,
+    /// Large READs may be sent from the backing file with sendfile(2) (not under TLS,
+    /// whose records are sealed in user space).
+    pub(super) sendfile: bool,
 }
 
 /// A connected socket in blocking mode, for the transmission workers.
@@ -173,9 +180,42 @@ impl Budget {
     }
 }
 
+/// Where requests come from: the socket, or the TLS session running on it.
+enum Source {
+    Plain(SyncSocket),
+    Tls(TlsReader),
+}
+
+impl Read for Source {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Source::Plain(socket) => socket.read(buf),
+            Source::Tls(tls) => tls.read(buf),
+        }
+    }
+}
+
+/// Where replies go: the socket, or the TLS session running on it.
+enum Sink {
+    Plain(SyncSocket),
+    Tls(TlsWriter),
+}
+
+impl Sink {
+    fn send(&mut self, reply: &Reply, file: Option<&File>) -> io::Result<()> {
+        match (self, reply) {
+            (Sink::Plain(socket), reply) => send_reply(socket, reply, file),
+            (Sink::Tls(tls), Reply::Bytes(buf, len)) => tls.write_all(&buf[..*len]),
+            (Sink::Tls(_), Reply::File { .. }) => Err(io::Error::other(
+                "a sendfile reply on a TLS connection (sendfile is off under TLS)",
+            )),
+        }
+    }
+}
+
 /// The request side of a connection: one worker at a time reads a request and its payload.
 struct Requests {
-    reader: io::BufReader<io::Chain<io::Cursor<Vec<u8>>, SyncSocket>>,
+    reader: io::BufReader<io::Chain<io::Cursor<Vec<u8>>, Source>>,
     /// Set when the stream ended, failed, or must not be read further.
     closed: bool,
 }
@@ -187,26 +227,56 @@ enum Next {
     Stop,
 }
 
+/// The stream a connection transmits on.
+pub(super) struct Wire {
+    pub(super) socket: SyncSocket,
+    /// Plaintext read past the negotiation.
+    pub(super) leftover: Vec<u8>,
+    /// After STARTTLS: the TLS session whose record layer the workers run on `socket`.
+    pub(super) tls: Option<Established>,
+}
+
 /// Serve connection `id` until its client disconnects or the stream fails, on the
 /// calling thread and `WORKERS - 1` more of its own.
 pub(super) fn transmission(
     id: u64,
     session: Session,
-    socket: SyncSocket,
-    leftover: Vec<u8>,
+    wire: Wire,
+    counters: Arc<ExportCounters>,
     budget_bytes: u32,
     stop: &Stopping,
 ) -> Result<(), ConnError> {
-    let writer = Mutex::new(socket.try_clone()?);
+    let Wire {
+        socket,
+        leftover,
+        tls,
+    } = wire;
     let control = socket.try_clone()?;
+    let (source, sink) = match tls {
+        None => (Source::Plain(socket.try_clone()?), Sink::Plain(socket)),
+        Some(tls) => {
+            let shared = Arc::new(Mutex::new(tls.session));
+            (
+                Source::Tls(TlsReader::new(
+                    socket.try_clone()?,
+                    shared.clone(),
+                    tls.ciphertext,
+                )),
+                Sink::Tls(TlsWriter::new(socket, shared)),
+            )
+        }
+    };
+    let writer = Mutex::new(sink);
     let conn = Conn {
         session,
         pool: BufferPool::default(),
+        counters,
+        sendfile: matches!(source, Source::Plain(_)),
     };
     let requests = Mutex::new(Requests {
         reader: io::BufReader::with_capacity(
             64 * 1024,
-            Read::chain(io::Cursor::new(leftover), socket),
+            Read::chain(io::Cursor::new(leftover), source),
         ),
         closed: false,
     });
@@ -266,11 +336,10 @@ pub(super) fn transmission(
                 (reply, cost)
             }
         };
-        let written = send_reply(
-            &mut writer.lock().unwrap_or_else(|e| e.into_inner()),
-            &reply,
-            conn.session.export.backing_file(),
-        );
+        let written = writer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .send(&reply, conn.session.export.backing_file());
         if let Reply::Bytes(buf, _) = reply {
             conn.pool.put(buf);
         }
@@ -299,6 +368,9 @@ pub(super) fn transmission(
         }
         worker();
     });
+    if let Sink::Tls(tls) = &mut *writer.lock().unwrap_or_else(|e| e.into_inner()) {
+        tls.close();
+    }
     let _ = control.shutdown(std::net::Shutdown::Both);
     match failure.into_inner().unwrap_or_else(|e| e.into_inner()) {
         Some(err) => Err(err),
@@ -316,8 +388,12 @@ fn next_request(
     let mode = conn.session.mode;
     let header_len = mode.request_len();
     let mut header = [0u8; proto::EXTENDED_REQUEST_LEN];
-    stop.reader_idle
-        .store(requests.reader.buffer().is_empty(), Ordering::SeqCst);
+    let buffered = !requests.reader.buffer().is_empty()
+        || match requests.reader.get_ref().get_ref().1 {
+            Source::Plain(_) => false,
+            Source::Tls(tls) => tls.buffered(),
+        };
+    stop.reader_idle.store(!buffered, Ordering::SeqCst);
     let read = requests.reader.read_exact(&mut header[..header_len]);
     stop.reader_idle.store(false, Ordering::SeqCst);
     match read {

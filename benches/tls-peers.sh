@@ -1,0 +1,140 @@
+#!/usr/bin/env bash
+# NBD over TLS on TCP 127.0.0.1, side by side with the peers, in one run (issue 19).
+#
+# Reads: nbdcopy copies a page-cached file (2 GiB by default) from each server to `null:`.
+# Writes: nbdcopy copies that file into a fresh writable export of each server and flushes
+# (--flush). Servers, all with the same certificates (a test CA, an ECDSA P-256 server
+# certificate, client certificates required):
+#   tidemark     `tidemark export --listen --tls-creds`
+#   qemu-nbd     --object tls-creds-x509,...,endpoint=server,verify-peer=on --tls-creds
+#   nbdkit       --tls=require --tls-certificates --tls-verify-peer, file plugin
+#   plain        `tidemark export --listen --listen-insecure` (TCP without TLS: what TLS costs)
+# Handshakes: a python3-libnbd loop (connect, STARTTLS, TLS handshake, GO, disconnect)
+# against each TLS server, in handshakes per second.
+# Every round runs each server once, in a rotating order that runs backwards in odd
+# rounds; the figure per server is the median over rounds, ratios are tidemark / peer
+# (>1 = faster). The load average is printed with each run: the machine is shared.
+#
+# Usage: bash benches/tls-peers.sh [SIZE_MIB] [ROUNDS] [HANDSHAKES]   (defaults: 2048 3 200)
+# Env: TIDEMARK_BIN (default target/release/tidemark, built if missing), BENCH_DIR (tmp).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. benches/nbdcopy-common.sh
+size_mib=${1:-2048}
+rounds=${2:-3}
+handshakes=${3:-200}
+setup tls-peers nbdcopy nbdkit qemu-nbd
+/usr/bin/python3 -c "import nbd" || { echo "missing python3-libnbd: run scripts/install-deps.sh" >&2; exit 1; }
+
+/usr/bin/python3 tests/src/tls_certs.py "$work/certs" >/dev/null
+creds=$work/certs/server
+client=$work/certs/admin
+
+port=$((20000 + RANDOM % 20000))
+
+# start NAME MODE FILE: starts the server on 127.0.0.1:$port, sets $server_pid.
+start() {
+    local name=$1 mode=$2 file=$3 ro=()
+    port=$((port + 1))
+    case $name in
+    tidemark | plain)
+        [ "$mode" = read ] && ro=(--read-only)
+        local tls=(--tls-creds "$creds")
+        [ "$name" = plain ] && tls=(--listen-insecure)
+        "$bin" export "$file" "${ro[@]}" --listen "127.0.0.1:$port" --name disk "${tls[@]}" \
+            >/dev/null 2>&1 &
+        ;;
+    qemu-nbd)
+        [ "$mode" = read ] && ro=(-r)
+        qemu-nbd -f raw -t -e 16 "${ro[@]}" --cache=writeback --aio=threads \
+            --object "tls-creds-x509,id=tls0,dir=$creds,endpoint=server,verify-peer=on" \
+            --tls-creds tls0 -b 127.0.0.1 -p "$port" -x disk "$file" &
+        ;;
+    nbdkit)
+        [ "$mode" = read ] && ro=(-r)
+        nbdkit -f -i 127.0.0.1 -p "$port" "${ro[@]}" --tls=require \
+            "--tls-certificates=$creds" --tls-verify-peer file "file=$file" &
+        ;;
+    esac
+    server_pid=$!
+    pids+=("$server_pid")
+    for _ in $(seq 200); do
+        (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && return 0
+        sleep 0.05
+    done
+    echo "$name did not start" >&2
+    return 1
+}
+
+uri() {
+    if [ "$1" = plain ]; then
+        echo "nbd://127.0.0.1:$port/disk"
+    else
+        echo "nbds://127.0.0.1:$port/disk?tls-certificates=$client"
+    fi
+}
+
+# handshakes per second against the server on $port
+handshake_rate() {
+    /usr/bin/python3 - "$1" "$handshakes" <<'EOF'
+import sys, time
+import nbd
+uri, n = sys.argv[1], int(sys.argv[2])
+t0 = time.monotonic()
+for _ in range(n):
+    h = nbd.NBD()
+    h.set_uri_allow_local_file(True)
+    h.connect_uri(uri)
+    assert h.get_size() > 0
+    h.shutdown()
+    del h
+print(f"{n / (time.monotonic() - t0):.1f}")
+EOF
+}
+
+load() { cut -d' ' -f1 /proc/loadavg; }
+
+servers=(tidemark qemu-nbd nbdkit plain)
+declare -A results loads
+for ((round = 0; round < rounds; round++)); do
+    for s in $(round_order "$round" "${servers[@]}"); do
+        start "$s" read "$src"
+        l=$(load)
+        tr=$(timed "$(uri "$s")" null:)
+        hs=-
+        if [ "$s" != plain ]; then hs=$(handshake_rate "$(uri "$s")"); fi
+        stop
+        results[$s.read]+="$tr "
+        results[$s.hs]+="$hs "
+        timed_write "$s"
+        t=$write_secs
+        results[$s.write]+="$t "
+        loads[$s]+="$l "
+        echo "round $((round + 1))/$rounds: $s (load $l): read ${tr}s, write ${t}s, handshakes/s $hs"
+    done
+done
+
+mb=$((size_mib * 1048576))
+printf '\n%-9s %10s %10s %12s   %s\n' server "read MB/s" "write MB/s" "handshakes/s" "load at each run"
+printf '(median of %d paired runs, %d MiB over TCP 127.0.0.1, MB/s = 10^6 B/s)\n' "$rounds" "$size_mib"
+declare -A rate
+for s in "${servers[@]}"; do
+    for op in read write; do
+        rate[$s.$op]=$(rate_mbps "$mb" "${results[$s.$op]}")
+    done
+    rate[$s.hs]=-
+    if [ "$s" != plain ]; then rate[$s.hs]=$(echo "${results[$s.hs]}" | median); fi
+    printf '%-9s %10.0f %10.0f %12s   %s\n' "$s" "${rate[$s.read]}" "${rate[$s.write]}" \
+        "${rate[$s.hs]}" "${loads[$s]}"
+done
+echo
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
+for s in qemu-nbd nbdkit; do
+    printf 'tidemark / %-8s read %sx  write %sx  handshakes %sx\n' "$s" \
+        "$(ratio "${rate[tidemark.read]}" "${rate[$s.read]}")" \
+        "$(ratio "${rate[tidemark.write]}" "${rate[$s.write]}")" \
+        "$(ratio "${rate[tidemark.hs]}" "${rate[$s.hs]}")"
+done
+printf 'tidemark TLS / plain TCP: read %sx  write %sx\n' \
+    "$(ratio "${rate[tidemark.read]}" "${rate[plain.read]}")" \
+    "$(ratio "${rate[tidemark.write]}" "${rate[plain.write]}")"
