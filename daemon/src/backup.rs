@@ -411,18 +411,15 @@ pub(crate) fn begin(
         json!({"id": id, "volumes": names, "mode": report["mode"]}),
     );
     if let Some((format, jobs, progress)) = push {
-        let repo_jobs = jobs
-            .iter()
-            .all(|(_, target)| is_repo(target))
-            .then(|| {
-                names
-                    .iter()
-                    .zip(&jobs)
-                    .map(|(name, (snapshot, target))| {
-                        (name.clone(), Arc::clone(snapshot), target.clone())
-                    })
-                    .collect::<Vec<_>>()
-            });
+        let repo_jobs = jobs.iter().all(|(_, target)| is_repo(target)).then(|| {
+            names
+                .iter()
+                .zip(&jobs)
+                .map(|(name, (snapshot, target))| {
+                    (name.clone(), Arc::clone(snapshot), target.clone())
+                })
+                .collect::<Vec<_>>()
+        });
         let worker_daemon = Arc::clone(daemon);
         let new_checkpoint = checkpoint.clone();
         let worker_id = id.clone();

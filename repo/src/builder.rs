@@ -80,8 +80,8 @@ impl PointBuilder {
                 names.granularity
             )));
         }
-        let lock = RepoLock::acquire(repo, &format!("backup of {}", names.volume), break_lock)
-            .await?;
+        let lock =
+            RepoLock::acquire(repo, &format!("backup of {}", names.volume), break_lock).await?;
         let (map, base) = match prepare(repo, names, size).await {
             Ok(ready) => ready,
             Err(err) => {

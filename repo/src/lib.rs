@@ -422,7 +422,6 @@ pub fn inflate_chunk(blob: &[u8], id: &ChunkId, at: &Location) -> Result<Vec<u8>
 }
 
 impl Repository {
-
     /// Write a point index (create-only): the last step of a backup.
     pub async fn put_point(&self, point: &PointIndex) -> Result<()> {
         let path = point_path(&point.volume, &point.checkpoint);

@@ -672,7 +672,8 @@ fn repo_export_of_an_s3_point_reads_equal_with_nbdcopy_and_maps_its_holes() {
     )
     .expect("nbdinfo");
     assert!(
-        info.stdout.contains("tidemark repository point disk@a of volume disk")
+        info.stdout
+            .contains("tidemark repository point disk@a of volume disk")
             && info.stdout.contains(UUID),
         "{}",
         info.stdout
@@ -806,14 +807,21 @@ fn kill_9_during_prune_leaves_a_repository_that_verifies_and_a_rerun_prunes() {
         // Kill it as soon as it has deleted its first point index.
         let deadline = Instant::now() + Duration::from_secs(60);
         while point_objects(&repo) == 6 && child.try_wait().unwrap().is_none() {
-            assert!(Instant::now() < deadline, "the prune deleted nothing in 60 s");
+            assert!(
+                Instant::now() < deadline,
+                "the prune deleted nothing in 60 s"
+            );
         }
         child.kill().expect("kill -9");
         let _ = child.wait();
         let killed_inside = repo.join("lock").exists();
 
         let report = json(&["repo", "verify", url, "--read-data"], &[]);
-        assert_eq!(report["problems"], Value::Array(vec![]), "trial {trial}: {report}");
+        assert_eq!(
+            report["problems"],
+            Value::Array(vec![]),
+            "trial {trial}: {report}"
+        );
         let listed = json(&["repo", "list", url], &[]);
         let points: Vec<&str> = listed
             .as_array()
@@ -824,10 +832,20 @@ fn kill_9_during_prune_leaves_a_repository_that_verifies_and_a_rerun_prunes() {
         assert!(points.contains(&"disk@c5"), "trial {trial}: {points:?}");
         let dest = dir.path().join("restored.img");
         ok(
-            &["repo", "restore", url, "disk@c5", "--into", dest.to_str().unwrap()],
+            &[
+                "repo",
+                "restore",
+                url,
+                "disk@c5",
+                "--into",
+                dest.to_str().unwrap(),
+            ],
             &[],
         );
-        assert!(std::fs::read(&dest).unwrap() == images[5], "trial {trial}: c5 differs");
+        assert!(
+            std::fs::read(&dest).unwrap() == images[5],
+            "trial {trial}: c5 differs"
+        );
         std::fs::remove_file(&dest).unwrap();
 
         // The rerun breaks the dead prune's lock and finishes its work.
@@ -842,10 +860,20 @@ fn kill_9_during_prune_leaves_a_repository_that_verifies_and_a_rerun_prunes() {
         assert_eq!(report["problems"], Value::Array(vec![]), "{report}");
         assert_eq!(report["packs"].as_u64(), Some(packs(&repo).len() as u64));
         ok(
-            &["repo", "restore", url, "disk@c5", "--into", dest.to_str().unwrap()],
+            &[
+                "repo",
+                "restore",
+                url,
+                "disk@c5",
+                "--into",
+                dest.to_str().unwrap(),
+            ],
             &[],
         );
-        assert!(std::fs::read(&dest).unwrap() == images[5], "c5 differs after the rerun");
+        assert!(
+            std::fs::read(&dest).unwrap() == images[5],
+            "c5 differs after the rerun"
+        );
         std::fs::remove_file(&dest).unwrap();
         std::fs::remove_dir_all(&repo).unwrap();
         if killed_inside {
@@ -881,19 +909,42 @@ fn daemon_push_to_a_repository_stores_points_and_confirms_the_checkpoint_only_af
     let restore_equals = |point: &str, model: &Model| {
         let dest = dir.path().join("restored.img");
         ok(
-            &["repo", "restore", url, point, "--into", dest.to_str().unwrap()],
+            &[
+                "repo",
+                "restore",
+                url,
+                point,
+                "--into",
+                dest.to_str().unwrap(),
+            ],
             &[],
         );
         model.assert_equals_file(&dest, &format!("restore of {point}"));
         std::fs::remove_file(&dest).unwrap();
     };
 
-    let report = daemon.cli_json(&["backup", "begin", "vm1", "--checkpoint", "c0", "--push", &target]);
+    let report = daemon.cli_json(&[
+        "backup",
+        "begin",
+        "vm1",
+        "--checkpoint",
+        "c0",
+        "--push",
+        &target,
+    ]);
     assert_eq!(report["push_result"][0]["point"], "vm1@c0", "{report}");
     let full = model.clone();
     qemu_io(&live, &random_writes(&mut model, &mut rng, 10));
     let report = daemon.cli_json(&[
-        "backup", "begin", "vm1", "--incremental", "c0", "--checkpoint", "c1", "--push", &target,
+        "backup",
+        "begin",
+        "vm1",
+        "--incremental",
+        "c0",
+        "--checkpoint",
+        "c1",
+        "--push",
+        &target,
     ]);
     assert_eq!(report["push_result"][0]["point"], "vm1@c1", "{report}");
     assert_eq!(report["push_result"][0]["parent"], "c0", "{report}");
@@ -912,7 +963,15 @@ fn daemon_push_to_a_repository_stores_points_and_confirms_the_checkpoint_only_af
     std::fs::write(repo.join("points/vm1/c2"), b"in the way").unwrap();
     qemu_io(&live, &random_writes(&mut model, &mut rng, 5));
     let out = daemon.cli(&[
-        "backup", "begin", "vm1", "--incremental", "c1", "--checkpoint", "c2", "--push", &target,
+        "backup",
+        "begin",
+        "vm1",
+        "--incremental",
+        "c1",
+        "--checkpoint",
+        "c2",
+        "--push",
+        &target,
     ]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -920,7 +979,15 @@ fn daemon_push_to_a_repository_stores_points_and_confirms_the_checkpoint_only_af
         "a push whose point could not be written succeeded: {stderr}"
     );
     let out = daemon.cli(&[
-        "backup", "begin", "vm1", "--incremental", "c2", "--checkpoint", "c3", "--push", &target,
+        "backup",
+        "begin",
+        "vm1",
+        "--incremental",
+        "c2",
+        "--checkpoint",
+        "c3",
+        "--push",
+        &target,
     ]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -930,7 +997,15 @@ fn daemon_push_to_a_repository_stores_points_and_confirms_the_checkpoint_only_af
     // From the confirmed c1 it works, and the repository verifies.
     std::fs::remove_file(repo.join("points/vm1/c2")).unwrap();
     let report = daemon.cli_json(&[
-        "backup", "begin", "vm1", "--incremental", "c1", "--checkpoint", "c4", "--push", &target,
+        "backup",
+        "begin",
+        "vm1",
+        "--incremental",
+        "c1",
+        "--checkpoint",
+        "c4",
+        "--push",
+        &target,
     ]);
     assert_eq!(report["push_result"][0]["point"], "vm1@c4", "{report}");
     restore_equals("vm1@c4", &model);

@@ -188,7 +188,12 @@ impl Export for PointExport {
 }
 
 /// Open the point and serve it until SIGINT or SIGTERM.
-pub async fn run(args: Args, url: String, point: String, options: StoreOptions) -> anyhow::Result<()> {
+pub async fn run(
+    args: Args,
+    url: String,
+    point: String,
+    options: StoreOptions,
+) -> anyhow::Result<()> {
     let repo = Repository::open(&url, &options).await?;
     let reader_options = ReaderOptions {
         cache_bytes: args.cache_size,
