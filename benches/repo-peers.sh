@@ -74,7 +74,7 @@ TM_SMALL=$DIR/tm-repo-64k   # the smallest chunk size, for the new-data figure
 "$BIN" repo init "$TM_S3" --s3-endpoint "$EP" >/dev/null
 restic init -q -r "$DIR/restic-repo"
 restic init -q -r "s3:$EP/bkt/restic"
-borg init -q -e none "$DIR/borg-repo"
+borg init -e none "$DIR/borg-repo" >/dev/null
 
 declare -A T L
 # timed KEY CMD...: run CMD with a cold page cache; its seconds in T[KEY], the load in L[KEY].

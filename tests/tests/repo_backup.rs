@@ -745,6 +745,26 @@ fn a_corrupt_chunk_read_through_repo_export_is_an_nbd_eio_and_the_rest_still_rea
     }
 }
 
+/// `repo restore URL POINT --into DEST` writes `expected`; DEST is removed afterwards.
+fn assert_restores(url: &str, point: &str, dest: &Path, expected: &[u8]) {
+    ok(
+        &[
+            "repo",
+            "restore",
+            url,
+            point,
+            "--into",
+            dest.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(
+        std::fs::read(dest).unwrap() == expected,
+        "the restore of {point} differs"
+    );
+    std::fs::remove_file(dest).unwrap();
+}
+
 fn point_objects(repo: &Path) -> usize {
     std::fs::read_dir(repo.join("points/disk"))
         .map(|dir| dir.count())
@@ -831,22 +851,7 @@ fn kill_9_during_prune_leaves_a_repository_that_verifies_and_a_rerun_prunes() {
             .collect();
         assert!(points.contains(&"disk@c5"), "trial {trial}: {points:?}");
         let dest = dir.path().join("restored.img");
-        ok(
-            &[
-                "repo",
-                "restore",
-                url,
-                "disk@c5",
-                "--into",
-                dest.to_str().unwrap(),
-            ],
-            &[],
-        );
-        assert!(
-            std::fs::read(&dest).unwrap() == images[5],
-            "trial {trial}: c5 differs"
-        );
-        std::fs::remove_file(&dest).unwrap();
+        assert_restores(url, "disk@c5", &dest, &images[5]);
 
         // The rerun breaks the dead prune's lock and finishes its work.
         let out = ok(&["repo", "prune", url, "--keep-last", "1"], &[]);
@@ -859,22 +864,7 @@ fn kill_9_during_prune_leaves_a_repository_that_verifies_and_a_rerun_prunes() {
         let report = json(&["repo", "verify", url, "--read-data"], &[]);
         assert_eq!(report["problems"], Value::Array(vec![]), "{report}");
         assert_eq!(report["packs"].as_u64(), Some(packs(&repo).len() as u64));
-        ok(
-            &[
-                "repo",
-                "restore",
-                url,
-                "disk@c5",
-                "--into",
-                dest.to_str().unwrap(),
-            ],
-            &[],
-        );
-        assert!(
-            std::fs::read(&dest).unwrap() == images[5],
-            "c5 differs after the rerun"
-        );
-        std::fs::remove_file(&dest).unwrap();
+        assert_restores(url, "disk@c5", &dest, &images[5]);
         std::fs::remove_dir_all(&repo).unwrap();
         if killed_inside {
             caught = true;
@@ -907,20 +897,7 @@ fn daemon_push_to_a_repository_stores_points_and_confirms_the_checkpoint_only_af
     ok(&["repo", "init", url, "--chunk-size", "1M"], &[]);
     let target = format!("repo:{url}");
     let restore_equals = |point: &str, model: &Model| {
-        let dest = dir.path().join("restored.img");
-        ok(
-            &[
-                "repo",
-                "restore",
-                url,
-                point,
-                "--into",
-                dest.to_str().unwrap(),
-            ],
-            &[],
-        );
-        model.assert_equals_file(&dest, &format!("restore of {point}"));
-        std::fs::remove_file(&dest).unwrap();
+        assert_restores(url, point, &dir.path().join("restored.img"), &model.0);
     };
 
     let report = daemon.cli_json(&[
