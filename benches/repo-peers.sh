@@ -3,13 +3,16 @@
 #
 #   bash benches/repo-peers.sh [SIZE_MIB]      (default 4096; needs root to drop caches)
 #
-# A daemon volume of SIZE_MIB (half random data, half zeros) is backed up in full with
-# `tidemark pull --full --repo`, then 1% of it is rewritten in scattered 64 KiB random
-# writes through the live NBD export (python3-libnbd) and backed up incrementally with
-# `pull --bitmap`; restic (`restic backup` of the same image file, twice) and borg (`borg
-# create`, directory only) do the same. Then each restores the second point. Targets: a
-# directory, and SeaweedFS's S3 (`weed mini` on 127.0.0.1) for tidemark and restic. Caches
-# are dropped before every timed step. Prints seconds, MB/s, repository sizes and ratios.
+# A daemon volume of SIZE_MIB (half random data, half zeros) gets six points: a full one,
+# then five incrementals, each after 1% of the volume was rewritten in scattered 64 KiB
+# random writes through the live NBD export (python3-libnbd). tidemark pulls each backup's
+# snapshot into a directory repository (default 4 MiB chunks, and again with 64 KiB chunks)
+# and into SeaweedFS's S3 (`weed mini` on 127.0.0.1);
+# restic backs up the same image file to a directory and to the same bucket, borg to a
+# directory. Then each restores the last point, and `repo export` of it is read with
+# nbdcopy against `tidemark export` of the restored image. The page cache is dropped
+# (sync; echo 3 > /proc/sys/vm/drop_caches) before every timed step. Incrementals report
+# the median of the five; every line carries the load average at its start.
 # Env: BENCH_DIR (default /var/tmp/tidemark-repo-bench), TIDEMARK_BIN.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,7 +20,7 @@ SIZE_MIB=${1:-4096}
 DIR=${BENCH_DIR:-/var/tmp/tidemark-repo-bench}
 BIN=${TIDEMARK_BIN:-$PWD/target/release/tidemark}
 [ "$(id -u)" = 0 ] || { echo "run as root: timed steps drop the page cache" >&2; exit 2; }
-for tool in restic borg weed /usr/bin/python3; do
+for tool in restic borg weed nbdcopy /usr/bin/python3; do
     command -v "$tool" >/dev/null || { echo "missing $tool (bash scripts/install-deps.sh)" >&2; exit 2; }
 done
 [ -x "$BIN" ] || cargo build --release -q -p tidemark
@@ -31,10 +34,13 @@ cleanup() {
 trap cleanup EXIT
 drop() { sync; echo 3 >/proc/sys/vm/drop_caches; }
 now() { date +%s.%N; }
+load() { cut -d' ' -f1 /proc/loadavg; }
 secs() { python3 -c "print(f'{$2 - $1:.2f}')"; }
 mbps() { python3 -c "print(f'{$1 / 1e6 / $2:.1f}')"; }
 ratio() { python3 -c "print(f'{$1 / $2:.2f}x')"; }
+median() { python3 -c "import statistics, sys; print(f'{statistics.median(map(float, sys.argv[1:])):.2f}')" "$@"; }
 size_of() { du -sb "$1" | cut -f1; }
+wait_socket() { for _ in $(seq 300); do [ -S "$1" ] && return; sleep 0.1; done; echo "no socket $1" >&2; exit 1; }
 
 IMG=$DIR/vm.raw
 python3 - "$IMG" "$SIZE_MIB" <<'PY'
@@ -46,7 +52,7 @@ with open(path, "wb") as f:
 PY
 STATE=$DIR/state
 "$BIN" serve --state-dir "$STATE" >"$DIR/daemon.log" 2>&1 & PIDS+=($!)
-for _ in $(seq 100); do [ -S "$STATE/control.sock" ] && break; sleep 0.1; done
+wait_socket "$STATE/control.sock"
 tm() { "$BIN" "$@" --state-dir "$STATE"; }
 tm volume create vm --backing "$IMG" >/dev/null
 NBD_SOCK=$STATE/nbd.sock
@@ -60,87 +66,122 @@ export AWS_ACCESS_KEY_ID=K AWS_SECRET_ACCESS_KEY=S AWS_REGION=us-east-1
 EP=http://127.0.0.1:$weed_port
 for _ in $(seq 120); do "$BIN" repo init s3://bkt/probe --s3-endpoint "$EP" >/dev/null 2>&1 && break; sleep 0.5; done
 export RESTIC_PASSWORD=bench BORG_PASSPHRASE=bench BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK=yes
-"$BIN" repo init "$DIR/tm-repo" >/dev/null
-"$BIN" repo init s3://bkt/tm --s3-endpoint "$EP" >/dev/null
+TM_DIR=$DIR/tm-repo
+TM_S3=s3://bkt/tm
+TM_SMALL=$DIR/tm-repo-64k   # the smallest chunk size, for the new-data figure
+"$BIN" repo init "$TM_DIR" >/dev/null
+"$BIN" repo init "$TM_SMALL" --chunk-size 64K >/dev/null
+"$BIN" repo init "$TM_S3" --s3-endpoint "$EP" >/dev/null
 restic init -q -r "$DIR/restic-repo"
 restic init -q -r "s3:$EP/bkt/restic"
-borg init -q -e none "$DIR/borg-repo"
+borg init -e none "$DIR/borg-repo" >/dev/null
 
-declare -A T
-backup_tidemark() { # STEP URL [EXTRA...]: STEP full (point c0) or incr (point c1 from c0)
-    local step=$1 url=$2; shift 2
-    local ckpt=c0 args=(--full) begin=(backup begin vm)
-    if [ "$step" = incr ]; then
-        ckpt=c1; args=(--bitmap c0); begin+=(--incremental c0)
-    elif [ "$url" = "$DIR/tm-repo" ]; then
-        begin+=(--checkpoint c0)   # the first full backup starts the tracked chain
-    fi
-    local uri
-    uri=$(tm "${begin[@]}" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["volumes"][0]["uri"]["unix"])')
-    drop; local t0; t0=$(now)
-    "$BIN" pull "$uri" "${args[@]}" --repo "$url" --checkpoint "$ckpt" "$@" --json >"$DIR/last.json"
-    T[$step-$url]=$(secs "$t0" "$(now)")
-    tm backup end vm >/dev/null
-}
-timed() { local key=$1; shift; drop; local t0; t0=$(now); "$@" >/dev/null; T[$key]=$(secs "$t0" "$(now)"); }
-
-echo "repository benchmark: ${SIZE_MIB} MiB volume (half random, half zero), load $(cut -d' ' -f1-3 /proc/loadavg)"
-backup_tidemark full "$DIR/tm-repo"
-backup_tidemark full s3://bkt/tm --s3-endpoint "$EP"
-timed restic-full-dir restic backup -q -r "$DIR/restic-repo" "$IMG"
-timed restic-full-s3 restic backup -q -r "s3:$EP/bkt/restic" "$IMG"
-timed borg-full borg create "$DIR/borg-repo::p0" "$IMG"
-size_full_tm=$(size_of "$DIR/tm-repo"); size_full_restic=$(size_of "$DIR/restic-repo"); size_full_borg=$(size_of "$DIR/borg-repo")
+declare -A T L
+# timed KEY CMD...: run CMD with a cold page cache; its seconds in T[KEY], the load in L[KEY].
+timed() { local key=$1; shift; drop; L[$key]=$(load); local t0; t0=$(now); "$@" >/dev/null; T[$key]=$(secs "$t0" "$(now)"); }
 
 # 1% of the volume in scattered 64 KiB random writes through the live export.
-/usr/bin/python3 - "nbd+unix:///vm?socket=$NBD_SOCK" "$SIZE" <<'PY'
+change() {
+    /usr/bin/python3 - "nbd+unix:///vm?socket=$NBD_SOCK" "$SIZE" "$1" <<'PY'
 import os, random, sys
 import nbd
 h = nbd.NBD(); h.connect_uri(sys.argv[1]); size = int(sys.argv[2])
-random.seed(18)
+random.seed(int(sys.argv[3]))
 for b in random.sample(range(size // 65536), max(1, size // 65536 // 100)):
     h.pwrite(os.urandom(65536), b * 65536)
 h.flush(); h.shutdown()
 PY
-sync
-backup_tidemark incr "$DIR/tm-repo"
-backup_tidemark incr s3://bkt/tm --s3-endpoint "$EP"
-timed restic-incr-dir restic backup -q -r "$DIR/restic-repo" "$IMG"
-timed restic-incr-s3 restic backup -q -r "s3:$EP/bkt/restic" "$IMG"
-timed borg-incr borg create "$DIR/borg-repo::p1" "$IMG"
-new_tm=$(( $(size_of "$DIR/tm-repo") - size_full_tm ))
-new_restic=$(( $(size_of "$DIR/restic-repo") - size_full_restic ))
-new_borg=$(( $(size_of "$DIR/borg-repo") - size_full_borg ))
+    sync
+}
+
+echo "repository benchmark: ${SIZE_MIB} MiB volume (half random, half zero), 6 points, $(nproc) CPUs"
+for round in 0 1 2 3 4 5; do
+    ckpt=c$round
+    begin=(backup begin vm --checkpoint "$ckpt"); pull=(--full); kind=full
+    if [ "$round" -gt 0 ]; then
+        change "$round"
+        prev=c$((round - 1)); begin+=(--incremental "$prev"); pull=(--bitmap "$prev"); kind=incr
+    fi
+    uri=$(tm "${begin[@]}" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["volumes"][0]["uri"]["unix"])')
+    timed "tm-dir-$kind-$round" "$BIN" pull "$uri" "${pull[@]}" --repo "$TM_DIR" --checkpoint "$ckpt"
+    timed "tm-64k-$kind-$round" "$BIN" pull "$uri" "${pull[@]}" --repo "$TM_SMALL" --checkpoint "$ckpt"
+    timed "tm-s3-$kind-$round" "$BIN" pull "$uri" "${pull[@]}" --repo "$TM_S3" --checkpoint "$ckpt" --s3-endpoint "$EP"
+    tm backup end vm >/dev/null
+    timed "restic-dir-$kind-$round" restic backup -q -r "$DIR/restic-repo" "$IMG"
+    timed "restic-s3-$kind-$round" restic backup -q -r "s3:$EP/bkt/restic" "$IMG"
+    timed "borg-dir-$kind-$round" borg create "$DIR/borg-repo::p$round" "$IMG"
+    if [ "$round" = 0 ]; then
+        full_tm=$(size_of "$TM_DIR"); full_small=$(size_of "$TM_SMALL"); full_restic=$(size_of "$DIR/restic-repo"); full_borg=$(size_of "$DIR/borg-repo")
+    fi
+    if [ "$round" = 1 ]; then
+        new_tm=$(( $(size_of "$TM_DIR") - full_tm ))
+        new_small=$(( $(size_of "$TM_SMALL") - full_small ))
+        new_restic=$(( $(size_of "$DIR/restic-repo") - full_restic ))
+        new_borg=$(( $(size_of "$DIR/borg-repo") - full_borg ))
+    fi
+    echo "  point $round done (load $(load))"
+done
+cp --sparse=always "$IMG" "$DIR/last.raw"   # what every restore must equal
 
 mkdir -p "$DIR/out"
-timed tm-restore-dir "$BIN" repo restore "$DIR/tm-repo" vm@c1 --into "$DIR/out/tm.img"
+timed tm-dir-restore "$BIN" repo restore "$TM_DIR" vm@c5 --into "$DIR/out/tm.img"
+cmp "$DIR/out/tm.img" "$DIR/last.raw" || { echo "tidemark's restore (dir) differs from the image" >&2; exit 1; }
 rm -f "$DIR/out/tm.img"
-timed tm-restore-s3 "$BIN" repo restore s3://bkt/tm vm@c1 --into "$DIR/out/tm.img" --s3-endpoint "$EP"
-cmp "$DIR/out/tm.img" "$IMG" || { echo "tidemark's restore differs from the image" >&2; exit 1; }
-rm -f "$DIR/out/tm.img"
-timed restic-restore-dir restic restore -q -r "$DIR/restic-repo" latest --target "$DIR/out/restic"
+timed tm-s3-restore "$BIN" repo restore "$TM_S3" vm@c5 --into "$DIR/out/tm.img" --s3-endpoint "$EP"
+cmp "$DIR/out/tm.img" "$DIR/last.raw" || { echo "tidemark's restore (S3) differs from the image" >&2; exit 1; }
+timed restic-dir-restore restic restore -q -r "$DIR/restic-repo" latest --target "$DIR/out/restic"
 rm -rf "$DIR/out/restic"
-timed restic-restore-s3 restic restore -q -r "s3:$EP/bkt/restic" latest --target "$DIR/out/restic"
+timed restic-s3-restore restic restore -q -r "s3:$EP/bkt/restic" latest --target "$DIR/out/restic"
 rm -rf "$DIR/out/restic"
-(cd "$DIR/out" && timed borg-restore borg extract "$DIR/borg-repo::p1")
-rm -rf "$DIR/out"
+mkdir -p "$DIR/out/borg"; cd "$DIR/out/borg"
+timed borg-dir-restore borg extract "$DIR/borg-repo::p5"
+cd - >/dev/null; rm -rf "$DIR/out/borg"
 
-row() { # NAME TIDEMARK_SECS PEER_SECS PEER
-    printf '%-34s %8s s %8s s (%s)  tidemark %s MB/s, ratio %s\n' "$1" "$2" "$3" "$4" \
-        "$(mbps "$SIZE" "$2")" "$(ratio "$3" "$2")"
+# Reading the last point over NBD: straight from each repository vs the restored image.
+read_nbd() { # KEY SOCKET NAME SERVER...
+    local key=$1 sock=$2 name=$3; shift 3
+    rm -f "$sock"
+    "$@" --socket "$sock" >/dev/null 2>"$DIR/$key.log" & local pid=$!
+    wait_socket "$sock"
+    timed "$key" nbdcopy "nbd+unix:///$name?socket=$sock" null:
+    kill "$pid"; wait "$pid" 2>/dev/null || true
+}
+read_nbd export-dir "$DIR/x.sock" vm@c5 "$BIN" repo export "$TM_DIR" vm@c5
+read_nbd export-s3 "$DIR/x.sock" vm@c5 "$BIN" repo export "$TM_S3" vm@c5 --s3-endpoint "$EP"
+read_nbd export-image "$DIR/x.sock" img "$BIN" export "$DIR/out/tm.img" --read-only --name img
+
+inc() { median "${T[$1-incr-1]}" "${T[$1-incr-2]}" "${T[$1-incr-3]}" "${T[$1-incr-4]}" "${T[$1-incr-5]}"; }
+row() { # NAME TIDEMARK_KEY PEER_KEY PEER (timed keys; incremental keys are medians)
+    local a b la lb
+    case $2 in *-incr) a=$(inc "${2%-incr}"); la=${L[${2%-incr}-incr-1]} ;; *) a=${T[$2]}; la=${L[$2]} ;; esac
+    case $3 in *-incr) b=$(inc "${3%-incr}"); lb=${L[${3%-incr}-incr-1]} ;; *) b=${T[$3]}; lb=${L[$3]} ;; esac
+    printf '| %s | %s s (%s MB/s, load %s) | %s s (load %s) | %s |\n' "$1" "$a" "$(mbps "$SIZE" "$a")" "$la" "$b" "$lb" "$(ratio "$b" "$a")"
 }
 echo
-echo "step                               tidemark     peer           (speed ratio = peer time / tidemark time)"
-row "full, directory vs restic" "${T[full-$DIR/tm-repo]}" "${T[restic-full-dir]}" restic
-row "full, directory vs borg" "${T[full-$DIR/tm-repo]}" "${T[borg-full]}" borg
-row "full, SeaweedFS S3 vs restic" "${T[full-s3://bkt/tm]}" "${T[restic-full-s3]}" restic
-row "incremental 1%, directory vs restic" "${T[incr-$DIR/tm-repo]}" "${T[restic-incr-dir]}" restic
-row "incremental 1%, directory vs borg" "${T[incr-$DIR/tm-repo]}" "${T[borg-incr]}" borg
-row "incremental 1%, S3 vs restic" "${T[incr-s3://bkt/tm]}" "${T[restic-incr-s3]}" restic
-row "restore, directory vs restic" "${T[tm-restore-dir]}" "${T[restic-restore-dir]}" restic
-row "restore, directory vs borg" "${T[tm-restore-dir]}" "${T[borg-restore]}" borg
-row "restore, S3 vs restic" "${T[tm-restore-s3]}" "${T[restic-restore-s3]}" restic
+echo "| step | tidemark | peer | speed ratio (peer time / tidemark time) |"
+echo "|---|---|---|---|"
+row "full, directory, vs restic" tm-dir-full-0 restic-dir-full-0 restic
+row "full, directory, vs borg" tm-dir-full-0 borg-dir-full-0 borg
+row "full, directory with 64 KiB chunks, vs restic" tm-64k-full-0 restic-dir-full-0 restic
+row "full, SeaweedFS S3, vs restic" tm-s3-full-0 restic-s3-full-0 restic
+row "incremental 1% (median of 5), directory, vs restic" tm-dir-incr restic-dir-incr restic
+row "incremental 1% (median of 5), directory, vs borg" tm-dir-incr borg-dir-incr borg
+row "incremental 1% (median of 5), directory with 64 KiB chunks, vs restic" tm-64k-incr restic-dir-incr restic
+row "incremental 1% (median of 5), S3, vs restic" tm-s3-incr restic-s3-incr restic
+row "restore, directory, vs restic" tm-dir-restore restic-dir-restore restic
+row "restore, directory, vs borg" tm-dir-restore borg-dir-restore borg
+row "restore, S3, vs restic" tm-s3-restore restic-s3-restore restic
+row "nbdcopy read: repo export (directory) vs tidemark export of the restored image" export-dir export-image image
+row "nbdcopy read: repo export (S3) vs tidemark export of the restored image" export-s3 export-image image
 echo
-echo "changed: $((SIZE / 100)) bytes of random data"
-echo "new data stored by the incremental: tidemark $new_tm, restic $new_restic, borg $new_borg bytes"
-echo "repository size after 2 points: tidemark $(size_of "$DIR/tm-repo"), restic $(size_of "$DIR/restic-repo"), borg $(size_of "$DIR/borg-repo") bytes"
+echo "incremental times (s), points 1-5: tidemark dir ${T[tm-dir-incr-1]} ${T[tm-dir-incr-2]} ${T[tm-dir-incr-3]} ${T[tm-dir-incr-4]} ${T[tm-dir-incr-5]};" \
+    "tidemark S3 ${T[tm-s3-incr-1]} ${T[tm-s3-incr-2]} ${T[tm-s3-incr-3]} ${T[tm-s3-incr-4]} ${T[tm-s3-incr-5]};" \
+    "restic dir ${T[restic-dir-incr-1]} ${T[restic-dir-incr-2]} ${T[restic-dir-incr-3]} ${T[restic-dir-incr-4]} ${T[restic-dir-incr-5]};" \
+    "restic S3 ${T[restic-s3-incr-1]} ${T[restic-s3-incr-2]} ${T[restic-s3-incr-3]} ${T[restic-s3-incr-4]} ${T[restic-s3-incr-5]};" \
+    "borg ${T[borg-dir-incr-1]} ${T[borg-dir-incr-2]} ${T[borg-dir-incr-3]} ${T[borg-dir-incr-4]} ${T[borg-dir-incr-5]}"
+changed=$((SIZE / 65536 / 100 * 65536))
+echo "changed per incremental: $changed bytes of random (incompressible) data"
+echo "new data stored by the first incremental: tidemark (4 MiB chunks) $new_tm ($(ratio "$new_tm" "$changed") of the changed bytes)," \
+    "tidemark (64 KiB chunks) $new_small ($(ratio "$new_small" "$changed")), restic $new_restic ($(ratio "$new_restic" "$changed")), borg $new_borg ($(ratio "$new_borg" "$changed")) bytes"
+echo "repository sizes after 6 points (directories): tidemark $(size_of "$TM_DIR") (64 KiB chunks: $(size_of "$TM_SMALL")), restic $(size_of "$DIR/restic-repo"), borg $(size_of "$DIR/borg-repo") bytes"
+echo "load at the end: $(cut -d' ' -f1-3 /proc/loadavg)"

@@ -209,7 +209,7 @@ fn repo_names(
     }
     Ok(repo::PointNames {
         volume,
-        uuid,
+        uuid: *uuid.as_bytes(),
         checkpoint,
         parent: match mode {
             Mode::Full => None,

@@ -232,6 +232,25 @@ pub(crate) fn begin(
             }
             Mode::Pull
         }
+        Some(target) if target.starts_with(crate::push::REPO_TARGET) => {
+            if push_format.is_some() || checkpoint.is_none() {
+                return Err(CommandError::invalid(format!(
+                    "backup-begin: a push to {target:?} stores the point VOLUME@CHECKPOINT: it \
+                     needs checkpoint (the point's name) and takes no push_format"
+                )));
+            }
+            let url = &target[crate::push::REPO_TARGET.len()..];
+            if !url.contains("://") && !PathBuf::from(url).is_absolute() {
+                return Err(CommandError::invalid(format!(
+                    "backup-begin: push target {target:?}: the repository is an absolute \
+                     directory path or s3://BUCKET/PREFIX"
+                )));
+            }
+            Mode::Push {
+                target,
+                format: PushFormat::default(),
+            }
+        }
         Some(target) => {
             if !PathBuf::from(&target).is_absolute() {
                 return Err(CommandError::invalid(format!(
@@ -289,7 +308,12 @@ pub(crate) fn begin(
             Mode::Pull => None,
         })
         .collect();
-    for target in targets.iter().flatten() {
+    let is_repo = |target: &PathBuf| {
+        target
+            .to_str()
+            .is_some_and(|t| t.starts_with(crate::push::REPO_TARGET))
+    };
+    for target in targets.iter().flatten().filter(|t| !is_repo(t)) {
         check_push_target(daemon, target)?;
     }
     let _reservation = reserve(daemon, &names)?;
@@ -387,13 +411,28 @@ pub(crate) fn begin(
         json!({"id": id, "volumes": names, "mode": report["mode"]}),
     );
     if let Some((format, jobs, progress)) = push {
+        let repo_jobs = jobs.iter().all(|(_, target)| is_repo(target)).then(|| {
+            names
+                .iter()
+                .zip(&jobs)
+                .map(|(name, (snapshot, target))| {
+                    (name.clone(), Arc::clone(snapshot), target.clone())
+                })
+                .collect::<Vec<_>>()
+        });
         let worker_daemon = Arc::clone(daemon);
         let new_checkpoint = checkpoint.clone();
         let worker_id = id.clone();
         let spawned = std::thread::Builder::new()
             .name(format!("tidemark-{id}"))
             .spawn(move || {
-                let result = volumes::push(&jobs, format, new_checkpoint.as_deref(), &progress);
+                let result = match (repo_jobs, new_checkpoint.as_deref()) {
+                    (Some(repo_jobs), Some(checkpoint)) => {
+                        crate::push::push_repo(&repo_jobs, checkpoint, &progress)
+                            .map_err(CommandError::failed)
+                    }
+                    _ => volumes::push(&jobs, format, new_checkpoint.as_deref(), &progress),
+                };
                 drop(jobs);
                 match result {
                     Ok(copied) => {

@@ -398,7 +398,8 @@ pub struct BackupBeginArgs {
     /// Pull: the snapshot's export name, `{volume}` replaced.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub export_name: Option<String>,
-    /// Push mode: the target path, `{volume}` replaced.
+    /// Push mode: the target path, `{volume}` replaced; or `repo:URL`, a repository
+    /// (directory or s3://) that gets the point VOLUME@CHECKPOINT (needs `checkpoint`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub push: Option<String>,
     /// What a push writes (default image).

@@ -5,7 +5,8 @@
 //!   into a new or truncated raw image;
 //! - image, incremental: [`copy::update_image`] writes only the extents of the frozen dirty
 //!   bitmap into the existing image (dattobd's update-img);
-//! - delta: a delta file of the changed extents (all allocated extents for a full backup).
+//! - delta: a delta file of the changed extents (all allocated extents for a full backup);
+//! - repository (`repo:URL`): a point of a tidemark repository ([`push_repo`]).
 //!
 //! The snapshot is read through [`SnapshotSource`], a copy-engine [`Source`]. The copy
 //! engine collects failed extents instead of stopping; any failed extent (the snapshot
@@ -21,6 +22,9 @@ use std::sync::Arc;
 use tidemark_engine::copy::{self, CopyError, JobOptions, JobReport, Source};
 use tidemark_engine::snapshot::Snapshot;
 use tidemark_formats::delta::{CheckpointRef, DeltaHeader, DeltaWriter};
+use tidemark_nbd::export::{Export, MetaContext, STATE_DIRTY, STATE_HOLE};
+use tidemark_repo::builder::{PointBuilder, PointNames};
+use tidemark_repo::{PointIndex, Repository, StoreOptions};
 
 use crate::backup::Progress;
 
@@ -354,4 +358,132 @@ pub fn commit_partial(partial: &Path, target: &Path) -> Result<(), String> {
             .map_err(|err| format!("syncing the directory of {}: {err}", target.display()))?;
     }
     Ok(())
+}
+
+/// The prefix of a push target that is a repository: `repo:URL`.
+pub const REPO_TARGET: &str = "repo:";
+
+/// Store each snapshot of a push backup as the point `VOLUME@CHECKPOINT` of the repository
+/// its target names (`repo:DIR` or `repo:s3://BUCKET/PREFIX`; S3 endpoint and credentials
+/// from the daemon's AWS_* environment): a full point of the snapshot's allocated extents,
+/// or an incremental one of its frozen dirty bitmap's extents on top of the point of that
+/// bitmap's checkpoint. Each point's index is written last, so the backup (and with it the
+/// checkpoint) completes only once every point exists. `jobs`: (volume, snapshot, target).
+pub fn push_repo(
+    jobs: &[(String, Arc<crate::volumes::SnapshotHandle>, PathBuf)],
+    checkpoint: &str,
+    progress: &Arc<Progress>,
+) -> Result<serde_json::Value, String> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("tidemark-repo-push")
+        .enable_all()
+        .build()
+        .map_err(|err| format!("starting the repository uploader: {err}"))?;
+    let mut reports = Vec::new();
+    for (volume, handle, target) in jobs {
+        let target = target.to_string_lossy();
+        let url = target.strip_prefix(REPO_TARGET).unwrap_or(&target);
+        let export = handle.export();
+        let point = store_point(&runtime, &*export, volume, url, checkpoint, progress)
+            .map_err(|err| format!("storing {volume}@{checkpoint} in {url}: {err}"))?;
+        reports.push(serde_json::json!({
+            "volume": volume,
+            "target": target,
+            "point": point.name(),
+            "parent": (!point.parent.is_empty()).then_some(&point.parent),
+            "new_bytes": point.new_bytes,
+        }));
+    }
+    Ok(serde_json::Value::Array(reports))
+}
+
+/// The ranges of `export` a point must read: the dirty bitmap's (incremental) or the
+/// allocated ones (full), with the bitmap's name.
+fn point_ranges(export: &dyn Export) -> Result<(Option<String>, Vec<Range<u64>>), String> {
+    let bitmap = export.dirty_bitmaps().into_iter().next();
+    let context = match &bitmap {
+        Some(name) => MetaContext::DirtyBitmap(name.clone()),
+        None => MetaContext::BaseAllocation,
+    };
+    let wanted = |flags: u32| match &bitmap {
+        Some(_) => flags & STATE_DIRTY != 0,
+        None => flags & STATE_HOLE == 0,
+    };
+    let size = export.size();
+    let mut ranges: Vec<Range<u64>> = Vec::new();
+    let mut at = 0;
+    while at < size {
+        let extents = export
+            .block_status(&context, at, size - at)
+            .map_err(|err| format!("mapping the snapshot at {at}: {err}"))?;
+        if extents.is_empty() {
+            return Err(format!("the snapshot describes nothing at {at}"));
+        }
+        for extent in extents {
+            let end = at.saturating_add(extent.length).min(size);
+            if wanted(extent.flags) && end > at {
+                match ranges.last_mut() {
+                    Some(last) if last.end == at => last.end = end,
+                    _ => ranges.push(at..end),
+                }
+            }
+            at = end;
+            if at >= size {
+                break;
+            }
+        }
+    }
+    Ok((bitmap, ranges))
+}
+
+fn store_point(
+    runtime: &tokio::runtime::Runtime,
+    export: &dyn Export,
+    volume: &str,
+    url: &str,
+    checkpoint: &str,
+    progress: &Arc<Progress>,
+) -> Result<PointIndex, String> {
+    let (uuid, granularity) = crate::export::parse_origin(&export.description())
+        .ok_or_else(|| "the snapshot's export names no volume uuid".to_string())?;
+    let (parent, ranges) = point_ranges(export)?;
+    let names = PointNames {
+        volume: volume.to_string(),
+        uuid: *uuid.as_bytes(),
+        checkpoint: checkpoint.to_string(),
+        parent,
+        granularity,
+    };
+    let size = export.size();
+    let total: u64 = ranges.iter().map(|r| r.end - r.start).sum();
+    progress.total.fetch_add(total, Ordering::Relaxed);
+    let mut builder = runtime
+        .block_on(async {
+            let repo = Repository::open(url, &StoreOptions::default()).await?;
+            PointBuilder::open(&repo, &names, size, false, 2).await
+        })
+        .map_err(|err| err.to_string())?;
+    let mut buf = vec![0u8; 4 << 20];
+    for range in &ranges {
+        let mut at = range.start;
+        while at < range.end {
+            if progress.cancel.load(Ordering::Relaxed) {
+                return Err("the backup was cancelled".into());
+            }
+            let len = ((range.end - at) as usize).min(buf.len());
+            export
+                .read(at, &mut buf[..len])
+                .map_err(|err| format!("reading the snapshot at {at}: {err}"))?;
+            if buf[..len].iter().all(|&b| b == 0) {
+                builder.zero(at, len as u64)
+            } else {
+                builder.write(at, &buf[..len])
+            }
+            .map_err(|err| err.to_string())?;
+            progress.done.fetch_add(len as u64, Ordering::Relaxed);
+            at += len as u64;
+        }
+    }
+    builder.finish().map_err(|err| err.to_string())
 }

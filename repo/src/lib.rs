@@ -16,9 +16,11 @@
 //! - `lock`: the repository lock (JSON: owner, host, pid, lease).
 #![forbid(unsafe_code)]
 
+pub mod builder;
 pub mod format;
 pub mod lock;
 pub mod maint;
+pub mod reader;
 pub mod store;
 pub mod writer;
 
@@ -395,19 +397,31 @@ impl Repository {
 
     /// Read, check and inflate one chunk.
     pub async fn read_chunk(&self, id: &ChunkId, at: &Location) -> Result<Vec<u8>> {
-        let path = pack_path(&at.pack);
-        let start = at.entry.offset;
-        let blob = self
-            .store
-            .get_range(&path, start..start + u64::from(at.entry.stored_len))
-            .await
-            .map_err(store_err(format!("reading chunk {} from {path}", id.hex())))?;
-        check_blob(&blob, id, &at.entry).map_err(|why| RepoError::Corrupt {
-            object: path.to_string(),
-            why: format!("chunk {} at offset {start}: {why}", id.hex()),
-        })
+        let blob = self.read_blob(id, at).await?;
+        inflate_chunk(&blob, id, at)
     }
 
+    /// The compressed blob of one chunk, as stored (a ranged GET of its pack); check and
+    /// inflate it with [`inflate_chunk`].
+    pub async fn read_blob(&self, id: &ChunkId, at: &Location) -> Result<Bytes> {
+        let path = pack_path(&at.pack);
+        let start = at.entry.offset;
+        self.store
+            .get_range(&path, start..start + u64::from(at.entry.stored_len))
+            .await
+            .map_err(store_err(format!("reading chunk {} from {path}", id.hex())))
+    }
+}
+
+/// Check a chunk's blob read from `at` and inflate it; a mismatch names the pack and offset.
+pub fn inflate_chunk(blob: &[u8], id: &ChunkId, at: &Location) -> Result<Vec<u8>> {
+    check_blob(blob, id, &at.entry).map_err(|why| RepoError::Corrupt {
+        object: pack_path(&at.pack).to_string(),
+        why: format!("chunk {} at offset {}: {why}", id.hex(), at.entry.offset),
+    })
+}
+
+impl Repository {
     /// Write a point index (create-only): the last step of a backup.
     pub async fn put_point(&self, point: &PointIndex) -> Result<()> {
         let path = point_path(&point.volume, &point.checkpoint);

@@ -2,8 +2,10 @@
 //! (qemu-io writing the live volume between backups) into a directory and into SeaweedFS's
 //! S3 server started on 127.0.0.1; every point restored equal to its snapshot; prune keeps
 //! exactly the points asked for; a corrupt pack is named by verify and refused at restore;
-//! a kill -9 mid-backup leaves no point and a rerun works; an S3 server stopped mid-upload
-//! gives a clear error and no point.
+//! a kill -9 mid-backup or mid-prune leaves a repository that verifies, and a rerun works;
+//! an S3 server stopped mid-upload gives a clear error and no point. `tidemark repo export`
+//! serves a point straight from SeaweedFS (read by nbdcopy and nbdinfo) and turns a
+//! corrupt chunk into an NBD EIO.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -13,7 +15,7 @@ use rand::{Rng, SeedableRng};
 use serde_json::Value;
 use tidemark_tests::daemon::{Daemon, Model};
 use tidemark_tests::export::export;
-use tidemark_tests::peers::qemu_io;
+use tidemark_tests::peers::{have, nbdinfo_map, qemu_io, serve, unix_uri};
 use tidemark_tests::{run, tidemark_bin, ChildGuard, Output};
 
 const MIB: usize = 1 << 20;
@@ -562,5 +564,428 @@ fn an_s3_server_stopped_mid_upload_gives_a_clear_error_and_no_point() {
     let listed = json(&["repo", "list", url, s3[0], s3[1]], &S3_ENV);
     assert_eq!(listed, Value::Array(vec![]), "a failed upload left a point");
     let report = json(&["repo", "verify", url, s3[0], s3[1]], &S3_ENV);
+    assert_eq!(report["problems"], Value::Array(vec![]), "{report}");
+}
+
+/// Start `tidemark repo export URL POINT --socket DIR/repo.sock EXTRA...` and wait for its
+/// socket; the URI of the export `name` (by default the point's VOLUME@CHECKPOINT).
+fn repo_export(
+    dir: &Path,
+    url: &str,
+    (point, name): (&str, &str),
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> (ChildGuard, String) {
+    let socket = dir.join("repo.sock");
+    let mut command = Command::new(tidemark_bin());
+    command
+        .args(["repo", "export", url, point, "--socket"])
+        .arg(&socket)
+        .args(extra)
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null());
+    let child = serve(&mut command, &socket, Duration::from_secs(60))
+        .unwrap_or_else(|err| panic!("{err:#}"));
+    (child, unix_uri(name, &socket))
+}
+
+/// 32 MiB: random data with zero holes at [8, 12) MiB and from 24 MiB on.
+fn holey_file(path: &Path) -> Vec<u8> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(33);
+    let mut data = vec![0u8; 32 * MIB];
+    rng.fill(&mut data[..8 * MIB]);
+    rng.fill(&mut data[12 * MIB..24 * MIB]);
+    std::fs::write(path, &data).expect("writing the image");
+    data
+}
+
+/// Store `file` as the full point `disk@a` of `url` (1 MiB chunks).
+fn store_point(dir: &Path, file: &Path, url: &str, extra: &[&str], env: &[(&str, &str)]) {
+    let exported = export(dir, file, &["--read-only"]).expect("export");
+    let mut init = vec!["repo", "init", url, "--chunk-size", "1M"];
+    init.extend(extra);
+    ok(&init, env);
+    let mut pull = vec![
+        "pull",
+        "--full",
+        &exported.uri,
+        "--repo",
+        url,
+        "--volume",
+        "disk",
+        "--volume-uuid",
+        UUID,
+        "--checkpoint",
+        "a",
+    ];
+    pull.extend(extra);
+    ok(&pull, env);
+}
+
+#[test]
+fn repo_export_of_an_s3_point_reads_equal_with_nbdcopy_and_maps_its_holes() {
+    assert!(
+        have("nbdcopy") && have("nbdinfo"),
+        "nbdcopy/nbdinfo are not installed: run scripts/install-deps.sh"
+    );
+    let seaweed = Seaweed::start();
+    let s3 = ["--s3-endpoint", seaweed.endpoint.as_str()];
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("disk.raw");
+    let data = holey_file(&file);
+    let url = "s3://bkt/exported";
+    store_point(dir.path(), &file, url, &s3, &S3_ENV);
+
+    let mut extra = vec!["--cache-size", "8M"];
+    extra.extend(s3);
+    let (_server, uri) = repo_export(dir.path(), url, ("disk@latest", "disk@a"), &extra, &S3_ENV);
+    let copy = dir.path().join("copy.raw");
+    let out = run(
+        Command::new("nbdcopy").arg(&uri).arg(&copy),
+        Duration::from_secs(120),
+    )
+    .expect("running nbdcopy");
+    assert!(out.status.success(), "nbdcopy: {}", out.stderr);
+    assert!(
+        std::fs::read(&copy).unwrap() == data,
+        "nbdcopy of the repository export differs from the image"
+    );
+
+    // Zero chunks are holes (flags 3: hole + zero), data chunks are data (0).
+    let map = nbdinfo_map(&uri, "base:allocation").expect("nbdinfo --map");
+    let mib = MIB as u64;
+    assert_eq!(
+        map,
+        [
+            (0, 8 * mib, 0),
+            (8 * mib, 4 * mib, 3),
+            (12 * mib, 12 * mib, 0),
+            (24 * mib, 8 * mib, 3)
+        ],
+        "{map:?}"
+    );
+    // The description names the volume, so `tidemark pull --repo` needs no --volume.
+    let info = run(
+        Command::new("nbdinfo").arg("--json").arg(&uri),
+        Duration::from_secs(30),
+    )
+    .expect("nbdinfo");
+    assert!(
+        info.stdout
+            .contains("tidemark repository point disk@a of volume disk")
+            && info.stdout.contains(UUID),
+        "{}",
+        info.stdout
+    );
+}
+
+/// Reads every MiB of `uri` with python3-libnbd: `ok` or the errno's name, one line per MiB.
+const READ_EVERY_MIB: &str = r#"
+import sys, nbd
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+for off in range(0, h.get_size(), 1 << 20):
+    try:
+        h.pread(1 << 20, off)
+        print("ok")
+    except nbd.Error as e:
+        print(e.errno)
+h.shutdown()
+"#;
+
+#[test]
+fn a_corrupt_chunk_read_through_repo_export_is_an_nbd_eio_and_the_rest_still_reads() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("disk.raw");
+    let data = holey_file(&file);
+    let repo = dir.path().join("repo");
+    let url = repo.to_str().unwrap();
+    store_point(dir.path(), &file, url, &[], &[]);
+    let victim = packs(&repo).into_iter().next().expect("a pack");
+    let mut bytes = std::fs::read(&victim).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x55;
+    std::fs::write(&victim, bytes).unwrap();
+
+    let (mut server, uri) = repo_export(dir.path(), url, ("disk@a", "disk@a"), &[], &[]);
+    let out = run(
+        Command::new("/usr/bin/python3")
+            .args(["-c", READ_EVERY_MIB])
+            .arg(&uri),
+        Duration::from_secs(60),
+    )
+    .expect("running python3-libnbd");
+    assert!(out.status.success(), "python3-libnbd: {}", out.stderr);
+    let results: Vec<&str> = out.stdout.lines().collect();
+    assert_eq!(results.len(), 32, "{}", out.stdout);
+    let failed: Vec<usize> = (0..32).filter(|&i| results[i] != "ok").collect();
+    assert_eq!(failed.len(), 1, "one chunk is corrupt: {results:?}");
+    assert_eq!(results[failed[0]], "EIO", "not EIO: {results:?}");
+    assert!(
+        server.try_wait().unwrap().is_none(),
+        "repo export died on a corrupt chunk"
+    );
+    // Every other MiB still reads equal over a new connection.
+    let copy = dir.path().join("copy.raw");
+    let out = run(
+        Command::new("qemu-img")
+            .args(["convert", "-f", "raw", "-O", "raw", "--salvage", &uri])
+            .arg(&copy),
+        Duration::from_secs(60),
+    )
+    .expect("qemu-img convert --salvage");
+    assert!(out.status.success(), "qemu-img: {}", out.stderr);
+    let copied = std::fs::read(&copy).unwrap();
+    for i in (0..32).filter(|&i| i != failed[0]) {
+        assert!(
+            copied[i * MIB..(i + 1) * MIB] == data[i * MIB..(i + 1) * MIB],
+            "MiB {i} differs"
+        );
+    }
+}
+
+/// `repo restore URL POINT --into DEST` writes `expected`; DEST is removed afterwards.
+fn assert_restores(url: &str, point: &str, dest: &Path, expected: &[u8]) {
+    ok(
+        &[
+            "repo",
+            "restore",
+            url,
+            point,
+            "--into",
+            dest.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(
+        std::fs::read(dest).unwrap() == expected,
+        "the restore of {point} differs"
+    );
+    std::fs::remove_file(dest).unwrap();
+}
+
+fn point_objects(repo: &Path) -> usize {
+    std::fs::read_dir(repo.join("points/disk"))
+        .map(|dir| dir.count())
+        .unwrap_or(0)
+}
+
+#[test]
+fn kill_9_during_prune_leaves_a_repository_that_verifies_and_a_rerun_prunes() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("disk.raw");
+    let pristine = dir.path().join("pristine");
+    let url = pristine.to_str().unwrap();
+    ok(&["repo", "init", url, "--chunk-size", "1M"], &[]);
+    let mut images = Vec::new();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(4);
+    std::fs::write(&file, vec![0u8; 8 * MIB]).expect("image");
+    let exported = export(dir.path(), &file, &["--read-only"]).expect("export");
+    for round in 0..6 {
+        let mut data = vec![0u8; 8 * MIB];
+        rng.fill(&mut data[..]);
+        std::fs::write(&file, &data).expect("rewriting the image");
+        images.push(data);
+        let checkpoint = format!("c{round}");
+        ok(
+            &[
+                "pull",
+                "--full",
+                &exported.uri,
+                "--repo",
+                url,
+                "--volume",
+                "disk",
+                "--volume-uuid",
+                UUID,
+                "--checkpoint",
+                &checkpoint,
+            ],
+            &[],
+        );
+    }
+    let mut caught = false;
+    for trial in 0..10 {
+        let repo = dir.path().join(format!("trial{trial}"));
+        let copied = Command::new("cp")
+            .arg("-a")
+            .arg(&pristine)
+            .arg(&repo)
+            .status()
+            .expect("cp");
+        assert!(copied.success());
+        let url = repo.to_str().unwrap();
+        let mut child = ChildGuard::spawn(
+            Command::new(tidemark_bin())
+                .args(["repo", "prune", url, "--keep-last", "1"])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null()),
+        )
+        .expect("starting the prune");
+        // Kill it as soon as it has deleted its first point index.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while point_objects(&repo) == 6 && child.try_wait().unwrap().is_none() {
+            assert!(
+                Instant::now() < deadline,
+                "the prune deleted nothing in 60 s"
+            );
+        }
+        child.kill().expect("kill -9");
+        let _ = child.wait();
+        let killed_inside = repo.join("lock").exists();
+
+        let report = json(&["repo", "verify", url, "--read-data"], &[]);
+        assert_eq!(
+            report["problems"],
+            Value::Array(vec![]),
+            "trial {trial}: {report}"
+        );
+        let listed = json(&["repo", "list", url], &[]);
+        let points: Vec<&str> = listed
+            .as_array()
+            .expect("list")
+            .iter()
+            .map(|p| p["point"].as_str().unwrap_or(""))
+            .collect();
+        assert!(points.contains(&"disk@c5"), "trial {trial}: {points:?}");
+        let dest = dir.path().join("restored.img");
+        assert_restores(url, "disk@c5", &dest, &images[5]);
+
+        // The rerun breaks the dead prune's lock and finishes its work.
+        let out = ok(&["repo", "prune", url, "--keep-last", "1"], &[]);
+        if killed_inside {
+            assert!(out.stderr.contains("stale lock"), "{}", out.stderr);
+        }
+        let listed = json(&["repo", "list", url], &[]);
+        assert_eq!(listed.as_array().map(Vec::len), Some(1), "{listed}");
+        assert_eq!(listed[0]["point"], "disk@c5");
+        let report = json(&["repo", "verify", url, "--read-data"], &[]);
+        assert_eq!(report["problems"], Value::Array(vec![]), "{report}");
+        assert_eq!(report["packs"].as_u64(), Some(packs(&repo).len() as u64));
+        assert_restores(url, "disk@c5", &dest, &images[5]);
+        std::fs::remove_dir_all(&repo).unwrap();
+        if killed_inside {
+            caught = true;
+            break;
+        }
+    }
+    assert!(caught, "no kill -9 landed inside a prune in 10 trials");
+}
+
+/// Points of `url`'s listing.
+fn listed_points(url: &str) -> Vec<Value> {
+    json(&["repo", "list", url], &[])
+        .as_array()
+        .cloned()
+        .expect("list")
+}
+
+#[test]
+fn daemon_push_to_a_repository_stores_points_and_confirms_the_checkpoint_only_after_the_index() {
+    let daemon = Daemon::start();
+    let size = 16 * MIB;
+    daemon.create_volume("vm1", size as u64);
+    let live = daemon.uri("vm1");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+    let mut model = Model::new(size);
+    qemu_io(&live, &random_writes(&mut model, &mut rng, 40));
+    let dir = tempfile::tempdir().expect("temp dir");
+    let repo = dir.path().join("repo");
+    let url = repo.to_str().unwrap();
+    ok(&["repo", "init", url, "--chunk-size", "1M"], &[]);
+    let target = format!("repo:{url}");
+    let restore_equals = |point: &str, model: &Model| {
+        assert_restores(url, point, &dir.path().join("restored.img"), &model.0);
+    };
+
+    let report = daemon.cli_json(&[
+        "backup",
+        "begin",
+        "vm1",
+        "--checkpoint",
+        "c0",
+        "--push",
+        &target,
+    ]);
+    assert_eq!(report["push_result"][0]["point"], "vm1@c0", "{report}");
+    let full = model.clone();
+    qemu_io(&live, &random_writes(&mut model, &mut rng, 10));
+    let report = daemon.cli_json(&[
+        "backup",
+        "begin",
+        "vm1",
+        "--incremental",
+        "c0",
+        "--checkpoint",
+        "c1",
+        "--push",
+        &target,
+    ]);
+    assert_eq!(report["push_result"][0]["point"], "vm1@c1", "{report}");
+    assert_eq!(report["push_result"][0]["parent"], "c0", "{report}");
+    let points = listed_points(url);
+    assert_eq!(points.len(), 2, "{points:?}");
+    // The incremental stored only the chunks the ten writes touched (1 MiB chunks).
+    assert!(
+        points[1]["new_bytes"].as_u64().unwrap_or(u64::MAX) <= 10 * 3 * MIB as u64,
+        "{points:?}"
+    );
+    restore_equals("vm1@c0", &full);
+    restore_equals("vm1@c1", &model);
+
+    // A point index that cannot be written fails the backup, and its checkpoint stays
+    // unconfirmed: the next incremental from it is refused without --force.
+    std::fs::write(repo.join("points/vm1/c2"), b"in the way").unwrap();
+    qemu_io(&live, &random_writes(&mut model, &mut rng, 5));
+    let out = daemon.cli(&[
+        "backup",
+        "begin",
+        "vm1",
+        "--incremental",
+        "c1",
+        "--checkpoint",
+        "c2",
+        "--push",
+        &target,
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("vm1@c2"),
+        "a push whose point could not be written succeeded: {stderr}"
+    );
+    let out = daemon.cli(&[
+        "backup",
+        "begin",
+        "vm1",
+        "--incremental",
+        "c2",
+        "--checkpoint",
+        "c3",
+        "--push",
+        &target,
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("unconfirmed"),
+        "an incremental from the failed push's checkpoint was accepted: {stderr}"
+    );
+    // From the confirmed c1 it works, and the repository verifies.
+    std::fs::remove_file(repo.join("points/vm1/c2")).unwrap();
+    let report = daemon.cli_json(&[
+        "backup",
+        "begin",
+        "vm1",
+        "--incremental",
+        "c1",
+        "--checkpoint",
+        "c4",
+        "--push",
+        &target,
+    ]);
+    assert_eq!(report["push_result"][0]["point"], "vm1@c4", "{report}");
+    restore_equals("vm1@c4", &model);
+    let report = json(&["repo", "verify", url, "--read-data"], &[]);
     assert_eq!(report["problems"], Value::Array(vec![]), "{report}");
 }

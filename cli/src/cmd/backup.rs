@@ -65,6 +65,7 @@ pub enum Command {
 ///   tidemark backup end vm1
 ///   tidemark backup begin vm1 --incremental c1 --checkpoint c2   # changes since c1
 ///   tidemark backup begin db --freeze /srv/db --push /backup/db.raw
+///   tidemark backup begin vm1 --incremental c1 --checkpoint c2 --push repo:/srv/backups
 ///   tidemark backup begin vm1 vm2 --checkpoint nightly           # consistent pair
 ///   tidemark backup begin vm1 --hold | my-backup-tool            # lease (see --hold)
 #[derive(Debug, clap::Args)]
@@ -93,7 +94,9 @@ pub struct BeginArgs {
     export_name: String,
 
     /// Push mode: copy the snapshot to this path ({volume} is replaced by the volume's
-    /// name; required with several volumes).
+    /// name; required with several volumes), or with `repo:URL` store it as the point
+    /// VOLUME@CHECKPOINT of that repository (a directory or s3://BUCKET/PREFIX; needs
+    /// --checkpoint; the daemon's AWS_* environment reaches S3).
     #[arg(long, value_name = "TARGET")]
     push: Option<PathBuf>,
 
@@ -304,6 +307,15 @@ pub fn print_backup(backup: &Value) {
 fn begin(args: BeginArgs) -> anyhow::Result<ExitCode> {
     let absolute = |path: &PathBuf| std::path::absolute(path).unwrap_or_else(|_| path.clone());
     let push = match &args.push {
+        Some(push) if push.to_string_lossy().starts_with("repo:") => {
+            let text = push.to_string_lossy();
+            let url = &text["repo:".len()..];
+            Some(if url.contains("://") {
+                text.to_string()
+            } else {
+                format!("repo:{}", absolute(&PathBuf::from(url)).display())
+            })
+        }
         Some(push) => Some(
             absolute(push)
                 .into_os_string()

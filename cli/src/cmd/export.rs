@@ -170,7 +170,7 @@ fn uri_escape(text: &str) -> String {
     out
 }
 
-async fn serve(args: Args, export: Arc<dyn Export>) -> anyhow::Result<()> {
+pub(crate) async fn serve(args: Args, export: Arc<dyn Export>) -> anyhow::Result<()> {
     let signals = StopSignals::install()?;
     let server = Server::with_config(ServerConfig {
         max_connections: args.max_connections as usize,

@@ -1,5 +1,7 @@
 //! `tidemark repo`: the backup repository on a directory or S3-compatible storage.
 
+mod export;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -28,6 +30,8 @@ use crate::ui;
 ///   tidemark repo list /srv/backups
 ///
 ///   tidemark repo restore /srv/backups vm1@latest --into vm1.img
+///
+///   tidemark repo export /srv/backups vm1@latest --socket /tmp/vm1.sock
 #[derive(Debug, clap::Args)]
 pub struct Args {
     #[command(subcommand)]
@@ -67,6 +71,8 @@ enum RepoCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Serve a point over NBD, read-only, straight from the repository (instant restore).
+    Export(export::Args),
     /// Check every index (and with --read-data every chunk); names each broken object.
     Verify {
         #[arg(env = "TIDEMARK_REPO", value_name = "URL")]
@@ -207,16 +213,7 @@ async fn run_async(command: RepoCommand, options: StoreOptions) -> anyhow::Resul
             Ok(ExitCode::SUCCESS)
         }
         RepoCommand::Restore { args, into, json } => {
-            let (url, point) = match args.as_slice() {
-                [url, point] => (url.clone(), point.clone()),
-                [point] => (
-                    std::env::var("TIDEMARK_REPO").context(
-                        "no repository: give `repo restore URL POINT` or set $TIDEMARK_REPO",
-                    )?,
-                    point.clone(),
-                ),
-                _ => anyhow::bail!("repo restore takes [URL] POINT"),
-            };
+            let (url, point) = url_and_point(&args, "restore")?;
             let report = restore(&url, &options, &point, &into).await;
             let report = match report {
                 Ok(report) => report,
@@ -240,6 +237,11 @@ async fn run_async(command: RepoCommand, options: StoreOptions) -> anyhow::Resul
                     report.mb_per_sec
                 );
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        RepoCommand::Export(args) => {
+            let (url, point) = url_and_point(&args.args, "export")?;
+            export::run(args, url, point, options).await?;
             Ok(ExitCode::SUCCESS)
         }
         RepoCommand::Verify {
@@ -307,6 +309,20 @@ async fn run_async(command: RepoCommand, options: StoreOptions) -> anyhow::Resul
             print_prune(&report, json)?;
             Ok(ExitCode::SUCCESS)
         }
+    }
+}
+
+/// `[URL] POINT` of `repo restore` and `repo export`: the URL defaults to $TIDEMARK_REPO.
+fn url_and_point(args: &[String], command: &str) -> anyhow::Result<(String, String)> {
+    match args {
+        [url, point] => Ok((url.clone(), point.clone())),
+        [point] => Ok((
+            std::env::var("TIDEMARK_REPO").with_context(|| {
+                format!("no repository: give `repo {command} URL POINT` or set $TIDEMARK_REPO")
+            })?,
+            point.clone(),
+        )),
+        _ => anyhow::bail!("repo {command} takes [URL] POINT"),
     }
 }
 

@@ -1,0 +1,633 @@
+//! Reading a point straight from the repository, for `tidemark repo export` (instant restore:
+//! a client reads or boots the point while nothing has been restored).
+//!
+//! A read in a data chunk fetches that chunk's blob with one ranged GET of its pack, checks
+//! its CRC, inflates it and checks its SHA-256 before any byte of it is used; a zero chunk
+//! reads as zeros without a request and is a hole in [`PointReader::allocation`]. Inflated
+//! chunks stay in a cache bounded by [`ReaderOptions::cache_bytes`] (least recently used
+//! chunks go first), and readers of one chunk share one fetch. A read that lands in the chunk
+//! of the previous read or the next one, or just after a cached chunk, counts as sequential
+//! and starts fetching the following [`ReaderOptions::readahead`] chunks in the background,
+//! so a streaming client (nbdcopy, qemu-img convert; several connections each reading its
+//! own region) overlaps the object store's latency with its own work.
+//! Failed fetches are not cached: a corrupt chunk is an error naming its pack and offset on
+//! every read of it, and a store that was briefly unreachable is asked again.
+//!
+//! Memory: the cache, plus the chunks being fetched (at most one per concurrent reader and
+//! `readahead` more).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use tokio::runtime::Handle;
+use tokio::sync::OnceCell;
+
+use crate::format::{chunk_count, ChunkId, ChunkRef, PointIndex};
+use crate::{inflate_chunk, point_path, Location, RepoError, Repository, Result};
+
+/// How much a reader caches and prefetches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReaderOptions {
+    /// Bytes of inflated chunks kept in memory (at least two chunks).
+    pub cache_bytes: u64,
+    /// Chunks fetched ahead of a sequential reader (capped at half the cache).
+    pub readahead: u64,
+}
+
+impl Default for ReaderOptions {
+    fn default() -> Self {
+        ReaderOptions {
+            cache_bytes: 256 << 20,
+            readahead: 4,
+        }
+    }
+}
+
+/// Most runs one [`PointReader::allocation`] call returns; callers ask again for more.
+const RUNS_PER_CALL: usize = 1024;
+
+type Cell = Arc<OnceCell<Arc<Vec<u8>>>>;
+
+struct Slot {
+    cell: Cell,
+    /// Tick of the last use (least recently used goes first).
+    used: u64,
+    /// The chunk is loaded and its bytes are counted in [`Cache::bytes`].
+    counted: bool,
+}
+
+struct Cache {
+    slots: HashMap<u64, Slot>,
+    tick: u64,
+    bytes: u64,
+    limit: u64,
+}
+
+impl Cache {
+    /// The cell of chunk `index` (new and empty if it is not cached), marked as used now.
+    fn slot(&mut self, index: u64) -> Cell {
+        self.tick += 1;
+        let tick = self.tick;
+        let slot = self.slots.entry(index).or_insert_with(|| Slot {
+            cell: Arc::default(),
+            used: tick,
+            counted: false,
+        });
+        slot.used = tick;
+        Arc::clone(&slot.cell)
+    }
+
+    /// Count chunk `index`, just loaded into `cell`, then drop the least recently used
+    /// loaded chunks (never `index` itself) until the cache fits its limit again.
+    fn settle(&mut self, index: u64, cell: &Cell) {
+        if let Some(slot) = self.slots.get_mut(&index) {
+            if Arc::ptr_eq(&slot.cell, cell) && !slot.counted {
+                if let Some(data) = cell.get() {
+                    slot.counted = true;
+                    self.bytes += data.len() as u64;
+                }
+            }
+        }
+        while self.bytes > self.limit {
+            let victim = self
+                .slots
+                .iter()
+                .filter(|(i, slot)| slot.counted && **i != index)
+                .min_by_key(|(_, slot)| slot.used)
+                .map(|(i, _)| *i);
+            let Some(victim) = victim else { break };
+            if let Some(slot) = self.slots.remove(&victim) {
+                self.bytes -= slot.cell.get().map_or(0, |data| data.len() as u64);
+            }
+        }
+    }
+
+    /// Forget the empty cell of a failed fetch, so the next read fetches again.
+    fn forget(&mut self, index: u64, cell: &Cell) {
+        if self
+            .slots
+            .get(&index)
+            .is_some_and(|slot| Arc::ptr_eq(&slot.cell, cell) && !slot.counted)
+        {
+            self.slots.remove(&index);
+        }
+    }
+}
+
+struct Inner {
+    repo: Repository,
+    point: PointIndex,
+    locations: HashMap<ChunkId, Location>,
+    handle: Handle,
+    cache: Mutex<Cache>,
+    readahead: u64,
+    /// Chunk of the last read, for the sequential-read test (u64::MAX: none yet).
+    last_chunk: AtomicU64,
+    fetched: AtomicU64,
+}
+
+/// A point of a repository, readable at any offset.
+#[derive(Clone)]
+pub struct PointReader {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for PointReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "PointReader({} in {})",
+            self.inner.point.name(),
+            self.inner.repo.url()
+        )
+    }
+}
+
+impl PointReader {
+    /// Open the point `name` (`VOLUME@CHECKPOINT` or `VOLUME@latest`) of `repo`. Every data
+    /// chunk the point names must be in a pack index. Reads block on `handle`'s runtime:
+    /// call them from threads that are not the runtime's own (NBD transmission threads).
+    pub async fn open(
+        repo: &Repository,
+        name: &str,
+        handle: Handle,
+        options: ReaderOptions,
+    ) -> Result<PointReader> {
+        let point = repo.point(name).await?;
+        let object = point_path(&point.volume, &point.checkpoint).to_string();
+        if point.chunks.len() as u64 != chunk_count(point.size, point.chunk_size) {
+            return Err(RepoError::Corrupt {
+                object,
+                why: format!(
+                    "{} chunks of {} bytes do not make {} bytes",
+                    point.chunks.len(),
+                    point.chunk_size,
+                    point.size
+                ),
+            });
+        }
+        let chunk = u64::from(point.chunk_size);
+        if options.cache_bytes < 2 * chunk {
+            return Err(RepoError::Invalid(format!(
+                "a cache of {} bytes is too small: it must hold two chunks of {chunk} bytes",
+                options.cache_bytes
+            )));
+        }
+        let (map, _, _) = repo.chunk_map().await?;
+        let mut locations = HashMap::new();
+        for (i, c) in point.chunks.iter().enumerate() {
+            let ChunkRef::Data(id) = c else { continue };
+            let Some(at) = map.get(id) else {
+                return Err(RepoError::Corrupt {
+                    object,
+                    why: format!(
+                        "its chunk {i} ({}) is in no pack index; run `tidemark repo verify {}`",
+                        id.hex(),
+                        repo.url()
+                    ),
+                });
+            };
+            locations.insert(*id, *at);
+        }
+        Ok(PointReader {
+            inner: Arc::new(Inner {
+                repo: repo.clone(),
+                locations,
+                handle,
+                cache: Mutex::new(Cache {
+                    slots: HashMap::new(),
+                    tick: 0,
+                    bytes: 0,
+                    limit: options.cache_bytes,
+                }),
+                readahead: options.readahead.min(options.cache_bytes / chunk / 2),
+                last_chunk: AtomicU64::new(u64::MAX),
+                fetched: AtomicU64::new(0),
+                point,
+            }),
+        })
+    }
+
+    /// The point's index.
+    pub fn point(&self) -> &PointIndex {
+        &self.inner.point
+    }
+
+    /// The volume's size in bytes.
+    pub fn size(&self) -> u64 {
+        self.inner.point.size
+    }
+
+    /// Chunks fetched from the store so far (cache misses and readahead).
+    pub fn fetched_chunks(&self) -> u64 {
+        self.inner.fetched.load(Ordering::Relaxed)
+    }
+
+    /// Bytes of inflated chunks the cache holds now.
+    pub fn cached_bytes(&self) -> u64 {
+        self.inner.cache().bytes
+    }
+
+    /// Fill `buf` with the point's bytes at `offset`.
+    pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let inner = &self.inner;
+        let end = offset
+            .checked_add(buf.len() as u64)
+            .filter(|&end| end <= inner.point.size)
+            .ok_or_else(|| {
+                RepoError::Invalid(format!(
+                    "a read of {} bytes at {offset} is past the end of {} ({} bytes)",
+                    buf.len(),
+                    inner.point.name(),
+                    inner.point.size
+                ))
+            })?;
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let chunk = u64::from(inner.point.chunk_size);
+        let (first, last) = (offset / chunk, (end - 1) / chunk);
+        let previous = inner.last_chunk.swap(last, Ordering::Relaxed);
+        let streaming = (previous != u64::MAX && first.abs_diff(previous) <= 1)
+            || (first > 0 && inner.cache().slots.contains_key(&(first - 1)));
+        if streaming {
+            Inner::read_ahead(inner, last);
+        }
+        let mut at = offset;
+        while at < end {
+            let index = at / chunk;
+            let within = (at - index * chunk) as usize;
+            let piece = ((index + 1) * chunk).min(end) - at;
+            let out = &mut buf[(at - offset) as usize..(at - offset + piece) as usize];
+            match inner.point.chunks[index as usize] {
+                ChunkRef::Zero => out.fill(0),
+                ChunkRef::Data(id) => {
+                    let data = Inner::chunk(inner, index, id)?;
+                    out.copy_from_slice(&data[within..within + piece as usize]);
+                }
+            }
+            at += piece;
+        }
+        Ok(())
+    }
+
+    /// Load the data chunks of `[offset, offset + len)` into the cache (as many as it holds).
+    pub fn prefetch(&self, offset: u64, len: u64) -> Result<()> {
+        let inner = &self.inner;
+        let chunk = u64::from(inner.point.chunk_size);
+        let end = offset.saturating_add(len).min(inner.point.size);
+        if offset >= end {
+            return Ok(());
+        }
+        let most = inner.cache().limit / chunk;
+        for index in (offset / chunk..=(end - 1) / chunk).take(most as usize) {
+            if let ChunkRef::Data(id) = inner.point.chunks[index as usize] {
+                Inner::chunk(inner, index, id)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs of `(length, zero)` from `offset` on: `zero` for the point's zero chunks (holes),
+    /// not for data chunks. They cover at least one byte and at most the rest of the point,
+    /// and may end before `offset + len` (at most [`RUNS_PER_CALL`] runs).
+    pub fn allocation(&self, offset: u64, len: u64) -> Vec<(u64, bool)> {
+        let point = &self.inner.point;
+        let chunk = u64::from(point.chunk_size);
+        let end = offset.saturating_add(len.max(1)).min(point.size);
+        let mut runs: Vec<(u64, bool)> = Vec::new();
+        let mut at = offset;
+        while at < end {
+            let index = at / chunk;
+            let zero = point.chunks[index as usize] == ChunkRef::Zero;
+            let piece = ((index + 1) * chunk).min(point.size) - at;
+            let full = runs.len() == RUNS_PER_CALL;
+            match runs.last_mut() {
+                Some((length, was_zero)) if *was_zero == zero => *length += piece,
+                _ if full => break,
+                _ => runs.push((piece, zero)),
+            }
+            at += piece;
+        }
+        runs
+    }
+}
+
+impl Inner {
+    fn cache(&self) -> MutexGuard<'_, Cache> {
+        self.cache.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn chunk_len(&self, index: u64) -> u64 {
+        let chunk = u64::from(self.point.chunk_size);
+        (self.point.size - index * chunk).min(chunk)
+    }
+
+    /// The inflated data chunk `index` (id `id`), from the cache or fetched now.
+    fn chunk(this: &Arc<Inner>, index: u64, id: ChunkId) -> Result<Arc<Vec<u8>>> {
+        let cell = this.cache().slot(index);
+        if let Some(data) = cell.get() {
+            return Ok(Arc::clone(data));
+        }
+        this.handle.block_on(Inner::load(this, index, id, &cell))
+    }
+
+    /// Fill `cell` with chunk `index` unless another reader does (then wait for it).
+    async fn load(this: &Arc<Inner>, index: u64, id: ChunkId, cell: &Cell) -> Result<Arc<Vec<u8>>> {
+        let got = cell
+            .get_or_try_init(|| Inner::fetch(this, index, id))
+            .await
+            .cloned();
+        let mut cache = this.cache();
+        match &got {
+            Ok(_) => cache.settle(index, cell),
+            Err(_) => cache.forget(index, cell),
+        }
+        got
+    }
+
+    async fn fetch(this: &Arc<Inner>, index: u64, id: ChunkId) -> Result<Arc<Vec<u8>>> {
+        let object = || point_path(&this.point.volume, &this.point.checkpoint).to_string();
+        let at = *this.locations.get(&id).ok_or_else(|| RepoError::Corrupt {
+            object: object(),
+            why: format!("its chunk {index} is in no pack index"),
+        })?;
+        let expected = this.chunk_len(index);
+        if u64::from(at.entry.raw_len) != expected {
+            return Err(RepoError::Corrupt {
+                object: object(),
+                why: format!(
+                    "its chunk {index} ({}) holds {} bytes, not {expected}",
+                    id.hex(),
+                    at.entry.raw_len
+                ),
+            });
+        }
+        let blob = this.repo.read_blob(&id, &at).await?;
+        // Inflating and hashing 4 MiB takes milliseconds: off the runtime's worker threads.
+        let data = tokio::task::spawn_blocking(move || inflate_chunk(&blob, &id, &at))
+            .await
+            .map_err(|e| RepoError::Invalid(format!("checking chunk {}: {e}", id.hex())))??;
+        this.fetched.fetch_add(1, Ordering::Relaxed);
+        Ok(Arc::new(data))
+    }
+
+    /// Start fetching the data chunks after `last` that are not cached or on their way.
+    fn read_ahead(this: &Arc<Inner>, last: u64) {
+        let count = this.point.chunks.len() as u64;
+        for index in (last + 1..count).take(this.readahead as usize) {
+            let ChunkRef::Data(id) = this.point.chunks[index as usize] else {
+                continue;
+            };
+            let cell = {
+                let mut cache = this.cache();
+                if cache.slots.contains_key(&index) {
+                    continue;
+                }
+                cache.slot(index)
+            };
+            let inner = Arc::clone(this);
+            this.handle.spawn(async move {
+                if let Err(err) = Inner::load(&inner, index, id, &cell).await {
+                    tracing::debug!("reading ahead chunk {index}: {err}");
+                }
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::writer::PointWriter;
+    use crate::StoreOptions;
+
+    const CHUNK: u32 = 64 << 10;
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    /// A repository holding `disk` as the point `vm@a` (64 KiB chunks).
+    fn stored(rt: &tokio::runtime::Runtime, dir: &std::path::Path, disk: &[u8]) -> Repository {
+        let url = dir.join("repo");
+        let url = url.to_str().unwrap();
+        let repo = rt
+            .block_on(Repository::init(url, &StoreOptions::default(), CHUNK))
+            .unwrap();
+        let count = chunk_count(disk.len() as u64, CHUNK);
+        let writer = PointWriter::start(&repo, rt.handle().clone(), Default::default(), count, 2);
+        for (i, data) in disk.chunks(CHUNK as usize).enumerate() {
+            writer.put(i as u64, data.to_vec()).unwrap();
+        }
+        let written = writer.finish().unwrap();
+        let point = PointIndex {
+            volume: "vm".into(),
+            volume_uuid: [7; 16],
+            checkpoint: "a".into(),
+            parent: String::new(),
+            created_unix: 1,
+            size: disk.len() as u64,
+            chunk_size: CHUNK,
+            granularity: 65536,
+            new_bytes: written.new_bytes,
+            chunks: written.chunks,
+        };
+        rt.block_on(repo.put_point(&point)).unwrap();
+        repo
+    }
+
+    /// 20 chunks and a half: data, then zero chunks 5..10, a data tail.
+    fn disk() -> Vec<u8> {
+        let chunk = CHUNK as usize;
+        let mut disk: Vec<u8> = (0..20 * chunk + chunk / 2)
+            .map(|i| (i % 251) as u8 ^ (i / chunk) as u8)
+            .collect();
+        disk[5 * chunk..10 * chunk].fill(0);
+        disk
+    }
+
+    fn open(
+        rt: &tokio::runtime::Runtime,
+        repo: &Repository,
+        options: ReaderOptions,
+    ) -> PointReader {
+        rt.block_on(PointReader::open(
+            repo,
+            "vm@latest",
+            rt.handle().clone(),
+            options,
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn reads_at_any_offset_equal_the_stored_disk() {
+        let rt = runtime();
+        let dir = tempfile::tempdir().unwrap();
+        let disk = disk();
+        let repo = stored(&rt, dir.path(), &disk);
+        let reader = open(&rt, &repo, ReaderOptions::default());
+        assert_eq!(reader.size(), disk.len() as u64);
+        for (offset, len) in [(0, 1), (1000, 200_000), (65_535, 2), (300_000, 1_000_000)] {
+            let mut buf = vec![0xaa; len];
+            reader.read(offset as u64, &mut buf).unwrap();
+            assert_eq!(buf, disk[offset..offset + len], "{offset}+{len}");
+        }
+        let mut whole = vec![0; disk.len()];
+        reader.read(0, &mut whole).unwrap();
+        assert_eq!(whole, disk);
+        let mut past = vec![0; 2];
+        assert!(reader.read(disk.len() as u64 - 1, &mut past).is_err());
+    }
+
+    #[test]
+    fn zero_chunks_are_holes_and_are_never_fetched() {
+        let rt = runtime();
+        let dir = tempfile::tempdir().unwrap();
+        let disk = disk();
+        let repo = stored(&rt, dir.path(), &disk);
+        let reader = open(&rt, &repo, ReaderOptions::default());
+        let chunk = u64::from(CHUNK);
+        let size = disk.len() as u64;
+        assert_eq!(
+            reader.allocation(0, size),
+            [
+                (5 * chunk, false),
+                (5 * chunk, true),
+                (size - 10 * chunk, false)
+            ]
+        );
+        assert_eq!(reader.allocation(6 * chunk + 3, 10), [(chunk - 3, true)]);
+        let mut buf = vec![1; 5 * chunk as usize];
+        reader.read(5 * chunk, &mut buf).unwrap();
+        assert!(buf.iter().all(|&b| b == 0));
+        assert_eq!(reader.fetched_chunks(), 0);
+    }
+
+    #[test]
+    fn the_cache_stays_within_its_bound_and_serves_repeated_reads() {
+        let rt = runtime();
+        let dir = tempfile::tempdir().unwrap();
+        let disk = disk();
+        let repo = stored(&rt, dir.path(), &disk);
+        let options = ReaderOptions {
+            cache_bytes: 4 * u64::from(CHUNK),
+            readahead: 0,
+        };
+        let reader = open(&rt, &repo, options);
+        let mut buf = vec![0; 100];
+        reader.read(10, &mut buf).unwrap();
+        reader.read(20_000, &mut buf).unwrap();
+        assert_eq!(
+            reader.fetched_chunks(),
+            1,
+            "a cached chunk was fetched again"
+        );
+        let mut whole = vec![0; disk.len()];
+        reader.read(0, &mut whole).unwrap();
+        assert_eq!(whole, disk);
+        assert!(reader.cached_bytes() <= options.cache_bytes);
+        assert_eq!(reader.fetched_chunks(), 1 + 15);
+    }
+
+    #[test]
+    fn sequential_reads_fetch_ahead() {
+        let rt = runtime();
+        let dir = tempfile::tempdir().unwrap();
+        let disk = disk();
+        let repo = stored(&rt, dir.path(), &disk);
+        let reader = open(&rt, &repo, ReaderOptions::default());
+        let mut buf = vec![0; 4096];
+        reader.read(0, &mut buf).unwrap();
+        reader.read(4096, &mut buf).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while reader.fetched_chunks() < 5 {
+            assert!(std::time::Instant::now() < deadline, "no readahead");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+
+    #[test]
+    fn concurrent_readers_of_one_chunk_share_one_fetch() {
+        let rt = runtime();
+        let dir = tempfile::tempdir().unwrap();
+        let disk = disk();
+        let repo = stored(&rt, dir.path(), &disk);
+        let options = ReaderOptions {
+            readahead: 0,
+            ..ReaderOptions::default()
+        };
+        let reader = open(&rt, &repo, options);
+        std::thread::scope(|s| {
+            for t in 0..8u64 {
+                let reader = reader.clone();
+                let disk = &disk;
+                s.spawn(move || {
+                    let mut buf = vec![0; 512];
+                    let offset = 12 * u64::from(CHUNK) + t * 512;
+                    reader.read(offset, &mut buf).unwrap();
+                    assert_eq!(buf, disk[offset as usize..offset as usize + 512]);
+                });
+            }
+        });
+        assert_eq!(reader.fetched_chunks(), 1);
+    }
+
+    #[test]
+    fn a_corrupt_chunk_is_an_error_naming_its_pack_on_every_read() {
+        let rt = runtime();
+        let dir = tempfile::tempdir().unwrap();
+        let disk = disk();
+        let repo = stored(&rt, dir.path(), &disk);
+        let (map, _, _) = rt.block_on(repo.chunk_map()).unwrap();
+        let reader = open(&rt, &repo, ReaderOptions::default());
+        let ChunkRef::Data(id) = reader.point().chunks[3] else {
+            panic!("chunk 3 holds data")
+        };
+        let at = map[&id];
+        let pack = dir
+            .path()
+            .join("repo")
+            .join(crate::pack_path(&at.pack).to_string());
+        let mut bytes = std::fs::read(&pack).unwrap();
+        bytes[at.entry.offset as usize + 5] ^= 0x40;
+        std::fs::write(&pack, bytes).unwrap();
+        let mut buf = vec![0; 10];
+        for _ in 0..2 {
+            let err = reader.read(3 * u64::from(CHUNK), &mut buf).unwrap_err();
+            let text = err.to_string();
+            assert!(
+                text.contains(&crate::format::hex(&at.pack)) && text.contains("corrupt"),
+                "{text}"
+            );
+        }
+        reader.read(0, &mut buf).unwrap();
+        assert_eq!(buf, disk[..10]);
+    }
+
+    #[test]
+    fn a_cache_smaller_than_two_chunks_is_refused() {
+        let rt = runtime();
+        let dir = tempfile::tempdir().unwrap();
+        let repo = stored(&rt, dir.path(), &disk());
+        let options = ReaderOptions {
+            cache_bytes: u64::from(CHUNK),
+            readahead: 1,
+        };
+        let err = rt
+            .block_on(PointReader::open(
+                &repo,
+                "vm@a",
+                rt.handle().clone(),
+                options,
+            ))
+            .unwrap_err();
+        assert!(err.to_string().contains("two chunks"), "{err}");
+    }
+}
