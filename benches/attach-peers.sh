@@ -6,10 +6,13 @@
 #              nbdfuse making it a FUSE file, a loop device with direct I/O over that,
 # for 1 MiB sequential read and write (QD 8) and 4 KiB random read and write (QD 32).
 # Every round runs each target once, in a rotating order; the figure is the median over
-# rounds, the ratios are tidemark / peer (>1 = faster). Needs root (FUSE, loop).
+# rounds, the ratios are tidemark / peer (>1 = faster), and the load is the median of the
+# 1-minute load average at the start of each run of that row. Needs root (FUSE, loop).
 #
 # Usage: bash benches/attach-peers.sh [SIZE_MIB] [ROUNDS] [SECONDS]   (defaults: 1024 3 5)
-# Env: TIDEMARK_BIN (default target/release/tidemark, built if missing), BENCH_DIR (tmp).
+# Env: TIDEMARK_BIN (default target/release/tidemark, built if missing), BENCH_DIR (tmp),
+#      TIDEMARK_BASELINE_BIN: another tidemark binary (e.g. the previous commit's) run as a
+#      fourth target, `baseline`, in the same rounds, so before/after share one session.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 size_mib=${1:-1024}
@@ -23,11 +26,14 @@ done
 
 work=$(mktemp -d "${BENCH_DIR:-/tmp}/attach-peers.XXXXXX")
 state=$work/state
+baseline_state=$work/baseline-state
+baseline_bin=${TIDEMARK_BASELINE_BIN:-}
 pids=()
 peer_loop=
 cleanup() {
     [ -n "$peer_loop" ] && losetup -d "$peer_loop" 2>/dev/null || true
     "$bin" volume detach v --state-dir "$state" >/dev/null 2>&1 || true
+    [ -n "$baseline_bin" ] && "$baseline_bin" volume detach v --state-dir "$baseline_state" >/dev/null 2>&1 || true
     umount -l "$work/nbdfuse" 2>/dev/null || true
     for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
     wait 2>/dev/null || true
@@ -36,7 +42,8 @@ cleanup() {
 trap cleanup EXIT
 
 size=$((size_mib * 1024 * 1024))
-for f in vol.raw plain.raw peer.raw; do
+for f in vol.raw plain.raw peer.raw baseline.raw; do
+    [ "$f" = baseline.raw ] && [ -z "$baseline_bin" ] && continue
     head -c "$size" /dev/urandom >"$work/$f"
 done
 sync
@@ -46,6 +53,13 @@ pids+=($!)
 for _ in $(seq 100); do [ -S "$state/control.sock" ] && break; sleep 0.1; done
 "$bin" volume create v --backing "$work/vol.raw" --state-dir "$state" >/dev/null
 dev_tidemark=$("$bin" volume attach v --via fuse --state-dir "$state")
+if [ -n "$baseline_bin" ]; then
+    "$baseline_bin" serve --state-dir "$baseline_state" >"$work/baseline.log" 2>&1 &
+    pids+=($!)
+    for _ in $(seq 100); do [ -S "$baseline_state/control.sock" ] && break; sleep 0.1; done
+    "$baseline_bin" volume create v --backing "$work/baseline.raw" --state-dir "$baseline_state" >/dev/null
+    dev_baseline=$("$baseline_bin" volume attach v --via fuse --state-dir "$baseline_state")
+fi
 
 qemu-nbd -f raw -t -e 16 --cache=writeback --aio=threads -k "$work/qemu.sock" "$work/peer.raw" &
 pids+=($!)
@@ -58,6 +72,10 @@ peer_loop=$(losetup --direct-io=on -f --show "$work/nbdfuse/disk")
 
 declare -A target=([tidemark]=$dev_tidemark [backing]=$work/plain.raw [nbdfuse]=$peer_loop)
 names=(tidemark backing nbdfuse)
+if [ -n "$baseline_bin" ]; then
+    target[baseline]=$dev_baseline
+    names+=(baseline)
+fi
 workloads=("seq-read read 1M 8" "seq-write write 1M 8" "rand-read randread 4k 32" "rand-write randwrite 4k 32")
 
 # run TARGET RW BS QD: prints MB/s
@@ -76,7 +94,8 @@ for r in $(seq "$rounds"); do
         order=("${names[@]}")
         for ((k = 0; k < (r - 1) % ${#names[@]}; k++)); do order=("${order[@]:1}" "${order[0]}"); done
         for n in "${order[@]}"; do
-            echo "$label $n $(run "${target[$n]}" "$rw" "$bs" "$qd")" >>"$results"
+            load=$(cut -d' ' -f1 /proc/loadavg)
+            echo "$label $n $(run "${target[$n]}" "$rw" "$bs" "$qd") $load" >>"$results"
         done
     done
 done
@@ -84,14 +103,31 @@ done
 echo "## attach: fio O_DIRECT, ${size_mib} MiB, ${secs} s per run, median of $rounds ($(nproc) CPUs, load $(cut -d' ' -f1-3 /proc/loadavg))"
 python3 - "$results" <<'EOF'
 import statistics, sys
-rows = {}
+rows, loads = {}, {}
 for line in open(sys.argv[1]):
-    label, name, mbs = line.split()
+    label, name, mbs, load = line.split()
     rows.setdefault(label, {}).setdefault(name, []).append(float(mbs))
-print("| workload | tidemark (FUSE+loop) MB/s | backing file MB/s | nbdfuse+qemu-nbd MB/s | vs nbdfuse | vs backing |")
-print("|---|---|---|---|---|---|")
+    loads.setdefault(label, []).append(float(load))
+baseline = any("baseline" in r for r in rows.values())
+head = "| workload | tidemark (FUSE+loop) MB/s | backing file MB/s | nbdfuse+qemu-nbd MB/s |"
+rule = "|---|---|---|---|"
+if baseline:
+    head += " baseline tidemark MB/s |"
+    rule += "---|"
+head += " vs nbdfuse | vs backing |"
+rule += "---|---|"
+if baseline:
+    head += " vs baseline |"
+    rule += "---|"
+print(head + " load |")
+print(rule + "---|")
 for label in ["seq-read", "seq-write", "rand-read", "rand-write"]:
     m = {n: statistics.median(v) for n, v in rows[label].items()}
-    print(f"| {label} | {m['tidemark']:.1f} | {m['backing']:.1f} | {m['nbdfuse']:.1f} | "
-          f"{m['tidemark'] / m['nbdfuse']:.2f}x | {m['tidemark'] / m['backing']:.2f}x |")
+    line = f"| {label} | {m['tidemark']:.1f} | {m['backing']:.1f} | {m['nbdfuse']:.1f} |"
+    if baseline:
+        line += f" {m['baseline']:.1f} |"
+    line += f" {m['tidemark'] / m['nbdfuse']:.2f}x | {m['tidemark'] / m['backing']:.2f}x |"
+    if baseline:
+        line += f" {m['tidemark'] / m['baseline']:.2f}x |"
+    print(line + f" {statistics.median(loads[label]):.1f} |")
 EOF

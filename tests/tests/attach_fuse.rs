@@ -2,6 +2,8 @@
 //! ext4 and xfs on the attached device, full and incremental backups frozen with
 //! `--freeze` while a writer runs, pulled with `tidemark pull`, restored with `tidemark
 //! restore` and compared file by file; fstrim, the refusals, and a daemon killed with -9.
+//! A pull backup's snapshot (`VOLUME@backup`) attached read-only and mounted beside the
+//! live filesystem keeps the backup's files while the volume changes.
 //!
 //! Every mount, loop device and FUSE mount is undone by a guard, also when a test fails.
 
@@ -74,9 +76,14 @@ struct Attachment {
 
 impl Attachment {
     fn new(daemon: &Daemon, name: &str) -> Attachment {
+        Attachment::made(daemon, name, false)
+    }
+
+    /// Attach `name` over FUSE and check that it is `read_only` as expected.
+    fn made(daemon: &Daemon, name: &str, read_only: bool) -> Attachment {
         let attached = daemon.cli_json(&["volume", "attach", name, "--via", "fuse"]);
         assert_eq!(attached["via"], json!("fuse"), "{attached}");
-        assert_eq!(attached["read_only"], json!(false), "{attached}");
+        assert_eq!(attached["read_only"], json!(read_only), "{attached}");
         let device = PathBuf::from(attached["device"].as_str().expect("device"));
         assert!(
             device.to_str().unwrap().starts_with("/dev/loop"),
@@ -468,4 +475,122 @@ fn a_daemon_killed_under_a_fuse_attachment_is_cleaned_up_by_the_next_start() {
     let again = Attachment::new(&daemon, "k");
     assert!(again.backing_file().is_some());
     daemon.cli_json(&["volume", "detach", "k"]);
+}
+
+#[test]
+fn a_backups_snapshot_attaches_read_only_and_keeps_its_files_while_the_volume_changes() {
+    let daemon = Daemon::start();
+    daemon.create_volume("live", 128 * MIB);
+    let live = Attachment::new(&daemon, "live");
+    sh("mkfs.ext4", &["-q", "-F", live.device.to_str().unwrap()]);
+    let mounted = Mounted::new(&live.device, daemon.dir.path().join("mnt"), "");
+    let root = mounted.dir.clone();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(18);
+    let mut tree = Tree::new();
+    write_files(&root, &mut tree, &mut rng, "a", 600, 2);
+    sync_fs(&root);
+    let writer = Writer::start(&root);
+    writer.wait_for(10);
+    let begun = daemon.cli_json(&[
+        "backup",
+        "begin",
+        "live",
+        "--checkpoint",
+        "c0",
+        "--freeze",
+        root.to_str().unwrap(),
+    ]);
+    assert_eq!(
+        begun["volumes"][0]["export"],
+        json!("live@backup"),
+        "{begun}"
+    );
+    let at_backup = tree.clone();
+
+    // The volume changes before and while the snapshot is attached and mounted.
+    change_files(&root, &mut tree, &mut rng);
+    sync_fs(&root);
+    let snapshot = Attachment::made(&daemon, "live@backup", true);
+    assert_ne!(snapshot.device, live.device);
+    let ro = sh("blockdev", &["--getro", snapshot.device.to_str().unwrap()]);
+    assert_eq!(ro.trim(), "1", "the snapshot's device is read-only");
+    let snap_dir = daemon.dir.path().join("snap");
+    let snap = Mounted::new(&snapshot.device, snap_dir.clone(), "ro,noload");
+    write_files(&root, &mut tree, &mut rng, "b", 200, 1);
+    change_files(&root, &mut tree, &mut rng);
+    sync_fs(&root);
+    assert_tree(&snap.dir, &at_backup, "the snapshot");
+    assert_tree(&root, &tree, "the live volume");
+    let rewritten = at_backup
+        .keys()
+        .filter(|rel| tree.get(*rel).is_some_and(|now| *now != at_backup[*rel]))
+        .count();
+    let removed = at_backup
+        .keys()
+        .filter(|rel| !tree.contains_key(*rel))
+        .count();
+    assert!(
+        rewritten > 10 && removed > 10,
+        "{rewritten} rewritten, {removed} removed"
+    );
+    assert!(
+        !snap.dir.join("tree/bbig0").exists(),
+        "a file made after the backup"
+    );
+
+    // Past the page cache: mounted afresh after more changes, the device reads the same.
+    snap.unmount();
+    change_files(&root, &mut tree, &mut rng);
+    sync_fs(&root);
+    let snap = Mounted::new(&snapshot.device, snap_dir, "ro,noload");
+    assert_tree(&snap.dir, &at_backup, "the snapshot, mounted again");
+
+    // The device refuses writes; the backup cannot end under it.
+    let write = Command::new("dd")
+        .args([
+            "if=/dev/zero",
+            "bs=4096",
+            "count=1",
+            "oflag=direct",
+            "conv=notrunc",
+        ])
+        .arg(format!("of={}", snapshot.device.display()))
+        .output()
+        .unwrap();
+    assert!(
+        !write.status.success(),
+        "a write to the snapshot's device succeeded"
+    );
+    refused(
+        &daemon,
+        &["backup", "end", "live"],
+        "is attached as a block device",
+    );
+    let info = daemon.cli_json(&["info"]);
+    let names: Vec<&str> = info["attachments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|a| a["name"].as_str())
+        .collect();
+    assert!(
+        names.contains(&"live@backup") && names.contains(&"live"),
+        "{info}"
+    );
+
+    snap.unmount();
+    let detached = daemon.cli_json(&["volume", "detach", "live@backup"]);
+    assert_eq!(detached["detached"], json!(true), "{detached}");
+    assert_eq!(
+        snapshot.backing_file(),
+        None,
+        "the loop device is still bound"
+    );
+    let ended = daemon.cli_json(&["backup", "end", "live"]);
+    assert_eq!(ended["state"], json!("completed"), "{ended}");
+    let written = writer.stop();
+    assert!(written > 10, "the writer wrote only {written} files");
+    assert_tree(&root, &tree, "the live volume at the end");
+    mounted.unmount();
+    daemon.cli_json(&["volume", "detach", "live"]);
 }

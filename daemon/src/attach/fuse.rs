@@ -1,20 +1,21 @@
 //! FUSE + loop: a FUSE filesystem holding one regular file, `volume`, whose bytes are the
 //! export's, and a loop device over that file.
 //!
-//! The FUSE side is tuned for a block device above it: 1 MiB writes and readahead
-//! (FUSE_MAX_PAGES), FOPEN_DIRECT_IO so the kernel keeps no second page cache of the
-//! volume, asynchronous direct I/O, and a pool of worker threads: the session thread only
-//! reads requests off /dev/fuse and hands them to the pool, so reads and writes overlap.
-//! The export blocks on O_DIRECT I/O to its backing store, so the number of workers, not
-//! of CPUs, bounds the requests in flight: there are as many as the kernel queues
-//! (`max_background`), and a queue-depth-32 load reaches the disk as 32 requests.
-//! Request data lives in 4 KiB-aligned buffers from a [`BufPool`] (taken per request,
-//! returned on reply), so the export's O_DIRECT path uses them as they are: no allocation,
-//! no zero-filling and no bounce copy per request.
+//! The FUSE side is this module's own: it mounts with mount(2) on a `/dev/fuse`
+//! descriptor (no libfuse, no fusermount: attaching needs root, as the loop device does)
+//! and serves requests with [`fuse_server`](super::fuse_server): reader threads, each on
+//! its own cloned descriptor and aligned buffer, call the export straight from and into
+//! that buffer (its O_DIRECT path: no copy in user space, no hand-off between threads).
+//! Tuned for a block device above it: 1 MiB requests and readahead (`max_pages` 256),
+//! FOPEN_DIRECT_IO so the kernel keeps no second page cache of the volume,
+//! FOPEN_PARALLEL_DIRECT_WRITES so writes do not queue on the inode lock, asynchronous
+//! direct I/O, and as many requests queued in the kernel (`max_background`) as there are
+//! readers.
 //!
-//! What the kernel does not let us change: a 1 MiB O_DIRECT request on the loop device
-//! from user memory spans 256 pages, and the loop queue takes 128 segments (the block
-//! layer's default), so it reaches FUSE as two 512 KiB requests.
+//! What the kernel does not let us change: the loop queue takes 128 segments of at most
+//! 64 KiB (`max_segments`, `max_segment_size`; `max_sectors_kb` is 1280), so a 1 MiB
+//! O_DIRECT request from user memory in 4 KiB pages (256 segments) reaches FUSE as two
+//! 512 KiB requests; only physically contiguous user buffers (huge pages) come whole.
 //! The loop device is configured in one step (LOOP_CONFIGURE) with direct I/O and a
 //! 4 KiB logical block size, read-only when the attachment is.
 //!
@@ -24,61 +25,46 @@
 //! promise) and ZERO_RANGE (-> write-zeroes that keeps the range allocated).
 //!
 //! The FUSE server never touches its own mount: only the attaching thread opens the file,
-//! to hand it to the loop driver, while the session thread is already serving.
+//! to hand it to the loop driver, while the readers are already serving.
 
-use std::ffi::OsStr;
+use std::ffi::CString;
 use std::fs::{self, File, OpenOptions};
-use std::io;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::{mpsc, Arc, Mutex};
-use std::thread::JoinHandle;
-use std::time::{Duration, SystemTime};
+use std::sync::Arc;
+use std::time::Duration;
 
-use fuser::consts::{FOPEN_DIRECT_IO, FUSE_ASYNC_DIO};
-use fuser::{
-    FileAttr, FileType, Filesystem, KernelConfig, MountOption, ReplyAttr, ReplyData,
-    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyWrite, Request, Session,
-    SessionUnmounter,
-};
-use rustix::mount::UnmountFlags;
-use tidemark_nbd::export::{Errno, Export, ExportError, ZeroFlags};
+use rustix::mount::{MountFlags, UnmountFlags};
+use tidemark_nbd::export::Export;
 
-use tidemark_engine::io::{BufPool, IoBuf};
-
+use super::fuse_server::{Server, VolumeFs};
 use super::{claim, now_secs, sys, AttachError, Attached, Attachment, Counted, FrontEnd};
 use super::{IoCounters, Resources, Via};
 
-/// The one file of the filesystem.
-pub const FILE_NAME: &str = "volume";
-const ROOT_INO: u64 = 1;
-const FILE_INO: u64 = 2;
-/// The largest FUSE write (and read) request asked of the kernel.
-const MAX_REQUEST: u32 = 1 << 20;
-/// Attributes never change while mounted: let the kernel cache them.
-const TTL: Duration = Duration::from_secs(3600);
+pub use super::fuse_server::FILE_NAME;
+
 /// The loop device's logical block size.
 const LOOP_BLOCK_SIZE: u32 = 4096;
-/// FUSE requests the kernel keeps in flight (`max_background`), and so the worker threads
-/// serving them: each blocks on one export call.
-const IN_FLIGHT: u16 = 64;
+/// Reader threads per attachment, and so FUSE requests in flight (`max_background`): each
+/// blocks on one export call, so a queue depth of 32 at the device reaches the disk as 32.
+const READERS: u16 = 32;
 
 /// The FUSE + loop front end.
 #[derive(Debug, Clone)]
 pub struct FuseLoop {
     /// Where the FUSE mounts go, one directory per attachment (e.g. `<state-dir>/attach`).
     pub runtime_dir: PathBuf,
-    /// Threads serving FUSE requests of one attachment.
-    pub workers: usize,
+    /// Threads serving FUSE requests of one attachment (at most 65535).
+    pub readers: usize,
 }
 
 impl FuseLoop {
-    /// A front end mounting under `runtime_dir` with a worker per request the kernel keeps
-    /// in flight.
+    /// A front end mounting under `runtime_dir` with [`READERS`] reader threads.
     pub fn new(runtime_dir: impl Into<PathBuf>) -> FuseLoop {
         FuseLoop {
             runtime_dir: runtime_dir.into(),
-            workers: IN_FLIGHT.into(),
+            readers: READERS.into(),
         }
     }
 }
@@ -88,350 +74,51 @@ fn mount_dir(runtime_dir: &Path, volume: &str) -> PathBuf {
     runtime_dir.join(volume.replace('/', "_"))
 }
 
-fn to_errno(err: &ExportError) -> i32 {
-    match err.errno {
-        Errno::Perm => libc::EPERM,
-        Errno::NoMem => libc::ENOMEM,
-        Errno::Inval => libc::EINVAL,
-        Errno::NoSpc => libc::ENOSPC,
-        Errno::Overflow => libc::EOVERFLOW,
-        Errno::NotSup => libc::EOPNOTSUPP,
-        Errno::Shutdown => libc::ESHUTDOWN,
-        Errno::Io => libc::EIO,
-    }
-}
-
-/// The bytes of one request: an aligned pool buffer, or (all taken, or a request larger
-/// than a pool buffer) a heap one, which the export bounces through its own.
-enum Buffer {
-    Pooled(IoBuf),
-    Heap(Vec<u8>),
-}
-
-impl Buffer {
-    /// A buffer of `len` bytes with unspecified contents.
-    fn take(pool: &BufPool, len: usize) -> Buffer {
-        match pool.take() {
-            Some(mut buf) if len <= buf.capacity() => {
-                buf.set_len(len);
-                Buffer::Pooled(buf)
-            }
-            _ => Buffer::Heap(vec![0; len]),
-        }
-    }
-
-    fn as_slice(&self) -> &[u8] {
-        match self {
-            Buffer::Pooled(buf) => buf.as_slice(),
-            Buffer::Heap(buf) => buf,
-        }
-    }
-
-    fn as_mut_slice(&mut self) -> &mut [u8] {
-        match self {
-            Buffer::Pooled(buf) => buf.as_mut_slice(),
-            Buffer::Heap(buf) => buf,
-        }
-    }
-}
-
-type Job = Box<dyn FnOnce() + Send>;
-
-/// Worker threads that run export calls and send their replies.
-struct Pool {
-    jobs: Option<mpsc::Sender<Job>>,
-    workers: Vec<JoinHandle<()>>,
-}
-
-impl Pool {
-    fn new(threads: usize, name: &str) -> io::Result<Pool> {
-        let (tx, rx) = mpsc::channel::<Job>();
-        let rx = Arc::new(Mutex::new(rx));
-        let workers = (0..threads.max(1))
-            .map(|i| {
-                let rx = rx.clone();
-                std::thread::Builder::new()
-                    .name(format!("fuse-{name}-{i}"))
-                    .spawn(move || loop {
-                        let job = rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
-                        match job {
-                            Ok(job) => job(),
-                            Err(mpsc::RecvError) => return,
-                        }
-                    })
-            })
-            .collect::<io::Result<Vec<_>>>()?;
-        Ok(Pool {
-            jobs: Some(tx),
-            workers,
-        })
-    }
-
-    fn run(&self, job: impl FnOnce() + Send + 'static) {
-        if let Some(jobs) = &self.jobs {
-            // The workers outlive the sender (joined in drop), so this cannot fail.
-            let _ = jobs.send(Box::new(job));
-        }
-    }
-}
-
-impl Drop for Pool {
-    fn drop(&mut self) {
-        self.jobs = None;
-        for worker in self.workers.drain(..) {
-            let _ = worker.join();
-        }
-    }
-}
-
-/// The FUSE filesystem: a root directory and the file `volume`.
-struct VolumeFs {
-    export: Arc<Counted>,
-    pool: Pool,
-    buffers: BufPool,
+/// Mount a FUSE filesystem at `mount` on a new `/dev/fuse` descriptor, returned. Its
+/// inodes belong to `uid`:`gid`; the kernel sends INIT as soon as this returns.
+fn mount_fuse(
+    mount: &Path,
+    volume: &str,
     uid: u32,
     gid: u32,
-    since: SystemTime,
-}
-
-impl VolumeFs {
-    fn attr(&self, ino: u64) -> Option<FileAttr> {
-        let (kind, size, perm, nlink) = match ino {
-            ROOT_INO => (FileType::Directory, 0, 0o700, 2),
-            FILE_INO => {
-                let perm = if self.export.read_only() {
-                    0o400
-                } else {
-                    0o600
-                };
-                (FileType::RegularFile, self.export.size(), perm, 1)
-            }
-            _ => return None,
+    read_only: bool,
+) -> Result<File, AttachError> {
+    let device = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open("/dev/fuse")
+        .map_err(AttachError::FuseMissing)?;
+    let options = format!(
+        "fd={},rootmode={:o},user_id={uid},group_id={gid}",
+        device.as_raw_fd(),
+        libc::S_IFDIR
+    );
+    let options =
+        CString::new(options).map_err(|e| AttachError::io("FUSE mount options", e.into()))?;
+    let mut flags =
+        MountFlags::NODEV | MountFlags::NOSUID | MountFlags::NOEXEC | MountFlags::NOATIME;
+    if read_only {
+        flags |= MountFlags::RDONLY;
+    }
+    rustix::mount::mount(
+        format!("tidemark:{volume}").as_str(),
+        mount,
+        "fuse.tidemark",
+        flags,
+        options.as_c_str(),
+    )
+    .map_err(|e| {
+        let what = match e {
+            rustix::io::Errno::PERM => format!(
+                "cannot mount FUSE at {} (attaching needs root: run the daemon as root)",
+                mount.display()
+            ),
+            _ => format!("cannot mount FUSE at {}", mount.display()),
         };
-        Some(FileAttr {
-            ino,
-            size,
-            blocks: size.div_ceil(512),
-            atime: self.since,
-            mtime: self.since,
-            ctime: self.since,
-            crtime: self.since,
-            kind,
-            perm,
-            nlink,
-            uid: self.uid,
-            gid: self.gid,
-            rdev: 0,
-            blksize: MAX_REQUEST,
-            flags: 0,
-        })
-    }
-
-    /// The request range clipped to the file, or the errno for one that starts past it.
-    fn clip(&self, offset: i64, len: u64) -> Result<(u64, u64), i32> {
-        let offset = u64::try_from(offset).map_err(|_| libc::EINVAL)?;
-        let size = self.export.size();
-        if offset > size {
-            return Err(libc::EINVAL);
-        }
-        Ok((offset, len.min(size - offset)))
-    }
-}
-
-impl Filesystem for VolumeFs {
-    fn init(&mut self, _req: &Request<'_>, config: &mut KernelConfig) -> Result<(), i32> {
-        // Each of these is a wish: a kernel that refuses keeps its own limit.
-        let _ = config.set_max_write(MAX_REQUEST);
-        if let Err(nearest) = config.set_max_readahead(MAX_REQUEST) {
-            let _ = config.set_max_readahead(nearest);
-        }
-        let _ = config.add_capabilities(FUSE_ASYNC_DIO);
-        let _ = config.set_max_background(IN_FLIGHT);
-        Ok(())
-    }
-
-    fn lookup(&mut self, _req: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEntry) {
-        match self.attr(FILE_INO) {
-            Some(attr) if parent == ROOT_INO && name == FILE_NAME => reply.entry(&TTL, &attr, 0),
-            _ => reply.error(libc::ENOENT),
-        }
-    }
-
-    fn getattr(&mut self, _req: &Request<'_>, ino: u64, _fh: Option<u64>, reply: ReplyAttr) {
-        match self.attr(ino) {
-            Some(attr) => reply.attr(&TTL, &attr),
-            None => reply.error(libc::ENOENT),
-        }
-    }
-
-    fn setattr(
-        &mut self,
-        _req: &Request<'_>,
-        ino: u64,
-        _mode: Option<u32>,
-        _uid: Option<u32>,
-        _gid: Option<u32>,
-        size: Option<u64>,
-        _atime: Option<fuser::TimeOrNow>,
-        _mtime: Option<fuser::TimeOrNow>,
-        _ctime: Option<SystemTime>,
-        _fh: Option<u64>,
-        _crtime: Option<SystemTime>,
-        _chgtime: Option<SystemTime>,
-        _bkuptime: Option<SystemTime>,
-        _flags: Option<u32>,
-        reply: ReplyAttr,
-    ) {
-        // A volume's size is fixed; everything else about the file is not ours to change.
-        match self.attr(ino) {
-            Some(attr) if size.is_none_or(|s| s == attr.size) => reply.attr(&TTL, &attr),
-            Some(_) => reply.error(libc::EPERM),
-            None => reply.error(libc::ENOENT),
-        }
-    }
-
-    fn open(&mut self, _req: &Request<'_>, ino: u64, flags: i32, reply: ReplyOpen) {
-        if ino != FILE_INO {
-            return reply.error(libc::EISDIR);
-        }
-        if flags & libc::O_ACCMODE != libc::O_RDONLY && self.export.read_only() {
-            return reply.error(libc::EROFS);
-        }
-        reply.opened(0, FOPEN_DIRECT_IO);
-    }
-
-    fn read(
-        &mut self,
-        _req: &Request<'_>,
-        _ino: u64,
-        _fh: u64,
-        offset: i64,
-        size: u32,
-        _flags: i32,
-        _lock_owner: Option<u64>,
-        reply: ReplyData,
-    ) {
-        let (offset, len) = match self.clip(offset, size.into()) {
-            Ok(range) => range,
-            Err(errno) => return reply.error(errno),
-        };
-        let export = self.export.clone();
-        let mut buf = Buffer::take(&self.buffers, len as usize);
-        self.pool
-            .run(move || match export.read(offset, buf.as_mut_slice()) {
-                Ok(()) => reply.data(buf.as_slice()),
-                Err(err) => reply.error(to_errno(&err)),
-            });
-    }
-
-    fn write(
-        &mut self,
-        _req: &Request<'_>,
-        _ino: u64,
-        _fh: u64,
-        offset: i64,
-        data: &[u8],
-        _write_flags: u32,
-        flags: i32,
-        _lock_owner: Option<u64>,
-        reply: ReplyWrite,
-    ) {
-        if self.export.read_only() {
-            return reply.error(libc::EROFS);
-        }
-        let offset = match self.clip(offset, data.len() as u64) {
-            Ok((offset, len)) if len == data.len() as u64 => offset,
-            // A volume does not grow.
-            Ok(_) => return reply.error(libc::ENOSPC),
-            Err(errno) => return reply.error(errno),
-        };
-        let fua = flags & (libc::O_SYNC | libc::O_DSYNC) != 0;
-        let export = self.export.clone();
-        let mut buf = Buffer::take(&self.buffers, data.len());
-        buf.as_mut_slice().copy_from_slice(data);
-        self.pool
-            .run(move || match export.write(offset, buf.as_slice(), fua) {
-                Ok(()) => reply.written(buf.as_slice().len() as u32),
-                Err(err) => reply.error(to_errno(&err)),
-            });
-    }
-
-    fn flush(&mut self, _req: &Request<'_>, _ino: u64, _fh: u64, _owner: u64, reply: ReplyEmpty) {
-        self.fsync(_req, FILE_INO, 0, false, reply);
-    }
-
-    fn fsync(&mut self, _req: &Request<'_>, _ino: u64, _fh: u64, _data: bool, reply: ReplyEmpty) {
-        let export = self.export.clone();
-        self.pool.run(move || match export.flush() {
-            Ok(()) => reply.ok(),
-            Err(err) => reply.error(to_errno(&err)),
-        });
-    }
-
-    fn fallocate(
-        &mut self,
-        _req: &Request<'_>,
-        _ino: u64,
-        _fh: u64,
-        offset: i64,
-        length: i64,
-        mode: i32,
-        reply: ReplyEmpty,
-    ) {
-        let Ok(length) = u64::try_from(length) else {
-            return reply.error(libc::EINVAL);
-        };
-        let (offset, len) = match self.clip(offset, length) {
-            Ok(range) => range,
-            Err(errno) => return reply.error(errno),
-        };
-        let keep = libc::FALLOC_FL_KEEP_SIZE;
-        let no_hole = match mode {
-            // Plain allocation of a range inside the file: a volume is fully there.
-            0 | libc::FALLOC_FL_KEEP_SIZE if len == length => return reply.ok(),
-            m if m == libc::FALLOC_FL_PUNCH_HOLE | keep => false,
-            m if m == libc::FALLOC_FL_ZERO_RANGE || m == libc::FALLOC_FL_ZERO_RANGE | keep => true,
-            _ => return reply.error(libc::EOPNOTSUPP),
-        };
-        if self.export.read_only() {
-            return reply.error(libc::EROFS);
-        }
-        let flags = ZeroFlags {
-            fua: false,
-            no_hole,
-            fast: false,
-        };
-        let export = self.export.clone();
-        self.pool
-            .run(move || match export.write_zeroes(offset, len, flags) {
-                Ok(()) => reply.ok(),
-                Err(err) => reply.error(to_errno(&err)),
-            });
-    }
-
-    fn readdir(
-        &mut self,
-        _req: &Request<'_>,
-        ino: u64,
-        _fh: u64,
-        offset: i64,
-        mut reply: ReplyDirectory,
-    ) {
-        if ino != ROOT_INO {
-            return reply.error(libc::ENOTDIR);
-        }
-        let entries = [
-            (ROOT_INO, FileType::Directory, "."),
-            (ROOT_INO, FileType::Directory, ".."),
-            (FILE_INO, FileType::RegularFile, FILE_NAME),
-        ];
-        for (i, (ino, kind, name)) in entries.iter().enumerate().skip(offset.max(0) as usize) {
-            if reply.add(*ino, i as i64 + 1, *kind, name) {
-                break;
-            }
-        }
-        reply.ok();
-    }
+        AttachError::io(what, e.into())
+    })?;
+    Ok(device)
 }
 
 /// A FUSE + loop attachment served by this process.
@@ -439,8 +126,8 @@ pub struct FuseAttachment {
     record: Attachment,
     mount: PathBuf,
     counters: Arc<IoCounters>,
-    unmounter: SessionUnmounter,
-    session: Option<JoinHandle<io::Result<()>>>,
+    /// The readers; `None` once detached.
+    server: Option<Server>,
 }
 
 impl std::fmt::Debug for FuseAttachment {
@@ -462,9 +149,6 @@ impl FrontEnd for FuseLoop {
         export: Arc<dyn Export>,
         read_only: bool,
     ) -> Result<Box<dyn Attached>, AttachError> {
-        if let Err(err) = OpenOptions::new().read(true).write(true).open("/dev/fuse") {
-            return Err(AttachError::FuseMissing(err));
-        }
         let mount = mount_dir(&self.runtime_dir, volume);
         fs::create_dir_all(&mount)
             .map_err(|e| AttachError::io(format!("cannot create {}", mount.display()), e))?;
@@ -473,36 +157,18 @@ impl FrontEnd for FuseLoop {
         let export = Arc::new(Counted::new(export, read_only));
         let read_only = export.read_only();
         let counters = export.counters();
-        let fs = VolumeFs {
-            export,
-            pool: Pool::new(self.workers, volume)
-                .map_err(|e| AttachError::io("cannot start FUSE workers", e))?,
-            // One buffer per worker; the mapping is paged in only as buffers are used.
-            buffers: BufPool::new(MAX_REQUEST as usize, self.workers.max(1)).map_err(|e| {
-                AttachError::io("cannot map FUSE request buffers", io::Error::other(e))
-            })?,
-            uid: owner.uid(),
-            gid: owner.gid(),
-            since: SystemTime::now(),
+        let readers = self.readers.clamp(1, u16::MAX.into());
+        let fs = VolumeFs::new(export, owner.uid(), owner.gid(), readers as u16);
+        let device = mount_fuse(&mount, volume, owner.uid(), owner.gid(), read_only)?;
+        let server = match Server::start(device, fs, readers, volume) {
+            Ok(server) => server,
+            Err(err) => {
+                // Unmounting ends the connection, and with it any reader already started.
+                let _ = rustix::mount::unmount(&mount, UnmountFlags::DETACH);
+                let _ = fs::remove_dir(&mount);
+                return Err(AttachError::io("cannot start the FUSE readers", err));
+            }
         };
-        let mut options = vec![
-            MountOption::FSName(format!("tidemark:{volume}")),
-            MountOption::Subtype("tidemark".into()),
-            MountOption::NoDev,
-            MountOption::NoSuid,
-            MountOption::NoExec,
-            MountOption::NoAtime,
-        ];
-        if read_only {
-            options.push(MountOption::RO);
-        }
-        let mut session = Session::new(fs, &mount, &options)
-            .map_err(|e| AttachError::io(format!("cannot mount FUSE at {}", mount.display()), e))?;
-        let unmounter = session.unmount_callable();
-        let serving = std::thread::Builder::new()
-            .name(format!("fuse-{volume}"))
-            .spawn(move || session.run())
-            .map_err(|e| AttachError::io("cannot start the FUSE session", e))?;
         let mut attachment = FuseAttachment {
             record: Attachment {
                 volume: volume.to_string(),
@@ -517,8 +183,7 @@ impl FrontEnd for FuseLoop {
             },
             mount,
             counters,
-            unmounter,
-            session: Some(serving),
+            server: Some(server),
         };
         match attachment.bind_loop() {
             Ok(device) => {
@@ -576,14 +241,17 @@ impl FuseAttachment {
     /// file, lazily after that) and stop serving it.
     fn unmount(&mut self) -> Result<(), AttachError> {
         let mount = self.mount.clone();
-        unmount_patiently(&mount)?;
-        // The mount is gone: this only releases fuser's handle of it.
-        let _ = self.unmounter.unmount();
-        if let Some(session) = self.session.take() {
-            match session.join() {
-                Ok(Ok(())) => {}
-                Ok(Err(err)) => tracing::warn!("FUSE session of {}: {err}", mount.display()),
-                Err(_) => tracing::error!("FUSE session of {} panicked", mount.display()),
+        let clean = unmount_patiently(&mount)?;
+        if let Some(server) = self.server.take() {
+            if clean {
+                // The connection ended with the mount: the readers are stopping.
+                server.join();
+            } else {
+                // They stop when the kernel lets go of the lazily detached mount.
+                tracing::warn!(
+                    "{} was busy and is detached lazily; its FUSE readers stop when it is released",
+                    mount.display()
+                );
             }
         }
         let _ = fs::remove_dir(&mount);
@@ -600,7 +268,7 @@ impl Attached for FuseAttachment {
     }
 
     fn detach(&mut self) -> Result<(), AttachError> {
-        if self.session.is_none() {
+        if self.server.is_none() {
             return Ok(());
         }
         let device = &self.record.device;
@@ -614,14 +282,15 @@ impl Attached for FuseAttachment {
 }
 
 /// Unmount `mount`, retrying for a second while it is busy (the loop driver drops its
-/// reference to the file asynchronously), then detach it lazily.
-fn unmount_patiently(mount: &Path) -> Result<(), AttachError> {
+/// reference to the file asynchronously), then detach it lazily. True when it is gone
+/// at once, false when it was detached lazily.
+fn unmount_patiently(mount: &Path) -> Result<bool, AttachError> {
     for _ in 0..50 {
         match rustix::mount::unmount(mount, UnmountFlags::empty()) {
-            Ok(()) => return Ok(()),
+            Ok(()) => return Ok(true),
             Err(rustix::io::Errno::BUSY) => std::thread::sleep(Duration::from_millis(20)),
             // Not mounted (any more).
-            Err(rustix::io::Errno::INVAL) | Err(rustix::io::Errno::NOENT) => return Ok(()),
+            Err(rustix::io::Errno::INVAL) | Err(rustix::io::Errno::NOENT) => return Ok(true),
             Err(e) => {
                 let what = format!("cannot unmount {}", mount.display());
                 return Err(AttachError::io(what, e.into()));
@@ -629,7 +298,8 @@ fn unmount_patiently(mount: &Path) -> Result<(), AttachError> {
         }
     }
     rustix::mount::unmount(mount, UnmountFlags::DETACH)
-        .map_err(|e| AttachError::io(format!("cannot unmount {}", mount.display()), e.into()))
+        .map_err(|e| AttachError::io(format!("cannot unmount {}", mount.display()), e.into()))?;
+    Ok(false)
 }
 
 /// Remove what a crashed process left of a FUSE attachment: unbind its loop device (at

@@ -18,6 +18,8 @@
 
 mod counted;
 pub mod fuse;
+mod fuse_abi;
+mod fuse_server;
 pub mod nbd;
 pub mod netlink;
 

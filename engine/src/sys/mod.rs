@@ -7,6 +7,8 @@
 //!   engine's `unsafe` modules;
 //! - [`loopdev`]: the loop-device ioctls (`LOOP_CTL_GET_FREE`, `LOOP_CONFIGURE`,
 //!   `LOOP_CLR_FD`) and exclusive opens the daemon's FUSE + loop front end uses, `unsafe`;
+//! - [`fusedev`]: `FUSE_DEV_IOC_CLONE`, one `/dev/fuse` descriptor per request-serving
+//!   thread of that front end, `unsafe`;
 //! - `process`: the monotonic clock, the open-file limit, killing a process group
 //!   (rustix) and ignoring stop signals (the one libc call left, `unsafe`).
 //!
@@ -14,6 +16,8 @@
 //! and `buf` modules, which own the memory the kernel is handed.
 
 pub mod file;
+#[allow(unsafe_code)]
+pub mod fusedev;
 #[allow(unsafe_code)]
 pub(crate) mod ioctl;
 #[allow(unsafe_code)]
