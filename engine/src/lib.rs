@@ -19,6 +19,7 @@ pub mod error;
 mod failpoint;
 pub mod io;
 pub mod quiesce;
+pub mod rollback;
 pub mod snapshot;
 pub mod status;
 pub mod sys;
