@@ -24,6 +24,7 @@ pub mod export;
 mod lock;
 pub mod protocol;
 mod push;
+mod rollback;
 pub mod server;
 mod volumes;
 
