@@ -10,6 +10,8 @@ packages+=(iproute2)
 packages+=(qemu-system-x86 cpio kmod python3)
 # python3-cryptography makes the NBD-over-TLS test certificates (tests/src/tls_certs.py).
 packages+=(python3-cryptography)
+# cmp (tests/tests/volume_rollback.rs) and bc (benches/rollback.sh).
+packages+=(diffutils bc)
 # The repository tests and benches (tests/tests/repo_*.rs, benches/repo-peers.sh): restic and
 # borg as peers, pip for SeaweedFS (the S3 server the tests start on 127.0.0.1).
 packages+=(restic borgbackup python3-pip)
