@@ -74,8 +74,7 @@ fn claim(daemon: &Daemon, name: &str) -> Result<Arc<VolumeHandle>, CommandError>
         drop(registry);
         if Volume::incomplete_rollback(&daemon.config.state_dir, name).is_some() {
             // Interrupted earlier (or before a daemon restart): this rerun finishes it.
-            return VolumeHandle::open_for_rollback(&daemon.config.state_dir, name)
-                .map(Arc::new);
+            return VolumeHandle::open_for_rollback(&daemon.config.state_dir, name).map(Arc::new);
         }
         return Err(CommandError::not_found(format!(
             "no volume named {name:?}; `tidemark volume list` shows the volumes"

@@ -346,13 +346,11 @@ impl Volume {
                 self.size()
             )));
         }
-        let mut source =
-            ChainSource::open(&ChainBase::detect(&request.base), &request.deltas).map_err(
-                |e: CopyError| RollbackError::Point {
-                    point: point_text(request),
-                    reason: crate::error::chain(&e),
-                },
-            )?;
+        let mut source = ChainSource::open(&ChainBase::detect(&request.base), &request.deltas)
+            .map_err(|e: CopyError| RollbackError::Point {
+                point: point_text(request),
+                reason: crate::error::chain(&e),
+            })?;
         let rerun = request.command(&name);
         let delay = std::env::var(DELAY_ENV)
             .ok()
@@ -480,10 +478,12 @@ fn write_back(
     changed: &[Range<u64>],
     delay: Option<Duration>,
 ) -> Result<(u64, u64), WriteFailure> {
-    let fail = |offset, what: &'static str| move |source| WriteFailure {
-        offset,
-        what: what.to_string(),
-        source,
+    let fail = |offset, what: &'static str| {
+        move |source| WriteFailure {
+            offset,
+            what: what.to_string(),
+            source,
+        }
     };
     let described = source.describe();
     let mut buf = vec![0u8; PIECE as usize];
@@ -665,7 +665,11 @@ mod tests {
             s.volume.rollback(&request(&s, "c"))
         };
         let err = result.unwrap_err();
-        assert!(err.to_string().contains("rerun `tidemark volume rollback v"), "{err}");
+        assert!(
+            err.to_string()
+                .contains("rerun `tidemark volume rollback v"),
+            "{err}"
+        );
         let Setup {
             _dir,
             state,

@@ -179,7 +179,10 @@ fn rollback_after_a_one_percent_change_equals_the_point_and_the_next_incremental
     let rolled_back = report["bytes_rolled_back"].as_u64().unwrap();
     // 40 writes of 256 KiB touch 5 blocks of 64 KiB each, the zeroes and the discard 16.
     assert_eq!(rolled_back, (40 * 5 + 2 * 16) * 64 * 1024, "{report}");
-    assert!(rolled_back < SIZE / 50, "only the changes were written back");
+    assert!(
+        rolled_back < SIZE / 50,
+        "only the changes were written back"
+    );
 
     // Served again; c2 is gone and c1 starts afresh.
     qemu_io(&live, &["read -P 0x11 0 1M".to_string()]);
@@ -189,7 +192,11 @@ fn rollback_after_a_one_percent_change_equals_the_point_and_the_next_incremental
         ["c0", "c1"]
     );
     let dirty = daemon.cli_json(&["volume", "info", "v"]);
-    assert_eq!(dirty["checkpoints"][1]["changed_blocks"], json!(0), "{dirty}");
+    assert_eq!(
+        dirty["checkpoints"][1]["changed_blocks"],
+        json!(0),
+        "{dirty}"
+    );
 
     // The next incremental from c1 carries what is written now, and restores correctly.
     qemu_io(
@@ -208,7 +215,10 @@ fn rollback_after_a_one_percent_change_equals_the_point_and_the_next_incremental
     );
     let restored = daemon.dir.path().join("restored-c3.raw");
     restore(&restored, &[&point.full, &point.c1, &c3]);
-    assert!(same(&backing, &restored), "full + c1 + c3 equals the volume");
+    assert!(
+        same(&backing, &restored),
+        "full + c1 + c3 equals the volume"
+    );
 }
 
 #[test]
@@ -240,7 +250,11 @@ fn a_rollback_is_refused_while_the_volume_is_held_or_the_point_does_not_match() 
         .read_line(&mut line)
         .expect("reading the holder");
     assert_eq!(line.trim(), "up");
-    refused(&daemon, &args, "1 open NBD connection(s) to its live export");
+    refused(
+        &daemon,
+        &args,
+        "1 open NBD connection(s) to its live export",
+    );
     drop(holder);
     // The refusal left the export alone: it serves, and the holder's connection closed.
     qemu_io(&live, &["read -P 0x11 0 64k".to_string()]);
@@ -325,7 +339,15 @@ fn a_rollback_is_refused_while_the_volume_is_held_or_the_point_does_not_match() 
     daemon.restart();
     refused(
         &daemon,
-        &["volume", "rollback", "f", "--checkpoint", "f0", "--from", &target],
+        &[
+            "volume",
+            "rollback",
+            "f",
+            "--checkpoint",
+            "f0",
+            "--from",
+            &target,
+        ],
         "do a full restore instead",
     );
 }
@@ -353,14 +375,21 @@ fn a_rollback_killed_midway_leaves_the_volume_refused_until_a_rerun_finishes_it(
     let marker = daemon.state_dir.join("volumes/v/rollback.json");
     let deadline = Instant::now() + Duration::from_secs(30);
     while !marker.exists() {
-        assert!(Instant::now() < deadline, "no rollback marker: {}", daemon.log());
+        assert!(
+            Instant::now() < deadline,
+            "no rollback marker: {}",
+            daemon.log()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     std::thread::sleep(Duration::from_secs(1));
     daemon.kill();
     let _ = cli.wait();
     assert!(marker.exists(), "kill -9 mid-rollback leaves the marker");
-    assert!(!same(&backing, &point.restored), "the rollback was cut short");
+    assert!(
+        !same(&backing, &point.restored),
+        "the rollback was cut short"
+    );
 
     daemon.restart();
     let rerun = format!(
