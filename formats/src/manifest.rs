@@ -556,6 +556,18 @@ mod tests {
     }
 
     #[test]
+    fn a_next_generation_must_be_above_the_chain_and_round_trips() {
+        let mut c = chain();
+        c.next_generation = Some(2);
+        assert!(c.validate().is_err(), "at or below the latest generation");
+        c.next_generation = Some(5);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.json");
+        c.write(&path).unwrap();
+        assert_eq!(CheckpointChain::read(&path).unwrap(), c);
+    }
+
+    #[test]
     fn oversized_file_is_refused_before_parsing() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("big.json");
