@@ -27,7 +27,7 @@ struct Point {
 }
 
 impl Point {
-    fn from_args(&self) -> Vec<String> {
+    fn chain_args(&self) -> Vec<String> {
         vec![s(&self.full), s(&self.c1)]
     }
 }
@@ -136,7 +136,7 @@ fn rollback_args(point: &Point) -> Vec<String> {
         .iter()
         .map(|a| a.to_string())
         .collect();
-    args.extend(point.from_args());
+    args.extend(point.chain_args());
     args
 }
 
