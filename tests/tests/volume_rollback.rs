@@ -257,7 +257,7 @@ fn a_rollback_is_refused_while_the_volume_is_held_or_the_point_does_not_match() 
     );
     drop(holder);
     // The refusal left the export alone: it serves, and the holder's connection closed.
-    qemu_io(&live, &["read -P 0x11 0 64k".to_string()]);
+    qemu_io(&live, &["read -P 0x11 1M 64k".to_string()]);
 
     // A FUSE attachment.
     let attached = daemon.cli_json(&["volume", "attach", "v", "--via", "fuse"]);
