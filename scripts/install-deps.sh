@@ -12,6 +12,8 @@ packages+=(qemu-system-x86 cpio kmod python3)
 packages+=(python3-cryptography)
 # python3-prometheus-client parses `serve --metrics` output (tests/tests/metrics.rs).
 packages+=(python3-prometheus-client)
+# cmp (tests/tests/volume_rollback.rs) and bc (benches/rollback.sh).
+packages+=(diffutils bc)
 # The repository tests and benches (tests/tests/repo_*.rs, benches/repo-peers.sh): restic and
 # borg as peers, pip for SeaweedFS (the S3 server the tests start on 127.0.0.1).
 packages+=(restic borgbackup python3-pip)

@@ -407,6 +407,9 @@ fn resolve(daemon: &Daemon, name: &str, read_only: bool) -> Result<Target, Comma
             });
         }
     }
+    if let Some(unavailable) = crate::rollback::unavailable(daemon, name) {
+        return Err(unavailable);
+    }
     let exports: Vec<&str> = registry
         .backups
         .values()

@@ -172,6 +172,8 @@ pub struct Daemon {
     backup_counter: Mutex<u64>,
     /// Block devices of volumes and snapshots (`volume-attach`).
     pub(crate) attachments: Attachments,
+    /// Volumes a `volume-rollback` is writing back.
+    pub(crate) rollbacks: crate::rollback::Rollbacks,
     /// Held for the daemon's life: one daemon per state dir.
     _lock: DaemonLock,
 }
@@ -228,6 +230,7 @@ impl Daemon {
             registry: Mutex::new(registry),
             backup_counter: Mutex::new(backup_counter),
             attachments,
+            rollbacks: crate::rollback::Rollbacks::default(),
             _lock: lock,
         });
         daemon.attachments.recover(&daemon);
@@ -292,6 +295,9 @@ impl Daemon {
 
     pub(crate) fn volume(&self, name: &str) -> Result<Arc<VolumeHandle>, CommandError> {
         self.registry().volumes.get(name).cloned().ok_or_else(|| {
+            if let Some(busy) = crate::rollback::unavailable(self, name) {
+                return busy;
+            }
             CommandError::not_found(format!(
                 "no volume named {name:?}; `tidemark volume list` shows the volumes, \
                  `tidemark volume create` adds one"
@@ -359,6 +365,7 @@ impl Daemon {
             Command::BackupStatus(_) => Ok(backup::status(self)),
             Command::VolumeAttach(args) => self.attachments.attach(self, args),
             Command::VolumeDetach(args) => self.attachments.detach(&args.name),
+            Command::VolumeRollback(args) => crate::rollback::rollback(self, args),
         }
     }
 

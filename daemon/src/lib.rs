@@ -26,6 +26,7 @@ mod lock;
 mod metrics;
 pub mod protocol;
 mod push;
+mod rollback;
 pub mod server;
 mod volumes;
 

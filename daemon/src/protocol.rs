@@ -217,6 +217,8 @@ pub enum Command {
     VolumeAttach(VolumeAttachArgs),
     /// Remove the block device of an attachment.
     VolumeDetach(VolumeNameArgs),
+    /// Write back the blocks changed since a checkpoint from the point taken at it.
+    VolumeRollback(VolumeRollbackArgs),
 }
 
 impl Command {
@@ -239,6 +241,7 @@ impl Command {
         "backup-status",
         "volume-attach",
         "volume-detach",
+        "volume-rollback",
     ];
 
     /// Read the command of a parsed request: `CommandNotFound` for an unknown name,
@@ -341,6 +344,21 @@ pub struct VolumeAttachArgs {
     /// Kernel NBD connections (1-8; default the number of CPUs, at most 8).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub queues: Option<u32>,
+}
+
+/// `volume-rollback`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeRollbackArgs {
+    /// The volume.
+    pub name: String,
+    /// The checkpoint the point was taken at.
+    pub checkpoint: String,
+    /// Absolute path of the point's base: a full delta, or an image followed by deltas.
+    pub base: PathBuf,
+    /// Absolute paths of the point's incremental deltas, oldest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deltas: Vec<PathBuf>,
 }
 
 /// `checkpoint-create`, `checkpoint-delete`.

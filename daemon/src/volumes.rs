@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use tidemark_engine::checkpoint::CheckpointError;
 use tidemark_engine::quiesce::{self, QuiesceError, QuiesceSpec};
+use tidemark_engine::rollback::{RollbackError, RollbackReport, RollbackRequest};
 use tidemark_engine::snapshot::{CowOptions, Snapshot};
 use tidemark_engine::status::SnapshotState;
 use tidemark_engine::volume::{SnapshotSpec, TrackingMode, Volume, VolumeError, VolumeOptions};
@@ -174,6 +175,26 @@ impl VolumeHandle {
             // Unknown names get the engine's own error when the snapshot is taken.
             _ => Ok(()),
         }
+    }
+
+    /// Open a volume whose rollback was interrupted, to finish it (nothing else opens it).
+    pub(crate) fn open_for_rollback(
+        state_dir: &Path,
+        name: &str,
+    ) -> Result<VolumeHandle, CommandError> {
+        let volume = Volume::open_for_rollback(state_dir, name).map_err(volume_error)?;
+        Ok(VolumeHandle {
+            state_dir: state_dir.to_path_buf(),
+            volume: Arc::new(volume),
+        })
+    }
+
+    /// Roll the volume back (`volume-rollback`); the caller has made sure nothing uses it.
+    pub(crate) fn rollback(
+        &self,
+        request: &RollbackRequest,
+    ) -> Result<RollbackReport, RollbackError> {
+        self.volume.rollback(request)
     }
 
     /// Wait (bounded) until nobody else holds the volume, e.g. NBD connections that are
@@ -459,6 +480,11 @@ impl NbdServer {
     /// Every export's NBD activity (metrics).
     pub fn export_stats(&self) -> Vec<tidemark_nbd::server::ExportStats> {
         self.server.export_stats()
+    }
+
+    /// Stop serving `name` unless a connection uses it: `Err` with how many do.
+    pub(crate) fn remove_export_if_unused(&self, name: &str) -> Result<(), usize> {
+        self.server.remove_export_if_unused(name).map(drop)
     }
 
     pub fn has_export(&self, name: &str) -> bool {

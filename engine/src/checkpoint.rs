@@ -208,7 +208,8 @@ impl Chain {
             .iter()
             .map(|e| e.generation + 1)
             .max()
-            .unwrap_or(1);
+            .unwrap_or(1)
+            .max(file.next_generation.unwrap_or(0));
         let mut chain = Chain {
             params,
             path,
@@ -396,6 +397,7 @@ impl Chain {
         let chain = CheckpointChain {
             chain_uuid: self.chain_uuid,
             checkpoints: self.entries.iter().map(|e| e.file.clone()).collect(),
+            next_generation: Some(self.next_generation),
         };
         chain
             .write(&self.path)
@@ -683,6 +685,7 @@ impl Chain {
         let chain = CheckpointChain {
             chain_uuid: self.chain_uuid,
             checkpoints: entries,
+            next_generation: Some(self.next_generation),
         };
         let written = crate::failpoint::check("checkpoint.delete.persist")
             .map_err(|source| CheckpointError::Io {
@@ -726,6 +729,60 @@ impl Chain {
             self.entries[idx].file.confirmed = false;
         }
         persisted
+    }
+
+    /// The switch of a rollback: the volume's data is back at checkpoint `name`, so every
+    /// later checkpoint is dropped and `name` starts afresh with an empty bitmap, the
+    /// active one (the next incremental from it copies only what is written from now on).
+    /// Writes must be paused. Crash-atomic as a delete: the empty bitmap goes to a file the
+    /// chain does not name yet, the chain replace is the one switch, and only then are the
+    /// files the chain no longer names removed. The dropped checkpoints' generations are
+    /// never handed out again (the chain file records the next one). Returns the names of
+    /// the dropped checkpoints, oldest first.
+    pub(crate) fn rollback_to(
+        &mut self,
+        name: &str,
+        active: &mut Option<Arc<ActiveBitmap>>,
+    ) -> Result<Vec<String>, CheckpointError> {
+        let idx = self.find(name)?;
+        let target = &self.entries[idx].file;
+        let header = self.header(&target.name, target.generation)?;
+        // Two names per checkpoint, used in turn, as a delete's merge does.
+        let base = format!("{}-{}.bitmap", self.chain_uuid, target.generation);
+        let file_name = if target.bitmap_file == base {
+            format!("{}-{}.merged.bitmap", self.chain_uuid, target.generation)
+        } else {
+            base
+        };
+        let path = self.bitmap_dir.join(&file_name);
+        let bitmap = ActiveBitmap::create(&path, header, self.params.durable)?;
+        let mut next: Vec<CheckpointEntry> = self.entries[..=idx]
+            .iter()
+            .map(|e| e.file.clone())
+            .collect();
+        next[idx].bitmap_file = file_name.clone();
+        if let Err(err) = self.replace_chain(next) {
+            drop(bitmap);
+            let _ = fs::remove_file(&path);
+            return Err(err);
+        }
+        // Commit: memory only, nothing can fail from here on.
+        let dropped: Vec<Entry> = self.entries.drain(idx + 1..).collect();
+        let target = &mut self.entries[idx];
+        let mut old_files = vec![std::mem::replace(&mut target.file.bitmap_file, file_name)];
+        target.frozen = None;
+        target.problem = None;
+        *active = Some(Arc::new(bitmap));
+        old_files.extend(dropped.iter().map(|e| e.file.bitmap_file.clone()));
+        for file in old_files {
+            let _ = fs::remove_file(self.bitmap_dir.join(file));
+        }
+        Ok(dropped.into_iter().map(|e| e.file.name).collect())
+    }
+
+    /// The generation of checkpoint `name`.
+    pub(crate) fn generation_of(&self, name: &str) -> Result<u64, CheckpointError> {
+        Ok(self.entries[self.find(name)?].file.generation)
     }
 
     /// The changes since checkpoint `name` (OR of its bitmap and every later one),
@@ -969,6 +1026,49 @@ mod tests {
         drop((chain, active));
         let (chain, active) = Chain::load(dir.path(), p, &events).unwrap();
         assert_eq!(confirmed(&chain, &active), [true, true]);
+    }
+
+    #[test]
+    fn a_rollback_drops_the_later_checkpoints_and_never_reuses_their_generations() {
+        let dir = tempfile::tempdir().unwrap();
+        let events = EventLog::default();
+        let p = params(true);
+        let (mut chain, mut active) = Chain::load(dir.path(), p.clone(), &events).unwrap();
+        chain.create("a", &mut active).unwrap();
+        active.as_ref().unwrap().mark(0, 4096).unwrap();
+        chain.create("b", &mut active).unwrap();
+        active.as_ref().unwrap().mark(8192, 4096).unwrap();
+        chain.create("c", &mut active).unwrap();
+        assert_eq!(chain.rollback_to("a", &mut active).unwrap(), ["b", "c"]);
+        assert_eq!(chain.names(), ["a"]);
+        assert!(chain
+            .bitmap_since("a", active.as_deref())
+            .unwrap()
+            .changed_extents()
+            .is_empty());
+        // "a" is the active bitmap: new writes land in it.
+        active.as_ref().unwrap().mark(16384, 1).unwrap();
+        drop((chain, active));
+        let (mut chain, mut active) = Chain::load(dir.path(), p, &events).unwrap();
+        assert_eq!(
+            chain
+                .bitmap_since("a", active.as_deref())
+                .unwrap()
+                .changed_extents(),
+            vec![16384..20480]
+        );
+        assert_eq!(chain.create("b", &mut active).unwrap().generation, 4);
+        let bitmaps = fs::read_dir(dir.path())
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .ends_with(".bitmap")
+            })
+            .count();
+        assert_eq!(bitmaps, 2, "the dropped checkpoints' files are gone");
     }
 
     /// Every step of a delete at which an injected failure can strike.

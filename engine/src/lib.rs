@@ -20,6 +20,7 @@ mod failpoint;
 pub mod io;
 pub mod lockfile;
 pub mod quiesce;
+pub mod rollback;
 pub mod snapshot;
 pub mod status;
 pub mod sys;

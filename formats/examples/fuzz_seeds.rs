@@ -147,6 +147,7 @@ fn manifest_seeds(dir: &Path) -> Result<()> {
                 confirmed: false,
             },
         ],
+        next_generation: None,
     };
     put(dir, "chain", &c.to_json())?;
     put(
@@ -155,6 +156,7 @@ fn manifest_seeds(dir: &Path) -> Result<()> {
         &CheckpointChain {
             chain_uuid: Uuid::nil(),
             checkpoints: vec![],
+            next_generation: None,
         }
         .to_json(),
     )?;

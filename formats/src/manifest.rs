@@ -93,6 +93,11 @@ pub struct CheckpointChain {
     pub chain_uuid: Uuid,
     /// Checkpoints, oldest first.
     pub checkpoints: Vec<CheckpointEntry>,
+    /// The generation the next checkpoint gets, above every generation in `checkpoints`:
+    /// generations of checkpoints a rollback dropped (or that were deleted) are never
+    /// handed out again (absent in older files: one past the highest in the chain).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_generation: Option<u64>,
 }
 
 /// Checks a volume name: 1..=128 bytes of `[A-Za-z0-9_.:+-]`, not starting with `.` or `-`.
@@ -179,6 +184,7 @@ impl CheckpointChain {
         Self {
             chain_uuid: Uuid::new_v4(),
             checkpoints: Vec::new(),
+            next_generation: None,
         }
     }
 
@@ -228,6 +234,14 @@ impl CheckpointChain {
                 return Err(InvalidField::new(
                     "bitmap_file",
                     format!("{f:?} is used by two checkpoints"),
+                ));
+            }
+        }
+        if let (Some(next), Some(last)) = (self.next_generation, prev_gen) {
+            if next <= last {
+                return Err(InvalidField::new(
+                    "next_generation",
+                    format!("{next} is not above the latest checkpoint's generation {last}"),
                 ));
             }
         }
@@ -415,6 +429,7 @@ mod tests {
                     confirmed: false,
                 },
             ],
+            next_generation: None,
         }
     }
 
@@ -538,6 +553,18 @@ mod tests {
         assert!(c.validate().is_err(), "shared bitmap file");
         let dir = tempfile::tempdir().unwrap();
         assert!(c.write(&dir.path().join("c.json")).is_err());
+    }
+
+    #[test]
+    fn a_next_generation_must_be_above_the_chain_and_round_trips() {
+        let mut c = chain();
+        c.next_generation = Some(2);
+        assert!(c.validate().is_err(), "at or below the latest generation");
+        c.next_generation = Some(5);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.json");
+        c.write(&path).unwrap();
+        assert_eq!(CheckpointChain::read(&path).unwrap(), c);
     }
 
     #[test]

@@ -25,6 +25,8 @@ pub struct Daemon {
     /// Run the daemon with this RLIMIT_FSIZE (bytes) and SIGXFSZ ignored, so its writes
     /// past the limit fail with EFBIG: a target that breaks mid-push.
     pub file_size_limit: Option<u64>,
+    /// Extra environment variables of `tidemark serve` (test knobs).
+    pub env: Vec<(String, String)>,
 }
 
 impl Daemon {
@@ -48,6 +50,18 @@ impl Daemon {
         daemon
     }
 
+    /// Start a daemon with extra environment variables (test knobs such as
+    /// `TIDEMARK_TEST_ROLLBACK_DELAY_MS`); restarts keep them.
+    pub fn start_with_env(env: &[(&str, &str)]) -> Daemon {
+        let mut daemon = Daemon::stopped(&[]);
+        daemon.env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        daemon.restart();
+        daemon
+    }
+
     fn stopped(serve_args: &[&str]) -> Daemon {
         let dir = tempfile::tempdir().expect("tempdir");
         let state_dir = dir.path().join("state");
@@ -58,6 +72,7 @@ impl Daemon {
             child: None,
             serve_args,
             file_size_limit: None,
+            env: Vec::new(),
         }
     }
 
@@ -84,6 +99,7 @@ impl Daemon {
             .arg(&self.state_dir)
             .args(&self.serve_args)
             .env("TIDEMARK_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)

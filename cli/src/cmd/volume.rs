@@ -7,6 +7,7 @@ use serde_json::Value;
 use tidemark_daemon::attach::Via;
 use tidemark_daemon::protocol::{
     Command as Request, NoArguments, Tracking, VolumeAttachArgs, VolumeCreateArgs, VolumeNameArgs,
+    VolumeRollbackArgs,
 };
 
 use crate::control::{self, ClientArgs};
@@ -119,6 +120,43 @@ pub enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Roll a volume back to a checkpoint, writing back only the blocks changed since it.
+    ///
+    /// POINT is the volume's data at the checkpoint, as `tidemark restore` takes it: a
+    /// full delta, or an image, followed by the incremental deltas up to the checkpoint
+    /// (oldest first). Its last link must end at CHECKPOINT of this volume (same volume
+    /// uuid, checkpoint name and generation); anything else is refused, naming the
+    /// mismatch. (A repository point is not accepted yet.) The blocks changed since the
+    /// checkpoint (from the volume's dirty tracking) are read from the point and written
+    /// to the volume: a small fraction of a full restore's work. When tracking since the
+    /// checkpoint is not consistent, the rollback is refused: do a full restore.
+    ///
+    /// Nothing may use the volume meanwhile: it is refused while the volume is attached,
+    /// in a backup, or while a client is connected to its live export (the error lists
+    /// them), and new connections are refused while it runs. Afterwards the checkpoints
+    /// after CHECKPOINT are dropped (their generations are never reused) and the next
+    /// incremental backup is taken from CHECKPOINT.
+    ///
+    /// Crash-safe: if the rollback is interrupted (kill -9, power loss, an I/O error), the
+    /// volume stays marked "rollback incomplete": it is not exported and cannot be read
+    /// or attached until the same command is run again, which finishes it.
+    ///
+    /// Examples:
+    ///   tidemark volume rollback vm1 --checkpoint tue --from mon.delta tue.delta
+    ///   tidemark volume rollback data --checkpoint c2 --from base.raw c1-c2.delta
+    #[command(verbatim_doc_comment)]
+    Rollback {
+        /// The volume.
+        name: String,
+        /// The checkpoint the point was taken at.
+        #[arg(long, value_name = "CHECKPOINT")]
+        checkpoint: String,
+        /// The point: its base (a full delta or an image), then its deltas, oldest first.
+        #[arg(long = "from", value_name = "POINT", num_args = 1.., required = true)]
+        from: Vec<PathBuf>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
 }
 
 fn parse_size(text: &str) -> Result<u64, String> {
@@ -132,7 +170,8 @@ pub fn run(command: Command) -> anyhow::Result<ExitCode> {
         | Command::Info { client, .. }
         | Command::Remove { client, .. }
         | Command::Attach { client, .. }
-        | Command::Detach { client, .. } => client.json,
+        | Command::Detach { client, .. }
+        | Command::Rollback { client, .. } => client.json,
     };
     control::finish(json_output, run_inner(command))
 }
@@ -240,8 +279,60 @@ fn run_inner(command: Command) -> anyhow::Result<ExitCode> {
                 println!("detached {name} ({})", text(&detached["device"]));
             }
         }
+        Command::Rollback {
+            name,
+            checkpoint,
+            from,
+            client,
+        } => {
+            let mut from = from
+                .into_iter()
+                .map(|path| std::path::absolute(&path).unwrap_or(path));
+            let base = from.next().unwrap_or_default();
+            let arguments = VolumeRollbackArgs {
+                name: name.clone(),
+                checkpoint,
+                base,
+                deltas: from.collect(),
+            };
+            let report = client
+                .connect()?
+                .execute(&Request::VolumeRollback(arguments))?;
+            if client.json {
+                ui::print_json(&report)?;
+            } else {
+                print_rollback(&name, &report);
+            }
+        }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// What a rollback did, for people.
+fn print_rollback(name: &str, report: &Value) {
+    let dropped: Vec<String> = report["dropped_checkpoints"]
+        .as_array()
+        .map(|list| list.iter().map(text).collect())
+        .unwrap_or_default();
+    println!(
+        "{} volume {name} to checkpoint {}: {} of {} written back in {:.2} s",
+        if report["resumed"].as_bool() == Some(true) {
+            "finished rolling back"
+        } else {
+            "rolled back"
+        },
+        text(&report["checkpoint"]),
+        size_text(&report["bytes_rolled_back"]),
+        size_text(&report["size"]),
+        report["seconds"].as_f64().unwrap_or(0.0),
+    );
+    if !dropped.is_empty() {
+        println!("dropped checkpoints {}", dropped.join(", "));
+    }
+    println!(
+        "the next incremental backup is taken from {}",
+        text(&report["checkpoint"])
+    );
 }
 
 /// `12.0 GiB`-style sizes for people.

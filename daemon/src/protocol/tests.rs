@@ -190,6 +190,17 @@ fn documented() -> Vec<(Command, Value)> {
             }),
             json!({"execute": "volume-detach", "arguments": {"name": "data"}}),
         ),
+        (
+            Command::VolumeRollback(VolumeRollbackArgs {
+                name: "vm1".into(),
+                checkpoint: "c2".into(),
+                base: "/backup/vm1-c1.delta".into(),
+                deltas: vec!["/backup/vm1-c2.delta".into()],
+            }),
+            json!({"execute": "volume-rollback", "arguments": {"name": "vm1",
+                "checkpoint": "c2", "base": "/backup/vm1-c1.delta",
+                "deltas": ["/backup/vm1-c2.delta"]}}),
+        ),
     ]
 }
 

@@ -134,7 +134,25 @@ impl Volume {
     /// Open volume `name` for I/O, taking its lock. Tracking comes back as the last stop
     /// left it (see the module docs of `checkpoint` and `tracking`); snapshots alive at an
     /// unclean stop are reported lost in the events and their COW stores deleted.
+    ///
+    /// A volume whose rollback was interrupted is refused
+    /// ([`VolumeError::RollbackIncomplete`]): only [`Volume::open_for_rollback`] opens it.
     pub fn open(state_dir: &Path, name: &str) -> Result<Volume, VolumeError> {
+        Volume::open_checked(state_dir, name, true)
+    }
+
+    /// Open volume `name` as [`Volume::open`] does, also when a rollback of it was
+    /// interrupted: for the rollback that finishes it ([`Volume::rollback`]) and for
+    /// `remove`, nothing else.
+    pub fn open_for_rollback(state_dir: &Path, name: &str) -> Result<Volume, VolumeError> {
+        Volume::open_checked(state_dir, name, false)
+    }
+
+    fn open_checked(
+        state_dir: &Path,
+        name: &str,
+        refuse_incomplete_rollback: bool,
+    ) -> Result<Volume, VolumeError> {
         if validate_volume_name(name).is_err() {
             return Err(VolumeError::NotFound {
                 name: name.to_string(),
@@ -156,6 +174,9 @@ impl Volume {
             });
         }
         let lock = take_lock(name, state_dir, &dir)?;
+        if refuse_incomplete_rollback {
+            crate::rollback::refuse_if_incomplete(name, &dir)?;
+        }
         let manifest =
             VolumeManifest::read(&manifest_path).map_err(|e| VolumeError::BadManifest {
                 path: manifest_path.clone(),
@@ -216,6 +237,16 @@ impl Volume {
         Ok(volume)
     }
 
+    /// The marker of an interrupted rollback of volume `name`, if there is one (see
+    /// [`crate::rollback::marker`]).
+    pub fn incomplete_rollback(
+        state_dir: &Path,
+        name: &str,
+    ) -> Option<Result<crate::rollback::RollbackMarker, String>> {
+        validate_volume_name(name).ok()?;
+        crate::rollback::marker(&volumes_dir(state_dir).join(name))
+    }
+
     /// Names of the volumes in `state_dir`, sorted.
     pub fn list(state_dir: &Path) -> Result<Vec<String>, VolumeError> {
         let dir = volumes_dir(state_dir);
@@ -243,7 +274,7 @@ impl Volume {
     /// Forget volume `name` (its state: manifest, bitmaps, COW stores; never the
     /// backing's data). Fails while another process has it open.
     pub fn remove(state_dir: &Path, name: &str) -> Result<(), VolumeError> {
-        let volume = Volume::open(state_dir, name)?;
+        let volume = Volume::open_for_rollback(state_dir, name)?;
         let dir = volume.dir.clone();
         volume.close()?;
         fs::remove_dir_all(&dir).map_err(|source| VolumeError::Io {

@@ -14,6 +14,8 @@
 //!     snapshot + optional new checkpoint + frozen dirty bitmap per volume
 //! vol.snapshot(spec) / snapshots() / drop_snapshot(name)
 //! vol.status()                                               JSON-able status
+//! vol.rollback(request)                                      back to a checkpoint from
+//!     its point, writing only the changes since it (crate::rollback)
 //! vol.close()                                                clean stop (also on drop)
 //! ```
 //! Exports: `tidemark_daemon::export::VolumeExport` (live, read-write) and
@@ -29,6 +31,7 @@
 //!                           /<chain>-<gen>.bitmap  dirty bitmaps (crate::tracking)
 //!                           /snapshots/<s>.json marker of a live snapshot
 //!                           /snapshots/<s>.cow  default COW store
+//!                           /rollback.json      an unfinished rollback (crate::rollback)
 //! ```
 //!
 //! # Write order of one write (also trim and write-zeroes)
@@ -222,6 +225,17 @@ pub enum VolumeError {
     /// Dirty tracking failed (the write was not done).
     #[error(transparent)]
     Tracking(#[from] TrackingError),
+    /// A rollback of the volume was interrupted: its data is part old, part rolled back.
+    #[error(
+        "volume {name}: rollback incomplete, rerun `{rerun}` to finish it (reading and \
+         exporting the volume are refused until then)"
+    )]
+    RollbackIncomplete {
+        /// The volume.
+        name: String,
+        /// The command that finishes it.
+        rerun: String,
+    },
 }
 
 impl VolumeError {
@@ -257,6 +271,17 @@ pub struct GroupSnapshot {
     pub snapshots: Vec<Snapshot>,
     /// How long writes were held (the "write pause" a backup reports).
     pub pause: Duration,
+}
+
+/// What [`Volume::exclusive`] hands to a rollback ([`crate::rollback`]): the chain, the
+/// active bitmap and the backing store, with writes paused and checkpoint operations
+/// locked out.
+pub(crate) struct Exclusive<'a> {
+    pub(crate) chain: &'a mut Chain,
+    pub(crate) active: &'a mut Option<Arc<ActiveBitmap>>,
+    /// How many snapshots are alive.
+    pub(crate) snapshots: usize,
+    pub(crate) backing: &'a BackingFile,
 }
 
 /// What writers need, behind the write gate.
@@ -345,6 +370,23 @@ impl Volume {
             return Err(VolumeError::Closed(self.manifest.name.clone()));
         }
         Ok(st)
+    }
+
+    /// Run `f` with writes paused (the write gate held) and the chain locked, for the
+    /// length of a rollback ([`crate::rollback`]).
+    pub(crate) fn exclusive<R>(
+        &self,
+        f: impl FnOnce(Exclusive<'_>) -> R,
+    ) -> Result<R, VolumeError> {
+        let mut chain = lock_mutex(&self.chain);
+        let mut st = self.gate_write()?;
+        let st = &mut *st;
+        Ok(f(Exclusive {
+            chain: &mut chain,
+            active: &mut st.active,
+            snapshots: st.snapshots.len(),
+            backing: &self.backing,
+        }))
     }
 
     /// Create checkpoint `name`: changes are tracked from now on in its bitmap.

@@ -104,6 +104,31 @@ impl Server {
         Some(entry.export)
     }
 
+    /// Stop serving `name` only when no connection uses it (a connection holds its
+    /// export from the moment it selects it until it closes): `Ok` with the export (`None`
+    /// when there was none), or `Err` with the number of connections that use it, in
+    /// which case nothing changed. Checked and removed under one lock, so no connection
+    /// can select the export in between.
+    pub fn remove_export_if_unused(&self, name: &str) -> Result<Option<Arc<dyn Export>>, usize> {
+        let mut exports = self
+            .inner
+            .exports
+            .write()
+            .unwrap_or_else(|e| e.into_inner());
+        let Some(entry) = exports.get(name) else {
+            return Ok(None);
+        };
+        let users = Arc::strong_count(&entry.export) - 1;
+        if users > 0 {
+            return Err(users);
+        }
+        let entry = exports.remove(name).map(|entry| {
+            entry.removed.send_replace(true);
+            entry.export
+        });
+        Ok(entry)
+    }
+
     /// Names of the exports served, sorted.
     pub fn export_names(&self) -> Vec<String> {
         self.inner
@@ -154,5 +179,26 @@ impl ExportDirectory for Server {
             .iter()
             .map(|(n, e)| (n.clone(), e.export.description()))
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_export_a_connection_uses_is_not_removed() {
+        let server = Server::new();
+        server
+            .add_export("a", Arc::new(super::super::command::tests::Striped))
+            .unwrap();
+        // What a connection holds once it selected the export.
+        let (_, selected) = server.lookup("a").unwrap();
+        assert_eq!(server.remove_export_if_unused("a").err(), Some(1));
+        assert_eq!(server.export_names(), ["a"]);
+        drop(selected);
+        assert!(server.remove_export_if_unused("a").unwrap().is_some());
+        assert!(server.export_names().is_empty());
+        assert!(server.remove_export_if_unused("a").unwrap().is_none());
     }
 }
