@@ -53,6 +53,8 @@ enum Command {
     Verify(cmd::verify::Args),
     Info(cmd::info::Args),
     Bench(cmd::bench::Args),
+    Mount(cmd::mount::Args),
+    Umount(cmd::mount::UmountArgs),
     #[command(name = "__quiesce-watchdog", hide = true)]
     QuiesceWatchdog(cmd::watchdog::Args),
 }
@@ -76,6 +78,8 @@ fn main() -> ExitCode {
         Command::Verify(args) => cmd::verify::run(args),
         Command::Info(args) => cmd::info::run(args),
         Command::Bench(args) => cmd::bench::run(args),
+        Command::Mount(args) => cmd::mount::run(args),
+        Command::Umount(args) => cmd::mount::run_umount(args),
         Command::QuiesceWatchdog(args) => cmd::watchdog::run(args),
     };
     match result {
