@@ -2,8 +2,10 @@
 //! read-only, for picking files out of a backup.
 //!
 //! [`PointMount::mount`] serves the point ([`ChainExport`]) through the FUSE + loop front
-//! end with a partition scan (as `losetup -P`): an image with a partition table gets each
-//! partition's filesystem mounted at `DIR/pN`, an image holding one filesystem gets it
+//! end. An image with a partition table (MBR primary partitions or GPT, read from the point
+//! here, so kernels without partition-table support work too) gets a read-only loop device
+//! per partition over the point's device (`losetup --offset --sizelimit`) and each
+//! partition's filesystem mounted at `DIR/pN`; an image holding one filesystem gets it
 //! mounted at `DIR`. Filesystems are mounted read-only without touching their journal
 //! (ext3/4 `noload`, xfs `norecovery,nouuid`), `nodev,nosuid`. The process that mounted it
 //! keeps serving until [`PointMount::unmount`].
@@ -26,6 +28,7 @@ use serde::{Deserialize, Serialize};
 use crate::attach::fuse::{cleanup_stale, FuseLoop};
 use crate::attach::{AttachError, Attached, Attachment, FrontEnd};
 use crate::chain_export::{ChainError, ChainExport};
+use tidemark_nbd::export::{Export, ExportError};
 
 /// How long [`umount`] waits for the serving process to detach and exit.
 const SERVER_EXIT_LIMIT: Duration = Duration::from_secs(20);
@@ -90,6 +93,9 @@ pub struct MountRecord {
     pub pid: u32,
     /// The loop device and FUSE mount serving it.
     pub attachment: Attachment,
+    /// Loop devices over the partitions of `attachment`'s device, one per partition.
+    #[serde(default)]
+    pub partition_devices: Vec<PathBuf>,
     /// The filesystems mounted, in mount order.
     pub mounts: Vec<Mounted>,
     /// Partitions with no filesystem tidemark could mount (swap, unknown), with why.
@@ -183,12 +189,14 @@ impl PointMount {
             cleanup(&old, &record_path)?;
         }
         let chain = ChainExport::open(base, deltas)?;
+        let table = partition_table(&chain).map_err(|e| {
+            MountError::NoFilesystem(format!("reading the point's partition table: {e}"))
+        })?;
         fs::create_dir_all(records_dir(state_dir)).map_err(io_err(format!(
             "creating {}",
             records_dir(state_dir).display()
         )))?;
-        let mut front = FuseLoop::new(state_dir.join("mount-fuse"));
-        front.partition_scan = true;
+        let front = FuseLoop::new(state_dir.join("mount-fuse"));
         let name = format!("point-{}", std::process::id());
         let attached = front.attach(&name, Arc::new(chain), true)?;
         let mut point = vec![base.to_path_buf()];
@@ -199,13 +207,14 @@ impl PointMount {
                 point,
                 pid: std::process::id(),
                 attachment: attached.record(),
+                partition_devices: Vec::new(),
                 mounts: Vec::new(),
                 skipped: Vec::new(),
             },
             attached,
             record_path,
         };
-        match this.mount_filesystems() {
+        match this.mount_filesystems(&table) {
             Ok(()) => Ok(this),
             Err(err) => {
                 if let Err(undo) = this.unmount() {
@@ -221,10 +230,9 @@ impl PointMount {
         &self.record
     }
 
-    fn mount_filesystems(&mut self) -> Result<(), MountError> {
+    fn mount_filesystems(&mut self, table: &[Partition]) -> Result<(), MountError> {
         let device = self.record.attachment.device.clone();
-        let partitions = partitions(&device)?;
-        if partitions.is_empty() {
+        if table.is_empty() {
             let fstype = probe(&device)?.ok_or_else(|| {
                 MountError::NoFilesystem(format!(
                     "the restore point holds neither a partition table nor a filesystem \
@@ -236,7 +244,10 @@ impl PointMount {
             let dir = self.record.dir.clone();
             self.mount_one(&device, &dir, &fstype, false)?;
         } else {
-            for (number, partition) in partitions {
+            for entry in table {
+                let partition = bind_partition(&device, entry)?;
+                self.record.partition_devices.push(partition.clone());
+                let number = entry.number;
                 let Some(fstype) = probe(&partition)? else {
                     self.record.skipped.push(format!(
                         "p{number} ({}): no filesystem",
@@ -318,6 +329,7 @@ impl PointMount {
     /// retried), detach the point and remove the record.
     pub fn unmount(&mut self) -> Result<(), MountError> {
         unmount_filesystems(&mut self.record.mounts)?;
+        unbind_partitions(&mut self.record.partition_devices)?;
         let mut tries = 0;
         loop {
             match self.attached.detach() {
@@ -368,35 +380,147 @@ fn unmount_filesystems(mounts: &mut Vec<Mounted>) -> Result<(), MountError> {
     Ok(())
 }
 
-/// The partitions the kernel found on `device`: (number, `/dev/loopNpM`), in order.
-fn partitions(device: &Path) -> Result<Vec<(u32, PathBuf)>, MountError> {
-    let Some(name) = device.file_name().and_then(|n| n.to_str()) else {
+/// One partition of the point's partition table, in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Partition {
+    /// Its number: 1..=4 for MBR primary partitions, the entry's index + 1 for GPT.
+    pub number: u32,
+    /// Byte offset in the image.
+    pub offset: u64,
+    /// Length in bytes.
+    pub length: u64,
+}
+
+/// Most GPT entries read (the usual array holds 128).
+const MAX_GPT_ENTRIES: u64 = 1024;
+
+/// The partitions of the disk image `export` holds (512-byte sectors): the GPT's if the
+/// MBR is protective, else the MBR's primary partitions (extended ones skipped); none when
+/// it has no partition table. Entries past the end of the image are dropped.
+pub fn partition_table(export: &dyn Export) -> Result<Vec<Partition>, ExportError> {
+    let size = export.size();
+    if size < 1024 {
         return Ok(Vec::new());
-    };
-    let sys = PathBuf::from(format!("/sys/block/{name}"));
-    let entries = fs::read_dir(&sys).map_err(io_err(format!("listing {}", sys.display())))?;
-    let prefix = format!("{name}p");
-    let mut out = Vec::new();
-    for entry in entries.flatten() {
-        let file = entry.file_name();
-        let Some(number) = file
-            .to_str()
-            .and_then(|f| f.strip_prefix(&prefix))
-            .and_then(|n| n.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        out.push((number, PathBuf::from(format!("/dev/{prefix}{number}"))));
     }
-    out.sort();
-    // devtmpfs makes the nodes as the kernel adds the partitions; give it a moment.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    for (_, node) in &out {
-        while !node.exists() && Instant::now() < deadline {
+    let mut mbr = [0u8; 512];
+    export.read(0, &mut mbr)?;
+    if mbr[510..512] != [0x55, 0xAA] {
+        return Ok(Vec::new());
+    }
+    let entries: Vec<&[u8]> = mbr[446..510].chunks_exact(16).collect();
+    let le32 = |b: &[u8]| u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+    let le64 = |b: &[u8]| u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]);
+    // A boot indicator other than 0 or 0x80 means a boot sector, not a partition table.
+    if entries.iter().any(|e| e[0] != 0 && e[0] != 0x80) {
+        return Ok(Vec::new());
+    }
+    let within = |p: &Partition| p.length > 0 && p.offset.checked_add(p.length).is_some_and(|end| end <= size);
+    if entries.iter().any(|e| e[4] == 0xEE) {
+        let mut header = [0u8; 512];
+        export.read(512, &mut header)?;
+        if &header[..8] != b"EFI PART" {
+            return Ok(Vec::new());
+        }
+        let first = le64(&header[72..80]);
+        let count = u64::from(le32(&header[80..84])).min(MAX_GPT_ENTRIES);
+        let entry_size = u64::from(le32(&header[84..88]));
+        if !(128..=4096).contains(&entry_size) {
+            return Ok(Vec::new());
+        }
+        let Some(table_len) = count.checked_mul(entry_size) else {
+            return Ok(Vec::new());
+        };
+        let Some(start) = first.checked_mul(512).filter(|s| s.saturating_add(table_len) <= size)
+        else {
+            return Ok(Vec::new());
+        };
+        let mut table = vec![0u8; table_len as usize];
+        export.read(start, &mut table)?;
+        let mut out = Vec::new();
+        for (i, entry) in table.chunks_exact(entry_size as usize).enumerate() {
+            if entry[..16].iter().all(|b| *b == 0) {
+                continue;
+            }
+            let (first_lba, last_lba) = (le64(&entry[32..40]), le64(&entry[40..48]));
+            if last_lba < first_lba {
+                continue;
+            }
+            let partition = Partition {
+                number: i as u32 + 1,
+                offset: first_lba.saturating_mul(512),
+                length: (last_lba - first_lba + 1).saturating_mul(512),
+            };
+            if within(&partition) {
+                out.push(partition);
+            }
+        }
+        return Ok(out);
+    }
+    Ok(entries
+        .iter()
+        .enumerate()
+        // 0: unused; 0x05, 0x0F, 0x85: extended partitions (containers, not filesystems).
+        .filter(|(_, e)| ![0x00, 0x05, 0x0F, 0x85].contains(&e[4]))
+        .map(|(i, e)| Partition {
+            number: i as u32 + 1,
+            offset: u64::from(le32(&e[8..12])) * 512,
+            length: u64::from(le32(&e[12..16])) * 512,
+        })
+        .filter(within)
+        .collect())
+}
+
+/// A read-only loop device over `partition` of `device` (`losetup --offset --sizelimit`).
+fn bind_partition(device: &Path, partition: &Partition) -> Result<PathBuf, MountError> {
+    let out = Command::new("losetup")
+        .args(["--find", "--show", "--read-only", "--offset"])
+        .arg(partition.offset.to_string())
+        .arg("--sizelimit")
+        .arg(partition.length.to_string())
+        .arg(device)
+        .output()
+        .map_err(io_err("running losetup (util-linux); install util-linux"))?;
+    let name = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    if !out.status.success() || name.is_empty() {
+        return Err(MountError::Io {
+            what: format!(
+                "binding a loop device to partition {} of {}",
+                partition.number,
+                device.display()
+            ),
+            source: io::Error::other(String::from_utf8_lossy(&out.stderr).trim().to_string()),
+        });
+    }
+    Ok(PathBuf::from(name))
+}
+
+/// Detach the partitions' loop devices, newest first, each taken off the list once gone.
+fn unbind_partitions(devices: &mut Vec<PathBuf>) -> Result<(), MountError> {
+    while let Some(device) = devices.last() {
+        let mut tries = 0;
+        loop {
+            let out = Command::new("losetup")
+                .arg("--detach")
+                .arg(device)
+                .output()
+                .map_err(io_err("running losetup (util-linux)"))?;
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            // Gone already (a rerun after a crash): nothing to do.
+            if out.status.success() || stderr.contains("No such device") {
+                break;
+            }
+            if tries >= 50 {
+                return Err(MountError::Io {
+                    what: format!("detaching {}", device.display()),
+                    source: io::Error::other(stderr.trim().to_string()),
+                });
+            }
+            tries += 1;
             std::thread::sleep(Duration::from_millis(20));
         }
+        devices.pop();
     }
-    Ok(out)
+    Ok(())
 }
 
 /// The filesystem type on `device` (blkid's low-level probe), `None` when it finds none.
@@ -426,6 +550,7 @@ fn read_record(path: &Path) -> Result<MountRecord, MountError> {
 fn cleanup(record: &MountRecord, record_path: &Path) -> Result<(), MountError> {
     let mut mounts = record.mounts.clone();
     unmount_filesystems(&mut mounts)?;
+    unbind_partitions(&mut record.partition_devices.clone())?;
     cleanup_stale(&record.attachment)?;
     match fs::remove_file(record_path) {
         Err(e) if e.kind() != io::ErrorKind::NotFound => {
@@ -463,7 +588,8 @@ pub fn umount(state_dir: &Path, dir: &Path) -> Result<MountRecord, MountError> {
             .map_err(|e| io_err(format!("signalling the server (pid {})", record.pid))(e.into()))?;
     }
     let deadline = Instant::now() + SERVER_EXIT_LIMIT;
-    while path.exists() && pid_alive(record.pid) {
+    // It removes the record once detached, then exits.
+    while pid_alive(record.pid) {
         if Instant::now() > deadline {
             return Err(MountError::Target {
                 dir,
@@ -487,6 +613,88 @@ pub fn umount(state_dir: &Path, dir: &Path) -> Result<MountRecord, MountError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tidemark_nbd::file::FileExport;
+
+    fn image(bytes: &[(u64, &[u8])], size: u64) -> (tempfile::NamedTempFile, FileExport) {
+        use std::os::unix::fs::FileExt;
+        let file = tempfile::NamedTempFile::new().unwrap();
+        file.as_file().set_len(size).unwrap();
+        for (at, data) in bytes {
+            file.as_file().write_all_at(data, *at).unwrap();
+        }
+        let export = FileExport::open(file.path(), true).unwrap();
+        (file, export)
+    }
+
+    fn mbr(entries: &[(u8, u32, u32)]) -> Vec<u8> {
+        let mut mbr = vec![0u8; 512];
+        for (i, (kind, start, sectors)) in entries.iter().enumerate() {
+            let e = &mut mbr[446 + 16 * i..462 + 16 * i];
+            e[4] = *kind;
+            e[8..12].copy_from_slice(&start.to_le_bytes());
+            e[12..16].copy_from_slice(&sectors.to_le_bytes());
+        }
+        mbr[510] = 0x55;
+        mbr[511] = 0xAA;
+        mbr
+    }
+
+    #[test]
+    fn mbr_primary_partitions_are_found_and_extended_ones_skipped() {
+        let table = mbr(&[(0x83, 2048, 4096), (0x05, 8192, 100), (0x83, 6144, 2048)]);
+        let (_file, export) = image(&[(0, &table)], 8 << 20);
+        let found = partition_table(&export).unwrap();
+        assert_eq!(
+            found,
+            [
+                Partition { number: 1, offset: 1 << 20, length: 2 << 20 },
+                Partition { number: 3, offset: 3 << 20, length: 1 << 20 },
+            ]
+        );
+    }
+
+    #[test]
+    fn gpt_partitions_are_found_behind_a_protective_mbr() {
+        let protective = mbr(&[(0xEE, 1, 16383)]);
+        let mut header = vec![0u8; 512];
+        header[..8].copy_from_slice(b"EFI PART");
+        header[72..80].copy_from_slice(&2u64.to_le_bytes());
+        header[80..84].copy_from_slice(&128u32.to_le_bytes());
+        header[84..88].copy_from_slice(&128u32.to_le_bytes());
+        let mut entries = vec![0u8; 128 * 128];
+        let second = &mut entries[128..256];
+        second[..16].copy_from_slice(&[7; 16]);
+        second[32..40].copy_from_slice(&2048u64.to_le_bytes());
+        second[40..48].copy_from_slice(&4095u64.to_le_bytes());
+        let (_file, export) = image(&[(0, &protective), (512, &header), (1024, &entries)], 8 << 20);
+        assert_eq!(
+            partition_table(&export).unwrap(),
+            [Partition { number: 2, offset: 1 << 20, length: 1 << 20 }]
+        );
+    }
+
+    #[test]
+    fn a_filesystem_or_a_bogus_table_has_no_partitions() {
+        let (_file, export) = image(&[], 4 << 20);
+        assert!(partition_table(&export).unwrap().is_empty());
+        // Past the end of the image, and a boot sector's boot indicator.
+        let beyond = mbr(&[(0x83, 2048, u32::MAX)]);
+        let (_file, export) = image(&[(0, &beyond)], 4 << 20);
+        assert!(partition_table(&export).unwrap().is_empty());
+        let mut boot = mbr(&[(0x83, 2048, 100)]);
+        boot[446] = 0x12;
+        let (_file, export) = image(&[(0, &boot)], 4 << 20);
+        assert!(partition_table(&export).unwrap().is_empty());
+        // A GPT header with an absurd entry size or table past the end.
+        let protective = mbr(&[(0xEE, 1, 100)]);
+        let mut header = vec![0u8; 512];
+        header[..8].copy_from_slice(b"EFI PART");
+        header[72..80].copy_from_slice(&u64::MAX.to_le_bytes());
+        header[80..84].copy_from_slice(&u32::MAX.to_le_bytes());
+        header[84..88].copy_from_slice(&128u32.to_le_bytes());
+        let (_file, export) = image(&[(0, &protective), (512, &header)], 4 << 20);
+        assert!(partition_table(&export).unwrap().is_empty());
+    }
 
     #[test]
     fn records_are_named_for_their_directory_without_slashes() {

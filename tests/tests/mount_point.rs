@@ -119,10 +119,15 @@ impl Mount {
         let name = device.trim_start_matches("/dev/");
         let backing = std::fs::read_to_string(format!("/sys/block/{name}/loop/backing_file"))
             .unwrap_or_default();
+        // Another test may have bound the device since: only this mount's file counts.
+        let fuse = self.record["attachment"]["resources"]["mount"]
+            .as_str()
+            .unwrap();
         assert!(
-            !backing.contains("point-"),
+            !backing.starts_with(fuse),
             "{device} is still bound to {backing}"
         );
+        assert!(!Path::new(fuse).exists(), "{fuse} is left");
         let records: Vec<_> = std::fs::read_dir(self.state.join("mounts"))
             .unwrap()
             .flatten()

@@ -70,9 +70,6 @@ pub struct FuseLoop {
     pub runtime_dir: PathBuf,
     /// Threads serving FUSE requests of one attachment.
     pub workers: usize,
-    /// Treat the export as a whole-disk image: scan its partition table (`/dev/loopNpM`,
-    /// as `losetup -P` does) with 512-byte sectors, the unit partition tables count in.
-    pub partition_scan: bool,
 }
 
 impl FuseLoop {
@@ -82,7 +79,6 @@ impl FuseLoop {
         FuseLoop {
             runtime_dir: runtime_dir.into(),
             workers: IN_FLIGHT.into(),
-            partition_scan: false,
         }
     }
 }
@@ -445,7 +441,6 @@ pub struct FuseAttachment {
     counters: Arc<IoCounters>,
     unmounter: SessionUnmounter,
     session: Option<JoinHandle<io::Result<()>>>,
-    partition_scan: bool,
 }
 
 impl std::fmt::Debug for FuseAttachment {
@@ -524,7 +519,6 @@ impl FrontEnd for FuseLoop {
             counters,
             unmounter,
             session: Some(serving),
-            partition_scan: self.partition_scan,
         };
         match attachment.bind_loop() {
             Ok(device) => {
@@ -555,11 +549,6 @@ impl FuseAttachment {
         if self.record.read_only {
             flags |= sys::LO_FLAGS_READ_ONLY;
         }
-        let mut block_size = LOOP_BLOCK_SIZE;
-        if self.partition_scan {
-            flags |= sys::LO_FLAGS_PARTSCAN;
-            block_size = 512;
-        }
         let name = format!("tidemark:{}", self.record.volume);
         // Another program may take the free device between asking and binding: ask again.
         let mut tries = 0;
@@ -572,7 +561,7 @@ impl FuseAttachment {
                 .custom_flags(libc::O_CLOEXEC)
                 .open(&device)
                 .map_err(|e| AttachError::io(format!("cannot open {}", device.display()), e))?;
-            match sys::configure_loop(&opened, &backing, block_size, flags, &name) {
+            match sys::configure_loop(&opened, &backing, LOOP_BLOCK_SIZE, flags, &name) {
                 Ok(()) => return Ok(device),
                 Err(e) if e.raw_os_error() == Some(libc::EBUSY) && tries < 8 => tries += 1,
                 Err(e) => {

@@ -23,8 +23,6 @@ const LOOP_CTL_GET_FREE: libc::c_ulong = 0x4C82;
 
 /// The loop device refuses writes.
 pub const LO_FLAGS_READ_ONLY: u32 = 1;
-/// The kernel scans the device for partitions (`/dev/loopNpM`).
-pub const LO_FLAGS_PARTSCAN: u32 = 8;
 /// The loop device reads and writes its backing file with O_DIRECT.
 pub const LO_FLAGS_DIRECT_IO: u32 = 16;
 
