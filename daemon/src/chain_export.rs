@@ -474,7 +474,8 @@ impl ChainExport {
                 (Piece::Base, Some(base)) => {
                     let mut at = lo;
                     while at < hi && out.len() < EXTENTS_PER_CALL {
-                        let extents = base.block_status(&MetaContext::BaseAllocation, at, hi - at)?;
+                        let extents =
+                            base.block_status(&MetaContext::BaseAllocation, at, hi - at)?;
                         if extents.is_empty() {
                             break;
                         }
@@ -592,9 +593,9 @@ impl Export for ChainExport {
             ));
         }
         match &self.overlay {
-            Some(overlay) => overlay.allocation(offset, len, &|at, n| {
-                self.allocation_of_point(at, n)
-            }),
+            Some(overlay) => {
+                overlay.allocation(offset, len, &|at, n| self.allocation_of_point(at, n))
+            }
             None => self.allocation_of_point(offset, len),
         }
     }

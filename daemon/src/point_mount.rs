@@ -131,8 +131,8 @@ fn target_dir(dir: &Path) -> Result<PathBuf, MountError> {
         dir: dir.to_path_buf(),
         why,
     };
-    let canonical = fs::canonicalize(dir)
-        .map_err(|e| target(format!("{e}; create the directory first")))?;
+    let canonical =
+        fs::canonicalize(dir).map_err(|e| target(format!("{e}; create the directory first")))?;
     if !canonical.is_dir() {
         return Err(target("not a directory".into()));
     }
@@ -282,10 +282,8 @@ impl PointMount {
         }
         let json = serde_json::to_vec_pretty(&self.record)
             .map_err(|e| io_err("encoding the mount record")(io::Error::other(e)))?;
-        tidemark_formats::atomic_replace(&self.record_path, &json).map_err(io_err(format!(
-            "writing {}",
-            self.record_path.display()
-        )))
+        tidemark_formats::atomic_replace(&self.record_path, &json)
+            .map_err(io_err(format!("writing {}", self.record_path.display())))
     }
 
     fn mount_one(
@@ -414,7 +412,12 @@ pub fn partition_table(export: &dyn Export) -> Result<Vec<Partition>, ExportErro
     if entries.iter().any(|e| e[0] != 0 && e[0] != 0x80) {
         return Ok(Vec::new());
     }
-    let within = |p: &Partition| p.length > 0 && p.offset.checked_add(p.length).is_some_and(|end| end <= size);
+    let within = |p: &Partition| {
+        p.length > 0
+            && p.offset
+                .checked_add(p.length)
+                .is_some_and(|end| end <= size)
+    };
     if entries.iter().any(|e| e[4] == 0xEE) {
         let mut header = [0u8; 512];
         export.read(512, &mut header)?;
@@ -430,7 +433,9 @@ pub fn partition_table(export: &dyn Export) -> Result<Vec<Partition>, ExportErro
         let Some(table_len) = count.checked_mul(entry_size) else {
             return Ok(Vec::new());
         };
-        let Some(start) = first.checked_mul(512).filter(|s| s.saturating_add(table_len) <= size)
+        let Some(start) = first
+            .checked_mul(512)
+            .filter(|s| s.saturating_add(table_len) <= size)
         else {
             return Ok(Vec::new());
         };
@@ -647,8 +652,16 @@ mod tests {
         assert_eq!(
             found,
             [
-                Partition { number: 1, offset: 1 << 20, length: 2 << 20 },
-                Partition { number: 3, offset: 3 << 20, length: 1 << 20 },
+                Partition {
+                    number: 1,
+                    offset: 1 << 20,
+                    length: 2 << 20
+                },
+                Partition {
+                    number: 3,
+                    offset: 3 << 20,
+                    length: 1 << 20
+                },
             ]
         );
     }
@@ -666,10 +679,17 @@ mod tests {
         second[..16].copy_from_slice(&[7; 16]);
         second[32..40].copy_from_slice(&2048u64.to_le_bytes());
         second[40..48].copy_from_slice(&4095u64.to_le_bytes());
-        let (_file, export) = image(&[(0, &protective), (512, &header), (1024, &entries)], 8 << 20);
+        let (_file, export) = image(
+            &[(0, &protective), (512, &header), (1024, &entries)],
+            8 << 20,
+        );
         assert_eq!(
             partition_table(&export).unwrap(),
-            [Partition { number: 2, offset: 1 << 20, length: 1 << 20 }]
+            [Partition {
+                number: 2,
+                offset: 1 << 20,
+                length: 1 << 20
+            }]
         );
     }
 

@@ -72,7 +72,10 @@ pub fn incremental_delta(
 
 /// The [`BLOCK`]s where the images `a` and `b` (of one size) differ, merged into ranges.
 pub fn changed_blocks(a: &Path, b: &Path) -> Vec<Range<u64>> {
-    let (a, b) = (std::fs::read(a).expect("read a"), std::fs::read(b).expect("read b"));
+    let (a, b) = (
+        std::fs::read(a).expect("read a"),
+        std::fs::read(b).expect("read b"),
+    );
     assert_eq!(a.len(), b.len(), "the images differ in size");
     let mut out: Vec<Range<u64>> = Vec::new();
     for (i, (x, y)) in a

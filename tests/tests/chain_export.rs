@@ -96,10 +96,16 @@ impl Point {
 
     /// Every backup file's bytes.
     fn backups(&self) -> Vec<(String, Vec<u8>)> {
-        ["mon.img", "mon.delta", "tue.delta", "wed.delta", "thu.delta"]
-            .iter()
-            .map(|name| (name.to_string(), std::fs::read(self.path(name)).unwrap()))
-            .collect()
+        [
+            "mon.img",
+            "mon.delta",
+            "tue.delta",
+            "wed.delta",
+            "thu.delta",
+        ]
+        .iter()
+        .map(|name| (name.to_string(), std::fs::read(self.path(name)).unwrap()))
+        .collect()
     }
 }
 
@@ -330,13 +336,14 @@ fn a_vm_runs_on_an_overlay_export_of_a_backup_and_the_backup_stays_untouched() {
     )
     .unwrap();
     assert!(
-        vm.status.success()
-            && vm.stdout.contains("MONDAY monday")
-            && vm.stdout.contains("FSCK OK"),
+        vm.status.success() && vm.stdout.contains("MONDAY monday") && vm.stdout.contains("FSCK OK"),
         "the guest: {vm:?}"
     );
     served.terminate().unwrap();
-    assert!(std::fs::read(&backup).unwrap() == before, "the backup changed");
+    assert!(
+        std::fs::read(&backup).unwrap() == before,
+        "the backup changed"
+    );
 
     // The guest's file is in the overlay: served again, a copy of the disk holds it.
     let again = export_args(

@@ -18,7 +18,9 @@ use tidemark_tests::{run, tidemark, Output, COMMAND_LIMIT};
 fn mounted(dir: &Path) -> bool {
     let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
     let dir = dir.display().to_string();
-    mounts.lines().any(|l| l.split(' ').nth(1) == Some(dir.as_str()))
+    mounts
+        .lines()
+        .any(|l| l.split(' ').nth(1) == Some(dir.as_str()))
 }
 
 /// Whether process `pid` runs (not gone, not a zombie waiting for its reaper).
@@ -114,7 +116,11 @@ impl Mount {
 
     /// Nothing of the mount is left: no filesystem, no loop binding, no record, no process.
     fn assert_gone(&self) {
-        assert!(!mounted(&self.dir), "{} is still mounted", self.dir.display());
+        assert!(
+            !mounted(&self.dir),
+            "{} is still mounted",
+            self.dir.display()
+        );
         let device = self.device();
         let name = device.trim_start_matches("/dev/");
         let backing = std::fs::read_to_string(format!("/sys/block/{name}/loop/backing_file"))
@@ -134,16 +140,19 @@ impl Mount {
             .map(|e| e.file_name())
             .collect();
         assert!(records.is_empty(), "left in the state dir: {records:?}");
-        assert!(
-            !running(self.pid()),
-            "the serving process is still running"
-        );
+        assert!(!running(self.pid()), "the serving process is still running");
     }
 }
 
 impl Drop for Mount {
     fn drop(&mut self) {
-        if mounted(&self.dir) || self.state.join("mounts").read_dir().is_ok_and(|mut d| d.next().is_some()) {
+        if mounted(&self.dir)
+            || self
+                .state
+                .join("mounts")
+                .read_dir()
+                .is_ok_and(|mut d| d.next().is_some())
+        {
             let _ = self.umount();
         }
     }
@@ -171,7 +180,14 @@ fn a_mounted_point_shows_the_files_of_that_point() {
     full_delta(&mon, "mon", &dir.path().join("mon.delta"));
     let changed = changed_blocks(&mon, &tue);
     assert!(!changed.is_empty());
-    incremental_delta(&tue, &changed, "mon", 1, "tue", &dir.path().join("tue.delta"));
+    incremental_delta(
+        &tue,
+        &changed,
+        "mon",
+        1,
+        "tue",
+        &dir.path().join("tue.delta"),
+    );
 
     let at_tue = dir.path().join("at-tue");
     let tuesday = Mount::new(
@@ -185,7 +201,10 @@ fn a_mounted_point_shows_the_files_of_that_point() {
     let read = |d: &Path, f: &str| std::fs::read_to_string(d.join(f)).ok();
     assert_eq!(read(&at_tue, "a.txt").as_deref(), Some("tuesday\n"));
     assert_eq!(read(&at_tue, "b.txt").as_deref(), Some("made on tuesday\n"));
-    assert_eq!(read(&at_tue, "keep.txt").as_deref(), Some("kept all week\n"));
+    assert_eq!(
+        read(&at_tue, "keep.txt").as_deref(),
+        Some("kept all week\n")
+    );
     assert_eq!(read(&at_mon, "a.txt").as_deref(), Some("monday\n"));
     assert_eq!(read(&at_mon, "b.txt"), None);
     // Read-only.
@@ -231,7 +250,8 @@ fn a_partitioned_image_mounts_each_partition_under_pn() {
     mbr[510] = 0x55;
     mbr[511] = 0xAA;
     file.write_all_at(&mbr, 0).unwrap();
-    file.write_all_at(&std::fs::read(&p1).unwrap(), MIB).unwrap();
+    file.write_all_at(&std::fs::read(&p1).unwrap(), MIB)
+        .unwrap();
     file.write_all_at(&std::fs::read(&p2).unwrap(), 17 * MIB)
         .unwrap();
     drop(file);

@@ -53,7 +53,12 @@ pub struct Args {
     /// Make the --chain export writable: writes go to FILE (a sparse file, created if
     /// missing) and FILE.map (which blocks it holds); reads take written blocks from it,
     /// the rest from the chain. Give the same FILE and chain again to continue.
-    #[arg(long, value_name = "FILE", requires = "chain", conflicts_with = "read_only")]
+    #[arg(
+        long,
+        value_name = "FILE",
+        requires = "chain",
+        conflicts_with = "read_only"
+    )]
     pub overlay: Option<PathBuf>,
 
     /// Refuse writes, trims and write-zeroes (EPERM); lets clients open several connections.

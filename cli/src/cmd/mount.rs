@@ -1,8 +1,8 @@
 //! `tidemark mount` and `tidemark umount`: a restore point's filesystems, read-only.
 
 use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
 use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
 use std::process::{Command, ExitCode, Stdio};
 
 use anyhow::{bail, Context};
@@ -117,7 +117,10 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         .process_group(0)
         .spawn()
         .context("starting the serving process")?;
-    let stdout = child.stdout.take().context("no stdout from the serving process")?;
+    let stdout = child
+        .stdout
+        .take()
+        .context("no stdout from the serving process")?;
     let mut line = String::new();
     BufReader::new(stdout)
         .read_line(&mut line)

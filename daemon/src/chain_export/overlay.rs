@@ -30,8 +30,8 @@ use std::sync::{Mutex, RwLock};
 
 use rustix::fs::FallocateFlags;
 use tidemark_formats::bitmap::{
-    is_dirty, read_bitmap_file, set_dirty, words_crc, write_bitmap_file, BitmapHeader,
-    BitmapState, HEADER_LEN,
+    is_dirty, read_bitmap_file, set_dirty, words_crc, write_bitmap_file, BitmapHeader, BitmapState,
+    HEADER_LEN,
 };
 use tidemark_nbd::export::{ExportError, ExportResult, Extent};
 

@@ -109,7 +109,11 @@ impl Point {
             let full = vec![
                 (0, SIZE / 4, Some(model[..SIZE as usize / 4].to_vec())),
                 (SIZE / 4, SIZE / 4, None),
-                (SIZE / 2, SIZE / 2, Some(model[SIZE as usize / 2..].to_vec())),
+                (
+                    SIZE / 2,
+                    SIZE / 2,
+                    Some(model[SIZE as usize / 2..].to_vec()),
+                ),
             ];
             let mut scratch = model.clone();
             write_delta(
@@ -128,7 +132,11 @@ impl Point {
                 .write_all_at(&model[SIZE as usize / 2..], SIZE / 2)
                 .unwrap();
         }
-        let days = [("tue", "mon", 1, 2), ("wed", "tue", 2, 3), ("thu", "wed", 3, 4)];
+        let days = [
+            ("tue", "mon", 1, 2),
+            ("wed", "tue", 2, 3),
+            ("thu", "wed", 3, 4),
+        ];
         for (day, from, from_gen, to_gen) in days {
             let extents = random_extents(&mut rng, 40);
             write_delta(
@@ -228,7 +236,10 @@ fn a_chain_out_of_order_is_refused_naming_both_files() {
 fn an_incremental_delta_as_base_is_refused() {
     let point = Point::new(false, 19);
     let err = ChainExport::open(&point.path("tue"), &[point.path("wed")]).unwrap_err();
-    assert!(err.to_string().contains("must start with a full backup"), "{err}");
+    assert!(
+        err.to_string().contains("must start with a full backup"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -309,7 +320,10 @@ fn an_overlay_of_another_point_is_refused() {
     let shorter = ChainExport::open(&point.path("base"), &point.deltas()[..2]).unwrap();
     let err = Overlay::open(&point.path("overlay"), SIZE, &shorter.point()).unwrap_err();
     let text = err.to_string();
-    assert!(text.contains("\"thu\"") && text.contains("\"wed\""), "{text}");
+    assert!(
+        text.contains("\"thu\"") && text.contains("\"wed\""),
+        "{text}"
+    );
 }
 
 #[test]
