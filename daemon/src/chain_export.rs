@@ -253,14 +253,21 @@ type Decoded = Arc<OnceLock<Result<Arc<Vec<u8>>, String>>>;
 /// [`CACHED_RECORDS`] (a reader still holding one keeps it alive).
 #[derive(Default)]
 struct RecordCache {
-    slots: Mutex<(HashMap<(u32, u32), Decoded>, VecDeque<(u32, u32)>)>,
+    slots: Mutex<Slots>,
+}
+
+/// The cached records by (layer, entry), and their keys oldest first.
+#[derive(Default)]
+struct Slots {
+    map: HashMap<(u32, u32), Decoded>,
+    order: VecDeque<(u32, u32)>,
 }
 
 impl RecordCache {
     fn get(&self, key: (u32, u32), decode: impl FnOnce() -> Result<Vec<u8>, String>) -> Decoded {
         let slot = {
             let mut guard = self.slots.lock().unwrap_or_else(|e| e.into_inner());
-            let (map, order) = &mut *guard;
+            let Slots { map, order } = &mut *guard;
             match map.get(&key) {
                 Some(slot) => slot.clone(),
                 None => {
@@ -281,7 +288,7 @@ impl RecordCache {
         if result.is_err() {
             // Let a later read try again (the error may have been transient).
             let mut guard = self.slots.lock().unwrap_or_else(|e| e.into_inner());
-            let (map, order) = &mut *guard;
+            let Slots { map, order } = &mut *guard;
             map.remove(&key);
             order.retain(|k| *k != key);
         }
