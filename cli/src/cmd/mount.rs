@@ -12,8 +12,8 @@ use tidemark_daemon::point_mount::{self, MountRecord, PointMount};
 ///
 /// POINT is what `tidemark restore` takes: a base (an image or a full delta) and its
 /// deltas, oldest first; the chain is checked as restore checks it. The point is served
-/// without copying it (FUSE + loop, with a partition scan): a disk image with a partition
-/// table gets each partition's filesystem mounted at DIR/pN, an image holding a single
+/// without copying it (FUSE + loop; a partition table, MBR or GPT, is read from the point
+/// and each partition gets its own loop device): a disk image with a partition table gets each partition's filesystem mounted at DIR/pN, an image holding a single
 /// filesystem gets it mounted at DIR. Journals are not replayed (ext3/4 noload, xfs
 /// norecovery). tidemark keeps serving in the background (log in
 /// <state-dir>/mounts/) until `tidemark umount DIR`.
