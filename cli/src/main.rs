@@ -54,6 +54,8 @@ enum Command {
     Info(cmd::info::Args),
     Bench(cmd::bench::Args),
     Snapshot(cmd::snapshot::Args),
+    Mount(cmd::mount::Args),
+    Umount(cmd::mount::UmountArgs),
     #[command(name = "__quiesce-watchdog", hide = true)]
     QuiesceWatchdog(cmd::watchdog::Args),
 }
@@ -78,6 +80,8 @@ fn main() -> ExitCode {
         Command::Info(args) => cmd::info::run(args),
         Command::Bench(args) => cmd::bench::run(args),
         Command::Snapshot(args) => cmd::snapshot::run(args),
+        Command::Mount(args) => cmd::mount::run(args),
+        Command::Umount(args) => cmd::mount::run_umount(args),
         Command::QuiesceWatchdog(args) => cmd::watchdog::run(args),
     };
     match result {

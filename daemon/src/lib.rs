@@ -8,6 +8,8 @@
 //!   jobs, `volumes` is the facade over engine volumes, snapshots, quiescing and the NBD
 //!   server;
 //! - [`export`]: the adapters that make engine volumes and snapshots NBD exports;
+//! - [`chain_export`]: a restore point (base + deltas) served without copying it;
+//!   [`point_mount`] mounts its filesystems (`tidemark mount`);
 //! - [`client`]: a blocking client of the control socket;
 //! - `metrics`: `serve --metrics`, the Prometheus endpoint.
 //!
@@ -18,12 +20,14 @@
 pub mod attach;
 mod attachments;
 mod backup;
+pub mod chain_export;
 pub mod client;
 mod config;
 mod daemon;
 pub mod export;
 mod lock;
 mod metrics;
+pub mod point_mount;
 pub mod protocol;
 mod push;
 mod rollback;

@@ -49,11 +49,18 @@ impl Exported {
 /// Start `tidemark export FILE --socket DIR/nbd-N.sock --json EXTRA...` and wait until it
 /// listens (its JSON ready line).
 pub fn export(dir: &Path, file: &Path, extra: &[&str]) -> Result<Exported> {
+    let file = file.display().to_string();
+    export_args(dir, &[&file], extra)
+}
+
+/// Start `tidemark export ARGS... --socket DIR/nbd-N.sock --json EXTRA...` (ARGS: a file,
+/// or `--chain BASE DELTA...`) and wait until it listens.
+pub fn export_args(dir: &Path, args: &[&str], extra: &[&str]) -> Result<Exported> {
     let socket = dir.join(format!("nbd-{}.sock", rand::random::<u32>()));
     let mut child = ChildGuard::new(
         Command::new(tidemark_bin())
             .arg("export")
-            .arg(file)
+            .args(args)
             .arg("--socket")
             .arg(&socket)
             .arg("--json")

@@ -11,6 +11,7 @@ pub mod export;
 pub mod image;
 pub mod paths;
 pub mod peers;
+pub mod point;
 pub mod quiesce;
 pub mod run;
 pub mod vm;

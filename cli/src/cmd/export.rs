@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use serde::Serialize;
+use tidemark_daemon::chain_export::{ChainExport, Overlay};
 use tidemark_formats::bitmap::{read_bitmap_file, BitmapState};
 use tidemark_nbd::export::Export;
 use tidemark_nbd::file::{DirtyBitmap, FileExport};
@@ -28,11 +29,37 @@ use tidemark_nbd::server::{NbdListener, Server, ServerConfig};
 ///
 ///   tidemark export /dev/vg/snap --read-only --name snap --bitmap ckpt1=ckpt1.bitmap
 ///   nbdinfo --map=qemu:dirty-bitmap:ckpt1 'nbd+unix:///snap?socket=...'
+///
+/// A restore point (what `tidemark restore` takes: a base image or full delta, then
+/// deltas oldest first) is served with --chain, without copying it: reads resolve through
+/// the deltas' indexes, newest first, then the base. It is read-only unless --overlay
+/// gives it a writable overlay (the backup files are never written):
+///
+///   tidemark export --chain mon.delta tue.delta wed.delta --name vm1 --socket /tmp/r.sock
+///   tidemark export --chain mon.img tue.delta --overlay vm1.overlay --socket /tmp/r.sock
+///   qemu-system-x86_64 -drive file=nbd+unix:///?socket=/tmp/r.sock,format=raw ...
 #[derive(Debug, clap::Args)]
 #[command(verbatim_doc_comment)]
 pub struct Args {
     /// The regular file or block device to serve.
-    pub file: PathBuf,
+    #[arg(required_unless_present = "chain", conflicts_with = "chain")]
+    pub file: Option<PathBuf>,
+
+    /// Serve a restore point instead of a file: BASE (an image or a full delta) then its
+    /// DELTAs, oldest first. The chain is checked as `tidemark restore` checks it.
+    #[arg(long, num_args = 1.., value_name = "BASE DELTA", conflicts_with = "bitmap")]
+    pub chain: Vec<PathBuf>,
+
+    /// Make the --chain export writable: writes go to FILE (a sparse file, created if
+    /// missing) and FILE.map (which blocks it holds); reads take written blocks from it,
+    /// the rest from the chain. Give the same FILE and chain again to continue.
+    #[arg(
+        long,
+        value_name = "FILE",
+        requires = "chain",
+        conflicts_with = "read_only"
+    )]
+    pub overlay: Option<PathBuf>,
 
     /// Refuse writes, trims and write-zeroes (EPERM); lets clients open several connections.
     #[arg(long, short = 'r')]
@@ -93,20 +120,52 @@ struct Ready {
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
-    let mut export = FileExport::open(&args.file, args.read_only)
-        .with_context(|| format!("opening {} for export", args.file.display()))?;
-    for spec in &args.bitmap {
-        let bitmap = load_bitmap(spec, export.size())?;
-        export.add_bitmap(bitmap);
-    }
-    let export: Arc<dyn Export> = Arc::new(export);
+    let (export, chain): (Arc<dyn Export>, _) = match (&args.file, args.chain.split_first()) {
+        (_, Some((base, deltas))) => {
+            let chain = Arc::new(open_chain(base, deltas, args.overlay.as_deref())?);
+            (chain.clone(), Some(chain))
+        }
+        (Some(file), None) => {
+            let mut export = FileExport::open(file, args.read_only)
+                .with_context(|| format!("opening {} for export", file.display()))?;
+            for spec in &args.bitmap {
+                let bitmap = load_bitmap(spec, export.size())?;
+                export.add_bitmap(bitmap);
+            }
+            (Arc::new(export), None)
+        }
+        (None, None) => bail!("give a FILE to serve, or --chain BASE DELTA..."),
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("tidemark-nbd")
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(serve(args, export))?;
+    let served = runtime.block_on(serve(args, export));
+    if let Some(chain) = chain {
+        // Sync the overlay and mark its map cleanly closed.
+        chain
+            .close()
+            .map_err(|err| anyhow::anyhow!("closing the overlay: {err}"))?;
+    }
+    served?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// The restore point `base` + `deltas`, over `overlay` when given.
+fn open_chain(
+    base: &Path,
+    deltas: &[PathBuf],
+    overlay: Option<&Path>,
+) -> anyhow::Result<ChainExport> {
+    let chain = ChainExport::open(base, deltas)
+        .with_context(|| format!("opening the restore point {}", base.display()))?;
+    let Some(path) = overlay else {
+        return Ok(chain);
+    };
+    let overlay = Overlay::open(path, chain.size(), &chain.point())
+        .with_context(|| format!("opening the overlay {}", path.display()))?;
+    Ok(chain.with_overlay(overlay))
 }
 
 fn load_bitmap(spec: &str, export_size: u64) -> anyhow::Result<DirtyBitmap> {
@@ -196,6 +255,8 @@ pub(crate) async fn serve(args: Args, export: Arc<dyn Export>) -> anyhow::Result
         None => {}
     }
     let size = export.size();
+    let read_only = export.capabilities().read_only;
+    let served = export.description();
     let bitmaps = export.dirty_bitmaps();
     server.add_export(&args.name, export)?;
     let (listener, ready) = if let Some(addr) = &args.listen {
@@ -226,16 +287,15 @@ pub(crate) async fn serve(args: Args, export: Arc<dyn Export>) -> anyhow::Result
             uri,
             name: args.name.clone(),
             size,
-            read_only: args.read_only,
+            read_only,
             socket,
             address,
             bitmaps,
         })?;
     } else {
         println!(
-            "serving {} ({size} bytes{}) at {uri}",
-            args.file.display(),
-            if args.read_only { ", read-only" } else { "" }
+            "serving {served} ({size} bytes{}) at {uri}",
+            if read_only { ", read-only" } else { "" }
         );
     }
     wait_and_serve(server, listener, signals).await

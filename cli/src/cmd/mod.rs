@@ -8,6 +8,7 @@ pub mod delta;
 pub mod demo;
 pub mod export;
 pub mod info;
+pub mod mount;
 pub mod pull;
 pub mod repo;
 pub mod restore;

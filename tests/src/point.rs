@@ -1,0 +1,97 @@
+//! Restore points for the tests: a volume image's full delta and its incremental deltas,
+//! made with `tidemark delta create` as a backup would make them.
+
+use std::ops::Range;
+use std::path::Path;
+
+use crate::paths::arg;
+use crate::{tidemark, tidemark_with_input, COMMAND_LIMIT};
+
+/// The volume uuid every test point records.
+pub const POINT_UUID: &str = "5a1e0000-0000-4000-8000-0000000000e2";
+/// The tracking block the deltas are cut at.
+pub const BLOCK: u64 = 65536;
+
+/// `tidemark delta create --full` of the image `vol` to checkpoint `to` (generation 1).
+pub fn full_delta(vol: &Path, to: &str, out: &Path) {
+    tidemark(
+        &[
+            "delta",
+            "create",
+            "--from",
+            &arg(vol),
+            "--full",
+            "--volume-uuid",
+            POINT_UUID,
+            "--to-checkpoint",
+            &format!("{to}:1"),
+            "--out",
+            &arg(out),
+        ],
+        COMMAND_LIMIT,
+    )
+    .ok();
+}
+
+/// `tidemark delta create` of the `changed` extents of `vol`, from checkpoint
+/// `from` (generation `generation`) to `to` (the next generation).
+pub fn incremental_delta(
+    vol: &Path,
+    changed: &[Range<u64>],
+    from: &str,
+    generation: u64,
+    to: &str,
+    out: &Path,
+) {
+    let list: String = changed
+        .iter()
+        .map(|r| format!("{} {}\n", r.start, r.end - r.start))
+        .collect();
+    tidemark_with_input(
+        &[
+            "delta",
+            "create",
+            "--from",
+            &arg(vol),
+            "--changed",
+            "-",
+            "--volume-uuid",
+            POINT_UUID,
+            "--from-checkpoint",
+            &format!("{from}:{generation}"),
+            "--to-checkpoint",
+            &format!("{to}:{}", generation + 1),
+            "--out",
+            &arg(out),
+        ],
+        list.as_bytes(),
+        COMMAND_LIMIT,
+    )
+    .ok();
+}
+
+/// The [`BLOCK`]s where the images `a` and `b` (of one size) differ, merged into ranges.
+pub fn changed_blocks(a: &Path, b: &Path) -> Vec<Range<u64>> {
+    let (a, b) = (
+        std::fs::read(a).expect("read a"),
+        std::fs::read(b).expect("read b"),
+    );
+    assert_eq!(a.len(), b.len(), "the images differ in size");
+    let mut out: Vec<Range<u64>> = Vec::new();
+    for (i, (x, y)) in a
+        .chunks(BLOCK as usize)
+        .zip(b.chunks(BLOCK as usize))
+        .enumerate()
+    {
+        if x == y {
+            continue;
+        }
+        let start = i as u64 * BLOCK;
+        let end = start + x.len() as u64;
+        match out.last_mut() {
+            Some(last) if last.end == start => last.end = end,
+            _ => out.push(start..end),
+        }
+    }
+    out
+}
