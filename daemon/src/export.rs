@@ -634,8 +634,7 @@ mod tests {
             let started = Instant::now();
             let mut writes = Vec::new();
             let mut at = 128u64 << 30;
-            while calls.load(Ordering::Relaxed) < 5 && started.elapsed() < Duration::from_secs(30)
-            {
+            while calls.load(Ordering::Relaxed) < 5 && started.elapsed() < Duration::from_secs(30) {
                 let start = Instant::now();
                 vol.write(at, &[3; 4096], false).unwrap();
                 writes.push(start.elapsed());

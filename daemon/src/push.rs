@@ -18,8 +18,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use tidemark_engine::copy::{self, CopyError, JobOptions, JobReport, Source};
 use tidemark_engine::copy::target::{self as copy_target, TargetError};
+use tidemark_engine::copy::{self, CopyError, JobOptions, JobReport, Source};
 use tidemark_engine::snapshot::Snapshot;
 use tidemark_formats::delta::{CheckpointRef, DeltaHeader, DeltaWriter};
 

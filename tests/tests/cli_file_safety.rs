@@ -73,11 +73,7 @@ fn files_the_cli_creates_are_private_under_umask_022() {
     // An existing image keeps the mode its owner gave it.
     let shared = p(&dir, "shared.img");
     std::fs::write(&shared, b"").unwrap();
-    std::fs::set_permissions(
-        &shared,
-        std::os::unix::fs::PermissionsExt::from_mode(0o644),
-    )
-    .unwrap();
+    std::fs::set_permissions(&shared, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
     tidemark(&["copy", &snap, &shared], COMMAND_LIMIT).ok();
     assert_eq!(mode(&shared), 0o644);
     assert!(cmp_equal(&snap, &shared, None).expect("cmp runs"));
@@ -99,7 +95,11 @@ fn a_symlink_planted_at_a_destination_is_refused_and_its_target_untouched() {
     };
 
     let dst = link("copy.img");
-    refused(&tidemark(&["copy", &snap, &dst], COMMAND_LIMIT), &dst, &victim);
+    refused(
+        &tidemark(&["copy", &snap, &dst], COMMAND_LIMIT),
+        &dst,
+        &victim,
+    );
 
     let image = link("image.img");
     let out = tidemark_with_input(
@@ -119,7 +119,11 @@ fn a_symlink_planted_at_a_destination_is_refused_and_its_target_untouched() {
     // delta create stages OUT.partial: a link there is refused, and so is one at OUT
     // (the rename would replace it).
     let staged = link("staged.delta.partial");
-    refused(&full_delta(&snap, &p(&dir, "staged.delta")), &staged, &victim);
+    refused(
+        &full_delta(&snap, &p(&dir, "staged.delta")),
+        &staged,
+        &victim,
+    );
     let out = link("linked.delta");
     refused(&full_delta(&snap, &out), &out, &victim);
     assert!(!dir.path().join("linked.delta.partial").exists());

@@ -142,9 +142,9 @@ impl Volume {
     /// (a device). The work stops at the cap: one or two lseek calls per run.
     pub fn allocation(&self, offset: u64, len: u64, max_runs: usize) -> Option<Vec<(u64, bool)>> {
         let end = offset.saturating_add(len).min(self.manifest.size);
-        let runs =
-            self.backing
-                .allocation_capped(offset, end.saturating_sub(offset), max_runs)?;
+        let runs = self
+            .backing
+            .allocation_capped(offset, end.saturating_sub(offset), max_runs)?;
         Some(
             runs.into_iter()
                 .map(|(s, e, data)| (e - s, !data))

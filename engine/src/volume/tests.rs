@@ -376,8 +376,12 @@ fn snapshot_allocation_in_capped_pieces_is_the_whole_allocation() {
     let vol = fx.volume("v", SIZE, small(65536));
     // Data islands not aligned to chunks, and one run across several chunks.
     for i in 0..40u64 {
-        vol.write(i * 200 * 1024 + (i % 3) * 4096, &pattern(i as u8, 4096), false)
-            .unwrap();
+        vol.write(
+            i * 200 * 1024 + (i % 3) * 4096,
+            &pattern(i as u8, 4096),
+            false,
+        )
+        .unwrap();
     }
     vol.write(5 << 20, &pattern(9, 192 << 10), false).unwrap();
     let (snap, _) = vol
@@ -388,7 +392,8 @@ fn snapshot_allocation_in_capped_pieces_is_the_whole_allocation() {
         .unwrap();
     // Preserved chunks (over data), zero chunks (over holes), released chunks.
     for chunk in [0u64, 3, 4, 17, 33, 80, 81, 82, 90, 127] {
-        vol.write(chunk * 65536 + 8192, &[0xee; 4096], false).unwrap();
+        vol.write(chunk * 65536 + 8192, &[0xee; 4096], false)
+            .unwrap();
     }
     snap.release(60 * 65536, 12 * 65536).unwrap();
     snap.wait_idle();
@@ -416,7 +421,10 @@ fn snapshot_allocation_in_capped_pieces_is_the_whole_allocation() {
         if hole {
             let mut buf = vec![1u8; len as usize];
             snap.read(pos, &mut buf).unwrap();
-            assert!(buf.iter().all(|&b| b == 0), "hole at {pos}+{len} holds data");
+            assert!(
+                buf.iter().all(|&b| b == 0),
+                "hole at {pos}+{len} holds data"
+            );
         }
         pos += len;
     }
