@@ -2,6 +2,8 @@
 //! 0640 at most whatever the umask (as the daemon's push targets), never written through
 //! a symlink planted at the destination (a link to a block device is followed).
 
+#![allow(clippy::single_range_in_vec_init)] // extents really are lists of ranges
+
 use std::os::unix::fs::{symlink, MetadataExt};
 use std::path::Path;
 
