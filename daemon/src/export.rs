@@ -643,17 +643,19 @@ mod tests {
             stop.store(true, Ordering::Relaxed);
             (querier.join().unwrap(), writes)
         });
-        let median = |mut times: Vec<Duration>| {
+        // A writer that waits out a query's lock hold shows in the slow tail (the writes
+        // that follow in the gap between two holds are fast): the 90th percentile.
+        let percentile = |mut times: Vec<Duration>, p: usize| {
             times.sort();
-            times[times.len() / 2]
+            times[(times.len() - 1) * p / 100]
         };
         let (calls, writes) = (call_times.len(), write_times.len());
-        let (call, write) = (median(call_times), median(write_times));
-        eprintln!("median write {write:?} of {writes}, median query {call:?} of {calls}");
+        let (call, write) = (percentile(call_times, 50), percentile(write_times, 90));
+        eprintln!("p90 write {write:?} of {writes}, median query {call:?} of {calls}");
         assert!(calls >= 5, "{calls} queries in 30 s");
         assert!(
             write * 10 < call,
-            "a write took {write:?} (median of {writes}) beside queries of {call:?} (median of {calls})"
+            "a write took {write:?} (90th percentile of {writes}) beside queries of {call:?} (median of {calls})"
         );
     }
 
