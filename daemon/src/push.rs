@@ -19,6 +19,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use tidemark_engine::copy::target::{self as copy_target, TargetError};
 use tidemark_engine::copy::{self, CopyError, JobOptions, JobReport, Source};
 use tidemark_engine::snapshot::Snapshot;
 use tidemark_formats::delta::{CheckpointRef, DeltaHeader, DeltaWriter};
@@ -270,23 +271,15 @@ pub fn is_block_device(path: &Path) -> bool {
 /// never follow a symlink (O_EXCL). Mode 0640 at most (the daemon's umask makes it 0600).
 /// The handle returned is the file the push writes: it is never reopened by name.
 pub fn create_partial(partial: &Path, target: &Path) -> Result<File, String> {
-    use std::os::unix::fs::OpenOptionsExt;
-    match std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .mode(0o640)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(partial)
-    {
+    match copy_target::create_new(partial) {
         Ok(file) => Ok(file),
-        Err(err) if err.kind() == io::ErrorKind::AlreadyExists => Err(format!(
+        Err(TargetError::Exists { .. }) => Err(format!(
             "{} exists: an earlier push to {} did not finish, or the file is not tidemark's; \
              remove it or choose another target",
             partial.display(),
             target.display()
         )),
-        Err(err) => Err(format!("creating {}: {err}", partial.display())),
+        Err(err) => Err(crate::error_chain(&err)),
     }
 }
 
@@ -295,53 +288,21 @@ pub fn create_partial(partial: &Path, target: &Path) -> Result<File, String> {
 /// make the daemon write someone else's file. A symlink is followed only to a block
 /// device (`/dev/vg/lv`), checked on the opened handle.
 pub fn open_target(target: &Path) -> Result<File, String> {
-    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
-    let open = |path: &Path| {
-        std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(path)
-    };
-    let file = match open(target) {
-        Err(err) if err.raw_os_error() == Some(libc::ELOOP) => {
-            let real = target
-                .canonicalize()
-                .map_err(|err| format!("resolving {}: {err}", target.display()))?;
-            let file = open(&real).map_err(|err| format!("opening {}: {err}", real.display()))?;
-            let is_device = file
-                .metadata()
-                .map(|m| m.file_type().is_block_device())
-                .unwrap_or(false);
-            if !is_device {
-                return Err(format!(
-                    "push target {} is a symlink to {}, which is not a block device; \
-                     name the image itself",
-                    target.display(),
-                    real.display()
-                ));
-            }
-            file
-        }
-        Err(err) if err.kind() == io::ErrorKind::NotFound => {
-            return Err(format!(
-                "{} does not exist: an incremental push updates the image of a previous \
-                 full push; push a full backup there first",
-                target.display()
-            ))
-        }
-        Err(err) => return Err(format!("opening {}: {err}", target.display())),
-        Ok(file) => file,
-    };
-    Ok(file)
+    match copy_target::open_in_place(target) {
+        Ok(file) => Ok(file),
+        Err(TargetError::NotFound { .. }) => Err(format!(
+            "{} does not exist: an incremental push updates the image of a previous \
+             full push; push a full backup there first",
+            target.display()
+        )),
+        Err(err @ TargetError::LinkToFile { .. }) => Err(format!("push target {err}")),
+        Err(err) => Err(crate::error_chain(&err)),
+    }
 }
 
 /// A path that reopens exactly the file behind `file` (not whatever its name points to
 /// now), for the copy engine, which opens its destination by path.
-pub fn handle_path(file: &File) -> PathBuf {
-    use std::os::fd::AsRawFd;
-    PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()))
-}
+pub use copy_target::handle_path;
 
 /// Move a staged file into place and make the rename durable.
 pub fn commit_partial(partial: &Path, target: &Path) -> Result<(), String> {

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use tidemark_engine::copy::{
-    self, CopyError, FailedExtent, FileSource, JobOptions, JobReport, Progress,
+    self, target, CopyError, FailedExtent, FileSource, JobOptions, JobReport, Progress,
 };
 use tidemark_engine::io::{EngineChoice, EngineConfig};
 use tidemark_nbd::client::{Client, ClientOptions};
@@ -33,7 +33,8 @@ pub struct Args {
     /// Source: a raw image file, a block device, or an NBD URI (nbd://HOST[:PORT]/EXPORT,
     /// nbd+unix:///EXPORT?socket=PATH); holes the server reports are not read.
     pub src: PathBuf,
-    /// Destination: a file (created or truncated) or a block device (overwritten).
+    /// Destination: a file (created 0640 at most, or truncated) or a block device
+    /// (overwritten). A symlink is followed only to a block device.
     pub dst: PathBuf,
     #[command(flatten)]
     pub io: IoArgs,
@@ -94,9 +95,13 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         Some(uri) => Box::new(NbdSource::connect(uri)?),
         None => Box::new(FileSource::open(&args.src, !args.io.buffered)?),
     };
+    let context = || format!("copying {} to {}", args.src.display(), args.dst.display());
+    // Created O_EXCL|O_NOFOLLOW, or opened in place O_NOFOLLOW; the engine writes the handle.
+    let dst = target::create_or_open(&args.dst).with_context(context)?;
     let (options, bar) = args.io.job_options(source.size(), "copy");
-    let report = copy::copy_image(source.as_mut(), &args.dst, &options)
-        .with_context(|| format!("copying {} to {}", args.src.display(), args.dst.display()))?;
+    let mut report = copy::copy_image(source.as_mut(), &target::handle_path(&dst), &options)
+        .with_context(context)?;
+    report.destination = args.dst.display().to_string();
     bar.finish_and_clear();
     finish_report(&report, args.json)
 }

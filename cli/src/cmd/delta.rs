@@ -47,7 +47,8 @@ pub struct CreateArgs {
     /// Make a full backup: every extent of the snapshot, from no checkpoint.
     #[arg(long)]
     pub full: bool,
-    /// The delta file to write.
+    /// The delta file to write (staged as OUT.partial, created 0640 at most, never
+    /// through a symlink, then renamed to OUT).
     #[arg(long)]
     pub out: PathBuf,
     /// The volume's uuid (default: the bitmap's; a new random one for a full backup).

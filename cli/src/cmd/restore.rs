@@ -3,9 +3,9 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::Context;
-use tidemark_engine::copy::delta::{open_delta, restore_chain, ChainBase};
-use tidemark_engine::copy::{FileSource, Source};
+use anyhow::{bail, Context};
+use tidemark_engine::copy::delta::{check_chain, open_delta, restore_chain, ChainBase};
+use tidemark_engine::copy::{target, FileSource, Source};
 
 use super::copy::{finish_report, IoArgs};
 
@@ -14,8 +14,9 @@ use super::copy::{finish_report, IoArgs};
 /// BASE is a full image (file or device) or a full-backup delta file; each DELTA must
 /// start from the checkpoint the previous link ends at, and all must be of the same
 /// volume: a chain that does not follow on is refused before anything is written, naming
-/// the break. DEST is created (or overwritten) and fsynced. An interrupted restore can
-/// simply be run again.
+/// the break. DEST is created (0640 at most) or overwritten, and fsynced; a symlink at
+/// DEST is followed only to a block device. An interrupted restore can simply be run
+/// again.
 ///
 /// Examples:
 ///   tidemark restore --into vol.img mon.delta tue.delta wed.delta
@@ -39,24 +40,40 @@ pub struct Args {
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let base = ChainBase::detect(&args.base);
     // Progress counts the base (its size) and every extent of every delta.
-    let mut total = match &base {
+    let total_of_image = match &base {
         ChainBase::Image(path) => Source::size(&FileSource::open(path, false)?),
         ChainBase::Delta(_) => 0,
     };
+    let mut total = total_of_image;
     let chain = matches!(base, ChainBase::Delta(_))
         .then_some(&args.base)
         .into_iter()
         .chain(&args.deltas);
+    let mut headers = Vec::new();
     for path in chain {
-        total += open_delta(path)?
-            .extents()
-            .iter()
-            .map(|e| e.length)
-            .sum::<u64>();
+        let delta = open_delta(path)?;
+        total += delta.extents().iter().map(|e| e.length).sum::<u64>();
+        headers.push((path.clone(), delta.header().clone()));
     }
+    // A chain that does not follow on is refused before DEST is created.
+    check_chain(&headers, matches!(base, ChainBase::Image(_)))?;
+    if let (ChainBase::Image(image), Some((path, first))) = (&base, headers.first()) {
+        if first.volume_size != total_of_image {
+            bail!(
+                "{} holds {total_of_image} bytes but {} describes a volume of {} bytes",
+                image.display(),
+                path.display(),
+                first.volume_size
+            );
+        }
+    }
+    let context = || format!("restoring {}", args.into.display());
+    // Created O_EXCL|O_NOFOLLOW, or opened in place O_NOFOLLOW; the engine writes the handle.
+    let dest = target::create_or_open(&args.into).with_context(context)?;
     let (options, bar) = args.io.job_options(total, "restore");
-    let report = restore_chain(&base, &args.deltas, &args.into, &options)
-        .with_context(|| format!("restoring {}", args.into.display()))?;
+    let mut report = restore_chain(&base, &args.deltas, &target::handle_path(&dest), &options)
+        .with_context(context)?;
+    report.destination = args.into.display().to_string();
     bar.finish_and_clear();
     finish_report(&report, args.json)
 }

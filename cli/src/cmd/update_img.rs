@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{bail, Context};
-use tidemark_engine::copy::{self, extents, FileSource, Source};
+use tidemark_engine::copy::{self, extents, target, FileSource, Source};
 use tidemark_formats::bitmap::{self, BitmapState};
 
 use super::copy::{finish_report, IoArgs};
@@ -34,7 +34,8 @@ pub struct Args {
     pub snapshot: PathBuf,
     /// The changed extents: a bitmap file, a delta file, a text list, or `-` for stdin.
     pub changed: String,
-    /// The image to update in place (file or block device); it must already exist.
+    /// The image to update in place (file or block device); it must already exist. A
+    /// symlink is followed only to a block device.
     pub image: PathBuf,
     #[command(flatten)]
     pub io: IoArgs,
@@ -124,15 +125,31 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         .iter()
         .map(|r| r.end - r.start)
         .sum();
+    let context = || {
+        format!(
+            "updating {} from {}",
+            args.image.display(),
+            args.snapshot.display()
+        )
+    };
+    // Opened O_NOFOLLOW (a symlink only to a block device); the engine writes the handle.
+    let image = match target::open_in_place(&args.image) {
+        Err(target::TargetError::NotFound { .. }) => bail!(
+            "{} does not exist; update-img writes into an existing image (create it with \
+             `tidemark copy` first)",
+            args.image.display()
+        ),
+        opened => opened.with_context(context)?,
+    };
     let (options, bar) = args.io.job_options(total, "update-img");
-    let report = copy::update_image(&mut source, changed.extents, &args.image, &options)
-        .with_context(|| {
-            format!(
-                "updating {} from {}",
-                args.image.display(),
-                args.snapshot.display()
-            )
-        })?;
+    let mut report = copy::update_image(
+        &mut source,
+        changed.extents,
+        &target::handle_path(&image),
+        &options,
+    )
+    .with_context(context)?;
+    report.destination = args.image.display().to_string();
     bar.finish_and_clear();
     finish_report(&report, args.json)
 }

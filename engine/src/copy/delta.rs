@@ -7,7 +7,9 @@
 //! not is refused before anything is written, naming the two files at the break.
 //!
 //! Creation writes `FILE.partial`, fsyncs it and renames it to `FILE` only when every
-//! extent was read: a delta with a hole in it never appears under its real name.
+//! extent was read: a delta with a hole in it never appears under its real name. The
+//! partial file is created O_EXCL|O_NOFOLLOW, 0640 at most ([`super::target`]); one left
+//! by an interrupted run is replaced, a symlink there or at `FILE` is refused.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -20,7 +22,7 @@ use tidemark_formats::delta::{CheckpointRef, DeltaHeader, DeltaReader, DeltaWrit
 use tidemark_formats::FormatError;
 
 use super::extents::{check_within, chunks, gaps, normalize, zero_runs};
-use super::{CopyError, FailedExtent, ImageWriter, JobOptions, JobReport, Source};
+use super::{target, CopyError, FailedExtent, ImageWriter, JobOptions, JobReport, Source};
 use crate::io::{open_engine, Completion, Engine, FileId, IoBuf, Op, Request, ALIGN};
 
 impl From<FormatError> for CopyError {
@@ -285,7 +287,7 @@ pub fn create_delta(
         data.extend(in_extent.into_iter().flat_map(|r| chunks(r, buf_size)));
     }
     let partial = partial_path(out);
-    let file = File::create(&partial).map_err(|err| CopyError::file(&partial, "creating", err))?;
+    let file = create_partial(&partial, out)?;
     let mut writer = DeltaWriter::new(BufWriter::with_capacity(1 << 20, file), header, zstd_level)
         .map_err(|err| CopyError::Input(format!("{}: {err}", partial.display())))?;
     let write_err = |err| CopyError::Input(format!("writing {}: {err}", partial.display()));
@@ -388,6 +390,41 @@ pub fn create_delta(
         0.0
     };
     Ok(report)
+}
+
+/// Create `partial` for the delta `out` with [`target::create_new`]. A regular file there
+/// is what an interrupted run left: it is replaced. Anything else there, or a symlink at
+/// `out` (the rename would replace the link, not write where it points), is refused.
+fn create_partial(partial: &Path, out: &Path) -> Result<File, CopyError> {
+    if std::fs::symlink_metadata(out).is_ok_and(|m| m.file_type().is_symlink()) {
+        return Err(CopyError::Input(format!(
+            "{} is a symlink: a delta is written under its own name and renamed into place, \
+             which would replace the link; name the file itself",
+            out.display()
+        )));
+    }
+    match target::create_new(partial) {
+        Err(target::TargetError::Exists { .. }) => {
+            let meta = std::fs::symlink_metadata(partial)
+                .map_err(|err| CopyError::file(partial, "reading metadata of", err))?;
+            if !meta.file_type().is_file() {
+                return Err(CopyError::Input(format!(
+                    "{} {}: the delta is staged there before it is renamed to {}; remove it",
+                    partial.display(),
+                    if meta.file_type().is_symlink() {
+                        "is a symlink"
+                    } else {
+                        "exists and is not a regular file"
+                    },
+                    out.display()
+                )));
+            }
+            std::fs::remove_file(partial)
+                .map_err(|err| CopyError::file(partial, "removing the leftover", err))?;
+            Ok(target::create_new(partial)?)
+        }
+        other => Ok(other?),
+    }
 }
 
 fn partial_path(out: &Path) -> PathBuf {

@@ -22,6 +22,7 @@ pub mod delta;
 pub mod extents;
 mod jobs;
 mod source;
+pub mod target;
 mod writer;
 
 use std::io;
@@ -53,6 +54,8 @@ pub enum CopyError {
     Input(String),
     #[error("internal error in the copy engine: {0}")]
     Internal(String),
+    #[error(transparent)]
+    Target(#[from] target::TargetError),
 }
 
 impl CopyError {

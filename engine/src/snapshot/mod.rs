@@ -362,7 +362,19 @@ impl Snapshot {
 
     /// `(length, is_hole)` runs describing `[offset, offset + len)`.
     pub fn allocation(&self, offset: u64, len: u64) -> Result<Vec<(u64, bool)>, SnapshotError> {
-        self.inner.allocation(offset, len)
+        self.inner.allocation(offset, len, usize::MAX)
+    }
+
+    /// At most `max_runs` `(length, is_hole)` runs from `offset` on, within
+    /// `[offset, offset + len)`: the work stops at the cap (what NBD BLOCK_STATUS needs),
+    /// and the COW index lock is held only to copy a window of entries.
+    pub fn allocation_capped(
+        &self,
+        offset: u64,
+        len: u64,
+        max_runs: usize,
+    ) -> Result<Vec<(u64, bool)>, SnapshotError> {
+        self.inner.allocation(offset, len, max_runs)
     }
 
     /// Wait until the old contents copied so far are all in the COW store (they are

@@ -3,6 +3,9 @@
 
 use super::{lock, Chunk, Index, SnapshotError, SnapshotInner};
 
+/// COW index entries looked at per hold of the index lock while describing allocation.
+const WINDOW_CHUNKS: usize = 4096;
+
 impl SnapshotInner {
     pub(super) fn check_readable(&self, idx: &Index) -> Result<(), SnapshotError> {
         if idx.dropped {
@@ -176,46 +179,94 @@ impl SnapshotInner {
         Ok(())
     }
 
-    /// Allocation of `[offset, offset + len)` as `(length, is_hole)` runs.
+    /// Allocation of `[offset, offset + len)` as at most `max_runs` `(length, is_hole)`
+    /// runs (they end before the range does when there are more).
+    ///
+    /// The volume's allocation now, overlaid with what the snapshot knows better: chunks
+    /// copied before being overwritten are data, chunks that were holes when first written
+    /// are holes. Built a window at a time: the volume's runs for the window (one or two
+    /// lseek calls each, as many as still fit under the cap), then the COW index entries
+    /// of the window copied under the index lock (at most [`WINDOW_CHUNKS`] per hold, so a
+    /// writer's copy-before-write never waits behind a long walk), then the runs built
+    /// with the lock released. The work stops once the cap is reached: a huge range over a
+    /// fragmented snapshot costs the cap (plus the index entries of the ranges those runs
+    /// cover), not the range.
     pub(super) fn allocation(
         &self,
         offset: u64,
         len: u64,
+        max_runs: usize,
     ) -> Result<Vec<(u64, bool)>, SnapshotError> {
         let end = offset.saturating_add(len).min(self.size);
-        let Some(runs) = self.origin.allocation(offset, end - offset) else {
-            return Ok(vec![(end - offset, false)]);
-        };
-        let idx = lock(&self.index);
-        self.check_readable(&idx)?;
+        let max_runs = max_runs.max(1);
         let mut out: Vec<(u64, bool)> = Vec::new();
-        let mut push = |len: u64, hole: bool| match out.last_mut() {
+        let push = |out: &mut Vec<(u64, bool)>, len: u64, hole: bool| match out.last_mut() {
             Some((l, h)) if *h == hole => *l += len,
             _ if len > 0 => out.push((len, hole)),
             _ => {}
         };
-        // The volume's allocation now, overlaid with what the snapshot knows better:
-        // chunks copied before being overwritten are data, chunks that were holes when
-        // first written are holes.
-        for (start, stop, data) in runs {
-            let mut pos = start;
-            for (&k, s) in idx
-                .chunks
-                .range(start / self.chunk..stop.div_ceil(self.chunk))
+        // `(chunk, is_hole)` of the window's index entries that override the volume.
+        let mut states: Vec<(u64, bool)> = Vec::new();
+        let mut pos = offset;
+        // One run past the cap proves the first `max_runs` complete.
+        while pos < end && out.len() <= max_runs {
+            let want = (max_runs - out.len()).saturating_add(1);
+            let Some(runs) = self.origin.allocation_capped(pos, end - pos, want) else {
+                // The volume cannot tell (a device): all data.
+                push(&mut out, end - pos, false);
+                break;
+            };
+            let mut stop = runs.last().map_or(end, |r| r.1);
+            states.clear();
             {
-                let hole = match s {
-                    Chunk::Preserved(_) | Chunk::Reading | Chunk::InMemory { .. } => false,
-                    Chunk::Zero => true,
-                    Chunk::Released => continue,
-                };
-                let from = (k * self.chunk).max(pos);
-                let to = ((k + 1) * self.chunk).min(stop);
-                push(from - pos, !data);
-                push(to - from, hole);
-                pos = to;
+                let idx = lock(&self.index);
+                self.check_readable(&idx)?;
+                for (seen, (&k, s)) in idx
+                    .chunks
+                    .range(pos / self.chunk..stop.div_ceil(self.chunk))
+                    .enumerate()
+                {
+                    if seen == WINDOW_CHUNKS {
+                        // The window ends before this chunk (past `pos`: the chunks seen
+                        // so far are all after pos's).
+                        stop = stop.min(k * self.chunk);
+                        break;
+                    }
+                    let hole = match s {
+                        Chunk::Preserved(_) | Chunk::Reading | Chunk::InMemory { .. } => false,
+                        Chunk::Zero => true,
+                        Chunk::Released => continue,
+                    };
+                    states.push((k, hole));
+                }
             }
-            push(stop - pos, !data);
+            let mut next = 0;
+            for (start, run_stop, data) in runs {
+                if start >= stop {
+                    break;
+                }
+                let run_stop = run_stop.min(stop);
+                let mut at = start;
+                while let Some(&(k, hole)) = states.get(next) {
+                    if k * self.chunk >= run_stop {
+                        break;
+                    }
+                    let from = (k * self.chunk).max(at);
+                    let to = ((k + 1) * self.chunk).min(run_stop);
+                    push(&mut out, from - at, !data);
+                    push(&mut out, to - from, hole);
+                    at = to;
+                    if (k + 1) * self.chunk > run_stop {
+                        // The chunk goes on in the next run.
+                        break;
+                    }
+                    next += 1;
+                }
+                push(&mut out, run_stop - at, !data);
+            }
+            pos = stop;
         }
+        out.truncate(max_runs);
         Ok(out)
     }
 }

@@ -275,13 +275,25 @@ impl BackingFile {
     /// The allocation of `[offset, offset + len)` as runs of `(start, end, is_data)`,
     /// or `None` when the store cannot tell (a device, or no SEEK_DATA support).
     pub(crate) fn allocation(&self, offset: u64, len: u64) -> Option<Vec<(u64, u64, bool)>> {
+        self.allocation_capped(offset, len, usize::MAX)
+    }
+
+    /// [`BackingFile::allocation`] that stops after `max_runs` runs (at least one): the
+    /// runs then end before `offset + len`, and a caller asks again from where they end.
+    /// Each run costs one or two lseek calls, so a fragmented terabyte costs the cap.
+    pub(crate) fn allocation_capped(
+        &self,
+        offset: u64,
+        len: u64,
+        max_runs: usize,
+    ) -> Option<Vec<(u64, u64, bool)>> {
         if self.is_device {
             return None;
         }
         let end = offset + len;
         let mut runs = Vec::new();
         let mut pos = offset;
-        while pos < end {
+        while pos < end && runs.len() < max_runs.max(1) {
             let data = match sys::seek_data(&self.file, pos) {
                 Ok(data) => data.unwrap_or(end).min(end),
                 Err(_) => return None,

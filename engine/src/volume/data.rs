@@ -137,13 +137,14 @@ impl Volume {
         Ok(())
     }
 
-    /// Allocation of `[offset, offset + len)` as `(length, is_hole)` runs, or `None` when
-    /// the backing cannot tell (a device).
-    pub fn allocation(&self, offset: u64, len: u64) -> Option<Vec<(u64, bool)>> {
+    /// Allocation of `[offset, offset + len)` as at most `max_runs` `(length, is_hole)`
+    /// runs (then they end before the range does), or `None` when the backing cannot tell
+    /// (a device). The work stops at the cap: one or two lseek calls per run.
+    pub fn allocation(&self, offset: u64, len: u64, max_runs: usize) -> Option<Vec<(u64, bool)>> {
         let end = offset.saturating_add(len).min(self.manifest.size);
         let runs = self
             .backing
-            .allocation(offset, end.saturating_sub(offset))?;
+            .allocation_capped(offset, end.saturating_sub(offset), max_runs)?;
         Some(
             runs.into_iter()
                 .map(|(s, e, data)| (e - s, !data))

@@ -372,6 +372,71 @@ fn trimming_the_snapshot_releases_cow_space_and_later_copies() {
     assert_eq!(snap.copies(), copies, "released chunks need no copy");
 }
 
+/// A snapshot's allocation asked for in capped pieces (each starting where the previous
+/// one ended, as an NBD client does) is the allocation asked for whole, whatever the cap;
+/// and every hole it reports reads as zeroes.
+#[test]
+fn snapshot_allocation_in_capped_pieces_is_the_whole_allocation() {
+    const SIZE: u64 = 8 << 20;
+    let fx = Fixture::new();
+    let vol = fx.volume("v", SIZE, small(65536));
+    // Data islands not aligned to chunks, and one run across several chunks.
+    for i in 0..40u64 {
+        vol.write(
+            i * 200 * 1024 + (i % 3) * 4096,
+            &pattern(i as u8, 4096),
+            false,
+        )
+        .unwrap();
+    }
+    vol.write(5 << 20, &pattern(9, 192 << 10), false).unwrap();
+    let (snap, _) = vol
+        .snapshot(SnapshotSpec {
+            name: "s".into(),
+            ..SnapshotSpec::default()
+        })
+        .unwrap();
+    // Preserved chunks (over data), zero chunks (over holes), released chunks.
+    for chunk in [0u64, 3, 4, 17, 33, 80, 81, 82, 90, 127] {
+        vol.write(chunk * 65536 + 8192, &[0xee; 4096], false)
+            .unwrap();
+    }
+    snap.release(60 * 65536, 12 * 65536).unwrap();
+    snap.wait_idle();
+    let whole = snap.allocation(0, SIZE).unwrap();
+    assert_eq!(whole.iter().map(|r| r.0).sum::<u64>(), SIZE);
+    assert!(whole.len() > 40, "{whole:?}");
+    for cap in [1usize, 2, 3, 7, 64] {
+        let mut pieces: Vec<(u64, bool)> = Vec::new();
+        let mut pos = 0;
+        while pos < SIZE {
+            let runs = snap.allocation_capped(pos, SIZE - pos, cap).unwrap();
+            assert!(!runs.is_empty() && runs.len() <= cap, "cap {cap}: {runs:?}");
+            for (len, hole) in runs {
+                pos += len;
+                match pieces.last_mut() {
+                    Some((l, h)) if *h == hole => *l += len,
+                    _ => pieces.push((len, hole)),
+                }
+            }
+        }
+        assert_eq!(pieces, whole, "cap {cap}");
+    }
+    let mut pos = 0;
+    for (len, hole) in whole {
+        if hole {
+            let mut buf = vec![1u8; len as usize];
+            snap.read(pos, &mut buf).unwrap();
+            assert!(
+                buf.iter().all(|&b| b == 0),
+                "hole at {pos}+{len} holds data"
+            );
+        }
+        pos += len;
+    }
+    vol.drop_snapshot("s").unwrap();
+}
+
 #[test]
 fn many_writers_and_snapshot_readers_on_the_same_chunks() {
     let fx = Fixture::new();
