@@ -209,7 +209,10 @@ pub async fn run(
     let name = args.name.unwrap_or_else(|| reader.point().name());
     let export: Arc<dyn Export> = Arc::new(PointExport::new(reader.clone()));
     let served = crate::cmd::export::Args {
-        file: Some(PathBuf::from(format!("{} from {url}", reader.point().name()))),
+        file: Some(PathBuf::from(format!(
+            "{} from {url}",
+            reader.point().name()
+        ))),
         chain: Vec::new(),
         overlay: None,
         read_only: true,
