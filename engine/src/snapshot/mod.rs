@@ -49,12 +49,12 @@
 //! (the pattern a backup client uses to say "done with this range").
 //!
 //! The background writer sorts what it has queued by store offset and writes runs in
-//! one vectored O_DIRECT write each. Blocks of neighbouring slots rarely touch (4 KiB
-//! random first writes land one block per slot), so a short gap between two copies is
-//! written over with zeroes when none of its blocks is preserved: a disk pays far less
-//! for a few more sequential kilobytes than for one more random write (see
-//! `store::MAX_FILL`). A gap block is never preserved data: only this one thread writes
-//! the store, so a block preserved later is written after the filler.
+//! one vectored O_DIRECT write each, the runs of one batch in parallel (4 KiB random
+//! first writes land one block per slot, so their copies are as scattered as the writes).
+//! A short gap between two copies (see `store::MAX_FILL`) is written over with zeroes
+//! when none of its blocks is in the slot, to make one write of two. A gap block is never
+//! preserved data: the runs of a batch are disjoint and a block copied later goes out in
+//! a later batch, after the fill.
 //!
 //! # Files
 //!
