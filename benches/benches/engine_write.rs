@@ -8,6 +8,12 @@
 //! chunk copies it) and `snap-rewrite` (the same writes again under the same snapshot);
 //! for 4 KiB random writes also `snap-first-4k` (first writes under a snapshot taken with
 //! 4 KiB COW chunks instead of the default 64 KiB: each first write copies 4 KiB).
+//! Snapshot modes wait for the COW store to take in every copy inside the timing, so
+//! copies still queued in memory at the end are paid for.
+//! For 1 MiB sequential writes the bench also runs fio (sequential O_DIRECT reads R and
+//! writes W, 1 MiB at depth 4, on a file beside the image, each round) and prints the
+//! disk's copy-before-write limit 1 / (W/R + 2) beside the measured snap-first ratio: a
+//! first write reads every byte once and writes it twice (the copy and the write).
 //! Patterns: 4 KiB random writes from 8 threads, 1 MiB sequential writes from 4 threads,
 //! and 4 KiB random writes from 32 threads (raw, off and durable only: how the durable
 //! group commit scales with more writers sharing each sync).
@@ -133,6 +139,81 @@ impl Target for Raw {
     }
 }
 
+/// A volume under a snapshot: flushing also waits until the COW store has every copy.
+struct Snapshotted<'a> {
+    volume: &'a Volume,
+    snapshot: tidemark_engine::snapshot::Snapshot,
+}
+
+impl Target for Snapshotted<'_> {
+    fn write(&self, offset: u64, data: &[u8]) {
+        Volume::write(self.volume, offset, data, false).expect("volume write");
+    }
+    fn flush(&self) {
+        self.snapshot.wait_idle();
+        Volume::flush(self.volume).expect("volume flush");
+    }
+}
+
+/// Run `snap-first`-style writes on `vol` under its snapshot `name`.
+fn run_snapshotted(vol: &Volume, name: &str, p: Pattern, per_thread: &[Vec<u64>]) -> f64 {
+    let snapshot = vol
+        .snapshots()
+        .into_iter()
+        .find(|s| s.name() == name)
+        .expect("the bench's snapshot");
+    run(
+        &Snapshotted {
+            volume: vol,
+            snapshot,
+        },
+        p,
+        per_thread,
+    )
+}
+
+/// fio's sequential O_DIRECT bandwidth in MB/s (`rw` is `read` or `write`) on `file`,
+/// 1 MiB requests at depth 4, as the 1 MiB pattern writes.
+fn fio_sequential(file: &Path, rw: &str) -> Result<f64, String> {
+    let out = std::process::Command::new("fio")
+        .args([
+            "--name=cow-limit",
+            &format!("--filename={}", file.display()),
+            &format!("--rw={rw}"),
+            "--bs=1m",
+            "--size=512m",
+            "--direct=1",
+            "--ioengine=libaio",
+            "--iodepth=4",
+            "--output-format=terse",
+            "--terse-version=3",
+        ])
+        .output()
+        .map_err(|e| format!("cannot run fio ({e}); install it (scripts/install-deps.sh)"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "fio failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    // Terse v3: field 7 is the read bandwidth, field 48 the write bandwidth, in KiB/s.
+    let text = String::from_utf8_lossy(&out.stdout);
+    let fields: Vec<&str> = text.lines().last().unwrap_or("").split(';').collect();
+    let field = if rw == "read" { 6 } else { 47 };
+    fields
+        .get(field)
+        .and_then(|f| f.parse::<f64>().ok())
+        .map(|kib| kib * 1024.0 / 1e6)
+        .ok_or_else(|| format!("unexpected fio output: {text}"))
+}
+
+/// The load average, as `uptime` prints it.
+fn load() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "?".into())
+}
+
 impl Target for Volume {
     fn write(&self, offset: u64, data: &[u8]) {
         Volume::write(self, offset, data, false).expect("volume write");
@@ -252,8 +333,25 @@ fn main() {
             })
             .map(|m| (*m, Vec::new()))
             .collect();
+        let cow_limit = p.name == "1m-seq" && wanted("TIDEMARK_BENCH_MODES", "snap-first");
+        let mut fio_read = Vec::new();
+        let mut fio_write = Vec::new();
+        let mut fio_error = None;
+        let mut loads = Vec::new();
         for r in 0..runs {
             let offs = offsets(p, r);
+            if cow_limit && fio_error.is_none() {
+                let fio_file = dir.path().join("fio.img");
+                match fio_sequential(&fio_file, "write")
+                    .and_then(|w| Ok((w, fio_sequential(&fio_file, "read")?)))
+                {
+                    Ok((w, rd)) => {
+                        fio_write.push(w);
+                        fio_read.push(rd);
+                    }
+                    Err(e) => fio_error = Some(e),
+                }
+            }
             // Interleave the modes within each round so drift on a noisy machine hits all alike.
             for (mode, samples) in results.iter_mut() {
                 let mbps = match *mode {
@@ -292,10 +390,10 @@ fn main() {
                             ..SnapshotSpec::default()
                         };
                         vol.snapshot(spec).expect("snapshot");
-                        run(vol.as_ref(), p, &offs)
+                        run_snapshotted(&vol, "bench", p, &offs)
                     }
                     "snap-rewrite" => {
-                        let mbps = run(vol.as_ref(), p, &offs);
+                        let mbps = run_snapshotted(&vol, "bench", p, &offs);
                         vol.drop_snapshot("bench").expect("drop snapshot");
                         mbps
                     }
@@ -312,7 +410,7 @@ fn main() {
                             ..SnapshotSpec::default()
                         };
                         vol.snapshot(spec).expect("snapshot");
-                        let mbps = run(vol.as_ref(), p, &offs);
+                        let mbps = run_snapshotted(&vol, "bench4k", p, &offs);
                         vol.drop_snapshot("bench4k").expect("drop snapshot");
                         mbps
                     }
@@ -323,14 +421,41 @@ fn main() {
             for c in fast.checkpoints() {
                 fast.checkpoint_delete(&c.name).expect("delete checkpoint");
             }
+            loads.push(load());
         }
         let off = results
             .iter()
             .find(|(m, _)| *m == "off")
             .map_or(f64::NAN, |(_, s)| median(s.clone()));
+        let mut snap_first = None;
         for (mode, samples) in results {
             let m = median(samples);
+            if mode == "snap-first" {
+                snap_first = Some(m / off);
+            }
             println!("{:<10} {:<13} {:>10.1} {:>9.2}x", p.name, mode, m, m / off);
+        }
+        println!(
+            "{:<10} load after each round: {}",
+            p.name,
+            loads.join(" | ")
+        );
+        if let Some(err) = fio_error {
+            println!("{:<10} copy-before-write limit not measured: {err}", p.name);
+        } else if cow_limit {
+            let (w, rd) = (median(fio_write), median(fio_read));
+            let limit = 1.0 / (w / rd + 2.0);
+            print!(
+                "{:<10} fio sequential read R {rd:.0} MB/s, write W {w:.0} MB/s: copy-before-write limit 1/(W/R+2) = {limit:.2}x",
+                p.name
+            );
+            match snap_first {
+                Some(ratio) => println!(
+                    "; snap-first {ratio:.2}x = {:.2} of the limit",
+                    ratio / limit
+                ),
+                None => println!(),
+            }
         }
     }
 }

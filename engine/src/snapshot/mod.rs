@@ -1,40 +1,60 @@
 //! Copy-on-write snapshots of a live volume and their COW store.
 //!
 //! A snapshot divides the volume into chunks (the volume's granularity, capped at
-//! 64 KiB by default). Before a write, trim or write-zeroes touches a chunk that is not
-//! yet preserved, the writer copies the chunk's current contents for the snapshot's COW
-//! store (copy-before-write) and records `chunk -> slot` in the in-memory index; then the
-//! write goes to the volume. So the snapshot reads a preserved chunk from its slot and any
-//! other chunk from the volume itself. Only the copy's *read* precedes the volume write;
-//! a write covering whole chunks needs no merge, and chunks that are holes in the volume
-//! are recorded as zero without reading or copying anything.
+//! 64 KiB by default) and each chunk into blocks ([`MIN_BLOCK`], or a 32nd of a larger
+//! chunk). Before a write, trim or write-zeroes touches a block whose old contents are
+//! not yet preserved, the writer copies that block's current contents for the snapshot's
+//! COW store (copy-before-write), then the write goes to the volume. Copies are made at
+//! the write's own size: a chunk gets one slot in the COW store (one chunk long) when its
+//! first block is preserved, and each block has its fixed place in that slot; a per-chunk
+//! mask says which blocks are preserved, so a 4 KiB first write reads and stores 4 KiB,
+//! not the chunk, and later writes to other blocks of the chunk preserve theirs. The
+//! snapshot reads a preserved block from its slot and any other block from the volume
+//! itself. Only the copy's *read* precedes the volume write; blocks that are holes in the
+//! volume are recorded as zero without reading or copying anything.
+//!
+//! The index is one [`ChunkState`] per touched chunk (24 bytes: a slot and three block
+//! masks, smaller than the 32-byte per-chunk state it replaced), so it grows with the
+//! chunks written, not with the blocks; old contents still in memory are listed apart,
+//! only while they wait for the store.
 //!
 //! # Concurrency
 //!
-//! A chunk's state only moves forward: absent -> reading -> in memory -> preserved (or
-//! zero when it was a hole in the volume; or released by a TRIM on the snapshot export).
-//! The writer that claims an absent chunk reads its old contents into memory; from then
-//! on the old contents are safe and the volume may be overwritten, while a background
-//! writer moves them to the chunk's slot in the COW store (so the store write is off the
-//! volume write's critical path; at most 64 MiB wait in memory or are being read, a large
-//! write, TRIM or WRITE_ZEROES being preserved 1 MiB at a time; copies queued meanwhile
-//! whose slots follow each other go out in one vectored O_DIRECT write). Writers that find a
-//! chunk `reading` wait for it. Readers take in-memory and preserved chunks from memory or
-//! the store, and read every other chunk from the volume *optimistically*, checking the
-//! index afterwards: a chunk still absent or reading was not overwritten during the read
-//! (the volume write for a chunk waits until its old contents are in memory); a chunk
-//! whose old contents moved out meanwhile is taken again from memory or the store.
+//! A block's state only moves forward: absent -> reading -> in the slot (in memory, then
+//! stored) or zero (a hole in the volume); a TRIM on the snapshot export releases whole
+//! chunks. The writer that claims an absent block reads its old contents into memory;
+//! from then on the old contents are safe and the volume may be overwritten, while a
+//! background writer moves them to the block's place in the chunk's slot (so the store
+//! write is off the volume write's critical path; at most 64 MiB wait in memory or are
+//! being read, a large write, TRIM or WRITE_ZEROES being preserved 1 MiB at a time).
+//! Writers that find a block `reading` wait for it. Readers take blocks in the slot from
+//! memory or the store, and read every other block from the volume *optimistically*,
+//! checking the index afterwards: a block still absent or reading was not overwritten
+//! during the read (the volume write for a block waits until its old contents are in
+//! memory); a block whose old contents moved out meanwhile is taken again from memory or
+//! the store.
 //!
 //! # COW store
 //!
 //! A file, by default in the volume's state directory, preallocated in steps of
-//! [`PREALLOC_STEP`] up to an optional limit. COW data need no fsync: after a crash the
-//! snapshot is gone anyway (a snapshot is a view for one backup). When the store is full or
-//! fails, the snapshot fails (its reads return an error naming the cause, an event is
-//! logged) and writes to the volume go on untouched: a backup problem never becomes a
-//! volume problem. A TRIM on the snapshot export releases whole chunks: their slots are
-//! punched out and reused, and later volume writes to them skip the copy (the pattern a
-//! backup client uses to say "done with this range").
+//! [`PREALLOC_STEP`] up to an optional limit. COW data and the index need no fsync: the
+//! index lives in memory and after a crash the snapshot is gone anyway (a snapshot is a
+//! view for one backup, its marker turns into a "snapshot lost" event at the next open);
+//! what must hold before a volume write is issued is only that the old contents of every
+//! block it touches are in memory or in the store and marked so in the index. When the
+//! store is full or fails, the snapshot fails (its reads return an error naming the
+//! cause, an event is logged) and writes to the volume go on untouched: a backup problem
+//! never becomes a volume problem. A TRIM on the snapshot export releases whole chunks:
+//! their slots are punched out and reused, and later volume writes to them skip the copy
+//! (the pattern a backup client uses to say "done with this range").
+//!
+//! The background writer sorts what it has queued by store offset and writes runs in
+//! one vectored O_DIRECT write each, the runs of one batch in parallel (4 KiB random
+//! first writes land one block per slot, so their copies are as scattered as the writes).
+//! A short gap between two copies (see `store::MAX_FILL`) is written over with zeroes
+//! when none of its blocks is in the slot, to make one write of two. A gap block is never
+//! preserved data: the runs of a batch are disjoint and a block copied later goes out in
+//! a later batch, after the fill.
 //!
 //! # Files
 //!
@@ -123,26 +143,87 @@ pub struct CowOptions {
     pub chunk_size: Option<u32>,
 }
 
+/// One bit per block of a chunk.
+type Mask = u32;
+/// The smallest block preserved on its own (also the O_DIRECT alignment of the store).
+pub const MIN_BLOCK: u32 = 4096;
+/// `ChunkState::slot` of a chunk that has no slot yet (or no more: all its blocks were
+/// holes).
+const NO_SLOT: u64 = u64::MAX;
+/// `ChunkState::slot` of a chunk released by a TRIM on the snapshot.
+const RELEASED: u64 = u64::MAX - 1;
+
+/// What the snapshot knows about one chunk: where its slot is and, per block, whether its
+/// old contents were claimed by a writer, are in the slot, or were a hole.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ChunkState {
+    /// The chunk's slot in the COW store, [`NO_SLOT`] or [`RELEASED`].
+    slot: u64,
+    /// Blocks a writer took care of: being read, in the slot, or zero.
+    claimed: Mask,
+    /// Blocks whose old contents belong in the slot: in memory (listed in
+    /// `Index::pending`) on their way to the store, or stored.
+    in_slot: Mask,
+    /// Blocks that were holes in the volume: they read as zeroes.
+    zero: Mask,
+}
+
+impl Default for ChunkState {
+    fn default() -> Self {
+        ChunkState {
+            slot: NO_SLOT,
+            claimed: 0,
+            in_slot: 0,
+            zero: 0,
+        }
+    }
+}
+
+impl ChunkState {
+    fn released(&self) -> bool {
+        self.slot == RELEASED
+    }
+
+    fn has_slot(&self) -> bool {
+        self.slot < RELEASED
+    }
+
+    /// Blocks whose old contents are on the snapshot's side (slot or zero).
+    fn held(&self) -> Mask {
+        if self.released() {
+            0
+        } else {
+            self.in_slot | self.zero
+        }
+    }
+
+    /// Blocks claimed by a writer that is still reading their old contents.
+    fn reading(&self) -> Mask {
+        if self.released() {
+            0
+        } else {
+            self.claimed & !(self.in_slot | self.zero)
+        }
+    }
+}
+
+/// Old contents of a run of blocks of one chunk, in memory on their way to its slot.
 #[derive(Debug, Clone)]
-enum Chunk {
-    /// Claimed by a writer that is reading its old contents; other writers wait.
-    Reading,
-    /// Old contents are in memory at `data[at..]`, being written to `slot`; the volume
-    /// may already be overwritten, so readers take the data from memory.
-    InMemory {
-        data: Arc<CopyBuf>,
-        at: usize,
-        slot: u64,
-    },
-    Preserved(u64),
-    /// The chunk was a hole in the volume: nothing to copy, it reads as zeroes.
-    Zero,
-    Released,
+struct Pending {
+    data: Arc<CopyBuf>,
+    /// Where the run's first block starts in `data`.
+    at: usize,
+    /// Blocks in the run.
+    count: u32,
+    /// The slot it is being written to.
+    slot: u64,
 }
 
 #[derive(Debug, Default)]
 struct Index {
-    chunks: BTreeMap<u64, Chunk>,
+    chunks: BTreeMap<u64, ChunkState>,
+    /// Runs of old contents in memory, by (chunk, first block).
+    pending: BTreeMap<(u64, u32), Pending>,
     free_slots: Vec<u64>,
     next_slot: u64,
     reserved: u64,
@@ -151,9 +232,60 @@ struct Index {
     dropped: bool,
     /// Bytes of old contents held in memory, waiting for the store.
     in_flight: u64,
-    /// Bytes of chunks claimed by writers that are reading their old contents (they
+    /// Bytes of blocks claimed by writers that are reading their old contents (they
     /// join `in_flight` once read): with it, the memory budget counts reads under way.
     reading: u64,
+}
+
+impl Index {
+    /// Whether chunk `c` still has old contents in memory for `slot`.
+    fn pending_in(&self, c: u64, slot: u64) -> bool {
+        self.pending
+            .range((c, 0)..(c + 1, 0))
+            .any(|(_, p)| p.slot == slot)
+    }
+
+    fn free_slot(&mut self, slot: u64) {
+        self.free_slots.push(slot);
+        self.used_slots -= 1;
+    }
+
+    /// After claims were undone or found holes: give chunk `c`'s slot back when none of
+    /// its blocks is in it or on its way to it, and forget a chunk nobody touched.
+    fn settle(&mut self, c: u64) {
+        let Some(st) = self.chunks.get_mut(&c) else {
+            return;
+        };
+        if st.has_slot() && st.in_slot == 0 && st.reading() == 0 {
+            let slot = st.slot;
+            st.slot = NO_SLOT;
+            self.free_slot(slot);
+        }
+        if self.chunks.get(&c) == Some(&ChunkState::default()) {
+            self.chunks.remove(&c);
+        }
+    }
+}
+
+/// The mask of `count` blocks from block `first`.
+fn mask_of(first: u32, count: u32) -> Mask {
+    let ones = Mask::MAX
+        .checked_shr(Mask::BITS.saturating_sub(count))
+        .unwrap_or(0);
+    ones.checked_shl(first).unwrap_or(0)
+}
+
+/// The runs `(first, count)` of set bits in `mask`, lowest first.
+fn runs_of(mut mask: Mask) -> impl Iterator<Item = (u32, u32)> {
+    std::iter::from_fn(move || {
+        if mask == 0 {
+            return None;
+        }
+        let first = mask.trailing_zeros();
+        let count = (mask >> first).trailing_ones();
+        mask &= !mask_of(first, count);
+        Some((first, count))
+    })
 }
 
 /// What [`SnapshotInner::create`] needs.
@@ -178,6 +310,8 @@ pub(crate) struct SnapshotInner {
     created_unix: u64,
     size: u64,
     chunk: u64,
+    /// Bytes per block: [`MIN_BLOCK`], or a 32nd of a chunk larger than 32 of them.
+    block: u64,
     origin: Arc<BackingFile>,
     store: BackingFile,
     store_path: PathBuf,
@@ -187,6 +321,7 @@ pub(crate) struct SnapshotInner {
     copied: Condvar,
     events: Arc<EventLog>,
     copies: AtomicU64,
+    copied_bytes: AtomicU64,
     jobs: Mutex<Option<mpsc::Sender<StoreJob>>>,
     pool: Arc<BufPool>,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
@@ -226,6 +361,10 @@ impl SnapshotInner {
             created_unix: unix_now(),
             size: p.size,
             chunk: u64::from(p.chunk),
+            block: u64::from(p.chunk)
+                .div_ceil(u64::from(Mask::BITS))
+                .max(u64::from(MIN_BLOCK))
+                .min(u64::from(p.chunk)),
             origin: p.origin,
             store,
             store_path: p.store_path,
@@ -235,6 +374,7 @@ impl SnapshotInner {
             copied: Condvar::new(),
             events: p.events,
             copies: AtomicU64::new(0),
+            copied_bytes: AtomicU64::new(0),
             jobs: Mutex::new(None),
             pool: Arc::default(),
             writer: Mutex::new(None),
@@ -383,9 +523,15 @@ impl Snapshot {
         self.inner.wait_idle()
     }
 
-    /// Chunks copied into the COW store so far.
+    /// Runs of blocks copied into the COW store so far (a run lies in one chunk).
     pub fn copies(&self) -> u64 {
         self.inner.copies.load(Ordering::Relaxed)
+    }
+
+    /// Bytes of old contents copied into the COW store so far (what copy-before-write
+    /// read and stored; the zeroes written over gaps between copies are not counted).
+    pub fn copied_bytes(&self) -> u64 {
+        self.inner.copied_bytes.load(Ordering::Relaxed)
     }
 
     /// The snapshot's state, COW usage and error.

@@ -1,7 +1,44 @@
 //! The snapshot's read path: old contents from memory, the COW store or the volume, and
 //! releasing and describing ranges.
 
-use super::{lock, Chunk, Index, SnapshotError, SnapshotInner};
+use std::sync::Arc;
+
+use super::buffers::CopyBuf;
+use super::{
+    lock, mask_of, runs_of, ChunkState, Index, Mask, SnapshotError, SnapshotInner, RELEASED,
+};
+
+/// Where old contents of a range come from.
+#[derive(Debug, Clone)]
+enum Source {
+    /// The block was a hole in the volume.
+    Zero,
+    /// In memory on its way to the store, from this offset of the buffer.
+    Memory(Arc<CopyBuf>, usize),
+    /// In the COW store at this offset.
+    Store(u64),
+}
+
+/// Append `[s, e)` from `source` to `out`, extending the last run when it continues it.
+fn push_source(out: &mut Vec<(u64, u64, Source)>, s: u64, e: u64, source: Source) {
+    if let Some((last_start, last_end, last)) = out.last_mut() {
+        let len = *last_end - *last_start;
+        let continues = *last_end == s
+            && match (&*last, &source) {
+                (Source::Zero, Source::Zero) => true,
+                (Source::Store(a), Source::Store(b)) => a + len == *b,
+                (Source::Memory(d, a), Source::Memory(d2, b)) => {
+                    Arc::ptr_eq(d, d2) && a + len as usize == *b
+                }
+                _ => false,
+            };
+        if continues {
+            *last_end = e;
+            return;
+        }
+    }
+    out.push((s, e, source));
+}
 
 /// COW index entries looked at per hold of the index lock while describing allocation.
 const WINDOW_CHUNKS: usize = 4096;
@@ -34,76 +71,116 @@ impl SnapshotInner {
         Ok(())
     }
 
-    /// Fill `out`, the bytes at `pos` inside chunk `c`, from a state that holds the
-    /// chunk's old contents; `false` when the state says "read the volume".
-    pub(super) fn fill_from(
-        &self,
-        c: u64,
-        pos: u64,
-        state: &Chunk,
-        out: &mut [u8],
-    ) -> Result<bool, SnapshotError> {
-        let within = (pos - c * self.chunk) as usize;
-        match state {
-            Chunk::Zero => out.fill(0),
-            Chunk::Preserved(slot) => self
-                .store
-                .read_at(slot * self.chunk + within as u64, out)
-                .map_err(|source| SnapshotError::Io {
-                    name: self.name.clone(),
-                    action: "read COW store",
-                    path: self.store_path.clone(),
-                    source,
-                })?,
-            Chunk::InMemory { data, at, .. } => {
-                out.copy_from_slice(&data.bytes()[at + within..at + within + out.len()])
+    /// Where the old contents of the held blocks (in the slot or zero) of `[from, to)`
+    /// come from, as runs `(start, end, source)` in order; the other bytes are the
+    /// volume's.
+    fn held_sources(&self, idx: &Index, from: u64, to: u64) -> Vec<(u64, u64, Source)> {
+        let mut out: Vec<(u64, u64, Source)> = Vec::new();
+        for (&c, st) in idx.chunks.range(from / self.chunk..to.div_ceil(self.chunk)) {
+            let base = c * self.chunk;
+            for (first, count) in runs_of(st.held()) {
+                for b in first..first + count {
+                    let block_start = base + u64::from(b) * self.block;
+                    let s = block_start.max(from);
+                    let e = (block_start + self.block).min(to);
+                    if e <= s {
+                        continue;
+                    }
+                    let source = if st.zero & mask_of(b, 1) != 0 {
+                        Source::Zero
+                    } else {
+                        match idx.pending.range(..=(c, b)).next_back() {
+                            Some((&(pc, pf), p))
+                                if pc == c && b < pf + p.count && p.slot == st.slot =>
+                            {
+                                let piece_start = base + u64::from(pf) * self.block;
+                                Source::Memory(p.data.clone(), p.at + (s - piece_start) as usize)
+                            }
+                            _ => Source::Store(st.slot * self.chunk + (s - base)),
+                        }
+                    };
+                    push_source(&mut out, s, e, source);
+                }
             }
-            Chunk::Reading | Chunk::Released => return Ok(false),
         }
-        Ok(true)
+        out
+    }
+
+    /// Where the first held block at or after `pos` (whose own block is not held)
+    /// starts, or `u64::MAX`.
+    fn next_held(&self, idx: &Index, pos: u64) -> u64 {
+        let c = pos / self.chunk;
+        let b = ((pos - c * self.chunk) / self.block) as u32;
+        let above = idx
+            .chunks
+            .get(&c)
+            .map_or(0, |st| st.held() & !mask_of(0, b + 1));
+        if above != 0 {
+            return c * self.chunk + u64::from(above.trailing_zeros()) * self.block;
+        }
+        idx.chunks
+            .range(c + 1..)
+            .find(|(_, st)| st.held() != 0)
+            .map_or(u64::MAX, |(&k, st)| {
+                k * self.chunk + u64::from(st.held().trailing_zeros()) * self.block
+            })
+    }
+
+    /// Copy `sources` into `buf`, which holds the bytes from `offset`.
+    fn fill(
+        &self,
+        offset: u64,
+        buf: &mut [u8],
+        sources: &[(u64, u64, Source)],
+    ) -> Result<(), SnapshotError> {
+        for (s, e, source) in sources {
+            let out = &mut buf[(s - offset) as usize..(e - offset) as usize];
+            match source {
+                Source::Zero => out.fill(0),
+                Source::Memory(data, at) => out.copy_from_slice(&data.bytes()[*at..at + out.len()]),
+                Source::Store(at) => {
+                    self.store
+                        .read_at(*at, out)
+                        .map_err(|source| SnapshotError::Io {
+                            name: self.name.clone(),
+                            action: "read COW store",
+                            path: self.store_path.clone(),
+                            source,
+                        })?
+                }
+            }
+        }
+        Ok(())
     }
 
     pub(super) fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), SnapshotError> {
         self.check_range(offset, buf.len() as u64)?;
-        let holds_old = |s: &Chunk| {
-            matches!(
-                s,
-                Chunk::Preserved(_) | Chunk::Zero | Chunk::InMemory { .. }
-            )
-        };
         let end = offset + buf.len() as u64;
         let mut pos = offset;
         while pos < end {
-            let c = pos / self.chunk;
-            let chunk_end = ((c + 1) * self.chunk).min(end);
-            let (state, run_end) = {
+            let (run_end, held) = {
                 let idx = lock(&self.index);
                 self.check_readable(&idx)?;
-                let next_old = idx
-                    .chunks
-                    .range(c + 1..)
-                    .find(|(_, s)| holds_old(s))
-                    .map_or(u64::MAX, |(k, _)| *k);
-                (
-                    idx.chunks.get(&c).cloned(),
-                    next_old.saturating_mul(self.chunk).min(end),
-                )
-            };
-            let at = (pos - offset) as usize;
-            if let Some(state) = state {
-                if self.fill_from(
-                    c,
-                    pos,
-                    &state,
-                    &mut buf[at..at + (chunk_end - pos) as usize],
-                )? {
-                    pos = chunk_end;
-                    continue;
+                let c = pos / self.chunk;
+                let b = ((pos - c * self.chunk) / self.block) as u32;
+                let held = idx.chunks.get(&c).map_or(0, |st| st.held());
+                if held & mask_of(b, 1) != 0 {
+                    let blocks = (held >> b).trailing_ones();
+                    let run_end = (c * self.chunk + u64::from(b + blocks) * self.block).min(end);
+                    (run_end, Some(self.held_sources(&idx, pos, run_end)))
+                } else {
+                    (self.next_held(&idx, pos).min(end), None)
                 }
+            };
+            if let Some(sources) = held {
+                self.fill(offset, buf, &sources)?;
+                pos = run_end;
+                continue;
             }
-            // A run of chunks whose old contents are still in the volume: read them in one
-            // go, then take again from the index any chunk whose old contents moved out
+            // A run of blocks whose old contents are still in the volume: read them in one
+            // go, then take again from the index any block whose old contents moved out
             // meanwhile (the volume may have been overwritten under our read).
+            let at = (pos - offset) as usize;
             self.origin
                 .read_at(pos, &mut buf[at..at + (run_end - pos) as usize])
                 .map_err(|source| SnapshotError::Io {
@@ -112,25 +189,12 @@ impl SnapshotInner {
                     path: self.origin.path().to_path_buf(),
                     source,
                 })?;
-            let moved: Vec<(u64, Chunk)> = {
+            let moved = {
                 let idx = lock(&self.index);
                 self.check_readable(&idx)?;
-                idx.chunks
-                    .range(c..run_end.div_ceil(self.chunk))
-                    .filter(|(_, s)| holds_old(s))
-                    .map(|(&k, s)| (k, s.clone()))
-                    .collect()
+                self.held_sources(&idx, pos, run_end)
             };
-            for (k, state) in moved {
-                let from = (k * self.chunk).max(pos);
-                let to = ((k + 1) * self.chunk).min(run_end);
-                self.fill_from(
-                    k,
-                    from,
-                    &state,
-                    &mut buf[(from - offset) as usize..(to - offset) as usize],
-                )?;
-            }
+            self.fill(offset, buf, &moved)?;
             pos = run_end;
         }
         Ok(())
@@ -151,22 +215,25 @@ impl SnapshotInner {
         self.check_readable(&idx)?;
         let mut punch = Vec::new();
         for c in first..last {
-            match idx.chunks.get(&c).cloned() {
-                Some(Chunk::Preserved(slot)) => {
-                    idx.chunks.insert(c, Chunk::Released);
-                    idx.free_slots.push(slot);
-                    idx.used_slots -= 1;
-                    punch.push(slot);
-                }
-                None => {
-                    idx.chunks.insert(c, Chunk::Released);
-                }
-                // Its slot is freed when the background write completes.
-                Some(Chunk::Zero) | Some(Chunk::InMemory { .. }) => {
-                    idx.chunks.insert(c, Chunk::Released);
-                }
-                Some(Chunk::Reading) | Some(Chunk::Released) => {}
+            let st = idx.chunks.get(&c).copied().unwrap_or_default();
+            // A chunk a writer is still reading is left alone.
+            if st.released() || st.reading() != 0 {
+                continue;
             }
+            // Copies still in memory free the slot when they are written.
+            if st.has_slot() && !idx.pending_in(c, st.slot) {
+                idx.free_slot(st.slot);
+                punch.push(st.slot);
+            }
+            idx.chunks.insert(
+                c,
+                ChunkState {
+                    slot: RELEASED,
+                    claimed: Mask::MAX,
+                    in_slot: 0,
+                    zero: 0,
+                },
+            );
         }
         // Punching under the lock keeps a freed slot from being reused before it is
         // punched (a reuse would otherwise lose its fresh copy to our punch).
@@ -182,8 +249,8 @@ impl SnapshotInner {
     /// Allocation of `[offset, offset + len)` as at most `max_runs` `(length, is_hole)`
     /// runs (they end before the range does when there are more).
     ///
-    /// The volume's allocation now, overlaid with what the snapshot knows better: chunks
-    /// copied before being overwritten are data, chunks that were holes when first written
+    /// The volume's allocation now, overlaid with what the snapshot knows better: blocks
+    /// copied before being overwritten are data, blocks that were holes when first written
     /// are holes. Built a window at a time: the volume's runs for the window (one or two
     /// lseek calls each, as many as still fit under the cap), then the COW index entries
     /// of the window copied under the index lock (at most [`WINDOW_CHUNKS`] per hold, so a
@@ -205,8 +272,10 @@ impl SnapshotInner {
             _ if len > 0 => out.push((len, hole)),
             _ => {}
         };
-        // `(chunk, is_hole)` of the window's index entries that override the volume.
-        let mut states: Vec<(u64, bool)> = Vec::new();
+        // `[start, end, is_hole)` of the window's claimed blocks, which override the volume:
+        // blocks copied (or being copied) before being overwritten are data, blocks that
+        // were holes when first written are holes. Sorted, disjoint.
+        let mut states: Vec<(u64, u64, bool)> = Vec::new();
         let mut pos = offset;
         // One run past the cap proves the first `max_runs` complete.
         while pos < end && out.len() <= max_runs {
@@ -221,7 +290,7 @@ impl SnapshotInner {
             {
                 let idx = lock(&self.index);
                 self.check_readable(&idx)?;
-                for (seen, (&k, s)) in idx
+                for (seen, (&k, st)) in idx
                     .chunks
                     .range(pos / self.chunk..stop.div_ceil(self.chunk))
                     .enumerate()
@@ -232,12 +301,21 @@ impl SnapshotInner {
                         stop = stop.min(k * self.chunk);
                         break;
                     }
-                    let hole = match s {
-                        Chunk::Preserved(_) | Chunk::Reading | Chunk::InMemory { .. } => false,
-                        Chunk::Zero => true,
-                        Chunk::Released => continue,
-                    };
-                    states.push((k, hole));
+                    if st.released() {
+                        continue;
+                    }
+                    for (first, count) in runs_of(st.claimed) {
+                        for b in first..first + count {
+                            let start = k * self.chunk + u64::from(b) * self.block;
+                            let hole = st.zero & mask_of(b, 1) != 0;
+                            match states.last_mut() {
+                                Some((_, e, h)) if *e == start && *h == hole => {
+                                    *e = start + self.block
+                                }
+                                _ => states.push((start, start + self.block, hole)),
+                            }
+                        }
+                    }
                 }
             }
             let mut next = 0;
@@ -247,17 +325,19 @@ impl SnapshotInner {
                 }
                 let run_stop = run_stop.min(stop);
                 let mut at = start;
-                while let Some(&(k, hole)) = states.get(next) {
-                    if k * self.chunk >= run_stop {
+                while let Some(&(s_start, s_end, hole)) = states.get(next) {
+                    if s_start >= run_stop {
                         break;
                     }
-                    let from = (k * self.chunk).max(at);
-                    let to = ((k + 1) * self.chunk).min(run_stop);
-                    push(&mut out, from - at, !data);
-                    push(&mut out, to - from, hole);
-                    at = to;
-                    if (k + 1) * self.chunk > run_stop {
-                        // The chunk goes on in the next run.
+                    let from = s_start.max(at);
+                    let to = s_end.min(run_stop);
+                    if to > from {
+                        push(&mut out, from - at, !data);
+                        push(&mut out, to - from, hole);
+                        at = to;
+                    }
+                    if s_end > run_stop {
+                        // The blocks go on in the next run.
                         break;
                     }
                     next += 1;

@@ -1,25 +1,45 @@
 //! The COW store: slot allocation (preallocated in steps, up to the limit) and the
-//! background writer that stores old contents and marks their chunks preserved.
+//! background writer that stores old contents at their blocks' places in the slots.
 
 use std::io;
-use std::sync::atomic::Ordering;
+use std::ops::Range;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Weak};
 
 use super::buffers::CopyBuf;
-use super::{lock, Chunk, Index, SnapshotError, SnapshotInner, PREALLOC_STEP};
+use super::{lock, mask_of, Index, SnapshotError, SnapshotInner, PREALLOC_STEP};
 
-/// One background store write: a run of chunks read together.
+/// A run of blocks of one chunk, at their places in the chunk's slot.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Piece {
+    pub(super) chunk: u64,
+    pub(super) first: u32,
+    pub(super) count: u32,
+    pub(super) slot: u64,
+}
+
+/// One background store write: pieces read together, back to back in the volume and in
+/// the store.
 #[derive(Debug)]
 pub(super) struct StoreJob {
     pub(super) data: Arc<CopyBuf>,
-    pub(super) first_slot: u64,
-    pub(super) chunks: Vec<u64>,
+    /// Where `data` goes in the store.
+    pub(super) offset: u64,
+    pub(super) pieces: Vec<Piece>,
 }
 
 /// Jobs the background writer takes at once...
 const MAX_BATCH_JOBS: usize = 1024;
 /// ...and the most bytes it writes in one call.
 const MAX_STORE_WRITE: u64 = 8 << 20;
+/// Store writes of one batch in flight at once (random 4 KiB copies need depth).
+const MAX_PARALLEL_WRITES: usize = 8;
+/// The longest gap between two copies that is written over with zeroes to make one write
+/// of two: a few blocks (copies of neighbouring small writes) are cheaper written than
+/// split into another request, while the gaps 4 KiB random first writes leave between
+/// slots (up to 124 KiB) are not; on the bench's disk filling those cost about a quarter
+/// of the first-write throughput (0.47x against 0.62x of a plain write, one run).
+pub(super) const MAX_FILL: usize = 16 << 10;
 
 impl SnapshotInner {
     /// Reserve a slot for one chunk, growing the COW store in steps.
@@ -67,6 +87,14 @@ impl SnapshotInner {
 
     /// Start the background writer that moves old contents from memory to the store.
     pub(crate) fn start(self: &Arc<Self>) -> Result<(), SnapshotError> {
+        let start_err = |source| SnapshotError::Io {
+            name: self.name.clone(),
+            action: "start the COW writer for",
+            path: self.store_path.clone(),
+            source,
+        };
+        let mut zeros = self.pool.take(MAX_FILL).map_err(start_err)?;
+        zeros.as_mut_slice().fill(0);
         let (tx, rx) = mpsc::channel::<StoreJob>();
         let weak: Weak<SnapshotInner> = Arc::downgrade(self);
         let handle = std::thread::Builder::new()
@@ -74,7 +102,7 @@ impl SnapshotInner {
             .spawn(move || {
                 while let Ok(first) = rx.recv() {
                     // Everything queued meanwhile goes out together: slots are handed out
-                    // in order, so concurrent copies usually land back to back.
+                    // in order, so concurrent copies usually land close together.
                     let mut jobs = vec![first];
                     while jobs.len() < MAX_BATCH_JOBS {
                         match rx.try_recv() {
@@ -83,43 +111,118 @@ impl SnapshotInner {
                         }
                     }
                     let Some(inner) = weak.upgrade() else { return };
-                    inner.finish_jobs(jobs);
+                    inner.finish_jobs(jobs, zeros.as_slice());
                 }
             })
-            .map_err(|source| SnapshotError::Io {
-                name: self.name.clone(),
-                action: "start the COW writer for",
-                path: self.store_path.clone(),
-                source,
-            })?;
+            .map_err(start_err)?;
         *lock(&self.jobs) = Some(tx);
         *lock(&self.writer) = Some(handle);
         Ok(())
     }
 
-    /// The background writer's work: store the runs of a batch (jobs whose slots follow
-    /// each other go out in one vectored write), then mark their chunks preserved.
-    pub(super) fn finish_jobs(&self, mut jobs: Vec<StoreJob>) {
-        jobs.sort_by_key(|j| j.first_slot);
-        let mut i = 0;
-        while i < jobs.len() {
-            let mut j = i + 1;
-            let mut bytes = jobs[i].data.len();
-            while j < jobs.len()
-                && jobs[j].first_slot == jobs[j - 1].first_slot + jobs[j - 1].chunks.len() as u64
-                && bytes + jobs[j].data.len() <= MAX_STORE_WRITE
-            {
-                bytes += jobs[j].data.len();
-                j += 1;
+    /// The background writer's work: store a batch in runs of jobs, each run one vectored
+    /// write (jobs back to back in the store, or apart by a gap of at most [`MAX_FILL`]
+    /// bytes that no preserved block lies in, written with `zeros`), then record them.
+    pub(super) fn finish_jobs(&self, mut jobs: Vec<StoreJob>, zeros: &[u8]) {
+        jobs.sort_by_key(|j| j.offset);
+        // gaps[j]: zeroes written between job j - 1 and job j of one run.
+        let mut gaps = vec![0u64; jobs.len()];
+        let mut runs = Vec::new();
+        {
+            let idx = lock(&self.index);
+            let mut i = 0;
+            while i < jobs.len() {
+                let mut j = i + 1;
+                let mut bytes = jobs[i].data.len();
+                while j < jobs.len() {
+                    let (a, b) = (&jobs[j - 1], &jobs[j]);
+                    let a_end = a.offset + a.data.len();
+                    let Some(gap) = b.offset.checked_sub(a_end) else {
+                        break;
+                    };
+                    if bytes + gap + b.data.len() > MAX_STORE_WRITE {
+                        break;
+                    }
+                    if gap > 0
+                        && (gap > zeros.len() as u64
+                            || a_end % self.block != 0
+                            || !self.fillable(
+                                &idx,
+                                a_end..b.offset,
+                                [a.pieces.last(), b.pieces.first()],
+                            ))
+                    {
+                        break;
+                    }
+                    gaps[j] = gap;
+                    bytes += gap + b.data.len();
+                    j += 1;
+                }
+                runs.push(i..j);
+                i = j;
             }
-            let group = &jobs[i..j];
-            let bufs: Vec<&[u8]> = group.iter().map(|job| job.data.bytes()).collect();
-            let result = self
-                .store
-                .write_vectored_at(group[0].first_slot * self.chunk, &bufs);
-            self.finish_group(group, result);
-            i = j;
         }
+        // The runs of a batch are disjoint, so they go out in parallel; the next batch
+        // waits for all of them, which keeps the fill safe (a copy claimed after a fill
+        // is in a later batch).
+        let next = AtomicUsize::new(0);
+        let work = || loop {
+            let k = next.fetch_add(1, Ordering::Relaxed);
+            let Some(run) = runs.get(k) else { break };
+            let mut bufs: Vec<&[u8]> = Vec::with_capacity(2 * run.len());
+            for j in run.clone() {
+                if gaps[j] > 0 {
+                    bufs.push(&zeros[..gaps[j] as usize]);
+                }
+                bufs.push(jobs[j].data.bytes());
+            }
+            let result = self.store.write_vectored_at(jobs[run.start].offset, &bufs);
+            self.finish_group(&jobs[run.clone()], result);
+        };
+        std::thread::scope(|scope| {
+            for _ in 1..runs.len().min(MAX_PARALLEL_WRITES) {
+                // Without another thread the writes still go out, one at a time.
+                if std::thread::Builder::new()
+                    .name(format!("cow-{}", self.name))
+                    .spawn_scoped(scope, work)
+                    .is_err()
+                {
+                    break;
+                }
+            }
+            work();
+        });
+    }
+
+    /// Whether the store bytes `gap` may be written over: they lie in the slots of
+    /// `owners` (the pieces on either side, whose copies are still in memory, so their
+    /// slots cannot be freed and reused meanwhile) and none of their blocks is in the slot.
+    /// A block claimed later is stored by this same thread after the fill.
+    fn fillable(&self, idx: &Index, gap: Range<u64>, owners: [Option<&Piece>; 2]) -> bool {
+        let mut pos = gap.start;
+        while pos < gap.end {
+            let slot = pos / self.chunk;
+            let base = slot * self.chunk;
+            let to = (base + self.chunk).min(gap.end);
+            let Some(owner) = owners.iter().flatten().find(|p| p.slot == slot) else {
+                return false;
+            };
+            let st = idx.chunks.get(&owner.chunk).copied().unwrap_or_default();
+            // A chunk released meanwhile keeps its slot until its copies are written, and
+            // nothing in the slot is read any more.
+            if st.slot == slot {
+                let first = (pos - base) / self.block;
+                let blocks = mask_of(
+                    first as u32,
+                    ((to - base).div_ceil(self.block) - first) as u32,
+                );
+                if st.in_slot & blocks != 0 {
+                    return false;
+                }
+            }
+            pos = to;
+        }
+        true
     }
 
     /// Record the outcome of one store write covering `group`.
@@ -131,21 +234,19 @@ impl SnapshotInner {
         match result {
             Ok(()) => {
                 for job in group {
-                    for (i, &c) in job.chunks.iter().enumerate() {
-                        let slot = job.first_slot + i as u64;
-                        match idx.chunks.get(&c) {
-                            Some(Chunk::InMemory { slot: s, .. }) if *s == slot => {
-                                idx.chunks.insert(c, Chunk::Preserved(slot));
-                            }
-                            // Released by a TRIM meanwhile: its slot is free again.
-                            _ => {
-                                idx.free_slots.push(slot);
-                                idx.used_slots -= 1;
-                            }
+                    for p in &job.pieces {
+                        idx.pending.remove(&(p.chunk, p.first));
+                        // Released by a TRIM meanwhile: its slot is free once the last of
+                        // its copies is written.
+                        let st = idx.chunks.get(&p.chunk).copied().unwrap_or_default();
+                        if st.slot != p.slot && !idx.pending_in(p.chunk, p.slot) {
+                            idx.free_slot(p.slot);
                         }
                     }
                     self.copies
-                        .fetch_add(job.chunks.len() as u64, Ordering::Relaxed);
+                        .fetch_add(job.pieces.len() as u64, Ordering::Relaxed);
+                    self.copied_bytes
+                        .fetch_add(job.data.len(), Ordering::Relaxed);
                 }
             }
             Err(err) => {
@@ -157,5 +258,86 @@ impl SnapshotInner {
             }
         }
         self.copied.notify_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc;
+    use std::sync::Arc;
+
+    use super::super::{lock, SnapshotInner, SnapshotParams};
+    use super::*;
+    use crate::status::EventLog;
+    use crate::volume::backing::BackingFile;
+
+    const CHUNK: u64 = 64 << 10;
+    const BLOCK: u64 = 4096;
+
+    fn original(len: usize) -> Vec<u8> {
+        (0..len).map(|i| (i / 4096 * 7 + i % 251) as u8).collect()
+    }
+
+    /// A snapshot whose store jobs the test takes and hands to `finish_jobs` itself, so
+    /// it decides which copies share a batch.
+    fn snapshot(dir: &std::path::Path) -> (Arc<SnapshotInner>, mpsc::Receiver<StoreJob>) {
+        let origin_path = dir.join("origin");
+        std::fs::write(&origin_path, original(1 << 20)).unwrap();
+        let origin = Arc::new(BackingFile::open(&origin_path).unwrap());
+        let inner = Arc::new(
+            SnapshotInner::create(SnapshotParams {
+                name: "s".into(),
+                volume: "v".into(),
+                size: 1 << 20,
+                chunk: CHUNK as u32,
+                origin,
+                store_path: dir.join("s.cow"),
+                limit: None,
+                bitmap: None,
+                events: Arc::new(EventLog::default()),
+            })
+            .unwrap(),
+        );
+        let (tx, rx) = mpsc::channel();
+        *lock(&inner.jobs) = Some(tx);
+        (inner, rx)
+    }
+
+    /// Overwrite `[offset, offset + len)` of the origin as a volume write would, after
+    /// preserving it.
+    fn volume_write(inner: &SnapshotInner, offset: u64, len: usize) {
+        inner.preserve(offset, len as u64);
+        inner.origin.write_at(offset, &vec![0xee; len]).unwrap();
+    }
+
+    /// Copies with a block already stored between them: the gap is not written over (it
+    /// would destroy that block's old contents), while a short gap with nothing stored in
+    /// it is, and every block reads back as it was.
+    #[test]
+    fn a_gap_with_a_stored_block_is_never_written_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let (inner, rx) = snapshot(dir.path());
+        let zeros = vec![0u8; MAX_FILL];
+        // Chunk 0, block 7: stored on its own first.
+        volume_write(&inner, 7 * BLOCK, 4096);
+        inner.finish_jobs(rx.try_iter().collect(), &zeros);
+        // Chunk 0 blocks 5 and 9 in one batch: the gap between them holds block 7.
+        volume_write(&inner, 5 * BLOCK, 4096);
+        volume_write(&inner, 9 * BLOCK, 100);
+        // Chunk 1 block 14 and chunk 2 blocks 1 and 2: nothing stored between.
+        volume_write(&inner, CHUNK + 14 * BLOCK, 4096);
+        volume_write(&inner, 2 * CHUNK + BLOCK + 10, 5000);
+        let jobs: Vec<StoreJob> = rx.try_iter().collect();
+        assert_eq!(jobs.len(), 4);
+        inner.finish_jobs(jobs, &zeros);
+        let idx = lock(&inner.index);
+        assert!(idx.pending.is_empty() && idx.in_flight == 0 && idx.failed.is_none());
+        drop(idx);
+        let mut back = vec![0u8; 3 * CHUNK as usize];
+        inner.read(0, &mut back).unwrap();
+        assert!(back == original(1 << 20)[..back.len()], "old contents lost");
+        // Blocks 1 and 2 of chunk 2 were preserved: 6 blocks in all.
+        assert_eq!(inner.copied_bytes.load(Ordering::Relaxed), 6 * BLOCK);
+        assert_eq!(lock(&inner.index).used_slots, 3);
     }
 }
