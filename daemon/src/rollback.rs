@@ -15,6 +15,7 @@
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use tidemark_engine::rollback::{RollbackError, RollbackRequest};
@@ -66,19 +67,29 @@ fn rollback_error(err: &RollbackError) -> CommandError {
     CommandError::new(class, crate::error_chain(err))
 }
 
-/// Take volume `name` away from every other user, or say who holds it. Called with the
-/// attachments locked (none can start meanwhile).
-fn claim(daemon: &Daemon, name: &str) -> Result<Arc<VolumeHandle>, CommandError> {
+/// How long open connections to the live export may take to end before a rollback is
+/// refused for them.
+const CLOSING_CONNECTIONS_GRACE: Duration = Duration::from_secs(3);
+
+/// Take volume `name` away from every other user, or say who holds it (and whether open
+/// NBD connections are all that hold it). Called with the attachments locked (none can
+/// start meanwhile).
+fn claim(daemon: &Daemon, name: &str) -> Result<Arc<VolumeHandle>, (CommandError, bool)> {
     let mut registry = daemon.registry();
     let Some(volume) = registry.volumes.get(name).cloned() else {
         drop(registry);
         if Volume::incomplete_rollback(&daemon.config.state_dir, name).is_some() {
             // Interrupted earlier (or before a daemon restart): this rerun finishes it.
-            return VolumeHandle::open_for_rollback(&daemon.config.state_dir, name).map(Arc::new);
+            return VolumeHandle::open_for_rollback(&daemon.config.state_dir, name)
+                .map(Arc::new)
+                .map_err(|err| (err, false));
         }
-        return Err(CommandError::not_found(format!(
-            "no volume named {name:?}; `tidemark volume list` shows the volumes"
-        )));
+        return Err((
+            CommandError::not_found(format!(
+                "no volume named {name:?}; `tidemark volume list` shows the volumes"
+            )),
+            false,
+        ));
     };
     let mut holders = Vec::new();
     if let Some(backup) = registry
@@ -94,8 +105,10 @@ fn claim(daemon: &Daemon, name: &str) -> Result<Arc<VolumeHandle>, CommandError>
     if registry.reserved.contains(name) {
         holders.push("a backup that is starting".to_string());
     }
+    let mut only_connections = false;
     if holders.is_empty() {
         if let Err(connections) = daemon.nbd.remove_export_if_unused(name) {
+            only_connections = true;
             holders.push(format!(
                 "{connections} open NBD connection(s) to its live export {} (disconnect \
                  those clients: VMs, nbd tools)",
@@ -104,10 +117,13 @@ fn claim(daemon: &Daemon, name: &str) -> Result<Arc<VolumeHandle>, CommandError>
         }
     }
     if !holders.is_empty() {
-        return Err(CommandError::conflict(format!(
-            "volume {name:?} is in use, so it cannot be rolled back: {}",
-            holders.join("; ")
-        )));
+        return Err((
+            CommandError::conflict(format!(
+                "volume {name:?} is in use, so it cannot be rolled back: {}",
+                holders.join("; ")
+            )),
+            only_connections,
+        ));
     }
     registry.volumes.remove(name);
     daemon.rollbacks.lock().insert(name.to_string());
@@ -146,9 +162,24 @@ pub(crate) fn rollback(daemon: &Daemon, args: VolumeRollbackArgs) -> Result<Valu
         base,
         deltas,
     };
-    let volume = daemon
-        .attachments
-        .unless_attached(&name, || claim(daemon, &name))?;
+    // A client that has just gone (a VM shut down, qemu-img exited) is still counted until
+    // its connection's thread sees the close: give such connections a moment to end.
+    let deadline = Instant::now() + CLOSING_CONNECTIONS_GRACE;
+    let volume = loop {
+        let mut only_connections = false;
+        let claimed = daemon.attachments.unless_attached(&name, || {
+            claim(daemon, &name).map_err(|(err, connections)| {
+                only_connections = connections;
+                err
+            })
+        });
+        match claimed {
+            Err(_) if only_connections && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            claimed => break claimed?,
+        }
+    };
     tracing::info!(volume = %name, "rollback: {}", request.command(&name));
     let result = volume.rollback(&request);
     daemon.rollbacks.lock().remove(&name);
