@@ -102,12 +102,15 @@ impl Attachments {
 
     /// Every attachment, as reported.
     pub(crate) fn list(&self) -> Value {
-        Value::Array(
-            self.lock()
-                .values()
-                .map(|live| report(&live.attached.record()))
-                .collect(),
-        )
+        Value::Array(self.records().iter().map(report).collect())
+    }
+
+    /// Every attachment's record, with its I/O counters as they are now.
+    pub(crate) fn records(&self) -> Vec<Attachment> {
+        self.lock()
+            .values()
+            .map(|live| live.attached.record())
+            .collect()
     }
 
     /// Refuse removing volume `name` while it is attached; `then` runs with the

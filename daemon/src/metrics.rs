@@ -16,11 +16,15 @@
 //! | `tidemark_nbd_read_bytes_total` | export | bytes of successful NBD READs (a volume's live export has its name) |
 //! | `tidemark_nbd_written_bytes_total` | export | bytes of successful NBD WRITEs |
 //! | `tidemark_nbd_connections` | export | NBD connections transmitting on the export |
+//! | `tidemark_attach_read_bytes_total` | volume, device, via | bytes read through a volume's block device (`volume attach`) |
+//! | `tidemark_attach_written_bytes_total` | volume, device, via | bytes written through it |
+//! | `tidemark_attach_errors_total` | volume, device, via | requests through it that failed |
 //! | `tidemark_backup_jobs` | state | backups running now (`state="running"`) |
 //! | `tidemark_backup_jobs_ended_total` | state | backups ended since start, `completed` or `failed` |
 //!
-//! NBD byte counts cover the NBD sockets (Unix and TCP); I/O through a volume's block
-//! device (`volume attach`) is not counted. Last backups come from the daemon's
+//! NBD byte counts cover the NBD sockets (Unix and TCP); I/O through a block device made
+//! by `volume attach` (kernel NBD or FUSE) is counted once, under `attach_*`, with the
+//! counters `volume info` shows; they start at zero with each attachment. Last backups come from the daemon's
 //! BACKUP_COMPLETED and BACKUP_FAILED events, so they start empty with each daemon.
 
 use std::collections::BTreeMap;
@@ -41,6 +45,7 @@ use tidemark_engine::status::VolumeStatus;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{broadcast, watch, Semaphore};
 
+use crate::attach::Attachment;
 use crate::daemon::Daemon;
 use crate::protocol::Event;
 
@@ -124,6 +129,7 @@ fn label(key: &str, value: &str) -> Labels {
 struct Snapshot {
     volumes: Vec<VolumeStatus>,
     exports: Vec<tidemark_nbd::server::ExportStats>,
+    attachments: Vec<Attachment>,
     running: usize,
 }
 
@@ -147,6 +153,7 @@ impl Snapshot {
         Snapshot {
             volumes,
             exports: daemon.nbd.export_stats(),
+            attachments: daemon.attachments.records(),
             running,
         }
     }
@@ -269,6 +276,39 @@ fn render(snapshot: &Snapshot, history: &History) -> String {
         connections
             .get_or_create(&labels)
             .set(saturating_i64(export.connections as u64));
+    }
+
+    let attach_read = counter(
+        &mut registry,
+        "attach_read",
+        "Bytes read through the volume's block device",
+        Some(Unit::Bytes),
+    );
+    let attach_written = counter(
+        &mut registry,
+        "attach_written",
+        "Bytes written through the volume's block device",
+        Some(Unit::Bytes),
+    );
+    let attach_errors = counter(
+        &mut registry,
+        "attach_errors",
+        "Requests through the volume's block device that failed",
+        None,
+    );
+    for attachment in &snapshot.attachments {
+        let labels = vec![
+            ("volume".to_string(), attachment.volume.clone()),
+            (
+                "device".to_string(),
+                attachment.device.display().to_string(),
+            ),
+            ("via".to_string(), attachment.via().to_string()),
+        ];
+        let io = &attachment.io;
+        attach_read.get_or_create(&labels).inc_by(io.read_bytes);
+        attach_written.get_or_create(&labels).inc_by(io.write_bytes);
+        attach_errors.get_or_create(&labels).inc_by(io.errors);
     }
 
     let jobs = gauge(&mut registry, "backup_jobs", "Backup jobs by state", None);
@@ -610,6 +650,7 @@ mod tests {
             &Snapshot {
                 volumes: Vec::new(),
                 exports: Vec::new(),
+                attachments: Vec::new(),
                 running: 2,
             },
             &history,
@@ -618,5 +659,43 @@ mod tests {
         assert!(text.contains("tidemark_backup_jobs{state=\"running\"} 2\n"));
         assert!(text.contains("tidemark_backup_jobs_ended_total{state=\"failed\"} 1\n"));
         assert!(text.ends_with("# EOF\n"));
+    }
+
+    #[test]
+    fn attachments_count_their_io_under_their_device() {
+        use crate::attach::{IoStats, Resources};
+        let attachment = Attachment {
+            volume: "data".into(),
+            device: "/dev/loop3".into(),
+            read_only: false,
+            since: 1_700_000_000,
+            pid: 1,
+            resources: Resources::Fuse {
+                mount: "/run/tidemark/attach/data".into(),
+            },
+            io: IoStats {
+                read_bytes: 4096,
+                write_bytes: 1 << 20,
+                errors: 2,
+                ..IoStats::default()
+            },
+        };
+        let text = render(
+            &Snapshot {
+                volumes: Vec::new(),
+                exports: Vec::new(),
+                attachments: vec![attachment],
+                running: 0,
+            },
+            &History::default(),
+        );
+        let labels = "{volume=\"data\",device=\"/dev/loop3\",via=\"fuse\"}";
+        for line in [
+            format!("tidemark_attach_read_bytes_total{labels} 4096\n"),
+            format!("tidemark_attach_written_bytes_total{labels} 1048576\n"),
+            format!("tidemark_attach_errors_total{labels} 2\n"),
+        ] {
+            assert!(text.contains(&line), "{line:?} missing from\n{text}");
+        }
     }
 }

@@ -319,3 +319,97 @@ fn serve_refuses_a_metrics_address_that_is_neither_host_port_nor_path() {
     assert_eq!(out.code(), 2, "a usage error");
     assert!(out.stderr.contains("neither HOST:PORT"), "{out:#?}");
 }
+
+/// Leaves no loop device or FUSE mount behind if the test fails before `volume detach`.
+struct AttachedDevice {
+    device: String,
+    fuse_mount: String,
+}
+
+impl Drop for AttachedDevice {
+    fn drop(&mut self) {
+        let name = self.device.trim_start_matches("/dev/");
+        let backing = std::fs::read_to_string(format!("/sys/block/{name}/loop/backing_file"));
+        if backing.is_ok_and(|file| file.starts_with(&self.fuse_mount)) {
+            let _ = Command::new("losetup").args(["-d", &self.device]).output();
+        }
+        let _ = Command::new("umount")
+            .args(["-l", &self.fuse_mount])
+            .output();
+    }
+}
+
+fn dd(args: &[&str]) {
+    let out = Command::new("dd").args(args).output().expect("running dd");
+    assert!(
+        out.status.success(),
+        "dd {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn io_through_an_attached_device_is_counted_once_under_the_device() {
+    let port = free_port();
+    let daemon = Daemon::start_with(&["--metrics", &format!("127.0.0.1:{port}")]);
+    let scraper = Scraper::new(&daemon, port);
+    daemon.create_volume("disk", 16 * MIB);
+    let attached = daemon.cli_json(&["volume", "attach", "disk", "--via", "fuse"]);
+    let guard = AttachedDevice {
+        device: attached["device"].as_str().expect("device").to_string(),
+        fuse_mount: attached["fuse_mount"]
+            .as_str()
+            .expect("fuse_mount")
+            .to_string(),
+    };
+    let labels = format!(
+        "{{device=\"{}\",via=\"fuse\",volume=\"disk\"}}",
+        guard.device
+    );
+    let before = scraper.scrape(&daemon);
+    assert_eq!(
+        sample(
+            &before,
+            &format!("tidemark_attach_written_bytes_total{labels}")
+        ),
+        0.0
+    );
+
+    let of = format!("of={}", guard.device);
+    dd(&["if=/dev/urandom", &of, "bs=1M", "count=3", "oflag=direct"]);
+    let input = format!("if={}", guard.device);
+    dd(&["of=/dev/null", &input, "bs=1M", "count=2", "iflag=direct"]);
+
+    let after = scraper.scrape(&daemon);
+    let written = sample(
+        &after,
+        &format!("tidemark_attach_written_bytes_total{labels}"),
+    );
+    let read = sample(&after, &format!("tidemark_attach_read_bytes_total{labels}"));
+    assert_eq!(written, (3 * MIB) as f64, "exactly what dd wrote");
+    assert!(
+        read >= (2 * MIB) as f64,
+        "at least what dd read, got {read}"
+    );
+    assert_eq!(
+        sample(&after, &format!("tidemark_attach_errors_total{labels}")),
+        0.0
+    );
+    // Counted once: the device's I/O is not also an NBD export's.
+    let nbd_written: f64 = after
+        .iter()
+        .filter(|(key, _)| key.starts_with("tidemark_nbd_written_bytes_total"))
+        .map(|(_, value)| value)
+        .sum();
+    assert_eq!(nbd_written, 0.0, "{after:#?}");
+
+    daemon.cli_json(&["volume", "detach", "disk"]);
+    let detached = scraper.scrape(&daemon);
+    assert!(
+        !detached
+            .keys()
+            .any(|key| key.starts_with("tidemark_attach_")),
+        "a detached device has no samples: {detached:#?}"
+    );
+    drop(guard);
+}
