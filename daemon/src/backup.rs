@@ -343,6 +343,12 @@ pub(crate) fn begin(
     );
     let (quiesce_report, quiesce_problem) = frozen.thaw();
     let group = group?;
+    tracing::info!(
+        backup = %id,
+        volumes = names.len(),
+        write_pause_us = group.pause.as_micros() as u64,
+        "group snapshot taken"
+    );
     if let Some(problem) = quiesce_problem {
         // Dropping `group` drops the snapshots.
         return Err(CommandError::failed(problem));

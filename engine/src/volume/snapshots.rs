@@ -99,25 +99,43 @@ impl Volume {
                 }
             }
         }
-        let mut taken: Vec<(Arc<SnapshotInner>, bool)> = Vec::new();
+        let jobs = requests
+            .iter()
+            .zip(chains.iter_mut())
+            .zip(gates.iter_mut())
+            .zip(&cow_paths)
+            .zip(prepared.iter_mut())
+            .enumerate()
+            .filter_map(|(i, ((((request, chain), gate), cow_path), new))| {
+                Some(PausedJob {
+                    index: i,
+                    volume: request.0,
+                    spec: &request.1,
+                    chain: chain.as_deref_mut()?,
+                    st: gate.as_deref_mut()?,
+                    cow_path,
+                    new_checkpoint: new.take(),
+                })
+            })
+            .collect();
+        let mut taken: Vec<Option<(Arc<SnapshotInner>, bool)>> =
+            requests.iter().map(|_| None).collect();
         let mut failure = None;
-        for (i, (volume, spec)) in requests.iter().enumerate() {
-            let (Some(chain), Some(st)) = (chains[i].as_deref_mut(), gates[i].as_deref_mut())
-            else {
-                continue;
-            };
-            match volume.take_snapshot(chain, st, spec, &cow_paths[i], prepared[i].take()) {
-                Ok(inner) => taken.push((inner, spec.checkpoint.is_some())),
+        for (i, result) in take_in_parallel(jobs) {
+            match result {
+                Ok(inner) => taken[i] = Some((inner, requests[i].1.checkpoint.is_some())),
                 Err(e) => {
-                    failure = Some(e);
-                    break;
+                    failure.get_or_insert(e);
                 }
             }
         }
         if let Some(err) = failure {
             // Undo in reverse: deleting the new checkpoint merges its (empty, since
             // writes are paused) bitmap back, leaving the chain as it was.
-            for (i, (inner, made_checkpoint)) in taken.into_iter().enumerate().rev() {
+            for (i, taken) in taken.into_iter().enumerate().rev() {
+                let Some((inner, made_checkpoint)) = taken else {
+                    continue;
+                };
                 let (volume, spec) = &requests[i];
                 if let (Some(chain), Some(st)) = (chains[i].as_deref_mut(), gates[i].as_deref_mut())
                 {
@@ -148,6 +166,7 @@ impl Volume {
         Ok(GroupSnapshot {
             snapshots: taken
                 .into_iter()
+                .flatten()
                 .map(|(inner, _)| Snapshot::new(inner))
                 .collect(),
             pause,
@@ -334,6 +353,63 @@ impl Volume {
             let _ = fs::remove_file(&path);
         }
     }
+}
+
+/// Most threads one group snapshot uses for its volumes' paused work.
+const MAX_PAUSED_THREADS: usize = 16;
+
+/// The paused part of one volume's snapshot, handed to a thread of [`take_in_parallel`].
+struct PausedJob<'a> {
+    index: usize,
+    volume: &'a Volume,
+    spec: &'a SnapshotSpec,
+    chain: &'a mut Chain,
+    st: &'a mut WriteState,
+    cow_path: &'a Path,
+    new_checkpoint: Option<NewCheckpoint>,
+}
+
+/// Run the paused part of every volume of a group at once. Each volume's part waits for
+/// its own syncs (the old bitmap frozen, the chain replaced: about four per volume), and
+/// the volumes are independent of each other, so running them one after another would
+/// hold the writes of all of them for the sum of every volume's sync latency: 16 volumes
+/// under write load paused for hundreds of milliseconds. Every gate stays held by the
+/// caller until all have finished, so the group is still one instant for every volume.
+/// Returns each job's index with its result. A thread that cannot be started leaves its
+/// share to the others; the calling thread always works too.
+fn take_in_parallel(
+    jobs: Vec<PausedJob<'_>>,
+) -> Vec<(usize, Result<Arc<SnapshotInner>, VolumeError>)> {
+    let helpers = jobs.len().saturating_sub(1).min(MAX_PAUSED_THREADS - 1);
+    let queue = std::sync::Mutex::new(jobs);
+    let results = std::sync::Mutex::new(Vec::new());
+    let work = || loop {
+        let Some(job) = lock_mutex(&queue).pop() else {
+            return;
+        };
+        let result = job.volume.take_snapshot(
+            job.chain,
+            job.st,
+            job.spec,
+            job.cow_path,
+            job.new_checkpoint,
+        );
+        lock_mutex(&results).push((job.index, result));
+    };
+    std::thread::scope(|scope| {
+        for n in 0..helpers {
+            let started = std::thread::Builder::new()
+                .name(format!("snapshot-{n}"))
+                .spawn_scoped(scope, work);
+            if started.is_err() {
+                break;
+            }
+        }
+        work();
+    });
+    let mut results = results.into_inner().unwrap_or_else(PoisonError::into_inner);
+    results.sort_by_key(|(index, _)| *index);
+    results
 }
 
 /// Marker of a live snapshot (`snapshots/<name>.json`): present while it exists, so a

@@ -320,6 +320,63 @@ fn a_group_snapshot_is_one_instant_for_all_volumes_and_all_or_nothing() {
     assert!(Volume::snapshot_group(&[(&a, spec("t", None)), (&a, spec("u", None))]).is_err());
 }
 
+/// The volumes of a group do their paused work on threads of their own: a failure on one
+/// volume still undoes every other, and a group that succeeds gives each volume its own
+/// snapshot, frozen bitmap and checkpoint, in request order.
+#[test]
+fn a_large_group_is_undone_on_one_failure_and_each_volume_gets_its_own_snapshot() {
+    let fx = Fixture::new();
+    let names: Vec<String> = (0..8).map(|i| format!("v{i}")).collect();
+    let volumes: Vec<Volume> = names
+        .iter()
+        .map(|name| fx.volume(name, 1 << 20, small(4096)))
+        .collect();
+    for (i, vol) in volumes.iter().enumerate() {
+        if i != 5 {
+            vol.checkpoint_create("base").unwrap();
+        }
+        vol.write(4096 * (i as u64 + 1), &[i as u8 + 1; 4096], false)
+            .unwrap();
+    }
+    let spec = |since: &str| SnapshotSpec {
+        name: "s".into(),
+        checkpoint: Some("next".into()),
+        since: Some(since.into()),
+        cow: CowOptions::default(),
+    };
+    // v5 has no checkpoint "base": the group fails inside the pause and nothing stays.
+    let requests: Vec<(&Volume, SnapshotSpec)> =
+        volumes.iter().map(|vol| (vol, spec("base"))).collect();
+    assert!(Volume::snapshot_group(&requests).is_err());
+    for (i, vol) in volumes.iter().enumerate() {
+        assert!(vol.snapshots().is_empty(), "{} kept a snapshot", names[i]);
+        assert_eq!(vol.checkpoints().len(), usize::from(i != 5), "{}", names[i]);
+    }
+    volumes[5].checkpoint_create("base").unwrap();
+    volumes[5].write(4096 * 6, &[6; 4096], false).unwrap();
+    let group = Volume::snapshot_group(&requests).unwrap();
+    assert_eq!(group.snapshots.len(), volumes.len());
+    for (i, (vol, snap)) in volumes.iter().zip(&group.snapshots).enumerate() {
+        assert_eq!(snap.volume(), names[i]);
+        let block = 4096 * (i as u64 + 1);
+        assert_eq!(
+            snap.dirty_bitmap().unwrap().changed_extents(),
+            vec![block..block + 4096],
+            "{}'s frozen bitmap",
+            names[i]
+        );
+        assert_eq!(vol.checkpoints().len(), 2);
+        vol.write(block, &[0xee; 4096], false).unwrap();
+        let mut back = vec![0u8; 4096];
+        snap.read(block, &mut back).unwrap();
+        assert_eq!(back, vec![i as u8 + 1; 4096], "{}'s snapshot", names[i]);
+        assert_eq!(
+            vol.changed_extents("next").unwrap(),
+            vec![block..block + 4096]
+        );
+    }
+}
+
 #[test]
 fn cow_limit_fails_the_snapshot_not_the_volume() {
     let fx = Fixture::new();
