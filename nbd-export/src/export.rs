@@ -162,6 +162,25 @@ pub struct Extent {
     pub flags: u32,
 }
 
+/// Memory a WRITE payload is read into, lent by the export (see [`Export::payload_pool`]).
+/// The server reads the payload from the socket straight into [`PayloadBuf::as_mut_slice`]
+/// and passes [`PayloadBuf::as_slice`] to [`Export::write`]; dropping the buffer gives
+/// it back to its lender.
+pub trait PayloadBuf: Send {
+    /// The buffer's bytes (exactly the length asked of [`PayloadPool::take`]).
+    fn as_slice(&self) -> &[u8];
+
+    /// The buffer's bytes, writable.
+    fn as_mut_slice(&mut self) -> &mut [u8];
+}
+
+/// Where one connection's WRITE payload buffers come from.
+pub trait PayloadPool: Send + Sync {
+    /// A buffer of exactly `len` bytes (1 to [`MAX_PAYLOAD`](crate::proto::MAX_PAYLOAD)),
+    /// or `None` to let the server read this payload into memory of its own.
+    fn take(&self, len: usize) -> Option<Box<dyn PayloadBuf>>;
+}
+
 /// A disk the NBD server can serve.
 pub trait Export: Send + Sync + 'static {
     /// Size in bytes; fixed for the life of the export.
@@ -188,6 +207,14 @@ pub trait Export: Send + Sync + 'static {
 
     /// Write `data` at `offset`; with `fua` it is durable before this returns.
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> ExportResult<()>;
+
+    /// Buffers for the WRITE payloads of one connection, which holds at most `in_flight`
+    /// of them at once; asked once per connection. An export whose writes go to O_DIRECT
+    /// lends aligned memory (in huge pages, so a large write reaches the device in few
+    /// segments and needs no bounce copy). `None` (the default): the server's own buffers.
+    fn payload_pool(&self, _in_flight: usize) -> Option<Box<dyn PayloadPool>> {
+        None
+    }
 
     /// Make every completed write durable.
     fn flush(&self) -> ExportResult<()>;

@@ -6,7 +6,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use tidemark_nbd::export::{
-    Capabilities, Errno, Export, ExportError, ExportResult, Extent, MetaContext, ZeroFlags,
+    Capabilities, Errno, Export, ExportError, ExportResult, Extent, MetaContext, PayloadPool,
+    ZeroFlags,
 };
 
 use super::IoStats;
@@ -149,6 +150,10 @@ impl Export for Counted {
             Some((&c.write_bytes, len)),
             self.inner.write(offset, data, fua),
         )
+    }
+
+    fn payload_pool(&self, in_flight: usize) -> Option<Box<dyn PayloadPool>> {
+        self.inner.payload_pool(in_flight)
     }
 
     fn flush(&self) -> ExportResult<()> {

@@ -4,7 +4,7 @@ use crate::export::{Errno, Export, ExportError, MetaContext, ZeroFlags, STATE_ZE
 use crate::negotiate::Session;
 use crate::proto::{self, cflags, chunk, tflags, Command, HeaderMode, Request};
 
-use super::transmission::Conn;
+use super::transmission::{Conn, Payload};
 
 /// A command error: errno and a message for the client and the log.
 type CmdError = (Errno, String);
@@ -182,7 +182,7 @@ impl Reply {
 const SENDFILE_MIN: usize = 64 * 1024;
 
 /// Run a validated request on a blocking thread.
-pub(super) fn execute(conn: &Conn, req: &Request, payload: Option<Vec<u8>>) -> Reply {
+pub(super) fn execute(conn: &Conn, req: &Request, payload: Option<Payload>) -> Reply {
     let session = &conn.session;
     let export = session.export.as_ref();
     let mode = session.mode;
@@ -208,9 +208,11 @@ pub(super) fn execute(conn: &Conn, req: &Request, payload: Option<Vec<u8>>) -> R
             }
         },
         Command::Write => {
-            let data = payload.unwrap_or_default();
-            let result = export.write(req.offset, &data[..req.length as usize], fua);
-            conn.pool.put(data);
+            let data = payload.as_ref().map_or(&[][..], Payload::bytes);
+            let result = export.write(req.offset, data, fua);
+            if let Some(payload) = payload {
+                conn.recycle(payload);
+            }
             if result.is_ok() {
                 conn.counters.written(req.length);
             }

@@ -31,7 +31,10 @@
 //! [`Export::backing_file`](crate::export::Export::backing_file)) are sent with
 //! sendfile(2) straight from the page cache, as an OFFSET_DATA chunk followed by a final
 //! NONE chunk (so an error found while sending can still be reported); a write payload is
-//! copied once, from the socket into its buffer.
+//! copied once, from the socket into its buffer: one the export lends when it has memory
+//! of its own for them ([`Export::payload_pool`](crate::export::Export::payload_pool):
+//! the daemon's volumes lend aligned buffers in huge pages to their O_DIRECT writes),
+//! else one of the connection's pool.
 //!
 //! After STARTTLS the same threads run the TLS record layer themselves on the plain
 //! socket: the rustls session leaves tokio-rustls when negotiation ends and is shared

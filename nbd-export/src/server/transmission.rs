@@ -14,7 +14,7 @@ use super::connection::ConnError;
 use super::listener::NbdStream;
 use super::registry::ExportCounters;
 use super::starttls::{Established, TlsReader, TlsWriter};
-use crate::export::Errno;
+use crate::export::{Errno, PayloadBuf, PayloadPool};
 use crate::negotiate::Session;
 use crate::proto::{self, cflags, Command, HeaderMode, Request};
 
@@ -49,15 +49,69 @@ impl BufferPool {
     }
 }
 
+/// A WRITE payload: in memory the export lent, or in a buffer of the connection's pool.
+pub(super) struct Payload {
+    len: usize,
+    memory: PayloadMemory,
+}
+
+enum PayloadMemory {
+    Lent(Box<dyn PayloadBuf>),
+    Own(Vec<u8>),
+}
+
+impl Payload {
+    /// The payload's bytes.
+    pub(super) fn bytes(&self) -> &[u8] {
+        match &self.memory {
+            PayloadMemory::Lent(buf) => &buf.as_slice()[..self.len],
+            PayloadMemory::Own(buf) => &buf[..self.len],
+        }
+    }
+
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        match &mut self.memory {
+            PayloadMemory::Lent(buf) => &mut buf.as_mut_slice()[..self.len],
+            PayloadMemory::Own(buf) => &mut buf[..self.len],
+        }
+    }
+}
+
 /// Per-connection state shared with the blocking workers.
 pub(super) struct Conn {
     pub(super) session: Session,
     pub(super) pool: BufferPool,
+    /// The export's memory for WRITE payloads, if it lends any.
+    pub(super) payloads: Option<Box<dyn PayloadPool>>,
     /// Where successful READs and WRITEs are counted.
     pub(super) counters: Arc<ExportCounters>,
     /// Large READs may be sent from the backing file with sendfile(2) (not under TLS,
     /// whose records are sealed in user space).
     pub(super) sendfile: bool,
+}
+
+impl Conn {
+    /// A buffer for a `len`-byte WRITE payload: the export's if it lends one of that
+    /// size, else one of the connection's own.
+    fn payload(&self, len: usize) -> Payload {
+        let lent = self
+            .payloads
+            .as_ref()
+            .and_then(|payloads| payloads.take(len))
+            .filter(|buf| buf.as_slice().len() >= len);
+        let memory = match lent {
+            Some(buf) => PayloadMemory::Lent(buf),
+            None => PayloadMemory::Own(self.pool.get(len)),
+        };
+        Payload { len, memory }
+    }
+
+    /// Give a payload's memory back: to the connection's pool, or to the export that lent it.
+    pub(super) fn recycle(&self, payload: Payload) {
+        if let PayloadMemory::Own(buf) = payload.memory {
+            self.pool.put(buf);
+        }
+    }
 }
 
 /// A connected socket in blocking mode, for the transmission workers.
@@ -222,7 +276,7 @@ struct Requests {
 
 /// What a worker took off the wire.
 enum Next {
-    Run(Request, Option<Vec<u8>>, usize),
+    Run(Request, Option<Payload>, usize),
     Reply(Vec<u8>, usize),
     Stop,
 }
@@ -267,9 +321,11 @@ pub(super) fn transmission(
         }
     };
     let writer = Mutex::new(sink);
+    let payloads = session.export.payload_pool(WORKERS);
     let conn = Conn {
         session,
         pool: BufferPool::default(),
+        payloads,
         counters,
         sendfile: matches!(source, Source::Plain(_)),
     };
@@ -450,8 +506,9 @@ fn next_request(
     let cost = budget.acquire(data_len + 4096);
     let mut payload_buf = None;
     if payload > 0 {
-        let mut buf = conn.pool.get(payload as usize);
-        if let Err(e) = read_payload(&mut requests.reader, &mut buf[..payload as usize]) {
+        let mut buf = conn.payload(payload as usize);
+        if let Err(e) = read_payload(&mut requests.reader, buf.bytes_mut()) {
+            conn.recycle(buf);
             budget.release(cost);
             return Err(e.into());
         }
@@ -459,7 +516,7 @@ fn next_request(
     }
     if stop.requested.load(Ordering::SeqCst) {
         if let Some(buf) = payload_buf {
-            conn.pool.put(buf);
+            conn.recycle(buf);
         }
         stop.told.store(true, Ordering::SeqCst);
         return Ok(Next::Reply(
@@ -475,7 +532,7 @@ fn next_request(
             req.length
         );
         if let Some(buf) = payload_buf {
-            conn.pool.put(buf);
+            conn.recycle(buf);
         }
         return Ok(Next::Reply(error_reply(mode, &req, errno, &message), cost));
     }
@@ -542,5 +599,205 @@ fn send_reply(socket: &mut SyncSocket, reply: &Reply, file: Option<&File>) -> io
     match failed {
         Some(failed) => socket.write_all(failed),
         None => Err(error),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    use crate::export::{
+        Capabilities, Export, ExportResult, Extent, MetaContext, PayloadBuf, PayloadPool, ZeroFlags,
+    };
+    use crate::proto::{self, Command, Request};
+    use crate::server::{serve_transmission, ServerConfig};
+
+    /// Lends payload buffers of up to `largest` bytes and counts those out.
+    struct Lender {
+        largest: usize,
+        out: AtomicUsize,
+        in_flight: AtomicUsize,
+    }
+
+    struct Lent {
+        bytes: Vec<u8>,
+        lender: Arc<Lender>,
+    }
+
+    impl Drop for Lent {
+        fn drop(&mut self) {
+            self.lender.out.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
+    impl PayloadBuf for Lent {
+        fn as_slice(&self) -> &[u8] {
+            &self.bytes
+        }
+        fn as_mut_slice(&mut self) -> &mut [u8] {
+            &mut self.bytes
+        }
+    }
+
+    struct Pool(Arc<Lender>);
+
+    impl PayloadPool for Pool {
+        fn take(&self, len: usize) -> Option<Box<dyn PayloadBuf>> {
+            if len > self.0.largest {
+                return None;
+            }
+            self.0.out.fetch_add(1, Ordering::SeqCst);
+            Some(Box::new(Lent {
+                bytes: vec![0; len],
+                lender: self.0.clone(),
+            }))
+        }
+    }
+
+    /// A writable disk in memory whose writes record how many lent buffers were out.
+    struct Memory {
+        disk: Mutex<Vec<u8>>,
+        lender: Arc<Lender>,
+        lent_at_write: Mutex<Vec<usize>>,
+    }
+
+    impl Export for Memory {
+        fn size(&self) -> u64 {
+            self.disk.lock().unwrap().len() as u64
+        }
+        fn capabilities(&self) -> Capabilities {
+            Capabilities {
+                read_only: false,
+                flush: true,
+                trim: false,
+                write_zeroes: false,
+                fast_zero: false,
+                cache: false,
+                multi_conn: true,
+                knows_holes: false,
+            }
+        }
+        fn read(&self, offset: u64, buf: &mut [u8]) -> ExportResult<()> {
+            let disk = self.disk.lock().unwrap();
+            buf.copy_from_slice(&disk[offset as usize..offset as usize + buf.len()]);
+            Ok(())
+        }
+        fn write(&self, offset: u64, data: &[u8], _: bool) -> ExportResult<()> {
+            let lent = self.lender.out.load(Ordering::SeqCst);
+            self.lent_at_write.lock().unwrap().push(lent);
+            self.disk.lock().unwrap()[offset as usize..offset as usize + data.len()]
+                .copy_from_slice(data);
+            Ok(())
+        }
+        fn payload_pool(&self, in_flight: usize) -> Option<Box<dyn PayloadPool>> {
+            self.lender.in_flight.store(in_flight, Ordering::SeqCst);
+            Some(Box::new(Pool(self.lender.clone())))
+        }
+        fn flush(&self) -> ExportResult<()> {
+            Ok(())
+        }
+        fn trim(&self, offset: u64, len: u64, _: bool) -> ExportResult<()> {
+            self.write_zeroes(offset, len, ZeroFlags::default())
+        }
+        fn write_zeroes(&self, offset: u64, len: u64, _: ZeroFlags) -> ExportResult<()> {
+            let range = offset as usize..(offset + len) as usize;
+            self.disk.lock().unwrap()[range].fill(0);
+            Ok(())
+        }
+        fn block_status(&self, _: &MetaContext, _: u64, len: u64) -> ExportResult<Vec<Extent>> {
+            let data = Extent {
+                length: len,
+                flags: 0,
+            };
+            Ok(vec![data])
+        }
+    }
+
+    /// Serve a `size`-byte [`Memory`] export lending payloads of up to `largest` bytes on
+    /// a socket pair: the export, the client's end, and the serving thread.
+    fn serve_memory(
+        largest: usize,
+        size: usize,
+    ) -> (
+        Arc<Memory>,
+        UnixStream,
+        std::thread::JoinHandle<std::io::Result<()>>,
+    ) {
+        let export = Arc::new(Memory {
+            disk: Mutex::new(vec![0; size]),
+            lender: Arc::new(Lender {
+                largest,
+                out: AtomicUsize::new(0),
+                in_flight: AtomicUsize::new(0),
+            }),
+            lent_at_write: Mutex::new(Vec::new()),
+        });
+        let (client, server_end) = UnixStream::pair().unwrap();
+        let serving = std::thread::spawn({
+            let export: Arc<dyn Export> = export.clone();
+            move || serve_transmission("mem", export, server_end, &ServerConfig::default())
+        });
+        (export, client, serving)
+    }
+
+    /// Send a WRITE of `data` at `offset` and wait for its simple reply's error code.
+    fn write(client: &mut UnixStream, cookie: u64, offset: u64, data: &[u8]) -> u32 {
+        let mut out = Vec::new();
+        let request = Request {
+            flags: 0,
+            command: Command::Write,
+            cookie,
+            offset,
+            length: data.len() as u64,
+        };
+        proto::encode_request(&mut out, &request, false);
+        client.write_all(&out).unwrap();
+        client.write_all(data).unwrap();
+        let mut header = [0u8; proto::SIMPLE_REPLY_LEN];
+        client.read_exact(&mut header).unwrap();
+        match proto::parse_reply_header(&header).unwrap() {
+            proto::ReplyHeader::Simple { error, cookie: c } => {
+                assert_eq!(c, cookie);
+                error
+            }
+            other => panic!("expected a simple reply, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn write_payloads_are_read_into_memory_the_export_lends_and_given_back() {
+        let max = proto::MAX_PAYLOAD as usize;
+        let (export, mut client, serving) = serve_memory(max, max + (1 << 20));
+        let lender = &export.lender;
+        let small: Vec<u8> = (0..4096u32).map(|i| i as u8).collect();
+        assert_eq!(write(&mut client, 1, 8192, &small), 0);
+        // The largest payload the protocol allows is lent too.
+        let huge: Vec<u8> = (0..max).map(|i| (i / 4096) as u8).collect();
+        assert_eq!(write(&mut client, 2, 1 << 20, &huge), 0);
+        // Every payload was back with its lender before its reply went out.
+        assert_eq!(lender.out.load(Ordering::SeqCst), 0);
+        assert_eq!(lender.in_flight.load(Ordering::SeqCst), super::WORKERS);
+        drop(client);
+        serving.join().unwrap().unwrap();
+        assert_eq!(*export.lent_at_write.lock().unwrap(), vec![1, 1]);
+        let disk = export.disk.lock().unwrap();
+        assert_eq!(&disk[8192..8192 + 4096], &small[..]);
+        assert!(disk[(1 << 20)..(1 << 20) + max] == huge[..]);
+    }
+
+    #[test]
+    fn payloads_the_export_does_not_lend_use_the_servers_own_buffers() {
+        let (export, mut client, serving) = serve_memory(4096, 1 << 20);
+        assert_eq!(write(&mut client, 1, 0, &[7u8; 65536]), 0);
+        assert_eq!(write(&mut client, 2, 65536, &[8u8; 4096]), 0);
+        drop(client);
+        serving.join().unwrap().unwrap();
+        assert_eq!(*export.lent_at_write.lock().unwrap(), vec![0, 1]);
+        let disk = export.disk.lock().unwrap();
+        assert!(disk[..65536].iter().all(|&b| b == 7));
+        assert!(disk[65536..65536 + 4096].iter().all(|&b| b == 8));
     }
 }
