@@ -3,13 +3,13 @@
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{ChildStdout, Command};
+use std::process::{ChildStdout, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use crate::run_ok_within;
+use crate::{run_ok_within, ChildGuard};
 
 /// The guest console, line by line, each with when the host received it.
 pub type Console = Arc<Mutex<Vec<(Instant, String)>>>;
@@ -73,6 +73,18 @@ pub fn console(out: ChildStdout) -> Console {
         }
     });
     console
+}
+
+/// Start run-vm.sh (`command`) with stdin closed and its console collected in the
+/// background; the guard terminates it when dropped.
+pub fn spawn_with_console(command: &mut Command) -> (ChildGuard, Console) {
+    let mut vm = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("run-vm.sh");
+    let out = vm.stdout.take().expect("piped stdout");
+    (ChildGuard::terminating(vm), console(out))
 }
 
 /// Wait until `done` holds for the console lines; fail after `limit` with the last ones.
