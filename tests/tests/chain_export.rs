@@ -326,7 +326,7 @@ fn a_vm_runs_on_an_overlay_export_of_a_backup_and_the_backup_stays_untouched() {
     .unwrap();
     let vm = run(
         Command::new(harness.join("run-vm.sh"))
-            .args(["-q", "-t", "300", "-b"])
+            .args(["-q", "-a", "no_timer_check", "-t", "300", "-b"])
             .arg(&build)
             .arg("-d")
             .arg(&served.uri)

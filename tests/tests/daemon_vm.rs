@@ -150,7 +150,7 @@ fn a_guest_agent_frozen_backup_of_a_live_vm_disk_restores_to_a_clean_filesystem(
 
     let qga = daemon.dir.path().join("qga.sock");
     let mut vm = Command::new(harness.join("run-vm.sh"))
-        .args(["-q", "-t", "600", "-b"])
+        .args(["-q", "-a", "no_timer_check", "-t", "600", "-b"])
         .arg(&build)
         .arg("-d")
         .arg(daemon.uri("vm"))

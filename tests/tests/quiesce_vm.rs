@@ -87,7 +87,7 @@ fn a_guest_agent_freeze_gives_a_consistent_copy_of_a_live_guest_disk() -> Result
 
     let qga_sock = dir.path().join("qga.sock");
     let mut vm = Command::new(harness.join("run-vm.sh"))
-        .args(["-t", "240", "-b"])
+        .args(["-a", "no_timer_check", "-t", "240", "-b"])
         .arg(&build)
         .arg("-d")
         .arg(&uri)
