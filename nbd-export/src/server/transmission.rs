@@ -17,6 +17,7 @@ use super::starttls::{Established, TlsReader, TlsWriter};
 use crate::export::Errno;
 use crate::negotiate::Session;
 use crate::proto::{self, cflags, Command, HeaderMode, Request};
+use crate::record::Pending;
 
 /// Recycled payload buffers: every pooled buffer is fully initialised (len == capacity),
 /// so handing one out costs neither an allocation nor a memset.
@@ -55,9 +56,6 @@ pub(super) struct Conn {
     pub(super) pool: BufferPool,
     /// Where successful READs and WRITEs are counted.
     pub(super) counters: Arc<ExportCounters>,
-    /// Large READs may be sent from the backing file with sendfile(2) (not under TLS,
-    /// whose records are sealed in user space).
-    pub(super) sendfile: bool,
 }
 
 /// A connected socket in blocking mode, for the transmission workers.
@@ -206,9 +204,21 @@ impl Sink {
         match (self, reply) {
             (Sink::Plain(socket), reply) => send_reply(socket, reply, file),
             (Sink::Tls(tls), Reply::Bytes(buf, len)) => tls.write_all(&buf[..*len]),
-            (Sink::Tls(_), Reply::File { .. }) => Err(io::Error::other(
-                "a sendfile reply on a TLS connection (sendfile is off under TLS)",
-            )),
+            (
+                Sink::Tls(tls),
+                Reply::File {
+                    head,
+                    offset,
+                    len,
+                    tail,
+                    failed,
+                },
+            ) => {
+                let file = file.ok_or_else(|| {
+                    io::Error::other("a file reply for an export without a file")
+                })?;
+                tls.write_file(head, (file, *offset, *len), tail, failed.as_deref())
+            }
         }
     }
 }
@@ -255,14 +265,15 @@ pub(super) fn transmission(
     let (source, sink) = match tls {
         None => (Source::Plain(socket.try_clone()?), Sink::Plain(socket)),
         Some(tls) => {
-            let shared = Arc::new(Mutex::new(tls.session));
+            let pending = Arc::new(Pending::default());
             (
                 Source::Tls(TlsReader::new(
                     socket.try_clone()?,
-                    shared.clone(),
+                    tls.secrets.opener,
+                    pending.clone(),
                     tls.ciphertext,
                 )),
-                Sink::Tls(TlsWriter::new(socket, shared)),
+                Sink::Tls(TlsWriter::new(socket, tls.secrets.sealer, pending)),
             )
         }
     };
@@ -271,7 +282,6 @@ pub(super) fn transmission(
         session,
         pool: BufferPool::default(),
         counters,
-        sendfile: matches!(source, Source::Plain(_)),
     };
     let requests = Mutex::new(Requests {
         reader: io::BufReader::with_capacity(
