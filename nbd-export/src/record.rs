@@ -366,7 +366,11 @@ impl Sealer {
     /// Before sealing `len` more bytes of application data: when they would take the key
     /// past its confidentiality limit, append a KeyUpdate to `out` and switch to the next
     /// key (TLS 1.3), or fail (TLS 1.2, which cannot renew).
-    pub(crate) fn renew_if_due(&mut self, len: usize, out: &mut Vec<u8>) -> Result<(), RecordError> {
+    pub(crate) fn renew_if_due(
+        &mut self,
+        len: usize,
+        out: &mut Vec<u8>,
+    ) -> Result<(), RecordError> {
         let records = len.div_ceil(MAX_FRAGMENT) as u64;
         if self.0.seq.saturating_add(records) <= self.0.limit {
             return Ok(());
@@ -404,14 +408,22 @@ impl Sealer {
 
     /// Append a TLS 1.3 KeyUpdate (asking the peer to update too, if `request`) and switch
     /// to the next key.
-    pub(crate) fn key_update(&mut self, request: bool, out: &mut Vec<u8>) -> Result<(), RecordError> {
+    pub(crate) fn key_update(
+        &mut self,
+        request: bool,
+        out: &mut Vec<u8>,
+    ) -> Result<(), RecordError> {
         self.seal(HANDSHAKE, &[KEY_UPDATE, 0, 0, 1, u8::from(request)], out)?;
         self.0.update()
     }
 
     /// Append an alert: close_notify as a warning, any other as fatal.
     pub(crate) fn alert(&mut self, description: u8, out: &mut Vec<u8>) -> Result<(), RecordError> {
-        let level = if description == alert::CLOSE_NOTIFY { 1 } else { 2 };
+        let level = if description == alert::CLOSE_NOTIFY {
+            1
+        } else {
+            2
+        };
         self.seal(ALERT, &[level, description], out)
     }
 
@@ -500,7 +512,9 @@ pub(crate) fn record_len(buf: &[u8]) -> Result<Option<usize>, RecordError> {
     if body > MAX_BODY_TLS12 {
         return Err(fail(
             alert::RECORD_OVERFLOW,
-            format!("TLS record of {body} bytes from the client exceeds the limit of {MAX_BODY_TLS12}"),
+            format!(
+                "TLS record of {body} bytes from the client exceeds the limit of {MAX_BODY_TLS12}"
+            ),
         ));
     }
     Ok(Some(HEADER + body))
@@ -842,7 +856,10 @@ b7BHiyXN5x19jonSx98NUA8lzB6hRANCAARuyP2bnnZLu7srweQ4juGpwfqiqfRk
             sealer.renew_if_due(chunk.len(), out)?;
             let at = out.len();
             out.resize(at + sealer.sealed_len(chunk.len()), 0);
-            for (range, piece) in sealer.plaintext_ranges(chunk.len()).zip(chunk.chunks(MAX_FRAGMENT)) {
+            for (range, piece) in sealer
+                .plaintext_ranges(chunk.len())
+                .zip(chunk.chunks(MAX_FRAGMENT))
+            {
                 out[at + range.start..at + range.end].copy_from_slice(piece);
             }
             sealer.seal_laid_out(&mut out[at..], chunk.len())?;
@@ -851,7 +868,9 @@ b7BHiyXN5x19jonSx98NUA8lzB6hRANCAARuyP2bnnZLu7srweQ4juGpwfqiqfRk
     }
 
     fn pattern(len: usize, seed: u8) -> Vec<u8> {
-        (0..len).map(|i| (i as u8).wrapping_mul(31) ^ seed).collect()
+        (0..len)
+            .map(|i| (i as u8).wrapping_mul(31) ^ seed)
+            .collect()
     }
 
     fn client_writes(client: &mut Connection, data: &[u8]) -> Vec<u8> {
@@ -884,7 +903,10 @@ b7BHiyXN5x19jonSx98NUA8lzB6hRANCAARuyP2bnnZLu7srweQ4juGpwfqiqfRk
             }
             // close_notify both ways.
             let mut wire = Vec::new();
-            secrets.sealer.alert(alert::CLOSE_NOTIFY, &mut wire).unwrap();
+            secrets
+                .sealer
+                .alert(alert::CLOSE_NOTIFY, &mut wire)
+                .unwrap();
             assert_eq!(feed(&mut client, &wire).unwrap(), (Vec::new(), true));
             client.send_close_notify();
             let mut wire = Vec::new();
@@ -916,7 +938,11 @@ b7BHiyXN5x19jonSx98NUA8lzB6hRANCAARuyP2bnnZLu7srweQ4juGpwfqiqfRk
             assert_eq!(feed(&mut client, &wire).unwrap().0, b"asked");
             let wire = client_writes(&mut client, b"answered");
             let (plain, events) = open_all(&mut secrets.opener, &wire).unwrap();
-            assert_eq!(events, [Opened::KeyUpdate { requested: false }], "{suite:?}");
+            assert_eq!(
+                events,
+                [Opened::KeyUpdate { requested: false }],
+                "{suite:?}"
+            );
             assert_eq!(plain, b"answered");
         }
     }
@@ -936,8 +962,12 @@ b7BHiyXN5x19jonSx98NUA8lzB6hRANCAARuyP2bnnZLu7srweQ4juGpwfqiqfRk
 
         let (_, mut secrets) = established(CipherSuite::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256);
         secrets.sealer.0.limit = secrets.sealer.0.seq + 1;
-        let err = seal_data(&mut secrets.sealer, &pattern(2 * MAX_FRAGMENT, 1), &mut Vec::new())
-            .unwrap_err();
+        let err = seal_data(
+            &mut secrets.sealer,
+            &pattern(2 * MAX_FRAGMENT, 1),
+            &mut Vec::new(),
+        )
+        .unwrap_err();
         assert!(err.message.contains("record limit"), "{err}");
     }
 

@@ -525,7 +525,10 @@ fn read_into(
                 Ok(0) => {
                     *error = Some(io::Error::new(
                         io::ErrorKind::UnexpectedEof,
-                        format!("the file ended before offset {}", base + first.1 + want as u64),
+                        format!(
+                            "the file ended before offset {}",
+                            base + first.1 + want as u64
+                        ),
                     ));
                     break;
                 }

@@ -214,9 +214,8 @@ impl Sink {
                     failed,
                 },
             ) => {
-                let file = file.ok_or_else(|| {
-                    io::Error::other("a file reply for an export without a file")
-                })?;
+                let file = file
+                    .ok_or_else(|| io::Error::other("a file reply for an export without a file"))?;
                 tls.write_file(head, (file, *offset, *len), tail, failed.as_deref())
             }
         }
