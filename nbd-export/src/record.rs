@@ -255,17 +255,18 @@ const TLS12_AAD: usize = 13;
 /// TLS 1.3 traffic secrets as rustls' key log reports them, for one connection.
 #[derive(Debug, Default)]
 pub(crate) struct KeyCapture {
-    secrets: Mutex<(Option<Vec<u8>>, Option<Vec<u8>>)>,
+    client: Mutex<Option<Vec<u8>>>,
+    server: Mutex<Option<Vec<u8>>>,
 }
 
 impl rustls::KeyLog for KeyCapture {
     fn log(&self, label: &str, _client_random: &[u8], secret: &[u8]) {
-        let mut secrets = self.secrets.lock().unwrap_or_else(|e| e.into_inner());
-        match label {
-            "CLIENT_TRAFFIC_SECRET_0" => secrets.0 = Some(secret.to_vec()),
-            "SERVER_TRAFFIC_SECRET_0" => secrets.1 = Some(secret.to_vec()),
-            _ => {}
-        }
+        let slot = match label {
+            "CLIENT_TRAFFIC_SECRET_0" => &self.client,
+            "SERVER_TRAFFIC_SECRET_0" => &self.server,
+            _ => return,
+        };
+        *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(secret.to_vec());
     }
 
     fn will_log(&self, label: &str) -> bool {
@@ -302,9 +303,11 @@ impl Secrets {
         })?;
         let (client, server) = match version {
             Version::Tls13 => {
-                let secrets = capture.secrets.lock().unwrap_or_else(|e| e.into_inner());
-                match (&secrets.0, &secrets.1) {
-                    (Some(c), Some(s)) => (Some(c.clone()), Some(s.clone())),
+                let take = |slot: &Mutex<Option<Vec<u8>>>| {
+                    slot.lock().unwrap_or_else(|e| e.into_inner()).take()
+                };
+                match (take(&capture.client), take(&capture.server)) {
+                    (Some(c), Some(s)) => (Some(c), Some(s)),
                     _ => {
                         return Err(fail(
                             alert::INTERNAL_ERROR,

@@ -181,7 +181,7 @@ impl Budget {
 /// Where requests come from: the socket, or the TLS session running on it.
 enum Source {
     Plain(SyncSocket),
-    Tls(TlsReader),
+    Tls(Box<TlsReader>),
 }
 
 impl Read for Source {
@@ -196,7 +196,7 @@ impl Read for Source {
 /// Where replies go: the socket, or the TLS session running on it.
 enum Sink {
     Plain(SyncSocket),
-    Tls(TlsWriter),
+    Tls(Box<TlsWriter>),
 }
 
 impl Sink {
@@ -266,13 +266,17 @@ pub(super) fn transmission(
         Some(tls) => {
             let pending = Arc::new(Pending::default());
             (
-                Source::Tls(TlsReader::new(
+                Source::Tls(Box::new(TlsReader::new(
                     socket.try_clone()?,
                     tls.secrets.opener,
                     pending.clone(),
                     tls.ciphertext,
-                )),
-                Sink::Tls(TlsWriter::new(socket, tls.secrets.sealer, pending)),
+                ))),
+                Sink::Tls(Box::new(TlsWriter::new(
+                    socket,
+                    tls.secrets.sealer,
+                    pending,
+                ))),
             )
         }
     };
