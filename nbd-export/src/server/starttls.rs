@@ -437,8 +437,10 @@ impl TlsWriter {
                 let stop = start + range.len();
                 // The part of this record from `head`, then the part from the file.
                 let from_head = head.len().clamp(start, stop) - start;
-                self.out[range.start..range.start + from_head]
-                    .copy_from_slice(&head[start..start + from_head]);
+                if from_head > 0 {
+                    self.out[range.start..range.start + from_head]
+                        .copy_from_slice(&head[start..start + from_head]);
+                }
                 if from_head < range.len() {
                     let file_at = (start + from_head - head.len()) as u64;
                     reads.push((range.start + from_head..range.end, file_at));
