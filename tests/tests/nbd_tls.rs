@@ -509,7 +509,7 @@ fn large_and_unaligned_requests_cross_the_tls_record_layer_intact() {
     let size = 40u64 << 20;
     Image::create(&disk, size)
         .unwrap()
-        .random(&[0..size], 23)
+        .random(&[0..size / 2, size / 2..size], 23)
         .unwrap();
     let (_export, addr) = export_tls(&certs, &disk, "disk");
     let admin = nbds(&addr, "disk", &certs, "admin");
