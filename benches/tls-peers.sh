@@ -15,8 +15,11 @@
 # rounds; the figure per server is the median over rounds, ratios are tidemark / peer
 # (>1 = faster). The load average is printed with each run: the machine is shared.
 #
+#   before       (only with BEFORE_BIN) another tidemark binary, e.g. the previous
+#                release, with the same TLS settings: a before/after comparison in one run
 # Usage: bash benches/tls-peers.sh [SIZE_MIB] [ROUNDS] [HANDSHAKES]   (defaults: 2048 3 200)
-# Env: TIDEMARK_BIN (default target/release/tidemark, built if missing), BENCH_DIR (tmp).
+# Env: TIDEMARK_BIN (default target/release/tidemark, built if missing), BENCH_DIR (tmp),
+# BEFORE_BIN (optional, see above).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . benches/nbdcopy-common.sh
@@ -37,11 +40,12 @@ start() {
     local name=$1 mode=$2 file=$3 ro=()
     port=$((port + 1))
     case $name in
-    tidemark | plain)
+    tidemark | plain | before)
         [ "$mode" = read ] && ro=(--read-only)
-        local tls=(--tls-creds "$creds")
+        local tls=(--tls-creds "$creds") server_bin=$bin
         [ "$name" = plain ] && tls=(--listen-insecure)
-        "$bin" export "$file" "${ro[@]}" --listen "127.0.0.1:$port" --name disk "${tls[@]}" \
+        [ "$name" = before ] && server_bin=$BEFORE_BIN
+        "$server_bin" export "$file" "${ro[@]}" --listen "127.0.0.1:$port" --name disk "${tls[@]}" \
             >/dev/null 2>&1 &
         ;;
     qemu-nbd)
@@ -93,29 +97,35 @@ EOF
 }
 
 load() { cut -d' ' -f1 /proc/loadavg; }
+# CPU seconds (user + system, all threads) the server on $server_pid has used so far: the
+# figure a loaded machine does not distort.
+server_cpu() { awk -v hz="$(getconf CLK_TCK)" '{ printf "%.2f", ($14 + $15) / hz }' "/proc/$server_pid/stat"; }
 
 servers=(tidemark qemu-nbd nbdkit plain)
+if [ -n "${BEFORE_BIN:-}" ]; then servers+=(before); fi
 declare -A results loads
 for ((round = 0; round < rounds; round++)); do
     for s in $(round_order "$round" "${servers[@]}"); do
         start "$s" read "$src"
         l=$(load)
         tr=$(timed "$(uri "$s")" null:)
+        cpu=$(server_cpu)
         hs=-
         if [ "$s" != plain ]; then hs=$(handshake_rate "$(uri "$s")"); fi
         stop
         results[$s.read]+="$tr "
         results[$s.hs]+="$hs "
+        results[$s.cpu]+="$cpu "
         timed_write "$s"
         t=$write_secs
         results[$s.write]+="$t "
         loads[$s]+="$l "
-        echo "round $((round + 1))/$rounds: $s (load $l): read ${tr}s, write ${t}s, handshakes/s $hs"
+        echo "round $((round + 1))/$rounds: $s (load $l): read ${tr}s (server CPU ${cpu}s), write ${t}s, handshakes/s $hs"
     done
 done
 
 mb=$((size_mib * 1048576))
-printf '\n%-9s %10s %10s %12s   %s\n' server "read MB/s" "write MB/s" "handshakes/s" "load at each run"
+printf '\n%-9s %10s %10s %12s %13s   %s\n' server "read MB/s" "write MB/s" "handshakes/s" "read CPU s/GiB" "load at each run"
 printf '(median of %d paired runs, %d MiB over TCP 127.0.0.1, MB/s = 10^6 B/s)\n' "$rounds" "$size_mib"
 declare -A rate
 for s in "${servers[@]}"; do
@@ -124,16 +134,20 @@ for s in "${servers[@]}"; do
     done
     rate[$s.hs]=-
     if [ "$s" != plain ]; then rate[$s.hs]=$(echo "${results[$s.hs]}" | median); fi
-    printf '%-9s %10.0f %10.0f %12s   %s\n' "$s" "${rate[$s.read]}" "${rate[$s.write]}" \
-        "${rate[$s.hs]}" "${loads[$s]}"
+    rate[$s.cpu]=$(echo "${results[$s.cpu]}" | median | awk -v m="$size_mib" '{ printf "%.2f", $1 * 1024 / m }')
+    printf '%-9s %10.0f %10.0f %12s %13s   %s\n' "$s" "${rate[$s.read]}" "${rate[$s.write]}" \
+        "${rate[$s.hs]}" "${rate[$s.cpu]}" "${loads[$s]}"
 done
 echo
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
-for s in qemu-nbd nbdkit; do
-    printf 'tidemark / %-8s read %sx  write %sx  handshakes %sx\n' "$s" \
+peers=(qemu-nbd nbdkit)
+if [ -n "${BEFORE_BIN:-}" ]; then peers+=(before); fi
+for s in "${peers[@]}"; do
+    printf 'tidemark / %-8s read %sx  write %sx  handshakes %sx  read CPU per byte %sx\n' "$s" \
         "$(ratio "${rate[tidemark.read]}" "${rate[$s.read]}")" \
         "$(ratio "${rate[tidemark.write]}" "${rate[$s.write]}")" \
-        "$(ratio "${rate[tidemark.hs]}" "${rate[$s.hs]}")"
+        "$(ratio "${rate[tidemark.hs]}" "${rate[$s.hs]}")" \
+        "$(ratio "${rate[tidemark.cpu]}" "${rate[$s.cpu]}")"
 done
 printf 'tidemark TLS / plain TCP: read %sx  write %sx\n' \
     "$(ratio "${rate[tidemark.read]}" "${rate[plain.read]}")" \

@@ -15,6 +15,7 @@ pub mod export;
 pub mod file;
 pub mod negotiate;
 pub mod proto;
+mod record;
 pub mod server;
 pub mod tls;
 pub mod uri;

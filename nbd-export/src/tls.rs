@@ -1,4 +1,5 @@
-//! NBD over TLS (STARTTLS, X.509 only) with rustls and its `ring` provider.
+//! NBD over TLS (STARTTLS, X.509 only) with rustls and its `ring` provider (the server's
+//! record layer after the handshake is [`crate::record`], on the same provider's AEADs).
 //!
 //! The server reads QEMU's credential layout (`ca-cert.pem`, `server-cert.pem`,
 //! `server-key.pem`, optional `ca-crl.pem`) so one directory serves qemu-nbd and tidemark
@@ -66,7 +67,7 @@ pub enum TlsError {
 // ring (not aws-lc-rs, which needs cmake and nasm to build): its provider lacks only the
 // post-quantum key exchange, for which rustls marks it deprecated.
 #[allow(deprecated)]
-fn provider() -> Arc<CryptoProvider> {
+pub(crate) fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
@@ -108,7 +109,7 @@ fn read_roots(path: &Path) -> Result<RootCertStore, TlsError> {
 /// The server's TLS settings: the acceptor and the optional authorization list.
 #[derive(Clone)]
 pub struct TlsServer {
-    acceptor: tokio_rustls::TlsAcceptor,
+    config: Arc<rustls::ServerConfig>,
     authz: Option<Arc<Authz>>,
 }
 
@@ -165,13 +166,14 @@ impl TlsServer {
             .with_single_cert(certs, key)
             .map_err(|e| config_err(e.to_string()))?;
         Ok(TlsServer {
-            acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
+            config: Arc::new(config),
             authz: authz.map(Arc::new),
         })
     }
 
-    pub(crate) fn acceptor(&self) -> &tokio_rustls::TlsAcceptor {
-        &self.acceptor
+    /// The rustls settings (each connection runs on a copy that captures its keys).
+    pub(crate) fn config(&self) -> &rustls::ServerConfig {
+        &self.config
     }
 
     /// Decide on a client by its certificate chain (leaf first), if it sent one: the

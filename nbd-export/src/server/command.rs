@@ -158,7 +158,7 @@ pub(super) enum Reply {
     /// The first `len` bytes of the buffer (which may be a pooled one, longer).
     Bytes(Vec<u8>, usize),
     /// `head`, then `len` bytes of the export's backing file at `offset` (sent with
-    /// sendfile(2)), then `tail`. If the file cannot supply them, the data is padded with
+    /// sendfile(2), or under TLS read straight into the records), then `tail`. If the file cannot supply them, the data is padded with
     /// zeroes and `failed` is sent instead of `tail`; without `failed` (a simple reply,
     /// whose header already promised the data) the connection is closed.
     File {
@@ -177,8 +177,9 @@ impl Reply {
     }
 }
 
-/// Reads of at least this many bytes go out with sendfile(2) when the export has a
-/// backing file; for smaller ones the copy is cheaper than the extra system calls.
+/// Reads of at least this many bytes go out with sendfile(2) (under TLS: are read from
+/// the file into the records) when the export has a backing file; for smaller ones the
+/// copy is cheaper than the extra system calls.
 const SENDFILE_MIN: usize = 64 * 1024;
 
 /// Run a validated request on a blocking thread.
@@ -246,7 +247,7 @@ fn read_reply(conn: &Conn, req: &Request) -> Result<Reply, ExportError> {
     let session = &conn.session;
     let mode = session.mode;
     let len = req.length as usize;
-    let from_file = conn.sendfile && len >= SENDFILE_MIN && session.export.backing_file().is_some();
+    let from_file = len >= SENDFILE_MIN && session.export.backing_file().is_some();
     if mode == HeaderMode::Simple && from_file {
         let mut head = Vec::with_capacity(proto::SIMPLE_REPLY_LEN);
         proto::encode_simple_reply(&mut head, req.cookie, 0);

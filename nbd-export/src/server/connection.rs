@@ -61,15 +61,17 @@ impl Server {
                     return Err(ConnError::Protocol("STARTTLS without TLS settings".into()));
                 };
                 let buffered = io.buffer().to_vec();
-                let (secured, scope) = starttls::accept(&tls, buffered, io.into_inner()).await?;
+                let (secured, scope, capture) =
+                    starttls::accept(&tls, buffered, io.into_inner()).await?;
                 let mut io = BufReader::with_capacity(64 * 1024, secured);
                 match self
                     .negotiate(&mut io, negotiation.tls_established(scope))
                     .await?
                 {
                     Step::Transmit(session) => {
-                        let leftover = io.buffer().to_vec();
-                        let (stream, tls) = starttls::establish(io.into_inner());
+                        let mut leftover = io.buffer().to_vec();
+                        let (stream, tls) =
+                            starttls::establish(io.into_inner(), &capture, &mut leftover)?;
                         Ok(Some((session, leftover, stream, Some(tls))))
                     }
                     _ => Ok(None),

@@ -37,10 +37,11 @@
 //! else one of the connection's pool.
 //!
 //! After STARTTLS the same threads run the TLS record layer themselves on the plain
-//! socket: the rustls session leaves tokio-rustls when negotiation ends and is shared
-//! under a lock held only to feed, decrypt, seal and take out records, never across a
-//! socket call (see `starttls`); READ data is sealed from the pooled buffer (no
-//! sendfile, which cannot encrypt) and sent under the reply lock.
+//! socket: rustls runs the handshake, then its keys are taken out and each direction runs
+//! on its own (`crate::record`, see `starttls`): the request reader opens records with no
+//! lock shared with the writers, and a reply writer seals records in place under the reply
+//! lock. Large READs with a backing file are read (preadv) straight into the records'
+//! plaintext slots, so the data is copied once before it is encrypted.
 //!
 //! Resources are bounded against many or careless clients: at most
 //! [`ServerConfig::max_connections`] connections are served at once. A client past the

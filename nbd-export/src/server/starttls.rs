@@ -1,58 +1,108 @@
 //! The STARTTLS upgrade of a connection: the TLS handshake on the bytes the plain
 //! handshake reader may already hold, the authorization check, and the record layer of
-//! the transmission phase, run by the blocking transmission threads themselves on the
-//! rustls session (see [`SharedSession`] for how its one owner is shared).
+//! the transmission phase, run by the blocking transmission threads themselves: rustls
+//! runs the handshake, then [`establish`] takes the keys out of it and the request reader
+//! ([`TlsReader`]) and the reply writers ([`TlsWriter`]) each run one direction of
+//! [`crate::record`] with no lock between them. So a client that stops reading replies
+//! while it sends requests stalls the writers, never the reader: the same behaviour as
+//! the plain path.
 
-use std::io::{self, Read, Write};
+use std::fs::File;
+use std::io::{self, IoSliceMut, Read, Write};
+use std::ops::Range;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::{Context, Poll};
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
 
-use rustls::ServerConnection;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_rustls::server::TlsStream;
 
 use super::connection::ConnError;
 use super::listener::NbdStream;
 use super::transmission::SyncSocket;
+use crate::record::{self, KeyCapture, Opened, Opener, Pending, RecordError, Sealer, Secrets};
 use crate::tls::{Scope, TlsServer};
 
-/// A stream that first yields bytes already read from it (the start of the client's TLS
-/// ClientHello may sit in the plain handshake's read buffer).
-pub(super) struct Prefixed<S> {
-    prefix: Vec<u8>,
-    at: usize,
+/// The stream under the TLS handshake: it first yields the bytes the plain handshake
+/// reader already holds (the start of the ClientHello may sit there), and it hands rustls
+/// whole records only, so that once negotiation ends nothing is left half-read inside
+/// rustls: the ciphertext after the last record it took stays here, for the record layer
+/// of the transmission phase.
+pub(super) struct Records<S> {
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+    /// Bytes of the record at `start` still to hand out (it is all in `buf`).
+    give: usize,
     inner: S,
 }
 
-impl<S> Prefixed<S> {
+impl<S> Records<S> {
     pub(super) fn new(prefix: Vec<u8>, inner: S) -> Self {
-        Prefixed {
-            prefix,
-            at: 0,
+        let end = prefix.len();
+        let mut buf = prefix;
+        buf.resize(end.max(2 * record::MAX_RECORD), 0);
+        Records {
+            buf,
+            start: 0,
+            end,
+            give: 0,
             inner,
         }
     }
 }
 
-impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
+impl<S: AsyncRead + Unpin> AsyncRead for Records<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
+        out: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        if self.at < self.prefix.len() {
-            let n = buf.remaining().min(self.prefix.len() - self.at);
-            let at = self.at;
-            buf.put_slice(&self.prefix[at..at + n]);
-            self.at += n;
-            return Poll::Ready(Ok(()));
+        let this = &mut *self;
+        loop {
+            if this.give > 0 {
+                let n = this.give.min(out.remaining());
+                out.put_slice(&this.buf[this.start..this.start + n]);
+                this.start += n;
+                this.give -= n;
+                return Poll::Ready(Ok(()));
+            }
+            let held = &this.buf[this.start..this.end];
+            match record::record_len(held) {
+                Ok(Some(len)) if held.len() >= len => {
+                    this.give = len;
+                    continue;
+                }
+                Ok(_) => {}
+                // Not a record rustls takes: let it see the bytes and refuse them.
+                Err(_) => {
+                    this.give = held.len();
+                    continue;
+                }
+            }
+            if this.start > 0 {
+                this.buf.copy_within(this.start..this.end, 0);
+                this.end -= this.start;
+                this.start = 0;
+            }
+            let mut room = ReadBuf::new(&mut this.buf[this.end..]);
+            ready!(Pin::new(&mut this.inner).poll_read(cx, &mut room))?;
+            let n = room.filled().len();
+            if n == 0 {
+                // End of stream: whatever partial record is held goes to rustls, which
+                // reports the truncation; then end-of-file.
+                this.give = this.end;
+                if this.give == 0 {
+                    return Poll::Ready(Ok(()));
+                }
+                continue;
+            }
+            this.end += n;
         }
-        Pin::new(&mut self.inner).poll_read(cx, buf)
     }
 }
 
-impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
+impl<S: AsyncWrite + Unpin> AsyncWrite for Records<S> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -111,104 +161,178 @@ impl AsyncWrite for NbdStream {
 }
 
 /// A connection after STARTTLS.
-pub(super) type Secured = TlsStream<Prefixed<NbdStream>>;
+pub(super) type Secured = TlsStream<Records<NbdStream>>;
 
-/// Run the server side of the TLS handshake and authorize the client.
+/// Run the server side of the TLS handshake and authorize the client; the key capture
+/// goes to [`establish`].
 pub(super) async fn accept(
     tls: &TlsServer,
     buffered: Vec<u8>,
     stream: NbdStream,
-) -> Result<(Secured, Scope), ConnError> {
-    let secured = tls
-        .acceptor()
-        .accept(Prefixed::new(buffered, stream))
+) -> Result<(Secured, Scope, Arc<KeyCapture>), ConnError> {
+    let (config, capture) = record::capturing(tls.config());
+    let secured = tokio_rustls::TlsAcceptor::from(config)
+        .accept(Records::new(buffered, stream))
         .await
         .map_err(|e| ConnError::Protocol(format!("TLS handshake failed: {e}")))?;
     let scope = tls
         .authorize(secured.get_ref().1.peer_certificates())
         .map_err(|e| ConnError::Protocol(format!("TLS client refused: {e}")))?;
-    Ok((secured, scope))
+    Ok((secured, scope, capture))
 }
 
 /// A connection after STARTTLS and negotiation, ready for the transmission threads: the
-/// rustls session (which holds any plaintext it decrypted already) and the ciphertext the
-/// handshake's reader holds unconsumed.
+/// record layer's two directions and the ciphertext already read past the last record
+/// rustls took.
 pub(super) struct Established {
-    pub(super) session: ServerConnection,
+    pub(super) secrets: Secrets,
     pub(super) ciphertext: Vec<u8>,
 }
 
-/// Take the rustls session out of tokio-rustls, so the blocking transmission threads run
-/// the record layer themselves on the plain socket (no relay, no thread hop).
-pub(super) fn establish(secured: Secured) -> (NbdStream, Established) {
-    let (prefixed, mut session) = secured.into_inner();
-    // Unlimited: a writer encrypts a whole chunk at once and takes the records out itself.
-    session.set_buffer_limit(None);
-    let ciphertext = prefixed.prefix[prefixed.at..].to_vec();
-    (
-        prefixed.inner,
+/// Take the record layer out of rustls, so the blocking transmission threads run it
+/// themselves on the plain socket, each direction on its own. Any plaintext rustls
+/// decrypted and negotiation did not read is appended to `leftover`.
+pub(super) fn establish(
+    secured: Secured,
+    capture: &KeyCapture,
+    leftover: &mut Vec<u8>,
+) -> Result<(NbdStream, Established), ConnError> {
+    let (records, mut session) = secured.into_inner();
+    let mut chunk = [0u8; 4096];
+    loop {
+        match session.reader().read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => leftover.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    if records.give > 0 {
+        return Err(ConnError::Protocol(
+            "a TLS record was half taken when transmission began".into(),
+        ));
+    }
+    let secrets = Secrets::take(session, capture)
+        .map_err(|e| ConnError::Protocol(format!("cannot start the TLS record layer: {e}")))?;
+    let ciphertext = records.buf[records.start..records.end].to_vec();
+    Ok((
+        records.inner,
         Established {
-            session,
+            secrets,
             ciphertext,
         },
-    )
-}
-
-/// The rustls session of a transmitting connection, shared by its request reader and its
-/// reply writers.
-///
-/// rustls keeps both directions in one state machine, so it has one owner at a time: this
-/// lock. It is held only for CPU work (feeding ciphertext in, decrypting, encrypting,
-/// taking records out), never across a blocking socket call: the reader blocks on the
-/// socket without it, and a writer sends the records it took out under the connection's
-/// reply lock (held for the whole reply, so records reach the socket in the order they
-/// were sealed, as their sequence numbers demand). So a client that stops reading replies
-/// while it sends requests stalls the writers, never the reader: the same behaviour as
-/// the plain path, and no deadlock between the two directions.
-pub(super) type SharedSession = Arc<Mutex<ServerConnection>>;
-
-fn lock(session: &SharedSession) -> MutexGuard<'_, ServerConnection> {
-    session.lock().unwrap_or_else(|e| e.into_inner())
+    ))
 }
 
 /// Ciphertext read from the socket at once.
 const CIPHERTEXT_BUFFER: usize = 256 * 1024;
 
-/// The request side of a TLS connection: reads ciphertext from the socket and yields
-/// plaintext.
+fn record_failed(pending: &Pending, err: RecordError) -> io::Error {
+    pending.close_with(err.alert);
+    io::Error::new(io::ErrorKind::InvalidData, err.message)
+}
+
+/// The request side of a TLS connection: reads ciphertext from the socket and opens its
+/// records in place, on its own key and sequence number.
 ///
-/// Records the session must send in response (a TLS 1.3 KeyUpdate answer) are queued in
-/// it and go out ahead of the next reply's records; alerts go out when the connection
-/// closes ([`TlsWriter::close`]).
+/// A KeyUpdate that asks for ours is answered by the reply writer before its next record
+/// ([`Pending`]); a failure leaves the alert the writer closes with.
 pub(super) struct TlsReader {
     socket: SyncSocket,
-    session: SharedSession,
-    ciphertext: Vec<u8>,
+    opener: Opener,
+    pending: Arc<Pending>,
+    buf: Vec<u8>,
+    /// Ciphertext not yet opened: `buf[start..end]`.
     start: usize,
     end: usize,
+    /// Plaintext opened and not yet read: `buf[plain.start..plain.end]` (before `start`).
+    plain: Range<usize>,
+    closed: bool,
 }
 
 impl TlsReader {
-    pub(super) fn new(socket: SyncSocket, session: SharedSession, leftover: Vec<u8>) -> Self {
+    pub(super) fn new(
+        socket: SyncSocket,
+        opener: Opener,
+        pending: Arc<Pending>,
+        leftover: Vec<u8>,
+    ) -> Self {
         let end = leftover.len();
-        let mut ciphertext = leftover;
-        ciphertext.resize(end.max(CIPHERTEXT_BUFFER), 0);
+        let mut buf = leftover;
+        buf.resize(end.max(CIPHERTEXT_BUFFER), 0);
         TlsReader {
             socket,
-            session,
-            ciphertext,
+            opener,
+            pending,
+            buf,
             start: 0,
             end,
+            plain: 0..0,
+            closed: false,
         }
     }
 
-    /// Whether bytes of the stream wait here (ciphertext not yet fed to the session, or
-    /// plaintext decrypted and not yet read).
+    /// Whether bytes of the stream wait here (ciphertext not yet opened, or plaintext
+    /// opened and not yet read).
     pub(super) fn buffered(&self) -> bool {
-        self.start < self.end
-            || lock(&self.session)
-                .process_new_packets()
-                .is_ok_and(|state| state.plaintext_bytes_to_read() > 0)
+        self.start < self.end || !self.plain.is_empty()
+    }
+
+    /// Open records until one yields plaintext; false at the end of the stream.
+    fn fill(&mut self) -> io::Result<bool> {
+        loop {
+            if self.closed {
+                return Ok(false);
+            }
+            let held = &self.buf[self.start..self.end];
+            let len = record::record_len(held).map_err(|e| record_failed(&self.pending, e))?;
+            match len {
+                Some(len) if held.len() >= len => {
+                    let at = self.start;
+                    self.start += len;
+                    let opened = self
+                        .opener
+                        .open(&mut self.buf[at..at + len])
+                        .map_err(|e| record_failed(&self.pending, e))?;
+                    match opened {
+                        Opened::Data(range) if !range.is_empty() => {
+                            self.plain = at + range.start..at + range.end;
+                            return Ok(true);
+                        }
+                        Opened::Data(_) | Opened::Warning => {}
+                        Opened::KeyUpdate { requested } => {
+                            if requested {
+                                self.pending.answer_key_update();
+                            }
+                        }
+                        Opened::Closed => {
+                            self.closed = true;
+                            return Ok(false);
+                        }
+                    }
+                }
+                _ => {
+                    if self.start > 0 {
+                        self.buf.copy_within(self.start..self.end, 0);
+                        self.end -= self.start;
+                        self.start = 0;
+                    }
+                    let n = loop {
+                        match self.socket.read(&mut self.buf[self.end..]) {
+                            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                            read => break read?,
+                        }
+                    };
+                    if n == 0 {
+                        // The socket ended without close_notify: for NBD, whose requests
+                        // carry their own lengths, a truncation shows as a short request
+                        // or payload.
+                        return Ok(false);
+                    }
+                    self.end += n;
+                }
+            }
+        }
     }
 }
 
@@ -217,107 +341,217 @@ impl Read for TlsReader {
         if buf.is_empty() {
             return Ok(0);
         }
-        loop {
-            {
-                let mut session = lock(&self.session);
-                loop {
-                    match session.reader().read(buf) {
-                        // Zero: the client sent close_notify.
-                        Ok(n) => return Ok(n),
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                        Err(e) => return Err(e),
-                    }
-                    if self.start == self.end {
-                        break;
-                    }
-                    let fed = session.read_tls(&mut &self.ciphertext[self.start..self.end])?;
-                    if fed == 0 {
-                        return Err(io::Error::new(
-                            io::ErrorKind::InvalidData,
-                            "the TLS session takes no more records from the client",
-                        ));
-                    }
-                    self.start += fed;
-                    if let Err(err) = session.process_new_packets() {
-                        return Err(io::Error::new(
-                            io::ErrorKind::InvalidData,
-                            format!("TLS record from the client refused: {err}"),
-                        ));
-                    }
-                }
-            }
-            self.start = 0;
-            self.end = loop {
-                match self.socket.read(&mut self.ciphertext) {
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    read => break read?,
-                }
-            };
-            if self.end == 0 {
-                // The socket ended without close_notify: for NBD, whose requests carry
-                // their own lengths, a truncation shows as a short request or payload.
-                return Ok(0);
-            }
+        if self.plain.is_empty() && !self.fill()? {
+            return Ok(0);
         }
+        let n = buf.len().min(self.plain.len());
+        buf[..n].copy_from_slice(&self.buf[self.plain.start..self.plain.start + n]);
+        self.plain.start += n;
+        Ok(n)
     }
 }
 
-/// Plaintext a writer seals at once before sending it (bounds the time the session lock
-/// is held and the staging buffer).
-const SEAL_CHUNK: usize = 256 * 1024;
+/// Plaintext a writer seals before sending it (bounds the output buffer).
+const SEAL_CHUNK: usize = 1024 * 1024;
 
-/// The reply side of a TLS connection; used under the connection's reply lock.
+/// The reply side of a TLS connection, used under the connection's reply lock: lays each
+/// reply's plaintext out in its output buffer between record headers and tags, seals the
+/// records in place on its own key and sequence number, and sends them in one write per
+/// reply (or per MiB of it).
 pub(super) struct TlsWriter {
     socket: SyncSocket,
-    session: SharedSession,
-    staging: Vec<u8>,
+    sealer: Sealer,
+    pending: Arc<Pending>,
+    /// Records built for the socket; kept at its largest size (no zeroing per reply).
+    out: Vec<u8>,
+    /// Records that go before the data: a KeyUpdate, an alert, a short tail.
+    control: Vec<u8>,
 }
 
 impl TlsWriter {
-    pub(super) fn new(socket: SyncSocket, session: SharedSession) -> Self {
+    pub(super) fn new(socket: SyncSocket, sealer: Sealer, pending: Arc<Pending>) -> Self {
         TlsWriter {
             socket,
-            session,
-            staging: Vec::with_capacity(SEAL_CHUNK + 16 * 1024),
+            sealer,
+            pending,
+            out: Vec::new(),
+            control: Vec::new(),
         }
     }
 
-    /// Seal `data` chunk by chunk and send the records (with anything the session queued
-    /// before them).
+    /// Seal `data` and send the records, after the KeyUpdate answer owed, if any.
     pub(super) fn write_all(&mut self, data: &[u8]) -> io::Result<()> {
-        for chunk in data.chunks(SEAL_CHUNK) {
-            self.staging.clear();
+        self.write_parts(data, None, &[], None)
+    }
+
+    /// Send `head`, then `len` bytes of `file` at `offset` read straight into the records,
+    /// then `tail`; if the file cannot supply them, the data is zeroes and `failed` follows
+    /// instead of `tail` (without `failed`, an error: the header promised the data).
+    pub(super) fn write_file(
+        &mut self,
+        head: &[u8],
+        file: (&File, u64, usize),
+        tail: &[u8],
+        failed: Option<&[u8]>,
+    ) -> io::Result<()> {
+        self.write_parts(head, Some(file), tail, failed)
+    }
+
+    /// Seal and send the stream `head` ++ the file range, in chunks of [`SEAL_CHUNK`], with
+    /// `tail` (or `failed`, if reading the file failed) sealed after the last.
+    fn write_parts(
+        &mut self,
+        head: &[u8],
+        file: Option<(&File, u64, usize)>,
+        tail: &[u8],
+        failed: Option<&[u8]>,
+    ) -> io::Result<()> {
+        let total = head.len() + file.map_or(0, |f| f.2);
+        let mut error = None;
+        self.control.clear();
+        if self.pending.take_key_update() {
+            self.sealer
+                .key_update(false, &mut self.control)
+                .map_err(io::Error::other)?;
+        }
+        let mut at = 0;
+        loop {
+            let len = SEAL_CHUNK.min(total - at);
+            self.sealer
+                .renew_if_due(len, &mut self.control)
+                .map_err(io::Error::other)?;
+            let c = self.control.len();
+            let mut end = c + self.sealer.sealed_len(len);
+            if self.out.len() < end {
+                self.out.resize(end, 0);
+            }
+            self.out[..c].copy_from_slice(&self.control);
+            self.control.clear();
+            let mut reads: Vec<(Range<usize>, u64)> = Vec::new();
+            for (range, start) in self
+                .sealer
+                .plaintext_ranges(len)
+                .zip((at..).step_by(record::MAX_FRAGMENT))
             {
-                let mut session = lock(&self.session);
-                let mut written = 0;
-                while written < chunk.len() {
-                    match session.writer().write(&chunk[written..])? {
-                        0 => return Err(io::Error::other("the TLS session accepts no more data")),
-                        n => written += n,
-                    }
+                let range = c + range.start..c + range.end;
+                let stop = start + range.len();
+                // The part of this record from `head`, then the part from the file.
+                let from_head = head.len().clamp(start, stop) - start;
+                if from_head > 0 {
+                    self.out[range.start..range.start + from_head]
+                        .copy_from_slice(&head[start..start + from_head]);
                 }
-                while session.wants_write() {
-                    session.write_tls(&mut self.staging)?;
+                if from_head < range.len() {
+                    let file_at = (start + from_head - head.len()) as u64;
+                    reads.push((range.start + from_head..range.end, file_at));
                 }
             }
-            self.socket.write_all(&self.staging)?;
+            if let Some((file, offset, _)) = file {
+                read_into(&mut self.out, &reads, file, offset, &mut error);
+            }
+            self.sealer
+                .seal_laid_out(&mut self.out[c..end], len)
+                .map_err(io::Error::other)?;
+            at += len;
+            if at == total {
+                let trailer = match (error.take(), failed) {
+                    (None, _) => tail,
+                    (Some(error), Some(failed)) => {
+                        tracing::debug!("reading READ data from the file failed: {error}");
+                        failed
+                    }
+                    (Some(error), None) => return Err(error),
+                };
+                if !trailer.is_empty() {
+                    self.sealer
+                        .seal_data(trailer, &mut self.control)
+                        .map_err(io::Error::other)?;
+                    let t = self.control.len();
+                    if self.out.len() < end + t {
+                        self.out.resize(end + t, 0);
+                    }
+                    self.out[end..end + t].copy_from_slice(&self.control);
+                    self.control.clear();
+                    end += t;
+                }
+                return self.socket.write_all(&self.out[..end]);
+            }
+            self.socket.write_all(&self.out[..end])?;
         }
-        Ok(())
     }
 
-    /// End the session: close_notify (after any queued records, alerts included), best
+    /// End the session: close_notify, or the alert a failed record calls for; best
     /// effort, as the client may be gone.
     pub(super) fn close(&mut self) {
-        self.staging.clear();
+        self.control.clear();
+        if self
+            .sealer
+            .alert(self.pending.closing_alert(), &mut self.control)
+            .is_ok()
         {
-            let mut session = lock(&self.session);
-            session.send_close_notify();
-            while session.wants_write() {
-                if session.write_tls(&mut self.staging).is_err() {
+            let _ = self.socket.write_all(&self.control);
+        }
+    }
+}
+
+/// Read file data into `out` at `reads` (buffer range, offset from `base` in the file),
+/// with one preadv for all of them as long as the file delivers; from the first failure
+/// on, zeroes, and the failure goes to `error` (after a failure, only zeroes).
+fn read_into(
+    out: &mut [u8],
+    reads: &[(Range<usize>, u64)],
+    file: &File,
+    base: u64,
+    error: &mut Option<io::Error>,
+) {
+    let Some(first) = reads.first() else {
+        return;
+    };
+    let mut done = 0;
+    if error.is_none() {
+        let mut slices = Vec::with_capacity(reads.len());
+        let mut rest = &mut out[first.0.start..];
+        let mut rest_at = first.0.start;
+        for (range, _) in reads {
+            let (_, from) = rest.split_at_mut(range.start - rest_at);
+            let (piece, after) = from.split_at_mut(range.len());
+            slices.push(IoSliceMut::new(piece));
+            rest = after;
+            rest_at = range.end;
+        }
+        let want: usize = reads.iter().map(|(r, _)| r.len()).sum();
+        let mut offset = base + first.1;
+        let mut bufs = &mut slices[..];
+        while done < want {
+            match rustix::io::preadv(file, bufs, offset) {
+                Ok(0) => {
+                    *error = Some(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        format!(
+                            "the file ended before offset {}",
+                            base + first.1 + want as u64
+                        ),
+                    ));
+                    break;
+                }
+                Ok(n) => {
+                    done += n;
+                    offset += n as u64;
+                    IoSliceMut::advance_slices(&mut bufs, n);
+                }
+                Err(rustix::io::Errno::INTR) => {}
+                Err(e) => {
+                    *error = Some(e.into());
                     break;
                 }
             }
         }
-        let _ = self.socket.write_all(&self.staging);
+    }
+    // Zeroes where the file did not deliver.
+    let mut skip = done;
+    for (range, _) in reads {
+        let filled = skip.min(range.len());
+        skip -= filled;
+        out[range.start + filled..range.end].fill(0);
     }
 }

@@ -17,6 +17,7 @@ use super::starttls::{Established, TlsReader, TlsWriter};
 use crate::export::{Errno, PayloadBuf, PayloadPool};
 use crate::negotiate::Session;
 use crate::proto::{self, cflags, Command, HeaderMode, Request};
+use crate::record::Pending;
 
 /// Recycled payload buffers: every pooled buffer is fully initialised (len == capacity),
 /// so handing one out costs neither an allocation nor a memset.
@@ -85,9 +86,6 @@ pub(super) struct Conn {
     pub(super) payloads: Option<Box<dyn PayloadPool>>,
     /// Where successful READs and WRITEs are counted.
     pub(super) counters: Arc<ExportCounters>,
-    /// Large READs may be sent from the backing file with sendfile(2) (not under TLS,
-    /// whose records are sealed in user space).
-    pub(super) sendfile: bool,
 }
 
 impl Conn {
@@ -237,7 +235,7 @@ impl Budget {
 /// Where requests come from: the socket, or the TLS session running on it.
 enum Source {
     Plain(SyncSocket),
-    Tls(TlsReader),
+    Tls(Box<TlsReader>),
 }
 
 impl Read for Source {
@@ -252,7 +250,7 @@ impl Read for Source {
 /// Where replies go: the socket, or the TLS session running on it.
 enum Sink {
     Plain(SyncSocket),
-    Tls(TlsWriter),
+    Tls(Box<TlsWriter>),
 }
 
 impl Sink {
@@ -260,9 +258,20 @@ impl Sink {
         match (self, reply) {
             (Sink::Plain(socket), reply) => send_reply(socket, reply, file),
             (Sink::Tls(tls), Reply::Bytes(buf, len)) => tls.write_all(&buf[..*len]),
-            (Sink::Tls(_), Reply::File { .. }) => Err(io::Error::other(
-                "a sendfile reply on a TLS connection (sendfile is off under TLS)",
-            )),
+            (
+                Sink::Tls(tls),
+                Reply::File {
+                    head,
+                    offset,
+                    len,
+                    tail,
+                    failed,
+                },
+            ) => {
+                let file = file
+                    .ok_or_else(|| io::Error::other("a file reply for an export without a file"))?;
+                tls.write_file(head, (file, *offset, *len), tail, failed.as_deref())
+            }
         }
     }
 }
@@ -309,14 +318,19 @@ pub(super) fn transmission(
     let (source, sink) = match tls {
         None => (Source::Plain(socket.try_clone()?), Sink::Plain(socket)),
         Some(tls) => {
-            let shared = Arc::new(Mutex::new(tls.session));
+            let pending = Arc::new(Pending::default());
             (
-                Source::Tls(TlsReader::new(
+                Source::Tls(Box::new(TlsReader::new(
                     socket.try_clone()?,
-                    shared.clone(),
+                    tls.secrets.opener,
+                    pending.clone(),
                     tls.ciphertext,
-                )),
-                Sink::Tls(TlsWriter::new(socket, shared)),
+                ))),
+                Sink::Tls(Box::new(TlsWriter::new(
+                    socket,
+                    tls.secrets.sealer,
+                    pending,
+                ))),
             )
         }
     };
@@ -327,7 +341,6 @@ pub(super) fn transmission(
         pool: BufferPool::default(),
         payloads,
         counters,
-        sendfile: matches!(source, Source::Plain(_)),
     };
     let requests = Mutex::new(Requests {
         reader: io::BufReader::with_capacity(
