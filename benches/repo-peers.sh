@@ -9,10 +9,12 @@
 # snapshot into a directory repository (default 4 MiB chunks, and again with 64 KiB chunks)
 # and into SeaweedFS's S3 (`weed mini` on 127.0.0.1);
 # restic backs up the same image file to a directory and to the same bucket, borg to a
-# directory. Then each restores the last point, and `repo export` of it is read with
-# nbdcopy against `tidemark export` of the restored image. The page cache is dropped
-# (sync; echo 3 > /proc/sys/vm/drop_caches) before every timed step. Incrementals report
-# the median of the five; every line carries the load average at its start.
+# directory. Two more full backups of each kind go into scratch repositories, so full
+# backups report the median of three. Then each restores the last point three times, and
+# `repo export` of it is read with nbdcopy three times against `tidemark export` of the
+# restored image. The page cache is dropped (sync; echo 3 > /proc/sys/vm/drop_caches)
+# before every timed step. Incrementals report the median of the five, everything else the
+# median of three; every line carries the load average at the start of its first run.
 # Env: BENCH_DIR (default /var/tmp/tidemark-repo-bench), TIDEMARK_BIN.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -80,6 +82,10 @@ declare -A T L
 # timed KEY CMD...: run CMD with a cold page cache; its seconds in T[KEY], the load in L[KEY].
 timed() { local key=$1; shift; drop; L[$key]=$(load); local t0; t0=$(now); "$@" >/dev/null; T[$key]=$(secs "$t0" "$(now)"); }
 
+# med3 KEY: T[KEY] becomes the median of T[KEY], T[KEY.1], T[KEY.2] (L[KEY] stays the first's).
+med3() { T[$1]=$(median "${T[$1]}" "${T[$1.1]}" "${T[$1.2]}"); }
+backup_uri() { tm backup begin vm "$@" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["volumes"][0]["uri"]["unix"])'; }
+
 # 1% of the volume in scattered 64 KiB random writes through the live export.
 change() {
     /usr/bin/python3 - "nbd+unix:///vm?socket=$NBD_SOCK" "$SIZE" "$1" <<'PY'
@@ -95,6 +101,26 @@ PY
 }
 
 echo "repository benchmark: ${SIZE_MIB} MiB volume (half random, half zero), 6 points, $(nproc) CPUs"
+# Two extra full backups of each kind, into scratch repositories removed afterwards.
+for rep in 1 2; do
+    S=$DIR/scratch
+    "$BIN" repo init "$S-tm" >/dev/null
+    "$BIN" repo init "$S-64k" --chunk-size 64K >/dev/null
+    "$BIN" repo init "s3://bkt/scratch$rep" --s3-endpoint "$EP" >/dev/null
+    uri=$(backup_uri)
+    timed "tm-dir-full-0.$rep" "$BIN" pull "$uri" --full --repo "$S-tm" --checkpoint r
+    timed "tm-64k-full-0.$rep" "$BIN" pull "$uri" --full --repo "$S-64k" --checkpoint r
+    timed "tm-s3-full-0.$rep" "$BIN" pull "$uri" --full --repo "s3://bkt/scratch$rep" --checkpoint r --s3-endpoint "$EP"
+    tm backup end vm >/dev/null
+    restic init -q -r "$S-restic"
+    restic init -q -r "s3:$EP/bkt/scratch-restic$rep"
+    borg init -e none "$S-borg" >/dev/null
+    timed "restic-dir-full-0.$rep" restic backup -q -r "$S-restic" "$IMG"
+    timed "restic-s3-full-0.$rep" restic backup -q -r "s3:$EP/bkt/scratch-restic$rep" "$IMG"
+    timed "borg-dir-full-0.$rep" borg create "$S-borg::p" "$IMG"
+    rm -rf "$S"-*
+    echo "  extra full backups $rep done (load $(load))"
+done
 for round in 0 1 2 3 4 5; do
     ckpt=c$round
     begin=(backup begin vm --checkpoint "$ckpt"); pull=(--full); kind=full
@@ -102,7 +128,7 @@ for round in 0 1 2 3 4 5; do
         change "$round"
         prev=c$((round - 1)); begin+=(--incremental "$prev"); pull=(--bitmap "$prev"); kind=incr
     fi
-    uri=$(tm "${begin[@]}" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["volumes"][0]["uri"]["unix"])')
+    uri=$(backup_uri "${begin[@]:3}")
     timed "tm-dir-$kind-$round" "$BIN" pull "$uri" "${pull[@]}" --repo "$TM_DIR" --checkpoint "$ckpt"
     timed "tm-64k-$kind-$round" "$BIN" pull "$uri" "${pull[@]}" --repo "$TM_SMALL" --checkpoint "$ckpt"
     timed "tm-s3-$kind-$round" "$BIN" pull "$uri" "${pull[@]}" --repo "$TM_S3" --checkpoint "$ckpt" --s3-endpoint "$EP"
@@ -124,18 +150,22 @@ done
 cp --sparse=always "$IMG" "$DIR/last.raw"   # what every restore must equal
 
 mkdir -p "$DIR/out"
-timed tm-dir-restore "$BIN" repo restore "$TM_DIR" vm@c5 --into "$DIR/out/tm.img"
-cmp "$DIR/out/tm.img" "$DIR/last.raw" || { echo "tidemark's restore (dir) differs from the image" >&2; exit 1; }
-rm -f "$DIR/out/tm.img"
-timed tm-s3-restore "$BIN" repo restore "$TM_S3" vm@c5 --into "$DIR/out/tm.img" --s3-endpoint "$EP"
-cmp "$DIR/out/tm.img" "$DIR/last.raw" || { echo "tidemark's restore (S3) differs from the image" >&2; exit 1; }
-timed restic-dir-restore restic restore -q -r "$DIR/restic-repo" latest --target "$DIR/out/restic"
-rm -rf "$DIR/out/restic"
-timed restic-s3-restore restic restore -q -r "s3:$EP/bkt/restic" latest --target "$DIR/out/restic"
-rm -rf "$DIR/out/restic"
-mkdir -p "$DIR/out/borg"; cd "$DIR/out/borg"
-timed borg-dir-restore borg extract "$DIR/borg-repo::p5"
-cd - >/dev/null; rm -rf "$DIR/out/borg"
+for rep in 0 1 2; do
+    sfx=${rep/#0/}; sfx=${sfx:+.$sfx}
+    rm -f "$DIR/out/tm.img"
+    timed "tm-dir-restore$sfx" "$BIN" repo restore "$TM_DIR" vm@c5 --into "$DIR/out/tm.img"
+    cmp "$DIR/out/tm.img" "$DIR/last.raw" || { echo "tidemark's restore (dir) differs from the image" >&2; exit 1; }
+    rm -f "$DIR/out/tm.img"
+    timed "tm-s3-restore$sfx" "$BIN" repo restore "$TM_S3" vm@c5 --into "$DIR/out/tm.img" --s3-endpoint "$EP"
+    cmp "$DIR/out/tm.img" "$DIR/last.raw" || { echo "tidemark's restore (S3) differs from the image" >&2; exit 1; }
+    timed "restic-dir-restore$sfx" restic restore -q -r "$DIR/restic-repo" latest --target "$DIR/out/restic"
+    rm -rf "$DIR/out/restic"
+    timed "restic-s3-restore$sfx" restic restore -q -r "s3:$EP/bkt/restic" latest --target "$DIR/out/restic"
+    rm -rf "$DIR/out/restic"
+    mkdir -p "$DIR/out/borg"; cd "$DIR/out/borg"
+    timed "borg-dir-restore$sfx" borg extract "$DIR/borg-repo::p5"
+    cd - >/dev/null; rm -rf "$DIR/out/borg"
+done
 
 # Reading the last point over NBD: straight from each repository vs the restored image.
 read_nbd() { # KEY SOCKET NAME SERVER...
@@ -146,9 +176,17 @@ read_nbd() { # KEY SOCKET NAME SERVER...
     timed "$key" nbdcopy "nbd+unix:///$name?socket=$sock" null:
     kill "$pid"; wait "$pid" 2>/dev/null || true
 }
-read_nbd export-dir "$DIR/x.sock" vm@c5 "$BIN" repo export "$TM_DIR" vm@c5
-read_nbd export-s3 "$DIR/x.sock" vm@c5 "$BIN" repo export "$TM_S3" vm@c5 --s3-endpoint "$EP"
-read_nbd export-image "$DIR/x.sock" img "$BIN" export "$DIR/out/tm.img" --read-only --name img
+for rep in 0 1 2; do
+    sfx=${rep/#0/}; sfx=${sfx:+.$sfx}
+    read_nbd "export-dir$sfx" "$DIR/x.sock" vm@c5 "$BIN" repo export "$TM_DIR" vm@c5
+    read_nbd "export-s3$sfx" "$DIR/x.sock" vm@c5 "$BIN" repo export "$TM_S3" vm@c5 --s3-endpoint "$EP"
+    read_nbd "export-image$sfx" "$DIR/x.sock" img "$BIN" export "$DIR/out/tm.img" --read-only --name img
+done
+for key in tm-dir-full-0 tm-64k-full-0 tm-s3-full-0 restic-dir-full-0 restic-s3-full-0 borg-dir-full-0 \
+    tm-dir-restore tm-s3-restore restic-dir-restore restic-s3-restore borg-dir-restore \
+    export-dir export-s3 export-image; do
+    med3 "$key"
+done
 
 inc() { median "${T[$1-incr-1]}" "${T[$1-incr-2]}" "${T[$1-incr-3]}" "${T[$1-incr-4]}" "${T[$1-incr-5]}"; }
 row() { # NAME TIDEMARK_KEY PEER_KEY PEER (timed keys; incremental keys are medians)
@@ -160,6 +198,7 @@ row() { # NAME TIDEMARK_KEY PEER_KEY PEER (timed keys; incremental keys are medi
 echo
 echo "| step | tidemark | peer | speed ratio (peer time / tidemark time) |"
 echo "|---|---|---|---|"
+echo "(medians of 3 runs; incrementals: median of the 5 points)"
 row "full, directory, vs restic" tm-dir-full-0 restic-dir-full-0 restic
 row "full, directory, vs borg" tm-dir-full-0 borg-dir-full-0 borg
 row "full, directory with 64 KiB chunks, vs restic" tm-64k-full-0 restic-dir-full-0 restic

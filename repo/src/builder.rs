@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use tokio::runtime::Handle;
 
 use crate::format::{chunk_count, ChunkId, ChunkRef, PointIndex};
-use crate::lock::RepoLock;
+use crate::lock::{LockKind, RepoLock};
 use crate::writer::PointWriter;
 use crate::{Location, RepoError, Repository, Result};
 
@@ -80,8 +80,13 @@ impl PointBuilder {
                 names.granularity
             )));
         }
-        let lock =
-            RepoLock::acquire(repo, &format!("backup of {}", names.volume), break_lock).await?;
+        let lock = RepoLock::acquire(
+            repo,
+            &format!("backup of {}", names.volume),
+            LockKind::Append,
+            break_lock,
+        )
+        .await?;
         let (map, base) = match prepare(repo, names, size).await {
             Ok(ready) => ready,
             Err(err) => {

@@ -452,11 +452,14 @@ pub fn check_blob(
     if crc32fast::hash(blob) != entry.crc {
         return Err("CRC mismatch".into());
     }
-    let mut out = Vec::with_capacity(entry.raw_len as usize);
-    let mut decoder = zstd::stream::read::Decoder::new(blob).map_err(|e| e.to_string())?;
-    let limit = u64::from(entry.raw_len) + 1;
-    std::io::copy(&mut std::io::Read::take(&mut decoder, limit), &mut out)
-        .map_err(|e| format!("zstd: {e}"))?;
+    // One call into a buffer of exactly the plaintext length (a frame that inflates to more
+    // fails): no streaming copies on the restore and `repo export` paths.
+    let out = zstd::bulk::decompress(blob, entry.raw_len as usize).map_err(|e| {
+        format!(
+            "zstd: {e} (the frame does not inflate to at most {} bytes)",
+            entry.raw_len
+        )
+    })?;
     if out.len() != entry.raw_len as usize {
         return Err(format!(
             "inflates to {} bytes, not {}",
@@ -468,6 +471,16 @@ pub fn check_blob(
         return Err("SHA-256 of the data does not match the chunk id".into());
     }
     Ok(out)
+}
+
+/// A runtime for unit tests that drive the repository from plain threads.
+#[cfg(test)]
+pub(crate) fn test_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a tokio runtime")
 }
 
 /// A retention policy: which points `prune` keeps.
@@ -585,6 +598,18 @@ mod tests {
         let mut bad = blob.clone();
         bad[3] ^= 1;
         assert!(check_blob(&bad, &id, &entry).unwrap_err().contains("CRC"));
+        let short = PackEntry {
+            raw_len: entry.raw_len - 1,
+            ..entry
+        };
+        assert!(check_blob(&blob, &id, &short).unwrap_err().contains("zstd"));
+        let long = PackEntry {
+            raw_len: entry.raw_len + 1,
+            ..entry
+        };
+        assert!(check_blob(&blob, &id, &long)
+            .unwrap_err()
+            .contains("inflates to"));
         let other = ChunkId([0; 32]);
         assert!(check_blob(&blob, &other, &entry)
             .unwrap_err()

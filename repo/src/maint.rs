@@ -1,21 +1,26 @@
-//! Verify, prune and gc.
+//! Verify, prune (with repacking) and gc.
 //!
-//! Crash safety: prune deletes point indexes first, then gc deletes what no remaining point
-//! references, each pack's index before the pack itself. A crash at any moment leaves
-//! either a pack no index names (gc removes it) or a pack that still has its index; a kept
-//! point never loses a chunk, because only packs none of whose chunks any point references
-//! are deleted (packs with some live chunks are kept whole: no repacking yet).
+//! Crash safety: prune deletes point indexes first, then repacks, then gc deletes what no
+//! remaining point references, each pack's index before the pack itself. Repacking copies
+//! the live chunks of packs whose live fraction is below the threshold into new packs (each
+//! pack, then its index, create-only) and only after every new index is written deletes the
+//! old packs (index first). Readers find chunks through pack indexes, so a chunk present in
+//! an old and a new pack during that window is harmless. A crash at any moment leaves:
+//! a new pack without an index (gc removes it), a chunk in two indexed packs (the rerun
+//! deletes the old one), or an old pack whose index is gone (gc removes it); a kept point
+//! never loses a chunk, because a pack is deleted only when each of its live chunks is in
+//! another indexed pack or none of its chunks is live.
 
 use std::collections::{HashMap, HashSet};
 
 use futures::StreamExt;
 use serde::Serialize;
 
-use crate::format::{self, ChunkRef, PackIndex};
-use crate::lock::RepoLock;
+use crate::format::{self, ChunkId, ChunkRef, PackEntry, PackIndex};
+use crate::lock::{LockKind, RepoLock};
 use crate::{
-    check_blob, pack_index_path, pack_path, point_path, select_kept, Keep, RepoError, Repository,
-    Result, PACK_MAGIC_LEN,
+    check_blob, pack_index_path, pack_path, point_path, select_kept, Keep, Location, RepoError,
+    Repository, Result, PACK_MAGIC_LEN, PACK_TARGET,
 };
 
 /// One broken object and why.
@@ -160,19 +165,55 @@ async fn check_pack(repo: &Repository, index: &PackIndex) -> (u64, Vec<Problem>)
 pub struct PruneReport {
     pub kept: Vec<String>,
     pub removed_points: Vec<String>,
+    /// Packs deleted: unreferenced ones and repacked ones.
     pub removed_packs: usize,
     pub removed_bytes: u64,
+    /// Partly live packs whose live chunks were copied into new packs (then deleted).
+    pub repacked_packs: usize,
+    pub repacked_chunks: u64,
+    /// New packs written by repacking, and their bytes.
+    pub written_packs: usize,
+    pub written_bytes: u64,
+    /// Packs left whole because a live chunk failed its checks (run `repo verify`).
+    pub repack_skipped: Vec<Problem>,
 }
 
-/// Drop the points `keep` does not keep, then gc.
-pub async fn prune(repo: &Repository, keep: Keep, break_lock: bool) -> Result<PruneReport> {
-    let lock = RepoLock::acquire(repo, "prune", break_lock).await?;
-    let result = prune_locked(repo, keep).await;
+/// Default of `--repack-below`: packs less than half live are repacked.
+pub const DEFAULT_REPACK_BELOW: u32 = 50;
+
+/// Tests only: pause this many milliseconds after each object prune's repacking writes or
+/// deletes, so that a test can kill the process in each intermediate state.
+const DELAY_ENV: &str = "TIDEMARK_TEST_REPACK_DELAY_MS";
+
+async fn test_pause() {
+    let delay = std::env::var(DELAY_ENV)
+        .ok()
+        .and_then(|ms| ms.parse::<u64>().ok());
+    if let Some(ms) = delay {
+        tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+    }
+}
+
+/// Drop the points `keep` does not keep, repack the packs less than `repack_below` percent
+/// live (0: never), then gc.
+pub async fn prune(
+    repo: &Repository,
+    keep: Keep,
+    repack_below: u32,
+    break_lock: bool,
+) -> Result<PruneReport> {
+    if repack_below > 100 {
+        return Err(RepoError::Invalid(format!(
+            "--repack-below {repack_below}: a percentage is 0..=100"
+        )));
+    }
+    let lock = RepoLock::acquire(repo, "prune", LockKind::Exclusive, break_lock).await?;
+    let result = prune_locked(repo, keep, repack_below).await;
     lock.release().await?;
     result
 }
 
-async fn prune_locked(repo: &Repository, keep: Keep) -> Result<PruneReport> {
+async fn prune_locked(repo: &Repository, keep: Keep, repack_below: u32) -> Result<PruneReport> {
     let (points, broken) = repo.points().await?;
     if !broken.is_empty() {
         return Err(RepoError::Invalid(format!(
@@ -199,26 +240,31 @@ async fn prune_locked(repo: &Repository, keep: Keep) -> Result<PruneReport> {
             })?;
         report.removed_points.push(name);
     }
+    if repack_below > 0 {
+        repack_locked(repo, repack_below, &mut report).await?;
+    }
     let swept = gc_locked(repo).await?;
-    report.removed_packs = swept.removed_packs;
-    report.removed_bytes = swept.removed_bytes;
+    report.removed_packs += swept.removed_packs;
+    report.removed_bytes += swept.removed_bytes;
     Ok(report)
 }
 
 /// Delete every pack no point references (its index first) and packs without an index.
 pub async fn gc(repo: &Repository, break_lock: bool) -> Result<PruneReport> {
-    let lock = RepoLock::acquire(repo, "gc", break_lock).await?;
+    let lock = RepoLock::acquire(repo, "gc", LockKind::Exclusive, break_lock).await?;
     let result = gc_locked(repo).await;
     lock.release().await?;
     result
 }
 
-async fn gc_locked(repo: &Repository) -> Result<PruneReport> {
+/// Every chunk a point references, and every pack index; refuses when an index is unreadable
+/// (deleting on a partial view could delete a live chunk).
+async fn live_view(repo: &Repository, what: &str) -> Result<(HashSet<ChunkId>, Vec<PackIndex>)> {
     let (points, broken) = repo.points().await?;
     let (_, indexes, broken_indexes) = repo.chunk_map().await?;
     if !broken.is_empty() || !broken_indexes.is_empty() {
         return Err(RepoError::Invalid(format!(
-            "not collecting garbage: some indexes are unreadable ({}); run `tidemark repo verify`",
+            "not {what}: some indexes are unreadable ({}); run `tidemark repo verify`",
             broken
                 .iter()
                 .chain(&broken_indexes)
@@ -227,7 +273,7 @@ async fn gc_locked(repo: &Repository) -> Result<PruneReport> {
                 .join(", ")
         )));
     }
-    let live: HashSet<_> = points
+    let live = points
         .iter()
         .flat_map(|p| p.chunks.iter())
         .filter_map(|c| match c {
@@ -235,6 +281,161 @@ async fn gc_locked(repo: &Repository) -> Result<PruneReport> {
             ChunkRef::Zero => None,
         })
         .collect();
+    Ok((live, indexes))
+}
+
+/// Delete `path` (already gone is fine).
+async fn delete(repo: &Repository, path: &object_store::path::Path) -> Result<()> {
+    match repo.store().delete(path).await {
+        Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+        Err(source) => Err(RepoError::Store {
+            what: format!("deleting {path}"),
+            source,
+        }),
+    }
+}
+
+/// Bytes of `index`'s pack that hold live chunks.
+fn live_bytes(index: &PackIndex, live: &HashSet<ChunkId>) -> u64 {
+    index
+        .entries
+        .iter()
+        .filter(|e| live.contains(&e.id))
+        .map(|e| u64::from(e.stored_len))
+        .sum()
+}
+
+/// Whether a pack with some live chunks is below the repack threshold (`below` percent).
+fn wants_repack(index: &PackIndex, live: &HashSet<ChunkId>, below: u32) -> bool {
+    let live = live_bytes(index, live);
+    live > 0 && u128::from(live) * 100 < u128::from(index.pack_len) * u128::from(below)
+}
+
+/// A pack being filled by repacking: stored blobs copied as they are (their CRC and
+/// lengths do not change, only their offsets).
+#[derive(Default)]
+struct NewPack {
+    bytes: Vec<u8>,
+    entries: Vec<PackEntry>,
+}
+
+impl NewPack {
+    fn add(&mut self, entry: &PackEntry, blob: &[u8]) {
+        if self.bytes.is_empty() {
+            self.bytes.extend_from_slice(format::PACK_MAGIC);
+        }
+        self.entries.push(PackEntry {
+            offset: self.bytes.len() as u64,
+            ..*entry
+        });
+        self.bytes.extend_from_slice(blob);
+    }
+
+    /// Write the pack, then its index (both create-only: a rerun that builds the same pack
+    /// finds it there).
+    async fn flush(&mut self, repo: &Repository, report: &mut PruneReport) -> Result<()> {
+        if self.entries.is_empty() {
+            return Ok(());
+        }
+        let pack = std::mem::take(self);
+        let index = PackIndex {
+            pack_id: crate::sha256(&pack.bytes),
+            pack_len: pack.bytes.len() as u64,
+            entries: pack.entries,
+        };
+        repo.put_create(&pack_path(&index.pack_id), pack.bytes.into())
+            .await?;
+        test_pause().await;
+        repo.put_create(&pack_index_path(&index.pack_id), index.encode().into())
+            .await?;
+        test_pause().await;
+        report.written_packs += 1;
+        report.written_bytes += index.pack_len;
+        Ok(())
+    }
+}
+
+/// Copy the live chunks of every pack less than `below` percent live into new packs, then
+/// delete those packs. Every live chunk is read and checked (CRC, inflated length, SHA-256)
+/// before it is copied; a pack with a chunk that fails is left whole and reported.
+async fn repack_locked(repo: &Repository, below: u32, report: &mut PruneReport) -> Result<()> {
+    let (live, indexes) = live_view(repo, "repacking").await?;
+    let (mut candidates, staying): (Vec<&PackIndex>, Vec<&PackIndex>) = indexes
+        .iter()
+        .partition(|index| wants_repack(index, &live, below));
+    if candidates.is_empty() {
+        return Ok(());
+    }
+    // Same order on a rerun, so that it rebuilds the same packs.
+    candidates.sort_by_key(|index| index.pack_id);
+    // Chunks that stay where they are, or are already copied: not copied (again).
+    let mut placed: HashSet<ChunkId> = staying
+        .iter()
+        .flat_map(|index| index.entries.iter().map(|e| e.id))
+        .collect();
+    let mut out = NewPack::default();
+    let mut emptied = Vec::new();
+    for index in candidates {
+        let mut blobs = Vec::new();
+        let mut failed = None;
+        for entry in &index.entries {
+            if !live.contains(&entry.id) || placed.contains(&entry.id) {
+                continue;
+            }
+            let at = Location {
+                pack: index.pack_id,
+                entry: *entry,
+            };
+            let checked = match repo.read_blob(&entry.id, &at).await {
+                Ok(blob) => check_blob(&blob, &entry.id, entry).map(|_| blob),
+                Err(err) => Err(err.to_string()),
+            };
+            match checked {
+                Ok(blob) => blobs.push((entry, blob)),
+                Err(why) => {
+                    failed = Some(format!(
+                        "not repacked: live chunk {} at offset {}: {why}",
+                        entry.id.hex(),
+                        entry.offset
+                    ));
+                    break;
+                }
+            }
+        }
+        if let Some(problem) = failed {
+            tracing::warn!("{}: {problem}", pack_path(&index.pack_id));
+            report.repack_skipped.push(Problem {
+                object: pack_path(&index.pack_id).to_string(),
+                problem,
+            });
+            continue;
+        }
+        for (entry, blob) in blobs {
+            placed.insert(entry.id);
+            out.add(entry, &blob);
+            report.repacked_chunks += 1;
+            if out.bytes.len() >= PACK_TARGET {
+                out.flush(repo, report).await?;
+            }
+        }
+        emptied.push(index);
+    }
+    out.flush(repo, report).await?;
+    // Every live chunk of `emptied` is now in an indexed pack that stays.
+    for index in emptied {
+        delete(repo, &pack_index_path(&index.pack_id)).await?;
+        test_pause().await;
+        delete(repo, &pack_path(&index.pack_id)).await?;
+        test_pause().await;
+        report.repacked_packs += 1;
+        report.removed_packs += 1;
+        report.removed_bytes += index.pack_len;
+    }
+    Ok(())
+}
+
+async fn gc_locked(repo: &Repository) -> Result<PruneReport> {
+    let (live, indexes) = live_view(repo, "collecting garbage").await?;
     let mut report = PruneReport::default();
     let mut indexed = HashSet::new();
     for index in &indexes {
@@ -242,17 +443,8 @@ async fn gc_locked(repo: &Repository) -> Result<PruneReport> {
         if index.entries.iter().any(|e| live.contains(&e.id)) {
             continue;
         }
-        for path in [pack_index_path(&index.pack_id), pack_path(&index.pack_id)] {
-            match repo.store().delete(&path).await {
-                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
-                Err(source) => {
-                    return Err(RepoError::Store {
-                        what: format!("deleting {path}"),
-                        source,
-                    })
-                }
-            }
-        }
+        delete(repo, &pack_index_path(&index.pack_id)).await?;
+        delete(repo, &pack_path(&index.pack_id)).await?;
         report.removed_packs += 1;
         report.removed_bytes += index.pack_len;
     }
@@ -260,17 +452,221 @@ async fn gc_locked(repo: &Repository) -> Result<PruneReport> {
         if indexed.contains(&path.to_string()) {
             continue;
         }
-        match repo.store().delete(&path).await {
-            Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
-            Err(source) => {
-                return Err(RepoError::Store {
-                    what: format!("deleting {path}"),
-                    source,
-                })
-            }
-        }
+        delete(repo, &path).await?;
         report.removed_packs += 1;
         report.removed_bytes += size;
     }
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::{chunk_count, PointIndex};
+    use crate::writer::PointWriter;
+    use crate::{test_runtime as runtime, StoreOptions};
+
+    const CHUNK: u32 = 64 << 10;
+
+    /// Chunk `i` of generation `g`: incompressible enough that packs are of similar sizes.
+    fn chunk(g: u8, i: usize) -> Vec<u8> {
+        let mut state = (u64::from(g) << 32 | i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        (0..CHUNK as usize)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                state as u8
+            })
+            .collect()
+    }
+
+    /// Store `chunks` as the point `vm@NAME` created at `time` (one worker: one pack).
+    fn store(
+        rt: &tokio::runtime::Runtime,
+        repo: &Repository,
+        name: &str,
+        time: u64,
+        chunks: &[Vec<u8>],
+    ) {
+        let (map, _, _) = rt.block_on(repo.chunk_map()).unwrap();
+        let size = chunks.len() as u64 * u64::from(CHUNK);
+        let count = chunk_count(size, CHUNK);
+        let writer = PointWriter::start(
+            repo,
+            rt.handle().clone(),
+            map.into_keys().collect(),
+            count,
+            1,
+        );
+        for (i, data) in chunks.iter().enumerate() {
+            writer.put(i as u64, data.clone()).unwrap();
+        }
+        let written = writer.finish().unwrap();
+        let point = PointIndex {
+            volume: "vm".into(),
+            volume_uuid: [7; 16],
+            checkpoint: name.into(),
+            parent: String::new(),
+            created_unix: time,
+            size,
+            chunk_size: CHUNK,
+            granularity: 65536,
+            new_bytes: written.new_bytes,
+            chunks: written.chunks,
+        };
+        rt.block_on(repo.put_point(&point)).unwrap();
+    }
+
+    /// A repository with `vm@a` (20 chunks) and `vm@b` (4 of a's chunks and 16 new ones):
+    /// once `a` is dropped, a's pack is 20% live.
+    fn two_points(
+        rt: &tokio::runtime::Runtime,
+        dir: &std::path::Path,
+    ) -> (Repository, Vec<Vec<u8>>) {
+        let url = dir.join("repo");
+        let repo = rt
+            .block_on(Repository::init(
+                url.to_str().unwrap(),
+                &StoreOptions::default(),
+                CHUNK,
+            ))
+            .unwrap();
+        let a: Vec<_> = (0..20).map(|i| chunk(1, i)).collect();
+        store(rt, &repo, "a", 1, &a);
+        let b: Vec<_> = (0..20)
+            .map(|i| {
+                if i % 5 == 0 {
+                    a[i].clone()
+                } else {
+                    chunk(2, i)
+                }
+            })
+            .collect();
+        store(rt, &repo, "b", 2, &b);
+        (repo, b)
+    }
+
+    /// `prune --keep-last 1 --repack-below BELOW`.
+    fn prune_to_one(
+        rt: &tokio::runtime::Runtime,
+        repo: &Repository,
+        below: u32,
+    ) -> Result<PruneReport> {
+        let keep = Keep {
+            last: 1,
+            ..Keep::default()
+        };
+        rt.block_on(prune(repo, keep, below, false))
+    }
+
+    fn restores(rt: &tokio::runtime::Runtime, repo: &Repository, expected: &[Vec<u8>]) {
+        let point = rt.block_on(repo.point("vm@b")).unwrap();
+        let (map, _, _) = rt.block_on(repo.chunk_map()).unwrap();
+        for (i, c) in point.chunks.iter().enumerate() {
+            let ChunkRef::Data(id) = c else {
+                panic!("chunk {i} is data")
+            };
+            assert_eq!(
+                rt.block_on(repo.read_chunk(id, &map[id])).unwrap(),
+                expected[i]
+            );
+        }
+    }
+
+    fn data_bytes(rt: &tokio::runtime::Runtime, repo: &Repository) -> (usize, u64) {
+        let packs = rt.block_on(repo.list_objects("data")).unwrap();
+        (packs.len(), packs.iter().map(|p| p.1).sum())
+    }
+
+    #[test]
+    fn prune_repacks_a_partly_live_pack_and_the_repository_shrinks() {
+        let rt = runtime();
+        let dir = tempfile::tempdir().unwrap();
+        let (repo, b) = two_points(&rt, dir.path());
+        let (packs_before, bytes_before) = data_bytes(&rt, &repo);
+        assert_eq!(packs_before, 2);
+        let report = prune_to_one(&rt, &repo, DEFAULT_REPACK_BELOW).unwrap();
+        assert_eq!(report.removed_points, ["vm@a"]);
+        assert_eq!((report.repacked_packs, report.repacked_chunks), (1, 4));
+        assert_eq!(report.written_packs, 1);
+        let (packs_after, bytes_after) = data_bytes(&rt, &repo);
+        assert_eq!(packs_after, 2);
+        // a's 16 dead chunks are gone: about 16 of the 40 chunks' bytes.
+        assert!(
+            bytes_after * 10 < bytes_before * 7,
+            "{bytes_before} -> {bytes_after}"
+        );
+        restores(&rt, &repo, &b);
+        let verified = rt.block_on(verify(&repo, true)).unwrap();
+        assert!(verified.problems.is_empty(), "{:?}", verified.problems);
+        // A rerun has nothing left to repack.
+        let again = prune_to_one(&rt, &repo, DEFAULT_REPACK_BELOW).unwrap();
+        assert_eq!((again.repacked_packs, again.removed_packs), (0, 0));
+    }
+
+    #[test]
+    fn packs_at_or_above_the_threshold_are_kept_whole() {
+        let rt = runtime();
+        let dir = tempfile::tempdir().unwrap();
+        let (repo, b) = two_points(&rt, dir.path());
+        let (_, bytes_before) = data_bytes(&rt, &repo);
+        let report = prune_to_one(&rt, &repo, 15).unwrap();
+        assert_eq!((report.repacked_packs, report.removed_packs), (0, 0));
+        assert_eq!(data_bytes(&rt, &repo), (2, bytes_before));
+        let report = prune_to_one(&rt, &repo, 0).unwrap();
+        assert_eq!(report.repacked_packs, 0);
+        restores(&rt, &repo, &b);
+        assert!(prune_to_one(&rt, &repo, 101).is_err());
+    }
+
+    #[test]
+    fn a_pack_with_a_corrupt_live_chunk_is_left_whole_and_reported() {
+        let rt = runtime();
+        let dir = tempfile::tempdir().unwrap();
+        let (repo, _) = two_points(&rt, dir.path());
+        let (map, _, _) = rt.block_on(repo.chunk_map()).unwrap();
+        let live = ChunkId(crate::sha256(&chunk(1, 5)));
+        let at = map[&live];
+        let pack = dir
+            .path()
+            .join("repo")
+            .join(pack_path(&at.pack).to_string());
+        let mut bytes = std::fs::read(&pack).unwrap();
+        bytes[at.entry.offset as usize + 100] ^= 0x10;
+        std::fs::write(&pack, bytes).unwrap();
+        let report = prune_to_one(&rt, &repo, DEFAULT_REPACK_BELOW).unwrap();
+        assert_eq!(report.repacked_packs, 0);
+        assert_eq!(report.repack_skipped.len(), 1, "{report:?}");
+        assert!(report.repack_skipped[0].problem.contains(&live.hex()));
+        assert!(
+            pack.exists(),
+            "the pack holding a corrupt live chunk was deleted"
+        );
+    }
+
+    #[test]
+    fn the_live_fraction_counts_stored_bytes() {
+        let entry = |n: u8, len: u32| PackEntry {
+            id: ChunkId([n; 32]),
+            offset: 8,
+            stored_len: len,
+            raw_len: len,
+            crc: 0,
+        };
+        let index = PackIndex {
+            pack_id: [0; 32],
+            pack_len: 1008,
+            entries: vec![entry(1, 300), entry(2, 700)],
+        };
+        let live = |ids: &[u8]| {
+            ids.iter()
+                .map(|&n| ChunkId([n; 32]))
+                .collect::<HashSet<_>>()
+        };
+        assert!(wants_repack(&index, &live(&[1]), 50));
+        assert!(!wants_repack(&index, &live(&[2]), 50));
+        assert!(!wants_repack(&index, &live(&[]), 50), "dead packs are gc's");
+        assert!(!wants_repack(&index, &live(&[1]), 0));
+    }
 }

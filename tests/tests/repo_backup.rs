@@ -241,18 +241,7 @@ fn six_points_restore_and_prune(url: &str, extra: &[&str], env: &[(&str, &str)])
     let dir = tempfile::tempdir().expect("temp dir");
     let restore = |point: &str, snapshot: &Model| {
         let dest = dir.path().join(format!("{point}.img"));
-        let mut args = vec![
-            "repo",
-            "restore",
-            url,
-            point,
-            "--into",
-            dest.to_str().unwrap(),
-        ];
-        args.extend(extra);
-        ok(&args, env);
-        snapshot.assert_equals_file(&dest, &format!("restore of {point}"));
-        std::fs::remove_file(&dest).expect("removing the restored image");
+        assert_restores_with(url, point, &dest, &snapshot.0, extra, env);
     };
     for (round, snapshot) in snapshots.iter().enumerate() {
         restore(&format!("vm1@c{round}"), snapshot);
@@ -434,21 +423,9 @@ fn kill_9_mid_backup_leaves_no_point_and_a_rerun_and_gc_work() {
             .stderr(Stdio::null()),
     )
     .expect("starting the pull");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while packs(&repo).is_empty() {
-        assert!(Instant::now() < deadline, "no pack appeared within 60 s");
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "the pull ended before a pack was stored"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    child.kill().expect("kill -9");
-    let _ = child.wait();
-    assert!(
-        repo.join("lock").exists(),
-        "the killed backup held the lock"
-    );
+    kill_9_when(&mut child, &repo, "a pack is stored", || {
+        !packs(&repo).is_empty()
+    });
 
     let listed = json(&["repo", "list", url], &[]);
     assert_eq!(listed, Value::Array(vec![]), "a killed backup left a point");
@@ -600,16 +577,12 @@ fn holey_file(path: &Path) -> Vec<u8> {
     data
 }
 
-/// Store `file` as the full point `disk@a` of `url` (1 MiB chunks).
-fn store_point(dir: &Path, file: &Path, url: &str, extra: &[&str], env: &[(&str, &str)]) {
-    let exported = export(dir, file, &["--read-only"]).expect("export");
-    let mut init = vec!["repo", "init", url, "--chunk-size", "1M"];
-    init.extend(extra);
-    ok(&init, env);
+/// `tidemark pull --full URI --repo URL` as the point `disk@CHECKPOINT` (volume uuid [`UUID`]).
+fn pull_point(uri: &str, url: &str, checkpoint: &str, extra: &[&str], env: &[(&str, &str)]) {
     let mut pull = vec![
         "pull",
         "--full",
-        &exported.uri,
+        uri,
         "--repo",
         url,
         "--volume",
@@ -617,10 +590,82 @@ fn store_point(dir: &Path, file: &Path, url: &str, extra: &[&str], env: &[(&str,
         "--volume-uuid",
         UUID,
         "--checkpoint",
-        "a",
+        checkpoint,
     ];
     pull.extend(extra);
     ok(&pull, env);
+}
+
+/// A copy of the directory repository `from` at `to`.
+fn copy_repo(from: &Path, to: &Path) {
+    let copied = Command::new("cp")
+        .arg("-a")
+        .arg(from)
+        .arg(to)
+        .status()
+        .expect("cp");
+    assert!(
+        copied.success(),
+        "cp -a {} {}",
+        from.display(),
+        to.display()
+    );
+}
+
+/// `tidemark repo prune URL --keep-last N` in the background, quiet, with `env`.
+fn start_prune(url: &str, keep_last: &str, env: &[(&str, &str)]) -> ChildGuard {
+    ChildGuard::spawn(
+        Command::new(tidemark_bin())
+            .args(["repo", "prune", url, "--keep-last", keep_last])
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    )
+    .expect("starting the prune")
+}
+
+/// Wait (60 s at most) until `reached`, while `child` runs; then kill -9 it and check that it
+/// died holding the lock of the directory repository `repo`.
+fn kill_9_when(child: &mut ChildGuard, repo: &Path, what: &str, reached: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !reached() {
+        assert!(Instant::now() < deadline, "{what}: not within 60 s");
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the child ended before {what}"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    child.kill().expect("kill -9");
+    let _ = child.wait();
+    assert!(
+        repo.join("lock").exists(),
+        "killed outside its lock ({what})"
+    );
+}
+
+/// Store `file` as the full point `disk@a` of `url` (1 MiB chunks).
+fn store_point(dir: &Path, file: &Path, url: &str, extra: &[&str], env: &[(&str, &str)]) {
+    let exported = export(dir, file, &["--read-only"]).expect("export");
+    let mut init = vec!["repo", "init", url, "--chunk-size", "1M"];
+    init.extend(extra);
+    ok(&init, env);
+    pull_point(&exported.uri, url, "a", extra, env);
+}
+
+/// nbdcopy of `uri` into `copy` equals `data`.
+fn assert_nbdcopy_reads(uri: &str, copy: &Path, data: &[u8]) {
+    let out = run(
+        Command::new("nbdcopy").arg(uri).arg(copy),
+        Duration::from_secs(120),
+    )
+    .expect("running nbdcopy");
+    assert!(out.status.success(), "nbdcopy: {}", out.stderr);
+    assert!(
+        std::fs::read(copy).unwrap() == data,
+        "nbdcopy of {uri} differs from the image"
+    );
 }
 
 #[test]
@@ -640,17 +685,7 @@ fn repo_export_of_an_s3_point_reads_equal_with_nbdcopy_and_maps_its_holes() {
     let mut extra = vec!["--cache-size", "8M"];
     extra.extend(s3);
     let (_server, uri) = repo_export(dir.path(), url, ("disk@latest", "disk@a"), &extra, &S3_ENV);
-    let copy = dir.path().join("copy.raw");
-    let out = run(
-        Command::new("nbdcopy").arg(&uri).arg(&copy),
-        Duration::from_secs(120),
-    )
-    .expect("running nbdcopy");
-    assert!(out.status.success(), "nbdcopy: {}", out.stderr);
-    assert!(
-        std::fs::read(&copy).unwrap() == data,
-        "nbdcopy of the repository export differs from the image"
-    );
+    assert_nbdcopy_reads(&uri, &dir.path().join("copy.raw"), &data);
 
     // Zero chunks are holes (flags 3: hole + zero), data chunks are data (0).
     let map = nbdinfo_map(&uri, "base:allocation").expect("nbdinfo --map");
@@ -747,17 +782,28 @@ fn a_corrupt_chunk_read_through_repo_export_is_an_nbd_eio_and_the_rest_still_rea
 
 /// `repo restore URL POINT --into DEST` writes `expected`; DEST is removed afterwards.
 fn assert_restores(url: &str, point: &str, dest: &Path, expected: &[u8]) {
-    ok(
-        &[
-            "repo",
-            "restore",
-            url,
-            point,
-            "--into",
-            dest.to_str().unwrap(),
-        ],
-        &[],
-    );
+    assert_restores_with(url, point, dest, expected, &[], &[]);
+}
+
+/// [`assert_restores`] with EXTRA arguments and environment `env` (an S3 repository).
+fn assert_restores_with(
+    url: &str,
+    point: &str,
+    dest: &Path,
+    expected: &[u8],
+    extra: &[&str],
+    env: &[(&str, &str)],
+) {
+    let mut restore = vec![
+        "repo",
+        "restore",
+        url,
+        point,
+        "--into",
+        dest.to_str().unwrap(),
+    ];
+    restore.extend(extra);
+    ok(&restore, env);
     assert!(
         std::fs::read(dest).unwrap() == expected,
         "the restore of {point} differs"
@@ -787,43 +833,14 @@ fn kill_9_during_prune_leaves_a_repository_that_verifies_and_a_rerun_prunes() {
         rng.fill(&mut data[..]);
         std::fs::write(&file, &data).expect("rewriting the image");
         images.push(data);
-        let checkpoint = format!("c{round}");
-        ok(
-            &[
-                "pull",
-                "--full",
-                &exported.uri,
-                "--repo",
-                url,
-                "--volume",
-                "disk",
-                "--volume-uuid",
-                UUID,
-                "--checkpoint",
-                &checkpoint,
-            ],
-            &[],
-        );
+        pull_point(&exported.uri, url, &format!("c{round}"), &[], &[]);
     }
     let mut caught = false;
     for trial in 0..10 {
         let repo = dir.path().join(format!("trial{trial}"));
-        let copied = Command::new("cp")
-            .arg("-a")
-            .arg(&pristine)
-            .arg(&repo)
-            .status()
-            .expect("cp");
-        assert!(copied.success());
+        copy_repo(&pristine, &repo);
         let url = repo.to_str().unwrap();
-        let mut child = ChildGuard::spawn(
-            Command::new(tidemark_bin())
-                .args(["repo", "prune", url, "--keep-last", "1"])
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null()),
-        )
-        .expect("starting the prune");
+        let mut child = start_prune(url, "1", &[]);
         // Kill it as soon as it has deleted its first point index.
         let deadline = Instant::now() + Duration::from_secs(60);
         while point_objects(&repo) == 6 && child.try_wait().unwrap().is_none() {
@@ -988,4 +1005,279 @@ fn daemon_push_to_a_repository_stores_points_and_confirms_the_checkpoint_only_af
     restore_equals("vm1@c4", &model);
     let report = json(&["repo", "verify", url, "--read-data"], &[]);
     assert_eq!(report["problems"], Value::Array(vec![]), "{report}");
+}
+
+/// Four full points `disk@c0..c3` of a 32 MiB image (1 MiB chunks), each rewriting every
+/// chunk of the previous one but two: once c0 and c1 are dropped, c0's packs are dead and
+/// c1's packs hold 2 live chunks of 30 (at most a third of any pack: partly live). The
+/// images, in order.
+fn four_overlapping_points(
+    dir: &Path,
+    url: &str,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> Vec<Vec<u8>> {
+    let file = dir.join("disk.raw");
+    let size = 32 * MIB;
+    std::fs::write(&file, vec![0u8; size]).expect("image");
+    let exported = export(dir, &file, &["--read-only"]).expect("export");
+    let mut init = vec!["repo", "init", url, "--chunk-size", "1M"];
+    init.extend(extra);
+    ok(&init, env);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(50);
+    let mut data = vec![0u8; size];
+    let mut images = Vec::new();
+    for (round, shared) in [[99, 99], [0, 17], [3, 20], [5, 22]].iter().enumerate() {
+        for (i, chunk) in data.chunks_mut(MIB).enumerate() {
+            if !shared.contains(&i) {
+                rng.fill(chunk);
+            }
+        }
+        std::fs::write(&file, &data).expect("rewriting the image");
+        images.push(data.clone());
+        pull_point(&exported.uri, url, &format!("c{round}"), extra, env);
+    }
+    images
+}
+
+/// Objects (files, with sizes) under `prefix` of the directory repository `repo`, sorted.
+/// object_store's staging files of puts in progress (`NAME#N`, renamed into place when
+/// complete) are not objects: the store never lists them.
+fn objects(repo: &Path, prefix: &str) -> Vec<(PathBuf, u64)> {
+    let mut out = Vec::new();
+    let mut stack = vec![repo.join(prefix)];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let meta = entry.metadata().expect("metadata");
+            if meta.is_dir() {
+                stack.push(entry.path());
+            } else if !entry.file_name().to_string_lossy().contains('#') {
+                out.push((entry.path(), meta.len()));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Prune --keep-last 2 of [`four_overlapping_points`] repacks c1's partly live packs: the
+/// repository shrinks to about its live chunks, both kept points restore equal, verify is
+/// clean. Returns the prune's report.
+fn prune_repacks(
+    url: &str,
+    images: &[Vec<u8>],
+    dir: &Path,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> Value {
+    let with = |args: &[&'static str]| {
+        let mut all: Vec<&str> = args.to_vec();
+        all.insert(2, url);
+        all.extend(extra);
+        all
+    };
+    let before = json(&with(&["repo", "verify", "--read-data"]), env);
+    assert_eq!(before["problems"], Value::Array(vec![]), "{before}");
+    let pruned = json(&with(&["repo", "prune", "--keep-last", "2"]), env);
+    assert_eq!(
+        pruned["removed_points"],
+        serde_json::json!(["disk@c0", "disk@c1"]),
+        "{pruned}"
+    );
+    assert!(pruned["repacked_packs"].as_u64() >= Some(1), "{pruned}");
+    // c1's two chunks still live (3 and 20) were copied once each.
+    assert_eq!(pruned["repacked_chunks"], 2, "{pruned}");
+    let after = json(&with(&["repo", "verify", "--read-data"]), env);
+    assert_eq!(after["problems"], Value::Array(vec![]), "{after}");
+    // 62 live chunks of 1 MiB of random data remain (c2's 30 new, c1's 2, c3's 30 new).
+    assert_eq!(after["chunks_checked"], 62, "{after}");
+    let dest = dir.join("restored.img");
+    assert_restores_with(url, "disk@c2", &dest, &images[2], extra, env);
+    assert_restores_with(url, "disk@c3", &dest, &images[3], extra, env);
+    pruned
+}
+
+#[test]
+fn prune_repacks_partly_live_packs_in_a_directory_and_the_repository_shrinks() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let repo = dir.path().join("repo");
+    let url = repo.to_str().unwrap();
+    let images = four_overlapping_points(dir.path(), url, &[], &[]);
+    let bytes = |repo: &Path| objects(repo, "data").iter().map(|o| o.1).sum::<u64>();
+    let before = bytes(&repo);
+    assert!(
+        before > 120 * MIB as u64,
+        "{before} bytes of packs for 4 points"
+    );
+    prune_repacks(url, &images, dir.path(), &[], &[]);
+    let after = bytes(&repo);
+    // Without repacking c1's partly live packs would stay whole (10 MiB or more each).
+    assert!(
+        after < 63 * MIB as u64,
+        "{after} bytes of packs for 62 live chunks of 1 MiB (before: {before})"
+    );
+    assert_eq!(
+        objects(&repo, "data").len(),
+        objects(&repo, "index").len(),
+        "a pack without an index (or an index without a pack) was left"
+    );
+}
+
+#[test]
+fn prune_repacks_partly_live_packs_on_seaweedfs_s3() {
+    let seaweed = Seaweed::start();
+    let s3 = ["--s3-endpoint", seaweed.endpoint.as_str()];
+    let dir = tempfile::tempdir().expect("temp dir");
+    let url = "s3://bkt/repacked";
+    let images = four_overlapping_points(dir.path(), url, &s3, &S3_ENV);
+    let pruned = prune_repacks(url, &images, dir.path(), &s3, &S3_ENV);
+    // Every pack of c0 and every repacked pack of c1 went.
+    assert!(pruned["removed_packs"].as_u64() >= Some(4), "{pruned}");
+    assert!(
+        pruned["written_bytes"].as_u64() < Some(3 * MIB as u64),
+        "{pruned}"
+    );
+}
+
+/// Where in a repack the kill -9 lands.
+#[derive(Debug, Clone, Copy)]
+enum RepackStep {
+    /// A new pack is written (its index maybe not).
+    NewPack,
+    /// A new pack index is written: its chunks are in two indexed packs.
+    NewIndex,
+    /// An old pack's index is deleted (the pack itself maybe not).
+    OldIndexGone,
+}
+
+#[test]
+fn kill_9_inside_a_repack_leaves_a_repository_that_verifies_and_a_rerun_finishes() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let pristine = dir.path().join("pristine");
+    let images = four_overlapping_points(dir.path(), pristine.to_str().unwrap(), &[], &[]);
+    // The repacking prune deletes c0 and c1 first: the state it starts repacking from.
+    let old_indexes = objects(&pristine, "index");
+    let old_packs = objects(&pristine, "data");
+    for step in [
+        RepackStep::NewPack,
+        RepackStep::NewIndex,
+        RepackStep::OldIndexGone,
+    ] {
+        let repo = dir.path().join(format!("{step:?}"));
+        copy_repo(&pristine, &repo);
+        let url = repo.to_str().unwrap();
+        // Each write or delete of the repack is followed by a pause long enough to observe
+        // the state it leaves and kill the prune in it.
+        let mut child = start_prune(url, "2", &[("TIDEMARK_TEST_REPACK_DELAY_MS", "400")]);
+        let rebased = |objects: &[(PathBuf, u64)]| -> Vec<PathBuf> {
+            objects
+                .iter()
+                .map(|(p, _)| repo.join(p.strip_prefix(&pristine).unwrap()))
+                .collect()
+        };
+        let (old_indexes, old_packs) = (rebased(&old_indexes), rebased(&old_packs));
+        let reached = || match step {
+            RepackStep::NewPack => objects(&repo, "data")
+                .iter()
+                .any(|o| !old_packs.contains(&o.0)),
+            RepackStep::NewIndex => objects(&repo, "index")
+                .iter()
+                .any(|o| !old_indexes.contains(&o.0)),
+            RepackStep::OldIndexGone => old_indexes.iter().any(|p| !p.exists()),
+        };
+        kill_9_when(&mut child, &repo, &format!("{step:?}"), reached);
+
+        let report = json(&["repo", "verify", url, "--read-data"], &[]);
+        assert_eq!(
+            report["problems"],
+            Value::Array(vec![]),
+            "{step:?}: {report}"
+        );
+        let dest = dir.path().join("restored.img");
+        assert_restores(url, "disk@c2", &dest, &images[2]);
+        assert_restores(url, "disk@c3", &dest, &images[3]);
+
+        // The rerun breaks the dead prune's lock and finishes: the leftovers go.
+        let out = ok(&["repo", "prune", url, "--keep-last", "2"], &[]);
+        assert!(
+            out.stderr.contains("stale lock"),
+            "{step:?}: {}",
+            out.stderr
+        );
+        let report = json(&["repo", "verify", url, "--read-data"], &[]);
+        assert_eq!(
+            report["problems"],
+            Value::Array(vec![]),
+            "{step:?}: {report}"
+        );
+        assert_eq!(report["chunks_checked"], 62, "{step:?}: {report}");
+        let data = objects(&repo, "data");
+        assert_eq!(
+            data.len(),
+            objects(&repo, "index").len(),
+            "{step:?}: leftovers"
+        );
+        let bytes: u64 = data.iter().map(|o| o.1).sum();
+        assert!(bytes < 63 * MIB as u64, "{step:?}: {bytes} bytes of packs");
+        assert_restores(url, "disk@c2", &dest, &images[2]);
+        assert_restores(url, "disk@c3", &dest, &images[3]);
+        std::fs::remove_dir_all(&repo).unwrap();
+    }
+}
+
+#[test]
+fn prune_is_refused_while_a_repo_export_serves_and_runs_after_it_stops() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("disk.raw");
+    let data = holey_file(&file);
+    let repo = dir.path().join("repo");
+    let url = repo.to_str().unwrap();
+    ok(&["repo", "init", url, "--chunk-size", "1M"], &[]);
+    let exported = export(dir.path(), &file, &["--read-only"]).expect("export");
+    let pull = |checkpoint: &str| pull_point(&exported.uri, url, checkpoint, &[], &[]);
+    pull("a");
+
+    let (mut server, uri) = repo_export(dir.path(), url, ("disk@a", "disk@a"), &[], &[]);
+    // A backup only adds objects: a reader does not hold it up.
+    pull("b");
+    for command in [
+        vec!["repo", "prune", url, "--keep-last", "1"],
+        vec!["repo", "gc", url],
+    ] {
+        let out = tidemark(&command, &[]);
+        assert!(!out.status.success(), "{command:?} ran under a live export");
+        let owner = format!("being read by repo export of disk@a (pid {}", server.id());
+        assert!(out.stderr.contains(&owner), "{command:?}: {}", out.stderr);
+    }
+    assert!(!repo.join("lock").exists(), "a refused prune left its lock");
+    // Nothing was deleted: the export still reads every byte.
+    assert_nbdcopy_reads(&uri, &dir.path().join("copy.raw"), &data);
+
+    // SIGTERM: the export stops and removes its shared lock; prune then runs.
+    let stopped = Command::new("kill")
+        .args(["-TERM", &server.id().to_string()])
+        .status()
+        .expect("kill -TERM");
+    assert!(stopped.success());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while server.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "repo export ignored SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        std::fs::read_dir(repo.join("locks")).map_or(0, |d| d.count()) == 0,
+        "the stopped export left its shared lock"
+    );
+    let out = ok(&["repo", "prune", url, "--keep-last", "1"], &[]);
+    assert!(!out.stderr.contains("stale"), "{}", out.stderr);
+    assert_eq!(listed_points(url).len(), 1);
+
+    // An export killed with -9 leaves a stale shared lock: the next prune breaks it.
+    std::fs::remove_file(dir.path().join("repo.sock")).ok();
+    let (mut server, _) = repo_export(dir.path(), url, ("disk@b", "disk@b"), &[], &[]);
+    server.kill().expect("kill -9");
+    let _ = server.wait();
+    let out = ok(&["repo", "gc", url], &[]);
+    assert!(out.stderr.contains("stale shared lock"), "{}", out.stderr);
+    assert_restores(url, "disk@b", &dir.path().join("restored.img"), &data);
 }

@@ -82,7 +82,8 @@ enum RepoCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Drop the points the policy does not keep, then delete the packs no point needs.
+    /// Drop the points the policy does not keep, repack the packs that are mostly dead, then
+    /// delete the packs no point needs.
     Prune {
         #[arg(env = "TIDEMARK_REPO", value_name = "URL")]
         url: String,
@@ -95,6 +96,11 @@ enum RepoCommand {
         /// Keep the newest point of each of the last N weeks that have points.
         #[arg(long, value_name = "N", default_value_t = 0)]
         keep_weekly: usize,
+        /// Repack packs less than PCT percent live: copy their live chunks into new packs and
+        /// delete them (0: never repack; packs with no live chunk are always deleted).
+        #[arg(long, value_name = "PCT", default_value_t = maint::DEFAULT_REPACK_BELOW,
+              value_parser = clap::value_parser!(u32).range(0..=100))]
+        repack_below: u32,
         /// Break the repository lock even if its owner may be alive (prints a warning).
         #[arg(long)]
         break_lock: bool,
@@ -280,6 +286,7 @@ async fn run_async(command: RepoCommand, options: StoreOptions) -> anyhow::Resul
             keep_last,
             keep_daily,
             keep_weekly,
+            repack_below,
             break_lock,
             json,
         } => {
@@ -295,7 +302,7 @@ async fn run_async(command: RepoCommand, options: StoreOptions) -> anyhow::Resul
                 daily: keep_daily,
                 weekly: keep_weekly,
             };
-            let report = maint::prune(&repo, keep, break_lock).await?;
+            let report = maint::prune(&repo, keep, repack_below, break_lock).await?;
             print_prune(&report, json)?;
             Ok(ExitCode::SUCCESS)
         }
@@ -332,6 +339,21 @@ fn print_prune(report: &PruneReport, json: bool) -> anyhow::Result<()> {
     } else {
         for point in &report.removed_points {
             println!("removed {point}");
+        }
+        for skipped in &report.repack_skipped {
+            eprintln!(
+                "warning: {} was kept whole: {}; run `tidemark repo verify --read-data`",
+                skipped.object, skipped.problem
+            );
+        }
+        if report.repacked_packs > 0 {
+            println!(
+                "repacked {} chunks of {} packs into {} new packs ({})",
+                report.repacked_chunks,
+                report.repacked_packs,
+                report.written_packs,
+                human_bytes(report.written_bytes)
+            );
         }
         println!(
             "kept {} points; removed {} points and {} packs ({})",

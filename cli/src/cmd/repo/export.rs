@@ -9,6 +9,7 @@ use tidemark_nbd::export::{
     Capabilities, Errno, Export, ExportError, ExportResult, Extent, MetaContext, ZeroFlags,
     STATE_HOLE, STATE_ZERO,
 };
+use tidemark_repo::lock::SharedLock;
 use tidemark_repo::reader::{PointReader, ReaderOptions};
 use tidemark_repo::{RepoError, Repository, StoreOptions};
 
@@ -195,13 +196,21 @@ pub async fn run(
     options: StoreOptions,
 ) -> anyhow::Result<()> {
     let repo = Repository::open(&url, &options).await?;
+    // Held while serving: prune and gc refuse to delete packs under a live reader.
+    let lock = SharedLock::acquire(&repo, &format!("repo export of {point}")).await?;
+    let served = serve(args, &repo, &url, &point).await;
+    lock.release().await?;
+    served
+}
+
+async fn serve(args: Args, repo: &Repository, url: &str, point: &str) -> anyhow::Result<()> {
     let reader_options = ReaderOptions {
         cache_bytes: args.cache_size,
         readahead: args.readahead,
     };
     let reader = PointReader::open(
-        &repo,
-        &point,
+        repo,
+        point,
         tokio::runtime::Handle::current(),
         reader_options,
     )
