@@ -1279,6 +1279,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::single_range_in_vec_init)] // a task's ranges really are a list
     fn the_plan_reads_each_record_once_newest_layer_first() {
         const K: u64 = 1024;
         let layers = vec![
