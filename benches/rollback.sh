@@ -13,8 +13,11 @@
 # restore of the point into a new image (fsynced). Then the rolled back volume is compared
 # with that restored image (cmp).
 # BASE=delta shows the cost of a delta base: a delta stores data in checksummed records of
-# up to 4 MiB, and a 64 KiB block is read by reading (and checking) its whole record. Medians of RUNS, with the load (uptime) beside each
-# run, and the ratio rollback / restore (the issue's goal: at most 0.05).
+# up to 4 MiB, and a 64 KiB block is read by reading (and checking) its whole record.
+# BASE=repo pushes c0 and c1 as points of a directory repository (repo:DIR) and compares
+# `volume rollback --from repo:DIR v@c1` with `repo restore DIR v@c1`. Medians of RUNS,
+# with the load (uptime) beside each run, and the ratio rollback / restore (the issue's
+# goal: at most 0.05).
 # Env: BENCH_DIR (default /var/tmp/tidemark-rollback-bench), TIDEMARK_BIN (default
 # target/release/tidemark), KEEP=1 keeps the files.
 set -euo pipefail
@@ -50,7 +53,8 @@ BASE=${BASE:-image}
 case "$BASE" in
     image) FULL=$DIR/c0.raw; FULL_FORMAT=image ;;
     delta) FULL=$DIR/c0.delta; FULL_FORMAT=delta ;;
-    *) echo "BASE must be image or delta" >&2; exit 2 ;;
+    repo) FULL=$DIR/repo; FULL_FORMAT=repo ;;
+    *) echo "BASE must be image, delta or repo" >&2; exit 2 ;;
 esac
 POINT=$DIR/c0-c1.delta
 RESTORED=$DIR/restored.raw
@@ -83,10 +87,22 @@ mkdir -m 700 -p "$STATE"
 SERVE_PID=$!
 for _ in $(seq 100); do [ -S "$STATE/control.sock" ] && break; sleep 0.1; done
 tm volume create v --backing "$VOL" >/dev/null
-tm backup begin v --checkpoint c0 --push "$FULL" --push-format "$FULL_FORMAT" >/dev/null
-qemu-io -f raw -c "write -P 7 $((SIZE / 3)) 64M" "nbd+unix:///v?socket=$SOCK" >/dev/null
-tm backup begin v --incremental c0 --checkpoint c1 --push "$POINT" --push-format delta >/dev/null
-echo "point at c1: $FULL ($FULL_FORMAT, $(du -h "$FULL" | cut -f1)) + $POINT ($(du -h "$POINT" | cut -f1))"
+if [ "$BASE" = repo ]; then
+    "$BIN" repo init "$FULL" >/dev/null
+    tm backup begin v --checkpoint c0 --push "repo:$FULL" >/dev/null
+    qemu-io -f raw -c "write -P 7 $((SIZE / 3)) 64M" "nbd+unix:///v?socket=$SOCK" >/dev/null
+    tm backup begin v --incremental c0 --checkpoint c1 --push "repo:$FULL" >/dev/null
+    echo "point at c1: repo:$FULL v@c1 ($(du -sh "$FULL" | cut -f1) in the repository)"
+    FROM=("repo:$FULL" v@c1)
+    RESTORE=(repo restore "$FULL" v@c1 --into "$RESTORED")
+else
+    tm backup begin v --checkpoint c0 --push "$FULL" --push-format "$FULL_FORMAT" >/dev/null
+    qemu-io -f raw -c "write -P 7 $((SIZE / 3)) 64M" "nbd+unix:///v?socket=$SOCK" >/dev/null
+    tm backup begin v --incremental c0 --checkpoint c1 --push "$POINT" --push-format delta >/dev/null
+    echo "point at c1: $FULL ($FULL_FORMAT, $(du -h "$FULL" | cut -f1)) + $POINT ($(du -h "$POINT" | cut -f1))"
+    FROM=("$FULL" "$POINT")
+    RESTORE=(restore --into "$RESTORED" "$FULL" "$POINT")
+fi
 
 # 1% of the volume in scattered 64 KiB blocks, a new pattern each run.
 change=$((SIZE / 100 / GRAIN))
@@ -108,10 +124,10 @@ for run in $(seq "$RUNS"); do
     mapfile -t args < <(qemu_changes "$run")
     qemu-io -f raw "${args[@]}" "nbd+unix:///v?socket=$SOCK" >/dev/null
     drop_caches
-    rb=$(seconds tm volume rollback v --checkpoint c1 --from "$FULL" "$POINT")
+    rb=$(seconds tm volume rollback v --checkpoint c1 --from "${FROM[@]}")
     rm -f "$RESTORED"
     drop_caches
-    rs=$(seconds "$BIN" restore --into "$RESTORED" "$FULL" "$POINT")
+    rs=$(seconds "$BIN" "${RESTORE[@]}")
     cmp --silent "$VOL" "$RESTORED" || { echo "run $run: the rolled back volume differs from the point" >&2; exit 1; }
     echo "$rb" >>"$DIR/rollback.txt"
     echo "$rs" >>"$DIR/restore.txt"

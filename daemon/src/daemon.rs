@@ -397,7 +397,11 @@ impl Daemon {
 
     fn volume_list(&self) -> Value {
         let volumes: Vec<Arc<VolumeHandle>> = self.registry().volumes.values().cloned().collect();
-        Value::Array(volumes.iter().map(|v| self.volume_report(v)).collect())
+        let mut list: Vec<Value> = volumes.iter().map(|v| self.volume_report(v)).collect();
+        let registered = volumes.iter().map(|v| v.name().to_string()).collect();
+        list.extend(crate::rollback::list_unregistered(self, &registered));
+        list.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
+        Value::Array(list)
     }
 
     fn volume_create(&self, args: VolumeCreateArgs) -> Result<Value, CommandError> {
@@ -524,11 +528,19 @@ impl Daemon {
                     "a backup of volume {name:?} is starting; end it before removing the volume"
                 )));
             }
-            registry.volumes.remove(&name).ok_or_else(|| {
-                CommandError::not_found(format!(
-                    "no volume named {name:?}; `tidemark volume list` shows them"
-                ))
-            })?
+            match registry.volumes.remove(&name) {
+                Some(volume) => volume,
+                None => {
+                    drop(registry);
+                    return crate::rollback::remove_unregistered(self, &name).unwrap_or_else(
+                        || {
+                            Err(CommandError::not_found(format!(
+                                "no volume named {name:?}; `tidemark volume list` shows them"
+                            )))
+                        },
+                    );
+                }
+            }
         };
         self.nbd.remove_export(&name);
         let backing = volume.backing().to_path_buf();

@@ -87,7 +87,7 @@ pub struct Mounted {
 pub struct MountRecord {
     /// The directory given to `tidemark mount` (canonical).
     pub dir: PathBuf,
-    /// The restore point: base, then deltas.
+    /// The restore point: base, then deltas (or `repo:URL`, then `VOLUME@CHECKPOINT`).
     pub point: Vec<PathBuf>,
     /// The process serving the point.
     pub pid: u32,
@@ -173,6 +173,31 @@ impl PointMount {
         deltas: &[PathBuf],
         dir: &Path,
     ) -> Result<PointMount, MountError> {
+        let mut point = vec![base.to_path_buf()];
+        point.extend(deltas.iter().cloned());
+        Self::mount_with(state_dir, point, dir, || {
+            Ok(Arc::new(ChainExport::open(base, deltas)?))
+        })
+    }
+
+    /// Serve a point opened by the caller (a repository point), named `point` in the
+    /// record (`repo:URL`, `VOLUME@CHECKPOINT`), read-only, and mount its filesystems at
+    /// `dir`. `export` must be read-only.
+    pub fn mount_export(
+        state_dir: &Path,
+        point: Vec<PathBuf>,
+        export: Arc<dyn Export>,
+        dir: &Path,
+    ) -> Result<PointMount, MountError> {
+        Self::mount_with(state_dir, point, dir, || Ok(export))
+    }
+
+    fn mount_with(
+        state_dir: &Path,
+        point: Vec<PathBuf>,
+        dir: &Path,
+        open: impl FnOnce() -> Result<Arc<dyn Export>, MountError>,
+    ) -> Result<PointMount, MountError> {
         let dir = target_dir(dir)?;
         let record_path = record_path(state_dir, &dir);
         if let Ok(old) = read_record(&record_path) {
@@ -188,8 +213,8 @@ impl PointMount {
             }
             cleanup(&old, &record_path)?;
         }
-        let chain = ChainExport::open(base, deltas)?;
-        let table = partition_table(&chain).map_err(|e| {
+        let chain = open()?;
+        let table = partition_table(&*chain).map_err(|e| {
             MountError::NoFilesystem(format!("reading the point's partition table: {e}"))
         })?;
         fs::create_dir_all(records_dir(state_dir)).map_err(io_err(format!(
@@ -198,9 +223,7 @@ impl PointMount {
         )))?;
         let front = FuseLoop::new(state_dir.join("mount-fuse"));
         let name = format!("point-{}", std::process::id());
-        let attached = front.attach(&name, Arc::new(chain), true)?;
-        let mut point = vec![base.to_path_buf()];
-        point.extend(deltas.iter().cloned());
+        let attached = front.attach(&name, chain, true)?;
         let mut this = PointMount {
             record: MountRecord {
                 dir: dir.clone(),

@@ -355,10 +355,23 @@ pub struct VolumeRollbackArgs {
     /// The checkpoint the point was taken at.
     pub checkpoint: String,
     /// Absolute path of the point's base: a full delta, or an image followed by deltas.
+    /// Empty with `repository`.
+    #[serde(default, skip_serializing_if = "path_is_empty")]
     pub base: PathBuf,
     /// Absolute paths of the point's incremental deltas, oldest first.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub deltas: Vec<PathBuf>,
+    /// The point is in this backup repository (a directory or `s3://BUCKET/PREFIX`)
+    /// instead of files: `point` names it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repository: Option<String>,
+    /// With `repository`: the point, `VOLUME@CHECKPOINT`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub point: Option<String>,
+}
+
+fn path_is_empty(path: &std::path::Path) -> bool {
+    path.as_os_str().is_empty()
 }
 
 /// `checkpoint-create`, `checkpoint-delete`.

@@ -18,8 +18,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use tidemark_engine::rollback::{RollbackError, RollbackRequest};
+use tidemark_engine::rollback::{
+    PointIdentity, PointRead, RepositoryPoint, RollbackError, RollbackMarker, RollbackRequest,
+};
 use tidemark_engine::volume::Volume;
+use tidemark_repo::reader::{PointReader, ReaderOptions};
+use tidemark_repo::{Repository, StoreOptions};
 
 use crate::daemon::Daemon;
 use crate::protocol::{CommandError, ErrorClass, VolumeRollbackArgs};
@@ -44,14 +48,144 @@ pub(crate) fn unavailable(daemon: &Daemon, name: &str) -> Option<CommandError> {
         )));
     }
     let marker = Volume::incomplete_rollback(&daemon.config.state_dir, name)?;
-    let rerun = match marker {
-        Ok(marker) => marker.request.command(name),
-        Err(_) => format!("tidemark volume rollback {name} --checkpoint C --from POINT..."),
-    };
+    let rerun = rerun_text(name, &marker);
     Some(CommandError::conflict(format!(
         "volume {name}: rollback incomplete, rerun `{rerun}` to finish it (reading, exporting \
          and attaching the volume are refused until then)"
     )))
+}
+
+/// The rerun command of an interrupted rollback of volume `name`.
+fn rerun_text(name: &str, marker: &Result<RollbackMarker, String>) -> String {
+    match marker {
+        Ok(marker) => marker.request.command(name),
+        Err(_) => format!("tidemark volume rollback {name} --checkpoint C --from POINT..."),
+    }
+}
+
+/// `volume-list` entries of the volumes a rollback keeps out of the registry: running
+/// ("rolling back") or interrupted ("rollback incomplete", with the command that finishes
+/// it). `registered` are the names listed already.
+pub(crate) fn list_unregistered(daemon: &Daemon, registered: &BTreeSet<String>) -> Vec<Value> {
+    let state_dir = &daemon.config.state_dir;
+    let names = match Volume::list(state_dir) {
+        Ok(names) => names,
+        Err(err) => {
+            tracing::warn!("listing the volumes of {}: {err}", state_dir.display());
+            return Vec::new();
+        }
+    };
+    let running = daemon.rollbacks.lock().clone();
+    let mut out = Vec::new();
+    for name in names.into_iter().filter(|n| !registered.contains(n)) {
+        let (state, rerun) = if running.contains(&name) {
+            ("rolling back", None)
+        } else {
+            match Volume::incomplete_rollback(state_dir, &name) {
+                Some(marker) => ("rollback incomplete", Some(rerun_text(&name, &marker))),
+                None => continue,
+            }
+        };
+        let hint = match &rerun {
+            Some(rerun) => format!(
+                "rerun `{rerun}` to finish the rollback (reading, exporting and attaching \
+                 the volume are refused until then), or `tidemark volume remove {name}`"
+            ),
+            None => "wait until the rollback ends".to_string(),
+        };
+        out.push(json!({
+            "name": name,
+            "state": state,
+            "rerun": rerun,
+            "hint": hint,
+            "export": null,
+            "uri": null,
+            "backup": null,
+            "attachment": null,
+        }));
+    }
+    out
+}
+
+/// `volume-remove` of volume `name`, absent from the registry: a volume whose rollback
+/// was interrupted is removed (its state; the backing stays, part rolled back); a running
+/// rollback is a conflict. `None` when there is no such volume.
+pub(crate) fn remove_unregistered(
+    daemon: &Daemon,
+    name: &str,
+) -> Option<Result<Value, CommandError>> {
+    if daemon.rollbacks.lock().contains(name) {
+        return Some(Err(CommandError::conflict(format!(
+            "a rollback of volume {name:?} is running; wait until it ends, then remove it"
+        ))));
+    }
+    Volume::incomplete_rollback(&daemon.config.state_dir, name).as_ref()?;
+    Some((|| {
+        // The engine lock keeps a rerun (which opens it the same way) out meanwhile.
+        let volume = VolumeHandle::open_for_rollback(&daemon.config.state_dir, name)?;
+        let backing = volume.backing().to_path_buf();
+        volume.remove().map_err(|(_, err)| err)?;
+        tracing::info!(volume = %name, "volume removed with its rollback incomplete");
+        Ok(json!({
+            "name": name,
+            "backing": backing,
+            "backing_kept": true,
+            "rollback_incomplete": true,
+        }))
+    })())
+}
+
+/// A repository point opened for a rollback, with the runtime its reads block on (the
+/// rollback's threads are not the runtime's own).
+struct RepoPoint {
+    reader: PointReader,
+    describe: String,
+    _runtime: tokio::runtime::Runtime,
+}
+
+impl RepoPoint {
+    fn open(at: &RepositoryPoint) -> Result<RepoPoint, String> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("tidemark-repo-rollback")
+            .enable_all()
+            .build()
+            .map_err(|err| format!("starting the repository reader: {err}"))?;
+        let reader = runtime
+            .block_on(async {
+                let repo = Repository::open(&at.url, &StoreOptions::default()).await?;
+                PointReader::open(
+                    &repo,
+                    &at.point,
+                    runtime.handle().clone(),
+                    ReaderOptions::default(),
+                )
+                .await
+            })
+            .map_err(|err| err.to_string())?;
+        Ok(RepoPoint {
+            reader,
+            describe: format!("repo:{} {}", at.url, at.point),
+            _runtime: runtime,
+        })
+    }
+}
+
+impl PointRead for RepoPoint {
+    fn identity(&self) -> PointIdentity {
+        let point = self.reader.point();
+        PointIdentity {
+            describe: self.describe.clone(),
+            volume_uuid: uuid::Uuid::from_bytes(point.volume_uuid),
+            size: point.size,
+            checkpoint: point.checkpoint.clone(),
+            created_unix: point.created_unix,
+        }
+    }
+
+    fn read(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        self.reader.read(offset, buf).map_err(std::io::Error::other)
+    }
 }
 
 /// The control-protocol class of a rollback failure.
@@ -146,9 +280,24 @@ pub(crate) fn rollback(daemon: &Daemon, args: VolumeRollbackArgs) -> Result<Valu
         checkpoint,
         base,
         deltas,
+        repository,
+        point,
     } = args;
+    let repository = match (repository, point) {
+        (Some(url), Some(point)) if base.as_os_str().is_empty() && deltas.is_empty() => {
+            Some(RepositoryPoint { url, point })
+        }
+        (None, None) => None,
+        _ => {
+            return Err(CommandError::invalid(
+                "volume-rollback: give the point either as files (base, deltas) or as a \
+                 repository point (repository and point), not both",
+            ))
+        }
+    };
     if let Some(path) = std::iter::once(&base)
         .chain(&deltas)
+        .filter(|_| repository.is_none())
         .find(|p| !p.is_absolute())
     {
         return Err(CommandError::invalid(format!(
@@ -161,6 +310,18 @@ pub(crate) fn rollback(daemon: &Daemon, args: VolumeRollbackArgs) -> Result<Valu
         checkpoint,
         base,
         deltas,
+        repository,
+    };
+    // A repository point is opened before the volume is claimed: a repository that cannot
+    // be read leaves the volume untouched and served.
+    let opened = match &request.repository {
+        Some(at) => Some(RepoPoint::open(at).map_err(|why| {
+            CommandError::invalid(format!(
+                "volume-rollback: the point repo:{} {}: {why}",
+                at.url, at.point
+            ))
+        })?),
+        None => None,
     };
     // A client that has just gone (a VM shut down, qemu-img exited) is still counted until
     // its connection's thread sees the close: give such connections a moment to end.
@@ -181,7 +342,7 @@ pub(crate) fn rollback(daemon: &Daemon, args: VolumeRollbackArgs) -> Result<Valu
         }
     };
     tracing::info!(volume = %name, "rollback: {}", request.command(&name));
-    let result = volume.rollback(&request);
+    let result = volume.rollback(&request, opened.as_ref().map(|p| p as &dyn PointRead));
     daemon.rollbacks.lock().remove(&name);
     match result {
         Ok(report) => {

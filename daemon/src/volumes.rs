@@ -193,8 +193,12 @@ impl VolumeHandle {
     pub(crate) fn rollback(
         &self,
         request: &RollbackRequest,
+        point: Option<&dyn tidemark_engine::rollback::PointRead>,
     ) -> Result<RollbackReport, RollbackError> {
-        self.volume.rollback(request)
+        match point {
+            Some(point) => self.volume.rollback_from(request, point),
+            None => self.volume.rollback(request),
+        }
     }
 
     /// Wait (bounded) until nobody else holds the volume, e.g. NBD connections that are

@@ -12,7 +12,9 @@
 //! - The point follows on as restore checks it (same volume, each delta from where the
 //!   previous one ends), and its last link ends at C of this volume: the same volume uuid
 //!   and size, C's name and generation. A bare image carries no such metadata and is
-//!   refused. (A repository point is not taken yet.)
+//!   refused. A repository point (opened by the caller, [`PointRead`]) records the volume
+//!   uuid, size and checkpoint name but no generation: it must also have been stored no
+//!   earlier than C was created (else it is of an earlier checkpoint of that name).
 //! - C exists and the changes since it are known (consistent bitmaps); otherwise only a
 //!   full restore can bring the volume back, and the error says so.
 //! - No snapshot of the volume is alive (a running backup would see the rollback's writes
@@ -24,7 +26,10 @@
 //!
 //! 1. The marker `rollback.json` in the volume's directory, naming C and the point, is
 //!    written durably (temp file, fsync, rename, fsync of the directory).
-//! 2. The changed blocks are read from the point and written to the backing store.
+//! 2. The changed blocks are read from the point and written to the backing store by
+//!    [`WORKERS`] threads ([`write_back`]): many reads in flight, adjacent blocks read
+//!    together, every delta record read and checked once however many changed blocks
+//!    fall in it, the volume written through its O_DIRECT descriptor.
 //! 3. The backing store is fdatasync'ed.
 //! 4. The chain switch ([`crate::checkpoint`]'s `rollback_to`): the later checkpoints
 //!    dropped, C's bitmap emptied and made the active one, in one chain replace.
@@ -40,20 +45,26 @@
 //! The environment variable `TIDEMARK_TEST_ROLLBACK_DELAY_MS` (tests only) pauses that
 //! long after each piece written in step 2, so a test can kill a rollback in the middle.
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, Read};
 use std::ops::Range;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use tidemark_formats::delta::{CheckpointRef, DeltaHeader};
+use tidemark_formats::delta::{CheckpointRef, DeltaHeader, DeltaReader, ExtentKind, IndexEntry};
+use uuid::Uuid;
 
 use crate::checkpoint::CheckpointError;
-use crate::copy::delta::{check_chain, open_delta, ChainBase, ChainSource};
-use crate::copy::{CopyError, Source};
+use crate::copy::delta::{check_chain, open_delta, ChainBase};
+use crate::copy::{CopyError, FileSource, Source};
 use crate::status::unix_now;
-use crate::volume::{Exclusive, Volume, VolumeError};
+use crate::volume::backing::{AlignedBuf, BackingFile, DIRECT_ALIGN as ALIGN};
+use crate::volume::{Volume, VolumeError};
 
 /// The marker of a rollback in progress, in the volume's directory.
 pub const MARKER_FILE: &str = "rollback.json";
@@ -64,8 +75,12 @@ const MARKER_VERSION: u32 = 1;
 /// Largest marker file read (a changed range takes about 30 bytes).
 const MAX_MARKER_LEN: u64 = 256 << 20;
 
-/// Bytes read from the point and written to the volume per step.
+/// Most bytes one task copies from a base image.
 const PIECE: u64 = 1 << 20;
+
+/// Threads of the write-back: enough reads in flight to keep a disk busy on scattered
+/// blocks, few enough that their records (up to 4 MiB each, twice) stay small in memory.
+const WORKERS: usize = 8;
 
 /// The test knob of the module doc.
 const DELAY_ENV: &str = "TIDEMARK_TEST_ROLLBACK_DELAY_MS";
@@ -79,21 +94,53 @@ pub struct RollbackRequest {
     pub base: PathBuf,
     /// The point's incremental deltas, oldest first.
     pub deltas: Vec<PathBuf>,
+    /// A repository point instead of files (`base` and `deltas` are then empty): the
+    /// caller opens it and hands it to [`Volume::rollback_from`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repository: Option<RepositoryPoint>,
+}
+
+/// A point of a backup repository, as `repo restore` names it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RepositoryPoint {
+    /// The repository (a directory or `s3://BUCKET/PREFIX`).
+    pub url: String,
+    /// `VOLUME@CHECKPOINT`.
+    pub point: String,
+}
+
+/// What a point opened by the caller ([`PointRead`]) records about itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PointIdentity {
+    /// The point for messages (`repo:URL VOLUME@CHECKPOINT`).
+    pub describe: String,
+    /// The uuid of the volume it was taken of.
+    pub volume_uuid: Uuid,
+    /// The volume's size then.
+    pub size: u64,
+    /// The checkpoint it was taken at (a repository records no generation).
+    pub checkpoint: String,
+    /// When it was stored, seconds since the Unix epoch.
+    pub created_unix: u64,
+}
+
+/// A point the engine does not open itself (a repository point), read by many threads
+/// at once.
+pub trait PointRead: Sync {
+    /// What the point records about itself, checked against the volume and checkpoint.
+    fn identity(&self) -> PointIdentity;
+    /// Fill `buf` with the point's bytes at `offset`.
+    fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
 }
 
 impl RollbackRequest {
     /// The command line that runs this rollback on volume `volume`.
     pub fn command(&self, volume: &str) -> String {
-        let mut command = format!(
+        format!(
             "tidemark volume rollback {volume} --checkpoint {} --from {}",
             self.checkpoint,
-            self.base.display()
-        );
-        for delta in &self.deltas {
-            command.push(' ');
-            command.push_str(&delta.display().to_string());
-        }
-        command
+            point_text(self)
+        )
     }
 }
 
@@ -264,8 +311,19 @@ pub(crate) fn refuse_if_incomplete(name: &str, dir: &Path) -> Result<(), VolumeE
     }
 }
 
-/// The point's last link and where it is, checked to follow on.
-fn check_point(request: &RollbackRequest) -> Result<(PathBuf, DeltaHeader), RollbackError> {
+/// The point's chain, checked to follow on.
+struct CheckedPoint {
+    /// The last link: where it is and its header.
+    last_path: PathBuf,
+    last: DeltaHeader,
+    /// Every delta, oldest first, with its index.
+    layers: Vec<(PathBuf, Vec<IndexEntry>)>,
+    /// The base image, when the chain starts with one.
+    image: Option<PathBuf>,
+}
+
+/// Open the point's deltas and check that they follow on, as restore checks them.
+fn check_point(request: &RollbackRequest) -> Result<CheckedPoint, RollbackError> {
     let failed = |reason: String| RollbackError::Point {
         point: point_text(request),
         reason,
@@ -277,27 +335,134 @@ fn check_point(request: &RollbackRequest) -> Result<(PathBuf, DeltaHeader), Roll
     }
     paths.extend(request.deltas.iter().cloned());
     let mut links = Vec::new();
+    let mut layers = Vec::new();
     for path in paths {
-        let header = open_delta(&path)
-            .map_err(|e| failed(crate::error::chain(&e)))?
-            .header()
-            .clone();
-        links.push((path, header));
+        let delta = open_delta(&path).map_err(|e| failed(crate::error::chain(&e)))?;
+        links.push((path.clone(), delta.header().clone()));
+        layers.push((path, delta.extents().to_vec()));
     }
     check_chain(&links, matches!(base, ChainBase::Image(_)))
         .map_err(|e| failed(crate::error::chain(&e)))?;
-    links.pop().ok_or_else(|| {
+    let (last_path, last) = links.pop().ok_or_else(|| {
         failed(format!(
             "{} is a plain image, which does not record the volume or checkpoint it was taken \
              at; give the point as a full delta (`backup begin --push FILE --push-format \
              delta`) or as an image followed by the deltas up to the checkpoint",
             request.base.display()
         ))
+    })?;
+    let image = match base {
+        ChainBase::Image(path) => {
+            let size = FileSource::open(&path, false)
+                .map_err(|e: CopyError| failed(crate::error::chain(&e)))?
+                .size();
+            if size != last.volume_size {
+                return Err(failed(format!(
+                    "the chain's base {} holds {size} bytes but {} describes {} bytes",
+                    path.display(),
+                    last_path.display(),
+                    last.volume_size
+                )));
+            }
+            Some(path)
+        }
+        ChainBase::Delta(_) => None,
+    };
+    Ok(CheckedPoint {
+        last_path,
+        last,
+        layers,
+        image,
     })
+}
+
+/// The point as checked before the pause.
+enum Checked {
+    /// Files: the last link, whose end is checked against the checkpoint in the pause.
+    Files {
+        last_path: PathBuf,
+        last: DeltaHeader,
+    },
+    /// A point the caller opened.
+    Reader(PointIdentity),
+}
+
+/// A point the caller opened must be of volume `volume` at checkpoint `wanted`, and
+/// stored no earlier than that checkpoint was created (`created_unix`): a point stored
+/// before was taken at an earlier checkpoint of the same name (a repository records no
+/// generation).
+fn check_reader_point(
+    volume: &str,
+    identity: &PointIdentity,
+    wanted: &CheckpointRef,
+    created_unix: u64,
+) -> Result<(), RollbackError> {
+    if identity.checkpoint != wanted.name {
+        return Err(RollbackError::Mismatch(format!(
+            "the point {} was taken at checkpoint {:?} but volume {volume} is to be rolled \
+             back to {}: give the point taken at {:?}",
+            identity.describe,
+            identity.checkpoint,
+            describe(wanted),
+            wanted.name
+        )));
+    }
+    if identity.created_unix < created_unix {
+        return Err(RollbackError::Mismatch(format!(
+            "the point {} was stored at {} (Unix time), before volume {volume}'s {} was \
+             created ({created_unix}): it was taken at an earlier checkpoint of that name; \
+             give the point stored when {:?} was created",
+            identity.describe,
+            identity.created_unix,
+            describe(wanted),
+            wanted.name
+        )));
+    }
+    Ok(())
+}
+
+impl Volume {
+    /// A point the caller opened must be of this volume (uuid and size).
+    fn check_identity(&self, identity: &PointIdentity) -> Result<(), RollbackError> {
+        let name = self.name();
+        if identity.volume_uuid != self.uuid() {
+            return Err(RollbackError::Mismatch(format!(
+                "the point {} is of volume uuid {} but volume {name} has uuid {}: give a \
+                 point of this volume",
+                identity.describe,
+                identity.volume_uuid,
+                self.uuid()
+            )));
+        }
+        if identity.size != self.size() {
+            return Err(RollbackError::Mismatch(format!(
+                "the point {} holds {} bytes but volume {name} has {}",
+                identity.describe,
+                identity.size,
+                self.size()
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Open the base image for the write-back: with O_DIRECT when the file system allows it
+/// (scattered reads then fetch exactly their blocks, no readahead), and buffered.
+fn open_base(path: &Path) -> io::Result<(Option<File>, File)> {
+    let buffered = File::open(path)?;
+    let direct = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+        .ok();
+    Ok((direct, buffered))
 }
 
 /// The point as given: `BASE DELTA...`.
 fn point_text(request: &RollbackRequest) -> String {
+    if let Some(RepositoryPoint { url, point }) = &request.repository {
+        return format!("repo:{url} {point}");
+    }
     std::iter::once(&request.base)
         .chain(&request.deltas)
         .map(|p| p.display().to_string())
@@ -315,6 +480,32 @@ impl Volume {
     /// meanwhile (the caller makes sure: no export connection, no attachment); writes
     /// are paused throughout.
     pub fn rollback(&self, request: &RollbackRequest) -> Result<RollbackReport, RollbackError> {
+        if request.repository.is_some() {
+            return Err(RollbackError::Point {
+                point: point_text(request),
+                reason: "a repository point is opened by the daemon: roll back through \
+                         `tidemark volume rollback`"
+                    .into(),
+            });
+        }
+        self.rollback_inner(request, None)
+    }
+
+    /// [`Volume::rollback`] from a point the caller opened (a repository point, named by
+    /// `request.repository`): its identity must be this volume's, at the checkpoint.
+    pub fn rollback_from(
+        &self,
+        request: &RollbackRequest,
+        point: &dyn PointRead,
+    ) -> Result<RollbackReport, RollbackError> {
+        self.rollback_inner(request, Some(point))
+    }
+
+    fn rollback_inner(
+        &self,
+        request: &RollbackRequest,
+        reader: Option<&dyn PointRead>,
+    ) -> Result<RollbackReport, RollbackError> {
         let started = Instant::now();
         let name = self.name().to_string();
         let dir = self.state_path().to_path_buf();
@@ -328,35 +519,71 @@ impl Volume {
                 });
             }
         }
-        let (last_path, last) = check_point(request)?;
-        if last.volume_uuid != self.uuid() {
-            return Err(RollbackError::Mismatch(format!(
-                "the point is of volume uuid {} ({}) but volume {name} has uuid {}: give a \
-                 point of this volume",
-                last.volume_uuid,
-                last_path.display(),
-                self.uuid()
-            )));
-        }
-        if last.volume_size != self.size() {
-            return Err(RollbackError::Mismatch(format!(
-                "the point describes {} bytes ({}) but volume {name} has {}",
-                last.volume_size,
-                last_path.display(),
-                self.size()
-            )));
-        }
-        let mut source = ChainSource::open(&ChainBase::detect(&request.base), &request.deltas)
-            .map_err(|e: CopyError| RollbackError::Point {
-                point: point_text(request),
-                reason: crate::error::chain(&e),
-            })?;
+        let (checked, files) = match reader {
+            Some(point) => {
+                let identity = point.identity();
+                self.check_identity(&identity)?;
+                let described = identity.describe.clone();
+                (
+                    Checked::Reader(identity),
+                    PointFiles {
+                        base: Base::Reader(point),
+                        layers: Vec::new(),
+                        describe: described,
+                    },
+                )
+            }
+            None => {
+                let CheckedPoint {
+                    last_path,
+                    last,
+                    layers,
+                    image,
+                } = check_point(request)?;
+                if last.volume_uuid != self.uuid() {
+                    return Err(RollbackError::Mismatch(format!(
+                        "the point is of volume uuid {} ({}) but volume {name} has uuid {}: \
+                         give a point of this volume",
+                        last.volume_uuid,
+                        last_path.display(),
+                        self.uuid()
+                    )));
+                }
+                if last.volume_size != self.size() {
+                    return Err(RollbackError::Mismatch(format!(
+                        "the point describes {} bytes ({}) but volume {name} has {}",
+                        last.volume_size,
+                        last_path.display(),
+                        self.size()
+                    )));
+                }
+                let base = match &image {
+                    Some(path) => {
+                        let (direct, buffered) =
+                            open_base(path).map_err(|err| RollbackError::Point {
+                                point: point_text(request),
+                                reason: format!("opening {}: {err}", path.display()),
+                            })?;
+                        Base::Image { direct, buffered }
+                    }
+                    None => Base::Zero,
+                };
+                (
+                    Checked::Files { last_path, last },
+                    PointFiles {
+                        base,
+                        layers,
+                        describe: point_text(request).replace(' ', " + "),
+                    },
+                )
+            }
+        };
         let rerun = request.command(&name);
         let delay = std::env::var(DELAY_ENV)
             .ok()
             .and_then(|v| v.parse::<u64>().ok())
             .map(Duration::from_millis);
-        self.exclusive(|mut ex| {
+        self.exclusive(|ex| {
             let generation = ex
                 .chain
                 .generation_of(&request.checkpoint)
@@ -365,15 +592,27 @@ impl Volume {
                 name: request.checkpoint.clone(),
                 generation,
             };
-            if last.to != wanted {
-                return Err(RollbackError::Mismatch(format!(
-                    "the point ends at {} ({}) but volume {name} is to be rolled back to {}: \
-                     give the point taken at {:?} (its last delta ends there)",
-                    describe(&last.to),
-                    last_path.display(),
-                    describe(&wanted),
-                    request.checkpoint
-                )));
+            match &checked {
+                Checked::Files { last_path, last } if last.to != wanted => {
+                    return Err(RollbackError::Mismatch(format!(
+                        "the point ends at {} ({}) but volume {name} is to be rolled back to \
+                         {}: give the point taken at {:?} (its last delta ends there)",
+                        describe(&last.to),
+                        last_path.display(),
+                        describe(&wanted),
+                        request.checkpoint
+                    )));
+                }
+                Checked::Reader(identity) => {
+                    let created = ex
+                        .chain
+                        .list(ex.active.as_deref())
+                        .into_iter()
+                        .find(|c| c.name == request.checkpoint)
+                        .map_or(0, |c| c.created_unix);
+                    check_reader_point(&name, identity, &wanted, created)?;
+                }
+                Checked::Files { .. } => {}
             }
             if ex.snapshots > 0 {
                 return Err(RollbackError::Busy(format!(
@@ -421,14 +660,12 @@ impl Volume {
                 .map_err(|e| marker_err("writing", e))?;
             // 2, 3. The blocks, then their sync.
             let (written, zeroed) =
-                write_back(&mut ex, &mut source, &changed, delay).map_err(|f| {
-                    RollbackError::Io {
-                        volume: name.clone(),
-                        what: f.what,
-                        offset: f.offset,
-                        rerun: rerun.clone(),
-                        source: f.source,
-                    }
+                write_back(ex.backing, &files, &changed, delay).map_err(|f| RollbackError::Io {
+                    volume: name.clone(),
+                    what: f.what,
+                    offset: f.offset,
+                    rerun: rerun.clone(),
+                    source: f.source,
                 })?;
             ex.backing.sync_data().map_err(|source| RollbackError::Io {
                 volume: name.clone(),
@@ -464,59 +701,364 @@ impl Volume {
 }
 
 /// Where and what failed in [`write_back`].
+#[derive(Debug)]
 struct WriteFailure {
     offset: u64,
     what: String,
     source: io::Error,
 }
 
-/// Step 2: copy `changed` from the point to the backing store, a piece at a time; all-zero
-/// pieces become zeros (a hole in a file). Returns the bytes written and zeroed.
-fn write_back(
-    ex: &mut Exclusive<'_>,
-    source: &mut ChainSource,
-    changed: &[Range<u64>],
-    delay: Option<Duration>,
-) -> Result<(u64, u64), WriteFailure> {
-    let fail = |offset, what: &'static str| {
-        move |source| WriteFailure {
-            offset,
-            what: what.to_string(),
-            source,
-        }
+/// Where a piece of the point reads from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Origin {
+    /// The base image at the same offset.
+    Base,
+    /// Zeros (a zero extent, or what a full delta does not cover).
+    Zero,
+    /// Data extent `entry` of delta `layer` (oldest first).
+    Record { layer: usize, entry: usize },
+}
+
+/// One unit of work of [`write_back`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Task {
+    /// Copy this range (at most [`PIECE`]) from the base image.
+    Base(Range<u64>),
+    /// Zero this range.
+    Zero(Range<u64>),
+    /// Decode one data record once and write these ranges of it.
+    Record {
+        layer: usize,
+        entry: usize,
+        ranges: Vec<Range<u64>>,
+    },
+}
+
+/// Append to `out`, in volume order, where each byte of `range` reads from at the point:
+/// the newest layer that covers it, else `base`.
+fn resolve(
+    range: Range<u64>,
+    layers: &[Vec<IndexEntry>],
+    base: Origin,
+    out: &mut Vec<(Range<u64>, Origin)>,
+) {
+    let Some((top, below)) = layers.split_last() else {
+        out.push((range, base));
+        return;
     };
-    let described = source.describe();
-    let mut buf = vec![0u8; PIECE as usize];
-    let (mut written, mut zeroed) = (0, 0);
+    let first = top.partition_point(|e| e.end() <= range.start);
+    let mut at = range.start;
+    for (i, e) in top.iter().enumerate().skip(first) {
+        if e.offset >= range.end {
+            break;
+        }
+        let (lo, hi) = (e.offset.max(range.start), e.end().min(range.end));
+        if at < lo {
+            resolve(at..lo, below, base, out);
+        }
+        let origin = match e.kind {
+            ExtentKind::Zero => Origin::Zero,
+            ExtentKind::Data => Origin::Record {
+                layer: below.len(),
+                entry: i,
+            },
+        };
+        out.push((lo..hi, origin));
+        at = hi;
+    }
+    if at < range.end {
+        resolve(at..range.end, below, base, out);
+    }
+}
+
+/// The tasks that write `changed` back from the point: adjacent base and zero pieces
+/// merged (base pieces up to [`PIECE`]), every record's pieces gathered into one task so
+/// it is read and checked once, in the order their first byte comes in the volume.
+fn plan(changed: &[Range<u64>], layers: &[Vec<IndexEntry>], image_base: bool) -> Vec<Task> {
+    let base = if image_base {
+        Origin::Base
+    } else {
+        Origin::Zero
+    };
+    let mut pieces = Vec::new();
     for range in changed {
-        let mut at = range.start;
-        while at < range.end {
-            let len = (range.end - at).min(PIECE);
-            let piece = &mut buf[..len as usize];
-            source.read_at(at, piece).map_err(|source| WriteFailure {
-                offset: at,
-                what: format!("reading the point ({described})"),
-                source,
-            })?;
-            if piece.iter().all(|&b| b == 0) {
-                ex.backing
-                    .zero(at, len, true)
-                    .map_err(fail(at, "zeroing the volume"))?;
-                zeroed += len;
-            } else {
-                ex.backing
-                    .write_at(at, piece)
-                    .map_err(fail(at, "writing the volume"))?;
-                written += len;
-            }
-            at += len;
-            crate::failpoint::check("rollback.write_back").map_err(fail(at, "the test"))?;
-            if let Some(delay) = delay {
-                std::thread::sleep(delay);
+        resolve(range.clone(), layers, base, &mut pieces);
+    }
+    let mut tasks: Vec<Task> = Vec::new();
+    let mut records: HashMap<(usize, usize), usize> = HashMap::new();
+    for (range, origin) in pieces {
+        match origin {
+            Origin::Zero => push_run(&mut tasks, range, Task::Zero),
+            Origin::Base => push_run(&mut tasks, range, Task::Base),
+            Origin::Record { layer, entry } => match records.get(&(layer, entry)) {
+                Some(&i) => {
+                    if let Task::Record { ranges, .. } = &mut tasks[i] {
+                        match ranges.last_mut() {
+                            Some(last) if last.end == range.start => last.end = range.end,
+                            _ => ranges.push(range),
+                        }
+                    }
+                }
+                None => {
+                    records.insert((layer, entry), tasks.len());
+                    tasks.push(Task::Record {
+                        layer,
+                        entry,
+                        ranges: vec![range],
+                    });
+                }
+            },
+        }
+    }
+    tasks
+}
+
+/// Append `range` to `tasks` as tasks made by `make`, each at most [`PIECE`] long, the
+/// first merged into the last task when that is of the same kind and ends where it starts.
+fn push_run(tasks: &mut Vec<Task>, range: Range<u64>, make: fn(Range<u64>) -> Task) {
+    let mut at = range.start;
+    if let Some(last) = tasks.last_mut() {
+        if let (Task::Base(open), Task::Base(_)) | (Task::Zero(open), Task::Zero(_)) =
+            (last, make(0..0))
+        {
+            if open.end == at && open.end - open.start < PIECE {
+                open.end = range.end.min(open.start + PIECE);
+                at = open.end;
             }
         }
     }
-    Ok((written, zeroed))
+    while at < range.end {
+        let end = range.end.min(at + PIECE);
+        tasks.push(make(at..end));
+        at = end;
+    }
+}
+
+/// What the point's bytes under its deltas read from.
+enum Base<'a> {
+    /// A base image: an O_DIRECT descriptor when the file system allows one, and a
+    /// buffered one (for unaligned pieces).
+    Image {
+        direct: Option<File>,
+        buffered: File,
+    },
+    /// A point the caller opened (no deltas over it).
+    Reader(&'a dyn PointRead),
+    /// Zeros (a full-delta base: what it does not cover is zero).
+    Zero,
+}
+
+/// The point as the write-back reads it.
+struct PointFiles<'a> {
+    base: Base<'a>,
+    /// The deltas, oldest first: path and index.
+    layers: Vec<(PathBuf, Vec<IndexEntry>)>,
+    describe: String,
+}
+
+/// What the workers share.
+struct Shared<'a, 'b> {
+    files: &'a PointFiles<'b>,
+    backing: &'a BackingFile,
+    tasks: &'a [Task],
+    next: AtomicUsize,
+    stop: AtomicBool,
+    written: AtomicU64,
+    zeroed: AtomicU64,
+    /// Serialises the test delay, so a test sees the same pace at any parallelism.
+    delay: Option<Mutex<Duration>>,
+    /// The failpoint `rollback.write_back`, armed on the caller's thread (failpoints are
+    /// per thread): the first task to end takes it and fails.
+    injected: Mutex<Option<io::Error>>,
+}
+
+/// One worker's buffers and open delta readers.
+struct Worker<'a, 'b, 'c> {
+    shared: &'c Shared<'a, 'b>,
+    readers: Vec<Option<DeltaReader<File>>>,
+    buf: AlignedBuf,
+    record: Vec<u8>,
+}
+
+impl Worker<'_, '_, '_> {
+    fn run(&mut self, task: &Task) -> Result<(), WriteFailure> {
+        let shared = self.shared;
+        let reading = |offset, source| WriteFailure {
+            offset,
+            what: format!("reading the point ({})", shared.files.describe),
+            source,
+        };
+        match task {
+            Task::Zero(range) => {
+                shared
+                    .backing
+                    .zero(range.start, range.end - range.start, true)
+                    .map_err(|source| WriteFailure {
+                        offset: range.start,
+                        what: "zeroing the volume".into(),
+                        source,
+                    })?;
+                shared
+                    .zeroed
+                    .fetch_add(range.end - range.start, Ordering::Relaxed);
+            }
+            Task::Base(range) => {
+                let len = (range.end - range.start) as usize;
+                let buf = self.buf.get(len);
+                let aligned = range.start % ALIGN as u64 == 0 && len % ALIGN == 0;
+                let read = match &shared.files.base {
+                    Base::Image {
+                        direct: Some(direct),
+                        ..
+                    } if aligned => direct.read_exact_at(buf, range.start),
+                    Base::Image { buffered, .. } => buffered.read_exact_at(buf, range.start),
+                    Base::Reader(point) => point.read(range.start, buf),
+                    Base::Zero => {
+                        buf.fill(0);
+                        Ok(())
+                    }
+                };
+                read.map_err(|e| reading(range.start, e))?;
+                store(shared, range.start, buf)?;
+            }
+            Task::Record {
+                layer,
+                entry,
+                ranges,
+            } => {
+                let (path, entries) = &shared.files.layers[*layer];
+                let e = entries[*entry];
+                let reader = match &mut self.readers[*layer] {
+                    Some(reader) => reader,
+                    slot => {
+                        let file = File::open(path).map_err(|err| reading(e.offset, err))?;
+                        let opened = DeltaReader::open(file, path)
+                            .map_err(|err| reading(e.offset, io::Error::other(err)))?;
+                        slot.insert(opened)
+                    }
+                };
+                reader
+                    .read_extent(&e, &mut self.record)
+                    .map_err(|err| reading(e.offset, io::Error::other(err)))?;
+                for range in ranges {
+                    let from = (range.start - e.offset) as usize;
+                    let to = (range.end - e.offset) as usize;
+                    let Some(data) = self.record.get(from..to) else {
+                        return Err(reading(
+                            range.start,
+                            io::Error::other(format!(
+                                "{}: the record at volume offset {} holds {} bytes, fewer than \
+                                 its index says",
+                                path.display(),
+                                e.offset,
+                                self.record.len()
+                            )),
+                        ));
+                    };
+                    store(shared, range.start, data)?;
+                }
+            }
+        }
+        let injected = shared
+            .injected
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(source) = injected {
+            return Err(WriteFailure {
+                offset: task_start(task),
+                what: "the test".into(),
+                source,
+            });
+        }
+        if let Some(delay) = &shared.delay {
+            let pace = delay.lock().unwrap_or_else(|e| e.into_inner());
+            std::thread::sleep(*pace);
+        }
+        Ok(())
+    }
+}
+
+fn task_start(task: &Task) -> u64 {
+    match task {
+        Task::Base(r) | Task::Zero(r) => r.start,
+        Task::Record { ranges, .. } => ranges.first().map_or(0, |r| r.start),
+    }
+}
+
+/// Write `data` to the volume at `at`; all zeros become zeros (a hole in a file).
+fn store(shared: &Shared<'_, '_>, at: u64, data: &[u8]) -> Result<(), WriteFailure> {
+    let len = data.len() as u64;
+    let result = if data.iter().all(|&b| b == 0) {
+        shared.zeroed.fetch_add(len, Ordering::Relaxed);
+        shared.backing.zero(at, len, true)
+    } else {
+        shared.written.fetch_add(len, Ordering::Relaxed);
+        shared.backing.write_at(at, data)
+    };
+    result.map_err(|source| WriteFailure {
+        offset: at,
+        what: "writing the volume".into(),
+        source,
+    })
+}
+
+/// Step 2: copy `changed` from the point to the backing store with [`WORKERS`] threads,
+/// each taking the next task of [`plan`]: many reads of the point in flight, each record
+/// decoded once, the volume written through its O_DIRECT descriptor. The first failure
+/// stops the others. Returns the bytes written and zeroed.
+fn write_back(
+    backing: &BackingFile,
+    files: &PointFiles<'_>,
+    changed: &[Range<u64>],
+    delay: Option<Duration>,
+) -> Result<(u64, u64), WriteFailure> {
+    let entries: Vec<Vec<IndexEntry>> = files.layers.iter().map(|(_, e)| e.clone()).collect();
+    let tasks = plan(changed, &entries, !matches!(files.base, Base::Zero));
+    let shared = Shared {
+        files,
+        backing,
+        tasks: &tasks,
+        next: AtomicUsize::new(0),
+        stop: AtomicBool::new(false),
+        written: AtomicU64::new(0),
+        zeroed: AtomicU64::new(0),
+        delay: delay.map(Mutex::new),
+        injected: Mutex::new(crate::failpoint::check("rollback.write_back").err()),
+    };
+    let failure: Mutex<Option<WriteFailure>> = Mutex::new(None);
+    std::thread::scope(|scope| {
+        for _ in 0..WORKERS.min(tasks.len()) {
+            scope.spawn(|| {
+                let mut worker = Worker {
+                    shared: &shared,
+                    readers: files.layers.iter().map(|_| None).collect(),
+                    buf: AlignedBuf::default(),
+                    record: Vec::new(),
+                };
+                while !shared.stop.load(Ordering::Relaxed) {
+                    let Some(task) = shared
+                        .tasks
+                        .get(shared.next.fetch_add(1, Ordering::Relaxed))
+                    else {
+                        break;
+                    };
+                    if let Err(failed) = worker.run(task) {
+                        shared.stop.store(true, Ordering::Relaxed);
+                        let mut first = failure.lock().unwrap_or_else(|e| e.into_inner());
+                        if first.as_ref().is_none_or(|f| f.offset > failed.offset) {
+                            *first = Some(failed);
+                        }
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    match failure.into_inner().unwrap_or_else(|e| e.into_inner()) {
+        Some(failed) => Err(failed),
+        None => Ok((shared.written.into_inner(), shared.zeroed.into_inner())),
+    }
 }
 
 #[cfg(test)]
@@ -590,6 +1132,7 @@ mod tests {
             checkpoint: checkpoint.into(),
             base: s.point.clone(),
             deltas: Vec::new(),
+            repository: None,
         }
     }
 
@@ -635,6 +1178,7 @@ mod tests {
         assert!(matches!(
             s.volume.rollback(&RollbackRequest {
                 deltas: vec![s.point.clone()],
+                repository: None,
                 ..request(&s, "c")
             }),
             Err(RollbackError::Point { .. })
@@ -652,6 +1196,7 @@ mod tests {
                 checkpoint: "c".into(),
                 base: image,
                 deltas: Vec::new(),
+                repository: None,
             })
             .unwrap_err();
         assert!(err.to_string().contains("plain image"), "{err}");
@@ -694,6 +1239,7 @@ mod tests {
             checkpoint: "d".into(),
             base: point.clone(),
             deltas: Vec::new(),
+            repository: None,
         };
         assert!(matches!(
             volume.rollback(&other),
@@ -704,6 +1250,7 @@ mod tests {
                 checkpoint: "c".into(),
                 base: point,
                 deltas: Vec::new(),
+                repository: None,
             })
             .unwrap();
         assert!(report.resumed);
@@ -712,5 +1259,134 @@ mod tests {
         let volume = Volume::open(&state, "v").unwrap();
         assert!(contents(&volume) == at_c);
         assert_eq!(volume.checkpoint_names(), ["c"]);
+    }
+
+    fn entry(offset: u64, length: u64, data: bool) -> IndexEntry {
+        IndexEntry {
+            offset,
+            length,
+            kind: if data {
+                ExtentKind::Data
+            } else {
+                ExtentKind::Zero
+            },
+            record_offset: 0,
+            encoding: tidemark_formats::delta::Encoding::Raw,
+            stored_len: 0,
+            data_crc: 0,
+            stored_crc: 0,
+        }
+    }
+
+    #[test]
+    #[allow(clippy::single_range_in_vec_init)] // a task's ranges really are a list
+    fn the_plan_reads_each_record_once_newest_layer_first() {
+        const K: u64 = 1024;
+        let layers = vec![
+            vec![
+                entry(0, 64 * K, true),
+                entry(64 * K, 64 * K, false),
+                entry(128 * K, 896 * K, true),
+            ],
+            vec![entry(8 * K, 4 * K, true), entry(200 * K, 4 * K, false)],
+        ];
+        let changed = [
+            0..16 * K,
+            60 * K..70 * K,
+            130 * K..140 * K,
+            196 * K..208 * K,
+        ];
+        let record = |layer, entry, ranges: &[Range<u64>]| Task::Record {
+            layer,
+            entry,
+            ranges: ranges.to_vec(),
+        };
+        assert_eq!(
+            plan(&changed, &layers, false),
+            [
+                record(0, 0, &[0..8 * K, 12 * K..16 * K, 60 * K..64 * K]),
+                record(1, 0, &[8 * K..12 * K]),
+                Task::Zero(64 * K..70 * K),
+                record(
+                    0,
+                    2,
+                    &[130 * K..140 * K, 196 * K..200 * K, 204 * K..208 * K]
+                ),
+                Task::Zero(200 * K..204 * K),
+            ]
+        );
+        // Over an image, what no delta covers reads from the image, a piece at a time.
+        let image = plan(
+            &[0..3 * PIECE + 5],
+            &[vec![entry(PIECE, 4 * K, true)]],
+            true,
+        );
+        assert_eq!(
+            image,
+            [
+                Task::Base(0..PIECE),
+                record(0, 0, &[PIECE..PIECE + 4 * K]),
+                Task::Base(PIECE + 4 * K..2 * PIECE + 4 * K),
+                Task::Base(2 * PIECE + 4 * K..3 * PIECE + 5),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_rollback_from_an_image_and_a_delta_equals_the_point() {
+        let s = setup();
+        // The point as an image of the volume at "c" plus the delta of "c" -> "e" over it.
+        let image = s.state.join("c.raw");
+        std::fs::write(&image, &s.at_c).unwrap();
+        let e = s.volume.checkpoint_create("e").unwrap();
+        let at_e = contents(&s.volume);
+        let delta = s.state.join("c-e.delta");
+        let c = s
+            .volume
+            .checkpoints()
+            .into_iter()
+            .find(|i| i.name == "c")
+            .unwrap();
+        let header = DeltaHeader {
+            volume_uuid: s.volume.uuid(),
+            volume_size: SIZE,
+            granularity: 4096,
+            from: Some(CheckpointRef {
+                name: "c".into(),
+                generation: c.generation,
+            }),
+            to: CheckpointRef {
+                name: "e".into(),
+                generation: e.generation,
+            },
+            created_unix: 1,
+        };
+        let mut writer =
+            DeltaWriter::new(BufWriter::new(File::create(&delta).unwrap()), &header, 1).unwrap();
+        // The changes c -> e (blocks 2, 24..=36 and 219) as data records and a zero run.
+        for (from, to) in [(8192, 12_288), (98_304, 102_400)] {
+            writer.write_data(from, &at_e[from as usize..to]).unwrap();
+        }
+        writer.write_zero(102_400, 45_056).unwrap();
+        for (from, to) in [(147_456, 151_552), (897_024, 901_120)] {
+            writer.write_data(from, &at_e[from as usize..to]).unwrap();
+        }
+        writer.finish().unwrap();
+        // Changes after "e", then the rollback to "e".
+        s.volume.write(0, &[6u8; 12_000], false).unwrap();
+        s.volume.write(120_000, &[7u8; 10_000], false).unwrap();
+        s.volume.write(890_000, &[8u8; 15_000], false).unwrap();
+        let report = s
+            .volume
+            .rollback(&RollbackRequest {
+                checkpoint: "e".into(),
+                base: image,
+                deltas: vec![delta],
+                repository: None,
+            })
+            .unwrap();
+        assert!(contents(&s.volume) == at_e, "the volume equals the point");
+        assert_eq!(s.volume.checkpoint_names(), ["c", "d", "e"]);
+        assert!(report.bytes_written > 0);
     }
 }

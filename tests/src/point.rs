@@ -95,3 +95,32 @@ pub fn changed_blocks(a: &Path, b: &Path) -> Vec<Range<u64>> {
     }
     out
 }
+
+/// Store the image `vol` as the full point `VOLUME@CHECKPOINT` (`point`) of a new
+/// directory repository `repo` (1 MiB chunks): served by `tidemark export`, read by
+/// `tidemark pull --full --repo`. Returns the `repo:URL` that names the repository.
+pub fn repo_point(vol: &Path, repo: &Path, point: &str) -> String {
+    let (volume, checkpoint) = point.split_once('@').expect("VOLUME@CHECKPOINT");
+    let url = arg(repo);
+    tidemark(&["repo", "init", &url, "--chunk-size", "1M"], COMMAND_LIMIT).ok();
+    let dir = repo.parent().expect("the repository's parent directory");
+    let exported = crate::export::export(dir, vol, &["--read-only"]).expect("tidemark export");
+    tidemark(
+        &[
+            "pull",
+            "--full",
+            &exported.uri,
+            "--repo",
+            &url,
+            "--volume",
+            volume,
+            "--volume-uuid",
+            POINT_UUID,
+            "--checkpoint",
+            checkpoint,
+        ],
+        COMMAND_LIMIT,
+    )
+    .ok();
+    format!("repo:{url}")
+}

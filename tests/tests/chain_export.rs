@@ -2,7 +2,8 @@
 //! reads exactly as the image `tidemark restore` writes (qemu-img compare, nbdcopy,
 //! nbdinfo's base:allocation), a broken chain is refused naming the break, and with
 //! `--overlay` writes (qemu-io) land in the overlay, survive a restart of the export and
-//! leave every backup file untouched.
+//! leave every backup file untouched. A repository point (`--chain repo:DIR VOLUME@C`)
+//! reads as `tidemark repo restore` of it (nbdcopy, cmp).
 
 #![allow(clippy::single_range_in_vec_init)] // extents really are lists of ranges
 
@@ -16,7 +17,7 @@ use tidemark_tests::export::{export_args, Exported};
 use tidemark_tests::image::{cmp_equal, random_extents, random_image, scribble, Image, MIB};
 use tidemark_tests::paths::{arg, scratch};
 use tidemark_tests::peers::{nbdinfo_map, qemu_io};
-use tidemark_tests::point::{full_delta, incremental_delta};
+use tidemark_tests::point::{full_delta, incremental_delta, repo_point};
 use tidemark_tests::{run, tidemark, COMMAND_LIMIT};
 
 const SIZE: u64 = 64 * MIB;
@@ -166,6 +167,49 @@ fn a_served_chain_reads_as_the_restored_image() {
         "{write:?}"
     );
     served.terminate().unwrap();
+}
+
+#[test]
+fn a_served_repository_point_reads_as_repo_restore_of_it() {
+    let point = Point::new();
+    let repo = repo_point(point.path("vol").as_path(), &point.path("repo"), "vol@thu");
+    let restored = point.p("restored.img");
+    let url = repo.trim_start_matches("repo:");
+    tidemark(
+        &["repo", "restore", url, "vol@thu", "--into", &restored],
+        COMMAND_LIMIT,
+    )
+    .ok();
+    let served = export_args(point.dir.path(), &["--chain", &repo, "vol@thu"], &[])
+        .expect("tidemark export --chain repo:URL POINT starts");
+    let copied = point.copy_out(&served.uri, "copied.img");
+    assert!(cmp_equal(&copied, point.path("restored.img"), None).unwrap());
+    assert!(cmp_equal(&copied, point.path("vol"), None).unwrap());
+    // Thursday's zeroed range is a hole of the point.
+    let map = nbdinfo_map(&served.uri, "base:allocation").unwrap();
+    let zeroed: u64 = map
+        .iter()
+        .filter(|&&(_, _, flags)| flags & 2 != 0)
+        .map(|&(o, l, _)| (o + l).min(ZEROED.end).saturating_sub(o.max(ZEROED.start)))
+        .sum();
+    assert_eq!(zeroed, ZEROED.end - ZEROED.start, "{map:?}");
+    served.terminate().unwrap();
+    // No overlay over a repository point: it says what to do instead.
+    let overlay = tidemark(
+        &[
+            "export",
+            "--chain",
+            &repo,
+            "vol@thu",
+            "--overlay",
+            &point.p("o.overlay"),
+            "--socket",
+            &point.p("o.sock"),
+        ],
+        COMMAND_LIMIT,
+    );
+    assert_eq!(overlay.code(), 2, "{overlay:?}");
+    assert!(overlay.stderr.contains("repo restore"), "{overlay:?}");
 }
 
 #[test]

@@ -2,7 +2,8 @@
 //! the files of a restore point (ext4 made with mkfs.ext4 -d, changed with debugfs, backed
 //! up as a full delta and an incremental one) show at DIR, a partitioned disk image gets
 //! each partition at DIR/pN, a busy mount is not pulled away, and nothing stays mounted or
-//! attached afterwards, also when the serving process was killed.
+//! attached afterwards, also when the serving process was killed. A point in a directory
+//! repository (`repo:DIR VOLUME@CHECKPOINT`) mounts the same way.
 
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -12,7 +13,7 @@ use std::time::Duration;
 use serde_json::Value;
 use tidemark_tests::image::MIB;
 use tidemark_tests::paths::{arg, scratch};
-use tidemark_tests::point::{changed_blocks, full_delta, incremental_delta};
+use tidemark_tests::point::{changed_blocks, full_delta, incremental_delta, repo_point};
 use tidemark_tests::{run, tidemark, Output, COMMAND_LIMIT};
 
 fn mounted(dir: &Path) -> bool {
@@ -223,6 +224,41 @@ fn a_mounted_point_shows_the_files_of_that_point() {
     tuesday.assert_gone();
     monday.assert_gone();
     assert!(std::fs::read_dir(&at_tue).unwrap().next().is_none());
+}
+
+#[test]
+fn a_repository_point_mounts_with_its_files() {
+    let dir = scratch();
+    let state = dir.path().join("state");
+    let image = dir.path().join("disk.img");
+    ext4_image(&image, 32 * MIB, &[("a.txt", "in the repository\n")]);
+    let repo = repo_point(&image, &dir.path().join("repo"), "disk@mon");
+    let at = dir.path().join("at");
+    let mount = Mount::new(&state, &[Path::new(&repo), Path::new("disk@mon")], &at);
+    assert_eq!(mount.record["mounts"][0]["fstype"], "ext4");
+    assert_eq!(mount.record["point"][1], "disk@mon");
+    assert_eq!(
+        std::fs::read_to_string(at.join("a.txt")).ok().as_deref(),
+        Some("in the repository\n")
+    );
+    assert!(std::fs::write(at.join("b.txt"), "no").is_err());
+    // A point the repository does not hold is refused, naming it.
+    std::fs::create_dir_all(dir.path().join("none")).unwrap();
+    let missing = tidemark(
+        &[
+            "mount",
+            "--state-dir",
+            &arg(&state),
+            &repo,
+            "disk@tue",
+            &arg(&dir.path().join("none")),
+        ],
+        COMMAND_LIMIT,
+    );
+    assert_eq!(missing.code(), 2, "{missing:?}");
+    assert!(missing.stderr.contains("disk@tue"), "{missing:?}");
+    mount.umount().ok();
+    mount.assert_gone();
 }
 
 /// An MBR partition entry: type 0x83 (Linux) at `start` sectors, `sectors` long.

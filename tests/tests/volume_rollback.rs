@@ -3,7 +3,8 @@
 //! checkpoint from the point taken there (compared byte for byte with `cmp` against that
 //! point restored by `tidemark restore`); refused while held (a python3-libnbd connection,
 //! a FUSE attachment) or given the wrong point or unknown changes; killed mid-way (kill -9
-//! of the daemon), refused until rerun, finished by the rerun.
+//! of the daemon), listed as "rollback incomplete" and refused until rerun, finished by the
+//! rerun or removed; and rolled back from a repository point (equal to `repo restore` of it).
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -373,16 +374,7 @@ fn a_rollback_killed_midway_leaves_the_volume_refused_until_a_rerun_finishes_it(
             .expect("running tidemark volume rollback"),
     );
     let marker = daemon.state_dir.join("volumes/v/rollback.json");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !marker.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "no rollback marker: {}",
-            daemon.log()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    std::thread::sleep(Duration::from_secs(1));
+    wait_for(&daemon, &marker);
     daemon.kill();
     let _ = cli.wait();
     assert!(marker.exists(), "kill -9 mid-rollback leaves the marker");
@@ -392,10 +384,19 @@ fn a_rollback_killed_midway_leaves_the_volume_refused_until_a_rerun_finishes_it(
     );
 
     daemon.restart();
-    let rerun = format!(
-        "rollback incomplete, rerun `tidemark volume rollback v --checkpoint c1 --from {} {}`",
+    let command = format!(
+        "tidemark volume rollback v --checkpoint c1 --from {} {}",
         s(&point.full),
         s(&point.c1)
+    );
+    let rerun = format!("rollback incomplete, rerun `{command}`");
+    let entry = listed(&daemon, "v");
+    assert_eq!(entry["state"], json!("rollback incomplete"), "{entry}");
+    assert_eq!(entry["rerun"], json!(command), "{entry}");
+    let table = daemon.cli(&["volume", "list"]);
+    assert!(
+        String::from_utf8_lossy(&table.stdout).contains("v: rollback incomplete; rerun `"),
+        "{table:?}"
     );
     refused(&daemon, &["volume", "info", "v"], &rerun);
     refused(&daemon, &["volume", "attach", "v", "--via", "fuse"], &rerun);
@@ -413,5 +414,152 @@ fn a_rollback_killed_midway_leaves_the_volume_refused_until_a_rerun_finishes_it(
     assert_eq!(report["resumed"], json!(true), "{report}");
     assert!(!marker.exists());
     assert!(same(&backing, &point.restored), "the rerun finished it");
+    qemu_io(&live, &["read -P 0x44 4M 1M".to_string()]);
+    assert_eq!(listed(&daemon, "v")["state"], json!("online"));
+
+    // Cut short again, then removed instead of rerun: the volume goes, its backing stays.
+    qemu_io(&live, &scatter(10, MIB, 0x60, 0.5));
+    let mut cli = ChildGuard::new(
+        Command::new(tidemark_bin())
+            .args(&args)
+            .arg("--state-dir")
+            .arg(&daemon.state_dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("running tidemark volume rollback"),
+    );
+    wait_for(&daemon, &marker);
+    daemon.kill();
+    let _ = cli.wait();
+    daemon.restart();
+    assert_eq!(listed(&daemon, "v")["state"], json!("rollback incomplete"));
+    let removed = daemon.cli_json(&["volume", "remove", "v"]);
+    assert_eq!(removed["rollback_incomplete"], json!(true), "{removed}");
+    let list = daemon.cli_json(&["volume", "list"]);
+    assert_eq!(list, json!([]), "removed: {list}");
+    assert!(!marker.exists() && backing.exists());
+    refused(&daemon, &["volume", "info", "v"], "no volume named");
+}
+
+/// The `volume list --json` entry of volume `name`.
+fn listed(daemon: &Daemon, name: &str) -> Value {
+    let list = daemon.cli_json(&["volume", "list"]);
+    list.as_array()
+        .expect("volume list")
+        .iter()
+        .find(|v| v["name"] == json!(name))
+        .cloned()
+        .unwrap_or_else(|| panic!("volume {name} is not listed: {list}"))
+}
+
+/// Wait until the rollback marker `marker` exists, then a second more (mid-rollback).
+fn wait_for(daemon: &Daemon, marker: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !marker.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "no rollback marker: {}",
+            daemon.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+}
+
+/// `tidemark ARGS` (no daemon), which must succeed.
+fn run_ok(args: &[&str]) {
+    let out = Command::new(tidemark_bin())
+        .args(args)
+        .output()
+        .expect("running tidemark");
+    assert!(
+        out.status.success(),
+        "tidemark {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn a_rollback_from_a_repository_point_equals_repo_restore_of_it() {
+    let daemon = Daemon::start();
+    let repo = daemon.dir.path().join("repo");
+    let url = s(&repo);
+    run_ok(&["repo", "init", &url, "--chunk-size", "1M"]);
+    let target = format!("repo:{url}");
+    let backing = daemon.create_volume("v", SIZE);
+    let live = daemon.uri("v");
+    qemu_io(
+        &live,
+        &[
+            qemu_write(0x11, 0, 8 * MIB),
+            qemu_write(0x22, 300 * MIB, 16 * MIB),
+        ],
+    );
+    let begin = |checkpoint: &str, incremental: Option<&str>| {
+        let mut args = vec!["backup", "begin", "v", "--checkpoint", checkpoint];
+        if let Some(from) = incremental {
+            args.extend(["--incremental", from]);
+        }
+        args.extend(["--push", &target]);
+        let done = daemon.cli_json(&args);
+        assert_eq!(done["state"], json!("completed"), "{done}");
+    };
+    begin("c0", None);
+    qemu_io(&live, &[qemu_write(0x44, 4 * MIB, 8 * MIB)]);
+    begin("c1", Some("c0"));
+    let restored = daemon.dir.path().join("repo-c1.raw");
+    run_ok(&["repo", "restore", &url, "v@c1", "--into", &s(&restored)]);
+
+    // About 1% changed, on both sides of a later checkpoint c2.
+    qemu_io(&live, &scatter(20, 256 * 1024, 0x60, 0.0));
+    daemon.cli_json(&["checkpoint", "create", "v", "c2"]);
+    qemu_io(&live, &scatter(20, 256 * 1024, 0x80, 0.5));
+    assert!(!same(&backing, &restored), "the volume changed");
+
+    // The point's own metadata must agree: another checkpoint, another volume.
+    let rollback = |checkpoint: &'static str, point: &'static str| {
+        [
+            "volume",
+            "rollback",
+            "v",
+            "--checkpoint",
+            checkpoint,
+            "--from",
+            target.as_str(),
+            point,
+        ]
+        .map(String::from)
+    };
+    let wrong = rollback("c0", "v@c1");
+    let wrong: Vec<&str> = wrong.iter().map(String::as_str).collect();
+    let stderr = refused(&daemon, &wrong, "was taken at checkpoint \"c1\"");
+    assert!(stderr.contains("checkpoint \"c0\""), "{stderr}");
+    daemon.create_volume("w", SIZE);
+    qemu_io(&daemon.uri("w"), &[qemu_write(0x77, 0, MIB)]);
+    let other = [
+        "backup",
+        "begin",
+        "w",
+        "--checkpoint",
+        "c9",
+        "--push",
+        target.as_str(),
+    ];
+    assert_eq!(daemon.cli_json(&other)["state"], json!("completed"));
+    let foreign = rollback("c1", "w@c9");
+    let foreign: Vec<&str> = foreign.iter().map(String::as_str).collect();
+    let stderr = refused(&daemon, &foreign, "is of volume uuid");
+    assert!(stderr.contains("w@c9"), "{stderr}");
+    assert!(!same(&backing, &restored), "nothing was written");
+
+    let args = rollback("c1", "v@c1");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let report = daemon.cli_json(&args);
+    assert!(same(&backing, &restored), "rolled back: {report}");
+    assert_eq!(report["dropped_checkpoints"], json!(["c2"]), "{report}");
+    // 40 writes of 256 KiB touch 5 blocks of 64 KiB each.
+    assert_eq!(report["bytes_rolled_back"], json!(40 * 5 * 64 * 1024));
     qemu_io(&live, &["read -P 0x44 4M 1M".to_string()]);
 }

@@ -37,6 +37,7 @@ use tidemark_nbd::server::{NbdListener, Server, ServerConfig};
 ///
 ///   tidemark export --chain mon.delta tue.delta wed.delta --name vm1 --socket /tmp/r.sock
 ///   tidemark export --chain mon.img tue.delta --overlay vm1.overlay --socket /tmp/r.sock
+///   tidemark export --chain repo:/srv/backups vm1@tue --socket /tmp/r.sock
 ///   qemu-system-x86_64 -drive file=nbd+unix:///?socket=/tmp/r.sock,format=raw ...
 #[derive(Debug, clap::Args)]
 #[command(verbatim_doc_comment)]
@@ -46,7 +47,8 @@ pub struct Args {
     pub file: Option<PathBuf>,
 
     /// Serve a restore point instead of a file: BASE (an image or a full delta) then its
-    /// DELTAs, oldest first. The chain is checked as `tidemark restore` checks it.
+    /// DELTAs, oldest first. The chain is checked as `tidemark restore` checks it. Or a
+    /// repository point: `repo:URL VOLUME@CHECKPOINT`, read straight from the repository.
     #[arg(long, num_args = 1.., value_name = "BASE DELTA", conflicts_with = "bitmap")]
     pub chain: Vec<PathBuf>,
 
@@ -120,7 +122,19 @@ struct Ready {
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let repo = super::mount::RepoPoint::open(&args.chain)?;
+    if repo.is_some() && args.overlay.is_some() {
+        bail!(
+            "--overlay takes a point of files (BASE DELTA...), not a repository point; \
+             restore the point (`tidemark repo restore URL POINT --into FILE`) and serve \
+             FILE, or serve the repository point read-only"
+        );
+    }
     let (export, chain): (Arc<dyn Export>, _) = match (&args.file, args.chain.split_first()) {
+        (_, Some(_)) if repo.is_some() => {
+            let export = repo.as_ref().map(|r| r.export.clone());
+            (export.context("the repository point")?, None)
+        }
         (_, Some((base, deltas))) => {
             let chain = Arc::new(open_chain(base, deltas, args.overlay.as_deref())?);
             (chain.clone(), Some(chain))

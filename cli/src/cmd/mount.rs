@@ -7,11 +7,17 @@ use std::process::{Command, ExitCode, Stdio};
 
 use anyhow::{bail, Context};
 use tidemark_daemon::point_mount::{self, MountRecord, PointMount};
+use tidemark_repo::reader::{PointReader, ReaderOptions};
+use tidemark_repo::{Repository, StoreOptions};
+
+use crate::cmd::repo::export::PointExport;
 
 /// Mount a restore point's filesystems read-only, to pick files out of a backup.
 ///
 /// POINT is what `tidemark restore` takes: a base (an image or a full delta) and its
-/// deltas, oldest first; the chain is checked as restore checks it. The point is served
+/// deltas, oldest first; the chain is checked as restore checks it. Or a repository
+/// point, `repo:URL VOLUME@CHECKPOINT` (URL a directory or s3://BUCKET/PREFIX), read
+/// straight from the repository (chunks fetched as read, checked and cached). The point is served
 /// without copying it (FUSE + loop; a partition table, MBR or GPT, is read from the point
 /// and each partition gets its own loop device): a disk image with a partition table gets each partition's filesystem mounted at DIR/pN, an image holding a single
 /// filesystem gets it mounted at DIR. Journals are not replayed (ext3/4 noload, xfs
@@ -22,10 +28,12 @@ use tidemark_daemon::point_mount::{self, MountRecord, PointMount};
 ///   tidemark mount mon.delta tue.delta wed.delta /mnt/restore
 ///   cp /mnt/restore/etc/fstab /tmp/ && tidemark umount /mnt/restore
 ///   tidemark mount vm1-disk.img vm1-tue.delta /mnt/vm1     # /mnt/vm1/p1, /mnt/vm1/p2
+///   tidemark mount repo:/srv/backups vm1@tue /mnt/vm1
 #[derive(Debug, clap::Args)]
 #[command(verbatim_doc_comment)]
 pub struct Args {
-    /// BASE [DELTA...] DIR: the restore point, then the directory to mount it at.
+    /// BASE [DELTA...] DIR (or repo:URL VOLUME@CHECKPOINT DIR): the restore point, then
+    /// the directory to mount it at.
     #[arg(required = true, num_args = 2.., value_name = "POINT... DIR")]
     pub paths: Vec<PathBuf>,
 
@@ -144,6 +152,81 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// A repository point opened for reading from threads outside any async runtime (FUSE,
+/// NBD transmission), with the runtime its reads block on: keep it while it is served.
+pub(crate) struct RepoPoint {
+    pub(crate) export: std::sync::Arc<PointExport>,
+    /// `repo:URL` (a directory made absolute) and `VOLUME@CHECKPOINT`.
+    pub(crate) named: [String; 2],
+    _runtime: tokio::runtime::Runtime,
+}
+
+impl RepoPoint {
+    /// `POINT...` as given: a repository point when it starts with `repo:URL`
+    /// (then exactly one VOLUME@CHECKPOINT follows), opened; `None` for files.
+    pub(crate) fn open(point: &[PathBuf]) -> anyhow::Result<Option<RepoPoint>> {
+        let Some(url) = point
+            .first()
+            .and_then(|p| p.to_str())
+            .and_then(|p| p.strip_prefix("repo:"))
+        else {
+            return Ok(None);
+        };
+        let [_, name] = point else {
+            bail!("a repository point is `repo:URL VOLUME@CHECKPOINT` (one point after repo:URL)");
+        };
+        let name = name.to_string_lossy().to_string();
+        let url = if url.contains("://") {
+            url.to_string()
+        } else {
+            std::path::absolute(url)
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|_| url.to_string())
+        };
+        // Its own runtime, started outside any other: reads block on it from other threads.
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("tidemark-repo-read")
+            .enable_all()
+            .build()
+            .context("starting the repository reader")?;
+        let reader = runtime
+            .block_on(async {
+                let repo = Repository::open(&url, &StoreOptions::default()).await?;
+                PointReader::open(
+                    &repo,
+                    &name,
+                    runtime.handle().clone(),
+                    ReaderOptions::default(),
+                )
+                .await
+            })
+            .with_context(|| format!("opening the point {name} of the repository {url}"))?;
+        Ok(Some(RepoPoint {
+            export: std::sync::Arc::new(PointExport::new(reader)),
+            named: [format!("repo:{url}"), name],
+            _runtime: runtime,
+        }))
+    }
+}
+
+/// Serve `point` (files, or a repository point) and mount its filesystems at `dir`.
+fn mount(
+    state: &std::path::Path,
+    point: &[PathBuf],
+    dir: &std::path::Path,
+) -> anyhow::Result<(PointMount, Option<RepoPoint>)> {
+    if let Some(repo) = RepoPoint::open(point)? {
+        let named = repo.named.iter().map(PathBuf::from).collect();
+        let mounted = PointMount::mount_export(state, named, repo.export.clone(), dir)?;
+        return Ok((mounted, Some(repo)));
+    }
+    let Some((base, deltas)) = point.split_first() else {
+        bail!("give the restore point: BASE [DELTA...]");
+    };
+    Ok((PointMount::mount(state, base, deltas, dir)?, None))
+}
+
 /// Mount in this process, print the record, serve until SIGTERM/SIGINT, then unmount.
 fn serve(
     state: &std::path::Path,
@@ -156,18 +239,19 @@ fn serve(
         .enable_all()
         .build()
         .context("starting the async runtime")?;
+    // Installed before anything is mounted: `tidemark umount` may signal at once.
+    let (mut terminate, mut interrupt) = runtime.block_on(async {
+        anyhow::Ok((
+            signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
+            signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
+        ))
+    })?;
+    // Mounted outside the runtime: a repository point's reads block on a runtime of their
+    // own, which they may not do from inside this one.
+    let (mut mounted, _repo) = mount(state, point, dir)
+        .with_context(|| format!("mounting the restore point at {}", dir.display()))?;
+    report(mounted.record(), json)?;
     runtime.block_on(async {
-        // Installed before anything is mounted: `tidemark umount` may signal at once.
-        let mut terminate =
-            signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-        let mut interrupt =
-            signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-        let Some((base, deltas)) = point.split_first() else {
-            bail!("give the restore point: BASE [DELTA...]");
-        };
-        let mut mounted = PointMount::mount(state, base, deltas, dir)
-            .with_context(|| format!("mounting the restore point at {}", dir.display()))?;
-        report(mounted.record(), json)?;
         loop {
             tokio::select! {
                 _ = terminate.recv() => {}
@@ -178,8 +262,8 @@ fn serve(
                 Err(err) => eprintln!("tidemark mount: cannot stop yet: {err}"),
             }
         }
-        Ok(ExitCode::SUCCESS)
-    })
+    });
+    Ok(ExitCode::SUCCESS)
 }
 
 pub fn run_umount(args: UmountArgs) -> anyhow::Result<ExitCode> {

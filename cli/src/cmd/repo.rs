@@ -1,6 +1,6 @@
 //! `tidemark repo`: the backup repository on a directory or S3-compatible storage.
 
-mod export;
+pub(crate) mod export;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -151,7 +151,9 @@ pub enum Command {
         /// The checkpoint the point was taken at.
         #[arg(long, value_name = "CHECKPOINT")]
         checkpoint: String,
-        /// The point: its base (a full delta or an image), then its deltas, oldest first.
+        /// The point: its base (a full delta or an image), then its deltas, oldest first;
+        /// or a repository point: `repo:URL VOLUME@CHECKPOINT` (URL a directory or
+        /// s3://BUCKET/PREFIX, as `backup begin --push repo:URL` stores points).
         #[arg(long = "from", value_name = "POINT", num_args = 1.., required = true)]
         from: Vec<PathBuf>,
         #[command(flatten)]
@@ -285,16 +287,7 @@ fn run_inner(command: Command) -> anyhow::Result<ExitCode> {
             from,
             client,
         } => {
-            let mut from = from
-                .into_iter()
-                .map(|path| std::path::absolute(&path).unwrap_or(path));
-            let base = from.next().unwrap_or_default();
-            let arguments = VolumeRollbackArgs {
-                name: name.clone(),
-                checkpoint,
-                base,
-                deltas: from.collect(),
-            };
+            let arguments = rollback_arguments(name.clone(), checkpoint, from)?;
             let report = client
                 .connect()?
                 .execute(&Request::VolumeRollback(arguments))?;
@@ -306,6 +299,50 @@ fn run_inner(command: Command) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `--from`: `BASE DELTA...` (files, made absolute), or `repo:URL VOLUME@CHECKPOINT`
+/// (a repository point, as `backup begin --push repo:URL` stores it).
+fn rollback_arguments(
+    name: String,
+    checkpoint: String,
+    from: Vec<PathBuf>,
+) -> anyhow::Result<VolumeRollbackArgs> {
+    let first = from.first().map(|p| p.to_string_lossy().to_string());
+    if let Some(url) = first.as_deref().and_then(|f| f.strip_prefix("repo:")) {
+        let [_, point] = &from[..] else {
+            anyhow::bail!(
+                "--from repo:URL takes one point after it: --from repo:{url} VOLUME@CHECKPOINT"
+            );
+        };
+        let url = if url.contains("://") {
+            url.to_string()
+        } else {
+            std::path::absolute(url)
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|_| url.to_string())
+        };
+        return Ok(VolumeRollbackArgs {
+            name,
+            checkpoint,
+            base: PathBuf::new(),
+            deltas: Vec::new(),
+            repository: Some(url),
+            point: Some(point.to_string_lossy().to_string()),
+        });
+    }
+    let mut from = from
+        .into_iter()
+        .map(|path| std::path::absolute(&path).unwrap_or(path));
+    let base = from.next().unwrap_or_default();
+    Ok(VolumeRollbackArgs {
+        name,
+        checkpoint,
+        base,
+        deltas: from.collect(),
+        repository: None,
+        point: None,
+    })
 }
 
 /// What a rollback did, for people.
@@ -451,6 +488,14 @@ fn print_volume_table(volumes: &Value) {
             "{} attached as {}",
             text(&volume["name"]),
             attachment_text(&volume["attachment"])
+        );
+    }
+    for volume in list.iter().filter(|v| v["hint"].is_string()) {
+        println!(
+            "{}: {}; {}",
+            text(&volume["name"]),
+            text(&volume["state"]),
+            text(&volume["hint"])
         );
     }
 }

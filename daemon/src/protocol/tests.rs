@@ -196,10 +196,24 @@ fn documented() -> Vec<(Command, Value)> {
                 checkpoint: "c2".into(),
                 base: "/backup/vm1-c1.delta".into(),
                 deltas: vec!["/backup/vm1-c2.delta".into()],
+                repository: None,
+                point: None,
             }),
             json!({"execute": "volume-rollback", "arguments": {"name": "vm1",
                 "checkpoint": "c2", "base": "/backup/vm1-c1.delta",
                 "deltas": ["/backup/vm1-c2.delta"]}}),
+        ),
+        (
+            Command::VolumeRollback(VolumeRollbackArgs {
+                name: "vm1".into(),
+                checkpoint: "c2".into(),
+                base: Default::default(),
+                deltas: Vec::new(),
+                repository: Some("s3://backups/site1".into()),
+                point: Some("vm1@c2".into()),
+            }),
+            json!({"execute": "volume-rollback", "arguments": {"name": "vm1",
+                "checkpoint": "c2", "repository": "s3://backups/site1", "point": "vm1@c2"}}),
         ),
     ]
 }
