@@ -33,7 +33,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use tidemark_formats::bitmap::{self, BitmapHeader, BitmapState};
+use tidemark_formats::bitmap::{self, BitmapHeader, BitmapState, PagedBits, PAGE_WORDS};
 use tidemark_formats::manifest::{CheckpointChain, CheckpointEntry};
 use tidemark_formats::FormatError;
 use uuid::Uuid;
@@ -66,7 +66,7 @@ impl NewCheckpoint {
 #[derive(Debug)]
 struct MergedPredecessor {
     file_name: String,
-    words: Vec<u64>,
+    words: PagedBits,
     problem: Option<String>,
     /// The opened bitmap, when the predecessor becomes the latest checkpoint.
     active: Option<ActiveBitmap>,
@@ -143,7 +143,7 @@ pub type CheckpointInfo = CheckpointStatus;
 struct Entry {
     file: CheckpointEntry,
     /// The bits of a frozen bitmap; `None` for the latest (read from the active bitmap).
-    frozen: Option<Vec<u64>>,
+    frozen: Option<PagedBits>,
     problem: Option<String>,
 }
 
@@ -227,7 +227,7 @@ impl Chain {
                 let bitmap_path = chain.bitmap_dir.join(&entry.bitmap_file);
                 let bitmap = match header {
                     Some(header) => {
-                        ActiveBitmap::activate(&bitmap_path, header, words, chain.params.durable)?
+                        ActiveBitmap::activate(&bitmap_path, header, &words, chain.params.durable)?
                     }
                     None => {
                         // Unreadable: start a fresh file so tracking goes on, but keep it
@@ -263,17 +263,15 @@ impl Chain {
         entry: &CheckpointEntry,
         latest: bool,
         events: &EventLog,
-    ) -> (Option<BitmapHeader>, Vec<u64>, Option<String>) {
+    ) -> (Option<BitmapHeader>, PagedBits, Option<String>) {
         let path = self.bitmap_dir.join(&entry.bitmap_file);
-        let blank = vec![
-            0u64;
+        let blank = PagedBits::new(
             self.params
                 .size
-                .div_ceil(u64::from(self.params.granularity))
-                .div_ceil(64) as usize
-        ];
+                .div_ceil(u64::from(self.params.granularity)),
+        );
         let volume = &self.params.volume;
-        let (header, words) = match bitmap::read_bitmap_file(&path) {
+        let (header, words) = match bitmap::read_bitmap_pages(&path) {
             Ok(read) => read,
             Err(err) => {
                 let problem = format!("bitmap file unreadable: {err}");
@@ -328,18 +326,19 @@ impl Chain {
         if problem.is_some() && header.state != BitmapState::Inconsistent {
             header.state = BitmapState::Inconsistent;
             // Record the verdict on disk so a later clean stop cannot launder it.
-            if let Err(err) = bitmap::write_bitmap_file(&path, &header, &words) {
-                events.push(
+            match bitmap::write_bitmap_pages(&path, &header, &words) {
+                Ok(written) => header = written,
+                Err(err) => events.push(
                     EventLevel::Error,
                     format!(
                         "volume {volume}: cannot mark {} inconsistent: {err}",
                         path.display()
                     ),
-                );
+                ),
             }
         } else if header.state == BitmapState::InUse && !latest {
             // Durable and trusted: a crash during a checkpoint operation. Make it Clean.
-            if let Err(err) = bitmap::write_bitmap_file(
+            if let Err(err) = bitmap::write_bitmap_pages(
                 &path,
                 &{
                     let mut h = header.clone();
@@ -503,7 +502,7 @@ impl Chain {
                     self.discard(new);
                     return Err(e.into());
                 }
-                Some(old.words())
+                Some(old.bits())
             }
             None => None,
         };
@@ -529,7 +528,7 @@ impl Chain {
                 let reactivated = ActiveBitmap::activate(
                     old.path(),
                     old.header(),
-                    old.words(),
+                    &old.bits(),
                     self.params.durable,
                 )?;
                 *active = Some(Arc::new(reactivated));
@@ -613,14 +612,18 @@ impl Chain {
         active: Option<&ActiveBitmap>,
     ) -> Result<MergedPredecessor, CheckpointError> {
         let pred = &self.entries[idx - 1];
-        let mut words = pred.frozen.clone().unwrap_or_default();
-        let deleted = match (&self.entries[idx].frozen, active) {
-            (Some(words), _) => words.clone(),
-            (None, Some(a)) => a.words(),
-            (None, None) => Vec::new(),
-        };
-        for (m, w) in words.iter_mut().zip(&deleted) {
-            *m |= w;
+        let blocks = self
+            .params
+            .size
+            .div_ceil(u64::from(self.params.granularity));
+        let mut words = pred
+            .frozen
+            .clone()
+            .unwrap_or_else(|| PagedBits::new(blocks));
+        match (&self.entries[idx].frozen, active) {
+            (Some(deleted), _) => words.or_assign(deleted),
+            (None, Some(a)) => words.or_assign(&a.bits()),
+            (None, None) => {}
         }
         let problem = pred
             .problem
@@ -647,15 +650,15 @@ impl Chain {
         };
         let prepared = fail("checkpoint.delete.merge")
             .and_then(|()| {
-                bitmap::write_bitmap_file(&path, &header, &words)
+                bitmap::write_bitmap_pages(&path, &header, &words)
                     .map_err(|e| TrackingError::from(e).into())
             })
-            .and_then(|()| match latest {
+            .and_then(|header| match latest {
                 true => fail("checkpoint.delete.activate").and_then(|()| {
                     Ok(Some(ActiveBitmap::activate(
                         &path,
                         header,
-                        words.clone(),
+                        &words,
                         self.params.durable,
                     )?))
                 }),
@@ -822,11 +825,7 @@ impl Chain {
         }
         for entry in &self.entries[idx..] {
             match (&entry.frozen, active) {
-                (Some(words), _) => {
-                    for (o, w) in out.iter_mut().zip(words.iter().skip(first)) {
-                        *o |= w;
-                    }
-                }
+                (Some(words), _) => words.or_words_into(first, out),
                 (None, Some(a)) => a.or_words_into(first, out),
                 (None, None) => {}
             }
@@ -834,12 +833,34 @@ impl Chain {
         Ok(())
     }
 
+    /// The first word at or after `from` that lies in a page allocated in any bitmap since
+    /// checkpoint `name` (words before it are clean along the chain); `None` if there is
+    /// none.
+    pub(crate) fn next_dirty_word_since(
+        &self,
+        name: &str,
+        active: Option<&ActiveBitmap>,
+        from: usize,
+    ) -> Result<Option<usize>, CheckpointError> {
+        let idx = self.find(name)?;
+        let page = (from / PAGE_WORDS) as u64;
+        let next = self.entries[idx..]
+            .iter()
+            .filter_map(|entry| match (&entry.frozen, active) {
+                (Some(bits), _) => bits.pages_in(page..u64::MAX).next().map(|(p, _)| p),
+                (None, Some(a)) => a.next_page_from(page),
+                (None, None) => None,
+            })
+            .min();
+        Ok(next.map(|p| (p as usize * PAGE_WORDS).max(from)))
+    }
+
     fn merged_since(&self, idx: usize, name: &str, active: Option<&ActiveBitmap>) -> DirtyBitmap {
         let mut out = DirtyBitmap::new(name, self.params.granularity, self.params.size);
         for entry in &self.entries[idx..] {
             match (&entry.frozen, active) {
-                (Some(words), _) => out.merge_words(words),
-                (None, Some(a)) => out.merge_words(&a.words()),
+                (Some(words), _) => out.merge(words),
+                (None, Some(a)) => out.merge(&a.bits()),
                 (None, None) => {}
             }
         }
@@ -976,6 +997,47 @@ mod tests {
             vec![2, 1]
         );
         assert!(list.iter().all(|c| c.consistent));
+    }
+
+    #[test]
+    fn a_chain_of_flat_bitmap_files_loads_and_its_latest_turns_paged() {
+        let dir = tempfile::tempdir().unwrap();
+        let events = EventLog::default();
+        let p = params(true);
+        let (mut chain, mut active) = Chain::load(dir.path(), p.clone(), &events).unwrap();
+        chain.create("a", &mut active).unwrap();
+        active.as_ref().unwrap().mark(4096, 4096).unwrap();
+        chain.create("b", &mut active).unwrap();
+        active.as_ref().unwrap().mark(0, 1).unwrap();
+        active.as_ref().unwrap().freeze().unwrap();
+        drop((chain, active));
+        // Rewrite every bitmap in the flat layout earlier builds wrote.
+        let mut files = Vec::new();
+        for entry in fs::read_dir(dir.path()).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "bitmap") {
+                let (header, words) = bitmap::read_bitmap_file(&path).unwrap();
+                assert!(header.is_paged());
+                bitmap::write_bitmap_file(&path, &header, &words).unwrap();
+                assert!(!bitmap::read_bitmap_file(&path).unwrap().0.is_paged());
+                files.push(path);
+            }
+        }
+        assert_eq!(files.len(), 2);
+        let (chain, active) = Chain::load(dir.path(), p, &events).unwrap();
+        let list = chain.list(active.as_deref());
+        assert_eq!(
+            list.iter().map(|c| c.changed_blocks).collect::<Vec<_>>(),
+            vec![2, 1]
+        );
+        assert!(list.iter().all(|c| c.consistent));
+        let latest = active.as_ref().unwrap();
+        assert!(bitmap::read_bitmap_file(latest.path())
+            .unwrap()
+            .0
+            .is_paged());
+        latest.mark(8192, 1).unwrap();
+        assert_eq!(chain.list(Some(latest))[1].changed_blocks, 2);
     }
 
     #[test]

@@ -4,10 +4,13 @@
 //! # The active bitmap
 //!
 //! Only the latest checkpoint's bitmap records writes; older ones are frozen (Clean on
-//! disk, crc-checked). The active bitmap lives in memory as `AtomicU64` words, one bit per
-//! tracking block (bit `i % 64` of word `i / 64`, the file's own layout), and in its file
-//! (`tidemark_formats::bitmap`): a 4 KiB header, then the payload. While open, the header
-//! says `InUse` (or stays `Inconsistent` if it already was).
+//! disk, crc-checked, held in memory as `PagedBits`). The active bitmap lives in memory as
+//! `AtomicU64` words, one bit per tracking block (bit `i % 64` of word `i / 64`, the file's
+//! own layout), in 4 KiB pages allocated at their first mark, and in its file
+//! (`tidemark_formats::bitmap`, paged layout): a 4 KiB header, then the payload, whose clean
+//! pages are holes, then the page crc table (written when the bitmap is frozen). While
+//! open, the header says `InUse` (or stays `Inconsistent` if it already was). Memory, disk
+//! and start-up therefore grow with the pages written, not with the volume's size.
 //!
 //! # Durable mode: write order, and why it is safe
 //!
@@ -59,17 +62,17 @@ use std::ops::Range;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
 
-use tidemark_formats::bitmap::{self, BitmapHeader, BitmapState, HEADER_LEN};
+use tidemark_formats::bitmap::{
+    self, BitmapHeader, BitmapState, Page, PagedBits, HEADER_LEN, PAGE_WORDS,
+};
 use tidemark_formats::FormatError;
 
 use crate::volume::backing::AlignedBuf;
 
 /// Bytes per payload page: the unit written by the group commit.
 const PAGE: usize = 4096;
-/// Words per payload page.
-const WORDS_PER_PAGE: usize = PAGE / 8;
 /// O_DIRECT payload writes are whole multiples of this (the usual logical sector size).
 const DIRECT_SECTOR: usize = 512;
 /// A sequential write marks this many times its own blocks ahead of itself...
@@ -140,7 +143,8 @@ pub struct DirtyBitmap {
     name: String,
     granularity: u32,
     volume_size: u64,
-    words: Vec<u64>,
+    /// One bit per tracking block; clean pages are not allocated.
+    bits: PagedBits,
 }
 
 impl DirtyBitmap {
@@ -151,7 +155,7 @@ impl DirtyBitmap {
             name: name.to_string(),
             granularity,
             volume_size,
-            words: vec![0; blocks.div_ceil(64) as usize],
+            bits: PagedBits::new(blocks),
         }
     }
 
@@ -175,97 +179,68 @@ impl DirtyBitmap {
         self.volume_size.div_ceil(u64::from(self.granularity))
     }
 
-    /// The raw words (bit `i % 64` of word `i / 64` is block `i`).
-    pub fn words(&self) -> &[u64] {
-        &self.words
+    /// The bits, one per tracking block (clean pages unallocated).
+    pub fn bits(&self) -> &PagedBits {
+        &self.bits
     }
 
     /// Whether tracking block `block` changed.
     pub fn is_dirty(&self, block: u64) -> bool {
-        bitmap::is_dirty(&self.words, block)
+        self.bits.get(block)
     }
 
     /// Number of changed tracking blocks.
     pub fn dirty_blocks(&self) -> u64 {
-        self.words.iter().map(|w| u64::from(w.count_ones())).sum()
+        self.bits.count_ones()
     }
 
     /// Changed byte ranges, in order, merged, clipped to the volume size.
     pub fn changed_extents(&self) -> Vec<Range<u64>> {
         let g = u64::from(self.granularity);
-        bitmap::dirty_runs(&self.words, self.block_count())
+        self.bits
+            .runs()
             .map(|r| r.start * g..(r.end * g).min(self.volume_size))
             .collect()
     }
 
     /// At most `max_runs` runs `(length, dirty)` describing `[offset, offset + len)` from
     /// its start, clipped to the volume: the work is proportional to the runs returned
-    /// plus the words scanned, never to the length of the range beyond the last run.
+    /// plus the allocated pages scanned, never to the length of the range beyond the last
+    /// run, and clean pages cost nothing.
     pub fn runs_capped(&self, offset: u64, len: u64, max_runs: usize) -> Vec<(u64, bool)> {
         let mut runs = RunBuilder::new(self.granularity, self.volume_size, offset, len, max_runs);
-        let first = runs.first_word();
-        let last = runs.end_word().min(self.words.len());
-        if first < last {
-            runs.feed(first, &self.words[first..last]);
+        let end = runs.end_word();
+        let pages = (runs.first_word() / PAGE_WORDS) as u64..end.div_ceil(PAGE_WORDS) as u64;
+        for (p, page) in self.bits.pages_in(pages) {
+            if runs.done() {
+                break;
+            }
+            let base = p as usize * PAGE_WORDS;
+            runs.clean_to_word(base);
+            let from = runs.first_word();
+            let to = end.min(base + PAGE_WORDS);
+            if from < to {
+                runs.feed(from, &page[from - base..to - base]);
+            }
         }
         runs.finish()
     }
 
     /// Runs `(length, dirty)` describing `[offset, offset + len)`, clipped to the volume.
-    ///
-    /// The dirty runs come from [`bitmap::dirty_runs`] over the words that cover the
-    /// range (starting at the word holding its first block); the clean runs are the gaps.
     pub fn runs(&self, offset: u64, len: u64) -> Vec<(u64, bool)> {
-        let end = offset.saturating_add(len).min(self.volume_size);
-        if offset >= end {
-            return Vec::new();
-        }
-        let g = u64::from(self.granularity);
-        let first_word = offset / g / 64;
-        let base = first_word * 64;
-        let last_block = (end - 1) / g + 1;
-        let mut out = Vec::new();
-        let mut pos = offset;
-        for run in bitmap::dirty_runs(&self.words[first_word as usize..], last_block - base) {
-            // Runs of the first word that end before `offset` clip to nothing.
-            let start = ((base + run.start) * g).max(offset);
-            let stop = ((base + run.end) * g).min(end);
-            if start >= stop {
-                continue;
-            }
-            if start > pos {
-                out.push((start - pos, false));
-            }
-            out.push((stop - start, true));
-            pos = stop;
-        }
-        if pos < end {
-            out.push((end - pos, false));
-        }
-        out
+        self.runs_capped(offset, len, usize::MAX)
     }
 
-    /// OR `words` into this bitmap (a merge along the checkpoint chain).
-    pub(crate) fn merge_words(&mut self, words: &[u64]) {
-        for (w, o) in self.words.iter_mut().zip(words) {
-            *w |= o;
-        }
-        self.clear_tail();
+    /// OR `bits` into this bitmap (a merge along the checkpoint chain), walking only its
+    /// allocated pages.
+    pub(crate) fn merge(&mut self, bits: &PagedBits) {
+        self.bits.or_assign(bits);
     }
 
     /// Mark the bytes `[offset, offset + len)` changed.
     pub fn mark(&mut self, offset: u64, len: u64) {
-        bitmap::set_dirty_range(&mut self.words, blocks_of(offset, len, self.granularity));
-        self.clear_tail();
-    }
-
-    fn clear_tail(&mut self) {
-        let tail = self.block_count() % 64;
-        if tail != 0 {
-            if let Some(last) = self.words.last_mut() {
-                *last &= (1u64 << tail) - 1;
-            }
-        }
+        self.bits
+            .set_range(blocks_of(offset, len, self.granularity));
     }
 }
 
@@ -316,6 +291,11 @@ impl RunBuilder {
             return self.first_word();
         }
         ((self.end - 1) / self.granularity / 64 + 1) as usize
+    }
+
+    /// Describe everything before word `word` as clean (the words skipped are all clear).
+    pub fn clean_to_word(&mut self, word: usize) {
+        self.push(word as u64 * 64 * self.granularity, false);
     }
 
     /// Whether no more words are needed: the range is described or the cap is reached.
@@ -405,13 +385,42 @@ impl PendingMark<'_> {
     pub(crate) fn finish(self) -> Result<(), TrackingError> {
         self.active.group_commit(self.target)?;
         for (word, mask) in word_masks(self.blocks) {
-            self.active.synced[word].fetch_or(mask, Ordering::Release);
+            self.active.page_for(word).synced[word % PAGE_WORDS].fetch_or(mask, Ordering::Release);
         }
         Ok(())
     }
 }
 
+/// One 4 KiB payload page of the active bitmap, allocated at its first mark.
+#[derive(Debug)]
+struct ActivePage {
+    /// Blocks actually written: what every report and every frozen bitmap shows.
+    written: [AtomicU64; PAGE_WORDS],
+    /// Durable mode: the bits the file holds (or is about to): `written` plus blocks
+    /// marked ahead of a sequential stream.
+    on_disk: [AtomicU64; PAGE_WORDS],
+    /// Durable mode: bits of `on_disk` known to be on stable storage.
+    synced: [AtomicU64; PAGE_WORDS],
+    /// Whether the page waits in the group commit's queue.
+    queued: AtomicBool,
+}
+
+impl ActivePage {
+    fn new() -> Box<ActivePage> {
+        Box::new(ActivePage {
+            written: std::array::from_fn(|_| AtomicU64::new(0)),
+            on_disk: std::array::from_fn(|_| AtomicU64::new(0)),
+            synced: std::array::from_fn(|_| AtomicU64::new(0)),
+            queued: AtomicBool::new(false),
+        })
+    }
+}
+
 /// The bitmap of the latest checkpoint: set by every write, persisted per the module doc.
+///
+/// Its pages are allocated at their first mark (a directory of lazily set slots), so a
+/// huge volume with few writes holds little memory; its file has the paged layout, clean
+/// pages being holes.
 #[derive(Debug)]
 pub(crate) struct ActiveBitmap {
     path: PathBuf,
@@ -423,14 +432,7 @@ pub(crate) struct ActiveBitmap {
     durable: bool,
     granularity: u32,
     block_count: u64,
-    /// Blocks actually written: what every report and every frozen bitmap shows.
-    written: Box<[AtomicU64]>,
-    /// Durable mode: the bits the file holds (or is about to): `written` plus blocks
-    /// marked ahead of a sequential stream.
-    on_disk: Box<[AtomicU64]>,
-    /// Durable mode: bits of `on_disk` known to be on stable storage.
-    synced: Box<[AtomicU64]>,
-    page_queued: Box<[AtomicBool]>,
+    pages: Box<[OnceLock<Box<ActivePage>>]>,
     queue: Mutex<Vec<usize>>,
     commit: Mutex<Commit>,
     commit_done: Condvar,
@@ -445,24 +447,28 @@ impl ActiveBitmap {
         durable: bool,
     ) -> Result<ActiveBitmap, TrackingError> {
         header.state = BitmapState::InUse;
-        let words = vec![0u64; header.word_count()];
-        bitmap::write_bitmap_file(path, &header, &words)?;
-        Self::from_parts(path, header, words, durable)
+        let bits = PagedBits::new(header.block_count());
+        let header = bitmap::write_bitmap_pages(path, &header, &bits)?;
+        Self::from_parts(path, header, &bits, durable)
     }
 
     /// Activate an existing bitmap file whose contents were already read and judged.
     /// Its header goes to InUse on disk (Inconsistent stays Inconsistent) before any
-    /// write can set a bit.
+    /// write can set a bit. A file of the flat layout is first replaced by a paged one
+    /// holding the same bits, so the file never mixes the two.
     pub(crate) fn activate(
         path: &Path,
         mut header: BitmapHeader,
-        words: Vec<u64>,
+        bits: &PagedBits,
         durable: bool,
     ) -> Result<ActiveBitmap, TrackingError> {
         if header.state != BitmapState::Inconsistent {
             header.state = BitmapState::InUse;
         }
-        let active = Self::from_parts(path, header, words, durable)?;
+        if !header.is_paged() {
+            header = bitmap::write_bitmap_pages(path, &header, bits)?;
+        }
+        let active = Self::from_parts(path, header, bits, durable)?;
         active.write_header()?;
         Ok(active)
     }
@@ -470,7 +476,7 @@ impl ActiveBitmap {
     fn from_parts(
         path: &Path,
         header: BitmapHeader,
-        words: Vec<u64>,
+        bits: &PagedBits,
         durable: bool,
     ) -> Result<ActiveBitmap, TrackingError> {
         let io_err = |action, source| TrackingError::Io {
@@ -488,8 +494,19 @@ impl ActiveBitmap {
             .custom_flags(libc::O_DIRECT)
             .open(path)
             .ok();
-        let pages = words.len().div_ceil(WORDS_PER_PAGE).max(1);
-        let synced: Vec<AtomicU64> = words.iter().map(|&w| AtomicU64::new(w)).collect();
+        let pages: Box<[OnceLock<Box<ActivePage>>]> = (0..bits.page_count().max(1))
+            .map(|_| OnceLock::new())
+            .collect();
+        for (p, words) in bits.pages() {
+            let page = ActivePage::new();
+            for (i, &w) in words.iter().enumerate() {
+                page.written[i].store(w, Ordering::Relaxed);
+                page.on_disk[i].store(w, Ordering::Relaxed);
+                page.synced[i].store(w, Ordering::Relaxed);
+            }
+            // Fresh slots: the set cannot fail.
+            let _ = pages[p as usize].set(page);
+        }
         Ok(ActiveBitmap {
             path: path.to_path_buf(),
             file,
@@ -498,15 +515,23 @@ impl ActiveBitmap {
             block_count: header.block_count(),
             header: Mutex::new(header),
             durable,
-            written: words.iter().map(|&w| AtomicU64::new(w)).collect(),
-            on_disk: words.into_iter().map(AtomicU64::new).collect(),
-            synced: synced.into_boxed_slice(),
-            page_queued: (0..pages).map(|_| AtomicBool::new(false)).collect(),
+            pages,
             queue: Mutex::new(Vec::new()),
             commit: Mutex::new(Commit::default()),
             commit_done: Condvar::new(),
             syncs: AtomicU64::new(0),
         })
+    }
+
+    /// The page holding word `word`, if allocated.
+    fn page_of(&self, word: usize) -> Option<&ActivePage> {
+        self.pages.get(word / PAGE_WORDS)?.get().map(|p| &**p)
+    }
+
+    /// The page holding word `word` (a word of a block below `block_count`), allocated
+    /// now if it was clean.
+    fn page_for(&self, word: usize) -> &ActivePage {
+        self.pages[word / PAGE_WORDS].get_or_init(ActivePage::new)
     }
 
     fn io_err(&self, action: &'static str, source: io::Error) -> TrackingError {
@@ -555,13 +580,13 @@ impl ActiveBitmap {
             return Ok(None);
         }
         for (word, mask) in word_masks(blocks.clone()) {
-            if self.written[word].load(Ordering::Relaxed) & mask != mask {
-                self.written[word].fetch_or(mask, Ordering::Relaxed);
+            let w = &self.page_for(word).written[word % PAGE_WORDS];
+            if w.load(Ordering::Relaxed) & mask != mask {
+                w.fetch_or(mask, Ordering::Relaxed);
             }
         }
         if !self.durable
-            || word_masks(blocks.clone())
-                .all(|(word, mask)| self.synced[word].load(Ordering::Acquire) & mask == mask)
+            || word_masks(blocks.clone()).all(|(word, mask)| self.is_synced(word, mask))
         {
             return Ok(None);
         }
@@ -579,11 +604,11 @@ impl ActiveBitmap {
             durable.end = (blocks.end + ahead).min(self.block_count);
         }
         for (word, mask) in word_masks(durable.clone()) {
-            if self.synced[word].load(Ordering::Acquire) & mask != mask {
+            if !self.is_synced(word, mask) {
                 // Queued even when already set: a bit we merely see set (by a writer
                 // whose sync is still running) is not yet a bit on disk.
-                self.on_disk[word].fetch_or(mask, Ordering::SeqCst);
-                self.queue_page(word / WORDS_PER_PAGE);
+                self.page_for(word).on_disk[word % PAGE_WORDS].fetch_or(mask, Ordering::SeqCst);
+                self.queue_page(word / PAGE_WORDS);
             }
         }
         // Any sync that starts from now on writes our pages (they are queued).
@@ -595,14 +620,22 @@ impl ActiveBitmap {
         }))
     }
 
+    /// Whether every bit of `mask` in word `word` is known to be on stable storage.
+    fn is_synced(&self, word: usize, mask: u64) -> bool {
+        self.page_of(word)
+            .is_some_and(|p| p.synced[word % PAGE_WORDS].load(Ordering::Acquire) & mask == mask)
+    }
+
     fn is_written(&self, block: u64) -> bool {
-        self.written
-            .get((block / 64) as usize)
-            .is_some_and(|w| w.load(Ordering::Relaxed) >> (block % 64) & 1 == 1)
+        let word = (block / 64) as usize;
+        self.page_of(word).is_some_and(|p| {
+            p.written[word % PAGE_WORDS].load(Ordering::Relaxed) >> (block % 64) & 1 == 1
+        })
     }
 
     fn queue_page(&self, page: usize) {
-        if !self.page_queued[page].swap(true, Ordering::SeqCst) {
+        let queued = &self.page_for(page * PAGE_WORDS).queued;
+        if !queued.swap(true, Ordering::SeqCst) {
             lock(&self.queue).push(page);
         }
     }
@@ -642,7 +675,9 @@ impl ActiveBitmap {
         let mut pages = {
             let mut queue = lock(&self.queue);
             for &p in queue.iter() {
-                self.page_queued[p].store(false, Ordering::SeqCst);
+                self.page_for(p * PAGE_WORDS)
+                    .queued
+                    .store(false, Ordering::SeqCst);
             }
             std::mem::take(&mut *queue)
         };
@@ -662,12 +697,11 @@ impl ActiveBitmap {
         result
     }
 
-    /// Write payload pages (runs of consecutive pages go out in one pwrite). The part of a
-    /// run made of whole sectors goes through O_DIRECT; the rest (the payload's last
-    /// bytes when its length is not a multiple of [`DIRECT_SECTOR`], or everything when
-    /// O_DIRECT is refused) through the page cache. The caller's fdatasync covers both.
+    /// Write payload pages (allocated ones; runs of consecutive pages go out in one
+    /// pwrite). The part of a run made of whole sectors goes through O_DIRECT; the rest
+    /// (everything when O_DIRECT is refused) through the page cache. The caller's
+    /// fdatasync covers both.
     fn write_pages(&self, pages: &[usize]) -> Result<(), TrackingError> {
-        let payload_words = self.on_disk.len();
         let mut buf = AlignedBuf::default();
         let mut i = 0;
         while i < pages.len() {
@@ -675,16 +709,19 @@ impl ActiveBitmap {
             while j < pages.len() && pages[j] == pages[j - 1] + 1 {
                 j += 1;
             }
-            let first_word = pages[i] * WORDS_PER_PAGE;
-            let end_word = ((pages[j - 1] + 1) * WORDS_PER_PAGE).min(payload_words);
-            let bytes = buf.get((end_word - first_word) * 8);
-            for (dst, w) in bytes
-                .chunks_exact_mut(8)
-                .zip(&self.on_disk[first_word..end_word])
-            {
-                dst.copy_from_slice(&w.load(Ordering::SeqCst).to_le_bytes());
+            let bytes = buf.get((j - i) * PAGE);
+            for (k, &p) in pages[i..j].iter().enumerate() {
+                let dst = &mut bytes[k * PAGE..(k + 1) * PAGE];
+                match self.pages[p].get() {
+                    Some(page) => {
+                        for (d, w) in dst.chunks_exact_mut(8).zip(&page.on_disk) {
+                            d.copy_from_slice(&w.load(Ordering::SeqCst).to_le_bytes());
+                        }
+                    }
+                    None => dst.fill(0),
+                }
             }
-            let offset = HEADER_LEN as u64 + first_word as u64 * 8;
+            let offset = HEADER_LEN as u64 + pages[i] as u64 * PAGE as u64;
             self.write_run(bytes, offset)?;
             i = j;
         }
@@ -722,19 +759,45 @@ impl ActiveBitmap {
     }
 
     /// OR the blocks written so far of words `first..first + out.len()` into `out`
-    /// (words past the end count as clean).
+    /// (words past the end count as clean), walking only the allocated pages.
     pub(crate) fn or_words_into(&self, first: usize, out: &mut [u64]) {
-        for (o, w) in out.iter_mut().zip(self.written.iter().skip(first)) {
-            *o |= w.load(Ordering::SeqCst);
+        let end = (first + out.len()).min(self.pages.len() * PAGE_WORDS);
+        let mut word = first;
+        while word < end {
+            let base = word / PAGE_WORDS * PAGE_WORDS;
+            let stop = end.min(base + PAGE_WORDS);
+            if let Some(page) = self.page_of(word) {
+                for (o, w) in out[word - first..stop - first]
+                    .iter_mut()
+                    .zip(&page.written[word - base..stop - base])
+                {
+                    *o |= w.load(Ordering::SeqCst);
+                }
+            }
+            word = stop;
         }
     }
 
-    /// A copy of the blocks written so far.
-    pub(crate) fn words(&self) -> Vec<u64> {
-        self.written
+    /// The first allocated page at or after `page`.
+    pub(crate) fn next_page_from(&self, page: u64) -> Option<u64> {
+        let from = usize::try_from(page).ok()?;
+        self.pages
+            .get(from..)?
             .iter()
-            .map(|w| w.load(Ordering::SeqCst))
-            .collect()
+            .position(|slot| slot.get().is_some())
+            .map(|i| (from + i) as u64)
+    }
+
+    /// A copy of the blocks written so far (only pages with a set bit are allocated).
+    pub(crate) fn bits(&self) -> PagedBits {
+        let mut bits = PagedBits::new(self.block_count);
+        for (p, slot) in self.pages.iter().enumerate() {
+            if let Some(page) = slot.get() {
+                let words: Page = std::array::from_fn(|i| page.written[i].load(Ordering::SeqCst));
+                bits.or_page(p as u64, &words);
+            }
+        }
+        bits
     }
 
     /// The header as it is on disk.
@@ -742,16 +805,45 @@ impl ActiveBitmap {
         lock(&self.header).clone()
     }
 
-    /// Persist the whole payload and mark the file Clean (crc valid): the bitmap stops
-    /// being active. Writes must be paused. An Inconsistent bitmap stays Inconsistent.
+    /// Persist the payload and mark the file Clean (crcs valid): the bitmap stops being
+    /// active. Writes must be paused. An Inconsistent bitmap stays Inconsistent.
+    ///
+    /// Only allocated pages are written (the others are holes, or clean pages of a file
+    /// read at activation, which hold no bit), then the page crc table's pages that cover
+    /// them, one fdatasync, and the header with the table's crc.
     pub(crate) fn freeze(&self) -> Result<(), TrackingError> {
-        let words = self.words();
-        // The file gets exactly the written blocks (marks ahead of streams are dropped).
-        for (disk, &w) in self.on_disk.iter().zip(&words) {
-            disk.store(w, Ordering::SeqCst);
+        let mut allocated = Vec::new();
+        for (p, slot) in self.pages.iter().enumerate() {
+            if let Some(page) = slot.get() {
+                // The file gets exactly the written blocks (marks ahead of streams are
+                // dropped).
+                for (disk, w) in page.on_disk.iter().zip(&page.written) {
+                    disk.store(w.load(Ordering::SeqCst), Ordering::SeqCst);
+                }
+                allocated.push(p);
+            }
         }
-        let pages: Vec<usize> = (0..self.page_queued.len()).collect();
-        self.write_pages(&pages)?;
+        self.write_pages(&allocated)?;
+        let bits = self.bits();
+        let table = bitmap::page_table(&bits);
+        let header = self.header();
+        /// Payload pages covered by one 4 KiB page of the crc table.
+        const ENTRIES_PER_TABLE_PAGE: usize = PAGE / 4;
+        bitmap::write_table_pages(&self.file, &header, &table, |c| {
+            let c = c as usize;
+            allocated
+                .binary_search_by(|&p| {
+                    if p < c * ENTRIES_PER_TABLE_PAGE {
+                        std::cmp::Ordering::Less
+                    } else if p >= (c + 1) * ENTRIES_PER_TABLE_PAGE {
+                        std::cmp::Ordering::Greater
+                    } else {
+                        std::cmp::Ordering::Equal
+                    }
+                })
+                .is_ok()
+        })
+        .map_err(|e| self.io_err("write page crc table", e))?;
         self.file
             .sync_data()
             .map_err(|e| self.io_err("fdatasync", e))?;
@@ -760,7 +852,7 @@ impl ActiveBitmap {
             if header.state != BitmapState::Inconsistent {
                 header.state = BitmapState::Clean;
             }
-            header.payload_crc = bitmap::words_crc(&words);
+            header.payload_crc = bitmap::payload_crc(&table);
         }
         self.write_header()
     }
@@ -814,7 +906,7 @@ mod tests {
             while !r.done() {
                 let first = r.first_word();
                 let end = r.end_word().min(first + 3);
-                r.feed(first, &b.words()[first..end]);
+                r.feed(first, &b.bits().to_words()[first..end]);
             }
             assert_eq!(r.finish(), all, "{offset}+{len} in windows");
             let capped = b.runs_capped(offset, len, 7);
@@ -867,7 +959,7 @@ mod tests {
             "{} syncs for one stream",
             active.sync_count()
         );
-        let written = active.words();
+        let written = active.bits().to_words();
         assert_eq!(written.iter().map(|w| w.count_ones()).sum::<u32>(), 64 * 16);
         // A crash now: the file holds a superset of the written blocks.
         let (_, on_disk) = bitmap::read_bitmap_file(&path).unwrap();
@@ -879,6 +971,27 @@ mod tests {
         let (h, on_disk) = bitmap::read_bitmap_file(&path).unwrap();
         assert_eq!(h.state, BitmapState::Clean);
         assert_eq!(on_disk, written);
+    }
+
+    #[test]
+    fn a_64_tib_active_bitmap_holds_and_writes_only_touched_pages() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("b");
+        let size = 64u64 << 40;
+        let active = ActiveBitmap::create(&path, header(size, 65536), true).unwrap();
+        for offset in [0, 1 << 40, size - 4096] {
+            active.mark(offset, 4096).unwrap();
+        }
+        let allocated = active.pages.iter().filter(|p| p.get().is_some()).count();
+        assert_eq!(allocated, 3);
+        active.freeze().unwrap();
+        assert!(std::fs::metadata(&path).unwrap().blocks() * 512 <= 64 << 10);
+        let (h, bits) = bitmap::read_bitmap_pages(&path).unwrap();
+        assert_eq!(h.state, BitmapState::Clean);
+        assert_eq!(bits, active.bits());
+        assert_eq!(bits.count_ones(), 3);
+        assert_eq!(bits.allocated_pages(), 3);
     }
 
     #[test]

@@ -17,6 +17,16 @@ use std::sync::atomic::{AtomicU64, Ordering};
 /// The temporary file lives next to `path` so the rename never crosses a filesystem.
 /// The new file gets mode 0644 (subject to the umask), like a freshly created file.
 pub fn atomic_replace(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    atomic_replace_with(path, |mut f| f.write_all(bytes))
+}
+
+/// [`atomic_replace`] with the new contents written by `write` into the temporary file
+/// (opened for writing, empty): for files written sparse, with `set_len` and positioned
+/// writes. The file is fsynced after `write` returns.
+pub fn atomic_replace_with(
+    path: &Path,
+    write: impl FnOnce(&File) -> io::Result<()>,
+) -> io::Result<()> {
     let file_name = path.file_name().ok_or_else(|| {
         io::Error::new(
             io::ErrorKind::InvalidInput,
@@ -28,7 +38,7 @@ pub fn atomic_replace(path: &Path, bytes: &[u8]) -> io::Result<()> {
         _ => PathBuf::from("."),
     };
     let tmp = dir.join(temp_name(file_name));
-    let result = write_synced(&tmp, bytes).and_then(|()| fs::rename(&tmp, path));
+    let result = write_synced(&tmp, write).and_then(|()| fs::rename(&tmp, path));
     if let Err(e) = result {
         // Best effort: a failed replace must not leave its temporary file behind.
         let _ = fs::remove_file(&tmp);
@@ -47,9 +57,9 @@ fn temp_name(file_name: &std::ffi::OsStr) -> std::ffi::OsString {
     name
 }
 
-fn write_synced(tmp: &Path, bytes: &[u8]) -> io::Result<()> {
-    let mut f = OpenOptions::new().write(true).create_new(true).open(tmp)?;
-    f.write_all(bytes)?;
+fn write_synced(tmp: &Path, write: impl FnOnce(&File) -> io::Result<()>) -> io::Result<()> {
+    let f = OpenOptions::new().write(true).create_new(true).open(tmp)?;
+    write(&f)?;
     f.sync_all()
 }
 

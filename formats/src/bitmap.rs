@@ -30,13 +30,36 @@
 //! - `Inconsistent`: the payload is known to miss changes (fast mode after an unclean stop).
 //!   The next backup from this checkpoint must be a full one.
 //!
-//! Whole-file replacement ([`write_bitmap_file`]) goes through [`crate::atomic_replace`].
+//! Whole-file replacement ([`write_bitmap_file`], [`write_bitmap_pages`]) goes through
+//! [`crate::atomic_replace`].
+//!
+//! # Paged layout (incompatible feature [`INCOMPAT_PAGE_CRCS`], version 1.1)
+//!
+//! ```text
+//! 0        4096                                   T = 4096 + 4096 * pages     T + 4 * pages
+//! +--------+--------------------------------------+-----------------------------+
+//! | header | payload: `pages` pages of 4096 bytes | page crc table: one u32 per |
+//! |        | (clean pages are holes)              | payload page (mostly holes) |
+//! +--------+--------------------------------------+-----------------------------+
+//! ```
+//!
+//! `pages = ceil(payload_len / 4096)`; the bits are numbered as in the flat layout (the
+//! last page's bytes past `payload_len` are zero). Entry `p` of the table is
+//! `crc32(page p) ^ crc32(4096 zero bytes)`, so a clean page's entry is 0 and a file whose
+//! clean pages and table pages are holes verifies without reading them. `payload_crc` is the
+//! crc32 of the whole table (small: 1/1024 of the payload). A reader reads the header, the
+//! table (Clean files only), and only the payload's data extents (SEEK_DATA/SEEK_HOLE),
+//! checks each page read against its entry, and refuses a nonzero entry whose page is a
+//! hole. Memory and disk then grow with the dirty pages, not with the volume. Files without
+//! the feature (the flat layout of version 1.0) are still read, with the whole-payload crc.
 
 use std::fs::File;
-use std::io::Read;
+use std::io::{self, Read};
 use std::mem::{offset_of, size_of};
 use std::ops::Range;
+use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::sync::OnceLock;
 
 use uuid::Uuid;
 use zerocopy::little_endian::{U32, U64};
@@ -45,16 +68,22 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 use crate::error::{FormatError, FormatErrorKind, InvalidField};
 use crate::header::{self, HeaderFormat, RawHeaderPrefix};
 
+mod paged;
+pub use paged::{Page, PagedBits, PAGE_BITS, PAGE_BYTES, PAGE_WORDS};
+
 /// Length of the header; the payload starts here (page-aligned for mmap).
 pub const HEADER_LEN: usize = 4096;
 /// The first 8 bytes of every bitmap file.
 pub const MAGIC: [u8; 8] = *b"TDMKBMAP";
 /// Major format version: a reader refuses any other major version.
 pub const MAJOR_VERSION: u16 = 1;
-/// Minor format version: additions a version-1 reader may ignore.
-pub const MINOR_VERSION: u16 = 0;
-/// Incompatible feature bits this build understands (none yet).
-pub const KNOWN_INCOMPAT_FEATURES: u64 = 0;
+/// Minor format version: additions a version-1 reader may ignore (1: the paged layout).
+pub const MINOR_VERSION: u16 = 1;
+/// Incompatible feature: the paged layout (see the module doc); `payload_crc` is the crc32
+/// of the page crc table.
+pub const INCOMPAT_PAGE_CRCS: u64 = 1;
+/// Incompatible feature bits this build understands.
+pub const KNOWN_INCOMPAT_FEATURES: u64 = INCOMPAT_PAGE_CRCS;
 /// Smallest tracking block (4 KiB).
 pub const MIN_GRANULARITY: u32 = 4096;
 /// Largest tracking block (1 MiB).
@@ -188,6 +217,30 @@ impl BitmapHeader {
     /// Number of u64 words in the payload.
     pub fn word_count(&self) -> usize {
         (self.payload_len() / 8) as usize
+    }
+
+    /// Whether the file has the paged layout ([`INCOMPAT_PAGE_CRCS`]).
+    pub fn is_paged(&self) -> bool {
+        self.incompat_features & INCOMPAT_PAGE_CRCS != 0
+    }
+
+    /// Payload pages of the paged layout: `ceil(payload_len / 4096)`.
+    pub fn payload_pages(&self) -> u64 {
+        self.payload_len().div_ceil(PAGE_BYTES as u64)
+    }
+
+    /// Where the page crc table of the paged layout starts.
+    pub fn page_table_offset(&self) -> u64 {
+        HEADER_LEN as u64 + self.payload_pages() * PAGE_BYTES as u64
+    }
+
+    /// The file's exact length in its layout.
+    pub fn file_len(&self) -> u64 {
+        if self.is_paged() {
+            self.page_table_offset() + self.payload_pages() * 4
+        } else {
+            HEADER_LEN as u64 + self.payload_len()
+        }
     }
 
     /// The header as exactly [`HEADER_LEN`] bytes, header crc included.
@@ -412,26 +465,62 @@ pub fn words_crc(words: &[u64]) -> u32 {
     h.finalize()
 }
 
-/// Reads and fully validates a bitmap file: header, exact file length, zero bits past
-/// `block_count`, and the payload crc when the state is Clean.
+/// Reads and fully validates a bitmap file of either layout: header, exact file length,
+/// zero bits past `block_count`, and the crcs when the state is Clean.
 ///
-/// Allocates only after the header validated and the file's real length matched it.
+/// Allocates only after the header validated and the file's real length matched it. The
+/// words are flat (`ceil(block_count / 64)` of them); [`read_bitmap_pages`] keeps them paged.
 pub fn read_bitmap_file(path: &Path) -> Result<(BitmapHeader, Vec<u64>), FormatError> {
+    let (mut f, header, file_len) = open_bitmap(path)?;
+    if header.is_paged() {
+        let bits = read_pages(&f, &header, path)?;
+        return Ok((header, bits.to_words()));
+    }
+    let words = read_flat_payload(&mut f, &header, file_len, path)?;
+    Ok((header, words))
+}
+
+/// Reads and fully validates a bitmap file of either layout into [`PagedBits`]: a paged
+/// file costs the reads and the memory of its dirty pages only (its holes are skipped with
+/// SEEK_DATA/SEEK_HOLE, never read); a flat file is read whole, as before.
+pub fn read_bitmap_pages(path: &Path) -> Result<(BitmapHeader, PagedBits), FormatError> {
+    let (mut f, header, file_len) = open_bitmap(path)?;
+    if header.is_paged() {
+        let bits = read_pages(&f, &header, path)?;
+        return Ok((header, bits));
+    }
+    let words = read_flat_payload(&mut f, &header, file_len, path)?;
+    let bits = PagedBits::from_words(&words, header.block_count());
+    Ok((header, bits))
+}
+
+/// Opens a bitmap file and validates its header and its exact length.
+fn open_bitmap(path: &Path) -> Result<(File, BitmapHeader, u64), FormatError> {
     let mut f = File::open(path).map_err(|e| FormatError::io(path, 0, e))?;
     let file_len = f.metadata().map_err(|e| FormatError::io(path, 0, e))?.len();
     let mut header_bytes = vec![0u8; HEADER_LEN.min(file_len as usize)];
     f.read_exact(&mut header_bytes)
         .map_err(|e| FormatError::io(path, 0, e))?;
     let header = BitmapHeader::parse(&header_bytes, path)?;
-    let expected = HEADER_LEN as u64 + header.payload_len();
+    check_file_len(&header, file_len, path)?;
+    Ok((f, header, file_len))
+}
+
+fn check_file_len(header: &BitmapHeader, file_len: u64, path: &Path) -> Result<(), FormatError> {
+    let expected = header.file_len();
     if file_len < expected {
+        let what = if header.is_paged() && file_len >= header.page_table_offset() {
+            "bitmap page crc table"
+        } else {
+            "bitmap payload"
+        };
         return Err(FormatError::new(
             path,
             file_len,
             FormatErrorKind::Truncated {
-                what: "bitmap payload",
-                needed: header.payload_len(),
-                available: file_len - HEADER_LEN as u64,
+                what,
+                needed: expected - HEADER_LEN as u64,
+                available: file_len.saturating_sub(HEADER_LEN as u64),
             },
         ));
     }
@@ -440,24 +529,313 @@ pub fn read_bitmap_file(path: &Path) -> Result<(BitmapHeader, Vec<u64>), FormatE
             path,
             expected,
             FormatErrorKind::TrailingBytes {
-                what: "bitmap payload",
+                what: if header.is_paged() {
+                    "bitmap page crc table"
+                } else {
+                    "bitmap payload"
+                },
                 extra: file_len - expected,
             },
         ));
     }
+    Ok(())
+}
+
+fn read_flat_payload(
+    f: &mut File,
+    header: &BitmapHeader,
+    file_len: u64,
+    path: &Path,
+) -> Result<Vec<u64>, FormatError> {
+    debug_assert_eq!(file_len, header.file_len());
     let mut payload = vec![0u8; header.payload_len() as usize];
     f.read_exact(&mut payload)
         .map_err(|e| FormatError::io(path, HEADER_LEN as u64, e))?;
-    let words = parse_payload(&header, &payload, path)?;
-    Ok((header, words))
+    parse_payload(header, &payload, path)
 }
 
-/// Parses a whole bitmap file held in memory, with the checks of [`read_bitmap_file`].
+/// crc32 of a page of 4096 zero bytes: the term that makes a clean page's entry 0.
+fn zero_page_crc() -> u32 {
+    static CRC: OnceLock<u32> = OnceLock::new();
+    *CRC.get_or_init(|| crc32fast::hash(&[0u8; PAGE_BYTES]))
+}
+
+/// The page crc table entry of a payload page (see the module doc): 0 for a clean page.
+pub fn page_table_entry(page: &Page) -> u32 {
+    crc32fast::hash(page_bytes(page).as_slice()) ^ zero_page_crc()
+}
+
+/// The whole page crc table of `bits` (4 bytes per page, little-endian): entries of
+/// unallocated pages are 0. Its crc32 is the header's `payload_crc` in the paged layout.
+pub fn page_table(bits: &PagedBits) -> Vec<u8> {
+    let mut table = vec![0u8; bits.page_count() as usize * 4];
+    for (p, page) in bits.pages() {
+        let at = p as usize * 4;
+        table[at..at + 4].copy_from_slice(&page_table_entry(page).to_le_bytes());
+    }
+    table
+}
+
+/// A page as its 4096 little-endian bytes.
+pub fn page_bytes(page: &Page) -> Box<[u8; PAGE_BYTES]> {
+    let mut out = Box::new([0u8; PAGE_BYTES]);
+    for (dst, w) in out.chunks_exact_mut(8).zip(page) {
+        dst.copy_from_slice(&w.to_le_bytes());
+    }
+    out
+}
+
+/// Checks the page crc table of a Clean paged file against `payload_crc`.
+fn check_page_table(header: &BitmapHeader, table: &[u8], path: &Path) -> Result<(), FormatError> {
+    let computed = crc32fast::hash(table);
+    if computed != header.payload_crc {
+        return Err(FormatError::new(
+            path,
+            header.page_table_offset(),
+            FormatErrorKind::ChecksumMismatch {
+                what: "bitmap page crc table",
+                stored: header.payload_crc,
+                computed,
+            },
+        ));
+    }
+    Ok(())
+}
+
+fn table_entry(table: &[u8], p: u64) -> u32 {
+    let at = p as usize * 4;
+    u32::from_le_bytes([table[at], table[at + 1], table[at + 2], table[at + 3]])
+}
+
+/// Validates payload page `p` (its 4096 bytes): its table entry when the file is Clean,
+/// and no bit past the last block. Returns its words.
+fn check_page(
+    header: &BitmapHeader,
+    table: Option<&[u8]>,
+    p: u64,
+    bytes: &[u8],
+    path: &Path,
+) -> Result<Box<Page>, FormatError> {
+    let offset = HEADER_LEN as u64 + p * PAGE_BYTES as u64;
+    let mut page = Box::new([0u64; PAGE_WORDS]);
+    for (w, c) in page.iter_mut().zip(bytes.chunks_exact(8)) {
+        *w = u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
+    }
+    if let Some(table) = table {
+        let stored = table_entry(table, p);
+        let computed = page_table_entry(&page);
+        if stored != computed {
+            return Err(FormatError::new(
+                path,
+                offset,
+                FormatErrorKind::ChecksumMismatch {
+                    what: "bitmap payload page",
+                    stored,
+                    computed,
+                },
+            ));
+        }
+    }
+    let valid = header.block_count() - p * PAGE_BITS;
+    if valid < PAGE_BITS {
+        let word = (valid / 64) as usize;
+        let tail = if valid % 64 == 0 {
+            0
+        } else {
+            page[word] >> (valid % 64)
+        };
+        let start = word + usize::from(valid % 64 != 0);
+        if tail != 0 || page[start.min(PAGE_WORDS)..].iter().any(|&w| w != 0) {
+            return Err(FormatError::invalid(
+                path,
+                offset + word as u64 * 8,
+                InvalidField::new("payload", "bits set past the last block of the volume"),
+            ));
+        }
+    }
+    Ok(page)
+}
+
+/// A nonzero table entry for a page that was not read (a hole, or missing) is a lost page.
+fn check_holes(
+    table: &[u8],
+    read: &[Range<u64>],
+    header: &BitmapHeader,
+    path: &Path,
+) -> Result<(), FormatError> {
+    let mut extents = read.iter().peekable();
+    for p in 0..header.payload_pages() {
+        while extents.next_if(|r| r.end <= p).is_some() {}
+        let in_data = extents.peek().is_some_and(|r| r.start <= p);
+        let stored = table_entry(table, p);
+        if !in_data && stored != 0 {
+            return Err(FormatError::new(
+                path,
+                HEADER_LEN as u64 + p * PAGE_BYTES as u64,
+                FormatErrorKind::ChecksumMismatch {
+                    what: "bitmap payload page (a hole where the table says data)",
+                    stored,
+                    computed: 0,
+                },
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Next data (or hole, `data == false`) offset at or after `offset`; `None` past the end.
+fn seek_extent(f: &File, offset: u64, data: bool) -> io::Result<Option<u64>> {
+    let whence = if data {
+        rustix::fs::SeekFrom::Data(offset)
+    } else {
+        rustix::fs::SeekFrom::Hole(offset)
+    };
+    match rustix::fs::seek(f, whence) {
+        Ok(at) => Ok(Some(at)),
+        Err(rustix::io::Errno::NXIO) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Reads a paged file's data extents (its holes are clean pages) and validates them.
+fn read_pages(f: &File, header: &BitmapHeader, path: &Path) -> Result<PagedBits, FormatError> {
+    /// Pages read per pread.
+    const READ_PAGES: u64 = 256;
+    let io = |offset, e| FormatError::io(path, offset, e);
+    let table = match header.state {
+        BitmapState::Clean => {
+            // Bounded: the file's length matched the validated header.
+            let mut table = vec![0u8; header.payload_pages() as usize * 4];
+            f.read_exact_at(&mut table, header.page_table_offset())
+                .map_err(|e| io(header.page_table_offset(), e))?;
+            check_page_table(header, &table, path)?;
+            Some(table)
+        }
+        _ => None,
+    };
+    let mut bits = PagedBits::new(header.block_count());
+    let payload_end = header.page_table_offset();
+    let mut read: Vec<Range<u64>> = Vec::new();
+    let mut pos = HEADER_LEN as u64;
+    let mut buf = vec![0u8; READ_PAGES as usize * PAGE_BYTES];
+    while pos < payload_end {
+        let Some(data) = seek_extent(f, pos, true).map_err(|e| io(pos, e))? else {
+            break;
+        };
+        if data >= payload_end {
+            break;
+        }
+        let hole = seek_extent(f, data, false)
+            .map_err(|e| io(data, e))?
+            .unwrap_or(payload_end)
+            .min(payload_end);
+        let first = (data - HEADER_LEN as u64) / PAGE_BYTES as u64;
+        let end = (hole - HEADER_LEN as u64).div_ceil(PAGE_BYTES as u64);
+        let mut p = first;
+        while p < end {
+            let n = (end - p).min(READ_PAGES);
+            let chunk = &mut buf[..n as usize * PAGE_BYTES];
+            let offset = HEADER_LEN as u64 + p * PAGE_BYTES as u64;
+            f.read_exact_at(chunk, offset).map_err(|e| io(offset, e))?;
+            for (i, bytes) in chunk.chunks_exact(PAGE_BYTES).enumerate() {
+                let page = check_page(header, table.as_deref(), p + i as u64, bytes, path)?;
+                bits.or_page(p + i as u64, &page);
+            }
+            p += n;
+        }
+        read.push(first..end);
+        pos = HEADER_LEN as u64 + end * PAGE_BYTES as u64;
+    }
+    if let Some(table) = &table {
+        check_holes(table, &read, header, path)?;
+    }
+    Ok(bits)
+}
+
+/// Writes a bitmap file in the paged layout atomically: created sparse (`set_len`), only
+/// the allocated pages of `bits` and the table pages holding a nonzero entry are written,
+/// then fsync, rename, fsync of the directory ([`crate::atomic_replace_with`]). Returns the
+/// header as written (feature bit set, `payload_crc` the table's crc).
+pub fn write_bitmap_pages(
+    path: &Path,
+    header: &BitmapHeader,
+    bits: &PagedBits,
+) -> Result<BitmapHeader, FormatError> {
+    if bits.bit_len() != header.block_count() {
+        return Err(FormatError::invalid(
+            path,
+            HEADER_LEN as u64,
+            InvalidField::new(
+                "payload",
+                format!(
+                    "{} bits given, the header needs {}",
+                    bits.bit_len(),
+                    header.block_count()
+                ),
+            ),
+        ));
+    }
+    let mut h = header.clone();
+    h.incompat_features |= INCOMPAT_PAGE_CRCS;
+    let table = page_table(bits);
+    h.payload_crc = crc32fast::hash(&table);
+    crate::atomic_replace_with(path, |f| {
+        f.write_all_at(&h.encode(), 0)?;
+        f.set_len(h.file_len())?;
+        for (p, page) in bits.pages() {
+            f.write_all_at(
+                page_bytes(page).as_slice(),
+                HEADER_LEN as u64 + p * PAGE_BYTES as u64,
+            )?;
+        }
+        write_table_pages(f, &h, &table, |_| false)
+    })
+    .map_err(|e| FormatError::io(path, 0, e))?;
+    Ok(h)
+}
+
+/// Writes the 4 KiB pages of a page crc `table` that hold a nonzero entry, or for which
+/// `also(table page index)` says so (pages whose entries may have changed to zero), at the
+/// table's place in a paged file.
+pub fn write_table_pages(
+    f: &File,
+    header: &BitmapHeader,
+    table: &[u8],
+    also: impl Fn(u64) -> bool,
+) -> io::Result<()> {
+    for (c, chunk) in table.chunks(PAGE_BYTES).enumerate() {
+        if chunk.iter().any(|&b| b != 0) || also(c as u64) {
+            f.write_all_at(chunk, header.page_table_offset() + (c * PAGE_BYTES) as u64)?;
+        }
+    }
+    Ok(())
+}
+
+/// Parses a whole bitmap file of either layout held in memory, with the checks of
+/// [`read_bitmap_file`].
 pub fn parse_bitmap_file(
     bytes: &[u8],
     file: &Path,
 ) -> Result<(BitmapHeader, Vec<u64>), FormatError> {
     let header = BitmapHeader::parse(bytes, file)?;
+    if header.is_paged() {
+        check_file_len(&header, bytes.len() as u64, file)?;
+        let payload = &bytes[HEADER_LEN..header.page_table_offset() as usize];
+        let table = &bytes[header.page_table_offset() as usize..];
+        let table = match header.state {
+            BitmapState::Clean => {
+                check_page_table(&header, table, file)?;
+                Some(table)
+            }
+            _ => None,
+        };
+        let mut bits = PagedBits::new(header.block_count());
+        for (p, page) in payload.chunks_exact(PAGE_BYTES).enumerate() {
+            let page = check_page(&header, table, p as u64, page, file)?;
+            bits.or_page(p as u64, &page);
+        }
+        return Ok((header, bits.to_words()));
+    }
     let expected = HEADER_LEN as u64 + header.payload_len();
     let len = bytes.len() as u64;
     if len > expected {
@@ -527,7 +905,8 @@ pub fn parse_payload(
     Ok(words)
 }
 
-/// Writes a whole bitmap file atomically ([`crate::atomic_replace`]).
+/// Writes a whole bitmap file in the flat layout (version 1.0's, read by every version)
+/// atomically ([`crate::atomic_replace`]); [`write_bitmap_pages`] writes the paged one.
 ///
 /// The stored payload crc is computed here from `words` (whatever `header.payload_crc`
 /// says), so a Clean file written by this function always verifies.
@@ -559,6 +938,7 @@ pub fn write_bitmap_file(
         ));
     }
     let mut h = header.clone();
+    h.incompat_features &= !INCOMPAT_PAGE_CRCS;
     h.payload_crc = words_crc(words);
     let mut bytes = h.encode();
     bytes.reserve(words.len() * 8);
@@ -927,6 +1307,117 @@ mod tests {
         fn parse_never_panics_on_garbage(bytes in proptest::collection::vec(any::<u8>(), 0..5000)) {
             let _ = BitmapHeader::parse(&bytes, Path::new("x"));
         }
+    }
+
+    /// The bytes main's writer (format 1.0, before the paged layout) produced for `h` and
+    /// `words`: the flat layout, minor version 0. Kept as the fixture generator for files
+    /// written by earlier builds.
+    fn version_1_0_file(h: &BitmapHeader, words: &[u64]) -> Vec<u8> {
+        let mut h = h.clone();
+        h.incompat_features = 0;
+        h.payload_crc = words_crc(words);
+        let mut bytes = h.encode();
+        bytes[10..12].copy_from_slice(&0u16.to_le_bytes());
+        header::seal(&mut bytes[..HEADER_LEN]);
+        for w in words {
+            bytes.extend_from_slice(&w.to_le_bytes());
+        }
+        bytes
+    }
+
+    /// Disk blocks (512 bytes) a file really holds.
+    fn allocated_bytes(p: &Path) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(p).unwrap().blocks() * 512
+    }
+
+    #[test]
+    fn files_of_version_1_0_still_open() {
+        let h = header(1000 * 65536, 65536);
+        let mut words = vec![0u64; h.word_count()];
+        set_dirty_range(&mut words, 3..70);
+        set_dirty_range(&mut words, 999..1000);
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("old.bitmap");
+        let bytes = version_1_0_file(&h, &words);
+        std::fs::write(&p, &bytes).unwrap();
+        let (h2, w2) = read_bitmap_file(&p).unwrap();
+        assert_eq!(w2, words);
+        assert!(!h2.is_paged());
+        let (_, bits) = read_bitmap_pages(&p).unwrap();
+        assert_eq!(bits.to_words(), words);
+        assert_eq!(parse_bitmap_file(&bytes, &p).unwrap().1, words);
+    }
+
+    #[test]
+    fn a_64_tib_paged_file_holds_only_its_dirty_pages() {
+        // 64 TiB at 64 KiB: 1 Gi bits, a 128 MiB payload in the flat layout.
+        let h = header(64 << 40, 65536);
+        let mut bits = PagedBits::new(h.block_count());
+        bits.set_range(5..9);
+        bits.set_range(700 * PAGE_BITS - 3..700 * PAGE_BITS + 2);
+        bits.set_range(h.block_count() - 1..h.block_count());
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("big.bitmap");
+        let written = write_bitmap_pages(&p, &h, &bits).unwrap();
+        assert!(written.is_paged());
+        assert_eq!(std::fs::metadata(&p).unwrap().len(), written.file_len());
+        assert!(
+            allocated_bytes(&p) <= 64 << 10,
+            "{} bytes allocated for 4 dirty pages",
+            allocated_bytes(&p)
+        );
+        let (h2, b2) = read_bitmap_pages(&p).unwrap();
+        assert_eq!(h2, written);
+        assert_eq!(b2, bits);
+        assert_eq!(b2.allocated_pages(), 4);
+    }
+
+    #[test]
+    fn paged_files_refuse_damaged_lost_and_extra_pages() {
+        let h = header(3 * PAGE_BITS * 4096 - 4096 * 7, 4096);
+        let mut bits = PagedBits::new(h.block_count());
+        bits.set_range(10..20);
+        bits.set_range(2 * PAGE_BITS + 1..2 * PAGE_BITS + 3);
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("p.bitmap");
+        let written = write_bitmap_pages(&p, &h, &bits).unwrap();
+        let good = std::fs::read(&p).unwrap();
+        assert_eq!(parse_bitmap_file(&good, &p).unwrap().1, bits.to_words());
+        let refused = |bytes: &[u8]| {
+            std::fs::write(&p, bytes).unwrap();
+            let file = read_bitmap_pages(&p).is_err();
+            let mem = parse_bitmap_file(bytes, &p).is_err();
+            file && mem
+        };
+        // A flipped bit in a dirty page, in a clean page, in the table.
+        for at in [
+            HEADER_LEN + 2,
+            HEADER_LEN + PAGE_BYTES + 100,
+            written.page_table_offset() as usize + 1,
+        ] {
+            let mut bad = good.clone();
+            bad[at] ^= 0x10;
+            assert!(refused(&bad), "flip at {at}");
+        }
+        // A dirty page lost (reads as zeros).
+        let mut lost = good.clone();
+        lost[HEADER_LEN..HEADER_LEN + PAGE_BYTES].fill(0);
+        assert!(refused(&lost));
+        // Bits past the last block, even in an InUse file (no crc to catch them).
+        let mut past = good.clone();
+        let mut in_use = written.clone();
+        in_use.state = BitmapState::InUse;
+        past[..HEADER_LEN].copy_from_slice(&in_use.encode());
+        let last = written.page_table_offset() as usize - 1;
+        past[last] = 0x80;
+        assert!(refused(&past));
+        assert!(refused(&good[..good.len() - 1]));
+        let mut longer = good.clone();
+        longer.push(0);
+        assert!(refused(&longer));
+        std::fs::write(&p, &good).unwrap();
+        assert_eq!(read_bitmap_pages(&p).unwrap().1, bits);
     }
 
     proptest! {

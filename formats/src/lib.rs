@@ -13,7 +13,7 @@ pub mod error;
 mod header;
 pub mod manifest;
 
-pub use atomic::atomic_replace;
+pub use atomic::{atomic_replace, atomic_replace_with};
 pub use error::{FormatError, FormatErrorKind, InvalidField};
 /// The uuid type every header here uses, re-exported so users need no uuid dependency.
 pub use uuid::Uuid;

@@ -441,7 +441,7 @@ impl Volume {
 
     /// At most `max_runs` runs `(length, dirty)` of `[offset, offset + len)` (clipped to
     /// the volume) of the changes since checkpoint `since`, as of now (live, like
-    /// [`Volume::dirty_bitmap`]). Only the words of the range are OR'ed along the chain, a
+    /// [`Volume::dirty_bitmap`]). Only the words of the range's dirty pages are OR'ed along the chain, a
     /// window at a time: the chain lock and the write gate's read lock are held while a
     /// window is copied, never while runs are built, and the work stops at the cap.
     pub fn dirty_runs(
@@ -463,16 +463,26 @@ impl Volume {
         let mut window = Vec::new();
         loop {
             let first = runs.first_word();
-            let end = runs.end_word().min(first + WINDOW_WORDS);
-            window.clear();
-            window.resize(end - first, 0);
-            {
+            let end_word = runs.end_word();
+            // Clean pages of every bitmap in the chain are skipped, not copied.
+            let start = {
                 let chain = lock_mutex(&self.chain);
                 let st = self.gate.read().unwrap_or_else(PoisonError::into_inner);
-                chain.or_words_since(since, st.active.as_deref(), first, &mut window)?;
-            }
-            runs.feed(first, &window);
+                let start = chain
+                    .next_dirty_word_since(since, st.active.as_deref(), first)?
+                    .unwrap_or(end_word)
+                    .clamp(first, end_word.max(first));
+                window.clear();
+                window.resize(end_word.min(start + WINDOW_WORDS) - start, 0);
+                chain.or_words_since(since, st.active.as_deref(), start, &mut window)?;
+                start
+            };
+            runs.clean_to_word(start);
             if runs.done() || window.is_empty() {
+                return Ok(runs.finish());
+            }
+            runs.feed(start, &window);
+            if runs.done() {
                 return Ok(runs.finish());
             }
         }

@@ -215,6 +215,42 @@ fn checkpoints_track_changes_and_reload_after_a_clean_stop() {
 }
 
 #[test]
+fn live_dirty_runs_skip_clean_pages_and_match_the_frozen_bitmap() {
+    // 4 KiB granularity: one 4 KiB bitmap page covers 128 MiB, so 1 GiB spans 8 pages.
+    let fx = Fixture::new();
+    let vol = fx.volume("v", 1 << 30, small(4096));
+    vol.checkpoint_create("a").unwrap();
+    vol.write(5 << 20, &[1; 8192], false).unwrap();
+    vol.checkpoint_create("b").unwrap();
+    vol.write_zeroes((128 << 20) - 4096, 12288, true, false)
+        .unwrap();
+    vol.write(900 << 20, &[2; 4096], false).unwrap();
+    vol.write((1 << 30) - 4096, &[3; 4096], false).unwrap();
+    for since in ["a", "b"] {
+        let frozen = vol.dirty_bitmap(since).unwrap();
+        for (offset, len) in [
+            (0, u64::MAX),
+            (1 << 20, 200 << 20),
+            ((128 << 20) - 100, 4096),
+            (600 << 20, 300 << 20),
+        ] {
+            let all = frozen.runs(offset, len);
+            assert_eq!(
+                vol.dirty_runs(since, offset, len, usize::MAX).unwrap(),
+                all,
+                "{since} {offset}+{len}"
+            );
+            let capped = vol.dirty_runs(since, offset, len, 3).unwrap();
+            assert_eq!(
+                capped[..],
+                all[..all.len().min(3)],
+                "{since} {offset}+{len} capped"
+            );
+        }
+    }
+}
+
+#[test]
 fn durable_rewrites_of_dirty_blocks_cost_no_sync() {
     let fx = Fixture::new();
     let vol = fx.volume("v", 1 << 20, small(65536));

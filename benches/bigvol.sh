@@ -1,0 +1,160 @@
+#!/usr/bin/env bash
+# Metadata that grows with change, not with volume size (issue 21, item 3).
+#
+# A. A 64 TiB volume (sparse backing on a small xfs on a loop file: ext4 files stop at
+#    16 TiB; the daemon's state dir on the same xfs), 64 KiB granularity, seven checkpoints
+#    with 0.01% of the blocks dirtied between the first and the last (scattered 4 MiB runs,
+#    written as NBD WRITE_ZEROES through the live export so no data space is used), a
+#    backup in progress whose dirty bitmap a client maps (nbdinfo --map): the daemon's
+#    RSS (VmRSS, VmHWM), du of the state dir, checkpoint creation times, and the daemon's
+#    start time with that state.
+# B. A 15 TiB volume with 1% of its blocks dirty in scattered runs of 1-32 blocks:
+#    `nbdinfo --map` of qemu:dirty-bitmap extents per second (median of 3) and the map
+#    and planning time of `tidemark pull --bitmap` (its `map_seconds`, median of 3).
+#
+# Usage (root: it mounts a loop device): benches/bigvol.sh
+#   env TIDEMARK_BIN (default target/release/tidemark), BIGVOL_DIR (default a new dir in
+#   /var/tmp, removed at the end).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bin=${TIDEMARK_BIN:-$PWD/target/release/tidemark}
+[[ -x $bin ]] || { echo "bigvol: build first: cargo build --release -p tidemark" >&2; exit 1; }
+[[ $(id -u) == 0 ]] || { echo "bigvol: run as root (it mounts an xfs loop file)" >&2; exit 1; }
+for tool in mkfs.xfs nbdinfo jq; do
+    command -v "$tool" >/dev/null || { echo "bigvol: $tool missing (scripts/install-deps.sh)" >&2; exit 1; }
+done
+/usr/bin/python3 -c 'import nbd' || { echo "bigvol: python3-libnbd missing" >&2; exit 1; }
+
+dir=${BIGVOL_DIR:-$(mktemp -d /var/tmp/tidemark-bigvol.XXXXXX)}
+mnt=$dir/mnt
+pid= loop=
+cleanup() {
+    [[ -n $pid ]] && kill "$pid" 2>/dev/null && wait "$pid" 2>/dev/null || true
+    mountpoint -q "$mnt" && umount "$mnt"
+    [[ -n $loop ]] && losetup -d "$loop" 2>/dev/null || true
+    [[ -z ${BIGVOL_DIR:-} ]] && rm -rf "$dir"
+}
+trap cleanup EXIT
+mkdir -p "$mnt"
+truncate -s 4G "$dir/xfs.img"
+mkfs.xfs -q "$dir/xfs.img"
+loop=$(losetup -f --show "$dir/xfs.img")
+mount "$loop" "$mnt"
+
+ms() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.0f", (b - a) * 1000 }'; }
+median() { sort -n | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
+load() { cut -d' ' -f1 /proc/loadavg; }
+
+start_daemon() { # state dir
+    local t0=$EPOCHREALTIME
+    state=$1 ctl=$1/ctl.sock sock=$1/nbd.sock
+    "$bin" serve --state-dir "$state" --control "$ctl" --socket "$sock" 2>>"$dir/serve.log" &
+    pid=$!
+    until "$bin" info --control "$ctl" >/dev/null 2>&1; do
+        kill -0 "$pid" 2>/dev/null || { echo "bigvol: the daemon died:" >&2; tail -5 "$dir/serve.log" >&2; exit 1; }
+        sleep 0.01
+    done
+    started_ms=$(ms "$t0" "$EPOCHREALTIME")
+}
+stop_daemon() { kill "$pid"; wait "$pid" 2>/dev/null || true; pid=; }
+tm() { "$bin" "$@" --control "$ctl"; }
+
+# Dirty FRACTION of the blocks of export NAME (SIZE bytes, granularity 64 KiB) with
+# WRITE_ZEROES in runs of MIN..MAX blocks at random places (seeded), 64 requests in flight.
+dirty() { # name size fraction min max seed
+    /usr/bin/python3 - "$sock" "$@" <<'PY'
+import random, sys, nbd
+sock, name, size, fraction, lo, hi, seed = sys.argv[1:]
+size, fraction, lo, hi = int(size), float(fraction), int(lo), int(hi)
+g = 65536
+blocks = size // g
+want = int(blocks * fraction)
+rng = random.Random(int(seed))
+h = nbd.NBD()
+h.set_export_name(name)
+h.connect_unix(sock)
+done = 0
+while done < want:
+    n = min(rng.randint(lo, hi), want - done)
+    start = rng.randrange(0, blocks - n)
+    while h.aio_in_flight() >= 64:
+        h.poll(-1)
+    h.aio_zero(n * g, start * g)
+    done += n
+while h.aio_in_flight() > 0:
+    h.poll(-1)
+h.flush()
+h.shutdown()
+PY
+}
+
+echo "## A. 64 TiB, 64 KiB granularity, seven checkpoints, 0.01% dirty (load $(load))"
+size_a=$((64 << 40))
+mkdir -m 700 "$mnt/state-a"
+start_daemon "$mnt/state-a"
+tm volume create big --backing "$mnt/big.raw" --size 64T >/dev/null
+create_ms=()
+for c in 1 2 3 4 5 6 7; do
+    t0=$EPOCHREALTIME
+    tm checkpoint create big "c$c" >/dev/null
+    create_ms+=("$(ms "$t0" "$EPOCHREALTIME")")
+    # 0.01% of the blocks over the seven intervals, in runs of 64 blocks (4 MiB).
+    dirty big "$size_a" 0.0000143 64 64 "$c"
+done
+changed=$(tm checkpoint list big --json | jq '.[0].changed_blocks')
+tm backup begin big --incremental c1 >/dev/null
+t0=$EPOCHREALTIME
+extents_a=$(nbdinfo --map=qemu:dirty-bitmap:c1 "nbd+unix:///big@backup?socket=$sock" | wc -l)
+map_a_ms=$(ms "$t0" "$EPOCHREALTIME")
+rss_a=$(awk '/VmRSS/ {print int($2 / 1024)}' "/proc/$pid/status")
+hwm_a=$(awk '/VmHWM/ {print int($2 / 1024)}' "/proc/$pid/status")
+du_a=$(du -sk "$mnt/state-a" | cut -f1)
+apparent_a=$(du -sk --apparent-size "$mnt/state-a" | cut -f1)
+tm backup end big >/dev/null
+stop_daemon
+starts=()
+for _ in 1 2 3; do
+    start_daemon "$mnt/state-a"
+    starts+=("$started_ms")
+    rss_start=$(awk '/VmRSS/ {print int($2 / 1024)}' "/proc/$pid/status")
+    stop_daemon
+done
+printf '| changed blocks since c1 | extents mapped (ms) | RSS in backup | peak RSS | state dir du (apparent) | start, median of 3 (RSS) | checkpoint create c1..c7 (ms) | load |\n'
+printf '|---|---|---|---|---|---|---|---|\n'
+printf '| %s of %s (%.4f%%) | %s (%s ms) | %s MiB | %s MiB | %s KiB (%s KiB) | %s ms (%s MiB) | %s | %s |\n' \
+    "$changed" $((size_a / 65536)) "$(awk -v c="$changed" -v b=$((size_a / 65536)) 'BEGIN { print c * 100 / b }')" \
+    "$extents_a" "$map_a_ms" "$rss_a" "$hwm_a" "$du_a" "$apparent_a" \
+    "$(printf '%s\n' "${starts[@]}" | median)" "$rss_start" "${create_ms[*]}" "$(load)"
+rm -f "$mnt/big.raw"
+rm -rf "$mnt/state-a"
+
+echo
+echo "## B. 15 TiB, 1% dirty in scattered runs of 1-32 blocks (load $(load))"
+size_b=$((15 << 40))
+mkdir -m 700 "$mnt/state-b"
+start_daemon "$mnt/state-b"
+tm volume create mid --backing "$mnt/mid.raw" --size 15T >/dev/null
+tm checkpoint create mid c0 >/dev/null
+t0=$EPOCHREALTIME
+dirty mid "$size_b" 0.01 1 32 99
+dirty_s=$(awk -v a="$t0" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.1f", b - a }')
+tm backup begin mid --incremental c0 >/dev/null
+uri="nbd+unix:///mid@backup?socket=$sock"
+rates=() maps=()
+for _ in 1 2 3; do
+    t0=$EPOCHREALTIME
+    extents_b=$(nbdinfo --map=qemu:dirty-bitmap:c0 "$uri" | wc -l)
+    t=$(ms "$t0" "$EPOCHREALTIME")
+    rates+=("$(awk -v n="$extents_b" -v t="$t" 'BEGIN { printf "%.0f", n / (t / 1000) }')")
+done
+truncate -s 15T "$mnt/mid-copy.raw"
+for _ in 1 2 3; do
+    "$bin" pull --bitmap c0 "$uri" --into "$mnt/mid-copy.raw" --json >"$dir/pull.json"
+    maps+=("$(jq .map_seconds "$dir/pull.json")")
+done
+tm backup end mid >/dev/null
+printf '| dirtying (s) | dirty-bitmap extents | nbdinfo --map extents/s, median of 3 (all) | pull map + plan s, median of 3 (all) | load |\n'
+printf '|---|---|---|---|---|\n'
+printf '| %s | %s | %s (%s) | %s (%s) | %s |\n' "$dirty_s" "$extents_b" \
+    "$(printf '%s\n' "${rates[@]}" | median)" "${rates[*]}" \
+    "$(printf '%s\n' "${maps[@]}" | median)" "${maps[*]}" "$(load)"
