@@ -176,13 +176,7 @@ impl RepoPoint {
             bail!("a repository point is `repo:URL VOLUME@CHECKPOINT` (one point after repo:URL)");
         };
         let name = name.to_string_lossy().to_string();
-        let url = if url.contains("://") {
-            url.to_string()
-        } else {
-            std::path::absolute(url)
-                .map(|p| p.display().to_string())
-                .unwrap_or_else(|_| url.to_string())
-        };
+        let url = super::repo::absolute_repo_url(url);
         // Its own runtime, started outside any other: reads block on it from other threads.
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)

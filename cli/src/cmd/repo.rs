@@ -320,6 +320,17 @@ async fn run_async(command: RepoCommand, options: StoreOptions) -> anyhow::Resul
 }
 
 /// `[URL] POINT` of `repo restore` and `repo export`: the URL defaults to $TIDEMARK_REPO.
+/// A repository URL as the daemon (another working directory) must see it: an
+/// `s3://...` URL as given, a directory made absolute.
+pub(crate) fn absolute_repo_url(url: &str) -> String {
+    if url.contains("://") {
+        return url.to_string();
+    }
+    std::path::absolute(url)
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| url.to_string())
+}
+
 fn url_and_point(args: &[String], command: &str) -> anyhow::Result<(String, String)> {
     match args {
         [url, point] => Ok((url.clone(), point.clone())),

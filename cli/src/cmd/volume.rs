@@ -315,13 +315,7 @@ fn rollback_arguments(
                 "--from repo:URL takes one point after it: --from repo:{url} VOLUME@CHECKPOINT"
             );
         };
-        let url = if url.contains("://") {
-            url.to_string()
-        } else {
-            std::path::absolute(url)
-                .map(|p| p.display().to_string())
-                .unwrap_or_else(|_| url.to_string())
-        };
+        let url = super::repo::absolute_repo_url(url);
         return Ok(VolumeRollbackArgs {
             name,
             checkpoint,
