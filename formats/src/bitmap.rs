@@ -62,7 +62,7 @@ use std::path::Path;
 use std::sync::OnceLock;
 
 use uuid::Uuid;
-use zerocopy::little_endian::{U32, U64};
+use zerocopy::little_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 use crate::error::{FormatError, FormatErrorKind, InvalidField};
@@ -174,6 +174,9 @@ pub struct BitmapHeader {
     pub incompat_features: u64,
     /// Compatible feature bits (unknown ones are kept and ignored).
     pub compat_features: u64,
+    /// The minor version: [`MINOR_VERSION`] for a header made here, the file's own for one
+    /// read (kept, so a header re-encodes to the bytes it was read from).
+    pub minor_version: u16,
 }
 
 impl BitmapHeader {
@@ -198,6 +201,7 @@ impl BitmapHeader {
             payload_crc: 0,
             incompat_features: 0,
             compat_features: 0,
+            minor_version: MINOR_VERSION,
         };
         h.payload_crc = crc32_of_zeros(h.payload_len());
         Ok(h)
@@ -249,8 +253,10 @@ impl BitmapHeader {
         let name = self.checkpoint.as_bytes();
         let n = name.len().min(MAX_CHECKPOINT_NAME);
         checkpoint[..n].copy_from_slice(&name[..n]);
+        let mut prefix = FORMAT.prefix(HEADER_LEN, self.incompat_features, self.compat_features);
+        prefix.minor = U16::new(self.minor_version);
         let raw = RawBitmapHeader {
-            prefix: FORMAT.prefix(HEADER_LEN, self.incompat_features, self.compat_features),
+            prefix,
             state: U32::new(self.state.to_raw()),
             volume_uuid: *self.volume_uuid.as_bytes(),
             granularity: U32::new(self.granularity),
@@ -360,6 +366,7 @@ impl BitmapHeader {
             payload_crc: raw.payload_crc.get(),
             incompat_features: raw.prefix.incompat_features.get(),
             compat_features: raw.prefix.compat_features.get(),
+            minor_version: raw.prefix.minor.get(),
         };
         if raw.block_count.get() != h.block_count() {
             return Err(field(
@@ -777,6 +784,7 @@ pub fn write_bitmap_pages(
     }
     let mut h = header.clone();
     h.incompat_features |= INCOMPAT_PAGE_CRCS;
+    h.minor_version = h.minor_version.max(MINOR_VERSION);
     let table = page_table(bits);
     h.payload_crc = crc32fast::hash(&table);
     crate::atomic_replace_with(path, |f| {
@@ -1114,6 +1122,20 @@ mod tests {
     }
 
     #[test]
+    fn a_header_of_any_minor_version_re_encodes_to_its_own_bytes() {
+        // Files of format 1.0 (minor 0, written before the paged layout) and of a later
+        // minor version keep their minor version when their header is written back.
+        for minor in [0u16, MINOR_VERSION, 7] {
+            let mut bytes = header(1 << 20, 4096).encode();
+            bytes[10..12].copy_from_slice(&minor.to_le_bytes());
+            header::seal(&mut bytes);
+            let parsed = BitmapHeader::parse(&bytes, Path::new("x")).unwrap();
+            assert_eq!(parsed.minor_version, minor);
+            assert_eq!(parsed.encode(), bytes, "minor {minor}");
+        }
+    }
+
+    #[test]
     fn parse_refuses_other_major_version() {
         let mut bytes = header(1 << 20, 4096).encode();
         bytes[8] = 2;
@@ -1315,10 +1337,9 @@ mod tests {
     fn version_1_0_file(h: &BitmapHeader, words: &[u64]) -> Vec<u8> {
         let mut h = h.clone();
         h.incompat_features = 0;
+        h.minor_version = 0;
         h.payload_crc = words_crc(words);
         let mut bytes = h.encode();
-        bytes[10..12].copy_from_slice(&0u16.to_le_bytes());
-        header::seal(&mut bytes[..HEADER_LEN]);
         for w in words {
             bytes.extend_from_slice(&w.to_le_bytes());
         }

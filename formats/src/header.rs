@@ -35,7 +35,7 @@ use crate::error::{FormatError, FormatErrorKind};
 pub(crate) struct RawHeaderPrefix {
     magic: [u8; 8],                    // 0: the format's magic
     major: U16,                        // 8: major version
-    minor: U16,                        // 10: minor version
+    pub(crate) minor: U16,             // 10: minor version
     pub(crate) header_len: U32,        // 12: length of the whole header
     pub(crate) incompat_features: U64, // 16: unknown bits refuse to open
     pub(crate) compat_features: U64,   // 24: unknown bits are ignored
