@@ -15,12 +15,16 @@
 # restored image. The page cache is dropped (sync; echo 3 > /proc/sys/vm/drop_caches)
 # before every timed step. Incrementals report the median of the five, everything else the
 # median of three; every line carries the load average at the start of its first run.
-# Env: BENCH_DIR (default /var/tmp/tidemark-repo-bench), TIDEMARK_BIN.
+# Env: BENCH_DIR (default /var/tmp/tidemark-repo-bench), TIDEMARK_BIN; BEFORE_BIN (optional):
+# an earlier tidemark binary whose six points also go into a directory repository with the
+# default chunk size, for a before/after comparison in the same run (incremental time, new
+# data stored, repository size).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SIZE_MIB=${1:-4096}
 DIR=${BENCH_DIR:-/var/tmp/tidemark-repo-bench}
 BIN=${TIDEMARK_BIN:-$PWD/target/release/tidemark}
+BEFORE=${BEFORE_BIN:-}
 [ "$(id -u)" = 0 ] || { echo "run as root: timed steps drop the page cache" >&2; exit 2; }
 for tool in restic borg weed nbdcopy /usr/bin/python3; do
     command -v "$tool" >/dev/null || { echo "missing $tool (bash scripts/install-deps.sh)" >&2; exit 2; }
@@ -72,6 +76,8 @@ TM_DIR=$DIR/tm-repo
 TM_S3=s3://bkt/tm
 TM_SMALL=$DIR/tm-repo-64k   # the smallest chunk size, for the new-data figure
 "$BIN" repo init "$TM_DIR" >/dev/null
+TM_BEFORE=$DIR/tm-repo-before
+[ -z "$BEFORE" ] || "$BEFORE" repo init "$TM_BEFORE" >/dev/null
 "$BIN" repo init "$TM_SMALL" --chunk-size 64K >/dev/null
 "$BIN" repo init "$TM_S3" --s3-endpoint "$EP" >/dev/null
 restic init -q -r "$DIR/restic-repo"
@@ -131,15 +137,18 @@ for round in 0 1 2 3 4 5; do
     uri=$(backup_uri "${begin[@]:3}")
     timed "tm-dir-$kind-$round" "$BIN" pull "$uri" "${pull[@]}" --repo "$TM_DIR" --checkpoint "$ckpt"
     timed "tm-64k-$kind-$round" "$BIN" pull "$uri" "${pull[@]}" --repo "$TM_SMALL" --checkpoint "$ckpt"
+    [ -z "$BEFORE" ] || timed "tm-before-$kind-$round" "$BEFORE" pull "$uri" "${pull[@]}" --repo "$TM_BEFORE" --checkpoint "$ckpt"
     timed "tm-s3-$kind-$round" "$BIN" pull "$uri" "${pull[@]}" --repo "$TM_S3" --checkpoint "$ckpt" --s3-endpoint "$EP"
     tm backup end vm >/dev/null
     timed "restic-dir-$kind-$round" restic backup -q -r "$DIR/restic-repo" "$IMG"
     timed "restic-s3-$kind-$round" restic backup -q -r "s3:$EP/bkt/restic" "$IMG"
     timed "borg-dir-$kind-$round" borg create "$DIR/borg-repo::p$round" "$IMG"
     if [ "$round" = 0 ]; then
+        [ -z "$BEFORE" ] || full_before=$(size_of "$TM_BEFORE")
         full_tm=$(size_of "$TM_DIR"); full_small=$(size_of "$TM_SMALL"); full_restic=$(size_of "$DIR/restic-repo"); full_borg=$(size_of "$DIR/borg-repo")
     fi
     if [ "$round" = 1 ]; then
+        [ -z "$BEFORE" ] || new_before=$(( $(size_of "$TM_BEFORE") - full_before ))
         new_tm=$(( $(size_of "$TM_DIR") - full_tm ))
         new_small=$(( $(size_of "$TM_SMALL") - full_small ))
         new_restic=$(( $(size_of "$DIR/restic-repo") - full_restic ))
@@ -207,6 +216,8 @@ row "incremental 1% (median of 5), directory, vs restic" tm-dir-incr restic-dir-
 row "incremental 1% (median of 5), directory, vs borg" tm-dir-incr borg-dir-incr borg
 row "incremental 1% (median of 5), directory with 64 KiB chunks, vs restic" tm-64k-incr restic-dir-incr restic
 row "incremental 1% (median of 5), S3, vs restic" tm-s3-incr restic-s3-incr restic
+[ -z "$BEFORE" ] || row "incremental 1% (median of 5), directory: this build vs BEFORE_BIN" tm-dir-incr tm-before-incr before
+[ -z "$BEFORE" ] || row "incremental 1% (median of 5), directory: BEFORE_BIN vs restic" tm-before-incr restic-dir-incr restic
 row "restore, directory, vs restic" tm-dir-restore restic-dir-restore restic
 row "restore, directory, vs borg" tm-dir-restore borg-dir-restore borg
 row "restore, S3, vs restic" tm-s3-restore restic-s3-restore restic
@@ -223,4 +234,9 @@ echo "changed per incremental: $changed bytes of random (incompressible) data"
 echo "new data stored by the first incremental: tidemark (4 MiB chunks) $new_tm ($(ratio "$new_tm" "$changed") of the changed bytes)," \
     "tidemark (64 KiB chunks) $new_small ($(ratio "$new_small" "$changed")), restic $new_restic ($(ratio "$new_restic" "$changed")), borg $new_borg ($(ratio "$new_borg" "$changed")) bytes"
 echo "repository sizes after 6 points (directories): tidemark $(size_of "$TM_DIR") (64 KiB chunks: $(size_of "$TM_SMALL")), restic $(size_of "$DIR/restic-repo"), borg $(size_of "$DIR/borg-repo") bytes"
+if [ -n "$BEFORE" ]; then
+    echo "BEFORE_BIN ($BEFORE, 4 MiB chunks): new data stored by the first incremental $new_before ($(ratio "$new_before" "$changed") of the changed bytes);" \
+        "incremental times (s) ${T[tm-before-incr-1]} ${T[tm-before-incr-2]} ${T[tm-before-incr-3]} ${T[tm-before-incr-4]} ${T[tm-before-incr-5]};" \
+        "repository size after 6 points $(size_of "$TM_BEFORE") bytes"
+fi
 echo "load at the end: $(cut -d' ' -f1-3 /proc/loadavg)"

@@ -147,11 +147,40 @@ impl PackIndex {
     }
 }
 
+/// Most pieces one chunk slot of a point may carry; a backup that would leave more merges
+/// the slot into one whole chunk instead (see [`crate::builder`]), so a read of a slot costs
+/// at most this many extra chunk fetches.
+pub const MAX_SLOT_PIECES: usize = 16;
+/// The point index version this build writes; it reads 1 (no pieces) and 2.
+pub const POINT_VERSION: u32 = 2;
+/// Bytes of one piece record without its chunk id: tag, offset, length, offset in the chunk.
+const PIECE_HEAD_LEN: usize = 1 + 8 + 4 + 4;
+
 /// One chunk of a point: all zero (not stored) or the id of its data.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ChunkRef {
     Zero,
     Data(ChunkId),
+}
+
+/// A byte range of a point laid over its chunk slot: the bytes `[within, within + len)` of
+/// the chunk `chunk` (or zeros) are the point's bytes `[offset, offset + len)`. An
+/// incremental point stores what changed as pieces over the previous point's chunks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Piece {
+    /// Offset in the volume of the piece's first byte.
+    pub offset: u64,
+    pub len: u32,
+    pub chunk: ChunkRef,
+    /// Offset inside `chunk` of the piece's first byte (0 for a zero piece).
+    pub within: u32,
+}
+
+impl Piece {
+    /// Offset in the volume just past the piece.
+    pub fn end(&self) -> u64 {
+        self.offset + u64::from(self.len)
+    }
 }
 
 /// The index of one point: which chunks make up the volume at a checkpoint.
@@ -168,7 +197,12 @@ pub struct PointIndex {
     pub granularity: u32,
     /// Compressed bytes this point added to the repository (new chunks only).
     pub new_bytes: u64,
+    /// One entry per chunk slot: the slot's whole chunk (for a slot with pieces, the chunk
+    /// under them).
     pub chunks: Vec<ChunkRef>,
+    /// Pieces over the slots, ascending and disjoint, each inside one slot, at most
+    /// [`MAX_SLOT_PIECES`] per slot (empty in a version 1 index).
+    pub pieces: Vec<Piece>,
 }
 
 /// Number of chunks of a volume of `size` bytes.
@@ -188,9 +222,11 @@ pub fn valid_name(name: &str) -> bool {
 
 impl PointIndex {
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(128 + self.chunks.len() * 33);
+        let mut out = Vec::with_capacity(
+            136 + self.chunks.len() * 33 + self.pieces.len() * (PIECE_HEAD_LEN + 32),
+        );
         out.extend_from_slice(POINT_MAGIC);
-        out.extend_from_slice(&1u32.to_le_bytes());
+        out.extend_from_slice(&POINT_VERSION.to_le_bytes());
         out.extend_from_slice(&0u32.to_le_bytes());
         out.extend_from_slice(&self.volume_uuid);
         out.extend_from_slice(&self.created_unix.to_le_bytes());
@@ -215,6 +251,19 @@ impl PointIndex {
                 }
             }
         }
+        out.extend_from_slice(&(self.pieces.len() as u64).to_le_bytes());
+        for piece in &self.pieces {
+            out.push(match piece.chunk {
+                ChunkRef::Zero => 0,
+                ChunkRef::Data(_) => 1,
+            });
+            out.extend_from_slice(&piece.offset.to_le_bytes());
+            out.extend_from_slice(&piece.len.to_le_bytes());
+            out.extend_from_slice(&piece.within.to_le_bytes());
+            if let ChunkRef::Data(id) = piece.chunk {
+                out.extend_from_slice(&id.0);
+            }
+        }
         let crc = crc32fast::hash(&out);
         out.extend_from_slice(&crc.to_le_bytes());
         out
@@ -228,9 +277,10 @@ impl PointIndex {
             return Err(bad("not a point index (bad magic)"));
         }
         let version = r.u32()?;
-        if version != 1 {
+        if version != 1 && version != POINT_VERSION {
             return Err(bad(format!(
-                "point index version {version} is not supported (this tidemark reads 1)"
+                "point index version {version} is not supported (this tidemark reads 1 and \
+                 {POINT_VERSION}); use a newer tidemark"
             )));
         }
         let _flags = r.u32()?;
@@ -279,6 +329,11 @@ impl PointIndex {
                 tag => return Err(bad(format!("chunk {i} has an unknown tag {tag}"))),
             }
         }
+        let pieces = if version == 1 {
+            Vec::new()
+        } else {
+            decode_pieces(&mut r, size, chunk_size)?
+        };
         if r.remaining() != 0 {
             return Err(bad("trailing bytes after the chunk list"));
         }
@@ -293,6 +348,7 @@ impl PointIndex {
             granularity,
             new_bytes,
             chunks,
+            pieces,
         })
     }
 
@@ -300,6 +356,104 @@ impl PointIndex {
     pub fn name(&self) -> String {
         format!("{}@{}", self.volume, self.checkpoint)
     }
+
+    /// Bytes of chunk slot `index` (the last one may be short).
+    pub fn slot_len(&self, index: u64) -> u64 {
+        let chunk = u64::from(self.chunk_size);
+        self.size.saturating_sub(index * chunk).min(chunk)
+    }
+
+    /// The pieces over chunk slot `index`, ascending.
+    pub fn slot_pieces(&self, index: u64) -> &[Piece] {
+        let chunk = u64::from(self.chunk_size);
+        let start = index * chunk;
+        let end = start + chunk;
+        let first = self.pieces.partition_point(|p| p.offset < start);
+        let last = self.pieces.partition_point(|p| p.offset < end);
+        &self.pieces[first..last]
+    }
+
+    /// Whether slot `index` reads as all zeros without reading any chunk: its chunk is
+    /// zero and so is every piece over it.
+    pub fn slot_is_zero(&self, index: u64) -> bool {
+        self.chunks.get(index as usize) == Some(&ChunkRef::Zero)
+            && self
+                .slot_pieces(index)
+                .iter()
+                .all(|p| p.chunk == ChunkRef::Zero)
+    }
+
+    /// Every data chunk the point reads: its slots' chunks and its pieces' chunks.
+    pub fn data_chunks(&self) -> impl Iterator<Item = ChunkId> + '_ {
+        self.chunks
+            .iter()
+            .chain(self.pieces.iter().map(|p| &p.chunk))
+            .filter_map(|c| match c {
+                ChunkRef::Data(id) => Some(*id),
+                ChunkRef::Zero => None,
+            })
+    }
+}
+
+/// The piece list of a version 2 point index, every piece checked: inside the volume and
+/// inside one slot, ascending and disjoint, at most [`MAX_SLOT_PIECES`] per slot.
+fn decode_pieces(
+    r: &mut Reader<'_>,
+    size: u64,
+    chunk_size: u32,
+) -> Result<Vec<Piece>, FormatError> {
+    let count = r.u64()?;
+    if count > (r.remaining() / PIECE_HEAD_LEN) as u64 {
+        return Err(bad("the piece list is longer than the object"));
+    }
+    let chunk = u64::from(chunk_size);
+    let mut pieces: Vec<Piece> = Vec::with_capacity(count as usize);
+    let mut in_slot = 0usize;
+    for i in 0..count {
+        let tag = r.u8()?;
+        let offset = r.u64()?;
+        let len = r.u32()?;
+        let within = r.u32()?;
+        let chunk_ref = match tag {
+            0 => ChunkRef::Zero,
+            1 => ChunkRef::Data(ChunkId(r.array32()?)),
+            tag => return Err(bad(format!("piece {i} has an unknown tag {tag}"))),
+        };
+        let piece = Piece {
+            offset,
+            len,
+            chunk: chunk_ref,
+            within,
+        };
+        let end = offset.checked_add(u64::from(len));
+        if len == 0
+            || end.is_none_or(|end| end > size || (end - 1) / chunk != offset / chunk)
+            || u64::from(within) + u64::from(len) > u64::from(MAX_CHUNK)
+            || (chunk_ref == ChunkRef::Zero && within != 0)
+        {
+            return Err(bad(format!(
+                "piece {i} ({len} bytes at {offset}, {within} into its chunk) is empty, past \
+                 the end of the volume or of its chunk, or across a chunk boundary"
+            )));
+        }
+        match pieces.last() {
+            Some(last) if last.end() > offset => {
+                return Err(bad(format!(
+                    "piece {i} at {offset} overlaps or precedes the piece before it"
+                )))
+            }
+            Some(last) if last.offset / chunk == offset / chunk => in_slot += 1,
+            _ => in_slot = 1,
+        }
+        if in_slot > MAX_SLOT_PIECES {
+            return Err(bad(format!(
+                "chunk slot {} has more than {MAX_SLOT_PIECES} pieces",
+                offset / chunk
+            )));
+        }
+        pieces.push(piece);
+    }
+    Ok(pieces)
 }
 
 fn check_crc(bytes: &[u8]) -> Result<(), FormatError> {
@@ -384,7 +538,44 @@ mod tests {
                 ChunkRef::Data(ChunkId([1; 32])),
                 ChunkRef::Data(ChunkId([2; 32])),
             ],
+            pieces: vec![
+                Piece {
+                    offset: 65536,
+                    len: 65536,
+                    chunk: ChunkRef::Data(ChunkId([3; 32])),
+                    within: 0,
+                },
+                Piece {
+                    offset: (4 << 20) + 131072,
+                    len: 4096,
+                    chunk: ChunkRef::Zero,
+                    within: 0,
+                },
+                Piece {
+                    offset: (4 << 20) + 196608,
+                    len: 65536,
+                    chunk: ChunkRef::Data(ChunkId([4; 32])),
+                    within: 65536,
+                },
+            ],
         }
+    }
+
+    /// `point`'s bytes as a version 1 index (no piece list): what earlier builds wrote.
+    fn encode_v1(point: &PointIndex) -> Vec<u8> {
+        assert!(point.pieces.is_empty());
+        let mut bytes = point.encode();
+        bytes.truncate(bytes.len() - 4 - 8);
+        bytes[8..12].copy_from_slice(&1u32.to_le_bytes());
+        let crc = crc32fast::hash(&bytes);
+        bytes.extend_from_slice(&crc.to_le_bytes());
+        bytes
+    }
+
+    /// `point` encoded with a valid CRC however wrong its pieces are.
+    fn decode_pieces_of(pieces: Vec<Piece>) -> Result<PointIndex, FormatError> {
+        let p = PointIndex { pieces, ..point() };
+        PointIndex::decode(&p.encode())
     }
 
     #[test]
@@ -400,6 +591,106 @@ mod tests {
             bad[i] ^= 0x40;
             assert!(PointIndex::decode(&bad).is_err(), "{i}");
         }
+    }
+
+    #[test]
+    fn a_version_1_index_without_pieces_still_decodes() {
+        let p = PointIndex {
+            pieces: Vec::new(),
+            ..point()
+        };
+        let v1 = encode_v1(&p);
+        assert_eq!(&v1[8..12], &1u32.to_le_bytes());
+        assert_eq!(PointIndex::decode(&v1).unwrap(), p);
+        let mut v3 = p.encode();
+        v3[8..12].copy_from_slice(&3u32.to_le_bytes());
+        let len = v3.len();
+        let crc = crc32fast::hash(&v3[..len - 4]);
+        v3[len - 4..].copy_from_slice(&crc.to_le_bytes());
+        let err = PointIndex::decode(&v3).unwrap_err();
+        assert!(err.0.contains("version 3"), "{err}");
+    }
+
+    #[test]
+    fn pieces_out_of_bounds_overlapping_or_across_a_slot_are_refused() {
+        let good = point().pieces;
+        let data = |offset: u64, len: u32, within: u32| Piece {
+            offset,
+            len,
+            chunk: ChunkRef::Data(ChunkId([5; 32])),
+            within,
+        };
+        let chunk = 4u64 << 20;
+        let cases: Vec<(Vec<Piece>, &str)> = vec![
+            (vec![data(0, 0, 0)], "empty"),
+            (vec![data(chunk - 4096, 8192, 0)], "across a chunk boundary"),
+            (vec![data(2 * chunk, 8, 0)], "past the end"),
+            (vec![data(u64::MAX - 10, 100, 0)], "past the end"),
+            (vec![data(0, 4096, MAX_CHUNK)], "past the end"),
+            (vec![good[0], good[0]], "overlaps"),
+            (vec![good[1], good[0]], "precedes"),
+            (
+                vec![Piece {
+                    within: 7,
+                    ..good[1]
+                }],
+                "empty",
+            ),
+            (
+                (0..=MAX_SLOT_PIECES as u64)
+                    .map(|i| data(i * 8192, 4096, 0))
+                    .collect(),
+                "more than 16 pieces",
+            ),
+        ];
+        for (pieces, why) in cases {
+            let err = decode_pieces_of(pieces.clone()).unwrap_err();
+            assert!(err.0.contains(why), "{pieces:?}: {err}");
+        }
+        let most: Vec<Piece> = (0..MAX_SLOT_PIECES as u64)
+            .map(|i| data(i * 8192, 4096, 0))
+            .collect();
+        assert_eq!(decode_pieces_of(most.clone()).unwrap().pieces, most);
+    }
+
+    #[test]
+    fn a_lying_piece_count_or_tag_is_refused_without_allocating() {
+        let bytes = point().encode();
+        // The piece count sits 8 bytes before the first piece record; the records take
+        // 17 + 32, 17 and 17 + 32 bytes, then the CRC.
+        let count_at = bytes.len() - 4 - (17 + 32) * 2 - 17 - 8;
+        assert_eq!(&bytes[count_at..count_at + 8], &3u64.to_le_bytes());
+        let recrc = |mut b: Vec<u8>| {
+            let len = b.len();
+            let crc = crc32fast::hash(&b[..len - 4]);
+            b[len - 4..].copy_from_slice(&crc.to_le_bytes());
+            b
+        };
+        let mut lying = bytes.clone();
+        lying[count_at..count_at + 8].copy_from_slice(&u64::MAX.to_le_bytes());
+        let err = PointIndex::decode(&recrc(lying)).unwrap_err();
+        assert!(err.0.contains("longer than the object"), "{err}");
+        let mut tag = bytes.clone();
+        tag[count_at + 8] = 9;
+        let err = PointIndex::decode(&recrc(tag)).unwrap_err();
+        assert!(err.0.contains("unknown tag 9"), "{err}");
+    }
+
+    #[test]
+    fn slot_pieces_and_zero_slots() {
+        let p = point();
+        assert_eq!(p.slot_pieces(0), &p.pieces[..1]);
+        assert_eq!(p.slot_pieces(1), &p.pieces[1..]);
+        assert!(p.slot_pieces(2).is_empty());
+        assert!(!p.slot_is_zero(0), "a data piece over a zero chunk");
+        let zero_over_zero = PointIndex {
+            pieces: vec![p.pieces[1]],
+            chunks: vec![ChunkRef::Zero, ChunkRef::Zero, ChunkRef::Zero],
+            ..point()
+        };
+        assert!(zero_over_zero.slot_is_zero(1));
+        assert_eq!(p.slot_len(2), 5);
+        assert_eq!(p.data_chunks().count(), 4);
     }
 
     #[test]

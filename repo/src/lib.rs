@@ -1,7 +1,9 @@
 //! tidemark-repo: the backup repository on a directory or S3-compatible object storage.
 //!
 //! One code path for both through `object_store` (LocalFileSystem, AmazonS3). A point (one
-//! volume at one checkpoint) is a list of fixed-size chunks; each chunk is content-addressed
+//! volume at one checkpoint) is a list of fixed-size chunk slots, each a chunk, in an
+//! incremental point with pieces (the changed extents, chunks of their own size) laid over
+//! the previous point's chunk ([`format::Piece`]); each chunk is content-addressed
 //! by the SHA-256 of its plaintext, zstd-compressed with a CRC, and packed with others into
 //! pack objects of about [`PACK_TARGET`] bytes, each with its own index object. All-zero
 //! chunks are a marker in the point index, never stored. Every object is written once
@@ -34,7 +36,7 @@ use object_store::{ObjectStore, PutMode, PutOptions, PutPayload};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-pub use format::{ChunkId, ChunkRef, FormatError, PackEntry, PackIndex, PointIndex};
+pub use format::{ChunkId, ChunkRef, FormatError, PackEntry, PackIndex, Piece, PointIndex};
 pub use store::StoreOptions;
 
 /// Default chunk size: 4 MiB (a multiple of every tracking granularity, 4 KiB..1 MiB).
@@ -413,6 +415,87 @@ impl Repository {
     }
 }
 
+impl Repository {
+    /// The bytes of chunk slot `index` of `point`: its chunk (or zeros) with its pieces laid
+    /// over it, every chunk read, checked and inflated; `map` locates the chunks.
+    pub async fn read_slot(
+        &self,
+        point: &PointIndex,
+        index: u64,
+        map: &HashMap<ChunkId, Location>,
+    ) -> Result<Vec<u8>> {
+        compose_slot(point, index, map, |id, at| async move {
+            self.read_chunk(&id, &at).await
+        })
+        .await
+    }
+}
+
+/// Slot `index` of `point` built from its chunks, each got with `fetch` (which checks it):
+/// the slot's chunk (or zeros), then each piece's bytes over it. Every length is checked
+/// against the pack index before a byte is copied.
+pub(crate) async fn compose_slot<F, Fut>(
+    point: &PointIndex,
+    index: u64,
+    map: &HashMap<ChunkId, Location>,
+    fetch: F,
+) -> Result<Vec<u8>>
+where
+    F: Fn(ChunkId, Location) -> Fut,
+    Fut: std::future::Future<Output = Result<Vec<u8>>>,
+{
+    let corrupt = |why: String| RepoError::Corrupt {
+        object: point_path(&point.volume, &point.checkpoint).to_string(),
+        why,
+    };
+    let locate = |id: &ChunkId, what: &str| {
+        map.get(id).copied().ok_or_else(|| {
+            corrupt(format!(
+                "{what} ({}) is in no pack index; run `tidemark repo verify`",
+                id.hex()
+            ))
+        })
+    };
+    let slot_len = point.slot_len(index);
+    let mut data = match point.chunks.get(index as usize) {
+        Some(ChunkRef::Data(id)) => {
+            let at = locate(id, &format!("its chunk {index}"))?;
+            if u64::from(at.entry.raw_len) != slot_len {
+                return Err(corrupt(format!(
+                    "its chunk {index} ({}) holds {} bytes, not {slot_len}",
+                    id.hex(),
+                    at.entry.raw_len
+                )));
+            }
+            fetch(*id, at).await?
+        }
+        Some(ChunkRef::Zero) => vec![0; slot_len as usize],
+        None => return Err(corrupt(format!("it has no chunk slot {index}"))),
+    };
+    let start = index * u64::from(point.chunk_size);
+    for piece in point.slot_pieces(index) {
+        let at = (piece.offset - start) as usize;
+        let out = &mut data[at..at + piece.len as usize];
+        let ChunkRef::Data(id) = piece.chunk else {
+            out.fill(0);
+            continue;
+        };
+        let what = format!("its piece at byte {}", piece.offset);
+        let location = locate(&id, &what)?;
+        let within = piece.within as usize;
+        let end = within + piece.len as usize;
+        if end > location.entry.raw_len as usize {
+            return Err(corrupt(format!(
+                "{what} wants bytes {within}..{end} of chunk {}, which holds {}",
+                id.hex(),
+                location.entry.raw_len
+            )));
+        }
+        out.copy_from_slice(&fetch(id, location).await?[within..end]);
+    }
+    Ok(data)
+}
+
 /// Check a chunk's blob read from `at` and inflate it; a mismatch names the pack and offset.
 pub fn inflate_chunk(blob: &[u8], id: &ChunkId, at: &Location) -> Result<Vec<u8>> {
     check_blob(blob, id, &at.entry).map_err(|why| RepoError::Corrupt {
@@ -538,6 +621,7 @@ mod tests {
             granularity: 65536,
             new_bytes: 0,
             chunks: vec![],
+            pieces: vec![],
         }
     }
 

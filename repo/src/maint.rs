@@ -72,21 +72,39 @@ pub async fn verify(repo: &Repository, read_data: bool) -> Result<VerifyReport> 
         }
     }
     for point in &points {
+        let object = point_path(&point.volume, &point.checkpoint).to_string();
         let missing = point
-            .chunks
-            .iter()
-            .filter(|c| matches!(c, ChunkRef::Data(id) if !map.contains_key(id)))
+            .data_chunks()
+            .filter(|id| !map.contains_key(id))
             .count();
         if missing > 0 {
             report.problems.push(Problem {
-                object: point_path(&point.volume, &point.checkpoint).to_string(),
+                object: object.clone(),
                 problem: format!("{missing} of its chunks are in no pack index"),
             });
         }
+        for piece in &point.pieces {
+            let ChunkRef::Data(id) = piece.chunk else {
+                continue;
+            };
+            let held = map.get(&id).map_or(u32::MAX, |at| at.entry.raw_len);
+            if u64::from(piece.within) + u64::from(piece.len) > u64::from(held) {
+                report.problems.push(Problem {
+                    object: object.clone(),
+                    problem: format!(
+                        "its piece at byte {} wants bytes past the end of chunk {} ({held} bytes)",
+                        piece.offset,
+                        id.hex()
+                    ),
+                });
+            }
+        }
     }
     if read_data {
+        let users = chunk_users(&points);
+        let users = &users;
         let results: Vec<(u64, Vec<Problem>)> = futures::stream::iter(indexes.iter())
-            .map(|index| check_pack(repo, index))
+            .map(|index| check_pack(repo, index, users))
             .buffer_unordered(4)
             .collect()
             .await;
@@ -99,7 +117,34 @@ pub async fn verify(repo: &Repository, read_data: bool) -> Result<VerifyReport> 
     Ok(report)
 }
 
-async fn check_pack(repo: &Repository, index: &PackIndex) -> (u64, Vec<Problem>) {
+/// For each chunk some point reads, one user in words ("vm1@c3's piece at byte 65536"), so a
+/// corrupt chunk is named with what it breaks.
+fn chunk_users(points: &[format::PointIndex]) -> HashMap<ChunkId, String> {
+    let mut users = HashMap::new();
+    for point in points {
+        for (i, chunk) in point.chunks.iter().enumerate() {
+            if let ChunkRef::Data(id) = chunk {
+                users
+                    .entry(*id)
+                    .or_insert_with(|| format!("{}'s chunk {i}", point.name()));
+            }
+        }
+        for piece in &point.pieces {
+            if let ChunkRef::Data(id) = piece.chunk {
+                users.entry(id).or_insert_with(|| {
+                    format!("{}'s piece at byte {}", point.name(), piece.offset)
+                });
+            }
+        }
+    }
+    users
+}
+
+async fn check_pack(
+    repo: &Repository,
+    index: &PackIndex,
+    users: &HashMap<ChunkId, String>,
+) -> (u64, Vec<Problem>) {
     let path = pack_path(&index.pack_id);
     let object = path.to_string();
     let bytes = match repo.store().get(&path).await {
@@ -145,9 +190,12 @@ async fn check_pack(repo: &Repository, index: &PackIndex) -> (u64, Vec<Problem>)
         };
         checked += 1;
         if let Err(why) = check_blob(blob, &entry.id, entry) {
+            let user = users
+                .get(&entry.id)
+                .map_or_else(|| " (no point reads it)".to_string(), |u| format!(" ({u})"));
             problems.push(Problem {
                 object: object.clone(),
-                problem: format!("chunk {} at offset {start}: {why}", entry.id.hex()),
+                problem: format!("chunk {} at offset {start}{user}: {why}", entry.id.hex()),
             });
         }
     }
@@ -273,14 +321,7 @@ async fn live_view(repo: &Repository, what: &str) -> Result<(HashSet<ChunkId>, V
                 .join(", ")
         )));
     }
-    let live = points
-        .iter()
-        .flat_map(|p| p.chunks.iter())
-        .filter_map(|c| match c {
-            ChunkRef::Data(id) => Some(*id),
-            ChunkRef::Zero => None,
-        })
-        .collect();
+    let live = points.iter().flat_map(|p| p.data_chunks()).collect();
     Ok((live, indexes))
 }
 
@@ -514,6 +555,7 @@ mod tests {
             granularity: 65536,
             new_bytes: written.new_bytes,
             chunks: written.chunks,
+            pieces: Vec::new(),
         };
         rt.block_on(repo.put_point(&point)).unwrap();
     }

@@ -2,8 +2,10 @@
 //! a client reads or boots the point while nothing has been restored).
 //!
 //! A read in a data chunk fetches that chunk's blob with one ranged GET of its pack, checks
-//! its CRC, inflates it and checks its SHA-256 before any byte of it is used; a zero chunk
-//! reads as zeros without a request and is a hole in [`PointReader::allocation`]. Inflated
+//! its CRC, inflates it and checks its SHA-256 before any byte of it is used; a slot with
+//! pieces (an incremental point) is its chunk with each piece's chunk, fetched the same way,
+//! laid over it. A zero slot (zero chunk, no data pieces) reads as zeros without a request
+//! and is a hole in [`PointReader::allocation`]. Inflated
 //! chunks stay in a cache bounded by [`ReaderOptions::cache_bytes`] (least recently used
 //! chunks go first), and readers of one chunk share one fetch. A read that lands in the chunk
 //! of the previous read or the next one, or just after a cached chunk, counts as sequential
@@ -23,8 +25,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::runtime::Handle;
 use tokio::sync::OnceCell;
 
-use crate::format::{chunk_count, ChunkId, ChunkRef, PointIndex};
-use crate::{inflate_chunk, point_path, Location, RepoError, Repository, Result};
+use crate::format::{chunk_count, ChunkId, PointIndex};
+use crate::{compose_slot, inflate_chunk, point_path, Location, RepoError, Repository, Result};
 
 /// How much a reader caches and prefetches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -176,19 +178,18 @@ impl PointReader {
         }
         let (map, _, _) = repo.chunk_map().await?;
         let mut locations = HashMap::new();
-        for (i, c) in point.chunks.iter().enumerate() {
-            let ChunkRef::Data(id) = c else { continue };
-            let Some(at) = map.get(id) else {
+        for id in point.data_chunks() {
+            let Some(at) = map.get(&id) else {
                 return Err(RepoError::Corrupt {
                     object,
                     why: format!(
-                        "its chunk {i} ({}) is in no pack index; run `tidemark repo verify {}`",
+                        "its chunk {} is in no pack index; run `tidemark repo verify {}`",
                         id.hex(),
                         repo.url()
                     ),
                 });
             };
-            locations.insert(*id, *at);
+            locations.insert(id, *at);
         }
         Ok(PointReader {
             inner: Arc::new(Inner {
@@ -260,12 +261,11 @@ impl PointReader {
             let within = (at - index * chunk) as usize;
             let piece = ((index + 1) * chunk).min(end) - at;
             let out = &mut buf[(at - offset) as usize..(at - offset + piece) as usize];
-            match inner.point.chunks[index as usize] {
-                ChunkRef::Zero => out.fill(0),
-                ChunkRef::Data(id) => {
-                    let data = Inner::chunk(inner, index, id)?;
-                    out.copy_from_slice(&data[within..within + piece as usize]);
-                }
+            if inner.point.slot_is_zero(index) {
+                out.fill(0);
+            } else {
+                let data = Inner::chunk(inner, index)?;
+                out.copy_from_slice(&data[within..within + piece as usize]);
             }
             at += piece;
         }
@@ -282,15 +282,15 @@ impl PointReader {
         }
         let most = inner.cache().limit / chunk;
         for index in (offset / chunk..=(end - 1) / chunk).take(most as usize) {
-            if let ChunkRef::Data(id) = inner.point.chunks[index as usize] {
-                Inner::chunk(inner, index, id)?;
+            if !inner.point.slot_is_zero(index) {
+                Inner::chunk(inner, index)?;
             }
         }
         Ok(())
     }
 
-    /// Runs of `(length, zero)` from `offset` on: `zero` for the point's zero chunks (holes),
-    /// not for data chunks. They cover at least one byte and at most the rest of the point,
+    /// Runs of `(length, zero)` from `offset` on: `zero` for the point's zero slots (holes),
+    /// not for slots with data. They cover at least one byte and at most the rest of the point,
     /// and may end before `offset + len` (at most [`RUNS_PER_CALL`] runs).
     pub fn allocation(&self, offset: u64, len: u64) -> Vec<(u64, bool)> {
         let point = &self.inner.point;
@@ -300,7 +300,7 @@ impl PointReader {
         let mut at = offset;
         while at < end {
             let index = at / chunk;
-            let zero = point.chunks[index as usize] == ChunkRef::Zero;
+            let zero = point.slot_is_zero(index);
             let piece = ((index + 1) * chunk).min(point.size) - at;
             let full = runs.len() == RUNS_PER_CALL;
             match runs.last_mut() {
@@ -319,24 +319,19 @@ impl Inner {
         self.cache.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn chunk_len(&self, index: u64) -> u64 {
-        let chunk = u64::from(self.point.chunk_size);
-        (self.point.size - index * chunk).min(chunk)
-    }
-
-    /// The inflated data chunk `index` (id `id`), from the cache or fetched now.
-    fn chunk(this: &Arc<Inner>, index: u64, id: ChunkId) -> Result<Arc<Vec<u8>>> {
+    /// The bytes of chunk slot `index` (not a zero slot), from the cache or fetched now.
+    fn chunk(this: &Arc<Inner>, index: u64) -> Result<Arc<Vec<u8>>> {
         let cell = this.cache().slot(index);
         if let Some(data) = cell.get() {
             return Ok(Arc::clone(data));
         }
-        this.handle.block_on(Inner::load(this, index, id, &cell))
+        this.handle.block_on(Inner::load(this, index, &cell))
     }
 
-    /// Fill `cell` with chunk `index` unless another reader does (then wait for it).
-    async fn load(this: &Arc<Inner>, index: u64, id: ChunkId, cell: &Cell) -> Result<Arc<Vec<u8>>> {
+    /// Fill `cell` with slot `index` unless another reader does (then wait for it).
+    async fn load(this: &Arc<Inner>, index: u64, cell: &Cell) -> Result<Arc<Vec<u8>>> {
         let got = cell
-            .get_or_try_init(|| Inner::fetch(this, index, id))
+            .get_or_try_init(|| Inner::fetch(this, index))
             .await
             .cloned();
         let mut cache = this.cache();
@@ -347,28 +342,16 @@ impl Inner {
         got
     }
 
-    async fn fetch(this: &Arc<Inner>, index: u64, id: ChunkId) -> Result<Arc<Vec<u8>>> {
-        let object = || point_path(&this.point.volume, &this.point.checkpoint).to_string();
-        let at = *this.locations.get(&id).ok_or_else(|| RepoError::Corrupt {
-            object: object(),
-            why: format!("its chunk {index} is in no pack index"),
-        })?;
-        let expected = this.chunk_len(index);
-        if u64::from(at.entry.raw_len) != expected {
-            return Err(RepoError::Corrupt {
-                object: object(),
-                why: format!(
-                    "its chunk {index} ({}) holds {} bytes, not {expected}",
-                    id.hex(),
-                    at.entry.raw_len
-                ),
-            });
-        }
-        let blob = this.repo.read_blob(&id, &at).await?;
-        // Inflating and hashing 4 MiB takes milliseconds: off the runtime's worker threads.
-        let data = tokio::task::spawn_blocking(move || inflate_chunk(&blob, &id, &at))
-            .await
-            .map_err(|e| RepoError::Invalid(format!("checking chunk {}: {e}", id.hex())))??;
+    /// Slot `index`: its chunk (or zeros) with its pieces' chunks laid over it.
+    async fn fetch(this: &Arc<Inner>, index: u64) -> Result<Arc<Vec<u8>>> {
+        let data = compose_slot(&this.point, index, &this.locations, |id, at| async move {
+            let blob = this.repo.read_blob(&id, &at).await?;
+            // Inflating and hashing 4 MiB takes milliseconds: off the runtime's worker threads.
+            tokio::task::spawn_blocking(move || inflate_chunk(&blob, &id, &at))
+                .await
+                .map_err(|e| RepoError::Invalid(format!("checking chunk {}: {e}", id.hex())))?
+        })
+        .await?;
         this.fetched.fetch_add(1, Ordering::Relaxed);
         Ok(Arc::new(data))
     }
@@ -377,9 +360,9 @@ impl Inner {
     fn read_ahead(this: &Arc<Inner>, last: u64) {
         let count = this.point.chunks.len() as u64;
         for index in (last + 1..count).take(this.readahead as usize) {
-            let ChunkRef::Data(id) = this.point.chunks[index as usize] else {
+            if this.point.slot_is_zero(index) {
                 continue;
-            };
+            }
             let cell = {
                 let mut cache = this.cache();
                 if cache.slots.contains_key(&index) {
@@ -389,7 +372,7 @@ impl Inner {
             };
             let inner = Arc::clone(this);
             this.handle.spawn(async move {
-                if let Err(err) = Inner::load(&inner, index, id, &cell).await {
+                if let Err(err) = Inner::load(&inner, index, &cell).await {
                     tracing::debug!("reading ahead chunk {index}: {err}");
                 }
             });
@@ -400,6 +383,7 @@ impl Inner {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::format::ChunkRef;
     use crate::writer::PointWriter;
     use crate::StoreOptions;
 
@@ -437,6 +421,7 @@ mod tests {
             granularity: 65536,
             new_bytes: written.new_bytes,
             chunks: written.chunks,
+            pieces: Vec::new(),
         };
         rt.block_on(repo.put_point(&point)).unwrap();
         repo

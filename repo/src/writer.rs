@@ -4,7 +4,7 @@
 //! reaches [`PACK_TARGET`]. Memory stays bounded: a queue of `workers` chunks plus one pack
 //! per worker. The caller writes the point index only after [`PointWriter::finish`].
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::{Arc, Mutex};
@@ -16,8 +16,15 @@ use crate::{pack_index_path, pack_path, sha256, RepoError, Repository, Result, P
 /// zstd level of chunks: level 1 keeps up with a disk on two cores.
 pub const ZSTD_LEVEL: i32 = 1;
 
+/// What a queued chunk becomes: a point's chunk slot, or the piece with a caller's number.
+#[derive(Debug, Clone, Copy)]
+enum Target {
+    Slot(u64),
+    Piece(usize),
+}
+
 struct Job {
-    index: u64,
+    target: Target,
     data: Vec<u8>,
 }
 
@@ -26,6 +33,7 @@ struct Shared {
     handle: tokio::runtime::Handle,
     known: Mutex<HashSet<ChunkId>>,
     results: Mutex<Vec<Option<ChunkRef>>>,
+    pieces: Mutex<HashMap<usize, ChunkRef>>,
     new_bytes: AtomicU64,
     new_chunks: AtomicU64,
     failure: Mutex<Option<String>>,
@@ -35,6 +43,8 @@ struct Shared {
 #[derive(Debug, Clone)]
 pub struct Written {
     pub chunks: Vec<ChunkRef>,
+    /// The chunk of each piece queued with [`PointWriter::put_piece`], by its number.
+    pub pieces: HashMap<usize, ChunkRef>,
     /// Compressed bytes of new chunks (pack bytes uploaded).
     pub new_bytes: u64,
     pub new_chunks: u64,
@@ -69,6 +79,7 @@ impl PointWriter {
             handle,
             known: Mutex::new(known),
             results: Mutex::new(vec![None; chunk_count as usize]),
+            pieces: Mutex::default(),
             new_bytes: AtomicU64::new(0),
             new_chunks: AtomicU64::new(0),
             failure: Mutex::new(None),
@@ -98,10 +109,20 @@ impl PointWriter {
 
     /// Queue chunk `index` with its plaintext (blocks while the queue is full).
     pub fn put(&self, index: u64, data: Vec<u8>) -> Result<()> {
+        self.send(Target::Slot(index), data)
+    }
+
+    /// Queue the plaintext of a piece, numbered `number` by the caller (its chunk is
+    /// [`Written::pieces`]`[number]`).
+    pub fn put_piece(&self, number: usize, data: Vec<u8>) -> Result<()> {
+        self.send(Target::Piece(number), data)
+    }
+
+    fn send(&self, target: Target, data: Vec<u8>) -> Result<()> {
         if let Some(why) = self.failure() {
             return Err(RepoError::Invalid(why));
         }
-        let sent = self.tx.as_ref().map(|tx| tx.send(Job { index, data }));
+        let sent = self.tx.as_ref().map(|tx| tx.send(Job { target, data }));
         match sent {
             Some(Ok(())) => Ok(()),
             _ => Err(RepoError::Invalid(
@@ -143,8 +164,15 @@ impl PointWriter {
                 RepoError::Invalid(format!("chunk {i} of the point was never written"))
             })?);
         }
+        let pieces =
+            std::mem::take(
+                &mut *self.shared.pieces.lock().map_err(|_| {
+                    RepoError::Invalid("pack workers poisoned the piece list".into())
+                })?,
+            );
         Ok(Written {
             chunks,
+            pieces,
             new_bytes: self.shared.new_bytes.load(Ordering::Relaxed),
             new_chunks: self.shared.new_chunks.load(Ordering::Relaxed),
         })
@@ -225,9 +253,18 @@ fn store_chunk(shared: &Shared, pack: &mut Pack, job: Job) -> Result<()> {
         }
         ChunkRef::Data(id)
     };
-    if let Ok(mut results) = shared.results.lock() {
-        if let Some(slot) = results.get_mut(job.index as usize) {
-            *slot = Some(chunk);
+    match job.target {
+        Target::Slot(index) => {
+            if let Ok(mut results) = shared.results.lock() {
+                if let Some(slot) = results.get_mut(index as usize) {
+                    *slot = Some(chunk);
+                }
+            }
+        }
+        Target::Piece(number) => {
+            if let Ok(mut pieces) = shared.pieces.lock() {
+                pieces.insert(number, chunk);
+            }
         }
     }
     Ok(())

@@ -156,18 +156,47 @@ fn random_writes(model: &mut Model, rng: &mut impl Rng, count: usize) -> Vec<Str
         .collect()
 }
 
+/// `count` writes of 64 KiB at 64 KiB-aligned offsets scattered over the volume: the
+/// dirty blocks of an incremental are single tracking blocks, far apart.
+fn scattered_64k_writes(model: &mut Model, rng: &mut impl Rng, count: usize) -> Vec<String> {
+    let blocks = model.0.len() / (64 << 10);
+    (0..count)
+        .map(|_| {
+            let offset = rng.gen_range(0..blocks) * (64 << 10);
+            model.write(offset, 64 << 10, rng.gen_range(1..=255u8))
+        })
+        .collect()
+}
+
+type Writes = fn(&mut Model, &mut rand::rngs::StdRng, usize) -> Vec<String>;
+
 /// A full point and five incrementals of a daemon volume into `url`, each restored equal
 /// to its snapshot; then prune --keep-last 2 keeps exactly the last two, which restore.
 fn six_points_restore_and_prune(url: &str, extra: &[&str], env: &[(&str, &str)]) {
+    six_points_with(url, extra, env, 24 * MIB, "1M", random_writes);
+}
+
+/// [`six_points_restore_and_prune`] on a volume of `size` bytes in a repository of
+/// `chunk_size` chunks, the volume written with `writes`. Every incremental stores its
+/// changes as pieces over earlier points' chunks, so the last two points kept by prune read
+/// chunks only the dropped points stored.
+fn six_points_with(
+    url: &str,
+    extra: &[&str],
+    env: &[(&str, &str)],
+    size: usize,
+    chunk_size: &str,
+    writes: Writes,
+) {
+    let random_writes = writes;
     let daemon = Daemon::start();
-    let size = 24 * MIB;
     daemon.create_volume("vm1", size as u64);
     let live = daemon.uri("vm1");
     let mut rng = rand::rngs::StdRng::seed_from_u64(18);
     let mut model = Model::new(size);
     qemu_io(&live, &random_writes(&mut model, &mut rng, 60));
 
-    let mut init = vec!["repo", "init", url, "--chunk-size", "1M"];
+    let mut init = vec!["repo", "init", url, "--chunk-size", chunk_size];
     init.extend(extra);
     ok(&init, env);
     let mut snapshots = Vec::new();
@@ -232,6 +261,7 @@ fn six_points_restore_and_prune(url: &str, extra: &[&str], env: &[(&str, &str)])
         // pattern writes compress to a few bytes per chunk.
         let new = point["new_bytes"].as_u64().unwrap_or(0);
         assert!(new > 0 && new < 64 << 10, "{point}: {new} new bytes");
+        assert!(point["pieces"].as_u64() > Some(0), "{point}: no pieces");
         assert_eq!(
             point["parent"].as_str().map(|p| p.len()),
             Some(2),
@@ -288,6 +318,145 @@ fn six_points_on_seaweedfs_s3_restore_and_prune_keeps_the_last_two() {
     let seaweed = Seaweed::start();
     let endpoint = seaweed.endpoint.clone();
     six_points_restore_and_prune("s3://bkt/vms", &["--s3-endpoint", &endpoint], &S3_ENV);
+}
+
+#[test]
+fn six_points_with_the_default_chunk_size_and_scattered_64k_writes_in_a_directory() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let url = dir.path().join("repo");
+    six_points_with(
+        url.to_str().unwrap(),
+        &[],
+        &[],
+        64 * MIB,
+        "4M",
+        scattered_64k_writes,
+    );
+}
+
+#[test]
+fn six_points_with_the_default_chunk_size_and_scattered_64k_writes_on_seaweedfs_s3() {
+    let seaweed = Seaweed::start();
+    let endpoint = seaweed.endpoint.clone();
+    six_points_with(
+        "s3://bkt/vms",
+        &["--s3-endpoint", &endpoint],
+        &S3_ENV,
+        64 * MIB,
+        "4M",
+        scattered_64k_writes,
+    );
+}
+
+/// Back up the daemon volume `vm1` into `url` as `vm1@CHECKPOINT`, incrementally from
+/// `parent`'s bitmap when given; the report of the pull.
+fn backup_into(daemon: &Daemon, url: &str, checkpoint: &str, parent: Option<&str>) -> Value {
+    let mut begin = vec!["backup", "begin", "vm1", "--checkpoint", checkpoint];
+    let mut pull_mode = vec!["--full"];
+    if let Some(parent) = parent {
+        begin.extend(["--incremental", parent]);
+        pull_mode = vec!["--bitmap", parent];
+    }
+    let backup = daemon.cli_json(&begin);
+    let uri = backup["volumes"][0]["uri"]["unix"]
+        .as_str()
+        .expect("backup uri")
+        .to_string();
+    let mut pull = vec!["pull", &uri, "--repo", url, "--checkpoint", checkpoint];
+    pull.extend(pull_mode);
+    let report = json(&pull, &[]);
+    daemon.cli_json(&["backup", "end", "vm1"]);
+    report
+}
+
+#[test]
+fn verify_read_data_names_a_corrupt_piece_and_restore_refuses_its_point_only() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let repo = dir.path().join("repo");
+    let url = repo.to_str().unwrap();
+    let daemon = Daemon::start();
+    let size = 16 * MIB;
+    daemon.create_volume("vm1", size as u64);
+    let live = daemon.uri("vm1");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(81);
+    let mut model = Model::new(size);
+    qemu_io(&live, &random_writes(&mut model, &mut rng, 40));
+    ok(&["repo", "init", url], &[]);
+    backup_into(&daemon, url, "c0", None);
+    let full = model.clone();
+    let before = packs(&repo);
+    qemu_io(&live, &scattered_64k_writes(&mut model, &mut rng, 3));
+    backup_into(&daemon, url, "c1", Some("c0"));
+    let listed = listed_points(url);
+    assert!(listed[1]["pieces"].as_u64() > Some(0), "{listed:?}");
+
+    // The incremental's new packs hold only its pieces' chunks.
+    let new: Vec<PathBuf> = packs(&repo)
+        .into_iter()
+        .filter(|p| !before.contains(p))
+        .collect();
+    assert!(!new.is_empty());
+    for pack in &new {
+        let mut bytes = std::fs::read(pack).unwrap();
+        let last = bytes.len() - 3;
+        bytes[last] ^= 0x55;
+        std::fs::write(pack, bytes).unwrap();
+    }
+    let out = tidemark(&["repo", "verify", url, "--read-data"], &[]);
+    assert_eq!(out.status.code(), Some(2), "{}", out.stdout);
+    assert!(
+        out.stdout.contains("vm1@c1's piece at byte"),
+        "the corrupt piece is not named: {}",
+        out.stdout
+    );
+    let dest = dir.path().join("c1.img");
+    let out = tidemark(
+        &[
+            "repo",
+            "restore",
+            url,
+            "vm1@c1",
+            "--into",
+            dest.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_ne!(out.status.code(), Some(0));
+    assert!(out.stderr.contains("corrupt"), "{}", out.stderr);
+    assert_restores(url, "vm1@c0", &dir.path().join("c0.img"), &full.0);
+}
+
+/// The fixture's disk: 2 MiB + 4 KiB, a pattern with zeros in [1 MiB, 1.5 MiB).
+fn fixture_disk() -> Vec<u8> {
+    (0..2 * MIB + 4096)
+        .map(|i| {
+            if (MIB..MIB + MIB / 2).contains(&i) {
+                0
+            } else {
+                ((i * 7) ^ (i >> 12)) as u8
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn a_point_written_by_an_earlier_tidemark_in_index_version_1_still_restores_and_verifies() {
+    // tests/fixtures/repo-v1: `repo init --chunk-size 64K` and `pull --full` of
+    // [`fixture_disk`] as disk@old by tidemark bfe8186, before pieces (point index version 1).
+    let dir = tempfile::tempdir().expect("temp dir");
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/repo-v1");
+    let point = std::fs::read(fixture.join("points/disk/old")).unwrap();
+    assert_eq!(&point[..12], b"TMPOINT1\x01\0\0\0", "not a version 1 index");
+    let repo = dir.path().join("repo");
+    copy_repo(&fixture, &repo);
+    let url = repo.to_str().unwrap();
+    let disk = fixture_disk();
+    assert_restores(url, "disk@old", &dir.path().join("old.img"), &disk);
+    let report = json(&["repo", "verify", url, "--read-data"], &[]);
+    assert_eq!(report["problems"], Value::Array(vec![]), "{report}");
+    assert_eq!(report["points"], 1);
+    let (_export, uri) = repo_export(dir.path(), url, ("disk@old", "disk@old"), &[], &[]);
+    assert_nbdcopy_reads(&uri, &dir.path().join("copy.img"), &disk);
 }
 
 /// A file of `size` bytes of incompressible data in its first half, zeros after.

@@ -140,6 +140,8 @@ struct ListedPoint {
     new_bytes: u64,
     chunks: usize,
     zero_chunks: usize,
+    /// Pieces laid over the chunks (an incremental point's changed extents).
+    pieces: usize,
 }
 
 #[derive(Debug, Serialize)]
@@ -197,6 +199,7 @@ async fn run_async(command: RepoCommand, options: StoreOptions) -> anyhow::Resul
                     new_bytes: p.new_bytes,
                     chunks: p.chunks.len(),
                     zero_chunks: p.chunks.iter().filter(|c| **c == ChunkRef::Zero).count(),
+                    pieces: p.pieces.len(),
                 })
                 .collect();
             if json {
@@ -389,30 +392,24 @@ async fn restore(
     let (map, _, _) = repo.chunk_map().await?;
     let chunk = u64::from(point.chunk_size);
     let mut sink = ImageSink::open(into, &Mode::Full, point.size, chunk)?;
-    let wanted: Vec<(u64, tidemark_repo::ChunkId)> = point
-        .chunks
-        .iter()
-        .enumerate()
-        .filter_map(|(i, c)| match c {
-            ChunkRef::Data(id) => Some((i as u64, *id)),
-            ChunkRef::Zero => None,
-        })
-        .collect();
-    for (i, id) in &wanted {
-        if !map.contains_key(id) {
+    for id in point.data_chunks() {
+        if !map.contains_key(&id) {
             anyhow::bail!(
-                "chunk {i} of {name} ({}) is in no pack index: the repository is damaged; run \
+                "chunk {} of {name} is in no pack index: the repository is damaged; run \
                  `tidemark repo verify {url}`",
                 id.hex()
             );
         }
     }
-    let repo_ref = &repo;
-    let map_ref = &map;
+    // Slots that are not all zero: each is its chunk with the point's pieces laid over it.
+    let wanted: Vec<u64> = (0..point.chunks.len() as u64)
+        .filter(|&i| !point.slot_is_zero(i))
+        .collect();
+    let (repo_ref, map_ref, point_ref) = (&repo, &map, &point);
     let mut reads = futures::stream::iter(wanted.iter())
-        .map(|(i, id)| async move {
-            let data = repo_ref.read_chunk(id, &map_ref[id]).await?;
-            Ok::<_, tidemark_repo::RepoError>((*i, data))
+        .map(|&i| async move {
+            let data = repo_ref.read_slot(point_ref, i, map_ref).await?;
+            Ok::<_, tidemark_repo::RepoError>((i, data))
         })
         .buffered(4);
     let mut written = 0u64;
