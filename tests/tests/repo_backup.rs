@@ -188,13 +188,12 @@ fn six_points_with(
     chunk_size: &str,
     writes: Writes,
 ) {
-    let random_writes = writes;
     let daemon = Daemon::start();
     daemon.create_volume("vm1", size as u64);
     let live = daemon.uri("vm1");
     let mut rng = rand::rngs::StdRng::seed_from_u64(18);
     let mut model = Model::new(size);
-    qemu_io(&live, &random_writes(&mut model, &mut rng, 60));
+    qemu_io(&live, &writes(&mut model, &mut rng, 60));
 
     let mut init = vec!["repo", "init", url, "--chunk-size", chunk_size];
     init.extend(extra);
@@ -214,7 +213,7 @@ fn six_points_with(
             .to_string();
         snapshots.push(model.clone());
         // The live volume keeps changing while the backup is pulled.
-        qemu_io(&live, &random_writes(&mut model, &mut rng, 10));
+        qemu_io(&live, &writes(&mut model, &mut rng, 10));
         let mut pull = vec!["pull", &uri, "--repo", url, "--checkpoint", &checkpoint];
         if round == 0 {
             pull.push("--full");
@@ -240,7 +239,7 @@ fn six_points_with(
             );
         }
         daemon.cli_json(&["backup", "end", "vm1"]);
-        qemu_io(&live, &random_writes(&mut model, &mut rng, 20));
+        qemu_io(&live, &writes(&mut model, &mut rng, 20));
     }
 
     let mut list = vec!["repo", "list", url];
