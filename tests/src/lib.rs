@@ -21,6 +21,6 @@ pub use binary::tidemark_bin;
 pub use child::ChildGuard;
 pub use image::{pattern, Image, MIB};
 pub use run::{
-    run, run_ok, run_ok_within, run_with_input, tidemark, tidemark_env, tidemark_with_input, Output,
-    COMMAND_LIMIT,
+    run, run_ok, run_ok_within, run_with_input, tidemark, tidemark_env, tidemark_with_input,
+    Output, COMMAND_LIMIT,
 };

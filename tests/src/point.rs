@@ -1,8 +1,8 @@
 //! Restore points for the tests: a volume image's full delta and its incremental deltas,
 //! made with `tidemark delta create` as a backup would make them.
 
-use std::ops::Range;
 use std::ffi::OsStr;
+use std::ops::Range;
 use std::path::Path;
 
 use crate::paths::arg;
@@ -116,7 +116,12 @@ pub fn repo_point_at<K: AsRef<OsStr>, V: AsRef<OsStr>>(
     env: &[(K, V)],
 ) -> String {
     let (volume, checkpoint) = point.split_once('@').expect("VOLUME@CHECKPOINT");
-    tidemark_env(&["repo", "init", url, "--chunk-size", "1M"], env, COMMAND_LIMIT).ok();
+    tidemark_env(
+        &["repo", "init", url, "--chunk-size", "1M"],
+        env,
+        COMMAND_LIMIT,
+    )
+    .ok();
     let exported = crate::export::export(dir, vol, &["--read-only"]).expect("tidemark export");
     tidemark_env(
         &[

@@ -22,6 +22,7 @@ static WEED: Mutex<()> = Mutex::new(());
 const MACHINE_LOCK: &str = "/tmp/tidemark-tests-weed-mini.lock";
 
 /// A running SeaweedFS S3 server on 127.0.0.1.
+#[derive(Debug)]
 pub struct Seaweed {
     child: Option<ChildGuard>,
     /// `http://127.0.0.1:PORT`, for `--s3-endpoint` or AWS_ENDPOINT_URL.

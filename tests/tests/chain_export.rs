@@ -174,7 +174,11 @@ fn a_served_chain_reads_as_the_restored_image() {
 /// s3://, every command run with `env`), served with `export --chain repo:URL vol@thu`:
 /// it reads as `repo restore` of the point (nbdcopy, cmp), its zeroed range is a hole, and
 /// an overlay over it is refused saying what to do.
-fn a_served_repository_point_reads_as_repo_restore(point: &Point, url: &str, env: &[(&str, String)]) {
+fn a_served_repository_point_reads_as_repo_restore(
+    point: &Point,
+    url: &str,
+    env: &[(&str, String)],
+) {
     let repo = repo_point_at(&point.path("vol"), point.dir.path(), url, "vol@thu", env);
     let restored = point.p("restored.img");
     tidemark_env(

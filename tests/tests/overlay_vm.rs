@@ -259,7 +259,9 @@ fn a_vm_boots_from_an_overlay_export_of_a_backup_which_stays_untouched() {
     assert!(
         vm.status.success()
             && vm.stdout.contains("switch_root to its /sbin/init")
-            && vm.stdout.contains("BOOTED pid1=init exe=/bin/busybox root=/dev/vda,ext4")
+            && vm
+                .stdout
+                .contains("BOOTED pid1=init exe=/bin/busybox root=/dev/vda,ext4")
             && vm.stdout.contains("TUESDAY tuesday")
             && vm.stdout.contains("SUMS-OK")
             && vm.stdout.contains("Requesting system poweroff"),
@@ -317,7 +319,9 @@ fn a_vm_boots_from_an_overlay_export_of_a_backup_which_stays_untouched() {
         changed.len(),
         vm.stdout
             .lines()
-            .filter(|l| ["BOOTED", "SUMS-OK", "GUEST-SUM"].iter().any(|p| l.starts_with(p)))
+            .filter(|l| ["BOOTED", "SUMS-OK", "GUEST-SUM"]
+                .iter()
+                .any(|p| l.starts_with(p)))
             .collect::<Vec<_>>()
             .join("; ")
     );
