@@ -112,6 +112,11 @@ fn sh(command: &mut Command) -> String {
     run_ok_within(command, LIMIT).unwrap_or_else(|err| panic!("{command:?}: {err:#}"))
 }
 
+/// `sh -c SCRIPT` run in `dir`; its stdout.
+fn shell_in(dir: &Path, script: &str) -> String {
+    sh(Command::new("sh").arg("-c").arg(script).current_dir(dir))
+}
+
 /// `debugfs -R "dump PATH OUT"` from the ext4 image `image`; the file's bytes, or None
 /// when the filesystem has no such file.
 fn dump(image: &Path, path: &str, out: &Path) -> Option<Vec<u8>> {
@@ -135,13 +140,10 @@ fn root_images(build: &Path, dir: &Path) -> (PathBuf, PathBuf) {
     let tree = dir.join("tree");
     std::fs::create_dir(&tree).unwrap();
     let initramfs = build.join("initramfs.cpio.gz");
-    sh(Command::new("sh")
-        .arg("-c")
-        .arg(format!(
-            "zcat '{}' | cpio -idm --quiet",
-            initramfs.display()
-        ))
-        .current_dir(&tree));
+    shell_in(
+        &tree,
+        &format!("zcat '{}' | cpio -idm --quiet", initramfs.display()),
+    );
     assert!(
         tree.join("bin/busybox").exists(),
         "the initramfs has no bin/busybox"
@@ -164,10 +166,10 @@ fn root_images(build: &Path, dir: &Path) -> (PathBuf, PathBuf) {
     std::fs::write(&rcs, BACKUP_RCS).unwrap();
     std::fs::set_permissions(&rcs, std::fs::Permissions::from_mode(0o755)).unwrap();
     let sums = dir.join("backup.sums");
-    let list = sh(Command::new("sh")
-        .arg("-c")
-        .arg("find . -type f -print0 | sort -z | xargs -0 sha256sum")
-        .current_dir(&tree));
+    let list = shell_in(
+        &tree,
+        "find . -type f -print0 | sort -z | xargs -0 sha256sum",
+    );
     std::fs::write(&sums, &list).unwrap();
     assert!(list.lines().count() > 20, "a small tree: {list}");
     let tue = dir.join("tue.img");
@@ -204,13 +206,13 @@ fn boot_build(build: &Path, dir: &Path) -> PathBuf {
     std::fs::write(&script, BOOT_STAGE).unwrap();
     std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
     let archive = dir.join("stage.cpio.gz");
-    sh(Command::new("sh")
-        .arg("-c")
-        .arg(format!(
+    shell_in(
+        &stage,
+        &format!(
             "find . -mindepth 1 | cpio -o -H newc -R 0:0 --quiet | gzip -n >'{}'",
             archive.display()
-        ))
-        .current_dir(&stage));
+        ),
+    );
     let boot = dir.join("boot");
     std::fs::create_dir(&boot).unwrap();
     std::os::unix::fs::symlink(build.join("vmlinuz"), boot.join("vmlinuz")).unwrap();
