@@ -7,13 +7,14 @@
 //!
 //! How a read resolves: at open, the chain is validated exactly as restore validates it
 //! ([`check_chain`]: same volume, each delta starting from the checkpoint the previous one
-//! ends at; the image as large as the deltas' volume), then every delta's index is laid
-//! over the base, oldest first, into one sorted map of segments, each naming where its
-//! bytes live: the base image, zeros, or a record of one delta. A read binary-searches the
-//! map and copies from the base file (pread), zeros, or the decoded record. Records are
-//! decompressed once into a small shared cache (concurrent readers of one record wait for
-//! the first decoder instead of decoding it again) and every record's checksums are checked
-//! when it is decoded, as restore checks them. `base:allocation` comes from the same map:
+//! ends at; the image as large as the deltas' volume), then the deltas' indexes are
+//! resolved over the base, newest first, into the engine's [`PointMap`] (the one reader of
+//! a point's layout, shared with `verify` and `volume rollback`): sorted pieces, each naming
+//! where its bytes live: the base image, zeros, or a record of one delta. A read
+//! binary-searches the map and copies from the base file (pread), zeros, or the decoded
+//! record. Records are decompressed once into a small shared cache (concurrent readers of
+//! one record wait for the first decoder instead of decoding it again) and every record's
+//! checksums are checked when it is decoded, as restore checks them. `base:allocation` comes from the same map:
 //! delta zero extents (and a full delta's gaps) are holes that read as zeros, the base
 //! image's holes come from SEEK_DATA/SEEK_HOLE.
 //!
@@ -23,7 +24,7 @@
 
 mod overlay;
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom};
 use std::os::unix::fs::FileExt;
@@ -31,7 +32,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use tidemark_engine::copy::delta::{check_chain, ChainBase};
-use tidemark_formats::delta::{DeltaHeader, DeltaReader, ExtentKind, IndexEntry};
+use tidemark_engine::point_map::{Origin, PointMap};
+use tidemark_formats::delta::{DeltaHeader, DeltaReader, IndexEntry};
 use tidemark_formats::FormatError;
 use tidemark_nbd::export::{
     Capabilities, Errno, Export, ExportError, ExportResult, Extent, MetaContext, ZeroFlags,
@@ -169,84 +171,6 @@ impl Layer {
     }
 }
 
-/// Where the bytes of one segment of the point live.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Piece {
-    /// The base image at the same offset.
-    Base,
-    /// Zeros (a zero extent, or what a full delta does not cover).
-    Zero,
-    /// Data extent `entry` of delta `layer`.
-    Record { layer: u32, entry: u32 },
-}
-
-/// `start..end` of the point reads from `piece`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Segment {
-    start: u64,
-    end: u64,
-    piece: Piece,
-}
-
-/// Lay each layer's extents over `base` (covering `0..size`), oldest layer first, and
-/// return the sorted segments that cover `0..size`, neighbours of the same base or zero
-/// piece merged.
-fn resolve(size: u64, base: Piece, layers: &[&[IndexEntry]]) -> Vec<Segment> {
-    let mut map: BTreeMap<u64, (u64, Piece)> = BTreeMap::new();
-    if size > 0 {
-        map.insert(0, (size, base));
-    }
-    for (layer, entries) in layers.iter().enumerate() {
-        for (entry, extent) in entries.iter().enumerate() {
-            let piece = match extent.kind {
-                ExtentKind::Zero => Piece::Zero,
-                ExtentKind::Data => Piece::Record {
-                    layer: layer as u32,
-                    entry: entry as u32,
-                },
-            };
-            let (start, end) = (extent.offset.min(size), extent.end().min(size));
-            if start < end {
-                overwrite(&mut map, start, end, piece);
-            }
-        }
-    }
-    let mut out: Vec<Segment> = Vec::with_capacity(map.len());
-    for (start, (end, piece)) in map {
-        match out.last_mut() {
-            // Records never merge: a segment's bytes are found from its record's offset.
-            Some(last)
-                if last.end == start
-                    && last.piece == piece
-                    && !matches!(piece, Piece::Record { .. }) =>
-            {
-                last.end = end;
-            }
-            _ => out.push(Segment { start, end, piece }),
-        }
-    }
-    out
-}
-
-fn overwrite(map: &mut BTreeMap<u64, (u64, Piece)>, start: u64, end: u64, piece: Piece) {
-    split_at(map, start);
-    split_at(map, end);
-    let covered: Vec<u64> = map.range(start..end).map(|(&at, _)| at).collect();
-    for at in covered {
-        map.remove(&at);
-    }
-    map.insert(start, (end, piece));
-}
-
-fn split_at(map: &mut BTreeMap<u64, (u64, Piece)>, at: u64) {
-    if let Some((&start, &(end, piece))) = map.range(..=at).next_back() {
-        if start < at && at < end {
-            map.insert(start, (at, piece));
-            map.insert(at, (end, piece));
-        }
-    }
-}
-
 type Decoded = Arc<OnceLock<Result<Arc<Vec<u8>>, String>>>;
 
 /// Decoded records, shared by every reader; the oldest are dropped past
@@ -259,12 +183,16 @@ struct RecordCache {
 /// The cached records by (layer, entry), and their keys oldest first.
 #[derive(Default)]
 struct Slots {
-    map: HashMap<(u32, u32), Decoded>,
-    order: VecDeque<(u32, u32)>,
+    map: HashMap<(usize, usize), Decoded>,
+    order: VecDeque<(usize, usize)>,
 }
 
 impl RecordCache {
-    fn get(&self, key: (u32, u32), decode: impl FnOnce() -> Result<Vec<u8>, String>) -> Decoded {
+    fn get(
+        &self,
+        key: (usize, usize),
+        decode: impl FnOnce() -> Result<Vec<u8>, String>,
+    ) -> Decoded {
         let slot = {
             let mut guard = self.slots.lock().unwrap_or_else(|e| e.into_inner());
             let Slots { map, order } = &mut *guard;
@@ -303,7 +231,7 @@ pub struct ChainExport {
     size: u64,
     base: Option<FileExport>,
     layers: Vec<Layer>,
-    map: Vec<Segment>,
+    map: PointMap,
     cache: RecordCache,
     overlay: Option<Overlay>,
 }
@@ -313,7 +241,7 @@ impl std::fmt::Debug for ChainExport {
         f.debug_struct("ChainExport")
             .field("describe", &self.describe)
             .field("size", &self.size)
-            .field("segments", &self.map.len())
+            .field("pieces", &self.map.len())
             .finish_non_exhaustive()
     }
 }
@@ -342,7 +270,7 @@ impl ChainExport {
             .collect();
         let base_is_image = matches!(base_kind, ChainBase::Image(_));
         check_chain(&headers, base_is_image).map_err(|err| ChainError::Chain(err.to_string()))?;
-        let (base_export, size, base_piece) = match &base_kind {
+        let (base_export, size, base_origin) = match &base_kind {
             ChainBase::Image(path) => {
                 let export = FileExport::open(path, true).map_err(|err| {
                     ChainError::io(format!("opening the base image {}", path.display()), err)
@@ -358,15 +286,15 @@ impl ChainExport {
                         )));
                     }
                 }
-                (Some(export), size, Piece::Base)
+                (Some(export), size, Origin::Base)
             }
             ChainBase::Delta(_) => {
                 let size = layers.first().map_or(0, |l| l.header.volume_size);
-                (None, size, Piece::Zero)
+                (None, size, Origin::Zero)
             }
         };
         let indexes: Vec<&[IndexEntry]> = layers.iter().map(|l| l.entries.as_slice()).collect();
-        let map = resolve(size, base_piece, &indexes);
+        let map = PointMap::new(size, &indexes, base_origin);
         let describe = std::iter::once(base)
             .chain(deltas.iter().map(PathBuf::as_path))
             .map(|p| p.display().to_string())
@@ -412,26 +340,19 @@ impl ChainExport {
     /// The bytes of the point itself (without the overlay) at `offset`.
     fn read_point(&self, offset: u64, buf: &mut [u8]) -> ExportResult<()> {
         let end = offset + buf.len() as u64;
-        let first = self.map.partition_point(|s| s.end <= offset);
-        for segment in &self.map[first..] {
-            if segment.start >= end {
-                break;
-            }
-            let lo = segment.start.max(offset);
-            let hi = segment.end.min(end);
-            let dst = &mut buf[(lo - offset) as usize..(hi - offset) as usize];
-            match segment.piece {
-                Piece::Zero => dst.fill(0),
-                Piece::Base => match &self.base {
+        for (range, origin) in self.map.pieces(offset..end) {
+            let lo = range.start;
+            let dst = &mut buf[(lo - offset) as usize..(range.end - offset) as usize];
+            match origin {
+                Origin::Zero => dst.fill(0),
+                Origin::Base => match &self.base {
                     Some(base) => base.read(lo, dst)?,
                     None => dst.fill(0),
                 },
-                Piece::Record { layer, entry } => {
-                    let delta = &self.layers[layer as usize];
-                    let extent = &delta.entries[entry as usize];
-                    let slot = self
-                        .cache
-                        .get((layer, entry), || delta.decode(entry as usize));
+                Origin::Record { layer, entry } => {
+                    let delta = &self.layers[layer];
+                    let extent = &delta.entries[entry];
+                    let slot = self.cache.get((layer, entry), || delta.decode(entry));
                     match slot.get() {
                         Some(Ok(data)) => {
                             let from = (lo - extent.offset) as usize;
@@ -469,16 +390,14 @@ impl ChainExport {
     /// extents covering up to `len` bytes.
     fn allocation_of_point(&self, offset: u64, len: u64) -> ExportResult<Vec<Extent>> {
         let end = offset.saturating_add(len).min(self.size);
-        let first = self.map.partition_point(|s| s.end <= offset);
         let mut out = Vec::new();
-        for segment in &self.map[first..] {
-            if segment.start >= end || out.len() >= EXTENTS_PER_CALL {
+        for (range, origin) in self.map.pieces(offset..end) {
+            if out.len() >= EXTENTS_PER_CALL {
                 break;
             }
-            let lo = segment.start.max(offset);
-            let hi = segment.end.min(end);
-            match (segment.piece, &self.base) {
-                (Piece::Base, Some(base)) => {
+            let (lo, hi) = (range.start, range.end);
+            match (origin, &self.base) {
+                (Origin::Base, Some(base)) => {
                     let mut at = lo;
                     while at < hi && out.len() < EXTENTS_PER_CALL {
                         let extents =
@@ -502,7 +421,7 @@ impl ChainExport {
                         break;
                     }
                 }
-                (Piece::Record { .. }, _) => out.push(Extent {
+                (Origin::Record { .. }, _) => out.push(Extent {
                     length: hi - lo,
                     flags: 0,
                 }),

@@ -19,6 +19,7 @@ pub mod error;
 mod failpoint;
 pub mod io;
 pub mod lockfile;
+pub mod point_map;
 pub mod quiesce;
 pub mod rollback;
 pub mod snapshot;

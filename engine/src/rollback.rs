@@ -26,7 +26,8 @@
 //!
 //! 1. The marker `rollback.json` in the volume's directory, naming C and the point, is
 //!    written durably (temp file, fsync, rename, fsync of the directory).
-//! 2. The changed blocks are read from the point and written to the backing store by
+//! 2. The changed blocks are resolved against the point ([`crate::point_map`]: which
+//!    delta record, zeros or the base holds each byte) and written to the backing store by
 //!    [`WORKERS`] threads ([`write_back`]): many reads in flight, adjacent blocks read
 //!    together, every delta record read and checked once however many changed blocks
 //!    fall in it, the volume written through its O_DIRECT descriptor.
@@ -56,12 +57,13 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use tidemark_formats::delta::{CheckpointRef, DeltaHeader, DeltaReader, ExtentKind, IndexEntry};
+use tidemark_formats::delta::{CheckpointRef, DeltaHeader, DeltaReader, IndexEntry};
 use uuid::Uuid;
 
 use crate::checkpoint::CheckpointError;
 use crate::copy::delta::{check_chain, open_delta, ChainBase};
 use crate::copy::{CopyError, FileSource, Source};
+use crate::point_map::{resolve, Origin};
 use crate::status::unix_now;
 use crate::volume::backing::{AlignedBuf, BackingFile, DIRECT_ALIGN as ALIGN};
 use crate::volume::{Volume, VolumeError};
@@ -708,17 +710,6 @@ struct WriteFailure {
     source: io::Error,
 }
 
-/// Where a piece of the point reads from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Origin {
-    /// The base image at the same offset.
-    Base,
-    /// Zeros (a zero extent, or what a full delta does not cover).
-    Zero,
-    /// Data extent `entry` of delta `layer` (oldest first).
-    Record { layer: usize, entry: usize },
-}
-
 /// One unit of work of [`write_back`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Task {
@@ -732,43 +723,6 @@ enum Task {
         entry: usize,
         ranges: Vec<Range<u64>>,
     },
-}
-
-/// Append to `out`, in volume order, where each byte of `range` reads from at the point:
-/// the newest layer that covers it, else `base`.
-fn resolve(
-    range: Range<u64>,
-    layers: &[Vec<IndexEntry>],
-    base: Origin,
-    out: &mut Vec<(Range<u64>, Origin)>,
-) {
-    let Some((top, below)) = layers.split_last() else {
-        out.push((range, base));
-        return;
-    };
-    let first = top.partition_point(|e| e.end() <= range.start);
-    let mut at = range.start;
-    for (i, e) in top.iter().enumerate().skip(first) {
-        if e.offset >= range.end {
-            break;
-        }
-        let (lo, hi) = (e.offset.max(range.start), e.end().min(range.end));
-        if at < lo {
-            resolve(at..lo, below, base, out);
-        }
-        let origin = match e.kind {
-            ExtentKind::Zero => Origin::Zero,
-            ExtentKind::Data => Origin::Record {
-                layer: below.len(),
-                entry: i,
-            },
-        };
-        out.push((lo..hi, origin));
-        at = hi;
-    }
-    if at < range.end {
-        resolve(at..range.end, below, base, out);
-    }
 }
 
 /// The tasks that write `changed` back from the point: adjacent base and zero pieces
@@ -1068,6 +1022,7 @@ mod tests {
     use tidemark_formats::delta::DeltaWriter;
 
     use super::*;
+    use crate::point_map::tests::entry;
     use crate::volume::VolumeOptions;
 
     const SIZE: u64 = 1 << 20;
@@ -1259,23 +1214,6 @@ mod tests {
         let volume = Volume::open(&state, "v").unwrap();
         assert!(contents(&volume) == at_c);
         assert_eq!(volume.checkpoint_names(), ["c"]);
-    }
-
-    fn entry(offset: u64, length: u64, data: bool) -> IndexEntry {
-        IndexEntry {
-            offset,
-            length,
-            kind: if data {
-                ExtentKind::Data
-            } else {
-                ExtentKind::Zero
-            },
-            record_offset: 0,
-            encoding: tidemark_formats::delta::Encoding::Raw,
-            stored_len: 0,
-            data_crc: 0,
-            stored_crc: 0,
-        }
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! `tidemark export` of a plain file, stopped when dropped.
 
+use std::ffi::OsStr;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -56,6 +57,17 @@ pub fn export(dir: &Path, file: &Path, extra: &[&str]) -> Result<Exported> {
 /// Start `tidemark export ARGS... --socket DIR/nbd-N.sock --json EXTRA...` (ARGS: a file,
 /// or `--chain BASE DELTA...`) and wait until it listens.
 pub fn export_args(dir: &Path, args: &[&str], extra: &[&str]) -> Result<Exported> {
+    export_args_env(dir, args, extra, &[] as &[(&str, &str)])
+}
+
+/// [`export_args`] with the extra environment `env` (e.g. the S3 server of a `repo:s3://`
+/// point).
+pub fn export_args_env<K: AsRef<OsStr>, V: AsRef<OsStr>>(
+    dir: &Path,
+    args: &[&str],
+    extra: &[&str],
+    env: &[(K, V)],
+) -> Result<Exported> {
     let socket = dir.join(format!("nbd-{}.sock", rand::random::<u32>()));
     let mut child = ChildGuard::new(
         Command::new(tidemark_bin())
@@ -65,6 +77,7 @@ pub fn export_args(dir: &Path, args: &[&str], extra: &[&str]) -> Result<Exported
             .arg(&socket)
             .arg("--json")
             .args(extra)
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())

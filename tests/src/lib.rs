@@ -14,12 +14,13 @@ pub mod peers;
 pub mod point;
 pub mod quiesce;
 pub mod run;
+pub mod seaweed;
 pub mod vm;
 
 pub use binary::tidemark_bin;
 pub use child::ChildGuard;
 pub use image::{pattern, Image, MIB};
 pub use run::{
-    run, run_ok, run_ok_within, run_with_input, tidemark, tidemark_with_input, Output,
-    COMMAND_LIMIT,
+    run, run_ok, run_ok_within, run_with_input, tidemark, tidemark_env, tidemark_with_input,
+    Output, COMMAND_LIMIT,
 };

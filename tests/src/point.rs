@@ -1,11 +1,12 @@
 //! Restore points for the tests: a volume image's full delta and its incremental deltas,
 //! made with `tidemark delta create` as a backup would make them.
 
+use std::ffi::OsStr;
 use std::ops::Range;
 use std::path::Path;
 
 use crate::paths::arg;
-use crate::{tidemark, tidemark_with_input, COMMAND_LIMIT};
+use crate::{tidemark, tidemark_env, tidemark_with_input, COMMAND_LIMIT};
 
 /// The volume uuid every test point records.
 pub const POINT_UUID: &str = "5a1e0000-0000-4000-8000-0000000000e2";
@@ -100,18 +101,35 @@ pub fn changed_blocks(a: &Path, b: &Path) -> Vec<Range<u64>> {
 /// directory repository `repo` (1 MiB chunks): served by `tidemark export`, read by
 /// `tidemark pull --full --repo`. Returns the `repo:URL` that names the repository.
 pub fn repo_point(vol: &Path, repo: &Path, point: &str) -> String {
-    let (volume, checkpoint) = point.split_once('@').expect("VOLUME@CHECKPOINT");
-    let url = arg(repo);
-    tidemark(&["repo", "init", &url, "--chunk-size", "1M"], COMMAND_LIMIT).ok();
     let dir = repo.parent().expect("the repository's parent directory");
+    repo_point_at(vol, dir, &arg(repo), point, &[] as &[(&str, &str)])
+}
+
+/// Store the image `vol` as the full point `point` of a new repository at `url` (a
+/// directory or s3://BUCKET/PREFIX, 1 MiB chunks), every command run with `env` (the S3
+/// server's); `dir` holds the export's socket. Returns the `repo:URL`.
+pub fn repo_point_at<K: AsRef<OsStr>, V: AsRef<OsStr>>(
+    vol: &Path,
+    dir: &Path,
+    url: &str,
+    point: &str,
+    env: &[(K, V)],
+) -> String {
+    let (volume, checkpoint) = point.split_once('@').expect("VOLUME@CHECKPOINT");
+    tidemark_env(
+        &["repo", "init", url, "--chunk-size", "1M"],
+        env,
+        COMMAND_LIMIT,
+    )
+    .ok();
     let exported = crate::export::export(dir, vol, &["--read-only"]).expect("tidemark export");
-    tidemark(
+    tidemark_env(
         &[
             "pull",
             "--full",
             &exported.uri,
             "--repo",
-            &url,
+            url,
             "--volume",
             volume,
             "--volume-uuid",
@@ -119,6 +137,7 @@ pub fn repo_point(vol: &Path, repo: &Path, point: &str) -> String {
             "--checkpoint",
             checkpoint,
         ],
+        env,
         COMMAND_LIMIT,
     )
     .ok();

@@ -1,5 +1,6 @@
 //! The timed runner: run a command to completion within a deadline, capture what it said.
 
+use std::ffi::OsStr;
 use std::io::{Read, Write};
 use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -126,6 +127,18 @@ pub fn run_ok_within(command: &mut Command, limit: Duration) -> anyhow::Result<S
 /// Run `tidemark ARGS` within `limit`; panics when it cannot run or does not finish.
 pub fn tidemark(args: &[&str], limit: Duration) -> Output {
     run(Command::new(tidemark_bin()).args(args), limit).unwrap_or_else(|err| panic!("{err:#}"))
+}
+
+/// Run `tidemark ARGS` with the extra environment `env` (e.g. [`crate::seaweed::Seaweed::env`]),
+/// within `limit`.
+pub fn tidemark_env<K: AsRef<OsStr>, V: AsRef<OsStr>>(
+    args: &[&str],
+    env: &[(K, V)],
+    limit: Duration,
+) -> Output {
+    let env = env.iter().map(|(k, v)| (k, v));
+    run(Command::new(tidemark_bin()).args(args).envs(env), limit)
+        .unwrap_or_else(|err| panic!("{err:#}"))
 }
 
 /// Run `tidemark ARGS` with `input` on its stdin, within `limit`.

@@ -2,8 +2,8 @@
 //! reads exactly as the image `tidemark restore` writes (qemu-img compare, nbdcopy,
 //! nbdinfo's base:allocation), a broken chain is refused naming the break, and with
 //! `--overlay` writes (qemu-io) land in the overlay, survive a restart of the export and
-//! leave every backup file untouched. A repository point (`--chain repo:DIR VOLUME@C`)
-//! reads as `tidemark repo restore` of it (nbdcopy, cmp).
+//! leave every backup file untouched. A repository point (`--chain repo:URL VOLUME@C`, in a
+//! directory and in SeaweedFS's S3) reads as `tidemark repo restore` of it (nbdcopy, cmp).
 
 #![allow(clippy::single_range_in_vec_init)] // extents really are lists of ranges
 
@@ -13,12 +13,13 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use tidemark_tests::export::{export_args, Exported};
+use tidemark_tests::export::{export_args, export_args_env, Exported};
 use tidemark_tests::image::{cmp_equal, random_extents, random_image, scribble, Image, MIB};
 use tidemark_tests::paths::{arg, scratch};
 use tidemark_tests::peers::{nbdinfo_map, qemu_io};
-use tidemark_tests::point::{full_delta, incremental_delta, repo_point};
-use tidemark_tests::{run, tidemark, COMMAND_LIMIT};
+use tidemark_tests::point::{full_delta, incremental_delta, repo_point_at};
+use tidemark_tests::seaweed::Seaweed;
+use tidemark_tests::{run, tidemark, tidemark_env, COMMAND_LIMIT};
 
 const SIZE: u64 = 64 * MIB;
 /// Zeroed on Thursday: a zero extent of the newest delta, over Monday's data.
@@ -169,18 +170,24 @@ fn a_served_chain_reads_as_the_restored_image() {
     served.terminate().unwrap();
 }
 
-#[test]
-fn a_served_repository_point_reads_as_repo_restore_of_it() {
-    let point = Point::new();
-    let repo = repo_point(point.path("vol").as_path(), &point.path("repo"), "vol@thu");
+/// Thursday's image stored as the point vol@thu of the repository at `url` (a directory or
+/// s3://, every command run with `env`), served with `export --chain repo:URL vol@thu`:
+/// it reads as `repo restore` of the point (nbdcopy, cmp), its zeroed range is a hole, and
+/// an overlay over it is refused saying what to do.
+fn a_served_repository_point_reads_as_repo_restore(
+    point: &Point,
+    url: &str,
+    env: &[(&str, String)],
+) {
+    let repo = repo_point_at(&point.path("vol"), point.dir.path(), url, "vol@thu", env);
     let restored = point.p("restored.img");
-    let url = repo.trim_start_matches("repo:");
-    tidemark(
+    tidemark_env(
         &["repo", "restore", url, "vol@thu", "--into", &restored],
+        env,
         COMMAND_LIMIT,
     )
     .ok();
-    let served = export_args(point.dir.path(), &["--chain", &repo, "vol@thu"], &[])
+    let served = export_args_env(point.dir.path(), &["--chain", &repo, "vol@thu"], &[], env)
         .expect("tidemark export --chain repo:URL POINT starts");
     let copied = point.copy_out(&served.uri, "copied.img");
     assert!(cmp_equal(&copied, point.path("restored.img"), None).unwrap());
@@ -195,7 +202,7 @@ fn a_served_repository_point_reads_as_repo_restore_of_it() {
     assert_eq!(zeroed, ZEROED.end - ZEROED.start, "{map:?}");
     served.terminate().unwrap();
     // No overlay over a repository point: it says what to do instead.
-    let overlay = tidemark(
+    let overlay = tidemark_env(
         &[
             "export",
             "--chain",
@@ -206,10 +213,25 @@ fn a_served_repository_point_reads_as_repo_restore_of_it() {
             "--socket",
             &point.p("o.sock"),
         ],
+        env,
         COMMAND_LIMIT,
     );
     assert_eq!(overlay.code(), 2, "{overlay:?}");
     assert!(overlay.stderr.contains("repo restore"), "{overlay:?}");
+}
+
+#[test]
+fn a_served_repository_point_reads_as_repo_restore_of_it() {
+    let point = Point::new();
+    let url = point.p("repo");
+    a_served_repository_point_reads_as_repo_restore(&point, &url, &[]);
+}
+
+#[test]
+fn a_served_s3_repository_point_reads_as_repo_restore_of_it() {
+    let seaweed = Seaweed::start();
+    let point = Point::new();
+    a_served_repository_point_reads_as_repo_restore(&point, "s3://bkt/chain", &seaweed.env());
 }
 
 #[test]

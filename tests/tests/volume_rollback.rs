@@ -4,7 +4,8 @@
 //! point restored by `tidemark restore`); refused while held (a python3-libnbd connection,
 //! a FUSE attachment) or given the wrong point or unknown changes; killed mid-way (kill -9
 //! of the daemon), listed as "rollback incomplete" and refused until rerun, finished by the
-//! rerun or removed; and rolled back from a repository point (equal to `repo restore` of it).
+//! rerun or removed; and rolled back from a repository point, in a directory and in
+//! SeaweedFS's S3 (equal to `repo restore` of it).
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -14,7 +15,8 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use tidemark_tests::daemon::Daemon;
 use tidemark_tests::peers::qemu_io;
-use tidemark_tests::{tidemark_bin, ChildGuard};
+use tidemark_tests::seaweed::Seaweed;
+use tidemark_tests::{tidemark_bin, tidemark_env, ChildGuard};
 
 const MIB: u64 = 1 << 20;
 const SIZE: u64 = 1 << 30;
@@ -468,25 +470,18 @@ fn wait_for(daemon: &Daemon, marker: &Path) {
     std::thread::sleep(Duration::from_secs(1));
 }
 
-/// `tidemark ARGS` (no daemon), which must succeed.
-fn run_ok(args: &[&str]) {
-    let out = Command::new(tidemark_bin())
-        .args(args)
-        .output()
-        .expect("running tidemark");
-    assert!(
-        out.status.success(),
-        "tidemark {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+/// `tidemark ARGS` (no daemon) with `env`, which must succeed.
+fn run_ok(args: &[&str], env: &[(&str, String)]) {
+    tidemark_env(args, env, Duration::from_secs(300)).ok();
 }
 
-#[test]
-fn a_rollback_from_a_repository_point_equals_repo_restore_of_it() {
-    let daemon = Daemon::start();
-    let repo = daemon.dir.path().join("repo");
-    let url = s(&repo);
-    run_ok(&["repo", "init", &url, "--chunk-size", "1M"]);
+/// A daemon with `env` pushes v@c0 and v@c1 into the repository at `url` (a directory or
+/// s3://): a rollback to v@c1 equals `repo restore` of it, and a point of another checkpoint
+/// or volume is refused naming both sides.
+fn a_rollback_from_a_repository_point(url: &str, env: &[(&str, String)]) {
+    let daemon_env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let daemon = Daemon::start_with_env(&daemon_env);
+    run_ok(&["repo", "init", url, "--chunk-size", "1M"], env);
     let target = format!("repo:{url}");
     let backing = daemon.create_volume("v", SIZE);
     let live = daemon.uri("v");
@@ -510,7 +505,10 @@ fn a_rollback_from_a_repository_point_equals_repo_restore_of_it() {
     qemu_io(&live, &[qemu_write(0x44, 4 * MIB, 8 * MIB)]);
     begin("c1", Some("c0"));
     let restored = daemon.dir.path().join("repo-c1.raw");
-    run_ok(&["repo", "restore", &url, "v@c1", "--into", &s(&restored)]);
+    run_ok(
+        &["repo", "restore", url, "v@c1", "--into", &s(&restored)],
+        env,
+    );
 
     // About 1% changed, on both sides of a later checkpoint c2.
     qemu_io(&live, &scatter(20, 256 * 1024, 0x60, 0.0));
@@ -562,4 +560,16 @@ fn a_rollback_from_a_repository_point_equals_repo_restore_of_it() {
     // 40 writes of 256 KiB touch 5 blocks of 64 KiB each.
     assert_eq!(report["bytes_rolled_back"], json!(40 * 5 * 64 * 1024));
     qemu_io(&live, &["read -P 0x44 4M 1M".to_string()]);
+}
+
+#[test]
+fn a_rollback_from_a_repository_point_equals_repo_restore_of_it() {
+    let repo = tempfile::tempdir().expect("temp dir");
+    a_rollback_from_a_repository_point(&s(&repo.path().join("repo")), &[]);
+}
+
+#[test]
+fn a_rollback_from_an_s3_repository_point_equals_repo_restore_of_it() {
+    let seaweed = Seaweed::start();
+    a_rollback_from_a_repository_point("s3://bkt/rollback", &seaweed.env());
 }

@@ -1,6 +1,6 @@
 //! Delta jobs: create a delta file from a snapshot and its changed extents, restore an
 //! image from a base and a chain of deltas, and read a chain as one virtual image (for
-//! `verify`).
+//! `verify`, through the chain's [`PointMap`]).
 //!
 //! A chain follows on when every delta is of the same volume (uuid and size) and starts
 //! from the checkpoint the previous one ends at (name and generation). A chain that does
@@ -18,12 +18,15 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use tidemark_formats::delta::{CheckpointRef, DeltaHeader, DeltaReader, DeltaWriter, ExtentKind};
+use tidemark_formats::delta::{
+    CheckpointRef, DeltaHeader, DeltaReader, DeltaWriter, ExtentKind, IndexEntry,
+};
 use tidemark_formats::FormatError;
 
 use super::extents::{check_within, chunks, gaps, normalize, zero_runs};
 use super::{target, CopyError, FailedExtent, ImageWriter, JobOptions, JobReport, Source};
 use crate::io::{open_engine, Completion, Engine, FileId, IoBuf, Op, Request, ALIGN};
+use crate::point_map::{Origin, PointMap};
 
 impl From<FormatError> for CopyError {
     fn from(err: FormatError) -> CopyError {
@@ -589,6 +592,7 @@ pub struct ChainSource {
     describe: String,
     base: Option<File>,
     deltas: Vec<DeltaFile>,
+    map: PointMap,
     size: u64,
 }
 
@@ -637,10 +641,18 @@ impl ChainSource {
             }
             describe.push_str(&path.display().to_string());
         }
+        let base_origin = if base_file.is_some() {
+            Origin::Base
+        } else {
+            Origin::Zero
+        };
+        let layers: Vec<&[IndexEntry]> = chain.iter().map(|(_, r)| r.extents()).collect();
+        let map = PointMap::new(size, &layers, base_origin);
         Ok(ChainSource {
             describe,
             base: base_file,
             deltas: chain.into_iter().map(|(_, r)| r).collect(),
+            map,
             size,
         })
     }
@@ -664,12 +676,32 @@ impl Source for ChainSource {
     }
 
     fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        match &self.base {
-            Some(file) => std::os::unix::fs::FileExt::read_exact_at(file, buf, offset)?,
-            None => buf.fill(0),
+        let end = offset.saturating_add(buf.len() as u64);
+        if end > self.size {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!(
+                    "{}: reading {offset}..{end} past the point's {} bytes",
+                    self.describe, self.size
+                ),
+            ));
         }
-        for delta in &mut self.deltas {
-            delta.read_at(offset, buf).map_err(io::Error::other)?;
+        let ChainSource {
+            base, deltas, map, ..
+        } = self;
+        for (range, origin) in map.pieces(offset..end) {
+            let dst = &mut buf[(range.start - offset) as usize..(range.end - offset) as usize];
+            match (origin, &*base) {
+                (Origin::Base, Some(file)) => {
+                    std::os::unix::fs::FileExt::read_exact_at(file, dst, range.start)?
+                }
+                (Origin::Base, None) | (Origin::Zero, _) => dst.fill(0),
+                (Origin::Record { layer, .. }, _) => {
+                    deltas[layer]
+                        .read_at(range.start, dst)
+                        .map_err(io::Error::other)?;
+                }
+            }
         }
         Ok(())
     }
