@@ -62,8 +62,8 @@ if [ -n "${PERF:-}" ]; then
         kill -INT "$perf_pid"
         wait "$perf_pid" || true
         stop
-        perf report -q -i "$perf_dir/$s.data" --no-children --sort dso,sym --percent-limit 0.7 \
-            2>/dev/null | grep -v '^$' | head -40 >"$perf_dir/$s.txt"
+        perf report -q -i "$perf_dir/$s.data" --no-children --sort dso,sym -g none --percent-limit 0.7 \
+            2>/dev/null | grep -v "^$" >"$perf_dir/$s.txt" || true
         echo "perf of $s: $perf_dir/$s.txt"
     done
 fi
