@@ -576,6 +576,7 @@ mod tests {
     use super::*;
     use crate::record::tests::{established, feed};
     use crate::record::MAX_FRAGMENT;
+    use crate::server::command::Reply;
 
     /// The file the replies read from: a pattern with no period that divides a record.
     fn source(len: usize) -> (tempfile::NamedTempFile, Vec<u8>) {
@@ -591,17 +592,10 @@ mod tests {
         (0..len).map(|i| seed.wrapping_add(i as u8)).collect()
     }
 
-    /// One reply for the writer: the stream bytes it must produce.
+    /// What the writer is given: a reply, or the reader's news of a KeyUpdate that asks
+    /// for ours (answered before the next reply).
     enum Step {
-        Bytes(Vec<u8>),
-        File {
-            head: Vec<u8>,
-            offset: u64,
-            len: usize,
-            tail: Vec<u8>,
-            failed: Option<Vec<u8>>,
-        },
-        /// The reader saw a KeyUpdate that asks for ours, before the next reply.
+        Send(Reply),
         AnswerKeyUpdate,
     }
 
@@ -625,14 +619,16 @@ mod tests {
         let mut results = Vec::new();
         for step in steps {
             match step {
-                Step::Bytes(data) => results.push(writer.write_all(data)),
-                Step::File {
+                Step::Send(Reply::Bytes(data, len)) => {
+                    results.push(writer.write_all(&data[..*len]))
+                }
+                Step::Send(Reply::File {
                     head,
                     offset,
                     len,
                     tail,
                     failed,
-                } => results.push(writer.write_file(
+                }) => results.push(writer.write_file(
                     head,
                     (file, *offset, *len),
                     tail,
@@ -677,19 +673,19 @@ mod tests {
                 // A long reply of bytes only: the head past the first record.
                 let bytes = head(3 * MAX_FRAGMENT + 7, 9);
                 expected.extend_from_slice(&bytes);
-                steps.push(Step::Bytes(bytes));
+                steps.push(Step::Send(Reply::Bytes(bytes, 3 * MAX_FRAGMENT + 7)));
             }
             let (head, tail) = (head(h, i as u8), head(t, 0x80 | i as u8));
             expected.extend_from_slice(&head);
             expected.extend_from_slice(&data[offset..offset + len]);
             expected.extend_from_slice(&tail);
-            steps.push(Step::File {
+            steps.push(Step::Send(Reply::File {
                 head,
                 offset: offset as u64,
                 len,
                 tail,
                 failed: Some(b"not sent".to_vec()),
-            });
+            }));
         }
         for (suite, key_update) in [
             (CipherSuite::TLS13_AES_128_GCM_SHA256, true),
@@ -716,31 +712,22 @@ mod tests {
         let (file, data) = source(100_000);
         let file = file.as_file();
         let (h, tail, failed) = (head(20, 1), head(20, 2), b"the READ failed".to_vec());
-        // 40 000 bytes asked from offset 80 000: 20 000 exist, the rest are zeroes.
+        let reply = |offset: u64, len: usize, failed: Option<&Vec<u8>>| {
+            Step::Send(Reply::File {
+                head: h.clone(),
+                offset,
+                len,
+                tail: tail.clone(),
+                failed: failed.cloned(),
+            })
+        };
         let steps = [
-            Step::File {
-                head: h.clone(),
-                offset: 80_000,
-                len: 40_000,
-                tail: tail.clone(),
-                failed: Some(failed.clone()),
-            },
+            // 40 000 bytes asked from offset 80 000: 20 000 exist, the rest are zeroes.
+            reply(80_000, 40_000, Some(&failed)),
             // The stream stays usable: the next reply is whole.
-            Step::File {
-                head: h.clone(),
-                offset: 3,
-                len: 50_000,
-                tail: tail.clone(),
-                failed: Some(failed.clone()),
-            },
+            reply(3, 50_000, Some(&failed)),
             // Without a failure reply to send, the writer reports the error.
-            Step::File {
-                head: h.clone(),
-                offset: 99_999,
-                len: 2,
-                tail: tail.clone(),
-                failed: None,
-            },
+            reply(99_999, 2, None),
         ];
         let (plain, closed, results) = run(CipherSuite::TLS13_AES_256_GCM_SHA384, file, &steps);
         assert!(results[0].is_ok() && results[1].is_ok(), "{results:?}");
