@@ -3,12 +3,8 @@
 #
 # Reads: nbdcopy copies a page-cached file (2 GiB by default) from each server to `null:`.
 # Writes: nbdcopy copies that file into a fresh writable export of each server and flushes
-# (--flush). Servers, all with the same certificates (a test CA, an ECDSA P-256 server
-# certificate, client certificates required):
-#   tidemark     `tidemark export --listen --tls-creds`
-#   qemu-nbd     --object tls-creds-x509,...,endpoint=server,verify-peer=on --tls-creds
-#   nbdkit       --tls=require --tls-certificates --tls-verify-peer, file plugin
-#   plain        `tidemark export --listen --listen-insecure` (TCP without TLS: what TLS costs)
+# (--flush). The servers (tidemark, qemu-nbd, nbdkit, plain, before) are those of
+# benches/tls-common.sh, all with the same certificates.
 # Handshakes: a python3-libnbd loop (connect, STARTTLS, TLS handshake, GO, disconnect)
 # against each TLS server, in handshakes per second.
 # Every round runs each server once, in a rotating order that runs backwards in odd
@@ -27,79 +23,8 @@ size_mib=${1:-2048}
 rounds=${2:-3}
 handshakes=${3:-200}
 setup tls-peers nbdcopy nbdkit qemu-nbd
-/usr/bin/python3 -c "import nbd" || { echo "missing python3-libnbd: run scripts/install-deps.sh" >&2; exit 1; }
-
-/usr/bin/python3 tests/src/tls_certs.py "$work/certs" >/dev/null
-creds=$work/certs/server
-client=$work/certs/admin
-
-port=$((20000 + RANDOM % 20000))
-
-# start NAME MODE FILE: starts the server on 127.0.0.1:$port, sets $server_pid.
-start() {
-    local name=$1 mode=$2 file=$3 ro=()
-    port=$((port + 1))
-    case $name in
-    tidemark | plain | before)
-        [ "$mode" = read ] && ro=(--read-only)
-        local tls=(--tls-creds "$creds") server_bin=$bin
-        [ "$name" = plain ] && tls=(--listen-insecure)
-        [ "$name" = before ] && server_bin=$BEFORE_BIN
-        "$server_bin" export "$file" "${ro[@]}" --listen "127.0.0.1:$port" --name disk "${tls[@]}" \
-            >/dev/null 2>&1 &
-        ;;
-    qemu-nbd)
-        [ "$mode" = read ] && ro=(-r)
-        qemu-nbd -f raw -t -e 16 "${ro[@]}" --cache=writeback --aio=threads \
-            --object "tls-creds-x509,id=tls0,dir=$creds,endpoint=server,verify-peer=on" \
-            --tls-creds tls0 -b 127.0.0.1 -p "$port" -x disk "$file" &
-        ;;
-    nbdkit)
-        [ "$mode" = read ] && ro=(-r)
-        nbdkit -f -i 127.0.0.1 -p "$port" "${ro[@]}" --tls=require \
-            "--tls-certificates=$creds" --tls-verify-peer file "file=$file" &
-        ;;
-    esac
-    server_pid=$!
-    pids+=("$server_pid")
-    for _ in $(seq 200); do
-        (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && return 0
-        sleep 0.05
-    done
-    echo "$name did not start" >&2
-    return 1
-}
-
-uri() {
-    if [ "$1" = plain ]; then
-        echo "nbd://127.0.0.1:$port/disk"
-    else
-        echo "nbds://127.0.0.1:$port/disk?tls-certificates=$client"
-    fi
-}
-
-# handshakes per second against the server on $port
-handshake_rate() {
-    /usr/bin/python3 - "$1" "$handshakes" <<'EOF'
-import sys, time
-import nbd
-uri, n = sys.argv[1], int(sys.argv[2])
-t0 = time.monotonic()
-for _ in range(n):
-    h = nbd.NBD()
-    h.set_uri_allow_local_file(True)
-    h.connect_uri(uri)
-    assert h.get_size() > 0
-    h.shutdown()
-    del h
-print(f"{n / (time.monotonic() - t0):.1f}")
-EOF
-}
-
-load() { cut -d' ' -f1 /proc/loadavg; }
-# CPU seconds (user + system, all threads) the server on $server_pid has used so far: the
-# figure a loaded machine does not distort.
-server_cpu() { awk -v hz="$(getconf CLK_TCK)" '{ printf "%.2f", ($14 + $15) / hz }' "/proc/$server_pid/stat"; }
+. benches/tls-common.sh
+tls_setup
 
 servers=(tidemark qemu-nbd nbdkit plain)
 if [ -n "${BEFORE_BIN:-}" ]; then servers+=(before); fi
@@ -111,7 +36,7 @@ for ((round = 0; round < rounds; round++)); do
         tr=$(timed "$(uri "$s")" null:)
         cpu=$(server_cpu)
         hs=-
-        if [ "$s" != plain ]; then hs=$(handshake_rate "$(uri "$s")"); fi
+        if [ "$s" != plain ]; then hs=$(handshake_rate "$(uri "$s")" "$handshakes"); fi
         stop
         results[$s.read]+="$tr "
         results[$s.hs]+="$hs "

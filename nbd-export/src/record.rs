@@ -19,6 +19,7 @@ use std::sync::{Arc, Mutex};
 
 use ring::aead;
 use rustls::{ConnectionTrafficSecrets, ExtractedSecrets, SupportedCipherSuite};
+use zeroize::{Zeroize, Zeroizing};
 
 /// Plaintext bytes in one record (2^14, RFC 8446 section 5.1).
 pub(crate) const MAX_FRAGMENT: usize = 16 * 1024;
@@ -102,8 +103,9 @@ struct Direction {
     key: aead::LessSafeKey,
     iv: [u8; aead::NONCE_LEN],
     seq: u64,
-    /// TLS 1.3: the current traffic secret, from which KeyUpdate derives the next one.
-    secret: Option<Vec<u8>>,
+    /// TLS 1.3: the current traffic secret, from which KeyUpdate derives the next one
+    /// (wiped when replaced or dropped).
+    secret: Option<Zeroizing<Vec<u8>>>,
     /// Records one key may protect (the suite's confidentiality limit).
     limit: u64,
 }
@@ -112,7 +114,7 @@ impl Direction {
     fn new(
         version: Version,
         secrets: (u64, ConnectionTrafficSecrets),
-        secret: Option<Vec<u8>>,
+        secret: Option<Zeroizing<Vec<u8>>>,
         limit: u64,
     ) -> Result<Direction, RecordError> {
         let (seq, secrets) = secrets;
@@ -190,6 +192,13 @@ impl Direction {
     }
 }
 
+impl Drop for Direction {
+    fn drop(&mut self) {
+        // The traffic secret wipes itself; ring's key schedule cannot be reached.
+        self.iv.zeroize();
+    }
+}
+
 fn make_key(cipher: Cipher, key: &[u8]) -> Result<aead::LessSafeKey, RecordError> {
     aead::UnboundKey::new(cipher.algorithm(), key)
         .map(aead::LessSafeKey::new)
@@ -205,8 +214,12 @@ impl ring::hkdf::KeyType for Len {
 }
 
 /// HKDF-Expand-Label(secret, label, "", len) (RFC 8446 section 7.1), with the hash the
-/// secret's length names (SHA-256: 32 bytes, SHA-384: 48).
-fn expand_label(secret: &[u8], label: &[u8], len: usize) -> Result<Vec<u8>, RecordError> {
+/// secret's length names (SHA-256: 32 bytes, SHA-384: 48); wiped when dropped.
+fn expand_label(
+    secret: &[u8],
+    label: &[u8],
+    len: usize,
+) -> Result<Zeroizing<Vec<u8>>, RecordError> {
     let hkdf = match secret.len() {
         32 => ring::hkdf::HKDF_SHA256,
         48 => ring::hkdf::HKDF_SHA384,
@@ -221,9 +234,9 @@ fn expand_label(secret: &[u8], label: &[u8], len: usize) -> Result<Vec<u8>, Reco
     let out_len = (len as u16).to_be_bytes();
     let label_len = [(6 + label.len()) as u8];
     let info: [&[u8]; 5] = [&out_len, &label_len, b"tls13 ", label, &[0]];
-    let mut out = vec![0u8; len];
+    let mut out = Zeroizing::new(vec![0u8; len]);
     prk.expand(&info, Len(len))
-        .and_then(|okm| okm.fill(&mut out))
+        .and_then(|okm| okm.fill(&mut out[..]))
         .map_err(|_| fail(alert::INTERNAL_ERROR, "HKDF-Expand-Label failed"))?;
     Ok(out)
 }
@@ -231,10 +244,10 @@ fn expand_label(secret: &[u8], label: &[u8], len: usize) -> Result<Vec<u8>, Reco
 fn traffic_keys(
     secret: &[u8],
     cipher: Cipher,
-) -> Result<(Vec<u8>, [u8; aead::NONCE_LEN]), RecordError> {
+) -> Result<(Zeroizing<Vec<u8>>, [u8; aead::NONCE_LEN]), RecordError> {
     let key = expand_label(secret, b"key", cipher.key_len())?;
     let iv = expand_label(secret, b"iv", aead::NONCE_LEN)?;
-    let iv = iv
+    let iv = iv[..]
         .try_into()
         .map_err(|_| fail(alert::INTERNAL_ERROR, "HKDF gave an IV of the wrong length"))?;
     Ok((key, iv))
@@ -252,11 +265,14 @@ fn tls12_aad(seq: u64, typ: u8, len: usize) -> [u8; TLS12_AAD] {
 
 const TLS12_AAD: usize = 13;
 
+/// A captured traffic secret, wiped when dropped.
+type Captured = Mutex<Option<Zeroizing<Vec<u8>>>>;
+
 /// TLS 1.3 traffic secrets as rustls' key log reports them, for one connection.
 #[derive(Debug, Default)]
 pub(crate) struct KeyCapture {
-    client: Mutex<Option<Vec<u8>>>,
-    server: Mutex<Option<Vec<u8>>>,
+    client: Captured,
+    server: Captured,
 }
 
 impl rustls::KeyLog for KeyCapture {
@@ -266,7 +282,7 @@ impl rustls::KeyLog for KeyCapture {
             "SERVER_TRAFFIC_SECRET_0" => &self.server,
             _ => return,
         };
-        *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(secret.to_vec());
+        *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(Zeroizing::new(secret.to_vec()));
     }
 
     fn will_log(&self, label: &str) -> bool {
@@ -303,9 +319,7 @@ impl Secrets {
         })?;
         let (client, server) = match version {
             Version::Tls13 => {
-                let take = |slot: &Mutex<Option<Vec<u8>>>| {
-                    slot.lock().unwrap_or_else(|e| e.into_inner()).take()
-                };
+                let take = |slot: &Captured| slot.lock().unwrap_or_else(|e| e.into_inner()).take();
                 match (take(&capture.client), take(&capture.server)) {
                     (Some(c), Some(s)) => (Some(c), Some(s)),
                     _ => {
@@ -723,7 +737,7 @@ pub(crate) fn capturing(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -731,7 +745,7 @@ mod tests {
     use std::io::{Read, Write};
 
     // A self-signed ECDSA P-256 certificate for "localhost", valid until 2126.
-    const CERT: &str = "-----BEGIN CERTIFICATE-----
+    pub(crate) const CERT: &str = "-----BEGIN CERTIFICATE-----
 MIIBujCCAV+gAwIBAgIUMmUoWv6uGQ841MNcBIyLfKco0HUwCgYIKoZIzj0EAwIw
 FDESMBAGA1UEAwwJbG9jYWxob3N0MCAXDTI2MTIwNzAyMjU1MFoYDzIxMjYxMTEz
 MDIyNTUwWjAUMRIwEAYDVQQDDAlsb2NhbGhvc3QwWTATBgcqhkjOPQIBBggqhkjO
@@ -744,7 +758,7 @@ FlLy1OKQOEDj+P9UlhkemOZEDPqtgLqj5bgoAiEAq8Q4V3/Qog3pYn/scDO2NC1j
 pO4QAOYa+0n2ZhQ8/8c=
 -----END CERTIFICATE-----
 ";
-    const KEY: &str = "-----BEGIN PRIVATE KEY-----
+    pub(crate) const KEY: &str = "-----BEGIN PRIVATE KEY-----
 MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgqUk0haBQFuMaLrdR
 b7BHiyXN5x19jonSx98NUA8lzB6hRANCAARuyP2bnnZLu7srweQ4juGpwfqiqfRk
 +Tv4EXcPGc3KeO9+MqiPiMJPKiIfpInlvpAymoB+zDGVg9KWx+3sL8pY
@@ -764,7 +778,7 @@ b7BHiyXN5x19jonSx98NUA8lzB6hRANCAARuyP2bnnZLu7srweQ4juGpwfqiqfRk
 
     /// A rustls client and our record layer on the server side of one handshake, done in
     /// memory with `suite` only.
-    fn established(suite: CipherSuite) -> (Connection, Secrets) {
+    pub(crate) fn established(suite: CipherSuite) -> (Connection, Secrets) {
         let mut provider = (*crate::tls::provider()).clone();
         provider.cipher_suites.retain(|s| s.suite() == suite);
         let provider = Arc::new(provider);
@@ -806,7 +820,7 @@ b7BHiyXN5x19jonSx98NUA8lzB6hRANCAARuyP2bnnZLu7srweQ4juGpwfqiqfRk
         (client, secrets)
     }
 
-    fn transfer(from: &mut Connection, to: &mut Connection) {
+    pub(crate) fn transfer(from: &mut Connection, to: &mut Connection) {
         let mut wire = Vec::new();
         while from.wants_write() {
             from.write_tls(&mut wire).unwrap();
@@ -815,7 +829,7 @@ b7BHiyXN5x19jonSx98NUA8lzB6hRANCAARuyP2bnnZLu7srweQ4juGpwfqiqfRk
     }
 
     /// Give `wire` to rustls; its plaintext and whether it saw close_notify.
-    fn feed(to: &mut Connection, wire: &[u8]) -> Result<(Vec<u8>, bool), rustls::Error> {
+    pub(crate) fn feed(to: &mut Connection, wire: &[u8]) -> Result<(Vec<u8>, bool), rustls::Error> {
         let mut rd = wire;
         let mut plain = Vec::new();
         let mut closed = false;
@@ -1024,7 +1038,7 @@ b7BHiyXN5x19jonSx98NUA8lzB6hRANCAARuyP2bnnZLu7srweQ4juGpwfqiqfRk
         // RFC 8448 section 3: the server's handshake traffic secret and its key and IV.
         let secret = hex("b67b7d690cc16c4e75e54213cb2d37b4e9c912bcded9105d42befd59d391ad38");
         let (key, iv) = traffic_keys(&secret, Cipher::Aes128Gcm).unwrap();
-        assert_eq!(key, hex("3fce516009c21727d0f2e4e86ee403bc"));
+        assert_eq!(*key, hex("3fce516009c21727d0f2e4e86ee403bc"));
         assert_eq!(iv.to_vec(), hex("5d313eb2671276ee13000b30"));
     }
 

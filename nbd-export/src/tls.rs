@@ -159,12 +159,18 @@ impl TlsServer {
         } else {
             WebPkiClientVerifier::no_client_auth()
         };
-        let config = rustls::ServerConfig::builder_with_provider(provider())
+        let mut config = rustls::ServerConfig::builder_with_provider(provider())
             .with_protocol_versions(VERSIONS)
             .map_err(|e| config_err(e.to_string()))?
             .with_client_cert_verifier(verifier)
             .with_single_cert(certs, key)
             .map_err(|e| config_err(e.to_string()))?;
+        // No session resumption: every connection shows its certificate, so the CRL and
+        // the authorization list judge each one. No NBD client resumes (libnbd and QEMU
+        // start a fresh session per connection), so the two TLS 1.3 tickets rustls would
+        // make, store and send per handshake were only cost.
+        config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        config.send_tls13_tickets = 0;
         Ok(TlsServer {
             config: Arc::new(config),
             authz: authz.map(Arc::new),
@@ -476,6 +482,44 @@ impl ServerCertVerifier for NoServerVerification {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sessions_are_never_resumed() {
+        use crate::record::tests::{transfer, CERT, KEY};
+        use rustls::{ClientConnection, Connection, ServerConnection};
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("server-cert.pem"), CERT).unwrap();
+        std::fs::write(dir.path().join("server-key.pem"), KEY).unwrap();
+        let server = TlsServer::from_dir(dir.path(), false, None).unwrap();
+        let mut roots = RootCertStore::empty();
+        roots
+            .add(CertificateDer::from_pem_slice(CERT.as_bytes()).unwrap())
+            .unwrap();
+        // A client that keeps tickets and offers them again: the second connection would
+        // resume if the server issued any.
+        let client = Arc::new(
+            rustls::ClientConfig::builder_with_provider(provider())
+                .with_protocol_versions(VERSIONS)
+                .unwrap()
+                .with_root_certificates(roots)
+                .with_no_client_auth(),
+        );
+        for round in 0..2 {
+            let name = "localhost".try_into().unwrap();
+            let mut c = Connection::Client(ClientConnection::new(client.clone(), name).unwrap());
+            let config = Arc::new(server.config().clone());
+            let mut s = Connection::Server(ServerConnection::new(config).unwrap());
+            while c.is_handshaking() || s.is_handshaking() || s.wants_write() {
+                transfer(&mut c, &mut s);
+                transfer(&mut s, &mut c);
+            }
+            assert_eq!(
+                c.handshake_kind(),
+                Some(rustls::HandshakeKind::Full),
+                "connection {round}"
+            );
+        }
+    }
 
     #[test]
     fn globs_match_like_fnmatch() {

@@ -449,19 +449,29 @@ impl TlsWriter {
             if let Some((file, offset, _)) = file {
                 read_into(&mut self.out, &reads, file, offset, &mut error);
             }
+            at += len;
+            let trailer = if at < total {
+                None
+            } else {
+                match (error.take(), failed) {
+                    (None, _) => Some(tail),
+                    (Some(error), Some(failed)) => {
+                        tracing::debug!("reading READ data from the file failed: {error}");
+                        Some(failed)
+                    }
+                    (Some(error), None) => {
+                        // Nothing can tell the client: the connection ends. This chunk
+                        // stays unsealed, so what was sealed (a KeyUpdate first) goes out
+                        // and the sequence numbers stay in step for the closing alert.
+                        self.socket.write_all(&self.out[..c])?;
+                        return Err(error);
+                    }
+                }
+            };
             self.sealer
                 .seal_laid_out(&mut self.out[c..end], len)
                 .map_err(io::Error::other)?;
-            at += len;
-            if at == total {
-                let trailer = match (error.take(), failed) {
-                    (None, _) => tail,
-                    (Some(error), Some(failed)) => {
-                        tracing::debug!("reading READ data from the file failed: {error}");
-                        failed
-                    }
-                    (Some(error), None) => return Err(error),
-                };
+            if let Some(trailer) = trailer {
                 if !trailer.is_empty() {
                     self.sealer
                         .seal_data(trailer, &mut self.control)
@@ -553,5 +563,189 @@ fn read_into(
         let filled = skip.min(range.len());
         skip -= filled;
         out[range.start + filled..range.end].fill(0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+
+    use rustls::CipherSuite;
+
+    use super::*;
+    use crate::record::tests::{established, feed};
+    use crate::record::MAX_FRAGMENT;
+    use crate::server::command::Reply;
+
+    /// The file the replies read from: a pattern with no period that divides a record.
+    fn source(len: usize) -> (tempfile::NamedTempFile, Vec<u8>) {
+        let data: Vec<u8> = (0..len)
+            .map(|i| (i as u32).wrapping_mul(2_654_435_761).to_be_bytes()[0] ^ (i >> 16) as u8)
+            .collect();
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        file.write_all(&data).unwrap();
+        (file, data)
+    }
+
+    fn head(len: usize, seed: u8) -> Vec<u8> {
+        (0..len).map(|i| seed.wrapping_add(i as u8)).collect()
+    }
+
+    /// What the writer is given: a reply, or the reader's news of a KeyUpdate that asks
+    /// for ours (answered before the next reply).
+    enum Step {
+        Send(Reply),
+        AnswerKeyUpdate,
+    }
+
+    /// Run `steps` through one [`TlsWriter`] on a socket, close it, and open everything it
+    /// sent with rustls: the plaintext and whether it ended with close_notify, and each
+    /// step's result.
+    fn run(
+        suite: CipherSuite,
+        file: &File,
+        steps: &[Step],
+    ) -> (Vec<u8>, bool, Vec<io::Result<()>>) {
+        let (mut client, secrets) = established(suite);
+        let (ours, mut theirs) = UnixStream::pair().unwrap();
+        let wire = std::thread::spawn(move || {
+            let mut wire = Vec::new();
+            theirs.read_to_end(&mut wire).unwrap();
+            wire
+        });
+        let pending = Arc::new(Pending::default());
+        let mut writer = TlsWriter::new(SyncSocket::Unix(ours), secrets.sealer, pending.clone());
+        let mut results = Vec::new();
+        for step in steps {
+            match step {
+                Step::Send(Reply::Bytes(data, len)) => {
+                    results.push(writer.write_all(&data[..*len]))
+                }
+                Step::Send(Reply::File {
+                    head,
+                    offset,
+                    len,
+                    tail,
+                    failed,
+                }) => results.push(writer.write_file(
+                    head,
+                    (file, *offset, *len),
+                    tail,
+                    failed.as_deref(),
+                )),
+                Step::AnswerKeyUpdate => pending.answer_key_update(),
+            }
+        }
+        writer.close();
+        drop(writer);
+        let wire = wire.join().unwrap();
+        let (plain, closed) = feed(&mut client, &wire).unwrap();
+        (plain, closed, results)
+    }
+
+    #[test]
+    fn file_replies_read_the_right_bytes_into_the_records() {
+        const CHUNK: usize = SEAL_CHUNK;
+        let (file, data) = source(3 * CHUNK + 12_345);
+        let file = file.as_file();
+        // (head length, file offset, data length, tail length): unaligned offsets and
+        // lengths, a head that ends a record, data that ends one byte into the next
+        // record, replies of exactly one sealing chunk and of several.
+        let cases: [(usize, usize, usize, usize); 10] = [
+            (16, 0, 4096, 0),
+            (16, 1, 1, 0),
+            (20, 12_345, MAX_FRAGMENT - 20, 0),
+            (20, 777, MAX_FRAGMENT - 19, 20),
+            (32, MAX_FRAGMENT - 1, 3 * MAX_FRAGMENT + 5, 20),
+            (16, 99, CHUNK - 16, 0),
+            (16, 4097, CHUNK - 15, 20),
+            (20, 65_537, 2 * CHUNK + 3, 20),
+            (0, 5, MAX_FRAGMENT + 1, 0),
+            (16, data.len() - 3, 3, 20),
+        ];
+        let mut steps = Vec::new();
+        let mut expected = Vec::new();
+        for (i, &(h, offset, len, t)) in cases.iter().enumerate() {
+            if i == 4 {
+                // A KeyUpdate answer goes out before the next reply's records.
+                steps.push(Step::AnswerKeyUpdate);
+                // A long reply of bytes only: the head past the first record.
+                let bytes = head(3 * MAX_FRAGMENT + 7, 9);
+                expected.extend_from_slice(&bytes);
+                steps.push(Step::Send(Reply::Bytes(bytes, 3 * MAX_FRAGMENT + 7)));
+            }
+            let (head, tail) = (head(h, i as u8), head(t, 0x80 | i as u8));
+            expected.extend_from_slice(&head);
+            expected.extend_from_slice(&data[offset..offset + len]);
+            expected.extend_from_slice(&tail);
+            steps.push(Step::Send(Reply::File {
+                head,
+                offset: offset as u64,
+                len,
+                tail,
+                failed: Some(b"not sent".to_vec()),
+            }));
+        }
+        for (suite, key_update) in [
+            (CipherSuite::TLS13_AES_128_GCM_SHA256, true),
+            (CipherSuite::TLS13_CHACHA20_POLY1305_SHA256, true),
+            // TLS 1.2 (an explicit nonce before each record's plaintext) has no KeyUpdate.
+            (CipherSuite::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384, false),
+        ] {
+            if !key_update {
+                steps.retain(|step| !matches!(step, Step::AnswerKeyUpdate));
+            }
+            let (plain, closed, results) = run(suite, file, &steps);
+            for (i, result) in results.iter().enumerate() {
+                assert!(result.is_ok(), "{suite:?} reply {i}: {result:?}");
+            }
+            assert!(closed, "{suite:?}: no close_notify");
+            assert_eq!(plain.len(), expected.len(), "{suite:?}");
+            let first_bad = plain.iter().zip(&expected).position(|(a, b)| a != b);
+            assert_eq!(first_bad, None, "{suite:?}: the stream differs");
+        }
+    }
+
+    #[test]
+    fn a_file_that_ends_early_sends_zeroes_then_the_failure_reply() {
+        let (file, data) = source(100_000);
+        let file = file.as_file();
+        let (h, tail, failed) = (head(20, 1), head(20, 2), b"the READ failed".to_vec());
+        let reply = |offset: u64, len: usize, failed: Option<&Vec<u8>>| {
+            Step::Send(Reply::File {
+                head: h.clone(),
+                offset,
+                len,
+                tail: tail.clone(),
+                failed: failed.cloned(),
+            })
+        };
+        let steps = [
+            // 40 000 bytes asked from offset 80 000: 20 000 exist, the rest are zeroes.
+            reply(80_000, 40_000, Some(&failed)),
+            // The stream stays usable: the next reply is whole.
+            reply(3, 50_000, Some(&failed)),
+            // Without a failure reply to send, the writer reports the error.
+            reply(99_999, 2, None),
+        ];
+        let (plain, closed, results) = run(CipherSuite::TLS13_AES_256_GCM_SHA384, file, &steps);
+        assert!(results[0].is_ok() && results[1].is_ok(), "{results:?}");
+        let err = results[2].as_ref().unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("the file ended before offset 100001"),
+            "{err}"
+        );
+        let mut expected = h.clone();
+        expected.extend_from_slice(&data[80_000..]);
+        expected.extend_from_slice(&[0; 20_000]);
+        expected.extend_from_slice(&failed);
+        expected.extend_from_slice(&h);
+        expected.extend_from_slice(&data[3..50_003]);
+        expected.extend_from_slice(&tail);
+        assert!(closed);
+        assert_eq!(plain.len(), expected.len());
+        assert!(plain == expected, "the stream differs");
     }
 }
