@@ -28,9 +28,16 @@
 //!    a payload tail shorter than a sector goes through the page cache) and then
 //!    `fdatasync`s the bitmap file, which covers both; every writer that queued before
 //!    the leader started rides on that one sync; those that queued later elect the next
-//!    leader. Steps 1-2 ([`ActiveBitmap::begin_mark`]) and 3-4 ([`PendingMark::finish`])
-//!    are separate calls so that work which does not touch the volume (a snapshot's read
-//!    of old contents) overlaps the sync; the data write is issued only after step 4.
+//!    leader. Syncs are pipelined: page writing is one leader at a time (two images of a
+//!    page written at once could land out of order, an older one undoing a newer bit),
+//!    but the next leader writes its pages as soon as the previous leader's page writes
+//!    returned, while that leader's `fdatasync` is still in flight; flushes overlap and
+//!    the block layer merges them. A flush covers every write that completed before it
+//!    was issued, and page writes run in sync order, so sync N completing makes every
+//!    sync up to N durable. Steps 1-2 ([`ActiveBitmap::begin_mark`]) and 3-4
+//!    ([`PendingMark::finish`]) are separate calls so that work which does not touch the
+//!    volume (a snapshot's read of old contents) overlaps the sync; the data write is
+//!    issued only after step 4.
 //! 4. After the sync, the writer adds its bits to the synced shadow and lets the data
 //!    write go.
 //!
@@ -360,12 +367,21 @@ impl RunBuilder {
     }
 }
 
-/// Group-commit bookkeeping: how many syncs started and completed.
+/// Group-commit bookkeeping (module doc, step 3). Syncs are numbered from 1 in the order
+/// their leaders start writing pages.
 #[derive(Debug, Default)]
 struct Commit {
+    /// The last sync whose page writing started.
     started: u64,
+    /// Every sync up to this one is on stable storage.
     completed: u64,
-    syncing: bool,
+    /// A leader is writing pages (one at a time).
+    writing: bool,
+    /// Syncs started that neither completed nor failed yet.
+    in_flight: Vec<u64>,
+    /// The last sync started when a sync failed and put its pages back in the queue:
+    /// syncs up to it may have missed those pages, so their success proves nothing.
+    tainted: u64,
 }
 
 /// Bits set and queued by [`ActiveBitmap::begin_mark`], not yet known to be durable.
@@ -437,6 +453,59 @@ pub(crate) struct ActiveBitmap {
     commit: Mutex<Commit>,
     commit_done: Condvar,
     syncs: AtomicU64,
+    #[cfg(test)]
+    model: PowerLossModel,
+}
+
+/// Tests only: the payload a power loss would leave. What the file held when a leader
+/// issued its fdatasync is on stable storage once that fdatasync returned.
+#[cfg(test)]
+#[derive(Debug)]
+struct PowerLossModel {
+    words: Mutex<Vec<u64>>,
+}
+
+#[cfg(test)]
+impl PowerLossModel {
+    fn new(bits: &PagedBits) -> PowerLossModel {
+        let mut words = vec![0; bits.page_count() as usize * PAGE_WORDS];
+        for (p, page) in bits.pages() {
+            let first = p as usize * PAGE_WORDS;
+            words[first..first + PAGE_WORDS].copy_from_slice(page);
+        }
+        PowerLossModel {
+            words: Mutex::new(words),
+        }
+    }
+
+    /// The payload words the file holds now.
+    fn file_image(&self, file: &File) -> Vec<u64> {
+        let mut bytes = vec![0u8; lock(&self.words).len() * 8];
+        let mut done = 0;
+        while done < bytes.len() {
+            match file.read_at(&mut bytes[done..], (HEADER_LEN + done) as u64) {
+                Ok(0) => break,
+                Ok(n) => done += n,
+                Err(e) => panic!("reading the bitmap file for the power-loss model: {e}"),
+            }
+        }
+        bytes
+            .chunks_exact(8)
+            .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
+            .collect()
+    }
+
+    /// An fdatasync issued when the file held `image` returned.
+    fn flushed(&self, image: &[u64]) {
+        for (d, s) in lock(&self.words).iter_mut().zip(image) {
+            *d |= s;
+        }
+    }
+
+    /// Whether `block`'s bit would survive a power loss now.
+    fn survives(&self, block: u64) -> bool {
+        lock(&self.words)[(block / 64) as usize] >> (block % 64) & 1 == 1
+    }
 }
 
 impl ActiveBitmap {
@@ -520,6 +589,8 @@ impl ActiveBitmap {
             commit: Mutex::new(Commit::default()),
             commit_done: Condvar::new(),
             syncs: AtomicU64::new(0),
+            #[cfg(test)]
+            model: PowerLossModel::new(bits),
         })
     }
 
@@ -620,6 +691,22 @@ impl ActiveBitmap {
         }))
     }
 
+    /// Tests only: panics unless every block of `[offset, offset + len)` would keep its
+    /// bit through a power loss now (durable mode; the volume checks it before every
+    /// data write).
+    #[cfg(test)]
+    pub(crate) fn assert_survives_power_loss(&self, offset: u64, len: u64) {
+        if !self.durable {
+            return;
+        }
+        for block in blocks_of(offset, len, self.granularity) {
+            assert!(
+                self.model.survives(block),
+                "block {block}'s bit is not on stable storage before its data write"
+            );
+        }
+    }
+
     /// Whether every bit of `mask` in word `word` is known to be on stable storage.
     fn is_synced(&self, word: usize, mask: u64) -> bool {
         self.page_of(word)
@@ -641,37 +728,48 @@ impl ActiveBitmap {
     }
 
     /// Wait until sync number `target` (one that started after the caller's pages were
-    /// queued) completed; lead it if no sync is running.
+    /// queued) completed; lead one if none numbered `target` or later is under way and no
+    /// leader is writing pages.
     fn group_commit(&self, target: u64) -> Result<(), TrackingError> {
         let mut st = lock(&self.commit);
         loop {
             if st.completed >= target {
                 return Ok(());
             }
-            if st.syncing {
+            if st.writing || st.in_flight.iter().any(|&n| n >= target) {
                 st = self
                     .commit_done
                     .wait(st)
                     .unwrap_or_else(PoisonError::into_inner);
                 continue;
             }
-            st.syncing = true;
+            st.writing = true;
             st.started += 1;
             let mine = st.started;
+            st.in_flight.push(mine);
             drop(st);
-            let result = self.write_queued_pages();
+            let result = self.sync_queued_pages(|| {
+                // The pages are written (or put back): the next leader may write its
+                // own while this flush runs.
+                lock(&self.commit).writing = false;
+                self.commit_done.notify_all();
+            });
             st = lock(&self.commit);
-            st.syncing = false;
-            if result.is_ok() {
-                st.completed = mine;
+            st.in_flight.retain(|&n| n != mine);
+            match result {
+                Ok(()) if mine > st.tainted => st.completed = st.completed.max(mine),
+                Ok(()) => {}
+                Err(_) => st.tainted = st.started,
             }
             self.commit_done.notify_all();
             result?;
         }
     }
 
-    /// The leader's work: write every queued page, then one fdatasync.
-    fn write_queued_pages(&self) -> Result<(), TrackingError> {
+    /// The leader's work: write every queued page, call `written`, then one fdatasync.
+    /// On failure the pages go back to the queue (before `written` if the page writes
+    /// failed), so the next leader retries them.
+    fn sync_queued_pages(&self, written: impl FnOnce()) -> Result<(), TrackingError> {
         let mut pages = {
             let mut queue = lock(&self.queue);
             for &p in queue.iter() {
@@ -682,18 +780,32 @@ impl ActiveBitmap {
             std::mem::take(&mut *queue)
         };
         pages.sort_unstable();
-        let result = self.write_pages(&pages).and_then(|()| {
-            self.file
-                .sync_data()
-                .map_err(|e| self.io_err("fdatasync", e))
-        });
-        if result.is_err() {
-            // Put the pages back so the next leader retries them.
+        let requeue = |pages: Vec<usize>| {
             for p in pages {
                 self.queue_page(p);
             }
+        };
+        if let Err(e) = self.write_pages(&pages) {
+            requeue(pages);
+            written();
+            return Err(e);
         }
+        written();
+        #[cfg(test)]
+        let image = self.model.file_image(&self.file);
+        let result = self
+            .file
+            .sync_data()
+            .and_then(|()| crate::failpoint::check("tracking.fdatasync"))
+            .map_err(|e| self.io_err("fdatasync", e));
         self.syncs.fetch_add(1, Ordering::Relaxed);
+        if result.is_err() {
+            requeue(pages);
+        }
+        #[cfg(test)]
+        if result.is_ok() {
+            self.model.flushed(&image);
+        }
         result
     }
 
@@ -1035,6 +1147,87 @@ mod tests {
             }
         }
         assert_eq!(words.iter().map(|w| w.count_ones()).sum::<u32>(), 1600);
+    }
+
+    /// Many writers first-writing distinct blocks at once: fewer syncs than blocks, and
+    /// each writer's bit survives a power loss (the model) before mark returns, i.e.
+    /// before its data write could be issued.
+    #[test]
+    fn concurrent_first_writes_share_syncs_and_each_bit_is_durable_before_its_data() {
+        const THREADS: u64 = 32;
+        const WRITES: u64 = 64;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("b");
+        // 4 KiB blocks over 1 GiB: 262,144 bits on 8 payload pages.
+        let active = Arc::new(ActiveBitmap::create(&path, header(1 << 30, 4096), true).unwrap());
+        let start = Arc::new(std::sync::Barrier::new(THREADS as usize));
+        let threads: Vec<_> = (0..THREADS)
+            .map(|t| {
+                let (active, start) = (active.clone(), start.clone());
+                std::thread::spawn(move || {
+                    start.wait();
+                    for i in 0..WRITES {
+                        // Spread over every page, never two writers on one block.
+                        let block = (i * THREADS + t) * 127 % (1 << 18);
+                        active.mark(block * 4096, 4096).unwrap();
+                        assert!(active.model.survives(block), "block {block}");
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let bits = THREADS * WRITES;
+        let syncs = active.sync_count();
+        assert!(syncs < bits, "{syncs} syncs for {bits} newly dirtied blocks");
+        let (_, words) = bitmap::read_bitmap_file(&path).unwrap();
+        assert_eq!(
+            words.iter().map(|w| u64::from(w.count_ones())).sum::<u64>(),
+            bits
+        );
+    }
+
+    /// A failed fdatasync fails its leader's mark, leaves its bits unproven, and the next
+    /// sync writes them again; concurrent writers are never released by a failed sync.
+    #[test]
+    fn a_failed_sync_is_retried_and_proves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("b");
+        let active = Arc::new(ActiveBitmap::create(&path, header(1 << 30, 4096), true).unwrap());
+        {
+            let _armed = crate::failpoint::arm("tracking.fdatasync");
+            // Alone, this thread leads the sync and its fdatasync fails.
+            let err = active.mark(7 * 4096, 4096).unwrap_err();
+            assert!(err.to_string().contains("fdatasync"), "{err}");
+            assert!(!active.model.survives(7));
+            let others: Vec<_> = (0..8u64)
+                .map(|t| {
+                    let active = active.clone();
+                    std::thread::spawn(move || {
+                        for i in 0..50u64 {
+                            let block = 1000 + i * 8 + t;
+                            active.mark(block * 4096, 4096).unwrap();
+                            assert!(active.model.survives(block), "block {block}");
+                        }
+                    })
+                })
+                .collect();
+            // Whenever this thread leads, its sync fails; when it rides on another
+            // thread's sync, it succeeds. Either way a success means a durable bit.
+            for i in 0..50u64 {
+                let block = 5000 + i;
+                if active.mark(block * 4096, 4096).is_ok() {
+                    assert!(active.model.survives(block), "block {block}");
+                }
+            }
+            for t in others {
+                t.join().unwrap();
+            }
+        }
+        active.mark(7 * 4096, 4096).unwrap();
+        assert!(active.model.survives(7));
+        assert!(bitmap::is_dirty(&bitmap::read_bitmap_file(&path).unwrap().1, 7));
     }
 
     #[test]
