@@ -1180,7 +1180,10 @@ mod tests {
         }
         let bits = THREADS * WRITES;
         let syncs = active.sync_count();
-        assert!(syncs < bits, "{syncs} syncs for {bits} newly dirtied blocks");
+        assert!(
+            syncs < bits,
+            "{syncs} syncs for {bits} newly dirtied blocks"
+        );
         let (_, words) = bitmap::read_bitmap_file(&path).unwrap();
         assert_eq!(
             words.iter().map(|w| u64::from(w.count_ones())).sum::<u64>(),
@@ -1227,7 +1230,10 @@ mod tests {
         }
         active.mark(7 * 4096, 4096).unwrap();
         assert!(active.model.survives(7));
-        assert!(bitmap::is_dirty(&bitmap::read_bitmap_file(&path).unwrap().1, 7));
+        assert!(bitmap::is_dirty(
+            &bitmap::read_bitmap_file(&path).unwrap().1,
+            7
+        ));
     }
 
     #[test]

@@ -282,8 +282,12 @@ fn concurrent_first_writes_share_durable_syncs() {
                 start.wait();
                 for i in 0..WRITES {
                     let block = i * THREADS + t;
-                    vol.write(block * 65536 + t % 16 * 4096, &pattern(t as u8, 4096), false)
-                        .unwrap();
+                    vol.write(
+                        block * 65536 + t % 16 * 4096,
+                        &pattern(t as u8, 4096),
+                        false,
+                    )
+                    .unwrap();
                 }
             })
         })
@@ -293,7 +297,10 @@ fn concurrent_first_writes_share_durable_syncs() {
     }
     let blocks = THREADS * WRITES;
     let syncs = vol.tracking_syncs();
-    assert!(syncs < blocks, "{syncs} syncs for {blocks} newly dirtied blocks");
+    assert!(
+        syncs < blocks,
+        "{syncs} syncs for {blocks} newly dirtied blocks"
+    );
     let dirty: u64 = vol
         .changed_extents("a")
         .unwrap()
