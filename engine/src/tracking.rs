@@ -28,16 +28,9 @@
 //!    a payload tail shorter than a sector goes through the page cache) and then
 //!    `fdatasync`s the bitmap file, which covers both; every writer that queued before
 //!    the leader started rides on that one sync; those that queued later elect the next
-//!    leader. Syncs are pipelined: page writing is one leader at a time (two images of a
-//!    page written at once could land out of order, an older one undoing a newer bit),
-//!    but the next leader writes its pages as soon as the previous leader's page writes
-//!    returned, while that leader's `fdatasync` is still in flight; flushes overlap and
-//!    the block layer merges them. A flush covers every write that completed before it
-//!    was issued, and page writes run in sync order, so sync N completing makes every
-//!    sync up to N durable. Steps 1-2 ([`ActiveBitmap::begin_mark`]) and 3-4
-//!    ([`PendingMark::finish`]) are separate calls so that work which does not touch the
-//!    volume (a snapshot's read of old contents) overlaps the sync; the data write is
-//!    issued only after step 4.
+//!    leader. Steps 1-2 ([`ActiveBitmap::begin_mark`]) and 3-4 ([`PendingMark::finish`])
+//!    are separate calls so that work which does not touch the volume (a snapshot's read
+//!    of old contents) overlaps the sync; the data write is issued only after step 4.
 //! 4. After the sync, the writer adds its bits to the synced shadow and lets the data
 //!    write go.
 //!
@@ -367,21 +360,12 @@ impl RunBuilder {
     }
 }
 
-/// Group-commit bookkeeping (module doc, step 3). Syncs are numbered from 1 in the order
-/// their leaders start writing pages.
+/// Group-commit bookkeeping: how many syncs started and completed.
 #[derive(Debug, Default)]
 struct Commit {
-    /// The last sync whose page writing started.
     started: u64,
-    /// Every sync up to this one is on stable storage.
     completed: u64,
-    /// A leader is writing pages (one at a time).
-    writing: bool,
-    /// Syncs started that neither completed nor failed yet.
-    in_flight: Vec<u64>,
-    /// The last sync started when a sync failed and put its pages back in the queue:
-    /// syncs up to it may have missed those pages, so their success proves nothing.
-    tainted: u64,
+    syncing: bool,
 }
 
 /// Bits set and queued by [`ActiveBitmap::begin_mark`], not yet known to be durable.
@@ -728,48 +712,37 @@ impl ActiveBitmap {
     }
 
     /// Wait until sync number `target` (one that started after the caller's pages were
-    /// queued) completed; lead one if none numbered `target` or later is under way and no
-    /// leader is writing pages.
+    /// queued) completed; lead it if no sync is running.
     fn group_commit(&self, target: u64) -> Result<(), TrackingError> {
         let mut st = lock(&self.commit);
         loop {
             if st.completed >= target {
                 return Ok(());
             }
-            if st.writing || st.in_flight.iter().any(|&n| n >= target) {
+            if st.syncing {
                 st = self
                     .commit_done
                     .wait(st)
                     .unwrap_or_else(PoisonError::into_inner);
                 continue;
             }
-            st.writing = true;
+            st.syncing = true;
             st.started += 1;
             let mine = st.started;
-            st.in_flight.push(mine);
             drop(st);
-            let result = self.sync_queued_pages(|| {
-                // The pages are written (or put back): the next leader may write its
-                // own while this flush runs.
-                lock(&self.commit).writing = false;
-                self.commit_done.notify_all();
-            });
+            let result = self.write_queued_pages();
             st = lock(&self.commit);
-            st.in_flight.retain(|&n| n != mine);
-            match result {
-                Ok(()) if mine > st.tainted => st.completed = st.completed.max(mine),
-                Ok(()) => {}
-                Err(_) => st.tainted = st.started,
+            st.syncing = false;
+            if result.is_ok() {
+                st.completed = mine;
             }
             self.commit_done.notify_all();
             result?;
         }
     }
 
-    /// The leader's work: write every queued page, call `written`, then one fdatasync.
-    /// On failure the pages go back to the queue (before `written` if the page writes
-    /// failed), so the next leader retries them.
-    fn sync_queued_pages(&self, written: impl FnOnce()) -> Result<(), TrackingError> {
+    /// The leader's work: write every queued page, then one fdatasync.
+    fn write_queued_pages(&self) -> Result<(), TrackingError> {
         let mut pages = {
             let mut queue = lock(&self.queue);
             for &p in queue.iter() {
@@ -780,32 +753,24 @@ impl ActiveBitmap {
             std::mem::take(&mut *queue)
         };
         pages.sort_unstable();
-        let requeue = |pages: Vec<usize>| {
+        let result = self.write_pages(&pages).and_then(|()| {
+            #[cfg(test)]
+            let image = self.model.file_image(&self.file);
+            self.file
+                .sync_data()
+                .and_then(|()| crate::failpoint::check("tracking.fdatasync"))
+                .map_err(|e| self.io_err("fdatasync", e))?;
+            #[cfg(test)]
+            self.model.flushed(&image);
+            Ok(())
+        });
+        if result.is_err() {
+            // Put the pages back so the next leader retries them.
             for p in pages {
                 self.queue_page(p);
             }
-        };
-        if let Err(e) = self.write_pages(&pages) {
-            requeue(pages);
-            written();
-            return Err(e);
         }
-        written();
-        #[cfg(test)]
-        let image = self.model.file_image(&self.file);
-        let result = self
-            .file
-            .sync_data()
-            .and_then(|()| crate::failpoint::check("tracking.fdatasync"))
-            .map_err(|e| self.io_err("fdatasync", e));
         self.syncs.fetch_add(1, Ordering::Relaxed);
-        if result.is_err() {
-            requeue(pages);
-        }
-        #[cfg(test)]
-        if result.is_ok() {
-            self.model.flushed(&image);
-        }
         result
     }
 
