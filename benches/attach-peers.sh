@@ -8,6 +8,10 @@
 # Every round runs each target once, in a rotating order; the figure is the median over
 # rounds, the ratios are tidemark / peer (>1 = faster), and the load is the median of the
 # 1-minute load average at the start of each run of that row. Needs root (FUSE, loop).
+# Cache state is controlled: before every read run, of every target, dirty pages are
+# written back and the page cache is dropped (`sync; echo 3 > /proc/sys/vm/drop_caches`),
+# so no target reads data that an earlier run left in memory (qemu-nbd under nbdfuse reads
+# its file through the page cache; tidemark and fio on the backing use O_DIRECT).
 #
 # Usage: bash benches/attach-peers.sh [SIZE_MIB] [ROUNDS] [SECONDS]   (defaults: 1024 3 5)
 # Env: TIDEMARK_BIN (default target/release/tidemark, built if missing), BENCH_DIR (tmp),
@@ -94,6 +98,10 @@ for r in $(seq "$rounds"); do
         order=("${names[@]}")
         for ((k = 0; k < (r - 1) % ${#names[@]}; k++)); do order=("${order[@]:1}" "${order[0]}"); done
         for n in "${order[@]}"; do
+            if [[ $rw == *read ]]; then
+                sync
+                echo 3 >/proc/sys/vm/drop_caches
+            fi
             load=$(cut -d' ' -f1 /proc/loadavg)
             echo "$label $n $(run "${target[$n]}" "$rw" "$bs" "$qd") $load" >>"$results"
         done
@@ -101,6 +109,7 @@ for r in $(seq "$rounds"); do
 done
 
 echo "## attach: fio O_DIRECT, ${size_mib} MiB, ${secs} s per run, median of $rounds ($(nproc) CPUs, load $(cut -d' ' -f1-3 /proc/loadavg))"
+echo "Page cache dropped (sync; echo 3 > /proc/sys/vm/drop_caches) before every read run of every target."
 python3 - "$results" <<'EOF'
 import statistics, sys
 rows, loads = {}, {}

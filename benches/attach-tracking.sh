@@ -14,7 +14,10 @@
 # 1-minute load average at the start of each run of that row. Needs root (FUSE, loop).
 #
 # Usage: bash benches/attach-tracking.sh [SIZE_MIB] [ROUNDS] [SECONDS]   (defaults: 1024 3 5)
-# Env: TIDEMARK_BIN (default target/release/tidemark, built if missing), BENCH_DIR (tmp).
+# Env: TIDEMARK_BIN (default target/release/tidemark, built if missing), BENCH_DIR (tmp),
+#      TIDEMARK_BASELINE_BIN: another tidemark binary (e.g. main's) whose daemon serves a
+#      fourth target, `durable-base` (durable tracking, fresh checkpoint per run), in the
+#      same rounds, so before/after share one session.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 size_mib=${1:-1024}
@@ -28,12 +31,26 @@ done
 
 work=$(mktemp -d "${BENCH_DIR:-/tmp}/attach-tracking.XXXXXX")
 state=$work/state
+base_state=$work/base-state
+baseline_bin=${TIDEMARK_BASELINE_BIN:-}
 names=(off durable fast)
+[ -n "$baseline_bin" ] && names+=(durable-base)
 daemon=
-tm() { "$bin" "$@" --state-dir "$state"; }
+base_daemon=
+# tm NAME ARGS...: the CLI of the daemon serving volume NAME.
+tm() {
+    local n=$1
+    shift
+    if [ "$n" = durable-base ]; then
+        "$baseline_bin" "$@" --state-dir "$base_state"
+    else
+        "$bin" "$@" --state-dir "$state"
+    fi
+}
 cleanup() {
-    for n in "${names[@]}"; do tm volume detach "$n" >/dev/null 2>&1 || true; done
+    for n in "${names[@]}"; do tm "$n" volume detach "$n" >/dev/null 2>&1 || true; done
     [ -n "$daemon" ] && kill "$daemon" 2>/dev/null || true
+    [ -n "$base_daemon" ] && kill "$base_daemon" 2>/dev/null || true
     wait 2>/dev/null || true
     rm -rf "$work"
 }
@@ -46,20 +63,25 @@ sync
 "$bin" serve --state-dir "$state" >"$work/daemon.log" 2>&1 &
 daemon=$!
 for _ in $(seq 100); do [ -S "$state/control.sock" ] && break; sleep 0.1; done
+if [ -n "$baseline_bin" ]; then
+    "$baseline_bin" serve --state-dir "$base_state" >"$work/base-daemon.log" 2>&1 &
+    base_daemon=$!
+    for _ in $(seq 100); do [ -S "$base_state/control.sock" ] && break; sleep 0.1; done
+fi
 declare -A device
 for n in "${names[@]}"; do
     mode=()
     [ "$n" = fast ] && mode=(--tracking fast)
-    tm volume create "$n" --backing "$work/$n.raw" "${mode[@]}" >/dev/null
-    device[$n]=$(tm volume attach "$n" --via fuse)
+    tm "$n" volume create "$n" --backing "$work/$n.raw" "${mode[@]}" >/dev/null
+    device[$n]=$(tm "$n" volume attach "$n" --via fuse)
 done
 
 # fresh NAME: a new checkpoint `c` on the tracked volumes, so the run starts with every
 # bit clean (the first write to each block pays for its bit, as after a backup).
 fresh() {
     [ "$1" = off ] && return
-    tm checkpoint delete "$1" c >/dev/null 2>&1 || true
-    tm checkpoint create "$1" c >/dev/null
+    tm "$1" checkpoint delete "$1" c >/dev/null 2>&1 || true
+    tm "$1" checkpoint create "$1" c >/dev/null
 }
 
 # run DEVICE RW BS QD: prints MB/s
@@ -86,7 +108,7 @@ for r in $(seq "$rounds"); do
     done
 done
 # The durable volume's tracking really ran: its checkpoint has dirty blocks.
-dirty=$(tm volume info durable --json | python3 -c 'import json,sys; v=json.load(sys.stdin); print(json.dumps(v.get("checkpoints", v)))')
+dirty=$(tm durable volume info durable --json | python3 -c 'import json,sys; v=json.load(sys.stdin); print(json.dumps(v.get("checkpoints", v)))')
 
 echo "## attach: tracking on vs off through the device (FUSE + loop), fio O_DIRECT, ${size_mib} MiB, ${secs} s per run, median of $rounds ($(nproc) CPUs, load $(cut -d' ' -f1-3 /proc/loadavg))"
 python3 - "$results" <<'EOF'
@@ -97,18 +119,21 @@ for line in open(sys.argv[1]):
     rows.setdefault(label, {}).setdefault(name, []).append(float(mbs))
     loads.setdefault(label, []).append(float(load))
 goal = {"seq-write": 0.9, "rand-write": 0.7}
-print("| workload | off MB/s | durable MB/s | fast MB/s | durable / off | fast / off | goal (durable) | load |")
-print("|---|---|---|---|---|---|---|---|")
+base = "durable-base" in rows["seq-write"]
+extra = " durable-base MB/s | durable-base / off |" if base else ""
+print(f"| workload | off MB/s | durable MB/s | fast MB/s | durable / off | fast / off |{extra} goal (durable) | load |")
+print("|---|---|---|---|---|---|" + ("---|---|" if base else "") + "---|---|")
 for label in ["seq-write", "rand-write"]:
     m = {n: statistics.median(v) for n, v in rows[label].items()}
     ratio = m["durable"] / m["off"]
     met = "met" if ratio >= goal[label] else "not met"
+    cells = f" {m['durable-base']:.1f} | {m['durable-base'] / m['off']:.2f}x |" if base else ""
     print(f"| {label} | {m['off']:.1f} | {m['durable']:.1f} | {m['fast']:.1f} | {ratio:.2f}x | "
-          f"{m['fast'] / m['off']:.2f}x | >= {goal[label]}x: {met} | {statistics.median(loads[label]):.1f} |")
+          f"{m['fast'] / m['off']:.2f}x |{cells} >= {goal[label]}x: {met} | {statistics.median(loads[label]):.1f} |")
 print()
 print("Every run (MB/s, load):")
 for label in ["seq-write", "rand-write"]:
-    for name in ["off", "durable", "fast"]:
+    for name in sorted(rows[label]):
         print(f"- {label} {name}: {', '.join('%.1f' % v for v in rows[label][name])}")
 EOF
 echo

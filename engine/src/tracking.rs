@@ -437,6 +437,59 @@ pub(crate) struct ActiveBitmap {
     commit: Mutex<Commit>,
     commit_done: Condvar,
     syncs: AtomicU64,
+    #[cfg(test)]
+    model: PowerLossModel,
+}
+
+/// Tests only: the payload a power loss would leave. What the file held when a leader
+/// issued its fdatasync is on stable storage once that fdatasync returned.
+#[cfg(test)]
+#[derive(Debug)]
+struct PowerLossModel {
+    words: Mutex<Vec<u64>>,
+}
+
+#[cfg(test)]
+impl PowerLossModel {
+    fn new(bits: &PagedBits) -> PowerLossModel {
+        let mut words = vec![0; bits.page_count() as usize * PAGE_WORDS];
+        for (p, page) in bits.pages() {
+            let first = p as usize * PAGE_WORDS;
+            words[first..first + PAGE_WORDS].copy_from_slice(page);
+        }
+        PowerLossModel {
+            words: Mutex::new(words),
+        }
+    }
+
+    /// The payload words the file holds now.
+    fn file_image(&self, file: &File) -> Vec<u64> {
+        let mut bytes = vec![0u8; lock(&self.words).len() * 8];
+        let mut done = 0;
+        while done < bytes.len() {
+            match file.read_at(&mut bytes[done..], (HEADER_LEN + done) as u64) {
+                Ok(0) => break,
+                Ok(n) => done += n,
+                Err(e) => panic!("reading the bitmap file for the power-loss model: {e}"),
+            }
+        }
+        bytes
+            .chunks_exact(8)
+            .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
+            .collect()
+    }
+
+    /// An fdatasync issued when the file held `image` returned.
+    fn flushed(&self, image: &[u64]) {
+        for (d, s) in lock(&self.words).iter_mut().zip(image) {
+            *d |= s;
+        }
+    }
+
+    /// Whether `block`'s bit would survive a power loss now.
+    fn survives(&self, block: u64) -> bool {
+        lock(&self.words)[(block / 64) as usize] >> (block % 64) & 1 == 1
+    }
 }
 
 impl ActiveBitmap {
@@ -520,6 +573,8 @@ impl ActiveBitmap {
             commit: Mutex::new(Commit::default()),
             commit_done: Condvar::new(),
             syncs: AtomicU64::new(0),
+            #[cfg(test)]
+            model: PowerLossModel::new(bits),
         })
     }
 
@@ -620,6 +675,22 @@ impl ActiveBitmap {
         }))
     }
 
+    /// Tests only: panics unless every block of `[offset, offset + len)` would keep its
+    /// bit through a power loss now (durable mode; the volume checks it before every
+    /// data write).
+    #[cfg(test)]
+    pub(crate) fn assert_survives_power_loss(&self, offset: u64, len: u64) {
+        if !self.durable {
+            return;
+        }
+        for block in blocks_of(offset, len, self.granularity) {
+            assert!(
+                self.model.survives(block),
+                "block {block}'s bit is not on stable storage before its data write"
+            );
+        }
+    }
+
     /// Whether every bit of `mask` in word `word` is known to be on stable storage.
     fn is_synced(&self, word: usize, mask: u64) -> bool {
         self.page_of(word)
@@ -683,9 +754,15 @@ impl ActiveBitmap {
         };
         pages.sort_unstable();
         let result = self.write_pages(&pages).and_then(|()| {
+            #[cfg(test)]
+            let image = self.model.file_image(&self.file);
             self.file
                 .sync_data()
-                .map_err(|e| self.io_err("fdatasync", e))
+                .and_then(|()| crate::failpoint::check("tracking.fdatasync"))
+                .map_err(|e| self.io_err("fdatasync", e))?;
+            #[cfg(test)]
+            self.model.flushed(&image);
+            Ok(())
         });
         if result.is_err() {
             // Put the pages back so the next leader retries them.
@@ -1035,6 +1112,93 @@ mod tests {
             }
         }
         assert_eq!(words.iter().map(|w| w.count_ones()).sum::<u32>(), 1600);
+    }
+
+    /// Many writers first-writing distinct blocks at once: fewer syncs than blocks, and
+    /// each writer's bit survives a power loss (the model) before mark returns, i.e.
+    /// before its data write could be issued.
+    #[test]
+    fn concurrent_first_writes_share_syncs_and_each_bit_is_durable_before_its_data() {
+        const THREADS: u64 = 32;
+        const WRITES: u64 = 64;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("b");
+        // 4 KiB blocks over 1 GiB: 262,144 bits on 8 payload pages.
+        let active = Arc::new(ActiveBitmap::create(&path, header(1 << 30, 4096), true).unwrap());
+        let start = Arc::new(std::sync::Barrier::new(THREADS as usize));
+        let threads: Vec<_> = (0..THREADS)
+            .map(|t| {
+                let (active, start) = (active.clone(), start.clone());
+                std::thread::spawn(move || {
+                    start.wait();
+                    for i in 0..WRITES {
+                        // Spread over every page, never two writers on one block.
+                        let block = (i * THREADS + t) * 127 % (1 << 18);
+                        active.mark(block * 4096, 4096).unwrap();
+                        assert!(active.model.survives(block), "block {block}");
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let bits = THREADS * WRITES;
+        let syncs = active.sync_count();
+        assert!(
+            syncs < bits,
+            "{syncs} syncs for {bits} newly dirtied blocks"
+        );
+        let (_, words) = bitmap::read_bitmap_file(&path).unwrap();
+        assert_eq!(
+            words.iter().map(|w| u64::from(w.count_ones())).sum::<u64>(),
+            bits
+        );
+    }
+
+    /// A failed fdatasync fails its leader's mark, leaves its bits unproven, and the next
+    /// sync writes them again; concurrent writers are never released by a failed sync.
+    #[test]
+    fn a_failed_sync_is_retried_and_proves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("b");
+        let active = Arc::new(ActiveBitmap::create(&path, header(1 << 30, 4096), true).unwrap());
+        {
+            let _armed = crate::failpoint::arm("tracking.fdatasync");
+            // Alone, this thread leads the sync and its fdatasync fails.
+            let err = active.mark(7 * 4096, 4096).unwrap_err();
+            assert!(err.to_string().contains("fdatasync"), "{err}");
+            assert!(!active.model.survives(7));
+            let others: Vec<_> = (0..8u64)
+                .map(|t| {
+                    let active = active.clone();
+                    std::thread::spawn(move || {
+                        for i in 0..50u64 {
+                            let block = 1000 + i * 8 + t;
+                            active.mark(block * 4096, 4096).unwrap();
+                            assert!(active.model.survives(block), "block {block}");
+                        }
+                    })
+                })
+                .collect();
+            // Whenever this thread leads, its sync fails; when it rides on another
+            // thread's sync, it succeeds. Either way a success means a durable bit.
+            for i in 0..50u64 {
+                let block = 5000 + i;
+                if active.mark(block * 4096, 4096).is_ok() {
+                    assert!(active.model.survives(block), "block {block}");
+                }
+            }
+            for t in others {
+                t.join().unwrap();
+            }
+        }
+        active.mark(7 * 4096, 4096).unwrap();
+        assert!(active.model.survives(7));
+        assert!(bitmap::is_dirty(
+            &bitmap::read_bitmap_file(&path).unwrap().1,
+            7
+        ));
     }
 
     #[test]

@@ -49,6 +49,10 @@ impl Volume {
         if let Some(pending) = pending {
             pending.finish()?;
         }
+        #[cfg(test)]
+        if let Some(active) = &st.active {
+            active.assert_survives_power_loss(offset, len);
+        }
         Ok(())
     }
 
