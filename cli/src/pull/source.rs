@@ -24,6 +24,9 @@ pub trait Reader: Send + Sync + 'static {
     ) -> impl Future<Output = anyhow::Result<Vec<u8>>> + Send + '_;
 }
 
+/// One BLOCK_STATUS reply: per context (by name), its extents `(length, flags)`.
+pub type ContextExtents = Vec<(String, Vec<(u64, u32)>)>;
+
 /// One connection that answers BLOCK_STATUS for the contexts negotiated on it.
 pub trait Mapper {
     /// One BLOCK_STATUS request from `offset` for up to `length` bytes: per context (by
@@ -34,7 +37,7 @@ pub trait Mapper {
         &self,
         offset: u64,
         length: u64,
-    ) -> impl Future<Output = anyhow::Result<Vec<(String, Vec<(u64, u32)>)>>> + '_;
+    ) -> impl Future<Output = anyhow::Result<ContextExtents>> + '_;
 }
 
 /// The whole maps of `contexts` over an export of `size` bytes, in the order given.
@@ -129,11 +132,7 @@ mod tests {
     }
 
     impl Mapper for Maps {
-        async fn block_status(
-            &self,
-            offset: u64,
-            length: u64,
-        ) -> anyhow::Result<Vec<(String, Vec<(u64, u32)>)>> {
+        async fn block_status(&self, offset: u64, length: u64) -> anyhow::Result<ContextExtents> {
             self.calls.set(self.calls.get() + 1);
             Ok(self
                 .maps
@@ -288,11 +287,7 @@ impl Reader for Connection {
 }
 
 impl Mapper for Connection {
-    async fn block_status(
-        &self,
-        offset: u64,
-        length: u64,
-    ) -> anyhow::Result<Vec<(String, Vec<(u64, u32)>)>> {
+    async fn block_status(&self, offset: u64, length: u64) -> anyhow::Result<ContextExtents> {
         let replies = self
             .client
             .block_status_contexts(offset, length)
