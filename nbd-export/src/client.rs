@@ -1428,6 +1428,15 @@ mod tests {
             .unwrap();
         assert_eq!(alloc.iter().map(|e| e.length).sum::<u64>(), 8 << 20);
         assert!(alloc.iter().any(|e| e.flags == 0));
+        // One request answers both contexts, by name in negotiation order; the dirty
+        // bitmap's first extents are the ones the whole-range call merged.
+        let both = client.block_status_contexts(0, 8 << 20).await.unwrap();
+        let names: Vec<&str> = both.iter().map(|(name, _)| name.as_str()).collect();
+        assert_eq!(names, ["base:allocation", "qemu:dirty-bitmap:ck"]);
+        assert_eq!(both[1].1[..2], dirty[..2]);
+        assert!(both.iter().all(|(_, extents)| !extents.is_empty()));
+        let past_end = client.block_status_contexts(8 << 20, 1).await.unwrap_err();
+        assert!(matches!(past_end, ClientError::Invalid(_)), "{past_end}");
         let err = client.write(0, b"x", false).await.unwrap_err();
         assert!(matches!(err, ClientError::Invalid(_)));
     }
