@@ -12,13 +12,26 @@
 #    `nbdinfo --map` of qemu:dirty-bitmap extents per second (median of 3) and the map
 #    and planning time of `tidemark pull --bitmap` (its `map_seconds`, median of 3).
 #
-# Usage (root: it mounts a loop device): benches/bigvol.sh
-#   env TIDEMARK_BIN (default target/release/tidemark), BIGVOL_DIR (default a new dir in
-#   /var/tmp, removed at the end).
+# The state is built once with TIDEMARK_BIN; every measurement then runs with each binary
+# to compare (BEFORE_BIN, e.g. a build of main, then TIDEMARK_BIN) on that same state, so
+# before and after share one run, one machine load and one page cache.
+#
+# Usage (root: it mounts a loop device): benches/bigvol.sh [a|b]...  (default: a b)
+#   env TIDEMARK_BIN (default target/release/tidemark), BEFORE_BIN (optional: the binary
+#   to compare with; its state formats must be the same), BIGVOL_DIR (default a new dir
+#   in /var/tmp, removed at the end).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bin=${TIDEMARK_BIN:-$PWD/target/release/tidemark}
 [[ -x $bin ]] || { echo "bigvol: build first: cargo build --release -p tidemark" >&2; exit 1; }
+before=${BEFORE_BIN:-}
+[[ -z $before || -x $before ]] || { echo "bigvol: BEFORE_BIN $before is not executable" >&2; exit 1; }
+parts=("$@")
+((${#parts[@]})) || parts=(a b)
+# The binaries measured, as "label=path".
+runs=()
+[[ -n $before ]] && runs+=("before=$before")
+runs+=("after=$bin")
 [[ $(id -u) == 0 ]] || { echo "bigvol: run as root (it mounts an xfs loop file)" >&2; exit 1; }
 for tool in mkfs.xfs nbdinfo jq; do
     command -v "$tool" >/dev/null || { echo "bigvol: $tool missing (scripts/install-deps.sh)" >&2; exit 1; }
@@ -45,10 +58,10 @@ ms() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.0f", (b - a) * 1000 }'; }
 median() { sort -n | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
 load() { cut -d' ' -f1 /proc/loadavg; }
 
-start_daemon() { # state dir
+start_daemon() { # state dir [binary]
     local t0=$EPOCHREALTIME
-    state=$1 ctl=$1/ctl.sock sock=$1/nbd.sock
-    "$bin" serve --state-dir "$state" --control "$ctl" --socket "$sock" 2>>"$dir/serve.log" &
+    state=$1 ctl=$1/ctl.sock sock=$1/nbd.sock daemon_bin=${2:-$bin}
+    "$daemon_bin" serve --state-dir "$state" --control "$ctl" --socket "$sock" 2>>"$dir/serve.log" &
     pid=$!
     until "$bin" info --control "$ctl" >/dev/null 2>&1; do
         kill -0 "$pid" 2>/dev/null || { echo "bigvol: the daemon died:" >&2; tail -5 "$dir/serve.log" >&2; exit 1; }
@@ -88,12 +101,15 @@ h.shutdown()
 PY
 }
 
+rss_mib() { awk -v k="$1" '$1 == k":" {print int($2 / 1024)}' "/proc/$pid/status"; }
+
+part_a() {
 echo "## A. 64 TiB, 64 KiB granularity, seven checkpoints, 0.01% dirty (load $(load))"
-size_a=$((64 << 40))
+local size_a=$((64 << 40))
 mkdir -m 700 "$mnt/state-a"
 start_daemon "$mnt/state-a"
 tm volume create big --backing "$mnt/big.raw" --size 64T >/dev/null
-create_ms=()
+local create_ms=() c t0
 for c in 1 2 3 4 5 6 7; do
     t0=$EPOCHREALTIME
     tm checkpoint create big "c$c" >/dev/null
@@ -101,60 +117,93 @@ for c in 1 2 3 4 5 6 7; do
     # 0.01% of the blocks over the seven intervals, in runs of 64 blocks (4 MiB).
     dirty big "$size_a" 0.0000143 64 64 "$c"
 done
+local changed
 changed=$(tm checkpoint list big --json | jq '.[0].changed_blocks')
-tm backup begin big --incremental c1 >/dev/null
-t0=$EPOCHREALTIME
-extents_a=$(nbdinfo --map=qemu:dirty-bitmap:c1 "nbd+unix:///big@backup?socket=$sock" | wc -l)
-map_a_ms=$(ms "$t0" "$EPOCHREALTIME")
-rss_a=$(awk '/VmRSS/ {print int($2 / 1024)}' "/proc/$pid/status")
-hwm_a=$(awk '/VmHWM/ {print int($2 / 1024)}' "/proc/$pid/status")
+local du_a apparent_a
 du_a=$(du -sk "$mnt/state-a" | cut -f1)
 apparent_a=$(du -sk --apparent-size "$mnt/state-a" | cut -f1)
-tm backup end big >/dev/null
 stop_daemon
-starts=()
-for _ in 1 2 3; do
-    start_daemon "$mnt/state-a"
-    starts+=("$started_ms")
-    rss_start=$(awk '/VmRSS/ {print int($2 / 1024)}' "/proc/$pid/status")
-    stop_daemon
-done
-printf '| changed blocks since c1 | extents mapped (ms) | RSS in backup | peak RSS | state dir du (apparent) | start, median of 3 (RSS) | checkpoint create c1..c7 (ms) | load |\n'
-printf '|---|---|---|---|---|---|---|---|\n'
-printf '| %s of %s (%.4f%%) | %s (%s ms) | %s MiB | %s MiB | %s KiB (%s KiB) | %s ms (%s MiB) | %s | %s |\n' \
+printf 'changed blocks since c1: %s of %s (%.4f%%); state dir du %s KiB (apparent %s KiB); checkpoint create c1..c7: %s ms\n\n' \
     "$changed" $((size_a / 65536)) "$(awk -v c="$changed" -v b=$((size_a / 65536)) 'BEGIN { print c * 100 / b }')" \
-    "$extents_a" "$map_a_ms" "$rss_a" "$hwm_a" "$du_a" "$apparent_a" \
-    "$(printf '%s\n' "${starts[@]}" | median)" "$rss_start" "${create_ms[*]}" "$(load)"
+    "$du_a" "$apparent_a" "${create_ms[*]}"
+printf '| binary | start, median of 3 (all) | RSS after start | extents mapped (ms) | RSS in backup | peak RSS | load |\n'
+printf '|---|---|---|---|---|---|---|\n'
+local run label path starts rss_start extents_a map_a_ms rss_a hwm_a
+for run in "${runs[@]}"; do
+    label=${run%%=*} path=${run#*=}
+    starts=()
+    for _ in 1 2 3; do
+        start_daemon "$mnt/state-a" "$path"
+        starts+=("$started_ms")
+        rss_start=$(rss_mib VmRSS)
+        stop_daemon
+    done
+    start_daemon "$mnt/state-a" "$path"
+    tm backup begin big --incremental c1 >/dev/null
+    t0=$EPOCHREALTIME
+    extents_a=$(nbdinfo --map=qemu:dirty-bitmap:c1 "nbd+unix:///big@backup?socket=$sock" | wc -l)
+    map_a_ms=$(ms "$t0" "$EPOCHREALTIME")
+    rss_a=$(rss_mib VmRSS)
+    hwm_a=$(rss_mib VmHWM)
+    tm backup end big >/dev/null
+    stop_daemon
+    printf '| %s | %s ms (%s) | %s MiB | %s (%s ms) | %s MiB | %s MiB | %s |\n' "$label" \
+        "$(printf '%s\n' "${starts[@]}" | median)" "${starts[*]}" "$rss_start" \
+        "$extents_a" "$map_a_ms" "$rss_a" "$hwm_a" "$(load)"
+done
 rm -f "$mnt/big.raw"
 rm -rf "$mnt/state-a"
+}
 
+part_b() {
 echo
 echo "## B. 15 TiB, 1% dirty in scattered runs of 1-32 blocks (load $(load))"
-size_b=$((15 << 40))
+local size_b=$((15 << 40))
 mkdir -m 700 "$mnt/state-b"
 start_daemon "$mnt/state-b"
 tm volume create mid --backing "$mnt/mid.raw" --size 15T >/dev/null
 tm checkpoint create mid c0 >/dev/null
+local t0 dirty_s
 t0=$EPOCHREALTIME
 dirty mid "$size_b" 0.01 1 32 99
 dirty_s=$(awk -v a="$t0" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.1f", b - a }')
-tm backup begin mid --incremental c0 >/dev/null
-uri="nbd+unix:///mid@backup?socket=$sock"
-rates=() maps=()
-for _ in 1 2 3; do
-    t0=$EPOCHREALTIME
-    extents_b=$(nbdinfo --map=qemu:dirty-bitmap:c0 "$uri" | wc -l)
-    t=$(ms "$t0" "$EPOCHREALTIME")
-    rates+=("$(awk -v n="$extents_b" -v t="$t" 'BEGIN { printf "%.0f", n / (t / 1000) }')")
-done
+stop_daemon
+local uri="nbd+unix:///mid@backup?socket=$mnt/state-b/nbd.sock"
 truncate -s 15T "$mnt/mid-copy.raw"
-for _ in 1 2 3; do
-    "$bin" pull --bitmap c0 "$uri" --into "$mnt/mid-copy.raw" --json >"$dir/pull.json"
-    maps+=("$(jq .map_seconds "$dir/pull.json")")
-done
-tm backup end mid >/dev/null
-printf '| dirtying (s) | dirty-bitmap extents | nbdinfo --map extents/s, median of 3 (all) | pull map + plan s, median of 3 (all) | load |\n'
+echo "dirtying: $dirty_s s"
+echo
+printf '| binary | dirty-bitmap extents | nbdinfo --map extents/s, median of 3 (all) | pull map + plan s, median of 3 (all) | load |\n'
 printf '|---|---|---|---|---|\n'
-printf '| %s | %s | %s (%s) | %s (%s) | %s |\n' "$dirty_s" "$extents_b" \
-    "$(printf '%s\n' "${rates[@]}" | median)" "${rates[*]}" \
-    "$(printf '%s\n' "${maps[@]}" | median)" "${maps[*]}" "$(load)"
+local run label path rates maps extents_b t
+for run in "${runs[@]}"; do
+    label=${run%%=*} path=${run#*=}
+    start_daemon "$mnt/state-b" "$path"
+    tm backup begin mid --incremental c0 >/dev/null
+    rates=() maps=()
+    for _ in 1 2 3; do
+        t0=$EPOCHREALTIME
+        extents_b=$(nbdinfo --map=qemu:dirty-bitmap:c0 "$uri" | wc -l)
+        t=$(ms "$t0" "$EPOCHREALTIME")
+        rates+=("$(awk -v n="$extents_b" -v t="$t" 'BEGIN { printf "%.0f", n / (t / 1000) }')")
+    done
+    for _ in 1 2 3; do
+        "$path" pull --bitmap c0 "$uri" --into "$mnt/mid-copy.raw" --json >"$dir/pull.json"
+        maps+=("$(jq .map_seconds "$dir/pull.json")")
+    done
+    tm backup end mid >/dev/null
+    stop_daemon
+    printf '| %s | %s | %s (%s) | %s (%s) | %s |\n' "$label" "$extents_b" \
+        "$(printf '%s\n' "${rates[@]}" | median)" "${rates[*]}" \
+        "$(printf '%s\n' "${maps[@]}" | median)" "${maps[*]}" "$(load)"
+done
+rm -f "$mnt/mid.raw" "$mnt/mid-copy.raw"
+rm -rf "$mnt/state-b"
+}
+
+for part in "${parts[@]}"; do
+    case $part in
+        a) part_a ;;
+        b) part_b ;;
+        *) echo "bigvol: unknown part $part (a or b)" >&2; exit 2 ;;
+    esac
+done

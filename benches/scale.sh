@@ -4,15 +4,25 @@
 # to an answered `info`, resident memory, open file descriptors against the limit, and
 # `tidemark info --json` (medians of 5).
 #
+# The volumes are created once with TIDEMARK_BIN; the measurements then run with each
+# binary to compare (BEFORE_BIN, e.g. a build of main, then TIDEMARK_BIN) on that same
+# state dir, in one run. `info --json` is timed with the same binary as the daemon.
+#
 # Usage: benches/scale.sh [N (10000)] [SIZE (16G)]
-#   env TIDEMARK_BIN (default target/release/tidemark), SCALE_DIR (default a new dir in
-#   /var/tmp, removed at the end).
+#   env TIDEMARK_BIN (default target/release/tidemark), BEFORE_BIN (optional: the binary
+#   to compare with), SCALE_DIR (default a new dir in /var/tmp, removed at the end).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 n=${1:-10000}
 size=${2:-16G}
 bin=${TIDEMARK_BIN:-$PWD/target/release/tidemark}
 [[ -x $bin ]] || { echo "scale: build first: cargo build --release -p tidemark" >&2; exit 1; }
+before=${BEFORE_BIN:-}
+[[ -z $before || -x $before ]] || { echo "scale: BEFORE_BIN $before is not executable" >&2; exit 1; }
+# The binaries measured, as "label=path".
+runs=()
+[[ -n $before ]] && runs+=("before=$before")
+runs+=("after=$bin")
 dir=${SCALE_DIR:-$(mktemp -d /var/tmp/tidemark-scale.XXXXXX)}
 state=$dir/state ctl=$dir/ctl.sock nbd=$dir/nbd.sock
 mkdir -p "$state" "$dir/img"
@@ -24,9 +34,9 @@ cleanup() {
 }
 trap cleanup EXIT
 
-start_daemon() {
-    local t0=$EPOCHREALTIME
-    "$bin" serve --state-dir "$state" --control "$ctl" --socket "$nbd" 2>"$dir/serve.log" &
+start_daemon() { # [binary]
+    local t0=$EPOCHREALTIME daemon_bin=${1:-$bin}
+    "$daemon_bin" serve --state-dir "$state" --control "$ctl" --socket "$nbd" 2>"$dir/serve.log" &
     pid=$!
     until "$bin" info --control "$ctl" >/dev/null 2>&1; do
         kill -0 "$pid" 2>/dev/null || { echo "scale: the daemon died:" >&2; tail -5 "$dir/serve.log" >&2; exit 1; }
@@ -36,6 +46,9 @@ start_daemon() {
 }
 stop_daemon() { kill "$pid"; wait "$pid" 2>/dev/null || true; pid=; }
 
+# A kept SCALE_DIR that holds the volumes already is measured as it is.
+existing=$(find "$state/volumes" -mindepth 1 -maxdepth 1 -type d 2>/dev/null | wc -l)
+if ((existing != n)); then
 start_daemon
 # Creating N volumes through the CLI would time process start-up, not the daemon: one
 # control connection sends every volume-create.
@@ -61,24 +74,27 @@ for i in range(n):
         sys.exit(f"volume-create v{i:05}: {reply['error']['desc']}")
 PY
 stop_daemon
+fi
 
-start_daemon
-rss_kib=$(awk '/VmRSS/ {print $2}' "/proc/$pid/status")
-fds=$(ls "/proc/$pid/fd" | wc -l)
-fd_limit=$(awk '/Max open files/ {print $4}' "/proc/$pid/limits")
-info_ms=()
-for _ in 1 2 3 4 5; do
-    t0=$EPOCHREALTIME
-    "$bin" info --control "$ctl" --json >"$dir/info.json"
-    info_ms+=("$(awk -v a="$t0" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.0f", (b - a) * 1000 }')")
+printf '| binary | volumes | size | start | RSS after start | peak RSS | fds (limit) | info --json, median of 5 (all) | load |\n'
+printf '|---|---|---|---|---|---|---|---|---|\n'
+for run in "${runs[@]}"; do
+    label=${run%%=*} path=${run#*=}
+    start_daemon "$path"
+    rss_kib=$(awk '/VmRSS/ {print $2}' "/proc/$pid/status")
+    fds=$(ls "/proc/$pid/fd" | wc -l)
+    fd_limit=$(awk '/Max open files/ {print $4}' "/proc/$pid/limits")
+    info_ms=()
+    for _ in 1 2 3 4 5; do
+        t0=$EPOCHREALTIME
+        "$path" info --control "$ctl" --json >"$dir/info.json"
+        info_ms+=("$(awk -v a="$t0" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.0f", (b - a) * 1000 }')")
+    done
+    info_median=$(printf '%s\n' "${info_ms[@]}" | sort -n | sed -n 3p)
+    volumes=$(jq '.volumes | length' "$dir/info.json")
+    hwm_kib=$(awk '/VmHWM/ {print $2}' "/proc/$pid/status")
+    stop_daemon
+    printf '| %s | %s (info lists %s) | %s | %s ms | %s MiB | %s MiB | %s (%s) | %s ms (%s) | %s |\n' \
+        "$label" "$n" "$volumes" "$size" "$started_ms" $((rss_kib / 1024)) $((hwm_kib / 1024)) \
+        "$fds" "$fd_limit" "$info_median" "${info_ms[*]}" "$(cut -d' ' -f1 /proc/loadavg)"
 done
-info_median=$(printf '%s\n' "${info_ms[@]}" | sort -n | sed -n 3p)
-volumes=$(jq '.volumes | length' "$dir/info.json")
-hwm_kib=$(awk '/VmHWM/ {print $2}' "/proc/$pid/status")
-stop_daemon
-
-printf '| volumes | size | start | RSS after start | peak RSS | fds (limit) | info --json (median of 5) | load |\n'
-printf '|---|---|---|---|---|---|---|---|\n'
-printf '| %s (info lists %s) | %s | %s ms | %s MiB | %s MiB | %s (%s) | %s ms | %s |\n' \
-    "$n" "$volumes" "$size" "$started_ms" $((rss_kib / 1024)) $((hwm_kib / 1024)) \
-    "$fds" "$fd_limit" "$info_median" "$(cut -d' ' -f1 /proc/loadavg)"

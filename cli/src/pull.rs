@@ -367,10 +367,17 @@ async fn pull_async(
         }
     }
 
-    // The maps. A server without base:allocation (nbd-server) describes nothing: every
-    // byte is data.
-    let allocation = if primary.has_context(BASE_ALLOCATION) {
-        source::gather(&primary, BASE_ALLOCATION, size, |_| {}).await?
+    // The maps, gathered together (one request answers for every context). A server
+    // without base:allocation (nbd-server) describes nothing: every byte is data.
+    let has_allocation = primary.has_context(BASE_ALLOCATION);
+    let mut wanted: Vec<&str> = Vec::new();
+    if has_allocation {
+        wanted.push(BASE_ALLOCATION);
+    }
+    wanted.extend(dirty_context.as_deref());
+    let mut maps = source::gather(&primary, &wanted, size).await?.into_iter();
+    let allocation = if has_allocation {
+        maps.next().unwrap_or_default()
     } else {
         vec![Run {
             offset: 0,
@@ -378,10 +385,9 @@ async fn pull_async(
             flags: 0,
         }]
     };
-    let (plan, bytes_dirty) = match &dirty_context {
+    let (plan, bytes_dirty) = match maps.next() {
         None => (Plan::full(&allocation), None),
-        Some(context) => {
-            let dirty = source::gather(&primary, context, size, |_| {}).await?;
+        Some(dirty) => {
             let dirty_bytes = dirty
                 .iter()
                 .filter(|r| r.flags & tidemark_nbd::export::STATE_DIRTY != 0)

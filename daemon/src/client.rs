@@ -108,7 +108,7 @@ impl Client {
             .write_all(line.as_bytes())
             .map_err(ClientError::Io)?;
         loop {
-            let message = self.read_line()?;
+            let mut message = self.read_line()?;
             if message.get("event").is_some() {
                 self.queue_event(message)?;
                 continue;
@@ -118,8 +118,9 @@ impl Client {
                     "a reply for another request arrived: {message}"
                 )));
             }
-            if let Some(value) = message.get("return") {
-                return Ok(value.clone());
+            // Taken, not cloned: a status reply of 10,000 volumes is megabytes.
+            if let Some(value) = message.as_object_mut().and_then(|m| m.remove("return")) {
+                return Ok(value);
             }
             if let Some(error) = message.get("error") {
                 let error: CommandError = serde_json::from_value(error.clone())

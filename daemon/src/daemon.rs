@@ -20,7 +20,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use serde::Serialize;
 use serde_json::{json, Value};
+use tidemark_engine::status::VolumeStatus;
 use tidemark_engine::volume::VolumeError;
 use tidemark_nbd::server::ServerError;
 use tokio::sync::{broadcast, watch};
@@ -30,8 +32,8 @@ use crate::backup::{self, Backup};
 use crate::config::Config;
 use crate::lock::DaemonLock;
 use crate::protocol::{
-    BackupEndArgs, CheckpointArgs, Command, CommandError, Event, Tracking, VolumeCreateArgs,
-    PROTOCOL_VERSION,
+    BackupEndArgs, CheckpointArgs, Command, CommandError, Event, Returned, Tracking,
+    VolumeCreateArgs, PROTOCOL_VERSION,
 };
 use crate::server::{self, ConnectionId, Handler};
 use crate::volumes::{NbdServer, VolumeHandle};
@@ -279,18 +281,24 @@ impl Daemon {
 
     /// The NBD URI of export `name` on the Unix socket (and TCP when listening).
     pub(crate) fn uris(&self, name: &str) -> Value {
-        let mut uris = json!({
-            "unix": format!("nbd+unix:///{name}?socket={}", self.config.nbd_socket.display())
-        });
-        if let Some(addr) = self.config.listen {
-            let scheme = if self.config.tls.is_some() {
-                "nbds"
-            } else {
-                "nbd"
-            };
-            uris["tcp"] = json!(format!("{scheme}://{addr}/{name}"));
+        serde_json::to_value(self.export_uris(name)).unwrap_or(Value::Null)
+    }
+
+    fn export_uris(&self, name: &str) -> ExportUris {
+        ExportUris {
+            unix: format!(
+                "nbd+unix:///{name}?socket={}",
+                self.config.nbd_socket.display()
+            ),
+            tcp: self.config.listen.map(|addr| {
+                let scheme = if self.config.tls.is_some() {
+                    "nbds"
+                } else {
+                    "nbd"
+                };
+                format!("{scheme}://{addr}/{name}")
+            }),
         }
-        uris
     }
 
     pub(crate) fn volume(&self, name: &str) -> Result<Arc<VolumeHandle>, CommandError> {
@@ -305,20 +313,49 @@ impl Daemon {
         })
     }
 
-    fn volume_report(&self, volume: &VolumeHandle) -> Value {
+    /// How volume `volume` is reported; `backup` is the running backup holding it.
+    fn volume_report(&self, volume: &VolumeHandle, backup: Option<String>) -> VolumeReport {
         let name = volume.name();
-        let backup = self
-            .registry()
-            .backups
-            .values()
-            .find(|b| b.volume_names().any(|v| v == name))
-            .map(|b| json!(b.id()));
-        let mut report = volume.status();
-        report["export"] = json!(name);
-        report["uri"] = self.uris(name);
-        report["backup"] = backup.unwrap_or(Value::Null);
-        report["attachment"] = self.attachments.report(name).unwrap_or(Value::Null);
-        report
+        VolumeReport {
+            status: volume.status(),
+            export: name.to_string(),
+            uri: self.export_uris(name),
+            backup,
+            attachment: self.attachments.report(name),
+        }
+    }
+
+    /// Every volume (and every volume left unregistered by a rollback), sorted by name:
+    /// the registry is locked once for all of them, and nothing builds a JSON tree.
+    fn volume_reports(&self) -> Vec<ListedVolume> {
+        let (volumes, backups) = {
+            let registry = self.registry();
+            let volumes: Vec<Arc<VolumeHandle>> = registry.volumes.values().cloned().collect();
+            let mut backups: BTreeMap<String, String> = BTreeMap::new();
+            for backup in registry.backups.values() {
+                for volume in backup.volume_names() {
+                    backups
+                        .entry(volume.to_string())
+                        .or_insert_with(|| backup.id().to_string());
+                }
+            }
+            (volumes, backups)
+        };
+        let registered = volumes.iter().map(|v| v.name().to_string()).collect();
+        let mut list: Vec<ListedVolume> = volumes
+            .iter()
+            .map(|v| {
+                let backup = backups.get(v.name()).cloned();
+                ListedVolume::Open(Box::new(self.volume_report(v, backup)))
+            })
+            .collect();
+        list.extend(
+            crate::rollback::list_unregistered(self, &registered)
+                .into_iter()
+                .map(ListedVolume::Unregistered),
+        );
+        list.sort_by(|a, b| a.name().cmp(b.name()));
+        list
     }
 
     /// Run `command` for control connection `conn` (leases are tied to it). Blocking:
@@ -345,7 +382,13 @@ impl Daemon {
             Command::VolumeList(_) => Ok(self.volume_list()),
             Command::VolumeInfo(args) => {
                 let volume = self.volume(&args.name)?;
-                Ok(self.volume_report(&volume))
+                let backup = self
+                    .registry()
+                    .backups
+                    .values()
+                    .find(|b| b.volume_names().any(|v| v == args.name))
+                    .map(|b| b.id().to_string());
+                Ok(to_value(&self.volume_report(&volume, backup)))
             }
             Command::VolumeRemove(args) => self.volume_remove(args.name),
             Command::CheckpointCreate(CheckpointArgs { volume, name }) => {
@@ -379,29 +422,51 @@ impl Daemon {
         backup::monitor(self);
     }
 
+    /// Run `command` as [`Daemon::execute`] does, for the control socket: the reports
+    /// that grow with the number of volumes (`query-status`, `volume-list`) come back as
+    /// JSON text serialized straight from typed data, not as a `Value` tree per volume.
+    pub fn execute_returned(
+        self: &Arc<Self>,
+        conn: ConnectionId,
+        command: Command,
+    ) -> Result<Returned, CommandError> {
+        if !self.registry().stopping {
+            let text = match &command {
+                Command::QueryStatus(_) => Some(serde_json::to_string(&self.status_report())),
+                Command::VolumeList(_) => Some(serde_json::to_string(&self.volume_reports())),
+                _ => None,
+            };
+            if let Some(text) = text {
+                return text.map(Returned::Json).map_err(|err| {
+                    CommandError::failed(format!("encoding the report failed: {err}"))
+                });
+            }
+        }
+        self.execute(conn, command).map(Returned::Value)
+    }
+
+    fn status_report(&self) -> StatusReport<'_> {
+        StatusReport {
+            version: env!("CARGO_PKG_VERSION"),
+            pid: std::process::id(),
+            state_dir: &self.config.state_dir,
+            nbd_socket: &self.config.nbd_socket,
+            control_socket: &self.config.control_socket,
+            listen: self.config.listen.map(|a| a.to_string()),
+            tls: self.config.tls.is_some(),
+            listen_insecure: self.config.listen.is_some() && self.config.tls.is_none(),
+            volumes: self.volume_reports(),
+            backups: backup::status(self),
+            attachments: self.attachments.list(),
+        }
+    }
+
     fn query_status(&self) -> Value {
-        json!({
-            "version": env!("CARGO_PKG_VERSION"),
-            "pid": std::process::id(),
-            "state_dir": self.config.state_dir,
-            "nbd_socket": self.config.nbd_socket,
-            "control_socket": self.config.control_socket,
-            "listen": self.config.listen.map(|a| a.to_string()),
-            "tls": self.config.tls.is_some(),
-            "listen_insecure": self.config.listen.is_some() && self.config.tls.is_none(),
-            "volumes": self.volume_list(),
-            "backups": backup::status(self),
-            "attachments": self.attachments.list(),
-        })
+        to_value(&self.status_report())
     }
 
     fn volume_list(&self) -> Value {
-        let volumes: Vec<Arc<VolumeHandle>> = self.registry().volumes.values().cloned().collect();
-        let mut list: Vec<Value> = volumes.iter().map(|v| self.volume_report(v)).collect();
-        let registered = volumes.iter().map(|v| v.name().to_string()).collect();
-        list.extend(crate::rollback::list_unregistered(self, &registered));
-        list.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
-        Value::Array(list)
+        to_value(&self.volume_reports())
     }
 
     fn volume_create(&self, args: VolumeCreateArgs) -> Result<Value, CommandError> {
@@ -476,7 +541,7 @@ impl Daemon {
             )));
         }
         tracing::info!(volume = %name, backing = %backing.display(), "volume created");
-        Ok(self.volume_report(&volume))
+        Ok(to_value(&self.volume_report(&volume, None)))
     }
 
     /// Refuse `name` for a new volume when a backup exports a snapshot under it (export
@@ -617,13 +682,72 @@ impl Daemon {
 struct DaemonHandler(Arc<Daemon>);
 
 impl Handler for DaemonHandler {
-    fn execute(&self, conn: ConnectionId, command: Command) -> Result<Value, CommandError> {
-        self.0.execute(conn, command)
+    fn execute(&self, conn: ConnectionId, command: Command) -> Result<Returned, CommandError> {
+        self.0.execute_returned(conn, command)
     }
 
     fn disconnected(&self, conn: ConnectionId) {
         self.0.connection_closed(conn);
     }
+}
+
+/// A report as JSON; the typed reports here hold nothing that fails to serialize.
+fn to_value<T: Serialize>(report: &T) -> Value {
+    serde_json::to_value(report).unwrap_or_else(|err| json!({"error": err.to_string()}))
+}
+
+/// Where an export is served.
+#[derive(Debug, Serialize)]
+struct ExportUris {
+    unix: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tcp: Option<String>,
+}
+
+/// One volume as `volume-info`, `volume-list` and `query-status` report it: the engine's
+/// status and where and how the volume is served.
+#[derive(Debug, Serialize)]
+struct VolumeReport {
+    #[serde(flatten)]
+    status: VolumeStatus,
+    export: String,
+    uri: ExportUris,
+    /// The running backup holding the volume.
+    backup: Option<String>,
+    attachment: Option<Value>,
+}
+
+/// An entry of the volume list: an open volume, or one a rollback holds unregistered.
+#[derive(Debug, Serialize)]
+#[serde(untagged)]
+enum ListedVolume {
+    Open(Box<VolumeReport>),
+    Unregistered(Value),
+}
+
+impl ListedVolume {
+    fn name(&self) -> &str {
+        match self {
+            ListedVolume::Open(report) => &report.status.name,
+            ListedVolume::Unregistered(value) => value["name"].as_str().unwrap_or_default(),
+        }
+    }
+}
+
+/// Everything `tidemark info --json` prints (`query-status`).
+#[derive(Debug, Serialize)]
+struct StatusReport<'a> {
+    version: &'static str,
+    pid: u32,
+    state_dir: &'a Path,
+    nbd_socket: &'a Path,
+    control_socket: &'a Path,
+    listen: Option<String>,
+    tls: bool,
+    listen_insecure: bool,
+    volumes: Vec<ListedVolume>,
+    backups: Value,
+    attachments: Value,
 }
 
 /// Check a user-chosen name (volume, checkpoint, export): it ends up in file names, NBD

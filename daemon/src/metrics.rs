@@ -140,16 +140,7 @@ impl Snapshot {
             let handles: Vec<_> = registry.volumes.values().cloned().collect();
             (handles, registry.backups.len())
         };
-        let volumes = handles
-            .iter()
-            .filter_map(|handle| match serde_json::from_value(handle.status()) {
-                Ok(status) => Some(status),
-                Err(err) => {
-                    tracing::warn!(volume = handle.name(), "no metrics for the volume: {err}");
-                    None
-                }
-            })
-            .collect();
+        let volumes = handles.iter().map(|handle| handle.status()).collect();
         Snapshot {
             volumes,
             exports: daemon.nbd.export_stats(),

@@ -612,6 +612,43 @@ pub fn reply_return(value: Value, id: Option<Value>) -> Value {
     reply
 }
 
+/// What a command returns, before it becomes a reply line.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Returned {
+    /// A JSON value.
+    Value(Value),
+    /// JSON text serialized already, straight from typed data: the reports that grow
+    /// with the number of volumes, so no `Value` tree is built per item.
+    Json(String),
+}
+
+impl From<Value> for Returned {
+    fn from(value: Value) -> Returned {
+        Returned::Value(value)
+    }
+}
+
+/// A success reply line's text (without the newline): `{"id":ID,"return":...}`, the
+/// order [`reply_return`]'s keys serialize in.
+pub fn reply_return_line(returned: Returned, id: Option<Value>) -> String {
+    match returned {
+        Returned::Value(value) => reply_return(value, id).to_string(),
+        Returned::Json(text) => {
+            let mut line = String::with_capacity(text.len() + 32);
+            line.push('{');
+            if let Some(id) = id {
+                line.push_str("\"id\":");
+                line.push_str(&id.to_string());
+                line.push(',');
+            }
+            line.push_str("\"return\":");
+            line.push_str(&text);
+            line.push('}');
+            line
+        }
+    }
+}
+
 /// An error reply line.
 pub fn reply_error(error: &CommandError, id: Option<Value>) -> Value {
     let mut reply = json!({"error": {"class": error.class.as_str(), "desc": error.desc}});

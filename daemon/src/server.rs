@@ -23,12 +23,13 @@ use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use serde_json::Value;
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{broadcast, mpsc, watch};
 
-use crate::protocol::{self, Command, CommandError, ErrorClass, Event, Request, MAX_REQUEST_LINE};
+use crate::protocol::{
+    self, Command, CommandError, ErrorClass, Event, Request, Returned, MAX_REQUEST_LINE,
+};
 
 /// Identifies one control connection (leases are tied to it).
 pub type ConnectionId = u64;
@@ -37,7 +38,7 @@ pub type ConnectionId = u64;
 /// went away.
 pub trait Handler: Send + Sync + 'static {
     /// Run one command from connection `conn`. Called on a blocking thread.
-    fn execute(&self, conn: ConnectionId, command: Command) -> Result<Value, CommandError>;
+    fn execute(&self, conn: ConnectionId, command: Command) -> Result<Returned, CommandError>;
     /// Connection `conn` closed (its client exited or crashed).
     fn disconnected(&self, conn: ConnectionId);
 }
@@ -47,9 +48,10 @@ pub trait Handler: Send + Sync + 'static {
 pub const OUTGOING: usize = 64;
 
 /// Run `execute` on a thread of its own (see the module doc).
-async fn run_command<F>(name: String, execute: F) -> Result<Value, CommandError>
+async fn run_command<F, T>(name: String, execute: F) -> Result<T, CommandError>
 where
-    F: FnOnce() -> Result<Value, CommandError> + Send + 'static,
+    F: FnOnce() -> Result<T, CommandError> + Send + 'static,
+    T: Send + 'static,
 {
     static NEXT_COMMAND: AtomicU64 = AtomicU64::new(1);
     let (done, result) = tokio::sync::oneshot::channel();
@@ -179,12 +181,13 @@ async fn connection(
     mut shutdown: watch::Receiver<bool>,
 ) -> io::Result<()> {
     let (read_half, mut write_half) = stream.into_split();
-    let (out_tx, mut out_rx) = mpsc::channel::<Value>(OUTGOING);
+    // Lines of JSON text, serialized where they are produced (a large reply on the
+    // command's own thread).
+    let (out_tx, mut out_rx) = mpsc::channel::<String>(OUTGOING);
 
     // The writer: replies and events in the order they were produced.
     let writer = tokio::spawn(async move {
-        while let Some(message) = out_rx.recv().await {
-            let mut line = message.to_string();
+        while let Some(mut line) = out_rx.recv().await {
             line.push('\n');
             if write_half.write_all(line.as_bytes()).await.is_err() {
                 break;
@@ -192,13 +195,13 @@ async fn connection(
         }
     });
 
-    let _ = out_tx.send(protocol::greeting()).await;
+    let _ = out_tx.send(protocol::greeting().to_string()).await;
     let events_tx = out_tx.clone();
     let forwarder = tokio::spawn(async move {
         loop {
             match events.recv().await {
                 Ok(event) => {
-                    let Ok(value) = serde_json::to_value(&event) else {
+                    let Ok(value) = serde_json::to_string(&event) else {
                         continue;
                     };
                     // Waits while the client does not read: its events then pile up in
@@ -214,7 +217,7 @@ async fn connection(
                         "a control client does not read: {missed} events dropped"
                     );
                     let warning = Event::new("EVENTS_LOST", serde_json::json!({"count": missed}));
-                    if let Ok(value) = serde_json::to_value(&warning) {
+                    if let Ok(value) = serde_json::to_string(&warning) {
                         if events_tx.send(value).await.is_err() {
                             break;
                         }
@@ -242,23 +245,27 @@ async fn connection(
                     ),
                 ),
                 None,
-            ),
+            )
+            .to_string(),
             Ok(Line::Complete(bytes)) if bytes.iter().all(u8::is_ascii_whitespace) => continue,
             Ok(Line::Complete(bytes)) => match Request::parse(&bytes) {
-                Err((err, id)) => protocol::reply_error(&err, id),
+                Err((err, id)) => protocol::reply_error(&err, id).to_string(),
                 Ok(request) => {
                     let id = request.id.clone();
+                    let error_id = id.clone();
                     let name = request.execute.clone();
                     let handler = Arc::clone(&handler);
+                    // The reply line is serialized on the command's thread too.
                     let result = run_command(name.clone(), move || {
-                        handler.execute(conn, Command::from_request(&request)?)
+                        let returned = handler.execute(conn, Command::from_request(&request)?)?;
+                        Ok(protocol::reply_return_line(returned, id))
                     })
                     .await;
                     match result {
-                        Ok(value) => protocol::reply_return(value, id),
+                        Ok(line) => line,
                         Err(err) => {
                             tracing::info!(conn, command = %name, "command failed: {}", err.desc);
-                            protocol::reply_error(&err, id)
+                            protocol::reply_error(&err, error_id).to_string()
                         }
                     }
                 }
@@ -278,7 +285,7 @@ async fn connection(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+    use serde_json::{json, Value};
     use std::sync::Mutex;
     use tokio::io::AsyncReadExt;
 
@@ -309,9 +316,10 @@ mod tests {
     }
 
     impl Handler for Echo {
-        fn execute(&self, _conn: ConnectionId, command: Command) -> Result<Value, CommandError> {
+        fn execute(&self, _conn: ConnectionId, command: Command) -> Result<Returned, CommandError> {
             match command {
-                Command::VolumeInfo(args) => Ok(json!({"name": args.name})),
+                Command::VolumeInfo(args) => Ok(json!({"name": args.name}).into()),
+                Command::VolumeList(_) => Ok(Returned::Json(r#"[{"name":"a"}]"#.into())),
                 Command::QueryStatus(_) => panic!("a handler bug"),
                 _ => Err(CommandError::new(ErrorClass::GenericError, "not here")),
             }
@@ -361,6 +369,8 @@ mod tests {
         input.extend_from_slice(
             b"{\"execute\": \"volume-info\", \"arguments\": {\"name\": \"a\"}, \"id\": 2}\n",
         );
+        input.extend_from_slice(b"{\"execute\": \"volume-list\", \"id\": [3]}\n");
+        input.extend_from_slice(b"{\"execute\": \"volume-list\"}\n");
         let replies = exchange(&path, &input).await;
         assert_eq!(
             replies[0]["tidemark"]["protocol"],
@@ -372,7 +382,10 @@ mod tests {
         assert_eq!(replies[5]["error"]["class"], json!("GenericError"));
         assert_eq!(replies[5]["id"], json!(1));
         assert_eq!(replies[6], json!({"return": {"name": "a"}, "id": 2}));
-        assert_eq!(replies.len(), 7);
+        // Text serialized by the handler is carried as it is, with or without an id.
+        assert_eq!(replies[7], json!({"return": [{"name": "a"}], "id": [3]}));
+        assert_eq!(replies[8], json!({"return": [{"name": "a"}]}));
+        assert_eq!(replies.len(), 9);
         // The server noticed the close (after its task finished).
         for _ in 0..100 {
             if !echo.gone.lock().unwrap().is_empty() {

@@ -13,7 +13,7 @@ use tidemark_engine::checkpoint::CheckpointError;
 use tidemark_engine::quiesce::{self, QuiesceError, QuiesceSpec};
 use tidemark_engine::rollback::{RollbackError, RollbackReport, RollbackRequest};
 use tidemark_engine::snapshot::{CowOptions, Snapshot};
-use tidemark_engine::status::SnapshotState;
+use tidemark_engine::status::{SnapshotState, VolumeStatus};
 use tidemark_engine::volume::{SnapshotSpec, TrackingMode, Volume, VolumeError, VolumeOptions};
 use tidemark_formats::delta::CheckpointRef;
 use tidemark_nbd::export::{Capabilities, Export, ExportResult, Extent, MetaContext, ZeroFlags};
@@ -130,10 +130,9 @@ impl VolumeHandle {
         self.volume.backing()
     }
 
-    /// The engine's status of the volume, as JSON.
-    pub fn status(&self) -> Value {
-        serde_json::to_value(self.volume.status())
-            .unwrap_or_else(|err| json!({"error": err.to_string()}))
+    /// The engine's status of the volume.
+    pub fn status(&self) -> VolumeStatus {
+        self.volume.status()
     }
 
     /// The live export (read-write) of this volume.

@@ -325,13 +325,19 @@ impl RunBuilder {
     /// Feed words `first..first + words.len()`; `first` must be [`RunBuilder::first_word`].
     pub fn feed(&mut self, first: usize, words: &[u64]) {
         let g = self.granularity;
-        for (i, &w) in words.iter().enumerate() {
+        let mut i = 0;
+        while i < words.len() {
             if self.done() {
                 return;
             }
+            let w = words[i];
             let base = (first + i) as u64 * 64;
+            i += 1;
             if w == 0 || w == u64::MAX {
-                self.push((base + 64) * g, w != 0);
+                // All the equal whole words that follow in one push, not one each.
+                let same = 1 + words[i..].iter().take_while(|&&x| x == w).count();
+                self.push((base + 64 * same as u64) * g, w != 0);
+                i += same - 1;
                 continue;
             }
             let mut bit = 0u64;

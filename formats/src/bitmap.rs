@@ -56,6 +56,7 @@
 use std::fs::File;
 use std::io::{self, Read};
 use std::mem::{offset_of, size_of};
+use std::num::NonZeroU64;
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
@@ -722,9 +723,13 @@ fn read_pages(f: &File, header: &BitmapHeader, path: &Path) -> Result<PagedBits,
     };
     let mut bits = PagedBits::new(header.block_count());
     let payload_end = header.page_table_offset();
+    let page_offset = |p: u64| HEADER_LEN as u64 + p * PAGE_BYTES as u64;
+    // First the data extents (page ranges), each announced to the kernel as it is found:
+    // pages that are not cached (the active bitmap is written with O_DIRECT, so after a
+    // restart none of its pages are) are then read from the disk all at once, not one
+    // synchronous read after another.
     let mut read: Vec<Range<u64>> = Vec::new();
     let mut pos = HEADER_LEN as u64;
-    let mut buf = vec![0u8; READ_PAGES as usize * PAGE_BYTES];
     while pos < payload_end {
         let Some(data) = seek_extent(f, pos, true).map_err(|e| io(pos, e))? else {
             break;
@@ -738,11 +743,19 @@ fn read_pages(f: &File, header: &BitmapHeader, path: &Path) -> Result<PagedBits,
             .min(payload_end);
         let first = (data - HEADER_LEN as u64) / PAGE_BYTES as u64;
         let end = (hole - HEADER_LEN as u64).div_ceil(PAGE_BYTES as u64);
-        let mut p = first;
-        while p < end {
-            let n = (end - p).min(READ_PAGES);
+        let len = NonZeroU64::new((end - first) * PAGE_BYTES as u64);
+        // Only advice: a kernel that ignores it still gets the reads below.
+        let _ = rustix::fs::fadvise(f, page_offset(first), len, rustix::fs::Advice::WillNeed);
+        read.push(first..end);
+        pos = page_offset(end);
+    }
+    let mut buf = vec![0u8; READ_PAGES as usize * PAGE_BYTES];
+    for extent in &read {
+        let mut p = extent.start;
+        while p < extent.end {
+            let n = (extent.end - p).min(READ_PAGES);
             let chunk = &mut buf[..n as usize * PAGE_BYTES];
-            let offset = HEADER_LEN as u64 + p * PAGE_BYTES as u64;
+            let offset = page_offset(p);
             f.read_exact_at(chunk, offset).map_err(|e| io(offset, e))?;
             for (i, bytes) in chunk.chunks_exact(PAGE_BYTES).enumerate() {
                 let page = check_page(header, table.as_deref(), p + i as u64, bytes, path)?;
@@ -750,8 +763,6 @@ fn read_pages(f: &File, header: &BitmapHeader, path: &Path) -> Result<PagedBits,
             }
             p += n;
         }
-        read.push(first..end);
-        pos = HEADER_LEN as u64 + end * PAGE_BYTES as u64;
     }
     if let Some(table) = &table {
         check_holes(table, &read, header, path)?;

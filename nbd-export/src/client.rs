@@ -566,6 +566,63 @@ impl Client {
             .await
     }
 
+    /// The longest range one BLOCK_STATUS request may ask about: 4 GiB less a page with
+    /// compact (32-bit) headers, practically unbounded with extended headers.
+    fn max_status_request(&self) -> u64 {
+        if self.inner.info.mode == HeaderMode::Extended {
+            1u64 << 62
+        } else {
+            u64::from(u32::MAX) & !4095
+        }
+    }
+
+    /// Send one BLOCK_STATUS request from `offset` for up to `length` bytes (cut to
+    /// [`Client::max_status_request`]) and wait for its reply.
+    async fn block_status_request(&self, offset: u64, length: u64) -> Result<Outcome, ClientError> {
+        let req = Request {
+            flags: 0,
+            command: Command::BlockStatus,
+            cookie: 0,
+            offset,
+            length: length.min(self.max_status_request()),
+        };
+        self.conn().call(req, None, Vec::new()).await
+    }
+
+    /// One BLOCK_STATUS request from `offset` for up to `length` bytes (as much as one
+    /// request may ask): the extents of every negotiated context, by name in negotiation
+    /// order, as the server sent them. Each context's extents may cover less than the
+    /// range (the server's choice, different per context) and the last one may run past
+    /// it; a caller that needs whole maps asks again from where the shortest one stopped.
+    /// One request answers for all contexts, so maps wanted together cost one round trip.
+    pub async fn block_status_contexts(
+        &self,
+        offset: u64,
+        length: u64,
+    ) -> Result<Vec<(String, Vec<Extent>)>, ClientError> {
+        self.check_range(offset, length)?;
+        let mut done = self.block_status_request(offset, length).await?;
+        let mut out = Vec::with_capacity(self.inner.info.contexts.len());
+        for (id, name) in &self.inner.info.contexts {
+            let Some(i) = done.extents.iter().position(|(cid, _)| cid == id) else {
+                return Err(ClientError::Protocol {
+                    uri: self.inner.conns[0].uri.clone(),
+                    reason: format!("no block status for context {name:?} (id {id})"),
+                });
+            };
+            let (_, descriptors) = done.extents.swap_remove(i);
+            let extents = descriptors
+                .into_iter()
+                .map(|(length, flags)| Extent {
+                    length,
+                    flags: flags as u32,
+                })
+                .collect();
+            out.push((name.clone(), extents));
+        }
+        Ok(out)
+    }
+
     /// Extents of `context` over `[offset, offset + length)`, covering the whole range:
     /// short replies are re-queried from where they stopped; neighbours are merged.
     pub async fn block_status(
@@ -588,24 +645,11 @@ impl Client {
                     self.inner.info.contexts
                 ))
             })?;
-        let max = if self.inner.info.mode == HeaderMode::Extended {
-            1u64 << 62
-        } else {
-            u64::from(u32::MAX) & !4095
-        };
         let end = offset + length;
         let mut out: Vec<Extent> = Vec::new();
         let mut cursor = offset;
         while cursor < end {
-            let n = (end - cursor).min(max);
-            let req = Request {
-                flags: 0,
-                command: Command::BlockStatus,
-                cookie: 0,
-                offset: cursor,
-                length: n,
-            };
-            let done = self.conn().call(req, None, Vec::new()).await?;
+            let done = self.block_status_request(cursor, end - cursor).await?;
             let extents = done
                 .extents
                 .into_iter()
@@ -1384,6 +1428,15 @@ mod tests {
             .unwrap();
         assert_eq!(alloc.iter().map(|e| e.length).sum::<u64>(), 8 << 20);
         assert!(alloc.iter().any(|e| e.flags == 0));
+        // One request answers both contexts, by name in negotiation order; the dirty
+        // bitmap's first extents are the ones the whole-range call merged.
+        let both = client.block_status_contexts(0, 8 << 20).await.unwrap();
+        let names: Vec<&str> = both.iter().map(|(name, _)| name.as_str()).collect();
+        assert_eq!(names, ["base:allocation", "qemu:dirty-bitmap:ck"]);
+        assert_eq!(both[1].1[..2], dirty[..2]);
+        assert!(both.iter().all(|(_, extents)| !extents.is_empty()));
+        let past_end = client.block_status_contexts(8 << 20, 1).await.unwrap_err();
+        assert!(matches!(past_end, ClientError::Invalid(_)), "{past_end}");
         let err = client.write(0, b"x", false).await.unwrap_err();
         assert!(matches!(err, ClientError::Invalid(_)));
     }

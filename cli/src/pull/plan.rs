@@ -75,6 +75,40 @@ impl ExtentMap {
         }
     }
 
+    /// The context this map describes.
+    pub fn context(&self) -> &str {
+        &self.context
+    }
+
+    /// Append extents `(length, flags)` that describe the export from `offset` on, which
+    /// must not be past [`ExtentMap::covered`]: what the map describes already is skipped
+    /// (a reply asked from where another map stopped, behind this one).
+    pub fn push_from(&mut self, offset: u64, extents: &[(u64, u32)]) -> Result<(), PlanError> {
+        let mut at = offset;
+        for &(length, flags) in extents {
+            if length == 0 {
+                return Err(PlanError::EmptyExtent {
+                    context: self.context.clone(),
+                    offset: at,
+                });
+            }
+            let end = at.saturating_add(length);
+            let covered = self.covered();
+            debug_assert!(
+                at <= covered,
+                "extents from {at} leave a gap after {covered}"
+            );
+            if end > covered {
+                self.push(end - covered, flags)?;
+            }
+            if self.is_complete() {
+                break;
+            }
+            at = end;
+        }
+        Ok(())
+    }
+
     /// The first byte not yet described.
     pub fn covered(&self) -> u64 {
         self.runs.last().map_or(0, Run::end)

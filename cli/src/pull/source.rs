@@ -13,11 +13,6 @@ use tidemark_nbd::uri::NbdUri;
 
 use super::plan::{ExtentMap, Run};
 
-/// Largest range asked for in one BLOCK_STATUS request. Servers answer for less when they
-/// like (qemu stops at its own limits); 1 GiB keeps each reply small and the 32-bit
-/// length of compact requests safe.
-pub const MAX_STATUS_REQUEST: u64 = 1 << 30;
-
 /// One connection to the export, able to carry several reads at once.
 pub trait Reader: Send + Sync + 'static {
     /// Fill `buf` (all of it) with the export's bytes at `offset` and hand it back, so
@@ -29,46 +24,63 @@ pub trait Reader: Send + Sync + 'static {
     ) -> impl Future<Output = anyhow::Result<Vec<u8>>> + Send + '_;
 }
 
+/// One BLOCK_STATUS reply: per context (by name), its extents `(length, flags)`.
+pub type ContextExtents = Vec<(String, Vec<(u64, u32)>)>;
+
 /// One connection that answers BLOCK_STATUS for the contexts negotiated on it.
 pub trait Mapper {
-    /// The extents (length, flags) describing the range from `offset`, in order. They may
-    /// cover less than `length` but never nothing, or run past it.
-    fn block_status<'a>(
-        &'a self,
-        context: &'a str,
+    /// One BLOCK_STATUS request from `offset` for up to `length` bytes: per context (by
+    /// name) the extents (length, flags) the server sent, in order from `offset`. A
+    /// context's extents may cover less than `length` (and differ in reach between
+    /// contexts) or run past it.
+    fn block_status(
+        &self,
         offset: u64,
         length: u64,
-    ) -> impl Future<Output = anyhow::Result<Vec<(u64, u32)>>> + 'a;
+    ) -> impl Future<Output = anyhow::Result<ContextExtents>> + '_;
 }
 
-/// The whole map of `context` over an export of `size` bytes, asking as often as the
-/// server's partial answers need. `on_progress` gets the bytes described so far.
+/// The whole maps of `contexts` over an export of `size` bytes, in the order given.
+///
+/// A reply answers for every context the connection negotiated, so the maps are gathered
+/// together: each request asks from where the shortest unfinished map stops to the end of
+/// the export (the client cuts it to what one request may carry: all of it with extended
+/// headers, 4 GiB with compact ones), and each map keeps what is new to it. A 15 TiB export
+/// then costs a few requests instead of one per GiB and context.
 pub async fn gather<M: Mapper>(
     mapper: &M,
-    context: &str,
+    contexts: &[&str],
     size: u64,
-    mut on_progress: impl FnMut(u64),
-) -> anyhow::Result<Vec<Run>> {
-    let mut map = ExtentMap::new(context, size);
-    while !map.is_complete() {
-        let offset = map.covered();
-        let length = (size - offset).min(MAX_STATUS_REQUEST);
-        let extents = mapper
-            .block_status(context, offset, length)
+) -> anyhow::Result<Vec<Vec<Run>>> {
+    let mut maps: Vec<ExtentMap> = contexts.iter().map(|c| ExtentMap::new(*c, size)).collect();
+    while let Some(offset) = maps
+        .iter()
+        .filter(|m| !m.is_complete())
+        .map(ExtentMap::covered)
+        .min()
+    {
+        let replies = mapper
+            .block_status(offset, size - offset)
             .await
-            .with_context(|| format!("asking for the {context} map at offset {offset}"))?;
-        if extents.is_empty() {
-            anyhow::bail!(
-                "the server answered BLOCK_STATUS for {context} at offset {offset} with no \
-                 extents; it is not following the NBD protocol"
-            );
+            .with_context(|| {
+                format!(
+                    "asking for the {} maps at offset {offset}",
+                    contexts.join(" and ")
+                )
+            })?;
+        for map in maps.iter_mut().filter(|m| !m.is_complete()) {
+            let context = map.context();
+            let extents = match replies.iter().find(|(name, _)| name == context) {
+                Some((_, extents)) if !extents.is_empty() => extents,
+                _ => anyhow::bail!(
+                    "the server answered BLOCK_STATUS at offset {offset} with no extents for \
+                     {context}; it is not following the NBD protocol"
+                ),
+            };
+            map.push_from(offset, extents)?;
         }
-        for (length, flags) in extents {
-            map.push(length, flags)?;
-        }
-        on_progress(map.covered());
     }
-    Ok(map.finish()?)
+    maps.into_iter().map(|map| Ok(map.finish()?)).collect()
 }
 
 #[cfg(test)]
@@ -76,28 +88,70 @@ mod tests {
     use super::*;
     use std::cell::Cell;
 
-    /// Answers with at most `step` bytes per reply, each reply in two extents, the last
-    /// one running past the requested range.
-    struct Choppy {
-        step: u64,
+    /// Fixed maps of two contexts (runs of alternating flags from offset 0), answered from
+    /// any offset with at most `per_reply` extents per context, the first one cut at the
+    /// offset and the last one running past the asked range where the map's run does.
+    struct Maps {
+        maps: [(&'static str, &'static [u64]); 2],
+        per_reply: [usize; 2],
         calls: Cell<u32>,
         empty_at: Option<u64>,
     }
 
-    impl Mapper for Choppy {
-        async fn block_status(
-            &self,
-            _context: &str,
-            offset: u64,
-            length: u64,
-        ) -> anyhow::Result<Vec<(u64, u32)>> {
-            self.calls.set(self.calls.get() + 1);
-            if self.empty_at == Some(offset) {
-                return Ok(Vec::new());
+    impl Maps {
+        fn new(per_reply: [usize; 2], empty_at: Option<u64>) -> Maps {
+            Maps {
+                maps: [
+                    ("base:allocation", &[30, 70, 10, 200, 5, 685]),
+                    ("qemu:dirty-bitmap:b0", &[300, 1, 99, 600]),
+                ],
+                per_reply,
+                calls: Cell::new(0),
+                empty_at,
             }
-            let half = self.step.min(length).div_ceil(2);
-            let flags = ((offset / self.step) % 2) as u32;
-            Ok(vec![(half, flags), (half + 7, flags ^ 1)])
+        }
+
+        /// The map of `context` as runs.
+        fn runs(&self, context: &str) -> Vec<Run> {
+            let (_, lengths) = self.maps.iter().find(|(name, _)| *name == context).unwrap();
+            let mut offset = 0;
+            lengths
+                .iter()
+                .enumerate()
+                .map(|(i, &length)| {
+                    let run = Run {
+                        offset,
+                        length,
+                        flags: (i % 2) as u32,
+                    };
+                    offset += length;
+                    run
+                })
+                .collect()
+        }
+    }
+
+    impl Mapper for Maps {
+        async fn block_status(&self, offset: u64, length: u64) -> anyhow::Result<ContextExtents> {
+            self.calls.set(self.calls.get() + 1);
+            Ok(self
+                .maps
+                .iter()
+                .zip(self.per_reply)
+                .map(|(&(name, _), per_reply)| {
+                    let extents = if self.empty_at == Some(offset) {
+                        Vec::new()
+                    } else {
+                        self.runs(name)
+                            .into_iter()
+                            .filter(|r| r.offset + r.length > offset && r.offset < offset + length)
+                            .take(per_reply)
+                            .map(|r| (r.offset + r.length - offset.max(r.offset), r.flags))
+                            .collect()
+                    };
+                    (name.to_string(), extents)
+                })
+                .collect())
         }
     }
 
@@ -109,32 +163,45 @@ mod tests {
     }
 
     #[test]
-    fn gather_stitches_partial_answers_into_one_map() {
-        let mapper = Choppy {
-            step: 100,
-            calls: Cell::new(0),
-            empty_at: None,
-        };
-        let mut seen = Vec::new();
-        let runs = block_on(gather(&mapper, "base:allocation", 1000, |c| seen.push(c))).unwrap();
-        assert_eq!(runs.first().map(|r| r.offset), Some(0));
-        assert_eq!(runs.iter().map(|r| r.length).sum::<u64>(), 1000);
-        assert!(runs
-            .windows(2)
-            .all(|w| w[0].offset + w[0].length == w[1].offset));
-        assert!(mapper.calls.get() > 1);
-        assert_eq!(seen.last(), Some(&1000));
+    fn gather_stitches_partial_answers_of_two_contexts_into_two_maps() {
+        for per_reply in [[1, 1], [1, 3], [2, 1], [100, 100]] {
+            let mapper = Maps::new(per_reply, None);
+            let contexts = ["qemu:dirty-bitmap:b0", "base:allocation"];
+            let maps = block_on(gather(&mapper, &contexts, 1000)).unwrap();
+            for (runs, context) in maps.iter().zip(contexts) {
+                assert_eq!(runs, &mapper.runs(context), "{context}, {per_reply:?}");
+            }
+            // One request answers both: no more requests than the two walks alone.
+            let walks: Vec<usize> = per_reply
+                .iter()
+                .zip([6, 4])
+                .map(|(n, runs)| (runs as usize).div_ceil(*n))
+                .collect();
+            let calls = mapper.calls.get() as usize;
+            assert!(calls >= walks[0].max(walks[1]), "{calls} {per_reply:?}");
+            assert!(calls <= walks[0] + walks[1], "{calls} {per_reply:?}");
+        }
+        // A map cut short of the export is refused.
+        let mapper = Maps::new([100, 100], None);
+        let err = block_on(gather(&mapper, &["base:allocation"], 1001)).unwrap_err();
+        assert!(format!("{err:#}").contains("no extents"), "{err:#}");
     }
 
     #[test]
     fn gather_refuses_an_empty_answer() {
-        let mapper = Choppy {
-            step: 100,
-            calls: Cell::new(0),
-            empty_at: Some(107),
-        };
-        let err = block_on(gather(&mapper, "qemu:dirty-bitmap:b0", 1000, |_| {})).unwrap_err();
+        let mapper = Maps::new([2, 2], Some(100));
+        let err = block_on(gather(&mapper, &["base:allocation"], 1000)).unwrap_err();
         assert!(format!("{err:#}").contains("no extents"), "{err:#}");
+    }
+
+    #[test]
+    fn gather_refuses_a_reply_without_a_context() {
+        let mapper = Maps::new([2, 2], None);
+        let err = block_on(gather(&mapper, &["qemu:dirty-bitmap:zz"], 1000)).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("no extents for qemu:dirty-bitmap:zz"),
+            "{err:#}"
+        );
     }
 }
 
@@ -220,17 +287,20 @@ impl Reader for Connection {
 }
 
 impl Mapper for Connection {
-    async fn block_status(
-        &self,
-        context: &str,
-        offset: u64,
-        length: u64,
-    ) -> anyhow::Result<Vec<(u64, u32)>> {
-        let extents = self
+    async fn block_status(&self, offset: u64, length: u64) -> anyhow::Result<ContextExtents> {
+        let replies = self
             .client
-            .block_status(context, offset, length)
+            .block_status_contexts(offset, length)
             .await
             .with_context(|| format!("BLOCK_STATUS on {}", self.uri))?;
-        Ok(extents.into_iter().map(|e| (e.length, e.flags)).collect())
+        Ok(replies
+            .into_iter()
+            .map(|(name, extents)| {
+                (
+                    name,
+                    extents.into_iter().map(|e| (e.length, e.flags)).collect(),
+                )
+            })
+            .collect())
     }
 }
