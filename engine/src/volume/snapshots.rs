@@ -76,8 +76,18 @@ impl Volume {
             let (Some(chain), Some(name)) = (chains[i].as_deref(), &spec.checkpoint) else {
                 continue;
             };
-            match chain.prepare(name) {
-                Ok(new) => prepared[i] = Some(new.unconfirmed()),
+            let staged = chain.prepare(name).and_then(|new| {
+                let mut new = new.unconfirmed();
+                match chain.stage(&mut new) {
+                    Ok(()) => Ok(new),
+                    Err(e) => {
+                        chain.discard(new);
+                        Err(e)
+                    }
+                }
+            });
+            match staged {
+                Ok(new) => prepared[i] = Some(new),
                 Err(e) => {
                     discard_prepared(&chains, &mut prepared);
                     markers_done(requests.len());
@@ -162,6 +172,13 @@ impl Volume {
         }
         drop(gates);
         let pause = started.elapsed();
+        finish_freezes_in_parallel(
+            requests
+                .iter()
+                .zip(chains.iter_mut())
+                .filter_map(|((volume, _), chain)| Some((*volume, chain.as_deref_mut()?)))
+                .collect(),
+        );
         drop(chains);
         Ok(GroupSnapshot {
             snapshots: taken
@@ -410,6 +427,30 @@ fn take_in_parallel(
     let mut results = results.into_inner().unwrap_or_else(PoisonError::into_inner);
     results.sort_by_key(|(index, _)| *index);
     results
+}
+
+/// After the pause, chains still locked: freeze the durable bitmaps the new checkpoints
+/// replaced ([`Volume::finish_freezes`]), the volumes at once.
+fn finish_freezes_in_parallel(chains: Vec<(&Volume, &mut Chain)>) {
+    let helpers = chains.len().saturating_sub(1).min(MAX_PAUSED_THREADS - 1);
+    let queue = std::sync::Mutex::new(chains);
+    let work = || loop {
+        let Some((volume, chain)) = lock_mutex(&queue).pop() else {
+            return;
+        };
+        volume.finish_freezes(chain);
+    };
+    std::thread::scope(|scope| {
+        for n in 0..helpers {
+            let started = std::thread::Builder::new()
+                .name(format!("freeze-{n}"))
+                .spawn_scoped(scope, work);
+            if started.is_err() {
+                break;
+            }
+        }
+        work();
+    });
 }
 
 /// Marker of a live snapshot (`snapshots/<name>.json`): present while it exists, so a
