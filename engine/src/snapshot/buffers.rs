@@ -124,12 +124,7 @@ mod tests {
 
     fn kept_bytes(pool: &BufPool) -> usize {
         let free = lock(&pool.free);
-        let counted: usize = free
-            .bufs
-            .values()
-            .flatten()
-            .map(IoBuf::capacity)
-            .sum();
+        let counted: usize = free.bufs.values().flatten().map(IoBuf::capacity).sum();
         assert_eq!(counted, free.bytes, "the kept bytes are counted exactly");
         counted
     }

@@ -7,8 +7,8 @@ use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc, Mutex, Weak};
 
 use super::buffers::CopyBuf;
-use crate::io::IoBuf;
 use super::{lock, mask_of, Index, SnapshotError, SnapshotInner, PREALLOC_STEP};
+use crate::io::IoBuf;
 
 /// A run of blocks of one chunk, at their places in the chunk's slot.
 #[derive(Debug, Clone, Copy)]
@@ -126,7 +126,9 @@ impl SnapshotInner {
                     if helpers.is_none() {
                         // Started with the first copy, not in the write pause that
                         // created the snapshot.
-                        helpers = Some(start_helpers(&name, &runs, &weak, &zeros).then(|| run_tx.clone()));
+                        helpers = Some(
+                            start_helpers(&name, &runs, &weak, &zeros).then(|| run_tx.clone()),
+                        );
                     }
                     // Everything queued meanwhile goes out together: slots are handed out
                     // in order, so concurrent copies usually land close together.
