@@ -397,13 +397,8 @@ struct PausedJob<'a> {
 fn take_in_parallel(
     jobs: Vec<PausedJob<'_>>,
 ) -> Vec<(usize, Result<Arc<SnapshotInner>, VolumeError>)> {
-    let helpers = jobs.len().saturating_sub(1).min(MAX_PAUSED_THREADS - 1);
-    let queue = std::sync::Mutex::new(jobs);
     let results = std::sync::Mutex::new(Vec::new());
-    let work = || loop {
-        let Some(job) = lock_mutex(&queue).pop() else {
-            return;
-        };
+    for_each_in_parallel(jobs, |job| {
         let result = job.volume.take_snapshot(
             job.chain,
             job.st,
@@ -412,45 +407,40 @@ fn take_in_parallel(
             job.new_checkpoint,
         );
         lock_mutex(&results).push((job.index, result));
-    };
-    std::thread::scope(|scope| {
-        for n in 0..helpers {
-            let started = std::thread::Builder::new()
-                .name(format!("snapshot-{n}"))
-                .spawn_scoped(scope, work);
-            if started.is_err() {
-                break;
-            }
-        }
-        work();
     });
     let mut results = results.into_inner().unwrap_or_else(PoisonError::into_inner);
     results.sort_by_key(|(index, _)| *index);
     results
 }
 
-/// After the pause, chains still locked: freeze the durable bitmaps the new checkpoints
-/// replaced ([`Volume::finish_freezes`]), the volumes at once.
-fn finish_freezes_in_parallel(chains: Vec<(&Volume, &mut Chain)>) {
-    let helpers = chains.len().saturating_sub(1).min(MAX_PAUSED_THREADS - 1);
-    let queue = std::sync::Mutex::new(chains);
-    let work = || loop {
-        let Some((volume, chain)) = lock_mutex(&queue).pop() else {
+/// Run `work` on every item, on up to [`MAX_PAUSED_THREADS`] threads (this one among
+/// them; with no other thread, one item after another).
+fn for_each_in_parallel<T: Send>(items: Vec<T>, work: impl Fn(T) + Sync) {
+    let helpers = items.len().saturating_sub(1).min(MAX_PAUSED_THREADS - 1);
+    let queue = std::sync::Mutex::new(items);
+    let run = || loop {
+        let Some(item) = lock_mutex(&queue).pop() else {
             return;
         };
-        volume.finish_freezes(chain);
+        work(item);
     };
     std::thread::scope(|scope| {
         for n in 0..helpers {
             let started = std::thread::Builder::new()
-                .name(format!("freeze-{n}"))
-                .spawn_scoped(scope, work);
+                .name(format!("snapshot-{n}"))
+                .spawn_scoped(scope, run);
             if started.is_err() {
                 break;
             }
         }
-        work();
+        run();
     });
+}
+
+/// After the pause, chains still locked: freeze the durable bitmaps the new checkpoints
+/// replaced ([`Volume::finish_freezes`]), the volumes at once.
+fn finish_freezes_in_parallel(chains: Vec<(&Volume, &mut Chain)>) {
+    for_each_in_parallel(chains, |(volume, chain)| volume.finish_freezes(chain));
 }
 
 /// Marker of a live snapshot (`snapshots/<name>.json`): present while it exists, so a
