@@ -13,11 +13,21 @@
 //! # Write order (writes to the volume are paused by the caller, except where noted)
 //!
 //! - create: write the new, empty bitmap file (InUse) *before* the pause (only the chain
-//!   lock is held: the file is a stray nothing names yet); then, paused, freeze the active
-//!   bitmap (payload, fdatasync, Clean header, fdatasync) and replace the chain. A crash
-//!   before the chain is replaced leaves the old chain, whose latest bitmap is either
-//!   still InUse (judged as after any crash) or Clean and complete (writes were paused),
-//!   and a stray new file that the next open deletes.
+//!   lock is held: the file is a stray nothing names yet), and, when the caller stages
+//!   it ([`Chain::stage`]), the next chain file too (`.checkpoints.json.staged`, written
+//!   and fsynced: a stray until renamed). Then, paused: in fast mode freeze the active
+//!   bitmap (payload, fdatasync, Clean header, fdatasync); replace the chain (rename the
+//!   staged file, fsync the directory; unstaged: the whole atomic replace). In durable
+//!   mode the old active bitmap is frozen only *after* the pause
+//!   ([`Chain::finish_freezes`], with the chain lock still held): its file already holds
+//!   every bit it reports, synced before each data write (a superset: blocks marked
+//!   ahead of sequential streams), and no write marks it once the pause ends, so the
+//!   freeze afterwards writes exactly the bits frozen in the pause. A crash before the
+//!   chain is replaced leaves the old chain, whose latest bitmap is either still InUse
+//!   (judged as after any crash) or Clean and complete (writes were paused), and stray
+//!   new files that the next open deletes. A crash after the replace but before the late
+//!   freeze leaves a durable InUse bitmap that is not the latest: trusted (a superset of
+//!   the checkpoint's changes, never a missed one) and made Clean by the next open.
 //! - delete: prepare, switch, commit. Prepare: write the merged predecessor (its bits OR
 //!   the deleted checkpoint's) to a new file, `<chain uuid>-<generation>.merged.bitmap` or
 //!   back to `<chain uuid>-<generation>.bitmap` (the name the chain does not use now);
@@ -30,6 +40,7 @@
 
 use std::collections::HashSet;
 use std::fs;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -50,16 +61,24 @@ pub(crate) struct NewCheckpoint {
     file_name: String,
     bitmap: ActiveBitmap,
     confirmed: bool,
+    created_unix: u64,
+    /// The chain naming this checkpoint, written and synced by [`Chain::stage`] to
+    /// [`STAGED_CHAIN`] (the pause then only renames it into place).
+    staged: Option<CheckpointChain>,
 }
 
 impl NewCheckpoint {
     /// The checkpoint is created unconfirmed: a backup takes it, and [`Chain::confirm`]
-    /// records that the data at it was stored.
+    /// records that the data at it was stored. Call before [`Chain::stage`].
     pub(crate) fn unconfirmed(mut self) -> NewCheckpoint {
         self.confirmed = false;
         self
     }
 }
+
+/// The next chain file, written before a pause by [`Chain::stage`] beside
+/// `checkpoints.json`; a stray after a crash (the next open deletes it).
+const STAGED_CHAIN: &str = ".checkpoints.json.staged";
 
 /// A predecessor's merged bitmap, written by [`Chain::prepare_merge`] to a file the chain
 /// does not name yet.
@@ -167,6 +186,9 @@ pub(crate) struct Chain {
     chain_uuid: Uuid,
     next_generation: u64,
     entries: Vec<Entry>,
+    /// Durable mode: bitmaps that stopped being active in a pause and are still InUse on
+    /// disk; [`Chain::finish_freezes`] freezes them once writes resume.
+    unfrozen: Vec<Arc<ActiveBitmap>>,
 }
 
 /// Whether `name` is acceptable as a checkpoint (or snapshot) name.
@@ -217,6 +239,7 @@ impl Chain {
             chain_uuid: file.chain_uuid,
             next_generation,
             entries: Vec::new(),
+            unfrozen: Vec::new(),
         };
         let count = file.checkpoints.len();
         let mut active = None;
@@ -373,8 +396,10 @@ impl Chain {
         })
     }
 
-    /// Delete bitmap files no chain entry names (left by an interrupted operation).
+    /// Delete bitmap files no chain entry names and a staged chain file (left by an
+    /// interrupted operation).
     fn remove_strays(&self) {
+        let _ = fs::remove_file(self.bitmap_dir.join(STAGED_CHAIN));
         let keep: HashSet<&str> = self
             .entries
             .iter()
@@ -437,8 +462,11 @@ impl Chain {
         name: &str,
         active: &mut Option<Arc<ActiveBitmap>>,
     ) -> Result<CheckpointInfo, CheckpointError> {
-        let new = self.prepare(name)?;
-        self.install(new, active)
+        let mut new = self.prepare(name)?;
+        self.stage(&mut new)?;
+        let info = self.install(new, active)?;
+        self.finish_freezes()?;
+        Ok(info)
     }
 
     /// First half of a create, done before writes are paused: check the name and write
@@ -468,14 +496,89 @@ impl Chain {
             file_name,
             bitmap,
             confirmed: true,
+            created_unix: unix_now(),
+            staged: None,
         })
     }
 
-    /// Give up a prepared checkpoint: delete its file.
+    /// The chain as it is once `new` is installed.
+    fn chain_with(&self, new: &NewCheckpoint) -> CheckpointChain {
+        let mut checkpoints: Vec<CheckpointEntry> =
+            self.entries.iter().map(|e| e.file.clone()).collect();
+        checkpoints.push(CheckpointEntry {
+            name: new.name.clone(),
+            generation: new.generation,
+            created_unix: new.created_unix,
+            bitmap_file: new.file_name.clone(),
+            confirmed: new.confirmed,
+        });
+        CheckpointChain {
+            chain_uuid: self.chain_uuid,
+            checkpoints,
+            next_generation: Some(new.generation + 1),
+        }
+    }
+
+    /// Before the pause: write the chain that names `new` to [`STAGED_CHAIN`] and fsync
+    /// it, so [`Chain::install`] only renames it into place (one sync fewer while writes
+    /// are held). The chain must stay locked until `install` or [`Chain::discard`].
+    pub(crate) fn stage(&self, new: &mut NewCheckpoint) -> Result<(), CheckpointError> {
+        let chain = self.chain_with(new);
+        let path = self.bitmap_dir.join(STAGED_CHAIN);
+        chain.validate().map_err(|e| CheckpointError::BadChain {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        let written = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .and_then(|mut f| {
+                f.write_all(&chain.to_json())?;
+                f.sync_all()
+            });
+        if let Err(source) = written {
+            let _ = fs::remove_file(&path);
+            return Err(CheckpointError::Io { path, source });
+        }
+        new.staged = Some(chain);
+        Ok(())
+    }
+
+    /// Give up a prepared checkpoint: delete its files.
     pub(crate) fn discard(&self, new: NewCheckpoint) {
         let path = new.bitmap.path().to_path_buf();
+        let staged = new.staged.is_some();
         drop(new);
         let _ = fs::remove_file(path);
+        if staged {
+            let _ = fs::remove_file(self.bitmap_dir.join(STAGED_CHAIN));
+        }
+    }
+
+    /// Replace the chain file with the one [`Chain::stage`] wrote: rename, then fsync the
+    /// directory. Once the rename is done the new chain is what the next open reads, so a
+    /// failing directory sync counts as done, as in [`Chain::replace_chain`].
+    fn install_staged(&self) -> Result<(), CheckpointError> {
+        let staged = self.bitmap_dir.join(STAGED_CHAIN);
+        fs::rename(&staged, &self.path).map_err(|source| CheckpointError::Io {
+            path: self.path.clone(),
+            source,
+        })?;
+        let _ = fs::File::open(&self.bitmap_dir).and_then(|dir| dir.sync_all());
+        Ok(())
+    }
+
+    /// Durable mode, after the pause (chain still locked): freeze the bitmaps that
+    /// [`Chain::install`] left InUse (see the module doc). A bitmap whose freeze fails
+    /// stays listed for the next try; its file stays InUse, which the next open trusts.
+    pub(crate) fn finish_freezes(&mut self) -> Result<(), CheckpointError> {
+        while let Some(old) = self.unfrozen.last() {
+            old.freeze()?;
+            self.unfrozen.pop();
+        }
+        Ok(())
     }
 
     /// Second half of a create, with writes paused: freeze the active bitmap, replace the
@@ -485,6 +588,10 @@ impl Chain {
         new: NewCheckpoint,
         active: &mut Option<Arc<ActiveBitmap>>,
     ) -> Result<CheckpointInfo, CheckpointError> {
+        if let Err(e) = self.finish_freezes() {
+            self.discard(new);
+            return Err(e);
+        }
         if new.generation != self.next_generation
             || self.entries.iter().any(|e| e.file.name == new.name)
         {
@@ -496,20 +603,28 @@ impl Chain {
                 name,
             });
         }
+        // Durable mode freezes the old bitmap after the pause (finish_freezes).
+        let durable = self.params.durable;
         let frozen_words = match active.as_deref() {
             Some(old) => {
-                if let Err(e) = old.freeze() {
-                    self.discard(new);
-                    return Err(e.into());
+                if !durable {
+                    if let Err(e) = old.freeze() {
+                        self.discard(new);
+                        return Err(e.into());
+                    }
                 }
                 Some(old.bits())
             }
             None => None,
         };
+        let staged = new
+            .staged
+            .as_ref()
+            .is_some_and(|chain| *chain == self.chain_with(&new));
         let entry = CheckpointEntry {
             name: new.name.clone(),
             generation: new.generation,
-            created_unix: unix_now(),
+            created_unix: new.created_unix,
             bitmap_file: new.file_name.clone(),
             confirmed: new.confirmed,
         };
@@ -519,12 +634,18 @@ impl Chain {
             problem: None,
         });
         self.next_generation += 1;
-        if let Err(err) = self.persist() {
+        let persisted = if staged {
+            self.install_staged()
+        } else {
+            self.persist()
+        };
+        if let Err(err) = persisted {
             self.entries.pop();
             self.next_generation -= 1;
             self.discard(new);
-            if let Some(old) = active.as_deref() {
-                // Reopen the previous bitmap for writing; it stays the latest.
+            if let (false, Some(old)) = (durable, active.as_deref()) {
+                // Reopen the previous bitmap for writing; it stays the latest. (A durable
+                // one was never frozen: it is still active as it was.)
                 let reactivated = ActiveBitmap::activate(
                     old.path(),
                     old.header(),
@@ -535,9 +656,16 @@ impl Chain {
             }
             return Err(err);
         }
+        if !staged && new.staged.is_some() {
+            // Staged for another chain (the chain changed since): not needed.
+            let _ = fs::remove_file(self.bitmap_dir.join(STAGED_CHAIN));
+        }
         let n = self.entries.len();
         if let (Some(words), Some(prev)) = (frozen_words, self.entries.get_mut(n.wrapping_sub(2))) {
             prev.frozen = Some(words);
+        }
+        if let (true, Some(old)) = (durable, active.take()) {
+            self.unfrozen.push(old);
         }
         *active = Some(Arc::new(new.bitmap));
         Ok(self.info(n - 1, active.as_deref()))
@@ -555,6 +683,7 @@ impl Chain {
         name: &str,
         active: &mut Option<Arc<ActiveBitmap>>,
     ) -> Result<(), CheckpointError> {
+        self.finish_freezes()?;
         let idx = self.find(name)?;
         let latest = idx + 1 == self.entries.len();
         // Prepare: the merged predecessor goes to a new file; when it becomes the latest,
@@ -747,6 +876,7 @@ impl Chain {
         name: &str,
         active: &mut Option<Arc<ActiveBitmap>>,
     ) -> Result<Vec<String>, CheckpointError> {
+        self.finish_freezes()?;
         let idx = self.find(name)?;
         let target = &self.entries[idx].file;
         let header = self.header(&target.name, target.generation)?;
@@ -1038,6 +1168,97 @@ mod tests {
             .is_paged());
         latest.mark(8192, 1).unwrap();
         assert_eq!(chain.list(Some(latest))[1].changed_blocks, 2);
+    }
+
+    /// Durable mode freezes the replaced bitmap after the pause. A crash in between
+    /// leaves it InUse on disk, not the latest: the next open trusts it (every written
+    /// block is in it, plus blocks marked ahead of a stream) and makes it Clean; without
+    /// the crash, the late freeze writes exactly the written blocks.
+    #[test]
+    fn a_crash_before_the_late_freeze_keeps_every_change_of_the_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let events = EventLog::default();
+        let p = params(true);
+        let (mut chain, mut active) = Chain::load(dir.path(), p.clone(), &events).unwrap();
+        chain.create("a", &mut active).unwrap();
+        // A sequential stream (marks ahead on disk) and a scattered block.
+        for block in 0..4 {
+            active.as_ref().unwrap().mark(block * 4096, 4096).unwrap();
+        }
+        active.as_ref().unwrap().mark(200 * 4096, 1).unwrap();
+        let written = active.as_ref().unwrap().bits().to_words();
+        let mut new = chain.prepare("b").unwrap();
+        chain.stage(&mut new).unwrap();
+        chain.install(new, &mut active).unwrap();
+        let a_file = dir.path().join(&chain.entries[0].file.bitmap_file);
+        let (header, on_disk) = bitmap::read_bitmap_file(&a_file).unwrap();
+        assert_eq!(
+            header.state,
+            BitmapState::InUse,
+            "frozen only after the pause"
+        );
+        assert!(on_disk.iter().zip(&written).all(|(d, w)| d & w == *w));
+        assert_ne!(on_disk, written, "the stream's marks ahead are on disk");
+        // Crash: no late freeze.
+        drop((chain, active));
+        let (chain, active) = Chain::load(dir.path(), p.clone(), &events).unwrap();
+        assert_eq!(chain.names(), vec!["a".to_string(), "b".to_string()]);
+        let list = chain.list(active.as_deref());
+        assert!(list.iter().all(|c| c.consistent));
+        let since_a = chain.bitmap_since("a", active.as_deref()).unwrap();
+        for block in [0u64, 1, 2, 3, 200] {
+            assert!(since_a.is_dirty(block), "block {block} lost");
+        }
+        assert_eq!(
+            bitmap::read_bitmap_file(&a_file).unwrap().0.state,
+            BitmapState::Clean
+        );
+        // No crash: the late freeze writes exactly the written blocks, Clean.
+        drop((chain, active));
+        let dir = tempfile::tempdir().unwrap();
+        let (mut chain, mut active) = Chain::load(dir.path(), p, &events).unwrap();
+        chain.create("a", &mut active).unwrap();
+        for block in 0..4 {
+            active.as_ref().unwrap().mark(block * 4096, 4096).unwrap();
+        }
+        let written = active.as_ref().unwrap().bits().to_words();
+        chain.create("b", &mut active).unwrap();
+        let a_file = dir.path().join(&chain.entries[0].file.bitmap_file);
+        let (header, on_disk) = bitmap::read_bitmap_file(&a_file).unwrap();
+        assert_eq!(header.state, BitmapState::Clean);
+        assert_eq!(on_disk, written);
+    }
+
+    /// A crash after the next chain was staged but before the pause renamed it: the old
+    /// chain is what the next open reads, and the staged file and the new bitmap go.
+    #[test]
+    fn a_staged_chain_that_was_never_installed_is_removed_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let events = EventLog::default();
+        let p = params(true);
+        let (mut chain, mut active) = Chain::load(dir.path(), p.clone(), &events).unwrap();
+        chain.create("a", &mut active).unwrap();
+        active.as_ref().unwrap().mark(8192, 1).unwrap();
+        let mut new = chain.prepare("b").unwrap();
+        chain.stage(&mut new).unwrap();
+        let staged = dir.path().join(STAGED_CHAIN);
+        assert!(staged.exists());
+        drop((chain, active, new));
+        let (chain, active) = Chain::load(dir.path(), p, &events).unwrap();
+        assert_eq!(chain.names(), vec!["a".to_string()]);
+        assert_eq!(chain.list(active.as_deref())[0].changed_blocks, 1);
+        assert!(!staged.exists());
+        let bitmaps = fs::read_dir(dir.path())
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .path()
+                    .extension()
+                    .is_some_and(|x| x == "bitmap")
+            })
+            .count();
+        assert_eq!(bitmaps, 1, "the new checkpoint's bitmap is a stray");
     }
 
     #[test]

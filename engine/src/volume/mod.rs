@@ -393,7 +393,11 @@ impl Volume {
     pub fn checkpoint_create(&self, name: &str) -> Result<CheckpointInfo, VolumeError> {
         let mut chain = lock_mutex(&self.chain);
         // The new bitmap file is written before the pause (see crate::checkpoint).
-        let new = chain.prepare(name)?;
+        let mut new = chain.prepare(name)?;
+        if let Err(e) = chain.stage(&mut new) {
+            chain.discard(new);
+            return Err(e.into());
+        }
         let mut st = match self.gate_write() {
             Ok(st) => st,
             Err(e) => {
@@ -401,7 +405,26 @@ impl Volume {
                 return Err(e);
             }
         };
-        Ok(chain.install(new, &mut st.active)?)
+        let info = chain.install(new, &mut st.active)?;
+        drop(st);
+        self.finish_freezes(&mut chain);
+        Ok(info)
+    }
+
+    /// After a pause that installed a checkpoint, the chain still locked: freeze the
+    /// durable bitmap it replaced (see crate::checkpoint). A failure leaves that bitmap
+    /// InUse on disk, which the next open trusts, and is logged.
+    pub(super) fn finish_freezes(&self, chain: &mut Chain) {
+        if let Err(e) = chain.finish_freezes() {
+            self.events.push(
+                EventLevel::Warning,
+                format!(
+                    "volume {}: freezing the previous checkpoint's bitmap: {}; it is trusted as it is on disk and retried at the next checkpoint operation",
+                    self.name(),
+                    error::chain(&e)
+                ),
+            );
+        }
     }
 
     /// Delete checkpoint `name`; its changes merge into its predecessor.
@@ -549,11 +572,12 @@ impl Volume {
     }
 
     fn shutdown(&self) -> Result<(), VolumeError> {
-        let _chain = lock_mutex(&self.chain);
+        let mut chain = lock_mutex(&self.chain);
         let mut st = self.gate.write().unwrap_or_else(PoisonError::into_inner);
         if st.closed {
             return Ok(());
         }
+        chain.finish_freezes()?;
         st.closed = true;
         for snapshot in st.snapshots.drain(..) {
             self.events.push(

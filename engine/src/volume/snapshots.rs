@@ -76,8 +76,18 @@ impl Volume {
             let (Some(chain), Some(name)) = (chains[i].as_deref(), &spec.checkpoint) else {
                 continue;
             };
-            match chain.prepare(name) {
-                Ok(new) => prepared[i] = Some(new.unconfirmed()),
+            let staged = chain.prepare(name).and_then(|new| {
+                let mut new = new.unconfirmed();
+                match chain.stage(&mut new) {
+                    Ok(()) => Ok(new),
+                    Err(e) => {
+                        chain.discard(new);
+                        Err(e)
+                    }
+                }
+            });
+            match staged {
+                Ok(new) => prepared[i] = Some(new),
                 Err(e) => {
                     discard_prepared(&chains, &mut prepared);
                     markers_done(requests.len());
@@ -162,6 +172,13 @@ impl Volume {
         }
         drop(gates);
         let pause = started.elapsed();
+        finish_freezes_in_parallel(
+            requests
+                .iter()
+                .zip(chains.iter_mut())
+                .filter_map(|((volume, _), chain)| Some((*volume, chain.as_deref_mut()?)))
+                .collect(),
+        );
         drop(chains);
         Ok(GroupSnapshot {
             snapshots: taken
@@ -380,13 +397,8 @@ struct PausedJob<'a> {
 fn take_in_parallel(
     jobs: Vec<PausedJob<'_>>,
 ) -> Vec<(usize, Result<Arc<SnapshotInner>, VolumeError>)> {
-    let helpers = jobs.len().saturating_sub(1).min(MAX_PAUSED_THREADS - 1);
-    let queue = std::sync::Mutex::new(jobs);
     let results = std::sync::Mutex::new(Vec::new());
-    let work = || loop {
-        let Some(job) = lock_mutex(&queue).pop() else {
-            return;
-        };
+    for_each_in_parallel(jobs, |job| {
         let result = job.volume.take_snapshot(
             job.chain,
             job.st,
@@ -395,21 +407,40 @@ fn take_in_parallel(
             job.new_checkpoint,
         );
         lock_mutex(&results).push((job.index, result));
+    });
+    let mut results = results.into_inner().unwrap_or_else(PoisonError::into_inner);
+    results.sort_by_key(|(index, _)| *index);
+    results
+}
+
+/// Run `work` on every item, on up to [`MAX_PAUSED_THREADS`] threads (this one among
+/// them; with no other thread, one item after another).
+fn for_each_in_parallel<T: Send>(items: Vec<T>, work: impl Fn(T) + Sync) {
+    let helpers = items.len().saturating_sub(1).min(MAX_PAUSED_THREADS - 1);
+    let queue = std::sync::Mutex::new(items);
+    let run = || loop {
+        let Some(item) = lock_mutex(&queue).pop() else {
+            return;
+        };
+        work(item);
     };
     std::thread::scope(|scope| {
         for n in 0..helpers {
             let started = std::thread::Builder::new()
                 .name(format!("snapshot-{n}"))
-                .spawn_scoped(scope, work);
+                .spawn_scoped(scope, run);
             if started.is_err() {
                 break;
             }
         }
-        work();
+        run();
     });
-    let mut results = results.into_inner().unwrap_or_else(PoisonError::into_inner);
-    results.sort_by_key(|(index, _)| *index);
-    results
+}
+
+/// After the pause, chains still locked: freeze the durable bitmaps the new checkpoints
+/// replaced ([`Volume::finish_freezes`]), the volumes at once.
+fn finish_freezes_in_parallel(chains: Vec<(&Volume, &mut Chain)>) {
+    for_each_in_parallel(chains, |(volume, chain)| volume.finish_freezes(chain));
 }
 
 /// Marker of a live snapshot (`snapshots/<name>.json`): present while it exists, so a
