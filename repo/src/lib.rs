@@ -232,6 +232,15 @@ impl Repository {
         &self.store
     }
 
+    /// The directory of a directory repository (None for S3): what gc walks to find the
+    /// staging files object_store's listing hides.
+    pub fn local_dir(&self) -> Option<std::path::PathBuf> {
+        if self.url.contains("://") && !self.url.starts_with("file://") {
+            return None;
+        }
+        Some(self.url.strip_prefix("file://").unwrap_or(&self.url).into())
+    }
+
     /// Paths (with sizes) of every object under `prefix`.
     pub async fn list_objects(&self, prefix: &str) -> Result<Vec<(Path, u64)>> {
         let prefix = Path::from(prefix);

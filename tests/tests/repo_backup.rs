@@ -1352,3 +1352,100 @@ fn prune_is_refused_while_a_repo_export_serves_and_runs_after_it_stops() {
     assert!(out.stderr.contains("stale shared lock"), "{}", out.stderr);
     assert_restores(url, "disk@b", &dir.path().join("restored.img"), &data);
 }
+
+/// Every object_store staging file (`NAME#N`, N decimal) under the directory repository `repo`.
+fn staging_files(repo: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut dirs = vec![repo.to_path_buf()];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if path.is_dir() {
+                dirs.push(path);
+            } else if matches!(name.rsplit_once('#'), Some((_, n))
+                if !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+            {
+                out.push(path);
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn kill_9_inside_a_put_leaves_a_staging_file_that_gc_removes_once_older_than_the_lease() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("disk.raw");
+    data_file(&file, 192 * MIB as u64);
+    let exported = export(dir.path(), &file, &["--read-only"]).expect("export");
+    let repo = dir.path().join("repo");
+    let url = repo.to_str().unwrap();
+    ok(&["repo", "init", url], &[]);
+    // A real kill -9 the moment a staging file appears; the put may still finish between
+    // the look and the kill, so a few tries.
+    let mut tries = 0;
+    while staging_files(&repo).is_empty() {
+        tries += 1;
+        assert!(tries <= 8, "no kill -9 landed inside a put in 8 tries");
+        let checkpoint = format!("a{tries}");
+        let mut child = ChildGuard::spawn(
+            Command::new(tidemark_bin())
+                .args([
+                    "pull",
+                    "--full",
+                    &exported.uri,
+                    "--repo",
+                    url,
+                    "--volume",
+                    "disk",
+                    "--volume-uuid",
+                    UUID,
+                    "--checkpoint",
+                    &checkpoint,
+                ])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null()),
+        )
+        .expect("starting the pull");
+        kill_9_when(&mut child, &repo, "a staging file is written", || {
+            !staging_files(&repo).is_empty()
+        });
+    }
+    let staged = staging_files(&repo);
+    eprintln!("kill -9 left {staged:?} after {tries} tries");
+
+    // Younger than the lock lease: a live writer may own it, so gc only counts it.
+    let report = json(&["repo", "gc", url], &[]);
+    assert_eq!(report["removed_staging_files"], 0, "{report}");
+    assert_eq!(report["young_staging_files"], staged.len(), "{report}");
+    assert_eq!(staging_files(&repo), staged);
+
+    // Past the lease (6 h): the writer is gone, gc deletes the files and says so.
+    let past_lease = std::time::SystemTime::now() - Duration::from_secs(7 * 3600);
+    let mut bytes = 0;
+    for path in &staged {
+        let f = std::fs::File::options().write(true).open(path).unwrap();
+        f.set_modified(past_lease).unwrap();
+        bytes += f.metadata().unwrap().len();
+    }
+    let report = json(&["repo", "gc", url], &[]);
+    assert_eq!(report["removed_staging_files"], staged.len(), "{report}");
+    assert_eq!(report["removed_staging_bytes"], bytes, "{report}");
+    assert_eq!(report["young_staging_files"], 0, "{report}");
+    assert!(staging_files(&repo).is_empty());
+    let out = ok(&["repo", "gc", url], &[]);
+    assert!(
+        !out.stdout.contains("staging"),
+        "a second gc found staging files again: {}",
+        out.stdout
+    );
+    let report = json(&["repo", "verify", url, "--read-data"], &[]);
+    assert_eq!(report["problems"], Value::Array(vec![]), "{report}");
+
+    // The rerun stores the point, and it restores.
+    pull_point(&exported.uri, url, "b", &[], &[]);
+    let dest = dir.path().join("restored.img");
+    assert_restores(url, "disk@b", &dest, &std::fs::read(&file).unwrap());
+}

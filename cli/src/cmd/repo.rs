@@ -376,6 +376,19 @@ fn print_prune(report: &PruneReport, json: bool) -> anyhow::Result<()> {
             report.removed_packs,
             human_bytes(report.removed_bytes)
         );
+        if report.removed_staging_files > 0 {
+            println!(
+                "removed {} staging files of killed writers ({})",
+                report.removed_staging_files,
+                human_bytes(report.removed_staging_bytes)
+            );
+        }
+        if report.young_staging_files > 0 {
+            println!(
+                "left {} staging files younger than the lock lease (a writer may own them)",
+                report.young_staging_files
+            );
+        }
     }
     Ok(())
 }
