@@ -189,7 +189,7 @@ async fn check_pack(
             continue;
         };
         checked += 1;
-        if let Err(why) = check_blob(blob, &entry.id, entry) {
+        if let Err(why) = check_blob(blob, &entry.id, entry, repo.crypto()) {
             let user = users
                 .get(&entry.id)
                 .map_or_else(|| " (no point reads it)".to_string(), |u| format!(" ({u})"));
@@ -396,8 +396,7 @@ impl NewPack {
         repo.put_create(&pack_path(&index.pack_id), pack.bytes.into())
             .await?;
         test_pause().await;
-        repo.put_create(&pack_index_path(&index.pack_id), index.encode().into())
-            .await?;
+        repo.put_pack_index(&index).await?;
         test_pause().await;
         report.written_packs += 1;
         report.written_bytes += index.pack_len;
@@ -437,7 +436,7 @@ async fn repack_locked(repo: &Repository, below: u32, report: &mut PruneReport) 
                 entry: *entry,
             };
             let checked = match repo.read_blob(&entry.id, &at).await {
-                Ok(blob) => check_blob(&blob, &entry.id, entry).map(|_| blob),
+                Ok(blob) => check_blob(&blob, &entry.id, entry, repo.crypto()).map(|_| blob),
                 Err(err) => Err(err.to_string()),
             };
             match checked {

@@ -1449,3 +1449,38 @@ fn kill_9_inside_a_put_leaves_a_staging_file_that_gc_removes_once_older_than_the
     let dest = dir.path().join("restored.img");
     assert_restores(url, "disk@b", &dest, &std::fs::read(&file).unwrap());
 }
+
+/// A new key file in `dir` made by `tidemark repo key generate`.
+fn new_key(dir: &Path, name: &str) -> String {
+    let key = dir.join(name);
+    let key = key.to_str().expect("utf-8 path").to_string();
+    let out = ok(&["repo", "key", "generate", &key], &[]);
+    assert!(out.stdout.contains("key id"), "{}", out.stdout);
+    key
+}
+
+#[test]
+fn six_points_in_an_encrypted_directory_restore_verify_and_prune_keeps_the_last_two() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let key = new_key(dir.path(), "repo.key");
+    let url = dir.path().join("repo");
+    let url = url.to_str().unwrap();
+    six_points_restore_and_prune(url, &[], &[("TIDEMARK_REPO_KEY", &key)]);
+    let out = tidemark(&["repo", "list", url], &[]);
+    assert!(
+        !out.status.success(),
+        "listed an encrypted repository without its key"
+    );
+    assert!(out.stderr.contains("is encrypted"), "{}", out.stderr);
+}
+
+#[test]
+fn six_points_in_an_encrypted_seaweedfs_bucket_restore_verify_and_prune_keeps_the_last_two() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let key = new_key(dir.path(), "repo.key");
+    let seaweed = Seaweed::start();
+    let endpoint = seaweed.endpoint.clone();
+    let mut env = S3_ENV.to_vec();
+    env.push(("TIDEMARK_REPO_KEY", &key));
+    six_points_restore_and_prune("s3://bkt/vms", &["--s3-endpoint", &endpoint], &env);
+}
