@@ -133,7 +133,23 @@ fn a_wrong_key_no_key_or_a_key_others_can_read_is_refused_at_open_and_a_plain_re
         "{}",
         out.stdout
     );
-    store(dir.path(), &vol, &repo, "disk@a", Some(&k1));
+    let exported = tidemark_tests::export::export(dir.path(), &vol, &["--read-only"]).unwrap();
+    let pull = |checkpoint: &str, key_args: &[&str], env: &[(&str, &str)]| {
+        let mut args = vec![
+            "pull",
+            "--full",
+            &exported.uri,
+            "--repo",
+            url,
+            "--volume",
+            "disk",
+        ];
+        args.extend(["--volume-uuid", tidemark_tests::point::POINT_UUID]);
+        args.extend(["--checkpoint", checkpoint]);
+        args.extend(key_args);
+        ok(&args, env);
+    };
+    pull("a", &["--repo-key", &k1], &[]);
     let config = std::fs::read_to_string(repo.join("config")).unwrap();
     assert!(config.contains("\"key_check\""), "{config}");
 
@@ -166,26 +182,8 @@ fn a_wrong_key_no_key_or_a_key_others_can_read_is_refused_at_open_and_a_plain_re
     refused(&["repo", "list", url, "--key", &k1], &[], "chmod 600");
     std::fs::set_permissions(&k1, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
 
-    // A second point with --repo-key, then everything checks with $TIDEMARK_REPO_KEY.
-    let exported = tidemark_tests::export::export(dir.path(), &vol, &["--read-only"]).unwrap();
-    ok(
-        &[
-            "pull",
-            "--full",
-            &exported.uri,
-            "--repo",
-            url,
-            "--repo-key",
-            &k1,
-            "--volume",
-            "disk",
-            "--volume-uuid",
-            tidemark_tests::point::POINT_UUID,
-            "--checkpoint",
-            "b",
-        ],
-        &[],
-    );
+    // A second point with $TIDEMARK_REPO_KEY, and everything checks with it.
+    pull("b", &[], &[(KEY_ENV, &k1)]);
     let report = ok(
         &["repo", "verify", url, "--read-data", "--json"],
         &[(KEY_ENV, &k1)],
