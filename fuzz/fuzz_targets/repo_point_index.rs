@@ -1,12 +1,19 @@
-//! Any bytes as a repository point index (version 1 or 2): decoding never panics, and what
-//! decodes re-encodes (as version 2) into bytes that decode to the same point, with every
-//! piece inside the volume and its slot, so the slot readers' indexing cannot go out of range.
+//! Any bytes (and the same bytes with their CRC fixed up) as a repository point index
+//! (version 1 or 2): decoding never panics, and what decodes re-encodes (as version 2) into
+//! bytes that decode to the same point, with every piece inside the volume and its slot, so
+//! the slot readers' indexing cannot go out of range.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
+
+#[path = "crc_fixup.rs"]
+mod crc_fixup;
+use crc_fixup::with_crc;
 use tidemark_repo::format::{chunk_count, PointIndex, MAX_SLOT_PIECES};
 
 fuzz_target!(|data: &[u8]| {
+    let _ = PointIndex::decode(data);
+    let data = &with_crc(data)[..];
     let Ok(point) = PointIndex::decode(data) else {
         return;
     };

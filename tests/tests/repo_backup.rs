@@ -16,6 +16,7 @@ use serde_json::Value;
 use tidemark_tests::daemon::{Daemon, Model};
 use tidemark_tests::export::export;
 use tidemark_tests::peers::{have, nbdinfo_map, qemu_io, serve, unix_uri};
+use tidemark_tests::point::full_pull_args;
 use tidemark_tests::seaweed::{Seaweed, S3_ENV};
 use tidemark_tests::{run, tidemark_bin, ChildGuard, Output};
 
@@ -1392,19 +1393,7 @@ fn kill_9_inside_a_put_leaves_a_staging_file_that_gc_removes_once_older_than_the
         let checkpoint = format!("a{tries}");
         let mut child = ChildGuard::spawn(
             Command::new(tidemark_bin())
-                .args([
-                    "pull",
-                    "--full",
-                    &exported.uri,
-                    "--repo",
-                    url,
-                    "--volume",
-                    "disk",
-                    "--volume-uuid",
-                    UUID,
-                    "--checkpoint",
-                    &checkpoint,
-                ])
+                .args(full_pull_args(&exported.uri, url, "disk", &checkpoint))
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(Stdio::null()),

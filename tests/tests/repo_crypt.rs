@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use rand::{Rng, SeedableRng};
 use serde_json::Value;
-use tidemark_tests::point::repo_point_at;
+use tidemark_tests::point::{full_pull_args, repo_point_at};
 use tidemark_tests::run::tidemark_env;
 use tidemark_tests::{Output, MIB};
 
@@ -27,14 +27,7 @@ fn tm(args: &[&str], env: &[(&str, &str)]) -> Output {
 }
 
 fn ok(args: &[&str], env: &[(&str, &str)]) -> Output {
-    let out = tm(args, env);
-    assert!(
-        out.status.success(),
-        "tidemark {args:?} failed: {}{}",
-        out.stderr,
-        out.stdout
-    );
-    out
+    tm(args, env).ok()
 }
 
 /// `tidemark ARGS`, which must fail with a message containing `want`.
@@ -135,17 +128,7 @@ fn a_wrong_key_no_key_or_a_key_others_can_read_is_refused_at_open_and_a_plain_re
     );
     let exported = tidemark_tests::export::export(dir.path(), &vol, &["--read-only"]).unwrap();
     let pull = |checkpoint: &str, key_args: &[&str], env: &[(&str, &str)]| {
-        let mut args = vec![
-            "pull",
-            "--full",
-            &exported.uri,
-            "--repo",
-            url,
-            "--volume",
-            "disk",
-        ];
-        args.extend(["--volume-uuid", tidemark_tests::point::POINT_UUID]);
-        args.extend(["--checkpoint", checkpoint]);
+        let mut args = full_pull_args(&exported.uri, url, "disk", checkpoint);
         args.extend(key_args);
         ok(&args, env);
     };
