@@ -1499,3 +1499,39 @@ fn repo_export_of_an_encrypted_point_reads_equal_with_nbdcopy() {
     );
     assert_nbdcopy_reads(&uri, &dir.path().join("copy.raw"), &data);
 }
+
+#[test]
+fn daemon_push_into_an_encrypted_repository_uses_the_daemons_key_and_restores_equal() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let key = new_key(dir.path(), "repo.key");
+    let daemon = Daemon::start_with_env(&[("TIDEMARK_REPO_KEY", &key)]);
+    let size = 16 * MIB;
+    daemon.create_volume("vm1", size as u64);
+    let live = daemon.uri("vm1");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(4);
+    let mut model = Model::new(size);
+    qemu_io(&live, &random_writes(&mut model, &mut rng, 40));
+    let repo = dir.path().join("repo");
+    let url = repo.to_str().unwrap();
+    let mut init = vec!["repo", "init", url, "--chunk-size", "1M"];
+    init.extend(["--encryption", &key]);
+    ok(&init, &[]);
+    let target = format!("repo:{url}");
+    let mut begin = vec!["backup", "begin", "vm1", "--checkpoint", "c0"];
+    begin.extend(["--push", &target]);
+    let report = daemon.cli_json(&begin);
+    assert_eq!(report["push_result"][0]["point"], "vm1@c0", "{report}");
+    let full = model.clone();
+    qemu_io(&live, &random_writes(&mut model, &mut rng, 10));
+    let mut begin = vec!["backup", "begin", "vm1", "--checkpoint", "c1"];
+    begin.extend(["--incremental", "c0", "--push", &target]);
+    let report = daemon.cli_json(&begin);
+    assert_eq!(report["push_result"][0]["parent"], "c0", "{report}");
+    let env = [("TIDEMARK_REPO_KEY", key.as_str())];
+    for (point, model) in [("vm1@c0", &full), ("vm1@c1", &model)] {
+        let dest = dir.path().join(format!("{point}.img"));
+        assert_restores_with(url, point, &dest, &model.0, &[], &env);
+    }
+    let out = tidemark(&["repo", "list", url], &[]);
+    assert!(out.stderr.contains("is encrypted"), "{}", out.stderr);
+}
