@@ -11,7 +11,8 @@
 //! indexes: a point exists only when all its data does. Layout: docs/FORMATS.md.
 //!
 //! Objects:
-//! - `config`: JSON (format version, chunk size, repository id);
+//! - `config`: JSON (format version, chunk size, repository id, and for an encrypted
+//!   repository its cipher, key id and key check value: [`crypto`]);
 //! - `data/XX/<pack id>`: packs, named by the SHA-256 of their bytes;
 //! - `index/<pack id>`: the pack's index ([`format::PackIndex`]);
 //! - `points/<volume>/<checkpoint>`: point indexes ([`format::PointIndex`]);
@@ -19,6 +20,7 @@
 #![forbid(unsafe_code)]
 
 pub mod builder;
+pub mod crypto;
 pub mod format;
 pub mod lock;
 pub mod maint;
@@ -75,10 +77,30 @@ fn store_err(what: impl Into<String>) -> impl FnOnce(object_store::Error) -> Rep
 pub struct Config {
     /// "tidemark-repo".
     pub kind: String,
+    /// 1, or 2 for an encrypted repository (which a tidemark without encryption refuses).
     pub version: u32,
     pub chunk_size: u32,
     pub id: String,
+    /// Present in an encrypted repository only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<Encryption>,
 }
+
+/// How an encrypted repository is sealed, and which key opens it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Encryption {
+    /// [`crypto::CIPHER`].
+    pub cipher: String,
+    /// [`crypto::CHUNK_ID`].
+    pub chunk_id: String,
+    /// The key's public id ([`crypto::RepoCrypto::key_id`]).
+    pub key_id: String,
+    /// HMAC-SHA256 of the repository id under the key's check subkey.
+    pub key_check: String,
+}
+
+/// The variable that names a repository's key file when `--key` is not given.
+pub const KEY_ENV: &str = "TIDEMARK_REPO_KEY";
 
 /// An open repository.
 #[derive(Debug, Clone)]
@@ -86,6 +108,22 @@ pub struct Repository {
     store: Arc<dyn ObjectStore>,
     url: String,
     config: Config,
+    /// The subkeys of an encrypted repository.
+    crypto: Option<Arc<crypto::RepoCrypto>>,
+}
+
+/// The key file to use: `key`, else $TIDEMARK_REPO_KEY (empty: none).
+fn key_path(key: Option<&std::path::Path>) -> Option<std::path::PathBuf> {
+    key.map(std::path::Path::to_path_buf).or_else(|| {
+        std::env::var_os(KEY_ENV)
+            .filter(|v| !v.is_empty())
+            .map(Into::into)
+    })
+}
+
+fn load_crypto(path: &std::path::Path) -> Result<crypto::RepoCrypto> {
+    let key = crypto::load_key_file(path).map_err(|e| RepoError::Invalid(e.to_string()))?;
+    Ok(crypto::RepoCrypto::new(&key))
 }
 
 /// Where a chunk is stored.
@@ -139,6 +177,17 @@ pub fn now_unix() -> u64 {
 impl Repository {
     /// Create a repository at `url` (a directory path or `s3://bucket/prefix`).
     pub async fn init(url: &str, options: &StoreOptions, chunk_size: u32) -> Result<Repository> {
+        Repository::init_with_key(url, options, chunk_size, None).await
+    }
+
+    /// Create a repository, encrypted with the key file `key` if given.
+    pub async fn init_with_key(
+        url: &str,
+        options: &StoreOptions,
+        chunk_size: u32,
+        key: Option<&std::path::Path>,
+    ) -> Result<Repository> {
+        let crypto = key.map(load_crypto).transpose()?;
         if !chunk_size.is_power_of_two()
             || !(format::MIN_CHUNK..=format::MAX_CHUNK).contains(&chunk_size)
         {
@@ -147,11 +196,19 @@ impl Repository {
             )));
         }
         let store = store::open(url, options, true)?;
+        let id = uuid::Uuid::new_v4().to_string();
+        let encryption = crypto.as_ref().map(|c| Encryption {
+            cipher: crypto::CIPHER.into(),
+            chunk_id: crypto::CHUNK_ID.into(),
+            key_id: c.key_id().to_string(),
+            key_check: c.key_check(&id),
+        });
         let config = Config {
             kind: "tidemark-repo".into(),
-            version: 1,
+            version: if encryption.is_some() { 2 } else { 1 },
             chunk_size,
-            id: uuid::Uuid::new_v4().to_string(),
+            id,
+            encryption,
         };
         let body = serde_json::to_vec_pretty(&config).unwrap_or_default();
         match store
@@ -175,10 +232,12 @@ impl Repository {
             store,
             url: url.to_string(),
             config,
+            crypto: crypto.map(Arc::new),
         })
     }
 
-    /// Open the repository at `url`.
+    /// Open the repository at `url`; an encrypted one with the key file `options.key` (else
+    /// $TIDEMARK_REPO_KEY). A wrong key is refused here, by the config's key check value.
     pub async fn open(url: &str, options: &StoreOptions) -> Result<Repository> {
         let store = store::open(url, options, false)?;
         let bytes = match store.get(&Path::from("config")).await {
@@ -204,7 +263,7 @@ impl Repository {
             why: e.to_string(),
         })?;
         if config.kind != "tidemark-repo"
-            || config.version != 1
+            || config.version != if config.encryption.is_some() { 2 } else { 1 }
             || !config.chunk_size.is_power_of_two()
             || !(format::MIN_CHUNK..=format::MAX_CHUNK).contains(&config.chunk_size)
         {
@@ -213,10 +272,114 @@ impl Repository {
                 why: format!("unsupported kind/version/chunk size: {config:?}"),
             });
         }
+        let crypto = match (&config.encryption, key_path(options.key.as_deref())) {
+            (None, None) => None,
+            (None, Some(path)) => {
+                return Err(RepoError::Invalid(format!(
+                    "{url} is not encrypted, but the key file {} was given (--key or \
+                     ${KEY_ENV}); open it without a key",
+                    path.display()
+                )))
+            }
+            (Some(enc), None) => {
+                return Err(RepoError::Invalid(format!(
+                    "{url} is encrypted (key id {}): give its key file with --key FILE or \
+                     ${KEY_ENV}",
+                    enc.key_id
+                )))
+            }
+            (Some(enc), Some(path)) => {
+                if enc.cipher != crypto::CIPHER || enc.chunk_id != crypto::CHUNK_ID {
+                    return Err(RepoError::Corrupt {
+                        object: "config".into(),
+                        why: format!(
+                            "cipher {:?} with chunk ids {:?} is not supported (this tidemark \
+                             seals with {} and {})",
+                            enc.cipher,
+                            enc.chunk_id,
+                            crypto::CIPHER,
+                            crypto::CHUNK_ID
+                        ),
+                    });
+                }
+                let crypto = load_crypto(&path)?;
+                if !crypto.opens(&config.id, &enc.key_check) {
+                    return Err(RepoError::Invalid(format!(
+                        "this key ({}, key id {}) does not open repository {url} (it was \
+                         created with key id {})",
+                        path.display(),
+                        crypto.key_id(),
+                        enc.key_id
+                    )));
+                }
+                Some(Arc::new(crypto))
+            }
+        };
         Ok(Repository {
             store,
             url: url.to_string(),
             config,
+            crypto,
+        })
+    }
+
+    /// The subkeys of an encrypted repository.
+    pub fn crypto(&self) -> Option<&crypto::RepoCrypto> {
+        self.crypto.as_deref()
+    }
+
+    /// The id of a chunk of this repository: the SHA-256 of its plaintext, or in an
+    /// encrypted repository its keyed hash.
+    pub fn chunk_id(&self, data: &[u8]) -> ChunkId {
+        match &self.crypto {
+            Some(c) => c.chunk_id(data),
+            None => ChunkId(sha256(data)),
+        }
+    }
+
+    /// The stored form of a chunk's compressed blob (sealed in an encrypted repository).
+    pub fn seal_blob(&self, id: &ChunkId, compressed: Vec<u8>) -> Result<Vec<u8>> {
+        match &self.crypto {
+            Some(c) => c
+                .seal(&crypto::RepoCrypto::chunk_aad(id), &compressed)
+                .map_err(|e| RepoError::Invalid(format!("sealing chunk {}: {e}", id.hex()))),
+            None => Ok(compressed),
+        }
+    }
+
+    /// The stored form of the index object `plain` at `path` (sealed in an encrypted
+    /// repository).
+    fn seal_index(&self, path: &Path, plain: Vec<u8>) -> Result<Bytes> {
+        match &self.crypto {
+            Some(c) => c
+                .seal_object(path.as_ref(), &plain)
+                .map(Bytes::from)
+                .map_err(|e| RepoError::Invalid(format!("sealing {path}: {e}"))),
+            None => Ok(plain.into()),
+        }
+    }
+
+    /// The plaintext of the index object read from `path`.
+    pub fn open_index(&self, path: &Path, stored: Bytes) -> std::result::Result<Bytes, String> {
+        match &self.crypto {
+            Some(c) => c.open_object(path.as_ref(), &stored).map(Bytes::from),
+            None => Ok(stored),
+        }
+    }
+
+    /// Write a pack's index (create-only, sealed in an encrypted repository).
+    pub async fn put_pack_index(&self, index: &PackIndex) -> Result<bool> {
+        let path = pack_index_path(&index.pack_id);
+        let body = self.seal_index(&path, index.encode())?;
+        self.put_create(&path, body).await
+    }
+
+    /// Check a chunk's blob read from `at`, open it and inflate it; a mismatch names the
+    /// pack and offset.
+    pub fn inflate_chunk(&self, blob: &[u8], id: &ChunkId, at: &Location) -> Result<Vec<u8>> {
+        check_blob(blob, id, &at.entry, self.crypto()).map_err(|why| RepoError::Corrupt {
+            object: pack_path(&at.pack).to_string(),
+            why: format!("chunk {} at offset {}: {why}", id.hex(), at.entry.offset),
         })
     }
 
@@ -230,6 +393,15 @@ impl Repository {
 
     pub fn store(&self) -> &Arc<dyn ObjectStore> {
         &self.store
+    }
+
+    /// The directory of a directory repository (None for S3): what gc walks to find the
+    /// staging files object_store's listing hides.
+    pub fn local_dir(&self) -> Option<std::path::PathBuf> {
+        if self.url.contains("://") && !self.url.starts_with("file://") {
+            return None;
+        }
+        Some(self.url.strip_prefix("file://").unwrap_or(&self.url).into())
     }
 
     /// Paths (with sizes) of every object under `prefix`.
@@ -287,7 +459,12 @@ impl Repository {
         let mut points = Vec::new();
         let mut broken = Vec::new();
         for (path, _) in objects {
-            match self.get_small(&path).await {
+            let plain = self
+                .get_small(&path)
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|bytes| self.open_index(&path, bytes));
+            match plain {
                 Ok(bytes) => match PointIndex::decode(&bytes) {
                     Ok(point) if point_path(&point.volume, &point.checkpoint) == path => {
                         points.push(point)
@@ -298,7 +475,7 @@ impl Repository {
                     )),
                     Err(e) => broken.push((path.to_string(), e.to_string())),
                 },
-                Err(e) => broken.push((path.to_string(), e.to_string())),
+                Err(why) => broken.push((path.to_string(), why)),
             }
         }
         points.sort_by(|a, b| {
@@ -343,10 +520,12 @@ impl Repository {
                 })
             }
         };
-        PointIndex::decode(&bytes).map_err(|e| RepoError::Corrupt {
+        let corrupt = |why: String| RepoError::Corrupt {
             object: path.to_string(),
-            why: e.to_string(),
-        })
+            why,
+        };
+        let plain = self.open_index(&path, bytes).map_err(corrupt)?;
+        PointIndex::decode(&plain).map_err(|e| corrupt(e.to_string()))
     }
 
     /// Every pack index: chunk id -> location, plus the pack indexes that failed to parse.
@@ -376,6 +555,7 @@ impl Repository {
         for (path, got) in loaded {
             let parsed = got
                 .map_err(|e| e.to_string())
+                .and_then(|bytes| self.open_index(&path, bytes))
                 .and_then(|bytes| PackIndex::decode(&bytes).map_err(|e| e.to_string()));
             match parsed {
                 Ok(index) if pack_index_path(&index.pack_id) == path => {
@@ -400,11 +580,11 @@ impl Repository {
     /// Read, check and inflate one chunk.
     pub async fn read_chunk(&self, id: &ChunkId, at: &Location) -> Result<Vec<u8>> {
         let blob = self.read_blob(id, at).await?;
-        inflate_chunk(&blob, id, at)
+        self.inflate_chunk(&blob, id, at)
     }
 
     /// The compressed blob of one chunk, as stored (a ranged GET of its pack); check and
-    /// inflate it with [`inflate_chunk`].
+    /// inflate it with [`Repository::inflate_chunk`].
     pub async fn read_blob(&self, id: &ChunkId, at: &Location) -> Result<Bytes> {
         let path = pack_path(&at.pack);
         let start = at.entry.offset;
@@ -496,19 +676,12 @@ where
     Ok(data)
 }
 
-/// Check a chunk's blob read from `at` and inflate it; a mismatch names the pack and offset.
-pub fn inflate_chunk(blob: &[u8], id: &ChunkId, at: &Location) -> Result<Vec<u8>> {
-    check_blob(blob, id, &at.entry).map_err(|why| RepoError::Corrupt {
-        object: pack_path(&at.pack).to_string(),
-        why: format!("chunk {} at offset {}: {why}", id.hex(), at.entry.offset),
-    })
-}
-
 impl Repository {
     /// Write a point index (create-only): the last step of a backup.
     pub async fn put_point(&self, point: &PointIndex) -> Result<()> {
         let path = point_path(&point.volume, &point.checkpoint);
-        if !self.put_create(&path, point.encode().into()).await? {
+        let body = self.seal_index(&path, point.encode())?;
+        if !self.put_create(&path, body).await? {
             return Err(RepoError::Invalid(format!(
                 "{} already holds the point {}: points are written once; use a new checkpoint name",
                 self.url,
@@ -519,11 +692,13 @@ impl Repository {
     }
 }
 
-/// Check a stored blob against its entry and inflate it.
+/// Check a stored blob against its entry, open it with `crypto` (an encrypted repository's
+/// keys) and inflate it.
 pub fn check_blob(
     blob: &[u8],
     id: &ChunkId,
     entry: &PackEntry,
+    crypto: Option<&crypto::RepoCrypto>,
 ) -> std::result::Result<Vec<u8>, String> {
     if blob.len() != entry.stored_len as usize {
         return Err(format!(
@@ -535,6 +710,14 @@ pub fn check_blob(
     if crc32fast::hash(blob) != entry.crc {
         return Err("CRC mismatch".into());
     }
+    let opened;
+    let blob = match crypto {
+        Some(c) => {
+            opened = c.open(&crypto::RepoCrypto::chunk_aad(id), blob)?;
+            opened.as_slice()
+        }
+        None => blob,
+    };
     // One call into a buffer of exactly the plaintext length (a frame that inflates to more
     // fails): no streaming copies on the restore and `repo export` paths.
     let out = zstd::bulk::decompress(blob, entry.raw_len as usize).map_err(|e| {
@@ -550,8 +733,14 @@ pub fn check_blob(
             entry.raw_len
         ));
     }
-    if sha256(&out) != id.0 {
-        return Err("SHA-256 of the data does not match the chunk id".into());
+    match crypto {
+        Some(c) if c.chunk_id(&out) != *id => {
+            return Err("the keyed hash of the data does not match the chunk id".into())
+        }
+        None if sha256(&out) != id.0 => {
+            return Err("SHA-256 of the data does not match the chunk id".into())
+        }
+        _ => {}
     }
     Ok(out)
 }
@@ -667,6 +856,49 @@ mod tests {
     }
 
     #[test]
+    fn a_sealed_blob_opens_only_under_its_key_and_id_even_with_a_valid_crc() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys: Vec<crypto::RepoCrypto> = (0..2)
+            .map(|i| {
+                let path = dir.path().join(format!("k{i}"));
+                crypto::generate_key_file(&path).unwrap();
+                crypto::RepoCrypto::new(&crypto::load_key_file(&path).unwrap())
+            })
+            .collect();
+        let data = vec![5u8; 100_000];
+        let id = keys[0].chunk_id(&data);
+        let sealed = keys[0]
+            .seal(
+                &crypto::RepoCrypto::chunk_aad(&id),
+                &zstd::bulk::compress(&data, 1).unwrap(),
+            )
+            .unwrap();
+        let entry = |blob: &[u8], id: ChunkId| PackEntry {
+            id,
+            offset: 8,
+            stored_len: blob.len() as u32,
+            raw_len: data.len() as u32,
+            crc: crc32fast::hash(blob),
+        };
+        let ok = check_blob(&sealed, &id, &entry(&sealed, id), Some(&keys[0]));
+        assert_eq!(ok.unwrap(), data);
+        let mut tampered = sealed.clone();
+        tampered[20] ^= 1;
+        let err = check_blob(&tampered, &id, &entry(&tampered, id), Some(&keys[0]));
+        assert!(err.unwrap_err().contains("authentication failed"));
+        let err = check_blob(&sealed, &id, &entry(&sealed, id), Some(&keys[1]));
+        assert!(err.unwrap_err().contains("authentication failed"));
+        let other = keys[0].chunk_id(b"other");
+        let err = check_blob(&sealed, &other, &entry(&sealed, other), Some(&keys[0]));
+        assert!(
+            err.unwrap_err().contains("authentication failed"),
+            "moved blob"
+        );
+        let err = check_blob(&sealed, &id, &entry(&sealed, id), None);
+        assert!(err.is_err(), "a sealed blob read as a plain one");
+    }
+
+    #[test]
     fn blobs_are_checked() {
         let data = vec![5u8; 100_000];
         let id = ChunkId(sha256(&data));
@@ -678,24 +910,28 @@ mod tests {
             raw_len: data.len() as u32,
             crc: crc32fast::hash(&blob),
         };
-        assert_eq!(check_blob(&blob, &id, &entry).unwrap(), data);
+        assert_eq!(check_blob(&blob, &id, &entry, None).unwrap(), data);
         let mut bad = blob.clone();
         bad[3] ^= 1;
-        assert!(check_blob(&bad, &id, &entry).unwrap_err().contains("CRC"));
+        assert!(check_blob(&bad, &id, &entry, None)
+            .unwrap_err()
+            .contains("CRC"));
         let short = PackEntry {
             raw_len: entry.raw_len - 1,
             ..entry
         };
-        assert!(check_blob(&blob, &id, &short).unwrap_err().contains("zstd"));
+        assert!(check_blob(&blob, &id, &short, None)
+            .unwrap_err()
+            .contains("zstd"));
         let long = PackEntry {
             raw_len: entry.raw_len + 1,
             ..entry
         };
-        assert!(check_blob(&blob, &id, &long)
+        assert!(check_blob(&blob, &id, &long, None)
             .unwrap_err()
             .contains("inflates to"));
         let other = ChunkId([0; 32]);
-        assert!(check_blob(&blob, &other, &entry)
+        assert!(check_blob(&blob, &other, &entry, None)
             .unwrap_err()
             .contains("SHA-256"));
     }

@@ -17,7 +17,7 @@ use futures::StreamExt;
 use serde::Serialize;
 
 use crate::format::{self, ChunkId, ChunkRef, PackEntry, PackIndex};
-use crate::lock::{LockKind, RepoLock};
+use crate::lock::{LockKind, RepoLock, LEASE_SECS};
 use crate::{
     check_blob, pack_index_path, pack_path, point_path, select_kept, Keep, Location, RepoError,
     Repository, Result, PACK_MAGIC_LEN, PACK_TARGET,
@@ -189,7 +189,7 @@ async fn check_pack(
             continue;
         };
         checked += 1;
-        if let Err(why) = check_blob(blob, &entry.id, entry) {
+        if let Err(why) = check_blob(blob, &entry.id, entry, repo.crypto()) {
             let user = users
                 .get(&entry.id)
                 .map_or_else(|| " (no point reads it)".to_string(), |u| format!(" ({u})"));
@@ -224,6 +224,12 @@ pub struct PruneReport {
     pub written_bytes: u64,
     /// Packs left whole because a live chunk failed its checks (run `repo verify`).
     pub repack_skipped: Vec<Problem>,
+    /// Staging files (`NAME#N`, left by a writer killed inside a put on a directory
+    /// repository) older than the lock lease that gc deleted, and their bytes.
+    pub removed_staging_files: usize,
+    pub removed_staging_bytes: u64,
+    /// Staging files younger than the lease, left alone: a live writer may still own them.
+    pub young_staging_files: usize,
 }
 
 /// Default of `--repack-below`: packs less than half live are repacked.
@@ -294,6 +300,9 @@ async fn prune_locked(repo: &Repository, keep: Keep, repack_below: u32) -> Resul
     let swept = gc_locked(repo).await?;
     report.removed_packs += swept.removed_packs;
     report.removed_bytes += swept.removed_bytes;
+    report.removed_staging_files = swept.removed_staging_files;
+    report.removed_staging_bytes = swept.removed_staging_bytes;
+    report.young_staging_files = swept.young_staging_files;
     Ok(report)
 }
 
@@ -387,8 +396,7 @@ impl NewPack {
         repo.put_create(&pack_path(&index.pack_id), pack.bytes.into())
             .await?;
         test_pause().await;
-        repo.put_create(&pack_index_path(&index.pack_id), index.encode().into())
-            .await?;
+        repo.put_pack_index(&index).await?;
         test_pause().await;
         report.written_packs += 1;
         report.written_bytes += index.pack_len;
@@ -428,7 +436,7 @@ async fn repack_locked(repo: &Repository, below: u32, report: &mut PruneReport) 
                 entry: *entry,
             };
             let checked = match repo.read_blob(&entry.id, &at).await {
-                Ok(blob) => check_blob(&blob, &entry.id, entry).map(|_| blob),
+                Ok(blob) => check_blob(&blob, &entry.id, entry, repo.crypto()).map(|_| blob),
                 Err(err) => Err(err.to_string()),
             };
             match checked {
@@ -497,7 +505,91 @@ async fn gc_locked(repo: &Repository) -> Result<PruneReport> {
         report.removed_packs += 1;
         report.removed_bytes += size;
     }
+    if let Some(dir) = repo.local_dir() {
+        let older_than = std::time::Duration::from_secs(LEASE_SECS);
+        let swept = tokio::task::spawn_blocking(move || sweep_staging(&dir, older_than))
+            .await
+            .map_err(|e| RepoError::Invalid(format!("the staging file sweep failed: {e}")))??;
+        report.removed_staging_files = swept.removed;
+        report.removed_staging_bytes = swept.bytes;
+        report.young_staging_files = swept.young;
+    }
     Ok(report)
+}
+
+/// What [`sweep_staging`] found.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Swept {
+    removed: usize,
+    bytes: u64,
+    young: usize,
+}
+
+/// Whether `name` is one of object_store's LocalFileSystem staging files: it writes an
+/// object `NAME` as `NAME#N` (N a decimal number) and then links or renames it to `NAME`,
+/// and its listing hides such names, so a writer killed in between leaves a file that no
+/// listing, and so no other gc pass, ever sees.
+fn is_staging_name(name: &str) -> bool {
+    matches!(name.rsplit_once('#'), Some((base, n))
+        if !base.is_empty() && !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// Delete the staging files under the repository directory `root` last modified more than
+/// `older_than` ago. A younger one may belong to a writer that is still uploading (one that
+/// broke a lock, or a put still in flight), so it is only counted. Symbolic links are never
+/// followed.
+fn sweep_staging(root: &std::path::Path, older_than: std::time::Duration) -> Result<Swept> {
+    let io_err = |what: String| move |e: std::io::Error| RepoError::Invalid(format!("{what}: {e}"));
+    let mut swept = Swept::default();
+    let mut dirs = vec![root.to_path_buf()];
+    let now = std::time::SystemTime::now();
+    while let Some(dir) = dirs.pop() {
+        let entries = std::fs::read_dir(&dir).map_err(io_err(format!(
+            "listing {} for staging files",
+            dir.display()
+        )))?;
+        for entry in entries {
+            let entry = entry.map_err(io_err(format!(
+                "listing {} for staging files",
+                dir.display()
+            )))?;
+            let path = entry.path();
+            let meta = match std::fs::symlink_metadata(&path) {
+                Ok(meta) => meta,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(io_err(format!("reading {}", path.display()))(e)),
+            };
+            if meta.is_dir() {
+                dirs.push(path);
+                continue;
+            }
+            if !meta.is_file() || !is_staging_name(&entry.file_name().to_string_lossy()) {
+                continue;
+            }
+            let age = meta
+                .modified()
+                .ok()
+                .and_then(|m| now.duration_since(m).ok())
+                .unwrap_or_default();
+            if age <= older_than {
+                swept.young += 1;
+                continue;
+            }
+            match std::fs::remove_file(&path) {
+                Ok(()) => {
+                    tracing::info!(
+                        "removed the staging file {} left by a killed writer",
+                        path.display()
+                    );
+                    swept.removed += 1;
+                    swept.bytes += meta.len();
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_err(format!("deleting {}", path.display()))(e)),
+            }
+        }
+    }
+    Ok(swept)
 }
 
 #[cfg(test)]
@@ -685,6 +777,50 @@ mod tests {
             pack.exists(),
             "the pack holding a corrupt live chunk was deleted"
         );
+    }
+
+    #[test]
+    fn staging_names_are_object_store_temp_files_only() {
+        for name in ["abc#1", "0a1b#42", "config#7"] {
+            assert!(is_staging_name(name), "{name}");
+        }
+        for name in ["abc", "#1", "abc#", "abc#1x", "a#b", "lock"] {
+            assert!(!is_staging_name(name), "{name}");
+        }
+    }
+
+    #[test]
+    fn gc_deletes_staging_files_older_than_the_lease_and_leaves_young_ones() {
+        let rt = runtime();
+        let dir = tempfile::tempdir().unwrap();
+        let (repo, b) = two_points(&rt, dir.path());
+        let root = dir.path().join("repo");
+        let (map, _, _) = rt.block_on(repo.chunk_map()).unwrap();
+        let pack = root.join(pack_path(&map.values().next().unwrap().pack).to_string());
+        let old = std::path::PathBuf::from(format!("{}#1", pack.display()));
+        let young = root.join("index").join(format!("{}#2", "ab".repeat(32)));
+        std::fs::write(&old, vec![1u8; 1000]).unwrap();
+        std::fs::write(&young, b"x").unwrap();
+        let seven_hours_ago =
+            std::time::SystemTime::now() - std::time::Duration::from_secs(LEASE_SECS + 3600);
+        std::fs::File::options()
+            .write(true)
+            .open(&old)
+            .unwrap()
+            .set_modified(seven_hours_ago)
+            .unwrap();
+        let report = rt.block_on(gc(&repo, false)).unwrap();
+        assert_eq!(
+            (
+                report.removed_staging_files,
+                report.removed_staging_bytes,
+                report.young_staging_files
+            ),
+            (1, 1000, 1)
+        );
+        assert!(!old.exists() && young.exists() && pack.exists());
+        assert_eq!(report.removed_packs, 0, "{report:?}");
+        restores(&rt, &repo, &b);
     }
 
     #[test]

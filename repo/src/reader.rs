@@ -26,7 +26,7 @@ use tokio::runtime::Handle;
 use tokio::sync::OnceCell;
 
 use crate::format::{chunk_count, ChunkId, PointIndex};
-use crate::{compose_slot, inflate_chunk, point_path, Location, RepoError, Repository, Result};
+use crate::{compose_slot, point_path, Location, RepoError, Repository, Result};
 
 /// How much a reader caches and prefetches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -347,7 +347,8 @@ impl Inner {
         let data = compose_slot(&this.point, index, &this.locations, |id, at| async move {
             let blob = this.repo.read_blob(&id, &at).await?;
             // Inflating and hashing 4 MiB takes milliseconds: off the runtime's worker threads.
-            tokio::task::spawn_blocking(move || inflate_chunk(&blob, &id, &at))
+            let repo = this.repo.clone();
+            tokio::task::spawn_blocking(move || repo.inflate_chunk(&blob, &id, &at))
                 .await
                 .map_err(|e| RepoError::Invalid(format!("checking chunk {}: {e}", id.hex())))?
         })

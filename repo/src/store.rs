@@ -18,6 +18,8 @@ use crate::{RepoError, Result};
 pub struct StoreOptions {
     /// `http(s)://HOST:PORT` of an S3-compatible server; default: AWS_ENDPOINT_URL or AWS.
     pub s3_endpoint: Option<String>,
+    /// The key file of an encrypted repository (default: $TIDEMARK_REPO_KEY).
+    pub key: Option<std::path::PathBuf>,
 }
 
 fn is_loopback(endpoint: &str) -> bool {
@@ -109,6 +111,7 @@ mod tests {
         assert!(err.to_string().contains("3 characters"), "{err}");
         let opts = StoreOptions {
             s3_endpoint: Some("http://192.168.1.1:9000".into()),
+            ..StoreOptions::default()
         };
         assert!(open("s3://bucket", &opts, false)
             .unwrap_err()

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use crate::format::{ChunkId, ChunkRef, PackEntry, PackIndex, PACK_MAGIC};
-use crate::{pack_index_path, pack_path, sha256, RepoError, Repository, Result, PACK_TARGET};
+use crate::{pack_path, sha256, RepoError, Repository, Result, PACK_TARGET};
 
 /// zstd level of chunks: level 1 keeps up with a disk on two cores.
 pub const ZSTD_LEVEL: i32 = 1;
@@ -226,7 +226,7 @@ fn store_chunk(shared: &Shared, pack: &mut Pack, job: Job) -> Result<()> {
     let chunk = if job.data.iter().all(|&b| b == 0) {
         ChunkRef::Zero
     } else {
-        let id = ChunkId(sha256(&job.data));
+        let id = shared.repo.chunk_id(&job.data);
         let fresh = shared
             .known
             .lock()
@@ -235,6 +235,7 @@ fn store_chunk(shared: &Shared, pack: &mut Pack, job: Job) -> Result<()> {
         if fresh {
             let blob = zstd::bulk::compress(&job.data, ZSTD_LEVEL)
                 .map_err(|e| RepoError::Invalid(format!("compressing a chunk: {e}")))?;
+            let blob = shared.repo.seal_blob(&id, blob)?;
             if pack.bytes.is_empty() {
                 pack.bytes.extend_from_slice(PACK_MAGIC);
             }
@@ -283,8 +284,7 @@ fn flush(shared: &Shared, pack: &mut Pack) -> Result<()> {
     shared.handle.block_on(async {
         repo.put_create(&pack_path(&pack_id), pack.bytes.into())
             .await?;
-        repo.put_create(&pack_index_path(&pack_id), index.encode().into())
-            .await
+        repo.put_pack_index(&index).await
     })?;
     shared.new_bytes.fetch_add(len, Ordering::Relaxed);
     Ok(())

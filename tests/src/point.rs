@@ -124,22 +124,33 @@ pub fn repo_point_at<K: AsRef<OsStr>, V: AsRef<OsStr>>(
     .ok();
     let exported = crate::export::export(dir, vol, &["--read-only"]).expect("tidemark export");
     tidemark_env(
-        &[
-            "pull",
-            "--full",
-            &exported.uri,
-            "--repo",
-            url,
-            "--volume",
-            volume,
-            "--volume-uuid",
-            POINT_UUID,
-            "--checkpoint",
-            checkpoint,
-        ],
+        &full_pull_args(&exported.uri, url, volume, checkpoint),
         env,
         COMMAND_LIMIT,
     )
     .ok();
     format!("repo:{url}")
+}
+
+/// `pull --full URI --repo URL --volume VOLUME --volume-uuid POINT_UUID --checkpoint C`: a
+/// full point of an export into a repository.
+pub fn full_pull_args<'a>(
+    uri: &'a str,
+    url: &'a str,
+    volume: &'a str,
+    checkpoint: &'a str,
+) -> Vec<&'a str> {
+    vec![
+        "pull",
+        "--full",
+        uri,
+        "--repo",
+        url,
+        "--volume",
+        volume,
+        "--volume-uuid",
+        POINT_UUID,
+        "--checkpoint",
+        checkpoint,
+    ]
 }

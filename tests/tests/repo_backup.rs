@@ -16,6 +16,7 @@ use serde_json::Value;
 use tidemark_tests::daemon::{Daemon, Model};
 use tidemark_tests::export::export;
 use tidemark_tests::peers::{have, nbdinfo_map, qemu_io, serve, unix_uri};
+use tidemark_tests::point::full_pull_args;
 use tidemark_tests::seaweed::{Seaweed, S3_ENV};
 use tidemark_tests::{run, tidemark_bin, ChildGuard, Output};
 
@@ -1351,4 +1352,186 @@ fn prune_is_refused_while_a_repo_export_serves_and_runs_after_it_stops() {
     let out = ok(&["repo", "gc", url], &[]);
     assert!(out.stderr.contains("stale shared lock"), "{}", out.stderr);
     assert_restores(url, "disk@b", &dir.path().join("restored.img"), &data);
+}
+
+/// Every object_store staging file (`NAME#N`, N decimal) under the directory repository `repo`.
+fn staging_files(repo: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut dirs = vec![repo.to_path_buf()];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if path.is_dir() {
+                dirs.push(path);
+            } else if matches!(name.rsplit_once('#'), Some((_, n))
+                if !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+            {
+                out.push(path);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn kill_9_inside_a_put_leaves_a_staging_file_that_gc_removes_once_older_than_the_lease() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("disk.raw");
+    data_file(&file, 192 * MIB as u64);
+    let exported = export(dir.path(), &file, &["--read-only"]).expect("export");
+    let repo = dir.path().join("repo");
+    let url = repo.to_str().unwrap();
+    ok(&["repo", "init", url], &[]);
+    // A real kill -9 the moment a staging file appears; the put may still finish between
+    // the look and the kill, so a few tries.
+    let mut tries = 0;
+    while staging_files(&repo).is_empty() {
+        tries += 1;
+        assert!(tries <= 8, "no kill -9 landed inside a put in 8 tries");
+        let checkpoint = format!("a{tries}");
+        let mut child = ChildGuard::spawn(
+            Command::new(tidemark_bin())
+                .args(full_pull_args(&exported.uri, url, "disk", &checkpoint))
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null()),
+        )
+        .expect("starting the pull");
+        // Packs and pack indexes only: a kill inside the lock's own put would die outside it.
+        kill_9_when(&mut child, &repo, "a staging file is written", || {
+            !staging_files(&repo.join("data")).is_empty()
+        });
+    }
+    let staged = staging_files(&repo);
+    eprintln!("kill -9 left {staged:?} after {tries} tries");
+
+    // Younger than the lock lease: a live writer may own it, so gc only counts it.
+    let report = json(&["repo", "gc", url], &[]);
+    assert_eq!(report["removed_staging_files"], 0, "{report}");
+    assert_eq!(report["young_staging_files"], staged.len(), "{report}");
+    assert_eq!(staging_files(&repo), staged);
+
+    // Past the lease (6 h): the writer is gone, gc deletes the files and says so.
+    let past_lease = std::time::SystemTime::now() - Duration::from_secs(7 * 3600);
+    let mut bytes = 0;
+    for path in &staged {
+        let f = std::fs::File::options().write(true).open(path).unwrap();
+        f.set_modified(past_lease).unwrap();
+        bytes += f.metadata().unwrap().len();
+    }
+    let report = json(&["repo", "gc", url], &[]);
+    assert_eq!(report["removed_staging_files"], staged.len(), "{report}");
+    assert_eq!(report["removed_staging_bytes"], bytes, "{report}");
+    assert_eq!(report["young_staging_files"], 0, "{report}");
+    assert!(staging_files(&repo).is_empty());
+    let out = ok(&["repo", "gc", url], &[]);
+    assert!(
+        !out.stdout.contains("staging"),
+        "a second gc found staging files again: {}",
+        out.stdout
+    );
+    let report = json(&["repo", "verify", url, "--read-data"], &[]);
+    assert_eq!(report["problems"], Value::Array(vec![]), "{report}");
+
+    // The rerun stores the point, and it restores.
+    pull_point(&exported.uri, url, "b", &[], &[]);
+    let dest = dir.path().join("restored.img");
+    assert_restores(url, "disk@b", &dest, &std::fs::read(&file).unwrap());
+}
+
+/// A new key file in `dir` made by `tidemark repo key generate`.
+fn new_key(dir: &Path, name: &str) -> String {
+    let key = dir.join(name);
+    let key = key.to_str().expect("utf-8 path").to_string();
+    let out = ok(&["repo", "key", "generate", &key], &[]);
+    assert!(out.stdout.contains("key id"), "{}", out.stdout);
+    key
+}
+
+#[test]
+fn six_points_in_an_encrypted_directory_restore_verify_and_prune_keeps_the_last_two() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let key = new_key(dir.path(), "repo.key");
+    let url = dir.path().join("repo");
+    let url = url.to_str().unwrap();
+    six_points_restore_and_prune(url, &[], &[("TIDEMARK_REPO_KEY", &key)]);
+    let out = tidemark(&["repo", "list", url], &[]);
+    assert!(
+        !out.status.success(),
+        "listed an encrypted repository without its key"
+    );
+    assert!(out.stderr.contains("is encrypted"), "{}", out.stderr);
+}
+
+#[test]
+fn six_points_in_an_encrypted_seaweedfs_bucket_restore_verify_and_prune_keeps_the_last_two() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let key = new_key(dir.path(), "repo.key");
+    let seaweed = Seaweed::start();
+    let endpoint = seaweed.endpoint.clone();
+    let mut env = S3_ENV.to_vec();
+    env.push(("TIDEMARK_REPO_KEY", &key));
+    six_points_restore_and_prune("s3://bkt/vms", &["--s3-endpoint", &endpoint], &env);
+}
+
+#[test]
+fn repo_export_of_an_encrypted_point_reads_equal_with_nbdcopy() {
+    assert!(
+        have("nbdcopy"),
+        "nbdcopy is not installed: run scripts/install-deps.sh"
+    );
+    let dir = tempfile::tempdir().expect("temp dir");
+    let key = new_key(dir.path(), "repo.key");
+    let file = dir.path().join("disk.raw");
+    let data = holey_file(&file);
+    let repo = dir.path().join("repo");
+    let url = repo.to_str().unwrap();
+    let env = [("TIDEMARK_REPO_KEY", key.as_str())];
+    store_point(dir.path(), &file, url, &[], &env);
+    let (_server, uri) = repo_export(
+        dir.path(),
+        url,
+        ("disk@latest", "disk@a"),
+        &["--cache-size", "8M"],
+        &env,
+    );
+    assert_nbdcopy_reads(&uri, &dir.path().join("copy.raw"), &data);
+}
+
+#[test]
+fn daemon_push_into_an_encrypted_repository_uses_the_daemons_key_and_restores_equal() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let key = new_key(dir.path(), "repo.key");
+    let daemon = Daemon::start_with_env(&[("TIDEMARK_REPO_KEY", &key)]);
+    let size = 16 * MIB;
+    daemon.create_volume("vm1", size as u64);
+    let live = daemon.uri("vm1");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(4);
+    let mut model = Model::new(size);
+    qemu_io(&live, &random_writes(&mut model, &mut rng, 40));
+    let repo = dir.path().join("repo");
+    let url = repo.to_str().unwrap();
+    let mut init = vec!["repo", "init", url, "--chunk-size", "1M"];
+    init.extend(["--encryption", &key]);
+    ok(&init, &[]);
+    let target = format!("repo:{url}");
+    let mut begin = vec!["backup", "begin", "vm1", "--checkpoint", "c0"];
+    begin.extend(["--push", &target]);
+    let report = daemon.cli_json(&begin);
+    assert_eq!(report["push_result"][0]["point"], "vm1@c0", "{report}");
+    let full = model.clone();
+    qemu_io(&live, &random_writes(&mut model, &mut rng, 10));
+    let mut begin = vec!["backup", "begin", "vm1", "--checkpoint", "c1"];
+    begin.extend(["--incremental", "c0", "--push", &target]);
+    let report = daemon.cli_json(&begin);
+    assert_eq!(report["push_result"][0]["parent"], "c0", "{report}");
+    let env = [("TIDEMARK_REPO_KEY", key.as_str())];
+    for (point, model) in [("vm1@c0", &full), ("vm1@c1", &model)] {
+        let dest = dir.path().join(format!("{point}.img"));
+        assert_restores_with(url, point, &dest, &model.0, &[], &env);
+    }
+    let out = tidemark(&["repo", "list", url], &[]);
+    assert!(out.stderr.contains("is encrypted"), "{}", out.stderr);
 }

@@ -89,6 +89,10 @@ pub struct Args {
     #[arg(long, requires = "repo")]
     break_lock: bool,
 
+    /// The key file of an encrypted repository (default: $TIDEMARK_REPO_KEY).
+    #[arg(long, value_name = "FILE", requires = "repo")]
+    repo_key: Option<PathBuf>,
+
     /// The bitmap's tracking granularity, recorded in the delta file's header (default:
     /// the tidemark export's, else 64K).
     #[arg(long, value_name = "SIZE", value_parser = parse_granularity)]
@@ -151,6 +155,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             url,
             store: tidemark_repo::StoreOptions {
                 s3_endpoint: args.s3_endpoint,
+                key: args.repo_key,
             },
             volume: args.volume,
             break_lock: args.break_lock,

@@ -41,6 +41,10 @@ pub struct Args {
     /// AWS_ENDPOINT_URL, else AWS). Plain http only to loopback.
     #[arg(long, global = true, value_name = "URL")]
     s3_endpoint: Option<String>,
+
+    /// The key file of an encrypted repository (default: $TIDEMARK_REPO_KEY).
+    #[arg(long, global = true, value_name = "FILE")]
+    key: Option<PathBuf>,
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -53,6 +57,17 @@ enum RepoCommand {
         /// tracking granularity.
         #[arg(long, default_value = "4M", value_parser = parse_chunk)]
         chunk_size: u32,
+        /// Encrypt the repository with this key file (made by `tidemark repo key generate`):
+        /// chunks and indexes sealed with AES-256-GCM, chunk ids keyed. Keep a copy of the
+        /// key file apart from the repository: without it nothing can be restored. `--key`
+        /// or $TIDEMARK_REPO_KEY do the same.
+        #[arg(long, value_name = "KEYFILE")]
+        encryption: Option<PathBuf>,
+    },
+    /// Manage key files of encrypted repositories.
+    Key {
+        #[command(subcommand)]
+        command: KeyCommand,
     },
     /// List the points, per volume: checkpoint, time, size, new data stored.
     List {
@@ -118,6 +133,16 @@ enum RepoCommand {
     },
 }
 
+#[derive(Debug, clap::Subcommand)]
+enum KeyCommand {
+    /// Write a new random key file (mode 0600; never over an existing file) and print its
+    /// key id. Format: docs/FORMATS.md, "Repository encryption".
+    Generate {
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+    },
+}
+
 fn parse_chunk(text: &str) -> Result<u32, String> {
     let size = ui::parse_size(text).map_err(|e| e.to_string())?;
     if !size.is_power_of_two() || !(64 << 10..=64 << 20).contains(&size) {
@@ -163,20 +188,46 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         .context("starting the repository's async runtime")?;
     let options = StoreOptions {
         s3_endpoint: args.s3_endpoint,
+        key: args.key,
     };
     runtime.block_on(run_async(args.command, options))
 }
 
 async fn run_async(command: RepoCommand, options: StoreOptions) -> anyhow::Result<ExitCode> {
     match command {
-        RepoCommand::Init { url, chunk_size } => {
+        RepoCommand::Init {
+            url,
+            chunk_size,
+            encryption,
+        } => {
             if chunk_size < DEFAULT_CHUNK_SIZE {
                 tracing::info!("chunk size {chunk_size}: smaller chunks mean more objects");
             }
-            Repository::init(&url, &options, chunk_size).await?;
+            // `--key FILE` or $TIDEMARK_REPO_KEY at init encrypt as --encryption does.
+            let key = encryption.or(options.key.clone()).or_else(|| {
+                std::env::var_os(tidemark_repo::KEY_ENV)
+                    .filter(|v| !v.is_empty())
+                    .map(PathBuf::from)
+            });
+            let repo =
+                Repository::init_with_key(&url, &options, chunk_size, key.as_deref()).await?;
+            let sealed = match &repo.config().encryption {
+                Some(enc) => format!(", encrypted with {} by key id {}", enc.cipher, enc.key_id),
+                None => String::new(),
+            };
             println!(
-                "created the repository {url} (chunk size {})",
+                "created the repository {url} (chunk size {}{sealed})",
                 human_bytes(u64::from(chunk_size))
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        RepoCommand::Key {
+            command: KeyCommand::Generate { file },
+        } => {
+            let key_id = tidemark_repo::crypto::generate_key_file(&file)?;
+            println!(
+                "wrote the key file {} (key id {key_id}); keep a copy apart from the repository",
+                file.display()
             );
             Ok(ExitCode::SUCCESS)
         }
@@ -376,6 +427,19 @@ fn print_prune(report: &PruneReport, json: bool) -> anyhow::Result<()> {
             report.removed_packs,
             human_bytes(report.removed_bytes)
         );
+        if report.removed_staging_files > 0 {
+            println!(
+                "removed {} staging files of killed writers ({})",
+                report.removed_staging_files,
+                human_bytes(report.removed_staging_bytes)
+            );
+        }
+        if report.young_staging_files > 0 {
+            println!(
+                "left {} staging files younger than the lock lease (a writer may own them)",
+                report.young_staging_files
+            );
+        }
     }
     Ok(())
 }
