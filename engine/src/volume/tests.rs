@@ -625,9 +625,10 @@ fn many_writers_and_snapshot_readers_on_the_same_chunks() {
     assert!(back == original);
 }
 
-/// A first write preserves only the 4 KiB blocks it covers, inside one 64 KiB slot; later
-/// writes to other blocks of the chunk preserve theirs, and the snapshot reads each block
-/// from wherever its old contents are (memory, the COW store, the volume).
+/// A first write preserves only the 4 KiB blocks it covers, in the store's log; later
+/// writes to other blocks of the chunk preserve theirs in the chunk's 64 KiB slot, and the
+/// snapshot reads each block from wherever its old contents are (memory, the log run, the
+/// slot, the volume).
 #[test]
 fn a_first_write_preserves_only_the_blocks_it_covers() {
     let fx = Fixture::new();
@@ -662,7 +663,7 @@ fn a_first_write_preserves_only_the_blocks_it_covers() {
     check("block 2 in memory or stored");
     snap.wait_idle();
     assert_eq!(snap.copied_bytes(), 4096);
-    assert_eq!(snap.status().cow_bytes_used, chunk, "one slot of one chunk");
+    assert_eq!(snap.status().cow_bytes_used, 4096, "one block in the log");
     // Another block of the same chunk, a partial one and a write across two chunks.
     vol.write(chunk + 40_960, &[2; 4096], false).unwrap();
     vol.write(chunk + 1000, &[3; 100], false).unwrap();
@@ -670,7 +671,8 @@ fn a_first_write_preserves_only_the_blocks_it_covers() {
     check("four more blocks");
     snap.wait_idle();
     assert_eq!(snap.copied_bytes(), 5 * 4096);
-    assert_eq!(snap.status().cow_bytes_used, 2 * chunk);
+    // Chunk 1's later blocks took its slot; chunk 2's first block went to the log.
+    assert_eq!(snap.status().cow_bytes_used, 4096 + chunk + 4096);
     // Rewrites copy nothing more.
     vol.write(chunk + 8192, &[5; 4096], false).unwrap();
     vol.write(chunk, &[6; 4096], false).unwrap();
