@@ -6,8 +6,10 @@
 #   flock /var/tmp/tidemark-bench.lock bash benches/first-write.sh)
 #
 # Runs the engine_write bench (benches/benches/engine_write.rs) with the modes `off`,
-# `snap-first` and `snap-rewrite` for the 4 KiB random (8 writers) and 1 MiB sequential
-# (4 writers) patterns. Each round the bench also runs fio on files beside its image at
+# `durable`, `snap-first` and `snap-rewrite` (MODES, default durable,snap-first) for the
+# 4 KiB random (8 writers) and 1 MiB sequential (4 writers) patterns; snap-first runs
+# under a durable checkpoint, so the bench also prints snap-first / durable, and the time
+# `drop_snapshot` takes to delete the COW store. Each round the bench also runs fio on files beside its image at
 # the pattern's request size and concurrency (O_DIRECT, same filesystem) and prints the
 # copy-before-write limit 1/(W/R+2) (and, for 4 KiB random, the limit with store writes
 # into fallocated extents and with free store writes) beside the measured snap-first
@@ -31,7 +33,7 @@ built=$(cargo bench -p tidemark-benches --bench engine_write --locked --no-run 2
 
 run() {
     echo "== $1: $2 ($(date -u +%H:%M:%S) UTC, load $(cut -d' ' -f1-3 /proc/loadavg))"
-    TIDEMARK_BENCH_RUNS=$RUNS TIDEMARK_BENCH_MODES=snap-first \
+    TIDEMARK_BENCH_RUNS=$RUNS TIDEMARK_BENCH_MODES=${MODES:-durable,snap-first} \
         TIDEMARK_BENCH_PATTERNS=${PATTERNS:-4k-random,1m-seq} "$2"
     echo
 }
