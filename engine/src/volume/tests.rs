@@ -489,6 +489,33 @@ fn cow_limit_fails_the_snapshot_not_the_volume() {
     vol.drop_snapshot("s").unwrap();
 }
 
+/// First writes over holes copy nothing, so they need no COW space: a 64 KiB store
+/// takes a whole sparse volume being written, and the snapshot still reads zeroes.
+#[test]
+fn first_writes_over_holes_need_no_cow_space() {
+    let fx = Fixture::new();
+    let vol = fx.volume("v", 4 << 20, small(65536));
+    let spec = SnapshotSpec {
+        name: "s".into(),
+        cow: CowOptions {
+            limit: Some(64 << 10),
+            ..CowOptions::default()
+        },
+        ..SnapshotSpec::default()
+    };
+    let (snap, _) = vol.snapshot(spec).unwrap();
+    vol.write(0, &pattern(6, 4 << 20), false).unwrap();
+    snap.wait_idle();
+    assert_eq!(snap.status().state, SnapshotState::Active);
+    assert_eq!(snap.status().cow_bytes_used, 0);
+    let mut back = vec![1u8; 4 << 20];
+    snap.read(0, &mut back).unwrap();
+    assert!(
+        back.iter().all(|&b| b == 0),
+        "the snapshot's holes read as zeroes"
+    );
+}
+
 #[test]
 fn trimming_the_snapshot_releases_cow_space_and_later_copies() {
     let fx = Fixture::new();
