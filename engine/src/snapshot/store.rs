@@ -321,9 +321,16 @@ mod tests {
         (0..len).map(|i| (i / 4096 * 7 + i % 251) as u8).collect()
     }
 
-    /// A snapshot whose store jobs the test takes and hands to `finish_jobs` itself, so
-    /// it decides which copies share a batch.
-    fn snapshot(dir: &std::path::Path) -> (Arc<SnapshotInner>, mpsc::Receiver<StoreJob>) {
+    /// A snapshot of a 1 MiB origin in a temporary directory (removed when the first
+    /// value is dropped) whose store jobs the test takes and hands to `finish_jobs`
+    /// itself, so it decides which copies share a batch.
+    fn snapshot() -> (
+        tempfile::TempDir,
+        Arc<SnapshotInner>,
+        mpsc::Receiver<StoreJob>,
+    ) {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
         let origin_path = dir.join("origin");
         std::fs::write(&origin_path, original(1 << 20)).unwrap();
         let origin = Arc::new(BackingFile::open(&origin_path).unwrap());
@@ -343,7 +350,7 @@ mod tests {
         );
         let (tx, rx) = mpsc::channel();
         *lock(&inner.jobs) = Some(tx);
-        (inner, rx)
+        (tmp, inner, rx)
     }
 
     /// Overwrite `[offset, offset + len)` of the origin as a volume write would, after
@@ -358,8 +365,7 @@ mod tests {
     /// back as it was.
     #[test]
     fn a_gap_with_a_stored_block_is_never_written_over() {
-        let dir = tempfile::tempdir().unwrap();
-        let (inner, rx) = snapshot(dir.path());
+        let (_dir, inner, rx) = snapshot();
         let zeros = vec![0u8; MAX_FILL];
         // Chunk 0: block 0 goes to the log, then block 7 to the chunk's slot, stored on
         // its own.
@@ -393,8 +399,7 @@ mod tests {
     /// store.
     #[test]
     fn first_writes_to_scattered_chunks_are_stored_back_to_back() {
-        let dir = tempfile::tempdir().unwrap();
-        let (inner, rx) = snapshot(dir.path());
+        let (_dir, inner, rx) = snapshot();
         let zeros = vec![0u8; MAX_FILL];
         let writes = [(9, 3), (2, 15), (14, 0), (5, 7)];
         for (chunk, block) in writes {
@@ -423,8 +428,7 @@ mod tests {
     /// still in memory (freed once written) or stored; a chunk-long place is reused.
     #[test]
     fn released_log_runs_and_slots_are_given_back() {
-        let dir = tempfile::tempdir().unwrap();
-        let (inner, rx) = snapshot(dir.path());
+        let (_dir, inner, rx) = snapshot();
         let zeros = vec![0u8; MAX_FILL];
         // Chunk 0: a one-block log run and a slot, stored.
         volume_write(&inner, 0, 4096);

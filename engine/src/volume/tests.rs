@@ -459,20 +459,24 @@ fn a_large_group_is_undone_on_one_failure_and_each_volume_gets_its_own_snapshot(
     }
 }
 
+/// Snapshot `s` with a COW store of at most `limit` bytes.
+fn limited(limit: u64) -> SnapshotSpec {
+    SnapshotSpec {
+        name: "s".into(),
+        cow: CowOptions {
+            limit: Some(limit),
+            ..CowOptions::default()
+        },
+        ..SnapshotSpec::default()
+    }
+}
+
 #[test]
 fn cow_limit_fails_the_snapshot_not_the_volume() {
     let fx = Fixture::new();
     let vol = fx.volume("v", 4 << 20, small(65536));
     vol.write(0, &pattern(3, 4 << 20), false).unwrap();
-    let spec = SnapshotSpec {
-        name: "s".into(),
-        cow: CowOptions {
-            limit: Some(256 << 10),
-            ..CowOptions::default()
-        },
-        ..SnapshotSpec::default()
-    };
-    let (snap, _) = vol.snapshot(spec).unwrap();
+    let (snap, _) = vol.snapshot(limited(256 << 10)).unwrap();
     let new = pattern(4, 4 << 20);
     vol.write(0, &new, false).unwrap();
     let mut back = vec![0u8; 4 << 20];
@@ -495,15 +499,7 @@ fn cow_limit_fails_the_snapshot_not_the_volume() {
 fn first_writes_over_holes_need_no_cow_space() {
     let fx = Fixture::new();
     let vol = fx.volume("v", 4 << 20, small(65536));
-    let spec = SnapshotSpec {
-        name: "s".into(),
-        cow: CowOptions {
-            limit: Some(64 << 10),
-            ..CowOptions::default()
-        },
-        ..SnapshotSpec::default()
-    };
-    let (snap, _) = vol.snapshot(spec).unwrap();
+    let (snap, _) = vol.snapshot(limited(64 << 10)).unwrap();
     vol.write(0, &pattern(6, 4 << 20), false).unwrap();
     snap.wait_idle();
     assert_eq!(snap.status().state, SnapshotState::Active);
