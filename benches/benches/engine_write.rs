@@ -10,10 +10,17 @@
 //! 4 KiB COW chunks instead of the default 64 KiB: each first write copies 4 KiB).
 //! Snapshot modes wait for the COW store to take in every copy inside the timing, so
 //! copies still queued in memory at the end are paid for.
-//! For 1 MiB sequential writes the bench also runs fio (sequential O_DIRECT reads R and
-//! writes W, 1 MiB at depth 4, on a file beside the image, each round) and prints the
-//! disk's copy-before-write limit 1 / (W/R + 2) beside the measured snap-first ratio: a
-//! first write reads every byte once and writes it twice (the copy and the write).
+//! With `snap-first` the bench also runs fio each round on files beside the image, at the
+//! pattern's request size and concurrency, and prints the disk's copy-before-write limit
+//! 1 / (W/R + 2) beside the measured snap-first ratio: a first write is one read of the
+//! old contents (R per second), one write of them into the COW store and the data write
+//! (W per second each), so it can reach at most (1/W) / (1/R + 2/W) of a plain write. For
+//! 1 MiB sequential writes: sequential O_DIRECT reads R and writes W, 1 MiB at depth 4.
+//! For 4 KiB random writes: O_DIRECT 4 KiB random reads R and writes W into a 1 GiB file
+//! that is written, from as many threads as the bench's writers (psync), and writes Wf
+//! into a freshly fallocated (unwritten) 1 GiB file, the store's case: the limit with
+//! store writes as costly as those is 1 / (W/R + 1 + W/Wf), and with store writes that
+//! cost nothing (sequential, merged) 1 / (W/R + 1).
 //! Patterns: 4 KiB random writes from 8 threads, 1 MiB sequential writes from 4 threads,
 //! and 4 KiB random writes from 32 threads (raw, off and durable only: how the durable
 //! group commit scales with more writers sharing each sync).
@@ -172,22 +179,18 @@ fn run_snapshotted(vol: &Volume, name: &str, p: Pattern, per_thread: &[Vec<u64>]
     )
 }
 
-/// fio's sequential O_DIRECT bandwidth in MB/s (`rw` is `read` or `write`) on `file`,
-/// 1 MiB requests at depth 4, as the 1 MiB pattern writes.
-fn fio_sequential(file: &Path, rw: &str) -> Result<f64, String> {
+/// Run fio once on `file` and return the figure at terse v3 field `field` (0-based):
+/// bandwidth in KiB/s or IOPS.
+fn fio(file: &Path, args: &[&str], field: usize) -> Result<f64, String> {
     let out = std::process::Command::new("fio")
         .args([
             "--name=cow-limit",
             &format!("--filename={}", file.display()),
-            &format!("--rw={rw}"),
-            "--bs=1m",
-            "--size=512m",
             "--direct=1",
-            "--ioengine=libaio",
-            "--iodepth=4",
             "--output-format=terse",
             "--terse-version=3",
         ])
+        .args(args)
         .output()
         .map_err(|e| format!("cannot run fio ({e}); install it (scripts/install-deps.sh)"))?;
     if !out.status.success() {
@@ -196,15 +199,71 @@ fn fio_sequential(file: &Path, rw: &str) -> Result<f64, String> {
             String::from_utf8_lossy(&out.stderr).trim()
         ));
     }
-    // Terse v3: field 7 is the read bandwidth, field 48 the write bandwidth, in KiB/s.
     let text = String::from_utf8_lossy(&out.stdout);
     let fields: Vec<&str> = text.lines().last().unwrap_or("").split(';').collect();
-    let field = if rw == "read" { 6 } else { 47 };
     fields
         .get(field)
         .and_then(|f| f.parse::<f64>().ok())
-        .map(|kib| kib * 1024.0 / 1e6)
         .ok_or_else(|| format!("unexpected fio output: {text}"))
+}
+
+/// fio's sequential O_DIRECT bandwidth in MB/s (`rw` is `read` or `write`) on `file`,
+/// 1 MiB requests at depth 4, as the 1 MiB pattern writes.
+fn fio_sequential(file: &Path, rw: &str) -> Result<f64, String> {
+    // Terse v3: field 7 is the read bandwidth, field 48 the write bandwidth, in KiB/s.
+    let field = if rw == "read" { 6 } else { 47 };
+    let kib = fio(
+        file,
+        &[
+            &format!("--rw={rw}"),
+            "--bs=1m",
+            "--size=512m",
+            "--ioengine=libaio",
+            "--iodepth=4",
+        ],
+        field,
+    )?;
+    Ok(kib * 1024.0 / 1e6)
+}
+
+/// fio's 4 KiB random O_DIRECT IOPS (`rw` is `randread` or `randwrite`) on a 1 GiB
+/// `file` from `threads` synchronous writers, as the 4 KiB pattern writes, for 5 s.
+fn fio_random(file: &Path, rw: &str, threads: usize) -> Result<f64, String> {
+    // Terse v3: field 8 is the read IOPS, field 49 the write IOPS.
+    let field = if rw == "randread" { 7 } else { 48 };
+    fio(
+        file,
+        &[
+            &format!("--rw={rw}"),
+            "--bs=4k",
+            "--size=1g",
+            "--ioengine=psync",
+            &format!("--numjobs={threads}"),
+            "--group_reporting",
+            "--time_based",
+            "--runtime=5",
+        ],
+        field,
+    )
+}
+
+/// The disk's figures for a first write's three requests, one round: (R, W, Wf) with Wf
+/// = W for the sequential pattern (the copy lands in order there).
+fn fio_round(dir: &Path, p: Pattern) -> Result<(f64, f64, f64), String> {
+    let file = dir.join("fio.img");
+    if !p.random {
+        let w = fio_sequential(&file, "write")?;
+        let r = fio_sequential(&file, "read")?;
+        return Ok((r, w, w));
+    }
+    // fio writes the whole file before reading it: the read and the first write job
+    // see written blocks; the last job writes into unwritten extents, as the store does.
+    let r = fio_random(&file, "randread", p.threads)?;
+    let w = fio_random(&file, "randwrite", p.threads)?;
+    let fresh = dir.join("fio-fallocated.img");
+    let wf = fio_random(&fresh, "randwrite", p.threads);
+    let _ = std::fs::remove_file(&fresh);
+    Ok((r, w, wf?))
 }
 
 /// The load average, as `uptime` prints it.
@@ -333,24 +392,27 @@ fn main() {
             })
             .map(|m| (*m, Vec::new()))
             .collect();
-        let cow_limit = p.name == "1m-seq" && wanted("TIDEMARK_BENCH_MODES", "snap-first");
+        let cow_limit =
+            p.modes.contains(&"snap-first") && wanted("TIDEMARK_BENCH_MODES", "snap-first");
         let mut fio_read = Vec::new();
         let mut fio_write = Vec::new();
+        let mut fio_fresh = Vec::new();
         let mut fio_error = None;
         let mut loads = Vec::new();
+        // Seconds `drop_snapshot` took after snap-rewrite (it deletes the COW store).
+        let mut drops = Vec::new();
         for r in 0..runs {
             let offs = offsets(p, r);
             if cow_limit && fio_error.is_none() {
-                let fio_file = dir.path().join("fio.img");
-                match fio_sequential(&fio_file, "write")
-                    .and_then(|w| Ok((w, fio_sequential(&fio_file, "read")?)))
-                {
-                    Ok((w, rd)) => {
-                        fio_write.push(w);
+                match fio_round(dir.path(), p) {
+                    Ok((rd, w, wf)) => {
                         fio_read.push(rd);
+                        fio_write.push(w);
+                        fio_fresh.push(wf);
                     }
                     Err(e) => fio_error = Some(e),
                 }
+                let _ = std::fs::remove_file(dir.path().join("fio.img"));
             }
             // Interleave the modes within each round so drift on a noisy machine hits all alike.
             for (mode, samples) in results.iter_mut() {
@@ -394,7 +456,9 @@ fn main() {
                     }
                     "snap-rewrite" => {
                         let mbps = run_snapshotted(&vol, "bench", p, &offs);
+                        let started = Instant::now();
                         vol.drop_snapshot("bench").expect("drop snapshot");
+                        drops.push(started.elapsed().as_secs_f64());
                         mbps
                     }
                     "snap-first-4k" => {
@@ -428,12 +492,31 @@ fn main() {
             .find(|(m, _)| *m == "off")
             .map_or(f64::NAN, |(_, s)| median(s.clone()));
         let mut snap_first = None;
+        let mut durable = None;
         for (mode, samples) in results {
             let m = median(samples);
             if mode == "snap-first" {
                 snap_first = Some(m / off);
             }
+            if mode == "durable" {
+                durable = Some(m / off);
+            }
             println!("{:<10} {:<13} {:>10.1} {:>9.2}x", p.name, mode, m, m / off);
+        }
+        if let (Some(first), Some(durable)) = (snap_first, durable) {
+            // snap-first runs under a durable checkpoint too: this is the snapshot's own cost.
+            println!(
+                "{:<10} snap-first / durable {:.2}x (the copy-before-write cost on top of durable tracking)",
+                p.name,
+                first / durable
+            );
+        }
+        if !drops.is_empty() {
+            println!(
+                "{:<10} drop_snapshot (deletes the COW store) median {:.2} s",
+                p.name,
+                median(drops)
+            );
         }
         println!(
             "{:<10} load after each round: {}",
@@ -443,18 +526,33 @@ fn main() {
         if let Some(err) = fio_error {
             println!("{:<10} copy-before-write limit not measured: {err}", p.name);
         } else if cow_limit {
-            let (w, rd) = (median(fio_write), median(fio_read));
+            let (w, rd, wf) = (median(fio_write), median(fio_read), median(fio_fresh));
             let limit = 1.0 / (w / rd + 2.0);
-            print!(
-                "{:<10} fio sequential read R {rd:.0} MB/s, write W {w:.0} MB/s: copy-before-write limit 1/(W/R+2) = {limit:.2}x",
-                p.name
-            );
-            match snap_first {
-                Some(ratio) => println!(
-                    "; snap-first {ratio:.2}x = {:.2} of the limit",
-                    ratio / limit
-                ),
-                None => println!(),
+            let of_limit = |l: f64| {
+                snap_first.map_or(String::new(), |ratio| {
+                    format!(" (snap-first {ratio:.2}x = {:.2} of it)", ratio / l)
+                })
+            };
+            if p.random {
+                println!(
+                    "{:<10} fio 4 KiB random, {} threads: read R {rd:.0} IOPS, write W {w:.0} IOPS, write into fallocated Wf {wf:.0} IOPS",
+                    p.name, p.threads
+                );
+                let fresh = 1.0 / (w / rd + 1.0 + w / wf);
+                let free = 1.0 / (w / rd + 1.0);
+                println!(
+                    "{:<10} copy-before-write limit 1/(W/R+2) = {limit:.2}x{}; with store writes into fallocated 1/(W/R+1+W/Wf) = {fresh:.2}x{}; with store writes free 1/(W/R+1) = {free:.2}x{}",
+                    p.name,
+                    of_limit(limit),
+                    of_limit(fresh),
+                    of_limit(free)
+                );
+            } else {
+                println!(
+                    "{:<10} fio sequential read R {rd:.0} MB/s, write W {w:.0} MB/s: copy-before-write limit 1/(W/R+2) = {limit:.2}x{}",
+                    p.name,
+                    of_limit(limit)
+                );
             }
         }
     }

@@ -227,6 +227,8 @@ fn begin_refuses_an_unknown_volume_and_a_volume_already_in_a_backup() {
 fn a_full_cow_store_fails_the_backup_not_the_volume() {
     let fx = Fixture::new();
     let daemon = fx.daemon(&["v"]);
+    // Data to preserve: first writes over holes copy nothing and need no COW space.
+    write(&daemon, "v", 0, SIZE as usize);
     let mut events = daemon.subscribe();
     run(
         &daemon,

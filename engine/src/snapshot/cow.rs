@@ -6,7 +6,7 @@ use std::sync::{Arc, PoisonError};
 
 use super::buffers::CopyBuf;
 use super::store::{Piece, StoreJob};
-use super::{lock, mask_of, runs_of, Index, Mask, Pending, SnapshotInner};
+use super::{lock, mask_of, runs_of, Index, Mask, Pending, Pos, SnapshotInner, NO_SLOT};
 
 /// Old contents held in memory at most, read or being read (writers wait above this).
 const MAX_IN_FLIGHT: u64 = 64 << 20;
@@ -15,12 +15,13 @@ const MAX_IN_FLIGHT: u64 = 64 << 20;
 /// into one buffer.
 const MAX_PIECE: u64 = 1 << 20;
 
-/// Blocks of one chunk that a writer claimed, and the chunk's slot.
+/// Blocks of one chunk that a writer claimed, and the chunk's slot they go to
+/// ([`NO_SLOT`]: the chunk's first claim, for its log run).
 #[derive(Debug, Clone, Copy)]
 struct Claim {
     chunk: u64,
     blocks: Mask,
-    slot: u64,
+    slot: Pos,
 }
 
 impl SnapshotInner {
@@ -79,8 +80,9 @@ impl SnapshotInner {
 
     /// Claim the blocks of `chunks` (a piece of at most [`MAX_PIECE`] bytes) that `bytes`
     /// touch and nobody preserved yet, once the memory budget has room for them; blocks
-    /// another writer is reading go to `waiting`. A chunk gets its slot with its first
-    /// claim. `None`: the snapshot failed or was dropped.
+    /// another writer is reading go to `waiting`. A chunk's first claim goes to its log
+    /// run (placed once read), a later one to its slot, which it gets then. `None`: the
+    /// snapshot failed or was dropped.
     fn claim(
         &self,
         chunks: Range<u64>,
@@ -132,9 +134,19 @@ impl SnapshotInner {
             if blocks == 0 {
                 continue;
             }
-            if !st.has_slot() {
-                match self.alloc_slot(&mut idx) {
-                    Ok(slot) => st.slot = slot,
+            let slot = if st.claimed == 0 {
+                // Nothing of the chunk claimed before: one run, for the log.
+                st.logged = blocks;
+                NO_SLOT
+            } else if st.has_slot() {
+                st.slot
+            } else {
+                let chunk_blocks = idx.chunk_blocks;
+                match self.alloc(&mut idx, chunk_blocks) {
+                    Ok(slot) => {
+                        st.slot = slot;
+                        slot
+                    }
                     Err(reason) => {
                         // Undo this piece's claims so nobody waits for them.
                         for claim in &claimed {
@@ -144,13 +156,13 @@ impl SnapshotInner {
                         return None;
                     }
                 }
-            }
+            };
             st.claimed |= blocks;
             idx.chunks.insert(c, st);
             claimed.push(Claim {
                 chunk: c,
                 blocks,
-                slot: st.slot,
+                slot,
             });
         }
         idx.reading += claimed
@@ -162,7 +174,7 @@ impl SnapshotInner {
     }
 
     /// Read the old contents of claimed blocks and hand them to the background writer;
-    /// runs adjacent in both the volume and the store (whole chunks in slots that follow
+    /// runs adjacent in the volume and bound for the log, or for slots that follow
     /// each other) move in one read and one write. Runs that are holes in the volume are
     /// recorded as zero, not copied.
     fn copy_blocks(&self, claimed: &[Claim]) {
@@ -175,6 +187,12 @@ impl SnapshotInner {
                     first,
                     count,
                     slot: claim.slot,
+                    // A log run's place is taken once it is read.
+                    pos: if claim.slot == NO_SLOT {
+                        0
+                    } else {
+                        u64::from(claim.slot) + u64::from(first)
+                    },
                 })
             })
             .collect();
@@ -183,16 +201,20 @@ impl SnapshotInner {
             let mut j = i + 1;
             while j < pieces.len() {
                 let (a, b) = (&pieces[j - 1], &pieces[j]);
+                let logged = a.slot == NO_SLOT && b.slot == NO_SLOT;
+                let slots_follow = a.slot != NO_SLOT
+                    && b.slot != NO_SLOT
+                    && u64::from(b.slot) == u64::from(a.slot) + u64::from(per_chunk);
                 if b.chunk != a.chunk + 1
                     || a.first + a.count != per_chunk
                     || b.first != 0
-                    || b.slot != a.slot + 1
+                    || !(logged || slots_follow)
                 {
                     break;
                 }
                 j += 1;
             }
-            let run = &pieces[i..j];
+            let mut run = pieces[i..j].to_vec();
             i = j;
             let start = self.piece_start(&run[0]);
             let last = &run[run.len() - 1];
@@ -205,7 +227,7 @@ impl SnapshotInner {
             if hole {
                 let mut idx = lock(&self.index);
                 idx.reading -= blocks * self.block;
-                for p in run {
+                for p in &run {
                     if let Some(st) = idx.chunks.get_mut(&p.chunk) {
                         st.zero |= mask_of(p.first, p.count);
                     }
@@ -220,13 +242,23 @@ impl SnapshotInner {
                 .and_then(|mut buf| self.origin.read_at(start, buf.as_mut_slice()).map(|()| buf));
             let mut idx = lock(&self.index);
             idx.reading -= blocks * self.block;
-            let buf = match read {
+            // A log run takes the store's next blocks now, in the order reads complete,
+            // so the copies of concurrent first writes follow each other in the store.
+            let placed = read
+                .map_err(|err| format!("reading the volume for copy-before-write failed: {err}"))
+                .and_then(|buf| {
+                    if run[0].slot == NO_SLOT {
+                        let pos = self.alloc(&mut idx, blocks as u32)?;
+                        self.place_log_run(&mut idx, &mut run, pos);
+                    }
+                    Ok(buf)
+                });
+            let buf = match placed {
                 Ok(buf) => buf,
-                Err(err) => {
-                    for p in run {
+                Err(reason) => {
+                    for p in &run {
                         unclaim(&mut idx, p.chunk, mask_of(p.first, p.count));
                     }
-                    let reason = format!("reading the volume for copy-before-write failed: {err}");
                     self.fail(&mut idx, reason);
                     return;
                 }
@@ -235,7 +267,7 @@ impl SnapshotInner {
                 buf: Some(buf),
                 pool: self.pool.clone(),
             });
-            for p in run {
+            for p in &run {
                 if let Some(st) = idx.chunks.get_mut(&p.chunk) {
                     st.in_slot |= mask_of(p.first, p.count);
                 }
@@ -245,16 +277,16 @@ impl SnapshotInner {
                         data: data.clone(),
                         at: (self.piece_start(p) - start) as usize,
                         count: p.count,
-                        slot: p.slot,
+                        pos: p.pos,
                     },
                 );
             }
             idx.in_flight += data.len();
             self.copied.notify_all();
             let job = StoreJob {
-                offset: self.piece_store_offset(&run[0]),
+                offset: run[0].pos * self.block,
                 data,
-                pieces: run.to_vec(),
+                pieces: run,
             };
             let sent = lock(&self.jobs)
                 .as_ref()
@@ -271,9 +303,18 @@ impl SnapshotInner {
         p.chunk * self.chunk + u64::from(p.first) * self.block
     }
 
-    /// Where a piece's first block lies in the COW store.
-    pub(super) fn piece_store_offset(&self, p: &Piece) -> u64 {
-        p.slot * self.chunk + u64::from(p.first) * self.block
+    /// Give the log run `run` (one piece per chunk, each its chunk's first claim) the
+    /// store blocks from `pos`, back to back.
+    fn place_log_run(&self, idx: &mut Index, run: &mut [Piece], pos: Pos) {
+        let mut at = u64::from(pos);
+        for p in run {
+            p.pos = at;
+            if let Some(st) = idx.chunks.get_mut(&p.chunk) {
+                // `alloc` keeps every position below `RELEASED`.
+                st.log = at as Pos;
+            }
+            at += u64::from(p.count);
+        }
     }
 }
 
@@ -281,6 +322,7 @@ impl SnapshotInner {
 fn unclaim(idx: &mut Index, c: u64, blocks: Mask) {
     if let Some(st) = idx.chunks.get_mut(&c) {
         st.claimed &= !blocks;
+        st.logged &= !blocks;
     }
     idx.settle(c);
 }

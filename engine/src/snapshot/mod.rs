@@ -5,18 +5,24 @@
 //! chunk). Before a write, trim or write-zeroes touches a block whose old contents are
 //! not yet preserved, the writer copies that block's current contents for the snapshot's
 //! COW store (copy-before-write), then the write goes to the volume. Copies are made at
-//! the write's own size: a chunk gets one slot in the COW store (one chunk long) when its
-//! first block is preserved, and each block has its fixed place in that slot; a per-chunk
-//! mask says which blocks are preserved, so a 4 KiB first write reads and stores 4 KiB,
-//! not the chunk, and later writes to other blocks of the chunk preserve theirs. The
-//! snapshot reads a preserved block from its slot and any other block from the volume
-//! itself. Only the copy's *read* precedes the volume write; blocks that are holes in the
-//! volume are recorded as zero without reading or copying anything.
+//! the write's own size: a per-chunk mask says which blocks are preserved, so a 4 KiB
+//! first write reads and stores 4 KiB, not the chunk, and later writes to other blocks
+//! of the chunk preserve theirs. The snapshot reads a preserved block from the store and
+//! any other block from the volume itself. Only the copy's *read* precedes the volume
+//! write; blocks that are holes in the volume are recorded as zero without reading or
+//! copying anything.
 //!
-//! The index is one [`ChunkState`] per touched chunk (24 bytes: a slot and three block
-//! masks, smaller than the 32-byte per-chunk state it replaced), so it grows with the
-//! chunks written, not with the blocks; old contents still in memory are listed apart,
-//! only while they wait for the store.
+//! Where copies land in the store: the blocks of a chunk's *first* claim (one run, often
+//! the only one a chunk ever gets) are appended to the store in the order their reads
+//! complete, back to back (the chunk's log run), so concurrent first writes to scattered
+//! chunks become one sequential store write instead of one scattered 4 KiB write each
+//! (on the bench's disk those cost as much as the data writes). Blocks a chunk's later
+//! claims preserve go to the chunk's slot, one chunk long, each block at its fixed place.
+//!
+//! The index is one [`ChunkState`] per touched chunk (24 bytes: the log run's and the
+//! slot's positions and four block masks, no larger than the state of one slot and three
+//! masks before it), so it grows with the chunks written, not with the blocks; old
+//! contents still in memory are listed apart, only while they wait for the store.
 //!
 //! # Concurrency
 //!
@@ -37,7 +43,9 @@
 //! # COW store
 //!
 //! A file, by default in the volume's state directory, preallocated in steps of
-//! [`PREALLOC_STEP`] up to an optional limit. COW data and the index need no fsync: the
+//! [`PREALLOC_STEP`] up to an optional limit. Positions in it are counted in blocks
+//! (32-bit: 16 TiB of store at 4 KiB blocks; past that the snapshot fails with a clear
+//! error). COW data and the index need no fsync: the
 //! index lives in memory and after a crash the snapshot is gone anyway (a snapshot is a
 //! view for one backup, its marker turns into a "snapshot lost" event at the next open);
 //! what must hold before a volume write is issued is only that the old contents of every
@@ -45,14 +53,16 @@
 //! store is full or fails, the snapshot fails (its reads return an error naming the
 //! cause, an event is logged) and writes to the volume go on untouched: a backup problem
 //! never becomes a volume problem. A TRIM on the snapshot export releases whole chunks:
-//! their slots are punched out and reused, and later volume writes to them skip the copy
-//! (the pattern a backup client uses to say "done with this range").
+//! their slots and log runs are punched out, chunk-long ones reused, and later volume
+//! writes to them skip the copy (the pattern a backup client uses to say "done with this
+//! range"). A shorter log run's space is returned to the filesystem, its place in the
+//! file is not reused.
 //!
 //! The background writer sorts what it has queued by store offset and writes runs in
-//! one vectored O_DIRECT write each, the runs of one batch in parallel (4 KiB random
-//! first writes land one block per slot, so their copies are as scattered as the writes).
-//! A short gap between two copies (see `store::MAX_FILL`) is written over with zeroes
-//! when none of its blocks is in the slot, to make one write of two. A gap block is never
+//! one vectored O_DIRECT write each, the runs of one batch in parallel (log runs follow
+//! each other, so first writes usually make one run per batch). A short gap between two
+//! copies inside one slot (see `store::MAX_FILL`) is written over with zeroes when none
+//! of its blocks is stored, to make one write of two. A gap block is never
 //! preserved data: the runs of a batch are disjoint and a block copied later goes out in
 //! a later batch, after the fill.
 //!
@@ -145,24 +155,34 @@ pub struct CowOptions {
 
 /// One bit per block of a chunk.
 type Mask = u32;
+/// A position in the COW store, in blocks.
+type Pos = u32;
 /// The smallest block preserved on its own (also the O_DIRECT alignment of the store).
 pub const MIN_BLOCK: u32 = 4096;
-/// `ChunkState::slot` of a chunk that has no slot yet (or no more: all its blocks were
-/// holes).
-const NO_SLOT: u64 = u64::MAX;
+/// `ChunkState::slot` of a chunk that has no slot yet (or no more: none of its blocks
+/// is in it), and `ChunkState::log` of a chunk whose log run has no place yet.
+const NO_SLOT: Pos = Pos::MAX;
 /// `ChunkState::slot` of a chunk released by a TRIM on the snapshot.
-const RELEASED: u64 = u64::MAX - 1;
+const RELEASED: Pos = Pos::MAX - 1;
 
-/// What the snapshot knows about one chunk: where its slot is and, per block, whether its
-/// old contents were claimed by a writer, are in the slot, or were a hole.
+/// What the snapshot knows about one chunk: where its log run and its slot are and, per
+/// block, whether its old contents were claimed by a writer, are in the store, or were a
+/// hole.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct ChunkState {
-    /// The chunk's slot in the COW store, [`NO_SLOT`] or [`RELEASED`].
-    slot: u64,
-    /// Blocks a writer took care of: being read, in the slot, or zero.
+    /// The chunk's slot in the COW store, [`NO_SLOT`] or [`RELEASED`]: block `b` of the
+    /// chunk at `slot + b`.
+    slot: Pos,
+    /// Where the blocks of `logged` lie in the COW store, back to back in block order, or
+    /// [`NO_SLOT`] while they are read (or were holes).
+    log: Pos,
+    /// The blocks of the chunk's first claim: they go to the log run, every later claim
+    /// to the slot.
+    logged: Mask,
+    /// Blocks a writer took care of: being read, in the store, or zero.
     claimed: Mask,
-    /// Blocks whose old contents belong in the slot: in memory (listed in
-    /// `Index::pending`) on their way to the store, or stored.
+    /// Blocks whose old contents belong in the store (the log run or the slot): in memory
+    /// (listed in `Index::pending`) on their way to the store, or stored.
     in_slot: Mask,
     /// Blocks that were holes in the volume: they read as zeroes.
     zero: Mask,
@@ -172,6 +192,8 @@ impl Default for ChunkState {
     fn default() -> Self {
         ChunkState {
             slot: NO_SLOT,
+            log: NO_SLOT,
+            logged: 0,
             claimed: 0,
             in_slot: 0,
             zero: 0,
@@ -205,6 +227,15 @@ impl ChunkState {
             self.claimed & !(self.in_slot | self.zero)
         }
     }
+
+    /// Where block `b`'s old contents lie in the store (it is in `in_slot`).
+    fn store_pos(&self, b: u32) -> u64 {
+        if self.logged & mask_of(b, 1) != 0 {
+            u64::from(self.log) + u64::from((self.logged & mask_of(0, b)).count_ones())
+        } else {
+            u64::from(self.slot) + u64::from(b)
+        }
+    }
 }
 
 /// Old contents of a run of blocks of one chunk, in memory on their way to its slot.
@@ -215,8 +246,8 @@ struct Pending {
     at: usize,
     /// Blocks in the run.
     count: u32,
-    /// The slot it is being written to.
-    slot: u64,
+    /// Where in the store (in blocks) the run's first block is being written.
+    pos: u64,
 }
 
 #[derive(Debug, Default)]
@@ -224,10 +255,16 @@ struct Index {
     chunks: BTreeMap<u64, ChunkState>,
     /// Runs of old contents in memory, by (chunk, first block).
     pending: BTreeMap<(u64, u32), Pending>,
-    free_slots: Vec<u64>,
-    next_slot: u64,
+    /// Blocks per chunk.
+    chunk_blocks: u32,
+    /// Chunk-long places in the store given back by a TRIM, for slots and log runs.
+    free_slots: Vec<Pos>,
+    /// The first store block never handed out.
+    next: u64,
+    /// Store bytes preallocated.
     reserved: u64,
-    used_slots: u64,
+    /// Store blocks in slots and log runs.
+    used_blocks: u64,
     failed: Option<String>,
     dropped: bool,
     /// Bytes of old contents held in memory, waiting for the store.
@@ -238,16 +275,22 @@ struct Index {
 }
 
 impl Index {
-    /// Whether chunk `c` still has old contents in memory for `slot`.
-    fn pending_in(&self, c: u64, slot: u64) -> bool {
+    /// Whether chunk `c` still has old contents in memory for the store blocks
+    /// `[pos, pos + blocks)`.
+    fn pending_in(&self, c: u64, pos: Pos, blocks: u32) -> bool {
+        let area = u64::from(pos)..u64::from(pos) + u64::from(blocks);
         self.pending
             .range((c, 0)..(c + 1, 0))
-            .any(|(_, p)| p.slot == slot)
+            .any(|(_, p)| area.contains(&p.pos))
     }
 
-    fn free_slot(&mut self, slot: u64) {
-        self.free_slots.push(slot);
-        self.used_slots -= 1;
+    /// Give back `blocks` store blocks from `pos` (their old contents are no longer
+    /// needed); a chunk-long place is reused, a shorter one only punched by the caller.
+    fn free_area(&mut self, pos: Pos, blocks: u32) {
+        if blocks == self.chunk_blocks {
+            self.free_slots.push(pos);
+        }
+        self.used_blocks -= u64::from(blocks);
     }
 
     /// After claims were undone or found holes: give chunk `c`'s slot back when none of
@@ -256,10 +299,11 @@ impl Index {
         let Some(st) = self.chunks.get_mut(&c) else {
             return;
         };
-        if st.has_slot() && st.in_slot == 0 && st.reading() == 0 {
+        if st.has_slot() && (st.in_slot | st.reading()) & !st.logged == 0 {
             let slot = st.slot;
             st.slot = NO_SLOT;
-            self.free_slot(slot);
+            let blocks = self.chunk_blocks;
+            self.free_area(slot, blocks);
         }
         if self.chunks.get(&c) == Some(&ChunkState::default()) {
             self.chunks.remove(&c);
@@ -355,22 +399,26 @@ impl SnapshotInner {
         store
             .set_len(0)
             .map_err(|e| io_err("truncate COW store", e))?;
+        let block = u64::from(p.chunk)
+            .div_ceil(u64::from(Mask::BITS))
+            .max(u64::from(MIN_BLOCK))
+            .min(u64::from(p.chunk));
         Ok(SnapshotInner {
             name: p.name,
             volume: p.volume,
             created_unix: unix_now(),
             size: p.size,
             chunk: u64::from(p.chunk),
-            block: u64::from(p.chunk)
-                .div_ceil(u64::from(Mask::BITS))
-                .max(u64::from(MIN_BLOCK))
-                .min(u64::from(p.chunk)),
+            block,
             origin: p.origin,
             store,
             store_path: p.store_path,
             limit: p.limit,
             bitmap: p.bitmap,
-            index: Mutex::new(Index::default()),
+            index: Mutex::new(Index {
+                chunk_blocks: (u64::from(p.chunk) / block) as u32,
+                ..Index::default()
+            }),
             copied: Condvar::new(),
             events: p.events,
             copies: AtomicU64::new(0),
@@ -450,7 +498,7 @@ impl SnapshotInner {
             created_unix: self.created_unix,
             state,
             cow_path: self.store_path.clone(),
-            cow_bytes_used: idx.used_slots * self.chunk,
+            cow_bytes_used: idx.used_blocks * self.block,
             cow_limit: self.limit,
             chunk_size: self.chunk as u32,
             dirty_bitmap: self.bitmap.as_ref().map(|b| b.name().to_string()),

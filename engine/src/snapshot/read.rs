@@ -5,7 +5,8 @@ use std::sync::Arc;
 
 use super::buffers::CopyBuf;
 use super::{
-    lock, mask_of, runs_of, ChunkState, Index, Mask, SnapshotError, SnapshotInner, RELEASED,
+    lock, mask_of, runs_of, ChunkState, Index, Mask, SnapshotError, SnapshotInner, NO_SLOT,
+    RELEASED,
 };
 
 /// Where old contents of a range come from.
@@ -71,7 +72,7 @@ impl SnapshotInner {
         Ok(())
     }
 
-    /// Where the old contents of the held blocks (in the slot or zero) of `[from, to)`
+    /// Where the old contents of the held blocks (in the store or zero) of `[from, to)`
     /// come from, as runs `(start, end, source)` in order; the other bytes are the
     /// volume's.
     fn held_sources(&self, idx: &Index, from: u64, to: u64) -> Vec<(u64, u64, Source)> {
@@ -89,14 +90,17 @@ impl SnapshotInner {
                     let source = if st.zero & mask_of(b, 1) != 0 {
                         Source::Zero
                     } else {
+                        let pos = st.store_pos(b);
                         match idx.pending.range(..=(c, b)).next_back() {
                             Some((&(pc, pf), p))
-                                if pc == c && b < pf + p.count && p.slot == st.slot =>
+                                if pc == c
+                                    && b < pf + p.count
+                                    && p.pos + u64::from(b - pf) == pos =>
                             {
                                 let piece_start = base + u64::from(pf) * self.block;
                                 Source::Memory(p.data.clone(), p.at + (s - piece_start) as usize)
                             }
-                            _ => Source::Store(st.slot * self.chunk + (s - base)),
+                            _ => Source::Store(pos * self.block + (s - block_start)),
                         }
                     };
                     push_source(&mut out, s, e, source);
@@ -214,33 +218,45 @@ impl SnapshotInner {
         let mut idx = lock(&self.index);
         self.check_readable(&idx)?;
         let mut punch = Vec::new();
+        let chunk_blocks = idx.chunk_blocks;
         for c in first..last {
             let st = idx.chunks.get(&c).copied().unwrap_or_default();
             // A chunk a writer is still reading is left alone.
             if st.released() || st.reading() != 0 {
                 continue;
             }
-            // Copies still in memory free the slot when they are written.
-            if st.has_slot() && !idx.pending_in(c, st.slot) {
-                idx.free_slot(st.slot);
+            // Copies still in memory free their place when they are written.
+            if st.has_slot() && !idx.pending_in(c, st.slot, chunk_blocks) {
+                idx.free_area(st.slot, chunk_blocks);
                 punch.push(st.slot);
+            }
+            let log_blocks = (st.logged & st.in_slot).count_ones();
+            if st.log != NO_SLOT && !idx.pending_in(c, st.log, log_blocks) {
+                if log_blocks == chunk_blocks {
+                    idx.free_area(st.log, log_blocks);
+                    punch.push(st.log);
+                } else {
+                    self.free_log_run(&mut idx, st.log, log_blocks);
+                }
             }
             idx.chunks.insert(
                 c,
                 ChunkState {
                     slot: RELEASED,
                     claimed: Mask::MAX,
-                    in_slot: 0,
-                    zero: 0,
+                    ..ChunkState::default()
                 },
             );
         }
-        // Punching under the lock keeps a freed slot from being reused before it is
+        // Punching under the lock keeps a freed place from being reused before it is
         // punched (a reuse would otherwise lose its fresh copy to our punch).
-        for slot in punch {
-            if let Err(err) = self.store.discard(slot * self.chunk, self.chunk) {
+        for pos in punch {
+            if let Err(err) = self.store.discard(u64::from(pos) * self.block, self.chunk) {
                 // Space is not returned, but the data is still correct.
-                tracing::debug!("snapshot {}: punching COW slot {slot}: {err}", self.name);
+                tracing::debug!(
+                    "snapshot {}: punching COW slot at block {pos}: {err}",
+                    self.name
+                );
             }
         }
         Ok(())

@@ -1,5 +1,5 @@
-//! The COW store: slot allocation (preallocated in steps, up to the limit) and the
-//! background writer that stores old contents at their blocks' places in the slots.
+//! The COW store: placing log runs and slots (preallocated in steps, up to the limit)
+//! and the background writer that stores old contents at their places.
 
 use std::io;
 use std::ops::Range;
@@ -7,15 +7,20 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Weak};
 
 use super::buffers::CopyBuf;
-use super::{lock, mask_of, Index, SnapshotError, SnapshotInner, PREALLOC_STEP};
+use super::{
+    lock, mask_of, Index, Pos, SnapshotError, SnapshotInner, NO_SLOT, PREALLOC_STEP, RELEASED,
+};
 
-/// A run of blocks of one chunk, at their places in the chunk's slot.
+/// A run of blocks of one chunk, on its way to the chunk's log run or its slot.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Piece {
     pub(super) chunk: u64,
     pub(super) first: u32,
     pub(super) count: u32,
-    pub(super) slot: u64,
+    /// The chunk's slot the run goes to, or [`NO_SLOT`]: it is the chunk's log run.
+    pub(super) slot: Pos,
+    /// Where its first block goes in the store, in blocks.
+    pub(super) pos: u64,
 }
 
 /// One background store write: pieces read together, back to back in the volume and in
@@ -42,14 +47,24 @@ const MAX_PARALLEL_WRITES: usize = 8;
 pub(super) const MAX_FILL: usize = 16 << 10;
 
 impl SnapshotInner {
-    /// Reserve a slot for one chunk, growing the COW store in steps.
-    pub(super) fn alloc_slot(&self, idx: &mut Index) -> Result<u64, String> {
-        if let Some(slot) = idx.free_slots.pop() {
-            idx.used_slots += 1;
-            return Ok(slot);
+    /// Reserve `blocks` store blocks (a slot, or a log run: a chunk-long one may reuse a
+    /// place a TRIM gave back), growing the COW store in steps.
+    pub(super) fn alloc(&self, idx: &mut Index, blocks: u32) -> Result<Pos, String> {
+        if blocks == idx.chunk_blocks {
+            if let Some(slot) = idx.free_slots.pop() {
+                idx.used_blocks += u64::from(blocks);
+                return Ok(slot);
+            }
         }
-        let slot = idx.next_slot;
-        let end = (slot + 1) * self.chunk;
+        let pos = idx.next;
+        if pos + u64::from(blocks) > u64::from(RELEASED) {
+            return Err(format!(
+                "COW store {} reached the {} bytes its index can address; give the snapshot larger chunks",
+                self.store_path.display(),
+                u64::from(RELEASED) * self.block
+            ));
+        }
+        let end = (pos + u64::from(blocks)) * self.block;
         if let Some(limit) = self.limit {
             if end > limit {
                 return Err(format!(
@@ -80,9 +95,10 @@ impl SnapshotInner {
                 Err(_) => {}
             }
         }
-        idx.next_slot += 1;
-        idx.used_slots += 1;
-        Ok(slot)
+        idx.next += u64::from(blocks);
+        idx.used_blocks += u64::from(blocks);
+        // Checked above: below `RELEASED`.
+        Ok(pos as Pos)
     }
 
     /// Start the background writer that moves old contents from memory to the store.
@@ -196,33 +212,53 @@ impl SnapshotInner {
 
     /// Whether the store bytes `gap` may be written over: they lie in the slots of
     /// `owners` (the pieces on either side, whose copies are still in memory, so their
-    /// slots cannot be freed and reused meanwhile) and none of their blocks is in the slot.
-    /// A block claimed later is stored by this same thread after the fill.
+    /// slots cannot be freed and reused meanwhile) and none of their blocks is stored in
+    /// the slot. A block claimed later is stored by this same thread after the fill. Log
+    /// runs are never written over.
     fn fillable(&self, idx: &Index, gap: Range<u64>, owners: [Option<&Piece>; 2]) -> bool {
         let mut pos = gap.start;
         while pos < gap.end {
-            let slot = pos / self.chunk;
-            let base = slot * self.chunk;
-            let to = (base + self.chunk).min(gap.end);
-            let Some(owner) = owners.iter().flatten().find(|p| p.slot == slot) else {
+            let Some(owner) = owners.iter().flatten().find(|p| {
+                let base = u64::from(p.slot) * self.block;
+                p.slot != NO_SLOT && (base..base + self.chunk).contains(&pos)
+            }) else {
                 return false;
             };
+            let base = u64::from(owner.slot) * self.block;
+            let to = (base + self.chunk).min(gap.end);
             let st = idx.chunks.get(&owner.chunk).copied().unwrap_or_default();
             // A chunk released meanwhile keeps its slot until its copies are written, and
             // nothing in the slot is read any more.
-            if st.slot == slot {
+            if st.slot == owner.slot {
                 let first = (pos - base) / self.block;
                 let blocks = mask_of(
                     first as u32,
                     ((to - base).div_ceil(self.block) - first) as u32,
                 );
-                if st.in_slot & blocks != 0 {
+                if st.in_slot & !st.logged & blocks != 0 {
                     return false;
                 }
             }
             pos = to;
         }
         true
+    }
+
+    /// Give back a log run of `blocks` from `pos` whose chunk was released: a chunk-long
+    /// one is reused, a shorter one punched out (its space goes back to the filesystem).
+    /// Called under the index lock, so nothing is placed there before the punch.
+    pub(super) fn free_log_run(&self, idx: &mut Index, pos: Pos, blocks: u32) {
+        idx.free_area(pos, blocks);
+        if blocks != idx.chunk_blocks {
+            let (at, len) = (u64::from(pos) * self.block, u64::from(blocks) * self.block);
+            if let Err(err) = self.store.discard(at, len) {
+                // Space is not returned, but the data is still correct.
+                tracing::debug!(
+                    "snapshot {}: punching COW log run at {at}: {err}",
+                    self.name
+                );
+            }
+        }
     }
 
     /// Record the outcome of one store write covering `group`.
@@ -237,10 +273,17 @@ impl SnapshotInner {
                     for p in &job.pieces {
                         idx.pending.remove(&(p.chunk, p.first));
                         // Released by a TRIM meanwhile: its slot is free once the last of
-                        // its copies is written.
+                        // its copies is written, its log run (this piece) now.
                         let st = idx.chunks.get(&p.chunk).copied().unwrap_or_default();
-                        if st.slot != p.slot && !idx.pending_in(p.chunk, p.slot) {
-                            idx.free_slot(p.slot);
+                        if !st.released() {
+                            continue;
+                        }
+                        let chunk_blocks = idx.chunk_blocks;
+                        if p.slot == NO_SLOT {
+                            // Placed below `RELEASED` by `alloc`.
+                            self.free_log_run(&mut idx, p.pos as Pos, p.count);
+                        } else if !idx.pending_in(p.chunk, p.slot, chunk_blocks) {
+                            idx.free_area(p.slot, chunk_blocks);
                         }
                     }
                     self.copies
@@ -278,9 +321,16 @@ mod tests {
         (0..len).map(|i| (i / 4096 * 7 + i % 251) as u8).collect()
     }
 
-    /// A snapshot whose store jobs the test takes and hands to `finish_jobs` itself, so
-    /// it decides which copies share a batch.
-    fn snapshot(dir: &std::path::Path) -> (Arc<SnapshotInner>, mpsc::Receiver<StoreJob>) {
+    /// A snapshot of a 1 MiB origin in a temporary directory (removed when the first
+    /// value is dropped) whose store jobs the test takes and hands to `finish_jobs`
+    /// itself, so it decides which copies share a batch.
+    fn snapshot() -> (
+        tempfile::TempDir,
+        Arc<SnapshotInner>,
+        mpsc::Receiver<StoreJob>,
+    ) {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
         let origin_path = dir.join("origin");
         std::fs::write(&origin_path, original(1 << 20)).unwrap();
         let origin = Arc::new(BackingFile::open(&origin_path).unwrap());
@@ -300,7 +350,7 @@ mod tests {
         );
         let (tx, rx) = mpsc::channel();
         *lock(&inner.jobs) = Some(tx);
-        (inner, rx)
+        (tmp, inner, rx)
     }
 
     /// Overwrite `[offset, offset + len)` of the origin as a volume write would, after
@@ -310,21 +360,22 @@ mod tests {
         inner.origin.write_at(offset, &vec![0xee; len]).unwrap();
     }
 
-    /// Copies with a block already stored between them: the gap is not written over (it
-    /// would destroy that block's old contents), while a short gap with nothing stored in
-    /// it is, and every block reads back as it was.
+    /// Copies with a block already stored in the slot between them: the gap is not
+    /// written over (it would destroy that block's old contents), and every block reads
+    /// back as it was.
     #[test]
     fn a_gap_with_a_stored_block_is_never_written_over() {
-        let dir = tempfile::tempdir().unwrap();
-        let (inner, rx) = snapshot(dir.path());
+        let (_dir, inner, rx) = snapshot();
         let zeros = vec![0u8; MAX_FILL];
-        // Chunk 0, block 7: stored on its own first.
+        // Chunk 0: block 0 goes to the log, then block 7 to the chunk's slot, stored on
+        // its own.
+        volume_write(&inner, 0, 4096);
         volume_write(&inner, 7 * BLOCK, 4096);
         inner.finish_jobs(rx.try_iter().collect(), &zeros);
         // Chunk 0 blocks 5 and 9 in one batch: the gap between them holds block 7.
         volume_write(&inner, 5 * BLOCK, 4096);
         volume_write(&inner, 9 * BLOCK, 100);
-        // Chunk 1 block 14 and chunk 2 blocks 1 and 2: nothing stored between.
+        // Chunk 1 block 14 and chunk 2 blocks 1 and 2: first claims, to the log.
         volume_write(&inner, CHUNK + 14 * BLOCK, 4096);
         volume_write(&inner, 2 * CHUNK + BLOCK + 10, 5000);
         let jobs: Vec<StoreJob> = rx.try_iter().collect();
@@ -336,8 +387,75 @@ mod tests {
         let mut back = vec![0u8; 3 * CHUNK as usize];
         inner.read(0, &mut back).unwrap();
         assert!(back == original(1 << 20)[..back.len()], "old contents lost");
-        // Blocks 1 and 2 of chunk 2 were preserved: 6 blocks in all.
-        assert_eq!(inner.copied_bytes.load(Ordering::Relaxed), 6 * BLOCK);
-        assert_eq!(lock(&inner.index).used_slots, 3);
+        // Blocks 1 and 2 of chunk 2 were preserved: 7 blocks in all.
+        assert_eq!(inner.copied_bytes.load(Ordering::Relaxed), 7 * BLOCK);
+        // Log runs of 1, 1 and 2 blocks and chunk 0's slot.
+        assert_eq!(lock(&inner.index).used_blocks, 4 + CHUNK / BLOCK);
+    }
+
+    /// First writes to scattered chunks land back to back in the store, in the order
+    /// their reads complete, whatever their places in their chunks; each chunk's later
+    /// blocks go to its slot; every block reads back as it was, from memory and from the
+    /// store.
+    #[test]
+    fn first_writes_to_scattered_chunks_are_stored_back_to_back() {
+        let (_dir, inner, rx) = snapshot();
+        let zeros = vec![0u8; MAX_FILL];
+        let writes = [(9, 3), (2, 15), (14, 0), (5, 7)];
+        for (chunk, block) in writes {
+            volume_write(&inner, chunk * CHUNK + block * BLOCK, 4096);
+        }
+        let jobs: Vec<StoreJob> = rx.try_iter().collect();
+        let offsets: Vec<u64> = jobs.iter().map(|j| j.offset).collect();
+        assert_eq!(offsets, vec![0, BLOCK, 2 * BLOCK, 3 * BLOCK]);
+        let mut back = vec![0u8; 1 << 20];
+        inner.read(0, &mut back).unwrap();
+        assert!(back == original(1 << 20), "old contents from memory");
+        inner.finish_jobs(jobs, &zeros);
+        // A later block of chunk 2 goes to the chunk's slot, after the log.
+        volume_write(&inner, 2 * CHUNK + 4 * BLOCK, 8192);
+        let jobs: Vec<StoreJob> = rx.try_iter().collect();
+        assert_eq!(jobs.len(), 1);
+        assert_eq!(jobs[0].offset, 4 * BLOCK + 4 * BLOCK);
+        inner.finish_jobs(jobs, &zeros);
+        assert!(lock(&inner.index).pending.is_empty());
+        inner.read(0, &mut back).unwrap();
+        assert!(back == original(1 << 20), "old contents from the store");
+        assert_eq!(lock(&inner.index).used_blocks, 4 + CHUNK / BLOCK);
+    }
+
+    /// Releasing chunks gives back their log runs and slots, whether their copies are
+    /// still in memory (freed once written) or stored; a chunk-long place is reused.
+    #[test]
+    fn released_log_runs_and_slots_are_given_back() {
+        let (_dir, inner, rx) = snapshot();
+        let zeros = vec![0u8; MAX_FILL];
+        // Chunk 0: a one-block log run and a slot, stored.
+        volume_write(&inner, 0, 4096);
+        volume_write(&inner, 3 * BLOCK, 4096);
+        inner.finish_jobs(rx.try_iter().collect(), &zeros);
+        // Chunk 1: a whole-chunk log run, still in memory when released.
+        volume_write(&inner, CHUNK, CHUNK as usize);
+        assert_eq!(lock(&inner.index).used_blocks, 1 + 2 * CHUNK / BLOCK);
+        inner.release(0, 2 * CHUNK).unwrap();
+        assert_eq!(
+            lock(&inner.index).used_blocks,
+            CHUNK / BLOCK,
+            "chunk 1 in memory"
+        );
+        inner.finish_jobs(rx.try_iter().collect(), &zeros);
+        let idx = lock(&inner.index);
+        assert_eq!(idx.used_blocks, 0);
+        // Chunk 0's slot and chunk 1's log run are chunk-long: both reusable.
+        assert_eq!(idx.free_slots.len(), 2);
+        drop(idx);
+        // A whole-chunk first write reuses one; a later block of it is still right.
+        volume_write(&inner, 4 * CHUNK, CHUNK as usize);
+        let jobs: Vec<StoreJob> = rx.try_iter().collect();
+        assert!(jobs[0].offset < 2 * CHUNK + BLOCK, "a reused place");
+        inner.finish_jobs(jobs, &zeros);
+        let mut back = vec![0u8; CHUNK as usize];
+        inner.read(4 * CHUNK, &mut back).unwrap();
+        assert!(back == original(1 << 20)[4 * CHUNK as usize..5 * CHUNK as usize]);
     }
 }

@@ -459,20 +459,24 @@ fn a_large_group_is_undone_on_one_failure_and_each_volume_gets_its_own_snapshot(
     }
 }
 
+/// Snapshot `s` with a COW store of at most `limit` bytes.
+fn limited(limit: u64) -> SnapshotSpec {
+    SnapshotSpec {
+        name: "s".into(),
+        cow: CowOptions {
+            limit: Some(limit),
+            ..CowOptions::default()
+        },
+        ..SnapshotSpec::default()
+    }
+}
+
 #[test]
 fn cow_limit_fails_the_snapshot_not_the_volume() {
     let fx = Fixture::new();
     let vol = fx.volume("v", 4 << 20, small(65536));
     vol.write(0, &pattern(3, 4 << 20), false).unwrap();
-    let spec = SnapshotSpec {
-        name: "s".into(),
-        cow: CowOptions {
-            limit: Some(256 << 10),
-            ..CowOptions::default()
-        },
-        ..SnapshotSpec::default()
-    };
-    let (snap, _) = vol.snapshot(spec).unwrap();
+    let (snap, _) = vol.snapshot(limited(256 << 10)).unwrap();
     let new = pattern(4, 4 << 20);
     vol.write(0, &new, false).unwrap();
     let mut back = vec![0u8; 4 << 20];
@@ -487,6 +491,25 @@ fn cow_limit_fails_the_snapshot_not_the_volume() {
         .iter()
         .any(|e| e.message.contains("snapshot s failed")));
     vol.drop_snapshot("s").unwrap();
+}
+
+/// First writes over holes copy nothing, so they need no COW space: a 64 KiB store
+/// takes a whole sparse volume being written, and the snapshot still reads zeroes.
+#[test]
+fn first_writes_over_holes_need_no_cow_space() {
+    let fx = Fixture::new();
+    let vol = fx.volume("v", 4 << 20, small(65536));
+    let (snap, _) = vol.snapshot(limited(64 << 10)).unwrap();
+    vol.write(0, &pattern(6, 4 << 20), false).unwrap();
+    snap.wait_idle();
+    assert_eq!(snap.status().state, SnapshotState::Active);
+    assert_eq!(snap.status().cow_bytes_used, 0);
+    let mut back = vec![1u8; 4 << 20];
+    snap.read(0, &mut back).unwrap();
+    assert!(
+        back.iter().all(|&b| b == 0),
+        "the snapshot's holes read as zeroes"
+    );
 }
 
 #[test]
@@ -625,9 +648,10 @@ fn many_writers_and_snapshot_readers_on_the_same_chunks() {
     assert!(back == original);
 }
 
-/// A first write preserves only the 4 KiB blocks it covers, inside one 64 KiB slot; later
-/// writes to other blocks of the chunk preserve theirs, and the snapshot reads each block
-/// from wherever its old contents are (memory, the COW store, the volume).
+/// A first write preserves only the 4 KiB blocks it covers, in the store's log; later
+/// writes to other blocks of the chunk preserve theirs in the chunk's 64 KiB slot, and the
+/// snapshot reads each block from wherever its old contents are (memory, the log run, the
+/// slot, the volume).
 #[test]
 fn a_first_write_preserves_only_the_blocks_it_covers() {
     let fx = Fixture::new();
@@ -662,7 +686,7 @@ fn a_first_write_preserves_only_the_blocks_it_covers() {
     check("block 2 in memory or stored");
     snap.wait_idle();
     assert_eq!(snap.copied_bytes(), 4096);
-    assert_eq!(snap.status().cow_bytes_used, chunk, "one slot of one chunk");
+    assert_eq!(snap.status().cow_bytes_used, 4096, "one block in the log");
     // Another block of the same chunk, a partial one and a write across two chunks.
     vol.write(chunk + 40_960, &[2; 4096], false).unwrap();
     vol.write(chunk + 1000, &[3; 100], false).unwrap();
@@ -670,7 +694,8 @@ fn a_first_write_preserves_only_the_blocks_it_covers() {
     check("four more blocks");
     snap.wait_idle();
     assert_eq!(snap.copied_bytes(), 5 * 4096);
-    assert_eq!(snap.status().cow_bytes_used, 2 * chunk);
+    // Chunk 1's later blocks took its slot; chunk 2's first block went to the log.
+    assert_eq!(snap.status().cow_bytes_used, 4096 + chunk + 4096);
     // Rewrites copy nothing more.
     vol.write(chunk + 8192, &[5; 4096], false).unwrap();
     vol.write(chunk, &[6; 4096], false).unwrap();
