@@ -443,6 +443,10 @@ pub(crate) struct ActiveBitmap {
     commit: Mutex<Commit>,
     commit_done: Condvar,
     syncs: AtomicU64,
+    /// A directory whose fsync is owed before any bit counts as durable: the chain file
+    /// naming this bitmap was renamed into it during a write pause and is synced after
+    /// the pause ([`ActiveBitmap::owe_dir_sync`], `crate::checkpoint`).
+    owed_dir_sync: Mutex<Option<PathBuf>>,
     #[cfg(test)]
     model: PowerLossModel,
 }
@@ -579,6 +583,7 @@ impl ActiveBitmap {
             commit: Mutex::new(Commit::default()),
             commit_done: Condvar::new(),
             syncs: AtomicU64::new(0),
+            owed_dir_sync: Mutex::new(None),
             #[cfg(test)]
             model: PowerLossModel::new(bits),
         })
@@ -695,6 +700,35 @@ impl ActiveBitmap {
                 "block {block}'s bit is not on stable storage before its data write"
             );
         }
+        assert!(
+            lock(&self.owed_dir_sync).is_none(),
+            "the chain naming this bitmap is not on stable storage before a data write"
+        );
+    }
+
+    /// Durable mode: the chain file that names this bitmap was renamed into `dir` and
+    /// the directory is not synced yet, so no bit counts as durable (and no data write
+    /// is issued) until it is: the next group commit syncs it after the payload, unless
+    /// [`ActiveBitmap::sync_owed_dir`] did first.
+    pub(crate) fn owe_dir_sync(&self, dir: PathBuf) {
+        *lock(&self.owed_dir_sync) = Some(dir);
+    }
+
+    /// Fsync the directory owed by [`ActiveBitmap::owe_dir_sync`], if any (a concurrent
+    /// caller waits for this one's sync). On failure it stays owed.
+    pub(crate) fn sync_owed_dir(&self) -> Result<(), TrackingError> {
+        let mut owed = lock(&self.owed_dir_sync);
+        if let Some(dir) = owed.as_ref() {
+            crate::failpoint::check("tracking.dir_sync")
+                .and_then(|()| File::open(dir)?.sync_all())
+                .map_err(|source| TrackingError::Io {
+                    path: self.path.clone(),
+                    action: "fsync its directory (the checkpoint chain naming it)",
+                    source,
+                })?;
+            *owed = None;
+        }
+        Ok(())
     }
 
     /// Whether every bit of `mask` in word `word` is known to be on stable storage.
@@ -766,6 +800,7 @@ impl ActiveBitmap {
                 .sync_data()
                 .and_then(|()| crate::failpoint::check("tracking.fdatasync"))
                 .map_err(|e| self.io_err("fdatasync", e))?;
+            self.sync_owed_dir()?;
             #[cfg(test)]
             self.model.flushed(&image);
             Ok(())
