@@ -924,12 +924,52 @@ impl ActiveBitmap {
     }
 
     /// Persist the payload and mark the file Clean (crcs valid): the bitmap stops being
-    /// active. Writes must be paused. An Inconsistent bitmap stays Inconsistent.
+    /// active. No write may mark it any more (writes paused, or another bitmap active).
+    /// An Inconsistent bitmap stays Inconsistent.
     ///
     /// Only allocated pages are written (the others are holes, or clean pages of a file
     /// read at activation, which hold no bit), then the page crc table's pages that cover
     /// them, one fdatasync, and the header with the table's crc.
     pub(crate) fn freeze(&self) -> Result<(), TrackingError> {
+        // Writers wait for their bit syncs with the write gate open, so a sync of this
+        // bitmap may still run (or start) now: the freeze leads the group commit, so
+        // no page write of a sync interleaves with its own, and counts as one sync (it
+        // writes every written bit) for the writers queued meanwhile.
+        let mut st = lock(&self.commit);
+        while st.syncing {
+            st = self
+                .commit_done
+                .wait(st)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+        st.syncing = true;
+        st.started += 1;
+        let mine = st.started;
+        drop(st);
+        let queued = std::mem::take(&mut *lock(&self.queue));
+        for &p in &queued {
+            self.page_for(p * PAGE_WORDS)
+                .queued
+                .store(false, Ordering::SeqCst);
+        }
+        let result = self.freeze_payload();
+        if result.is_err() {
+            // Their bits may not be on disk: the next sync writes them.
+            for p in queued {
+                self.queue_page(p);
+            }
+        }
+        let mut st = lock(&self.commit);
+        st.syncing = false;
+        if result.is_ok() {
+            st.completed = mine;
+        }
+        self.commit_done.notify_all();
+        result
+    }
+
+    /// The freeze's writes (see [`ActiveBitmap::freeze`]), as the commit's leader.
+    fn freeze_payload(&self) -> Result<(), TrackingError> {
         let mut allocated = Vec::new();
         for (p, slot) in self.pages.iter().enumerate() {
             if let Some(page) = slot.get() {

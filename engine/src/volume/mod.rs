@@ -48,6 +48,16 @@
 //!    set and queued first, then the copy, then the wait for the sync);
 //! 3. write to the backing store (O_DIRECT when aligned); with FUA, fdatasync.
 //!
+//! A write whose bits need a sync (step 1) waits for it with the gate released, so a
+//! pause (snapshot, checkpoint) waits only for the data writes in flight, not for bit
+//! syncs: the pause's drain is one data write, not a bitmap sync plus a data write. Once
+//! synced, the write takes the gate again; if a pause ran meanwhile (counted in the
+//! gate's state), steps 1 and 2 are done again under the gate against what is current
+//! (a new active bitmap, new snapshots) before step 3. The bits the write set in the
+//! bitmap that stopped being active stay there: a block reported changed whose data
+//! came later, never a missed one. A bitmap being frozen waits for a sync in progress
+//! on it ([`crate::tracking`]).
+//!
 //! Why this is safe: a crash after 1 leaves a dirty bit for data that may not have been
 //! written, which only costs a block in the next incremental backup. A crash after 3
 //! leaves the data and its bit. Snapshots never outlive the process (markers turn into
@@ -321,6 +331,9 @@ struct WriteState {
     closed: bool,
     active: Option<Arc<ActiveBitmap>>,
     snapshots: Vec<Arc<SnapshotInner>>,
+    /// Counts the times the gate was held exclusively (a pause): a writer that waited for
+    /// its bit sync with the gate open redoes steps 1 and 2 when it changed meanwhile.
+    epoch: u64,
 }
 
 /// A volume under management. `Send + Sync`: share it as `Arc<Volume>`; every method
@@ -396,10 +409,11 @@ impl Volume {
     }
 
     fn gate_write(&self) -> Result<RwLockWriteGuard<'_, WriteState>, VolumeError> {
-        let st = self.gate.write().unwrap_or_else(PoisonError::into_inner);
+        let mut st = self.gate.write().unwrap_or_else(PoisonError::into_inner);
         if st.closed {
             return Err(VolumeError::Closed(self.manifest.name.clone()));
         }
+        st.epoch = st.epoch.wrapping_add(1);
         Ok(st)
     }
 

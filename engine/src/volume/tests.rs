@@ -546,6 +546,71 @@ fn group_snapshots_taken_while_a_writer_crosses_volumes_hold_a_prefix_of_its_wri
     );
 }
 
+/// Writes wait for their bit syncs with the write gate open, so a pause does not wait for
+/// them and can run between a write's marking and its data write. Such a write must still
+/// preserve its block for the snapshot taken in that pause and be in the new
+/// checkpoint's bitmap, also after a reopen.
+#[test]
+fn a_write_whose_bit_sync_straddles_a_pause_is_in_the_new_checkpoint_not_the_snapshot() {
+    let fx = Fixture::new();
+    let vol = Arc::new(fx.volume("v", 1 << 20, small(65536)));
+    vol.write(0, &[1; 65536], false).unwrap();
+    vol.checkpoint_create("a").unwrap();
+    let meet = Arc::new(std::sync::Barrier::new(2));
+    let writer = {
+        let (vol, meet) = (vol.clone(), meet.clone());
+        std::thread::spawn(move || {
+            data::AFTER_BIT_SYNC.with(|hook| {
+                *hook.borrow_mut() = Some(Box::new(move || {
+                    meet.wait();
+                    meet.wait();
+                }));
+            });
+            // Block 0's first write since "a": its bit is synced, then it waits.
+            vol.write(0, &[2; 65536], false).unwrap();
+        })
+    };
+    meet.wait();
+    let (done, taken) = std::sync::mpsc::channel();
+    {
+        let vol = vol.clone();
+        std::thread::spawn(move || {
+            let snapshot = vol.snapshot(SnapshotSpec {
+                name: "s".into(),
+                checkpoint: Some("b".into()),
+                ..SnapshotSpec::default()
+            });
+            let _ = done.send(snapshot);
+        });
+    }
+    let (snap, _) = taken
+        .recv_timeout(std::time::Duration::from_secs(20))
+        .expect("the pause waited for a write's bit sync")
+        .unwrap();
+    let mut back = vec![0u8; 65536];
+    snap.read(0, &mut back).unwrap();
+    assert!(
+        back == [1; 65536],
+        "the snapshot holds a write that came after it"
+    );
+    meet.wait();
+    writer.join().unwrap();
+    snap.read(0, &mut back).unwrap();
+    assert!(
+        back == [1; 65536],
+        "the snapshot changed: the block was not preserved"
+    );
+    vol.read(0, &mut back).unwrap();
+    assert!(back == [2; 65536]);
+    assert_eq!(vol.changed_extents("b").unwrap(), vec![0..65536]);
+    assert_eq!(vol.changed_extents("a").unwrap(), vec![0..65536]);
+    drop(snap);
+    let state = fx.state();
+    drop(Arc::try_unwrap(vol).unwrap());
+    let vol = Volume::open(&state, "v").unwrap();
+    assert_eq!(vol.changed_extents("b").unwrap(), vec![0..65536]);
+}
+
 /// Durable mode: the pause renames the next chain into place and leaves its directory
 /// sync to after the pause. No write after the pause reaches the volume before that
 /// sync succeeded: with the sync failing, the checkpoint's finish reports it and the
