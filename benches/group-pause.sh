@@ -23,7 +23,8 @@
 # phases of the slowest begins.
 # With TIDEMARK_BASELINE_BIN set (e.g. main's release build), the same run is made with it
 # first as "base" and then with TIDEMARK_BIN as "after" (ROUNDS=2: base, after, base,
-# after), each from fresh volumes, and the loaded figures are compared as ratios.
+# after), each from fresh volumes, and the loaded figures are compared as ratios;
+# TIDEMARK_MID_BIN adds a third binary ("mid", run between the two).
 # Env: BENCH_DIR (default /var/tmp/tidemark-group-pause), TIDEMARK_BIN (default
 # target/release/tidemark), KEEP=1 keeps the files.
 set -euo pipefail
@@ -47,7 +48,9 @@ if [ "$(findmnt -n -o FSTYPE --target "$DIR")" = tmpfs ]; then
     echo "$DIR is on tmpfs; set BENCH_DIR to a directory on a real disk" >&2
     exit 2
 fi
-need=$(((VOLUMES * VOLUME_MIB + 1024) << 20))
+runs=1
+[ -n "${TIDEMARK_BASELINE_BIN:-}" ] && runs=$((${ROUNDS:-2} * (${TIDEMARK_MID_BIN:+1} + 2)))
+need=$(((runs * VOLUMES * VOLUME_MIB + 1024) << 20))
 if [ "$(df --output=avail -B1 "$DIR" | tail -1)" -lt "$need" ]; then
     echo "$DIR needs $((need >> 20)) MiB free" >&2
     exit 2
@@ -95,20 +98,24 @@ print(b["write_pause_us"], *(p.get(k, "-") for k in ("drain", "volumes", "bitmap
 # run LABEL: one whole run with $BIN: fresh volumes, idle begins, loaded begins.
 run() {
     local label=$1 idle_load loaded_load loaded_start loaded_secs
-    echo "== $label ($BIN): setup: $VOLUMES volumes of $VOLUME_MIB MiB in $DIR"
-    rm -rf "$STATE" "$DIR"/v*.raw
-    mkdir -m 700 -p "$STATE"
+    # Fresh preallocated backing files for every run (the same start for each binary),
+    # deleted only at the end: on a filesystem mounted with -o discard, deleting files
+    # that fio fragmented takes minutes.
+    local files=$DIR/$label
+    echo "== $label ($BIN): setup: $VOLUMES volumes of $VOLUME_MIB MiB in $files"
+    rm -rf "$STATE" "$files"
+    mkdir -m 700 -p "$STATE" "$files"
     CKPT=0
     names=()
     for i in $(seq 0 $((VOLUMES - 1))); do
-        fallocate -l "${VOLUME_MIB}M" "$DIR/v$i.raw"
+        fallocate -l "${VOLUME_MIB}M" "$files/v$i.raw"
         names+=("v$i")
     done
     "$BIN" serve --state-dir "$STATE" 2>"$DIR/serve-$label.log" &
     SERVE_PID=$!
     for _ in $(seq 100); do [ -S "$STATE/control.sock" ] && break; sleep 0.1; done
     for name in "${names[@]}"; do
-        tm volume create "$name" --backing "$DIR/$name.raw" >/dev/null
+        tm volume create "$name" --backing "$files/$name.raw" >/dev/null
     done
 
     echo "== $label: $IDLE_BEGINS begins without writers (load $(load))"
@@ -143,6 +150,10 @@ if [ -n "${TIDEMARK_BASELINE_BIN:-}" ]; then
     for round in $(seq "${ROUNDS:-2}"); do
         BIN=$TIDEMARK_BASELINE_BIN
         run "base$round"
+        if [ -n "${TIDEMARK_MID_BIN:-}" ]; then
+            BIN=$TIDEMARK_MID_BIN
+            run "mid$round"
+        fi
         BIN=$AFTER_BIN
         run "after$round"
     done
@@ -191,12 +202,13 @@ for run, idle_load, loaded_load, loaded_secs, fio_file in runs:
     if pauses[f"{run}-idle"] and pauses[f"{run}-loaded"]:
         print(f"{run:7} loaded / idle p99: {pct(pauses[f'{run}-loaded'], 99) / pct(pauses[f'{run}-idle'], 99):.1f}x")
     print(f"{run:7} goal: loaded p99 < 50 ms: {'met' if pct(pauses[f'{run}-loaded'], 99) < 50 else 'MISSED'}")
-base = [v for r, v in loaded_by_run.items() if r.startswith("base")]
-after = [v for r, v in loaded_by_run.items() if r.startswith("after")]
-if base and after:
-    b = [x for v in base for x in v]
-    a = [x for v in after for x in v]
-    print(f"all rounds, loaded: base p50 {pct(b, 50):.1f} / p99 {pct(b, 99):.1f} / max {max(b):.1f} ms; "
-          f"after p50 {pct(a, 50):.1f} / p99 {pct(a, 99):.1f} / max {max(a):.1f} ms; "
-          f"after/base p50 {pct(a, 50) / pct(b, 50):.2f}x, p99 {pct(a, 99) / pct(b, 99):.2f}x")
+def pooled(prefix):
+    return [x for r, v in loaded_by_run.items() if r.startswith(prefix) for x in v]
+b = pooled("base")
+for label in ("mid", "after"):
+    a = pooled(label)
+    if b and a:
+        print(f"all rounds, loaded: base p50 {pct(b, 50):.1f} / p99 {pct(b, 99):.1f} / max {max(b):.1f} ms; "
+              f"{label} p50 {pct(a, 50):.1f} / p99 {pct(a, 99):.1f} / max {max(a):.1f} ms; "
+              f"{label}/base p50 {pct(a, 50) / pct(b, 50):.2f}x, p99 {pct(a, 99) / pct(b, 99):.2f}x")
 PY
