@@ -12,6 +12,20 @@ thread_local! {
     /// write gate again for its data write (where a pause may slip in).
     pub(super) static AFTER_BIT_SYNC: std::cell::RefCell<Option<Box<dyn FnMut()>>> =
         const { std::cell::RefCell::new(None) };
+    /// Tests only: run on a writer's thread right before its data write, the write gate
+    /// held (a write in flight that a pause must drain).
+    pub(super) static BEFORE_DATA_WRITE: std::cell::RefCell<Option<Box<dyn FnMut()>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Tests only: run the hook `hook` of this thread, if one is set.
+#[cfg(test)]
+fn run_hook(hook: &'static std::thread::LocalKey<std::cell::RefCell<Option<Box<dyn FnMut()>>>>) {
+    hook.with(|hook| {
+        if let Some(hook) = hook.borrow_mut().as_mut() {
+            hook();
+        }
+    });
 }
 
 impl Volume {
@@ -90,17 +104,15 @@ impl Volume {
             if let Some(active) = &st.active {
                 active.assert_survives_power_loss(offset, len);
             }
+            #[cfg(test)]
+            run_hook(&BEFORE_DATA_WRITE);
             return change();
         };
         let epoch = st.epoch;
         drop(st);
         pending.finish()?;
         #[cfg(test)]
-        AFTER_BIT_SYNC.with(|hook| {
-            if let Some(hook) = hook.borrow_mut().as_mut() {
-                hook();
-            }
-        });
+        run_hook(&AFTER_BIT_SYNC);
         let st = self.gate_read()?;
         if st.epoch == epoch {
             #[cfg(test)]
@@ -110,6 +122,8 @@ impl Volume {
         } else {
             self.before_change(&st, offset, len)?;
         }
+        #[cfg(test)]
+        run_hook(&BEFORE_DATA_WRITE);
         change()
     }
 

@@ -408,7 +408,11 @@ fn pause_in_parallel(jobs: Vec<PausedJob<'_>>) -> Paused {
             changed: &changed,
         };
         let mut held: Vec<HeldJob<'_, '_>> = Vec::with_capacity(count);
-        while let Some(job) = lock_mutex(&queue).pop() {
+        loop {
+            // Not `while let`: its lock on the queue would last the whole job.
+            let Some(job) = lock_mutex(&queue).pop() else {
+                break;
+            };
             let PausedJob {
                 index,
                 volume,

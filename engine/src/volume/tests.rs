@@ -546,6 +546,70 @@ fn group_snapshots_taken_while_a_writer_crosses_volumes_hold_a_prefix_of_its_wri
     );
 }
 
+/// The gates of a group close at once: while a write in flight holds the last volume's
+/// gate (its drain), the first volume's gate is already held (a reader of it waits),
+/// rather than the group closing one gate after the other.
+#[test]
+fn a_group_closes_every_gate_while_one_volume_still_drains() {
+    let fx = Fixture::new();
+    let a = Arc::new(fx.volume("a", 1 << 20, small(65536)));
+    let b = Arc::new(fx.volume("b", 1 << 20, small(65536)));
+    let meet = Arc::new(std::sync::Barrier::new(2));
+    let writer = {
+        let (b, meet) = (b.clone(), meet.clone());
+        std::thread::spawn(move || {
+            data::BEFORE_DATA_WRITE.with(|hook| {
+                *hook.borrow_mut() = Some(Box::new(move || {
+                    meet.wait();
+                    meet.wait();
+                }));
+            });
+            b.write(0, &[1; 4096], false).unwrap();
+        })
+    };
+    meet.wait();
+    let group = {
+        let (a, b) = (a.clone(), b.clone());
+        std::thread::spawn(move || {
+            let spec = SnapshotSpec {
+                name: "s".into(),
+                ..SnapshotSpec::default()
+            };
+            Volume::snapshot_group(&[(&a, spec.clone()), (&b, spec)])
+                .unwrap()
+                .snapshots
+                .len()
+        })
+    };
+    // A reader of a that does not get through means a's gate is held while b's write
+    // is still parked.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let blocked = loop {
+        let (done, finished) = std::sync::mpsc::channel();
+        let a = a.clone();
+        let probe = std::thread::spawn(move || {
+            let _ = a.snapshots();
+            let _ = done.send(());
+        });
+        if finished
+            .recv_timeout(std::time::Duration::from_millis(200))
+            .is_err()
+        {
+            break probe;
+        }
+        probe.join().unwrap();
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a's gate was not closed while b was still draining"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    meet.wait();
+    writer.join().unwrap();
+    assert_eq!(group.join().unwrap(), 2);
+    blocked.join().unwrap();
+}
+
 /// Writes wait for their bit syncs with the write gate open, so a pause does not wait for
 /// them and can run between a write's marking and its data write. Such a write must still
 /// preserve its block for the snapshot taken in that pause and be in the new
