@@ -6,21 +6,23 @@ use std::sync::{PoisonError, RwLockReadGuard};
 
 use super::{Volume, VolumeError, WriteState};
 
+/// Tests only: a hook a test sets on a writer's thread to stop it at one point.
+#[cfg(test)]
+pub(super) type WriteHook = std::cell::RefCell<Option<Box<dyn FnMut()>>>;
+
 #[cfg(test)]
 thread_local! {
     /// Tests only: run on a writer's thread once its bits are synced, before it takes the
     /// write gate again for its data write (where a pause may slip in).
-    pub(super) static AFTER_BIT_SYNC: std::cell::RefCell<Option<Box<dyn FnMut()>>> =
-        const { std::cell::RefCell::new(None) };
+    pub(super) static AFTER_BIT_SYNC: WriteHook = const { std::cell::RefCell::new(None) };
     /// Tests only: run on a writer's thread right before its data write, the write gate
     /// held (a write in flight that a pause must drain).
-    pub(super) static BEFORE_DATA_WRITE: std::cell::RefCell<Option<Box<dyn FnMut()>>> =
-        const { std::cell::RefCell::new(None) };
+    pub(super) static BEFORE_DATA_WRITE: WriteHook = const { std::cell::RefCell::new(None) };
 }
 
 /// Tests only: run the hook `hook` of this thread, if one is set.
 #[cfg(test)]
-fn run_hook(hook: &'static std::thread::LocalKey<std::cell::RefCell<Option<Box<dyn FnMut()>>>>) {
+fn run_hook(hook: &'static std::thread::LocalKey<WriteHook>) {
     hook.with(|hook| {
         if let Some(hook) = hook.borrow_mut().as_mut() {
             hook();
