@@ -546,6 +546,29 @@ fn group_snapshots_taken_while_a_writer_crosses_volumes_hold_a_prefix_of_its_wri
     );
 }
 
+/// A thread writing `data` at `offset` of `vol` that stops at the write path's `hook`:
+/// the test and the writer meet at the returned barrier once when the writer arrives
+/// there, and once more to let it go on.
+fn parked_writer(
+    vol: &Arc<Volume>,
+    hook: &'static std::thread::LocalKey<data::WriteHook>,
+    offset: u64,
+    data: Vec<u8>,
+) -> (std::thread::JoinHandle<()>, Arc<std::sync::Barrier>) {
+    let meet = Arc::new(std::sync::Barrier::new(2));
+    let (vol, parked) = (vol.clone(), meet.clone());
+    let writer = std::thread::spawn(move || {
+        hook.with(|hook| {
+            *hook.borrow_mut() = Some(Box::new(move || {
+                parked.wait();
+                parked.wait();
+            }));
+        });
+        vol.write(offset, &data, false).unwrap();
+    });
+    (writer, meet)
+}
+
 /// The gates of a group close at once: while a write in flight holds the last volume's
 /// gate (its drain), the first volume's gate is already held (a reader of it waits),
 /// rather than the group closing one gate after the other.
@@ -554,19 +577,7 @@ fn a_group_closes_every_gate_while_one_volume_still_drains() {
     let fx = Fixture::new();
     let a = Arc::new(fx.volume("a", 1 << 20, small(65536)));
     let b = Arc::new(fx.volume("b", 1 << 20, small(65536)));
-    let meet = Arc::new(std::sync::Barrier::new(2));
-    let writer = {
-        let (b, meet) = (b.clone(), meet.clone());
-        std::thread::spawn(move || {
-            data::BEFORE_DATA_WRITE.with(|hook| {
-                *hook.borrow_mut() = Some(Box::new(move || {
-                    meet.wait();
-                    meet.wait();
-                }));
-            });
-            b.write(0, &[1; 4096], false).unwrap();
-        })
-    };
+    let (writer, meet) = parked_writer(&b, &data::BEFORE_DATA_WRITE, 0, vec![1; 4096]);
     meet.wait();
     let group = {
         let (a, b) = (a.clone(), b.clone());
@@ -620,20 +631,8 @@ fn a_write_whose_bit_sync_straddles_a_pause_is_in_the_new_checkpoint_not_the_sna
     let vol = Arc::new(fx.volume("v", 1 << 20, small(65536)));
     vol.write(0, &[1; 65536], false).unwrap();
     vol.checkpoint_create("a").unwrap();
-    let meet = Arc::new(std::sync::Barrier::new(2));
-    let writer = {
-        let (vol, meet) = (vol.clone(), meet.clone());
-        std::thread::spawn(move || {
-            data::AFTER_BIT_SYNC.with(|hook| {
-                *hook.borrow_mut() = Some(Box::new(move || {
-                    meet.wait();
-                    meet.wait();
-                }));
-            });
-            // Block 0's first write since "a": its bit is synced, then it waits.
-            vol.write(0, &[2; 65536], false).unwrap();
-        })
-    };
+    // Block 0's first write since "a": its bit is synced, then it waits.
+    let (writer, meet) = parked_writer(&vol, &data::AFTER_BIT_SYNC, 0, vec![2; 65536]);
     meet.wait();
     let (done, taken) = std::sync::mpsc::channel();
     {
