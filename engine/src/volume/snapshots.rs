@@ -3,6 +3,7 @@
 //! reporting the snapshots a crash lost.
 
 use std::fs::{self};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, MutexGuard, PoisonError, RwLockWriteGuard};
 use std::time::{Duration, Instant};
@@ -48,14 +49,30 @@ impl Volume {
             }
         }
         let mut cow_paths = Vec::with_capacity(requests.len());
-        for (volume, spec) in requests {
-            cow_paths.push(volume.prepare_snapshot(spec)?);
-        }
-        let markers_done = |upto: usize| {
-            for (volume, spec) in &requests[..upto] {
+        let mut made_stores = Vec::with_capacity(requests.len());
+        // Undo the preparation of the first `upto` requests: markers, and COW store files
+        // made before the pause that no snapshot took.
+        let undo_prepared = |upto: usize, cow_paths: &[PathBuf], made_stores: &[bool]| {
+            for (i, (volume, spec)) in requests[..upto].iter().enumerate() {
                 volume.remove_marker(&spec.name);
+                if made_stores[i] {
+                    let _ = fs::remove_file(&cow_paths[i]);
+                }
             }
         };
+        for (volume, spec) in requests {
+            match volume.prepare_snapshot(spec) {
+                Ok((path, made)) => {
+                    cow_paths.push(path);
+                    made_stores.push(made);
+                }
+                Err(e) => {
+                    undo_prepared(cow_paths.len(), &cow_paths, &made_stores);
+                    return Err(e);
+                }
+            }
+        }
+        let markers_done = |upto: usize| undo_prepared(upto, &cow_paths, &made_stores);
         // Lock order: every chain by volume uuid, then the gates, which the pause's threads
         // close at once (nothing holds a gate while waiting for another lock).
         let mut chains: Vec<Option<MutexGuard<'_, Chain>>> =
@@ -126,8 +143,12 @@ impl Volume {
         })
     }
 
-    /// Checks done before the pause; writes the snapshot's marker. Returns the COW path.
-    pub(super) fn prepare_snapshot(&self, spec: &SnapshotSpec) -> Result<PathBuf, VolumeError> {
+    /// Checks done before the pause; writes the snapshot's marker and makes the COW store
+    /// file. Returns the COW path and whether its file was made here (not there before).
+    pub(super) fn prepare_snapshot(
+        &self,
+        spec: &SnapshotSpec,
+    ) -> Result<(PathBuf, bool), VolumeError> {
         if !valid_name(&spec.name) {
             return Err(VolumeError::Invalid(format!(
                 "invalid snapshot name {:?}: use 1 to 255 of the characters A-Z a-z 0-9 . _ - + @ :",
@@ -166,7 +187,27 @@ impl Volume {
         let bytes = serde_json::to_vec(&marker).map_err(|e| VolumeError::Invalid(e.to_string()))?;
         tidemark_formats::atomic_replace(&path, &bytes)
             .map_err(|e| self.io_err("write", &path, e))?;
-        Ok(cow_path)
+        // Made now, not in the pause: a new inode and directory entry wait for the
+        // filesystem's journal, and 16 of them at once made the tail of a group's pause
+        // (benches/results/group-pause.md); the pause only opens and truncates it.
+        let made = cow_path
+            .parent()
+            .map_or(Ok(()), fs::create_dir_all)
+            .and_then(|()| {
+                fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(&cow_path)
+            });
+        match made {
+            Ok(_) => Ok((cow_path, true)),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok((cow_path, false)),
+            Err(e) => {
+                self.remove_marker(&spec.name);
+                Err(self.io_err("create the COW store", &cow_path, e))
+            }
+        }
     }
 
     pub(super) fn remove_marker(&self, name: &str) {

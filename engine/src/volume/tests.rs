@@ -433,6 +433,13 @@ fn a_large_group_is_undone_on_one_failure_and_each_volume_gets_its_own_snapshot(
     for (i, vol) in volumes.iter().enumerate() {
         assert!(vol.snapshots().is_empty(), "{} kept a snapshot", names[i]);
         assert_eq!(vol.checkpoints().len(), usize::from(i != 5), "{}", names[i]);
+        // Neither the marker nor the COW store file (made before the pause) is left.
+        let left: Vec<_> = fs::read_dir(vol.state_path().join("snapshots"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        assert!(left.is_empty(), "{}: {left:?} left behind", names[i]);
     }
     volumes[5].checkpoint_create("base").unwrap();
     volumes[5].write(4096 * 6, &[6; 4096], false).unwrap();
