@@ -19,6 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
+use tidemark_engine::volume::PausePhases;
 use tidemark_nbd::export::Export;
 
 use crate::daemon::{check_name, Daemon, FINISHED_KEPT};
@@ -58,6 +59,7 @@ pub(crate) struct Backup {
     started: Timestamp,
     started_at: Instant,
     pause: Duration,
+    pause_phases: PausePhases,
     quiesce: Value,
     lease: Option<ConnectionId>,
     progress: Arc<Progress>,
@@ -130,6 +132,7 @@ impl Backup {
             "started": self.started,
             "elapsed_ms": self.started_at.elapsed().as_millis() as u64,
             "write_pause_us": self.pause.as_micros() as u64,
+            "write_pause_phases_us": phases_json(&self.pause_phases),
             "quiesce": self.quiesce,
             "lease": self.lease.is_some(),
             "progress": {
@@ -141,6 +144,19 @@ impl Backup {
 }
 
 /// Volumes reserved by a `backup-begin` still in progress, so two begins cannot race.
+/// Where a write pause's time went, in microseconds (each per-volume phase the longest
+/// over the group's volumes).
+fn phases_json(phases: &PausePhases) -> Value {
+    let us = |d: Duration| d.as_micros() as u64;
+    json!({
+        "drain": us(phases.drain),
+        "volumes": us(phases.volumes),
+        "bitmaps": us(phases.bitmaps),
+        "cow_stores": us(phases.cow_stores),
+        "checkpoints": us(phases.checkpoints),
+    })
+}
+
 fn reserve<'a>(daemon: &'a Daemon, names: &[String]) -> Result<Reservation<'a>, CommandError> {
     let mut registry = daemon.registry();
     for name in names {
@@ -347,6 +363,10 @@ pub(crate) fn begin(
         backup = %id,
         volumes = names.len(),
         write_pause_us = group.pause.as_micros() as u64,
+        drain_us = group.phases.drain.as_micros() as u64,
+        volumes_us = group.phases.volumes.as_micros() as u64,
+        checkpoints_us = group.phases.checkpoints.as_micros() as u64,
+        cow_stores_us = group.phases.cow_stores.as_micros() as u64,
         "group snapshot taken"
     );
     if let Some(problem) = quiesce_problem {
@@ -374,6 +394,7 @@ pub(crate) fn begin(
         started,
         started_at,
         pause: group.pause,
+        pause_phases: group.phases,
         quiesce: quiesce_report,
         lease: lease.then_some(conn),
         progress: Arc::new(Progress::default()),

@@ -14,7 +14,9 @@ use tidemark_engine::quiesce::{self, QuiesceError, QuiesceSpec};
 use tidemark_engine::rollback::{RollbackError, RollbackReport, RollbackRequest};
 use tidemark_engine::snapshot::{CowOptions, Snapshot};
 use tidemark_engine::status::{SnapshotState, VolumeStatus};
-use tidemark_engine::volume::{SnapshotSpec, TrackingMode, Volume, VolumeError, VolumeOptions};
+use tidemark_engine::volume::{
+    PausePhases, SnapshotSpec, TrackingMode, Volume, VolumeError, VolumeOptions,
+};
 use tidemark_formats::delta::CheckpointRef;
 use tidemark_nbd::export::{Capabilities, Export, ExportResult, Extent, MetaContext, ZeroFlags};
 
@@ -390,6 +392,7 @@ impl Drop for SnapshotHandle {
 pub struct GroupSnapshot {
     pub snapshots: Vec<SnapshotHandle>,
     pub pause: Duration,
+    pub phases: PausePhases,
 }
 
 /// Snapshot `volumes` at one instant (one write pause for all), creating `checkpoint` on
@@ -424,6 +427,7 @@ pub fn group_snapshot(
     Ok(GroupSnapshot {
         snapshots,
         pause: group.pause,
+        phases: group.phases,
     })
 }
 

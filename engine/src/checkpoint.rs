@@ -28,6 +28,15 @@
 //!   new files that the next open deletes. A crash after the replace but before the late
 //!   freeze leaves a durable InUse bitmap that is not the latest: trusted (a superset of
 //!   the checkpoint's changes, never a missed one) and made Clean by the next open.
+//!   In durable mode the pause does not sync the directory either: the rename is all it
+//!   does to the chain. The new active bitmap owes the directory sync
+//!   ([`ActiveBitmap::owe_dir_sync`]): [`Chain::finish_freezes`] pays it right after the
+//!   pause, and every bit sync of the new bitmap (the group commit each write waits for
+//!   before its data write, since a new bitmap has no durable bit) pays it, if still
+//!   owed, before its bits count as durable. So no data write after the pause is issued before the chain naming the
+//!   new bitmap is on stable storage; a crash before that sync may leave the old chain,
+//!   whose latest bitmap holds every change up to the pause (InUse, or Clean and
+//!   complete), and no later write reached the volume.
 //! - delete: prepare, switch, commit. Prepare: write the merged predecessor (its bits OR
 //!   the deleted checkpoint's) to a new file, `<chain uuid>-<generation>.merged.bitmap` or
 //!   back to `<chain uuid>-<generation>.bitmap` (the name the chain does not use now);
@@ -189,6 +198,10 @@ pub(crate) struct Chain {
     /// Durable mode: bitmaps that stopped being active in a pause and are still InUse on
     /// disk; [`Chain::finish_freezes`] freezes them once writes resume.
     unfrozen: Vec<Arc<ActiveBitmap>>,
+    /// Durable mode: the active bitmap whose chain was renamed into place in a pause and
+    /// whose directory sync it still owes ([`ActiveBitmap::owe_dir_sync`]);
+    /// [`Chain::finish_freezes`] syncs it once writes resume, unless a write did first.
+    owed_dir_sync: Option<Arc<ActiveBitmap>>,
 }
 
 /// Whether `name` is acceptable as a checkpoint (or snapshot) name.
@@ -240,6 +253,7 @@ impl Chain {
             next_generation,
             entries: Vec::new(),
             unfrozen: Vec::new(),
+            owed_dir_sync: None,
         };
         let count = file.checkpoints.len();
         let mut active = None;
@@ -557,23 +571,32 @@ impl Chain {
         }
     }
 
-    /// Replace the chain file with the one [`Chain::stage`] wrote: rename, then fsync the
+    /// Replace the chain file with the one [`Chain::stage`] wrote: rename, then (unless
+    /// `sync_dir` is false: durable mode, where the new bitmap owes it instead) fsync the
     /// directory. Once the rename is done the new chain is what the next open reads, so a
     /// failing directory sync counts as done, as in [`Chain::replace_chain`].
-    fn install_staged(&self) -> Result<(), CheckpointError> {
+    fn install_staged(&self, sync_dir: bool) -> Result<(), CheckpointError> {
         let staged = self.bitmap_dir.join(STAGED_CHAIN);
         fs::rename(&staged, &self.path).map_err(|source| CheckpointError::Io {
             path: self.path.clone(),
             source,
         })?;
-        let _ = fs::File::open(&self.bitmap_dir).and_then(|dir| dir.sync_all());
+        if sync_dir {
+            let _ = fs::File::open(&self.bitmap_dir).and_then(|dir| dir.sync_all());
+        }
         Ok(())
     }
 
-    /// Durable mode, after the pause (chain still locked): freeze the bitmaps that
-    /// [`Chain::install`] left InUse (see the module doc). A bitmap whose freeze fails
-    /// stays listed for the next try; its file stays InUse, which the next open trusts.
+    /// Durable mode, after the pause (chain still locked): sync the directory of the chain
+    /// that [`Chain::install`] renamed into place, then freeze the bitmaps it left InUse
+    /// (see the module doc). A bitmap whose freeze fails stays listed for the next try;
+    /// its file stays InUse, which the next open trusts. A failed directory sync stays
+    /// owed: writes keep failing their bit syncs until it succeeds.
     pub(crate) fn finish_freezes(&mut self) -> Result<(), CheckpointError> {
+        if let Some(active) = &self.owed_dir_sync {
+            active.sync_owed_dir()?;
+            self.owed_dir_sync = None;
+        }
         while let Some(old) = self.unfrozen.last() {
             old.freeze()?;
             self.unfrozen.pop();
@@ -635,7 +658,7 @@ impl Chain {
         });
         self.next_generation += 1;
         let persisted = if staged {
-            self.install_staged()
+            self.install_staged(!durable)
         } else {
             self.persist()
         };
@@ -667,7 +690,12 @@ impl Chain {
         if let (true, Some(old)) = (durable, active.take()) {
             self.unfrozen.push(old);
         }
-        *active = Some(Arc::new(new.bitmap));
+        let new_active = Arc::new(new.bitmap);
+        if durable && staged {
+            new_active.owe_dir_sync(self.bitmap_dir.clone());
+            self.owed_dir_sync = Some(Arc::clone(&new_active));
+        }
+        *active = Some(new_active);
         Ok(self.info(n - 1, active.as_deref()))
     }
 

@@ -443,6 +443,10 @@ pub(crate) struct ActiveBitmap {
     commit: Mutex<Commit>,
     commit_done: Condvar,
     syncs: AtomicU64,
+    /// A directory whose fsync is owed before any bit counts as durable: the chain file
+    /// naming this bitmap was renamed into it during a write pause and is synced after
+    /// the pause ([`ActiveBitmap::owe_dir_sync`], `crate::checkpoint`).
+    owed_dir_sync: Mutex<Option<PathBuf>>,
     #[cfg(test)]
     model: PowerLossModel,
 }
@@ -579,6 +583,7 @@ impl ActiveBitmap {
             commit: Mutex::new(Commit::default()),
             commit_done: Condvar::new(),
             syncs: AtomicU64::new(0),
+            owed_dir_sync: Mutex::new(None),
             #[cfg(test)]
             model: PowerLossModel::new(bits),
         })
@@ -695,6 +700,35 @@ impl ActiveBitmap {
                 "block {block}'s bit is not on stable storage before its data write"
             );
         }
+        assert!(
+            lock(&self.owed_dir_sync).is_none(),
+            "the chain naming this bitmap is not on stable storage before a data write"
+        );
+    }
+
+    /// Durable mode: the chain file that names this bitmap was renamed into `dir` and
+    /// the directory is not synced yet, so no bit counts as durable (and no data write
+    /// is issued) until it is: the next group commit syncs it after the payload, unless
+    /// [`ActiveBitmap::sync_owed_dir`] did first.
+    pub(crate) fn owe_dir_sync(&self, dir: PathBuf) {
+        *lock(&self.owed_dir_sync) = Some(dir);
+    }
+
+    /// Fsync the directory owed by [`ActiveBitmap::owe_dir_sync`], if any (a concurrent
+    /// caller waits for this one's sync). On failure it stays owed.
+    pub(crate) fn sync_owed_dir(&self) -> Result<(), TrackingError> {
+        let mut owed = lock(&self.owed_dir_sync);
+        if let Some(dir) = owed.as_ref() {
+            crate::failpoint::check("tracking.dir_sync")
+                .and_then(|()| File::open(dir)?.sync_all())
+                .map_err(|source| TrackingError::Io {
+                    path: self.path.clone(),
+                    action: "fsync its directory (the checkpoint chain naming it)",
+                    source,
+                })?;
+            *owed = None;
+        }
+        Ok(())
     }
 
     /// Whether every bit of `mask` in word `word` is known to be on stable storage.
@@ -766,6 +800,7 @@ impl ActiveBitmap {
                 .sync_data()
                 .and_then(|()| crate::failpoint::check("tracking.fdatasync"))
                 .map_err(|e| self.io_err("fdatasync", e))?;
+            self.sync_owed_dir()?;
             #[cfg(test)]
             self.model.flushed(&image);
             Ok(())
@@ -889,12 +924,52 @@ impl ActiveBitmap {
     }
 
     /// Persist the payload and mark the file Clean (crcs valid): the bitmap stops being
-    /// active. Writes must be paused. An Inconsistent bitmap stays Inconsistent.
+    /// active. No write may mark it any more (writes paused, or another bitmap active).
+    /// An Inconsistent bitmap stays Inconsistent.
     ///
     /// Only allocated pages are written (the others are holes, or clean pages of a file
     /// read at activation, which hold no bit), then the page crc table's pages that cover
     /// them, one fdatasync, and the header with the table's crc.
     pub(crate) fn freeze(&self) -> Result<(), TrackingError> {
+        // Writers wait for their bit syncs with the write gate open, so a sync of this
+        // bitmap may still run (or start) now: the freeze leads the group commit, so
+        // no page write of a sync interleaves with its own, and counts as one sync (it
+        // writes every written bit) for the writers queued meanwhile.
+        let mut st = lock(&self.commit);
+        while st.syncing {
+            st = self
+                .commit_done
+                .wait(st)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+        st.syncing = true;
+        st.started += 1;
+        let mine = st.started;
+        drop(st);
+        let queued = std::mem::take(&mut *lock(&self.queue));
+        for &p in &queued {
+            self.page_for(p * PAGE_WORDS)
+                .queued
+                .store(false, Ordering::SeqCst);
+        }
+        let result = self.freeze_payload();
+        if result.is_err() {
+            // Their bits may not be on disk: the next sync writes them.
+            for p in queued {
+                self.queue_page(p);
+            }
+        }
+        let mut st = lock(&self.commit);
+        st.syncing = false;
+        if result.is_ok() {
+            st.completed = mine;
+        }
+        self.commit_done.notify_all();
+        result
+    }
+
+    /// The freeze's writes (see [`ActiveBitmap::freeze`]), as the commit's leader.
+    fn freeze_payload(&self) -> Result<(), TrackingError> {
         let mut allocated = Vec::new();
         for (p, slot) in self.pages.iter().enumerate() {
             if let Some(page) = slot.get() {

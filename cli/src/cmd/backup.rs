@@ -261,7 +261,14 @@ pub fn print_backup(backup: &Value) {
     if let Some(checkpoint) = backup["checkpoint"].as_str() {
         println!("  new checkpoint  {checkpoint}");
     }
-    println!("  write pause     {} us", text(&backup["write_pause_us"]));
+    let phases = &backup["write_pause_phases_us"];
+    match (phases["drain"].as_u64(), phases["volumes"].as_u64()) {
+        (Some(drain), Some(work)) => println!(
+            "  write pause     {} us (writes drained in {drain} us, volumes' work {work} us)",
+            text(&backup["write_pause_us"])
+        ),
+        _ => println!("  write pause     {} us", text(&backup["write_pause_us"])),
+    }
     if let Some(window) = backup["quiesce"]["freeze_to_thaw_ms"].as_f64() {
         let summary = &backup["quiesce"]["summary"];
         let mut frozen: Vec<String> = Vec::new();

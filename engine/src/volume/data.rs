@@ -6,6 +6,30 @@ use std::sync::{PoisonError, RwLockReadGuard};
 
 use super::{Volume, VolumeError, WriteState};
 
+/// Tests only: a hook a test sets on a writer's thread to stop it at one point.
+#[cfg(test)]
+pub(super) type WriteHook = std::cell::RefCell<Option<Box<dyn FnMut()>>>;
+
+#[cfg(test)]
+thread_local! {
+    /// Tests only: run on a writer's thread once its bits are synced, before it takes the
+    /// write gate again for its data write (where a pause may slip in).
+    pub(super) static AFTER_BIT_SYNC: WriteHook = const { std::cell::RefCell::new(None) };
+    /// Tests only: run on a writer's thread right before its data write, the write gate
+    /// held (a write in flight that a pause must drain).
+    pub(super) static BEFORE_DATA_WRITE: WriteHook = const { std::cell::RefCell::new(None) };
+}
+
+/// Tests only: run the hook `hook` of this thread, if one is set.
+#[cfg(test)]
+fn run_hook(hook: &'static std::thread::LocalKey<WriteHook>) {
+    hook.with(|hook| {
+        if let Some(hook) = hook.borrow_mut().as_mut() {
+            hook();
+        }
+    });
+}
+
 impl Volume {
     pub(super) fn check_range(&self, offset: u64, len: u64) -> Result<(), VolumeError> {
         if offset
@@ -30,7 +54,7 @@ impl Volume {
         Ok(st)
     }
 
-    /// Steps 1 and 2 of the write order (module docs).
+    /// Steps 1 and 2 of the write order (module docs), the gate held throughout.
     /// The snapshot copies only read the volume, so they run while the bitmap sync is in
     /// flight; the data write still waits for both.
     pub(super) fn before_change(
@@ -56,6 +80,55 @@ impl Volume {
         Ok(())
     }
 
+    /// The whole write order (module docs) for a change of `[offset, offset + len)`:
+    /// steps 1 and 2, then `change` (step 3) with the gate held. A change whose bits need
+    /// a sync waits for it with the gate *open*, so a pause never waits for a bit sync,
+    /// only for the data writes in flight; once synced, the gate is taken again and, if a
+    /// pause ran meanwhile (the active bitmap or the snapshots may have changed), steps 1
+    /// and 2 are done again under it before the data write.
+    fn change<T>(
+        &self,
+        offset: u64,
+        len: u64,
+        change: impl FnOnce() -> Result<T, VolumeError>,
+    ) -> Result<T, VolumeError> {
+        let st = self.gate_read()?;
+        let active = st.active.clone();
+        let pending = match &active {
+            Some(active) => active.begin_mark(offset, len)?,
+            None => None,
+        };
+        for snapshot in &st.snapshots {
+            snapshot.preserve(offset, len);
+        }
+        let Some(pending) = pending else {
+            #[cfg(test)]
+            if let Some(active) = &st.active {
+                active.assert_survives_power_loss(offset, len);
+            }
+            #[cfg(test)]
+            run_hook(&BEFORE_DATA_WRITE);
+            return change();
+        };
+        let epoch = st.epoch;
+        drop(st);
+        pending.finish()?;
+        #[cfg(test)]
+        run_hook(&AFTER_BIT_SYNC);
+        let st = self.gate_read()?;
+        if st.epoch == epoch {
+            #[cfg(test)]
+            if let Some(active) = &st.active {
+                active.assert_survives_power_loss(offset, len);
+            }
+        } else {
+            self.before_change(&st, offset, len)?;
+        }
+        #[cfg(test)]
+        run_hook(&BEFORE_DATA_WRITE);
+        change()
+    }
+
     /// Fill `buf` with the bytes at `offset`.
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), VolumeError> {
         self.check_range(offset, buf.len() as u64)?;
@@ -70,15 +143,15 @@ impl Volume {
         if data.is_empty() {
             return Ok(());
         }
-        let st = self.gate_read()?;
-        self.before_change(&st, offset, data.len() as u64)?;
-        self.backing
-            .write_at(offset, data)
-            .map_err(|e| self.io_err("write", self.backing.path(), e))?;
-        if fua {
-            self.flush_backing()?;
-        }
-        Ok(())
+        self.change(offset, data.len() as u64, || {
+            self.backing
+                .write_at(offset, data)
+                .map_err(|e| self.io_err("write", self.backing.path(), e))?;
+            if fua {
+                self.flush_backing()?;
+            }
+            Ok(())
+        })
     }
 
     pub(super) fn flush_backing(&self) -> Result<(), VolumeError> {
@@ -100,22 +173,22 @@ impl Volume {
         if len == 0 {
             return Ok(());
         }
-        let st = self.gate_read()?;
-        self.before_change(&st, offset, len)?;
-        match self.backing.discard(offset, len) {
-            Ok(()) => {}
-            // Discard is advisory: a store that cannot discard keeps the old bytes.
-            Err(e)
-                if matches!(
-                    e.raw_os_error(),
-                    Some(libc::EOPNOTSUPP) | Some(libc::ENOTTY)
-                ) => {}
-            Err(e) => return Err(self.io_err("discard", self.backing.path(), e)),
-        }
-        if fua {
-            self.flush_backing()?;
-        }
-        Ok(())
+        self.change(offset, len, || {
+            match self.backing.discard(offset, len) {
+                Ok(()) => {}
+                // Discard is advisory: a store that cannot discard keeps the old bytes.
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::EOPNOTSUPP) | Some(libc::ENOTTY)
+                    ) => {}
+                Err(e) => return Err(self.io_err("discard", self.backing.path(), e)),
+            }
+            if fua {
+                self.flush_backing()?;
+            }
+            Ok(())
+        })
     }
 
     /// Make `len` bytes at `offset` read as zeroes; `may_unmap` lets a file punch a hole.
@@ -130,15 +203,15 @@ impl Volume {
         if len == 0 {
             return Ok(());
         }
-        let st = self.gate_read()?;
-        self.before_change(&st, offset, len)?;
-        self.backing
-            .zero(offset, len, may_unmap)
-            .map_err(|e| self.io_err("write zeroes", self.backing.path(), e))?;
-        if fua {
-            self.flush_backing()?;
-        }
-        Ok(())
+        self.change(offset, len, || {
+            self.backing
+                .zero(offset, len, may_unmap)
+                .map_err(|e| self.io_err("write zeroes", self.backing.path(), e))?;
+            if fua {
+                self.flush_backing()?;
+            }
+            Ok(())
+        })
     }
 
     /// Allocation of `[offset, offset + len)` as at most `max_runs` `(length, is_hole)`

@@ -227,6 +227,7 @@ impl Volume {
                 closed: false,
                 active,
                 snapshots: Vec::new(),
+                epoch: 0,
             }),
             events,
             manifest,

@@ -48,6 +48,16 @@
 //!    set and queued first, then the copy, then the wait for the sync);
 //! 3. write to the backing store (O_DIRECT when aligned); with FUA, fdatasync.
 //!
+//! A write whose bits need a sync (step 1) waits for it with the gate released, so a
+//! pause (snapshot, checkpoint) waits only for the data writes in flight, not for bit
+//! syncs: the pause's drain is one data write, not a bitmap sync plus a data write. Once
+//! synced, the write takes the gate again; if a pause ran meanwhile (counted in the
+//! gate's state), steps 1 and 2 are done again under the gate against what is current
+//! (a new active bitmap, new snapshots) before step 3. The bits the write set in the
+//! bitmap that stopped being active stay there: a block reported changed whose data
+//! came later, never a missed one. A bitmap being frozen waits for a sync in progress
+//! on it ([`crate::tracking`]).
+//!
 //! Why this is safe: a crash after 1 leaves a dirty bit for data that may not have been
 //! written, which only costs a block in the next incremental backup. A crash after 3
 //! leaves the data and its bit. Snapshots never outlive the process (markers turn into
@@ -271,6 +281,37 @@ pub struct GroupSnapshot {
     pub snapshots: Vec<Snapshot>,
     /// How long writes were held (the "write pause" a backup reports).
     pub pause: Duration,
+    /// Where that time went.
+    pub phases: PausePhases,
+}
+
+/// Where the time of one write pause went. The volumes of a group do their part at
+/// once, each on a thread of its own, so each per-volume phase is the longest one over
+/// the group (the group waits for its slowest volume).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PausePhases {
+    /// From asking for the first write gate to holding all of them: the writes in
+    /// flight finishing (each one after its bitmap sync and its data write).
+    pub drain: Duration,
+    /// Freezing the changes since the incremental backup's checkpoint.
+    pub bitmaps: Duration,
+    /// Creating the COW stores and starting their writers.
+    pub cow_stores: Duration,
+    /// Installing the new checkpoints: the chain file's rename and directory sync (and
+    /// in fast tracking mode the old bitmap's freeze).
+    pub checkpoints: Duration,
+    /// From holding every gate to the last volume's part done: the phases above plus
+    /// handing the work to the threads.
+    pub volumes: Duration,
+}
+
+impl PausePhases {
+    /// The longest of each per-volume phase.
+    fn longest(&mut self, volume: &PausePhases) {
+        self.bitmaps = self.bitmaps.max(volume.bitmaps);
+        self.cow_stores = self.cow_stores.max(volume.cow_stores);
+        self.checkpoints = self.checkpoints.max(volume.checkpoints);
+    }
 }
 
 /// What [`Volume::exclusive`] hands to a rollback ([`crate::rollback`]): the chain, the
@@ -290,6 +331,9 @@ struct WriteState {
     closed: bool,
     active: Option<Arc<ActiveBitmap>>,
     snapshots: Vec<Arc<SnapshotInner>>,
+    /// Counts the times the gate was held exclusively (a pause): a writer that waited for
+    /// its bit sync with the gate open redoes steps 1 and 2 when it changed meanwhile.
+    epoch: u64,
 }
 
 /// A volume under management. `Send + Sync`: share it as `Arc<Volume>`; every method
@@ -365,10 +409,11 @@ impl Volume {
     }
 
     fn gate_write(&self) -> Result<RwLockWriteGuard<'_, WriteState>, VolumeError> {
-        let st = self.gate.write().unwrap_or_else(PoisonError::into_inner);
+        let mut st = self.gate.write().unwrap_or_else(PoisonError::into_inner);
         if st.closed {
             return Err(VolumeError::Closed(self.manifest.name.clone()));
         }
+        st.epoch = st.epoch.wrapping_add(1);
         Ok(st)
     }
 
@@ -411,15 +456,17 @@ impl Volume {
         Ok(info)
     }
 
-    /// After a pause that installed a checkpoint, the chain still locked: freeze the
-    /// durable bitmap it replaced (see crate::checkpoint). A failure leaves that bitmap
-    /// InUse on disk, which the next open trusts, and is logged.
+    /// After a pause that installed a checkpoint, the chain still locked: sync the
+    /// directory of the chain renamed in the pause and freeze the durable bitmap it
+    /// replaced (see crate::checkpoint). A failure is logged: a failed directory sync
+    /// stays owed (writes fail their bit syncs until it succeeds), a bitmap left InUse on
+    /// disk is trusted by the next open.
     pub(super) fn finish_freezes(&self, chain: &mut Chain) {
         if let Err(e) = chain.finish_freezes() {
             self.events.push(
                 EventLevel::Warning,
                 format!(
-                    "volume {}: freezing the previous checkpoint's bitmap: {}; it is trusted as it is on disk and retried at the next checkpoint operation",
+                    "volume {}: finishing the new checkpoint after the write pause (syncing its chain, freezing the previous checkpoint's bitmap): {}; the chain's sync is retried by the next write, the freeze by the next checkpoint operation (the bitmap is trusted as it is on disk meanwhile)",
                     self.name(),
                     error::chain(&e)
                 ),

@@ -3,6 +3,7 @@
 //! reporting the snapshots a crash lost.
 
 use std::fs::{self};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, MutexGuard, PoisonError, RwLockWriteGuard};
 use std::time::{Duration, Instant};
@@ -10,8 +11,8 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use super::{
-    lock_mutex, GroupSnapshot, SnapshotSpec, Volume, VolumeError, WriteState, MAX_GRANULARITY,
-    MIN_GRANULARITY,
+    lock_mutex, GroupSnapshot, PausePhases, SnapshotSpec, Volume, VolumeError, WriteState,
+    MAX_GRANULARITY, MIN_GRANULARITY,
 };
 use crate::checkpoint::{valid_name, Chain, NewCheckpoint};
 use crate::error;
@@ -48,15 +49,32 @@ impl Volume {
             }
         }
         let mut cow_paths = Vec::with_capacity(requests.len());
-        for (volume, spec) in requests {
-            cow_paths.push(volume.prepare_snapshot(spec)?);
-        }
-        let markers_done = |upto: usize| {
-            for (volume, spec) in &requests[..upto] {
+        let mut made_stores = Vec::with_capacity(requests.len());
+        // Undo the preparation of the first `upto` requests: markers, and COW store files
+        // made before the pause that no snapshot took.
+        let undo_prepared = |upto: usize, cow_paths: &[PathBuf], made_stores: &[bool]| {
+            for (i, (volume, spec)) in requests[..upto].iter().enumerate() {
                 volume.remove_marker(&spec.name);
+                if made_stores[i] {
+                    let _ = fs::remove_file(&cow_paths[i]);
+                }
             }
         };
-        // Lock order: every chain, then every gate, both by volume uuid.
+        for (volume, spec) in requests {
+            match volume.prepare_snapshot(spec) {
+                Ok((path, made)) => {
+                    cow_paths.push(path);
+                    made_stores.push(made);
+                }
+                Err(e) => {
+                    undo_prepared(cow_paths.len(), &cow_paths, &made_stores);
+                    return Err(e);
+                }
+            }
+        }
+        let markers_done = |upto: usize| undo_prepared(upto, &cow_paths, &made_stores);
+        // Lock order: every chain by volume uuid, then the gates, which the pause's threads
+        // close at once (nothing holds a gate while waiting for another lock).
         let mut chains: Vec<Option<MutexGuard<'_, Chain>>> =
             requests.iter().map(|_| None).collect();
         for &i in &order {
@@ -95,103 +113,42 @@ impl Volume {
                 }
             }
         }
-        let started = Instant::now();
-        let mut gates: Vec<Option<RwLockWriteGuard<'_, WriteState>>> =
-            requests.iter().map(|_| None).collect();
-        for &i in &order {
-            match requests[i].0.gate_write() {
-                Ok(g) => gates[i] = Some(g),
-                Err(e) => {
-                    drop(gates);
-                    discard_prepared(&chains, &mut prepared);
-                    markers_done(requests.len());
-                    return Err(e);
-                }
-            }
-        }
-        let jobs = requests
+        let jobs: Vec<PausedJob<'_>> = requests
             .iter()
             .zip(chains.iter_mut())
-            .zip(gates.iter_mut())
             .zip(&cow_paths)
             .zip(prepared.iter_mut())
             .enumerate()
-            .filter_map(|(i, ((((request, chain), gate), cow_path), new))| {
+            .filter_map(|(i, (((request, chain), cow_path), new))| {
                 Some(PausedJob {
                     index: i,
                     volume: request.0,
                     spec: &request.1,
                     chain: chain.as_deref_mut()?,
-                    st: gate.as_deref_mut()?,
                     cow_path,
                     new_checkpoint: new.take(),
                 })
             })
             .collect();
-        let mut taken: Vec<Option<(Arc<SnapshotInner>, bool)>> =
-            requests.iter().map(|_| None).collect();
-        let mut failure = None;
-        for (i, result) in take_in_parallel(jobs) {
-            match result {
-                Ok(inner) => taken[i] = Some((inner, requests[i].1.checkpoint.is_some())),
-                Err(e) => {
-                    failure.get_or_insert(e);
-                }
-            }
-        }
-        if let Some(err) = failure {
-            // Undo in reverse: deleting the new checkpoint merges its (empty, since
-            // writes are paused) bitmap back, leaving the chain as it was.
-            for (i, taken) in taken.into_iter().enumerate().rev() {
-                let Some((inner, made_checkpoint)) = taken else {
-                    continue;
-                };
-                let (volume, spec) = &requests[i];
-                if let (Some(chain), Some(st)) = (chains[i].as_deref_mut(), gates[i].as_deref_mut())
-                {
-                    st.snapshots.retain(|s| !Arc::ptr_eq(s, &inner));
-                    inner.drop_store();
-                    if let (true, Some(name)) = (made_checkpoint, &spec.checkpoint) {
-                        if let Err(e) = chain.delete(name, &mut st.active) {
-                            volume.events.push(
-                                EventLevel::Error,
-                                format!(
-                                    "volume {}: undoing checkpoint {name}: {}",
-                                    volume.name(),
-                                    error::chain(&e)
-                                ),
-                            );
-                        }
-                    }
-                }
-            }
-            drop(gates);
-            discard_prepared(&chains, &mut prepared);
+        let paused = pause_in_parallel(jobs);
+        drop(chains);
+        if let Some(err) = paused.failure {
             markers_done(requests.len());
             return Err(err);
         }
-        drop(gates);
-        let pause = started.elapsed();
-        finish_freezes_in_parallel(
-            requests
-                .iter()
-                .zip(chains.iter_mut())
-                .filter_map(|((volume, _), chain)| Some((*volume, chain.as_deref_mut()?)))
-                .collect(),
-        );
-        drop(chains);
         Ok(GroupSnapshot {
-            snapshots: taken
-                .into_iter()
-                .flatten()
-                .map(|(inner, _)| Snapshot::new(inner))
-                .collect(),
-            pause,
+            snapshots: paused.taken.into_iter().map(Snapshot::new).collect(),
+            pause: paused.pause,
+            phases: paused.phases,
         })
     }
 
-    /// Checks done before the pause; writes the snapshot's marker. Returns the COW path.
-    pub(super) fn prepare_snapshot(&self, spec: &SnapshotSpec) -> Result<PathBuf, VolumeError> {
+    /// Checks done before the pause; writes the snapshot's marker and makes the COW store
+    /// file. Returns the COW path and whether its file was made here (not there before).
+    pub(super) fn prepare_snapshot(
+        &self,
+        spec: &SnapshotSpec,
+    ) -> Result<(PathBuf, bool), VolumeError> {
         if !valid_name(&spec.name) {
             return Err(VolumeError::Invalid(format!(
                 "invalid snapshot name {:?}: use 1 to 255 of the characters A-Z a-z 0-9 . _ - + @ :",
@@ -230,7 +187,27 @@ impl Volume {
         let bytes = serde_json::to_vec(&marker).map_err(|e| VolumeError::Invalid(e.to_string()))?;
         tidemark_formats::atomic_replace(&path, &bytes)
             .map_err(|e| self.io_err("write", &path, e))?;
-        Ok(cow_path)
+        // Made now, not in the pause: a new inode and directory entry wait for the
+        // filesystem's journal, and 16 of them at once made the tail of a group's pause
+        // (benches/results/group-pause.md); the pause only opens and truncates it.
+        let made = cow_path
+            .parent()
+            .map_or(Ok(()), fs::create_dir_all)
+            .and_then(|()| {
+                fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(&cow_path)
+            });
+        match made {
+            Ok(_) => Ok((cow_path, true)),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok((cow_path, false)),
+            Err(e) => {
+                self.remove_marker(&spec.name);
+                Err(self.io_err("create the COW store", &cow_path, e))
+            }
+        }
     }
 
     pub(super) fn remove_marker(&self, name: &str) {
@@ -245,7 +222,9 @@ impl Volume {
         spec: &SnapshotSpec,
         cow_path: &Path,
         new_checkpoint: Option<NewCheckpoint>,
+        phases: &mut PausePhases,
     ) -> Result<Arc<SnapshotInner>, VolumeError> {
+        let phase_start = Instant::now();
         let give_up = |chain: &Chain, new: Option<NewCheckpoint>| {
             if let Some(new) = new {
                 chain.discard(new);
@@ -268,6 +247,8 @@ impl Volume {
             },
             None => None,
         };
+        phases.bitmaps = phase_start.elapsed();
+        let phase_start = Instant::now();
         let chunk = spec
             .cow
             .chunk_size
@@ -294,6 +275,8 @@ impl Volume {
             give_up(chain, new_checkpoint);
             return Err(e.into());
         }
+        phases.cow_stores = phase_start.elapsed();
+        let phase_start = Instant::now();
         if let Some(name) = &spec.checkpoint {
             let installed = match new_checkpoint {
                 Some(new) => chain.install(new, &mut st.active),
@@ -309,6 +292,7 @@ impl Volume {
         } else {
             give_up(chain, new_checkpoint);
         }
+        phases.checkpoints = phase_start.elapsed();
         st.snapshots.push(inner.clone());
         Ok(inner)
     }
@@ -375,72 +359,272 @@ impl Volume {
 /// Most threads one group snapshot uses for its volumes' paused work.
 const MAX_PAUSED_THREADS: usize = 16;
 
-/// The paused part of one volume's snapshot, handed to a thread of [`take_in_parallel`].
+/// The paused part of one volume's snapshot, handed to a thread of [`pause_in_parallel`].
 struct PausedJob<'a> {
     index: usize,
     volume: &'a Volume,
     spec: &'a SnapshotSpec,
     chain: &'a mut Chain,
-    st: &'a mut WriteState,
     cow_path: &'a Path,
     new_checkpoint: Option<NewCheckpoint>,
 }
 
-/// Run the paused part of every volume of a group at once. Each volume's part waits for
-/// its own syncs (the old bitmap frozen, the chain replaced: about four per volume), and
-/// the volumes are independent of each other, so running them one after another would
-/// hold the writes of all of them for the sum of every volume's sync latency: 16 volumes
-/// under write load paused for hundreds of milliseconds. Every gate stays held by the
-/// caller until all have finished, so the group is still one instant for every volume.
-/// Returns each job's index with its result. A thread that cannot be started leaves its
-/// share to the others; the calling thread always works too.
-fn take_in_parallel(
-    jobs: Vec<PausedJob<'_>>,
-) -> Vec<(usize, Result<Arc<SnapshotInner>, VolumeError>)> {
-    let results = std::sync::Mutex::new(Vec::new());
-    for_each_in_parallel(jobs, |job| {
-        let result = job.volume.take_snapshot(
-            job.chain,
-            job.st,
-            job.spec,
-            job.cow_path,
-            job.new_checkpoint,
-        );
-        lock_mutex(&results).push((job.index, result));
-    });
-    let mut results = results.into_inner().unwrap_or_else(PoisonError::into_inner);
-    results.sort_by_key(|(index, _)| *index);
-    results
+/// What [`pause_in_parallel`] gives back.
+struct Paused {
+    /// The snapshots in request order (empty after a failure).
+    taken: Vec<Arc<SnapshotInner>>,
+    /// The first error; every volume was then left as it was.
+    failure: Option<VolumeError>,
+    pause: Duration,
+    phases: PausePhases,
 }
 
-/// Run `work` on every item, on up to [`MAX_PAUSED_THREADS`] threads (this one among
-/// them; with no other thread, one item after another).
-fn for_each_in_parallel<T: Send>(items: Vec<T>, work: impl Fn(T) + Sync) {
-    let helpers = items.len().saturating_sub(1).min(MAX_PAUSED_THREADS - 1);
-    let queue = std::sync::Mutex::new(items);
-    let run = || loop {
-        let Some(item) = lock_mutex(&queue).pop() else {
-            return;
+/// One job's outcome, reported by its thread while it still holds the volume's gate.
+struct JobReport {
+    index: usize,
+    taken: Option<Arc<SnapshotInner>>,
+    error: Option<VolumeError>,
+    /// When the gate was held (the volume's writes drained).
+    closed: Instant,
+    /// When the volume's part was done.
+    done: Instant,
+    phases: PausePhases,
+}
+
+/// Where the threads of one pause meet: the pause starts when `started` is set; once
+/// every job reported, the thread of the last report sets `keep` (whether every job
+/// succeeded), and each thread keeps or undoes its own jobs and opens their gates.
+#[derive(Default)]
+struct Meeting {
+    started: Option<Instant>,
+    reports: Vec<JobReport>,
+    keep: Option<bool>,
+    /// When the last gate opened again.
+    released: Option<Instant>,
+}
+
+/// A job whose gate a thread holds until the verdict.
+struct HeldJob<'a, 'g> {
+    volume: &'a Volume,
+    spec: &'a SnapshotSpec,
+    chain: &'a mut Chain,
+    gate: Option<RwLockWriteGuard<'g, WriteState>>,
+    taken: Option<Arc<SnapshotInner>>,
+}
+
+/// Run the paused part of a group snapshot: close every volume's write gate and do its
+/// part ([`Volume::take_snapshot`]) on threads started before the pause, the volumes at
+/// once, holding every gate until all are done; then keep (or, when any failed, undo)
+/// every volume's part, open the gates, and freeze the durable bitmaps the new
+/// checkpoints replaced ([`Volume::finish_freezes`], after the pause, chains still
+/// locked).
+///
+/// Why at once: closing a gate waits for the writes in flight on its volume, each of them
+/// waiting for its bitmap sync and its data write, and each volume's part waits for its
+/// own syncs (the chain file's directory). One gate after another would hold the first
+/// volume's writes for the sum of every volume's drain and work. The group is still one
+/// instant for every volume: no gate opens before every gate was held, so a write
+/// acknowledged before the pause is in every snapshot and one started after a gate opened
+/// is in none. A thread that cannot be started leaves its share to the others; the
+/// calling thread works too, so at worst the jobs run one after another.
+fn pause_in_parallel(jobs: Vec<PausedJob<'_>>) -> Paused {
+    let count = jobs.len();
+    let helpers = count.saturating_sub(1).min(MAX_PAUSED_THREADS - 1);
+    let queue = std::sync::Mutex::new(jobs);
+    let meeting = std::sync::Mutex::new(Meeting {
+        reports: Vec::with_capacity(count),
+        ..Meeting::default()
+    });
+    let changed = std::sync::Condvar::new();
+    let run = || {
+        let mut m = lock_mutex(&meeting);
+        while m.started.is_none() {
+            m = changed.wait(m).unwrap_or_else(PoisonError::into_inner);
+        }
+        drop(m);
+        // A panic in a job must not leave the other threads holding their gates: the
+        // verdict becomes "undo" and the scope re-raises the panic once all are done.
+        let _undo_on_panic = UndoOnPanic {
+            meeting: &meeting,
+            changed: &changed,
         };
-        work(item);
-    };
-    std::thread::scope(|scope| {
-        for n in 0..helpers {
-            let started = std::thread::Builder::new()
-                .name(format!("snapshot-{n}"))
-                .spawn_scoped(scope, run);
-            if started.is_err() {
+        let mut held: Vec<HeldJob<'_, '_>> = Vec::with_capacity(count);
+        loop {
+            // Not `while let`: its lock on the queue would last the whole job.
+            let Some(job) = lock_mutex(&queue).pop() else {
                 break;
+            };
+            let PausedJob {
+                index,
+                volume,
+                spec,
+                chain,
+                cow_path,
+                new_checkpoint,
+            } = job;
+            let mut phases = PausePhases::default();
+            let (gate, result, closed) = match volume.gate_write() {
+                Ok(mut gate) => {
+                    let closed = Instant::now();
+                    let result = volume.take_snapshot(
+                        chain,
+                        &mut gate,
+                        spec,
+                        cow_path,
+                        new_checkpoint,
+                        &mut phases,
+                    );
+                    (Some(gate), result, closed)
+                }
+                Err(e) => {
+                    if let Some(new) = new_checkpoint {
+                        chain.discard(new);
+                    }
+                    (None, Err(e), Instant::now())
+                }
+            };
+            let (taken, error) = match result {
+                Ok(inner) => (Some(inner), None),
+                Err(e) => (None, Some(e)),
+            };
+            let mut m = lock_mutex(&meeting);
+            m.reports.push(JobReport {
+                index,
+                taken: taken.clone(),
+                error,
+                closed,
+                done: Instant::now(),
+                phases,
+            });
+            if m.reports.len() == count {
+                m.keep = Some(m.reports.iter().all(|r| r.error.is_none()));
+                changed.notify_all();
+            }
+            drop(m);
+            held.push(HeldJob {
+                volume,
+                spec,
+                chain,
+                gate,
+                taken,
+            });
+        }
+        let mut m = lock_mutex(&meeting);
+        let keep = loop {
+            match m.keep {
+                Some(keep) => break keep,
+                None => m = changed.wait(m).unwrap_or_else(PoisonError::into_inner),
+            }
+        };
+        drop(m);
+        for job in held.iter_mut().rev() {
+            if !keep {
+                job.undo();
+            }
+            job.gate = None;
+        }
+        let released = Instant::now();
+        let mut m = lock_mutex(&meeting);
+        m.released = Some(m.released.map_or(released, |r| r.max(released)));
+        drop(m);
+        if keep {
+            for job in held {
+                job.volume.finish_freezes(job.chain);
             }
         }
-        run();
-    });
+    };
+    if count > 0 {
+        std::thread::scope(|scope| {
+            for n in 0..helpers {
+                let spawned = std::thread::Builder::new()
+                    .name(format!("snapshot-{n}"))
+                    .spawn_scoped(scope, run);
+                if spawned.is_err() {
+                    break;
+                }
+            }
+            lock_mutex(&meeting).started = Some(Instant::now());
+            changed.notify_all();
+            run();
+        });
+    }
+    let meeting = meeting.into_inner().unwrap_or_else(PoisonError::into_inner);
+    let started = meeting.started.unwrap_or_else(Instant::now);
+    let mut reports = meeting.reports;
+    reports.sort_by_key(|r| r.index);
+    let all_closed = reports.iter().map(|r| r.closed).max().unwrap_or(started);
+    let all_done = reports.iter().map(|r| r.done).max().unwrap_or(all_closed);
+    let mut phases = PausePhases {
+        drain: all_closed.saturating_duration_since(started),
+        volumes: all_done.saturating_duration_since(all_closed),
+        ..PausePhases::default()
+    };
+    let mut taken = Vec::with_capacity(reports.len());
+    let mut failure = None;
+    for report in reports {
+        phases.longest(&report.phases);
+        match (report.taken, report.error) {
+            (_, Some(e)) => {
+                failure.get_or_insert(e);
+            }
+            (Some(inner), None) => taken.push(inner),
+            (None, None) => {}
+        }
+    }
+    if failure.is_some() {
+        taken.clear();
+    }
+    Paused {
+        taken,
+        failure,
+        pause: meeting
+            .released
+            .unwrap_or(started)
+            .saturating_duration_since(started),
+        phases,
+    }
 }
 
-/// After the pause, chains still locked: freeze the durable bitmaps the new checkpoints
-/// replaced ([`Volume::finish_freezes`]), the volumes at once.
-fn finish_freezes_in_parallel(chains: Vec<(&Volume, &mut Chain)>) {
-    for_each_in_parallel(chains, |(volume, chain)| volume.finish_freezes(chain));
+impl HeldJob<'_, '_> {
+    /// Undo this volume's part of a group that failed elsewhere, its gate still held:
+    /// drop the snapshot, and delete the new checkpoint, which merges its bitmap (empty,
+    /// since writes are paused) back, leaving the chain as it was.
+    fn undo(&mut self) {
+        let (Some(inner), Some(st)) = (self.taken.take(), self.gate.as_deref_mut()) else {
+            return;
+        };
+        st.snapshots.retain(|s| !Arc::ptr_eq(s, &inner));
+        inner.drop_store();
+        if let Some(name) = &self.spec.checkpoint {
+            if let Err(e) = self.chain.delete(name, &mut st.active) {
+                self.volume.events.push(
+                    EventLevel::Error,
+                    format!(
+                        "volume {}: undoing checkpoint {name}: {}",
+                        self.volume.name(),
+                        error::chain(&e)
+                    ),
+                );
+            }
+        }
+    }
+}
+
+/// Held by each thread of [`pause_in_parallel`] while it works: if the thread panics,
+/// the verdict becomes "undo" at once so the others open their gates.
+struct UndoOnPanic<'m> {
+    meeting: &'m std::sync::Mutex<Meeting>,
+    changed: &'m std::sync::Condvar,
+}
+
+impl Drop for UndoOnPanic<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let mut m = lock_mutex(self.meeting);
+            m.keep.get_or_insert(false);
+            self.changed.notify_all();
+        }
+    }
 }
 
 /// Marker of a live snapshot (`snapshots/<name>.json`): present while it exists, so a

@@ -433,6 +433,13 @@ fn a_large_group_is_undone_on_one_failure_and_each_volume_gets_its_own_snapshot(
     for (i, vol) in volumes.iter().enumerate() {
         assert!(vol.snapshots().is_empty(), "{} kept a snapshot", names[i]);
         assert_eq!(vol.checkpoints().len(), usize::from(i != 5), "{}", names[i]);
+        // Neither the marker nor the COW store file (made before the pause) is left.
+        let left: Vec<_> = fs::read_dir(vol.state_path().join("snapshots"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        assert!(left.is_empty(), "{}: {left:?} left behind", names[i]);
     }
     volumes[5].checkpoint_create("base").unwrap();
     volumes[5].write(4096 * 6, &[6; 4096], false).unwrap();
@@ -469,6 +476,259 @@ fn limited(limit: u64) -> SnapshotSpec {
         },
         ..SnapshotSpec::default()
     }
+}
+
+/// The gates of a group close at once, on threads of their own, yet the group is one
+/// instant: one writer issues writes one after another across the volumes (each
+/// acknowledged before the next is issued) while group snapshots are taken, and each
+/// group holds exactly the volumes' state after some write of that sequence (never a
+/// later write without every earlier one, on whichever volume).
+#[test]
+fn group_snapshots_taken_while_a_writer_crosses_volumes_hold_a_prefix_of_its_writes() {
+    const VOLUMES: u64 = 6;
+    const BLOCKS: u64 = 16;
+    let fx = Fixture::new();
+    let volumes: Vec<Arc<Volume>> = (0..VOLUMES)
+        .map(|i| Arc::new(fx.volume(&format!("v{i}"), BLOCKS * 4096, small(4096))))
+        .collect();
+    for v in &volumes {
+        v.checkpoint_create("c").unwrap();
+    }
+    // Write k: volume k % VOLUMES, block k / VOLUMES % BLOCKS, filled with k + 1.
+    let place = |k: u64| (k % VOLUMES, k / VOLUMES % BLOCKS * 4096);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (volumes, stop) = (volumes.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut k = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let (v, offset) = place(k);
+                let fill = (k as u32 + 1).to_le_bytes().repeat(1024);
+                volumes[v as usize].write(offset, &fill, false).unwrap();
+                k += 1;
+            }
+        })
+    };
+    let mut cuts = Vec::new();
+    for round in 0..12 {
+        let spec = SnapshotSpec {
+            name: format!("s{round}"),
+            checkpoint: Some(format!("c{round}")),
+            ..SnapshotSpec::default()
+        };
+        let requests: Vec<(&Volume, SnapshotSpec)> =
+            volumes.iter().map(|v| (&**v, spec.clone())).collect();
+        let group = Volume::snapshot_group(&requests).unwrap();
+        // What each block holds: the number of the last write to it, 0 for none.
+        let mut block = vec![0u8; 4096];
+        let mut held = BTreeMap::new();
+        for v in 0..VOLUMES {
+            for b in 0..BLOCKS {
+                group.snapshots[v as usize]
+                    .read(b * 4096, &mut block)
+                    .unwrap();
+                let n = u32::from_le_bytes(block[..4].try_into().unwrap());
+                assert!(
+                    block.chunks(4).all(|w| w == n.to_le_bytes()),
+                    "round {round}: a torn block"
+                );
+                held.insert((v, b * 4096), u64::from(n));
+            }
+        }
+        // The cut: the last write in the snapshot. Every block must hold exactly the
+        // last write to it at or before the cut.
+        let cut = held.values().copied().max().unwrap_or(0);
+        let mut expected: BTreeMap<(u64, u64), u64> = held.keys().map(|&p| (p, 0)).collect();
+        for k in 0..cut {
+            expected.insert(place(k), k + 1);
+        }
+        assert_eq!(
+            held, expected,
+            "round {round}: not the state after write {cut}"
+        );
+        cuts.push(cut);
+        for v in &volumes {
+            v.drop_snapshot(&spec.name).unwrap();
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    writer.join().unwrap();
+    assert!(
+        cuts.windows(2).all(|w| w[0] <= w[1]),
+        "cuts go back: {cuts:?}"
+    );
+    let mut distinct = cuts.clone();
+    distinct.dedup();
+    assert!(
+        distinct.len() > 1,
+        "the writer did not run during the snapshots: {cuts:?}"
+    );
+}
+
+/// A thread writing `data` at `offset` of `vol` that stops at the write path's `hook`:
+/// the test and the writer meet at the returned barrier once when the writer arrives
+/// there, and once more to let it go on.
+fn parked_writer(
+    vol: &Arc<Volume>,
+    hook: &'static std::thread::LocalKey<data::WriteHook>,
+    offset: u64,
+    data: Vec<u8>,
+) -> (std::thread::JoinHandle<()>, Arc<std::sync::Barrier>) {
+    let meet = Arc::new(std::sync::Barrier::new(2));
+    let (vol, parked) = (vol.clone(), meet.clone());
+    let writer = std::thread::spawn(move || {
+        hook.with(|hook| {
+            *hook.borrow_mut() = Some(Box::new(move || {
+                parked.wait();
+                parked.wait();
+            }));
+        });
+        vol.write(offset, &data, false).unwrap();
+    });
+    (writer, meet)
+}
+
+/// The gates of a group close at once: while a write in flight holds the last volume's
+/// gate (its drain), the first volume's gate is already held (a reader of it waits),
+/// rather than the group closing one gate after the other.
+#[test]
+fn a_group_closes_every_gate_while_one_volume_still_drains() {
+    let fx = Fixture::new();
+    let a = Arc::new(fx.volume("a", 1 << 20, small(65536)));
+    let b = Arc::new(fx.volume("b", 1 << 20, small(65536)));
+    let (writer, meet) = parked_writer(&b, &data::BEFORE_DATA_WRITE, 0, vec![1; 4096]);
+    meet.wait();
+    let group = {
+        let (a, b) = (a.clone(), b.clone());
+        std::thread::spawn(move || {
+            let spec = SnapshotSpec {
+                name: "s".into(),
+                ..SnapshotSpec::default()
+            };
+            Volume::snapshot_group(&[(&a, spec.clone()), (&b, spec)])
+                .unwrap()
+                .snapshots
+                .len()
+        })
+    };
+    // A reader of a that does not get through means a's gate is held while b's write
+    // is still parked.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let blocked = loop {
+        let (done, finished) = std::sync::mpsc::channel();
+        let a = a.clone();
+        let probe = std::thread::spawn(move || {
+            let _ = a.snapshots();
+            let _ = done.send(());
+        });
+        if finished
+            .recv_timeout(std::time::Duration::from_millis(200))
+            .is_err()
+        {
+            break probe;
+        }
+        probe.join().unwrap();
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a's gate was not closed while b was still draining"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    meet.wait();
+    writer.join().unwrap();
+    assert_eq!(group.join().unwrap(), 2);
+    blocked.join().unwrap();
+}
+
+/// Writes wait for their bit syncs with the write gate open, so a pause does not wait for
+/// them and can run between a write's marking and its data write. Such a write must still
+/// preserve its block for the snapshot taken in that pause and be in the new
+/// checkpoint's bitmap, also after a reopen.
+#[test]
+fn a_write_whose_bit_sync_straddles_a_pause_is_in_the_new_checkpoint_not_the_snapshot() {
+    let fx = Fixture::new();
+    let vol = Arc::new(fx.volume("v", 1 << 20, small(65536)));
+    vol.write(0, &[1; 65536], false).unwrap();
+    vol.checkpoint_create("a").unwrap();
+    // Block 0's first write since "a": its bit is synced, then it waits.
+    let (writer, meet) = parked_writer(&vol, &data::AFTER_BIT_SYNC, 0, vec![2; 65536]);
+    meet.wait();
+    let (done, taken) = std::sync::mpsc::channel();
+    {
+        let vol = vol.clone();
+        std::thread::spawn(move || {
+            let snapshot = vol.snapshot(SnapshotSpec {
+                name: "s".into(),
+                checkpoint: Some("b".into()),
+                ..SnapshotSpec::default()
+            });
+            let _ = done.send(snapshot);
+        });
+    }
+    let (snap, _) = taken
+        .recv_timeout(std::time::Duration::from_secs(20))
+        .expect("the pause waited for a write's bit sync")
+        .unwrap();
+    let mut back = vec![0u8; 65536];
+    snap.read(0, &mut back).unwrap();
+    assert!(
+        back == [1; 65536],
+        "the snapshot holds a write that came after it"
+    );
+    meet.wait();
+    writer.join().unwrap();
+    snap.read(0, &mut back).unwrap();
+    assert!(
+        back == [1; 65536],
+        "the snapshot changed: the block was not preserved"
+    );
+    vol.read(0, &mut back).unwrap();
+    assert!(back == [2; 65536]);
+    assert_eq!(vol.changed_extents("b").unwrap(), vec![0..65536]);
+    assert_eq!(vol.changed_extents("a").unwrap(), vec![0..65536]);
+    drop(snap);
+    let state = fx.state();
+    drop(Arc::try_unwrap(vol).unwrap());
+    let vol = Volume::open(&state, "v").unwrap();
+    assert_eq!(vol.changed_extents("b").unwrap(), vec![0..65536]);
+}
+
+/// Durable mode: the pause renames the next chain into place and leaves its directory
+/// sync to after the pause. No write after the pause reaches the volume before that
+/// sync succeeded: with the sync failing, the checkpoint's finish reports it and the
+/// write fails without touching the volume; once it succeeds the write goes through and
+/// the checkpoint survives a reopen.
+#[test]
+fn no_write_after_a_checkpoint_reaches_the_volume_before_its_chain_is_synced() {
+    let fx = Fixture::new();
+    let vol = fx.volume("v", 1 << 20, small(65536));
+    vol.checkpoint_create("a").unwrap();
+    vol.write(0, &[1; 4096], false).unwrap();
+    {
+        let _armed = crate::failpoint::arm("tracking.dir_sync");
+        vol.checkpoint_create("b").unwrap();
+        assert!(vol
+            .status()
+            .events
+            .iter()
+            .any(|e| e.message.contains("checkpoint chain naming it")));
+        let err = vol.write(65536, &[2; 4096], false).unwrap_err();
+        assert!(
+            error::chain(&err).contains("injected failure"),
+            "{}",
+            error::chain(&err)
+        );
+        let mut back = [9u8; 4096];
+        vol.read(65536, &mut back).unwrap();
+        assert_eq!(back, [0; 4096], "the data write was issued");
+    }
+    vol.write(65536, &[2; 4096], false).unwrap();
+    assert_eq!(vol.changed_extents("b").unwrap(), vec![65536..131072]);
+    let state = fx.state();
+    drop(vol);
+    let vol = Volume::open(&state, "v").unwrap();
+    assert_eq!(vol.changed_extents("a").unwrap(), vec![0..131072]);
+    assert_eq!(vol.changed_extents("b").unwrap(), vec![65536..131072]);
 }
 
 #[test]
