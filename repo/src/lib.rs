@@ -19,6 +19,7 @@
 #![forbid(unsafe_code)]
 
 pub mod builder;
+pub mod fetch;
 pub mod format;
 pub mod lock;
 pub mod maint;
@@ -412,6 +413,18 @@ impl Repository {
             .get_range(&path, start..start + u64::from(at.entry.stored_len))
             .await
             .map_err(store_err(format!("reading chunk {} from {path}", id.hex())))
+    }
+
+    /// Bytes `range` of pack `pack` (several neighbouring blobs), with one ranged GET.
+    pub async fn read_range(&self, pack: &[u8; 32], range: &std::ops::Range<u64>) -> Result<Bytes> {
+        let path = pack_path(pack);
+        self.store
+            .get_range(&path, range.clone())
+            .await
+            .map_err(store_err(format!(
+                "reading bytes {}..{} of {path}",
+                range.start, range.end
+            )))
     }
 }
 
