@@ -48,7 +48,7 @@ impl Default for ReaderOptions {
     fn default() -> Self {
         ReaderOptions {
             cache_bytes: 256 << 20,
-            readahead: 4,
+            readahead: 8,
         }
     }
 }
