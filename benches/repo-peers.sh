@@ -15,7 +15,8 @@
 # restored image. The page cache is dropped (sync; echo 3 > /proc/sys/vm/drop_caches)
 # before every timed step. Incrementals report the median of the five, everything else the
 # median of three; every line carries the load average at the start of its first run.
-# Env: BENCH_DIR (default /var/tmp/tidemark-repo-bench), TIDEMARK_BIN; BEFORE_BIN (optional):
+# Env: BENCH_DIR (default /var/tmp/tidemark-repo-bench), TIDEMARK_BIN, REPS (default 3: runs of
+# each full backup, restore and read, of which the median is reported); BEFORE_BIN (optional):
 # an earlier tidemark binary whose six points also go into a directory repository with the
 # default chunk size, for a before/after comparison in the same run (incremental time, new
 # data stored, repository size); it also restores and `repo export`s the last point of this
@@ -26,6 +27,7 @@ SIZE_MIB=${1:-4096}
 DIR=${BENCH_DIR:-/var/tmp/tidemark-repo-bench}
 BIN=${TIDEMARK_BIN:-$PWD/target/release/tidemark}
 BEFORE=${BEFORE_BIN:-}
+REPS=${REPS:-3}
 [ "$(id -u)" = 0 ] || { echo "run as root: timed steps drop the page cache" >&2; exit 2; }
 for tool in restic borg weed nbdcopy /usr/bin/python3; do
     command -v "$tool" >/dev/null || { echo "missing $tool (bash scripts/install-deps.sh)" >&2; exit 2; }
@@ -87,10 +89,19 @@ borg init -e none "$DIR/borg-repo" >/dev/null
 
 declare -A T L
 # timed KEY CMD...: run CMD with a cold page cache; its seconds in T[KEY], the load in L[KEY].
-timed() { local key=$1; shift; drop; L[$key]=$(load); local t0; t0=$(now); "$@" >/dev/null; T[$key]=$(secs "$t0" "$(now)"); }
+# Each figure is also printed as it is taken (stderr), so a run cut short still reports.
+timed() {
+    local key=$1; shift; drop; L[$key]=$(load); local t0; t0=$(now); "$@" >/dev/null
+    T[$key]=$(secs "$t0" "$(now)"); echo "  $key: ${T[$key]} s (load ${L[$key]})" >&2
+}
 
-# med3 KEY: T[KEY] becomes the median of T[KEY], T[KEY.1], T[KEY.2] (L[KEY] stays the first's).
-med3() { T[$1]=$(median "${T[$1]}" "${T[$1.1]}" "${T[$1.2]}"); }
+# med3 KEY: T[KEY] becomes the median of T[KEY], T[KEY.1], ... of the REPS runs (L[KEY] stays
+# the first's).
+med3() {
+    local all=("${T[$1]}") i
+    for ((i = 1; i < REPS; i++)); do all+=("${T[$1.$i]}"); done
+    T[$1]=$(median "${all[@]}")
+}
 backup_uri() { tm backup begin vm "$@" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["volumes"][0]["uri"]["unix"])'; }
 
 # 1% of the volume in scattered 64 KiB random writes through the live export.
@@ -108,8 +119,8 @@ PY
 }
 
 echo "repository benchmark: ${SIZE_MIB} MiB volume (half random, half zero), 6 points, $(nproc) CPUs"
-# Two extra full backups of each kind, into scratch repositories removed afterwards.
-for rep in 1 2; do
+# REPS - 1 extra full backups of each kind, into scratch repositories removed afterwards.
+for rep in $(seq 1 $((REPS - 1))); do
     S=$DIR/scratch
     "$BIN" repo init "$S-tm" >/dev/null
     "$BIN" repo init "$S-64k" --chunk-size 64K >/dev/null
@@ -160,7 +171,7 @@ done
 cp --sparse=always "$IMG" "$DIR/last.raw"   # what every restore must equal
 
 mkdir -p "$DIR/out"
-for rep in 0 1 2; do
+for rep in $(seq 0 $((REPS - 1))); do
     sfx=${rep/#0/}; sfx=${sfx:+.$sfx}
     rm -f "$DIR/out/tm.img"
     timed "tm-dir-restore$sfx" "$BIN" repo restore "$TM_DIR" vm@c5 --into "$DIR/out/tm.img"
@@ -193,7 +204,7 @@ read_nbd() { # KEY SOCKET NAME SERVER...
     timed "$key" nbdcopy "nbd+unix:///$name?socket=$sock" null:
     kill "$pid"; wait "$pid" 2>/dev/null || true
 }
-for rep in 0 1 2; do
+for rep in $(seq 0 $((REPS - 1))); do
     sfx=${rep/#0/}; sfx=${sfx:+.$sfx}
     read_nbd "export-dir$sfx" "$DIR/x.sock" vm@c5 "$BIN" repo export "$TM_DIR" vm@c5
     read_nbd "export-s3$sfx" "$DIR/x.sock" vm@c5 "$BIN" repo export "$TM_S3" vm@c5 --s3-endpoint "$EP"
@@ -222,7 +233,7 @@ row() { # NAME TIDEMARK_KEY PEER_KEY PEER (timed keys; incremental keys are medi
 echo
 echo "| step | tidemark | peer | speed ratio (peer time / tidemark time) |"
 echo "|---|---|---|---|"
-echo "(medians of 3 runs; incrementals: median of the 5 points)"
+echo "(medians of $REPS runs; incrementals: median of the 5 points)"
 row "full, directory, vs restic" tm-dir-full-0 restic-dir-full-0 restic
 row "full, directory, vs borg" tm-dir-full-0 borg-dir-full-0 borg
 row "full, directory with 64 KiB chunks, vs restic" tm-64k-full-0 restic-dir-full-0 restic
