@@ -10,6 +10,8 @@
 //! of it is used: reading through a neighbour's bytes trusts nothing.
 //!
 //! Memory: a run holds at most [`RunLimits::bytes`] stored bytes and, inflated, its slots.
+//! A caller that keeps chunks (`repo export`'s cache) hands evicted chunks' memory back
+//! through [`SpareBuffer`], so inflating does not fault in fresh pages for every chunk.
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -17,7 +19,9 @@ use std::ops::Range;
 use bytes::Bytes;
 
 use crate::format::{ChunkId, ChunkRef, PointIndex};
-use crate::{compose_slot, inflate_chunk, point_path, Location, RepoError, Repository, Result};
+use crate::{
+    compose_slot, inflate_chunk_into, point_path, Location, RepoError, Repository, Result,
+};
 
 /// How large a run may grow.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -115,14 +119,19 @@ pub fn plan_runs(
     Ok(runs)
 }
 
+/// Memory for a whole chunk of plaintext, recycled from an earlier one (`None`: allocate).
+pub type SpareBuffer<'a> = &'a (dyn Fn() -> Option<Vec<u8>> + Sync);
+
 /// The slots of `run`, in its order: one ranged GET of the run's span, then each slot
 /// composed from its chunk and pieces (a piece's chunk outside the span is read on its
-/// own), every chunk checked and inflated on the blocking pool, all slots at once.
+/// own), every chunk checked and inflated on the blocking pool, all slots at once. Whole
+/// chunks inflate into memory from `spare` when it has some.
 pub async fn fetch_run(
     repo: &Repository,
     point: &PointIndex,
     map: &HashMap<ChunkId, Location>,
     run: &Run,
+    spare: SpareBuffer<'_>,
 ) -> Result<Vec<Vec<u8>>> {
     let span = match &run.span {
         Some((pack, range)) => Some((*pack, range.clone(), repo.read_range(pack, range).await?)),
@@ -142,8 +151,12 @@ pub async fn fetch_run(
                 }
                 _ => repo.read_blob(&id, &at).await?,
             };
+            let out = match at.entry.raw_len == point.chunk_size {
+                true => spare().unwrap_or_default(),
+                false => Vec::new(),
+            };
             // Inflating and hashing 4 MiB takes milliseconds: off the runtime's worker threads.
-            tokio::task::spawn_blocking(move || inflate_chunk(&blob, &id, &at))
+            tokio::task::spawn_blocking(move || inflate_chunk_into(&blob, &id, &at, out))
                 .await
                 .map_err(|e| RepoError::Invalid(format!("checking chunk {}: {e}", id.hex())))?
         })

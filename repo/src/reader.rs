@@ -20,7 +20,7 @@
 //! every read of it, and a store that was briefly unreachable is asked again.
 //!
 //! Memory: the cache, plus the chunks being fetched (at most one per concurrent reader and
-//! `readahead` more).
+//! `readahead` more), plus up to [`SPARE_BUFFERS`] evicted chunks' buffers kept for reuse.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -71,7 +71,13 @@ struct Cache {
     tick: u64,
     bytes: u64,
     limit: u64,
+    /// Memory of evicted chunks no reader holds, for the next fetches (at most
+    /// [`SPARE_BUFFERS`]).
+    spare: Vec<Vec<u8>>,
 }
+
+/// Evicted chunks' buffers kept for reuse: about one read-ahead's worth.
+const SPARE_BUFFERS: usize = 8;
 
 impl Cache {
     /// The cell of chunk `index` (new and empty if it is not cached), marked as used now.
@@ -108,7 +114,19 @@ impl Cache {
             let Some(victim) = victim else { break };
             if let Some(slot) = self.slots.remove(&victim) {
                 self.bytes -= slot.cell.get().map_or(0, |data| data.len() as u64);
+                self.recycle(slot.cell);
             }
+        }
+    }
+
+    /// Keep the memory of an evicted chunk for a later fetch, if no reader holds it.
+    fn recycle(&mut self, cell: Cell) {
+        if self.spare.len() >= SPARE_BUFFERS {
+            return;
+        }
+        let data = Arc::into_inner(cell).and_then(|cell| cell.into_inner());
+        if let Some(buf) = data.and_then(Arc::into_inner) {
+            self.spare.push(buf);
         }
     }
 
@@ -208,6 +226,7 @@ impl PointReader {
                     tick: 0,
                     bytes: 0,
                     limit: options.cache_bytes,
+                    spare: Vec::new(),
                 }),
                 readahead: options.readahead.min(options.cache_bytes / chunk / 2),
                 last_chunk: AtomicU64::new(u64::MAX),
@@ -361,7 +380,10 @@ impl Inner {
     /// Slot `index` alone: its chunk (or zeros) with its pieces' chunks laid over it.
     async fn fetch(this: &Arc<Inner>, index: u64) -> Result<Arc<Vec<u8>>> {
         let run = slot_run(&this.point, &this.locations, index)?;
-        let mut slots = fetch_run(&this.repo, &this.point, &this.locations, &run).await?;
+        let mut slots = fetch_run(&this.repo, &this.point, &this.locations, &run, &|| {
+            this.cache().spare.pop()
+        })
+        .await?;
         this.fetched.fetch_add(1, Ordering::Relaxed);
         Ok(Arc::new(slots.pop().unwrap_or_default()))
     }
@@ -401,7 +423,9 @@ impl Inner {
         for run in runs {
             let (inner, slots) = (Arc::clone(this), run.slots.clone());
             let shared = async move {
-                let slots = fetch_run(&inner.repo, &inner.point, &inner.locations, &run).await;
+                let spare = || inner.cache().spare.pop();
+                let slots =
+                    fetch_run(&inner.repo, &inner.point, &inner.locations, &run, &spare).await;
                 slots
                     .map(|slots| Arc::new(slots.into_iter().map(Arc::new).collect::<Vec<_>>()))
                     .map_err(|err| err.to_string())

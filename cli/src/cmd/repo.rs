@@ -3,8 +3,8 @@
 pub(crate) mod export;
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::Context;
 use futures::StreamExt;
@@ -420,7 +420,7 @@ async fn restore(
         .map(|run| {
             let (repo, point, map) = (Arc::clone(&repo), Arc::clone(&point), Arc::clone(&map));
             tokio::spawn(async move {
-                let slots = fetch_run(&repo, &point, &map, &run).await?;
+                let slots = fetch_run(&repo, &point, &map, &run, &|| None).await?;
                 Ok::<_, tidemark_repo::RepoError>((run.slots, slots))
             })
         })
