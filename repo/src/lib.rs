@@ -740,7 +740,10 @@ mod tests {
         // A recycled buffer larger than the chunk, full of another chunk's bytes: the same
         // checks, none of its old bytes survive.
         let recycled = || vec![0xee; 300_000];
-        assert_eq!(check_blob_into(&blob, &id, &entry, recycled()).unwrap(), data);
+        assert_eq!(
+            check_blob_into(&blob, &id, &entry, recycled()).unwrap(),
+            data
+        );
         assert!(check_blob_into(&blob, &id, &short, recycled())
             .unwrap_err()
             .contains("inflates to"));

@@ -869,7 +869,11 @@ fn repo_export_reads_ahead_across_packs_for_four_nbdcopy_connections_and_a_corru
     let url = repo.to_str().unwrap();
     store_point(dir.path(), &file, url, &[], &[]);
     let packs = packs(&repo);
-    assert!(packs.len() >= 3, "46 MiB of 1 MiB chunks in {} packs", packs.len());
+    assert!(
+        packs.len() >= 3,
+        "46 MiB of 1 MiB chunks in {} packs",
+        packs.len()
+    );
 
     // Read-ahead runs of 8 chunks, a cache of 12: the four connections' runs cross packs.
     let extra = ["--readahead", "8", "--cache-size", "12M"];
@@ -884,7 +888,10 @@ fn repo_export_reads_ahead_across_packs_for_four_nbdcopy_connections_and_a_corru
     )
     .expect("running nbdcopy");
     assert!(out.status.success(), "nbdcopy: {}", out.stderr);
-    assert!(std::fs::read(&copy).unwrap() == data, "nbdcopy's copy differs");
+    assert!(
+        std::fs::read(&copy).unwrap() == data,
+        "nbdcopy's copy differs"
+    );
     drop(server);
 
     // A chunk in the middle of the second pack: only its MiB fails, with EIO, read after read.
