@@ -67,6 +67,10 @@ tm volume create vm --backing "$IMG" >/dev/null
 NBD_SOCK=$STATE/nbd.sock
 SIZE=$((SIZE_MIB << 20))
 
+# weed mini binds fixed ports besides the S3 one: one server at a time on this machine, under
+# the lock the test suite's SeaweedFS takes too (held until this script and its children end).
+exec 9>/tmp/tidemark-tests-weed-mini.lock
+flock 9
 weed_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 mkdir -p "$DIR/weed"
 AWS_ACCESS_KEY_ID=K AWS_SECRET_ACCESS_KEY=S S3_BUCKET=bkt weed mini -dir="$DIR/weed" -ip=127.0.0.1 \
