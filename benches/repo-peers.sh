@@ -15,16 +15,19 @@
 # restored image. The page cache is dropped (sync; echo 3 > /proc/sys/vm/drop_caches)
 # before every timed step. Incrementals report the median of the five, everything else the
 # median of three; every line carries the load average at the start of its first run.
-# Env: BENCH_DIR (default /var/tmp/tidemark-repo-bench), TIDEMARK_BIN; BEFORE_BIN (optional):
+# Env: BENCH_DIR (default /var/tmp/tidemark-repo-bench), TIDEMARK_BIN, REPS (default 3: runs of
+# each full backup, restore and read, of which the median is reported); BEFORE_BIN (optional):
 # an earlier tidemark binary whose six points also go into a directory repository with the
 # default chunk size, for a before/after comparison in the same run (incremental time, new
-# data stored, repository size).
+# data stored, repository size); it also restores and `repo export`s the last point of this
+# build's directory and S3 repositories (same format), for before/after restore and read rows.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SIZE_MIB=${1:-4096}
 DIR=${BENCH_DIR:-/var/tmp/tidemark-repo-bench}
 BIN=${TIDEMARK_BIN:-$PWD/target/release/tidemark}
 BEFORE=${BEFORE_BIN:-}
+REPS=${REPS:-3}
 [ "$(id -u)" = 0 ] || { echo "run as root: timed steps drop the page cache" >&2; exit 2; }
 for tool in restic borg weed nbdcopy /usr/bin/python3; do
     command -v "$tool" >/dev/null || { echo "missing $tool (bash scripts/install-deps.sh)" >&2; exit 2; }
@@ -64,6 +67,10 @@ tm volume create vm --backing "$IMG" >/dev/null
 NBD_SOCK=$STATE/nbd.sock
 SIZE=$((SIZE_MIB << 20))
 
+# weed mini binds fixed ports besides the S3 one: one server at a time on this machine, under
+# the lock the test suite's SeaweedFS takes too (held until this script and its children end).
+exec 9>/tmp/tidemark-tests-weed-mini.lock
+flock 9
 weed_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 mkdir -p "$DIR/weed"
 AWS_ACCESS_KEY_ID=K AWS_SECRET_ACCESS_KEY=S S3_BUCKET=bkt weed mini -dir="$DIR/weed" -ip=127.0.0.1 \
@@ -86,10 +93,19 @@ borg init -e none "$DIR/borg-repo" >/dev/null
 
 declare -A T L
 # timed KEY CMD...: run CMD with a cold page cache; its seconds in T[KEY], the load in L[KEY].
-timed() { local key=$1; shift; drop; L[$key]=$(load); local t0; t0=$(now); "$@" >/dev/null; T[$key]=$(secs "$t0" "$(now)"); }
+# Each figure is also printed as it is taken (stderr), so a run cut short still reports.
+timed() {
+    local key=$1; shift; drop; L[$key]=$(load); local t0; t0=$(now); "$@" >/dev/null
+    T[$key]=$(secs "$t0" "$(now)"); echo "  $key: ${T[$key]} s (load ${L[$key]})" >&2
+}
 
-# med3 KEY: T[KEY] becomes the median of T[KEY], T[KEY.1], T[KEY.2] (L[KEY] stays the first's).
-med3() { T[$1]=$(median "${T[$1]}" "${T[$1.1]}" "${T[$1.2]}"); }
+# med3 KEY: T[KEY] becomes the median of T[KEY], T[KEY.1], ... of the REPS runs (L[KEY] stays
+# the first's).
+med3() {
+    local all=("${T[$1]}") i
+    for ((i = 1; i < REPS; i++)); do all+=("${T[$1.$i]}"); done
+    T[$1]=$(median "${all[@]}")
+}
 backup_uri() { tm backup begin vm "$@" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["volumes"][0]["uri"]["unix"])'; }
 
 # 1% of the volume in scattered 64 KiB random writes through the live export.
@@ -107,8 +123,8 @@ PY
 }
 
 echo "repository benchmark: ${SIZE_MIB} MiB volume (half random, half zero), 6 points, $(nproc) CPUs"
-# Two extra full backups of each kind, into scratch repositories removed afterwards.
-for rep in 1 2; do
+# REPS - 1 extra full backups of each kind, into scratch repositories removed afterwards.
+for rep in $(seq 1 $((REPS - 1))); do
     S=$DIR/scratch
     "$BIN" repo init "$S-tm" >/dev/null
     "$BIN" repo init "$S-64k" --chunk-size 64K >/dev/null
@@ -159,7 +175,7 @@ done
 cp --sparse=always "$IMG" "$DIR/last.raw"   # what every restore must equal
 
 mkdir -p "$DIR/out"
-for rep in 0 1 2; do
+for rep in $(seq 0 $((REPS - 1))); do
     sfx=${rep/#0/}; sfx=${sfx:+.$sfx}
     rm -f "$DIR/out/tm.img"
     timed "tm-dir-restore$sfx" "$BIN" repo restore "$TM_DIR" vm@c5 --into "$DIR/out/tm.img"
@@ -167,6 +183,13 @@ for rep in 0 1 2; do
     rm -f "$DIR/out/tm.img"
     timed "tm-s3-restore$sfx" "$BIN" repo restore "$TM_S3" vm@c5 --into "$DIR/out/tm.img" --s3-endpoint "$EP"
     cmp "$DIR/out/tm.img" "$DIR/last.raw" || { echo "tidemark's restore (S3) differs from the image" >&2; exit 1; }
+    if [ -n "$BEFORE" ]; then
+        rm -f "$DIR/out/tm.img"
+        timed "before-dir-restore$sfx" "$BEFORE" repo restore "$TM_DIR" vm@c5 --into "$DIR/out/tm.img"
+        rm -f "$DIR/out/tm.img"
+        timed "before-s3-restore$sfx" "$BEFORE" repo restore "$TM_S3" vm@c5 --into "$DIR/out/tm.img" --s3-endpoint "$EP"
+        cmp "$DIR/out/tm.img" "$DIR/last.raw" || { echo "BEFORE_BIN's restore (S3) differs from the image" >&2; exit 1; }
+    fi
     timed "restic-dir-restore$sfx" restic restore -q -r "$DIR/restic-repo" latest --target "$DIR/out/restic"
     rm -rf "$DIR/out/restic"
     timed "restic-s3-restore$sfx" restic restore -q -r "s3:$EP/bkt/restic" latest --target "$DIR/out/restic"
@@ -185,12 +208,19 @@ read_nbd() { # KEY SOCKET NAME SERVER...
     timed "$key" nbdcopy "nbd+unix:///$name?socket=$sock" null:
     kill "$pid"; wait "$pid" 2>/dev/null || true
 }
-for rep in 0 1 2; do
+for rep in $(seq 0 $((REPS - 1))); do
     sfx=${rep/#0/}; sfx=${sfx:+.$sfx}
     read_nbd "export-dir$sfx" "$DIR/x.sock" vm@c5 "$BIN" repo export "$TM_DIR" vm@c5
     read_nbd "export-s3$sfx" "$DIR/x.sock" vm@c5 "$BIN" repo export "$TM_S3" vm@c5 --s3-endpoint "$EP"
     read_nbd "export-image$sfx" "$DIR/x.sock" img "$BIN" export "$DIR/out/tm.img" --read-only --name img
+    if [ -n "$BEFORE" ]; then
+        read_nbd "before-export-dir$sfx" "$DIR/x.sock" vm@c5 "$BEFORE" repo export "$TM_DIR" vm@c5
+        read_nbd "before-export-s3$sfx" "$DIR/x.sock" vm@c5 "$BEFORE" repo export "$TM_S3" vm@c5 --s3-endpoint "$EP"
+    fi
 done
+if [ -n "$BEFORE" ]; then
+    for key in before-dir-restore before-s3-restore before-export-dir before-export-s3; do med3 "$key"; done
+fi
 for key in tm-dir-full-0 tm-64k-full-0 tm-s3-full-0 restic-dir-full-0 restic-s3-full-0 borg-dir-full-0 \
     tm-dir-restore tm-s3-restore restic-dir-restore restic-s3-restore borg-dir-restore \
     export-dir export-s3 export-image; do
@@ -207,7 +237,7 @@ row() { # NAME TIDEMARK_KEY PEER_KEY PEER (timed keys; incremental keys are medi
 echo
 echo "| step | tidemark | peer | speed ratio (peer time / tidemark time) |"
 echo "|---|---|---|---|"
-echo "(medians of 3 runs; incrementals: median of the 5 points)"
+echo "(medians of $REPS runs; incrementals: median of the 5 points)"
 row "full, directory, vs restic" tm-dir-full-0 restic-dir-full-0 restic
 row "full, directory, vs borg" tm-dir-full-0 borg-dir-full-0 borg
 row "full, directory with 64 KiB chunks, vs restic" tm-64k-full-0 restic-dir-full-0 restic
@@ -223,6 +253,10 @@ row "restore, directory, vs borg" tm-dir-restore borg-dir-restore borg
 row "restore, S3, vs restic" tm-s3-restore restic-s3-restore restic
 row "nbdcopy read: repo export (directory) vs tidemark export of the restored image" export-dir export-image image
 row "nbdcopy read: repo export (S3) vs tidemark export of the restored image" export-s3 export-image image
+[ -z "$BEFORE" ] || row "restore, directory: this build vs BEFORE_BIN" tm-dir-restore before-dir-restore before
+[ -z "$BEFORE" ] || row "restore, S3: this build vs BEFORE_BIN" tm-s3-restore before-s3-restore before
+[ -z "$BEFORE" ] || row "nbdcopy read: repo export (directory), this build vs BEFORE_BIN" export-dir before-export-dir before
+[ -z "$BEFORE" ] || row "nbdcopy read: repo export (S3), this build vs BEFORE_BIN" export-s3 before-export-s3 before
 echo
 echo "incremental times (s), points 1-5: tidemark dir ${T[tm-dir-incr-1]} ${T[tm-dir-incr-2]} ${T[tm-dir-incr-3]} ${T[tm-dir-incr-4]} ${T[tm-dir-incr-5]};" \
     "tidemark S3 ${T[tm-s3-incr-1]} ${T[tm-s3-incr-2]} ${T[tm-s3-incr-3]} ${T[tm-s3-incr-4]} ${T[tm-s3-incr-5]};" \

@@ -21,6 +21,7 @@
 
 pub mod builder;
 pub mod crypto;
+pub mod fetch;
 pub mod format;
 pub mod lock;
 pub mod maint;
@@ -377,7 +378,19 @@ impl Repository {
     /// Check a chunk's blob read from `at`, open it and inflate it; a mismatch names the
     /// pack and offset.
     pub fn inflate_chunk(&self, blob: &[u8], id: &ChunkId, at: &Location) -> Result<Vec<u8>> {
-        check_blob(blob, id, &at.entry, self.crypto()).map_err(|why| RepoError::Corrupt {
+        self.inflate_chunk_into(blob, id, at, Vec::new())
+    }
+
+    /// [`Repository::inflate_chunk`] into the memory of `out` (its contents are dropped):
+    /// a recycled buffer spares the page faults of fresh memory on every chunk.
+    pub fn inflate_chunk_into(
+        &self,
+        blob: &[u8],
+        id: &ChunkId,
+        at: &Location,
+        out: Vec<u8>,
+    ) -> Result<Vec<u8>> {
+        check_blob_into(blob, id, &at.entry, self.crypto(), out).map_err(|why| RepoError::Corrupt {
             object: pack_path(&at.pack).to_string(),
             why: format!("chunk {} at offset {}: {why}", id.hex(), at.entry.offset),
         })
@@ -593,6 +606,18 @@ impl Repository {
             .await
             .map_err(store_err(format!("reading chunk {} from {path}", id.hex())))
     }
+
+    /// Bytes `range` of pack `pack` (several neighbouring blobs), with one ranged GET.
+    pub async fn read_range(&self, pack: &[u8; 32], range: &std::ops::Range<u64>) -> Result<Bytes> {
+        let path = pack_path(pack);
+        self.store
+            .get_range(&path, range.clone())
+            .await
+            .map_err(store_err(format!(
+                "reading bytes {}..{} of {path}",
+                range.start, range.end
+            )))
+    }
 }
 
 impl Repository {
@@ -700,6 +725,17 @@ pub fn check_blob(
     entry: &PackEntry,
     crypto: Option<&crypto::RepoCrypto>,
 ) -> std::result::Result<Vec<u8>, String> {
+    check_blob_into(blob, id, entry, crypto, Vec::new())
+}
+
+/// [`check_blob`] inflating into the memory of `out` (its contents are dropped).
+pub fn check_blob_into(
+    blob: &[u8],
+    id: &ChunkId,
+    entry: &PackEntry,
+    crypto: Option<&crypto::RepoCrypto>,
+    mut out: Vec<u8>,
+) -> std::result::Result<Vec<u8>, String> {
     if blob.len() != entry.stored_len as usize {
         return Err(format!(
             "{} bytes where {} were expected",
@@ -718,14 +754,19 @@ pub fn check_blob(
         }
         None => blob,
     };
-    // One call into a buffer of exactly the plaintext length (a frame that inflates to more
-    // fails): no streaming copies on the restore and `repo export` paths.
-    let out = zstd::bulk::decompress(blob, entry.raw_len as usize).map_err(|e| {
-        format!(
-            "zstd: {e} (the frame does not inflate to at most {} bytes)",
-            entry.raw_len
-        )
-    })?;
+    // One call into a buffer of at least the plaintext length (a frame that inflates to more
+    // than the buffer fails, one that inflates to more than the plaintext is caught below):
+    // no streaming copies on the restore and `repo export` paths.
+    out.clear();
+    out.reserve_exact(entry.raw_len as usize);
+    zstd::bulk::Decompressor::new()
+        .and_then(|mut z| z.decompress_to_buffer(blob, &mut out))
+        .map_err(|e| {
+            format!(
+                "zstd: {e} (the frame does not inflate to at most {} bytes)",
+                entry.raw_len
+            )
+        })?;
     if out.len() != entry.raw_len as usize {
         return Err(format!(
             "inflates to {} bytes, not {}",
@@ -934,5 +975,18 @@ mod tests {
         assert!(check_blob(&blob, &other, &entry, None)
             .unwrap_err()
             .contains("SHA-256"));
+        // A recycled buffer larger than the chunk, full of another chunk's bytes: the same
+        // checks, none of its old bytes survive.
+        let recycled = || vec![0xee; 300_000];
+        assert_eq!(
+            check_blob_into(&blob, &id, &entry, None, recycled()).unwrap(),
+            data
+        );
+        assert!(check_blob_into(&blob, &id, &short, None, recycled())
+            .unwrap_err()
+            .contains("inflates to"));
+        assert!(check_blob_into(&bad, &id, &entry, None, recycled())
+            .unwrap_err()
+            .contains("CRC"));
     }
 }

@@ -11,12 +11,16 @@
 //! of the previous read or the next one, or just after a cached chunk, counts as sequential
 //! and starts fetching the following [`ReaderOptions::readahead`] chunks in the background,
 //! so a streaming client (nbdcopy, qemu-img convert; several connections each reading its
-//! own region) overlaps the object store's latency with its own work.
+//! own region) overlaps the object store's latency with its own work. Read-ahead chunks that
+//! lie near each other in one pack come with one ranged GET ([`crate::fetch`]) and are
+//! checked and inflated on all CPUs at once; a reader that wants one of them meanwhile waits
+//! for that fetch. A failed read-ahead run caches nothing: each reader then fetches its
+//! chunk alone, so one corrupt chunk fails only the reads of that chunk.
 //! Failed fetches are not cached: a corrupt chunk is an error naming its pack and offset on
 //! every read of it, and a store that was briefly unreachable is asked again.
 //!
 //! Memory: the cache, plus the chunks being fetched (at most one per concurrent reader and
-//! `readahead` more).
+//! `readahead` more), plus up to [`SPARE_BUFFERS`] evicted chunks' buffers kept for reuse.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -25,8 +29,11 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::runtime::Handle;
 use tokio::sync::OnceCell;
 
+use futures::FutureExt;
+
+use crate::fetch::{fetch_run, plan_runs, slot_run, RunLimits};
 use crate::format::{chunk_count, ChunkId, PointIndex};
-use crate::{compose_slot, point_path, Location, RepoError, Repository, Result};
+use crate::{point_path, Location, RepoError, Repository, Result};
 
 /// How much a reader caches and prefetches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,7 +48,7 @@ impl Default for ReaderOptions {
     fn default() -> Self {
         ReaderOptions {
             cache_bytes: 256 << 20,
-            readahead: 4,
+            readahead: 8,
         }
     }
 }
@@ -64,7 +71,13 @@ struct Cache {
     tick: u64,
     bytes: u64,
     limit: u64,
+    /// Memory of evicted chunks no reader holds, for the next fetches (at most
+    /// [`SPARE_BUFFERS`]).
+    spare: Vec<Vec<u8>>,
 }
+
+/// Evicted chunks' buffers kept for reuse: about one read-ahead's worth.
+const SPARE_BUFFERS: usize = 8;
 
 impl Cache {
     /// The cell of chunk `index` (new and empty if it is not cached), marked as used now.
@@ -101,7 +114,19 @@ impl Cache {
             let Some(victim) = victim else { break };
             if let Some(slot) = self.slots.remove(&victim) {
                 self.bytes -= slot.cell.get().map_or(0, |data| data.len() as u64);
+                self.recycle(slot.cell);
             }
+        }
+    }
+
+    /// Keep the memory of an evicted chunk for a later fetch, if no reader holds it.
+    fn recycle(&mut self, cell: Cell) {
+        if self.spare.len() >= SPARE_BUFFERS {
+            return;
+        }
+        let data = Arc::into_inner(cell).and_then(|cell| cell.into_inner());
+        if let Some(buf) = data.and_then(Arc::into_inner) {
+            self.spare.push(buf);
         }
     }
 
@@ -201,6 +226,7 @@ impl PointReader {
                     tick: 0,
                     bytes: 0,
                     limit: options.cache_bytes,
+                    spare: Vec::new(),
                 }),
                 readahead: options.readahead.min(options.cache_bytes / chunk / 2),
                 last_chunk: AtomicU64::new(u64::MAX),
@@ -325,15 +351,24 @@ impl Inner {
         if let Some(data) = cell.get() {
             return Ok(Arc::clone(data));
         }
-        this.handle.block_on(Inner::load(this, index, &cell))
+        this.handle.block_on(Inner::load(this, index, &cell, || {
+            Inner::fetch(this, index)
+        }))
     }
 
-    /// Fill `cell` with slot `index` unless another reader does (then wait for it).
-    async fn load(this: &Arc<Inner>, index: u64, cell: &Cell) -> Result<Arc<Vec<u8>>> {
-        let got = cell
-            .get_or_try_init(|| Inner::fetch(this, index))
-            .await
-            .cloned();
+    /// Fill `cell` with slot `index` unless another reader does (then wait for it); `fetch`
+    /// gets the bytes when this call is the one that fills the cell.
+    async fn load<F, Fut>(
+        this: &Arc<Inner>,
+        index: u64,
+        cell: &Cell,
+        fetch: F,
+    ) -> Result<Arc<Vec<u8>>>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Result<Arc<Vec<u8>>>>,
+    {
+        let got = cell.get_or_try_init(fetch).await.cloned();
         let mut cache = this.cache();
         match &got {
             Ok(_) => cache.settle(index, cell),
@@ -342,41 +377,79 @@ impl Inner {
         got
     }
 
-    /// Slot `index`: its chunk (or zeros) with its pieces' chunks laid over it.
+    /// Slot `index` alone: its chunk (or zeros) with its pieces' chunks laid over it.
     async fn fetch(this: &Arc<Inner>, index: u64) -> Result<Arc<Vec<u8>>> {
-        let data = compose_slot(&this.point, index, &this.locations, |id, at| async move {
-            let blob = this.repo.read_blob(&id, &at).await?;
-            // Inflating and hashing 4 MiB takes milliseconds: off the runtime's worker threads.
-            let repo = this.repo.clone();
-            tokio::task::spawn_blocking(move || repo.inflate_chunk(&blob, &id, &at))
-                .await
-                .map_err(|e| RepoError::Invalid(format!("checking chunk {}: {e}", id.hex())))?
+        let run = slot_run(&this.point, &this.locations, index)?;
+        let mut slots = fetch_run(&this.repo, &this.point, &this.locations, &run, &|| {
+            this.cache().spare.pop()
         })
         .await?;
         this.fetched.fetch_add(1, Ordering::Relaxed);
-        Ok(Arc::new(data))
+        Ok(Arc::new(slots.pop().unwrap_or_default()))
     }
 
-    /// Start fetching the data chunks after `last` that are not cached or on their way.
+    /// Start fetching the data chunks after `last` that are not cached or on their way,
+    /// neighbours in one pack with one request: every slot of a run waits on the run's one
+    /// shared fetch, so a reader that arrives meanwhile waits for it instead of asking again.
     fn read_ahead(this: &Arc<Inner>, last: u64) {
         let count = this.point.chunks.len() as u64;
-        for index in (last + 1..count).take(this.readahead as usize) {
-            if this.point.slot_is_zero(index) {
-                continue;
+        let mut wanted = Vec::new();
+        {
+            let mut cache = this.cache();
+            for index in (last + 1..count).take(this.readahead as usize) {
+                if !this.point.slot_is_zero(index) && !cache.slots.contains_key(&index) {
+                    wanted.push((index, cache.slot(index)));
+                }
             }
-            let cell = {
+        }
+        let runs = match plan_runs(
+            &this.point,
+            &this.locations,
+            wanted.iter().map(|(index, _)| *index),
+            RunLimits::default(),
+        ) {
+            Ok(runs) => runs,
+            Err(err) => {
+                // The reads themselves report it; forget the empty cells.
+                tracing::debug!("planning read-ahead after chunk {last}: {err}");
                 let mut cache = this.cache();
-                if cache.slots.contains_key(&index) {
+                for (index, cell) in &wanted {
+                    cache.forget(*index, cell);
+                }
+                return;
+            }
+        };
+        let mut cells: HashMap<u64, Cell> = wanted.into_iter().collect();
+        for run in runs {
+            let (inner, slots) = (Arc::clone(this), run.slots.clone());
+            let shared = async move {
+                let spare = || inner.cache().spare.pop();
+                let slots =
+                    fetch_run(&inner.repo, &inner.point, &inner.locations, &run, &spare).await;
+                slots
+                    .map(|slots| Arc::new(slots.into_iter().map(Arc::new).collect::<Vec<_>>()))
+                    .map_err(|err| err.to_string())
+            }
+            .boxed()
+            .shared();
+            for (position, index) in slots.into_iter().enumerate() {
+                let Some(cell) = cells.remove(&index) else {
                     continue;
-                }
-                cache.slot(index)
-            };
-            let inner = Arc::clone(this);
-            this.handle.spawn(async move {
-                if let Err(err) = Inner::load(&inner, index, &cell).await {
-                    tracing::debug!("reading ahead chunk {index}: {err}");
-                }
-            });
+                };
+                let (inner, shared) = (Arc::clone(this), shared.clone());
+                this.handle.spawn(async move {
+                    let fetch = || async {
+                        let slots = shared.await.map_err(|why| {
+                            RepoError::Invalid(format!("reading ahead chunk {index}: {why}"))
+                        })?;
+                        inner.fetched.fetch_add(1, Ordering::Relaxed);
+                        Ok(Arc::clone(&slots[position]))
+                    };
+                    if let Err(err) = Inner::load(&inner, index, &cell, fetch).await {
+                        tracing::debug!("{err}");
+                    }
+                });
+            }
         }
     }
 }
@@ -398,19 +471,32 @@ mod tests {
             .unwrap()
     }
 
-    /// A repository holding `disk` as the point `vm@a` (64 KiB chunks).
+    /// A repository holding `disk` as the point `vm@a` (64 KiB chunks), written in three
+    /// parts by writers of their own, so the point's chunks lie in at least three packs
+    /// (boundaries after chunks 6 and 13).
     fn stored(rt: &tokio::runtime::Runtime, dir: &std::path::Path, disk: &[u8]) -> Repository {
         let url = dir.join("repo");
         let url = url.to_str().unwrap();
         let repo = rt
             .block_on(Repository::init(url, &StoreOptions::default(), CHUNK))
             .unwrap();
-        let count = chunk_count(disk.len() as u64, CHUNK);
-        let writer = PointWriter::start(&repo, rt.handle().clone(), Default::default(), count, 2);
-        for (i, data) in disk.chunks(CHUNK as usize).enumerate() {
-            writer.put(i as u64, data.to_vec()).unwrap();
+        let blocks: Vec<&[u8]> = disk.chunks(CHUNK as usize).collect();
+        let (mut chunks, mut new_bytes) = (Vec::new(), 0);
+        for part in [&blocks[..7], &blocks[7..14], &blocks[14..]] {
+            let writer = PointWriter::start(
+                &repo,
+                rt.handle().clone(),
+                Default::default(),
+                part.len() as u64,
+                1,
+            );
+            for (i, data) in part.iter().enumerate() {
+                writer.put(i as u64, data.to_vec()).unwrap();
+            }
+            let written = writer.finish().unwrap();
+            chunks.extend(written.chunks);
+            new_bytes += written.new_bytes;
         }
-        let written = writer.finish().unwrap();
         let point = PointIndex {
             volume: "vm".into(),
             volume_uuid: [7; 16],
@@ -420,8 +506,8 @@ mod tests {
             size: disk.len() as u64,
             chunk_size: CHUNK,
             granularity: 65536,
-            new_bytes: written.new_bytes,
-            chunks: written.chunks,
+            new_bytes,
+            chunks,
             pieces: Vec::new(),
         };
         rt.block_on(repo.put_point(&point)).unwrap();
@@ -536,6 +622,97 @@ mod tests {
         while reader.fetched_chunks() < 5 {
             assert!(std::time::Instant::now() < deadline, "no readahead");
             std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+
+    /// Read the whole point in 128 KiB requests from `threads` threads, each its own
+    /// region in order (as nbdcopy's connections do); the results, in offset order.
+    fn stream(reader: &PointReader, threads: u64) -> Vec<Result<Vec<u8>>> {
+        let size = reader.size();
+        let step = 128 << 10;
+        let region = size.div_ceil(threads).div_ceil(step) * step;
+        std::thread::scope(|s| {
+            let spawned: Vec<_> = (0..threads)
+                .map(|t| {
+                    s.spawn(move || {
+                        let mut got = Vec::new();
+                        let mut at = t * region;
+                        while at < size.min((t + 1) * region) {
+                            let mut buf = vec![0; step.min(size - at) as usize];
+                            got.push(reader.read(at, &mut buf).map(|()| buf));
+                            at += step;
+                        }
+                        got
+                    })
+                })
+                .collect();
+            spawned
+                .into_iter()
+                .flat_map(|h| h.join().unwrap())
+                .collect()
+        })
+    }
+
+    #[test]
+    fn streaming_readers_read_ahead_across_pack_boundaries() {
+        let rt = runtime();
+        let dir = tempfile::tempdir().unwrap();
+        let disk = disk();
+        let repo = stored(&rt, dir.path(), &disk);
+        let (_, indexes, _) = rt.block_on(repo.chunk_map()).unwrap();
+        assert!(indexes.len() >= 3, "{} packs", indexes.len());
+        let options = ReaderOptions {
+            cache_bytes: 8 * u64::from(CHUNK),
+            readahead: 6,
+        };
+        for threads in [1, 3] {
+            let reader = open(&rt, &repo, options);
+            let got: Vec<u8> = stream(&reader, threads)
+                .into_iter()
+                .flat_map(|r| r.unwrap())
+                .collect();
+            assert_eq!(got, disk, "{threads} readers");
+            assert!(reader.cached_bytes() <= options.cache_bytes);
+            // 16 data chunks; a chunk evicted before its reader came is fetched again.
+            assert!(reader.fetched_chunks() >= 16, "{}", reader.fetched_chunks());
+        }
+    }
+
+    #[test]
+    fn a_corrupt_chunk_inside_a_read_ahead_run_is_refused_and_its_neighbours_read() {
+        let rt = runtime();
+        let dir = tempfile::tempdir().unwrap();
+        let disk = disk();
+        let repo = stored(&rt, dir.path(), &disk);
+        let (map, _, _) = rt.block_on(repo.chunk_map()).unwrap();
+        let reader = open(&rt, &repo, ReaderOptions::default());
+        let ChunkRef::Data(id) = reader.point().chunks[2] else {
+            panic!("chunk 2 holds data")
+        };
+        let at = map[&id];
+        let pack = dir
+            .path()
+            .join("repo")
+            .join(crate::pack_path(&at.pack).to_string());
+        let mut bytes = std::fs::read(&pack).unwrap();
+        bytes[at.entry.offset as usize + 9] ^= 0x01;
+        std::fs::write(&pack, bytes).unwrap();
+        let chunk = u64::from(CHUNK) as usize;
+        for _ in 0..2 {
+            // Chunk 0 starts read-ahead of 1..5, one run of the first pack holding chunk 2.
+            for (k, got) in stream(&reader, 1).into_iter().enumerate() {
+                let offset = k * (128 << 10);
+                if offset / chunk == 2 || (offset + (128 << 10) - 1) / chunk == 2 {
+                    let text = got.unwrap_err().to_string();
+                    assert!(
+                        text.contains(&crate::format::hex(&at.pack)) && text.contains("corrupt"),
+                        "{text}"
+                    );
+                } else {
+                    let end = (offset + (128 << 10)).min(disk.len());
+                    assert_eq!(got.unwrap(), disk[offset..end], "read at {offset}");
+                }
+            }
         }
     }
 

@@ -852,6 +852,80 @@ fn a_corrupt_chunk_read_through_repo_export_is_an_nbd_eio_and_the_rest_still_rea
     }
 }
 
+#[test]
+fn repo_export_reads_ahead_across_packs_for_four_nbdcopy_connections_and_a_corrupt_chunk_stays_eio()
+{
+    assert!(
+        have("nbdcopy"),
+        "nbdcopy is not installed: run scripts/install-deps.sh"
+    );
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("disk.raw");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(48);
+    let mut data = vec![0u8; 48 * MIB];
+    rng.fill(&mut data[..20 * MIB]);
+    rng.fill(&mut data[22 * MIB..]);
+    std::fs::write(&file, &data).expect("writing the image");
+    let repo = dir.path().join("repo");
+    let url = repo.to_str().unwrap();
+    store_point(dir.path(), &file, url, &[], &[]);
+    let packs = packs(&repo);
+    assert!(
+        packs.len() >= 3,
+        "46 MiB of 1 MiB chunks in {} packs",
+        packs.len()
+    );
+
+    // Read-ahead runs of 8 chunks, a cache of 12: the four connections' runs cross packs.
+    let extra = ["--readahead", "8", "--cache-size", "12M"];
+    let (server, uri) = repo_export(dir.path(), url, ("disk@a", "disk@a"), &extra, &[]);
+    let copy = dir.path().join("copy.raw");
+    let out = run(
+        Command::new("nbdcopy")
+            .arg("--connections=4")
+            .arg(&uri)
+            .arg(&copy),
+        Duration::from_secs(120),
+    )
+    .expect("running nbdcopy");
+    assert!(out.status.success(), "nbdcopy: {}", out.stderr);
+    assert!(
+        std::fs::read(&copy).unwrap() == data,
+        "nbdcopy's copy differs"
+    );
+    drop(server);
+
+    // A chunk in the middle of the second pack: only its MiB fails, with EIO, read after read.
+    let victim = &packs[1];
+    let mut bytes = std::fs::read(victim).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x20;
+    std::fs::write(victim, bytes).unwrap();
+    let (mut server, uri) = repo_export(dir.path(), url, ("disk@a", "disk@a"), &extra, &[]);
+    for _ in 0..2 {
+        let out = run(
+            Command::new("/usr/bin/python3")
+                .args(["-c", READ_EVERY_MIB])
+                .arg(&uri),
+            Duration::from_secs(60),
+        )
+        .expect("running python3-libnbd");
+        assert!(out.status.success(), "python3-libnbd: {}", out.stderr);
+        let failed: Vec<&str> = out.stdout.lines().filter(|l| *l != "ok").collect();
+        assert_eq!(failed, ["EIO"], "{}", out.stdout);
+    }
+    let out = run(
+        Command::new("nbdcopy").arg(&uri).arg(&copy),
+        Duration::from_secs(120),
+    )
+    .expect("running nbdcopy");
+    assert!(!out.status.success(), "nbdcopy read a corrupt chunk");
+    assert!(
+        server.try_wait().unwrap().is_none(),
+        "repo export died on a corrupt chunk"
+    );
+}
+
 /// `repo restore URL POINT --into DEST` writes `expected`; DEST is removed afterwards.
 fn assert_restores(url: &str, point: &str, dest: &Path, expected: &[u8]) {
     assert_restores_with(url, point, dest, expected, &[], &[]);

@@ -4,10 +4,12 @@ pub(crate) mod export;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::Context;
 use futures::StreamExt;
 use serde::Serialize;
+use tidemark_repo::fetch::{fetch_run, plan_runs, RunLimits};
 use tidemark_repo::maint::{self, PruneReport};
 use tidemark_repo::{ChunkRef, Keep, Repository, StoreOptions, DEFAULT_CHUNK_SIZE};
 
@@ -179,6 +181,10 @@ struct RestoreReport {
     seconds: f64,
     mb_per_sec: f64,
 }
+
+/// Runs of chunks `repo restore` fetches at once: with the default limits at most 4 x 16 MiB
+/// stored plus their inflated chunks in memory.
+const RESTORE_RUNS: usize = 4;
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -466,21 +472,30 @@ async fn restore(
         }
     }
     // Slots that are not all zero: each is its chunk with the point's pieces laid over it.
+    // Neighbouring slots in one pack are fetched with one ranged GET (a run); RESTORE_RUNS
+    // runs are in flight as tasks of their own, so the store and the CPUs that check and
+    // inflate keep working while the previous run is written.
     let wanted: Vec<u64> = (0..point.chunks.len() as u64)
         .filter(|&i| !point.slot_is_zero(i))
         .collect();
-    let (repo_ref, map_ref, point_ref) = (&repo, &map, &point);
-    let mut reads = futures::stream::iter(wanted.iter())
-        .map(|&i| async move {
-            let data = repo_ref.read_slot(point_ref, i, map_ref).await?;
-            Ok::<_, tidemark_repo::RepoError>((i, data))
+    let runs = plan_runs(&point, &map, wanted.iter().copied(), RunLimits::default())?;
+    let (repo, point, map) = (Arc::new(repo), Arc::new(point), Arc::new(map));
+    let mut fetches = futures::stream::iter(runs)
+        .map(|run| {
+            let (repo, point, map) = (Arc::clone(&repo), Arc::clone(&point), Arc::clone(&map));
+            tokio::spawn(async move {
+                let slots = fetch_run(&repo, &point, &map, &run, &|| None).await?;
+                Ok::<_, tidemark_repo::RepoError>((run.slots, slots))
+            })
         })
-        .buffered(4);
+        .buffered(RESTORE_RUNS);
     let mut written = 0u64;
-    while let Some(read) = reads.next().await {
-        let (i, data) = read?;
-        tokio::task::block_in_place(|| sink.write(i * chunk, &data))?;
-        written += data.len() as u64;
+    while let Some(fetched) = fetches.next().await {
+        let (indexes, slots) = fetched.context("a restore task failed")??;
+        for (i, data) in indexes.into_iter().zip(slots) {
+            tokio::task::block_in_place(|| sink.write(i * chunk, &data))?;
+            written += data.len() as u64;
+        }
     }
     tokio::task::block_in_place(|| sink.finish())?;
     let seconds = started.elapsed().as_secs_f64();

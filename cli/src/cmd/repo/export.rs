@@ -53,7 +53,7 @@ pub struct Args {
     pub cache_size: u64,
 
     /// Chunks fetched ahead of a client that reads sequentially (0: none).
-    #[arg(long, value_name = "N", default_value_t = 4)]
+    #[arg(long, value_name = "N", default_value_t = 8)]
     pub readahead: u64,
 
     /// Connections served at once.
