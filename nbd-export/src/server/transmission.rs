@@ -1000,7 +1000,10 @@ mod tests {
             request(&mut out, Command::Read, 2 * k + 1, k * 4096, 4096);
             lens.insert(2 * k + 1, 4096);
             client.write_all(&out).unwrap();
-            assert_eq!(reply(&mut client, &lens), (2 * k + 1, 0, vec![k as u8 + 1; 4096]));
+            assert_eq!(
+                reply(&mut client, &lens),
+                (2 * k + 1, 0, vec![k as u8 + 1; 4096])
+            );
         }
         let ran_on = export.ran_on.lock().unwrap().clone();
         assert_eq!(ran_on.len(), 32);
@@ -1054,7 +1057,10 @@ mod tests {
         for _ in 0..8 {
             let (cookie, error, data) = reply(&mut client, &lens);
             assert_eq!(error, 0, "request {cookie} failed");
-            assert!(replies.insert(cookie, data).is_none(), "two replies to {cookie}");
+            assert!(
+                replies.insert(cookie, data).is_none(),
+                "two replies to {cookie}"
+            );
         }
         let cookies: Vec<u64> = {
             let mut c: Vec<u64> = replies.keys().copied().collect();
@@ -1077,7 +1083,9 @@ mod tests {
         let (cookie, error, data) = reply(&mut client, &lens);
         assert_eq!((cookie, error), (50, 0));
         for k in 0..4usize {
-            assert!(data[k * 4096..(k + 1) * 4096].iter().all(|&b| b == 0x10 + k as u8));
+            assert!(data[k * 4096..(k + 1) * 4096]
+                .iter()
+                .all(|&b| b == 0x10 + k as u8));
         }
         let threads: std::collections::HashSet<String> =
             export.ran_on.lock().unwrap().iter().cloned().collect();
