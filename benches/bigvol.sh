@@ -9,8 +9,13 @@
 #    RSS (VmRSS, VmHWM), du of the state dir, checkpoint creation times, and the daemon's
 #    start time with that state.
 # B. A 15 TiB volume with 1% of its blocks dirty in scattered runs of 1-32 blocks:
-#    `nbdinfo --map` of qemu:dirty-bitmap extents per second (median of 3) and the map
-#    and planning time of `tidemark pull --bitmap` (its `map_seconds`, median of 3).
+#    `nbdinfo --map` of qemu:dirty-bitmap extents per second (median of 3), with the CPU
+#    nbdinfo and the server spend per map, and the map and planning time of `tidemark
+#    pull --bitmap` (its `map_seconds`, median of 3). Beside it, nbdkit serving the same
+#    extents from a list (null plugin, extentlist filter) with its default 16 threads and
+#    with one (-t 1). The bound on the last line: nbdinfo sends one request at a time, so
+#    nothing overlaps and a map takes at least nbdinfo's CPU plus the server's; the rate
+#    at that sum, and at nbdinfo's CPU alone (an instant server), beside the measured one.
 #
 # The state is built once with TIDEMARK_BIN; every measurement then runs with each binary
 # to compare (BEFORE_BIN, e.g. a build of main, then TIDEMARK_BIN) on that same state, so
@@ -33,7 +38,7 @@ runs=()
 [[ -n $before ]] && runs+=("before=$before")
 runs+=("after=$bin")
 [[ $(id -u) == 0 ]] || { echo "bigvol: run as root (it mounts an xfs loop file)" >&2; exit 1; }
-for tool in mkfs.xfs nbdinfo jq; do
+for tool in mkfs.xfs nbdinfo nbdkit jq /usr/bin/time; do
     command -v "$tool" >/dev/null || { echo "bigvol: $tool missing (scripts/install-deps.sh)" >&2; exit 1; }
 done
 /usr/bin/python3 -c 'import nbd' || { echo "bigvol: python3-libnbd missing" >&2; exit 1; }
@@ -102,6 +107,32 @@ PY
 }
 
 rss_mib() { awk -v k="$1" '$1 == k":" {print int($2 / 1024)}' "/proc/$pid/status"; }
+
+# CPU seconds (user + system) process PID has used so far.
+cpu_s() { awk -v hz="$(getconf CLK_TCK)" '{ printf "%.3f", ($14 + $15) / hz }' "/proc/$1/stat"; }
+
+# Map CONTEXT of URI with nbdinfo three times while server PID serves it: sets rates
+# (extents/s of each), rate_b (their median), extents_b, client_ms (nbdinfo's CPU per
+# map, median) and server_ms (the server's CPU per map, mean); keeps the first map in
+# $dir/map.txt.
+map_rates() { # uri context pid
+    local t0 t s0 cpus=() k
+    rates=()
+    s0=$(cpu_s "$3")
+    for k in 1 2 3; do
+        t0=$EPOCHREALTIME
+        /usr/bin/time -f '%U %S' -o "$dir/time.txt" nbdinfo --map="$2" "$1" >"$dir/map.$k.txt"
+        t=$(ms "$t0" "$EPOCHREALTIME")
+        extents_b=$(wc -l <"$dir/map.$k.txt")
+        rates+=("$(awk -v n="$extents_b" -v t="$t" 'BEGIN { printf "%.0f", n / (t / 1000) }')")
+        cpus+=("$(awk '{ printf "%.0f", ($1 + $2) * 1000 }' "$dir/time.txt")")
+    done
+    server_ms=$(awk -v a="$s0" -v b="$(cpu_s "$3")" 'BEGIN { printf "%.0f", (b - a) * 1000 / 3 }')
+    mv "$dir/map.1.txt" "$dir/map.txt"
+    rm -f "$dir/map.2.txt" "$dir/map.3.txt"
+    rate_b=$(printf '%s\n' "${rates[@]}" | median)
+    client_ms=$(printf '%s\n' "${cpus[@]}" | median)
+}
 
 part_a() {
 echo "## A. 64 TiB, 64 KiB granularity, seven checkpoints, 0.01% dirty (load $(load))"
@@ -172,30 +203,45 @@ local uri="nbd+unix:///mid@backup?socket=$mnt/state-b/nbd.sock"
 truncate -s 15T "$mnt/mid-copy.raw"
 echo "dirtying: $dirty_s s"
 echo
-printf '| binary | dirty-bitmap extents | nbdinfo --map extents/s, median of 3 (all) | pull map + plan s, median of 3 (all) | load |\n'
-printf '|---|---|---|---|---|\n'
-local run label path rates maps extents_b t
+printf '| server | extents | nbdinfo --map extents/s, median of 3 (all) | nbdinfo CPU ms/map | server CPU ms/map | pull map + plan s, median of 3 (all) | load |\n'
+printf '|---|---|---|---|---|---|---|\n'
+local run label path maps
 for run in "${runs[@]}"; do
     label=${run%%=*} path=${run#*=}
     start_daemon "$mnt/state-b" "$path"
     tm backup begin mid --incremental c0 >/dev/null
-    rates=() maps=()
-    for _ in 1 2 3; do
-        t0=$EPOCHREALTIME
-        extents_b=$(nbdinfo --map=qemu:dirty-bitmap:c0 "$uri" | wc -l)
-        t=$(ms "$t0" "$EPOCHREALTIME")
-        rates+=("$(awk -v n="$extents_b" -v t="$t" 'BEGIN { printf "%.0f", n / (t / 1000) }')")
-    done
+    map_rates "$uri" qemu:dirty-bitmap:c0 "$pid"
+    maps=()
     for _ in 1 2 3; do
         "$path" pull --bitmap c0 "$uri" --into "$mnt/mid-copy.raw" --json >"$dir/pull.json"
         maps+=("$(jq .map_seconds "$dir/pull.json")")
     done
     tm backup end mid >/dev/null
     stop_daemon
-    printf '| %s | %s | %s (%s) | %s (%s) | %s |\n' "$label" "$extents_b" \
-        "$(printf '%s\n' "${rates[@]}" | median)" "${rates[*]}" \
+    printf '| tidemark %s | %s | %s (%s) | %s | %s | %s (%s) | %s |\n' "$label" "$extents_b" \
+        "$rate_b" "${rates[*]}" "$client_ms" "$server_ms" \
         "$(printf '%s\n' "${maps[@]}" | median)" "${maps[*]}" "$(load)"
+    after_rate=$rate_b after_client=$client_ms after_server=$server_ms
 done
+# The peer: nbdkit serving the same extents from a list (the null plugin under the
+# extentlist filter, dirty as data and clean as a hole), as base:allocation, with its
+# default 16 threads per connection and with one.
+awk '{ print $1, $2, ($3 == 1 ? 0 : "hole,zero") }' "$dir/map.txt" >"$dir/extents.list"
+local threads
+for threads in 16 1; do
+    rm -f "$dir/nbdkit.sock"
+    nbdkit -r -f -U "$dir/nbdkit.sock" -t "$threads" --filter=extentlist null size=15T \
+        extentlist="$dir/extents.list" &
+    pid=$!
+    until [[ -S $dir/nbdkit.sock ]]; do sleep 0.01; done
+    map_rates "nbd+unix://?socket=$dir/nbdkit.sock" base:allocation "$pid"
+    stop_daemon
+    printf '| nbdkit -t %s, extentlist | %s | %s (%s) | %s | %s | - | %s |\n' "$threads" \
+        "$extents_b" "$rate_b" "${rates[*]}" "$client_ms" "$server_ms" "$(load)"
+done
+echo
+awk -v n="$extents_b" -v r="$after_rate" -v c="$after_client" -v s="$after_server" 'BEGIN {
+    printf "bound (tidemark %s): nbdinfo CPU alone %d ms/map -> %.0f extents/s; nbdinfo + server CPU %d ms/map -> %.0f extents/s; measured / that: %.2f\n", "'"${runs[-1]%%=*}"'", c, n / (c / 1000), c + s, n / ((c + s) / 1000), r / (n / ((c + s) / 1000)) }'
 rm -f "$mnt/mid.raw" "$mnt/mid-copy.raw"
 rm -rf "$mnt/state-b"
 }

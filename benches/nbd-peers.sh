@@ -13,7 +13,9 @@
 # (>1 = faster).
 #
 # Usage: bash benches/nbd-peers.sh [SIZE_MIB] [ROUNDS]      (defaults: 2048 5)
-# Env: TIDEMARK_BIN (default target/release/tidemark, built if missing), BENCH_DIR (tmp).
+# Env: TIDEMARK_BIN (default target/release/tidemark, built if missing), BENCH_DIR (tmp),
+# BEFORE_BIN (optional: another tidemark binary, e.g. a build of main, run as the server
+# "before" in the same rounds, so a change is measured before and after in one run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . benches/nbdcopy-common.sh
@@ -26,9 +28,11 @@ start() {
     local name=$1 mode=$2 file=$3 sock=$work/$1.sock ro=()
     rm -f "$sock"
     case $name in
-    tidemark)
+    tidemark | before)
         [ "$mode" = read ] && ro=(--read-only)
-        "$bin" export "$file" "${ro[@]}" --socket "$sock" >/dev/null &
+        local server_bin=$bin
+        [ "$name" = before ] && server_bin=$BEFORE_BIN
+        "$server_bin" export "$file" "${ro[@]}" --socket "$sock" >/dev/null &
         ;;
     nbdkit)
         [ "$mode" = read ] && ro=(-r)
@@ -71,6 +75,7 @@ uri() {
 }
 
 servers=(tidemark nbdkit qemu-nbd nbd-server)
+[ -n "${BEFORE_BIN:-}" ] && servers+=(before)
 declare -A results
 for ((round = 0; round < rounds; round++)); do
     for s in $(round_order "$round" "${servers[@]}"); do
@@ -95,7 +100,7 @@ for s in "${servers[@]}"; do
     printf '%-11s %12.0f %12.0f\n' "$s" "${rate[$s.read]}" "${rate[$s.write]}"
 done
 echo
-for s in nbdkit qemu-nbd nbd-server; do
+for s in "${servers[@]:1}"; do
     printf 'tidemark / %-10s read %.2fx  write %.2fx\n' "$s" \
         "$(awk -v a="${rate[tidemark.read]}" -v b="${rate[$s.read]}" 'BEGIN { print a / b }')" \
         "$(awk -v a="${rate[tidemark.write]}" -v b="${rate[$s.write]}" 'BEGIN { print a / b }')"

@@ -24,7 +24,12 @@
 //! the lock, runs the (blocking) export method, and writes its reply under the write
 //! lock. Replies go out in completion order (out of order, as the protocol allows) and up
 //! to eight requests run at once, with no thread hand-off on the hot path, which matters
-//! on small, busy machines. A per-connection budget of in-flight bytes bounds memory: the
+//! on small, busy machines. A request that is the only one in flight, with nothing more
+//! buffered or waiting on the socket (a non-blocking peek), is run by the worker holding
+//! the lock, which then reads the next request itself: a client that waits for each
+//! reply before it sends the next request (nbdinfo --map walking a dirty bitmap in 4 GiB
+//! steps, a QD1 reader) is served by one thread that never wakes another, while a
+//! pipelining client still gets its requests run side by side. A per-connection budget of in-flight bytes bounds memory: the
 //! reader waits for budget before it allocates or reads a payload. Buffers are recycled
 //! through a per-connection pool so steady-state reads and writes allocate nothing. Large
 //! READs of an export with a backing file (see

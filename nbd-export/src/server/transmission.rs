@@ -1,5 +1,6 @@
 //! The transmission phase on blocking threads: workers take turns reading a request
-//! (bounding every length before the payload is read), run it, and write its reply.
+//! (bounding every length before the payload is read), run it, and write its reply; a
+//! request alone on the wire is run by the worker that read it without passing the turn.
 
 use std::fs::File;
 use std::io::{self, BufRead, Read, Write};
@@ -283,11 +284,33 @@ struct Requests {
     closed: bool,
 }
 
-/// What a worker took off the wire.
-enum Next {
+impl Requests {
+    /// Whether more of the stream is already here: bytes buffered (plain or TLS, or left
+    /// over from the negotiation) or waiting on `socket`, checked without blocking.
+    fn pending(&self, socket: &SyncSocket) -> bool {
+        if !self.reader.buffer().is_empty() {
+            return true;
+        }
+        let (leftover, source) = self.reader.get_ref().get_ref();
+        if leftover.position() < leftover.get_ref().len() as u64 {
+            return true;
+        }
+        if let Source::Tls(tls) = source {
+            if tls.buffered() {
+                return true;
+            }
+        }
+        let mut byte = [0u8; 1];
+        let flags = rustix::net::RecvFlags::PEEK | rustix::net::RecvFlags::DONTWAIT;
+        matches!(rustix::net::recv(socket, &mut byte[..], flags), Ok((_, n)) if n > 0)
+    }
+}
+
+/// A request a worker took off the wire, with the payload budget it holds: to run, or
+/// already answered (refused before it ran).
+enum Taken {
     Run(Request, Option<Payload>, usize),
     Reply(Vec<u8>, usize),
-    Stop,
 }
 
 /// The stream a connection transmits on.
@@ -361,31 +384,11 @@ pub(super) fn transmission(
             .unwrap_or_else(|e| e.into_inner())
             .get_or_insert(err);
     };
-    // Every worker reads a request, runs it and writes its reply; this thread is one of them.
-    let worker = || loop {
-        let next = {
-            let mut requests = requests.lock().unwrap_or_else(|e| e.into_inner());
-            if requests.closed {
-                return;
-            }
-            match next_request(&conn, &mut requests, &budget, stop) {
-                Ok(Next::Stop) => Next::Stop,
-                Ok(next) => {
-                    stop.busy.fetch_add(1, Ordering::SeqCst);
-                    stop.requests.fetch_add(1, Ordering::Relaxed);
-                    next
-                }
-                Err(err) => {
-                    requests.closed = true;
-                    fail(err);
-                    Next::Stop
-                }
-            }
-        };
-        let (reply, cost) = match next {
-            Next::Stop => return,
-            Next::Reply(reply, cost) => (Reply::bytes(reply), cost),
-            Next::Run(req, payload, cost) => {
+    // Run a request taken off the wire and write its reply.
+    let serve = |taken: Taken| -> io::Result<()> {
+        let (reply, cost) = match taken {
+            Taken::Reply(reply, cost) => (Reply::bytes(reply), cost),
+            Taken::Run(req, payload, cost) => {
                 let reply = match catch_unwind(AssertUnwindSafe(|| execute(&conn, &req, payload))) {
                     Ok(reply) => reply,
                     Err(_) => {
@@ -414,12 +417,54 @@ pub(super) fn transmission(
         }
         budget.release(cost);
         stop.busy.fetch_sub(1, Ordering::SeqCst);
-        if let Err(err) = written {
-            // The client is gone: wake the reader and stop everyone.
-            requests.lock().unwrap_or_else(|e| e.into_inner()).closed = true;
-            let _ = control.shutdown(std::net::Shutdown::Both);
-            fail(err.into());
-            return;
+        written
+    };
+    // The client is gone: stop everyone (the reader is woken by the shutdown).
+    let client_gone = |requests: &mut Requests, err: io::Error| {
+        requests.closed = true;
+        let _ = control.shutdown(std::net::Shutdown::Both);
+        fail(err.into());
+    };
+    // Every worker reads a request, runs it and writes its reply; this thread is one of
+    // them. A request that is the only one in flight, with no other waiting to be read,
+    // is served inline: the worker keeps the request lock and reads the next request
+    // itself, so a client that sends one request at a time (nbdinfo --map, a QD1 reader)
+    // never wakes a second thread. Otherwise the lock passes to the next worker first,
+    // so a pipelining client's requests run side by side.
+    let worker = || {
+        let mut held = requests.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if held.closed {
+                return;
+            }
+            let taken = match next_request(&conn, &mut held, &budget, stop) {
+                Ok(None) => return,
+                Ok(Some(taken)) => {
+                    stop.busy.fetch_add(1, Ordering::SeqCst);
+                    stop.requests.fetch_add(1, Ordering::Relaxed);
+                    taken
+                }
+                Err(err) => {
+                    held.closed = true;
+                    fail(err);
+                    return;
+                }
+            };
+            if stop.busy.load(Ordering::SeqCst) == 1 && !held.pending(&control) {
+                if let Err(err) = serve(taken) {
+                    client_gone(&mut held, err);
+                    return;
+                }
+                continue;
+            }
+            drop(held);
+            if let Err(err) = serve(taken) {
+                // Shut the socket before taking the lock: it wakes the reader holding it.
+                let _ = control.shutdown(std::net::Shutdown::Both);
+                client_gone(&mut requests.lock().unwrap_or_else(|e| e.into_inner()), err);
+                return;
+            }
+            held = requests.lock().unwrap_or_else(|e| e.into_inner());
         }
     };
     std::thread::scope(|scope| {
@@ -453,7 +498,7 @@ fn next_request(
     requests: &mut Requests,
     budget: &Budget,
     stop: &Stopping,
-) -> Result<Next, ConnError> {
+) -> Result<Option<Taken>, ConnError> {
     let mode = conn.session.mode;
     let header_len = mode.request_len();
     let mut header = [0u8; proto::EXTENDED_REQUEST_LEN];
@@ -469,7 +514,7 @@ fn next_request(
         Ok(()) => {}
         Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
             requests.closed = true;
-            return Ok(Next::Stop);
+            return Ok(None);
         }
         Err(e) => return Err(e.into()),
     }
@@ -478,12 +523,12 @@ fn next_request(
     if req.command == Command::Disc {
         // Requests already taken still complete and reply.
         requests.closed = true;
-        return Ok(Next::Stop);
+        return Ok(None);
     }
     if req.flags & cflags::PAYLOAD_LEN != 0 && req.command != Command::Write {
         // We never advertise payloads on other commands: the stream cannot be resynced.
         requests.closed = true;
-        return Ok(Next::Reply(
+        return Ok(Some(Taken::Reply(
             error_reply(
                 mode,
                 &req,
@@ -491,7 +536,7 @@ fn next_request(
                 "payload on a command that takes none",
             ),
             0,
-        ));
+        )));
     }
     let payload = if req.command == Command::Write {
         req.length
@@ -505,10 +550,10 @@ fn next_request(
             proto::MAX_PAYLOAD
         );
         tracing::info!("{message}");
-        return Ok(Next::Reply(
+        return Ok(Some(Taken::Reply(
             error_reply(mode, &req, Errno::Inval, message),
             0,
-        ));
+        )));
     }
     let data_len = match req.command {
         Command::Read | Command::Write if req.length <= u64::from(proto::MAX_PAYLOAD) => {
@@ -532,10 +577,10 @@ fn next_request(
             conn.recycle(buf);
         }
         stop.told.store(true, Ordering::SeqCst);
-        return Ok(Next::Reply(
+        return Ok(Some(Taken::Reply(
             error_reply(mode, &req, Errno::Shutdown, "the server is shutting down"),
             cost,
-        ));
+        )));
     }
     if let Err((errno, message)) = validate(&conn.session, &req) {
         tracing::debug!(
@@ -547,9 +592,12 @@ fn next_request(
         if let Some(buf) = payload_buf {
             conn.recycle(buf);
         }
-        return Ok(Next::Reply(error_reply(mode, &req, errno, &message), cost));
+        return Ok(Some(Taken::Reply(
+            error_reply(mode, &req, errno, &message),
+            cost,
+        )));
     }
-    Ok(Next::Run(req, payload_buf, cost))
+    Ok(Some(Taken::Run(req, payload_buf, cost)))
 }
 
 /// Fill `dst` with a write payload: what the request reader has buffered, then the rest
@@ -617,13 +665,16 @@ fn send_reply(socket: &mut SyncSocket, reply: &Reply, file: Option<&File>) -> io
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashMap;
     use std::io::{Read, Write};
     use std::os::unix::net::UnixStream;
     use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::sync::{Arc, Mutex};
+    use std::sync::{Arc, Condvar, Mutex};
+    use std::time::{Duration, Instant};
 
     use crate::export::{
-        Capabilities, Export, ExportResult, Extent, MetaContext, PayloadBuf, PayloadPool, ZeroFlags,
+        Capabilities, Errno, Export, ExportError, ExportResult, Extent, MetaContext, PayloadBuf,
+        PayloadPool, ZeroFlags,
     };
     use crate::proto::{self, Command, Request};
     use crate::server::{serve_transmission, ServerConfig};
@@ -812,5 +863,234 @@ mod tests {
         let disk = export.disk.lock().unwrap();
         assert!(disk[..65536].iter().all(|&b| b == 7));
         assert!(disk[65536..65536 + 4096].iter().all(|&b| b == 8));
+    }
+
+    /// READs at or past this offset of a [`Threads`] export meet each other there.
+    const RENDEZVOUS: u64 = 1 << 19;
+
+    /// A 1 MiB disk in memory that records the thread running each request; a READ at
+    /// or past [`RENDEZVOUS`] waits (up to 10 s) until another one is in the export too,
+    /// and fails if none comes, so it succeeds only when two run side by side.
+    struct Threads {
+        disk: Mutex<Vec<u8>>,
+        ran_on: Mutex<Vec<String>>,
+        met: Mutex<usize>,
+        arrived: Condvar,
+    }
+
+    impl Threads {
+        fn record(&self) {
+            let name = std::thread::current().name().unwrap_or("?").to_string();
+            self.ran_on.lock().unwrap().push(name);
+        }
+    }
+
+    impl Export for Threads {
+        fn size(&self) -> u64 {
+            1 << 20
+        }
+        fn capabilities(&self) -> Capabilities {
+            Capabilities {
+                read_only: false,
+                flush: true,
+                trim: false,
+                write_zeroes: false,
+                fast_zero: false,
+                cache: false,
+                multi_conn: true,
+                knows_holes: false,
+            }
+        }
+        fn read(&self, offset: u64, buf: &mut [u8]) -> ExportResult<()> {
+            self.record();
+            if offset >= RENDEZVOUS {
+                let deadline = Instant::now() + Duration::from_secs(10);
+                let mut met = self.met.lock().unwrap();
+                *met += 1;
+                self.arrived.notify_all();
+                while *met < 2 {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Err(ExportError::new(Errno::Io, "no other READ ran beside it"));
+                    }
+                    met = self.arrived.wait_timeout(met, left).unwrap().0;
+                }
+            }
+            let disk = self.disk.lock().unwrap();
+            buf.copy_from_slice(&disk[offset as usize..offset as usize + buf.len()]);
+            Ok(())
+        }
+        fn write(&self, offset: u64, data: &[u8], _: bool) -> ExportResult<()> {
+            self.record();
+            self.disk.lock().unwrap()[offset as usize..offset as usize + data.len()]
+                .copy_from_slice(data);
+            Ok(())
+        }
+        fn flush(&self) -> ExportResult<()> {
+            self.record();
+            Ok(())
+        }
+        fn trim(&self, _: u64, _: u64, _: bool) -> ExportResult<()> {
+            Ok(())
+        }
+        fn write_zeroes(&self, _: u64, _: u64, _: ZeroFlags) -> ExportResult<()> {
+            Ok(())
+        }
+        fn block_status(&self, _: &MetaContext, _: u64, len: u64) -> ExportResult<Vec<Extent>> {
+            Ok(vec![Extent {
+                length: len,
+                flags: 0,
+            }])
+        }
+    }
+
+    /// Encode a request (a WRITE carries `data`).
+    fn request(out: &mut Vec<u8>, command: Command, cookie: u64, offset: u64, length: u64) {
+        let request = Request {
+            flags: 0,
+            command,
+            cookie,
+            offset,
+            length,
+        };
+        proto::encode_request(out, &request, false);
+    }
+
+    /// Read one simple reply: its cookie, error and (for a successful READ of
+    /// `read_len[cookie]` bytes) its data.
+    fn reply(client: &mut UnixStream, read_len: &HashMap<u64, usize>) -> (u64, u32, Vec<u8>) {
+        let mut header = [0u8; proto::SIMPLE_REPLY_LEN];
+        client.read_exact(&mut header).unwrap();
+        let (error, cookie) = match proto::parse_reply_header(&header).unwrap() {
+            proto::ReplyHeader::Simple { error, cookie } => (error, cookie),
+            other => panic!("expected a simple reply, got {other:?}"),
+        };
+        let mut data = Vec::new();
+        if error == 0 {
+            data.resize(read_len.get(&cookie).copied().unwrap_or(0), 0);
+            client.read_exact(&mut data).unwrap();
+        }
+        (cookie, error, data)
+    }
+
+    #[test]
+    fn requests_sent_one_at_a_time_run_on_the_thread_that_read_them() {
+        let export = Arc::new(Threads {
+            disk: Mutex::new(vec![0; 1 << 20]),
+            ran_on: Mutex::new(Vec::new()),
+            met: Mutex::new(0),
+            arrived: Condvar::new(),
+        });
+        let (mut client, server_end) = UnixStream::pair().unwrap();
+        let serving = std::thread::spawn({
+            let export: Arc<dyn Export> = export.clone();
+            move || serve_transmission("threads", export, server_end, &ServerConfig::default())
+        });
+        client
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        let mut lens = HashMap::new();
+        for k in 0..16u64 {
+            let mut out = Vec::new();
+            request(&mut out, Command::Write, 2 * k, k * 4096, 4096);
+            out.extend_from_slice(&[k as u8 + 1; 4096]);
+            client.write_all(&out).unwrap();
+            assert_eq!(reply(&mut client, &lens), (2 * k, 0, Vec::new()));
+            out.clear();
+            request(&mut out, Command::Read, 2 * k + 1, k * 4096, 4096);
+            lens.insert(2 * k + 1, 4096);
+            client.write_all(&out).unwrap();
+            assert_eq!(
+                reply(&mut client, &lens),
+                (2 * k + 1, 0, vec![k as u8 + 1; 4096])
+            );
+        }
+        let ran_on = export.ran_on.lock().unwrap().clone();
+        assert_eq!(ran_on.len(), 32);
+        assert!(
+            ran_on.iter().all(|name| *name == ran_on[0]),
+            "one request at a time should stay on one thread, ran on {ran_on:?}"
+        );
+        drop(client);
+        serving.join().unwrap().unwrap();
+    }
+
+    #[test]
+    fn a_pipelined_burst_between_single_requests_runs_side_by_side_matched_by_cookie() {
+        let export = Arc::new(Threads {
+            disk: Mutex::new(vec![0; 1 << 20]),
+            ran_on: Mutex::new(Vec::new()),
+            met: Mutex::new(0),
+            arrived: Condvar::new(),
+        });
+        let (mut client, server_end) = UnixStream::pair().unwrap();
+        let serving = std::thread::spawn({
+            let export: Arc<dyn Export> = export.clone();
+            move || serve_transmission("threads", export, server_end, &ServerConfig::default())
+        });
+        client
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        let mut lens = HashMap::new();
+        let mut out = Vec::new();
+        // One at a time first: served inline.
+        request(&mut out, Command::Write, 1, RENDEZVOUS, 8192);
+        out.extend_from_slice(&[0x5a; 8192]);
+        client.write_all(&out).unwrap();
+        assert_eq!(reply(&mut client, &lens), (1, 0, Vec::new()));
+        // A burst in one send: two READs that each wait for the other (they fail unless
+        // two workers run them at once), with WRITEs, a READ and a FLUSH between them.
+        out.clear();
+        request(&mut out, Command::Read, 10, RENDEZVOUS, 4096);
+        for k in 0..4u64 {
+            request(&mut out, Command::Write, 20 + k, k * 4096, 4096);
+            out.extend_from_slice(&[0x10 + k as u8; 4096]);
+        }
+        request(&mut out, Command::Read, 30, 0, 512);
+        request(&mut out, Command::Flush, 40, 0, 0);
+        request(&mut out, Command::Read, 11, RENDEZVOUS + 4096, 4096);
+        for (cookie, len) in [(10, 4096), (11, 4096), (30, 512)] {
+            lens.insert(cookie, len);
+        }
+        client.write_all(&out).unwrap();
+        let mut replies = HashMap::new();
+        for _ in 0..8 {
+            let (cookie, error, data) = reply(&mut client, &lens);
+            assert_eq!(error, 0, "request {cookie} failed");
+            assert!(
+                replies.insert(cookie, data).is_none(),
+                "two replies to {cookie}"
+            );
+        }
+        let cookies: Vec<u64> = {
+            let mut c: Vec<u64> = replies.keys().copied().collect();
+            c.sort_unstable();
+            c
+        };
+        assert_eq!(cookies, vec![10, 11, 20, 21, 22, 23, 30, 40]);
+        assert_eq!(replies[&10], vec![0x5a; 4096]);
+        assert_eq!(replies[&11], vec![0x5a; 4096]);
+        // The READ of block 0 raced its WRITE: either contents, never a mix.
+        assert!(
+            replies[&30] == vec![0; 512] || replies[&30] == vec![0x10; 512],
+            "a torn read"
+        );
+        // One at a time again: every write of the burst is in place.
+        out.clear();
+        request(&mut out, Command::Read, 50, 0, 16384);
+        lens.insert(50, 16384);
+        client.write_all(&out).unwrap();
+        let (cookie, error, data) = reply(&mut client, &lens);
+        assert_eq!((cookie, error), (50, 0));
+        for k in 0..4usize {
+            assert!(data[k * 4096..(k + 1) * 4096]
+                .iter()
+                .all(|&b| b == 0x10 + k as u8));
+        }
+        let threads: std::collections::HashSet<String> =
+            export.ran_on.lock().unwrap().iter().cloned().collect();
+        assert!(threads.len() >= 2, "the burst ran on {threads:?}");
+        drop(client);
+        serving.join().unwrap().unwrap();
     }
 }
