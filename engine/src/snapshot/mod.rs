@@ -80,7 +80,7 @@ mod store;
 use std::collections::BTreeMap;
 use std::fs;
 use std::io;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard, PoisonError};
 
@@ -340,10 +340,39 @@ pub(crate) struct SnapshotParams {
     pub(crate) size: u64,
     pub(crate) chunk: u32,
     pub(crate) origin: Arc<BackingFile>,
+    /// The COW store, opened (and emptied) before the pause by [`open_store`].
+    pub(crate) store: BackingFile,
     pub(crate) store_path: PathBuf,
     pub(crate) limit: Option<u64>,
     pub(crate) bitmap: Option<DirtyBitmap>,
     pub(crate) events: Arc<EventLog>,
+}
+
+/// Open the COW store at `path` for a new snapshot, empty: before the write pause, since
+/// opening and truncating a file wait for the filesystem's journal, which a busy volume's
+/// writes can hold for tens of milliseconds. `fresh`: the file was just made empty, so
+/// there is nothing to truncate (a truncate to the same size still changes the inode).
+pub(crate) fn open_store(
+    name: &str,
+    path: &Path,
+    fresh: bool,
+) -> Result<BackingFile, SnapshotError> {
+    let io_err = |action, source| SnapshotError::Io {
+        name: name.to_string(),
+        action,
+        path: path.to_path_buf(),
+        source,
+    };
+    if let Some(dir) = path.parent() {
+        fs::create_dir_all(dir).map_err(|e| io_err("create the directory of", e))?;
+    }
+    let store = BackingFile::create(path).map_err(|e| io_err("create COW store", e))?;
+    if !fresh {
+        store
+            .set_len(0)
+            .map_err(|e| io_err("truncate COW store", e))?;
+    }
+    Ok(store)
 }
 
 /// The shared state of one snapshot (held by the volume's write path and by handles).
@@ -383,22 +412,10 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl SnapshotInner {
-    /// Create the COW store. Called with the volume's writes paused.
+    /// The snapshot over the store [`open_store`] opened. Called with the volume's writes
+    /// paused: it touches no file.
     pub(crate) fn create(p: SnapshotParams) -> Result<SnapshotInner, SnapshotError> {
-        let io_err = |action, source| SnapshotError::Io {
-            name: p.name.clone(),
-            action,
-            path: p.store_path.clone(),
-            source,
-        };
-        if let Some(dir) = p.store_path.parent() {
-            fs::create_dir_all(dir).map_err(|e| io_err("create the directory of", e))?;
-        }
-        let store =
-            BackingFile::create(&p.store_path).map_err(|e| io_err("create COW store", e))?;
-        store
-            .set_len(0)
-            .map_err(|e| io_err("truncate COW store", e))?;
+        let store = p.store;
         let block = u64::from(p.chunk)
             .div_ceil(u64::from(Mask::BITS))
             .max(u64::from(MIN_BLOCK))

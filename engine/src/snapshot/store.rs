@@ -309,7 +309,7 @@ mod tests {
     use std::sync::mpsc;
     use std::sync::Arc;
 
-    use super::super::{lock, SnapshotInner, SnapshotParams};
+    use super::super::{lock, open_store, SnapshotInner, SnapshotParams};
     use super::*;
     use crate::status::EventLog;
     use crate::volume::backing::BackingFile;
@@ -341,6 +341,7 @@ mod tests {
                 size: 1 << 20,
                 chunk: CHUNK as u32,
                 origin,
+                store: open_store("s", &dir.join("s.cow"), false).unwrap(),
                 store_path: dir.join("s.cow"),
                 limit: None,
                 bitmap: None,

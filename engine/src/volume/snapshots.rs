@@ -16,8 +16,9 @@ use super::{
 };
 use crate::checkpoint::{valid_name, Chain, NewCheckpoint};
 use crate::error;
-use crate::snapshot::{Snapshot, SnapshotInner, SnapshotParams, MAX_DEFAULT_CHUNK};
+use crate::snapshot::{open_store, Snapshot, SnapshotInner, SnapshotParams, MAX_DEFAULT_CHUNK};
 use crate::status::{unix_now, EventLevel};
+use crate::volume::backing::BackingFile;
 
 impl Volume {
     /// Take a snapshot of this volume alone (see [`Volume::snapshot_group`]).
@@ -50,6 +51,7 @@ impl Volume {
         }
         let mut cow_paths = Vec::with_capacity(requests.len());
         let mut made_stores = Vec::with_capacity(requests.len());
+        let mut stores = Vec::with_capacity(requests.len());
         // Undo the preparation of the first `upto` requests: markers, and COW store files
         // made before the pause that no snapshot took.
         let undo_prepared = |upto: usize, cow_paths: &[PathBuf], made_stores: &[bool]| {
@@ -62,9 +64,10 @@ impl Volume {
         };
         for (volume, spec) in requests {
             match volume.prepare_snapshot(spec) {
-                Ok((path, made)) => {
+                Ok((path, made, store)) => {
                     cow_paths.push(path);
                     made_stores.push(made);
+                    stores.push(store);
                 }
                 Err(e) => {
                     undo_prepared(cow_paths.len(), &cow_paths, &made_stores);
@@ -117,15 +120,19 @@ impl Volume {
             .iter()
             .zip(chains.iter_mut())
             .zip(&cow_paths)
+            .zip(stores)
             .zip(prepared.iter_mut())
             .enumerate()
-            .filter_map(|(i, (((request, chain), cow_path), new))| {
+            .filter_map(|(i, ((((request, chain), cow_path), store), new))| {
                 Some(PausedJob {
                     index: i,
                     volume: request.0,
                     spec: &request.1,
                     chain: chain.as_deref_mut()?,
-                    cow_path,
+                    store: OpenedStore {
+                        path: cow_path,
+                        file: store,
+                    },
                     new_checkpoint: new.take(),
                 })
             })
@@ -143,12 +150,13 @@ impl Volume {
         })
     }
 
-    /// Checks done before the pause; writes the snapshot's marker and makes the COW store
-    /// file. Returns the COW path and whether its file was made here (not there before).
+    /// Checks done before the pause; writes the snapshot's marker and makes and opens the
+    /// COW store file. Returns the COW path, whether its file was made here (not there
+    /// before) and the store, opened empty.
     pub(super) fn prepare_snapshot(
         &self,
         spec: &SnapshotSpec,
-    ) -> Result<(PathBuf, bool), VolumeError> {
+    ) -> Result<(PathBuf, bool, BackingFile), VolumeError> {
         if !valid_name(&spec.name) {
             return Err(VolumeError::Invalid(format!(
                 "invalid snapshot name {:?}: use 1 to 255 of the characters A-Z a-z 0-9 . _ - + @ :",
@@ -187,9 +195,9 @@ impl Volume {
         let bytes = serde_json::to_vec(&marker).map_err(|e| VolumeError::Invalid(e.to_string()))?;
         tidemark_formats::atomic_replace(&path, &bytes)
             .map_err(|e| self.io_err("write", &path, e))?;
-        // Made now, not in the pause: a new inode and directory entry wait for the
-        // filesystem's journal, and 16 of them at once made the tail of a group's pause
-        // (benches/results/group-pause.md); the pause only opens and truncates it.
+        // Made and opened now, not in the pause: a new inode and directory entry, and the
+        // truncate of a reused file, wait for the filesystem's journal, and 16 of them at
+        // once made the tail of a group's pause (benches/results/group-pause.md).
         let made = cow_path
             .parent()
             .map_or(Ok(()), fs::create_dir_all)
@@ -200,12 +208,22 @@ impl Volume {
                     .mode(0o600)
                     .open(&cow_path)
             });
-        match made {
-            Ok(_) => Ok((cow_path, true)),
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok((cow_path, false)),
+        let fresh = match made {
+            Ok(_) => true,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => false,
             Err(e) => {
                 self.remove_marker(&spec.name);
-                Err(self.io_err("create the COW store", &cow_path, e))
+                return Err(self.io_err("create the COW store", &cow_path, e));
+            }
+        };
+        match open_store(&spec.name, &cow_path, fresh) {
+            Ok(store) => Ok((cow_path, fresh, store)),
+            Err(e) => {
+                self.remove_marker(&spec.name);
+                if fresh {
+                    let _ = fs::remove_file(&cow_path);
+                }
+                Err(e.into())
             }
         }
     }
@@ -220,7 +238,7 @@ impl Volume {
         chain: &mut Chain,
         st: &mut WriteState,
         spec: &SnapshotSpec,
-        cow_path: &Path,
+        store: OpenedStore<'_>,
         new_checkpoint: Option<NewCheckpoint>,
         phases: &mut PausePhases,
     ) -> Result<Arc<SnapshotInner>, VolumeError> {
@@ -259,7 +277,8 @@ impl Volume {
             size: self.size(),
             chunk,
             origin: self.backing.clone(),
-            store_path: cow_path.to_path_buf(),
+            store: store.file,
+            store_path: store.path.to_path_buf(),
             limit: spec.cow.limit.or(self.cow_defaults.cow_limit),
             bitmap,
             events: self.events.clone(),
@@ -365,8 +384,14 @@ struct PausedJob<'a> {
     volume: &'a Volume,
     spec: &'a SnapshotSpec,
     chain: &'a mut Chain,
-    cow_path: &'a Path,
+    store: OpenedStore<'a>,
     new_checkpoint: Option<NewCheckpoint>,
+}
+
+/// A snapshot's COW store, opened (empty) before the pause.
+pub(super) struct OpenedStore<'a> {
+    path: &'a Path,
+    file: BackingFile,
 }
 
 /// What [`pause_in_parallel`] gives back.
@@ -459,7 +484,7 @@ fn pause_in_parallel(jobs: Vec<PausedJob<'_>>) -> Paused {
                 volume,
                 spec,
                 chain,
-                cow_path,
+                store,
                 new_checkpoint,
             } = job;
             let mut phases = PausePhases::default();
@@ -470,7 +495,7 @@ fn pause_in_parallel(jobs: Vec<PausedJob<'_>>) -> Paused {
                         chain,
                         &mut gate,
                         spec,
-                        cow_path,
+                        store,
                         new_checkpoint,
                         &mut phases,
                     );
