@@ -85,8 +85,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard, PoisonError};
 
 use buffers::{BufPool, CopyBuf};
-use store::StoreJob;
+use store::{StoreJob, MAX_FILL};
 
+use crate::io::IoBuf;
 use crate::status::{unix_now, EventLevel, EventLog, SnapshotState, SnapshotStatus};
 use crate::tracking::DirtyBitmap;
 use crate::volume::backing::BackingFile;
@@ -340,23 +341,34 @@ pub(crate) struct SnapshotParams {
     pub(crate) size: u64,
     pub(crate) chunk: u32,
     pub(crate) origin: Arc<BackingFile>,
-    /// The COW store, opened (and emptied) before the pause by [`open_store`].
-    pub(crate) store: BackingFile,
+    /// The COW store and its buffers, made before the pause by [`open_store`].
+    pub(crate) store: PreparedStore,
     pub(crate) store_path: PathBuf,
     pub(crate) limit: Option<u64>,
     pub(crate) bitmap: Option<DirtyBitmap>,
     pub(crate) events: Arc<EventLog>,
 }
 
-/// Open the COW store at `path` for a new snapshot, empty: before the write pause, since
-/// opening and truncating a file wait for the filesystem's journal, which a busy volume's
-/// writes can hold for tens of milliseconds. `fresh`: the file was just made empty, so
-/// there is nothing to truncate (a truncate to the same size still changes the inode).
+/// A new snapshot's COW store, opened empty, and its copy buffers with the background
+/// writer's zeros, made before the write pause ([`open_store`]).
+#[derive(Debug)]
+pub(crate) struct PreparedStore {
+    file: BackingFile,
+    pool: Arc<BufPool>,
+    zeros: IoBuf,
+}
+
+/// Open the COW store at `path` for a new snapshot, empty, and make its first buffers:
+/// before the write pause, since opening and truncating a file wait for the filesystem's
+/// journal, which a busy volume's writes can hold for tens of milliseconds, and a fresh
+/// huge page costs milliseconds to fault in on a VM that hands free memory back to its
+/// host. `fresh`: the file was just made empty, so there is nothing to truncate (a
+/// truncate to the same size still changes the inode).
 pub(crate) fn open_store(
     name: &str,
     path: &Path,
     fresh: bool,
-) -> Result<BackingFile, SnapshotError> {
+) -> Result<PreparedStore, SnapshotError> {
     let io_err = |action, source| SnapshotError::Io {
         name: name.to_string(),
         action,
@@ -372,7 +384,16 @@ pub(crate) fn open_store(
             .set_len(0)
             .map_err(|e| io_err("truncate COW store", e))?;
     }
-    Ok(store)
+    let pool = Arc::<BufPool>::default();
+    let mut zeros = pool
+        .take(MAX_FILL)
+        .map_err(|e| io_err("allocate the COW buffers for", e))?;
+    zeros.as_mut_slice().fill(0);
+    Ok(PreparedStore {
+        file: store,
+        pool,
+        zeros,
+    })
 }
 
 /// The shared state of one snapshot (held by the volume's write path and by handles).
@@ -414,13 +435,17 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl SnapshotInner {
     /// The snapshot over the store [`open_store`] opened. Called with the volume's writes
     /// paused: it touches no file.
-    pub(crate) fn create(p: SnapshotParams) -> Result<SnapshotInner, SnapshotError> {
-        let store = p.store;
+    pub(crate) fn create(p: SnapshotParams) -> Result<(SnapshotInner, IoBuf), SnapshotError> {
+        let PreparedStore {
+            file: store,
+            pool,
+            zeros,
+        } = p.store;
         let block = u64::from(p.chunk)
             .div_ceil(u64::from(Mask::BITS))
             .max(u64::from(MIN_BLOCK))
             .min(u64::from(p.chunk));
-        Ok(SnapshotInner {
+        let inner = SnapshotInner {
             name: p.name,
             volume: p.volume,
             created_unix: unix_now(),
@@ -441,9 +466,10 @@ impl SnapshotInner {
             copies: AtomicU64::new(0),
             copied_bytes: AtomicU64::new(0),
             jobs: Mutex::new(None),
-            pool: Arc::default(),
+            pool,
             writer: Mutex::new(None),
-        })
+        };
+        Ok((inner, zeros))
     }
 
     pub(crate) fn name(&self) -> &str {

@@ -10,6 +10,7 @@ use super::buffers::CopyBuf;
 use super::{
     lock, mask_of, Index, Pos, SnapshotError, SnapshotInner, NO_SLOT, PREALLOC_STEP, RELEASED,
 };
+use crate::io::IoBuf;
 
 /// A run of blocks of one chunk, on its way to the chunk's log run or its slot.
 #[derive(Debug, Clone, Copy)]
@@ -101,16 +102,15 @@ impl SnapshotInner {
         Ok(pos as Pos)
     }
 
-    /// Start the background writer that moves old contents from memory to the store.
-    pub(crate) fn start(self: &Arc<Self>) -> Result<(), SnapshotError> {
+    /// Start the background writer that moves old contents from memory to the store;
+    /// `zeros` ([`MAX_FILL`] zero bytes, from [`super::open_store`]) fill its gaps.
+    pub(crate) fn start(self: &Arc<Self>, zeros: IoBuf) -> Result<(), SnapshotError> {
         let start_err = |source| SnapshotError::Io {
             name: self.name.clone(),
             action: "start the COW writer for",
             path: self.store_path.clone(),
             source,
         };
-        let mut zeros = self.pool.take(MAX_FILL).map_err(start_err)?;
-        zeros.as_mut_slice().fill(0);
         let (tx, rx) = mpsc::channel::<StoreJob>();
         let weak: Weak<SnapshotInner> = Arc::downgrade(self);
         let handle = std::thread::Builder::new()
@@ -347,7 +347,8 @@ mod tests {
                 bitmap: None,
                 events: Arc::new(EventLog::default()),
             })
-            .unwrap(),
+            .unwrap()
+            .0,
         );
         let (tx, rx) = mpsc::channel();
         *lock(&inner.jobs) = Some(tx);

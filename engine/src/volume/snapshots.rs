@@ -16,9 +16,10 @@ use super::{
 };
 use crate::checkpoint::{valid_name, Chain, NewCheckpoint};
 use crate::error;
-use crate::snapshot::{open_store, Snapshot, SnapshotInner, SnapshotParams, MAX_DEFAULT_CHUNK};
+use crate::snapshot::{
+    open_store, PreparedStore, Snapshot, SnapshotInner, SnapshotParams, MAX_DEFAULT_CHUNK,
+};
 use crate::status::{unix_now, EventLevel};
-use crate::volume::backing::BackingFile;
 
 impl Volume {
     /// Take a snapshot of this volume alone (see [`Volume::snapshot_group`]).
@@ -156,7 +157,7 @@ impl Volume {
     pub(super) fn prepare_snapshot(
         &self,
         spec: &SnapshotSpec,
-    ) -> Result<(PathBuf, bool, BackingFile), VolumeError> {
+    ) -> Result<(PathBuf, bool, PreparedStore), VolumeError> {
         if !valid_name(&spec.name) {
             return Err(VolumeError::Invalid(format!(
                 "invalid snapshot name {:?}: use 1 to 255 of the characters A-Z a-z 0-9 . _ - + @ :",
@@ -271,7 +272,7 @@ impl Volume {
             .cow
             .chunk_size
             .unwrap_or(self.granularity().min(MAX_DEFAULT_CHUNK));
-        let inner = match SnapshotInner::create(SnapshotParams {
+        let (inner, zeros) = match SnapshotInner::create(SnapshotParams {
             name: spec.name.clone(),
             volume: self.name().to_string(),
             size: self.size(),
@@ -283,13 +284,13 @@ impl Volume {
             bitmap,
             events: self.events.clone(),
         }) {
-            Ok(inner) => Arc::new(inner),
+            Ok((inner, zeros)) => (Arc::new(inner), zeros),
             Err(e) => {
                 give_up(chain, new_checkpoint);
                 return Err(e.into());
             }
         };
-        if let Err(e) = inner.start() {
+        if let Err(e) = inner.start(zeros) {
             inner.drop_store();
             give_up(chain, new_checkpoint);
             return Err(e.into());
@@ -391,7 +392,7 @@ struct PausedJob<'a> {
 /// A snapshot's COW store, opened (empty) before the pause.
 pub(super) struct OpenedStore<'a> {
     path: &'a Path,
-    file: BackingFile,
+    file: PreparedStore,
 }
 
 /// What [`pause_in_parallel`] gives back.
