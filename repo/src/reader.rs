@@ -524,6 +524,31 @@ mod tests {
         disk
     }
 
+    /// Flip the bits `flip` of byte `byte` of chunk `index`'s stored blob in its pack;
+    /// the chunk's location.
+    fn corrupt_chunk(
+        rt: &tokio::runtime::Runtime,
+        dir: &std::path::Path,
+        repo: &Repository,
+        reader: &PointReader,
+        index: usize,
+        byte: usize,
+        flip: u8,
+    ) -> Location {
+        let (map, _, _) = rt.block_on(repo.chunk_map()).unwrap();
+        let ChunkRef::Data(id) = reader.point().chunks[index] else {
+            panic!("chunk {index} holds data")
+        };
+        let at = map[&id];
+        let pack = dir
+            .join("repo")
+            .join(crate::pack_path(&at.pack).to_string());
+        let mut bytes = std::fs::read(&pack).unwrap();
+        bytes[at.entry.offset as usize + byte] ^= flip;
+        std::fs::write(&pack, bytes).unwrap();
+        at
+    }
+
     fn open(
         rt: &tokio::runtime::Runtime,
         repo: &Repository,
@@ -684,19 +709,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let disk = disk();
         let repo = stored(&rt, dir.path(), &disk);
-        let (map, _, _) = rt.block_on(repo.chunk_map()).unwrap();
         let reader = open(&rt, &repo, ReaderOptions::default());
-        let ChunkRef::Data(id) = reader.point().chunks[2] else {
-            panic!("chunk 2 holds data")
-        };
-        let at = map[&id];
-        let pack = dir
-            .path()
-            .join("repo")
-            .join(crate::pack_path(&at.pack).to_string());
-        let mut bytes = std::fs::read(&pack).unwrap();
-        bytes[at.entry.offset as usize + 9] ^= 0x01;
-        std::fs::write(&pack, bytes).unwrap();
+        let at = corrupt_chunk(&rt, dir.path(), &repo, &reader, 2, 9, 0x01);
         let chunk = u64::from(CHUNK) as usize;
         for _ in 0..2 {
             // Chunk 0 starts read-ahead of 1..5, one run of the first pack holding chunk 2.
@@ -748,19 +762,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let disk = disk();
         let repo = stored(&rt, dir.path(), &disk);
-        let (map, _, _) = rt.block_on(repo.chunk_map()).unwrap();
         let reader = open(&rt, &repo, ReaderOptions::default());
-        let ChunkRef::Data(id) = reader.point().chunks[3] else {
-            panic!("chunk 3 holds data")
-        };
-        let at = map[&id];
-        let pack = dir
-            .path()
-            .join("repo")
-            .join(crate::pack_path(&at.pack).to_string());
-        let mut bytes = std::fs::read(&pack).unwrap();
-        bytes[at.entry.offset as usize + 5] ^= 0x40;
-        std::fs::write(&pack, bytes).unwrap();
+        let at = corrupt_chunk(&rt, dir.path(), &repo, &reader, 3, 5, 0x40);
         let mut buf = vec![0; 10];
         for _ in 0..2 {
             let err = reader.read(3 * u64::from(CHUNK), &mut buf).unwrap_err();
