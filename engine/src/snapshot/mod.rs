@@ -53,10 +53,12 @@
 //! store is full or fails, the snapshot fails (its reads return an error naming the
 //! cause, an event is logged) and writes to the volume go on untouched: a backup problem
 //! never becomes a volume problem. A TRIM on the snapshot export releases whole chunks:
-//! their slots and log runs are punched out, chunk-long ones reused, and later volume
+//! their slots and log runs are punched out and their places reused, and later volume
 //! writes to them skip the copy (the pattern a backup client uses to say "done with this
-//! range"). A shorter log run's space is returned to the filesystem, its place in the
-//! file is not reused.
+//! range"). A place shorter than a chunk (a log run) is reused by a log run of its length
+//! or shorter (the rest stays free), so a backup that trims as it reads keeps the store's
+//! end, which the COW limit bounds, where it was rather than growing it with every
+//! first write.
 //!
 //! The background writer sorts what it has queued by store offset and writes runs in
 //! one vectored O_DIRECT write each, the runs of one batch in parallel (log runs follow
@@ -260,6 +262,9 @@ struct Index {
     chunk_blocks: u32,
     /// Chunk-long places in the store given back by a TRIM, for slots and log runs.
     free_slots: Vec<Pos>,
+    /// Shorter places given back (log runs), by length: `free_runs[n]` holds places of
+    /// `n` blocks, for log runs of `n` blocks or fewer.
+    free_runs: Vec<Vec<Pos>>,
     /// The first store block never handed out.
     next: u64,
     /// Store bytes preallocated.
@@ -286,12 +291,42 @@ impl Index {
     }
 
     /// Give back `blocks` store blocks from `pos` (their old contents are no longer
-    /// needed); a chunk-long place is reused, a shorter one only punched by the caller.
+    /// needed, and the caller punches them out before it lets go of the index), for
+    /// [`Index::reuse`].
     fn free_area(&mut self, pos: Pos, blocks: u32) {
+        self.add_free(pos, blocks);
+        self.used_blocks -= u64::from(blocks);
+    }
+
+    fn add_free(&mut self, pos: Pos, blocks: u32) {
         if blocks == self.chunk_blocks {
             self.free_slots.push(pos);
+        } else if blocks > 0 && blocks < self.chunk_blocks {
+            let n = blocks as usize;
+            if self.free_runs.len() <= n {
+                self.free_runs.resize_with(n + 1, Vec::new);
+            }
+            self.free_runs[n].push(pos);
         }
-        self.used_blocks -= u64::from(blocks);
+    }
+
+    /// A place given back earlier for `blocks` store blocks: a chunk-long one for a slot
+    /// or a chunk-long log run; for a shorter log run the shortest free place that holds
+    /// it (a chunk-long one last), whose rest stays free.
+    fn reuse(&mut self, blocks: u32) -> Option<Pos> {
+        if blocks == self.chunk_blocks {
+            return self.free_slots.pop();
+        }
+        if blocks == 0 || blocks > self.chunk_blocks {
+            return None;
+        }
+        let from = (blocks as usize..self.free_runs.len()).find(|&n| !self.free_runs[n].is_empty());
+        let (pos, len) = match from {
+            Some(n) => (self.free_runs[n].pop()?, n as u32),
+            None => (self.free_slots.pop()?, self.chunk_blocks),
+        };
+        self.add_free(pos + blocks, len - blocks);
+        Some(pos)
     }
 
     /// After claims were undone or found holes: give chunk `c`'s slot back when none of

@@ -48,14 +48,12 @@ const MAX_PARALLEL_WRITES: usize = 8;
 pub(super) const MAX_FILL: usize = 16 << 10;
 
 impl SnapshotInner {
-    /// Reserve `blocks` store blocks (a slot, or a log run: a chunk-long one may reuse a
-    /// place a TRIM gave back), growing the COW store in steps.
+    /// Reserve `blocks` store blocks (a slot, or a log run: one no longer than a chunk
+    /// may reuse a place a TRIM gave back), growing the COW store in steps.
     pub(super) fn alloc(&self, idx: &mut Index, blocks: u32) -> Result<Pos, String> {
-        if blocks == idx.chunk_blocks {
-            if let Some(slot) = idx.free_slots.pop() {
-                idx.used_blocks += u64::from(blocks);
-                return Ok(slot);
-            }
+        if let Some(pos) = idx.reuse(blocks) {
+            idx.used_blocks += u64::from(blocks);
+            return Ok(pos);
         }
         let pos = idx.next;
         if pos + u64::from(blocks) > u64::from(RELEASED) {
@@ -244,9 +242,10 @@ impl SnapshotInner {
         true
     }
 
-    /// Give back a log run of `blocks` from `pos` whose chunk was released: a chunk-long
-    /// one is reused, a shorter one punched out (its space goes back to the filesystem).
-    /// Called under the index lock, so nothing is placed there before the punch.
+    /// Give back a log run of `blocks` from `pos` whose chunk was released, for reuse; a
+    /// shorter one than a chunk is punched out now (its space goes back to the filesystem
+    /// until then). Called under the index lock, so nothing is placed there before the
+    /// punch.
     pub(super) fn free_log_run(&self, idx: &mut Index, pos: Pos, blocks: u32) {
         idx.free_area(pos, blocks);
         if blocks != idx.chunk_blocks {
@@ -459,5 +458,43 @@ mod tests {
         let mut back = vec![0u8; CHUNK as usize];
         inner.read(4 * CHUNK, &mut back).unwrap();
         assert!(back == original(1 << 20)[4 * CHUNK as usize..5 * CHUNK as usize]);
+    }
+
+    /// A backup that trims as it reads while 4 KiB first writes go on: the short log runs
+    /// it releases are taken again by later first writes (a longer place split, its rest
+    /// kept for the next), so the store's end stays put; every block reads back as it was.
+    #[test]
+    fn released_short_log_runs_are_reused() {
+        let (_dir, inner, rx) = snapshot();
+        let zeros = vec![0u8; MAX_FILL];
+        // Log runs of 1 block (chunk 0), 3 blocks (chunk 1) and 1 block (chunk 2).
+        volume_write(&inner, 0, 4096);
+        volume_write(&inner, CHUNK + 4 * BLOCK, 3 * 4096);
+        volume_write(&inner, 2 * CHUNK, 4096);
+        inner.finish_jobs(rx.try_iter().collect(), &zeros);
+        assert_eq!(lock(&inner.index).next, 5);
+        inner.release(0, 2 * CHUNK).unwrap();
+        assert_eq!(lock(&inner.index).used_blocks, 1);
+        // One block each into chunks 5, 6 and 7: chunk 0's place, then the front of chunk
+        // 1's, then the next block of it; a 2-block run finds no place left (one block of
+        // chunk 1's) and goes to the end.
+        let mut offsets = Vec::new();
+        for (chunk, blocks) in [(5, 1), (6, 1), (7, 1), (8, 2)] {
+            volume_write(&inner, chunk * CHUNK + 9 * BLOCK, blocks * 4096);
+            let jobs: Vec<StoreJob> = rx.try_iter().collect();
+            offsets.extend(jobs.iter().map(|j| j.offset / BLOCK));
+            inner.finish_jobs(jobs, &zeros);
+        }
+        assert_eq!(offsets, vec![0, 1, 2, 5]);
+        let idx = lock(&inner.index);
+        assert_eq!(idx.next, 7, "only the 2-block run grew the store");
+        assert_eq!(idx.used_blocks, 1 + 3 + 2);
+        assert_eq!(idx.free_runs.iter().map(Vec::len).sum::<usize>(), 1);
+        drop(idx);
+        let mut back = vec![0u8; 1 << 20];
+        inner
+            .read(2 * CHUNK, &mut back[2 * CHUNK as usize..])
+            .unwrap();
+        assert!(back[2 * CHUNK as usize..] == original(1 << 20)[2 * CHUNK as usize..]);
     }
 }
