@@ -14,7 +14,10 @@
 #                    main branch's, so a change is measured before and after in one run;
 #   nbdkit           the file plugin;
 #   qemu-nbd-direct  --cache=none --aio=io_uring (O_DIRECT, as tidemark's volumes);
-#   qemu-nbd         its defaults (writeback cache, threads).
+#   qemu-nbd         its defaults (writeback cache, threads);
+#   disk             no server: fio writes the same bytes straight into the target file
+#                    (O_DIRECT, io_uring, 256 KiB requests as nbdcopy sends, 64 in flight,
+#                    fsync at the end), the disk's own limit for this copy.
 # Every round runs each server once in a rotating order that runs backwards in odd
 # rounds (paired runs). The figure per server is the median over rounds, with the load
 # average printed beside each run; ratios are tidemark / peer (> 1 = faster).
@@ -76,6 +79,16 @@ uri() {
 
 servers=(tidemark nbdkit qemu-nbd-direct qemu-nbd)
 [ -n "${TIDEMARK_BIN_BEFORE:-}" ] && servers=(tidemark tidemark-before nbdkit qemu-nbd-direct qemu-nbd)
+command -v fio >/dev/null && servers+=(disk)
+# disk_write FILE: fio's copy of the source's size into FILE, timed like nbdcopy (seconds).
+disk_write() {
+    local t0 t1
+    t0=$(date +%s.%N)
+    fio --name=disk --filename="$1" --rw=write --bs=256k --iodepth=64 --ioengine=io_uring \
+        --direct=1 --size="$bytes" --end_fsync=1 --output=/dev/null
+    t1=$(date +%s.%N)
+    awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.3f", b - a }'
+}
 bytes=$((size_mib * 1024 * 1024))
 declare -A results loads
 for ((round = 0; round < rounds; round++)); do
@@ -83,13 +96,19 @@ for ((round = 0; round < rounds; round++)); do
         dst=$work/target.img
         rm -f "$dst"
         truncate -s "$bytes" "$dst"
-        start "$s" "$dst"
+        [ "$s" = disk ] || start "$s" "$dst"
         sync
         echo 3 >/proc/sys/vm/drop_caches
         cat "$src" >/dev/null
+        # fio's own start-up (its libraries, cold after the drop) is not the disk's time.
+        [ "$s" = disk ] && fio --version >/dev/null
         l=$(load)
-        t=$(timed --flush "$src" "$(uri "$s")")
-        stop
+        if [ "$s" = disk ]; then
+            t=$(disk_write "$dst")
+        else
+            t=$(timed --flush "$src" "$(uri "$s")")
+            stop
+        fi
         rm -f "$dst"
         sync
         results[$s]+="$t "
@@ -112,3 +131,10 @@ for s in "${servers[@]}"; do
     [ "$s" = tidemark ] && continue
     echo "  tidemark vs $s: $(ratio tidemark "$s")x"
 done
+if [[ " ${servers[*]} " == *" disk "* ]]; then
+    echo "each server against the disk's own limit (fio's time / the server's time):"
+    for s in "${servers[@]}"; do
+        [ "$s" = disk ] && continue
+        echo "  $s: $(ratio "$s" disk)"
+    done
+fi
