@@ -73,6 +73,14 @@ impl std::fmt::Debug for MasterKey {
     }
 }
 
+impl MasterKey {
+    /// A master key from its 32 bytes (a key kept elsewhere than in a key file; the fuzz
+    /// targets use a fixed one).
+    pub fn from_bytes(key: [u8; 32]) -> MasterKey {
+        MasterKey(key)
+    }
+}
+
 impl Drop for MasterKey {
     fn drop(&mut self) {
         self.0 = [0; 32];
