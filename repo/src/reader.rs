@@ -751,6 +751,14 @@ mod tests {
         })
     }
 
+    /// [`stream`]'s bytes, every read succeeded.
+    fn streamed(reader: &PointReader, threads: u64) -> Vec<u8> {
+        stream(reader, threads)
+            .into_iter()
+            .flat_map(|r| r.unwrap())
+            .collect()
+    }
+
     #[test]
     fn streaming_readers_read_ahead_across_pack_boundaries() {
         let rt = runtime();
@@ -765,10 +773,7 @@ mod tests {
         };
         for threads in [1, 3] {
             let reader = open(&rt, &repo, options);
-            let got: Vec<u8> = stream(&reader, threads)
-                .into_iter()
-                .flat_map(|r| r.unwrap())
-                .collect();
+            let got = streamed(&reader, threads);
             assert_eq!(got, disk, "{threads} readers");
             assert!(reader.cached_bytes() <= options.cache_bytes);
             // 16 data chunks; a chunk evicted before its reader came is fetched again.
@@ -787,27 +792,18 @@ mod tests {
             readahead: 4,
         };
         let reader = open(&rt, &repo, options);
-        let got: Vec<u8> = stream(&reader, 1)
-            .into_iter()
-            .flat_map(|r| r.unwrap())
-            .collect();
+        let got = streamed(&reader, 1);
         assert_eq!(got, disk);
         // Each data chunk fetched once; only chunks 0 and 1 stay (the first read, which
         // did not yet count as streaming).
         assert_eq!(reader.fetched_chunks(), 16);
         assert_eq!(reader.cached_bytes(), 2 * u64::from(CHUNK));
-        let again: Vec<u8> = stream(&reader, 1)
-            .into_iter()
-            .flat_map(|r| r.unwrap())
-            .collect();
+        let again = streamed(&reader, 1);
         assert_eq!(again, disk);
         assert_eq!(reader.fetched_chunks(), 16 + 14);
         // Several streaming readers, each its own region: every byte still right.
         let reader = open(&rt, &repo, options);
-        let got: Vec<u8> = stream(&reader, 3)
-            .into_iter()
-            .flat_map(|r| r.unwrap())
-            .collect();
+        let got = streamed(&reader, 3);
         assert_eq!(got, disk);
         assert!(reader.cached_bytes() <= 6 * u64::from(CHUNK));
     }
@@ -849,10 +845,7 @@ mod tests {
         let repo = stored_with_key(&rt, dir.path(), &disk, Some(&key));
         assert!(repo.crypto().is_some());
         let reader = open(&rt, &repo, ReaderOptions::default());
-        let got: Vec<u8> = stream(&reader, 2)
-            .into_iter()
-            .flat_map(|r| r.unwrap())
-            .collect();
+        let got = streamed(&reader, 2);
         assert_eq!(got, disk);
         let reader = open(&rt, &repo, ReaderOptions::default());
         let at = corrupt_chunk(&rt, dir.path(), &repo, &reader, 12, 30, 0x04);
