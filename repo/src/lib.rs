@@ -23,6 +23,7 @@ pub mod builder;
 pub mod crypto;
 pub mod fetch;
 pub mod format;
+pub mod local;
 pub mod lock;
 pub mod maint;
 pub mod reader;

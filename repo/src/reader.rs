@@ -19,6 +19,12 @@
 //! Failed fetches are not cached: a corrupt chunk is an error naming its pack and offset on
 //! every read of it, and a store that was briefly unreachable is asked again.
 //!
+//! A chunk whose every byte a streaming reader has been served leaves the cache at once
+//! (use-once, as the kernel treats streamed pages): a streaming client (nbdcopy, qemu-img
+//! convert) reads each byte once, so its memory is worth more as the buffer of the next
+//! fetch than as cache, and a long copy does not fill the whole cache with fresh pages
+//! (faulting in fresh memory costs as much CPU as checking the chunk on some VMs).
+//!
 //! Memory: the cache, plus the chunks being fetched (at most one per concurrent reader and
 //! `readahead` more), plus up to [`SPARE_BUFFERS`] evicted chunks' buffers kept for reuse.
 
@@ -64,6 +70,8 @@ struct Slot {
     used: u64,
     /// The chunk is loaded and its bytes are counted in [`Cache::bytes`].
     counted: bool,
+    /// Bytes of it served to streaming reads (see [`Cache::served`]).
+    served: u64,
 }
 
 struct Cache {
@@ -74,6 +82,9 @@ struct Cache {
     /// Memory of evicted chunks no reader holds, for the next fetches (at most
     /// [`SPARE_BUFFERS`]).
     spare: Vec<Vec<u8>>,
+    /// One bit per chunk slot: a streaming reader was served all of it and the cache
+    /// dropped it. A read just after such a chunk still counts as sequential.
+    consumed: Vec<u64>,
 }
 
 /// Evicted chunks' buffers kept for reuse: about one read-ahead's worth.
@@ -88,9 +99,48 @@ impl Cache {
             cell: Arc::default(),
             used: tick,
             counted: false,
+            served: 0,
         });
         slot.used = tick;
-        Arc::clone(&slot.cell)
+        let cell = Arc::clone(&slot.cell);
+        self.mark_consumed(index, false);
+        cell
+    }
+
+    fn mark_consumed(&mut self, index: u64, consumed: bool) {
+        if let Some(word) = self.consumed.get_mut((index / 64) as usize) {
+            let bit = 1 << (index % 64);
+            match consumed {
+                true => *word |= bit,
+                false => *word &= !bit,
+            }
+        }
+    }
+
+    fn is_consumed(&self, index: u64) -> bool {
+        self.consumed
+            .get((index / 64) as usize)
+            .is_some_and(|word| word & (1 << (index % 64)) != 0)
+    }
+
+    /// Count `bytes` of loaded chunk `index` served to a streaming read; once its whole
+    /// length is served, drop it (its memory goes to the spare buffers) and mark it consumed.
+    fn served(&mut self, index: u64, bytes: u64) {
+        let Some(slot) = self.slots.get_mut(&index) else {
+            return;
+        };
+        let Some(len) = slot.cell.get().map(|data| data.len() as u64) else {
+            return;
+        };
+        slot.served += bytes;
+        if !slot.counted || slot.served < len {
+            return;
+        }
+        if let Some(slot) = self.slots.remove(&index) {
+            self.bytes -= len;
+            self.recycle(slot.cell);
+            self.mark_consumed(index, true);
+        }
     }
 
     /// Count chunk `index`, just loaded into `cell`, then drop the least recently used
@@ -227,6 +277,7 @@ impl PointReader {
                     bytes: 0,
                     limit: options.cache_bytes,
                     spare: Vec::new(),
+                    consumed: vec![0; point.chunks.len().div_ceil(64)],
                 }),
                 readahead: options.readahead.min(options.cache_bytes / chunk / 2),
                 last_chunk: AtomicU64::new(u64::MAX),
@@ -277,7 +328,10 @@ impl PointReader {
         let (first, last) = (offset / chunk, (end - 1) / chunk);
         let previous = inner.last_chunk.swap(last, Ordering::Relaxed);
         let streaming = (previous != u64::MAX && first.abs_diff(previous) <= 1)
-            || (first > 0 && inner.cache().slots.contains_key(&(first - 1)));
+            || (first > 0 && {
+                let cache = inner.cache();
+                cache.slots.contains_key(&(first - 1)) || cache.is_consumed(first - 1)
+            });
         if streaming {
             Inner::read_ahead(inner, last);
         }
@@ -292,6 +346,10 @@ impl PointReader {
             } else {
                 let data = Inner::chunk(inner, index)?;
                 out.copy_from_slice(&data[within..within + piece as usize]);
+                drop(data);
+                if streaming {
+                    inner.cache().served(index, piece);
+                }
             }
             at += piece;
         }
@@ -475,10 +533,25 @@ mod tests {
     /// parts by writers of their own, so the point's chunks lie in at least three packs
     /// (boundaries after chunks 6 and 13).
     fn stored(rt: &tokio::runtime::Runtime, dir: &std::path::Path, disk: &[u8]) -> Repository {
+        stored_with_key(rt, dir, disk, None)
+    }
+
+    /// [`stored`] in a repository encrypted with the key file `key`, if given.
+    fn stored_with_key(
+        rt: &tokio::runtime::Runtime,
+        dir: &std::path::Path,
+        disk: &[u8],
+        key: Option<&std::path::Path>,
+    ) -> Repository {
         let url = dir.join("repo");
         let url = url.to_str().unwrap();
         let repo = rt
-            .block_on(Repository::init(url, &StoreOptions::default(), CHUNK))
+            .block_on(Repository::init_with_key(
+                url,
+                &StoreOptions::default(),
+                CHUNK,
+                key,
+            ))
             .unwrap();
         let blocks: Vec<&[u8]> = disk.chunks(CHUNK as usize).collect();
         let (mut chunks, mut new_bytes) = (Vec::new(), 0);
@@ -678,6 +751,14 @@ mod tests {
         })
     }
 
+    /// [`stream`]'s bytes, every read succeeded.
+    fn streamed(reader: &PointReader, threads: u64) -> Vec<u8> {
+        stream(reader, threads)
+            .into_iter()
+            .flat_map(|r| r.unwrap())
+            .collect()
+    }
+
     #[test]
     fn streaming_readers_read_ahead_across_pack_boundaries() {
         let rt = runtime();
@@ -692,15 +773,39 @@ mod tests {
         };
         for threads in [1, 3] {
             let reader = open(&rt, &repo, options);
-            let got: Vec<u8> = stream(&reader, threads)
-                .into_iter()
-                .flat_map(|r| r.unwrap())
-                .collect();
+            let got = streamed(&reader, threads);
             assert_eq!(got, disk, "{threads} readers");
             assert!(reader.cached_bytes() <= options.cache_bytes);
             // 16 data chunks; a chunk evicted before its reader came is fetched again.
             assert!(reader.fetched_chunks() >= 16, "{}", reader.fetched_chunks());
         }
+    }
+
+    #[test]
+    fn chunks_a_streaming_reader_was_served_whole_leave_the_cache_and_read_again() {
+        let rt = runtime();
+        let dir = tempfile::tempdir().unwrap();
+        let disk = disk();
+        let repo = stored(&rt, dir.path(), &disk);
+        let options = ReaderOptions {
+            cache_bytes: 64 * u64::from(CHUNK),
+            readahead: 4,
+        };
+        let reader = open(&rt, &repo, options);
+        let got = streamed(&reader, 1);
+        assert_eq!(got, disk);
+        // Each data chunk fetched once; only chunks 0 and 1 stay (the first read, which
+        // did not yet count as streaming).
+        assert_eq!(reader.fetched_chunks(), 16);
+        assert_eq!(reader.cached_bytes(), 2 * u64::from(CHUNK));
+        let again = streamed(&reader, 1);
+        assert_eq!(again, disk);
+        assert_eq!(reader.fetched_chunks(), 16 + 14);
+        // Several streaming readers, each its own region: every byte still right.
+        let reader = open(&rt, &repo, options);
+        let got = streamed(&reader, 3);
+        assert_eq!(got, disk);
+        assert!(reader.cached_bytes() <= 6 * u64::from(CHUNK));
     }
 
     #[test]
@@ -728,6 +833,33 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn an_encrypted_point_reads_back_and_a_corrupt_chunk_of_it_is_refused() {
+        let rt = runtime();
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("key");
+        crate::crypto::generate_key_file(&key).unwrap();
+        let disk = disk();
+        let repo = stored_with_key(&rt, dir.path(), &disk, Some(&key));
+        assert!(repo.crypto().is_some());
+        let reader = open(&rt, &repo, ReaderOptions::default());
+        let got = streamed(&reader, 2);
+        assert_eq!(got, disk);
+        let reader = open(&rt, &repo, ReaderOptions::default());
+        let at = corrupt_chunk(&rt, dir.path(), &repo, &reader, 12, 30, 0x04);
+        let mut buf = vec![0; 1000];
+        let err = reader
+            .read(12 * u64::from(CHUNK) + 7, &mut buf)
+            .unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains(&crate::format::hex(&at.pack)) && text.contains("corrupt"),
+            "{text}"
+        );
+        reader.read(11 * u64::from(CHUNK), &mut buf).unwrap();
+        assert_eq!(buf, disk[11 * CHUNK as usize..11 * CHUNK as usize + 1000]);
     }
 
     #[test]

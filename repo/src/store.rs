@@ -94,7 +94,8 @@ pub fn open(url: &str, options: &StoreOptions, create: bool) -> Result<Arc<dyn O
         what: format!("opening the repository directory {path} (does it exist?)"),
         source,
     })?;
-    Ok(Arc::new(fs))
+    // Pack reads with O_DIRECT into reused buffers; everything else as LocalFileSystem does it.
+    Ok(Arc::new(crate::local::DirectRanges::new(fs)))
 }
 
 #[cfg(test)]

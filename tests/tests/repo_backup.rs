@@ -1575,6 +1575,28 @@ fn repo_export_of_an_encrypted_point_reads_equal_with_nbdcopy() {
 }
 
 #[test]
+fn a_directory_repository_on_tmpfs_restores_verifies_and_exports_equal() {
+    assert!(
+        have("nbdcopy"),
+        "nbdcopy is not installed: run scripts/install-deps.sh"
+    );
+    // Pack reads use O_DIRECT: tmpfs takes it since Linux 6.6, and before it refused it at
+    // open, so reads there fall back to buffered ones.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let shm = tempfile::tempdir_in("/dev/shm").expect("a temp dir on tmpfs (/dev/shm)");
+    let file = dir.path().join("disk.raw");
+    let data = holey_file(&file);
+    let repo = shm.path().join("repo");
+    let url = repo.to_str().unwrap();
+    store_point(dir.path(), &file, url, &[], &[]);
+    assert_restores(url, "disk@a", &dir.path().join("restored.raw"), &data);
+    let report = json(&["repo", "verify", url, "--read-data"], &[]);
+    assert_eq!(report["problems"], Value::Array(vec![]), "{report}");
+    let (_server, uri) = repo_export(dir.path(), url, ("disk@a", "disk@a"), &[], &[]);
+    assert_nbdcopy_reads(&uri, &dir.path().join("copy.raw"), &data);
+}
+
+#[test]
 fn daemon_push_into_an_encrypted_repository_uses_the_daemons_key_and_restores_equal() {
     let dir = tempfile::tempdir().expect("temp dir");
     let key = new_key(dir.path(), "repo.key");
