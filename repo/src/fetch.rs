@@ -2,16 +2,21 @@
 //! `repo export`'s read-ahead.
 //!
 //! A backup writes a point's chunks into its packs in slot order, so neighbouring slots'
-//! chunks usually lie back to back in one pack. [`plan_runs`] groups such slots into runs;
-//! [`fetch_run`] reads a run's bytes with one ranged GET of its pack (fewer round trips to
-//! an S3 store, fewer opens and reads on a directory), then checks and inflates every
-//! chunk of the run on the blocking pool at once, so both CPUs verify while the next run is
-//! on the wire. Each blob is still checked on its own (CRC, inflate, SHA-256) before a byte
-//! of it is used: reading through a neighbour's bytes trusts nothing.
+//! chunks usually lie back to back in one pack, and an incremental backup's pieces lie in
+//! slot order in its own packs. [`plan_runs`] groups such slots into runs, and a run's
+//! pieces' chunks into ranges of neighbours; [`fetch_run`] reads the run's span and each
+//! piece range with one ranged GET each, all at once (fewer requests: each costs an S3
+//! server CPU of its own; fewer opens and reads on a directory), streams the bodies and
+//! checks and inflates every chunk on the blocking pool as soon as its bytes are in, so
+//! both CPUs verify while the rest is on the wire. Each blob is still checked on its own
+//! (CRC, inflate, SHA-256) before a byte of it is used: reading through a neighbour's bytes
+//! trusts nothing, and a body shorter or longer than asked for is refused.
 //!
-//! Memory: a run holds at most [`RunLimits::bytes`] stored bytes and, inflated, its slots.
-//! A caller that keeps chunks (`repo export`'s cache) hands evicted chunks' memory back
-//! through [`SpareBuffer`], so inflating does not fault in fresh pages for every chunk.
+//! Memory: a run holds at most [`RunLimits::bytes`] stored bytes of its span, its pieces'
+//! ranges (the pieces of a slot cover at most the slot, plus gaps of at most [`MAX_GAP`])
+//! and, inflated, its slots. A caller that keeps chunks (`repo export`'s cache) hands
+//! evicted chunks' memory back through [`SpareBuffer`], so inflating does not fault in
+//! fresh pages for every chunk.
 
 use std::collections::HashMap;
 use std::ops::Range;
