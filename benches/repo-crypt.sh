@@ -18,29 +18,13 @@ DIR=${BENCH_DIR:-/var/tmp/tidemark-crypt-bench}
 BIN=${TIDEMARK_BIN:-$PWD/target/release/tidemark}
 [ "$(id -u)" = 0 ] || { echo "run as root: timed steps drop the page cache" >&2; exit 2; }
 [ -x "$BIN" ] || cargo build --release -q -p tidemark
-rm -rf "$DIR"; mkdir -p "$DIR"
-PIDS=()
-cleanup() {
-    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$DIR"
-}
-trap cleanup EXIT
-drop() { sync; echo 3 >/proc/sys/vm/drop_caches; }
-now() { date +%s.%N; }
-load() { cut -d' ' -f1 /proc/loadavg; }
-median() { python3 -c "import statistics, sys; print(f'{statistics.median(map(float, sys.argv[1:])):.2f}')" "$@"; }
+. benches/repo-common.sh
+repo_scratch
 mbps() { python3 -c "print(f'{$1 / 1e6 / $2:.1f}')"; }
 ratio() { python3 -c "print(f'{$2 / $1:.2f}x')"; }
 
 IMG=$DIR/vm.raw
-python3 - "$IMG" "$SIZE_MIB" <<'PY'
-import os, sys
-path, mib = sys.argv[1], int(sys.argv[2])
-with open(path, "wb") as f:
-    for i in range(mib):
-        f.write(os.urandom(1 << 20) if i % 2 == 0 else bytes(1 << 20))
-PY
+make_image "$IMG" "$SIZE_MIB"
 BYTES=$((SIZE_MIB << 20))
 "$BIN" export "$IMG" --read-only --socket "$DIR/nbd.sock" --name vm >"$DIR/export.log" 2>&1 & PIDS+=($!)
 for _ in $(seq 300); do [ -S "$DIR/nbd.sock" ] && break; sleep 0.1; done

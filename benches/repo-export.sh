@@ -28,29 +28,13 @@ WARM=${WARM:-0}
 [ "$(id -u)" = 0 ] || { echo "run as root: timed reads drop the page cache" >&2; exit 2; }
 command -v nbdcopy >/dev/null || { echo "missing nbdcopy (bash scripts/install-deps.sh)" >&2; exit 2; }
 [ -x "$BIN" ] || cargo build --release -q -p tidemark
-rm -rf "$DIR"; mkdir -p "$DIR"
-PIDS=()
-cleanup() {
-    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$DIR"
-}
-trap cleanup EXIT
-drop() { sync; echo 3 >/proc/sys/vm/drop_caches; }
-load() { cut -d' ' -f1 /proc/loadavg; }
-median() { python3 -c "import statistics, sys; print(f'{statistics.median(map(float, sys.argv[1:])):.2f}')" "$@"; }
-wait_socket() { for _ in $(seq 300); do [ -S "$1" ] && return; sleep 0.1; done; echo "no socket $1" >&2; exit 1; }
+. benches/repo-common.sh
+repo_scratch
 # CPU seconds a process has used so far: "TOTAL USER SYSTEM".
 cpu_of() { python3 -c "import os, sys; f = open(f'/proc/{sys.argv[1]}/stat').read().rsplit(')', 1)[1].split(); t = os.sysconf('SC_CLK_TCK'); u, s = int(f[11]) / t, int(f[12]) / t; print(f'{u + s:.2f} {u:.2f} {s:.2f}')" "$1"; }
 
 IMG=$DIR/vm.raw
-python3 - "$IMG" "$SIZE_MIB" <<'PY'
-import os, sys
-path, mib = sys.argv[1], int(sys.argv[2])
-with open(path, "wb") as f:
-    for i in range(mib):
-        f.write(os.urandom(1 << 20) if i % 2 == 0 else bytes(1 << 20))
-PY
+make_image "$IMG" "$SIZE_MIB"
 "$BIN" export "$IMG" --read-only --socket "$DIR/src.sock" --name vm >"$DIR/src.log" 2>&1 & PIDS+=($!)
 wait_socket "$DIR/src.sock"
 REPO=$DIR/repo

@@ -33,32 +33,15 @@ for tool in restic borg weed nbdcopy /usr/bin/python3; do
     command -v "$tool" >/dev/null || { echo "missing $tool (bash scripts/install-deps.sh)" >&2; exit 2; }
 done
 [ -x "$BIN" ] || cargo build --release -q -p tidemark
-rm -rf "$DIR"; mkdir -p "$DIR"
-PIDS=()
-cleanup() {
-    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$DIR"
-}
-trap cleanup EXIT
-drop() { sync; echo 3 >/proc/sys/vm/drop_caches; }
-now() { date +%s.%N; }
-load() { cut -d' ' -f1 /proc/loadavg; }
+. benches/repo-common.sh
+repo_scratch
 secs() { python3 -c "print(f'{$2 - $1:.2f}')"; }
 mbps() { python3 -c "print(f'{$1 / 1e6 / $2:.1f}')"; }
 ratio() { python3 -c "print(f'{$1 / $2:.2f}x')"; }
-median() { python3 -c "import statistics, sys; print(f'{statistics.median(map(float, sys.argv[1:])):.2f}')" "$@"; }
 size_of() { du -sb "$1" | cut -f1; }
-wait_socket() { for _ in $(seq 300); do [ -S "$1" ] && return; sleep 0.1; done; echo "no socket $1" >&2; exit 1; }
 
 IMG=$DIR/vm.raw
-python3 - "$IMG" "$SIZE_MIB" <<'PY'
-import os, sys
-path, mib = sys.argv[1], int(sys.argv[2])
-with open(path, "wb") as f:
-    for i in range(mib):
-        f.write(os.urandom(1 << 20) if i % 2 == 0 else bytes(1 << 20))
-PY
+make_image "$IMG" "$SIZE_MIB"
 STATE=$DIR/state
 "$BIN" serve --state-dir "$STATE" >"$DIR/daemon.log" 2>&1 & PIDS+=($!)
 wait_socket "$STATE/control.sock"
@@ -109,18 +92,7 @@ med3() {
 backup_uri() { tm backup begin vm "$@" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["volumes"][0]["uri"]["unix"])'; }
 
 # 1% of the volume in scattered 64 KiB random writes through the live export.
-change() {
-    /usr/bin/python3 - "nbd+unix:///vm?socket=$NBD_SOCK" "$SIZE" "$1" <<'PY'
-import os, random, sys
-import nbd
-h = nbd.NBD(); h.connect_uri(sys.argv[1]); size = int(sys.argv[2])
-random.seed(int(sys.argv[3]))
-for b in random.sample(range(size // 65536), max(1, size // 65536 // 100)):
-    h.pwrite(os.urandom(65536), b * 65536)
-h.flush(); h.shutdown()
-PY
-    sync
-}
+change() { change_volume "nbd+unix:///vm?socket=$NBD_SOCK" "$SIZE" "$1"; }
 
 echo "repository benchmark: ${SIZE_MIB} MiB volume (half random, half zero), 6 points, $(nproc) CPUs"
 # REPS - 1 extra full backups of each kind, into scratch repositories removed afterwards.

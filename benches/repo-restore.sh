@@ -33,27 +33,12 @@ for tool in restic weed python3 /usr/bin/python3; do
     command -v "$tool" >/dev/null || { echo "missing $tool (bash scripts/install-deps.sh)" >&2; exit 2; }
 done
 [ -x "$BIN" ] || cargo build --release -q --locked -p tidemark
-rm -rf "$DIR"; mkdir -p "$DIR"
-PIDS=()
-cleanup() {
-    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$DIR"
-}
-trap cleanup EXIT
-load() { cut -d' ' -f1 /proc/loadavg; }
-median() { python3 -c "import statistics, sys; print(f'{statistics.median(map(float, sys.argv[1:])):.2f}')" "$@"; }
+. benches/repo-common.sh
+repo_scratch
 ratio() { python3 -c "print(f'{$1 / $2:.2f}x')"; }
-wait_socket() { for _ in $(seq 300); do [ -S "$1" ] && return; sleep 0.1; done; echo "no socket $1" >&2; exit 1; }
 
 IMG=$DIR/vm.raw
-python3 - "$IMG" "$SIZE_MIB" <<'PY'
-import os, sys
-path, mib = sys.argv[1], int(sys.argv[2])
-with open(path, "wb") as f:
-    for i in range(mib):
-        f.write(os.urandom(1 << 20) if i % 2 == 0 else bytes(1 << 20))
-PY
+make_image "$IMG" "$SIZE_MIB"
 
 # weed mini binds fixed ports besides the S3 one: one server at a time on this machine, under
 # the lock the test suite's SeaweedFS takes too (held until this script and its children end).
@@ -88,18 +73,7 @@ tm volume create vm --backing "$IMG" >/dev/null
 SIZE=$((SIZE_MIB << 20))
 backup_uri() { tm backup begin vm "$@" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["volumes"][0]["uri"]["unix"])'; }
 # 1% of the volume in scattered 64 KiB random writes through the live export.
-change() {
-    /usr/bin/python3 - "nbd+unix:///vm?socket=$STATE/nbd.sock" "$SIZE" "$1" <<'PY'
-import os, random, sys
-import nbd
-h = nbd.NBD(); h.connect_uri(sys.argv[1]); size = int(sys.argv[2])
-random.seed(int(sys.argv[3]))
-for b in random.sample(range(size // 65536), max(1, size // 65536 // 100)):
-    h.pwrite(os.urandom(65536), b * 65536)
-h.flush(); h.shutdown()
-PY
-    sync
-}
+change() { change_volume "nbd+unix:///vm?socket=$STATE/nbd.sock" "$SIZE" "$1"; }
 for round in $(seq 0 "$INCREMENTALS"); do
     begin=(--checkpoint "c$round"); pull=(--full)
     if [ "$round" -gt 0 ]; then
