@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use rand::{Rng, SeedableRng};
 use serde_json::Value;
 use tidemark_tests::daemon::{Daemon, Model};
-use tidemark_tests::export::export;
+use tidemark_tests::export::{export, Exported};
 use tidemark_tests::peers::{have, nbdinfo_map, qemu_io, serve, unix_uri};
 use tidemark_tests::point::full_pull_args;
 use tidemark_tests::seaweed::{Seaweed, S3_ENV};
@@ -390,15 +390,39 @@ fn packs(repo: &Path) -> Vec<PathBuf> {
 
 const UUID: &str = "6f1c3e0a-8d9b-4c1e-9f57-2a8b7c6d5e4f";
 
-#[test]
-fn a_corrupt_pack_byte_is_named_by_verify_and_refused_at_restore() {
+/// A data file in a temporary directory, served read-only by `tidemark export`, and an
+/// empty directory repository initialised beside it.
+struct DataRepo {
+    dir: tempfile::TempDir,
+    file: PathBuf,
+    exported: Exported,
+    repo: PathBuf,
+}
+
+fn data_and_repo(size: u64) -> DataRepo {
     let dir = tempfile::tempdir().expect("temp dir");
     let file = dir.path().join("disk.raw");
-    data_file(&file, 40 * MIB as u64);
+    data_file(&file, size);
     let exported = export(dir.path(), &file, &["--read-only"]).expect("export");
     let repo = dir.path().join("repo");
+    ok(&["repo", "init", repo.to_str().unwrap()], &[]);
+    DataRepo {
+        dir,
+        file,
+        exported,
+        repo,
+    }
+}
+
+#[test]
+fn a_corrupt_pack_byte_is_named_by_verify_and_refused_at_restore() {
+    let DataRepo {
+        dir,
+        file,
+        exported,
+        repo,
+    } = data_and_repo(40 * MIB as u64);
     let url = repo.to_str().unwrap();
-    ok(&["repo", "init", url], &[]);
     let pull = [
         "pull",
         "--full",
@@ -467,13 +491,13 @@ fn a_corrupt_pack_byte_is_named_by_verify_and_refused_at_restore() {
 
 #[test]
 fn kill_9_mid_backup_leaves_no_point_and_a_rerun_and_gc_work() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let file = dir.path().join("disk.raw");
-    data_file(&file, 192 * MIB as u64);
-    let exported = export(dir.path(), &file, &["--read-only"]).expect("export");
-    let repo = dir.path().join("repo");
+    let DataRepo {
+        dir,
+        file,
+        exported,
+        repo,
+    } = data_and_repo(192 * MIB as u64);
     let url = repo.to_str().unwrap();
-    ok(&["repo", "init", url], &[]);
     let pull = [
         "pull",
         "--full",
@@ -1451,13 +1475,13 @@ fn staging_files(repo: &Path) -> Vec<PathBuf> {
 
 #[test]
 fn kill_9_inside_a_put_leaves_a_staging_file_that_gc_removes_once_older_than_the_lease() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let file = dir.path().join("disk.raw");
-    data_file(&file, 192 * MIB as u64);
-    let exported = export(dir.path(), &file, &["--read-only"]).expect("export");
-    let repo = dir.path().join("repo");
+    let DataRepo {
+        dir,
+        file,
+        exported,
+        repo,
+    } = data_and_repo(192 * MIB as u64);
     let url = repo.to_str().unwrap();
-    ok(&["repo", "init", url], &[]);
     // A real kill -9 the moment a staging file appears; the put may still finish between
     // the look and the kill, so a few tries.
     let mut tries = 0;

@@ -944,6 +944,30 @@ mod tests {
         }
     }
 
+    /// Serve a 1 MiB [`Threads`] export on a socket pair: the export, the client's end
+    /// (reads time out after 30 s), and the serving thread.
+    fn serve_threads() -> (
+        Arc<Threads>,
+        UnixStream,
+        std::thread::JoinHandle<std::io::Result<()>>,
+    ) {
+        let export = Arc::new(Threads {
+            disk: Mutex::new(vec![0; 1 << 20]),
+            ran_on: Mutex::new(Vec::new()),
+            met: Mutex::new(0),
+            arrived: Condvar::new(),
+        });
+        let (client, server_end) = UnixStream::pair().unwrap();
+        let serving = std::thread::spawn({
+            let export: Arc<dyn Export> = export.clone();
+            move || serve_transmission("threads", export, server_end, &ServerConfig::default())
+        });
+        client
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        (export, client, serving)
+    }
+
     /// Encode a request (a WRITE carries `data`).
     fn request(out: &mut Vec<u8>, command: Command, cookie: u64, offset: u64, length: u64) {
         let request = Request {
@@ -975,20 +999,7 @@ mod tests {
 
     #[test]
     fn requests_sent_one_at_a_time_run_on_the_thread_that_read_them() {
-        let export = Arc::new(Threads {
-            disk: Mutex::new(vec![0; 1 << 20]),
-            ran_on: Mutex::new(Vec::new()),
-            met: Mutex::new(0),
-            arrived: Condvar::new(),
-        });
-        let (mut client, server_end) = UnixStream::pair().unwrap();
-        let serving = std::thread::spawn({
-            let export: Arc<dyn Export> = export.clone();
-            move || serve_transmission("threads", export, server_end, &ServerConfig::default())
-        });
-        client
-            .set_read_timeout(Some(Duration::from_secs(30)))
-            .unwrap();
+        let (export, mut client, serving) = serve_threads();
         let mut lens = HashMap::new();
         for k in 0..16u64 {
             let mut out = Vec::new();
@@ -1017,20 +1028,7 @@ mod tests {
 
     #[test]
     fn a_pipelined_burst_between_single_requests_runs_side_by_side_matched_by_cookie() {
-        let export = Arc::new(Threads {
-            disk: Mutex::new(vec![0; 1 << 20]),
-            ran_on: Mutex::new(Vec::new()),
-            met: Mutex::new(0),
-            arrived: Condvar::new(),
-        });
-        let (mut client, server_end) = UnixStream::pair().unwrap();
-        let serving = std::thread::spawn({
-            let export: Arc<dyn Export> = export.clone();
-            move || serve_transmission("threads", export, server_end, &ServerConfig::default())
-        });
-        client
-            .set_read_timeout(Some(Duration::from_secs(30)))
-            .unwrap();
+        let (export, mut client, serving) = serve_threads();
         let mut lens = HashMap::new();
         let mut out = Vec::new();
         // One at a time first: served inline.
