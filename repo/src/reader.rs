@@ -801,11 +801,14 @@ mod tests {
         let again = streamed(&reader, 1);
         assert_eq!(again, disk);
         assert_eq!(reader.fetched_chunks(), 16 + 14);
-        // Several streaming readers, each its own region: every byte still right.
+        // Several streaming readers, each its own region: every byte still right. (What
+        // stays cached then depends on how the readers interleave: each one's first read,
+        // chunks split between two regions and read-ahead past a region's end can stay, up
+        // to every data chunk of this disk, so no size is asserted here; the single reader
+        // above pins the mechanism down.)
         let reader = open(&rt, &repo, options);
         let got = streamed(&reader, 3);
         assert_eq!(got, disk);
-        assert!(reader.cached_bytes() <= 6 * u64::from(CHUNK));
     }
 
     #[test]

@@ -588,7 +588,10 @@ fn an_s3_server_stopped_mid_upload_gives_a_clear_error_and_no_point() {
     let endpoint = seaweed.endpoint.clone();
     let dir = tempfile::tempdir().expect("temp dir");
     let file = dir.path().join("disk.raw");
-    data_file(&file, 256 * MIB as u64);
+    // Large enough that the upload is still under way when the server stops 0.8 s in,
+    // even on a quiet machine (its 512 MiB of data take about 2 s at the 280 MB/s full
+    // backups to SeaweedFS reach here).
+    data_file(&file, 1024 * MIB as u64);
     let exported = export(dir.path(), &file, &["--read-only"]).expect("export");
     let url = "s3://bkt/stopped";
     ok(&["repo", "init", url, "--s3-endpoint", &endpoint], &S3_ENV);
@@ -614,7 +617,7 @@ fn an_s3_server_stopped_mid_upload_gives_a_clear_error_and_no_point() {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     let child = command.spawn().expect("starting the pull");
-    std::thread::sleep(Duration::from_millis(1500));
+    std::thread::sleep(Duration::from_millis(800));
     seaweed.stop();
     let started = Instant::now();
     let out = child.wait_with_output().expect("waiting for the pull");
