@@ -149,13 +149,14 @@ impl Config {
         let version = hash.config_version(encrypted);
         if self.version != version {
             return Err(format!(
-                "version {} does not go with hash {hash}{}: such a repository is version \
+                "version {} does not go with hash {:?}: an {} {hash} repository is version \
                  {version}",
                 self.version,
+                hash.name(),
                 if encrypted {
-                    " encrypted"
+                    "encrypted"
                 } else {
-                    " unencrypted"
+                    "unencrypted"
                 },
             ));
         }
@@ -1063,11 +1064,11 @@ mod tests {
         refused(&plain(3, ""), "version 3 names no hash");
         refused(
             &plain(1, r#", "hash": "blake3""#),
-            "version 1 does not go with hash BLAKE3 unencrypted: such a repository is version 3",
+            "version 1 does not go with hash \"blake3\": an unencrypted BLAKE3 repository is version 3",
         );
         refused(
             &plain(3, r#", "hash": "sha256""#),
-            "version 3 does not go with hash SHA-256 unencrypted: such a repository is version 1",
+            "version 3 does not go with hash \"sha256\": an unencrypted SHA-256 repository is version 1",
         );
         refused(&plain(2, r#", "hash": "sha256""#), "is version 1");
         refused(
@@ -1096,7 +1097,7 @@ mod tests {
         );
         refused(
             &encrypted(1, "sha256", "hmac-sha256"),
-            "version 1 does not go with hash SHA-256 encrypted: such a repository is version 2",
+            "version 1 does not go with hash \"sha256\": an encrypted SHA-256 repository is version 2",
         );
         refused(
             r#"{"kind": "other", "version": 3, "chunk_size": 65536, "id": "x", "hash": "blake3"}"#,
