@@ -6,8 +6,15 @@
 //! 32-byte chunk id, then the blob. Mode (low two bits): 0 a plain repository's blob;
 //! 1 an encrypted repository's blob sealed here with a fixed key and the chunk id's AAD, so
 //! the fuzzer reaches the zstd frame and the keyed-hash check behind the AEAD; 2 the bytes
-//! given to an encrypted repository as they are (they must fail to open, cleanly). The
-//! entry's CRC is computed over the stored blob so the fuzzer gets past it.
+//! given to an encrypted repository as they are (they must fail to open, cleanly). Bit 2 of
+//! the mode picks the repository's hash: clear SHA-256 (HMAC-SHA256 keyed), set BLAKE3
+//! (keyed BLAKE3). The entry's CRC is computed over the stored blob so the fuzzer gets past
+//! it.
+//!
+//! Seeds (fuzz/corpus/repo_chunk_blob): `plain_*` and `sealed_*` are SHA-256 blobs of the
+//! fixture repository (mode 0 and 1, the sealed ones' ids the fixed key's HMAC ids of their
+//! plaintext); `blake3_plain_*` and `blake3_sealed_*` the same blobs with mode 4 and 5, ids
+//! BLAKE3 and the fixed key's keyed BLAKE3 of their plaintext.
 #![no_main]
 
 use std::sync::OnceLock;
@@ -15,11 +22,17 @@ use std::sync::OnceLock;
 use libfuzzer_sys::fuzz_target;
 use tidemark_repo::crypto::{MasterKey, RepoCrypto};
 use tidemark_repo::format::{ChunkId, PackEntry};
-use tidemark_repo::{check_blob, sha256};
+use tidemark_repo::{check_blob, ChunkHash, ChunkKeys};
 
-fn crypto() -> &'static RepoCrypto {
-    static CRYPTO: OnceLock<RepoCrypto> = OnceLock::new();
-    CRYPTO.get_or_init(|| RepoCrypto::new(&MasterKey::from_bytes([7; 32])))
+/// The fixed key's subkeys for `hash`.
+fn crypto(hash: ChunkHash) -> &'static RepoCrypto {
+    static SHA256: OnceLock<RepoCrypto> = OnceLock::new();
+    static BLAKE3: OnceLock<RepoCrypto> = OnceLock::new();
+    let cell = match hash {
+        ChunkHash::Sha256 => &SHA256,
+        ChunkHash::Blake3 => &BLAKE3,
+    };
+    cell.get_or_init(|| RepoCrypto::new(&MasterKey::from_bytes([7; 32]), hash))
 }
 
 fuzz_target!(|data: &[u8]| {
@@ -27,20 +40,26 @@ fuzz_target!(|data: &[u8]| {
         return;
     }
     let mode = data[0] & 3;
+    let hash = if data[0] & 4 == 0 {
+        ChunkHash::Sha256
+    } else {
+        ChunkHash::Blake3
+    };
     let raw_len = u32::from_le_bytes([data[1], data[2], data[3], data[4]]) % (1 << 20) + 1;
     let mut id = [0u8; 32];
     id.copy_from_slice(&data[5..37]);
     let id = ChunkId(id);
     let input = &data[37..];
-    let (blob, key) = match mode {
+    let sealed = ChunkKeys::Sealed(crypto(hash));
+    let (blob, keys) = match mode {
         1 => {
-            let Ok(sealed) = crypto().seal(&RepoCrypto::chunk_aad(&id), input) else {
+            let Ok(blob) = crypto(hash).seal(&RepoCrypto::chunk_aad(&id), input) else {
                 return;
             };
-            (sealed, Some(crypto()))
+            (blob, sealed)
         }
-        2 => (input.to_vec(), Some(crypto())),
-        _ => (input.to_vec(), None),
+        2 => (input.to_vec(), sealed),
+        _ => (input.to_vec(), ChunkKeys::Plain(hash)),
     };
     let entry = PackEntry {
         id,
@@ -49,15 +68,16 @@ fuzz_target!(|data: &[u8]| {
         raw_len,
         crc: crc32fast::hash(&blob),
     };
-    let result = check_blob(&blob, &id, &entry, key);
+    let result = check_blob(&blob, &id, &entry, keys);
     if mode == 2 {
         assert!(result.is_err(), "unsealed bytes opened under the key");
     }
     if let Ok(plain) = result {
         assert_eq!(plain.len(), raw_len as usize);
-        match key {
-            Some(c) => assert_eq!(c.chunk_id(&plain), id),
-            None => assert_eq!(sha256(&plain), id.0),
-        }
+        let expected = match keys {
+            ChunkKeys::Sealed(c) => c.chunk_id(&plain),
+            ChunkKeys::Plain(hash) => ChunkId(hash.digest(&plain)),
+        };
+        assert_eq!(expected, id);
     }
 });

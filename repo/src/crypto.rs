@@ -3,8 +3,10 @@
 //!
 //! A key file holds a random 256-bit master key. From it HKDF-SHA256 (salt
 //! [`HKDF_SALT`]) derives three independent subkeys, each under its own label:
-//! - the chunk id key: a chunk's id is HMAC-SHA256(id key, plaintext), so equal plaintext
-//!   gets unrelated ids under two keys and an id tells nothing to one without the key;
+//! - the chunk id key: a chunk's id is the keyed hash of its plaintext under it (keyed
+//!   BLAKE3, or HMAC-SHA256 in a repository that hashes with SHA-256: [`ChunkHash`]), so
+//!   equal plaintext gets unrelated ids under two keys and an id tells nothing to one
+//!   without the key; each hash has its own label, so the two never share a key;
 //! - the sealing key: AES-256-GCM over every chunk blob (after compression) and every index
 //!   object (pack and point indexes);
 //! - the check key: the repository's config records HMAC-SHA256(check key, repository id),
@@ -28,11 +30,10 @@ use ring::rand::{SecureRandom, SystemRandom};
 use serde::{Deserialize, Serialize};
 
 use crate::format::{self, ChunkId};
+use crate::hash::ChunkHash;
 
 /// The cipher every sealed object uses (as the config names it).
 pub const CIPHER: &str = "aes-256-gcm";
-/// How chunk ids are made in an encrypted repository (as the config names it).
-pub const CHUNK_ID: &str = "hmac-sha256";
 /// Salt of the HKDF extraction of the master key.
 pub const HKDF_SALT: &[u8] = b"tidemark-repo-key-v1";
 /// Magic of a sealed index object (its first 8 bytes).
@@ -117,7 +118,7 @@ pub fn generate_key_file(path: &Path) -> Result<String, CryptoError> {
     file.write_all(text.as_bytes())
         .and_then(|()| file.sync_all())
         .map_err(|e| CryptoError::KeyFile(format!("writing {}: {e}", path.display())))?;
-    Ok(RepoCrypto::new(&key).key_id().to_string())
+    Ok(key_id(&key))
 }
 
 /// Read the key file at `path`: refused if others may read it, or if it is not a key file.
@@ -168,9 +169,53 @@ impl KeyType for Len {
     }
 }
 
-/// The subkeys of one master key.
+/// The chunk id key, for the repository's hash.
+enum IdKey {
+    HmacSha256(hmac::Key),
+    Blake3([u8; 32]),
+}
+
+impl Drop for IdKey {
+    fn drop(&mut self) {
+        if let IdKey::Blake3(key) = self {
+            key.fill(0);
+        }
+    }
+}
+
+/// The HKDF extraction of a master key, from which every subkey is expanded.
+struct Prk(ring::hkdf::Prk);
+
+impl Prk {
+    fn new(master: &MasterKey) -> Prk {
+        Prk(Salt::new(HKDF_SHA256, HKDF_SALT).extract(&master.0))
+    }
+
+    /// The 32-byte subkey under `label`.
+    fn derive(&self, label: &[u8]) -> [u8; 32] {
+        let mut out = [0u8; 32];
+        // Expanding 32 bytes from SHA-256's PRK cannot fail (the limit is 255 * 32).
+        if let Ok(okm) = self.0.expand(&[label], Len(32)) {
+            let _ = okm.fill(&mut out);
+        }
+        out
+    }
+}
+
+/// The public id of `master` (see [`RepoCrypto::key_id`]).
+fn key_id(master: &MasterKey) -> String {
+    format::hex(&Prk::new(master).derive(b"tidemark key id")[..8])
+}
+
+/// The HKDF label of the chunk id key of a repository that hashes with `hash`.
+pub fn chunk_id_label(hash: ChunkHash) -> String {
+    format!("tidemark chunk id {}", hash.keyed_name())
+}
+
+/// The subkeys of one master key, for a repository that hashes with one [`ChunkHash`].
 pub struct RepoCrypto {
-    id_key: hmac::Key,
+    id_key: IdKey,
+    hash: ChunkHash,
     check_key: hmac::Key,
     seal_key: LessSafeKey,
     key_id: String,
@@ -184,28 +229,25 @@ impl std::fmt::Debug for RepoCrypto {
 }
 
 impl RepoCrypto {
-    pub fn new(master: &MasterKey) -> RepoCrypto {
-        let prk = Salt::new(HKDF_SHA256, HKDF_SALT).extract(&master.0);
-        let derive = |label: &[u8]| {
-            let mut out = [0u8; 32];
-            // Expanding 32 bytes from SHA-256's PRK cannot fail (the limit is 255 * 32).
-            if let Ok(okm) = prk.expand(&[label], Len(32)) {
-                let _ = okm.fill(&mut out);
-            }
-            out
-        };
-        let mut seal = derive(b"tidemark seal aes-256-gcm");
-        let mut id = derive(b"tidemark chunk id hmac-sha256");
-        let mut check = derive(b"tidemark key check");
-        let key_id = format::hex(&derive(b"tidemark key id")[..8]);
+    /// The subkeys of `master` for a repository whose chunk ids are the keyed form of `hash`.
+    pub fn new(master: &MasterKey, hash: ChunkHash) -> RepoCrypto {
+        let prk = Prk::new(master);
+        let mut seal = prk.derive(b"tidemark seal aes-256-gcm");
+        let mut id = prk.derive(chunk_id_label(hash).as_bytes());
+        let mut check = prk.derive(b"tidemark key check");
         let seal_key = LessSafeKey::new(
             UnboundKey::new(&AES_256_GCM, &seal).expect("a 32-byte AES-256 key is valid"),
         );
+        let id_key = match hash {
+            ChunkHash::Sha256 => IdKey::HmacSha256(hmac::Key::new(hmac::HMAC_SHA256, &id)),
+            ChunkHash::Blake3 => IdKey::Blake3(id),
+        };
         let crypto = RepoCrypto {
-            id_key: hmac::Key::new(hmac::HMAC_SHA256, &id),
+            id_key,
+            hash,
             check_key: hmac::Key::new(hmac::HMAC_SHA256, &check),
             seal_key,
-            key_id,
+            key_id: key_id(master),
             rng: SystemRandom::new(),
         };
         seal.fill(0);
@@ -230,12 +272,21 @@ impl RepoCrypto {
             .is_some_and(|tag| hmac::verify(&self.check_key, repo_id.as_bytes(), &tag).is_ok())
     }
 
-    /// The id of a chunk: HMAC-SHA256 of its plaintext under the chunk id key.
+    /// The hash whose keyed form names this repository's chunks.
+    pub fn hash(&self) -> ChunkHash {
+        self.hash
+    }
+
+    /// The id of a chunk: the keyed hash of its plaintext under the chunk id key.
     pub fn chunk_id(&self, data: &[u8]) -> ChunkId {
-        let tag = hmac::sign(&self.id_key, data);
-        let mut id = [0u8; 32];
-        id.copy_from_slice(tag.as_ref());
-        ChunkId(id)
+        match &self.id_key {
+            IdKey::HmacSha256(key) => {
+                let mut id = [0u8; 32];
+                id.copy_from_slice(hmac::sign(key, data).as_ref());
+                ChunkId(id)
+            }
+            IdKey::Blake3(key) => ChunkId(*blake3::keyed_hash(key, data).as_bytes()),
+        }
     }
 
     /// `nonce || AES-256-GCM(plain) || tag` with `aad` authenticated.
@@ -310,16 +361,57 @@ mod tests {
     use super::*;
 
     fn key(n: u8) -> RepoCrypto {
-        RepoCrypto::new(&MasterKey([n; 32]))
+        RepoCrypto::new(&MasterKey([n; 32]), ChunkHash::Blake3)
     }
 
     #[test]
     fn equal_plaintext_gets_different_chunk_ids_under_different_keys() {
         let data = vec![9u8; 5000];
-        assert_eq!(key(1).chunk_id(&data), key(1).chunk_id(&data));
-        assert_ne!(key(1).chunk_id(&data), key(2).chunk_id(&data));
-        assert_ne!(key(1).chunk_id(&data).0, crate::sha256(&data));
-        assert_ne!(key(1).key_id(), key(2).key_id());
+        for hash in ChunkHash::ALL {
+            let key = |n| RepoCrypto::new(&MasterKey([n; 32]), hash);
+            assert_eq!(key(1).chunk_id(&data), key(1).chunk_id(&data));
+            assert_ne!(key(1).chunk_id(&data), key(2).chunk_id(&data));
+            for unkeyed in ChunkHash::ALL {
+                assert_ne!(key(1).chunk_id(&data).0, unkeyed.digest(&data));
+            }
+            assert_ne!(key(1).key_id(), key(2).key_id());
+        }
+    }
+
+    #[test]
+    fn keyed_chunk_ids_are_the_hashes_keyed_by_the_hkdf_subkey_of_their_label() {
+        let master = MasterKey([5; 32]);
+        let data = b"a chunk's plaintext";
+        let sub = |label: &str| Prk::new(&master).derive(label.as_bytes());
+        // The label of SHA-256 repositories is the one encrypted repositories always used.
+        assert_eq!(
+            chunk_id_label(ChunkHash::Sha256),
+            "tidemark chunk id hmac-sha256"
+        );
+        let hmac_key = hmac::Key::new(hmac::HMAC_SHA256, &sub("tidemark chunk id hmac-sha256"));
+        assert_eq!(
+            RepoCrypto::new(&master, ChunkHash::Sha256).chunk_id(data).0,
+            hmac::sign(&hmac_key, data).as_ref()
+        );
+        assert_eq!(
+            chunk_id_label(ChunkHash::Blake3),
+            "tidemark chunk id blake3-keyed"
+        );
+        assert_eq!(
+            RepoCrypto::new(&master, ChunkHash::Blake3).chunk_id(data).0,
+            *blake3::keyed_hash(&sub("tidemark chunk id blake3-keyed"), data).as_bytes()
+        );
+        // One master key: the same key id and sealing key whatever the hash.
+        let (a, b) = (
+            RepoCrypto::new(&master, ChunkHash::Sha256),
+            RepoCrypto::new(&master, ChunkHash::Blake3),
+        );
+        assert_eq!(a.key_id(), b.key_id());
+        assert_eq!(
+            b.open(b"x", &a.seal(b"x", b"sealed").unwrap()).unwrap(),
+            b"sealed"
+        );
+        assert_ne!(a.chunk_id(data), b.chunk_id(data));
     }
 
     #[test]
@@ -373,7 +465,7 @@ mod tests {
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
         let loaded = load_key_file(&path).unwrap();
-        assert_eq!(RepoCrypto::new(&loaded).key_id(), id);
+        assert_eq!(RepoCrypto::new(&loaded, ChunkHash::Blake3).key_id(), id);
         assert!(generate_key_file(&path).is_err(), "overwrote a key file");
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
         let err = load_key_file(&path).unwrap_err().to_string();

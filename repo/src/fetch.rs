@@ -9,7 +9,7 @@
 //! server CPU of its own; fewer opens and reads on a directory), streams the bodies and
 //! checks and inflates every chunk on the blocking pool as soon as its bytes are in, so
 //! both CPUs verify while the rest is on the wire. Each blob is still checked on its own
-//! (CRC, inflate, SHA-256) before a byte of it is used: reading through a neighbour's bytes
+//! (CRC, inflate, id hash) before a byte of it is used: reading through a neighbour's bytes
 //! trusts nothing, and a body shorter or longer than asked for is refused.
 //!
 //! Memory: a run holds at most [`RunLimits::bytes`] stored bytes of its span, its pieces'
@@ -571,6 +571,7 @@ mod tests {
             }),
             url: repo.url.clone(),
             config: repo.config.clone(),
+            hash: repo.hash,
             crypto: repo.crypto.clone(),
         }
     }

@@ -21,7 +21,7 @@ pub const MAX_CHUNK: u32 = 64 << 20;
 /// Smallest chunk.
 pub const MIN_CHUNK: u32 = 64 << 10;
 
-/// A chunk's id: the SHA-256 of its plaintext.
+/// A chunk's id: the hash of its plaintext ([`crate::Repository::chunk_id`]).
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ChunkId(pub [u8; 32]);
 
@@ -80,7 +80,7 @@ pub struct PackEntry {
 /// The index of one pack: which chunks it holds and where.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PackIndex {
-    /// SHA-256 of the whole pack object (its name).
+    /// The hash of the whole pack object, its name ([`crate::Repository::pack_id`]).
     pub pack_id: [u8; 32],
     pub pack_len: u64,
     pub entries: Vec<PackEntry>,

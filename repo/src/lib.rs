@@ -4,16 +4,17 @@
 //! volume at one checkpoint) is a list of fixed-size chunk slots, each a chunk, in an
 //! incremental point with pieces (the changed extents, chunks of their own size) laid over
 //! the previous point's chunk ([`format::Piece`]); each chunk is content-addressed
-//! by the SHA-256 of its plaintext, zstd-compressed with a CRC, and packed with others into
+//! by the hash of its plaintext (BLAKE3, or SHA-256 in a repository made before BLAKE3 or
+//! with `--hash sha256`: [`ChunkHash`]), zstd-compressed with a CRC, and packed with others into
 //! pack objects of about [`PACK_TARGET`] bytes, each with its own index object. All-zero
 //! chunks are a marker in the point index, never stored. Every object is written once
 //! (create-only puts), and a point's index is written last, after all its packs and pack
 //! indexes: a point exists only when all its data does. Layout: docs/FORMATS.md.
 //!
 //! Objects:
-//! - `config`: JSON (format version, chunk size, repository id, and for an encrypted
+//! - `config`: JSON (format version, chunk size, repository id, hash, and for an encrypted
 //!   repository its cipher, key id and key check value: [`crypto`]);
-//! - `data/XX/<pack id>`: packs, named by the SHA-256 of their bytes;
+//! - `data/XX/<pack id>`: packs, named by the hash of their bytes;
 //! - `index/<pack id>`: the pack's index ([`format::PackIndex`]);
 //! - `points/<volume>/<checkpoint>`: point indexes ([`format::PointIndex`]);
 //! - `lock`: the repository lock (JSON: owner, host, pid, lease).
@@ -23,6 +24,7 @@ pub mod builder;
 pub mod crypto;
 pub mod fetch;
 pub mod format;
+pub mod hash;
 pub mod local;
 pub mod lock;
 pub mod maint;
@@ -38,9 +40,9 @@ use futures::{StreamExt, TryStreamExt};
 use object_store::path::Path;
 use object_store::{ObjectStore, PutMode, PutOptions, PutPayload};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 pub use format::{ChunkId, ChunkRef, FormatError, PackEntry, PackIndex, Piece, PointIndex};
+pub use hash::ChunkHash;
 pub use store::StoreOptions;
 
 /// Default chunk size: 4 MiB (a multiple of every tracking granularity, 4 KiB..1 MiB).
@@ -79,13 +81,99 @@ fn store_err(what: impl Into<String>) -> impl FnOnce(object_store::Error) -> Rep
 pub struct Config {
     /// "tidemark-repo".
     pub kind: String,
-    /// 1, or 2 for an encrypted repository (which a tidemark without encryption refuses).
+    /// What a reader must understand ([`ChunkHash::config_version`]): 1 a plain SHA-256
+    /// repository, 2 an encrypted one (which a tidemark without encryption refuses), 3 a
+    /// BLAKE3 one, plain or encrypted (which a tidemark without BLAKE3 refuses).
     pub version: u32,
     pub chunk_size: u32,
     pub id: String,
+    /// The hash of chunk and pack ids ([`ChunkHash::name`]); absent in configs written
+    /// before BLAKE3, which all hash with SHA-256.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hash: Option<String>,
     /// Present in an encrypted repository only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub encryption: Option<Encryption>,
+}
+
+impl Config {
+    /// The config of a new repository.
+    fn new(chunk_size: u32, id: String, hash: ChunkHash, encryption: Option<Encryption>) -> Config {
+        Config {
+            kind: "tidemark-repo".into(),
+            version: hash.config_version(encryption.is_some()),
+            chunk_size,
+            id,
+            hash: Some(hash.name().into()),
+            encryption,
+        }
+    }
+
+    /// Check a config read from a repository; the hash it names. A reader that got the
+    /// hash wrong would call every chunk corrupt, so every field that decides it must agree.
+    pub fn check(&self) -> std::result::Result<ChunkHash, String> {
+        if self.kind != "tidemark-repo" {
+            return Err(format!("kind {:?} is not \"tidemark-repo\"", self.kind));
+        }
+        if !self.chunk_size.is_power_of_two()
+            || !(format::MIN_CHUNK..=format::MAX_CHUNK).contains(&self.chunk_size)
+        {
+            return Err(format!(
+                "chunk size {} is not a power of two from 64K to 64M",
+                self.chunk_size
+            ));
+        }
+        if !(1..=hash::BLAKE3_VERSION).contains(&self.version) {
+            return Err(format!(
+                "version {} is not supported (this tidemark reads 1 to {}): a newer tidemark \
+                 made it",
+                self.version,
+                hash::BLAKE3_VERSION
+            ));
+        }
+        let hash = match &self.hash {
+            None if self.version == hash::BLAKE3_VERSION => {
+                return Err(format!("version {} names no hash", self.version))
+            }
+            // Written before BLAKE3: SHA-256.
+            None => ChunkHash::Sha256,
+            Some(name) => ChunkHash::from_name(name).ok_or_else(|| {
+                format!(
+                    "hash {name:?} is not supported (this tidemark knows {}): a newer \
+                     tidemark made it",
+                    ChunkHash::ALL.map(ChunkHash::name).join(", ")
+                )
+            })?,
+        };
+        let encrypted = self.encryption.is_some();
+        let version = hash.config_version(encrypted);
+        if self.version != version {
+            return Err(format!(
+                "version {} does not go with hash {:?}: an {} {hash} repository is version \
+                 {version}",
+                self.version,
+                hash.name(),
+                if encrypted {
+                    "encrypted"
+                } else {
+                    "unencrypted"
+                },
+            ));
+        }
+        if let Some(enc) = &self.encryption {
+            if enc.cipher != crypto::CIPHER || enc.chunk_id != hash.keyed_name() {
+                return Err(format!(
+                    "cipher {:?} with chunk ids {:?} is not supported in a {hash} repository \
+                     (this tidemark seals with {} and names chunks with {})",
+                    enc.cipher,
+                    enc.chunk_id,
+                    crypto::CIPHER,
+                    hash.keyed_name()
+                ));
+            }
+        }
+        Ok(hash)
+    }
 }
 
 /// How an encrypted repository is sealed, and which key opens it.
@@ -93,7 +181,7 @@ pub struct Config {
 pub struct Encryption {
     /// [`crypto::CIPHER`].
     pub cipher: String,
-    /// [`crypto::CHUNK_ID`].
+    /// The keyed hash of chunk ids ([`ChunkHash::keyed_name`]).
     pub chunk_id: String,
     /// The key's public id ([`crypto::RepoCrypto::key_id`]).
     pub key_id: String,
@@ -110,7 +198,9 @@ pub struct Repository {
     store: Arc<dyn ObjectStore>,
     url: String,
     config: Config,
-    /// The subkeys of an encrypted repository.
+    /// The hash of chunk and pack ids (as the config names it).
+    hash: ChunkHash,
+    /// The subkeys of an encrypted repository (for the same hash).
     crypto: Option<Arc<crypto::RepoCrypto>>,
 }
 
@@ -123,9 +213,35 @@ fn key_path(key: Option<&std::path::Path>) -> Option<std::path::PathBuf> {
     })
 }
 
-fn load_crypto(path: &std::path::Path) -> Result<crypto::RepoCrypto> {
+fn load_crypto(path: &std::path::Path, hash: ChunkHash) -> Result<crypto::RepoCrypto> {
     let key = crypto::load_key_file(path).map_err(|e| RepoError::Invalid(e.to_string()))?;
-    Ok(crypto::RepoCrypto::new(&key))
+    Ok(crypto::RepoCrypto::new(&key, hash))
+}
+
+/// What computes and checks a repository's chunk ids: a plain repository's hash, or an
+/// encrypted repository's keys (which hold its hash and open its blobs).
+#[derive(Debug, Clone, Copy)]
+pub enum ChunkKeys<'a> {
+    Plain(ChunkHash),
+    Sealed(&'a crypto::RepoCrypto),
+}
+
+impl<'a> ChunkKeys<'a> {
+    /// The id of the chunk `data`: its hash, or in an encrypted repository its keyed hash.
+    pub fn chunk_id(self, data: &[u8]) -> ChunkId {
+        match self {
+            ChunkKeys::Plain(hash) => ChunkId(hash.digest(data)),
+            ChunkKeys::Sealed(crypto) => crypto.chunk_id(data),
+        }
+    }
+
+    /// The keys that open sealed blobs, in an encrypted repository.
+    fn crypto(self) -> Option<&'a crypto::RepoCrypto> {
+        match self {
+            ChunkKeys::Plain(_) => None,
+            ChunkKeys::Sealed(crypto) => Some(crypto),
+        }
+    }
 }
 
 /// Where a chunk is stored.
@@ -146,11 +262,6 @@ pub fn pack_index_path(pack: &[u8; 32]) -> Path {
 
 pub fn point_path(volume: &str, checkpoint: &str) -> Path {
     Path::from(format!("points/{volume}/{checkpoint}"))
-}
-
-/// SHA-256 of `data`.
-pub fn sha256(data: &[u8]) -> [u8; 32] {
-    Sha256::digest(data).into()
 }
 
 /// Split `VOLUME@CHECKPOINT`.
@@ -177,19 +288,23 @@ pub fn now_unix() -> u64 {
 }
 
 impl Repository {
-    /// Create a repository at `url` (a directory path or `s3://bucket/prefix`).
+    /// Create a repository at `url` (a directory path or `s3://bucket/prefix`), hashing
+    /// with BLAKE3.
     pub async fn init(url: &str, options: &StoreOptions, chunk_size: u32) -> Result<Repository> {
-        Repository::init_with_key(url, options, chunk_size, None).await
+        Repository::init_with_key(url, options, chunk_size, None, ChunkHash::Blake3).await
     }
 
-    /// Create a repository, encrypted with the key file `key` if given.
+    /// Create a repository that hashes with `hash`, encrypted with the key file `key` if
+    /// given. A SHA-256 one gets the config version older tidemarks read (1, or 2
+    /// encrypted).
     pub async fn init_with_key(
         url: &str,
         options: &StoreOptions,
         chunk_size: u32,
         key: Option<&std::path::Path>,
+        hash: ChunkHash,
     ) -> Result<Repository> {
-        let crypto = key.map(load_crypto).transpose()?;
+        let crypto = key.map(|path| load_crypto(path, hash)).transpose()?;
         if !chunk_size.is_power_of_two()
             || !(format::MIN_CHUNK..=format::MAX_CHUNK).contains(&chunk_size)
         {
@@ -201,17 +316,11 @@ impl Repository {
         let id = uuid::Uuid::new_v4().to_string();
         let encryption = crypto.as_ref().map(|c| Encryption {
             cipher: crypto::CIPHER.into(),
-            chunk_id: crypto::CHUNK_ID.into(),
+            chunk_id: hash.keyed_name().into(),
             key_id: c.key_id().to_string(),
             key_check: c.key_check(&id),
         });
-        let config = Config {
-            kind: "tidemark-repo".into(),
-            version: if encryption.is_some() { 2 } else { 1 },
-            chunk_size,
-            id,
-            encryption,
-        };
+        let config = Config::new(chunk_size, id, hash, encryption);
         let body = serde_json::to_vec_pretty(&config).unwrap_or_default();
         match store
             .put_opts(&Path::from("config"), body.into(), PutMode::Create.into())
@@ -234,6 +343,7 @@ impl Repository {
             store,
             url: url.to_string(),
             config,
+            hash,
             crypto: crypto.map(Arc::new),
         })
     }
@@ -264,16 +374,10 @@ impl Repository {
             object: "config".into(),
             why: e.to_string(),
         })?;
-        if config.kind != "tidemark-repo"
-            || config.version != if config.encryption.is_some() { 2 } else { 1 }
-            || !config.chunk_size.is_power_of_two()
-            || !(format::MIN_CHUNK..=format::MAX_CHUNK).contains(&config.chunk_size)
-        {
-            return Err(RepoError::Corrupt {
-                object: "config".into(),
-                why: format!("unsupported kind/version/chunk size: {config:?}"),
-            });
-        }
+        let hash = config.check().map_err(|why| RepoError::Corrupt {
+            object: format!("{url}/config"),
+            why,
+        })?;
         let crypto = match (&config.encryption, key_path(options.key.as_deref())) {
             (None, None) => None,
             (None, Some(path)) => {
@@ -291,20 +395,7 @@ impl Repository {
                 )))
             }
             (Some(enc), Some(path)) => {
-                if enc.cipher != crypto::CIPHER || enc.chunk_id != crypto::CHUNK_ID {
-                    return Err(RepoError::Corrupt {
-                        object: "config".into(),
-                        why: format!(
-                            "cipher {:?} with chunk ids {:?} is not supported (this tidemark \
-                             seals with {} and {})",
-                            enc.cipher,
-                            enc.chunk_id,
-                            crypto::CIPHER,
-                            crypto::CHUNK_ID
-                        ),
-                    });
-                }
-                let crypto = load_crypto(&path)?;
+                let crypto = load_crypto(&path, hash)?;
                 if !crypto.opens(&config.id, &enc.key_check) {
                     return Err(RepoError::Invalid(format!(
                         "this key ({}, key id {}) does not open repository {url} (it was \
@@ -321,6 +412,7 @@ impl Repository {
             store,
             url: url.to_string(),
             config,
+            hash,
             crypto,
         })
     }
@@ -330,13 +422,28 @@ impl Repository {
         self.crypto.as_deref()
     }
 
-    /// The id of a chunk of this repository: the SHA-256 of its plaintext, or in an
-    /// encrypted repository its keyed hash.
-    pub fn chunk_id(&self, data: &[u8]) -> ChunkId {
-        match &self.crypto {
-            Some(c) => c.chunk_id(data),
-            None => ChunkId(sha256(data)),
+    /// The hash of this repository's chunk and pack ids.
+    pub fn hash(&self) -> ChunkHash {
+        self.hash
+    }
+
+    /// What computes and checks this repository's chunk ids (and opens its sealed blobs).
+    pub fn chunk_keys(&self) -> ChunkKeys<'_> {
+        match self.crypto.as_deref() {
+            Some(c) => ChunkKeys::Sealed(c),
+            None => ChunkKeys::Plain(self.hash),
         }
+    }
+
+    /// The id of a chunk of this repository: the hash of its plaintext, or in an encrypted
+    /// repository its keyed hash.
+    pub fn chunk_id(&self, data: &[u8]) -> ChunkId {
+        self.chunk_keys().chunk_id(data)
+    }
+
+    /// The id of a pack of this repository (its object name): the hash of its bytes.
+    pub fn pack_id(&self, pack: &[u8]) -> [u8; 32] {
+        self.hash.digest(pack)
     }
 
     /// The stored form of a chunk's compressed blob (sealed in an encrypted repository).
@@ -391,9 +498,11 @@ impl Repository {
         at: &Location,
         out: Vec<u8>,
     ) -> Result<Vec<u8>> {
-        check_blob_into(blob, id, &at.entry, self.crypto(), out).map_err(|why| RepoError::Corrupt {
-            object: pack_path(&at.pack).to_string(),
-            why: format!("chunk {} at offset {}: {why}", id.hex(), at.entry.offset),
+        check_blob_into(blob, id, &at.entry, self.chunk_keys(), out).map_err(|why| {
+            RepoError::Corrupt {
+                object: pack_path(&at.pack).to_string(),
+                why: format!("chunk {} at offset {}: {why}", id.hex(), at.entry.offset),
+            }
         })
     }
 
@@ -718,15 +827,15 @@ impl Repository {
     }
 }
 
-/// Check a stored blob against its entry, open it with `crypto` (an encrypted repository's
-/// keys) and inflate it.
+/// Check a stored blob against its entry, open it (in an encrypted repository), inflate it
+/// and check its id with `keys`.
 pub fn check_blob(
     blob: &[u8],
     id: &ChunkId,
     entry: &PackEntry,
-    crypto: Option<&crypto::RepoCrypto>,
+    keys: ChunkKeys<'_>,
 ) -> std::result::Result<Vec<u8>, String> {
-    check_blob_into(blob, id, entry, crypto, Vec::new())
+    check_blob_into(blob, id, entry, keys, Vec::new())
 }
 
 /// [`check_blob`] inflating into the memory of `out` (its contents are dropped).
@@ -734,7 +843,7 @@ pub fn check_blob_into(
     blob: &[u8],
     id: &ChunkId,
     entry: &PackEntry,
-    crypto: Option<&crypto::RepoCrypto>,
+    keys: ChunkKeys<'_>,
     mut out: Vec<u8>,
 ) -> std::result::Result<Vec<u8>, String> {
     if blob.len() != entry.stored_len as usize {
@@ -748,7 +857,7 @@ pub fn check_blob_into(
         return Err("CRC mismatch".into());
     }
     let opened;
-    let blob = match crypto {
+    let blob = match keys.crypto() {
         Some(c) => {
             opened = c.open(&crypto::RepoCrypto::chunk_aad(id), blob)?;
             opened.as_slice()
@@ -775,14 +884,14 @@ pub fn check_blob_into(
             entry.raw_len
         ));
     }
-    match crypto {
-        Some(c) if c.chunk_id(&out) != *id => {
-            return Err("the keyed hash of the data does not match the chunk id".into())
-        }
-        None if sha256(&out) != id.0 => {
-            return Err("SHA-256 of the data does not match the chunk id".into())
-        }
-        _ => {}
+    if keys.chunk_id(&out) != *id {
+        return Err(match keys {
+            ChunkKeys::Plain(hash) => format!("{hash} of the data does not match the chunk id"),
+            ChunkKeys::Sealed(c) => format!(
+                "the keyed hash ({}) of the data does not match the chunk id",
+                c.hash().keyed_name()
+            ),
+        });
     }
     Ok(out)
 }
@@ -886,6 +995,139 @@ mod tests {
         assert!(none.is_empty());
     }
 
+    fn config(text: &str) -> Config {
+        serde_json::from_str(text).unwrap()
+    }
+
+    #[test]
+    fn configs_round_trip_and_name_their_hash_and_version() {
+        let encryption = |hash: ChunkHash| Encryption {
+            cipher: crypto::CIPHER.into(),
+            chunk_id: hash.keyed_name().into(),
+            key_id: "0123456789abcdef".into(),
+            key_check: "00".repeat(32),
+        };
+        for hash in ChunkHash::ALL {
+            for enc in [None, Some(encryption(hash))] {
+                let made = Config::new(DEFAULT_CHUNK_SIZE, "id".into(), hash, enc.clone());
+                let text = serde_json::to_string_pretty(&made).unwrap();
+                assert!(
+                    text.contains(&format!("\"hash\": \"{}\"", hash.name())),
+                    "{text}"
+                );
+                let read = config(&text);
+                assert_eq!(read, made);
+                assert_eq!(read.check(), Ok(hash));
+                assert_eq!(read.version, hash.config_version(enc.is_some()));
+            }
+        }
+        let blake3 = Config::new(DEFAULT_CHUNK_SIZE, "id".into(), ChunkHash::Blake3, None);
+        assert_eq!(
+            blake3.version, 3,
+            "a tidemark before BLAKE3 refuses anything but 1 and 2"
+        );
+    }
+
+    #[test]
+    fn configs_an_older_tidemark_wrote_are_sha256_repositories() {
+        let v1 = config(
+            r#"{"kind": "tidemark-repo", "version": 1, "chunk_size": 65536,
+                "id": "75d178c3-12c2-4a72-a0cd-83079ed98700"}"#,
+        );
+        assert_eq!(v1.hash, None);
+        assert_eq!(v1.check(), Ok(ChunkHash::Sha256));
+        let v2 = config(
+            r#"{"kind": "tidemark-repo", "version": 2, "chunk_size": 4194304, "id": "x",
+                "encryption": {"cipher": "aes-256-gcm", "chunk_id": "hmac-sha256",
+                               "key_id": "0123456789abcdef", "key_check": "00"}}"#,
+        );
+        assert_eq!(v2.check(), Ok(ChunkHash::Sha256));
+    }
+
+    #[test]
+    fn configs_with_an_unknown_hash_or_a_version_that_does_not_go_with_it_are_refused() {
+        let refused = |text: &str, why: &str| {
+            let err = config(text).check().unwrap_err();
+            assert!(err.contains(why), "{text}: {err}");
+        };
+        let plain = |version: u32, hash: &str| {
+            format!(
+                r#"{{"kind": "tidemark-repo", "version": {version}, "chunk_size": 65536,
+                    "id": "x"{hash}}}"#
+            )
+        };
+        refused(
+            &plain(3, r#", "hash": "sha3-256""#),
+            "hash \"sha3-256\" is not supported (this tidemark knows blake3, sha256)",
+        );
+        refused(&plain(1, r#", "hash": "BLAKE3""#), "not supported");
+        refused(&plain(3, ""), "version 3 names no hash");
+        refused(
+            &plain(1, r#", "hash": "blake3""#),
+            "version 1 does not go with hash \"blake3\": an unencrypted BLAKE3 repository is version 3",
+        );
+        refused(
+            &plain(3, r#", "hash": "sha256""#),
+            "version 3 does not go with hash \"sha256\": an unencrypted SHA-256 repository is version 1",
+        );
+        refused(&plain(2, r#", "hash": "sha256""#), "is version 1");
+        refused(
+            &plain(4, r#", "hash": "blake3""#),
+            "version 4 is not supported",
+        );
+        refused(&plain(0, ""), "version 0 is not supported");
+        let encrypted = |version: u32, hash: &str, chunk_id: &str| {
+            format!(
+                r#"{{"kind": "tidemark-repo", "version": {version}, "chunk_size": 65536,
+                    "id": "x", "hash": "{hash}", "encryption": {{"cipher": "aes-256-gcm",
+                    "chunk_id": "{chunk_id}", "key_id": "k", "key_check": "c"}}}}"#
+            )
+        };
+        assert_eq!(
+            config(&encrypted(3, "blake3", "blake3-keyed")).check(),
+            Ok(ChunkHash::Blake3)
+        );
+        refused(
+            &encrypted(3, "blake3", "hmac-sha256"),
+            "chunk ids \"hmac-sha256\" is not supported in a BLAKE3 repository",
+        );
+        refused(
+            &encrypted(2, "sha256", "blake3-keyed"),
+            "chunk ids \"blake3-keyed\" is not supported in a SHA-256 repository",
+        );
+        refused(
+            &encrypted(1, "sha256", "hmac-sha256"),
+            "version 1 does not go with hash \"sha256\": an encrypted SHA-256 repository is version 2",
+        );
+        refused(
+            r#"{"kind": "other", "version": 3, "chunk_size": 65536, "id": "x", "hash": "blake3"}"#,
+            "kind \"other\"",
+        );
+        refused(
+            &plain(3, r#", "hash": "blake3""#).replace("65536", "1000"),
+            "chunk size",
+        );
+    }
+
+    #[test]
+    fn opening_a_repository_with_a_refused_config_names_the_config_and_why() {
+        let rt = test_runtime();
+        let dir = tempfile::tempdir().unwrap();
+        let url = dir.path().to_str().unwrap().to_string();
+        std::fs::write(
+            dir.path().join("config"),
+            r#"{"kind": "tidemark-repo", "version": 3, "chunk_size": 65536, "id": "x",
+                "hash": "sha3-256"}"#,
+        )
+        .unwrap();
+        let err = rt
+            .block_on(Repository::open(&url, &StoreOptions::default()))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(&format!("{url}/config is corrupt")), "{err}");
+        assert!(err.contains("hash \"sha3-256\" is not supported"), "{err}");
+    }
+
     #[test]
     fn point_names_parse() {
         assert_eq!(
@@ -899,12 +1141,18 @@ mod tests {
 
     #[test]
     fn a_sealed_blob_opens_only_under_its_key_and_id_even_with_a_valid_crc() {
+        for hash in ChunkHash::ALL {
+            a_sealed_blob_opens_only_under_its_key_and_id(hash);
+        }
+    }
+
+    fn a_sealed_blob_opens_only_under_its_key_and_id(hash: ChunkHash) {
         let dir = tempfile::tempdir().unwrap();
         let keys: Vec<crypto::RepoCrypto> = (0..2)
             .map(|i| {
                 let path = dir.path().join(format!("k{i}"));
                 crypto::generate_key_file(&path).unwrap();
-                crypto::RepoCrypto::new(&crypto::load_key_file(&path).unwrap())
+                crypto::RepoCrypto::new(&crypto::load_key_file(&path).unwrap(), hash)
             })
             .collect();
         let data = vec![5u8; 100_000];
@@ -922,28 +1170,56 @@ mod tests {
             raw_len: data.len() as u32,
             crc: crc32fast::hash(blob),
         };
-        let ok = check_blob(&sealed, &id, &entry(&sealed, id), Some(&keys[0]));
+        let ok = check_blob(
+            &sealed,
+            &id,
+            &entry(&sealed, id),
+            ChunkKeys::Sealed(&keys[0]),
+        );
         assert_eq!(ok.unwrap(), data);
         let mut tampered = sealed.clone();
         tampered[20] ^= 1;
-        let err = check_blob(&tampered, &id, &entry(&tampered, id), Some(&keys[0]));
+        let err = check_blob(
+            &tampered,
+            &id,
+            &entry(&tampered, id),
+            ChunkKeys::Sealed(&keys[0]),
+        );
         assert!(err.unwrap_err().contains("authentication failed"));
-        let err = check_blob(&sealed, &id, &entry(&sealed, id), Some(&keys[1]));
+        let err = check_blob(
+            &sealed,
+            &id,
+            &entry(&sealed, id),
+            ChunkKeys::Sealed(&keys[1]),
+        );
         assert!(err.unwrap_err().contains("authentication failed"));
         let other = keys[0].chunk_id(b"other");
-        let err = check_blob(&sealed, &other, &entry(&sealed, other), Some(&keys[0]));
+        let err = check_blob(
+            &sealed,
+            &other,
+            &entry(&sealed, other),
+            ChunkKeys::Sealed(&keys[0]),
+        );
         assert!(
             err.unwrap_err().contains("authentication failed"),
             "moved blob"
         );
-        let err = check_blob(&sealed, &id, &entry(&sealed, id), None);
+        let err = check_blob(&sealed, &id, &entry(&sealed, id), ChunkKeys::Plain(hash));
         assert!(err.is_err(), "a sealed blob read as a plain one");
     }
 
     #[test]
     fn blobs_are_checked() {
+        for hash in ChunkHash::ALL {
+            blobs_are_checked_with(hash);
+        }
+    }
+
+    fn blobs_are_checked_with(hash: ChunkHash) {
+        let plain = ChunkKeys::Plain(hash);
         let data = vec![5u8; 100_000];
-        let id = ChunkId(sha256(&data));
+        let id = ChunkId(hash.digest(&data));
+        assert_eq!(plain.chunk_id(&data), id);
         let blob = zstd::bulk::compress(&data, 1).unwrap();
         let entry = PackEntry {
             id,
@@ -952,41 +1228,41 @@ mod tests {
             raw_len: data.len() as u32,
             crc: crc32fast::hash(&blob),
         };
-        assert_eq!(check_blob(&blob, &id, &entry, None).unwrap(), data);
+        assert_eq!(check_blob(&blob, &id, &entry, plain).unwrap(), data);
         let mut bad = blob.clone();
         bad[3] ^= 1;
-        assert!(check_blob(&bad, &id, &entry, None)
+        assert!(check_blob(&bad, &id, &entry, plain)
             .unwrap_err()
             .contains("CRC"));
         let short = PackEntry {
             raw_len: entry.raw_len - 1,
             ..entry
         };
-        assert!(check_blob(&blob, &id, &short, None)
+        assert!(check_blob(&blob, &id, &short, plain)
             .unwrap_err()
             .contains("zstd"));
         let long = PackEntry {
             raw_len: entry.raw_len + 1,
             ..entry
         };
-        assert!(check_blob(&blob, &id, &long, None)
+        assert!(check_blob(&blob, &id, &long, plain)
             .unwrap_err()
             .contains("inflates to"));
         let other = ChunkId([0; 32]);
-        assert!(check_blob(&blob, &other, &entry, None)
+        assert!(check_blob(&blob, &other, &entry, plain)
             .unwrap_err()
-            .contains("SHA-256"));
+            .contains(&format!("{hash} of the data does not match")));
         // A recycled buffer larger than the chunk, full of another chunk's bytes: the same
         // checks, none of its old bytes survive.
         let recycled = || vec![0xee; 300_000];
         assert_eq!(
-            check_blob_into(&blob, &id, &entry, None, recycled()).unwrap(),
+            check_blob_into(&blob, &id, &entry, plain, recycled()).unwrap(),
             data
         );
-        assert!(check_blob_into(&blob, &id, &short, None, recycled())
+        assert!(check_blob_into(&blob, &id, &short, plain, recycled())
             .unwrap_err()
             .contains("inflates to"));
-        assert!(check_blob_into(&bad, &id, &entry, None, recycled())
+        assert!(check_blob_into(&bad, &id, &entry, plain, recycled())
             .unwrap_err()
             .contains("CRC"));
     }

@@ -41,7 +41,7 @@ pub struct VerifyReport {
 
 /// Check every point index and pack index, that every chunk a point names is in a pack
 /// index whose pack exists with the right length, and with `read_data` every pack's bytes
-/// (its SHA-256 name, every blob's CRC, inflated length and SHA-256).
+/// (its hash against its name, every blob's CRC, inflated length and id hash).
 pub async fn verify(repo: &Repository, read_data: bool) -> Result<VerifyReport> {
     let mut report = VerifyReport::default();
     let (points, broken_points) = repo.points().await?;
@@ -171,10 +171,13 @@ async fn check_pack(
         }
     };
     let mut problems = Vec::new();
-    if crate::sha256(&bytes) != index.pack_id {
+    if repo.pack_id(&bytes) != index.pack_id {
         problems.push(Problem {
             object: object.clone(),
-            problem: "its SHA-256 does not match its name (the pack is corrupt)".into(),
+            problem: format!(
+                "its {} does not match its name (the pack is corrupt)",
+                repo.hash()
+            ),
         });
     }
     let mut checked = 0;
@@ -189,7 +192,7 @@ async fn check_pack(
             continue;
         };
         checked += 1;
-        if let Err(why) = check_blob(blob, &entry.id, entry, repo.crypto()) {
+        if let Err(why) = check_blob(blob, &entry.id, entry, repo.chunk_keys()) {
             let user = users
                 .get(&entry.id)
                 .map_or_else(|| " (no point reads it)".to_string(), |u| format!(" ({u})"));
@@ -389,7 +392,7 @@ impl NewPack {
         }
         let pack = std::mem::take(self);
         let index = PackIndex {
-            pack_id: crate::sha256(&pack.bytes),
+            pack_id: repo.pack_id(&pack.bytes),
             pack_len: pack.bytes.len() as u64,
             entries: pack.entries,
         };
@@ -405,7 +408,7 @@ impl NewPack {
 }
 
 /// Copy the live chunks of every pack less than `below` percent live into new packs, then
-/// delete those packs. Every live chunk is read and checked (CRC, inflated length, SHA-256)
+/// delete those packs. Every live chunk is read and checked (CRC, inflated length, id hash)
 /// before it is copied; a pack with a chunk that fails is left whole and reported.
 async fn repack_locked(repo: &Repository, below: u32, report: &mut PruneReport) -> Result<()> {
     let (live, indexes) = live_view(repo, "repacking").await?;
@@ -436,7 +439,7 @@ async fn repack_locked(repo: &Repository, below: u32, report: &mut PruneReport) 
                 entry: *entry,
             };
             let checked = match repo.read_blob(&entry.id, &at).await {
-                Ok(blob) => check_blob(&blob, &entry.id, entry, repo.crypto()).map(|_| blob),
+                Ok(blob) => check_blob(&blob, &entry.id, entry, repo.chunk_keys()).map(|_| blob),
                 Err(err) => Err(err.to_string()),
             };
             match checked {
@@ -760,7 +763,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (repo, _) = two_points(&rt, dir.path());
         let (map, _, _) = rt.block_on(repo.chunk_map()).unwrap();
-        let live = ChunkId(crate::sha256(&chunk(1, 5)));
+        let live = repo.chunk_id(&chunk(1, 5));
         let at = map[&live];
         let pack = dir
             .path()
@@ -846,5 +849,212 @@ mod tests {
         assert!(!wants_repack(&index, &live(&[2]), 50));
         assert!(!wants_repack(&index, &live(&[]), 50), "dead packs are gc's");
         assert!(!wants_repack(&index, &live(&[1]), 0));
+    }
+
+    /// How a test repository is made: its hash, encrypted or not, and whether its config is
+    /// written by hand as a tidemark before BLAKE3 wrote it.
+    #[derive(Debug, Clone, Copy)]
+    struct Made {
+        hash: crate::ChunkHash,
+        encrypted: bool,
+        old_config: bool,
+    }
+
+    /// A repository at `dir/repo` made as `made` says (its key file `dir/key`), opened again
+    /// as a later command would.
+    fn make(rt: &tokio::runtime::Runtime, dir: &std::path::Path, made: Made) -> Repository {
+        let url = dir.join("repo");
+        let key = dir.join("key");
+        let options = StoreOptions {
+            key: made.encrypted.then(|| key.clone()),
+            ..StoreOptions::default()
+        };
+        if made.encrypted {
+            crate::crypto::generate_key_file(&key).unwrap();
+        }
+        if made.old_config {
+            assert_eq!(
+                made.hash,
+                crate::ChunkHash::Sha256,
+                "old configs are SHA-256"
+            );
+            // What `serde_json::to_vec_pretty` of the config wrote before BLAKE3 (the
+            // unencrypted one is tests/fixtures/repo-v1/config with another id).
+            let id = "75d178c3-12c2-4a72-a0cd-83079ed98700";
+            let text = if made.encrypted {
+                let master = crate::crypto::load_key_file(&key).unwrap();
+                let c = crate::crypto::RepoCrypto::new(&master, crate::ChunkHash::Sha256);
+                format!(
+                    "{{\n  \"kind\": \"tidemark-repo\",\n  \"version\": 2,\n  \"chunk_size\": \
+                     {CHUNK},\n  \"id\": \"{id}\",\n  \"encryption\": {{\n    \"cipher\": \
+                     \"aes-256-gcm\",\n    \"chunk_id\": \"hmac-sha256\",\n    \"key_id\": \
+                     \"{}\",\n    \"key_check\": \"{}\"\n  }}\n}}",
+                    c.key_id(),
+                    c.key_check(id)
+                )
+            } else {
+                format!(
+                    "{{\n  \"kind\": \"tidemark-repo\",\n  \"version\": 1,\n  \"chunk_size\": \
+                     {CHUNK},\n  \"id\": \"{id}\"\n}}"
+                )
+            };
+            std::fs::create_dir_all(&url).unwrap();
+            std::fs::write(url.join("config"), text).unwrap();
+        } else {
+            let key = made.encrypted.then_some(key.as_path());
+            rt.block_on(Repository::init_with_key(
+                url.to_str().unwrap(),
+                &options,
+                CHUNK,
+                key,
+                made.hash,
+            ))
+            .unwrap();
+        }
+        rt.block_on(Repository::open(url.to_str().unwrap(), &options))
+            .unwrap()
+    }
+
+    /// A full backup and an incremental one sharing a fifth of its chunks, in a repository
+    /// made as `made` says: ids and pack names are its hash, the second backup deduplicates
+    /// against the first, both verify and restore, and a corrupt chunk is refused.
+    fn backs_up_restores_verifies_and_refuses_a_corrupt_chunk(made: Made) {
+        let rt = runtime();
+        let dir = tempfile::tempdir().unwrap();
+        let repo = make(&rt, dir.path(), made);
+        assert_eq!(repo.hash(), made.hash, "{made:?}");
+        assert_eq!(
+            repo.config().version,
+            made.hash.config_version(made.encrypted)
+        );
+        let a: Vec<_> = (0..20).map(|i| chunk(1, i)).collect();
+        store(&rt, &repo, "a", 1, &a);
+        let b: Vec<_> = (0..20)
+            .map(|i| {
+                if i % 5 == 0 {
+                    a[i].clone()
+                } else {
+                    chunk(2, i)
+                }
+            })
+            .collect();
+        store(&rt, &repo, "b", 2, &b);
+        let point = rt.block_on(repo.point("vm@b")).unwrap();
+        let (map, indexes, broken) = rt.block_on(repo.chunk_map()).unwrap();
+        assert!(broken.is_empty(), "{broken:?}");
+        assert_eq!(
+            map.len(),
+            36,
+            "{made:?}: the second backup stored a's chunks again"
+        );
+        for (i, c) in point.chunks.iter().enumerate() {
+            let ChunkRef::Data(id) = c else {
+                panic!("chunk {i} is data")
+            };
+            let expected = match (made.encrypted, made.hash) {
+                (false, hash) => hash.digest(&b[i]),
+                (true, hash) => {
+                    let master = crate::crypto::load_key_file(&dir.path().join("key")).unwrap();
+                    crate::crypto::RepoCrypto::new(&master, hash)
+                        .chunk_id(&b[i])
+                        .0
+                }
+            };
+            assert_eq!(id.0, expected, "{made:?}: chunk {i}");
+        }
+        for index in &indexes {
+            let path = dir
+                .path()
+                .join("repo")
+                .join(pack_path(&index.pack_id).to_string());
+            let bytes = std::fs::read(&path).unwrap();
+            assert_eq!(
+                index.pack_id,
+                made.hash.digest(&bytes),
+                "{made:?}: pack name"
+            );
+        }
+        restores(&rt, &repo, &b);
+        let report = rt.block_on(verify(&repo, true)).unwrap();
+        assert!(report.problems.is_empty(), "{made:?}: {report:?}");
+        assert_eq!(report.chunks_checked, 36);
+
+        let ChunkRef::Data(bad) = point.chunks[3] else {
+            panic!("chunk 3 is data")
+        };
+        let at = map[&bad];
+        let path = dir
+            .path()
+            .join("repo")
+            .join(pack_path(&at.pack).to_string());
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[at.entry.offset as usize + 100] ^= 0x10;
+        std::fs::write(&path, bytes).unwrap();
+        assert!(rt.block_on(repo.read_chunk(&bad, &at)).is_err(), "{made:?}");
+        let report = rt.block_on(verify(&repo, true)).unwrap();
+        let named: Vec<_> = report.problems.iter().map(|p| &p.problem).collect();
+        assert!(
+            named.iter().any(|p| p.contains(&bad.hex())),
+            "{made:?}: {named:?}"
+        );
+        let hash_name = made.hash.to_string();
+        assert!(
+            named.iter().any(|p| p.contains(&hash_name)),
+            "{made:?}: the pack's hash is named: {named:?}"
+        );
+    }
+
+    #[test]
+    fn a_blake3_repository_backs_up_restores_verifies_and_refuses_a_corrupt_chunk() {
+        for encrypted in [false, true] {
+            backs_up_restores_verifies_and_refuses_a_corrupt_chunk(Made {
+                hash: crate::ChunkHash::Blake3,
+                encrypted,
+                old_config: false,
+            });
+        }
+    }
+
+    #[test]
+    fn a_sha256_repository_made_with_hash_sha256_backs_up_restores_verifies_and_refuses_a_corrupt_chunk(
+    ) {
+        for encrypted in [false, true] {
+            backs_up_restores_verifies_and_refuses_a_corrupt_chunk(Made {
+                hash: crate::ChunkHash::Sha256,
+                encrypted,
+                old_config: false,
+            });
+        }
+    }
+
+    #[test]
+    fn a_repository_whose_config_an_older_tidemark_wrote_backs_up_restores_verifies_and_refuses_a_corrupt_chunk(
+    ) {
+        for encrypted in [false, true] {
+            backs_up_restores_verifies_and_refuses_a_corrupt_chunk(Made {
+                hash: crate::ChunkHash::Sha256,
+                encrypted,
+                old_config: true,
+            });
+        }
+    }
+
+    #[test]
+    fn a_plain_and_an_encrypted_blake3_repository_give_the_same_bytes_unrelated_ids() {
+        let rt = runtime();
+        let ids: Vec<ChunkId> = [false, true]
+            .into_iter()
+            .map(|encrypted| {
+                let dir = tempfile::tempdir().unwrap();
+                let made = Made {
+                    hash: crate::ChunkHash::Blake3,
+                    encrypted,
+                    old_config: false,
+                };
+                make(&rt, dir.path(), made).chunk_id(&chunk(3, 0))
+            })
+            .collect();
+        assert_eq!(ids[0].0, crate::ChunkHash::Blake3.digest(&chunk(3, 0)));
+        assert_ne!(ids[0], ids[1]);
     }
 }

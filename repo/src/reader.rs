@@ -2,9 +2,9 @@
 //! a client reads or boots the point while nothing has been restored).
 //!
 //! A read in a data chunk fetches that chunk's blob with one ranged GET of its pack, checks
-//! its CRC, inflates it and checks its SHA-256 before any byte of it is used; a slot with
-//! pieces (an incremental point) is its chunk with each piece's chunk, fetched the same way,
-//! laid over it. A zero slot (zero chunk, no data pieces) reads as zeros without a request
+//! its CRC, inflates it and checks its hash against its id before any byte of it is used; a
+//! slot with pieces (an incremental point) is its chunk with each piece's chunk, fetched the
+//! same way, laid over it. A zero slot (zero chunk, no data pieces) reads as zeros without a request
 //! and is a hole in [`PointReader::allocation`]. Inflated
 //! chunks stay in a cache bounded by [`ReaderOptions::cache_bytes`] (least recently used
 //! chunks go first), and readers of one chunk share one fetch. A read that lands in the chunk
@@ -551,6 +551,7 @@ mod tests {
                 &StoreOptions::default(),
                 CHUNK,
                 key,
+                crate::ChunkHash::Blake3,
             ))
             .unwrap();
         let blocks: Vec<&[u8]> = disk.chunks(CHUNK as usize).collect();

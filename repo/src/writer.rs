@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use crate::format::{ChunkId, ChunkRef, PackEntry, PackIndex, PACK_MAGIC};
-use crate::{pack_path, sha256, RepoError, Repository, Result, PACK_TARGET};
+use crate::{pack_path, RepoError, Repository, Result, PACK_TARGET};
 
 /// zstd level of chunks: level 1 keeps up with a disk on two cores.
 pub const ZSTD_LEVEL: i32 = 1;
@@ -273,7 +273,7 @@ fn store_chunk(shared: &Shared, pack: &mut Pack, job: Job) -> Result<()> {
 
 fn flush(shared: &Shared, pack: &mut Pack) -> Result<()> {
     let pack = std::mem::take(pack);
-    let pack_id = sha256(&pack.bytes);
+    let pack_id = shared.repo.pack_id(&pack.bytes);
     let index = PackIndex {
         pack_id,
         pack_len: pack.bytes.len() as u64,

@@ -329,6 +329,63 @@ fn verify_read_data_names_a_corrupt_piece_and_restore_refuses_its_point_only() {
     assert_restores(url, "vm1@c0", &dir.path().join("c0.img"), &full.0);
 }
 
+/// The lower-case hex SHA-256 of the file at `path` (sha256sum).
+fn sha256sum(path: &Path) -> String {
+    let out = run(Command::new("sha256sum").arg(path), Duration::from_secs(30)).expect("sha256sum");
+    out.stdout
+        .split_whitespace()
+        .next()
+        .expect("a digest")
+        .to_string()
+}
+
+#[test]
+fn a_sha256_repository_made_with_hash_sha256_takes_a_full_and_an_incremental_backup_that_restore_equal(
+) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    // The default is BLAKE3, which older tidemarks refuse by its version.
+    let default = dir.path().join("default");
+    let config = json(&["repo", "init", default.to_str().unwrap()], &[]);
+    assert_eq!(
+        (&config["hash"], &config["version"]),
+        (&"blake3".into(), &3.into())
+    );
+    let repo = dir.path().join("repo");
+    let url = repo.to_str().unwrap();
+    let config = json(&["repo", "init", url, "--hash", "sha256"], &[]);
+    assert_eq!(
+        (&config["hash"], &config["version"]),
+        (&"sha256".into(), &1.into())
+    );
+
+    let daemon = Daemon::start();
+    let size = 16 * MIB;
+    daemon.create_volume("vm1", size as u64);
+    let live = daemon.uri("vm1");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(256);
+    let mut model = Model::new(size);
+    qemu_io(&live, &random_writes(&mut model, &mut rng, 40));
+    backup_into(&daemon, url, "c0", None);
+    let full = model.clone();
+    qemu_io(&live, &scattered_64k_writes(&mut model, &mut rng, 3));
+    backup_into(&daemon, url, "c1", Some("c0"));
+    let listed = listed_points(url);
+    assert!(listed[1]["pieces"].as_u64() > Some(0), "{listed:?}");
+
+    // Packs are named by their SHA-256, as every tidemark before BLAKE3 names them.
+    let packs = packs(&repo);
+    assert!(!packs.is_empty());
+    for pack in &packs {
+        let name = pack.file_name().unwrap().to_str().unwrap();
+        assert_eq!(name, sha256sum(pack), "{}", pack.display());
+    }
+    let report = json(&["repo", "verify", url, "--read-data"], &[]);
+    assert_eq!(report["problems"], Value::Array(vec![]), "{report}");
+    assert_eq!(report["points"], 2);
+    assert_restores(url, "vm1@c0", &dir.path().join("c0.img"), &full.0);
+    assert_restores(url, "vm1@c1", &dir.path().join("c1.img"), &model.0);
+}
+
 /// The fixture's disk: 2 MiB + 4 KiB, a pattern with zeros in [1 MiB, 1.5 MiB).
 fn fixture_disk() -> Vec<u8> {
     (0..2 * MIB + 4096)
