@@ -391,6 +391,7 @@ mod tests {
             new_bytes: 0,
             chunks: refs,
             pieces: Vec::new(),
+            zero_runs: Vec::new(),
         };
         (point, map)
     }
@@ -620,6 +621,7 @@ mod tests {
             new_bytes: 0,
             chunks,
             pieces: Vec::new(),
+            zero_runs: Vec::new(),
         };
         (repo, point, disk)
     }

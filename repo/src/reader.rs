@@ -4,8 +4,10 @@
 //! A read in a data chunk fetches that chunk's blob with one ranged GET of its pack, checks
 //! its CRC, inflates it and checks its SHA-256 before any byte of it is used; a slot with
 //! pieces (an incremental point) is its chunk with each piece's chunk, fetched the same way,
-//! laid over it. A zero slot (zero chunk, no data pieces) reads as zeros without a request
-//! and is a hole in [`PointReader::allocation`]. Inflated
+//! laid over it. What the point index alone says is zero (zero slots, the zero runs recorded
+//! for a slot's chunk, zero pieces; minus what data pieces cover) reads as zeros without a
+//! request and is a hole in [`PointReader::allocation`]; fetching a chunk checks its recorded
+//! zero runs (see [`crate::compose_slot`]). Inflated
 //! chunks stay in a cache bounded by [`ReaderOptions::cache_bytes`] (least recently used
 //! chunks go first), and readers of one chunk share one fetch. A read that lands in the chunk
 //! of the previous read or the next one, or just after a cached chunk, counts as sequential
@@ -29,6 +31,7 @@
 //! `readahead` more), plus up to [`SPARE_BUFFERS`] evicted chunks' buffers kept for reuse.
 
 use std::collections::HashMap;
+use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -123,9 +126,11 @@ impl Cache {
             .is_some_and(|word| word & (1 << (index % 64)) != 0)
     }
 
-    /// Count `bytes` of loaded chunk `index` served to a streaming read; once its whole
-    /// length is served, drop it (its memory goes to the spare buffers) and mark it consumed.
-    fn served(&mut self, index: u64, bytes: u64) {
+    /// Count `bytes` of loaded chunk `index` served to a streaming read; once `data` bytes
+    /// are served (the slot's bytes outside its zero extents, which reads get without the
+    /// chunk and a sparse copy never asks for), drop it (its memory goes to the spare
+    /// buffers) and mark it consumed.
+    fn served(&mut self, index: u64, bytes: u64, data: u64) {
         let Some(slot) = self.slots.get_mut(&index) else {
             return;
         };
@@ -133,7 +138,7 @@ impl Cache {
             return;
         };
         slot.served += bytes;
-        if !slot.counted || slot.served < len {
+        if !slot.counted || slot.served < data {
             return;
         }
         if let Some(slot) = self.slots.remove(&index) {
@@ -341,14 +346,18 @@ impl PointReader {
             let within = (at - index * chunk) as usize;
             let piece = ((index + 1) * chunk).min(end) - at;
             let out = &mut buf[(at - offset) as usize..(at - offset + piece) as usize];
-            if inner.point.slot_is_zero(index) {
+            let zeros = inner.point.slot_zero_extents(index);
+            let data_bytes = outside(&zeros, at..at + piece);
+            if data_bytes == 0 {
                 out.fill(0);
             } else {
                 let data = Inner::chunk(inner, index)?;
                 out.copy_from_slice(&data[within..within + piece as usize]);
                 drop(data);
                 if streaming {
-                    inner.cache().served(index, piece);
+                    let slot = index * chunk..index * chunk + inner.point.slot_len(index);
+                    let slot_data = outside(&zeros, slot);
+                    inner.cache().served(index, data_bytes, slot_data);
                 }
             }
             at += piece;
@@ -366,16 +375,18 @@ impl PointReader {
         }
         let most = inner.cache().limit / chunk;
         for index in (offset / chunk..=(end - 1) / chunk).take(most as usize) {
-            if !inner.point.slot_is_zero(index) {
+            let wanted = offset.max(index * chunk)..end.min((index + 1) * chunk);
+            if outside(&inner.point.slot_zero_extents(index), wanted) > 0 {
                 Inner::chunk(inner, index)?;
             }
         }
         Ok(())
     }
 
-    /// Runs of `(length, zero)` from `offset` on: `zero` for the point's zero slots (holes),
-    /// not for slots with data. They cover at least one byte and at most the rest of the point,
-    /// and may end before `offset + len` (at most [`RUNS_PER_CALL`] runs).
+    /// Runs of `(length, zero)` from `offset` on: `zero` for what reads as zeros by the
+    /// point index alone (zero slots, the zero runs of slots' chunks, zero pieces; not what
+    /// a data piece covers), not for the rest. They cover at least one byte and at most the
+    /// rest of the point, and may end before `offset + len` (at most [`RUNS_PER_CALL`] runs).
     pub fn allocation(&self, offset: u64, len: u64) -> Vec<(u64, bool)> {
         let point = &self.inner.point;
         let chunk = u64::from(point.chunk_size);
@@ -384,18 +395,55 @@ impl PointReader {
         let mut at = offset;
         while at < end {
             let index = at / chunk;
-            let zero = point.slot_is_zero(index);
-            let piece = ((index + 1) * chunk).min(point.size) - at;
-            let full = runs.len() == RUNS_PER_CALL;
-            match runs.last_mut() {
-                Some((length, was_zero)) if *was_zero == zero => *length += piece,
-                _ if full => break,
-                _ => runs.push((piece, zero)),
+            let slot_end = ((index + 1) * chunk).min(point.size);
+            for (range, zero) in segments(point.slot_zero_extents(index), at..slot_end) {
+                let length = range.end - range.start;
+                let full = runs.len() == RUNS_PER_CALL;
+                match runs.last_mut() {
+                    Some((run, was_zero)) if *was_zero == zero => *run += length,
+                    _ if full => return runs,
+                    _ => runs.push((length, zero)),
+                }
             }
-            at += piece;
+            at = slot_end;
         }
         runs
     }
+}
+
+/// Bytes of `range` outside `zeros` (ascending, disjoint).
+fn outside(zeros: &[Range<u64>], range: Range<u64>) -> u64 {
+    let inside: u64 = zeros
+        .iter()
+        .map(|z| {
+            z.end
+                .min(range.end)
+                .saturating_sub(z.start.max(range.start))
+        })
+        .sum();
+    range.end - range.start - inside
+}
+
+/// `range` cut into its parts inside `zeros` (ascending, disjoint) and outside them, in
+/// order, each with whether it is zero.
+fn segments(zeros: Vec<Range<u64>>, range: Range<u64>) -> Vec<(Range<u64>, bool)> {
+    let mut out = Vec::with_capacity(2 * zeros.len() + 1);
+    let mut at = range.start;
+    for zero in zeros {
+        let (start, end) = (zero.start.max(at), zero.end.min(range.end));
+        if start >= end {
+            continue;
+        }
+        if start > at {
+            out.push((at..start, false));
+        }
+        out.push((start..end, true));
+        at = end;
+    }
+    if at < range.end {
+        out.push((at..range.end, false));
+    }
+    out
 }
 
 impl Inner {
@@ -582,6 +630,7 @@ mod tests {
             new_bytes,
             chunks,
             pieces: Vec::new(),
+            zero_runs: Vec::new(),
         };
         rt.block_on(repo.put_point(&point)).unwrap();
         repo
