@@ -961,6 +961,191 @@ mod tests {
         assert_eq!(buf, disk[..10]);
     }
 
+    const GRID: u64 = crate::format::ZERO_GRID as u64;
+
+    /// A repository of 256 KiB chunks holding `vm@c0`, two slots by 64 KiB block: data,
+    /// zeros, zeros, data; zeros, data, data, data; and `vm@c1`, which lays a 4 KiB data
+    /// piece at 72 KiB, inside slot 0's zero run. The disk as of `vm@c1`.
+    fn mixed(rt: &tokio::runtime::Runtime, dir: &std::path::Path) -> (Repository, Vec<u8>) {
+        use crate::builder::{PointBuilder, PointNames};
+        let url = dir.join("repo");
+        let repo = rt
+            .block_on(Repository::init(
+                url.to_str().unwrap(),
+                &StoreOptions::default(),
+                4 * GRID as u32,
+            ))
+            .unwrap();
+        let grid = GRID as usize;
+        let mut disk = vec![0u8; 8 * grid];
+        for block in [0, 3, 5, 6, 7] {
+            for (i, b) in disk[block * grid..(block + 1) * grid]
+                .iter_mut()
+                .enumerate()
+            {
+                *b = (i % 251) as u8 ^ block as u8 | 1;
+            }
+        }
+        let store = |disk: &[u8], checkpoint: &str, parent: Option<&str>, at: usize, len| {
+            let names = PointNames {
+                volume: "vm".into(),
+                uuid: [3; 16],
+                checkpoint: checkpoint.into(),
+                parent: parent.map(String::from),
+                granularity: 4096,
+            };
+            rt.block_on(async {
+                let mut builder = PointBuilder::open(&repo, &names, disk.len() as u64, false, 2)
+                    .await
+                    .unwrap();
+                tokio::task::block_in_place(|| {
+                    builder.write(at as u64, &disk[at..at + len]).unwrap();
+                    builder.finish().unwrap()
+                })
+            })
+        };
+        let c0 = store(&disk, "c0", None, 0, disk.len());
+        assert_eq!(c0.zero_runs.len(), 2);
+        disk[grid + 8192..grid + 12288].fill(7);
+        let c1 = store(&disk, "c1", Some("c0"), grid + 8192, 4096);
+        assert_eq!(c1.pieces.len(), 1);
+        (repo, disk)
+    }
+
+    fn open_point(rt: &tokio::runtime::Runtime, repo: &Repository, name: &str) -> PointReader {
+        rt.block_on(PointReader::open(
+            repo,
+            name,
+            rt.handle().clone(),
+            ReaderOptions::default(),
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn zero_runs_are_holes_except_where_a_data_piece_lies_over_them() {
+        let rt = runtime();
+        let dir = tempfile::tempdir().unwrap();
+        let (repo, disk) = mixed(&rt, dir.path());
+        let reader = open_point(&rt, &repo, "vm@c1");
+        assert_eq!(
+            reader.allocation(0, disk.len() as u64),
+            [
+                (GRID, false),
+                (8192, true),
+                (4096, false),
+                (GRID - 12288 + GRID, true),
+                (GRID, false),
+                (GRID, true),
+                (3 * GRID, false)
+            ]
+        );
+        assert_eq!(
+            reader.allocation(GRID + 100, 10),
+            [
+                (8092, true),
+                (4096, false),
+                (2 * GRID - 12288, true),
+                (GRID, false)
+            ],
+            "from inside a slot on, to its end"
+        );
+        let mut whole = vec![0; disk.len()];
+        reader.read(0, &mut whole).unwrap();
+        assert_eq!(whole, disk);
+    }
+
+    #[test]
+    fn reads_wholly_inside_zero_runs_fetch_nothing() {
+        let rt = runtime();
+        let dir = tempfile::tempdir().unwrap();
+        let (repo, _) = mixed(&rt, dir.path());
+        let reader = open_point(&rt, &repo, "vm@c1");
+        for (offset, len) in [(GRID, 8192), (GRID + 12288, 20_000), (4 * GRID, GRID)] {
+            let mut buf = vec![1; len as usize];
+            reader.read(offset, &mut buf).unwrap();
+            assert!(buf.iter().all(|&b| b == 0), "{offset}+{len}");
+        }
+        assert_eq!(reader.fetched_chunks(), 0);
+        let mut buf = vec![0; 4096];
+        reader.read(GRID + 8192, &mut buf).unwrap();
+        assert_eq!(buf, vec![7; 4096]);
+        assert_eq!(reader.fetched_chunks(), 1);
+    }
+
+    #[test]
+    fn a_streaming_reader_of_only_the_data_drops_each_chunk_once_its_data_is_served() {
+        let rt = runtime();
+        let dir = tempfile::tempdir().unwrap();
+        let (repo, disk) = mixed(&rt, dir.path());
+        let reader = open_point(&rt, &repo, "vm@c0");
+        // What a sparse copy reads: the data extents only, 16 KiB at a time.
+        let mut at = 0;
+        for (len, zero) in reader.allocation(0, disk.len() as u64) {
+            if !zero {
+                for offset in (at..at + len).step_by(16384) {
+                    let mut buf = vec![0; 16384];
+                    reader.read(offset, &mut buf).unwrap();
+                    assert_eq!(buf, disk[offset as usize..offset as usize + 16384]);
+                }
+            }
+            at += len;
+        }
+        assert_eq!(
+            reader.cached_bytes(),
+            4 * GRID,
+            "slot 1 served whole left the cache; slot 0 (the first read) stays"
+        );
+    }
+
+    /// `vm@c0` of [`mixed`] stored again as `vm@bad`, whose index says slot 1's first two
+    /// blocks are zero: the second holds data.
+    fn with_wrong_run(rt: &tokio::runtime::Runtime, repo: &Repository) {
+        let mut bad = rt.block_on(repo.point("vm@c0")).unwrap();
+        bad.checkpoint = "bad".into();
+        bad.zero_runs[1].len = 2 * GRID as u32;
+        assert_eq!((bad.zero_runs[1].slot, bad.zero_runs[1].offset), (1, 0));
+        rt.block_on(repo.put_point(&bad)).unwrap();
+    }
+
+    #[test]
+    fn a_zero_run_over_data_is_refused_when_the_chunk_is_read() {
+        let rt = runtime();
+        let dir = tempfile::tempdir().unwrap();
+        let (repo, _) = mixed(&rt, dir.path());
+        with_wrong_run(&rt, &repo);
+        let reader = open_point(&rt, &repo, "vm@bad");
+        let mut buf = vec![0; 4096];
+        let err = reader.read(7 * GRID, &mut buf).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("points/vm/bad")
+                && text.contains("bytes 0..131072 of its chunk 1")
+                && text.contains("has data there"),
+            "{text}"
+        );
+        reader.read(0, &mut buf).unwrap();
+    }
+
+    #[test]
+    fn verify_read_data_reports_a_zero_run_over_data() {
+        let rt = runtime();
+        let dir = tempfile::tempdir().unwrap();
+        let (repo, _) = mixed(&rt, dir.path());
+        let clean = rt.block_on(crate::maint::verify(&repo, true)).unwrap();
+        assert!(clean.problems.is_empty(), "{:?}", clean.problems);
+        with_wrong_run(&rt, &repo);
+        let report = rt.block_on(crate::maint::verify(&repo, true)).unwrap();
+        assert_eq!(report.problems.len(), 1, "{:?}", report.problems);
+        let problem = &report.problems[0];
+        assert_eq!(problem.object, "points/vm/bad");
+        assert!(
+            problem.problem.contains("bytes 0..131072 of its chunk 1"),
+            "{}",
+            problem.problem
+        );
+    }
+
     #[test]
     fn a_cache_smaller_than_two_chunks_is_refused() {
         let rt = runtime();
