@@ -912,6 +912,78 @@ mod tests {
     }
 
     #[test]
+    fn zero_runs_are_whole_zero_blocks_joined_and_the_longest_kept() {
+        let grid = ZERO_GRID as usize;
+        // 67 one-block runs and one of three blocks, data between them, then a short tail
+        // of zeros after data.
+        let mut chunk = vec![1u8; 140 * grid + 100];
+        let mut model = Vec::new();
+        for k in 0..68 {
+            let len = if k == 10 { 3 * grid } else { grid };
+            let offset = if k <= 10 {
+                2 * k * grid
+            } else {
+                (2 * k + 2) * grid
+            };
+            chunk[offset..offset + len].fill(0);
+            model.push((offset as u32, len as u32));
+        }
+        chunk[140 * grid..].fill(0);
+        chunk[3 * grid + 17] = 0;
+        let runs: Vec<(u32, u32)> = find_zero_runs(5, &chunk)
+            .iter()
+            .map(|r| (r.offset, r.len))
+            .collect();
+        // 69 runs with the tail: the three-block run and the first 63 of the others stay.
+        assert_eq!(model[10].1, 3 * ZERO_GRID);
+        assert_eq!(runs, model[..64]);
+        assert!(find_zero_runs(0, &chunk).iter().all(|r| r.slot == 0));
+        assert!(find_zero_runs(0, &chunk[grid..2 * grid]).is_empty());
+        let tail = find_zero_runs(0, &chunk[139 * grid..]);
+        assert_eq!(
+            tail.iter().map(|r| (r.offset, r.len)).collect::<Vec<_>>(),
+            [(ZERO_GRID, 100)]
+        );
+        let whole = find_zero_runs(0, &vec![0; 3 * grid + 1]);
+        assert_eq!((whole.len(), whole[0].len as usize), (1, 3 * grid + 1));
+    }
+
+    #[test]
+    fn a_run_with_data_in_it_or_past_the_chunk_is_wrong() {
+        let grid = ZERO_GRID as usize;
+        let mut chunk = vec![0u8; 4 * grid];
+        chunk[3 * grid - 1] = 9;
+        let run = |offset: usize, len: usize| ZeroRun {
+            slot: 0,
+            offset: offset as u32,
+            len: len as u32,
+        };
+        let runs = [
+            run(0, 2 * grid),
+            run(2 * grid, grid),
+            run(3 * grid, 2 * grid),
+        ];
+        assert_eq!(wrong_zero_run(&runs[..1], &chunk), None);
+        assert_eq!(wrong_zero_run(&runs, &chunk), Some(&runs[1]));
+        assert_eq!(wrong_zero_run(&runs[2..], &chunk), Some(&runs[2]));
+    }
+
+    #[test]
+    fn the_version_3_fuzz_seed_decodes_with_its_zero_runs() {
+        let seed = include_bytes!("../../fuzz/corpus/repo_point_index/v3_zero_runs");
+        let p = PointIndex::decode(seed).unwrap();
+        let runs: Vec<(u64, u32, u32)> = p
+            .zero_runs
+            .iter()
+            .map(|r| (r.slot, r.offset, r.len))
+            .collect();
+        let grid = ZERO_GRID;
+        assert_eq!(runs, [(0, grid, grid), (0, 3 * grid, grid), (2, grid, 5)]);
+        assert_eq!(p.pieces.len(), 2);
+        assert_eq!(p.encode(), seed);
+    }
+
+    #[test]
     fn the_most_zero_runs_and_a_run_to_a_short_chunks_end_decode() {
         let grid = ZERO_GRID;
         let most: Vec<ZeroRun> = (0..MAX_SLOT_ZERO_RUNS as u32 / 2)
