@@ -10,7 +10,9 @@ use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use crate::format::{find_zero_runs, ChunkId, ChunkRef, PackEntry, PackIndex, ZeroRun, PACK_MAGIC};
+use crate::format::{
+    find_zero_runs, is_zero, ChunkId, ChunkRef, PackEntry, PackIndex, ZeroRun, PACK_MAGIC,
+};
 use crate::{pack_path, sha256, RepoError, Repository, Result, PACK_TARGET};
 
 /// zstd level of chunks: level 1 keeps up with a disk on two cores.
@@ -242,17 +244,18 @@ fn fail(shared: &Shared, err: RepoError) {
 }
 
 fn store_chunk(shared: &Shared, pack: &mut Pack, job: Job) -> Result<()> {
-    let slot = match job.target {
-        Target::Slot(index) => index,
-        Target::Piece(_) => 0,
+    // One scan finds a slot chunk's zero runs and whether it is all zero (one run over all
+    // of it); a piece records no runs (its bytes are what was written).
+    let (zero_runs, all_zero) = match job.target {
+        Target::Slot(index) => {
+            let runs = find_zero_runs(index, &job.data);
+            let whole = runs
+                .first()
+                .is_some_and(|run| run.len as usize == job.data.len());
+            (runs, whole)
+        }
+        Target::Piece(_) => (Vec::new(), is_zero(&job.data)),
     };
-    // One scan finds a slot's zero runs and whether the chunk is all zero; a piece's runs
-    // are not recorded (its bytes are what was written).
-    let zero_runs = find_zero_runs(slot, &job.data);
-    let all_zero = job.data.is_empty()
-        || zero_runs
-            .first()
-            .is_some_and(|run| run.len as usize == job.data.len());
     let chunk = if all_zero {
         ChunkRef::Zero
     } else {
