@@ -873,6 +873,8 @@ fn repo_export_maps_the_zero_mibs_inside_chunks_as_holes_and_nbdcopy_keeps_them_
         "the copy allocates {allocated} bytes: the holes were written as data"
     );
     assert_restores(url, "disk@a", &dir.path().join("restored.raw"), &data);
+    let listed = listed_points(url);
+    assert_eq!(listed[0]["zero_bytes_in_chunks"], 32 * mib, "{listed:?}");
     let report = json(&["repo", "verify", url, "--read-data"], &[]);
     assert_eq!(report["problems"], Value::Array(vec![]), "{report}");
 }
