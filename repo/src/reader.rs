@@ -1060,7 +1060,19 @@ mod tests {
         let rt = runtime();
         let dir = tempfile::tempdir().unwrap();
         let (repo, _) = mixed(&rt, dir.path());
-        let reader = open_point(&rt, &repo, "vm@c1");
+        // No read-ahead: the data read at the end would start fetching slot 1 behind it.
+        let options = ReaderOptions {
+            readahead: 0,
+            ..ReaderOptions::default()
+        };
+        let reader = rt
+            .block_on(PointReader::open(
+                &repo,
+                "vm@c1",
+                rt.handle().clone(),
+                options,
+            ))
+            .unwrap();
         for (offset, len) in [(GRID, 8192), (GRID + 12288, 20_000), (4 * GRID, GRID)] {
             let mut buf = vec![1; len as usize];
             reader.read(offset, &mut buf).unwrap();
