@@ -125,6 +125,7 @@ impl PointBuilder {
                 new_bytes: 0,
                 chunks: Vec::new(),
                 pieces: Vec::new(),
+                zero_runs: Vec::new(),
             },
             repo: repo.clone(),
             handle,
@@ -159,14 +160,15 @@ impl PointBuilder {
     /// chunk and pieces, or zeros.
     fn skip_to(&mut self, index: u64) -> Result<()> {
         while self.next < index {
-            let chunk = match &self.base {
+            match &self.base {
                 Some(base) => {
                     self.pieces.extend_from_slice(base.slot_pieces(self.next));
-                    base.chunks[self.next as usize]
+                    let chunk = base.chunks[self.next as usize];
+                    self.writer()?
+                        .set(self.next, chunk, base.slot_zero_runs(self.next));
                 }
-                None => ChunkRef::Zero,
-            };
-            self.writer()?.set(self.next, chunk);
+                None => self.writer()?.set(self.next, ChunkRef::Zero, &[]),
+            }
             self.next += 1;
         }
         Ok(())
@@ -225,7 +227,8 @@ impl PointBuilder {
             }
             return Ok(false);
         }
-        self.writer()?.set(index, base_chunk);
+        self.writer()?
+            .set(index, base_chunk, base.slot_zero_runs(index));
         for (piece, new) in pieces {
             if new {
                 let at = (piece.offset - start) as usize;
@@ -326,6 +329,7 @@ impl PointBuilder {
         let written = writer.finish()?;
         let mut point = self.template.clone();
         point.chunks = written.chunks;
+        point.zero_runs = written.zero_runs;
         point.pieces = std::mem::take(&mut self.pieces);
         for (number, chunk) in written.pieces {
             let piece = point.pieces.get_mut(number).ok_or_else(|| {
@@ -445,6 +449,7 @@ async fn prepare(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::format::ZeroRun;
     use crate::{test_runtime, StoreOptions};
 
     const CHUNK: u32 = 64 << 10;
@@ -610,6 +615,88 @@ mod tests {
             );
         }
         assert_eq!(c1.chunks[4], c0.chunks[4]);
+        assert_eq!(read_all(&rt, &repo, &c1), disk);
+    }
+
+    /// A repository of 256 KiB chunks (four zero-run grid blocks each) holding `vm@c0`, a
+    /// full point of a disk of four slots and a short fifth one (64 KiB and 5 bytes):
+    /// slot 0 is data, zeros, data, zeros by 64 KiB block; slot 1 all data; slot 2 all
+    /// zero; slot 3 zeros then data; slot 4 data then 5 zero bytes.
+    fn mixed_setup(
+        rt: &tokio::runtime::Runtime,
+        dir: &std::path::Path,
+    ) -> (Repository, Vec<u8>, PointIndex) {
+        let url = dir.join("repo");
+        let repo = rt
+            .block_on(Repository::init(
+                url.to_str().unwrap(),
+                &StoreOptions::default(),
+                4 * GRID as u32,
+            ))
+            .unwrap();
+        let mut disk = vec![0u8; 17 * GRID + 5];
+        for block in [0, 2, 4, 5, 6, 7, 14, 15, 16] {
+            scribble(&mut disk, block * GRID, GRID, block as u8 + 1);
+        }
+        let c0 = store(rt, &repo, &names("c0", None), &disk, &[(0, disk.len())]);
+        (repo, disk, c0)
+    }
+
+    const GRID: usize = crate::format::ZERO_GRID as usize;
+
+    fn run(slot: u64, offset: usize, len: usize) -> ZeroRun {
+        ZeroRun {
+            slot,
+            offset: offset as u32,
+            len: len as u32,
+        }
+    }
+
+    #[test]
+    fn a_full_point_records_the_zero_runs_of_its_mixed_chunks() {
+        let rt = test_runtime();
+        let dir = tempfile::tempdir().unwrap();
+        let (repo, disk, c0) = mixed_setup(&rt, dir.path());
+        assert_eq!(c0.chunks[2], ChunkRef::Zero);
+        assert_eq!(
+            c0.zero_runs,
+            [
+                run(0, GRID, GRID),
+                run(0, 3 * GRID, GRID),
+                run(3, 0, 2 * GRID),
+                run(4, GRID, 5)
+            ]
+        );
+        let stored = rt.block_on(repo.point("vm@c0")).unwrap();
+        assert_eq!(stored.zero_runs, c0.zero_runs);
+        assert_eq!(read_all(&rt, &repo, &c0), disk);
+    }
+
+    #[test]
+    fn an_incremental_keeps_the_runs_of_kept_chunks_and_finds_those_of_merged_ones() {
+        let rt = test_runtime();
+        let dir = tempfile::tempdir().unwrap();
+        let (repo, mut disk, c0) = mixed_setup(&rt, dir.path());
+        let slot = 4 * GRID;
+        // Slot 0: a piece over its chunk, which it keeps. Slot 1: three quarters zeroed,
+        // merged into a new chunk. Slot 3: untouched.
+        disk[slot + GRID..2 * slot].fill(0);
+        let writes = [scribble(&mut disk, 8192, 4096, 9), (slot + GRID, 3 * GRID)];
+        let c1 = store(&rt, &repo, &names("c1", Some("c0")), &disk, &writes);
+        assert_eq!(c1.chunks[0], c0.chunks[0]);
+        assert_ne!(c1.chunks[1], c0.chunks[1], "slot 1 was not merged");
+        assert_eq!(c1.chunks[3], c0.chunks[3]);
+        assert_eq!(c1.pieces.len(), 1);
+        assert_eq!(
+            c1.zero_runs,
+            [
+                run(0, GRID, GRID),
+                run(0, 3 * GRID, GRID),
+                run(1, GRID, 3 * GRID),
+                run(3, 0, 2 * GRID),
+                run(4, GRID, 5)
+            ]
+        );
         assert_eq!(read_all(&rt, &repo, &c1), disk);
     }
 

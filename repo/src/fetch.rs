@@ -391,6 +391,7 @@ mod tests {
             new_bytes: 0,
             chunks: refs,
             pieces: Vec::new(),
+            zero_runs: Vec::new(),
         };
         (point, map)
     }
@@ -621,6 +622,7 @@ mod tests {
             new_bytes: 0,
             chunks,
             pieces: Vec::new(),
+            zero_runs: Vec::new(),
         };
         (repo, point, disk)
     }

@@ -4,6 +4,7 @@
 //! is allocated. The layouts are documented byte by byte in docs/FORMATS.md ("Repository").
 
 use std::fmt;
+use std::ops::Range;
 
 /// Magic of a pack object (its first 8 bytes).
 pub const PACK_MAGIC: &[u8; 8] = b"TMPACK01";
@@ -151,8 +152,16 @@ impl PackIndex {
 /// the slot into one whole chunk instead (see [`crate::builder`]), so a read of a slot costs
 /// at most this many extra chunk fetches.
 pub const MAX_SLOT_PIECES: usize = 16;
-/// The point index version this build writes; it reads 1 (no pieces) and 2.
-pub const POINT_VERSION: u32 = 2;
+/// The point index version this build writes; it reads 1 (no pieces), 2 (no zero runs)
+/// and 3.
+pub const POINT_VERSION: u32 = 3;
+/// Grid of a chunk's zero runs: a run starts on it and ends on it or at the chunk's end,
+/// so a run is made of whole blocks of this size that are all zero (the last block of a
+/// short last chunk may be shorter).
+pub const ZERO_GRID: u32 = 64 << 10;
+/// Most zero runs recorded for one chunk slot; a backup that finds more keeps the longest
+/// (runs are a hint that bytes are zero, never a claim that the others are data).
+pub const MAX_SLOT_ZERO_RUNS: usize = 64;
 /// Bytes of one piece record without its chunk id: tag, offset, length, offset in the chunk.
 const PIECE_HEAD_LEN: usize = 1 + 8 + 4 + 4;
 
@@ -174,6 +183,70 @@ pub struct Piece {
     pub chunk: ChunkRef,
     /// Offset inside `chunk` of the piece's first byte (0 for a zero piece).
     pub within: u32,
+}
+
+/// Bytes `[offset, offset + len)` of the chunk of slot `slot` are all zero: recorded at
+/// backup time so that `repo export` reports them as a hole and answers reads of them
+/// without fetching the chunk. Every reader that inflates the chunk checks them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ZeroRun {
+    pub slot: u64,
+    /// Offset inside the slot's chunk.
+    pub offset: u32,
+    pub len: u32,
+}
+
+impl ZeroRun {
+    /// Offset inside the chunk just past the run.
+    pub fn end(&self) -> u64 {
+        u64::from(self.offset) + u64::from(self.len)
+    }
+}
+
+/// Whether every byte of `bytes` is zero: OR-folded a page at a time (the compiler
+/// vectorises the fold), stopping at the first page with data.
+pub fn is_zero(bytes: &[u8]) -> bool {
+    bytes
+        .chunks(4096)
+        .all(|page| page.iter().fold(0u8, |acc, &b| acc | b) == 0)
+}
+
+/// The zero runs of `chunk`, the chunk of slot `slot`: its [`ZERO_GRID`] blocks that are
+/// all zero, neighbours joined; when there are more than [`MAX_SLOT_ZERO_RUNS`], the
+/// longest. A chunk that is all zero is one run over all of it (the caller stores no chunk
+/// for it then).
+pub fn find_zero_runs(slot: u64, chunk: &[u8]) -> Vec<ZeroRun> {
+    let mut runs: Vec<ZeroRun> = Vec::new();
+    for (k, block) in chunk.chunks(ZERO_GRID as usize).enumerate() {
+        if !is_zero(block) {
+            continue;
+        }
+        let offset = k as u32 * ZERO_GRID;
+        match runs.last_mut() {
+            Some(last) if last.end() == u64::from(offset) => last.len += block.len() as u32,
+            _ => runs.push(ZeroRun {
+                slot,
+                offset,
+                len: block.len() as u32,
+            }),
+        }
+    }
+    if runs.len() > MAX_SLOT_ZERO_RUNS {
+        runs.sort_by_key(|r| std::cmp::Reverse(r.len));
+        runs.truncate(MAX_SLOT_ZERO_RUNS);
+        runs.sort_by_key(|r| r.offset);
+    }
+    runs
+}
+
+/// The first of `runs` (of the chunk `chunk`) that is not all zero in it, or that lies
+/// past its end: a point index that says so must not be trusted.
+pub fn wrong_zero_run<'a>(runs: &'a [ZeroRun], chunk: &[u8]) -> Option<&'a ZeroRun> {
+    runs.iter().find(|run| {
+        chunk
+            .get(run.offset as usize..run.end() as usize)
+            .is_none_or(|bytes| !is_zero(bytes))
+    })
 }
 
 impl Piece {
@@ -203,6 +276,10 @@ pub struct PointIndex {
     /// Pieces over the slots, ascending and disjoint, each inside one slot, at most
     /// [`MAX_SLOT_PIECES`] per slot (empty in a version 1 index).
     pub pieces: Vec<Piece>,
+    /// Zero runs of the slots' data chunks, by slot then offset, disjoint and not touching,
+    /// on the [`ZERO_GRID`], at most [`MAX_SLOT_ZERO_RUNS`] per slot (empty before version
+    /// 3). Runs of a slot whose chunk is [`ChunkRef::Zero`] are not written.
+    pub zero_runs: Vec<ZeroRun>,
 }
 
 /// Number of chunks of a volume of `size` bytes.
@@ -223,7 +300,9 @@ pub fn valid_name(name: &str) -> bool {
 impl PointIndex {
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(
-            136 + self.chunks.len() * 33 + self.pieces.len() * (PIECE_HEAD_LEN + 32),
+            136 + self.chunks.len() * 35
+                + self.zero_runs.len() * 8
+                + self.pieces.len() * (PIECE_HEAD_LEN + 32),
         );
         out.extend_from_slice(POINT_MAGIC);
         out.extend_from_slice(&POINT_VERSION.to_le_bytes());
@@ -242,12 +321,22 @@ impl PointIndex {
             out.extend_from_slice(name.as_bytes());
         }
         out.extend_from_slice(&(self.chunks.len() as u64).to_le_bytes());
-        for chunk in &self.chunks {
+        for (index, chunk) in self.chunks.iter().enumerate() {
+            let runs = self.slot_zero_runs(index as u64);
             match chunk {
                 ChunkRef::Zero => out.push(0),
-                ChunkRef::Data(id) => {
+                ChunkRef::Data(id) if runs.is_empty() => {
                     out.push(1);
                     out.extend_from_slice(&id.0);
+                }
+                ChunkRef::Data(id) => {
+                    out.push(2);
+                    out.extend_from_slice(&id.0);
+                    out.extend_from_slice(&(runs.len() as u16).to_le_bytes());
+                    for run in runs {
+                        out.extend_from_slice(&run.offset.to_le_bytes());
+                        out.extend_from_slice(&run.len.to_le_bytes());
+                    }
                 }
             }
         }
@@ -277,9 +366,9 @@ impl PointIndex {
             return Err(bad("not a point index (bad magic)"));
         }
         let version = r.u32()?;
-        if version != 1 && version != POINT_VERSION {
+        if !(1..=POINT_VERSION).contains(&version) {
             return Err(bad(format!(
-                "point index version {version} is not supported (this tidemark reads 1 and \
+                "point index version {version} is not supported (this tidemark reads 1 to \
                  {POINT_VERSION}); use a newer tidemark"
             )));
         }
@@ -322,10 +411,21 @@ impl PointIndex {
             return Err(bad("the chunk list is longer than the object"));
         }
         let mut chunks = Vec::with_capacity(count as usize);
+        let mut zero_runs = Vec::new();
         for i in 0..count {
             match r.u8()? {
                 0 => chunks.push(ChunkRef::Zero),
                 1 => chunks.push(ChunkRef::Data(ChunkId(r.array32()?))),
+                2 if version >= 3 => {
+                    chunks.push(ChunkRef::Data(ChunkId(r.array32()?)));
+                    let slot_len = size.saturating_sub(i * u64::from(chunk_size));
+                    decode_zero_runs(
+                        &mut r,
+                        i,
+                        slot_len.min(u64::from(chunk_size)),
+                        &mut zero_runs,
+                    )?;
+                }
                 tag => return Err(bad(format!("chunk {i} has an unknown tag {tag}"))),
             }
         }
@@ -349,6 +449,7 @@ impl PointIndex {
             new_bytes,
             chunks,
             pieces,
+            zero_runs,
         })
     }
 
@@ -373,6 +474,61 @@ impl PointIndex {
         &self.pieces[first..last]
     }
 
+    /// The zero runs of slot `index`'s chunk, ascending.
+    pub fn slot_zero_runs(&self, index: u64) -> &[ZeroRun] {
+        let first = self.zero_runs.partition_point(|r| r.slot < index);
+        let last = self.zero_runs.partition_point(|r| r.slot <= index);
+        &self.zero_runs[first..last]
+    }
+
+    /// The volume ranges of slot `index` that read as zeros by the index alone, ascending,
+    /// disjoint and not touching: its chunk's zero runs (all of it for a zero chunk) minus
+    /// what its pieces cover, plus its zero pieces. Everything else of the slot is data.
+    pub fn slot_zero_extents(&self, index: u64) -> Vec<Range<u64>> {
+        let start = index * u64::from(self.chunk_size);
+        let base: Vec<Range<u64>> = match self.chunks.get(index as usize) {
+            Some(ChunkRef::Zero) => std::iter::once(start..start + self.slot_len(index)).collect(),
+            Some(ChunkRef::Data(_)) => self
+                .slot_zero_runs(index)
+                .iter()
+                .map(|r| start + u64::from(r.offset)..start + r.end())
+                .collect(),
+            None => Vec::new(),
+        };
+        let pieces = self.slot_pieces(index);
+        let mut extents: Vec<Range<u64>> = Vec::with_capacity(base.len() + pieces.len());
+        for range in base {
+            let mut from = range.start;
+            for piece in pieces {
+                if piece.end() <= from || piece.offset >= range.end {
+                    continue;
+                }
+                if piece.offset > from {
+                    extents.push(from..piece.offset);
+                }
+                from = piece.end().min(range.end);
+            }
+            if from < range.end {
+                extents.push(from..range.end);
+            }
+        }
+        extents.extend(
+            pieces
+                .iter()
+                .filter(|p| p.chunk == ChunkRef::Zero)
+                .map(|p| p.offset..p.end()),
+        );
+        extents.sort_by_key(|r| r.start);
+        let mut joined: Vec<Range<u64>> = Vec::with_capacity(extents.len());
+        for range in extents {
+            match joined.last_mut() {
+                Some(last) if range.start <= last.end => last.end = last.end.max(range.end),
+                _ => joined.push(range),
+            }
+        }
+        joined
+    }
+
     /// Whether slot `index` reads as all zeros without reading any chunk: its chunk is
     /// zero and so is every piece over it.
     pub fn slot_is_zero(&self, index: u64) -> bool {
@@ -393,6 +549,55 @@ impl PointIndex {
                 ChunkRef::Zero => None,
             })
     }
+}
+
+/// The zero runs of a tag 2 slot `slot` whose chunk is `chunk_len` bytes, appended to
+/// `runs`: 1 to [`MAX_SLOT_ZERO_RUNS`] of them, each non-empty, starting on the
+/// [`ZERO_GRID`] and ending on it or at the chunk's end, ascending with a gap between
+/// neighbours (a writer joins touching runs), and not the whole chunk (an all-zero chunk is
+/// tag 0).
+fn decode_zero_runs(
+    r: &mut Reader<'_>,
+    slot: u64,
+    chunk_len: u64,
+    runs: &mut Vec<ZeroRun>,
+) -> Result<(), FormatError> {
+    let count = usize::from(r.u16()?);
+    if count == 0 || count > MAX_SLOT_ZERO_RUNS {
+        return Err(bad(format!(
+            "chunk {slot} has {count} zero runs (1 to {MAX_SLOT_ZERO_RUNS} after tag 2)"
+        )));
+    }
+    let grid = u64::from(ZERO_GRID);
+    let mut previous_end = None;
+    for k in 0..count {
+        let offset = r.u32()?;
+        let len = r.u32()?;
+        let (start, end) = (u64::from(offset), u64::from(offset) + u64::from(len));
+        let why = if len == 0 {
+            Some("is empty")
+        } else if end > chunk_len {
+            Some("ends past the end of its chunk")
+        } else if start % grid != 0 || (end % grid != 0 && end != chunk_len) {
+            Some("is not on the 64 KiB grid")
+        } else if previous_end.is_some_and(|p| start < p) {
+            Some("overlaps or precedes the run before it")
+        } else if previous_end == Some(start) {
+            Some("touches the run before it (they should be one run)")
+        } else if start == 0 && end == chunk_len {
+            Some("covers the whole chunk (an all-zero chunk has tag 0)")
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            return Err(bad(format!(
+                "zero run {k} of chunk {slot} ({len} bytes at {offset}) {why}"
+            )));
+        }
+        previous_end = Some(end);
+        runs.push(ZeroRun { slot, offset, len });
+    }
+    Ok(())
 }
 
 /// The piece list of a version 2 point index, every piece checked: inside the volume and
@@ -558,17 +763,49 @@ mod tests {
                     within: 65536,
                 },
             ],
+            zero_runs: vec![
+                ZeroRun {
+                    slot: 1,
+                    offset: 0,
+                    len: 65536,
+                },
+                ZeroRun {
+                    slot: 1,
+                    offset: 3 << 20,
+                    len: 1 << 20,
+                },
+            ],
         }
     }
 
     /// `point`'s bytes as a version 1 index (no piece list): what earlier builds wrote.
     fn encode_v1(point: &PointIndex) -> Vec<u8> {
         assert!(point.pieces.is_empty());
-        let mut bytes = point.encode();
+        let mut bytes = encode_v2(point);
         bytes.truncate(bytes.len() - 4 - 8);
         bytes[8..12].copy_from_slice(&1u32.to_le_bytes());
         let crc = crc32fast::hash(&bytes);
         bytes.extend_from_slice(&crc.to_le_bytes());
+        bytes
+    }
+
+    /// `point`'s bytes as a version 2 index (no zero runs: the layout of version 3 without
+    /// tag 2).
+    fn encode_v2(point: &PointIndex) -> Vec<u8> {
+        assert!(point.zero_runs.is_empty());
+        with_version(point.encode(), 2)
+    }
+
+    /// `bytes` with the version field set to `version` and the CRC fixed up.
+    fn with_version(mut bytes: Vec<u8>, version: u32) -> Vec<u8> {
+        bytes[8..12].copy_from_slice(&version.to_le_bytes());
+        recrc(bytes)
+    }
+
+    fn recrc(mut bytes: Vec<u8>) -> Vec<u8> {
+        let len = bytes.len();
+        let crc = crc32fast::hash(&bytes[..len - 4]);
+        bytes[len - 4..].copy_from_slice(&crc.to_le_bytes());
         bytes
     }
 
@@ -597,18 +834,228 @@ mod tests {
     fn a_version_1_index_without_pieces_still_decodes() {
         let p = PointIndex {
             pieces: Vec::new(),
+            zero_runs: Vec::new(),
             ..point()
         };
         let v1 = encode_v1(&p);
         assert_eq!(&v1[8..12], &1u32.to_le_bytes());
         assert_eq!(PointIndex::decode(&v1).unwrap(), p);
-        let mut v3 = p.encode();
-        v3[8..12].copy_from_slice(&3u32.to_le_bytes());
-        let len = v3.len();
-        let crc = crc32fast::hash(&v3[..len - 4]);
-        v3[len - 4..].copy_from_slice(&crc.to_le_bytes());
-        let err = PointIndex::decode(&v3).unwrap_err();
-        assert!(err.0.contains("version 3"), "{err}");
+        let v4 = with_version(p.encode(), 4);
+        let err = PointIndex::decode(&v4).unwrap_err();
+        assert!(err.0.contains("version 4"), "{err}");
+    }
+
+    #[test]
+    fn a_version_2_index_still_decodes_and_may_not_hold_zero_runs() {
+        let p = PointIndex {
+            zero_runs: Vec::new(),
+            ..point()
+        };
+        let v2 = encode_v2(&p);
+        assert_eq!(PointIndex::decode(&v2).unwrap(), p);
+        let err = PointIndex::decode(&with_version(point().encode(), 2)).unwrap_err();
+        assert!(err.0.contains("chunk 1 has an unknown tag 2"), "{err}");
+    }
+
+    #[test]
+    fn a_version_3_index_round_trips_its_zero_runs() {
+        let p = point();
+        let bytes = p.encode();
+        assert_eq!(&bytes[8..12], &3u32.to_le_bytes());
+        let back = PointIndex::decode(&bytes).unwrap();
+        assert_eq!(back, p);
+        assert_eq!(back.slot_zero_runs(1), &p.zero_runs[..]);
+        assert!(back.slot_zero_runs(0).is_empty() && back.slot_zero_runs(2).is_empty());
+    }
+
+    /// `point` with `runs` over its slot 1 (4 MiB) or 2 (5 bytes), encoded with a valid CRC
+    /// however wrong the runs are.
+    fn decode_runs_of(runs: Vec<ZeroRun>) -> Result<PointIndex, FormatError> {
+        let p = PointIndex {
+            zero_runs: runs,
+            ..point()
+        };
+        PointIndex::decode(&p.encode())
+    }
+
+    #[test]
+    fn zero_runs_off_the_grid_empty_past_the_chunk_unordered_touching_or_too_many_are_refused() {
+        let run = |slot: u64, offset: u32, len: u32| ZeroRun { slot, offset, len };
+        let grid = ZERO_GRID;
+        let chunk = 4u32 << 20;
+        let cases: Vec<(Vec<ZeroRun>, &str)> = vec![
+            (vec![run(1, 0, 0)], "is empty"),
+            (vec![run(1, 4096, grid)], "not on the 64 KiB grid"),
+            (vec![run(1, 0, grid + 1)], "not on the 64 KiB grid"),
+            (
+                vec![run(1, chunk - grid, 2 * grid)],
+                "past the end of its chunk",
+            ),
+            (vec![run(1, u32::MAX - 5, 100)], "past the end of its chunk"),
+            (vec![run(2, 0, grid)], "past the end of its chunk"),
+            (vec![run(1, 0, chunk)], "covers the whole chunk"),
+            (vec![run(2, 0, 5)], "covers the whole chunk"),
+            (vec![run(1, 0, 2 * grid), run(1, grid, grid)], "overlaps"),
+            (vec![run(1, 4 * grid, grid), run(1, 0, grid)], "precedes"),
+            (vec![run(1, 0, grid), run(1, grid, grid)], "touches"),
+            (
+                (0..=MAX_SLOT_ZERO_RUNS as u32)
+                    .map(|k| run(1, 2 * k * grid, grid))
+                    .collect(),
+                "zero runs (1 to 64",
+            ),
+        ];
+        for (runs, why) in cases {
+            let err = decode_runs_of(runs.clone()).unwrap_err();
+            assert!(err.0.contains(why), "{runs:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn zero_runs_are_whole_zero_blocks_joined_and_the_longest_kept() {
+        let grid = ZERO_GRID as usize;
+        // 67 one-block runs and one of three blocks, data between them, then a short tail
+        // of zeros after data.
+        let mut chunk = vec![1u8; 140 * grid + 100];
+        let mut model = Vec::new();
+        for k in 0..68 {
+            let len = if k == 10 { 3 * grid } else { grid };
+            let offset = if k <= 10 {
+                2 * k * grid
+            } else {
+                (2 * k + 2) * grid
+            };
+            chunk[offset..offset + len].fill(0);
+            model.push((offset as u32, len as u32));
+        }
+        chunk[140 * grid..].fill(0);
+        chunk[3 * grid + 17] = 0;
+        let runs: Vec<(u32, u32)> = find_zero_runs(5, &chunk)
+            .iter()
+            .map(|r| (r.offset, r.len))
+            .collect();
+        // 69 runs with the tail: the three-block run and the first 63 of the others stay.
+        assert_eq!(model[10].1, 3 * ZERO_GRID);
+        assert_eq!(runs, model[..64]);
+        assert!(find_zero_runs(0, &chunk).iter().all(|r| r.slot == 0));
+        assert!(find_zero_runs(0, &chunk[grid..2 * grid]).is_empty());
+        let tail = find_zero_runs(0, &chunk[139 * grid..]);
+        assert_eq!(
+            tail.iter().map(|r| (r.offset, r.len)).collect::<Vec<_>>(),
+            [(ZERO_GRID, 100)]
+        );
+        let whole = find_zero_runs(0, &vec![0; 3 * grid + 1]);
+        assert_eq!((whole.len(), whole[0].len as usize), (1, 3 * grid + 1));
+    }
+
+    #[test]
+    fn a_run_with_data_in_it_or_past_the_chunk_is_wrong() {
+        let grid = ZERO_GRID as usize;
+        let mut chunk = vec![0u8; 4 * grid];
+        chunk[3 * grid - 1] = 9;
+        let run = |offset: usize, len: usize| ZeroRun {
+            slot: 0,
+            offset: offset as u32,
+            len: len as u32,
+        };
+        let runs = [
+            run(0, 2 * grid),
+            run(2 * grid, grid),
+            run(3 * grid, 2 * grid),
+        ];
+        assert_eq!(wrong_zero_run(&runs[..1], &chunk), None);
+        assert_eq!(wrong_zero_run(&runs, &chunk), Some(&runs[1]));
+        assert_eq!(wrong_zero_run(&runs[2..], &chunk), Some(&runs[2]));
+    }
+
+    #[test]
+    fn the_version_3_fuzz_seed_decodes_with_its_zero_runs() {
+        let seed = include_bytes!("../../fuzz/corpus/repo_point_index/v3_zero_runs");
+        let p = PointIndex::decode(seed).unwrap();
+        let runs: Vec<(u64, u32, u32)> = p
+            .zero_runs
+            .iter()
+            .map(|r| (r.slot, r.offset, r.len))
+            .collect();
+        let grid = ZERO_GRID;
+        assert_eq!(runs, [(0, grid, grid), (0, 3 * grid, grid), (2, grid, 5)]);
+        assert_eq!(p.pieces.len(), 2);
+        assert_eq!(p.encode(), seed);
+    }
+
+    #[test]
+    fn the_most_zero_runs_and_a_run_to_a_short_chunks_end_decode() {
+        let grid = ZERO_GRID;
+        let most: Vec<ZeroRun> = (0..MAX_SLOT_ZERO_RUNS as u32 / 2)
+            .map(|k| ZeroRun {
+                slot: 1,
+                offset: 2 * k * grid,
+                len: grid,
+            })
+            .collect();
+        assert_eq!(decode_runs_of(most.clone()).unwrap().zero_runs, most);
+        let mut p = point();
+        p.size = (4 << 20) * 2 + grid as u64 + 5;
+        p.zero_runs = vec![ZeroRun {
+            slot: 2,
+            offset: grid,
+            len: 5,
+        }];
+        assert_eq!(PointIndex::decode(&p.encode()).unwrap(), p);
+    }
+
+    #[test]
+    fn a_zero_run_count_of_zero_or_over_the_bound_is_refused_without_allocating() {
+        let bytes = point().encode();
+        // Slot 1's tag 2 sits after the header, names and chunk count, and slot 0's tag 0.
+        let tag_at = 72 + 3 + 2 + 2 + 8 + 1;
+        assert_eq!(bytes[tag_at], 2);
+        let count_at = tag_at + 1 + 32;
+        assert_eq!(&bytes[count_at..count_at + 2], &2u16.to_le_bytes());
+        for count in [0u16, 65, u16::MAX] {
+            let mut lying = bytes.clone();
+            lying[count_at..count_at + 2].copy_from_slice(&count.to_le_bytes());
+            let err = PointIndex::decode(&recrc(lying)).unwrap_err();
+            assert!(err.0.contains(&format!("{count} zero runs")), "{err}");
+        }
+    }
+
+    #[test]
+    fn slot_zero_extents_are_the_runs_minus_data_pieces_plus_zero_pieces() {
+        let p = point();
+        let slot = 4u64 << 20;
+        let grid = u64::from(ZERO_GRID);
+        // Slot 1: runs [0, 64K) and [3M, 4M); a zero piece at 128K..132K, a data piece at
+        // 192K..256K.
+        assert_eq!(
+            p.slot_zero_extents(1),
+            [
+                slot..slot + grid,
+                slot + 2 * grid..slot + 2 * grid + 4096,
+                slot + (3 << 20)..2 * slot
+            ]
+        );
+        // Slot 0: a zero chunk under a data piece at 64K..128K.
+        assert_eq!(p.slot_zero_extents(0), [0..grid, 2 * grid..slot]);
+        assert!(p.slot_zero_extents(2).is_empty());
+        let over = PointIndex {
+            pieces: vec![Piece {
+                offset: slot + (3 << 20) + grid,
+                len: 4096,
+                chunk: ChunkRef::Data(ChunkId([6; 32])),
+                within: 0,
+            }],
+            ..point()
+        };
+        assert_eq!(
+            over.slot_zero_extents(1),
+            [
+                slot..slot + grid,
+                slot + (3 << 20)..slot + (3 << 20) + grid,
+                slot + (3 << 20) + grid + 4096..2 * slot
+            ],
+            "a data piece laid over a zero run is data"
+        );
     }
 
     #[test]
@@ -660,12 +1107,6 @@ mod tests {
         // 17 + 32, 17 and 17 + 32 bytes, then the CRC.
         let count_at = bytes.len() - 4 - (17 + 32) * 2 - 17 - 8;
         assert_eq!(&bytes[count_at..count_at + 8], &3u64.to_le_bytes());
-        let recrc = |mut b: Vec<u8>| {
-            let len = b.len();
-            let crc = crc32fast::hash(&b[..len - 4]);
-            b[len - 4..].copy_from_slice(&crc.to_le_bytes());
-            b
-        };
         let mut lying = bytes.clone();
         lying[count_at..count_at + 8].copy_from_slice(&u64::MAX.to_le_bytes());
         let err = PointIndex::decode(&recrc(lying)).unwrap_err();

@@ -748,7 +748,9 @@ impl Repository {
 
 /// Slot `index` of `point` built from its chunks, each got with `fetch` (which checks it):
 /// the slot's chunk (or zeros), then each piece's bytes over it. Every length is checked
-/// against the pack index before a byte is copied.
+/// against the pack index before a byte is copied, and the zero runs the point records for
+/// the chunk are checked to be zero in it: `repo export` reports them as holes without
+/// reading the chunk, so a wrong run would lose data on a sparse copy.
 pub(crate) async fn compose_slot<F, Fut>(
     point: &PointIndex,
     index: u64,
@@ -782,7 +784,18 @@ where
                     at.entry.raw_len
                 )));
             }
-            fetch(*id, at).await?
+            let data = fetch(*id, at).await?;
+            if let Some(run) = format::wrong_zero_run(point.slot_zero_runs(index), &data) {
+                return Err(corrupt(format!(
+                    "it records bytes {}..{} of its chunk {index} ({}) as zero, but the chunk \
+                     has data there: the point index is wrong; do not trust this point's \
+                     holes (run `tidemark repo verify --read-data`)",
+                    run.offset,
+                    run.end(),
+                    id.hex()
+                )));
+            }
+            data
         }
         Some(ChunkRef::Zero) => vec![0; slot_len as usize],
         None => return Err(corrupt(format!("it has no chunk slot {index}"))),
@@ -962,6 +975,7 @@ mod tests {
             new_bytes: 0,
             chunks: vec![],
             pieces: vec![],
+            zero_runs: Vec::new(),
         }
     }
 

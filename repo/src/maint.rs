@@ -41,7 +41,8 @@ pub struct VerifyReport {
 
 /// Check every point index and pack index, that every chunk a point names is in a pack
 /// index whose pack exists with the right length, and with `read_data` every pack's bytes
-/// (its hash against its name, every blob's CRC, inflated length and id hash).
+/// (its hash against its name, every blob's CRC, inflated length and id hash, and that the zero
+/// runs points record for a chunk are zero in it).
 pub async fn verify(repo: &Repository, read_data: bool) -> Result<VerifyReport> {
     let mut report = VerifyReport::default();
     let (points, broken_points) = repo.points().await?;
@@ -103,8 +104,10 @@ pub async fn verify(repo: &Repository, read_data: bool) -> Result<VerifyReport> 
     if read_data {
         let users = chunk_users(&points);
         let users = &users;
+        let zero_claims = zero_claims(&points);
+        let zero_claims = &zero_claims;
         let results: Vec<(u64, Vec<Problem>)> = futures::stream::iter(indexes.iter())
-            .map(|index| check_pack(repo, index, users))
+            .map(|index| check_pack(repo, index, users, zero_claims))
             .buffer_unordered(4)
             .collect()
             .await;
@@ -140,10 +143,49 @@ fn chunk_users(points: &[format::PointIndex]) -> HashMap<ChunkId, String> {
     users
 }
 
+/// A point's claim that bytes of a chunk are zero: the point index object, the slot, and
+/// the zero runs it records for the chunk there.
+struct ZeroClaim {
+    object: String,
+    slot: u64,
+    runs: Vec<format::ZeroRun>,
+}
+
+/// For each chunk some slot records zero runs of, each distinct set of runs once (with the
+/// first point that records it), so `verify --read-data` checks them against the chunk.
+fn zero_claims(points: &[format::PointIndex]) -> HashMap<ChunkId, Vec<ZeroClaim>> {
+    let mut claims: HashMap<ChunkId, Vec<ZeroClaim>> = HashMap::new();
+    let same = |a: &[format::ZeroRun], b: &[format::ZeroRun]| {
+        a.len() == b.len()
+            && a.iter()
+                .zip(b)
+                .all(|(x, y)| (x.offset, x.len) == (y.offset, y.len))
+    };
+    for point in points {
+        for (slot, chunk) in point.chunks.iter().enumerate() {
+            let runs = point.slot_zero_runs(slot as u64);
+            let ChunkRef::Data(id) = chunk else { continue };
+            if runs.is_empty() {
+                continue;
+            }
+            let known = claims.entry(*id).or_default();
+            if !known.iter().any(|claim| same(&claim.runs, runs)) {
+                known.push(ZeroClaim {
+                    object: point_path(&point.volume, &point.checkpoint).to_string(),
+                    slot: slot as u64,
+                    runs: runs.to_vec(),
+                });
+            }
+        }
+    }
+    claims
+}
+
 async fn check_pack(
     repo: &Repository,
     index: &PackIndex,
     users: &HashMap<ChunkId, String>,
+    zero_claims: &HashMap<ChunkId, Vec<ZeroClaim>>,
 ) -> (u64, Vec<Problem>) {
     let path = pack_path(&index.pack_id);
     let object = path.to_string();
@@ -192,14 +234,33 @@ async fn check_pack(
             continue;
         };
         checked += 1;
-        if let Err(why) = check_blob(blob, &entry.id, entry, repo.chunk_keys()) {
-            let user = users
-                .get(&entry.id)
-                .map_or_else(|| " (no point reads it)".to_string(), |u| format!(" ({u})"));
-            problems.push(Problem {
-                object: object.clone(),
-                problem: format!("chunk {} at offset {start}{user}: {why}", entry.id.hex()),
-            });
+        match check_blob(blob, &entry.id, entry, repo.chunk_keys()) {
+            Ok(data) => {
+                for claim in zero_claims.get(&entry.id).into_iter().flatten() {
+                    if let Some(run) = format::wrong_zero_run(&claim.runs, &data) {
+                        problems.push(Problem {
+                            object: claim.object.clone(),
+                            problem: format!(
+                                "it records bytes {}..{} of its chunk {} ({}) as zero, but \
+                                 the chunk has data there: its holes are wrong",
+                                run.offset,
+                                run.end(),
+                                claim.slot,
+                                entry.id.hex()
+                            ),
+                        });
+                    }
+                }
+            }
+            Err(why) => {
+                let user = users
+                    .get(&entry.id)
+                    .map_or_else(|| " (no point reads it)".to_string(), |u| format!(" ({u})"));
+                problems.push(Problem {
+                    object: object.clone(),
+                    problem: format!("chunk {} at offset {start}{user}: {why}", entry.id.hex()),
+                });
+            }
         }
     }
     if bytes.len() < PACK_MAGIC_LEN || &bytes[..PACK_MAGIC_LEN] != format::PACK_MAGIC {
@@ -651,6 +712,7 @@ mod tests {
             new_bytes: written.new_bytes,
             chunks: written.chunks,
             pieces: Vec::new(),
+            zero_runs: written.zero_runs,
         };
         rt.block_on(repo.put_point(&point)).unwrap();
     }

@@ -2,10 +2,12 @@
 //! a client reads or boots the point while nothing has been restored).
 //!
 //! A read in a data chunk fetches that chunk's blob with one ranged GET of its pack, checks
-//! its CRC, inflates it and checks its hash against its id before any byte of it is used; a
-//! slot with pieces (an incremental point) is its chunk with each piece's chunk, fetched the
-//! same way, laid over it. A zero slot (zero chunk, no data pieces) reads as zeros without a request
-//! and is a hole in [`PointReader::allocation`]. Inflated
+//! its CRC, inflates it and checks its hash against its id before any byte of it is used; a slot with
+//! pieces (an incremental point) is its chunk with each piece's chunk, fetched the same way,
+//! laid over it. What the point index alone says is zero (zero slots, the zero runs recorded
+//! for a slot's chunk, zero pieces; minus what data pieces cover) reads as zeros without a
+//! request and is a hole in [`PointReader::allocation`]; fetching a chunk checks its recorded
+//! zero runs (see [`crate::compose_slot`]). Inflated
 //! chunks stay in a cache bounded by [`ReaderOptions::cache_bytes`] (least recently used
 //! chunks go first), and readers of one chunk share one fetch. A read that lands in the chunk
 //! of the previous read or the next one, or just after a cached chunk, counts as sequential
@@ -29,6 +31,7 @@
 //! `readahead` more), plus up to [`SPARE_BUFFERS`] evicted chunks' buffers kept for reuse.
 
 use std::collections::HashMap;
+use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -123,9 +126,11 @@ impl Cache {
             .is_some_and(|word| word & (1 << (index % 64)) != 0)
     }
 
-    /// Count `bytes` of loaded chunk `index` served to a streaming read; once its whole
-    /// length is served, drop it (its memory goes to the spare buffers) and mark it consumed.
-    fn served(&mut self, index: u64, bytes: u64) {
+    /// Count `bytes` of loaded chunk `index` served to a streaming read; once `data` bytes
+    /// are served (the slot's bytes outside its zero extents, which reads get without the
+    /// chunk and a sparse copy never asks for), drop it (its memory goes to the spare
+    /// buffers) and mark it consumed.
+    fn served(&mut self, index: u64, bytes: u64, data: u64) {
         let Some(slot) = self.slots.get_mut(&index) else {
             return;
         };
@@ -133,7 +138,7 @@ impl Cache {
             return;
         };
         slot.served += bytes;
-        if !slot.counted || slot.served < len {
+        if !slot.counted || slot.served < data {
             return;
         }
         if let Some(slot) = self.slots.remove(&index) {
@@ -341,14 +346,18 @@ impl PointReader {
             let within = (at - index * chunk) as usize;
             let piece = ((index + 1) * chunk).min(end) - at;
             let out = &mut buf[(at - offset) as usize..(at - offset + piece) as usize];
-            if inner.point.slot_is_zero(index) {
+            let zeros = inner.point.slot_zero_extents(index);
+            let data_bytes = outside(&zeros, at..at + piece);
+            if data_bytes == 0 {
                 out.fill(0);
             } else {
                 let data = Inner::chunk(inner, index)?;
                 out.copy_from_slice(&data[within..within + piece as usize]);
                 drop(data);
                 if streaming {
-                    inner.cache().served(index, piece);
+                    let slot = index * chunk..index * chunk + inner.point.slot_len(index);
+                    let slot_data = outside(&zeros, slot);
+                    inner.cache().served(index, data_bytes, slot_data);
                 }
             }
             at += piece;
@@ -366,16 +375,18 @@ impl PointReader {
         }
         let most = inner.cache().limit / chunk;
         for index in (offset / chunk..=(end - 1) / chunk).take(most as usize) {
-            if !inner.point.slot_is_zero(index) {
+            let wanted = offset.max(index * chunk)..end.min((index + 1) * chunk);
+            if outside(&inner.point.slot_zero_extents(index), wanted) > 0 {
                 Inner::chunk(inner, index)?;
             }
         }
         Ok(())
     }
 
-    /// Runs of `(length, zero)` from `offset` on: `zero` for the point's zero slots (holes),
-    /// not for slots with data. They cover at least one byte and at most the rest of the point,
-    /// and may end before `offset + len` (at most [`RUNS_PER_CALL`] runs).
+    /// Runs of `(length, zero)` from `offset` on: `zero` for what reads as zeros by the
+    /// point index alone (zero slots, the zero runs of slots' chunks, zero pieces; not what
+    /// a data piece covers), not for the rest. They cover at least one byte and at most the
+    /// rest of the point, and may end before `offset + len` (at most [`RUNS_PER_CALL`] runs).
     pub fn allocation(&self, offset: u64, len: u64) -> Vec<(u64, bool)> {
         let point = &self.inner.point;
         let chunk = u64::from(point.chunk_size);
@@ -384,18 +395,55 @@ impl PointReader {
         let mut at = offset;
         while at < end {
             let index = at / chunk;
-            let zero = point.slot_is_zero(index);
-            let piece = ((index + 1) * chunk).min(point.size) - at;
-            let full = runs.len() == RUNS_PER_CALL;
-            match runs.last_mut() {
-                Some((length, was_zero)) if *was_zero == zero => *length += piece,
-                _ if full => break,
-                _ => runs.push((piece, zero)),
+            let slot_end = ((index + 1) * chunk).min(point.size);
+            for (range, zero) in segments(point.slot_zero_extents(index), at..slot_end) {
+                let length = range.end - range.start;
+                let full = runs.len() == RUNS_PER_CALL;
+                match runs.last_mut() {
+                    Some((run, was_zero)) if *was_zero == zero => *run += length,
+                    _ if full => return runs,
+                    _ => runs.push((length, zero)),
+                }
             }
-            at += piece;
+            at = slot_end;
         }
         runs
     }
+}
+
+/// Bytes of `range` outside `zeros` (ascending, disjoint).
+fn outside(zeros: &[Range<u64>], range: Range<u64>) -> u64 {
+    let inside: u64 = zeros
+        .iter()
+        .map(|z| {
+            z.end
+                .min(range.end)
+                .saturating_sub(z.start.max(range.start))
+        })
+        .sum();
+    range.end - range.start - inside
+}
+
+/// `range` cut into its parts inside `zeros` (ascending, disjoint) and outside them, in
+/// order, each with whether it is zero.
+fn segments(zeros: Vec<Range<u64>>, range: Range<u64>) -> Vec<(Range<u64>, bool)> {
+    let mut out = Vec::with_capacity(2 * zeros.len() + 1);
+    let mut at = range.start;
+    for zero in zeros {
+        let (start, end) = (zero.start.max(at), zero.end.min(range.end));
+        if start >= end {
+            continue;
+        }
+        if start > at {
+            out.push((at..start, false));
+        }
+        out.push((start..end, true));
+        at = end;
+    }
+    if at < range.end {
+        out.push((at..range.end, false));
+    }
+    out
 }
 
 impl Inner {
@@ -583,6 +631,7 @@ mod tests {
             new_bytes,
             chunks,
             pieces: Vec::new(),
+            zero_runs: Vec::new(),
         };
         rt.block_on(repo.put_point(&point)).unwrap();
         repo
@@ -911,6 +960,203 @@ mod tests {
         }
         reader.read(0, &mut buf).unwrap();
         assert_eq!(buf, disk[..10]);
+    }
+
+    const GRID: u64 = crate::format::ZERO_GRID as u64;
+
+    /// A repository of 256 KiB chunks holding `vm@c0`, two slots by 64 KiB block: data,
+    /// zeros, zeros, data; zeros, data, data, data; and `vm@c1`, which lays a 4 KiB data
+    /// piece at 72 KiB, inside slot 0's zero run. The disk as of `vm@c1`.
+    fn mixed(rt: &tokio::runtime::Runtime, dir: &std::path::Path) -> (Repository, Vec<u8>) {
+        use crate::builder::{PointBuilder, PointNames};
+        let url = dir.join("repo");
+        let repo = rt
+            .block_on(Repository::init(
+                url.to_str().unwrap(),
+                &StoreOptions::default(),
+                4 * GRID as u32,
+            ))
+            .unwrap();
+        let grid = GRID as usize;
+        let mut disk = vec![0u8; 8 * grid];
+        for block in [0, 3, 5, 6, 7] {
+            for (i, b) in disk[block * grid..(block + 1) * grid]
+                .iter_mut()
+                .enumerate()
+            {
+                *b = (i % 251) as u8 ^ block as u8 | 1;
+            }
+        }
+        let store = |disk: &[u8], checkpoint: &str, parent: Option<&str>, at: usize, len| {
+            let names = PointNames {
+                volume: "vm".into(),
+                uuid: [3; 16],
+                checkpoint: checkpoint.into(),
+                parent: parent.map(String::from),
+                granularity: 4096,
+            };
+            rt.block_on(async {
+                let mut builder = PointBuilder::open(&repo, &names, disk.len() as u64, false, 2)
+                    .await
+                    .unwrap();
+                tokio::task::block_in_place(|| {
+                    builder.write(at as u64, &disk[at..at + len]).unwrap();
+                    builder.finish().unwrap()
+                })
+            })
+        };
+        let c0 = store(&disk, "c0", None, 0, disk.len());
+        assert_eq!(c0.zero_runs.len(), 2);
+        disk[grid + 8192..grid + 12288].fill(7);
+        let c1 = store(&disk, "c1", Some("c0"), grid + 8192, 4096);
+        assert_eq!(c1.pieces.len(), 1);
+        (repo, disk)
+    }
+
+    fn open_point(rt: &tokio::runtime::Runtime, repo: &Repository, name: &str) -> PointReader {
+        rt.block_on(PointReader::open(
+            repo,
+            name,
+            rt.handle().clone(),
+            ReaderOptions::default(),
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn zero_runs_are_holes_except_where_a_data_piece_lies_over_them() {
+        let rt = runtime();
+        let dir = tempfile::tempdir().unwrap();
+        let (repo, disk) = mixed(&rt, dir.path());
+        let reader = open_point(&rt, &repo, "vm@c1");
+        assert_eq!(
+            reader.allocation(0, disk.len() as u64),
+            [
+                (GRID, false),
+                (8192, true),
+                (4096, false),
+                (GRID - 12288 + GRID, true),
+                (GRID, false),
+                (GRID, true),
+                (3 * GRID, false)
+            ]
+        );
+        assert_eq!(
+            reader.allocation(GRID + 100, 10),
+            [
+                (8092, true),
+                (4096, false),
+                (2 * GRID - 12288, true),
+                (GRID, false)
+            ],
+            "from inside a slot on, to its end"
+        );
+        let mut whole = vec![0; disk.len()];
+        reader.read(0, &mut whole).unwrap();
+        assert_eq!(whole, disk);
+    }
+
+    #[test]
+    fn reads_wholly_inside_zero_runs_fetch_nothing() {
+        let rt = runtime();
+        let dir = tempfile::tempdir().unwrap();
+        let (repo, _) = mixed(&rt, dir.path());
+        // No read-ahead: the data read at the end would start fetching slot 1 behind it.
+        let options = ReaderOptions {
+            readahead: 0,
+            ..ReaderOptions::default()
+        };
+        let reader = rt
+            .block_on(PointReader::open(
+                &repo,
+                "vm@c1",
+                rt.handle().clone(),
+                options,
+            ))
+            .unwrap();
+        for (offset, len) in [(GRID, 8192), (GRID + 12288, 20_000), (4 * GRID, GRID)] {
+            let mut buf = vec![1; len as usize];
+            reader.read(offset, &mut buf).unwrap();
+            assert!(buf.iter().all(|&b| b == 0), "{offset}+{len}");
+        }
+        assert_eq!(reader.fetched_chunks(), 0);
+        let mut buf = vec![0; 4096];
+        reader.read(GRID + 8192, &mut buf).unwrap();
+        assert_eq!(buf, vec![7; 4096]);
+        assert_eq!(reader.fetched_chunks(), 1);
+    }
+
+    #[test]
+    fn a_streaming_reader_of_only_the_data_drops_each_chunk_once_its_data_is_served() {
+        let rt = runtime();
+        let dir = tempfile::tempdir().unwrap();
+        let (repo, disk) = mixed(&rt, dir.path());
+        let reader = open_point(&rt, &repo, "vm@c0");
+        // What a sparse copy reads: the data extents only, 16 KiB at a time.
+        let mut at = 0;
+        for (len, zero) in reader.allocation(0, disk.len() as u64) {
+            if !zero {
+                for offset in (at..at + len).step_by(16384) {
+                    let mut buf = vec![0; 16384];
+                    reader.read(offset, &mut buf).unwrap();
+                    assert_eq!(buf, disk[offset as usize..offset as usize + 16384]);
+                }
+            }
+            at += len;
+        }
+        assert_eq!(
+            reader.cached_bytes(),
+            4 * GRID,
+            "slot 1 served whole left the cache; slot 0 (the first read) stays"
+        );
+    }
+
+    /// `vm@c0` of [`mixed`] stored again as `vm@bad`, whose index says slot 1's first two
+    /// blocks are zero: the second holds data.
+    fn with_wrong_run(rt: &tokio::runtime::Runtime, repo: &Repository) {
+        let mut bad = rt.block_on(repo.point("vm@c0")).unwrap();
+        bad.checkpoint = "bad".into();
+        bad.zero_runs[1].len = 2 * GRID as u32;
+        assert_eq!((bad.zero_runs[1].slot, bad.zero_runs[1].offset), (1, 0));
+        rt.block_on(repo.put_point(&bad)).unwrap();
+    }
+
+    #[test]
+    fn a_zero_run_over_data_is_refused_when_the_chunk_is_read() {
+        let rt = runtime();
+        let dir = tempfile::tempdir().unwrap();
+        let (repo, _) = mixed(&rt, dir.path());
+        with_wrong_run(&rt, &repo);
+        let reader = open_point(&rt, &repo, "vm@bad");
+        let mut buf = vec![0; 4096];
+        let err = reader.read(7 * GRID, &mut buf).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("points/vm/bad")
+                && text.contains("bytes 0..131072 of its chunk 1")
+                && text.contains("has data there"),
+            "{text}"
+        );
+        reader.read(0, &mut buf).unwrap();
+    }
+
+    #[test]
+    fn verify_read_data_reports_a_zero_run_over_data() {
+        let rt = runtime();
+        let dir = tempfile::tempdir().unwrap();
+        let (repo, _) = mixed(&rt, dir.path());
+        let clean = rt.block_on(crate::maint::verify(&repo, true)).unwrap();
+        assert!(clean.problems.is_empty(), "{:?}", clean.problems);
+        with_wrong_run(&rt, &repo);
+        let report = rt.block_on(crate::maint::verify(&repo, true)).unwrap();
+        assert_eq!(report.problems.len(), 1, "{:?}", report.problems);
+        let problem = &report.problems[0];
+        assert_eq!(problem.object, "points/vm/bad");
+        assert!(
+            problem.problem.contains("bytes 0..131072 of its chunk 1"),
+            "{}",
+            problem.problem
+        );
     }
 
     #[test]

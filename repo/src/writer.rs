@@ -10,7 +10,9 @@ use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use crate::format::{ChunkId, ChunkRef, PackEntry, PackIndex, PACK_MAGIC};
+use crate::format::{
+    find_zero_runs, is_zero, ChunkId, ChunkRef, PackEntry, PackIndex, ZeroRun, PACK_MAGIC,
+};
 use crate::{pack_path, RepoError, Repository, Result, PACK_TARGET};
 
 /// zstd level of chunks: level 1 keeps up with a disk on two cores.
@@ -33,6 +35,8 @@ struct Shared {
     handle: tokio::runtime::Handle,
     known: Mutex<HashSet<ChunkId>>,
     results: Mutex<Vec<Option<ChunkRef>>>,
+    /// Zero runs of the slots' data chunks, in no order.
+    zero_runs: Mutex<Vec<ZeroRun>>,
     pieces: Mutex<HashMap<usize, ChunkRef>>,
     new_bytes: AtomicU64,
     new_chunks: AtomicU64,
@@ -43,6 +47,9 @@ struct Shared {
 #[derive(Debug, Clone)]
 pub struct Written {
     pub chunks: Vec<ChunkRef>,
+    /// The zero runs of the slots' data chunks (found in the bytes queued with
+    /// [`PointWriter::put`], or given to [`PointWriter::set`]), by slot and offset.
+    pub zero_runs: Vec<ZeroRun>,
     /// The chunk of each piece queued with [`PointWriter::put_piece`], by its number.
     pub pieces: HashMap<usize, ChunkRef>,
     /// Compressed bytes of new chunks (pack bytes uploaded).
@@ -79,6 +86,7 @@ impl PointWriter {
             handle,
             known: Mutex::new(known),
             results: Mutex::new(vec![None; chunk_count as usize]),
+            zero_runs: Mutex::default(),
             pieces: Mutex::default(),
             new_bytes: AtomicU64::new(0),
             new_chunks: AtomicU64::new(0),
@@ -132,12 +140,19 @@ impl PointWriter {
         }
     }
 
-    /// Record chunk `index` without storing anything (a zero chunk or a reused one).
-    pub fn set(&self, index: u64, chunk: ChunkRef) {
+    /// Record chunk `index` without storing anything (a zero chunk, or a reused one with
+    /// the zero runs its point recorded).
+    pub fn set(&self, index: u64, chunk: ChunkRef, zero_runs: &[ZeroRun]) {
         if let Ok(mut results) = self.shared.results.lock() {
             if let Some(slot) = results.get_mut(index as usize) {
                 *slot = Some(chunk);
             }
+        }
+        if let (ChunkRef::Data(_), Ok(mut runs)) = (chunk, self.shared.zero_runs.lock()) {
+            runs.extend(zero_runs.iter().map(|run| ZeroRun {
+                slot: index,
+                ..*run
+            }));
         }
     }
 
@@ -164,6 +179,11 @@ impl PointWriter {
                 RepoError::Invalid(format!("chunk {i} of the point was never written"))
             })?);
         }
+        let mut zero_runs =
+            std::mem::take(&mut *self.shared.zero_runs.lock().map_err(|_| {
+                RepoError::Invalid("pack workers poisoned the zero run list".into())
+            })?);
+        zero_runs.sort_by_key(|run| (run.slot, run.offset));
         let pieces =
             std::mem::take(
                 &mut *self.shared.pieces.lock().map_err(|_| {
@@ -172,6 +192,7 @@ impl PointWriter {
             );
         Ok(Written {
             chunks,
+            zero_runs,
             pieces,
             new_bytes: self.shared.new_bytes.load(Ordering::Relaxed),
             new_chunks: self.shared.new_chunks.load(Ordering::Relaxed),
@@ -223,7 +244,19 @@ fn fail(shared: &Shared, err: RepoError) {
 }
 
 fn store_chunk(shared: &Shared, pack: &mut Pack, job: Job) -> Result<()> {
-    let chunk = if job.data.iter().all(|&b| b == 0) {
+    // One scan finds a slot chunk's zero runs and whether it is all zero (one run over all
+    // of it); a piece records no runs (its bytes are what was written).
+    let (zero_runs, all_zero) = match job.target {
+        Target::Slot(index) => {
+            let runs = find_zero_runs(index, &job.data);
+            let whole = runs
+                .first()
+                .is_some_and(|run| run.len as usize == job.data.len());
+            (runs, whole)
+        }
+        Target::Piece(_) => (Vec::new(), is_zero(&job.data)),
+    };
+    let chunk = if all_zero {
         ChunkRef::Zero
     } else {
         let id = shared.repo.chunk_id(&job.data);
@@ -260,6 +293,9 @@ fn store_chunk(shared: &Shared, pack: &mut Pack, job: Job) -> Result<()> {
                 if let Some(slot) = results.get_mut(index as usize) {
                     *slot = Some(chunk);
                 }
+            }
+            if let (ChunkRef::Data(_), Ok(mut runs)) = (chunk, shared.zero_runs.lock()) {
+                runs.extend(zero_runs);
             }
         }
         Target::Piece(number) => {

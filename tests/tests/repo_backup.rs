@@ -4,8 +4,9 @@
 //! exactly the points asked for; a corrupt pack is named by verify and refused at restore;
 //! a kill -9 mid-backup or mid-prune leaves a repository that verifies, and a rerun works;
 //! an S3 server stopped mid-upload gives a clear error and no point. `tidemark repo export`
-//! serves a point straight from SeaweedFS (read by nbdcopy and nbdinfo) and turns a
-//! corrupt chunk into an NBD EIO.
+//! serves a point straight from SeaweedFS (read by nbdcopy and nbdinfo), maps the zero runs
+//! inside chunks as holes (a sparse copy stays sparse) and turns a corrupt chunk into an NBD
+//! EIO.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -869,6 +870,70 @@ fn repo_export_of_an_s3_point_reads_equal_with_nbdcopy_and_maps_its_holes() {
         "{}",
         info.stdout
     );
+}
+
+/// 64 MiB alternating 1 MiB of random data and 1 MiB of zeros (what benches/repo-export.sh
+/// reads): every 4 MiB chunk mixes both.
+fn striped_file(path: &Path) -> Vec<u8> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(18);
+    let mut data = vec![0u8; 64 * MIB];
+    for mib in (0..64).step_by(2) {
+        rng.fill(&mut data[mib * MIB..(mib + 1) * MIB]);
+    }
+    std::fs::write(path, &data).expect("writing the image");
+    data
+}
+
+#[test]
+fn repo_export_maps_the_zero_mibs_inside_chunks_as_holes_and_nbdcopy_keeps_them_sparse() {
+    assert!(
+        have("nbdcopy") && have("nbdinfo"),
+        "nbdcopy/nbdinfo are not installed: run scripts/install-deps.sh"
+    );
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("disk.raw");
+    let data = striped_file(&file);
+    let repo = dir.path().join("repo");
+    let url = repo.to_str().unwrap();
+    let exported = export(dir.path(), &file, &["--read-only"]).expect("export");
+    ok(&["repo", "init", url, "--chunk-size", "4M"], &[]);
+    pull_point(&exported.uri, url, "a", &[], &[]);
+    drop(exported);
+
+    let (_server, uri) = repo_export(dir.path(), url, ("disk@a", "disk@a"), &[], &[]);
+    let map = nbdinfo_map(&uri, "base:allocation").expect("nbdinfo --map");
+    let mib = MIB as u64;
+    let want: Vec<(u64, u64, u32)> = (0..64)
+        .map(|k| (k * mib, mib, if k % 2 == 0 { 0 } else { 3 }))
+        .collect();
+    assert_eq!(map, want, "the zero MiBs are not holes (flags 3)");
+
+    // -S 0: no zero detection of nbdcopy's own, so the copy's holes are the export's.
+    let copy = dir.path().join("copy.raw");
+    let out = run(
+        Command::new("nbdcopy")
+            .args(["-S", "0"])
+            .arg(&uri)
+            .arg(&copy),
+        Duration::from_secs(120),
+    )
+    .expect("running nbdcopy");
+    assert!(out.status.success(), "nbdcopy: {}", out.stderr);
+    assert!(
+        std::fs::read(&copy).unwrap() == data,
+        "nbdcopy of {uri} differs from the image"
+    );
+    use std::os::unix::fs::MetadataExt;
+    let allocated = std::fs::metadata(&copy).unwrap().blocks() * 512;
+    assert!(
+        (32 * mib..=36 * mib).contains(&allocated),
+        "the copy allocates {allocated} bytes: the holes were written as data"
+    );
+    assert_restores(url, "disk@a", &dir.path().join("restored.raw"), &data);
+    let listed = listed_points(url);
+    assert_eq!(listed[0]["zero_bytes_in_chunks"], 32 * mib, "{listed:?}");
+    let report = json(&["repo", "verify", url, "--read-data"], &[]);
+    assert_eq!(report["problems"], Value::Array(vec![]), "{report}");
 }
 
 /// Reads every MiB of `uri` with python3-libnbd: `ok` or the errno's name, one line per MiB.

@@ -185,6 +185,9 @@ struct ListedPoint {
     new_bytes: u64,
     chunks: usize,
     zero_chunks: usize,
+    /// Bytes inside stored chunks that the point records as zero runs (holes to `repo
+    /// export`).
+    zero_bytes_in_chunks: u64,
     /// Pieces laid over the chunks (an incremental point's changed extents).
     pieces: usize,
 }
@@ -284,6 +287,7 @@ async fn run_async(command: RepoCommand, options: StoreOptions) -> anyhow::Resul
                     new_bytes: p.new_bytes,
                     chunks: p.chunks.len(),
                     zero_chunks: p.chunks.iter().filter(|c| **c == ChunkRef::Zero).count(),
+                    zero_bytes_in_chunks: p.zero_runs.iter().map(|r| u64::from(r.len)).sum(),
                     pieces: p.pieces.len(),
                 })
                 .collect();

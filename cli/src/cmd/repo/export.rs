@@ -17,8 +17,9 @@ use crate::ui;
 
 /// Serve a point over NBD, read-only, straight from the repository: nothing is restored
 /// first. Chunks are fetched with ranged GETs of their packs as clients read them, checked
-/// (CRC and id hash) and kept in a bounded cache; zero chunks are holes in
-/// `base:allocation`. A chunk that fails its checks is an EIO for the client. Listens on a
+/// (CRC and id hash) and kept in a bounded cache; zero chunks and the zero runs the backup
+/// recorded inside chunks are holes in `base:allocation`, read without a fetch (a sparse copy
+/// stays sparse). A chunk that fails its checks is an EIO for the client. Listens on a
 /// Unix socket (default <state-dir>/nbd.sock) or with --listen on TCP, and prints the URI.
 ///
 /// Examples:
