@@ -16,7 +16,11 @@
 # Reported per reader: the median wall time of REPS rounds (default 3), the median CPU of
 # the server process (user + system, from /proc/PID/stat) and of nbdcopy, the load average
 # at the start of each read, and the ratio against the restored image's median.
-# Env: BENCH_DIR (default /var/tmp/tidemark-export-bench), TIDEMARK_BIN, BEFORE_BIN, REPS, WARM.
+# REPO_HASH=sha256 makes the repository with SHA-256 ids (the default is BLAKE3), to tell the
+# hash's share from the zero runs'. BEFORE_BIN must read this build's repository: a tidemark
+# before session 11 reads neither BLAKE3 repositories nor version 3 point indexes.
+# Env: BENCH_DIR (default /var/tmp/tidemark-export-bench), TIDEMARK_BIN, BEFORE_BIN, REPS, WARM,
+# REPO_HASH.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SIZE_MIB=${1:-1024}
@@ -38,7 +42,7 @@ make_image "$IMG" "$SIZE_MIB"
 "$BIN" export "$IMG" --read-only --socket "$DIR/src.sock" --name vm >"$DIR/src.log" 2>&1 & PIDS+=($!)
 wait_socket "$DIR/src.sock"
 REPO=$DIR/repo
-"$BIN" repo init "$REPO" >/dev/null
+"$BIN" repo init "$REPO" ${REPO_HASH:+--hash "$REPO_HASH"} >/dev/null
 "$BIN" pull --full "nbd+unix:///vm?socket=$DIR/src.sock" --repo "$REPO" --volume vm \
     --volume-uuid 6f1c3e0a-8d9b-4c1e-9f57-2a8b7c6d5e4f --checkpoint c1 >/dev/null
 kill "${PIDS[0]}"; wait "${PIDS[0]}" 2>/dev/null || true; PIDS=()
