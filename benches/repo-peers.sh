@@ -189,7 +189,7 @@ for rep in $(seq 0 $((REPS - 1))); do
     fi
 done
 if [ -n "$BEFORE" ]; then
-    for key in before-dir-restore before-s3-restore before-export-dir before-export-s3; do med3 "$key"; done
+    for key in before-dir-restore before-export-dir; do med3 "$key"; done
 fi
 for key in tm-dir-full-0 tm-64k-full-0 tm-s3-full-0 restic-dir-full-0 restic-s3-full-0 borg-dir-full-0 \
     tm-dir-restore tm-s3-restore restic-dir-restore restic-s3-restore borg-dir-restore \

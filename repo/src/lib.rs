@@ -611,11 +611,21 @@ impl Repository {
         Ok((points, broken))
     }
 
-    /// The point `VOLUME@CHECKPOINT` (or `VOLUME@latest`: the newest of the volume).
+    /// The point `VOLUME@CHECKPOINT` (or `VOLUME@latest`: the newest of the volume). `latest`
+    /// is refused while a point index of the volume cannot be read (damaged, or written by a
+    /// newer tidemark): it may be the newest, and restoring an older point in its place
+    /// without a word would hand back stale data.
     pub async fn point(&self, name: &str) -> Result<PointIndex> {
         let (volume, checkpoint) = parse_point_name(name)?;
         if checkpoint == "latest" {
-            let (points, _) = self.points().await?;
+            let (points, broken) = self.points().await?;
+            let prefix = format!("points/{volume}/");
+            if let Some((object, why)) = broken.iter().find(|(path, _)| path.starts_with(&prefix)) {
+                return Err(RepoError::Invalid(format!(
+                    "{name} is not certain in {}: the point index {object} cannot be read                      ({why}) and may be the newest; name the checkpoint (`tidemark repo list                      {}` lists the points this tidemark reads), or use a newer tidemark if a                      newer one wrote it",
+                    self.url, self.url
+                )));
+            }
             return points
                 .into_iter()
                 .filter(|p| p.volume == volume)

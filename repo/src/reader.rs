@@ -687,6 +687,31 @@ mod tests {
     }
 
     #[test]
+    fn latest_is_refused_while_a_point_index_of_the_volume_cannot_be_read() {
+        let rt = runtime();
+        let dir = tempfile::tempdir().unwrap();
+        let repo = stored(&rt, dir.path(), &disk());
+        let points = dir.path().join("repo/points");
+        // Another volume's unreadable index does not matter to vm@latest.
+        std::fs::create_dir_all(points.join("other")).unwrap();
+        std::fs::write(points.join("other/x"), b"not a point index").unwrap();
+        assert_eq!(
+            rt.block_on(repo.point("vm@latest")).unwrap().checkpoint,
+            "a"
+        );
+        // One of vm's own may be the newest (a newer tidemark's, or damaged): latest is
+        // refused naming it, and the point named outright still opens.
+        std::fs::write(points.join("vm/b"), b"TMPOINT1 from the future").unwrap();
+        let err = rt
+            .block_on(repo.point("vm@latest"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("points/vm/b cannot be read"), "{err}");
+        assert!(err.contains("name the checkpoint"), "{err}");
+        assert_eq!(rt.block_on(repo.point("vm@a")).unwrap().checkpoint, "a");
+    }
+
+    #[test]
     fn reads_at_any_offset_equal_the_stored_disk() {
         let rt = runtime();
         let dir = tempfile::tempdir().unwrap();

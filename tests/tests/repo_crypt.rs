@@ -290,7 +290,7 @@ fn ids_named_by_verify(repo: &Path, env: &[(&str, &str)]) -> HashSet<String> {
 }
 
 #[test]
-fn equal_plaintext_under_two_keys_gets_unrelated_chunk_ids_neither_its_sha256() {
+fn equal_plaintext_under_two_keys_gets_unrelated_chunk_ids_nor_the_plain_ids() {
     let dir = tempfile::tempdir().expect("temp dir");
     let vol = dir.path().join("disk.img");
     image(&vol, 8 * MIB as usize);
@@ -307,11 +307,11 @@ fn equal_plaintext_under_two_keys_gets_unrelated_chunk_ids_neither_its_sha256() 
     }
     assert!(
         named[0].is_disjoint(&named[1]),
-        "key 1 stored SHA-256 chunk ids"
+        "key 1 stored the plain repository's (unkeyed BLAKE3) chunk ids"
     );
     assert!(
         named[0].is_disjoint(&named[2]),
-        "key 2 stored SHA-256 chunk ids"
+        "key 2 stored the plain repository's (unkeyed BLAKE3) chunk ids"
     );
     assert!(
         named[1].is_disjoint(&named[2]),

@@ -68,8 +68,8 @@ enum RepoCommand {
         /// The hash of chunk and pack ids: blake3 (several times faster to back up and to
         /// read back on a CPU with AVX2 or AVX-512), or sha256 where only SHA-256 is allowed
         /// (FIPS 180-4). tidemark builds from before BLAKE3 refuse a blake3 repository with
-        /// a version error; they open a sha256 one but not the points this build writes
-        /// (version 3 point indexes).
+        /// a version error; they open a sha256 one but cannot read the points this build
+        /// writes (version 3 point indexes): upgrade every tidemark that uses a repository.
         #[arg(long, default_value = "blake3", value_parser = parse_hash)]
         hash: ChunkHash,
         /// Print the new repository's config as JSON.
