@@ -450,7 +450,7 @@ async fn prepare(
 mod tests {
     use super::*;
     use crate::format::ZeroRun;
-    use crate::{test_runtime, StoreOptions};
+    use crate::test_runtime;
 
     const CHUNK: u32 = 64 << 10;
     const SIZE: usize = 16 * CHUNK as usize + 4096;
@@ -507,14 +507,7 @@ mod tests {
     }
 
     fn setup(rt: &tokio::runtime::Runtime, dir: &std::path::Path) -> (Repository, Vec<u8>) {
-        let url = dir.join("repo");
-        let repo = rt
-            .block_on(Repository::init(
-                url.to_str().unwrap(),
-                &StoreOptions::default(),
-                CHUNK,
-            ))
-            .unwrap();
+        let repo = crate::test_repository(rt, dir, CHUNK);
         let mut disk = vec![0u8; SIZE];
         let full = scribble(&mut disk, 0, SIZE, 1);
         let point = store(rt, &repo, &names("c0", None), &disk, &[full]);
@@ -626,14 +619,7 @@ mod tests {
         rt: &tokio::runtime::Runtime,
         dir: &std::path::Path,
     ) -> (Repository, Vec<u8>, PointIndex) {
-        let url = dir.join("repo");
-        let repo = rt
-            .block_on(Repository::init(
-                url.to_str().unwrap(),
-                &StoreOptions::default(),
-                4 * GRID as u32,
-            ))
-            .unwrap();
+        let repo = crate::test_repository(rt, dir, 4 * GRID as u32);
         let mut disk = vec![0u8; 17 * GRID + 5];
         for block in [0, 2, 4, 5, 6, 7, 14, 15, 16] {
             scribble(&mut disk, block * GRID, GRID, block as u8 + 1);

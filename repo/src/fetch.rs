@@ -584,14 +584,7 @@ mod tests {
         dir: &std::path::Path,
     ) -> (Repository, PointIndex, Vec<u8>) {
         const CHUNK: usize = 64 << 10;
-        let url = dir.join("repo");
-        let repo = rt
-            .block_on(Repository::init(
-                url.to_str().unwrap(),
-                &Default::default(),
-                CHUNK as u32,
-            ))
-            .unwrap();
+        let repo = crate::test_repository(rt, dir, CHUNK as u32);
         let mut state = 0x9e37_79b9_7f4a_7c15_u64;
         let mut disk: Vec<u8> = (0..24 * CHUNK)
             .map(|_| {

@@ -929,6 +929,22 @@ pub(crate) fn test_runtime() -> tokio::runtime::Runtime {
         .expect("a tokio runtime")
 }
 
+/// A new plain repository of `chunk_size` chunks in `dir/repo`, for unit tests.
+#[cfg(test)]
+pub(crate) fn test_repository(
+    rt: &tokio::runtime::Runtime,
+    dir: &std::path::Path,
+    chunk_size: u32,
+) -> Repository {
+    let url = dir.join("repo");
+    rt.block_on(Repository::init(
+        url.to_str().expect("a UTF-8 temp dir"),
+        &StoreOptions::default(),
+        chunk_size,
+    ))
+    .expect("a new repository")
+}
+
 /// A retention policy: which points `prune` keeps.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Keep {

@@ -369,16 +369,10 @@ impl Drop for RepoLock {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{test_runtime as runtime, StoreOptions};
+    use crate::test_runtime as runtime;
 
     fn repo(rt: &tokio::runtime::Runtime, dir: &std::path::Path) -> Repository {
-        let url = dir.join("repo");
-        rt.block_on(Repository::init(
-            url.to_str().unwrap(),
-            &StoreOptions::default(),
-            crate::DEFAULT_CHUNK_SIZE,
-        ))
-        .unwrap()
+        crate::test_repository(rt, dir, crate::DEFAULT_CHUNK_SIZE)
     }
 
     fn writer(

@@ -723,16 +723,16 @@ mod tests {
         rt: &tokio::runtime::Runtime,
         dir: &std::path::Path,
     ) -> (Repository, Vec<Vec<u8>>) {
-        let url = dir.join("repo");
-        let repo = rt
-            .block_on(Repository::init(
-                url.to_str().unwrap(),
-                &StoreOptions::default(),
-                CHUNK,
-            ))
-            .unwrap();
+        let repo = crate::test_repository(rt, dir, CHUNK);
+        let b = store_two_points(rt, &repo);
+        (repo, b)
+    }
+
+    /// Store `vm@a` (20 chunks) and `vm@b` (4 of a's chunks and 16 new ones) in `repo`;
+    /// b's chunks.
+    fn store_two_points(rt: &tokio::runtime::Runtime, repo: &Repository) -> Vec<Vec<u8>> {
         let a: Vec<_> = (0..20).map(|i| chunk(1, i)).collect();
-        store(rt, &repo, "a", 1, &a);
+        store(rt, repo, "a", 1, &a);
         let b: Vec<_> = (0..20)
             .map(|i| {
                 if i % 5 == 0 {
@@ -742,8 +742,8 @@ mod tests {
                 }
             })
             .collect();
-        store(rt, &repo, "b", 2, &b);
-        (repo, b)
+        store(rt, repo, "b", 2, &b);
+        b
     }
 
     /// `prune --keep-last 1 --repack-below BELOW`.
@@ -989,18 +989,7 @@ mod tests {
             repo.config().version,
             made.hash.config_version(made.encrypted)
         );
-        let a: Vec<_> = (0..20).map(|i| chunk(1, i)).collect();
-        store(&rt, &repo, "a", 1, &a);
-        let b: Vec<_> = (0..20)
-            .map(|i| {
-                if i % 5 == 0 {
-                    a[i].clone()
-                } else {
-                    chunk(2, i)
-                }
-            })
-            .collect();
-        store(&rt, &repo, "b", 2, &b);
+        let b = store_two_points(&rt, &repo);
         let point = rt.block_on(repo.point("vm@b")).unwrap();
         let (map, indexes, broken) = rt.block_on(repo.chunk_map()).unwrap();
         assert!(broken.is_empty(), "{broken:?}");

@@ -677,13 +677,17 @@ mod tests {
         repo: &Repository,
         options: ReaderOptions,
     ) -> PointReader {
-        rt.block_on(PointReader::open(
-            repo,
-            "vm@latest",
-            rt.handle().clone(),
-            options,
-        ))
-        .unwrap()
+        open_point(rt, repo, "vm@latest", options)
+    }
+
+    fn open_point(
+        rt: &tokio::runtime::Runtime,
+        repo: &Repository,
+        name: &str,
+        options: ReaderOptions,
+    ) -> PointReader {
+        rt.block_on(PointReader::open(repo, name, rt.handle().clone(), options))
+            .unwrap()
     }
 
     #[test]
@@ -994,14 +998,7 @@ mod tests {
     /// piece at 72 KiB, inside slot 0's zero run. The disk as of `vm@c1`.
     fn mixed(rt: &tokio::runtime::Runtime, dir: &std::path::Path) -> (Repository, Vec<u8>) {
         use crate::builder::{PointBuilder, PointNames};
-        let url = dir.join("repo");
-        let repo = rt
-            .block_on(Repository::init(
-                url.to_str().unwrap(),
-                &StoreOptions::default(),
-                4 * GRID as u32,
-            ))
-            .unwrap();
+        let repo = crate::test_repository(rt, dir, 4 * GRID as u32);
         let grid = GRID as usize;
         let mut disk = vec![0u8; 8 * grid];
         for block in [0, 3, 5, 6, 7] {
@@ -1038,22 +1035,12 @@ mod tests {
         (repo, disk)
     }
 
-    fn open_point(rt: &tokio::runtime::Runtime, repo: &Repository, name: &str) -> PointReader {
-        rt.block_on(PointReader::open(
-            repo,
-            name,
-            rt.handle().clone(),
-            ReaderOptions::default(),
-        ))
-        .unwrap()
-    }
-
     #[test]
     fn zero_runs_are_holes_except_where_a_data_piece_lies_over_them() {
         let rt = runtime();
         let dir = tempfile::tempdir().unwrap();
         let (repo, disk) = mixed(&rt, dir.path());
-        let reader = open_point(&rt, &repo, "vm@c1");
+        let reader = open_point(&rt, &repo, "vm@c1", ReaderOptions::default());
         assert_eq!(
             reader.allocation(0, disk.len() as u64),
             [
@@ -1091,14 +1078,7 @@ mod tests {
             readahead: 0,
             ..ReaderOptions::default()
         };
-        let reader = rt
-            .block_on(PointReader::open(
-                &repo,
-                "vm@c1",
-                rt.handle().clone(),
-                options,
-            ))
-            .unwrap();
+        let reader = open_point(&rt, &repo, "vm@c1", options);
         for (offset, len) in [(GRID, 8192), (GRID + 12288, 20_000), (4 * GRID, GRID)] {
             let mut buf = vec![1; len as usize];
             reader.read(offset, &mut buf).unwrap();
@@ -1116,7 +1096,7 @@ mod tests {
         let rt = runtime();
         let dir = tempfile::tempdir().unwrap();
         let (repo, disk) = mixed(&rt, dir.path());
-        let reader = open_point(&rt, &repo, "vm@c0");
+        let reader = open_point(&rt, &repo, "vm@c0", ReaderOptions::default());
         // What a sparse copy reads: the data extents only, 16 KiB at a time.
         let mut at = 0;
         for (len, zero) in reader.allocation(0, disk.len() as u64) {
@@ -1152,7 +1132,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (repo, _) = mixed(&rt, dir.path());
         with_wrong_run(&rt, &repo);
-        let reader = open_point(&rt, &repo, "vm@bad");
+        let reader = open_point(&rt, &repo, "vm@bad", ReaderOptions::default());
         let mut buf = vec![0; 4096];
         let err = reader.read(7 * GRID, &mut buf).unwrap_err();
         let text = err.to_string();

@@ -813,8 +813,13 @@ fn store_point(dir: &Path, file: &Path, url: &str, extra: &[&str], env: &[(&str,
 
 /// nbdcopy of `uri` into `copy` equals `data`.
 fn assert_nbdcopy_reads(uri: &str, copy: &Path, data: &[u8]) {
+    assert_nbdcopy_reads_with(&[], uri, copy, data);
+}
+
+/// nbdcopy with the options `args` of `uri` into `copy` equals `data`.
+fn assert_nbdcopy_reads_with(args: &[&str], uri: &str, copy: &Path, data: &[u8]) {
     let out = run(
-        Command::new("nbdcopy").arg(uri).arg(copy),
+        Command::new("nbdcopy").args(args).arg(uri).arg(copy),
         Duration::from_secs(120),
     )
     .expect("running nbdcopy");
@@ -910,19 +915,7 @@ fn repo_export_maps_the_zero_mibs_inside_chunks_as_holes_and_nbdcopy_keeps_them_
 
     // -S 0: no zero detection of nbdcopy's own, so the copy's holes are the export's.
     let copy = dir.path().join("copy.raw");
-    let out = run(
-        Command::new("nbdcopy")
-            .args(["-S", "0"])
-            .arg(&uri)
-            .arg(&copy),
-        Duration::from_secs(120),
-    )
-    .expect("running nbdcopy");
-    assert!(out.status.success(), "nbdcopy: {}", out.stderr);
-    assert!(
-        std::fs::read(&copy).unwrap() == data,
-        "nbdcopy of {uri} differs from the image"
-    );
+    assert_nbdcopy_reads_with(&["-S", "0"], &uri, &copy, &data);
     use std::os::unix::fs::MetadataExt;
     let allocated = std::fs::metadata(&copy).unwrap().blocks() * 512;
     assert!(
@@ -1029,19 +1022,7 @@ fn repo_export_reads_ahead_across_packs_for_four_nbdcopy_connections_and_a_corru
     let extra = ["--readahead", "8", "--cache-size", "12M"];
     let (server, uri) = repo_export(dir.path(), url, ("disk@a", "disk@a"), &extra, &[]);
     let copy = dir.path().join("copy.raw");
-    let out = run(
-        Command::new("nbdcopy")
-            .arg("--connections=4")
-            .arg(&uri)
-            .arg(&copy),
-        Duration::from_secs(120),
-    )
-    .expect("running nbdcopy");
-    assert!(out.status.success(), "nbdcopy: {}", out.stderr);
-    assert!(
-        std::fs::read(&copy).unwrap() == data,
-        "nbdcopy's copy differs"
-    );
+    assert_nbdcopy_reads_with(&["--connections=4"], &uri, &copy, &data);
     drop(server);
 
     // A chunk in the middle of the second pack: only its MiB fails, with EIO, read after read.
