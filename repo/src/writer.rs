@@ -143,17 +143,11 @@ impl PointWriter {
     /// Record chunk `index` without storing anything (a zero chunk, or a reused one with
     /// the zero runs its point recorded).
     pub fn set(&self, index: u64, chunk: ChunkRef, zero_runs: &[ZeroRun]) {
-        if let Ok(mut results) = self.shared.results.lock() {
-            if let Some(slot) = results.get_mut(index as usize) {
-                *slot = Some(chunk);
-            }
-        }
-        if let (ChunkRef::Data(_), Ok(mut runs)) = (chunk, self.shared.zero_runs.lock()) {
-            runs.extend(zero_runs.iter().map(|run| ZeroRun {
-                slot: index,
-                ..*run
-            }));
-        }
+        let runs = zero_runs.iter().map(|run| ZeroRun {
+            slot: index,
+            ..*run
+        });
+        record_slot(&self.shared, index, chunk, runs);
     }
 
     /// Wait for every upload; the chunk list, in order.
@@ -243,6 +237,24 @@ fn fail(shared: &Shared, err: RepoError) {
     }
 }
 
+/// Slot `index` is `chunk`, with `zero_runs` if it is a data chunk (a zero chunk is all
+/// zero and records none).
+fn record_slot(
+    shared: &Shared,
+    index: u64,
+    chunk: ChunkRef,
+    zero_runs: impl IntoIterator<Item = ZeroRun>,
+) {
+    if let Ok(mut results) = shared.results.lock() {
+        if let Some(slot) = results.get_mut(index as usize) {
+            *slot = Some(chunk);
+        }
+    }
+    if let (ChunkRef::Data(_), Ok(mut runs)) = (chunk, shared.zero_runs.lock()) {
+        runs.extend(zero_runs);
+    }
+}
+
 fn store_chunk(shared: &Shared, pack: &mut Pack, job: Job) -> Result<()> {
     // One scan finds a slot chunk's zero runs and whether it is all zero (one run over all
     // of it); a piece records no runs (its bytes are what was written).
@@ -288,16 +300,7 @@ fn store_chunk(shared: &Shared, pack: &mut Pack, job: Job) -> Result<()> {
         ChunkRef::Data(id)
     };
     match job.target {
-        Target::Slot(index) => {
-            if let Ok(mut results) = shared.results.lock() {
-                if let Some(slot) = results.get_mut(index as usize) {
-                    *slot = Some(chunk);
-                }
-            }
-            if let (ChunkRef::Data(_), Ok(mut runs)) = (chunk, shared.zero_runs.lock()) {
-                runs.extend(zero_runs);
-            }
-        }
+        Target::Slot(index) => record_slot(shared, index, chunk, zero_runs),
         Target::Piece(number) => {
             if let Ok(mut pieces) = shared.pieces.lock() {
                 pieces.insert(number, chunk);
